@@ -1,0 +1,1 @@
+"""Triton kernels, each with a shape-checking wrapper and a pure-torch reference (GPU issue)."""

@@ -1,0 +1,1 @@
+"""Tandem's services (gateway, router, prefill, decode) and the `tandem` command line."""
