@@ -1,0 +1,1 @@
+"""Building blocks of the models: linear layers with weight loaders, norms, rope, activations."""

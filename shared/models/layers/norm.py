@@ -1,0 +1,39 @@
+"""RMSNorm with an optional fused residual add, numerically as Hugging Face computes it."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from shared.models.weights import default_weight_loader, set_weight_loader
+
+
+class RMSNorm(nn.Module):
+    """y = weight * (x / sqrt(mean(x^2) + eps)), the normalisation in float32.
+
+    `forward(x)` returns the normalised x. `forward(x, residual)` first forms
+    `residual = x + residual` (in the input dtype, as the unfused model does) and returns
+    `(norm(residual), residual)`, so decoder layers carry the residual stream without extra adds.
+    """
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(hidden_size), requires_grad=False)
+        set_weight_loader(self.weight, default_weight_loader)
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:  # [..., H] -> [..., H]
+        input_dtype = x.dtype
+        xf = x.to(torch.float32)
+        variance = xf.pow(2).mean(-1, keepdim=True)
+        xf = xf * torch.rsqrt(variance + self.eps)
+        # Cast back before scaling: HF multiplies the weight in the model dtype.
+        return self.weight * xf.to(input_dtype)
+
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            return self._norm(x)
+        residual = x + residual
+        return self._norm(residual), residual

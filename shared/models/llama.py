@@ -1,0 +1,190 @@
+"""Llama 2 / 3 / 3.1 and Mistral: the decoder every other dense model here builds on.
+
+Parameter names mirror Hugging Face's except the fused projections: `self_attn.qkv_proj` holds
+q_proj/k_proj/v_proj and `mlp.gate_up_proj` holds gate_proj/up_proj (see `STACKED_PARAMS`).
+The residual stream is carried beside the hidden states and added inside the next RMSNorm,
+which is the same arithmetic as HF's explicit adds.
+
+Sliding-window attention (Mistral 7B v0.1's `sliding_window: 4096`) is not applied: outputs are
+exact up to the window length.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+from torch import nn
+
+from shared.attention.layer import Attention
+from shared.models.base import CausalLM
+from shared.models.config import ModelConfig
+from shared.models.layers.activation import SiluAndMul
+from shared.models.layers.embedding import LMHead, VocabEmbedding
+from shared.models.layers.linear import MergedLinear, QKVLinear, RowParallelLinear
+from shared.models.layers.norm import RMSNorm
+from shared.models.layers.rotary import RotaryEmbedding, get_rope
+from shared.models.weights import StackedParams, load_named_weights
+
+if TYPE_CHECKING:
+    from shared.batch import ForwardBatch
+
+# Checkpoint projection -> (fused parameter, shard id).
+STACKED_PARAMS: StackedParams = [
+    ("qkv_proj", "q_proj", "q"),
+    ("qkv_proj", "k_proj", "k"),
+    ("qkv_proj", "v_proj", "v"),
+    ("gate_up_proj", "gate_proj", 0),
+    ("gate_up_proj", "up_proj", 1),
+]
+
+
+class LlamaAttention(nn.Module):
+    """qkv projection -> rope -> paged attention -> output projection.
+
+    `qkv_bias`/`o_bias` default to the config's `attention_bias` (Llama puts it on all four
+    projections); subclasses pass their architecture's fixed choice.
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        layer_id: int,
+        rotary_emb: RotaryEmbedding,
+        qkv_bias: bool | None = None,
+        o_bias: bool | None = None,
+    ) -> None:
+        super().__init__()
+        qkv_bias = config.attention_bias if qkv_bias is None else qkv_bias
+        o_bias = config.attention_bias if o_bias is None else o_bias
+        self.head_dim = config.head_dim
+        self.qkv_proj = QKVLinear(
+            config.hidden_size,
+            config.head_dim,
+            config.num_attention_heads,
+            config.num_key_value_heads,
+            bias=qkv_bias,
+        )
+        # This rank's head counts, as the fused projection laid them out.
+        self.num_heads = self.qkv_proj.num_heads
+        self.num_kv_heads = self.qkv_proj.num_kv_heads
+        self.q_size = self.qkv_proj.q_size
+        self.kv_size = self.qkv_proj.kv_size
+        self.o_proj = RowParallelLinear(
+            config.num_attention_heads * config.head_dim, config.hidden_size, bias=o_bias
+        )
+        self.rotary_emb = rotary_emb
+        self.attn = Attention(
+            self.num_heads, self.num_kv_heads, self.head_dim, scaling=self.head_dim**-0.5, layer_id=layer_id
+        )
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        qkv = self.qkv_proj(hidden)  # [T, (Hq + 2 * Hkv) * D]
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q, k = self.normalize_qk(q, k)
+        q, k = self.rotary_emb(positions, q, k)
+        out = self.attn(q, k, v, batch)  # [T, Hq * D]
+        return self.o_proj(out)  # [T, hidden]
+
+    def normalize_qk(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hook before rope; Llama leaves q and k as projected."""
+        return q, k
+
+
+class LlamaMLP(nn.Module):
+    """down(silu(gate(x)) * up(x)) with gate and up fused into one matmul."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False) -> None:
+        super().__init__()
+        self.gate_up_proj = MergedLinear(hidden_size, [intermediate_size, intermediate_size], bias=bias)
+        self.act_fn = SiluAndMul()
+        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, hidden] -> [T, hidden]
+        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+
+
+class LlamaDecoderLayer(nn.Module):
+    """Pre-norm attention block then pre-norm MLP block, residual carried between them."""
+
+    attention_cls: ClassVar[type[LlamaAttention]] = LlamaAttention
+
+    def __init__(self, config: ModelConfig, layer_id: int, rotary_emb: RotaryEmbedding) -> None:
+        super().__init__()
+        if config.hidden_act != "silu":
+            raise ValueError(f"hidden_act {config.hidden_act!r} is not supported (only silu)")
+        self.self_attn = self.attention_cls(config, layer_id, rotary_emb)
+        self.mlp = LlamaMLP(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(
+        self,
+        positions: torch.Tensor,  # [T]
+        hidden: torch.Tensor,  # [T, hidden]
+        residual: torch.Tensor | None,  # [T, hidden]; None before the first layer
+        batch: ForwardBatch,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            residual = hidden
+            hidden = self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(positions, hidden, batch)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
+
+
+class LlamaModel(nn.Module):
+    """Embedding, decoder layers and the final norm; one rotary table shared by all layers."""
+
+    decoder_layer_cls: ClassVar[type[LlamaDecoderLayer]] = LlamaDecoderLayer
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size)
+        # Shared, not per layer: at 128k positions the table is tens of MB.
+        rotary_emb = get_rope(
+            config.head_dim, config.max_position_embeddings, config.rope_theta, config.rope_scaling
+        )
+        self.layers = nn.ModuleList(
+            self.decoder_layer_cls(config, i, rotary_emb) for i in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        hidden = self.embed_tokens(input_ids)  # [T, hidden]
+        residual: torch.Tensor | None = None
+        for layer in self.layers:
+            hidden, residual = layer(positions, hidden, residual, batch)
+        hidden, _ = self.norm(hidden, residual)
+        return hidden
+
+
+class LlamaForCausalLM(CausalLM):
+    """Llama causal LM; the `CausalLM` interface (docstrings there)."""
+
+    model_cls: ClassVar[type[LlamaModel]] = LlamaModel
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__(config)
+        self.model = self.model_cls(config)
+        self.lm_head = LMHead(config.vocab_size, config.hidden_size)
+        if config.tie_word_embeddings:
+            self.lm_head.tie_to(self.model.embed_tokens)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        return self.model(input_ids, positions, batch)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        # A tied checkpoint may still ship lm_head.weight; the embedding is the one copy we keep.
+        skip = ("lm_head.",) if self.config.tie_word_embeddings else ()
+        return load_named_weights(self, weights, STACKED_PARAMS, skip_prefixes=skip)
+
+
+class MistralForCausalLM(LlamaForCausalLM):
+    """Mistral 7B and its successors: Llama-shaped (GQA, RoPE, SwiGLU, RMSNorm)."""

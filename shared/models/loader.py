@@ -1,0 +1,89 @@
+"""Load a Hugging Face checkpoint directory into one of our models.
+
+Tensors are streamed shard by shard through safetensors' memory-mapped `safe_open`, each copied
+straight into the parameter whose `weight_loader` claims it, so the checkpoint never exists twice
+in memory. The model is constructed under the target device and dtype as defaults: parameters are
+born in their final place and format.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from tqdm import tqdm
+
+from shared.models.base import CausalLM
+from shared.models.config import ModelConfig
+from shared.models.registry import get_model_class
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+# Show progress for checkpoints that take noticeable time to read.
+_PROGRESS_BYTES = 1 << 30
+
+
+def load_model(
+    model_path: str | Path, dtype: torch.dtype, device: str | torch.device
+) -> tuple[CausalLM, ModelConfig]:
+    """Build the model for `model_path`'s architecture on `device` in `dtype` and load its weights.
+
+    Raises `FileNotFoundError` (with the path) for a missing directory, config.json, weights or
+    shard; `ValueError` for an unsupported architecture, a tensor matching no parameter, a
+    shape mismatch, or a parameter the checkpoint did not provide.
+    """
+    path = Path(model_path)
+    config = ModelConfig.from_model_path(path)
+    model_cls = get_model_class(config)
+    files = weight_files(path)
+    with torch.device(device), _default_dtype(dtype):
+        model = model_cls(config)
+    loaded = model.load_weights(iter_weights(files))
+    expected = {name for name, _ in model.named_parameters()}
+    if config.tie_word_embeddings:
+        expected.discard("lm_head.weight")
+    missing = sorted(expected - loaded)
+    if missing:
+        raise ValueError(f"checkpoint {path} lacks weights for parameters: {', '.join(missing)}")
+    return model.eval(), config
+
+
+def weight_files(model_path: Path) -> list[Path]:
+    """The safetensors files of a checkpoint: the single file, or every shard its index names."""
+    index = model_path / INDEX_FILE
+    if index.is_file():
+        weight_map: dict[str, str] = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        files = [model_path / name for name in sorted(set(weight_map.values()))]
+        for file in files:
+            if not file.is_file():
+                raise FileNotFoundError(f"checkpoint shard {file} listed in {index} not found")
+        return files
+    single = model_path / SINGLE_FILE
+    if single.is_file():
+        return [single]
+    raise FileNotFoundError(f"no {SINGLE_FILE} or {INDEX_FILE} in model directory {model_path}")
+
+
+def iter_weights(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, tensor) for every tensor of every file, one memory-mapped file at a time."""
+    total = sum(f.stat().st_size for f in files)
+    show = (len(files) > 1 or total > _PROGRESS_BYTES) and sys.stderr.isatty()
+    for file in tqdm(files, desc="Loading weights", unit="shard", disable=not show):
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for name in f.keys():  # noqa: SIM118  (safe_open has no __iter__)
+                yield name, f.get_tensor(name)
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
