@@ -1,0 +1,170 @@
+"""Output text for one sequence: incremental detokenization and stop strings.
+
+Per generated token the engine needs the new text to stream, and must not stream text that
+may turn out to be (part of) a stop string:
+
+- `IncrementalDetokenizer` turns token ids into text deltas, decoding only a short window of
+  recent ids per step and holding back a tail that ends in an incomplete UTF-8 sequence.
+- `StopStringMatcher` finds complete stop strings (`find`) and how much of the decoded text
+  is safe to stream (`safe_len`). The engine streams `text[:safe_len(text)]` each step; when
+  `find` reports a match it cuts the text at `match.start` (or `match.end` with
+  `no_stop_trim`) and finishes. Because `safe_len` holds back every suffix that could still
+  grow into a stop string, nothing past `match.start` has been streamed by then.
+
+Window decoding (vLLM's prefix_offset / read_offset scheme):
+
+    ids:   ... | prefix_offset ...... | read_offset ...... | len(ids)
+                 context (already       new ids (not yet
+                 emitted)               emitted)
+
+    prefix_text = decode(ids[prefix_offset:read_offset])
+    new_text    = decode(ids[prefix_offset:])
+    delta       = new_text[len(prefix_text):]   # emitted unless it ends in U+FFFD
+
+Decoding the context together with the new ids keeps tokenizer-specific joins (a leading
+space, a multi-byte character split over tokens) identical to decoding the whole history.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+from transformers import PreTrainedTokenizerBase
+
+_REPLACEMENT_CHAR = "\ufffd"
+# Prompt ids decoded as context before the first output token (matters for tokenizers whose
+# decoders treat the first token of a string specially, such as SentencePiece's leading space).
+_PROMPT_CONTEXT_TOKENS = 5
+
+
+class IncrementalDetokenizer:
+    """Streams the text of a growing token sequence, one delta per `add`.
+
+    Not thread-safe; one instance per output sequence. `spaces_between_special_tokens` is
+    passed through to `decode` (slow tokenizers honour it; fast ones ignore it). `prompt_ids`,
+    if given, supply decoding context for the first output tokens and are never emitted.
+    """
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        skip_special_tokens: bool = True,
+        spaces_between_special_tokens: bool = True,
+        prompt_ids: Sequence[int] = (),
+    ) -> None:
+        self._tokenizer = tokenizer
+        self._skip_special_tokens = skip_special_tokens
+        self._spaces_between_special_tokens = spaces_between_special_tokens
+        context = list(prompt_ids[-_PROMPT_CONTEXT_TOKENS:])
+        self._ids: list[int] = context
+        self._prefix_offset = 0
+        self._read_offset = len(context)
+        self._num_context = len(context)
+        self._emitted: list[str] = []
+        self._pending = ""  # decoded but held back (ends in an incomplete character)
+
+    @property
+    def output_ids(self) -> list[int]:
+        """Output token ids added so far (without prompt context)."""
+        return self._ids[self._num_context :]
+
+    @property
+    def output_text(self) -> str:
+        """Text emitted so far (the concatenation of all returned deltas)."""
+        if len(self._emitted) > 1:
+            self._emitted = ["".join(self._emitted)]
+        return self._emitted[0] if self._emitted else ""
+
+    @property
+    def text(self) -> str:
+        """Emitted text plus the held-back tail (which may end in U+FFFD)."""
+        return self.output_text + self._pending
+
+    def add(self, token_ids: Sequence[int]) -> str:
+        """Append token ids; return the newly completed text (possibly empty)."""
+        self._ids.extend(token_ids)
+        prefix_text = self._decode(self._ids[self._prefix_offset : self._read_offset])
+        new_text = self._decode(self._ids[self._prefix_offset :])
+        # Equal lengths: the new ids decoded to nothing (e.g. skipped special tokens).
+        if len(new_text) <= len(prefix_text) or new_text.endswith(_REPLACEMENT_CHAR):
+            self._pending = new_text[len(prefix_text) :]
+            return ""
+        delta = new_text[len(prefix_text) :]
+        self._prefix_offset = self._read_offset
+        self._read_offset = len(self._ids)
+        self._pending = ""
+        self._emitted.append(delta)
+        return delta
+
+    def flush(self) -> str:
+        """Emit the held-back tail as is (at the end of generation); return it."""
+        delta = self._pending
+        if delta:
+            self._emitted.append(delta)
+            self._prefix_offset = self._read_offset
+            self._read_offset = len(self._ids)
+            self._pending = ""
+        return delta
+
+    def _decode(self, ids: list[int]) -> str:
+        if not ids:
+            return ""
+        text = self._tokenizer.decode(
+            ids,
+            skip_special_tokens=self._skip_special_tokens,
+            spaces_between_special_tokens=self._spaces_between_special_tokens,
+        )
+        assert isinstance(text, str)
+        return text
+
+
+class StopMatch(NamedTuple):
+    """A complete stop string found in the output text: text[start:end] == stop."""
+
+    start: int
+    stop: str
+
+    @property
+    def end(self) -> int:
+        return self.start + len(self.stop)
+
+
+class StopStringMatcher:
+    """Finds stop strings in a growing text, scanning only what could have changed."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        if any(not s for s in stops):
+            raise ValueError("stop strings must be non-empty")
+        self.stops = tuple(stops)
+        self._max_len = max((len(s) for s in self.stops), default=0)
+        # Every proper prefix of every stop string: a text ending in one of them may be
+        # about to complete a stop string.
+        self._prefixes = {s[:i] for s in self.stops for i in range(1, len(s))}
+
+    def find(self, text: str, checked_len: int = 0) -> StopMatch | None:
+        """The stop string that begins earliest in `text`, among matches ending after
+        `checked_len`. The caller promises `text[:checked_len]` was scanned before and held no
+        complete stop (any smaller value, such as the streamed length, is also correct), so
+        only the last `checked_len - max_stop_len + 1` characters onward are searched.
+
+        On a tie (several stops begin at the same index) the shortest wins: it completed first.
+        """
+        begin = max(0, checked_len - self._max_len + 1)
+        best: StopMatch | None = None
+        for stop in self.stops:
+            start = text.find(stop, begin)
+            if start == -1:
+                continue
+            match = StopMatch(start, stop)
+            if best is None or (match.start, match.end) < (best.start, best.end):
+                best = match
+        return best
+
+    def safe_len(self, text: str) -> int:
+        """Length of the prefix of `text` that cannot be part of a future stop string: all of
+        it, minus the longest suffix that is a proper prefix of some stop string."""
+        for size in range(min(self._max_len - 1, len(text)), 0, -1):
+            if text[-size:] in self._prefixes:
+                return len(text) - size
+        return len(text)
