@@ -148,8 +148,11 @@ def _rope(c: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
 
 
 def _sliding_window(c: dict[str, Any]) -> int | None:
-    # Qwen2/Qwen3 carry a window size but only use it when use_sliding_window is true.
-    if c.get("use_sliding_window") is False:
+    # Qwen2/Qwen3 carry a window size but only use it when use_sliding_window is true, and then
+    # only on layers past max_window_layers: not implemented, so refuse it loudly.
+    if "use_sliding_window" in c:
+        if c["use_sliding_window"]:
+            raise ValueError(f"{c.get('model_type')} with use_sliding_window=true is not supported")
         return None
     window = c.get("sliding_window")
     return int(window) if window else None

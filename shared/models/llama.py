@@ -5,8 +5,8 @@ q_proj/k_proj/v_proj and `mlp.gate_up_proj` holds gate_proj/up_proj (see `STACKE
 The residual stream is carried beside the hidden states and added inside the next RMSNorm,
 which is the same arithmetic as HF's explicit adds.
 
-Sliding-window attention (Mistral 7B v0.1's `sliding_window: 4096`) is not applied: outputs are
-exact up to the window length.
+Sliding-window attention (Mistral 7B v0.1's `sliding_window: 4096`) is applied by the attention
+backend; every token's K/V stays in the pool, so prefix caching is unaffected.
 """
 
 from __future__ import annotations
@@ -76,7 +76,12 @@ class LlamaAttention(nn.Module):
         )
         self.rotary_emb = rotary_emb
         self.attn = Attention(
-            self.num_heads, self.num_kv_heads, self.head_dim, scaling=self.head_dim**-0.5, layer_id=layer_id
+            self.num_heads,
+            self.num_kv_heads,
+            self.head_dim,
+            scaling=self.head_dim**-0.5,
+            layer_id=layer_id,
+            sliding_window=config.sliding_window,
         )
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:

@@ -1,0 +1,8 @@
+"""Attention backends behind one interface, chosen by name (`torch` runs everywhere)."""
+
+from __future__ import annotations
+
+from shared.attention.base import AttentionBackend, create_backend, register_backend
+from shared.attention.layer import Attention
+
+__all__ = ["Attention", "AttentionBackend", "create_backend", "register_backend"]

@@ -1,0 +1,61 @@
+"""The attention-backend interface and its registry.
+
+A backend owns how attention runs over the paged KV pool; the model only calls `Attention.forward`.
+Per step the model runner calls `init_forward_metadata(batch)` once, then every layer calls
+`forward(q, k, v, layer, batch)`, which must (1) write the new tokens' k/v into the pool at
+`batch.out_cache_loc` and (2) attend each request's new queries over its whole sequence
+(`req_to_token[row, :seq_len]`), causally within the new tokens. Backends hold no per-request
+state between steps. The CUDA-graph hooks (capture/replay metadata) join this interface with the
+GPU backends.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from shared.attention.layer import Attention
+    from shared.batch import ForwardBatch
+
+
+class AttentionBackend(ABC):
+    name: str = ""
+
+    def init_forward_metadata(self, batch: ForwardBatch) -> None:  # noqa: B027 (optional hook)
+        """Plan the step once for all layers (index tensors, split sizes). Default: nothing."""
+
+    @abstractmethod
+    def forward(
+        self,
+        q: torch.Tensor,  # [T, Hq, D]
+        k: torch.Tensor,  # [T, Hkv, D]
+        v: torch.Tensor,  # [T, Hkv, D]
+        layer: Attention,
+        batch: ForwardBatch,
+    ) -> torch.Tensor:  # [T, Hq, D]
+        """Store k/v for the new tokens, then return attention output for the new queries."""
+
+
+_REGISTRY: dict[str, Callable[[], AttentionBackend]] = {}
+
+
+def register_backend(name: str) -> Callable[[type[AttentionBackend]], type[AttentionBackend]]:
+    def wrap(cls: type[AttentionBackend]) -> type[AttentionBackend]:
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return wrap
+
+
+def create_backend(name: str) -> AttentionBackend:
+    """Instantiate a backend by name; an unknown name is a `ValueError` listing the known ones."""
+    import shared.attention.torch_backend  # noqa: F401  (registers "torch")
+
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown attention backend {name!r}; available: {sorted(_REGISTRY)}")
+    return _REGISTRY[name]()

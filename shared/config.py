@@ -1,0 +1,73 @@
+"""Engine options: one typed, validated place for every knob (and the environment variables)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from typing import Any, Literal
+
+SchedulePolicy = Literal["fcfs", "lpm"]
+_POLICIES = ("fcfs", "lpm")
+_DTYPES = ("auto", "bfloat16", "float16", "float32")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Options of one engine (scheduler + model runner). Names follow SGLang's server args."""
+
+    model_path: str
+    tokenizer_path: str | None = None  # defaults to model_path
+    dtype: str = "auto"  # "auto" takes the checkpoint's dtype
+    device: str = "auto"  # "auto": cuda when available, else cpu
+    page_size: int = 16  # tokens per KV page; the radix cache shares whole pages only
+    max_total_tokens: int | None = None  # KV pool size in tokens; None sizes it from memory
+    mem_fraction_static: float = 0.85  # GPU: share of free memory for weights + KV pool
+    max_running_requests: int = 256
+    max_context_len: int | None = None  # None: the model's max_position_embeddings
+    chunked_prefill_size: int = 2048  # per-step token budget; <= 0 disables chunking
+    max_prefill_tokens: int = 16384  # per-step budget when chunking is disabled
+    schedule_policy: SchedulePolicy = "fcfs"
+    disable_radix_cache: bool = False
+    attention_backend: str = "torch"
+    random_seed: int = 0
+    # Check `free + evictable + locked == total` after every step (tests turn it on).
+    debug_invariants: bool = dataclasses.field(
+        default_factory=lambda: os.environ.get("TANDEM_DEBUG_INVARIANTS", "") not in ("", "0")
+    )
+
+    @classmethod
+    def from_options(cls, model_path: str, **options: Any) -> EngineConfig:
+        """Build from keyword options; an unknown option or a bad value is a `ValueError`."""
+        known = {f.name for f in dataclasses.fields(cls)} - {"model_path"}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ValueError(f"unknown engine option(s) {unknown}; valid options: {sorted(known)}")
+        config = cls(model_path=str(model_path), **options)
+        config.validate()
+        return config
+
+    @property
+    def chunked_prefill(self) -> bool:
+        return self.chunked_prefill_size > 0
+
+    def validate(self) -> None:
+        def positive(name: str, value: int | None) -> None:
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
+        if not (self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda")):
+            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
+        positive("page_size", self.page_size)
+        positive("max_total_tokens", self.max_total_tokens)
+        positive("max_running_requests", self.max_running_requests)
+        positive("max_context_len", self.max_context_len)
+        positive("max_prefill_tokens", self.max_prefill_tokens)
+        if not isinstance(self.chunked_prefill_size, int):
+            raise ValueError(f"chunked_prefill_size must be an integer, got {self.chunked_prefill_size!r}")
+        if not 0.0 < self.mem_fraction_static < 1.0:
+            raise ValueError(f"mem_fraction_static must be in (0, 1), got {self.mem_fraction_static!r}")
+        if self.schedule_policy not in _POLICIES:
+            raise ValueError(f"schedule_policy must be one of {_POLICIES}, got {self.schedule_policy!r}")

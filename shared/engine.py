@@ -1,0 +1,333 @@
+"""The offline engine: `Engine(model_path=...).generate(...)`, shaped like SGLang's.
+
+    with Engine(model_path="path/to/hf-dir") as engine:
+        out = engine.generate("The capital of France is", {"max_new_tokens": 16})
+        print(out["text"], out["meta_info"])
+
+The `EngineCore` runs on a loop thread owned by the engine; callers on any thread (or event loop)
+submit requests and receive increments through per-request sinks. Bad input raises `ValueError`
+in the caller; a failure inside a step fails the requests of that engine, and it keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+from shared.config import EngineConfig
+from shared.engine_core import EngineCore, RequestOutput
+from shared.sampling import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+PromptInput = str | list[str] | None
+IdsInput = list[int] | list[list[int]] | None
+ParamsInput = dict[str, Any] | list[dict[str, Any]] | None
+
+
+class _Sink:
+    """Where a request's outputs go: a thread-safe queue, or an asyncio queue via its loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self.loop = loop
+        self.queue: (
+            queue.SimpleQueue[RequestOutput | BaseException] | asyncio.Queue[RequestOutput | BaseException]
+        )
+        self.queue = asyncio.Queue() if loop is not None else queue.SimpleQueue()
+
+    def put(self, item: RequestOutput | BaseException) -> None:
+        if self.loop is not None:
+            q = self.queue
+            assert isinstance(q, asyncio.Queue)
+            self.loop.call_soon_threadsafe(q.put_nowait, item)
+        else:
+            assert isinstance(self.queue, queue.SimpleQueue)
+            self.queue.put(item)
+
+
+@dataclass
+class _Result:
+    """Accumulates one sample's increments into the dict `generate` returns."""
+
+    rid: str
+    index: int
+    text: str = ""
+    output_ids: list[int] = field(default_factory=list)
+    logprobs: list[tuple[float, int, None]] = field(default_factory=list)
+    top_logprobs: list[list[tuple[float, int, None]]] = field(default_factory=list)
+    last: RequestOutput | None = None
+
+    def add(self, out: RequestOutput) -> dict[str, Any]:
+        """Fold an increment in; return it as a stream chunk."""
+        self.text += out.new_text
+        self.output_ids += out.new_ids
+        lps = [(lp, tok, None) for lp, tok in zip(out.new_logprobs, out.new_ids)]
+        tops = [[(v, t, None) for v, t in row] for row in out.new_top_logprobs]
+        self.logprobs += lps
+        self.top_logprobs += tops
+        self.last = out
+        return self._as_dict(out.new_text, out.new_ids, lps, tops)
+
+    def final(self) -> dict[str, Any]:
+        return self._as_dict(self.text, self.output_ids, self.logprobs, self.top_logprobs)
+
+    def _as_dict(self, text: str, ids: list[int], lps: list[Any], tops: list[Any]) -> dict[str, Any]:
+        out = self.last
+        assert out is not None
+        meta: dict[str, Any] = {
+            "id": self.rid,
+            "prompt_tokens": out.prompt_tokens,
+            "completion_tokens": out.completion_tokens,
+            "cached_tokens": out.cached_tokens,
+            "finish_reason": out.finish_reason,
+        }
+        if lps or self.logprobs:
+            meta["output_token_logprobs"] = lps
+        if tops or self.top_logprobs:
+            meta["output_top_logprobs"] = tops
+        return {"text": text, "output_ids": list(ids), "meta_info": meta, "index": self.index}
+
+
+class Engine:
+    """Offline inference on one model. Options are `EngineConfig` fields (SGLang's names)."""
+
+    def __init__(self, model_path: str, **options: Any) -> None:
+        self.config = EngineConfig.from_options(model_path, **options)
+        self.core = EngineCore(self.config)
+        self.tokenizer = self.core.tokenizer
+        self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._sinks: dict[str, _Sink] = {}
+        self._ids = itertools.count()
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="tandem-engine", daemon=True)
+        self._thread.start()
+
+    # ---- public API ----------------------------------------------------------------------------
+
+    def generate(
+        self,
+        prompt: PromptInput = None,
+        sampling_params: ParamsInput = None,
+        input_ids: IdsInput = None,
+        return_logprob: bool = False,
+        top_logprobs_num: int = 0,
+        stream: bool = False,
+    ) -> dict[str, Any] | list[dict[str, Any]] | Iterator[dict[str, Any]]:
+        """Generate for one prompt (returns a dict) or a list (returns a list, n samples per prompt,
+        prompt-major). `stream=True` returns an iterator of increments instead."""
+        results, single = self._submit(
+            prompt, sampling_params, input_ids, return_logprob, top_logprobs_num, None
+        )
+        if stream:
+            return self._stream(results)
+        outputs = [self._wait(r) for r in results]
+        return outputs[0] if single and len(outputs) == 1 else outputs
+
+    async def async_generate(
+        self,
+        prompt: PromptInput = None,
+        sampling_params: ParamsInput = None,
+        input_ids: IdsInput = None,
+        return_logprob: bool = False,
+        top_logprobs_num: int = 0,
+        stream: bool = False,
+    ) -> dict[str, Any] | list[dict[str, Any]] | AsyncIterator[dict[str, Any]]:
+        """Like `generate`, awaiting on the running event loop; with `stream=True` it returns an
+        async iterator: `async for chunk in await engine.async_generate(..., stream=True)`."""
+        loop = asyncio.get_running_loop()
+        results, single = await loop.run_in_executor(
+            None, self._submit, prompt, sampling_params, input_ids, return_logprob, top_logprobs_num, loop
+        )
+        if stream:
+            return self._astream(results)
+        outputs = [await self._await(r) for r in results]
+        return outputs[0] if single and len(outputs) == 1 else outputs
+
+    def abort(self, rid: str) -> None:
+        """Abort a request by its `meta_info["id"]`."""
+        self._call(lambda: self.core.abort(rid))
+
+    def shutdown(self) -> None:
+        """Stop the loop thread; requests still running fail with RuntimeError."""
+        if self._closed:
+            return
+        self._closed = True
+        self._commands.put(lambda: None)  # wake the loop
+        self._thread.join()
+        for sink in self._sinks.values():
+            sink.put(RuntimeError("the engine was shut down"))
+        self._sinks.clear()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    # ---- submission ----------------------------------------------------------------------------
+
+    def _submit(
+        self,
+        prompt: PromptInput,
+        sampling_params: ParamsInput,
+        input_ids: IdsInput,
+        return_logprob: bool,
+        top_logprobs_num: int,
+        loop: asyncio.AbstractEventLoop | None,
+    ) -> tuple[list[tuple[_Result, _Sink]], bool]:
+        if self._closed:
+            raise RuntimeError("the engine was shut down")
+        prompts, single = self._normalize_inputs(prompt, input_ids)
+        params = self._normalize_params(sampling_params, len(prompts))
+        results: list[tuple[_Result, _Sink]] = []
+        for ids, p in zip(prompts, params):
+            rids = [f"req-{next(self._ids)}" for _ in range(p.n)]
+            sinks = [_Sink(loop) for _ in rids]
+
+            def add(
+                ids: list[int] = ids,
+                p: SamplingParams = p,
+                rids: list[str] = rids,
+                sinks: list[_Sink] = sinks,
+            ) -> None:
+                self.core.add_request(rids, ids, p, return_logprob, top_logprobs_num)
+                self._sinks.update(zip(rids, sinks))
+
+            self._call(add).result()  # raises the core's ValueError here, in the caller
+            results += [
+                (_Result(rid, len(results) + i), sink) for i, (rid, sink) in enumerate(zip(rids, sinks))
+            ]
+        return results, single
+
+    def _normalize_inputs(self, prompt: PromptInput, input_ids: IdsInput) -> tuple[list[list[int]], bool]:
+        if (prompt is None) == (input_ids is None):
+            raise ValueError("pass exactly one of prompt or input_ids")
+        if prompt is not None:
+            if isinstance(prompt, str):
+                return [self._encode(prompt)], True
+            if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+                return [self._encode(p) for p in prompt], False
+            raise ValueError("prompt must be a string or a non-empty list of strings")
+        assert input_ids is not None
+        if isinstance(input_ids, list) and input_ids:
+            if all(isinstance(t, int) for t in input_ids):
+                return [[t for t in input_ids if isinstance(t, int)]], True
+            if all(isinstance(x, list) for x in input_ids):
+                return [list(x) for x in input_ids if isinstance(x, list)], False
+        raise ValueError("input_ids must be a non-empty list of ints or a non-empty list of lists of ints")
+
+    def _encode(self, text: str) -> list[int]:
+        return list(self.tokenizer(text)["input_ids"])
+
+    @staticmethod
+    def _normalize_params(sampling_params: ParamsInput, count: int) -> list[SamplingParams]:
+        if sampling_params is None or isinstance(sampling_params, dict):
+            return [SamplingParams.from_dict(sampling_params)] * count
+        if isinstance(sampling_params, Sequence) and len(sampling_params) == count:
+            return [SamplingParams.from_dict(p) for p in sampling_params]
+        raise ValueError(f"sampling_params must be a dict or a list of {count} dicts (one per prompt)")
+
+    # ---- results -------------------------------------------------------------------------------
+
+    def _wait(self, entry: tuple[_Result, _Sink]) -> dict[str, Any]:
+        for _chunk in self._stream([entry]):
+            pass
+        return entry[0].final()
+
+    async def _await(self, entry: tuple[_Result, _Sink]) -> dict[str, Any]:
+        async for _chunk in self._astream([entry]):
+            pass
+        return entry[0].final()
+
+    def _stream(self, entries: list[tuple[_Result, _Sink]]) -> Iterator[dict[str, Any]]:
+        open_ = {r.rid for r, _ in entries}
+        try:
+            for result, sink in entries:
+                q = sink.queue
+                assert isinstance(q, queue.SimpleQueue)
+                while True:
+                    item = q.get()
+                    if isinstance(item, BaseException):
+                        raise item
+                    yield result.add(item)
+                    if item.finished:
+                        open_.discard(result.rid)
+                        break
+        finally:
+            for rid in open_:  # the consumer stopped early: free what the requests hold
+                self.abort(rid)
+
+    async def _astream(self, entries: list[tuple[_Result, _Sink]]) -> AsyncIterator[dict[str, Any]]:
+        open_ = {r.rid for r, _ in entries}
+        try:
+            for result, sink in entries:
+                q = sink.queue
+                assert isinstance(q, asyncio.Queue)
+                while True:
+                    item = await q.get()
+                    if isinstance(item, BaseException):
+                        raise item
+                    yield result.add(item)
+                    if item.finished:
+                        open_.discard(result.rid)
+                        break
+        finally:
+            for rid in open_:
+                self.abort(rid)
+
+    # ---- the loop thread -----------------------------------------------------------------------
+
+    def _call(self, fn: Callable[[], None]) -> Future[None]:
+        """Run fn on the loop thread (the only thread that touches the core)."""
+        fut: Future[None] = Future()
+
+        def run() -> None:
+            try:
+                fn()
+                fut.set_result(None)
+            except BaseException as e:  # handed to the caller
+                fut.set_exception(e)
+
+        if self._closed:
+            fut.set_exception(RuntimeError("the engine was shut down"))
+        else:
+            self._commands.put(run)
+        return fut
+
+    def _loop(self) -> None:
+        while not self._closed:
+            try:
+                cmd = self._commands.get(block=not self.core.has_work)
+                cmd()
+                while True:
+                    self._commands.get_nowait()()
+            except queue.Empty:
+                pass
+            if self._closed or not self.core.has_work:
+                continue
+            try:
+                outputs = self.core.step()
+            except Exception as e:  # keep serving: fail what was running, reset, go on
+                logger.exception("engine step failed")
+                self._fail_all(e)
+                continue
+            for out in outputs:
+                sink = self._sinks.get(out.rid)
+                if sink is not None:
+                    sink.put(out)
+                    if out.finished:
+                        del self._sinks[out.rid]
+
+    def _fail_all(self, error: Exception) -> None:
+        for req in self.core.scheduler.abort_all(f"engine step failed: {error}"):
+            self.core.forget(req.rid)
+        for sink in self._sinks.values():
+            sink.put(RuntimeError(f"engine step failed: {error}"))
+        self._sinks.clear()

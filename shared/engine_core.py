@@ -1,0 +1,270 @@
+"""One engine: scheduler + model runner + sampler, driven by `step()`.
+
+Single-threaded by design: whoever owns an `EngineCore` calls `add_request`, `abort` and `step`
+from one thread (the offline `Engine`'s loop thread, or a worker's engine process). Each step is
+`schedule() -> run() -> process()`:
+
+    schedule  pick this step's requests and token counts, allocating KV (may retract)
+    run       one model forward over the ragged batch, logits for the requests that sample
+    process   sample, append, detokenize, check stop conditions, free finished requests
+
+and returns the increments (`RequestOutput`) produced by that step.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from shared.config import EngineConfig
+from shared.detokenizer import IncrementalDetokenizer, StopStringMatcher
+from shared.mem import RadixCache
+from shared.model_runner import ModelRunner
+from shared.sampling import Sampler, SamplingBatch, SamplingParams
+from shared.scheduler.kv_manager import KVCacheManager
+from shared.scheduler.request import FinishKind, FinishReason, Req
+from shared.scheduler.scheduler import ScheduleBatch, ScheduledReq, Scheduler
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RequestOutput:
+    """What one step produced for one request (increments since the previous output)."""
+
+    rid: str
+    new_ids: list[int]
+    new_text: str
+    finished: bool
+    finish_reason: dict[str, Any] | None
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    new_logprobs: list[float] = field(default_factory=list)
+    new_top_logprobs: list[list[tuple[float, int]]] = field(default_factory=list)
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig, tokenizer: PreTrainedTokenizerBase | None = None) -> None:
+        self.config = config
+        self.runner = ModelRunner(config)  # first: a bad model path fails here, clearly
+        self.tokenizer = tokenizer or AutoTokenizer.from_pretrained(
+            config.tokenizer_path or config.model_path
+        )
+        cache = None if config.disable_radix_cache else RadixCache(self.runner.allocator)
+        self.kv = KVCacheManager(self.runner.allocator, self.runner.req_pool, cache)
+        self.scheduler = Scheduler(config, self.kv)
+        self.sampler = Sampler(torch.Generator(self.runner.device).manual_seed(config.random_seed))
+        self.eos_ids = frozenset(self.runner.model_config.eos_token_ids)
+        self.max_context_len = self.runner.max_context_len
+        self._requests: dict[str, Req] = {}
+        self._arrivals = itertools.count()
+        self._pending_outputs: list[RequestOutput] = []
+
+    # ---- requests in ---------------------------------------------------------------------------
+
+    def add_request(
+        self,
+        rids: list[str],
+        input_ids: list[int],
+        params: SamplingParams,
+        return_logprob: bool = False,
+        top_logprobs_num: int = 0,
+    ) -> None:
+        """Queue one prompt; `rids` names its `params.n` samples. Bad input is a `ValueError`."""
+        params = params.normalized()
+        params.verify(self.runner.vocab_size)
+        if len(rids) != params.n:
+            raise ValueError(f"{len(rids)} request ids for n={params.n}")
+        for rid in rids:
+            if rid in self._requests:
+                raise ValueError(f"request id {rid!r} is already in use")
+        self._check_prompt(input_ids)
+        if not isinstance(top_logprobs_num, int) or not 0 <= top_logprobs_num <= 20:
+            raise ValueError(f"top_logprobs_num must be an integer in [0, 20], got {top_logprobs_num!r}")
+        stop_ids = frozenset(params.stop_token_ids or ()) | (
+            frozenset() if params.ignore_eos else self.eos_ids
+        )
+        leader: Req | None = None
+        for i, rid in enumerate(rids):
+            # Sample i of a seeded request draws with seed + i: distinct samples, reproducible set.
+            sample_params = (
+                params if params.seed is None or i == 0 else replace(params, seed=(params.seed + i) % 2**63)
+            )
+            req = Req(
+                rid=rid,
+                prompt_ids=list(input_ids),
+                params=sample_params,
+                stop_ids=stop_ids,
+                arrival=next(self._arrivals),
+                return_logprob=return_logprob,
+                top_logprobs_num=top_logprobs_num,
+                detokenizer=IncrementalDetokenizer(
+                    self.tokenizer,
+                    skip_special_tokens=params.skip_special_tokens,
+                    spaces_between_special_tokens=params.spaces_between_special_tokens,
+                ),
+                stop_matcher=StopStringMatcher(params.stop_strs) if params.stop_strs else None,
+                leader=leader,
+            )
+            leader = leader or req
+            self._requests[rid] = req
+            if params.max_new_tokens == 0:
+                self._finish(req, FinishReason(FinishKind.LENGTH))
+            else:
+                self.scheduler.add(req)
+
+    def _check_prompt(self, input_ids: list[int]) -> None:
+        if not input_ids:
+            raise ValueError("the prompt is empty")
+        vocab = self.runner.vocab_size
+        if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab for t in input_ids):
+            raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
+        if len(input_ids) >= self.max_context_len:
+            raise ValueError(
+                f"the prompt has {len(input_ids)} tokens; this engine's context is {self.max_context_len}"
+                " tokens and at least one must be left to generate"
+            )
+
+    def abort(self, rid: str) -> None:
+        """Stop a request wherever it is; it reports `finish_reason` abort and frees what it held."""
+        req = self._requests.get(rid)
+        if req is not None and not req.finished:
+            self.scheduler.remove(req)
+            self._finish(req, FinishReason(FinishKind.ABORT, message="aborted"))
+
+    def forget(self, rid: str) -> None:
+        """Drop a request the scheduler already let go of (after `Scheduler.abort_all`)."""
+        self._requests.pop(rid, None)
+
+    @property
+    def has_work(self) -> bool:
+        return self.scheduler.has_work or bool(self._pending_outputs)
+
+    # ---- the step ------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if batch is not None:
+            logits = self.runner.forward(batch)
+            self._process(batch, logits)
+        if self.config.debug_invariants:
+            self.kv.check_invariant(self.scheduler.running)
+        outputs, self._pending_outputs = self._pending_outputs, []
+        return outputs
+
+    def _process(self, batch: ScheduleBatch, logits: torch.Tensor) -> None:
+        sampling = [it for it in batch.items if it.sample]
+        for it in batch.items:
+            if it.extend_len > 1 and not it.sample:
+                self.kv.cache_unfinished(it.req)  # a finished prefill chunk
+        if not sampling:
+            return
+        reqs = [it.req for it in sampling]
+        sbatch = SamplingBatch.build(
+            [r.params for r in reqs],
+            [r.output_ids for r in reqs],
+            [r.prompt_ids for r in reqs],
+            [set(r.stop_ids) for r in reqs],
+            self.runner.vocab_size,
+            logits.device,
+        )
+        top_k = max(r.top_logprobs_num for r in reqs)
+        out = self.sampler.sample(logits, sbatch, top_k, any(r.return_logprob for r in reqs))
+        next_ids = out.next_token_ids.tolist()
+        logprobs = out.logprobs.tolist() if out.logprobs is not None else None
+        top_vals = out.top_logprob_vals.tolist() if out.top_logprob_vals is not None else None
+        top_ids = out.top_logprob_ids.tolist() if out.top_logprob_ids is not None else None
+        for i, (it, token) in enumerate(zip(sampling, next_ids)):
+            req = it.req
+            if req.return_logprob and logprobs is not None:
+                req.output_logprobs.append(logprobs[i])
+            if req.top_logprobs_num and top_vals is not None and top_ids is not None:
+                k = req.top_logprobs_num
+                req.output_top_logprobs.append(list(zip(top_vals[i][:k], top_ids[i][:k])))
+            self._append_token(req, token, first=it.extend_len > 1 or it.start == 0)
+
+    def _append_token(self, req: Req, token: int, first: bool) -> None:
+        req.output_ids.append(token)
+        if first:
+            self.kv.cache_unfinished(req)  # the prompt's KV becomes shareable (n > 1, same prefix)
+        params = req.params
+        reason: FinishReason | None = None
+        if token in req.stop_ids and len(req.output_ids) >= params.min_new_tokens:
+            reason = FinishReason(FinishKind.STOP, matched=token)
+        else:
+            assert req.detokenizer is not None
+            req.decoded += req.detokenizer.add([token])
+            reason = self._check_stop_string(req)
+        if reason is None and (
+            len(req.output_ids) >= params.max_new_tokens or req.seq_len >= self.max_context_len
+        ):
+            reason = FinishReason(FinishKind.LENGTH)
+        if reason is not None:
+            self.scheduler.remove(req)
+            self._finish(req, reason)
+        else:
+            self._emit(req)
+
+    def _check_stop_string(self, req: Req, final: bool = False) -> FinishReason | None:
+        matcher = req.stop_matcher
+        if matcher is None:
+            req.text = req.decoded
+            return None
+        hit = matcher.find(req.decoded, len(req.text))
+        if hit is not None:
+            start, stop = hit
+            req.text = req.decoded[: start + len(stop)] if req.params.no_stop_trim else req.decoded[:start]
+            return FinishReason(FinishKind.STOP, matched=stop)
+        req.text = req.decoded if final else req.decoded[: matcher.safe_len(req.decoded)]
+        return None
+
+    def _finish(self, req: Req, reason: FinishReason) -> None:
+        if reason.kind != FinishKind.STOP or not isinstance(reason.matched, str):
+            assert req.detokenizer is not None
+            req.decoded += req.detokenizer.flush()
+            hit = self._check_stop_string(req, final=True)
+            reason = hit or reason
+        req.finish_reason = reason
+        self._emit(req)
+        del self._requests[req.rid]
+
+    def _emit(self, req: Req) -> None:
+        new_ids = req.output_ids[req.reported_ids :]
+        new_text = req.text[req.reported_text :]
+        if not new_ids and not new_text and not req.finished:
+            return
+        n_ids = len(req.output_ids)
+        self._pending_outputs.append(
+            RequestOutput(
+                rid=req.rid,
+                new_ids=new_ids,
+                new_text=new_text,
+                finished=req.finished,
+                finish_reason=req.finish_reason.to_dict() if req.finish_reason else None,
+                prompt_tokens=len(req.prompt_ids),
+                completion_tokens=n_ids,
+                cached_tokens=req.cached_tokens or 0,
+                new_logprobs=req.output_logprobs[req.reported_ids :],
+                new_top_logprobs=req.output_top_logprobs[req.reported_ids :],
+            )
+        )
+        req.reported_ids, req.reported_text = n_ids, len(req.text)
+
+    # ---- introspection -------------------------------------------------------------------------
+
+    def check_idle(self) -> None:
+        """At idle nothing is locked and nothing is private: everything is free or evictable."""
+        assert not self.scheduler.has_work, "not idle"
+        self.kv.check_invariant([])
+        free, evictable, locked, total = self.kv.usage()
+        if locked != 0 or free + evictable != total:
+            raise AssertionError(f"idle engine holds KV: free {free} evictable {evictable} locked {locked}")
+
+
+__all__ = ["EngineCore", "RequestOutput", "ScheduledReq"]

@@ -1,0 +1,123 @@
+"""Runs the model: owns the weights, the KV memory and the attention backend on one device.
+
+The scheduler hands it a `ScheduleBatch` each step; it builds the device-side `ForwardBatch`,
+runs the forward and returns logits for the requests that sample this step.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from shared.attention import create_backend
+from shared.batch import ForwardBatch, ForwardMode
+from shared.config import EngineConfig
+from shared.mem import MHAKVPool, PageAllocator, ReqToTokenPool
+from shared.models.config import ModelConfig, resolve_dtype
+from shared.models.loader import load_model
+from shared.scheduler.scheduler import ScheduleBatch
+
+logger = logging.getLogger(__name__)
+
+_CPU_DEFAULT_TOKENS = 32768
+
+
+def resolve_device(option: str) -> torch.device:
+    if option == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(option)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {option!r} requested but CUDA is not available")
+    return device
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.device = resolve_device(config.device)
+        dtype = resolve_dtype(config.dtype, ModelConfig.from_model_path(Path(config.model_path)))
+        self.model, self.model_config = load_model(config.model_path, dtype, self.device)
+        self.dtype = next(self.model.parameters()).dtype
+        mc = self.model_config
+        page_size = config.page_size
+        num_tokens = config.max_total_tokens or self._tokens_that_fit()
+        num_pages = max(1, -(-num_tokens // page_size))
+        self.allocator = PageAllocator(num_pages, page_size)
+        self.kv_pool = MHAKVPool(
+            self.allocator.pool_slots,
+            mc.num_hidden_layers,
+            mc.num_key_value_heads,
+            mc.head_dim,
+            self.dtype,
+            self.device,
+        )
+        # A request must always fit alone in the pool, or retraction could not make progress.
+        self.max_context_len = min(
+            config.max_context_len or mc.max_position_embeddings, self.allocator.num_slots
+        )
+        self.req_pool = ReqToTokenPool(config.max_running_requests, self.max_context_len, self.device)
+        self.backend = create_backend(config.attention_backend)
+        logger.info(
+            "KV pool: %d pages x %d tokens (%.1f MiB), max context %d",
+            num_pages,
+            page_size,
+            self.kv_pool.total_bytes() / 2**20,
+            self.max_context_len,
+        )
+
+    def _tokens_that_fit(self) -> int:
+        if self.device.type != "cuda":
+            return _CPU_DEFAULT_TOKENS
+        free, _total = torch.cuda.mem_get_info(self.device)
+        mc = self.model_config
+        per_token = 2 * mc.num_hidden_layers * mc.num_key_value_heads * mc.head_dim * self.dtype.itemsize
+        return max(self.config.page_size, int(free * self.config.mem_fraction_static) // per_token)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model_config.vocab_size
+
+    @torch.inference_mode()
+    def forward(self, batch: ScheduleBatch) -> torch.Tensor:
+        """Logits [N, V] (float32) for the items that sample, in batch order."""
+        fb = self.build_forward_batch(batch)
+        self.backend.init_forward_metadata(fb)
+        hidden = self.model(fb.input_ids, fb.positions, fb)  # [T, hidden]
+        return self.model.compute_logits(hidden[fb.logits_indices])
+
+    def build_forward_batch(self, batch: ScheduleBatch) -> ForwardBatch:
+        ids: list[int] = []
+        positions: list[int] = []
+        logits_rows: list[int] = []
+        for it in batch.items:
+            ids += it.req.all_ids[it.start : it.start + it.extend_len]
+            positions += range(it.start, it.start + it.extend_len)
+            if it.sample:
+                logits_rows.append(len(ids) - 1)
+        rows = [it.req.row for it in batch.items]
+        seq_lens = [it.start + it.extend_len for it in batch.items]
+        prefix_lens = [it.start for it in batch.items]
+        ext_lens = [it.extend_len for it in batch.items]
+        assert all(r is not None for r in rows)
+        dev = self.device
+        as_tensor = lambda xs: torch.tensor(xs, dtype=torch.int64, device=dev)
+        return ForwardBatch(
+            mode=ForwardMode.DECODE if batch.is_decode else ForwardMode.EXTEND,
+            input_ids=as_tensor(ids),
+            positions=as_tensor(positions),
+            out_cache_loc=torch.cat([it.slots for it in batch.items]).to(dev),
+            req_pool_indices=as_tensor(rows),
+            seq_lens=as_tensor(seq_lens),
+            extend_prefix_lens=as_tensor(prefix_lens),
+            extend_seq_lens=as_tensor(ext_lens),
+            logits_indices=as_tensor(logits_rows),
+            req_pool_indices_cpu=rows,  # type: ignore[arg-type]
+            seq_lens_cpu=seq_lens,
+            extend_prefix_lens_cpu=prefix_lens,
+            extend_seq_lens_cpu=ext_lens,
+            req_to_token_pool=self.req_pool,
+            kv_pool=self.kv_pool,
+            attn_backend=self.backend,
+        )

@@ -1,0 +1,1 @@
+"""The scheduler: requests, the KV-cache manager, policies and the step loop's batch building."""
