@@ -33,16 +33,27 @@ ParamsInput = dict[str, Any] | list[dict[str, Any]] | None
 
 
 class _Sink:
-    """Where a request's outputs go: a thread-safe queue, or an asyncio queue via its loop."""
+    """Where a request's outputs go: a thread-safe queue, or an asyncio queue via its loop.
 
-    def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+    A non-streaming sink folds increments together and delivers once, at the finish: waking the
+    caller's thread for every token would take a core from the engine's thread pool.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop | None, stream: bool) -> None:
         self.loop = loop
+        self.stream = stream
+        self.pending: RequestOutput | None = None
         self.queue: (
             queue.SimpleQueue[RequestOutput | BaseException] | asyncio.Queue[RequestOutput | BaseException]
         )
         self.queue = asyncio.Queue() if loop is not None else queue.SimpleQueue()
 
     def put(self, item: RequestOutput | BaseException) -> None:
+        if isinstance(item, RequestOutput) and not self.stream:
+            self.pending = item if self.pending is None else self.pending.then(item)
+            if not item.finished:
+                return
+            item, self.pending = self.pending, None
         if self.loop is not None:
             q = self.queue
             assert isinstance(q, asyncio.Queue)
@@ -100,14 +111,17 @@ class Engine:
 
     def __init__(self, model_path: str, **options: Any) -> None:
         self.config = EngineConfig.from_options(model_path, **options)
-        self.core = EngineCore(self.config)
-        self.tokenizer = self.core.tokenizer
         self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._sinks: dict[str, _Sink] = {}
         self._ids = itertools.count()
         self._closed = False
-        self._thread = threading.Thread(target=self._loop, name="tandem-engine", daemon=True)
+        # The core is built on the loop thread that runs it: torch's CPU thread pool belongs to
+        # the thread that first uses it, and a second pool on the caller's thread would contend.
+        started: Future[EngineCore] = Future()
+        self._thread = threading.Thread(target=self._run, args=(started,), name="tandem-engine", daemon=True)
         self._thread.start()
+        self.core = started.result()  # re-raises a load error (missing files, bad model) here
+        self.tokenizer = self.core.tokenizer
 
     # ---- public API ----------------------------------------------------------------------------
 
@@ -123,7 +137,7 @@ class Engine:
         """Generate for one prompt (returns a dict) or a list (returns a list, n samples per prompt,
         prompt-major). `stream=True` returns an iterator of increments instead."""
         results, single = self._submit(
-            prompt, sampling_params, input_ids, return_logprob, top_logprobs_num, None
+            prompt, sampling_params, input_ids, return_logprob, top_logprobs_num, None, stream
         )
         if stream:
             return self._stream(results)
@@ -143,7 +157,15 @@ class Engine:
         async iterator: `async for chunk in await engine.async_generate(..., stream=True)`."""
         loop = asyncio.get_running_loop()
         results, single = await loop.run_in_executor(
-            None, self._submit, prompt, sampling_params, input_ids, return_logprob, top_logprobs_num, loop
+            None,
+            self._submit,
+            prompt,
+            sampling_params,
+            input_ids,
+            return_logprob,
+            top_logprobs_num,
+            loop,
+            stream,
         )
         if stream:
             return self._astream(results)
@@ -181,6 +203,7 @@ class Engine:
         return_logprob: bool,
         top_logprobs_num: int,
         loop: asyncio.AbstractEventLoop | None,
+        stream: bool,
     ) -> tuple[list[tuple[_Result, _Sink]], bool]:
         if self._closed:
             raise RuntimeError("the engine was shut down")
@@ -189,7 +212,7 @@ class Engine:
         results: list[tuple[_Result, _Sink]] = []
         for ids, p in zip(prompts, params):
             rids = [f"req-{next(self._ids)}" for _ in range(p.n)]
-            sinks = [_Sink(loop) for _ in rids]
+            sinks = [_Sink(loop, stream) for _ in rids]
 
             def add(
                 ids: list[int] = ids,
@@ -300,6 +323,15 @@ class Engine:
         else:
             self._commands.put(run)
         return fut
+
+    def _run(self, started: Future[EngineCore]) -> None:
+        try:
+            self.core = EngineCore(self.config)
+        except BaseException as e:
+            started.set_exception(e)
+            return
+        started.set_result(self.core)
+        self._loop()
 
     def _loop(self) -> None:
         while not self._closed:

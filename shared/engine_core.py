@@ -48,6 +48,16 @@ class RequestOutput:
     new_logprobs: list[float] = field(default_factory=list)
     new_top_logprobs: list[list[tuple[float, int]]] = field(default_factory=list)
 
+    def then(self, later: RequestOutput) -> RequestOutput:
+        """This increment followed by a later one of the same request, as one increment."""
+        return replace(
+            later,
+            new_ids=self.new_ids + later.new_ids,
+            new_text=self.new_text + later.new_text,
+            new_logprobs=self.new_logprobs + later.new_logprobs,
+            new_top_logprobs=self.new_top_logprobs + later.new_top_logprobs,
+        )
+
 
 class EngineCore:
     def __init__(self, config: EngineConfig, tokenizer: PreTrainedTokenizerBase | None = None) -> None:
