@@ -18,4 +18,4 @@ typecheck: setup
 	.venv/bin/mypy
 
 bench: setup
-	.venv/bin/python bench/offline_throughput.py
+	.venv/bin/python bench/offline_throughput.py --json bench/results/offline_cpu.json
