@@ -115,20 +115,7 @@ class RadixCache:
         the matched prefix. The result is not locked: lock `node` before anything may evict.
         """
         key = self._aligned(token_ids)
-        now = self._tick()
-        node, pos, values = self.root, 0, []
-        while pos < len(key):
-            child = node.children.get(self._child_key(namespace, key, pos))
-            if child is None:
-                break
-            n = self._common_len(child.key, key, pos)
-            if n < len(child.key):
-                child = self._split(child, n)
-            child.last_access = now
-            values.append(child.value)
-            # After a split the next page differs from the lower half's first page (or the key
-            # ended), so the next lookup fails and the walk stops there.
-            node, pos = child, pos + n
+        node, _, values = self._descend(key, namespace, self._tick())
         self._maybe_push(node)
         slots = torch.cat(values) if values else torch.empty(0, dtype=torch.int64)
         return MatchResult(slots=slots, node=node)
@@ -163,16 +150,7 @@ class RadixCache:
         assert len(slots) == len(token_ids), (len(slots), len(token_ids))
         key = self._aligned(token_ids)
         now = self._tick()
-        node, pos = self.root, 0
-        while pos < len(key):
-            child = node.children.get(self._child_key(namespace, key, pos))
-            if child is None:
-                break
-            n = self._common_len(child.key, key, pos)
-            if n < len(child.key):
-                child = self._split(child, n)
-            child.last_access = now
-            node, pos = child, pos + n
+        node, pos, _ = self._descend(key, namespace, now)
         if pos < len(key):
             value = slots[pos : len(key)].to(torch.int64).clone()  # [len(key) - pos]
             self._check_whole_pages(value)
@@ -272,6 +250,26 @@ class RadixCache:
         return "\n".join(lines)
 
     # ---- internals -----------------------------------------------------------------------
+
+    def _descend(
+        self, key: tuple[int, ...], namespace: str | None, now: int
+    ) -> tuple[TreeNode, int, list[torch.Tensor]]:
+        """Walk down the stored prefix of `key`, splitting the last node at the end of the match
+        and stamping access times. Returns (deepest node, matched length, slots per node)."""
+        node, pos, values = self.root, 0, []
+        while pos < len(key):
+            child = node.children.get(self._child_key(namespace, key, pos))
+            if child is None:
+                break
+            n = self._common_len(child.key, key, pos)
+            if n < len(child.key):
+                child = self._split(child, n)
+            child.last_access = now
+            values.append(child.value)
+            # After a split the next page differs from the lower half's first page (or the key
+            # ended), so the next lookup fails and the walk stops there.
+            node, pos = child, pos + n
+        return node, pos, values
 
     def _tick(self) -> int:
         self._clock += 1
