@@ -38,5 +38,15 @@ def tiny_model_factory(tmp_path_factory: pytest.TempPathFactory) -> Callable[...
 
 
 @pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A directory holding only the tiny models' tokenizer files."""
+    from shared.tiny_model import build_tokenizer
+
+    out = tmp_path_factory.mktemp("tokenizer")
+    build_tokenizer(out)
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_llama(tiny_model_factory: Callable[..., Path]) -> Path:
     return tiny_model_factory("llama")

@@ -12,7 +12,6 @@ from hypothesis import strategies as st
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from shared.detokenizer import IncrementalDetokenizer, StopMatch, StopStringMatcher
-from shared.tiny_model.tokenizer import build_tokenizer
 
 TEXTS = [
     "héllo wörld 你好 🙂",
@@ -24,10 +23,8 @@ TEXTS = [
 
 
 @pytest.fixture(scope="session")
-def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> PreTrainedTokenizerBase:
-    out_dir: Path = tmp_path_factory.mktemp("tokenizer")
-    build_tokenizer(out_dir)
-    tok = AutoTokenizer.from_pretrained(out_dir)
+def tokenizer(tokenizer_dir: Path) -> PreTrainedTokenizerBase:
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     assert isinstance(tok, PreTrainedTokenizerBase)
     return tok
 
