@@ -35,6 +35,8 @@ def _demo(args: argparse.Namespace) -> int:
 
     model = Path(args.model) if args.model else default_model_path()
     print(f"model: {model}", flush=True)
+    if not args.model:
+        print("(random weights, so the text is noise; pass --model DIR for a real checkpoint)")
     prompts = [
         "The capital of France is",
         "def fibonacci(n):",
