@@ -8,6 +8,10 @@ every step in debug mode (and in tests):
 Requests lock their cached prefix through its tree node and own their private pages whole
 (see `shared/scheduler/request.py` for the layout). Allocation evicts unlocked tree leaves (LRU)
 before it gives up; giving up leaves nothing half-allocated.
+
+The allocator and the radix tree keep slot ids on the CPU (they are scheduler metadata);
+req_to_token lives on the model's device and is read back only when a request hands its KV
+to the cache or frees it, never per decode step (`Req.last_slot` mirrors what extend needs).
 """
 
 from __future__ import annotations
@@ -65,7 +69,7 @@ class KVCacheManager:
         prefix = match.slots if match is not None else torch.empty(0, dtype=torch.int64)
         if match is not None and self.cache is not None:
             self.cache.inc_lock_ref(match.node)  # before evicting: our own prefix must stay
-        req.row, req.cached_len, req.kv_len = row, len(prefix), len(prefix)
+        req.row, req.cached_len, req.kv_len, req.last_slot = row, len(prefix), len(prefix), None
         req.last_node = match.node if match is not None else None
         self.req_pool.req_to_token[row, : len(prefix)] = prefix
         slots = self.extend(req, n, reserve_pages)
@@ -82,11 +86,11 @@ class KVCacheManager:
         private_len = req.kv_len - req.cached_len
         if not self.ensure_free_pages(self.pages_to_grow(req, n) + reserve_pages):
             return None
-        last_slot = int(self.req_pool.req_to_token[req.row, req.kv_len - 1]) if private_len else None
-        slots = self.allocator.alloc_slots(last_slot, private_len, n)
+        slots = self.allocator.alloc_slots(req.last_slot if private_len else None, private_len, n)
         assert slots is not None  # ensure_free_pages made room
         self.req_pool.req_to_token[req.row, req.kv_len : req.kv_len + n] = slots
         req.kv_len += n
+        req.last_slot = int(slots[-1])
         return slots
 
     # ---- handing KV to the cache ---------------------------------------------------------------
@@ -118,11 +122,11 @@ class KVCacheManager:
         if cache_kv and self.cache is not None:
             start = max(start, self._insert(req))
         if req.kv_len > start:
-            self.allocator.free_slots(self.req_pool.req_to_token[req.row, start : req.kv_len])
+            self.allocator.free_slots(self.req_pool.req_to_token[req.row, start : req.kv_len].cpu())
         if req.last_node is not None and self.cache is not None:
             self.cache.dec_lock_ref(req.last_node)
         self.req_pool.free(req.row)
-        req.row, req.kv_len, req.cached_len, req.last_node = None, 0, 0, None
+        req.row, req.kv_len, req.cached_len, req.last_node, req.last_slot = None, 0, 0, None, None
 
     def _insert(self, req: Req) -> int:
         """Insert the page-aligned computed prefix; free our duplicates. Returns the aligned length."""
@@ -130,7 +134,7 @@ class KVCacheManager:
         aligned = req.kv_len // self.page_size * self.page_size
         if aligned <= req.cached_len:
             return req.cached_len
-        slots = self.req_pool.req_to_token[req.row, :aligned].clone()
+        slots = self.req_pool.req_to_token[req.row, :aligned].to("cpu", copy=True)
         existed = self.cache.insert(req.all_ids[:aligned], slots)
         if existed > req.cached_len:
             # The tree already held [cached_len, existed) in other pages: ours are redundant.

@@ -62,6 +62,7 @@ class Req:
     row: int | None = None  # row in req_to_token while running
     kv_len: int = 0
     cached_len: int = 0
+    last_slot: int | None = None  # slot of token kv_len - 1 (host copy, so extend needs no sync)
     last_node: TreeNode | None = None
     cached_tokens: int | None = None  # prompt tokens served from the cache at first admission
     finish_reason: FinishReason | None = None
