@@ -1,0 +1,186 @@
+"""Client side of the engine process (`shared.engine_process`): start it, feed it, hear it.
+
+    client = EngineClient(EngineConfig.from_options(model_path))
+    client.add(["r1"], prompt_ids, {"max_new_tokens": 16}, on_output=print)   # ValueError if refused
+    ...
+    client.shutdown()
+
+Any thread may call `add` and `abort`. Each request's outputs (`RequestOutput` increments, or
+an exception when the engine fails it or dies) go to its `on_output` callback, called on the
+client's receiver thread: callbacks must be quick and must not block (hand off to a queue or
+an event loop). When the engine process dies, every open request gets a RuntimeError at once.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import shutil
+import tempfile
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any
+
+import msgspec
+import zmq
+
+from shared.config import EngineConfig
+from shared.engine_core import RequestOutput
+from shared.engine_process import (
+    AbortRequest,
+    Accepted,
+    AddRequest,
+    FromEngine,
+    Outputs,
+    Ready,
+    Rejected,
+    Shutdown,
+    StepFailed,
+    run_engine,
+)
+
+OutputHandler = Callable[[RequestOutput | BaseException], None]
+_POLL_MS = 200  # how often the receiver looks at the process while nothing arrives
+
+
+class EngineClient:
+    def __init__(self, config: EngineConfig) -> None:
+        self._dir = tempfile.mkdtemp(prefix="tandem-engine-")
+        to_engine, from_engine = f"ipc://{self._dir}/to-engine", f"ipc://{self._dir}/from-engine"
+        self._ctx = zmq.Context()
+        self._push = self._ctx.socket(zmq.PUSH)
+        self._push.bind(to_engine)
+        self._pull = self._ctx.socket(zmq.PULL)
+        self._pull.bind(from_engine)
+        self._encode = msgspec.msgpack.Encoder().encode
+        self._decoder = msgspec.msgpack.Decoder(FromEngine)
+        self._send_lock = threading.Lock()  # ZMQ sockets are not thread-safe
+        self._state_lock = threading.Lock()
+        self._handlers: dict[str, OutputHandler] = {}
+        self._adds: dict[str, Future[None]] = {}
+        self._closed = False
+        self.error: str | None = None  # why the engine is gone, once it is
+        self.process = multiprocessing.get_context("spawn").Process(
+            target=run_engine, args=(config, to_engine, from_engine), name="tandem-engine", daemon=True
+        )
+        self.process.start()
+        try:
+            ready = self._wait_ready()
+        except BaseException:
+            self._close_sockets()
+            raise
+        self.vocab_size = ready.vocab_size
+        self.max_context_len = ready.max_context_len
+        self._receiver = threading.Thread(target=self._receive, name="tandem-engine-client", daemon=True)
+        self._receiver.start()
+
+    # ---- requests ------------------------------------------------------------------------------
+
+    def add(
+        self,
+        rids: list[str],
+        input_ids: list[int],
+        params: dict[str, Any],
+        on_output: OutputHandler,
+        return_logprob: bool = False,
+        top_logprobs_num: int = 0,
+    ) -> None:
+        """Queue one prompt (its `n` samples named by `rids`); raises the engine's ValueError."""
+        accepted: Future[None] = Future()
+        with self._state_lock:
+            if self.error is not None or self._closed:
+                raise RuntimeError(self.error or "the engine client was shut down")
+            self._adds[rids[0]] = accepted
+            self._handlers.update(dict.fromkeys(rids, on_output))
+        self._send(AddRequest(rids, input_ids, params, return_logprob, top_logprobs_num))
+        accepted.result()
+
+    def abort(self, rid: str) -> None:
+        """Stop a request; its handler gets a final output with finish_reason abort."""
+        if self.error is None and not self._closed:
+            self._send(AbortRequest(rid))
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop the engine process (killing it if it does not stop in time) and fail open requests."""
+        if self._closed:
+            return
+        self._closed = True
+        if self.process.is_alive():
+            self._send(Shutdown())
+            self.process.join(timeout)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join()
+        self._receiver.join()
+        self._fail_all("the engine client was shut down")
+        self._close_sockets()
+
+    # ---- receiving -----------------------------------------------------------------------------
+
+    def _send(self, msg: AddRequest | AbortRequest | Shutdown) -> None:
+        with self._send_lock:
+            self._push.send(self._encode(msg))
+
+    def _wait_ready(self) -> Ready:
+        while not self._pull.poll(_POLL_MS):
+            if not self.process.is_alive():
+                code = self.process.exitcode
+                raise RuntimeError(f"the engine process exited during start-up (exit code {code})")
+        msg = self._decoder.decode(self._pull.recv())
+        if isinstance(msg, Rejected):
+            self.process.join()
+            raise RuntimeError(f"the engine failed to start: {msg.message}")
+        assert isinstance(msg, Ready), msg
+        return msg
+
+    def _receive(self) -> None:
+        while True:
+            if self._pull.poll(_POLL_MS):
+                self._dispatch(self._decoder.decode(self._pull.recv()))
+                continue
+            if self._closed:
+                return
+            if not self.process.is_alive():
+                self._fail_all(f"the engine process died (exit code {self.process.exitcode})")
+                return
+
+    def _dispatch(self, msg: FromEngine) -> None:
+        if isinstance(msg, Outputs):
+            for out in msg.items:
+                with self._state_lock:
+                    handler = self._handlers.pop(out.rid) if out.finished else self._handlers.get(out.rid)
+                if handler is not None:
+                    handler(out)
+        elif isinstance(msg, Accepted | Rejected):
+            with self._state_lock:
+                fut = self._adds.pop(msg.rids[0], None)
+                if isinstance(msg, Rejected):
+                    for rid in msg.rids:
+                        self._handlers.pop(rid, None)
+            if fut is None:
+                return
+            if isinstance(msg, Rejected):
+                fut.set_exception(ValueError(msg.message))
+            else:
+                fut.set_result(None)
+        elif isinstance(msg, StepFailed):
+            with self._state_lock:
+                handlers = [self._handlers.pop(rid) for rid in msg.rids if rid in self._handlers]
+            for handler in handlers:
+                handler(RuntimeError(msg.message))
+
+    def _fail_all(self, reason: str) -> None:
+        with self._state_lock:
+            self.error = self.error or reason
+            handlers, self._handlers = list(self._handlers.values()), {}
+            adds, self._adds = list(self._adds.values()), {}
+        for handler in handlers:
+            handler(RuntimeError(reason))
+        for fut in adds:
+            fut.set_exception(RuntimeError(reason))
+
+    def _close_sockets(self) -> None:
+        self._push.close(linger=0)
+        self._pull.close(linger=0)
+        self._ctx.term()
+        shutil.rmtree(self._dir, ignore_errors=True)

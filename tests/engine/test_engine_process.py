@@ -1,0 +1,94 @@
+"""The engine in its own process, driven through EngineClient over ZMQ (real processes)."""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from shared.config import EngineConfig
+from shared.engine_client import EngineClient
+from shared.engine_core import RequestOutput
+from tests.engine.hf_reference import hf_greedy
+
+GREEDY = {"max_new_tokens": 12, "temperature": 0.0, "ignore_eos": True}
+
+
+def collect(client: EngineClient, rid: str, ids: list[int], params: dict[str, object]) -> list[RequestOutput]:
+    outputs: queue.SimpleQueue[RequestOutput | BaseException] = queue.SimpleQueue()
+    client.add([rid], ids, params, outputs.put)
+    got: list[RequestOutput] = []
+    while True:
+        item = outputs.get(timeout=60)
+        if isinstance(item, BaseException):
+            raise item
+        got.append(item)
+        if item.finished:
+            return got
+
+
+@pytest.fixture(scope="module")
+def client(tiny_llama: Path) -> Iterator[EngineClient]:
+    c = EngineClient(EngineConfig.from_options(str(tiny_llama), page_size=4, debug_invariants=True))
+    yield c
+    c.shutdown()
+    assert not c.process.is_alive()
+
+
+def test_generation_through_the_process_matches_hf(client: EngineClient, tiny_llama: Path) -> None:
+    prompt = list(range(20, 45))
+    outputs = collect(client, "a", prompt, GREEDY)
+    assert len(outputs) > 1  # increments stream back step by step
+    assert [t for o in outputs for t in o.new_ids] == hf_greedy(tiny_llama, prompt, 12)
+    assert outputs[-1].finish_reason == {"type": "length"}
+    assert client.vocab_size > 0 and client.max_context_len > 0
+
+
+def test_bad_request_is_rejected_and_the_engine_keeps_serving(client: EngineClient) -> None:
+    with pytest.raises(ValueError, match="top_p"):
+        client.add(["bad"], [5, 6], {"top_p": 7.0}, lambda _: None)
+    with pytest.raises(ValueError, match="context"):
+        client.add(["long"], [5] * (client.max_context_len + 1), {}, lambda _: None)
+    assert len(collect(client, "after", [5, 6, 7], GREEDY)) >= 1
+
+
+def test_abort_through_the_process(client: EngineClient) -> None:
+    outputs: queue.SimpleQueue[RequestOutput | BaseException] = queue.SimpleQueue()
+    client.add(["long-run"], [5, 6, 7], {"max_new_tokens": 500, "ignore_eos": True}, outputs.put)
+    first = outputs.get(timeout=60)
+    assert isinstance(first, RequestOutput) and not first.finished
+    client.abort("long-run")
+    last = first
+    while not last.finished:
+        item = outputs.get(timeout=60)
+        assert isinstance(item, RequestOutput)
+        last = item
+    assert last.finish_reason == {"type": "abort", "message": "aborted"}
+    assert last.completion_tokens < 500
+
+
+def test_a_model_that_cannot_load_fails_start_up_clearly(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError, match=r"failed to start.*missing"):
+        EngineClient(EngineConfig.from_options(str(tmp_path / "missing")))
+
+
+def test_a_dead_engine_fails_open_requests_promptly(tiny_llama: Path) -> None:
+    c = EngineClient(EngineConfig.from_options(str(tiny_llama)))
+    outputs: queue.SimpleQueue[RequestOutput | BaseException] = queue.SimpleQueue()
+    c.add(["doomed"], [5, 6, 7], {"max_new_tokens": 100000, "ignore_eos": True}, outputs.put)
+    assert c.process.pid is not None
+    os.kill(c.process.pid, signal.SIGKILL)
+    start = time.monotonic()
+    while True:
+        item = outputs.get(timeout=10)
+        if isinstance(item, BaseException):
+            break
+    assert "died" in str(item) and time.monotonic() - start < 5
+    with pytest.raises(RuntimeError, match="died"):
+        c.add(["later"], [5], {}, outputs.put)
+    c.shutdown()
