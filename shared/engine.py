@@ -358,8 +358,7 @@ class Engine:
                         del self._sinks[out.rid]
 
     def _fail_all(self, error: Exception) -> None:
-        for req in self.core.scheduler.abort_all(f"engine step failed: {error}"):
-            self.core.forget(req.rid)
+        self.core.fail_all(f"engine step failed: {error}")
         for sink in self._sinks.values():
             sink.put(RuntimeError(f"engine step failed: {error}"))
         self._sinks.clear()

@@ -148,9 +148,13 @@ class EngineCore:
             self.scheduler.remove(req)
             self._finish(req, FinishReason(FinishKind.ABORT, message="aborted"))
 
-    def forget(self, rid: str) -> None:
-        """Drop a request the scheduler already let go of (after `Scheduler.abort_all`)."""
-        self._requests.pop(rid, None)
+    def fail_all(self, message: str) -> list[str]:
+        """After a step failed half-way: drop every request without caching its (untrusted) KV.
+        Returns their ids; the caller tells their owners."""
+        rids = [req.rid for req in self.scheduler.abort_all(message)]
+        for rid in rids:
+            self._requests.pop(rid, None)
+        return rids
 
     @property
     def has_work(self) -> bool:

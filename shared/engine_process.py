@@ -121,10 +121,8 @@ def _serve(
             outputs = core.step()
         except Exception as e:  # fail what was running, keep serving
             logger.exception("engine step failed")
-            failed = core.scheduler.abort_all(f"engine step failed: {e}")
-            for req in failed:
-                core.forget(req.rid)
-            push.send(encode(StepFailed([r.rid for r in failed], f"engine step failed: {e}")))
+            message = f"engine step failed: {e}"
+            push.send(encode(StepFailed(core.fail_all(message), message)))
             continue
         if outputs:
             push.send(encode(Outputs(outputs)))
