@@ -8,6 +8,10 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 SchedulePolicy = Literal["fcfs", "lpm"]
+DisaggregationMode = Literal["null", "prefill", "decode"]
+KvTransport = Literal["auto", "nixl", "grpc"]
+_MODES = ("null", "prefill", "decode")
+_TRANSPORTS = ("auto", "nixl", "grpc")
 _POLICIES = ("fcfs", "lpm")
 _DTYPES = ("auto", "bfloat16", "float16", "float32")
 
@@ -31,6 +35,11 @@ class EngineConfig:
     disable_radix_cache: bool = False
     attention_backend: str = "torch"
     random_seed: int = 0
+    # Prefill/decode disaggregation: "null" runs whole requests; "prefill" sends each prompt's KV
+    # to a decode engine's reserved pages; "decode" reserves pages and continues from the KV.
+    disaggregation_mode: DisaggregationMode = "null"
+    kv_transport: KvTransport = "auto"  # auto: nixl when installed, else bytes over gRPC
+    kv_transfer_timeout_s: float = 30.0  # prefill: give up a write; decode: reservation lease
     # Check `free + evictable + locked == total` after every step (tests turn it on).
     debug_invariants: bool = dataclasses.field(
         default_factory=lambda: os.environ.get("TANDEM_DEBUG_INVARIANTS", "") not in ("", "0")
@@ -69,5 +78,11 @@ class EngineConfig:
             raise ValueError(f"chunked_prefill_size must be an integer, got {self.chunked_prefill_size!r}")
         if not 0.0 < self.mem_fraction_static < 1.0:
             raise ValueError(f"mem_fraction_static must be in (0, 1), got {self.mem_fraction_static!r}")
+        if self.disaggregation_mode not in _MODES:
+            raise ValueError(f"disaggregation_mode must be one of {_MODES}, got {self.disaggregation_mode!r}")
+        if self.kv_transport not in _TRANSPORTS:
+            raise ValueError(f"kv_transport must be one of {_TRANSPORTS}, got {self.kv_transport!r}")
+        if not self.kv_transfer_timeout_s > 0:
+            raise ValueError(f"kv_transfer_timeout_s must be > 0, got {self.kv_transfer_timeout_s!r}")
         if self.schedule_policy not in _POLICIES:
             raise ValueError(f"schedule_policy must be one of {_POLICIES}, got {self.schedule_policy!r}")

@@ -5,7 +5,11 @@
     ...
     client.shutdown()
 
-Any thread may call `add` and `abort`. Each request's outputs (`RequestOutput` increments, or
+`add` blocks until the engine accepted; `submit` (and `reserve`, `add_peer`, `stats`) return a
+`concurrent.futures.Future` instead, for callers on an event loop (`asyncio.wrap_future`).
+Refusals raise the engine's `ValueError` or `CapacityError`.
+
+Any thread may call these methods. Each request's outputs (`RequestOutput` increments, or
 an exception when the engine fails it or dies) go to its `on_output` callback, called on the
 client's receiver thread: callbacks must be quick and must not block (hand off to a queue or
 an event loop). When the engine process dies, every open request gets a RuntimeError at once.
@@ -13,6 +17,7 @@ an event loop). When the engine process dies, every open request gets a RuntimeE
 
 from __future__ import annotations
 
+import itertools
 import multiprocessing
 import shutil
 import tempfile
@@ -29,15 +34,23 @@ from shared.engine_core import RequestOutput
 from shared.engine_process import (
     AbortRequest,
     Accepted,
+    AddPeer,
     AddRequest,
+    CommitKv,
     FromEngine,
+    GetStats,
     Outputs,
     Ready,
     Rejected,
+    Reply,
+    ReserveRequest,
     Shutdown,
     StepFailed,
+    ToEngine,
     run_engine,
 )
+from shared.errors import CapacityError
+from shared.transfer import KvTarget
 
 OutputHandler = Callable[[RequestOutput | BaseException], None]
 _POLL_MS = 200  # how often the receiver looks at the process while nothing arrives
@@ -57,7 +70,8 @@ class EngineClient:
         self._send_lock = threading.Lock()  # ZMQ sockets are not thread-safe
         self._state_lock = threading.Lock()
         self._handlers: dict[str, OutputHandler] = {}
-        self._adds: dict[str, Future[None]] = {}
+        self._calls: dict[str, Future[Any]] = {}  # answers awaited, by request id or call key
+        self._keys = itertools.count()
         self._closed = False
         self.error: str | None = None  # why the engine is gone, once it is
         self.process = multiprocessing.get_context("spawn").Process(
@@ -71,6 +85,10 @@ class EngineClient:
             raise
         self.vocab_size = ready.vocab_size
         self.max_context_len = ready.max_context_len
+        self.page_size = ready.page_size
+        self.kv_layout = ready.kv_layout
+        self.kv_transport = ready.kv_transport
+        self.agent_metadata = ready.agent_metadata
         self._receiver = threading.Thread(target=self._receive, name="tandem-engine-client", daemon=True)
         self._receiver.start()
 
@@ -84,16 +102,62 @@ class EngineClient:
         on_output: OutputHandler,
         return_logprob: bool = False,
         top_logprobs_num: int = 0,
+        kv_target: KvTarget | None = None,
     ) -> None:
         """Queue one prompt (its `n` samples named by `rids`); raises the engine's ValueError."""
-        accepted: Future[None] = Future()
+        self.submit(rids, input_ids, params, on_output, return_logprob, top_logprobs_num, kv_target).result()
+
+    def submit(
+        self,
+        rids: list[str],
+        input_ids: list[int],
+        params: dict[str, Any],
+        on_output: OutputHandler,
+        return_logprob: bool = False,
+        top_logprobs_num: int = 0,
+        kv_target: KvTarget | None = None,
+    ) -> Future[None]:
+        """As `add`, answered through a future (done when the engine accepted or refused)."""
+        msg = AddRequest(rids, input_ids, params, return_logprob, top_logprobs_num, kv_target)
+        return self._call(rids[0], msg, dict.fromkeys(rids, on_output))
+
+    def reserve(
+        self,
+        rid: str,
+        input_ids: list[int],
+        params: dict[str, Any],
+        on_output: OutputHandler,
+        return_logprob: bool = False,
+        top_logprobs_num: int = 0,
+        lease_s: float | None = None,
+    ) -> Future[list[int]]:
+        """Decode engine: reserve pages for a prompt; the future gives the page ids."""
+        msg = ReserveRequest(rid, input_ids, params, return_logprob, top_logprobs_num, lease_s)
+        return self._call(rid, msg, {rid: on_output})
+
+    def commit_kv(self, commit: bytes, payload: bytes | None = None) -> None:
+        """Decode engine, gRPC transport: a reservation's pages (bytes) and commit record."""
+        self._send(CommitKv(commit, payload))
+
+    def add_peer(self, metadata: bytes) -> Future[str]:
+        """Prefill engine: learn a decode engine's NIXL metadata; the future gives its agent name."""
+        key = f"peer:{next(self._keys)}"
+        return self._call(key, AddPeer(key, metadata), {})
+
+    def stats(self) -> Future[dict[str, int]]:
+        """The engine's load and counters (`EngineCore.stats`)."""
+        key = f"stats:{next(self._keys)}"
+        return self._call(key, GetStats(key), {})
+
+    def _call(self, key: str, msg: ToEngine, handlers: dict[str, OutputHandler]) -> Future[Any]:
+        answer: Future[Any] = Future()
         with self._state_lock:
             if self.error is not None or self._closed:
                 raise RuntimeError(self.error or "the engine client was shut down")
-            self._adds[rids[0]] = accepted
-            self._handlers.update(dict.fromkeys(rids, on_output))
-        self._send(AddRequest(rids, input_ids, params, return_logprob, top_logprobs_num))
-        accepted.result()
+            self._calls[key] = answer
+            self._handlers.update(handlers)
+        self._send(msg)
+        return answer
 
     def abort(self, rid: str) -> None:
         """Stop a request; its handler gets a final output with finish_reason abort."""
@@ -117,7 +181,7 @@ class EngineClient:
 
     # ---- receiving -----------------------------------------------------------------------------
 
-    def _send(self, msg: AddRequest | AbortRequest | Shutdown) -> None:
+    def _send(self, msg: ToEngine) -> None:
         with self._send_lock:
             self._push.send(self._encode(msg))
 
@@ -151,18 +215,23 @@ class EngineClient:
                     handler = self._handlers.pop(out.rid) if out.finished else self._handlers.get(out.rid)
                 if handler is not None:
                     handler(out)
-        elif isinstance(msg, Accepted | Rejected):
+        elif isinstance(msg, Accepted | Rejected | Reply):
+            key = msg.key if isinstance(msg, Reply) else msg.rids[0]
             with self._state_lock:
-                fut = self._adds.pop(msg.rids[0], None)
+                fut = self._calls.pop(key, None)
                 if isinstance(msg, Rejected):
                     for rid in msg.rids:
                         self._handlers.pop(rid, None)
             if fut is None:
                 return
             if isinstance(msg, Rejected):
-                fut.set_exception(ValueError(msg.message))
+                fut.set_exception(
+                    (CapacityError if msg.error == "CapacityError" else ValueError)(msg.message)
+                )
+            elif isinstance(msg, Reply):
+                fut.set_result(msg.value)
             else:
-                fut.set_result(None)
+                fut.set_result(msg.pages)
         elif isinstance(msg, StepFailed):
             with self._state_lock:
                 handlers = [self._handlers.pop(rid) for rid in msg.rids if rid in self._handlers]
@@ -173,10 +242,10 @@ class EngineClient:
         with self._state_lock:
             self.error = self.error or reason
             handlers, self._handlers = list(self._handlers.values()), {}
-            adds, self._adds = list(self._adds.values()), {}
+            calls, self._calls = list(self._calls.values()), {}
         for handler in handlers:
             handler(RuntimeError(reason))
-        for fut in adds:
+        for fut in calls:
             fut.set_exception(RuntimeError(reason))
 
     def _close_sockets(self) -> None:

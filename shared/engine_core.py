@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -23,12 +24,15 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from shared.config import EngineConfig
 from shared.detokenizer import IncrementalDetokenizer, StopStringMatcher
+from shared.disagg import KvReceiver, KvSender
 from shared.mem import RadixCache
 from shared.model_runner import ModelRunner
 from shared.sampling import Sampler, SamplingBatch, SamplingParams
 from shared.scheduler.kv_manager import KVCacheManager
 from shared.scheduler.request import FinishKind, FinishReason, Req
 from shared.scheduler.scheduler import ScheduleBatch, ScheduledReq, Scheduler
+from shared.transfer import KvCommit, KvTarget, PageLayout, nixl_available
+from shared.transfer.nixl import NixlAgent
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +51,11 @@ class RequestOutput:
     cached_tokens: int
     new_logprobs: list[float] = field(default_factory=list)
     new_top_logprobs: list[list[tuple[float, int]]] = field(default_factory=list)
+    # Prefill engine, on the final output: bytes written to the decode engine; with the gRPC
+    # transport also the pages themselves and the commit record for the caller to deliver.
+    kv_bytes: int = 0
+    kv_payload: bytes | None = None
+    kv_commit: bytes | None = None
 
     def then(self, later: RequestOutput) -> RequestOutput:
         """This increment followed by a later one of the same request, as one increment."""
@@ -57,6 +66,14 @@ class RequestOutput:
             new_logprobs=self.new_logprobs + later.new_logprobs,
             new_top_logprobs=self.new_top_logprobs + later.new_top_logprobs,
         )
+
+
+def resolve_transport(config: EngineConfig) -> str:
+    if config.kv_transport == "auto":
+        return "nixl" if nixl_available() else "grpc"
+    if config.kv_transport == "nixl" and config.disaggregation_mode != "null" and not nixl_available():
+        raise ValueError("kv_transport='nixl' but NIXL is not installed (pip install nixl)")
+    return config.kv_transport
 
 
 class EngineCore:
@@ -75,6 +92,18 @@ class EngineCore:
         self._requests: dict[str, Req] = {}
         self._arrivals = itertools.count()
         self._pending_outputs: list[RequestOutput] = []
+        self.counters: Counter[str] = Counter()
+
+        # Disaggregation: the NIXL agent over our pool, and the side of the hand-off we play.
+        self.mode = config.disaggregation_mode
+        self.layout = PageLayout(self.runner.kv_pool.buffers(), config.page_size)
+        self.transport = resolve_transport(config)
+        self.agent = (
+            NixlAgent(self.layout, self.mode) if self.mode != "null" and self.transport == "nixl" else None
+        )
+        timeout = config.kv_transfer_timeout_s
+        self.sender = KvSender(self, self.agent, timeout) if self.mode == "prefill" else None
+        self.receiver = KvReceiver(self, self.agent, timeout) if self.mode == "decode" else None
 
     # ---- requests in ---------------------------------------------------------------------------
 
@@ -85,8 +114,79 @@ class EngineCore:
         params: SamplingParams,
         return_logprob: bool = False,
         top_logprobs_num: int = 0,
+        kv_target: KvTarget | None = None,
     ) -> None:
-        """Queue one prompt; `rids` names its `params.n` samples. Bad input is a `ValueError`."""
+        """Queue one prompt; `rids` names its `params.n` samples. Bad input is a `ValueError`.
+
+        A prefill engine needs `kv_target` (where the prompt's KV goes) and `n == 1`.
+        """
+        if self.mode == "decode":
+            raise ValueError("a decode engine takes reservations (reserve), not prompts")
+        if (kv_target is not None) != (self.mode == "prefill"):
+            raise ValueError("a KV target is required by a prefill engine and refused by others")
+        reqs = self._new_reqs(rids, input_ids, params, return_logprob, top_logprobs_num)
+        if kv_target is not None:
+            assert self.sender is not None
+            if len(reqs) != 1:
+                raise ValueError("a prefill request has n == 1")
+            self.sender.check_target(kv_target, len(input_ids))
+            req = reqs[0]
+            # Here only the prompt runs and one token is sampled; stops are the decode side's.
+            req.params = replace(req.params, max_new_tokens=1, stop=[])
+            req.stop_matcher = None
+            req.kv_target = kv_target
+            self.sender.track(req)
+        for req in reqs:
+            self._requests[req.rid] = req
+            if req.params.max_new_tokens == 0:
+                self._finish(req, FinishReason(FinishKind.LENGTH))
+            else:
+                self.scheduler.add(req)
+
+    def reserve(
+        self,
+        rid: str,
+        input_ids: list[int],
+        params: SamplingParams,
+        return_logprob: bool = False,
+        top_logprobs_num: int = 0,
+        lease_s: float | None = None,
+    ) -> list[int]:
+        """Decode engine: hold KV pages for a prompt whose KV a prefill engine will write.
+
+        Returns the page ids (page i of the prompt goes to pages[i]). The request continues
+        when its commit record arrives (`commit_kv`, or a NIXL notification) and is aborted if
+        none arrives within the lease. `ValueError` for bad input, `CapacityError` when full.
+        """
+        if self.receiver is None:
+            raise ValueError("only a decode engine takes reservations")
+        (req,) = self._new_reqs([rid], input_ids, params, return_logprob, top_logprobs_num)
+        if req.params.max_new_tokens == 0:
+            raise ValueError("max_new_tokens must be at least 1 for a disaggregated request")
+        pages = self.receiver.reserve(req, lease_s)
+        self._requests[rid] = req
+        return pages
+
+    def add_peer(self, metadata: bytes) -> str:
+        """Learn a decode engine's NIXL metadata (prefill side); returns its agent name."""
+        if self.agent is None:
+            raise ValueError("this engine has no NIXL agent")
+        return self.agent.add_peer(metadata)
+
+    def commit_kv(self, commit: KvCommit, payload: bytes | None = None) -> None:
+        """Decode side of the gRPC transport: the prompt's pages as bytes, then the commit record."""
+        if self.receiver is None:
+            raise ValueError("only a decode engine receives KV")
+        self.receiver.commit(commit, payload)
+
+    def _new_reqs(
+        self,
+        rids: list[str],
+        input_ids: list[int],
+        params: SamplingParams,
+        return_logprob: bool,
+        top_logprobs_num: int,
+    ) -> list[Req]:
         params = params.normalized()
         params.verify(self.runner.vocab_size)
         if len(rids) != params.n:
@@ -97,6 +197,7 @@ class EngineCore:
         self._check_prompt(input_ids)
         if not isinstance(top_logprobs_num, int) or not 0 <= top_logprobs_num <= 20:
             raise ValueError(f"top_logprobs_num must be an integer in [0, 20], got {top_logprobs_num!r}")
+        reqs: list[Req] = []
         stop_ids = frozenset(params.stop_token_ids or ()) | (
             frozenset() if params.ignore_eos else self.eos_ids
         )
@@ -123,11 +224,8 @@ class EngineCore:
                 leader=leader,
             )
             leader = leader or req
-            self._requests[rid] = req
-            if params.max_new_tokens == 0:
-                self._finish(req, FinishReason(FinishKind.LENGTH))
-            else:
-                self.scheduler.add(req)
+            reqs.append(req)
+        return reqs
 
     def _check_prompt(self, input_ids: list[int]) -> None:
         if not input_ids:
@@ -141,12 +239,43 @@ class EngineCore:
                 " tokens and at least one must be left to generate"
             )
 
-    def abort(self, rid: str) -> None:
-        """Stop a request wherever it is; it reports `finish_reason` abort and frees what it held."""
+    def abort(self, rid: str, message: str = "aborted") -> None:
+        """Stop a request wherever it is; it reports `finish_reason` abort and frees what it held
+        (pages a KV write may still reach are freed once it cannot: see shared/disagg)."""
         req = self._requests.get(rid)
-        if req is not None and not req.finished:
+        if req is None or req.finished:
+            return
+        if self.sender is not None and self.sender.abort(req):
+            return  # reported once its writes are over
+        if not (self.receiver is not None and self.receiver.abort(req)):
             self.scheduler.remove(req)
-            self._finish(req, FinishReason(FinishKind.ABORT, message="aborted"))
+        self._finish(req, FinishReason(FinishKind.ABORT, message=message))
+
+    # ---- disaggregation callbacks (shared/disagg) ----------------------------------------------
+
+    def continue_decode(self, req: Req, commit: KvCommit) -> None:
+        """A reservation's KV arrived: take the prefill side's first token and run on."""
+        req.cached_tokens = commit.cached_tokens
+        if req.return_logprob and commit.logprob is not None:
+            req.output_logprobs.append(commit.logprob)
+        if req.top_logprobs_num and commit.top_logprobs is not None:
+            req.output_top_logprobs.append(
+                [(float(v), int(t)) for v, t in commit.top_logprobs][: req.top_logprobs_num]
+            )
+        self._append_token(req, commit.first_token, first=True)
+
+    def release_prefill(self, req: Req, kv_bytes: int, payload: bytes | None, commit: bytes | None) -> None:
+        """A prefill request's KV is with the decode engine (or in `payload`): report and free."""
+        self.scheduler.remove(req)
+        self._finish(req, FinishReason(FinishKind.TRANSFERRED))
+        out = self._pending_outputs[-1]
+        assert out.rid == req.rid
+        out.kv_bytes, out.kv_payload, out.kv_commit = kv_bytes, payload, commit
+
+    def fail_prefill(self, req: Req, message: str) -> None:
+        self.scheduler.remove(req)
+        if not req.finished:
+            self._finish(req, FinishReason(FinishKind.ABORT, message=message))
 
     def fail_all(self, message: str) -> list[str]:
         """After a step failed half-way: drop every request without caching its (untrusted) KV.
@@ -154,27 +283,49 @@ class EngineCore:
         rids = [req.rid for req in self.scheduler.abort_all(message)]
         for rid in rids:
             self._requests.pop(rid, None)
+        if self.sender is not None:
+            self.sender.reset()
+        if self.receiver is not None:
+            self.receiver.reset()
         return rids
 
     @property
     def has_work(self) -> bool:
+        """Something to compute or report now."""
         return self.scheduler.has_work or bool(self._pending_outputs)
+
+    @property
+    def waiting_on_transfers(self) -> bool:
+        """KV writes or reservations in flight: the loop must keep polling (`step`) for them."""
+        return (self.sender is not None and self.sender.busy) or (
+            self.receiver is not None and self.receiver.busy
+        )
 
     # ---- the step ------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        if self.receiver is not None:
+            self.receiver.poll()  # committed reservations join this step
+        if self.sender is not None:
+            self.sender.poll()
         batch = self.scheduler.schedule()
         if batch is not None:
             logits = self.runner.forward(batch)
             self._process(batch, logits)
+            if self.sender is not None:
+                self.sender.stream_pages()
         if self.config.debug_invariants:
-            self.kv.check_invariant(self.scheduler.running)
+            self.kv.check_invariant(self.scheduler.running + self.scheduler.parked)
         outputs, self._pending_outputs = self._pending_outputs, []
         return outputs
 
     def _process(self, batch: ScheduleBatch, logits: torch.Tensor) -> None:
         sampling = [it for it in batch.items if it.sample]
         for it in batch.items:
+            prompt_len = len(it.req.prompt_ids)
+            self.counters["prompt_tokens_computed"] += max(
+                0, min(it.start + it.extend_len, prompt_len) - it.start
+            )
             if it.extend_len > 1 and not it.sample:
                 self.kv.cache_unfinished(it.req)  # a finished prefill chunk
         if not sampling:
@@ -205,8 +356,15 @@ class EngineCore:
 
     def _append_token(self, req: Req, token: int, first: bool) -> None:
         req.output_ids.append(token)
+        self.counters["generated_tokens"] += 1
         if first:
             self.kv.cache_unfinished(req)  # the prompt's KV becomes shareable (n > 1, same prefix)
+            self.counters["prompt_tokens"] += len(req.prompt_ids)
+            self.counters["cached_tokens"] += req.cached_tokens or 0
+        if req.kv_target is not None:
+            assert self.sender is not None
+            self.sender.on_first_token(req, token)
+            return
         params = req.params
         reason: FinishReason | None = None
         if token in req.stop_ids and len(req.output_ids) >= params.min_new_tokens:
@@ -272,9 +430,37 @@ class EngineCore:
 
     # ---- introspection -------------------------------------------------------------------------
 
+    def stats(self) -> dict[str, int]:
+        """Load and counters since start (the workers' GetLoad)."""
+        free, evictable, _locked, total = self.kv.usage()
+        out = {
+            "running_requests": len(self.scheduler.running),
+            "waiting_requests": len(self.scheduler.waiting),
+            "parked_requests": len(self.scheduler.parked),
+            "kv_free_tokens": free,
+            "kv_evictable_tokens": evictable,
+            "kv_used_tokens": total - free - evictable,
+            "kv_total_tokens": total,
+            "num_retractions": self.scheduler.num_retractions,
+        }
+        out.update(self.counters)
+        if self.sender is not None:
+            out.update(
+                kv_bytes_sent=self.sender.bytes_sent,
+                kv_transfers=self.sender.transfers,
+                kv_transfer_failures=self.sender.failures,
+            )
+        if self.receiver is not None:
+            out.update(
+                kv_bytes_received=self.receiver.bytes_received,
+                kv_reservations=self.receiver.reservations,
+                kv_reservations_expired=self.receiver.expired,
+            )
+        return out
+
     def check_idle(self) -> None:
         """At idle nothing is locked and nothing is private: everything is free or evictable."""
-        assert not self.scheduler.has_work, "not idle"
+        assert not self.scheduler.has_work and not self.scheduler.parked, "not idle"
         self.kv.check_invariant([])
         free, evictable, locked, total = self.kv.usage()
         if locked != 0 or free + evictable != total:

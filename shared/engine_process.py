@@ -6,16 +6,20 @@ with the GPU loop. The client side is `shared.engine_client.EngineClient`.
 Wire (msgpack via msgspec, never pickle; two ZMQ PUSH/PULL pairs over ipc:// sockets that
 the client binds):
 
-    client -> engine   AddRequest | AbortRequest | Shutdown
-    engine -> client   Ready | Accepted | Rejected | Outputs | StepFailed
+    client -> engine   AddRequest | ReserveRequest | CommitKv | AddPeer | GetStats
+                       | AbortRequest | Shutdown
+    engine -> client   Ready | Accepted | Rejected | Outputs | StepFailed | Reply
 
-`Accepted`/`Rejected` answer every `AddRequest` in order, before any output of its requests;
-a rejection carries the engine's `ValueError` message.
+`Accepted`/`Rejected` answer every `AddRequest` and `ReserveRequest` in order, before any
+output of its requests (a reservation's `Accepted` carries its pages); a rejection carries the
+engine's error type (`ValueError`, `CapacityError`) and message. `AddPeer` and `GetStats` are
+answered by a `Reply` with the same key (or a `Rejected` whose rids hold that key).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -23,7 +27,9 @@ import zmq
 
 from shared.config import EngineConfig
 from shared.engine_core import EngineCore, RequestOutput
+from shared.errors import CapacityError
 from shared.sampling import SamplingParams
+from shared.transfer import KvCommit, KvTarget
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +40,30 @@ class AddRequest(msgspec.Struct, tag="add"):
     params: dict[str, Any]
     return_logprob: bool = False
     top_logprobs_num: int = 0
+    kv_target: KvTarget | None = None
+
+
+class ReserveRequest(msgspec.Struct, tag="reserve"):
+    rid: str
+    input_ids: list[int]
+    params: dict[str, Any]
+    return_logprob: bool = False
+    top_logprobs_num: int = 0
+    lease_s: float | None = None
+
+
+class CommitKv(msgspec.Struct, tag="commit_kv"):
+    commit: bytes  # a KvCommit record
+    payload: bytes | None = None  # the pages (gRPC transport)
+
+
+class AddPeer(msgspec.Struct, tag="add_peer"):
+    key: str
+    metadata: bytes
+
+
+class GetStats(msgspec.Struct, tag="get_stats"):
+    key: str
 
 
 class AbortRequest(msgspec.Struct, tag="abort"):
@@ -47,16 +77,26 @@ class Shutdown(msgspec.Struct, tag="shutdown"):
 class Ready(msgspec.Struct, tag="ready"):
     vocab_size: int
     max_context_len: int
+    page_size: int
+    kv_layout: str
+    kv_transport: str  # "nixl" or "grpc"
+    agent_metadata: bytes | None  # NIXL peers learn our pool from it (PD engines with NIXL)
 
 
 class Accepted(msgspec.Struct, tag="accepted"):
     rids: list[str]
+    pages: list[int] | None = None  # a reservation's pages
 
 
 class Rejected(msgspec.Struct, tag="rejected"):
     rids: list[str]
-    error: str  # "ValueError", or "LoadError" when the engine could not start
+    error: str  # "ValueError", "CapacityError", or "LoadError" when the engine could not start
     message: str
+
+
+class Reply(msgspec.Struct, tag="reply"):
+    key: str
+    value: Any
 
 
 class Outputs(msgspec.Struct, tag="outputs"):
@@ -68,8 +108,9 @@ class StepFailed(msgspec.Struct, tag="step_failed"):
     message: str
 
 
-ToEngine = AddRequest | AbortRequest | Shutdown
-FromEngine = Ready | Accepted | Rejected | Outputs | StepFailed
+ToEngine = AddRequest | ReserveRequest | CommitKv | AddPeer | GetStats | AbortRequest | Shutdown
+FromEngine = Ready | Accepted | Rejected | Outputs | StepFailed | Reply
+_POLL_TRANSFERS_MS = 2  # how often an otherwise idle engine looks at KV transfers
 
 
 def run_engine(config: EngineConfig, to_engine: str, from_engine: str) -> None:
@@ -87,7 +128,18 @@ def run_engine(config: EngineConfig, to_engine: str, from_engine: str) -> None:
         push.send(encode(Rejected([], "LoadError", f"{type(e).__name__}: {e}")))
         push.close(linger=1000)
         return
-    push.send(encode(Ready(core.runner.vocab_size, core.max_context_len)))
+    push.send(
+        encode(
+            Ready(
+                core.runner.vocab_size,
+                core.max_context_len,
+                core.layout.page_size,
+                core.layout.fingerprint,
+                core.transport,
+                core.agent.metadata() if core.agent is not None else None,
+            )
+        )
+    )
     try:
         _serve(core, pull, push, decoder, encode)
     finally:
@@ -104,18 +156,20 @@ def _serve(
     encode: Any,
 ) -> None:
     while True:
-        # Block while idle; between steps only drain what already arrived.
-        timeout = 0 if core.has_work else None
+        # Block while idle; between steps only drain what already arrived; while KV transfers
+        # are in flight, look at them every few milliseconds.
+        timeout: int | None = 0 if core.has_work else None
+        if timeout is None and core.waiting_on_transfers:
+            timeout = _POLL_TRANSFERS_MS
         while pull.poll(timeout):
             msg = decoder.decode(pull.recv())
             if isinstance(msg, Shutdown):
                 return
-            if isinstance(msg, AbortRequest):
-                core.abort(msg.rid)
-            else:
-                push.send(encode(_add(core, msg)))
+            reply = _handle(core, msg)
+            if reply is not None:
+                push.send(encode(reply))
             timeout = 0
-        if not core.has_work:
+        if not (core.has_work or core.waiting_on_transfers):
             continue
         try:
             outputs = core.step()
@@ -128,10 +182,53 @@ def _serve(
             push.send(encode(Outputs(outputs)))
 
 
-def _add(core: EngineCore, msg: AddRequest) -> Accepted | Rejected:
+def _handle(core: EngineCore, msg: ToEngine) -> FromEngine | None:
+    if isinstance(msg, AbortRequest):
+        core.abort(msg.rid)
+        return None
+    if isinstance(msg, CommitKv):
+        try:
+            core.commit_kv(KvCommit.decode(msg.commit), msg.payload)
+        except ValueError as e:  # a malformed payload: fail that request, keep serving
+            logger.warning("dropping a KV commit: %s", e)
+            core.abort(KvCommit.decode(msg.commit).rid, f"bad KV payload: {e}")
+        return None
+    if isinstance(msg, AddRequest):
+        return _answer(
+            msg.rids,
+            lambda: core.add_request(
+                msg.rids,
+                msg.input_ids,
+                SamplingParams.from_dict(msg.params),
+                msg.return_logprob,
+                msg.top_logprobs_num,
+                msg.kv_target,
+            ),
+        )
+    if isinstance(msg, ReserveRequest):
+        return _answer(
+            [msg.rid],
+            lambda: core.reserve(
+                msg.rid,
+                msg.input_ids,
+                SamplingParams.from_dict(msg.params),
+                msg.return_logprob,
+                msg.top_logprobs_num,
+                msg.lease_s,
+            ),
+        )
+    if isinstance(msg, AddPeer):
+        return _answer([msg.key], lambda: core.add_peer(msg.metadata), msg.key)
+    assert isinstance(msg, GetStats)
+    return Reply(msg.key, core.stats())
+
+
+def _answer(rids: list[str], call: Callable[[], Any], reply_key: str | None = None) -> FromEngine:
+    """Run a request-changing call: Accepted (with a reservation's pages) / Reply, or Rejected."""
     try:
-        params = SamplingParams.from_dict(msg.params)
-        core.add_request(msg.rids, msg.input_ids, params, msg.return_logprob, msg.top_logprobs_num)
-    except ValueError as e:
-        return Rejected(msg.rids, "ValueError", str(e))
-    return Accepted(msg.rids)
+        value = call()
+    except (ValueError, CapacityError) as e:
+        return Rejected(rids, type(e).__name__, str(e))
+    if reply_key is not None:
+        return Reply(reply_key, value)
+    return Accepted(rids, value)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shared.attention.triton_backend  # noqa: F401  (registers "triton" where Triton is installed)
 from shared.attention.base import AttentionBackend, create_backend, register_backend
 from shared.attention.layer import Attention
 

@@ -35,6 +35,10 @@ class KVPool(ABC):
         """The full K and V buffers of one layer (views of the storage, not copies)."""
 
     @abstractmethod
+    def buffers(self) -> list[torch.Tensor]:
+        """Every storage tensor, each `[num_slots, ...]` (the KV transfer moves slot ranges of all)."""
+
+    @abstractmethod
     def bytes_per_token(self) -> int:
         """Bytes one token slot takes across all layers."""
 
@@ -79,6 +83,9 @@ class MHAKVPool(KVPool):
 
     def get_kv(self, layer_id: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.k_buffers[layer_id], self.v_buffers[layer_id]
+
+    def buffers(self) -> list[torch.Tensor]:
+        return [buf for pair in zip(self.k_buffers, self.v_buffers) for buf in pair]
 
     def copy_slots(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         """Copy every layer's K/V from `src` slots to `dst` slots (`[N]` each, pairwise)."""

@@ -22,12 +22,14 @@ if TYPE_CHECKING:
     from shared.detokenizer import IncrementalDetokenizer, StopStringMatcher
     from shared.mem import TreeNode
     from shared.sampling import SamplingParams
+    from shared.transfer import KvTarget
 
 
 class FinishKind(enum.Enum):
     STOP = "stop"  # a stop token or stop string
     LENGTH = "length"  # max_new_tokens or the context limit
     ABORT = "abort"  # aborted by the caller or refused
+    TRANSFERRED = "transferred"  # prefill engine: the prompt's KV went to a decode engine
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,13 @@ class Req:
     cached_tokens: int | None = None  # prompt tokens served from the cache at first admission
     finish_reason: FinishReason | None = None
     num_retractions: int = 0
+
+    # Disaggregation (see shared/disagg): a prefill request's destination, or a decode
+    # reservation whose KV is still to arrive.
+    kv_target: KvTarget | None = None
+    kv_pages: list[int] | None = None  # decode: the reserved pages, in prompt order
+    awaiting_kv: bool = False
+    kv_deadline: float = 0.0  # time.monotonic() by which the KV must arrive / be sent
 
     # Output produced since the last report to the caller.
     decoded: str = ""  # all text decoded so far (may end in a possible stop-string prefix)

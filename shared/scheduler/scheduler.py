@@ -12,6 +12,10 @@ One step's batch, built in this order under a per-step token budget:
 
 With chunked prefill on, a prompt is cut to the remaining budget; off, a prompt must fit whole
 (except the first prefill of a step, which always may run so that long prompts cannot starve).
+
+Parked requests hold KV but compute nothing: a decode worker's reservations waiting for their
+prompt's KV, and a prefill worker's finished prompts whose KV is still being sent. They count
+against `max_running_requests` and are never retracted.
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ class Scheduler:
         self.kv = kv
         self.waiting: list[Req] = []
         self.running: list[Req] = []
+        self.parked: list[Req] = []
         self.num_retractions = 0
 
     @property
@@ -69,13 +74,28 @@ class Scheduler:
     def add(self, req: Req) -> None:
         self.waiting.append(req)
 
+    @property
+    def num_active(self) -> int:
+        """Requests holding a req_to_token row (the `max_running_requests` limit)."""
+        return len(self.running) + len(self.parked)
+
+    def park(self, req: Req) -> None:
+        """Stop computing for a request that holds KV (it must be running or freshly admitted)."""
+        if req in self.running:
+            self.running.remove(req)
+        self.parked.append(req)
+
+    def unpark(self, req: Req) -> None:
+        self.parked.remove(req)
+        self.running.append(req)
+
     def remove(self, req: Req, cache_kv: bool = True) -> None:
         """Take a request out of the scheduler and return all it holds (finish or abort).
         `cache_kv=False` when its K/V cannot be trusted (a step failed half-way)."""
         if req in self.waiting:
             self.waiting.remove(req)
-        if req in self.running:
-            self.running.remove(req)
+        if req in self.running or req in self.parked:
+            (self.running if req in self.running else self.parked).remove(req)
             self.kv.release(req, cache_kv)
 
     def schedule(self) -> ScheduleBatch | None:
@@ -124,7 +144,7 @@ class Scheduler:
     def _admit(self, budget: int, reserve: int, any_prefill: bool) -> list[ScheduledReq]:
         items: list[ScheduledReq] = []
         for req in order_waiting(self.waiting, self.config.schedule_policy, self.kv):
-            if budget <= 0 or len(self.running) >= self.config.max_running_requests:
+            if budget <= 0 or self.num_active >= self.config.max_running_requests:
                 break
             if req.leader is not None and not req.leader.prefill_done:
                 continue  # n > 1: reuse the leader's prompt KV instead of computing it again
@@ -151,7 +171,7 @@ class Scheduler:
         self.waiting.append(req)
 
     def abort_all(self, message: str) -> list[Req]:
-        reqs = self.waiting + self.running
+        reqs = self.waiting + self.running + self.parked
         for req in reqs:
             self.remove(req, cache_kv=False)
             req.finish_reason = FinishReason(FinishKind.ABORT, message=message)

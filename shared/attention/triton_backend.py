@@ -1,0 +1,114 @@
+"""Attention on the Triton kernels in `kernels/`: split-K paged decode and ragged extend.
+
+Same contract and results as the torch backend. Per layer, `forward` stores the new tokens' K/V
+in the pool (`kernels.kv_store`, at `batch.out_cache_loc`), then runs
+`kernels.decode_attention` on a decode step or `kernels.extend_attention` otherwise; both read
+every key, the new ones included, from the pool through `req_to_token`. `init_forward_metadata`
+plans once per step what all layers share: the per-request index vectors and the host-side
+maxima that size the kernels' grids, so no layer syncs with the device.
+
+Registered as "triton" only where Triton is installed. The kernels are imported when the backend
+is built, not when this module is: importing `shared.attention` does not import Triton, and
+`TRITON_INTERPRET=1` (which Triton reads when a kernel is defined) set by a test before it builds
+an engine still takes effect. On CPU the kernels run only under that interpreter.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from shared.attention.base import AttentionBackend, register_backend
+from shared.batch import ForwardMode
+
+if TYPE_CHECKING:
+    from shared.attention.layer import Attention
+    from shared.batch import ForwardBatch
+
+
+@dataclass(frozen=True)
+class _StepPlan:
+    """What every layer of one forward step shares."""
+
+    is_decode: bool
+    req_rows: torch.Tensor  # [B] int64, on the device
+    seq_lens: torch.Tensor  # [B] int64
+    prefix_lens: torch.Tensor  # [B] int64
+    extend_lens: torch.Tensor  # [B] int64
+    extend_starts: torch.Tensor  # [B] int64: first row of each request in q
+    max_seq_len: int
+    max_extend_len: int
+
+
+class TritonAttentionBackend(AttentionBackend):
+    def __init__(self) -> None:
+        # Deferred imports (see the module docstring).
+        from kernels.decode_attention import decode_attention
+        from kernels.extend_attention import extend_attention
+        from kernels.kv_store import store_kv
+
+        self._decode_attention = decode_attention
+        self._extend_attention = extend_attention
+        self._store_kv = store_kv
+        self._plan: _StepPlan | None = None
+
+    def init_forward_metadata(self, batch: ForwardBatch) -> None:
+        extend_lens = batch.extend_seq_lens
+        self._plan = _StepPlan(
+            is_decode=batch.mode == ForwardMode.DECODE,
+            req_rows=batch.req_pool_indices,
+            seq_lens=batch.seq_lens,
+            prefix_lens=batch.extend_prefix_lens,
+            extend_lens=extend_lens,
+            extend_starts=torch.cumsum(extend_lens, 0) - extend_lens,
+            max_seq_len=max(batch.seq_lens_cpu, default=0),
+            max_extend_len=max(batch.extend_seq_lens_cpu, default=0),
+        )
+
+    def forward(
+        self,
+        q: torch.Tensor,  # [T, Hq, D]
+        k: torch.Tensor,  # [T, Hkv, D]
+        v: torch.Tensor,  # [T, Hkv, D]
+        layer: Attention,
+        batch: ForwardBatch,
+    ) -> torch.Tensor:  # [T, Hq, D]
+        plan = self._plan
+        assert plan is not None, "init_forward_metadata must run before forward"
+        # get_kv returns the live buffers, so writing them is the pool's set_kv.
+        k_buf, v_buf = batch.kv_pool.get_kv(layer.layer_id)
+        self._store_kv(k, v, k_buf, v_buf, batch.out_cache_loc)
+        req_to_token = batch.req_to_token_pool.req_to_token
+        if plan.is_decode:
+            # The decode kernel is specialised to one query per request: q is [B, Hq, D].
+            return self._decode_attention(
+                q,
+                k_buf,
+                v_buf,
+                req_to_token,
+                plan.req_rows,
+                plan.seq_lens,
+                layer.scaling,
+                layer.sliding_window,
+                max_seq_len=plan.max_seq_len,
+            )
+        return self._extend_attention(
+            q,
+            k_buf,
+            v_buf,
+            req_to_token,
+            plan.req_rows,
+            plan.prefix_lens,
+            plan.extend_lens,
+            layer.scaling,
+            layer.sliding_window,
+            extend_starts=plan.extend_starts,
+            max_extend_len=plan.max_extend_len,
+        )
+
+
+if importlib.util.find_spec("triton") is not None:
+    register_backend("triton")(TritonAttentionBackend)

@@ -1,0 +1,95 @@
+"""Decode side of the KV hand-off (see the package docstring for the lifecycle)."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+from shared.errors import CapacityError
+from shared.scheduler.request import Req
+from shared.transfer import KvCommit
+
+if TYPE_CHECKING:
+    from shared.engine_core import EngineCore
+    from shared.transfer.nixl import NixlAgent
+
+
+class KvReceiver:
+    def __init__(self, core: EngineCore, agent: NixlAgent | None, lease_s: float) -> None:
+        self.core = core
+        self.agent = agent
+        self.lease_s = lease_s
+        self._waiting: dict[str, Req] = {}  # reservations awaiting their KV
+        self._quarantine: dict[str, Req] = {}  # aborted reservations a write may still reach
+        self.bytes_received = 0
+        self.reservations = 0
+        self.expired = 0
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._waiting or self._quarantine)
+
+    def reserve(self, req: Req, lease_s: float | None) -> list[int]:
+        """Hold pages for the whole prompt of `req`; returns them in prompt order."""
+        core = self.core
+        if req.rid in self._quarantine:
+            raise ValueError(f"request id {req.rid!r} is still in use")
+        if core.scheduler.num_active >= core.config.max_running_requests:
+            raise CapacityError("the decode engine is at max_running_requests")
+        # Room for the running requests' next tokens stays free, as admission does.
+        slots = core.kv.admit(req, None, len(req.prompt_ids), reserve_pages=len(core.scheduler.running))
+        if slots is None:
+            raise CapacityError(f"no KV room for a {len(req.prompt_ids)}-token prompt on this decode engine")
+        page_size = core.layout.page_size
+        req.kv_pages = (slots[::page_size] // page_size).tolist()
+        req.awaiting_kv = True
+        req.kv_deadline = time.monotonic() + (lease_s or self.lease_s)
+        core.scheduler.parked.append(req)
+        self._waiting[req.rid] = req
+        self.reservations += 1
+        return req.kv_pages
+
+    def commit(self, commit: KvCommit, payload: bytes | None = None) -> None:
+        """The prompt's KV is in place (or arrives in `payload`): continue from the first token."""
+        quarantined = self._quarantine.pop(commit.rid, None)
+        if quarantined is not None:  # the write we were waiting out is over
+            self.core.scheduler.remove(quarantined, cache_kv=False)
+            return
+        req = self._waiting.pop(commit.rid, None)
+        if req is None:
+            return  # expired and freed already: nothing of ours is left to write to
+        assert req.kv_pages is not None
+        if payload is not None:
+            self.core.layout.write_pages(req.kv_pages, payload)
+        self.bytes_received += self.core.layout.nbytes(len(req.kv_pages))
+        req.awaiting_kv = False
+        self.core.scheduler.unpark(req)
+        self.core.continue_decode(req, commit)
+
+    def abort(self, req: Req) -> bool:
+        """Abort a reservation; True when its pages must wait in quarantine (the core then keeps them)."""
+        if self._waiting.pop(req.rid, None) is None:
+            return False
+        req.kv_deadline = time.monotonic() + 2 * self.lease_s
+        self._quarantine[req.rid] = req
+        return True
+
+    def reset(self) -> None:
+        """After a failed step dropped every request."""
+        self._waiting.clear()
+        self._quarantine.clear()
+
+    def poll(self) -> None:
+        """Take commit records from NIXL, expire reservations whose KV is late, end quarantines."""
+        if self.agent is not None:
+            for msg in self.agent.take_notifs():
+                self.commit(KvCommit.decode(msg))
+        now = time.monotonic()
+        for rid, req in list(self._waiting.items()):
+            if now > req.kv_deadline:
+                self.expired += 1
+                self.core.abort(rid, "the prompt's KV did not arrive within the reservation lease")
+        for rid, req in list(self._quarantine.items()):
+            if now > req.kv_deadline:
+                del self._quarantine[rid]
+                self.core.scheduler.remove(req, cache_kv=False)

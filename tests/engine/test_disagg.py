@@ -1,0 +1,216 @@
+"""Prefill/decode disaggregation between two engines in one process: the prefill engine writes
+each prompt's KV into pages the decode engine reserved (NIXL over loopback, or bytes as the
+gRPC transport carries them), and the decode engine continues from the first token.
+
+The oracle is HF greedy (float32) and, for seeded sampling, a unified engine."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from shared.config import EngineConfig
+from shared.engine_core import EngineCore, RequestOutput
+from shared.errors import CapacityError
+from shared.sampling import SamplingParams
+from shared.transfer import KvCommit, KvTarget, nixl_available
+from tests.engine.hf_reference import hf_greedy
+from tests.engine.test_parity import build_core, make_prompts, run_staggered
+
+TRANSPORTS = [
+    pytest.param("nixl", marks=pytest.mark.skipif(not nixl_available(), reason="NIXL is not installed")),
+    "grpc",
+]
+
+
+def make_pair(path: Path, transport: str, **options: object) -> tuple[EngineCore, EngineCore]:
+    prefill = build_core(path, disaggregation_mode="prefill", kv_transport=transport, **options)
+    decode = build_core(path, disaggregation_mode="decode", kv_transport=transport, **options)
+    if transport == "nixl":
+        assert decode.agent is not None
+        prefill.add_peer(decode.agent.metadata())
+    return prefill, decode
+
+
+def submit(prefill: EngineCore, decode: EngineCore, rid: str, ids: list[int], params: SamplingParams) -> None:
+    pages = decode.reserve(rid, ids, params)
+    peer = decode.agent.name if decode.agent is not None else ""
+    prefill.add_request([rid], ids, params, kv_target=KvTarget(decode.transport, pages, peer))  # type: ignore[arg-type]
+
+
+def run_pd(
+    prefill: EngineCore,
+    decode: EngineCore,
+    prompts: list[list[int]],
+    params: SamplingParams,
+) -> tuple[dict[str, list[int]], dict[str, RequestOutput]]:
+    """Submit prompt i at round 2*i; step both engines until every request finished on decode."""
+    tokens: dict[str, list[int]] = {}
+    last: dict[str, RequestOutput] = {}
+    pending = list(enumerate(prompts))
+    rounds = 0
+    while pending or len(last) < len(prompts):
+        while pending and pending[0][0] * 2 <= rounds:
+            i, ids = pending.pop(0)
+            submit(prefill, decode, f"r{i}", ids, params)
+        for out in prefill.step():
+            assert out.finished and out.finish_reason == {"type": "transferred"}, out
+            assert out.kv_bytes > 0
+            if out.kv_commit is not None:  # the gRPC transport: the caller delivers the pages
+                decode.commit_kv(KvCommit.decode(out.kv_commit), out.kv_payload)
+        for out in decode.step():
+            tokens.setdefault(out.rid, []).extend(out.new_ids)
+            if out.finished:
+                last[out.rid] = out
+        rounds += 1
+        assert rounds < 5000, "no progress"
+    wait_idle(prefill)
+    wait_idle(decode)
+    return tokens, last
+
+
+def wait_idle(core: EngineCore, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while core.has_work or core.waiting_on_transfers:
+        core.step()
+        assert time.monotonic() < deadline, "engine did not go idle"
+        time.sleep(0.001)
+    core.check_idle()
+
+
+@pytest.mark.parametrize("page_size", [1, 16])
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_pd_greedy_parity_with_hf(tiny_llama: Path, transport: str, page_size: int) -> None:
+    # A small chunk budget makes long prompts prefill in chunks whose pages stream out early.
+    prefill, decode = make_pair(tiny_llama, transport, page_size=page_size, chunked_prefill_size=16)
+    prompts = make_prompts(prefill.runner.vocab_size)
+    params = SamplingParams(max_new_tokens=10, temperature=0.0, ignore_eos=True)
+    tokens, last = run_pd(prefill, decode, prompts, params)
+    for i, ids in enumerate(prompts):
+        assert tokens[f"r{i}"] == hf_greedy(tiny_llama, ids, 10), f"prompt {i}"
+        assert last[f"r{i}"].prompt_tokens == len(ids)
+    p, d = prefill.stats(), decode.stats()
+    assert d["prompt_tokens_computed"] == 0  # the decode engine never ran a prompt
+    assert p["prompt_tokens_computed"] == sum(map(len, prompts))
+    pages = sum(-(-len(ids) // page_size) for ids in prompts)
+    assert p["kv_bytes_sent"] == d["kv_bytes_received"] == prefill.layout.nbytes(pages)
+    assert p["kv_transfers"] == d["kv_reservations"] == len(prompts)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_pd_reuses_the_prefill_cache(tiny_llama: Path, transport: str) -> None:
+    prefill, decode = make_pair(tiny_llama, transport)
+    prefix = make_prompts(prefill.runner.vocab_size, count=2)[1]  # 41 tokens
+    params = SamplingParams(max_new_tokens=6, temperature=0.0, ignore_eos=True)
+    prompts = [prefix + [7, 8, 9], prefix + [10, 11]]
+    tokens, last = run_pd(prefill, decode, prompts[:1], params)
+    tokens2, last2 = run_pd(prefill, decode, prompts[1:], params)
+    assert last["r0"].cached_tokens == 0
+    assert last2["r0"].cached_tokens == 32  # two whole 16-token pages of the shared prefix
+    assert tokens2["r0"] == hf_greedy(tiny_llama, prompts[1], 6)
+
+
+def test_pd_seeded_sampling_matches_unified(tiny_llama: Path) -> None:
+    prefill, decode = make_pair(tiny_llama, "grpc")
+    prompts = make_prompts(prefill.runner.vocab_size, count=4)
+    params = SamplingParams(max_new_tokens=8, temperature=1.0, top_p=0.9, seed=1234, ignore_eos=True)
+    tokens, _ = run_pd(prefill, decode, prompts, params)
+    unified = build_core(tiny_llama)
+    for i, ids in enumerate(prompts):
+        unified.add_request([f"u{i}"], ids, params)
+    ref: dict[str, list[int]] = {}
+    while unified.has_work:
+        for out in unified.step():
+            ref.setdefault(out.rid, []).extend(out.new_ids)
+    assert [tokens[f"r{i}"] for i in range(4)] == [ref[f"u{i}"] for i in range(4)]
+
+
+def test_decode_stops_on_the_first_token(tiny_llama: Path) -> None:
+    # The prefill side samples the first token; the decode side applies the stop rules to it.
+    prefill, decode = make_pair(tiny_llama, "grpc")
+    ids = make_prompts(prefill.runner.vocab_size, count=1)[0]
+    first = hf_greedy(tiny_llama, ids, 1)[0]
+    params = SamplingParams(max_new_tokens=5, temperature=0.0, stop_token_ids=[first])
+    tokens, last = run_pd(prefill, decode, [ids], params)
+    assert tokens["r0"] == [first]
+    assert last["r0"].finish_reason == {"type": "stop", "matched": first}
+
+
+def test_reservation_lease_expires_and_pages_come_back(tiny_llama: Path) -> None:
+    decode = build_core(tiny_llama, disaggregation_mode="decode", kv_transport="grpc", kv_transfer_timeout_s=0.05)
+    free_before = decode.stats()["kv_free_tokens"]
+    pages = decode.reserve("late", list(range(5, 40)), SamplingParams(max_new_tokens=4))
+    assert len(pages) == 3 and decode.stats()["kv_free_tokens"] < free_before
+    time.sleep(0.06)
+    outs = decode.step()
+    assert [o.finish_reason for o in outs] == [
+        {"type": "abort", "message": "the prompt's KV did not arrive within the reservation lease"}
+    ]
+    # Quarantined (a late write could still land) for twice the lease, then freed.
+    assert decode.waiting_on_transfers
+    wait_idle(decode)
+    assert decode.stats()["kv_reservations_expired"] == 1
+    # A commit arriving after that is ignored.
+    decode.commit_kv(KvCommit("late", 5, 0), None)
+    decode.check_idle()
+
+
+def test_aborted_reservation_is_freed_by_the_late_commit(tiny_llama: Path) -> None:
+    prefill, decode = make_pair(tiny_llama, "grpc")
+    ids = list(range(5, 30))
+    params = SamplingParams(max_new_tokens=4, temperature=0.0)
+    pages = decode.reserve("r", ids, params)
+    prefill.add_request(["r"], ids, params, kv_target=KvTarget("grpc", pages))
+    decode.abort("r")
+    assert [o.finish_reason["type"] for o in decode.step()] == ["abort"]  # type: ignore[index]
+    assert decode.waiting_on_transfers  # pages held until the write is over
+    (out,) = prefill.step()
+    decode.commit_kv(KvCommit.decode(out.kv_commit), out.kv_payload)  # type: ignore[arg-type]
+    assert not decode.waiting_on_transfers
+    decode.check_idle()
+    wait_idle(prefill)
+
+
+def test_bad_reservations_and_targets_are_refused(tiny_llama: Path) -> None:
+    prefill, decode = make_pair(tiny_llama, "grpc", max_total_tokens=64)
+    params = SamplingParams(max_new_tokens=4)
+    with pytest.raises(ValueError, match="takes reservations"):
+        decode.add_request(["x"], [5, 6], params)
+    with pytest.raises(ValueError, match="KV target is required"):
+        prefill.add_request(["x"], [5, 6], params)
+    with pytest.raises(ValueError, match="needs 1"):
+        prefill.add_request(["x"], [5, 6], params, kv_target=KvTarget("grpc", [1, 2]))
+    with pytest.raises(ValueError, match="page ids"):
+        prefill.add_request(["x"], [5, 6], params, kv_target=KvTarget("grpc", [10_000]))
+    with pytest.raises(ValueError, match="no NIXL agent"):
+        prefill.add_request(["x"], [5, 6], params, kv_target=KvTarget("nixl", [1], "someone"))
+    decode.reserve("a", list(range(5, 45)), params)
+    with pytest.raises(CapacityError, match="no KV room"):
+        decode.reserve("b", list(range(5, 45)), params)
+    decode.abort("a")
+    prefill.check_idle()
+
+
+@pytest.mark.skipif(not nixl_available(), reason="NIXL is not installed")
+def test_nixl_target_must_be_a_known_peer(tiny_model_factory: Callable[..., Path], tiny_llama: Path) -> None:
+    prefill = build_core(tiny_llama, disaggregation_mode="prefill", kv_transport="nixl")
+    with pytest.raises(ValueError, match="unknown KV peer"):
+        prefill.add_request(["x"], [5, 6], SamplingParams(), kv_target=KvTarget("nixl", [1], "nobody"))
+    other = build_core(
+        tiny_model_factory("llama", num_hidden_layers=3), disaggregation_mode="decode", kv_transport="nixl"
+    )
+    assert other.agent is not None
+    with pytest.raises(ValueError, match="KV layout mismatch"):
+        prefill.add_peer(other.agent.metadata())
+
+
+def test_unified_engines_refuse_pd_calls(tiny_llama: Path) -> None:
+    core = build_core(tiny_llama)
+    with pytest.raises(ValueError, match="only a decode engine"):
+        core.reserve("x", [5, 6], SamplingParams())
+    with pytest.raises(ValueError, match="refused by others"):
+        core.add_request(["x"], [5, 6], SamplingParams(), kv_target=KvTarget("grpc", [1]))
+    assert run_staggered(core, [[5, 6, 7]], max_new_tokens=2)
