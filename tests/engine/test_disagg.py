@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from shared.config import EngineConfig
 from shared.engine_core import EngineCore, RequestOutput
 from shared.errors import CapacityError
 from shared.sampling import SamplingParams
@@ -105,8 +104,8 @@ def test_pd_reuses_the_prefill_cache(tiny_llama: Path, transport: str) -> None:
     prefill, decode = make_pair(tiny_llama, transport)
     prefix = make_prompts(prefill.runner.vocab_size, count=2)[1]  # 41 tokens
     params = SamplingParams(max_new_tokens=6, temperature=0.0, ignore_eos=True)
-    prompts = [prefix + [7, 8, 9], prefix + [10, 11]]
-    tokens, last = run_pd(prefill, decode, prompts[:1], params)
+    prompts = [[*prefix, 7, 8, 9], [*prefix, 10, 11]]
+    _tokens, last = run_pd(prefill, decode, prompts[:1], params)
     tokens2, last2 = run_pd(prefill, decode, prompts[1:], params)
     assert last["r0"].cached_tokens == 0
     assert last2["r0"].cached_tokens == 32  # two whole 16-token pages of the shared prefix
@@ -140,7 +139,9 @@ def test_decode_stops_on_the_first_token(tiny_llama: Path) -> None:
 
 
 def test_reservation_lease_expires_and_pages_come_back(tiny_llama: Path) -> None:
-    decode = build_core(tiny_llama, disaggregation_mode="decode", kv_transport="grpc", kv_transfer_timeout_s=0.05)
+    decode = build_core(
+        tiny_llama, disaggregation_mode="decode", kv_transport="grpc", kv_transfer_timeout_s=0.05
+    )
     free_before = decode.stats()["kv_free_tokens"]
     pages = decode.reserve("late", list(range(5, 40)), SamplingParams(max_new_tokens=4))
     assert len(pages) == 3 and decode.stats()["kv_free_tokens"] < free_before
