@@ -1,5 +1,7 @@
 """The `tandem` command line.
 
+    tandem up [--model PATH] [--port 8000] [--prefill N] [--decode M]
+                                 the whole suite: router, workers, OpenAI gateway (see launcher.py)
     tandem demo [--model PATH]   run the offline engine on a model (default: a tiny local one)
 
 Without `--model`, a tiny random-weight Llama is built once under $TANDEM_HOME (default
@@ -11,22 +13,33 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
+import tempfile
 import sys
 import time
 from pathlib import Path
 
 
+def tandem_home() -> Path:
+    home = Path(os.environ.get("TANDEM_HOME", Path.home() / ".cache" / "tandem"))
+    home.mkdir(parents=True, exist_ok=True)
+    return home
+
+
 def default_model_path() -> Path:
     """The default tiny model, built on first use (a few seconds)."""
-    home = Path(os.environ.get("TANDEM_HOME", Path.home() / ".cache" / "tandem"))
-    path = home / "models" / "tiny-llama"
+    path = tandem_home() / "models" / "tiny-llama"
     if not (path / "config.json").exists():
         from shared.tiny_model import make_tiny_model
 
         print(f"building the default tiny model in {path} ...", flush=True)
-        tmp = path.with_name(path.name + ".tmp")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=path.name + ".", dir=path.parent))
         make_tiny_model(tmp, "llama", seed=0, num_hidden_layers=4, hidden_size=128, intermediate_size=256)
-        tmp.rename(path)
+        try:
+            tmp.rename(path)
+        except OSError:  # another process built it first
+            shutil.rmtree(tmp, ignore_errors=True)
     return path
 
 
@@ -67,6 +80,11 @@ def _demo(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tandem", description=__doc__.splitlines()[0] if __doc__ else None)
     sub = parser.add_subparsers(dest="command", required=True)
+    from services.launcher import add_arguments, up
+
+    up_parser = sub.add_parser("up", help="start router, workers and the OpenAI gateway on this machine")
+    add_arguments(up_parser)
+    up_parser.set_defaults(func=up)
     demo = sub.add_parser("demo", help="run the offline engine on a model")
     demo.add_argument("--model", help="HF model directory (default: a tiny local model)")
     demo.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])

@@ -88,6 +88,7 @@ class EngineClient:
         self.page_size = ready.page_size
         self.kv_layout = ready.kv_layout
         self.kv_transport = ready.kv_transport
+        self.agent_name = ready.agent_name
         self.agent_metadata = ready.agent_metadata
         self._receiver = threading.Thread(target=self._receive, name="tandem-engine-client", daemon=True)
         self._receiver.start()

@@ -19,6 +19,7 @@ answered by a `Reply` with the same key (or a `Rejected` whose rids hold that ke
 from __future__ import annotations
 
 import logging
+import multiprocessing
 from collections.abc import Callable
 from typing import Any
 
@@ -80,6 +81,7 @@ class Ready(msgspec.Struct, tag="ready"):
     page_size: int
     kv_layout: str
     kv_transport: str  # "nixl" or "grpc"
+    agent_name: str  # our NIXL agent ("" without one)
     agent_metadata: bytes | None  # NIXL peers learn our pool from it (PD engines with NIXL)
 
 
@@ -111,6 +113,12 @@ class StepFailed(msgspec.Struct, tag="step_failed"):
 ToEngine = AddRequest | ReserveRequest | CommitKv | AddPeer | GetStats | AbortRequest | Shutdown
 FromEngine = Ready | Accepted | Rejected | Outputs | StepFailed | Reply
 _POLL_TRANSFERS_MS = 2  # how often an otherwise idle engine looks at KV transfers
+_IDLE_POLL_MS = 1000  # how often an idle engine checks that its parent still lives
+
+
+def _parent_alive() -> bool:
+    parent = multiprocessing.parent_process()
+    return parent is None or parent.is_alive()
 
 
 def run_engine(config: EngineConfig, to_engine: str, from_engine: str) -> None:
@@ -136,6 +144,7 @@ def run_engine(config: EngineConfig, to_engine: str, from_engine: str) -> None:
                 core.layout.page_size,
                 core.layout.fingerprint,
                 core.transport,
+                core.agent.name if core.agent is not None else "",
                 core.agent.metadata() if core.agent is not None else None,
             )
         )
@@ -158,9 +167,10 @@ def _serve(
     while True:
         # Block while idle; between steps only drain what already arrived; while KV transfers
         # are in flight, look at them every few milliseconds.
-        timeout: int | None = 0 if core.has_work else None
-        if timeout is None and core.waiting_on_transfers:
-            timeout = _POLL_TRANSFERS_MS
+        timeout = 0 if core.has_work else _POLL_TRANSFERS_MS if core.waiting_on_transfers else _IDLE_POLL_MS
+        if timeout == _IDLE_POLL_MS and not _parent_alive():
+            logger.warning("the engine's parent process is gone; exiting")
+            return
         while pull.poll(timeout):
             msg = decoder.decode(pull.recv())
             if isinstance(msg, Shutdown):

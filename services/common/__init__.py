@@ -1,0 +1,1 @@
+"""Pieces every gRPC service shares: proto <-> domain conversion and the error taxonomy."""

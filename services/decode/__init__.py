@@ -1,0 +1,1 @@
+"""Decode worker: reserves KV pages for a prompt, lets a prefill worker fill them, streams tokens."""

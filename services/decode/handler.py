@@ -1,0 +1,89 @@
+"""DecodeService: the decode half of the PD hand-off.
+
+Generate   reserve pages -> send the Reservation -> (prefill writes + commits) -> stream
+           outputs. A cancelled call aborts the request; the engine keeps the pages of a
+           reservation whose KV may still be written until that write is over.
+WriteKv    the gRPC transport: the prompt's pages as a byte stream, then the commit record.
+GetTransferMetadata  the NIXL agent metadata prefill workers need once.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from services.common.convert import output_to_proto, sampling_to_dict
+from services.common.errors import ServiceError, grpc_errors
+from services.protos.tandem.worker.v1 import worker_pb2, worker_pb2_grpc
+from services.worker.engine import AsyncEngine
+from services.worker.server import TRANSPORTS
+
+
+class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        self.agent_name = engine.client.agent_name
+
+    @grpc_errors
+    async def Generate(
+        self, request: worker_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[worker_pb2.GenerateResponse]:
+        client = self.engine.client
+        pages, stream = await self.engine.reserve(
+            request.rid,
+            list(request.token_ids),
+            sampling_to_dict(request.sampling_params),
+            request.return_logprob,
+            request.top_logprobs_num,
+            request.kv_lease_ms / 1000 if request.kv_lease_ms else None,
+        )
+        try:
+            yield worker_pb2.GenerateResponse(
+                reservation=worker_pb2.Reservation(
+                    rid=request.rid,
+                    agent_name=self.agent_name,
+                    page_ids=pages,
+                    page_size=client.page_size,
+                    kv_layout=client.kv_layout,
+                    kv_transport=TRANSPORTS[client.kv_transport],
+                )
+            )
+            async for out in stream:
+                if out.finished and out.finish_reason and out.finish_reason["type"] == "abort":
+                    raise ServiceError(
+                        grpc.StatusCode.UNAVAILABLE, out.finish_reason.get("message", "aborted")
+                    )
+                yield worker_pb2.GenerateResponse(output=output_to_proto(out))
+        finally:
+            stream.close()
+
+    @grpc_errors
+    async def GetTransferMetadata(
+        self, request: Any, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.GetTransferMetadataResponse:
+        metadata = self.engine.client.agent_metadata
+        if metadata is None:
+            raise ServiceError(
+                grpc.StatusCode.FAILED_PRECONDITION, "this decode worker uses the gRPC KV transport"
+            )
+        return worker_pb2.GetTransferMetadataResponse(agent_name=self.agent_name, metadata=metadata)
+
+    async def WriteKv(
+        self, request_iterator: AsyncIterator[worker_pb2.WriteKvRequest], context: grpc.aio.ServicerContext
+    ) -> worker_pb2.WriteKvResponse:
+        parts: list[bytes] = []
+        commit = b""
+        async for chunk in request_iterator:
+            parts.append(chunk.data)
+            commit = chunk.commit or commit
+        if not commit:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "WriteKv ended without a commit record")
+        self.engine.commit_kv(commit, b"".join(parts))
+        return worker_pb2.WriteKvResponse()
+
+
+def add_servicers(server: grpc.aio.Server, engine: AsyncEngine, args: argparse.Namespace) -> None:
+    worker_pb2_grpc.add_DecodeServiceServicer_to_server(DecodeServicer(engine), server)

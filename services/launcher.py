@@ -1,0 +1,245 @@
+"""`tandem up`: the whole suite on this machine as processes: router, workers, gateway.
+
+    router   python -m services.router  --model M --port R --admin-http-port A
+    workers  python -m services.{prefill,decode,worker} --model M --router 127.0.0.1:R
+    gateway  python -m services.gateway --router 127.0.0.1:R --tokenizer M --port 8000
+
+Started in that order, each waited for (router health, workers registered, gateway /health),
+then the endpoints are printed (and written as JSON to --ready-file). Ctrl-C or SIGTERM stops
+them all (SIGTERM, then SIGKILL after a grace period); if any one dies, all stop and the
+launcher exits 1 with the tail of its log. Children die with the launcher (PR_SET_PDEATHSIG).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import json
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from services.protos.tandem.router.v1 import router_pb2, router_pb2_grpc
+
+
+@dataclass
+class Child:
+    name: str
+    process: subprocess.Popen[bytes]
+    log: Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _die_with_parent() -> None:
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="HF model directory (default: a tiny local model, built once)")
+    p.add_argument("--host", default="127.0.0.1", help="where the gateway listens (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="gateway HTTP port (default 8000)")
+    p.add_argument("--prefill", type=int, default=1, help="prefill workers (default 1)")
+    p.add_argument("--decode", type=int, default=1, help="decode workers (default 1)")
+    p.add_argument("--unified", type=int, default=0, help="unified workers (default 0; 1 when no PD pair)")
+    p.add_argument("--router-port", type=int, help="router gRPC port (default: a free port)")
+    p.add_argument("--admin-http-port", type=int, help="router admin HTTP port (default: a free port)")
+    p.add_argument("--prefill-policy", default="cache_aware")
+    p.add_argument("--decode-policy", default="least_load")
+    p.add_argument("--kv-transport", default="auto", choices=["auto", "nixl", "grpc"])
+    p.add_argument(
+        "--log-dir", help="one log file per service (default: a fresh directory under $TANDEM_HOME)"
+    )
+    p.add_argument("--ready-file", help="write the endpoints here as JSON once everything is up")
+    p.add_argument("--startup-timeout", type=float, default=300.0)
+    p.add_argument(
+        "--worker-args", default="", help='extra worker flags, e.g. "--max-total-tokens 8192 --device cpu"'
+    )
+
+
+def up(args: argparse.Namespace) -> int:
+    from services.cli import default_model_path, tandem_home
+
+    if min(args.prefill, args.decode, args.unified) < 0:
+        raise SystemExit("worker counts must be >= 0")
+    if (args.prefill > 0) != (args.decode > 0):
+        raise SystemExit("PD needs both --prefill and --decode workers (or neither, for unified workers)")
+    unified = args.unified or (0 if args.prefill else 1)
+    model = str(Path(args.model).resolve() if args.model else default_model_path())
+    log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="logs-", dir=tandem_home()))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    router_port = args.router_port or free_port()
+    admin_port = args.admin_http_port or free_port()
+    router = f"127.0.0.1:{router_port}"
+    children: list[Child] = []
+    py = [sys.executable, "-m"]
+    stopping = False
+
+    def stop(signum: int = 0, frame: Any = None) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+
+    def start(name: str, cmd: list[str]) -> Child:
+        log = log_dir / f"{name}.log"
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+        child = Child(name, proc, log)
+        children.append(child)
+        return child
+
+    try:
+        print(f"model: {model}\nlogs:  {log_dir}", flush=True)
+        start(
+            "router",
+            [
+                *py,
+                "services.router",
+                "--model",
+                model,
+                "--port",
+                str(router_port),
+                "--admin-http-port",
+                str(admin_port),
+                "--prefill-policy",
+                args.prefill_policy,
+                "--decode-policy",
+                args.decode_policy,
+            ],
+        )
+        _wait(lambda: _router_workers(router) is not None, children, args.startup_timeout, "the router")
+        extra = args.worker_args.split()
+        roles = [("prefill", args.prefill), ("decode", args.decode), ("worker", unified)]
+        for module, count in roles:
+            for i in range(count):
+                cmd = [*py, f"services.{module}", "--model", model, "--router", router, *extra]
+                if module != "worker":
+                    cmd += ["--kv-transport", args.kv_transport]
+                start(f"{module}-{i}", cmd)
+        expected = args.prefill + args.decode + unified
+        _wait(
+            lambda: (_router_workers(router) or 0) >= expected, children, args.startup_timeout, "the workers"
+        )
+        gateway_url = f"http://{args.host}:{args.port}"
+        start(
+            "gateway",
+            [
+                *py,
+                "services.gateway",
+                "--host",
+                args.host,
+                "--port",
+                str(args.port),
+                "--router",
+                router,
+                "--tokenizer",
+                model,
+            ],
+        )
+        _wait(lambda: _http_ok(f"{gateway_url}/health"), children, args.startup_timeout, "the gateway")
+        endpoints = {
+            "openai": f"{gateway_url}/v1",
+            "router_grpc": router,
+            "router_admin": f"http://127.0.0.1:{admin_port}/workers",
+            "model": Path(model).name,
+            "logs": str(log_dir),
+            "pids": {c.name: c.process.pid for c in children},
+        }
+        print(
+            f"\nTandem is up ({args.prefill} prefill + {args.decode} decode + {unified} unified workers)\n"
+            f"  OpenAI API     {endpoints['openai']}\n"
+            f"  router gRPC    {router}  (proto/tandem/router/v1/router.proto)\n"
+            f"  router admin   {endpoints['router_admin']}\n"
+            f"  model id       {endpoints['model']}\n"
+            "Ctrl-C stops everything.",
+            flush=True,
+        )
+        if args.ready_file:
+            Path(args.ready_file).write_text(json.dumps(endpoints))
+        while not stopping:
+            dead = next((c for c in children if c.process.poll() is not None), None)
+            if dead is not None:
+                _report_death(dead)
+                return 1
+            time.sleep(0.2)
+        return 0
+    except _StartupFailed as e:
+        print(f"tandem up failed: {e}", file=sys.stderr)
+        return 1
+    finally:
+        _stop_all(children)
+
+
+class _StartupFailed(Exception):
+    pass
+
+
+def _wait(ready: Any, children: list[Child], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready():
+        for child in children:
+            if child.process.poll() is not None:
+                _report_death(child)
+                raise _StartupFailed(f"{child.name} exited during start-up")
+        if time.monotonic() > deadline:
+            raise _StartupFailed(f"{what} did not come up within {timeout:.0f}s")
+        time.sleep(0.2)
+
+
+def _router_workers(address: str) -> int | None:
+    """Healthy workers the router knows, or None if the router does not answer."""
+    try:
+        with grpc.insecure_channel(address) as channel:
+            reply = router_pb2_grpc.RouterAdminServiceStub(channel).ListWorkers(
+                router_pb2.ListWorkersRequest(), timeout=1
+            )
+    except grpc.RpcError:
+        return None
+    return sum(w.state == router_pb2.WORKER_STATE_HEALTHY for w in reply.workers)
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1) as resp:
+            return bool(resp.status == 200)
+    except OSError:
+        return False
+
+
+def _report_death(child: Child) -> None:
+    tail = child.log.read_text(errors="replace").splitlines()[-20:]
+    print(
+        f"\n{child.name} exited with code {child.process.returncode}; last lines of {child.log}:",
+        file=sys.stderr,
+    )
+    print("\n".join(f"  {line}" for line in tail), file=sys.stderr)
+
+
+def _stop_all(children: list[Child], grace: float = 10.0) -> None:
+    for child in reversed(children):
+        if child.process.poll() is None:
+            child.process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for child in reversed(children):
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            child.process.wait(max(0.0, deadline - time.monotonic()))
+        if child.process.poll() is None:
+            child.process.kill()
+            child.process.wait()

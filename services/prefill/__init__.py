@@ -1,0 +1,1 @@
+"""Prefill worker: computes a prompt's KV and writes it into a decode worker's reserved pages."""

@@ -1,0 +1,118 @@
+"""PrefillService: the prefill half of the PD hand-off.
+
+Prefill(request, reservation, decode_address)
+    NIXL: learn the decode engine's agent once (GetTransferMetadata), then the engine runs
+          the prompt and writes its pages straight into the reservation, committing them
+          with the first token; we answer once the writes are done.
+    gRPC: the engine hands back the pages as bytes and the commit record; we stream them
+          to the decode worker's WriteKv.
+A cancelled call aborts the request; the engine frees its pages once no write reads them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from collections.abc import AsyncIterator
+
+import grpc
+
+from services.common.convert import sampling_to_dict
+from services.common.errors import ServiceError, call, grpc_errors
+from services.protos.tandem.worker.v1 import worker_pb2, worker_pb2_grpc
+from services.worker.engine import AsyncEngine
+from shared.engine_core import RequestOutput
+from shared.transfer import KvTarget
+
+_CHUNK = 1 << 20  # bytes per WriteKv message
+
+
+class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        self._peers: dict[str, asyncio.Task[str]] = {}  # decode agent name -> its registration
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    @grpc_errors
+    async def Prefill(
+        self, request: worker_pb2.PrefillRequest, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.PrefillResponse:
+        client = self.engine.client
+        res, req = request.reservation, request.request
+        if res.kv_layout != client.kv_layout:
+            raise ServiceError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"KV layout mismatch: decode {res.kv_layout}, prefill {client.kv_layout}"
+                " (same model, dtype and page size on both sides?)",
+            )
+        if res.kv_transport == worker_pb2.KV_TRANSPORT_NIXL:
+            if client.kv_transport != "nixl":
+                raise ServiceError(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    "the decode worker uses NIXL and this prefill worker has no NIXL",
+                )
+            await self._ensure_peer(res.agent_name, request.decode_address)
+            target = KvTarget("nixl", list(res.page_ids), res.agent_name)
+        else:
+            target = KvTarget("grpc", list(res.page_ids))
+        stream = await self.engine.generate(
+            req.rid,
+            list(req.token_ids),
+            sampling_to_dict(req.sampling_params),
+            req.return_logprob,
+            req.top_logprobs_num,
+            kv_target=target,
+        )
+        final: RequestOutput | None = None
+        async for out in stream:
+            final = out
+        assert final is not None and final.finish_reason is not None
+        if final.finish_reason["type"] != "transferred":
+            raise ServiceError(
+                grpc.StatusCode.UNAVAILABLE, final.finish_reason.get("message", "prefill failed")
+            )
+        if final.kv_commit is not None:
+            assert final.kv_payload is not None
+            await self._write_kv(request.decode_address, req.rid, final.kv_payload, final.kv_commit)
+        return worker_pb2.PrefillResponse(
+            prompt_tokens=final.prompt_tokens,
+            cached_tokens=final.cached_tokens,
+            first_token_id=final.new_ids[0],
+            kv_bytes=final.kv_bytes,
+        )
+
+    async def _ensure_peer(self, agent_name: str, decode_address: str) -> None:
+        """Learn a decode engine's NIXL agent the first time it is a target (once per pair)."""
+        task = self._peers.get(agent_name)
+        if task is None:
+            task = asyncio.ensure_future(self._add_peer(decode_address))
+            self._peers[agent_name] = task
+        try:
+            await asyncio.shield(task)
+        except Exception:
+            self._peers.pop(agent_name, None)  # try again next time
+            raise
+
+    async def _add_peer(self, decode_address: str) -> str:
+        stub = worker_pb2_grpc.DecodeServiceStub(self._channel(decode_address))
+        reply = await call(stub.GetTransferMetadata(worker_pb2.GetTransferMetadataRequest(), timeout=10))
+        return await self.engine.add_peer(reply.metadata)
+
+    async def _write_kv(self, decode_address: str, rid: str, payload: bytes, commit: bytes) -> None:
+        async def chunks() -> AsyncIterator[worker_pb2.WriteKvRequest]:
+            view = memoryview(payload)
+            for start in range(0, len(payload), _CHUNK):
+                yield worker_pb2.WriteKvRequest(rid=rid, data=bytes(view[start : start + _CHUNK]))
+            yield worker_pb2.WriteKvRequest(rid=rid, commit=commit)
+
+        stub = worker_pb2_grpc.DecodeServiceStub(self._channel(decode_address))
+        await call(stub.WriteKv(chunks(), timeout=30))
+
+    def _channel(self, address: str) -> grpc.aio.Channel:
+        if address not in self._channels:
+            self._channels[address] = grpc.aio.insecure_channel(address)
+        return self._channels[address]
+
+
+def add_servicers(server: grpc.aio.Server, engine: AsyncEngine, args: argparse.Namespace) -> None:
+    worker_pb2_grpc.add_PrefillServiceServicer_to_server(PrefillServicer(engine), server)

@@ -1,0 +1,102 @@
+"""`python -m services.router`: the router (gRPC; admin over HTTP with --admin-http-port)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from services.protos.tandem.router.v1 import router_pb2_grpc
+from services.router.args import build_parser
+from services.router.orchestrator import Orchestrator
+from services.router.policies import create_policy
+from services.router.registry import Registry
+from services.router.server import RouterAdminServicer, RouterServicer
+
+logger = logging.getLogger("services.router")
+
+
+async def serve() -> None:
+    args = build_parser().parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s router %(levelname)s %(name)s: %(message)s")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    registry = Registry(
+        args.served_model_name or Path(args.model).resolve().name,
+        args.heartbeat_interval,
+        args.heartbeat_timeout,
+        args.remove_unhealthy_after,
+    )
+    cache_aware = dict(
+        cache_threshold=args.cache_threshold,
+        balance_abs_threshold=args.balance_abs_threshold,
+        balance_rel_threshold=args.balance_rel_threshold,
+        max_tree_size=args.max_tree_size,
+    )
+
+    def policy(name: str) -> object:
+        return create_policy(name, **(cache_aware if name == "cache_aware" else {}))
+
+    orchestrator = Orchestrator(
+        registry,
+        policy(args.prefill_policy),  # type: ignore[arg-type]
+        policy(args.decode_policy),  # type: ignore[arg-type]
+        policy(args.unified_policy),  # type: ignore[arg-type]
+        max_attempts=args.max_attempts,
+        kv_lease_ms=args.kv_lease_ms,
+    )
+    server = grpc.aio.server()
+    router_pb2_grpc.add_RouterServiceServicer_to_server(
+        RouterServicer(orchestrator, registry, tokenizer), server
+    )
+    router_pb2_grpc.add_RouterAdminServiceServicer_to_server(RouterAdminServicer(registry), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    port = server.add_insecure_port(f"{args.host}:{args.port}")
+    await server.start()
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    for address in args.worker:
+        try:
+            await registry.register(address)
+        except Exception as e:  # it may come up later and register itself
+            logger.warning("could not add worker %s: %s", address, e)
+    tasks = [asyncio.create_task(registry.monitor())]
+    if args.admin_http_port is not None:
+        import uvicorn
+
+        from services.router.admin_http import create_admin_app
+
+        config = uvicorn.Config(
+            create_admin_app(registry), host=args.host, port=args.admin_http_port, log_level="warning"
+        )
+        http = uvicorn.Server(config)
+        http.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        tasks.append(asyncio.create_task(http.serve()))
+        print(f"tandem router admin HTTP on http://{args.host}:{args.admin_http_port}/workers", flush=True)
+    print(f"tandem router serving on {args.host}:{port}", flush=True)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await health_servicer.enter_graceful_shutdown()
+    for task in tasks:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    await server.stop(grace=5)
+
+
+def main() -> None:
+    asyncio.run(serve())
+
+
+if __name__ == "__main__":
+    main()

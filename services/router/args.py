@@ -1,0 +1,42 @@
+"""Command-line flags of the router (`python -m services.router --help`)."""
+
+from __future__ import annotations
+
+import argparse
+
+from services.router.policies import POLICIES
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m services.router",
+        description="Tandem router: picks prefill/decode (or unified) workers, orchestrates the KV hand-off.",
+    )
+    p.add_argument("--model", required=True, help="model directory (its tokenizer serves text-only requests)")
+    p.add_argument("--served-model-name", help="model id (default: the directory name); workers must match")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument(
+        "--port", type=int, default=0, help="gRPC port (public + admin services; default: free port)"
+    )
+    p.add_argument("--admin-http-port", type=int, help="also serve the admin API over HTTP on this port")
+    p.add_argument(
+        "--worker", action="append", default=[], help="a worker host:port to add at start (repeatable)"
+    )
+    policies = sorted(POLICIES)
+    p.add_argument("--prefill-policy", default="cache_aware", choices=policies)
+    p.add_argument("--decode-policy", default="least_load", choices=policies)
+    p.add_argument("--unified-policy", default="cache_aware", choices=policies)
+    p.add_argument("--cache-threshold", type=float, default=0.5, help="cache_aware: min prefix match rate")
+    p.add_argument(
+        "--balance-abs-threshold", type=int, default=32, help="cache_aware: load gap that overrides"
+    )
+    p.add_argument("--balance-rel-threshold", type=float, default=1.0001, help="cache_aware: load ratio")
+    p.add_argument("--max-tree-size", type=int, default=2**24, help="cache_aware: per worker, chars/tokens")
+    p.add_argument("--heartbeat-interval", type=float, default=1.0, help="seconds between worker heartbeats")
+    p.add_argument("--heartbeat-timeout", type=float, default=5.0, help="probe a worker silent this long")
+    p.add_argument(
+        "--remove-unhealthy-after", type=float, default=60.0, help="seconds; then forget the worker"
+    )
+    p.add_argument("--max-attempts", type=int, default=3, help="tries per request before its first token")
+    p.add_argument("--kv-lease-ms", type=int, default=0, help="decode reservation lease (0: the worker's)")
+    return p

@@ -1,0 +1,218 @@
+"""The router's worker registry: who serves, in which role, whether they are healthy, and how
+loaded the router has made them.
+
+Workers join by `RegisterWorker` (they heartbeat afterwards), through the admin HTTP endpoint,
+or from `--worker` flags; the router asks each its role and model (`GetInfo`) before using it.
+
+States: HEALTHY (gets traffic) -> DRAINING (admin: finishes what it has, gets nothing new) or
+UNHEALTHY (a failed call confirmed by a failed health probe, or heartbeats stopped; probed every
+interval and HEALTHY again when a probe succeeds; removed after `remove_after_s`).
+
+Asyncio-only (the router's event loop): no locks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from services.common.errors import ServiceError
+from services.protos.tandem.common.v1 import common_pb2
+from services.protos.tandem.router.v1 import router_pb2
+from services.protos.tandem.worker.v1 import worker_pb2, worker_pb2_grpc
+from services.router.policies import WorkerView
+
+logger = logging.getLogger(__name__)
+
+ROLE_NAMES = {
+    common_pb2.WORKER_ROLE_UNIFIED: "unified",
+    common_pb2.WORKER_ROLE_PREFILL: "prefill",
+    common_pb2.WORKER_ROLE_DECODE: "decode",
+}
+STATES = {
+    "healthy": router_pb2.WORKER_STATE_HEALTHY,
+    "draining": router_pb2.WORKER_STATE_DRAINING,
+    "unhealthy": router_pb2.WORKER_STATE_UNHEALTHY,
+}
+
+
+@dataclass(eq=False)
+class Worker(WorkerView):
+    role: str = "unified"
+    info: worker_pb2.GetInfoResponse = field(default_factory=worker_pb2.GetInfoResponse)
+    channel: Any = None
+    state: str = "healthy"
+    requests_total: int = 0
+    last_seen: float = 0.0
+    unhealthy_since: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.worker = worker_pb2_grpc.WorkerServiceStub(self.channel)
+        self.prefill = worker_pb2_grpc.PrefillServiceStub(self.channel)
+        self.decode = worker_pb2_grpc.DecodeServiceStub(self.channel)
+        self.health = health_pb2_grpc.HealthStub(self.channel)
+
+    def to_proto(self) -> router_pb2.WorkerInfo:
+        return router_pb2.WorkerInfo(
+            address=self.address,
+            role=self.info.role,
+            state=STATES[self.state],
+            model=self.info.model,
+            in_flight=self.in_flight,
+            requests_total=self.requests_total,
+        )
+
+
+class Registry:
+    def __init__(
+        self,
+        model: str,
+        heartbeat_interval_s: float = 1.0,
+        heartbeat_timeout_s: float = 5.0,
+        remove_after_s: float = 60.0,
+    ) -> None:
+        self.model = model
+        self.heartbeat_interval_s = heartbeat_interval_s
+        self.heartbeat_timeout_s = heartbeat_timeout_s
+        self.remove_after_s = remove_after_s
+        self.workers: dict[str, Worker] = {}
+        self.on_removed: list[Callable[[str], None]] = []
+
+    # ---- membership ----------------------------------------------------------------------------
+
+    async def register(self, address: str) -> Worker:
+        """Add a worker (or refresh a known one): it must answer GetInfo and serve our model."""
+        if not address or ":" not in address:
+            raise ValueError(f"a worker address is host:port, got {address!r}")
+        known = self.workers.get(address)
+        if known is not None:
+            known.last_seen = time.monotonic()
+            if known.state == "unhealthy":
+                self._set_state(known, "healthy")
+            return known
+        channel = grpc.aio.insecure_channel(address)
+        stub = worker_pb2_grpc.WorkerServiceStub(channel)
+        try:
+            info = await stub.GetInfo(worker_pb2.GetInfoRequest(), timeout=5)
+        except grpc.aio.AioRpcError as e:
+            await channel.close()
+            raise ServiceError(
+                grpc.StatusCode.UNAVAILABLE, f"worker {address} did not answer: {e.details()}"
+            ) from None
+        if info.model != self.model:
+            await channel.close()
+            raise ServiceError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"worker {address} serves {info.model!r}; this router serves {self.model!r}",
+            )
+        worker = Worker(
+            address=address,
+            in_flight=0,
+            role=ROLE_NAMES.get(info.role, "unified"),
+            info=info,
+            channel=channel,
+            last_seen=time.monotonic(),
+        )
+        self.workers[address] = worker
+        logger.info("worker %s joined (%s)", address, worker.role)
+        return worker
+
+    def heartbeat(self, address: str) -> bool:
+        worker = self.workers.get(address)
+        if worker is None:
+            return False
+        worker.last_seen = time.monotonic()
+        if worker.state == "unhealthy":
+            self._set_state(worker, "healthy")
+        return True
+
+    def drain(self, address: str) -> None:
+        self._get(address).state = "draining"
+        logger.info("worker %s draining", address)
+
+    async def remove(self, address: str) -> None:
+        worker = self.workers.pop(address, None)
+        if worker is None:
+            raise LookupError(f"unknown worker {address!r}")
+        for callback in self.on_removed:
+            callback(address)
+        await worker.channel.close(grace=None)
+        logger.info("worker %s removed", address)
+
+    def _get(self, address: str) -> Worker:
+        if address not in self.workers:
+            raise LookupError(f"unknown worker {address!r}")
+        return self.workers[address]
+
+    # ---- selection and load --------------------------------------------------------------------
+
+    def available(self, role: str) -> list[Worker]:
+        return [w for w in self.workers.values() if w.role == role and w.state == "healthy"]
+
+    @contextlib.contextmanager
+    def track(self, worker: Worker, tokens: int) -> Iterator[None]:
+        """Count a request against a worker's load while it is open."""
+        worker.in_flight += 1
+        worker.active_tokens += tokens
+        worker.requests_total += 1
+        try:
+            yield
+        finally:
+            worker.in_flight -= 1
+            worker.active_tokens -= tokens
+
+    def max_context_len(self) -> int:
+        lens = [w.info.max_context_len for w in self.workers.values() if w.state != "unhealthy"]
+        return min(lens) if lens else 0
+
+    # ---- health --------------------------------------------------------------------------------
+
+    async def suspect(self, worker: Worker) -> bool:
+        """A call to `worker` failed as if it were gone: probe it now; False (and UNHEALTHY) if so."""
+        if await self._probe(worker):
+            return True
+        if worker.state != "unhealthy":
+            self._set_state(worker, "unhealthy")
+        return False
+
+    async def monitor(self) -> None:
+        """Forever: probe workers whose heartbeats stopped and unhealthy ones; drop long-dead ones."""
+        while True:
+            await asyncio.sleep(self.heartbeat_interval_s)
+            now = time.monotonic()
+            for worker in list(self.workers.values()):
+                if worker.state == "unhealthy" and now - worker.unhealthy_since > self.remove_after_s:
+                    await self.remove(worker.address)
+                elif worker.state == "unhealthy" or now - worker.last_seen > self.heartbeat_timeout_s:
+                    ok = await self._probe(worker)
+                    if ok:
+                        worker.last_seen = now
+                        if worker.state == "unhealthy":
+                            self._set_state(worker, "healthy")
+                    elif worker.state != "unhealthy":
+                        self._set_state(worker, "unhealthy")
+
+    async def _probe(self, worker: Worker) -> bool:
+        try:
+            reply = await worker.health.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+        except grpc.aio.AioRpcError:
+            return False
+        return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+    def _set_state(self, worker: Worker, state: str) -> None:
+        logger.log(
+            logging.WARNING if state == "unhealthy" else logging.INFO,
+            "worker %s is %s",
+            worker.address,
+            state,
+        )
+        worker.state = state
+        worker.unhealthy_since = time.monotonic() if state == "unhealthy" else 0.0

@@ -1,0 +1,129 @@
+"""The router's gRPC services: RouterService (public: Generate, ListModels, Tokenize) and
+RouterAdminService (workers register, heartbeat, drain, leave). Thin: validation, tokenizing
+text-only requests, and wire <-> domain; routing is the orchestrator's."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from services.common.errors import grpc_errors
+from services.protos.tandem.common.v1 import common_pb2
+from services.protos.tandem.router.v1 import router_pb2, router_pb2_grpc
+from services.router.orchestrator import Orchestrator, Sample
+from services.router.registry import Registry
+
+MAX_N = 16
+MAX_TOP_LOGPROBS = 20
+
+
+class RouterServicer(router_pb2_grpc.RouterServiceServicer):
+    def __init__(self, orchestrator: Orchestrator, registry: Registry, tokenizer: Any) -> None:
+        self.orchestrator = orchestrator
+        self.registry = registry
+        self.tokenizer = tokenizer
+        self.created = int(time.time())
+
+    @grpc_errors
+    async def Generate(
+        self, request: router_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[router_pb2.GenerateResponse]:
+        if request.model and request.model != self.registry.model:
+            raise LookupError(
+                f"model {request.model!r} is not served here; this router serves {self.registry.model!r}"
+            )
+        n = request.n or 1
+        if not 1 <= n <= MAX_N:
+            raise ValueError(f"n must be in [1, {MAX_N}], got {n}")
+        if request.top_logprobs_num > MAX_TOP_LOGPROBS:
+            raise ValueError(
+                f"top_logprobs_num must be in [0, {MAX_TOP_LOGPROBS}], got {request.top_logprobs_num}"
+            )
+        token_ids = list(request.token_ids)
+        if not token_ids:
+            if not request.text:
+                raise ValueError("the prompt is empty: send text or token_ids")
+            token_ids = await asyncio.to_thread(self.tokenizer.encode, request.text)
+        request_id = request.request_id or random.getrandbits(63) or 1
+        samples = []
+        for i in range(n):
+            params = common_pb2.SamplingParams()
+            params.CopyFrom(request.sampling_params)
+            if i and params.HasField("seed"):
+                params.seed = (params.seed + i) % 2**63  # sample i of a seeded request: seed + i
+            samples.append(
+                Sample(
+                    request_id,
+                    i,
+                    token_ids,
+                    request.text,
+                    params,
+                    request.return_logprob,
+                    request.top_logprobs_num,
+                )
+            )
+        async for resp in self.orchestrator.generate(samples):
+            yield resp
+
+    @grpc_errors
+    async def ListModels(
+        self, request: Any, context: grpc.aio.ServicerContext
+    ) -> router_pb2.ListModelsResponse:
+        model = router_pb2.Model(
+            id=self.registry.model, max_context_len=self.registry.max_context_len(), created=self.created
+        )
+        return router_pb2.ListModelsResponse(models=[model])
+
+    @grpc_errors
+    async def Tokenize(
+        self, request: router_pb2.TokenizeRequest, context: grpc.aio.ServicerContext
+    ) -> router_pb2.TokenizeResponse:
+        ids = await asyncio.to_thread(
+            self.tokenizer.encode, request.text, add_special_tokens=request.add_special_tokens
+        )
+        return router_pb2.TokenizeResponse(token_ids=ids)
+
+
+class RouterAdminServicer(router_pb2_grpc.RouterAdminServiceServicer):
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+
+    @grpc_errors
+    async def RegisterWorker(
+        self, request: router_pb2.RegisterWorkerRequest, context: grpc.aio.ServicerContext
+    ) -> router_pb2.RegisterWorkerResponse:
+        worker = await self.registry.register(request.address)
+        return router_pb2.RegisterWorkerResponse(
+            worker=worker.to_proto(), heartbeat_interval_ms=int(self.registry.heartbeat_interval_s * 1000)
+        )
+
+    @grpc_errors
+    async def Heartbeat(
+        self, request: router_pb2.HeartbeatRequest, context: grpc.aio.ServicerContext
+    ) -> router_pb2.HeartbeatResponse:
+        return router_pb2.HeartbeatResponse(known=self.registry.heartbeat(request.address))
+
+    @grpc_errors
+    async def DrainWorker(
+        self, request: router_pb2.DrainWorkerRequest, context: grpc.aio.ServicerContext
+    ) -> router_pb2.DrainWorkerResponse:
+        self.registry.drain(request.address)
+        return router_pb2.DrainWorkerResponse()
+
+    @grpc_errors
+    async def RemoveWorker(
+        self, request: router_pb2.RemoveWorkerRequest, context: grpc.aio.ServicerContext
+    ) -> router_pb2.RemoveWorkerResponse:
+        await self.registry.remove(request.address)
+        return router_pb2.RemoveWorkerResponse()
+
+    @grpc_errors
+    async def ListWorkers(
+        self, request: Any, context: grpc.aio.ServicerContext
+    ) -> router_pb2.ListWorkersResponse:
+        return router_pb2.ListWorkersResponse(workers=[w.to_proto() for w in self.registry.workers.values()])

@@ -1,0 +1,16 @@
+"""`python -m services.worker`: a unified worker (prefill and decode in one engine)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from services.worker.args import build_parser
+from services.worker.server import serve
+
+
+def main() -> None:
+    asyncio.run(serve(build_parser("unified").parse_args(), "unified"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""Command-line flags of every worker (`python -m services.{worker,prefill,decode} --help`)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from shared.config import EngineConfig
+
+
+def build_parser(role: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=f"python -m services.{role if role != 'unified' else 'worker'}",
+        description=f"Tandem {role} worker: a gRPC server over one engine (in its own process).",
+    )
+    p.add_argument("--model", required=True, help="HF model directory (config.json, safetensors, tokenizer)")
+    p.add_argument("--served-model-name", help="model id clients use (default: the directory name)")
+    p.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=0, help="gRPC port (default: a free port, printed at start)")
+    p.add_argument(
+        "--advertise-address",
+        help="host:port the router and peers use to reach this worker (default: --host:port)",
+    )
+    p.add_argument("--router", help="router admin address host:port to register with and heartbeat to")
+    e = p.add_argument_group("engine")
+    e.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
+    e.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    e.add_argument("--page-size", type=int, default=16)
+    e.add_argument("--max-total-tokens", type=int, help="KV pool size in tokens (default: from memory)")
+    e.add_argument("--max-running-requests", type=int, default=256)
+    e.add_argument("--chunked-prefill-size", type=int, default=2048, help="<= 0 disables chunking")
+    e.add_argument("--schedule-policy", default="fcfs", choices=["fcfs", "lpm"])
+    e.add_argument("--disable-radix-cache", action="store_true")
+    e.add_argument("--attention-backend", default="torch")
+    e.add_argument("--mem-fraction-static", type=float, default=0.85)
+    e.add_argument("--random-seed", type=int, default=0)
+    if role in ("prefill", "decode"):
+        e.add_argument("--kv-transport", default="auto", choices=["auto", "nixl", "grpc"])
+        e.add_argument("--kv-transfer-timeout", type=float, default=30.0, help="seconds (decode: the lease)")
+    return p
+
+
+def engine_config(args: argparse.Namespace, role: str) -> EngineConfig:
+    options: dict[str, Any] = dict(
+        dtype=args.dtype,
+        device=args.device,
+        page_size=args.page_size,
+        max_total_tokens=args.max_total_tokens,
+        max_running_requests=args.max_running_requests,
+        chunked_prefill_size=args.chunked_prefill_size,
+        schedule_policy=args.schedule_policy,
+        disable_radix_cache=args.disable_radix_cache,
+        attention_backend=args.attention_backend,
+        mem_fraction_static=args.mem_fraction_static,
+        random_seed=args.random_seed,
+    )
+    if role in ("prefill", "decode"):
+        options.update(
+            disaggregation_mode=role,
+            kv_transport=args.kv_transport,
+            kv_transfer_timeout_s=args.kv_transfer_timeout,
+        )
+    return EngineConfig.from_options(args.model, **options)
+
+
+def served_model_name(args: argparse.Namespace) -> str:
+    return args.served_model_name or Path(args.model).resolve().name

@@ -1,0 +1,152 @@
+"""A worker process: gRPC server (WorkerService + the role's service + health) over one engine.
+
+Life of a worker: parse flags -> start the engine process (it loads the model) -> serve gRPC ->
+register with the router (if --router) and heartbeat -> on SIGTERM/SIGINT stop taking calls,
+give running calls a grace period, stop the engine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from services.common.convert import output_to_proto, sampling_to_dict
+from services.common.errors import grpc_errors
+from services.protos.tandem.common.v1 import common_pb2
+from services.protos.tandem.router.v1 import router_pb2, router_pb2_grpc
+from services.protos.tandem.worker.v1 import worker_pb2, worker_pb2_grpc
+from services.worker.args import engine_config, served_model_name
+from services.worker.engine import AsyncEngine
+
+logger = logging.getLogger(__name__)
+
+ROLES = {
+    "unified": common_pb2.WORKER_ROLE_UNIFIED,
+    "prefill": common_pb2.WORKER_ROLE_PREFILL,
+    "decode": common_pb2.WORKER_ROLE_DECODE,
+}
+TRANSPORTS = {"nixl": worker_pb2.KV_TRANSPORT_NIXL, "grpc": worker_pb2.KV_TRANSPORT_GRPC}
+
+
+class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
+    def __init__(self, engine: AsyncEngine, role: str, model: str) -> None:
+        self.engine = engine
+        self.role = role
+        self.model = model
+
+    @grpc_errors
+    async def GetInfo(self, request: Any, context: grpc.aio.ServicerContext) -> worker_pb2.GetInfoResponse:
+        c = self.engine.client
+        return worker_pb2.GetInfoResponse(
+            role=ROLES[self.role],
+            model=self.model,
+            max_context_len=c.max_context_len,
+            vocab_size=c.vocab_size,
+            page_size=c.page_size,
+            kv_layout=c.kv_layout,
+            kv_transport=TRANSPORTS[c.kv_transport] if self.role != "unified" else 0,
+        )
+
+    @grpc_errors
+    async def GetLoad(self, request: Any, context: grpc.aio.ServicerContext) -> worker_pb2.GetLoadResponse:
+        stats = await self.engine.stats()
+        fields = {f: stats.pop(f) for f in _LOAD_FIELDS}
+        return worker_pb2.GetLoadResponse(**fields, counters=stats)
+
+    @grpc_errors
+    async def Generate(
+        self, request: worker_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[worker_pb2.GenerateResponse]:
+        if self.role != "unified":
+            raise ValueError(f"a {self.role} worker does not serve WorkerService.Generate")
+        stream = await self.engine.generate(
+            request.rid,
+            list(request.token_ids),
+            sampling_to_dict(request.sampling_params),
+            request.return_logprob,
+            request.top_logprobs_num,
+        )
+        async for out in stream:
+            yield worker_pb2.GenerateResponse(output=output_to_proto(out))
+
+
+_LOAD_FIELDS = [
+    "running_requests",
+    "waiting_requests",
+    "kv_free_tokens",
+    "kv_evictable_tokens",
+    "kv_used_tokens",
+    "kv_total_tokens",
+]
+
+AddRoleServicers = Callable[[grpc.aio.Server, AsyncEngine, argparse.Namespace], None]
+
+
+async def serve(
+    args: argparse.Namespace, role: str, add_role_servicers: AddRoleServicers | None = None
+) -> None:
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {role} %(levelname)s %(name)s: %(message)s")
+    config = engine_config(args, role)
+    engine = AsyncEngine(config)  # the model loads in the engine process; nothing to serve before
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 << 20)])
+    worker_pb2_grpc.add_WorkerServiceServicer_to_server(
+        WorkerServicer(engine, role, served_model_name(args)), server
+    )
+    if add_role_servicers is not None:
+        add_role_servicers(server, engine, args)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    port = server.add_insecure_port(f"{args.host}:{args.port}")
+    await server.start()
+    address = args.advertise_address or f"{args.host}:{port}"
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    print(f"tandem {role} worker serving on {address}", flush=True)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    heartbeat = (
+        asyncio.create_task(_register_and_heartbeat(args.router, address, stop)) if args.router else None
+    )
+    await stop.wait()
+    await health_servicer.enter_graceful_shutdown()
+    if heartbeat is not None:
+        heartbeat.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await heartbeat
+    await server.stop(grace=5)
+    engine.shutdown()
+
+
+async def _register_and_heartbeat(router: str, address: str, stop: asyncio.Event) -> None:
+    """Register with the router, then heartbeat; re-register whenever the router forgot us."""
+    interval = 1.0
+    async with grpc.aio.insecure_channel(router) as channel:
+        admin = router_pb2_grpc.RouterAdminServiceStub(channel)
+        registered = False
+        while not stop.is_set():
+            try:
+                if not registered:
+                    reply = await admin.RegisterWorker(
+                        router_pb2.RegisterWorkerRequest(address=address), timeout=10
+                    )
+                    interval = max(reply.heartbeat_interval_ms, 100) / 1000
+                    registered = True
+                    logger.info("registered with the router at %s", router)
+                else:
+                    beat = await admin.Heartbeat(router_pb2.HeartbeatRequest(address=address), timeout=5)
+                    registered = beat.known
+            except grpc.aio.AioRpcError as e:
+                logger.warning("router %s: %s", router, e.details() or e.code())
+                registered = False
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), interval)

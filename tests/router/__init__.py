@@ -1,0 +1,1 @@
+"""Router tests: radix tree and load-balancing policies."""
