@@ -187,8 +187,8 @@ class EngineCore:
         return_logprob: bool,
         top_logprobs_num: int,
     ) -> list[Req]:
+        params.verify(self.runner.vocab_size)  # before normalizing, which maps temperature < eps to 0
         params = params.normalized()
-        params.verify(self.runner.vocab_size)
         if len(rids) != params.n:
             raise ValueError(f"{len(rids)} request ids for n={params.n}")
         for rid in rids:

@@ -1,0 +1,189 @@
+"""Real services as subprocesses on loopback, for the suite's end-to-end tests.
+
+    with Cluster(model, tmp_path) as c:
+        c.start_router("--prefill-policy", "round_robin")
+        p = c.start_worker("prefill", "--kv-transport", "nixl")
+        d = c.start_worker("decode", "--kv-transport", "nixl")
+        responses = c.generate(token_ids=[...], max_new_tokens=8, temperature=0.0)
+
+Every service logs to a file under tmp_path; a failed wait prints the tail of the logs.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from services.launcher import free_port
+from services.protos.tandem.router.v1 import router_pb2, router_pb2_grpc
+from services.protos.tandem.worker.v1 import worker_pb2, worker_pb2_grpc
+
+# Engines in tests use a small KV pool and check their invariants after every step.
+ENGINE_FLAGS = ["--max-total-tokens", "4096", "--device", "cpu"]
+
+
+@dataclass
+class Service:
+    name: str
+    address: str
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    def load(self) -> worker_pb2.GetLoadResponse:
+        with grpc.insecure_channel(self.address) as channel:
+            stub = worker_pb2_grpc.WorkerServiceStub(channel)
+            return stub.GetLoad(worker_pb2.GetLoadRequest(), timeout=5)
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        self.process.send_signal(sig)
+        self.process.wait(10)
+
+
+class Cluster:
+    def __init__(self, model: Path, log_dir: Path) -> None:
+        self.model = str(model)
+        self.log_dir = log_dir
+        self.services: list[Service] = []
+        self.router = ""
+        self._channel: grpc.Channel | None = None
+
+    def __enter__(self) -> Cluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- processes -----------------------------------------------------------------------------
+
+    def _spawn(self, name: str, module: str, args: list[str], port: int) -> Service:
+        log = self.log_dir / f"{name}.log"
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", module, *args], stdout=out, stderr=subprocess.STDOUT
+            )
+        service = Service(name, f"127.0.0.1:{port}", proc, log)
+        self.services.append(service)
+        return service
+
+    def start_router(self, *flags: str) -> Service:
+        port = free_port()
+        service = self._spawn(
+            "router", "services.router", ["--model", self.model, "--port", str(port), *flags], port
+        )
+        self.router = service.address
+        self._channel = grpc.insecure_channel(self.router)
+        self.wait(lambda: self._list_workers() is not None, "router")
+        return service
+
+    def start_worker(self, role: str, *flags: str, register: bool = True) -> Service:
+        port = free_port()
+        module = "services.worker" if role == "unified" else f"services.{role}"
+        args = ["--model", self.model, "--port", str(port), *ENGINE_FLAGS, *flags]
+        if register:
+            args += ["--router", self.router]
+        n = sum(s.name.startswith(role) for s in self.services)
+        service = self._spawn(f"{role}-{n}", module, args, port)
+        if register:
+            self.wait(
+                lambda: self.worker_state(service.address) == router_pb2.WORKER_STATE_HEALTHY, service.name
+            )
+        return service
+
+    def wait(self, condition: Any, what: str, timeout: float = 90.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            dead = [s for s in self.services if s.process.poll() is not None]
+            if time.monotonic() > deadline or any(s.name == what for s in dead):
+                raise AssertionError(f"{what} not ready\n" + self.logs())
+            time.sleep(0.1)
+
+    def logs(self) -> str:
+        return "\n".join(
+            f"--- {s.name} (exit {s.process.poll()}) ---\n"
+            + "\n".join(s.log.read_text(errors="replace").splitlines()[-15:])
+            for s in self.services
+        )
+
+    def close(self) -> None:
+        for s in reversed(self.services):
+            if s.process.poll() is None:
+                s.process.send_signal(signal.SIGTERM)
+        for s in reversed(self.services):
+            try:
+                s.process.wait(15)
+            except subprocess.TimeoutExpired:
+                s.process.kill()
+                s.process.wait()
+        if self._channel is not None:
+            self._channel.close()
+
+    # ---- router calls --------------------------------------------------------------------------
+
+    @property
+    def stub(self) -> router_pb2_grpc.RouterServiceStub:
+        assert self._channel is not None
+        return router_pb2_grpc.RouterServiceStub(self._channel)
+
+    @property
+    def admin(self) -> router_pb2_grpc.RouterAdminServiceStub:
+        assert self._channel is not None
+        return router_pb2_grpc.RouterAdminServiceStub(self._channel)
+
+    def _list_workers(self) -> list[router_pb2.WorkerInfo] | None:
+        try:
+            return list(self.admin.ListWorkers(router_pb2.ListWorkersRequest(), timeout=1).workers)
+        except grpc.RpcError:
+            return None
+
+    def worker_state(self, address: str) -> int | None:
+        for w in self._list_workers() or []:
+            if w.address == address:
+                return int(w.state)
+        return None
+
+    def request(
+        self,
+        token_ids: list[int] | None = None,
+        text: str = "",
+        n: int = 1,
+        return_logprob: bool = False,
+        top_logprobs_num: int = 0,
+        **params: Any,
+    ) -> router_pb2.GenerateRequest:
+        return router_pb2.GenerateRequest(
+            token_ids=token_ids or [],
+            text=text,
+            n=n,
+            sampling_params=params,
+            return_logprob=return_logprob,
+            top_logprobs_num=top_logprobs_num,
+        )
+
+    def generate(
+        self, token_ids: list[int] | None = None, text: str = "", **kwargs: Any
+    ) -> list[router_pb2.GenerateResponse]:
+        return list(self.stub.Generate(self.request(token_ids, text, **kwargs), timeout=60))
+
+
+def collect(responses: list[router_pb2.GenerateResponse]) -> dict[int, dict[str, Any]]:
+    """Per sample index: token ids, text, logprobs, finish, usage, route."""
+    out: dict[int, dict[str, Any]] = {}
+    for r in responses:
+        o = r.output
+        s = out.setdefault(o.index, {"ids": [], "text": "", "logprobs": [], "finish": None, "route": None})
+        s["ids"] += list(o.token_ids)
+        s["text"] += o.text
+        s["logprobs"] += list(o.logprobs)
+        s["usage"] = o.usage
+        if r.HasField("route"):
+            s["route"] = r.route
+        if o.HasField("finish"):
+            s["finish"] = o.finish
+    return out

@@ -1,0 +1,160 @@
+"""The PD suite end to end over loopback: router + prefill worker + decode worker as processes.
+
+Greedy outputs equal HF transformers; the decode worker never computes a prompt; the KV bytes
+that moved equal the prompt's pages; NIXL and the gRPC transport give identical results."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from services.protos.tandem.common.v1 import common_pb2
+from services.protos.tandem.router.v1 import router_pb2
+from shared.transfer import nixl_available
+from tests.engine.hf_reference import hf_greedy
+from tests.suite.cluster import Cluster, Service, collect
+
+pytestmark = pytest.mark.xdist_group("suite_pd")
+
+TRANSPORTS = [
+    pytest.param("nixl", marks=pytest.mark.skipif(not nixl_available(), reason="NIXL is not installed")),
+    "grpc",
+]
+PAGE_SIZE = 16
+
+
+def kv_bytes_per_token(model: Path) -> int:
+    cfg = json.loads((model / "config.json").read_text())
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    itemsize = {"float32": 4, "bfloat16": 2, "float16": 2}[
+        cfg["torch_dtype"] if "torch_dtype" in cfg else cfg["dtype"]
+    ]
+    return 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * head_dim * itemsize  # K and V
+
+
+@pytest.fixture(scope="module", params=TRANSPORTS)
+def pd(
+    request: pytest.FixtureRequest, tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Cluster, Service, Service]]:
+    transport = request.param
+    with Cluster(tiny_llama, tmp_path_factory.mktemp(f"pd-{transport}")) as cluster:
+        cluster.start_router()
+        prefill = cluster.start_worker("prefill", "--kv-transport", transport, "--chunked-prefill-size", "32")
+        decode = cluster.start_worker("decode", "--kv-transport", transport)
+        yield cluster, prefill, decode
+
+
+def prompts(count: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(5, 500) for _ in range(rng.randrange(3, 90))] for _ in range(count)]
+
+
+def test_greedy_equals_hf_and_decode_never_runs_the_prompt(
+    pd: tuple[Cluster, Service, Service], tiny_llama: Path
+) -> None:
+    cluster, prefill, decode = pd
+    p0, d0 = prefill.load().counters, decode.load().counters
+    batch = prompts(4, seed=1)
+    for ids in batch:
+        (sample,) = collect(
+            cluster.generate(ids, max_new_tokens=8, temperature=0.0, ignore_eos=True)
+        ).values()
+        assert sample["ids"] == hf_greedy(tiny_llama, ids, 8)
+        assert sample["finish"].reason == common_pb2.FINISH_REASON_LENGTH
+        assert sample["usage"].prompt_tokens == len(ids) and sample["usage"].completion_tokens == 8
+        assert sample["route"].prefill_worker == prefill.address
+        assert sample["route"].decode_worker == decode.address
+    p1, d1 = prefill.load().counters, decode.load().counters
+    assert d1["prompt_tokens_computed"] == d0.get("prompt_tokens_computed", 0) == 0
+    pages = sum(-(-len(ids) // PAGE_SIZE) for ids in batch)
+    sent = p1["kv_bytes_sent"] - p0.get("kv_bytes_sent", 0)
+    assert (
+        sent
+        == d1["kv_bytes_received"] - d0.get("kv_bytes_received", 0)
+        == pages * PAGE_SIZE * kv_bytes_per_token(tiny_llama)
+    )
+    assert p1["kv_transfers"] - p0.get("kv_transfers", 0) == len(batch)
+
+
+def test_n_samples_logprobs_and_stop(pd: tuple[Cluster, Service, Service]) -> None:
+    cluster, _, _ = pd
+    ids = prompts(1, seed=2)[0]
+    out = collect(
+        cluster.generate(
+            ids,
+            n=3,
+            max_new_tokens=6,
+            temperature=1.0,
+            seed=7,
+            ignore_eos=True,
+            return_logprob=True,
+            top_logprobs_num=2,
+        )
+    )
+    assert sorted(out) == [0, 1, 2]
+    for sample in out.values():
+        assert len(sample["ids"]) == 6 and len(sample["logprobs"]) == 6
+        assert all(len(lp.top_logprobs) == 2 and lp.logprob <= 0 for lp in sample["logprobs"])
+        assert [lp.token_id for lp in sample["logprobs"]] == sample["ids"]
+    # Seeded: the same request again gives the same samples.
+    again = collect(cluster.generate(ids, n=3, max_new_tokens=6, temperature=1.0, seed=7, ignore_eos=True))
+    assert [again[i]["ids"] for i in range(3)] == [out[i]["ids"] for i in range(3)]
+    # A stop token id taken from a greedy run ends generation there.
+    greedy = collect(cluster.generate(ids, max_new_tokens=6, temperature=0.0, ignore_eos=True))[0]["ids"]
+    stopped = collect(cluster.generate(ids, max_new_tokens=6, temperature=0.0, stop_token_ids=[greedy[2]]))[0]
+    assert stopped["ids"] == greedy[: greedy.index(greedy[2]) + 1]
+    assert stopped["finish"].reason == common_pb2.FINISH_REASON_STOP
+
+
+def test_text_in_text_out(pd: tuple[Cluster, Service, Service]) -> None:
+    cluster, _, _ = pd
+    ids = list(
+        cluster.stub.Tokenize(
+            router_pb2.TokenizeRequest(text="Hello there", add_special_tokens=True), timeout=10
+        ).token_ids
+    )
+    by_text = collect(
+        cluster.generate(text="Hello there", max_new_tokens=5, temperature=0.0, ignore_eos=True)
+    )[0]
+    by_ids = collect(cluster.generate(ids, max_new_tokens=5, temperature=0.0, ignore_eos=True))[0]
+    assert by_text["ids"] == by_ids["ids"] and by_text["text"] == by_ids["text"]
+    models = cluster.stub.ListModels(router_pb2.ListModelsRequest(), timeout=5).models
+    assert [m.id for m in models] == [Path(cluster.model).name] and models[0].max_context_len > 0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "code", "message"),
+    [
+        ({"temperature": -1.0}, grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
+        ({"top_p": 1.5}, grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
+        ({"n": 99}, grpc.StatusCode.INVALID_ARGUMENT, "n must be"),
+        ({"token_ids": [10**7]}, grpc.StatusCode.INVALID_ARGUMENT, "token ids"),
+        ({"token_ids": []}, grpc.StatusCode.INVALID_ARGUMENT, "empty"),
+    ],
+)
+def test_bad_requests_are_refused_and_the_suite_keeps_serving(
+    pd: tuple[Cluster, Service, Service], kwargs: dict[str, object], code: grpc.StatusCode, message: str
+) -> None:
+    cluster, prefill, decode = pd
+    kwargs = dict(kwargs)  # parametrize values are shared between the transports
+    token_ids = kwargs.pop("token_ids", [5, 6, 7])
+    with pytest.raises(grpc.RpcError) as err:
+        cluster.generate(token_ids, **kwargs)  # type: ignore[arg-type]
+    assert err.value.code() == code and message in err.value.details()
+    assert collect(cluster.generate([5, 6, 7], max_new_tokens=2))[0]["finish"] is not None
+    for worker in (prefill, decode):
+        assert worker.load().kv_used_tokens == 0
+
+
+def test_unknown_model_is_not_found(pd: tuple[Cluster, Service, Service]) -> None:
+    cluster, _, _ = pd
+    request = cluster.request([5, 6])
+    request.model = "gpt-nothing"
+    with pytest.raises(grpc.RpcError) as err:
+        list(cluster.stub.Generate(request, timeout=10))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
