@@ -30,7 +30,6 @@ import msgspec
 import zmq
 
 from shared.config import EngineConfig
-from shared.engine_core import RequestOutput
 from shared.engine_process import (
     AbortRequest,
     Accepted,
@@ -50,7 +49,8 @@ from shared.engine_process import (
     run_engine,
 )
 from shared.errors import CapacityError
-from shared.transfer import KvTarget
+from shared.outputs import RequestOutput
+from shared.transfer.records import KvTarget
 
 OutputHandler = Callable[[RequestOutput | BaseException], None]
 _POLL_MS = 200  # how often the receiver looks at the process while nothing arrives

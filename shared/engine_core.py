@@ -16,8 +16,7 @@ from __future__ import annotations
 import itertools
 import logging
 from collections import Counter
-from dataclasses import dataclass, field, replace
-from typing import Any
+from dataclasses import replace
 
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
@@ -27,6 +26,7 @@ from shared.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from shared.disagg import KvReceiver, KvSender
 from shared.mem import RadixCache
 from shared.model_runner import ModelRunner
+from shared.outputs import RequestOutput
 from shared.sampling import Sampler, SamplingBatch, SamplingParams
 from shared.scheduler.kv_manager import KVCacheManager
 from shared.scheduler.request import FinishKind, FinishReason, Req
@@ -35,37 +35,6 @@ from shared.transfer import KvCommit, KvTarget, PageLayout, nixl_available
 from shared.transfer.nixl import NixlAgent
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class RequestOutput:
-    """What one step produced for one request (increments since the previous output)."""
-
-    rid: str
-    new_ids: list[int]
-    new_text: str
-    finished: bool
-    finish_reason: dict[str, Any] | None
-    prompt_tokens: int
-    completion_tokens: int
-    cached_tokens: int
-    new_logprobs: list[float] = field(default_factory=list)
-    new_top_logprobs: list[list[tuple[float, int]]] = field(default_factory=list)
-    # Prefill engine, on the final output: bytes written to the decode engine; with the gRPC
-    # transport also the pages themselves and the commit record for the caller to deliver.
-    kv_bytes: int = 0
-    kv_payload: bytes | None = None
-    kv_commit: bytes | None = None
-
-    def then(self, later: RequestOutput) -> RequestOutput:
-        """This increment followed by a later one of the same request, as one increment."""
-        return replace(
-            later,
-            new_ids=self.new_ids + later.new_ids,
-            new_text=self.new_text + later.new_text,
-            new_logprobs=self.new_logprobs + later.new_logprobs,
-            new_top_logprobs=self.new_top_logprobs + later.new_top_logprobs,
-        )
 
 
 def resolve_transport(config: EngineConfig) -> str:

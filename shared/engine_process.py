@@ -21,16 +21,18 @@ from __future__ import annotations
 import logging
 import multiprocessing
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import zmq
 
 from shared.config import EngineConfig
-from shared.engine_core import EngineCore, RequestOutput
 from shared.errors import CapacityError
-from shared.sampling import SamplingParams
-from shared.transfer import KvCommit, KvTarget
+from shared.outputs import RequestOutput
+from shared.transfer.records import KvCommit, KvTarget
+
+if TYPE_CHECKING:  # imported in the engine process only: the client side stays free of torch
+    from shared.engine_core import EngineCore
 
 logger = logging.getLogger(__name__)
 
@@ -131,6 +133,8 @@ def run_engine(config: EngineConfig, to_engine: str, from_engine: str) -> None:
     encode = msgspec.msgpack.Encoder().encode
     decoder = msgspec.msgpack.Decoder(ToEngine)
     try:
+        from shared.engine_core import EngineCore
+
         core = EngineCore(config)
     except Exception as e:
         push.send(encode(Rejected([], "LoadError", f"{type(e).__name__}: {e}")))
@@ -193,6 +197,8 @@ def _serve(
 
 
 def _handle(core: EngineCore, msg: ToEngine) -> FromEngine | None:
+    from shared.sampling import SamplingParams
+
     if isinstance(msg, AbortRequest):
         core.abort(msg.rid)
         return None

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from services.protos.tandem.common.v1 import common_pb2
-from shared.engine_core import RequestOutput
+from shared.outputs import RequestOutput
 
 _SCALARS = [
     "max_new_tokens",

@@ -21,8 +21,8 @@ from services.common.convert import sampling_to_dict
 from services.common.errors import ServiceError, call, grpc_errors
 from services.protos.tandem.worker.v1 import worker_pb2, worker_pb2_grpc
 from services.worker.engine import AsyncEngine
-from shared.engine_core import RequestOutput
-from shared.transfer import KvTarget
+from shared.outputs import RequestOutput
+from shared.transfer.records import KvTarget
 
 _CHUNK = 1 << 20  # bytes per WriteKv message
 

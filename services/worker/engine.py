@@ -14,8 +14,8 @@ from typing import Any
 
 from shared.config import EngineConfig
 from shared.engine_client import EngineClient
-from shared.engine_core import RequestOutput
-from shared.transfer import KvTarget
+from shared.outputs import RequestOutput
+from shared.transfer.records import KvTarget
 
 
 class RequestStream:

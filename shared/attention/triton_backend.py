@@ -22,24 +22,19 @@ from typing import TYPE_CHECKING
 import torch
 
 from shared.attention.base import AttentionBackend, register_backend
-from shared.batch import ForwardMode
+from shared.batch import ForwardBatch, ForwardMode
 
 if TYPE_CHECKING:
     from shared.attention.layer import Attention
-    from shared.batch import ForwardBatch
 
 
 @dataclass(frozen=True)
 class _StepPlan:
-    """What every layer of one forward step shares."""
+    """What every layer of one forward step shares, beyond the batch's own tensors."""
 
-    is_decode: bool
-    req_rows: torch.Tensor  # [B] int64, on the device
-    seq_lens: torch.Tensor  # [B] int64
-    prefix_lens: torch.Tensor  # [B] int64
-    extend_lens: torch.Tensor  # [B] int64
-    extend_starts: torch.Tensor  # [B] int64: first row of each request in q
-    max_seq_len: int
+    batch: ForwardBatch  # the step it was planned for
+    extend_starts: torch.Tensor  # [B] int64, on the device: first row of each request in q
+    max_seq_len: int  # host-side maxima: grid sizes without a device sync
     max_extend_len: int
 
 
@@ -58,11 +53,7 @@ class TritonAttentionBackend(AttentionBackend):
     def init_forward_metadata(self, batch: ForwardBatch) -> None:
         extend_lens = batch.extend_seq_lens
         self._plan = _StepPlan(
-            is_decode=batch.mode == ForwardMode.DECODE,
-            req_rows=batch.req_pool_indices,
-            seq_lens=batch.seq_lens,
-            prefix_lens=batch.extend_prefix_lens,
-            extend_lens=extend_lens,
+            batch=batch,
             extend_starts=torch.cumsum(extend_lens, 0) - extend_lens,
             max_seq_len=max(batch.seq_lens_cpu, default=0),
             max_extend_len=max(batch.extend_seq_lens_cpu, default=0),
@@ -76,21 +67,24 @@ class TritonAttentionBackend(AttentionBackend):
         layer: Attention,
         batch: ForwardBatch,
     ) -> torch.Tensor:  # [T, Hq, D]
+        if self._plan is None or self._plan.batch is not batch:
+            # A caller that runs the model outside the runner (tests) may skip the planning hook.
+            self.init_forward_metadata(batch)
         plan = self._plan
-        assert plan is not None, "init_forward_metadata must run before forward"
+        assert plan is not None
         # get_kv returns the live buffers, so writing them is the pool's set_kv.
         k_buf, v_buf = batch.kv_pool.get_kv(layer.layer_id)
         self._store_kv(k, v, k_buf, v_buf, batch.out_cache_loc)
         req_to_token = batch.req_to_token_pool.req_to_token
-        if plan.is_decode:
+        if batch.mode == ForwardMode.DECODE:
             # The decode kernel is specialised to one query per request: q is [B, Hq, D].
             return self._decode_attention(
                 q,
                 k_buf,
                 v_buf,
                 req_to_token,
-                plan.req_rows,
-                plan.seq_lens,
+                batch.req_pool_indices,
+                batch.seq_lens,
                 layer.scaling,
                 layer.sliding_window,
                 max_seq_len=plan.max_seq_len,
@@ -100,9 +94,9 @@ class TritonAttentionBackend(AttentionBackend):
             k_buf,
             v_buf,
             req_to_token,
-            plan.req_rows,
-            plan.prefix_lens,
-            plan.extend_lens,
+            batch.req_pool_indices,
+            batch.extend_prefix_lens,
+            batch.extend_seq_lens,
             layer.scaling,
             layer.sliding_window,
             extend_starts=plan.extend_starts,

@@ -11,10 +11,23 @@ gRPC stream (`KvTarget.transport == "grpc"`, for hosts without NIXL).
 
 from __future__ import annotations
 
-from shared.transfer.pages import PageLayout
+from typing import TYPE_CHECKING, Any
+
 from shared.transfer.records import KvCommit, KvTarget
 
+if TYPE_CHECKING:
+    from shared.transfer.pages import PageLayout
+
 __all__ = ["KvCommit", "KvTarget", "PageLayout", "nixl_available"]
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy: the workers' I/O processes use the records without importing torch.
+    if name == "PageLayout":
+        from shared.transfer.pages import PageLayout
+
+        return PageLayout
+    raise AttributeError(name)
 
 
 def nixl_available() -> bool:

@@ -83,18 +83,26 @@ class Cluster:
         return service
 
     def start_worker(self, role: str, *flags: str, register: bool = True) -> Service:
-        port = free_port()
-        module = "services.worker" if role == "unified" else f"services.{role}"
-        args = ["--model", self.model, "--port", str(port), *ENGINE_FLAGS, *flags]
-        if register:
-            args += ["--router", self.router]
-        n = sum(s.name.startswith(role) for s in self.services)
-        service = self._spawn(f"{role}-{n}", module, args, port)
-        if register:
-            self.wait(
-                lambda: self.worker_state(service.address) == router_pb2.WORKER_STATE_HEALTHY, service.name
-            )
+        (service,) = self.start_workers([(role, *flags)], register)
         return service
+
+    def start_workers(self, specs: list[tuple[str, ...]], register: bool = True) -> list[Service]:
+        """Start workers `(role, *flags)` at once (they load in parallel), then wait for each."""
+        started = []
+        for role, *flags in specs:
+            port = free_port()
+            module = "services.worker" if role == "unified" else f"services.{role}"
+            args = ["--model", self.model, "--port", str(port), *ENGINE_FLAGS, *flags]
+            if register:
+                args += ["--router", self.router]
+            n = sum(s.name.startswith(role) for s in self.services)
+            started.append(self._spawn(f"{role}-{n}", module, args, port))
+        for service in started if register else []:
+            self.wait(
+                lambda s=service: self.worker_state(s.address) == router_pb2.WORKER_STATE_HEALTHY,
+                service.name,
+            )
+        return started
 
     def wait(self, condition: Any, what: str, timeout: float = 90.0) -> None:
         deadline = time.monotonic() + timeout

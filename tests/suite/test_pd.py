@@ -44,8 +44,12 @@ def pd(
     transport = request.param
     with Cluster(tiny_llama, tmp_path_factory.mktemp(f"pd-{transport}")) as cluster:
         cluster.start_router()
-        prefill = cluster.start_worker("prefill", "--kv-transport", transport, "--chunked-prefill-size", "32")
-        decode = cluster.start_worker("decode", "--kv-transport", transport)
+        prefill, decode = cluster.start_workers(
+            [
+                ("prefill", "--kv-transport", transport, "--chunked-prefill-size", "32"),
+                ("decode", "--kv-transport", transport),
+            ]
+        )
         yield cluster, prefill, decode
 
 

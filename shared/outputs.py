@@ -1,0 +1,37 @@
+"""What the engine reports per request and step (light: no torch, so I/O processes import it)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+
+@dataclass
+class RequestOutput:
+    """What one step produced for one request (increments since the previous output)."""
+
+    rid: str
+    new_ids: list[int]
+    new_text: str
+    finished: bool
+    finish_reason: dict[str, Any] | None
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    new_logprobs: list[float] = field(default_factory=list)
+    new_top_logprobs: list[list[tuple[float, int]]] = field(default_factory=list)
+    # Prefill engine, on the final output: bytes written to the decode engine; with the gRPC
+    # transport also the pages themselves and the commit record for the caller to deliver.
+    kv_bytes: int = 0
+    kv_payload: bytes | None = None
+    kv_commit: bytes | None = None
+
+    def then(self, later: RequestOutput) -> RequestOutput:
+        """This increment followed by a later one of the same request, as one increment."""
+        return replace(
+            later,
+            new_ids=self.new_ids + later.new_ids,
+            new_text=self.new_text + later.new_text,
+            new_logprobs=self.new_logprobs + later.new_logprobs,
+            new_top_logprobs=self.new_top_logprobs + later.new_top_logprobs,
+        )

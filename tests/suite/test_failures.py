@@ -1,0 +1,98 @@
+"""Failures over real processes: a client that disconnects, a decode worker killed mid-stream,
+a prefill worker killed while idle. The caller gets a prompt, clear error (or a retry before
+the first token), no worker keeps KV for a dead request, and the suite keeps serving."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from services.protos.tandem.router.v1 import router_pb2
+from tests.suite.cluster import Cluster, Service, collect
+
+pytestmark = pytest.mark.xdist_group("suite_failures")
+
+PROMPT = list(range(10, 40))
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    with Cluster(tiny_llama, tmp_path_factory.mktemp("failures")) as c:
+        c.start_router("--heartbeat-interval", "0.5")
+        c.start_workers([("prefill",), ("prefill",), ("decode",), ("decode",)])
+        yield c
+
+
+def by_address(cluster: Cluster, address: str) -> Service:
+    return next(s for s in cluster.services if s.address == address)
+
+
+def wait_released(worker: Service, timeout: float = 5.0) -> None:
+    """Nothing running and no KV held beyond the prefix cache."""
+    deadline = time.monotonic() + timeout
+    while True:
+        load = worker.load()
+        if load.running_requests == 0 and load.kv_used_tokens == 0 and load.counters["parked_requests"] == 0:
+            return
+        assert time.monotonic() < deadline, f"{worker.name} still holds a request: {load}"
+        time.sleep(0.05)
+
+
+def long_stream(cluster: Cluster) -> Iterator[router_pb2.GenerateResponse]:
+    return cluster.stub.Generate(
+        cluster.request(PROMPT, max_new_tokens=900, temperature=0.0, ignore_eos=True), timeout=120
+    )
+
+
+def test_client_disconnect_frees_both_workers(cluster: Cluster) -> None:
+    stream = long_stream(cluster)
+    first = next(stream)
+    for _ in range(3):
+        next(stream)
+    stream.cancel()  # type: ignore[attr-defined]
+    prefill = by_address(cluster, first.route.prefill_worker)
+    decode = by_address(cluster, first.route.decode_worker)
+    wait_released(decode)
+    wait_released(prefill)
+    assert decode.load().counters["generated_tokens"] < 900  # it stopped, not ran to the end
+    assert collect(cluster.generate(PROMPT, max_new_tokens=3))[0]["finish"] is not None
+
+
+def test_decode_worker_killed_mid_stream(cluster: Cluster) -> None:
+    stream = long_stream(cluster)
+    first = next(stream)
+    for _ in range(3):
+        next(stream)
+    victim = by_address(cluster, first.route.decode_worker)
+    prefill = by_address(cluster, first.route.prefill_worker)
+    victim.kill()
+    start = time.monotonic()
+    with pytest.raises(grpc.RpcError) as err:
+        for _ in stream:
+            pass
+    assert time.monotonic() - start < 5
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert victim.address in err.value.details()
+    wait_released(prefill)
+    assert cluster.worker_state(victim.address) == router_pb2.WORKER_STATE_UNHEALTHY
+    for _ in range(3):  # every next request lands on the surviving decode worker
+        sample = collect(cluster.generate(PROMPT, max_new_tokens=3))[0]
+        assert sample["finish"] is not None and sample["route"].decode_worker != victim.address
+
+
+def test_prefill_worker_killed_is_retried_before_the_first_token(cluster: Cluster) -> None:
+    healthy = [s for s in cluster.services if s.name.startswith("prefill") and s.process.poll() is None]
+    assert len(healthy) == 2
+    healthy[0].kill()
+    # The router has not noticed yet (heartbeats lag); requests that pick the dead worker are
+    # retried on the other one, and the dead one is taken out of rotation.
+    for i in range(4):
+        sample = collect(cluster.generate([*PROMPT, i], max_new_tokens=3))[0]
+        assert sample["finish"] is not None and sample["route"].prefill_worker == healthy[1].address
+    cluster.wait(
+        lambda: cluster.worker_state(healthy[0].address) == router_pb2.WORKER_STATE_UNHEALTHY, "probe"
+    )
