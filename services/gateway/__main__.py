@@ -1,0 +1,34 @@
+"""`python -m services.gateway --router HOST:PORT --tokenizer MODEL_DIR [--port 8000]`."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import uvicorn
+
+from services.gateway.args import parse_args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the command line and serve until interrupted."""
+    config = parse_args(argv)
+    from services.gateway.server import create_app  # heavy (transformers): not needed for --help
+
+    logging.basicConfig(
+        level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(config), host=config.host, port=config.port, log_level=config.log_level)
+    )
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        # uvicorn re-raises the SIGINT it shut down gracefully on; Ctrl-C is a normal way to stop.
+        return 0
+    # uvicorn returns (rather than raising) when startup fails, e.g. the router never answered.
+    return 0 if server.started else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

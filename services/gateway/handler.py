@@ -1,0 +1,300 @@
+"""OpenAI <-> router conversion: the gateway's role logic.
+
+One request's life here:
+
+    prepare_completion / prepare_chat   model check, OpenAI checks, chat template, tokenize,
+                                        context-length checks -> a `Job` of GenerateRequests
+    complete(job, calls)                one router `Generate` per prompt, merged; increments are
+      or stream(job, calls)             folded into one response, or turned into chunk dicts
+
+Choice `prompt_idx * n + sample_idx` collects sample `sample_idx` of prompt `prompt_idx`. The
+server owns `RouterCalls` and cancels every open call when the client goes away or an error
+ends the request; errors are raised (`OpenAIError`, `grpc.aio.AioRpcError`) and mapped there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from services.gateway.protocol import ChatCompletionRequest, CompletionRequest, OpenAIError, bad_request
+from services.gateway.responses import Job, Metadata, ResponseBuilder
+from services.gateway.tokenizer import Tokenizer
+from services.protos.tandem.common.v1 import common_pb2
+from services.protos.tandem.router.v1 import router_pb2, router_pb2_grpc
+
+COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+_SAMPLING_FIELDS = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "frequency_penalty",
+    "presence_penalty",
+    "repetition_penalty",
+    "ignore_eos",
+    "seed",
+    "skip_special_tokens",
+    "spaces_between_special_tokens",
+    "no_stop_trim",
+)
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """The model this gateway serves: the public id and what the router told us about it."""
+
+    name: str
+    max_context_len: int | None = None  # None: unknown, no context checks
+    created: int = field(default_factory=lambda: int(time.time()))
+
+
+class RouterCalls:
+    """The router calls one HTTP request opened. `cancel_all` is idempotent and synchronous, so it
+    is safe in `finally` blocks of cancelled tasks."""
+
+    def __init__(self) -> None:
+        self._calls: list[grpc.aio.UnaryStreamCall] = []
+
+    def track(self, call: grpc.aio.UnaryStreamCall) -> grpc.aio.UnaryStreamCall:
+        self._calls.append(call)
+        return call
+
+    def cancel_all(self) -> None:
+        for call in self._calls:
+            call.cancel()  # a no-op on a finished call
+
+
+class Handler:
+    """Turns OpenAI requests into router calls and router increments into OpenAI responses."""
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        stub: router_pb2_grpc.RouterServiceStub,
+        model: ServedModel,
+        request_timeout: float | None,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.stub = stub
+        self.model = model  # replaced by the server when it learns the context length later
+        self.request_timeout = request_timeout
+
+    # ---- preparing: validation, templating, tokenization --------------------------------------
+
+    def check_model(self, name: str) -> None:
+        if name != self.model.name:
+            raise OpenAIError(
+                404, f"The model '{name}' does not exist", param="model", code="model_not_found"
+            )
+
+    async def prepare_completion(self, req: CompletionRequest, metadata: Metadata = ()) -> Job:
+        """Validate and tokenize a /v1/completions request."""
+        self.check_model(req.model)
+        req.check()
+        n = req.n or 1
+        requests: list[router_pb2.GenerateRequest] = []
+        echo_texts: list[str] = []
+        for prompt in req.prompts():
+            if isinstance(prompt, str):
+                token_ids = await self.tokenizer.encode_async(prompt, add_special_tokens=True)
+                text = prompt
+            else:
+                self._check_token_ids(prompt)
+                token_ids, text = prompt, ""
+            max_new = self._max_new_tokens(
+                len(token_ids), req.max_tokens, COMPLETION_DEFAULT_MAX_TOKENS, "prompt"
+            )
+            requests.append(self._generate_request(req, token_ids, text, n, max_new, req.logprobs))
+            if req.echo:
+                echo_texts.append(text or self.tokenizer.decode(token_ids))
+            else:
+                echo_texts.append("")
+        return Job(
+            kind="completion",
+            id=f"cmpl-{uuid.uuid4().hex}",
+            model=self.model.name,
+            n=n,
+            requests=requests,
+            echo_texts=echo_texts,
+            logprobs=req.logprobs is not None,
+            top_logprobs=req.logprobs or 0,
+            include_usage=req.include_usage,
+            metadata=metadata,
+        )
+
+    async def prepare_chat(self, req: ChatCompletionRequest, metadata: Metadata = ()) -> Job:
+        """Validate, render the chat template and tokenize a /v1/chat/completions request."""
+        self.check_model(req.model)
+        req.check()
+        n = req.n or 1
+        text, token_ids = await self.tokenizer.render_chat_async(req.template_messages())
+        user_max = req.max_new_tokens()
+        param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+        # OpenAI's chat default is "until the context ends".
+        max_new = self._max_new_tokens(len(token_ids), user_max, None, "messages", param)
+        top = (req.top_logprobs or 0) if req.logprobs else None  # None: no logprobs at all
+        request = self._generate_request(req, token_ids, text, n, max_new, top)
+        return Job(
+            kind="chat",
+            id=f"chatcmpl-{uuid.uuid4().hex}",
+            model=self.model.name,
+            n=n,
+            requests=[request],
+            echo_texts=[""],
+            logprobs=bool(req.logprobs),
+            top_logprobs=req.top_logprobs or 0,
+            include_usage=req.include_usage,
+            metadata=metadata,
+        )
+
+    def _check_token_ids(self, token_ids: Sequence[int]) -> None:
+        vocab = self.tokenizer.vocab_size
+        bad = next((t for t in token_ids if t >= vocab), None)
+        if bad is not None:
+            raise bad_request(f"prompt token id {bad} is outside the vocabulary [0, {vocab})", "prompt")
+
+    def _max_new_tokens(
+        self,
+        prompt_len: int,
+        user_max: int | None,
+        default: int | None,
+        prompt_param: str,
+        max_param: str = "max_tokens",
+    ) -> int | None:
+        context = self.model.max_context_len
+        if not context:
+            return user_max if user_max is not None else default
+        if prompt_len >= context:
+            raise bad_request(
+                f"This model's maximum context length is {context} tokens, but the prompt has "
+                f"{prompt_len} tokens. Please shorten the prompt.",
+                prompt_param,
+            )
+        room = context - prompt_len
+        if user_max is None:
+            return room if default is None else min(default, room)
+        if user_max > room:
+            raise bad_request(
+                f"This model's maximum context length is {context} tokens. However, you requested "
+                f"{prompt_len + user_max} tokens ({prompt_len} in the prompt, {user_max} for the "
+                "completion). Please reduce the prompt or the completion length.",
+                max_param,
+            )
+        return user_max
+
+    @staticmethod
+    def _generate_request(
+        req: CompletionRequest | ChatCompletionRequest,
+        token_ids: list[int],
+        text: str,
+        n: int,
+        max_new_tokens: int | None,
+        top_logprobs: int | None,
+    ) -> router_pb2.GenerateRequest:
+        params = common_pb2.SamplingParams()
+        # proto3 `optional`: only what the user gave is set, the worker applies the defaults.
+        for name in _SAMPLING_FIELDS:
+            value = getattr(req, name)
+            if value is not None:
+                setattr(params, name, value)
+        if max_new_tokens is not None:
+            params.max_new_tokens = max_new_tokens
+        if req.min_tokens is not None:
+            params.min_new_tokens = req.min_tokens
+        params.stop.extend(req.stop_list)
+        params.stop_token_ids.extend(req.stop_token_ids or [])
+        return router_pb2.GenerateRequest(
+            text=text,
+            token_ids=token_ids,
+            sampling_params=params,
+            n=n,
+            return_logprob=top_logprobs is not None,
+            top_logprobs_num=top_logprobs or 0,
+        )
+
+    # ---- running: router calls, merged -------------------------------------------------------
+
+    async def _events(self, job: Job, calls: RouterCalls) -> AsyncIterator[tuple[int, common_pb2.Output]]:
+        """(choice index, increment) from every router call of `job`, in arrival order."""
+        opened = [
+            calls.track(self.stub.Generate(r, timeout=self.request_timeout, metadata=job.metadata or None))
+            for r in job.requests
+        ]
+        finished = [False] * job.num_choices
+        try:
+            async for prompt_idx, response in _merge(opened):
+                output = response.output
+                if output.index >= job.n:
+                    raise OpenAIError(
+                        500, f"router sent sample {output.index} of n={job.n}", type="server_error"
+                    )
+                choice = prompt_idx * job.n + output.index
+                finished[choice] = finished[choice] or output.HasField("finish")
+                yield choice, output
+        finally:
+            calls.cancel_all()
+        if not all(finished):
+            raise OpenAIError(
+                502, "the router's stream ended before every sample finished", type="server_error"
+            )
+
+    async def complete(self, job: Job, calls: RouterCalls) -> dict[str, Any]:
+        """Run `job` to the end and answer with one OpenAI response body."""
+        builder = ResponseBuilder(job, self.tokenizer)
+        async for idx, output in self._events(job, calls):
+            builder.add(idx, output)
+        return builder.response()
+
+    async def stream(self, job: Job, calls: RouterCalls) -> AsyncGenerator[dict[str, Any], None]:
+        """Run `job`, yielding OpenAI stream chunks (the server adds `data: [DONE]`).
+
+        Nothing is yielded before the router's first increment, so a caller that awaits the first
+        chunk learns of early router errors while it can still answer with an HTTP status.
+        """
+        builder = ResponseBuilder(job, self.tokenizer)
+        async for idx, output in self._events(job, calls):
+            for chunk in builder.chunks(idx, output):
+                yield chunk
+        if job.include_usage:
+            yield builder.usage_chunk()
+
+
+async def _merge(
+    calls: list[grpc.aio.UnaryStreamCall],
+) -> AsyncIterator[tuple[int, router_pb2.GenerateResponse]]:
+    """(call index, response) from all calls in arrival order; raises the first call's error."""
+    if len(calls) == 1:  # the common case, without a task and a queue hop per token
+        async for response in calls[0]:
+            yield 0, response
+        return
+    queue: asyncio.Queue[tuple[int, router_pb2.GenerateResponse] | BaseException | None] = asyncio.Queue()
+
+    async def pump(idx: int, call: grpc.aio.UnaryStreamCall) -> None:
+        try:
+            async for response in call:
+                queue.put_nowait((idx, response))
+            queue.put_nowait(None)
+        except BaseException as exc:  # CancelledError too: the consumer must not wait forever
+            queue.put_nowait(exc)
+
+    tasks = [asyncio.ensure_future(pump(i, call)) for i, call in enumerate(calls)]
+    try:
+        running = len(tasks)
+        while running:
+            item = await queue.get()
+            if item is None:
+                running -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield item
+    finally:
+        for task in tasks:
+            task.cancel()

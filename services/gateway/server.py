@@ -1,0 +1,339 @@
+"""The gateway's HTTP surface: the FastAPI app, its routes, and error mapping (in one place).
+
+    create_app(GatewayConfig) -> FastAPI
+      startup   load the tokenizer, open one gRPC channel to the router, learn the served model
+      routes    /health, /v1/models, /v1/completions, /v1/chat/completions
+      errors    OpenAIError, router gRPC status and validation errors -> OpenAI error bodies
+
+A client that disconnects cancels its router calls: a watcher waits for `http.disconnect` while a
+non-streaming request (or a stream's first chunk) is pending, and `_SSEResponse` keeps watching
+during the stream. The gateway holds no per-request state beyond the HTTP request itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import anyio
+import grpc
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
+from starlette.types import Receive, Scope, Send
+
+from services.gateway.args import GatewayConfig
+from services.gateway.handler import Handler, RouterCalls, ServedModel
+from services.gateway.protocol import ChatCompletionRequest, CompletionRequest, OpenAIError
+from services.gateway.responses import Job, Metadata
+from services.gateway.tokenizer import Tokenizer
+from services.protos.tandem.router.v1 import router_pb2, router_pb2_grpc
+
+logger = logging.getLogger("tandem.gateway")
+T = TypeVar("T")
+
+# gRPC status -> (HTTP status, OpenAI error type, code). Anything else is a 500 server_error.
+_GRPC_TO_HTTP: dict[grpc.StatusCode, tuple[int, Any, str | None]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error", None),
+    grpc.StatusCode.NOT_FOUND: (404, "invalid_request_error", "not_found"),
+    grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "rate_limit_error", "rate_limit_exceeded"),
+    grpc.StatusCode.UNAVAILABLE: (503, "service_unavailable_error", "service_unavailable"),
+    grpc.StatusCode.DEADLINE_EXCEEDED: (504, "timeout_error", "timeout"),
+}
+# The router's INVALID_ARGUMENT messages start with the engine's field name; name OpenAI's.
+_ENGINE_TO_OPENAI_PARAM = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens"}
+_PARAMS = set(CompletionRequest.model_fields) | set(ChatCompletionRequest.model_fields)
+_TRACE_HEADERS = ("traceparent", "tracestate")
+_CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", 64 << 20),  # long token-id prompts
+    ("grpc.max_receive_message_length", 64 << 20),
+]
+_CLIENT_CLOSED_REQUEST = 499  # nginx's convention; nobody reads it, the client is gone
+
+
+def to_openai_error(exc: BaseException) -> OpenAIError:
+    """The one mapping of every failure to the OpenAI error the client sees."""
+    if isinstance(exc, OpenAIError):
+        return exc
+    if isinstance(exc, grpc.aio.AioRpcError):
+        status, type_, code = _GRPC_TO_HTTP.get(exc.code(), (500, "server_error", None))
+        message = exc.details() or exc.code().name
+        param = None
+        if status == 400:
+            first = message.split(" ", 1)[0].strip(":'\"")
+            param = _ENGINE_TO_OPENAI_PARAM.get(first, first if first in _PARAMS else None)
+        elif status == 503:
+            message = f"the router is unavailable: {message}"
+        return OpenAIError(status, message, type=type_, param=param, code=code)
+    if isinstance(exc, HTTPException):
+        return OpenAIError(exc.status_code, str(exc.detail), type="invalid_request_error")
+    logger.exception("unexpected error", exc_info=exc)
+    return OpenAIError(500, "internal error in the gateway", type="server_error")
+
+
+def _validation_error(exc: RequestValidationError) -> OpenAIError:
+    """FastAPI's 422 becomes OpenAI's 400 naming the first offending parameter."""
+    error = exc.errors()[0]
+    loc = [p for p in error.get("loc", ()) if p != "body"]
+    param = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or None
+    message = str(error.get("msg", "invalid request")).removeprefix("Value error, ")
+    kind = error.get("type")
+    if kind == "json_invalid":
+        return OpenAIError(400, f"The request body is not valid JSON: {message}")
+    if kind == "missing":
+        what = f"parameter '{param}'" if param else "request body"
+        return OpenAIError(400, f"Missing required {what}", param=param)
+    return OpenAIError(400, f"Invalid value for '{param}': {message}", param=param)
+
+
+def _error_response(exc: BaseException) -> JSONResponse:
+    error = to_openai_error(exc)
+    return JSONResponse(error.body(), status_code=error.status)
+
+
+class _Gateway:
+    """What the app holds between requests: the router channel and the handler."""
+
+    def __init__(self, config: GatewayConfig) -> None:
+        self.config = config
+        self.channel: grpc.aio.Channel | None = None
+        self.stub: router_pb2_grpc.RouterServiceStub | None = None
+        self.handler: Handler | None = None
+
+    async def start(self) -> None:
+        config = self.config
+        tokenizer = await asyncio.to_thread(Tokenizer, config.tokenizer)
+        self.channel = grpc.aio.insecure_channel(config.router, options=_CHANNEL_OPTIONS)
+        self.stub = router_pb2_grpc.RouterServiceStub(self.channel)
+        model = await self._resolve_model()
+        self.handler = Handler(tokenizer, self.stub, model, config.request_timeout)
+        logger.info(
+            "serving model %r (context %s) via router %s", model.name, model.max_context_len, config.router
+        )
+
+    async def stop(self) -> None:
+        if self.channel is not None:
+            await self.channel.close()
+
+    async def _resolve_model(self) -> ServedModel:
+        config, stub = self.config, self.stub
+        assert stub is not None
+        if config.served_model_name is not None:
+            # The name is known: the router only adds the context length, and may come up later.
+            try:
+                response = await stub.ListModels(
+                    router_pb2.ListModelsRequest(), timeout=config.health_timeout
+                )
+            except grpc.aio.AioRpcError as exc:
+                logger.warning("router %s not answering yet (%s)", config.router, exc.code().name)
+                return ServedModel(config.served_model_name, config.max_model_len)
+            return self._served_model(response) or ServedModel(config.served_model_name, config.max_model_len)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + config.startup_timeout
+        while True:
+            remaining = deadline - loop.time()
+            try:
+                response = await stub.ListModels(
+                    router_pb2.ListModelsRequest(), timeout=max(remaining, 0.1), wait_for_ready=True
+                )
+            except grpc.aio.AioRpcError as exc:
+                raise RuntimeError(
+                    f"router {config.router} did not answer ListModels: {exc.details()}"
+                ) from exc
+            model = self._served_model(response)
+            if model is not None:
+                return model
+            if loop.time() >= deadline:  # a router without workers lists no model yet
+                raise RuntimeError(f"router {config.router} lists no model; pass --served-model-name")
+            await asyncio.sleep(min(0.5, max(remaining, 0)))
+
+    def _served_model(self, response: router_pb2.ListModelsResponse) -> ServedModel | None:
+        name = self.config.served_model_name
+        models = list(response.models)
+        if not models:
+            return None
+        found = next((m for m in models if m.id == name), models[0])
+        context = self.config.max_model_len or found.max_context_len or None
+        return ServedModel(name or found.id, context, found.created or int(time.time()))
+
+    async def probe(self) -> router_pb2.ListModelsResponse:
+        """Ask the router for its models (the health check), learning the context length if unknown."""
+        assert self.stub is not None and self.handler is not None
+        response = await self.stub.ListModels(
+            router_pb2.ListModelsRequest(), timeout=self.config.health_timeout
+        )
+        if self.handler.model.max_context_len is None:
+            learned = self._served_model(response)
+            if learned is not None and learned.max_context_len is not None:
+                self.handler.model = ServedModel(
+                    self.handler.model.name, learned.max_context_len, learned.created
+                )
+        return response
+
+
+class _SSEResponse(StreamingResponse):
+    """A stream that always watches for the client leaving and then runs `on_close`.
+
+    Starlette only watches `receive` for servers below ASGI spec 2.4; relying on a failing `send`
+    instead would leave a stalled generation running until its next token.
+    """
+
+    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], None]) -> None:
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        super().__init__(content, media_type="text/event-stream", headers=headers)
+        self._on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            async with anyio.create_task_group() as group:
+
+                async def stream() -> None:
+                    with contextlib.suppress(OSError):  # the client went away mid-write
+                        await self.stream_response(send)
+                    group.cancel_scope.cancel()
+
+                group.start_soon(stream)
+                await self.listen_for_disconnect(receive)
+                group.cancel_scope.cancel()
+        finally:
+            self._on_close()
+
+
+def _sse(data: Any) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+async def _sse_events(first: dict[str, Any], chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[str]:
+    try:
+        yield _sse(first)
+        async for chunk in chunks:
+            yield _sse(chunk)
+    except (OpenAIError, grpc.aio.AioRpcError) as exc:
+        # Headers are out: the error travels as an event, as OpenAI's streams do.
+        yield _sse(to_openai_error(exc).body())
+    yield "data: [DONE]\n\n"
+
+
+class _ClientGone(Exception):
+    pass
+
+
+async def _until_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """Await `work`, cancelling it (and so its router calls) if the client disconnects first."""
+
+    async def disconnected() -> None:
+        # The body was read already, so the next message is the disconnect (event-driven, no polling).
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    finally:
+        watcher.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    await asyncio.wait({task})  # let its cleanup (cancelling router calls) run first
+    raise _ClientGone
+
+
+async def _generate(request: Request, job: Job, handler: Handler, stream: bool) -> Response:
+    calls = RouterCalls()
+    if not stream:
+        try:
+            return JSONResponse(await _until_disconnect(request, handler.complete(job, calls)))
+        except _ClientGone:
+            return Response(status_code=_CLIENT_CLOSED_REQUEST)
+        finally:
+            calls.cancel_all()
+    chunks = handler.stream(job, calls)
+    try:
+        # Wait for the first chunk before the 200 goes out, so early router errors keep their status.
+        first = await _until_disconnect(request, anext(chunks))
+    except BaseException as exc:
+        calls.cancel_all()
+        await chunks.aclose()
+        if isinstance(exc, _ClientGone):
+            return Response(status_code=_CLIENT_CLOSED_REQUEST)
+        raise
+    return _SSEResponse(_sse_events(first, chunks), on_close=calls.cancel_all)
+
+
+def _trace_metadata(request: Request) -> Metadata:
+    return tuple((h, request.headers[h]) for h in _TRACE_HEADERS if h in request.headers)
+
+
+def create_app(config: GatewayConfig) -> FastAPI:
+    """The gateway app; startup (tokenizer, router channel, served model) runs in its lifespan."""
+    gateway = _Gateway(config)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await gateway.start()
+        try:
+            yield
+        finally:
+            await gateway.stop()
+
+    app = FastAPI(title="Tandem gateway", lifespan=lifespan)
+    app.state.gateway = gateway
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return _error_response(_validation_error(exc))
+
+    for exc_type in (OpenAIError, grpc.aio.AioRpcError, HTTPException, Exception):
+
+        @app.exception_handler(exc_type)
+        async def on_error(request: Request, exc: Exception) -> JSONResponse:
+            return _error_response(exc)
+
+    def handler() -> Handler:
+        assert gateway.handler is not None, "requests arrive only after startup"
+        return gateway.handler
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        try:
+            await gateway.probe()
+        except grpc.aio.AioRpcError as exc:
+            body = {"status": "unavailable", "router": config.router, "detail": exc.details()}
+            return JSONResponse(body, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    def model_card() -> dict[str, Any]:
+        model = handler().model
+        card = {"id": model.name, "object": "model", "created": model.created, "owned_by": "tandem"}
+        return {**card, "max_model_len": model.max_context_len}
+
+    @app.get("/v1/models")
+    async def list_models() -> dict[str, Any]:
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def get_model(model_id: str) -> dict[str, Any]:
+        handler().check_model(model_id)
+        return model_card()
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        job = await handler().prepare_completion(body, _trace_metadata(request))
+        return await _generate(request, job, handler(), bool(body.stream))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        job = await handler().prepare_chat(body, _trace_metadata(request))
+        return await _generate(request, job, handler(), bool(body.stream))
+
+    return app

@@ -1,0 +1,108 @@
+"""The served model's tokenizer, wrapped for the gateway: encode, chat template, token pieces.
+
+Tokenization is CPU work on the event loop's thread; long inputs go to a worker thread instead
+(`*_async`). HF fast tokenizers encode from several threads safely as long as nobody changes
+their truncation/padding settings, which the gateway never does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import jinja2
+from transformers import AutoTokenizer
+
+from services.gateway.protocol import bad_request
+
+# Prompts longer than this (characters) are tokenized in a worker thread so the event loop keeps
+# serving other requests; shorter ones are quicker inline than a thread hop.
+_INLINE_TOKENIZE_CHARS = 4096
+_BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+@dataclass(frozen=True)
+class TokenPiece:
+    """One token as logprobs show it: its text (U+FFFD where it splits a character) and exact bytes."""
+
+    text: str
+    raw: bytes
+
+
+class Tokenizer:
+    """The served model's HF tokenizer with the few operations the gateway needs."""
+
+    def __init__(self, path: str) -> None:
+        self._hf = AutoTokenizer.from_pretrained(path)
+        self.vocab_size = len(self._hf)
+        decoder = getattr(getattr(self._hf, "backend_tokenizer", None), "decoder", None)
+        self._byte_decoder = _byte_level_decoder() if type(decoder).__name__ == "ByteLevel" else None
+        self._pieces: dict[int, TokenPiece] = {}  # bounded by the vocabulary
+
+    def encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        return list(self._hf.encode(text, add_special_tokens=add_special_tokens))
+
+    async def encode_async(self, text: str, add_special_tokens: bool) -> list[int]:
+        if len(text) <= _INLINE_TOKENIZE_CHARS:
+            return self.encode(text, add_special_tokens)
+        return await asyncio.to_thread(self.encode, text, add_special_tokens)
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        return str(self._hf.decode(list(token_ids)))
+
+    def render_chat(self, messages: list[dict[str, str]]) -> tuple[str, list[int]]:
+        """The chat template's prompt text (with the assistant turn opened) and its token ids."""
+        if not self._hf.chat_template:
+            raise bad_request("the served model has no chat template; use /v1/completions", "messages")
+        try:
+            text = str(self._hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
+        except jinja2.TemplateError as exc:  # templates raise on e.g. roles out of order
+            raise bad_request(f"the chat template rejected the messages: {exc}", "messages") from exc
+        # The template already wrote BOS and friends; encoding must not add them again.
+        return text, self.encode(text, add_special_tokens=False)
+
+    async def render_chat_async(self, messages: list[dict[str, str]]) -> tuple[str, list[int]]:
+        if sum(len(m["content"]) for m in messages) <= _INLINE_TOKENIZE_CHARS:
+            return self.render_chat(messages)
+        return await asyncio.to_thread(self.render_chat, messages)
+
+    def piece(self, token_id: int) -> TokenPiece:
+        """Text and bytes of one token, cached."""
+        piece = self._pieces.get(token_id)
+        if piece is None:
+            text = self.decode([token_id])
+            piece = TokenPiece(text, self._raw_bytes(token_id) or text.encode())
+            self._pieces[token_id] = piece
+        return piece
+
+    def _raw_bytes(self, token_id: int) -> bytes | None:
+        # Decoding one token loses the bytes of a partial UTF-8 character; the vocabulary entry
+        # keeps them (byte-level BPE maps each byte to a printable character, SentencePiece's
+        # byte fallback spells them <0xAB>).
+        token = self._hf.convert_ids_to_tokens(token_id)
+        if not isinstance(token, str):
+            return None
+        if self._byte_decoder is not None:
+            if all(ch in self._byte_decoder for ch in token):
+                return bytes(self._byte_decoder[ch] for ch in token)
+            return None
+        match = _BYTE_TOKEN.fullmatch(token)
+        return bytes([int(match.group(1), 16)]) if match else None
+
+
+def _byte_level_decoder() -> dict[str, int]:
+    """Inverse of GPT-2's byte -> printable-character table used by byte-level BPE vocabularies."""
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    table = {b: chr(b) for b in printable}
+    shifted = 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + shifted)
+            shifted += 1
+    return {ch: b for b, ch in table.items()}

@@ -1,0 +1,210 @@
+"""A deterministic stand-in for the router: a real grpc.aio `RouterService` on a free port.
+
+It "generates" the prompt's own non-special tokens back, one increment per token, interleaving
+the n samples, and honours max_new_tokens, stop strings (trimmed unless no_stop_trim),
+return_logprob/top_logprobs_num and usage. Magic words in the request's `text` (the gateway's
+routing hint) trigger failures:
+
+    RESOURCE_EXHAUSTED / UNAVAILABLE   the call fails with that status before any output
+    ABORT_NOW / ABORT_LATER            the samples finish with FINISH_REASON_ABORT (at once / after 2 tokens)
+    SLOW                               0.1 s between tokens (for disconnect tests)
+    STALL                              30 s before the first token
+
+It records every request and every call the client cancelled. It runs its own event loop in a
+background thread, so synchronous tests can drive it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+from tokenizers import Tokenizer
+
+from services.protos.tandem.common.v1 import common_pb2
+from services.protos.tandem.router.v1 import router_pb2, router_pb2_grpc
+
+MODEL_ID = "tiny-stub-model"
+NUM_SPECIAL_TOKENS = 5  # the tiny tokenizer's special tokens are ids 0..4
+DEFAULT_MAX_NEW_TOKENS = 128
+
+
+class StubRouterService(router_pb2_grpc.RouterServiceServicer):
+    """The servicer; see the module docstring for its behaviour."""
+
+    def __init__(self, tokenizer_dir: Path, max_context_len: int) -> None:
+        self.tokenizer = Tokenizer.from_file(str(Path(tokenizer_dir) / "tokenizer.json"))
+        self.vocab_size = self.tokenizer.get_vocab_size()
+        self.max_context_len = max_context_len
+        self.requests: list[router_pb2.GenerateRequest] = []
+        self.metadata: list[dict[str, str]] = []  # each Generate call's invocation metadata
+        self.cancelled = threading.Event()  # set when any Generate call was cancelled by the client
+        self.cancelled_count = 0
+        self.list_models_calls = 0
+        self._next_id = 1
+
+    async def ListModels(
+        self, request: router_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> router_pb2.ListModelsResponse:
+        self.list_models_calls += 1
+        model = router_pb2.Model(id=MODEL_ID, max_context_len=self.max_context_len, created=1_700_000_000)
+        return router_pb2.ListModelsResponse(models=[model])
+
+    async def Tokenize(
+        self, request: router_pb2.TokenizeRequest, context: grpc.aio.ServicerContext
+    ) -> router_pb2.TokenizeResponse:
+        ids = self.tokenizer.encode(request.text, add_special_tokens=request.add_special_tokens).ids
+        return router_pb2.TokenizeResponse(token_ids=ids)
+
+    async def Generate(
+        self, request: router_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[router_pb2.GenerateResponse]:
+        self.requests.append(request)
+        self.metadata.append({m.key: m.value for m in context.invocation_metadata() or ()})
+        request_id = request.request_id or self._next_id
+        self._next_id += 1
+        for code in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE):
+            if code.name in request.text:
+                await context.abort(code, f"stub router: {code.name.lower()} (magic word)")
+        for token_id in request.sampling_params.stop_token_ids:
+            if not 0 <= token_id < self.vocab_size:
+                await context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"stop_token_ids entry {token_id} is outside the vocabulary [0, {self.vocab_size})",
+                )
+        try:
+            async for response in self._generate(request, request_id):
+                yield response
+        except asyncio.CancelledError:
+            self.cancelled_count += 1
+            self.cancelled.set()
+            raise
+
+    async def _generate(
+        self, request: router_pb2.GenerateRequest, request_id: int
+    ) -> AsyncIterator[router_pb2.GenerateResponse]:
+        params = request.sampling_params
+        prompt = list(request.token_ids) or self.tokenizer.encode(request.text).ids
+        source = [t for t in prompt if t >= NUM_SPECIAL_TOKENS]
+        max_new = params.max_new_tokens if params.HasField("max_new_tokens") else DEFAULT_MAX_NEW_TOKENS
+        delay = 0.1 if "SLOW" in request.text else 0.0
+        if "STALL" in request.text:
+            await asyncio.sleep(30)
+        n = request.n or 1
+        samples = [_Sample() for _ in range(n)]
+        step = 0
+        while not all(s.done for s in samples):
+            for index, sample in enumerate(samples):
+                if sample.done:
+                    continue
+                output = common_pb2.Output(index=index)
+                if "ABORT_NOW" in request.text or ("ABORT_LATER" in request.text and step == 2):
+                    output.finish.reason = common_pb2.FINISH_REASON_ABORT
+                    output.finish.message = "stub router: aborted (magic word)"
+                elif step >= max_new:
+                    output.finish.reason = common_pb2.FINISH_REASON_LENGTH
+                elif step >= len(source):
+                    output.finish.reason = common_pb2.FINISH_REASON_STOP
+                    output.finish.matched_token_id = 1
+                else:
+                    self._next_token(request, sample, source[step], step, output)
+                sample.done = output.HasField("finish")
+                output.usage.prompt_tokens = len(prompt)
+                output.usage.completion_tokens = len(sample.token_ids)
+                output.usage.cached_tokens = len(prompt) // 2
+                response = router_pb2.GenerateResponse(request_id=request_id, output=output)
+                if step == 0:
+                    response.route.decode_worker = "stub-decode:0"
+                yield response
+            step += 1
+            if delay:
+                await asyncio.sleep(delay)
+
+    def _next_token(
+        self,
+        request: router_pb2.GenerateRequest,
+        sample: _Sample,
+        token_id: int,
+        step: int,
+        out: common_pb2.Output,
+    ) -> None:
+        params = request.sampling_params
+        sample.token_ids.append(token_id)
+        out.token_ids.append(token_id)
+        if request.return_logprob:
+            entry = out.logprobs.add(token_id=token_id, logprob=-0.1 * (step + 1))
+            for j in range(request.top_logprobs_num):
+                entry.top_logprobs.add(
+                    token_id=(token_id + j) % self.vocab_size, logprob=-0.1 * (step + 1) - j
+                )
+        skip = params.skip_special_tokens if params.HasField("skip_special_tokens") else True
+        text = self.tokenizer.decode(sample.token_ids, skip_special_tokens=skip)
+        if text.endswith("\ufffd"):
+            return  # hold back half a character
+        for stop in params.stop:
+            at = text.find(stop)
+            if at >= 0:
+                text = text if params.no_stop_trim else text[:at]
+                out.finish.reason = common_pb2.FINISH_REASON_STOP
+                out.finish.matched_stop = stop
+                break
+        out.text = text[len(sample.text) :]
+        sample.text = text
+
+
+class _Sample:
+    def __init__(self) -> None:
+        self.token_ids: list[int] = []
+        self.text = ""
+        self.done = False
+
+
+class StubRouter:
+    """Runs `StubRouterService` on 127.0.0.1 (a free port) in a background thread."""
+
+    def __init__(self, tokenizer_dir: Path, max_context_len: int = 256) -> None:
+        self.service = StubRouterService(tokenizer_dir, max_context_len)
+        self.port = 0
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="stub-router", daemon=True)
+        self._server: grpc.aio.Server | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> StubRouter:
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(timeout=10)
+        return self
+
+    async def _start(self) -> None:
+        self._server = grpc.aio.server()
+        router_pb2_grpc.add_RouterServiceServicer_to_server(self.service, self._server)
+        self.port = self._server.add_insecure_port("127.0.0.1:0")
+        await self._server.start()
+
+    def stop(self) -> None:
+        """Stop serving (idempotent): open calls fail, new ones find nobody listening."""
+        if not self._thread.is_alive():
+            return
+        if self._server is not None:
+            asyncio.run_coroutine_threadsafe(self._server.stop(None), self._loop).result(timeout=10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+
+    def reset(self) -> None:
+        """Forget recorded requests and cancellations (between tests sharing one stub)."""
+        self.service.requests.clear()
+        self.service.metadata.clear()
+        self.service.cancelled.clear()
+        self.service.cancelled_count = 0
+
+    def wait_cancelled(self, timeout: float) -> bool:
+        """True once the stub saw a client-cancelled call, within `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        return self.service.cancelled.wait(max(0.0, deadline - time.monotonic()))

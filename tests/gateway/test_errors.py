@@ -1,0 +1,165 @@
+"""Errors: OpenAI-style 400s naming the parameter, 404 for unknown models, router status mapping."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import grpc
+import httpx
+import openai
+import pytest
+
+from services.gateway.server import to_openai_error
+from tests.gateway.stub_router import MODEL_ID, StubRouter
+
+pytestmark = pytest.mark.xdist_group("gateway_errors")
+
+CHAT = {"model": MODEL_ID, "messages": [{"role": "user", "content": "The cat runs."}], "max_tokens": 2}
+COMPLETION = {"model": MODEL_ID, "prompt": "The cat runs.", "max_tokens": 2}
+
+
+def _assert_still_works(http: httpx.Client) -> None:
+    assert http.post("/v1/chat/completions", json=CHAT).status_code == 200
+    assert http.post("/v1/completions", json=COMPLETION).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("path", "change", "param"),
+    [
+        ("/v1/chat/completions", {"temperature": "hot"}, "temperature"),
+        ("/v1/chat/completions", {"temperature": 2.5}, "temperature"),
+        ("/v1/chat/completions", {"n": 0}, "n"),
+        ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ("/v1/chat/completions", {"response_format": {"type": "json_object"}}, "response_format"),
+        ("/v1/chat/completions", {"messages": []}, "messages"),
+        ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role"),
+        ("/v1/chat/completions", {"messages": [{"role": "tool", "content": "hi"}]}, "messages[0].role"),
+        ("/v1/chat/completions", {"max_tokens": -1}, "max_tokens"),
+        ("/v1/chat/completions", {"top_logprobs": 2}, "top_logprobs"),
+        ("/v1/chat/completions", {"stream_options": {"include_usage": True}}, "stream_options"),
+        ("/v1/chat/completions", {"max_tokens": 10_000}, "max_tokens"),  # past the context (256)
+        ("/v1/chat/completions", {"min_tokens": 5}, "min_tokens"),  # more than max_tokens=2
+        ("/v1/chat/completions", {"stop": [1, 2]}, "stop"),
+        ("/v1/chat/completions", {"model": None}, "model"),
+        ("/v1/completions", {"max_tokens": -1}, "max_tokens"),
+        ("/v1/completions", {"prompt": []}, "prompt"),
+        ("/v1/completions", {"prompt": [[1, 2], []]}, "prompt"),
+        ("/v1/completions", {"prompt": [5, 100_000]}, "prompt"),  # outside the vocabulary
+        ("/v1/completions", {"prompt": "word " * 1000}, "prompt"),  # past the context; tokenized in a thread
+        ("/v1/completions", {"logprobs": 21}, "logprobs"),
+        ("/v1/completions", {"echo": True, "logprobs": 1}, "echo"),
+        ("/v1/completions", {"best_of": 3}, "best_of"),
+        ("/v1/completions", {"seed": -1}, "seed"),
+        ("/v1/completions", {"stop_token_ids": [100_000]}, "stop_token_ids"),  # the router's 400
+    ],
+)
+def test_bad_request(http: httpx.Client, path: str, change: dict[str, Any], param: str) -> None:
+    base = CHAT if "chat" in path else COMPLETION
+    body = {k: v for k, v in {**base, **change}.items() if v is not None}
+    response = http.post(path, json=body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error"
+    assert error["param"] == param and error["message"]
+    _assert_still_works(http)
+
+
+def test_malformed_json_is_a_400(http: httpx.Client) -> None:
+    response = http.post(
+        "/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 400 and "JSON" in response.json()["error"]["message"]
+    _assert_still_works(http)
+
+
+def test_openai_client_sees_bad_request(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=MODEL_ID, messages=[{"role": "user", "content": "x"}], n=0)
+    assert info.value.status_code == 400 and info.value.param == "n"
+
+
+def test_unknown_fields_are_ignored_and_defaults_accepted(http: httpx.Client) -> None:
+    body = {
+        **CHAT,
+        "some_future_field": 1,
+        "tools": [],
+        "tool_choice": "none",
+        "response_format": {"type": "text"},
+    }
+    assert http.post("/v1/chat/completions", json=body).status_code == 200
+
+
+def test_unknown_model_is_404(client: openai.OpenAI, http: httpx.Client) -> None:
+    with pytest.raises(openai.NotFoundError) as info:
+        client.chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "x"}])
+    assert info.value.code == "model_not_found" and info.value.param == "model"
+    assert http.get("/v1/models/gpt-4").status_code == 404
+    _assert_still_works(http)
+
+
+def test_unknown_route_has_an_openai_body(http: httpx.Client) -> None:
+    response = http.get("/v1/nothing")
+    assert response.status_code == 404 and "error" in response.json()
+
+
+def test_router_resource_exhausted_is_429(client: openai.OpenAI, http: httpx.Client) -> None:
+    messages = [{"role": "user", "content": "RESOURCE_EXHAUSTED"}]
+    with pytest.raises(openai.RateLimitError) as info:
+        client.chat.completions.create(model=MODEL_ID, messages=messages)
+    assert info.value.status_code == 429
+    # Streaming too: the gateway waits for the first increment before committing to a 200.
+    with pytest.raises(openai.RateLimitError):
+        list(client.chat.completions.create(model=MODEL_ID, messages=messages, stream=True))
+    _assert_still_works(http)
+
+
+def test_router_unavailable_is_503(client: openai.OpenAI, http: httpx.Client) -> None:
+    with pytest.raises(openai.InternalServerError) as info:
+        client.completions.create(model=MODEL_ID, prompt="UNAVAILABLE")
+    assert info.value.status_code == 503
+    assert info.value.body["type"] == "service_unavailable_error"
+    _assert_still_works(http)
+
+
+def test_abort_before_any_output_is_an_error_status(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.InternalServerError) as info:
+        client.completions.create(model=MODEL_ID, prompt="ABORT_NOW please")
+    assert info.value.status_code == 500 and "aborted" in info.value.message
+
+
+def test_abort_mid_stream_is_an_error_event(http: httpx.Client) -> None:
+    body = {**COMPLETION, "prompt": "ABORT_LATER the cat runs", "max_tokens": 10, "stream": True}
+    with http.stream("POST", "/v1/completions", json=body) as response:
+        assert response.status_code == 200
+        events = [line.removeprefix("data: ") for line in response.iter_lines() if line]
+    assert events[-1] == "[DONE]"
+    error = json.loads(events[-2])["error"]
+    assert "aborted" in error["message"] and error["type"] == "server_error"
+    assert "text" in json.loads(events[0])["choices"][0]  # output reached the client first
+
+
+def test_health(http: httpx.Client, stub: StubRouter) -> None:
+    before = stub.service.list_models_calls
+    response = http.get("/health")
+    assert response.status_code == 200 and response.json()["status"] == "ok"
+    assert stub.service.list_models_calls == before + 1  # it really asked the router
+
+
+@pytest.mark.parametrize(
+    ("code", "status"),
+    [
+        (grpc.StatusCode.INVALID_ARGUMENT, 400),
+        (grpc.StatusCode.NOT_FOUND, 404),
+        (grpc.StatusCode.RESOURCE_EXHAUSTED, 429),
+        (grpc.StatusCode.UNAVAILABLE, 503),
+        (grpc.StatusCode.DEADLINE_EXCEEDED, 504),
+        (grpc.StatusCode.INTERNAL, 500),
+        (grpc.StatusCode.CANCELLED, 500),
+    ],
+)
+def test_grpc_status_mapping(code: grpc.StatusCode, status: int) -> None:
+    exc = grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details="temperature is bad")
+    error = to_openai_error(exc)
+    assert error.status == status
+    assert error.param == ("temperature" if status == 400 else None)
