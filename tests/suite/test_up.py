@@ -1,0 +1,171 @@
+"""`tandem up` as a user runs it, driven by the official `openai` client: router, a prefill and
+a decode worker and the gateway as processes; SIGTERM stops them all."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from services.launcher import free_port
+from tests.engine.hf_reference import hf_greedy
+
+pytestmark = pytest.mark.xdist_group("suite_up")
+
+
+@pytest.fixture(scope="module")
+def up(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    tmp = tmp_path_factory.mktemp("up")
+    ready = tmp / "ready.json"
+    proc = subprocess.Popen(
+        [
+            *(
+                sys.executable,
+                "-m",
+                "services.cli",
+                "up",
+                "--model",
+                str(tiny_llama),
+                "--port",
+                str(free_port()),
+            ),
+            *("--log-dir", str(tmp / "logs"), "--ready-file", str(ready)),
+            *("--worker-args", "--max-total-tokens 4096 --device cpu"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "TANDEM_HOME": str(tmp)},
+    )
+    deadline = time.monotonic() + 120
+    while not ready.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(proc.stdout.read().decode() if proc.stdout else "tandem up failed")  # type: ignore[union-attr]
+        time.sleep(0.2)
+    info = json.loads(ready.read_text())
+    info["process"] = proc
+    yield info
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+
+
+@pytest.fixture(scope="module")
+def client(up: dict[str, Any]) -> openai.OpenAI:
+    return openai.OpenAI(base_url=up["openai"], api_key="unused", max_retries=0)
+
+
+def test_models(client: openai.OpenAI, up: dict[str, Any]) -> None:
+    assert [m.id for m in client.models.list().data] == [up["model"]]
+
+
+def test_chat_plain_and_streamed_agree(client: openai.OpenAI, up: dict[str, Any]) -> None:
+    messages = [{"role": "user", "content": "Tell me about the sea."}]
+    plain = client.chat.completions.create(model=up["model"], messages=messages, max_tokens=12, temperature=0)  # type: ignore[arg-type]
+    stream = client.chat.completions.create(
+        model=up["model"],
+        messages=messages,
+        max_tokens=12,
+        temperature=0,
+        stream=True,  # type: ignore[arg-type]
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert plain.choices[0].message.content == streamed
+    assert plain.choices[0].finish_reason == "length" and plain.usage is not None
+    assert (
+        chunks[-1].usage is not None
+        and chunks[-1].usage.completion_tokens == plain.usage.completion_tokens == 12
+    )
+
+
+def test_completions_with_token_ids_equal_hf(
+    client: openai.OpenAI, up: dict[str, Any], tiny_llama: Path
+) -> None:
+    prompts = [[11, 12, 13, 14, 15], list(range(40, 90))]
+    out = client.completions.create(
+        model=up["model"], prompt=prompts, max_tokens=8, temperature=0, extra_body={"ignore_eos": True}
+    )
+    assert len(out.choices) == 2
+    for choice in out.choices:
+        expected = hf_greedy(tiny_llama, prompts[choice.index], 8)
+        from transformers import AutoTokenizer
+
+        text = AutoTokenizer.from_pretrained(tiny_llama).decode(expected)
+        assert choice.text == text
+
+
+def test_n_stop_and_logprobs(client: openai.OpenAI, up: dict[str, Any]) -> None:
+    out = client.completions.create(
+        model=up["model"],
+        prompt="Once upon a time",
+        max_tokens=6,
+        n=2,
+        temperature=1.0,
+        seed=3,
+        logprobs=2,
+        extra_body={"ignore_eos": True},
+    )
+    assert sorted(c.index for c in out.choices) == [0, 1]
+    for choice in out.choices:
+        assert choice.logprobs is not None and len(choice.logprobs.tokens) == 6  # type: ignore[arg-type]
+        # text -> logprob of the 2 most likely tokens plus the sampled one (as vLLM); byte-fragment
+        # tokens may share a text
+        lp = choice.logprobs
+        assert all(1 <= len(top) <= 3 for top in lp.top_logprobs)  # type: ignore[union-attr]
+        assert all(tok in top for tok, top in zip(lp.tokens, lp.top_logprobs))  # type: ignore[arg-type]
+    greedy = client.completions.create(
+        model=up["model"], prompt="Once upon a time", max_tokens=8, temperature=0
+    )
+    text = greedy.choices[0].text
+    stop = text[3:6] if len(text) >= 6 else text[-1]
+    cut = client.completions.create(
+        model=up["model"], prompt="Once upon a time", max_tokens=8, temperature=0, stop=[stop]
+    )
+    assert cut.choices[0].finish_reason == "stop" and cut.choices[0].text == text[: text.index(stop)]
+
+
+def test_bad_parameters_are_400_and_service_continues(client: openai.OpenAI, up: dict[str, Any]) -> None:
+    for kwargs in ({"temperature": -2}, {"top_p": 7}, {"n": 0}, {"max_tokens": -1}):
+        with pytest.raises(openai.BadRequestError) as err:
+            client.completions.create(model=up["model"], prompt="hi", **kwargs)  # type: ignore[call-overload]
+        assert err.value.status_code == 400 and err.value.body
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="nope", prompt="hi", max_tokens=2)
+    assert client.completions.create(model=up["model"], prompt="hi", max_tokens=2).choices[0].text is not None
+
+
+def test_stream_disconnect_cancels_through_every_service(up: dict[str, Any]) -> None:
+    body = {"model": up["model"], "prompt": "x", "max_tokens": 900, "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", f"{up['openai']}/completions", json=body, timeout=30) as resp:
+        for i, _ in enumerate(resp.iter_lines()):
+            if i > 4:
+                break
+    # Workers release the request: admin HTTP shows nothing in flight on any worker.
+    deadline = time.monotonic() + 5
+    while True:
+        workers = httpx.get(up["router_admin"], timeout=5).json()["workers"]
+        if all(w["in_flight"] == 0 for w in workers):
+            break
+        assert time.monotonic() < deadline, workers
+        time.sleep(0.05)
+
+
+def test_sigterm_stops_every_process(up: dict[str, Any]) -> None:
+    proc: subprocess.Popen[bytes] = up["process"]
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 0
+    for pid in up["pids"].values():
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
