@@ -14,8 +14,8 @@ import argparse
 import logging
 import os
 import shutil
-import tempfile
 import sys
+import tempfile
 import time
 from pathlib import Path
 
