@@ -5,14 +5,15 @@ setup:
 	bash scripts/setup.sh
 
 up: setup
-	.venv/bin/tandem demo
+	.venv/bin/tandem up
 
 test: setup lint typecheck
 	.venv/bin/python -m pytest -q -n auto --dist loadgroup
 
 lint: setup
 	.venv/bin/ruff check .
-	.venv/bin/ruff format --check shared tests
+	.venv/bin/ruff format --check shared services kernels tests bench scripts
+	.venv/bin/python scripts/gen_protos.py --check
 
 typecheck: setup
 	.venv/bin/mypy

@@ -48,7 +48,9 @@ def generate(out: Path) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--check", action="store_true", help="fail if services/protos is stale")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -71,7 +73,9 @@ def _differences(a: Path, b: Path) -> list[str]:
     files_b = {p.relative_to(b) for p in b.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
     out = [f"missing: {p}" for p in sorted(files_a - files_b)]
     out += [f"extra: {p}" for p in sorted(files_b - files_a)]
-    out += [f"differs: {p}" for p in sorted(files_a & files_b) if not filecmp.cmp(a / p, b / p, shallow=False)]
+    out += [
+        f"differs: {p}" for p in sorted(files_a & files_b) if not filecmp.cmp(a / p, b / p, shallow=False)
+    ]
     return out
 
 

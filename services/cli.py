@@ -71,7 +71,9 @@ def _demo(args: argparse.Namespace) -> int:
         total = sum(o["meta_info"]["completion_tokens"] for o in outs)
         print(f"\nbatch of {len(prompts)}: {total} tokens in {elapsed:.2f}s ({total / elapsed:.0f} tok/s)")
         print("\nstreaming:", end=" ", flush=True)
-        for chunk in engine.generate(prompts[0], params, stream=True):  # type: ignore[union-attr]
+        stream = engine.generate(prompts[0], params, stream=True)
+        assert not isinstance(stream, dict | list)
+        for chunk in stream:
             print(chunk["text"], end="", flush=True)
         print()
     return 0

@@ -6,9 +6,11 @@ import asyncio
 import contextlib
 import logging
 import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
+import uvicorn
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from services.protos.tandem.router.v1 import router_pb2_grpc
@@ -68,15 +70,12 @@ async def serve() -> None:
             logger.warning("could not add worker %s: %s", address, e)
     tasks = [asyncio.create_task(registry.monitor())]
     if args.admin_http_port is not None:
-        import uvicorn
-
         from services.router.admin_http import create_admin_app
 
         config = uvicorn.Config(
             create_admin_app(registry), host=args.host, port=args.admin_http_port, log_level="warning"
         )
-        http = uvicorn.Server(config)
-        http.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        http = _QuietServer(config)
         tasks.append(asyncio.create_task(http.serve()))
         print(f"tandem router admin HTTP on http://{args.host}:{args.admin_http_port}/workers", flush=True)
     print(f"tandem router serving on {args.host}:{port}", flush=True)
@@ -92,6 +91,14 @@ async def serve() -> None:
         with contextlib.suppress(asyncio.CancelledError):
             await task
     await server.stop(grace=5)
+
+
+class _QuietServer(uvicorn.Server):
+    """uvicorn's server without its signal handlers (the router's own handle SIGTERM/SIGINT)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
 
 
 def main() -> None:

@@ -142,7 +142,7 @@ class Orchestrator:
 
     async def _unified(self, sample: Sample, attempt: int) -> AsyncIterator[router_pb2.GenerateResponse]:
         worker = self._pick("unified", sample)
-        route = router_pb2.Route(decode_worker=worker.address)
+        route: router_pb2.Route | None = router_pb2.Route(decode_worker=worker.address)
         with self.registry.track(worker, sample.tokens):
             stream = worker.worker.Generate(sample.worker_request(attempt))
             try:
@@ -154,7 +154,9 @@ class Orchestrator:
 
     async def _pd(self, sample: Sample, attempt: int) -> AsyncIterator[router_pb2.GenerateResponse]:
         prefill, decode = self._pick("prefill", sample), self._pick("decode", sample)
-        route = router_pb2.Route(prefill_worker=prefill.address, decode_worker=decode.address)
+        route: router_pb2.Route | None = router_pb2.Route(
+            prefill_worker=prefill.address, decode_worker=decode.address
+        )
         request = sample.worker_request(attempt, self.kv_lease_ms)
         with self.registry.track(prefill, len(sample.token_ids)), self.registry.track(decode, sample.tokens):
             stream = decode.decode.Generate(request)

@@ -52,7 +52,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             vocab_size=c.vocab_size,
             page_size=c.page_size,
             kv_layout=c.kv_layout,
-            kv_transport=TRANSPORTS[c.kv_transport] if self.role != "unified" else 0,
+            kv_transport=TRANSPORTS[c.kv_transport]
+            if self.role != "unified"
+            else worker_pb2.KV_TRANSPORT_UNSPECIFIED,
         )
 
     @grpc_errors
