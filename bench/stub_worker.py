@@ -1,0 +1,58 @@
+"""A stand-in unified worker for measuring the router alone: it answers GetInfo, health and
+Generate (one token, at once) without an engine, so the router is the only thing being timed.
+
+    python bench/stub_worker.py --port P --model NAME
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from services.protos.tandem.common.v1 import common_pb2
+from services.protos.tandem.worker.v1 import worker_pb2, worker_pb2_grpc
+
+
+class StubWorker(worker_pb2_grpc.WorkerServiceServicer):
+    def __init__(self, model: str) -> None:
+        self.model = model
+
+    async def GetInfo(self, request: Any, context: Any) -> worker_pb2.GetInfoResponse:
+        return worker_pb2.GetInfoResponse(
+            role=common_pb2.WORKER_ROLE_UNIFIED, model=self.model, max_context_len=4096, vocab_size=512
+        )
+
+    async def Generate(self, request: Any, context: Any) -> AsyncIterator[worker_pb2.GenerateResponse]:
+        n = len(request.token_ids)
+        yield worker_pb2.GenerateResponse(
+            output=common_pb2.Output(
+                token_ids=[7],
+                text="x",
+                finish=common_pb2.Finish(reason=common_pb2.FINISH_REASON_LENGTH),
+                usage=common_pb2.Usage(prompt_tokens=n, completion_tokens=1),
+            )
+        )
+
+
+async def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--model", required=True)
+    args = p.parse_args()
+    server = grpc.aio.server()
+    worker_pb2_grpc.add_WorkerServiceServicer_to_server(StubWorker(args.model), server)
+    servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    server.add_insecure_port(f"127.0.0.1:{args.port}")
+    await server.start()
+    await servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    await server.wait_for_termination()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
