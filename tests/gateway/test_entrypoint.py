@@ -99,7 +99,7 @@ def test_without_router_health_is_503_and_requests_are_503(tokenizer_dir: Path) 
 
 
 def test_health_follows_the_router(stub_router: StubRouter, tokenizer_dir: Path) -> None:
-    config = GatewayConfig(router=stub_router.address, tokenizer=str(tokenizer_dir), health_timeout=0.5)
+    config = GatewayConfig(router=stub_router.address, tokenizer=str(tokenizer_dir), health_timeout=5)
     gateway = GatewayThread(config).start()
     try:
         assert httpx.get(f"{gateway.url}/health", timeout=5).status_code == 200
