@@ -33,7 +33,11 @@ class EngineConfig:
     max_prefill_tokens: int = 16384  # per-step budget when chunking is disabled
     schedule_policy: SchedulePolicy = "fcfs"
     disable_radix_cache: bool = False
-    attention_backend: str = "torch"
+    # "auto": "triton" on CUDA when Triton is importable, else "torch"; or a registered name.
+    attention_backend: str = "auto"
+    # CUDA graphs for decode-only steps, captured at batch sizes up to this (larger run eagerly).
+    cuda_graph_max_bs: int = 160
+    disable_cuda_graph: bool = False
     random_seed: int = 0
     # Prefill/decode disaggregation: "null" runs whole requests; "prefill" sends each prompt's KV
     # to a decode engine's reserved pages; "decode" reserves pages and continues from the KV.
@@ -74,6 +78,11 @@ class EngineConfig:
         positive("max_running_requests", self.max_running_requests)
         positive("max_context_len", self.max_context_len)
         positive("max_prefill_tokens", self.max_prefill_tokens)
+        positive("cuda_graph_max_bs", self.cuda_graph_max_bs)
+        if not isinstance(self.attention_backend, str) or not self.attention_backend:
+            raise ValueError(
+                f"attention_backend must be a backend name or 'auto', got {self.attention_backend!r}"
+            )
         if not isinstance(self.chunked_prefill_size, int):
             raise ValueError(f"chunked_prefill_size must be an integer, got {self.chunked_prefill_size!r}")
         if not 0.0 < self.mem_fraction_static < 1.0:

@@ -1,19 +1,23 @@
 """Runs the model: owns the weights, the KV memory and the attention backend on one device.
 
 The scheduler hands it a `ScheduleBatch` each step; it builds the device-side `ForwardBatch`,
-runs the forward and returns logits for the requests that sample this step.
+runs the forward and returns logits for the requests that sample this step. On CUDA, decode-only
+steps of up to `cuda_graph_max_bs` requests replay a captured CUDA graph (shared/cuda_graph.py);
+prefill, mixed and larger steps run eagerly.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 from pathlib import Path
 
 import torch
 
-from shared.attention import create_backend
+from shared.attention import create_backend, resolve_backend_name
 from shared.batch import ForwardBatch, ForwardMode
 from shared.config import EngineConfig
+from shared.cuda_graph import CudaGraphRunner, capture_batch_sizes
 from shared.mem import MHAKVPool, PageAllocator, ReqToTokenPool
 from shared.models.config import ModelConfig, resolve_dtype
 from shared.models.loader import load_model
@@ -58,18 +62,42 @@ class ModelRunner:
             config.max_context_len or mc.max_position_embeddings, self.allocator.num_slots
         )
         self.req_pool = ReqToTokenPool(config.max_running_requests, self.max_context_len, self.device)
-        self.backend = create_backend(config.attention_backend)
+        self.backend = create_backend(resolve_backend_name(config.attention_backend, self.device))
         logger.info(
-            "KV pool: %d pages x %d tokens (%.1f MiB), max context %d",
+            "KV pool: %d pages x %d tokens (%.1f MiB), max context %d, attention backend %s",
             num_pages,
             page_size,
             self.kv_pool.total_bytes() / 2**20,
+            self.max_context_len,
+            self.backend.name,
+        )
+        self.graph_runner = self._make_graph_runner()
+
+    def _make_graph_runner(self) -> CudaGraphRunner | None:
+        config = self.config
+        if self.device.type != "cuda" or config.disable_cuda_graph:
+            return None
+        if not self.backend.supports_cuda_graph:
+            logger.info("CUDA graphs off: attention backend %r cannot replay them", self.backend.name)
+            return None
+        max_bs = min(config.cuda_graph_max_bs, config.max_running_requests)
+        return CudaGraphRunner(
+            self.model,
+            self.kv_pool,
+            self.req_pool,
+            self.backend,
+            self.device,
+            capture_batch_sizes(max_bs),
             self.max_context_len,
         )
 
     def _tokens_that_fit(self) -> int:
         if self.device.type != "cuda":
             return _CPU_DEFAULT_TOKENS
+        # Memory of engines this process dropped (reference cycles, the allocator's cache)
+        # would otherwise count as used.
+        gc.collect()
+        torch.cuda.empty_cache()
         free, _total = torch.cuda.mem_get_info(self.device)
         mc = self.model_config
         per_token = 2 * mc.num_hidden_layers * mc.num_key_value_heads * mc.head_dim * self.dtype.itemsize
@@ -82,6 +110,8 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, batch: ScheduleBatch) -> torch.Tensor:
         """Logits [N, V] (float32) for the items that sample, in batch order."""
+        if self.graph_runner is not None and self.graph_runner.can_run(batch):
+            return self.graph_runner.run(batch)  # every item of a decode batch samples
         fb = self.build_forward_batch(batch)
         self.backend.init_forward_metadata(fb)
         hidden = self.model(fb.input_ids, fb.positions, fb)  # [T, hidden]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
@@ -24,9 +24,18 @@ if TYPE_CHECKING:
 
 class AttentionBackend(ABC):
     name: str = ""
+    supports_cuda_graph: ClassVar[bool] = False
 
     def init_forward_metadata(self, batch: ForwardBatch) -> None:  # noqa: B027 (optional hook)
         """Plan the step once for all layers (index tensors, split sizes). Default: nothing."""
+
+    def init_forward_metadata_graph(self, batch: ForwardBatch, max_seq_len: int) -> None:
+        """Plan a decode step that a CUDA graph captures and later replays with other values.
+
+        The plan may use only `batch.batch_size`, `max_seq_len` (no replay sees a longer
+        sequence) and the batch's device tensors, which keep their addresses across replays.
+        """
+        raise NotImplementedError(f"attention backend {self.name!r} does not support CUDA graphs")
 
     @abstractmethod
     def forward(
@@ -50,6 +59,21 @@ def register_backend(name: str) -> Callable[[type[AttentionBackend]], type[Atten
         return cls
 
     return wrap
+
+
+def resolve_backend_name(name: str, device: torch.device) -> str:
+    """`"auto"` -> "triton" on CUDA where Triton is installed, else "torch"; other names as given."""
+    if name != "auto":
+        return name
+    import shared.attention.torch_backend  # noqa: F401  (registers "torch")
+
+    return "triton" if device.type == "cuda" and "triton" in _REGISTRY else "torch"
+
+
+def available_backends() -> list[str]:
+    import shared.attention.torch_backend  # noqa: F401  (registers "torch")
+
+    return sorted(_REGISTRY)
 
 
 def create_backend(name: str) -> AttentionBackend:

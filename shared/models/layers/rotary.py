@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from shared.models.layers.fused import use_kernels
+
 
 class RotaryEmbedding(nn.Module):
     """Rotates q and k by their token's position; no parameters, one float32 cos/sin table."""
@@ -34,6 +36,10 @@ class RotaryEmbedding(nn.Module):
         q: torch.Tensor,  # [T, Hq * D] or [T, Hq, D]
         k: torch.Tensor,  # [T, Hkv * D] or [T, Hkv, D]
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        if use_kernels(q):
+            from kernels.rotary import apply_rotary
+
+            return apply_rotary(positions, q, k, self.cos_sin_cache, self.head_dim)
         cos, sin = self.cos_sin_cache[positions].chunk(2, dim=-1)  # [T, D/2] each
         return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
 

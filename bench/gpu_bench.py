@@ -1,0 +1,595 @@
+"""Tandem on one GPU against the copy-bandwidth roofline and HF transformers, in one run.
+
+Builds a random-weight model of an HF shape (default Llama-3-8B, bf16; nothing downloads),
+saves it as safetensors, then measures in this order:
+
+1. roofline: device-to-device copy bandwidth (bytes read + written); the decode roofline of
+   batch B is B * bandwidth / (weight bytes + KV bytes one step reads);
+2. Tandem (`EngineCore` directly, the engine's default GPU path: Triton attention, CUDA graphs,
+   fused kernels), greedy with ignore_eos: decode tok/s at each batch size over a prompt of
+   `--context` tokens, counted from the step where every request has its first token to the
+   last; the graph replay alone (GPU time of one decode forward); prefill tok/s;
+3. HF transformers `generate` (eager, bf16) on the same weights: decode tok/s from the
+   difference of two generate lengths, and prefill tok/s.
+
+Prints a table of absolute figures and ratios, writes JSON (`--json`) and a PNG plot (`--png`,
+where matplotlib is installed).
+
+    python bench/gpu_bench.py --json out/gpu_bench.json --png out/gpu_bench.png     # H100, 8B
+    python bench/gpu_bench.py --preset tiny                                          # CPU smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib.util
+import json
+import os
+import platform
+import random
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from shared.config import EngineConfig
+from shared.engine_core import EngineCore
+from shared.sampling import SamplingParams
+from shared.tiny_model import build_tokenizer
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Llama-3-8B's shape.
+    "llama3-8b": dict(
+        hidden=4096, layers=32, heads=32, kv_heads=8, intermediate=14336, vocab=128256,
+        batches="1,16,64,128", context=1024, decode_tokens=128, prefill_batch=16, dtype="bfloat16",
+    ),
+    # Seconds on a CPU: checks the script, not the engine.
+    "tiny": dict(
+        hidden=128, layers=2, heads=4, kv_heads=2, intermediate=256, vocab=512,
+        batches="1,4", context=32, decode_tokens=8, prefill_batch=2, dtype="float32",
+    ),
+}  # fmt: skip
+
+
+# ---- model ----------------------------------------------------------------------------------
+
+
+def hf_config(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": args.hidden,
+        "intermediate_size": args.intermediate,
+        "num_attention_heads": args.heads,
+        "num_hidden_layers": args.layers,
+        "num_key_value_heads": args.kv_heads,
+        "head_dim": args.hidden // args.heads,
+        "vocab_size": args.vocab,
+        "max_position_embeddings": 8192,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 500000.0,
+        "hidden_act": "silu",
+        "tie_word_embeddings": False,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "torch_dtype": args.dtype,
+    }
+
+
+def build_model(args: argparse.Namespace, out: Path, device: torch.device) -> int:
+    """Random weights (std 0.02, norms 1) as safetensors in `out`; returns the weight bytes."""
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    config = hf_config(args)
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    build_tokenizer(out)  # a small tokenizer: ids past its vocab detokenize to nothing
+    dtype = getattr(torch, args.dtype)
+    head_dim = config["head_dim"]
+    h, i = args.hidden, args.intermediate
+    shapes: dict[str, tuple[int, ...]] = {
+        "model.embed_tokens.weight": (args.vocab, h),
+        "model.norm.weight": (h,),
+        "lm_head.weight": (args.vocab, h),
+    }
+    for layer in range(args.layers):
+        p = f"model.layers.{layer}."
+        shapes |= {
+            p + "self_attn.q_proj.weight": (args.heads * head_dim, h),
+            p + "self_attn.k_proj.weight": (args.kv_heads * head_dim, h),
+            p + "self_attn.v_proj.weight": (args.kv_heads * head_dim, h),
+            p + "self_attn.o_proj.weight": (h, args.heads * head_dim),
+            p + "mlp.gate_proj.weight": (i, h),
+            p + "mlp.up_proj.weight": (i, h),
+            p + "mlp.down_proj.weight": (h, i),
+            p + "input_layernorm.weight": (h,),
+            p + "post_attention_layernorm.weight": (h,),
+        }
+    gen = torch.Generator(device).manual_seed(0)
+    total = 0
+    shard: dict[str, torch.Tensor] = {}
+    weight_map: dict[str, str] = {}
+    files = 0
+
+    def flush() -> None:
+        nonlocal files, shard
+        if shard:
+            name = f"model-{files:05d}.safetensors"
+            save_file(shard, str(out / name), metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(shard, name))
+            files += 1
+            shard = {}
+
+    shard_bytes = 0
+    for name, shape in shapes.items():
+        if len(shape) == 1:
+            t = torch.ones(shape, dtype=dtype)
+        else:
+            t = torch.empty(shape, dtype=dtype, device=device).normal_(0.0, 0.02, generator=gen).cpu()
+        shard[name] = t
+        total += t.numel() * t.element_size()
+        shard_bytes += t.numel() * t.element_size()
+        if shard_bytes > 2 << 30:
+            flush()
+            shard_bytes = 0
+    flush()
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index))
+    return total
+
+
+def model_dir_root() -> str | None:
+    """RAM-backed /dev/shm when it has room for an 8B checkpoint, else the default temp dir."""
+    shm = Path("/dev/shm")
+    if shm.is_dir() and shutil.disk_usage(shm).free > 40 << 30:
+        return str(shm)
+    return None
+
+
+# ---- timing ---------------------------------------------------------------------------------
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_fn(fn: Callable[[], object], device: torch.device, iters: int, warmup: int = 3) -> float:
+    """Median seconds of one call (CUDA events on the GPU, the host clock on CPU)."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(iters):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def copy_bandwidth(device: torch.device) -> float:
+    """Bytes/s of a large device-to-device copy, counting bytes read plus bytes written."""
+    n = (1 << 30) if device.type == "cuda" else (64 << 20)
+    src = torch.randn(n // 4, device=device)
+    dst = torch.empty_like(src)
+    seconds = time_fn(lambda: dst.copy_(src), device, iters=20)
+    return 2 * n / seconds
+
+
+# ---- Tandem ---------------------------------------------------------------------------------
+
+
+def prompts_for(batch: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(5, vocab) for _ in range(length)] for _ in range(batch)]
+
+
+class PhaseTimer:
+    """Host wall time spent in the engine's three step phases (wrapping the instance's methods)."""
+
+    def __init__(self, core: EngineCore) -> None:
+        self.totals: dict[str, float] = {"schedule": 0.0, "forward": 0.0, "process": 0.0}
+        self.enabled = False
+        self._wrap(core.scheduler, "schedule", "schedule")
+        self._wrap(core.runner, "forward", "forward")
+        self._wrap(core, "_process", "process")
+
+    def _wrap(self, obj: object, attr: str, key: str) -> None:
+        inner = getattr(obj, attr)
+
+        def timed(*a: object, **k: object) -> object:
+            if not self.enabled:
+                return inner(*a, **k)
+            t0 = time.perf_counter()
+            try:
+                return inner(*a, **k)
+            finally:
+                self.totals[key] += time.perf_counter() - t0
+
+        setattr(obj, attr, timed)
+
+    def reset(self) -> None:
+        self.totals = dict.fromkeys(self.totals, 0.0)
+
+
+# Output budget beyond the timed steps: requests that started decoding during the others'
+# prefill must not finish inside the timed window (they are aborted after it).
+_EXTRA_TOKENS = 256
+
+
+def tandem_decode(
+    core: EngineCore, prompts: list[list[int]], steps: int, phases: PhaseTimer | None = None
+) -> dict[str, Any]:
+    """Prefill a batch, then time `steps` decode steps with every request running, then abort."""
+    params = SamplingParams(max_new_tokens=steps + _EXTRA_TOKENS, temperature=0.0, ignore_eos=True)
+    device = core.runner.device
+    rids = [f"d{len(prompts)}-{i}-{time.monotonic_ns()}" for i in range(len(prompts))]
+    sync(device)
+    start = time.perf_counter()
+    for rid, ids in zip(rids, prompts):
+        core.add_request([rid], ids, params)
+    started: set[str] = set()
+    while len(started) < len(prompts):
+        started.update(o.rid for o in core.step() if o.new_ids)
+    prefill_s = time.perf_counter() - start
+    if phases is not None:
+        phases.reset()
+        phases.enabled = True
+    tokens = 0
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        tokens += sum(len(o.new_ids) for o in core.step())
+    decode_s = time.perf_counter() - t0
+    if phases is not None:
+        phases.enabled = False
+    assert tokens == steps * len(prompts), (tokens, steps, len(prompts))
+    for rid in rids:
+        core.abort(rid)
+    while core.has_work:
+        core.step()
+    return {
+        "prefill_s": prefill_s,
+        "decode_s": decode_s,
+        "decode_steps": steps,
+        "tok_s": tokens / decode_s,
+        "step_ms": 1e3 * decode_s / steps,
+    }
+
+
+def tandem_prefill(core: EngineCore, prompts: list[list[int]]) -> float:
+    """Seconds from adding the prompts to every first token (max_new_tokens 1)."""
+    params = SamplingParams(max_new_tokens=1, temperature=0.0, ignore_eos=True)
+    sync(core.runner.device)
+    start = time.perf_counter()
+    for i, ids in enumerate(prompts):
+        core.add_request([f"p{i}-{time.monotonic_ns()}"], ids, params)
+    while core.has_work:
+        core.step()
+    return time.perf_counter() - start
+
+
+def bench_tandem(path: Path, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    from transformers import AutoTokenizer
+
+    batches = [int(b) for b in args.batches.split(",")]
+    max_len = args.context + args.decode_tokens + _EXTRA_TOKENS + 64
+    max_b = max([*batches, args.prefill_batch])
+    config = EngineConfig.from_options(
+        str(path),
+        device=str(device),
+        dtype=args.dtype,
+        max_total_tokens=max_b * (max_len + 16) + 4096,
+        max_context_len=max_len,
+        max_running_requests=max(max_b, 8),
+        chunked_prefill_size=args.chunk,
+        disable_radix_cache=True,
+        disable_cuda_graph=args.no_graph,
+    )
+    t0 = time.perf_counter()
+    core = EngineCore(config, tokenizer=AutoTokenizer.from_pretrained(str(path)))
+    result: dict[str, Any] = {
+        "startup_s": time.perf_counter() - t0,
+        "attention_backend": core.runner.backend.name,
+        "cuda_graphs": core.runner.graph_runner is not None,
+        "decode": {},
+    }
+    vocab = args.vocab
+    tandem_decode(core, prompts_for(2, args.context, vocab, 99), 4)  # compile the extend kernels
+    phases = PhaseTimer(core)
+    graphs = core.runner.graph_runner
+    for b in batches:
+        run = tandem_decode(core, prompts_for(b, args.context, vocab, b), args.decode_tokens, phases)
+        run["host_ms_per_step"] = {k: 1e3 * v / max(run["decode_steps"], 1) for k, v in phases.totals.items()}
+        if graphs is not None and graphs.can_run_size(b):
+            # The static inputs still hold this run's last step: replay it alone (GPU time).
+            padded = graphs.padded_size(b)
+            run["graph_ms"] = 1e3 * time_fn(graphs.replay_fn(padded), device, iters=20)
+            run["graph_tok_s"] = b / (run["graph_ms"] / 1e3)
+        result["decode"][str(b)] = run
+        print(f"tandem batch {b}: {run['tok_s']:.1f} tok/s decode", flush=True)
+    tandem_prefill(core, prompts_for(args.prefill_batch, args.context, vocab, 6))  # warm up
+    seconds = tandem_prefill(core, prompts_for(args.prefill_batch, args.context, vocab, 7))
+    result["prefill"] = {
+        "batch": args.prefill_batch,
+        "tokens": args.prefill_batch * args.context,
+        "seconds": seconds,
+        "tok_s": args.prefill_batch * args.context / seconds,
+    }
+    if args.profile and device.type == "cuda" and graphs is not None:
+        result["profile"] = {str(b): profile_forward(graphs.eager_fn(graphs.padded_size(b))) for b in (1, 128)
+                             if graphs.can_run_size(b)}  # fmt: skip
+    core.check_idle()
+    del core, graphs, phases
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+def profile_forward(fn: Callable[[], object]) -> list[dict[str, Any]]:
+    """Kernels of one eager decode forward by GPU time (a graph replay hides them)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+    rows = []
+
+    def gpu_us(e: Any) -> float:
+        return float(getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0.0))
+
+    events = [e for e in prof.key_averages() if gpu_us(e) > 0]
+    total = sum(gpu_us(e) for e in events)
+    for e in sorted(events, key=lambda e: -gpu_us(e))[:12]:
+        rows.append(
+            {
+                "kernel": e.key[:90],
+                "us_per_forward": gpu_us(e) / 3,
+                "share": gpu_us(e) / total,
+                "calls_per_forward": e.count / 3,
+            }
+        )
+    return rows
+
+
+# ---- HF -------------------------------------------------------------------------------------
+
+
+@torch.inference_mode()
+def bench_hf(path: Path, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    from transformers import AutoModelForCausalLM
+
+    t0 = time.perf_counter()
+    kwargs: dict[str, Any] = {"dtype": getattr(torch, args.dtype)}
+    if device.type == "cuda" and importlib.util.find_spec("accelerate") is not None:
+        kwargs["device_map"] = str(device)  # load straight onto the GPU
+    model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs).to(device).eval()
+    result: dict[str, Any] = {"startup_s": time.perf_counter() - t0, "decode": {}}
+    vocab = args.vocab
+
+    def generate(ids: torch.Tensor, n: int) -> float:
+        sync(device)
+        start = time.perf_counter()
+        out = model.generate(
+            ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
+            min_new_tokens=n, pad_token_id=0,
+        )  # fmt: skip
+        sync(device)
+        assert out.shape[1] == ids.shape[1] + n
+        return time.perf_counter() - start
+
+    warm = torch.tensor(prompts_for(1, 16, vocab, 5), device=device)
+    generate(warm, 2)
+    for b in [int(x) for x in args.batches.split(",")]:
+        n = args.hf_decode_tokens
+        ids = torch.tensor(prompts_for(b, args.context, vocab, b), device=device)
+        try:
+            short, long = generate(ids, 1), generate(ids, 1 + n)
+        except torch.OutOfMemoryError:
+            result["decode"][str(b)] = {"error": "out of memory"}
+            continue
+        finally:
+            gc.collect()
+        result["decode"][str(b)] = {"tok_s": b * n / (long - short), "step_ms": 1e3 * (long - short) / n}
+        print(f"hf batch {b}: {result['decode'][str(b)]['tok_s']:.1f} tok/s decode", flush=True)
+    ids = torch.tensor(prompts_for(args.prefill_batch, args.context, vocab, 7), device=device)
+    seconds = generate(ids, 1)
+    result["prefill"] = {"seconds": seconds, "tok_s": args.prefill_batch * args.context / seconds}
+    return result
+
+
+# ---- report ---------------------------------------------------------------------------------
+
+
+def summarize(result: dict[str, Any], args: argparse.Namespace) -> list[dict[str, Any]]:
+    bw = result["roofline"]["copy_bytes_per_s"]
+    weight_bytes = result["model"]["weight_bytes"]
+    kv_per_token = result["model"]["kv_bytes_per_token"]
+    avg_ctx = args.context + args.decode_tokens / 2  # about: the window starts a few tokens in
+    rows = []
+    for b in [int(x) for x in args.batches.split(",")]:
+        t = result["tandem"]["decode"][str(b)]
+        step_bytes = weight_bytes + b * avg_ctx * kv_per_token
+        roof = b * bw / step_bytes
+        hf = result.get("hf", {}).get("decode", {}).get(str(b), {}).get("tok_s")
+        rows.append(
+            {
+                "what": f"decode batch {b}",
+                "tandem": t["tok_s"],
+                "graph_only": t.get("graph_tok_s"),
+                "roofline": roof,
+                "vs_roofline": t["tok_s"] / roof,
+                "hf": hf,
+                "vs_hf": t["tok_s"] / hf if hf else None,
+            }
+        )
+    hf_pf = result.get("hf", {}).get("prefill", {}).get("tok_s")
+    pf = result["tandem"]["prefill"]["tok_s"]
+    rows.append(
+        {
+            "what": f"prefill {args.prefill_batch}x{args.context}",
+            "tandem": pf,
+            "graph_only": None,
+            "roofline": None,
+            "vs_roofline": None,
+            "hf": hf_pf,
+            "vs_hf": pf / hf_pf if hf_pf else None,
+        }
+    )
+    return rows
+
+
+def print_table(rows: list[dict[str, Any]], result: dict[str, Any]) -> None:
+    def f(x: float | None, width: int, prec: int) -> str:
+        return ("-" if x is None else f"{x:.{prec}f}").rjust(width)
+
+    r = result["roofline"]
+    print(
+        f"\ncopy bandwidth {r['copy_bytes_per_s'] / 1e12:.2f} TB/s, weights "
+        f"{result['model']['weight_bytes'] / 1e9:.2f} GB: weights-only batch-1 roofline "
+        f"{r['batch1_tok_s']:.1f} tok/s; Tandem batch 1 = {f(r['batch1_vs_weights_roofline'], 0, 3)}x of it"
+    )
+    print(
+        f"{'':22}{'tandem tok/s':>14}{'graph only':>12}{'roofline':>11}{'vs roof':>9}"
+        f"{'hf tok/s':>11}{'vs hf':>8}"
+    )
+    for row in rows:
+        print(
+            f"{row['what']:22}{f(row['tandem'], 14, 1)}{f(row['graph_only'], 12, 1)}"
+            f"{f(row['roofline'], 11, 1)}{f(row['vs_roofline'], 9, 3)}{f(row['hf'], 11, 1)}"
+            f"{f(row['vs_hf'], 8, 2)}"
+        )
+
+
+def plot(rows: list[dict[str, Any]], out: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot", file=sys.stderr)
+        return False
+    decode = [r for r in rows if r["what"].startswith("decode")]
+    labels = [r["what"].removeprefix("decode ") for r in decode]
+    xs = range(len(decode))
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    width = 0.2
+    for k, (key, name) in enumerate(
+        [("roofline", "roofline"), ("graph_only", "Tandem forward only"), ("tandem", "Tandem"), ("hf", "HF")]
+    ):
+        ax.bar([x + (k - 1.5) * width for x in xs], [r[key] or 0 for r in decode], width, label=name)
+    ax.set_xticks(list(xs), labels)
+    ax.set_yscale("log")
+    ax.set_ylabel("decode tokens/s (log)")
+    ax.legend()
+    ax.set_title("Decode throughput vs copy-bandwidth roofline")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    return True
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="llama3-8b")
+    for name in ("hidden", "layers", "heads", "kv_heads", "intermediate", "vocab", "context",
+                 "decode_tokens", "prefill_batch"):  # fmt: skip
+        parser.add_argument("--" + name.replace("_", "-"), type=int)
+    parser.add_argument("--batches", help="comma-separated decode batch sizes")
+    parser.add_argument("--dtype")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--chunk", type=int, default=8192, help="chunked_prefill_size")
+    parser.add_argument("--hf-decode-tokens", type=int, default=16)
+    parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--no-graph", action="store_true", help="Tandem with CUDA graphs off")
+    parser.add_argument("--profile", action="store_true", help="top kernels of a decode forward")
+    parser.add_argument("--compare-eager", action="store_true", help="batch 1 again, CUDA graphs off")
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--png", type=Path)
+    args = parser.parse_args()
+    for key, value in PRESETS[args.preset].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    device = torch.device(
+        ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    )
+    head_dim = args.hidden // args.heads
+    dtype_bytes = getattr(torch, args.dtype).itemsize
+    result: dict[str, Any] = {
+        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+        "host": {
+            "machine": platform.machine(),
+            "torch": torch.__version__,
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        },
+        "args": vars(args) | {"json": str(args.json), "png": str(args.png)},
+    }
+    bw = copy_bandwidth(device)
+    with tempfile.TemporaryDirectory(dir=model_dir_root()) as tmp:
+        path = Path(tmp) / "model"
+        t0 = time.perf_counter()
+        weight_bytes = build_model(args, path, device)
+        result["model"] = {
+            "weight_bytes": weight_bytes,
+            "kv_bytes_per_token": 2 * args.layers * args.kv_heads * head_dim * dtype_bytes,
+            "build_s": time.perf_counter() - t0,
+        }
+        result["roofline"] = {"copy_bytes_per_s": bw, "batch1_tok_s": bw / weight_bytes}
+        print(f"model built ({weight_bytes / 1e9:.2f} GB) in {result['model']['build_s']:.0f} s", flush=True)
+        result["tandem"] = bench_tandem(path, args, device)
+        if args.compare_eager:
+            eager = {"batches": "1", "no_graph": True, "profile": False}
+            eager_args = argparse.Namespace(**vars(args) | eager)
+            result["tandem_eager"] = bench_tandem(path, eager_args, device)
+        if not args.skip_hf:
+            result["hf"] = bench_hf(path, args, device)
+            gc.collect()
+    b1 = result["tandem"]["decode"].get("1")
+    result["roofline"]["batch1_vs_weights_roofline"] = (
+        b1["tok_s"] / result["roofline"]["batch1_tok_s"] if b1 else None
+    )
+    rows = summarize(result, args)
+    result["table"] = rows
+    for b, run in result["tandem"]["decode"].items():
+        phases = ", ".join(f"{k} {v:.2f}" for k, v in run["host_ms_per_step"].items())
+        print(f"tandem batch {b}: step {run['step_ms']:.2f} ms (host: {phases} ms), "
+              f"graph replay {run.get('graph_ms', float('nan')):.2f} ms")  # fmt: skip
+    for b, kernels in result["tandem"].get("profile", {}).items():
+        print(f"top kernels of one eager decode forward, batch {b}:")
+        for k in kernels[:6]:
+            us, share, calls = k["us_per_forward"], 100 * k["share"], k["calls_per_forward"]
+            print(f"  {us:9.1f} us {share:5.1f}%  x{calls:<4.0f} {k['kernel']}")
+    if "tandem_eager" in result:
+        eager = result["tandem_eager"]["decode"]["1"]
+        print(f"tandem batch 1, CUDA graphs off: {eager['tok_s']:.1f} tok/s, step {eager['step_ms']:.2f} ms")
+    print_table(rows, result)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2))
+    if args.png:
+        plot(rows, args.png)
+
+
+if __name__ == "__main__":
+    main()

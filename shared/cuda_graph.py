@@ -1,0 +1,234 @@
+"""CUDA graphs for decode steps: capture the forward once per batch size, replay it every step.
+
+A decode step launches a few hundred small kernels; at batch 1 launching them costs more than
+running them. The graph runner captures the whole forward (embedding to logits) at a set of batch
+sizes when the engine starts, and a decode step of B requests replays the smallest captured size
+>= B with the step's inputs copied into the graph's static input tensors:
+
+    static inputs (device, int64)  [5, max_bs]  one H2D copy per step from a pinned twin
+        row 0  input_ids        the request's last token
+        row 1  positions        its position (seq_len - 1)
+        row 2  out_cache_loc    the slot its K/V goes to
+        row 3  req_pool_indices its req_to_token row
+        row 4  seq_lens         keys after this step
+    output                         [bs, vocab] float32 logits, one tensor per captured size
+
+Rows past B pad the batch: token 0 at position 0, K/V written to slot 0 (page 0 is the pool's
+padding page and may hold garbage), attending over row 0's first key (seq_len 1, always a valid
+slot). Their logits are never read.
+
+What makes replay correct is that nothing captured depends on host values of the capture batch:
+the attention backend plans from the batch size and `max_seq_len` alone (see
+`AttentionBackend.init_forward_metadata_graph`), and the model's ops read lengths and indices
+from the static tensors. The sampler runs after the graph, on its output, eagerly.
+
+`capture=False` runs the same static-buffer forward eagerly instead of replaying a graph: the
+padding and buffer logic can then be tested on CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import torch
+
+from shared.batch import ForwardBatch, ForwardMode
+
+if TYPE_CHECKING:
+    from shared.attention.base import AttentionBackend
+    from shared.mem import KVPool, ReqToTokenPool
+    from shared.models.base import CausalLM
+    from shared.scheduler.request import Req
+    from shared.scheduler.scheduler import ScheduleBatch
+
+logger = logging.getLogger(__name__)
+
+# Rows of the static input buffer.
+_IDS, _POS, _LOC, _ROW, _LEN = range(5)
+# What a padding row holds in each of them.
+_PAD_COLUMN = (0, 0, 0, 0, 1)
+
+
+def _token_at(req: Req, pos: int) -> int:
+    # Req.all_ids builds a new list of the whole sequence; one token needs no copy.
+    prompt_len = len(req.prompt_ids)
+    return req.prompt_ids[pos] if pos < prompt_len else req.output_ids[pos - prompt_len]
+
+
+def capture_batch_sizes(max_bs: int) -> list[int]:
+    """1, 2, 4, 8, then every multiple of 8 up to `max_bs` (and `max_bs` itself)."""
+    sizes = [bs for bs in (1, 2, 4) if bs < max_bs] + list(range(8, max_bs + 1, 8))
+    if not sizes or sizes[-1] != max_bs:
+        sizes.append(max_bs)
+    return sizes
+
+
+class CudaGraphRunner:
+    """Captured decode forwards for a set of batch sizes, and the per-step replay.
+
+    Owned by the model runner; single-threaded like it. The KV pool, request table and backend
+    must outlive it (the graphs hold their addresses).
+    """
+
+    def __init__(
+        self,
+        model: CausalLM,
+        kv_pool: KVPool,
+        req_pool: ReqToTokenPool,
+        backend: AttentionBackend,
+        device: torch.device,
+        batch_sizes: list[int],
+        max_seq_len: int,
+        capture: bool = True,
+    ) -> None:
+        if not backend.supports_cuda_graph:
+            raise ValueError(f"attention backend {backend.name!r} does not support CUDA graphs")
+        self.model = model
+        self.kv_pool = kv_pool
+        self.req_pool = req_pool
+        self.backend = backend
+        self.device = device
+        self.batch_sizes = sorted(batch_sizes)
+        self.max_bs = self.batch_sizes[-1]
+        self.max_seq_len = max_seq_len
+        self.capture_graphs = capture
+        pin = device.type == "cuda"
+        self._host = torch.zeros((5, self.max_bs), dtype=torch.int64, pin_memory=pin)  # [5, max_bs]
+        self._host[:] = torch.tensor(_PAD_COLUMN, dtype=torch.int64)[:, None]
+        self._host_np = self._host.numpy()
+        self._inputs = self._host.to(device, copy=True)  # [5, max_bs], the graphs' static inputs
+        # The host buffer must not be rewritten while its last copy may still be reading it.
+        self._copied = torch.cuda.Event() if pin else None
+        self._batches: dict[int, ForwardBatch] = {}
+        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._outputs: dict[int, torch.Tensor] = {}
+        self.replays = 0  # decode steps served (a count for tests and stats)
+        start = time.perf_counter()
+        self._capture_all()
+        logger.info(
+            "CUDA graphs: %s batch sizes up to %d in %.1f s",
+            "captured" if capture else "prepared (eager)",
+            self.max_bs,
+            time.perf_counter() - start,
+        )
+
+    # ---- capture -----------------------------------------------------------------------------
+
+    def _forward_batch(self, bs: int) -> ForwardBatch:
+        """The decode batch over the first `bs` columns of the static inputs."""
+        inp = self._inputs
+        ones = torch.ones(bs, dtype=torch.int64, device=self.device)
+        return ForwardBatch(
+            mode=ForwardMode.DECODE,
+            input_ids=inp[_IDS, :bs],
+            positions=inp[_POS, :bs],
+            out_cache_loc=inp[_LOC, :bs],
+            req_pool_indices=inp[_ROW, :bs],
+            seq_lens=inp[_LEN, :bs],
+            extend_prefix_lens=inp[_POS, :bs],  # seq_len - 1 = position of the new token
+            extend_seq_lens=ones,
+            logits_indices=torch.arange(bs, dtype=torch.int64, device=self.device),
+            # Host copies describe the padding only: graph plans must not read them.
+            req_pool_indices_cpu=[0] * bs,
+            seq_lens_cpu=[1] * bs,
+            extend_prefix_lens_cpu=[0] * bs,
+            extend_seq_lens_cpu=[1] * bs,
+            req_to_token_pool=self.req_pool,
+            kv_pool=self.kv_pool,
+            attn_backend=self.backend,
+        )
+
+    def _run(self, fb: ForwardBatch) -> torch.Tensor:  # [bs, vocab] float32
+        self.backend.init_forward_metadata_graph(fb, self.max_seq_len)
+        hidden = self.model(fb.input_ids, fb.positions, fb)  # [bs, hidden]
+        return self.model.compute_logits(hidden)
+
+    @torch.inference_mode()
+    def _capture_all(self) -> None:
+        pool = torch.cuda.graph_pool_handle() if self.capture_graphs else None
+        # One side stream for every warm-up: cuBLAS keeps a workspace per stream.
+        stream = torch.cuda.Stream(self.device) if self.capture_graphs else None
+        # Largest first: smaller graphs then fit in the memory the largest one left in the pool.
+        for bs in reversed(self.batch_sizes):
+            fb = self._forward_batch(bs)
+            self._batches[bs] = fb
+            if stream is None:
+                continue
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):
+                for _ in range(2):  # compile Triton kernels and settle cuBLAS outside the capture
+                    self._run(fb)
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            torch.cuda.synchronize(self.device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self._outputs[bs] = self._run(fb)
+            self._graphs[bs] = graph
+        if self.capture_graphs:
+            torch.cuda.synchronize(self.device)
+
+    # ---- replay ------------------------------------------------------------------------------
+
+    def can_run(self, batch: ScheduleBatch) -> bool:
+        return batch.is_decode and self.can_run_size(len(batch.items))
+
+    def can_run_size(self, bs: int) -> bool:
+        return 0 < bs <= self.max_bs
+
+    def padded_size(self, bs: int) -> int:
+        return next(size for size in self.batch_sizes if size >= bs)
+
+    @torch.inference_mode()
+    def run(self, batch: ScheduleBatch) -> torch.Tensor:
+        """Logits [B, vocab] (float32) for a decode batch of B <= max_bs requests."""
+        items = batch.items
+        bs = len(items)
+        padded = self.padded_size(bs)
+        if self._copied is not None:
+            self._copied.synchronize()  # normally long done: the last step's tokens were read
+        host = self._host_np
+        host[_IDS, :bs] = [_token_at(it.req, it.start) for it in items]
+        host[_POS, :bs] = [it.start for it in items]
+        host[_LOC, :bs] = torch.cat([it.slots for it in items]).numpy()
+        host[_ROW, :bs] = [it.req.row for it in items]
+        host[_LEN, :bs] = [it.start + 1 for it in items]
+        for row, pad in enumerate(_PAD_COLUMN):
+            host[row, bs:padded] = pad
+        # The whole buffer: a contiguous copy stays one async memcpy (a strided one would not).
+        self._inputs.copy_(self._host, non_blocking=True)
+        if self._copied is not None:
+            self._copied.record()
+        self.replays += 1
+        if self.capture_graphs:
+            self._graphs[padded].replay()
+            logits = self._outputs[padded]
+        else:
+            logits = self._run(self._batches[padded])
+        sampling = [i for i, it in enumerate(items) if it.sample]
+        if len(sampling) == bs:
+            return logits[:bs]
+        # A one-token prefill chunk that does not end its prompt looks like decode but samples nothing.
+        return logits[torch.tensor(sampling, dtype=torch.int64, device=self.device)]
+
+    def replay_fn(self, bs: int) -> Callable[[], torch.Tensor]:
+        """Replay (or, without graphs, rerun) the captured size `bs` on whatever the static inputs
+        hold: for timing the forward alone (bench/gpu_bench.py)."""
+        if self.capture_graphs:
+            graph, out = self._graphs[bs], self._outputs[bs]
+
+            def replay() -> torch.Tensor:
+                graph.replay()
+                return out
+
+            return replay
+        fb = self._batches[bs]
+        return lambda: self._run(fb)
+
+    def eager_fn(self, bs: int) -> Callable[[], torch.Tensor]:
+        """The captured size's forward run eagerly (same kernels, launched one by one): for
+        profiling per kernel, which a graph replay hides."""
+        fb = self._batches[bs]
+        return lambda: self._run(fb)
