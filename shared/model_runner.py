@@ -110,6 +110,7 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, batch: ScheduleBatch) -> torch.Tensor:
         """Logits [N, V] (float32) for the items that sample, in batch order."""
+        self.req_pool.flush()
         if self.graph_runner is not None and self.graph_runner.can_run(batch):
             return self.graph_runner.run(batch)  # every item of a decode batch samples
         fb = self.build_forward_batch(batch)

@@ -32,7 +32,11 @@ def build_parser(role: str) -> argparse.ArgumentParser:
     e.add_argument("--chunked-prefill-size", type=int, default=2048, help="<= 0 disables chunking")
     e.add_argument("--schedule-policy", default="fcfs", choices=["fcfs", "lpm"])
     e.add_argument("--disable-radix-cache", action="store_true")
-    e.add_argument("--attention-backend", default="torch")
+    e.add_argument("--attention-backend", default="auto", help="auto: triton on CUDA, torch on CPU")
+    e.add_argument(
+        "--cuda-graph-max-bs", type=int, default=160, help="largest decode batch run as a CUDA graph"
+    )
+    e.add_argument("--disable-cuda-graph", action="store_true")
     e.add_argument("--mem-fraction-static", type=float, default=0.85)
     e.add_argument("--random-seed", type=int, default=0)
     if role in ("prefill", "decode"):
@@ -52,6 +56,8 @@ def engine_config(args: argparse.Namespace, role: str) -> EngineConfig:
         schedule_policy=args.schedule_policy,
         disable_radix_cache=args.disable_radix_cache,
         attention_backend=args.attention_backend,
+        cuda_graph_max_bs=args.cuda_graph_max_bs,
+        disable_cuda_graph=args.disable_cuda_graph,
         mem_fraction_static=args.mem_fraction_static,
         random_seed=args.random_seed,
     )

@@ -149,7 +149,7 @@ class KvSender:
         page_size = self.core.layout.page_size
         n = self._num_pages(req) if end is None else end
         assert req.row is not None
-        slots = self.core.kv.req_pool.req_to_token[req.row, : n * page_size : page_size].cpu()
+        slots = self.core.kv.req_pool.read(req.row, 0, n * page_size)[::page_size]
         return (slots // page_size).tolist()
 
     def _post(self, send: _Send, end: int, notif: bytes) -> None:

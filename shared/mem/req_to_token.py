@@ -3,6 +3,11 @@
 Each running request holds one row: `req_to_token[row, i]` is the KV slot of its token `i`, for
 `i < seq_len`. Attention backends gather K/V through it. Cells past a request's length are stale or
 zero (zero points into the reserved padding page 0), never read as real K/V.
+
+On a GPU the table lives twice: the device copy the kernels read, and a host mirror the scheduler
+reads and writes. Writes go to the mirror at once and reach the device in one batched scatter per
+step (`flush`, called by the model runner before the forward), so scheduling a step costs no
+per-request host<->device copies or syncs.
 """
 
 from __future__ import annotations
@@ -27,6 +32,9 @@ class ReqToTokenPool:
         self.max_context_len = max_context_len
         self.device = torch.device(device)
         self.req_to_token = torch.zeros((max_reqs, max_context_len), dtype=torch.int64, device=self.device)
+        mirrored = self.device.type != "cpu"
+        self.host = torch.zeros_like(self.req_to_token, device="cpu") if mirrored else self.req_to_token
+        self._pending: list[tuple[int, int, torch.Tensor]] = []  # (row, start, slots) not yet on device
         self._free_rows = list(range(max_reqs - 1, -1, -1))  # a stack: row 0 goes out first
         self._is_free = [True] * max_reqs
 
@@ -45,3 +53,24 @@ class ReqToTokenPool:
 
     def num_free(self) -> int:
         return len(self._free_rows)
+
+    def write(self, row: int, start: int, slots: torch.Tensor) -> None:
+        """`row[start : start + len(slots)] = slots` (slots on the host)."""
+        self.host[row, start : start + len(slots)] = slots
+        if self.host is not self.req_to_token and len(slots):
+            self._pending.append((row, start, slots))
+
+    def read(self, row: int, start: int, end: int) -> torch.Tensor:
+        """A host view of `row[start:end]` (valid until the row is written again)."""
+        return self.host[row, start:end]
+
+    def flush(self) -> None:
+        """Bring the device table up to date with every write since the last flush."""
+        if not self._pending:
+            return
+        rows = torch.cat([torch.full((len(s),), r, dtype=torch.int64) for r, _, s in self._pending])
+        cols = torch.cat([torch.arange(st, st + len(s), dtype=torch.int64) for _, st, s in self._pending])
+        vals = torch.cat([s.to(torch.int64) for _, _, s in self._pending])
+        self._pending.clear()
+        packed = torch.stack([rows, cols, vals]).pin_memory().to(self.device, non_blocking=True)
+        self.req_to_token[packed[0], packed[1]] = packed[2]

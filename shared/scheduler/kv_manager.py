@@ -9,9 +9,9 @@ Requests lock their cached prefix through its tree node and own their private pa
 (see `shared/scheduler/request.py` for the layout). Allocation evicts unlocked tree leaves (LRU)
 before it gives up; giving up leaves nothing half-allocated.
 
-The allocator and the radix tree keep slot ids on the CPU (they are scheduler metadata);
-req_to_token lives on the model's device and is read back only when a request hands its KV
-to the cache or frees it, never per decode step (`Req.last_slot` mirrors what extend needs).
+The allocator and the radix tree keep slot ids on the CPU (they are scheduler metadata), and
+so does the scheduler's view of req_to_token (`ReqToTokenPool.host`; the device copy is
+brought up to date once per step), so scheduling never waits for the device.
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ class KVCacheManager:
             self.cache.inc_lock_ref(match.node)  # before evicting: our own prefix must stay
         req.row, req.cached_len, req.kv_len, req.last_slot = row, len(prefix), len(prefix), None
         req.last_node = match.node if match is not None else None
-        self.req_pool.req_to_token[row, : len(prefix)] = prefix
+        self.req_pool.write(row, 0, prefix)
         slots = self.extend(req, n, reserve_pages)
         if slots is None:
             self.release(req, cache_kv=False)
@@ -88,7 +88,7 @@ class KVCacheManager:
             return None
         slots = self.allocator.alloc_slots(req.last_slot if private_len else None, private_len, n)
         assert slots is not None  # ensure_free_pages made room
-        self.req_pool.req_to_token[req.row, req.kv_len : req.kv_len + n] = slots
+        self.req_pool.write(req.row, req.kv_len, slots)
         req.kv_len += n
         req.last_slot = int(slots[-1])
         return slots
@@ -108,7 +108,7 @@ class KVCacheManager:
             return
         match = self.cache.match_prefix(req.all_ids[:aligned])
         assert len(match.slots) == aligned
-        self.req_pool.req_to_token[req.row, req.cached_len : aligned] = match.slots[req.cached_len :]
+        self.req_pool.write(req.row, req.cached_len, match.slots[req.cached_len :])
         self.cache.inc_lock_ref(match.node)
         if req.last_node is not None:
             self.cache.dec_lock_ref(req.last_node)
@@ -122,7 +122,7 @@ class KVCacheManager:
         if cache_kv and self.cache is not None:
             start = max(start, self._insert(req))
         if req.kv_len > start:
-            self.allocator.free_slots(self.req_pool.req_to_token[req.row, start : req.kv_len].cpu())
+            self.allocator.free_slots(self.req_pool.read(req.row, start, req.kv_len).clone())
         if req.last_node is not None and self.cache is not None:
             self.cache.dec_lock_ref(req.last_node)
         self.req_pool.free(req.row)
@@ -134,7 +134,7 @@ class KVCacheManager:
         aligned = req.kv_len // self.page_size * self.page_size
         if aligned <= req.cached_len:
             return req.cached_len
-        slots = self.req_pool.req_to_token[req.row, :aligned].to("cpu", copy=True)
+        slots = self.req_pool.read(req.row, 0, aligned).clone()
         existed = self.cache.insert(req.all_ids[:aligned], slots)
         if existed > req.cached_len:
             # The tree already held [cached_len, existed) in other pages: ours are redundant.
