@@ -68,9 +68,20 @@ class ReqToTokenPool:
         """Bring the device table up to date with every write since the last flush."""
         if not self._pending:
             return
-        rows = torch.cat([torch.full((len(s),), r, dtype=torch.int64) for r, _, s in self._pending])
-        cols = torch.cat([torch.arange(st, st + len(s), dtype=torch.int64) for _, st, s in self._pending])
-        vals = torch.cat([s.to(torch.int64) for _, _, s in self._pending])
+        # Plain lists, then a handful of torch ops: per-write torch calls would cost more host
+        # time than the copies this saves.
+        rows: list[int] = []
+        cols: list[int] = []
+        for row, start, slots in self._pending:
+            rows += [row] * len(slots)
+            cols += range(start, start + len(slots))
         self._pending.clear()
-        packed = torch.stack([rows, cols, vals]).pin_memory().to(self.device, non_blocking=True)
+        index = torch.tensor([rows, cols], dtype=torch.int64)
+        # Values come from the mirror, not the queued writes: a cell written twice since the last
+        # flush (a row freed and reused within a step) appears twice here, and a scatter with
+        # repeated indices keeps an arbitrary one of its values on CUDA.
+        packed = torch.cat([index, self.host[index[0], index[1]][None]])  # one host->device copy
+        if self.req_to_token.is_cuda:
+            packed = packed.pin_memory()
+        packed = packed.to(self.req_to_token.device, non_blocking=True)
         self.req_to_token[packed[0], packed[1]] = packed[2]

@@ -447,3 +447,16 @@ def test_tree_node_is_exported() -> None:
     alloc, cache = make_cache(4, 1)
     cache.insert([1], page_slots(alloc, 1))
     assert isinstance(cache.match_prefix([1]).node, TreeNode)
+
+
+def test_req_to_token_mirror_flushes_the_last_write_of_a_cell() -> None:
+    # A device table behind a host mirror (a "meta"-free stand-in: a second CPU tensor) must end
+    # up with the last value written to a cell, even when the cell was written twice in a step.
+    pool = ReqToTokenPool(2, 8, "cpu")
+    pool.req_to_token = torch.full((2, 8), -1, dtype=torch.int64)  # pretend the device copy is separate
+    pool.write(0, 0, torch.tensor([1, 2, 3]))
+    pool.write(0, 0, torch.tensor([7, 8, 9, 10]))  # the row was freed and reused
+    assert pool.read(0, 0, 4).tolist() == [7, 8, 9, 10]
+    assert pool.req_to_token[0, :4].tolist() == [-1, -1, -1, -1]  # nothing on the device yet
+    pool.flush()
+    assert pool.req_to_token[0, :4].tolist() == [7, 8, 9, 10]
