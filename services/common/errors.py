@@ -13,6 +13,7 @@ Handlers raise; `grpc_errors` turns the exception into the call's status:
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
@@ -55,8 +56,6 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
 
 def grpc_errors(method: Callable[..., Any]) -> Callable[..., Any]:
     """Decorate a unary or server-streaming async servicer method: exceptions -> status."""
-    import inspect
-
     if inspect.isasyncgenfunction(method):
 
         @functools.wraps(method)

@@ -161,6 +161,7 @@ class Orchestrator:
         with self.registry.track(prefill, len(sample.token_ids)), self.registry.track(decode, sample.tokens):
             stream = decode.decode.Generate(request)
             prefill_call: asyncio.Task[worker_pb2.PrefillResponse] | None = None
+            read: asyncio.Future[worker_pb2.GenerateResponse | None] | None = None
             try:
                 messages = self._guard(decode, stream).__aiter__()
                 first = await anext(messages, None)
@@ -177,21 +178,24 @@ class Orchestrator:
                     )
                 )
                 while True:
-                    read = asyncio.ensure_future(anext(messages, None))
-                    if not prefill_call.done():
+                    if prefill_call.done():
+                        prefill_call.result()  # raises the prefill leg's failure
+                        msg = await anext(messages, None)
+                    else:  # wait for the next output or a prefill failure, whichever comes first
+                        read = asyncio.ensure_future(anext(messages, None))
                         await asyncio.wait({read, prefill_call}, return_when=asyncio.FIRST_COMPLETED)
                         if prefill_call.done() and prefill_call.exception() is not None:
-                            read.cancel()
                             raise prefill_call.exception()  # type: ignore[misc]
-                    msg = await read
+                        msg, read = await read, None
                     if msg is None:
                         break
                     yield self._response(sample, msg.output, route)
                     route = None
             finally:
                 stream.cancel()
-                if prefill_call is not None and not prefill_call.done():
-                    prefill_call.cancel()
+                for task in (read, prefill_call):
+                    if task is not None and not task.done():
+                        task.cancel()
 
     async def _prefill(
         self, worker: Worker, request: worker_pb2.PrefillRequest
