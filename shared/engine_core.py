@@ -62,6 +62,7 @@ class EngineCore:
         self._arrivals = itertools.count()
         self._pending_outputs: list[RequestOutput] = []
         self.counters: Counter[str] = Counter()
+        self._reservation_events: list[tuple[str, list[int] | None, str]] = []
 
         # Disaggregation: the NIXL agent over our pool, and the side of the hand-off we play.
         self.mode = config.disaggregation_mode
@@ -120,12 +121,14 @@ class EngineCore:
         return_logprob: bool = False,
         top_logprobs_num: int = 0,
         lease_s: float | None = None,
-    ) -> list[int]:
+    ) -> list[int] | None:
         """Decode engine: hold KV pages for a prompt whose KV a prefill engine will write.
 
-        Returns the page ids (page i of the prompt goes to pages[i]). The request continues
-        when its commit record arrives (`commit_kv`, or a NIXL notification) and is aborted if
-        none arrives within the lease. `ValueError` for bad input, `CapacityError` when full.
+        Returns the page ids (page i of the prompt goes to pages[i]), or None when the engine is
+        full: the reservation then waits (first come, first served, for at most the lease) and
+        its outcome arrives later through `take_reservation_events`. The request continues when
+        its commit record arrives (`commit_kv`, or a NIXL notification) and is aborted if none
+        arrives within the lease. `ValueError` for bad input.
         """
         if self.receiver is None:
             raise ValueError("only a decode engine takes reservations")
@@ -135,6 +138,20 @@ class EngineCore:
         pages = self.receiver.reserve(req, lease_s)
         self._requests[rid] = req
         return pages
+
+    def take_reservation_events(self) -> list[tuple[str, list[int] | None, str]]:
+        """Outcomes of queued reservations since the last call: (rid, pages, "") when granted,
+        (rid, None, why) when refused (no room within the lease, or aborted while queued)."""
+        events, self._reservation_events = self._reservation_events, []
+        return events
+
+    def reservation_granted(self, rid: str, pages: list[int]) -> None:
+        self._reservation_events.append((rid, pages, ""))
+
+    def drop_reservation(self, rid: str, message: str) -> None:
+        """A queued reservation ends without ever holding anything (no output is reported)."""
+        self._requests.pop(rid, None)
+        self._reservation_events.append((rid, None, message))
 
     def add_peer(self, metadata: bytes) -> str:
         """Learn a decode engine's NIXL metadata (prefill side); returns its agent name."""
@@ -216,7 +233,10 @@ class EngineCore:
             return
         if self.sender is not None and self.sender.abort(req):
             return  # reported once its writes are over
-        if not (self.receiver is not None and self.receiver.abort(req)):
+        held = self.receiver.abort(req) if self.receiver is not None else ""
+        if held == "dropped":
+            return
+        if held != "quarantined":
             self.scheduler.remove(req)
         self._finish(req, FinishReason(FinishKind.ABORT, message=message))
 
@@ -423,6 +443,7 @@ class EngineCore:
             out.update(
                 kv_bytes_received=self.receiver.bytes_received,
                 kv_reservations=self.receiver.reservations,
+                kv_reservations_queued=self.receiver.queued,
                 kv_reservations_expired=self.receiver.expired,
             )
         return out

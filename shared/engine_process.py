@@ -10,10 +10,12 @@ the client binds):
                        | AbortRequest | Shutdown
     engine -> client   Ready | Accepted | Rejected | Outputs | StepFailed | Reply
 
-`Accepted`/`Rejected` answer every `AddRequest` and `ReserveRequest` in order, before any
-output of its requests (a reservation's `Accepted` carries its pages); a rejection carries the
-engine's error type (`ValueError`, `CapacityError`) and message. `AddPeer` and `GetStats` are
-answered by a `Reply` with the same key (or a `Rejected` whose rids hold that key).
+`Accepted`/`Rejected` answer every `AddRequest` in order, before any output of its requests;
+a rejection carries the engine's error type (`ValueError`, `CapacityError`) and message. A
+`ReserveRequest` is answered the same way (`Accepted` carrying the pages), at once or, when
+the decode engine is full, once room frees up (`CapacityError` if none does in the lease).
+`AddPeer` and `GetStats` are answered by a `Reply` with the same key (or a `Rejected` whose
+rids hold that key).
 """
 
 from __future__ import annotations
@@ -183,6 +185,7 @@ def _serve(
             if reply is not None:
                 push.send(encode(reply))
             timeout = 0
+        _send_reservation_events(core, push, encode)  # e.g. a queued reservation aborted
         if not (core.has_work or core.waiting_on_transfers):
             continue
         try:
@@ -192,8 +195,15 @@ def _serve(
             message = f"engine step failed: {e}"
             push.send(encode(StepFailed(core.fail_all(message), message)))
             continue
+        _send_reservation_events(core, push, encode)  # before any output of theirs
         if outputs:
             push.send(encode(Outputs(outputs)))
+
+
+def _send_reservation_events(core: EngineCore, push: zmq.Socket[bytes], encode: Any) -> None:
+    for rid, pages, why in core.take_reservation_events():
+        reply = Accepted([rid], pages) if pages is not None else Rejected([rid], "CapacityError", why)
+        push.send(encode(reply))
 
 
 def _handle(core: EngineCore, msg: ToEngine) -> FromEngine | None:
@@ -222,7 +232,7 @@ def _handle(core: EngineCore, msg: ToEngine) -> FromEngine | None:
             ),
         )
     if isinstance(msg, ReserveRequest):
-        return _answer(
+        reply = _answer(
             [msg.rid],
             lambda: core.reserve(
                 msg.rid,
@@ -233,6 +243,8 @@ def _handle(core: EngineCore, msg: ToEngine) -> FromEngine | None:
                 msg.lease_s,
             ),
         )
+        queued = isinstance(reply, Accepted) and reply.pages is None
+        return None if queued else reply  # a queued reservation is answered when granted
     if isinstance(msg, AddPeer):
         return _answer([msg.key], lambda: core.add_peer(msg.metadata), msg.key)
     assert isinstance(msg, GetStats)

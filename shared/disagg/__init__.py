@@ -10,6 +10,7 @@ Decode engine (`KvReceiver`): reserves pages for a prompt, waits for the commit 
 notification, or bytes + record from the gRPC transport), then runs the request from the
 first token like any other:
 
+    (queued while full, first come first served, up to the lease)
     reserve --> parked (awaiting_kv, leased) --(commit)--> running
                    '--(abort / lease expiry)--> quarantined until the write is over --> freed
 

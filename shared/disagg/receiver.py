@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
-from shared.errors import CapacityError
 from shared.scheduler.request import Req
 from shared.transfer import KvCommit
 
@@ -19,35 +18,47 @@ class KvReceiver:
         self.core = core
         self.agent = agent
         self.lease_s = lease_s
+        self._queued: dict[str, Req] = {}  # reservations waiting for room, in arrival order
         self._waiting: dict[str, Req] = {}  # reservations awaiting their KV
         self._quarantine: dict[str, Req] = {}  # aborted reservations a write may still reach
         self.bytes_received = 0
         self.reservations = 0
+        self.queued = 0  # reservations that had to wait for room
         self.expired = 0
 
     @property
     def busy(self) -> bool:
-        return bool(self._waiting or self._quarantine)
+        return bool(self._queued or self._waiting or self._quarantine)
 
-    def reserve(self, req: Req, lease_s: float | None) -> list[int]:
-        """Hold pages for the whole prompt of `req`; returns them in prompt order."""
-        core = self.core
+    def reserve(self, req: Req, lease_s: float | None) -> list[int] | None:
+        """Hold pages for the whole prompt of `req` (returned in prompt order), or queue the
+        reservation until there is room (None; the core reports it when it is granted)."""
         if req.rid in self._quarantine:
             raise ValueError(f"request id {req.rid!r} is still in use")
+        req.kv_deadline = time.monotonic() + (lease_s or self.lease_s)
+        if not self._queued and self._try_reserve(req, lease_s):
+            return req.kv_pages
+        req.kv_lease_s = lease_s or self.lease_s
+        self._queued[req.rid] = req
+        self.queued += 1
+        return None
+
+    def _try_reserve(self, req: Req, lease_s: float | None) -> bool:
+        core = self.core
         if core.scheduler.num_active >= core.config.max_running_requests:
-            raise CapacityError("the decode engine is at max_running_requests")
+            return False
         # Room for the running requests' next tokens stays free, as admission does.
         slots = core.kv.admit(req, None, len(req.prompt_ids), reserve_pages=len(core.scheduler.running))
         if slots is None:
-            raise CapacityError(f"no KV room for a {len(req.prompt_ids)}-token prompt on this decode engine")
+            return False
         page_size = core.layout.page_size
         req.kv_pages = (slots[::page_size] // page_size).tolist()
         req.awaiting_kv = True
-        req.kv_deadline = time.monotonic() + (lease_s or self.lease_s)
+        req.kv_deadline = time.monotonic() + (lease_s or self.lease_s)  # the lease starts now
         core.scheduler.parked.append(req)
         self._waiting[req.rid] = req
         self.reservations += 1
-        return req.kv_pages
+        return True
 
     def commit(self, commit: KvCommit, payload: bytes | None = None) -> None:
         """The prompt's KV is in place (or arrives in `payload`): continue from the first token."""
@@ -66,16 +77,21 @@ class KvReceiver:
         self.core.scheduler.unpark(req)
         self.core.continue_decode(req, commit)
 
-    def abort(self, req: Req) -> bool:
-        """Abort a reservation; True when its pages must wait in quarantine (the core then keeps them)."""
+    def abort(self, req: Req) -> str:
+        """Abort a reservation. "dropped": it was still queued (the core forgets it, no output);
+        "quarantined": its pages wait out a possible write (the core keeps them); "" otherwise."""
+        if self._queued.pop(req.rid, None) is not None:
+            self.core.drop_reservation(req.rid, "aborted while waiting for KV room")
+            return "dropped"
         if self._waiting.pop(req.rid, None) is None:
-            return False
+            return ""
         req.kv_deadline = time.monotonic() + 2 * self.lease_s
         self._quarantine[req.rid] = req
-        return True
+        return "quarantined"
 
     def reset(self) -> None:
         """After a failed step dropped every request."""
+        self._queued.clear()
         self._waiting.clear()
         self._quarantine.clear()
 
@@ -85,6 +101,18 @@ class KvReceiver:
             for msg in self.agent.take_notifs():
                 self.commit(KvCommit.decode(msg))
         now = time.monotonic()
+        for rid, req in list(self._queued.items()):  # first come, first served
+            if now > req.kv_deadline:
+                del self._queued[rid]
+                self.expired += 1
+                self.core.drop_reservation(
+                    rid, "no KV room on this decode engine within the reservation lease"
+                )
+            elif self._try_reserve(req, req.kv_lease_s):
+                del self._queued[rid]
+                self.core.reservation_granted(rid, req.kv_pages or [])
+            else:
+                break
         for rid, req in list(self._waiting.items()):
             if now > req.kv_deadline:
                 self.expired += 1

@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 
 from shared.engine_core import EngineCore, RequestOutput
-from shared.errors import CapacityError
 from shared.sampling import SamplingParams
 from shared.transfer import KvCommit, KvTarget, nixl_available
 from tests.engine.hf_reference import hf_greedy
@@ -189,11 +188,59 @@ def test_bad_reservations_and_targets_are_refused(tiny_llama: Path) -> None:
         prefill.add_request(["x"], [5, 6], params, kv_target=KvTarget("grpc", [10_000]))
     with pytest.raises(ValueError, match="no NIXL agent"):
         prefill.add_request(["x"], [5, 6], params, kv_target=KvTarget("nixl", [1], "someone"))
-    decode.reserve("a", list(range(5, 45)), params)
-    with pytest.raises(CapacityError, match="no KV room"):
-        decode.reserve("b", list(range(5, 45)), params)
-    decode.abort("a")
     prefill.check_idle()
+
+
+def test_full_decode_engine_queues_reservations_first_come_first_served(tiny_llama: Path) -> None:
+    prefill, decode = make_pair(tiny_llama, "grpc", max_total_tokens=64)
+    params = SamplingParams(max_new_tokens=3, temperature=0.0, ignore_eos=True)
+    a, b, c = (list(range(5 + i, 45 + i)) for i in range(3))  # 40 tokens: 3 of the 4 pages each
+    pages_a = decode.reserve("a", a, params)
+    assert pages_a is not None and len(pages_a) == 3
+    assert decode.reserve("b", b, params) is None  # no room: queued, holds nothing
+    assert decode.reserve("c", c, params) is None
+    decode.abort("c")  # aborted while queued: refused, no output
+    assert decode.take_reservation_events() == [("c", None, "aborted while waiting for KV room")]
+    assert decode.step() == []
+    # a runs to the end; its pages go back and b is granted them
+    prefill.add_request(["a"], a, params, kv_target=KvTarget("grpc", pages_a))
+    (out,) = prefill.step()
+    decode.commit_kv(KvCommit.decode(out.kv_commit), out.kv_payload)  # type: ignore[arg-type]
+    finished = []
+    while not finished:
+        finished = [o for o in decode.step() if o.finished]
+    assert finished[0].rid == "a" and finished[0].completion_tokens == 3
+    decode.step()
+    ((rid, pages_b, why),) = decode.take_reservation_events()
+    assert rid == "b" and pages_b is not None and len(pages_b) == 3 and why == ""
+    prefill.add_request(["b"], b, params, kv_target=KvTarget("grpc", pages_b))
+    (out,) = prefill.step()
+    decode.commit_kv(KvCommit.decode(out.kv_commit), out.kv_payload)  # type: ignore[arg-type]
+    got: list[int] = []
+    while decode.has_work:
+        got += [t for o in decode.step() for t in o.new_ids]
+    assert got == hf_greedy(tiny_llama, b, 3)
+    wait_idle(decode)
+
+
+def test_queued_reservation_times_out_with_a_capacity_error(tiny_llama: Path) -> None:
+    decode = build_core(
+        tiny_llama,
+        disaggregation_mode="decode",
+        kv_transport="grpc",
+        max_total_tokens=64,
+        kv_transfer_timeout_s=0.05,
+    )
+    params = SamplingParams(max_new_tokens=3)
+    assert decode.reserve("a", list(range(5, 45)), params) is not None
+    assert decode.reserve("b", list(range(5, 45)), params, lease_s=0.05) is None
+    time.sleep(0.06)
+    decode.step()
+    assert decode.take_reservation_events() == [
+        ("b", None, "no KV room on this decode engine within the reservation lease")
+    ]
+    wait_idle(decode)  # a's own lease ran out too: quarantined for twice the lease, then freed
+    assert decode.stats()["kv_reservations"] == 1 and decode.stats()["kv_reservations_expired"] == 2
 
 
 @pytest.mark.skipif(not nixl_available(), reason="NIXL is not installed")

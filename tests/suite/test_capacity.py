@@ -1,0 +1,60 @@
+"""A full decode worker queues reservations instead of refusing them: a request that arrives
+while the decode pool is taken waits for room and then completes."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.engine.hf_reference import hf_greedy
+from tests.suite.cluster import Cluster, Service, collect
+
+pytestmark = pytest.mark.xdist_group("suite_capacity")
+
+
+@pytest.fixture(scope="module")
+def small_decode(
+    tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Cluster, Service]]:
+    with Cluster(tiny_llama, tmp_path_factory.mktemp("capacity")) as cluster:
+        cluster.start_router()
+        # 64 KV tokens: one 40-token prompt with 20 new tokens fills the decode pool.
+        _, decode = cluster.start_workers(
+            [
+                ("prefill", "--kv-transport", "grpc"),
+                ("decode", "--kv-transport", "grpc", "--max-total-tokens", "64"),
+            ]
+        )
+        yield cluster, decode
+
+
+def test_second_request_waits_for_room_then_completes(
+    small_decode: tuple[Cluster, Service], tiny_llama: Path
+) -> None:
+    cluster, decode = small_decode
+    first, second = list(range(10, 50)), list(range(60, 100))
+    params = {"max_new_tokens": 20, "temperature": 0.0, "ignore_eos": True}
+    counters = decode.load().counters
+    before, queued_before = counters.get("kv_reservations", 0), counters.get("kv_reservations_queued", 0)
+    stream = cluster.stub.Generate(cluster.request(first, **params), timeout=60)
+    head = [next(stream)]  # the first request holds the decode pool now
+    results: dict[str, object] = {}
+
+    def run_second() -> None:
+        results["second"] = collect(cluster.generate(second, **params))[0]
+
+    thread = threading.Thread(target=run_second)
+    thread.start()
+    rest = list(stream)
+    thread.join(60)
+    a = collect(head + rest)[0]
+    b = results["second"]
+    assert a["ids"] == hf_greedy(tiny_llama, first, 20)
+    assert b["ids"] == hf_greedy(tiny_llama, second, 20)  # type: ignore[index]
+    counters = decode.load().counters
+    assert counters["kv_reservations"] - before == 2
+    assert counters["kv_reservations_queued"] - queued_before == 1  # the second one waited
+    assert decode.load().kv_used_tokens == 0
