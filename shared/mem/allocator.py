@@ -74,6 +74,14 @@ class PageAllocator:
             self._is_free[p] = 0
         return torch.tensor(pages, dtype=torch.int64)
 
+    def alloc_page(self) -> int | None:
+        """Take one page (the decode fast path: no tensors), or None if none is free."""
+        if not self._free:
+            return None
+        page = self._free.popleft()
+        self._is_free[page] = 0
+        return page
+
     def free(self, pages: torch.Tensor) -> None:
         """Return pages to the free list. The caller must own every page, each listed once."""
         ids = pages.tolist()

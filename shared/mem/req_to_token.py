@@ -34,7 +34,8 @@ class ReqToTokenPool:
         self.req_to_token = torch.zeros((max_reqs, max_context_len), dtype=torch.int64, device=self.device)
         mirrored = self.device.type != "cpu"
         self.host = torch.zeros_like(self.req_to_token, device="cpu") if mirrored else self.req_to_token
-        self._pending: list[tuple[int, int, torch.Tensor]] = []  # (row, start, slots) not yet on device
+        self._host_np = self.host.numpy()  # same memory; single cells without torch overhead
+        self._pending: list[tuple[int, int, torch.Tensor | list[int]]] = []  # not yet on the device
         self._free_rows = list(range(max_reqs - 1, -1, -1))  # a stack: row 0 goes out first
         self._is_free = [True] * max_reqs
 
@@ -59,6 +60,12 @@ class ReqToTokenPool:
         self.host[row, start : start + len(slots)] = slots
         if self.host is not self.req_to_token and len(slots):
             self._pending.append((row, start, slots))
+
+    def write_one(self, row: int, pos: int, slot: int) -> None:
+        """`row[pos] = slot` (the decode step's cheap path)."""
+        self._host_np[row, pos] = slot
+        if self.host is not self.req_to_token:
+            self._pending.append((row, pos, [slot]))
 
     def read(self, row: int, start: int, end: int) -> torch.Tensor:
         """A host view of `row[start:end]` (valid until the row is written again)."""

@@ -93,6 +93,22 @@ class KVCacheManager:
         req.last_slot = int(slots[-1])
         return slots
 
+    def extend_one(self, req: Req) -> int:
+        """The slot of a running request's next token, as `extend(req, 1)` but without tensors.
+        The caller has made sure a free page exists when the request needs a new one."""
+        assert req.row is not None
+        if (req.kv_len - req.cached_len) % self.page_size:
+            assert req.last_slot is not None
+            slot = req.last_slot + 1  # the rest of its last page
+        else:
+            page = self.allocator.alloc_page()
+            assert page is not None  # ensured by the caller
+            slot = page * self.page_size
+        self.req_pool.write_one(req.row, req.kv_len, slot)
+        req.kv_len += 1
+        req.last_slot = slot
+        return slot
+
     # ---- handing KV to the cache ---------------------------------------------------------------
 
     def cache_unfinished(self, req: Req) -> None:

@@ -119,13 +119,8 @@ class Scheduler:
             self._retract(victim)
             if victim in decodes:
                 decodes.remove(victim)
-        items = []
-        for req in decodes:
-            start = req.kv_len
-            slots = self.kv.extend(req, 1)
-            assert slots is not None  # ensured above
-            items.append(ScheduledReq(req, start, 1, slots))
-        return items
+        slots = torch.tensor([self.kv.extend_one(req) for req in decodes], dtype=torch.int64)
+        return [ScheduledReq(req, req.kv_len - 1, 1, slots[i : i + 1]) for i, req in enumerate(decodes)]
 
     def _schedule_chunks(self, budget: int, reserve: int) -> list[ScheduledReq]:
         items = []
