@@ -7,7 +7,7 @@ from typing import Any
 from services.protos.tandem.common.v1 import common_pb2
 from shared.outputs import RequestOutput
 
-_SCALARS = [
+SAMPLING_SCALARS = (  # the scalar fields of common.v1.SamplingParams
     "max_new_tokens",
     "min_new_tokens",
     "temperature",
@@ -22,7 +22,7 @@ _SCALARS = [
     "skip_special_tokens",
     "spaces_between_special_tokens",
     "no_stop_trim",
-]
+)
 
 _FINISH = {
     "stop": common_pb2.FINISH_REASON_STOP,
@@ -33,7 +33,7 @@ _FINISH = {
 
 def sampling_to_dict(params: common_pb2.SamplingParams) -> dict[str, Any]:
     """Only the fields the caller set: the engine applies its defaults to the rest."""
-    out: dict[str, Any] = {name: getattr(params, name) for name in _SCALARS if params.HasField(name)}
+    out: dict[str, Any] = {name: getattr(params, name) for name in SAMPLING_SCALARS if params.HasField(name)}
     if params.stop:
         out["stop"] = list(params.stop)
     if params.stop_token_ids:

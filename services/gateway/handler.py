@@ -14,7 +14,6 @@ ends the request; errors are raised (`OpenAIError`, `grpc.aio.AioRpcError`) and 
 
 from __future__ import annotations
 
-import asyncio
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
@@ -23,6 +22,8 @@ from typing import Any
 
 import grpc
 
+from services.common.convert import SAMPLING_SCALARS
+from services.common.streams import merge
 from services.gateway.protocol import ChatCompletionRequest, CompletionRequest, OpenAIError, bad_request
 from services.gateway.responses import Job, Metadata, ResponseBuilder
 from services.gateway.tokenizer import Tokenizer
@@ -30,20 +31,9 @@ from services.protos.tandem.common.v1 import common_pb2
 from services.protos.tandem.router.v1 import router_pb2, router_pb2_grpc
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
-_SAMPLING_FIELDS = (
-    "temperature",
-    "top_p",
-    "top_k",
-    "min_p",
-    "frequency_penalty",
-    "presence_penalty",
-    "repetition_penalty",
-    "ignore_eos",
-    "seed",
-    "skip_special_tokens",
-    "spaces_between_special_tokens",
-    "no_stop_trim",
-)
+# Request fields named as in the proto; the token limits are mapped one by one (their OpenAI
+# names differ and the gateway clamps them to the context).
+_SAMPLING_FIELDS = tuple(f for f in SAMPLING_SCALARS if f not in ("max_new_tokens", "min_new_tokens"))
 
 
 @dataclass(frozen=True)
@@ -229,7 +219,7 @@ class Handler:
         ]
         finished = [False] * job.num_choices
         try:
-            async for prompt_idx, response in _merge(opened):
+            async for prompt_idx, response in merge(opened):
                 output = response.output
                 if output.index >= job.n:
                     raise OpenAIError(
@@ -264,37 +254,3 @@ class Handler:
                 yield chunk
         if job.include_usage:
             yield builder.usage_chunk()
-
-
-async def _merge(
-    calls: list[grpc.aio.UnaryStreamCall],
-) -> AsyncIterator[tuple[int, router_pb2.GenerateResponse]]:
-    """(call index, response) from all calls in arrival order; raises the first call's error."""
-    if len(calls) == 1:  # the common case, without a task and a queue hop per token
-        async for response in calls[0]:
-            yield 0, response
-        return
-    queue: asyncio.Queue[tuple[int, router_pb2.GenerateResponse] | BaseException | None] = asyncio.Queue()
-
-    async def pump(idx: int, call: grpc.aio.UnaryStreamCall) -> None:
-        try:
-            async for response in call:
-                queue.put_nowait((idx, response))
-            queue.put_nowait(None)
-        except BaseException as exc:  # CancelledError too: the consumer must not wait forever
-            queue.put_nowait(exc)
-
-    tasks = [asyncio.ensure_future(pump(i, call)) for i, call in enumerate(calls)]
-    try:
-        running = len(tasks)
-        while running:
-            item = await queue.get()
-            if item is None:
-                running -= 1
-            elif isinstance(item, BaseException):
-                raise item
-            else:
-                yield item
-    finally:
-        for task in tasks:
-            task.cancel()

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import grpc
 
 from services.common.errors import ServiceError
+from services.common.streams import merge
 from services.protos.tandem.common.v1 import common_pb2
 from services.protos.tandem.router.v1 import router_pb2
 from services.protos.tandem.worker.v1 import worker_pb2
@@ -83,34 +84,8 @@ class Orchestrator:
 
     async def generate(self, samples: Sequence[Sample]) -> AsyncIterator[router_pb2.GenerateResponse]:
         """Responses of all samples, interleaved as they come; the first error ends the stream."""
-        if len(samples) == 1:
-            async for resp in self._run(samples[0]):
-                yield resp
-            return
-        queue: asyncio.Queue[router_pb2.GenerateResponse | BaseException | None] = asyncio.Queue()
-
-        async def pump(sample: Sample) -> None:
-            try:
-                async for resp in self._run(sample):
-                    queue.put_nowait(resp)
-                queue.put_nowait(None)
-            except Exception as e:
-                queue.put_nowait(e)
-
-        tasks = [asyncio.create_task(pump(s)) for s in samples]
-        try:
-            done = 0
-            while done < len(samples):
-                item = await queue.get()
-                if item is None:
-                    done += 1
-                elif isinstance(item, BaseException):
-                    raise item
-                else:
-                    yield item
-        finally:
-            for task in tasks:
-                task.cancel()
+        async for _, resp in merge([self._run(s) for s in samples]):
+            yield resp
 
     async def _run(self, sample: Sample) -> AsyncIterator[router_pb2.GenerateResponse]:
         emitted = False

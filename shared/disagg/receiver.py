@@ -35,15 +35,15 @@ class KvReceiver:
         reservation until there is room (None; the core reports it when it is granted)."""
         if req.rid in self._quarantine:
             raise ValueError(f"request id {req.rid!r} is still in use")
-        req.kv_deadline = time.monotonic() + (lease_s or self.lease_s)
-        if not self._queued and self._try_reserve(req, lease_s):
-            return req.kv_pages
         req.kv_lease_s = lease_s or self.lease_s
+        if not self._queued and self._try_reserve(req):
+            return req.kv_pages
+        req.kv_deadline = time.monotonic() + req.kv_lease_s  # how long it may wait for room
         self._queued[req.rid] = req
         self.queued += 1
         return None
 
-    def _try_reserve(self, req: Req, lease_s: float | None) -> bool:
+    def _try_reserve(self, req: Req) -> bool:
         core = self.core
         if core.scheduler.num_active >= core.config.max_running_requests:
             return False
@@ -54,7 +54,7 @@ class KvReceiver:
         page_size = core.layout.page_size
         req.kv_pages = (slots[::page_size] // page_size).tolist()
         req.awaiting_kv = True
-        req.kv_deadline = time.monotonic() + (lease_s or self.lease_s)  # the lease starts now
+        req.kv_deadline = time.monotonic() + req.kv_lease_s  # the lease starts now
         core.scheduler.parked.append(req)
         self._waiting[req.rid] = req
         self.reservations += 1
@@ -108,7 +108,7 @@ class KvReceiver:
                 self.core.drop_reservation(
                     rid, "no KV room on this decode engine within the reservation lease"
                 )
-            elif self._try_reserve(req, req.kv_lease_s):
+            elif self._try_reserve(req):
                 del self._queued[rid]
                 self.core.reservation_granted(rid, req.kv_pages or [])
             else:

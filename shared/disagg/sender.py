@@ -43,7 +43,7 @@ class KvSender:
     def check_target(self, target: KvTarget, prompt_len: int) -> None:
         """Raise ValueError if this engine cannot send a prompt of `prompt_len` tokens there."""
         layout = self.core.layout
-        want = -(-prompt_len // layout.page_size)
+        want = self.core.kv.allocator.pages_needed(0, prompt_len)
         if len(target.pages) != want:
             raise ValueError(f"the KV target has {len(target.pages)} pages; the prompt needs {want}")
         layout.check_pages(target.pages)
@@ -143,7 +143,7 @@ class KvSender:
         self._sends.clear()
 
     def _num_pages(self, req: Req) -> int:
-        return -(-len(req.prompt_ids) // self.core.layout.page_size)
+        return self.core.kv.allocator.pages_needed(0, len(req.prompt_ids))
 
     def _own_pages(self, req: Req, end: int | None = None) -> list[int]:
         page_size = self.core.layout.page_size

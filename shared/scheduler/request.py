@@ -76,7 +76,7 @@ class Req:
     kv_pages: list[int] | None = None  # decode: the reserved pages, in prompt order
     awaiting_kv: bool = False
     kv_deadline: float = 0.0  # time.monotonic() by which the KV must arrive / be sent
-    kv_lease_s: float = 0.0  # decode: the lease a queued reservation gets once granted
+    kv_lease_s: float = 0.0  # decode: how long the reservation waits for room, then for its KV
 
     # Output produced since the last report to the caller.
     decoded: str = ""  # all text decoded so far (may end in a possible stop-string prefix)

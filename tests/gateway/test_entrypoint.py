@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,18 +15,13 @@ import openai
 import pytest
 
 from services.gateway import GatewayConfig
+from services.launcher import free_port
 from tests.gateway.conftest import GatewayThread
 from tests.gateway.stub_router import MODEL_ID, StubRouter
 
 pytestmark = pytest.mark.xdist_group("gateway_entrypoint")
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float = 25.0) -> None:
@@ -51,7 +45,7 @@ def stub_router(tokenizer_dir: Path) -> Iterator[StubRouter]:
 
 
 def test_module_entry_point(stub_router: StubRouter, tokenizer_dir: Path) -> None:
-    port = _free_port()
+    port = free_port()
     cmd = [
         sys.executable,
         "-m",
@@ -81,7 +75,7 @@ def test_module_entry_point(stub_router: StubRouter, tokenizer_dir: Path) -> Non
 
 def test_without_router_health_is_503_and_requests_are_503(tokenizer_dir: Path) -> None:
     # With the model name given, the gateway starts before the router is up.
-    dead = f"127.0.0.1:{_free_port()}"
+    dead = f"127.0.0.1:{free_port()}"
     config = GatewayConfig(
         router=dead, tokenizer=str(tokenizer_dir), served_model_name="alias", health_timeout=0.5
     )
@@ -110,7 +104,7 @@ def test_health_follows_the_router(stub_router: StubRouter, tokenizer_dir: Path)
 
 
 def test_startup_fails_without_router_or_model_name(tokenizer_dir: Path) -> None:
-    dead = f"127.0.0.1:{_free_port()}"
+    dead = f"127.0.0.1:{free_port()}"
     config = GatewayConfig(router=dead, tokenizer=str(tokenizer_dir), startup_timeout=0.3)
     with pytest.raises(RuntimeError, match="did not start"):
         GatewayThread(config).start()

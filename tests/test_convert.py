@@ -1,0 +1,23 @@
+"""The proto <-> domain tables stay in step with the wire contract."""
+
+from __future__ import annotations
+
+from services.common.convert import SAMPLING_SCALARS, sampling_to_dict
+from services.protos.tandem.common.v1 import common_pb2
+from shared.sampling.params import SamplingParams
+
+
+def test_sampling_scalars_are_the_protos_scalar_fields() -> None:
+    fields = common_pb2.SamplingParams.DESCRIPTOR.fields
+    repeated = {"stop", "stop_token_ids"}
+    assert sorted(SAMPLING_SCALARS) == sorted(f.name for f in fields if f.name not in repeated)
+
+
+def test_every_set_field_reaches_the_engine_params() -> None:
+    proto = common_pb2.SamplingParams(
+        max_new_tokens=5, temperature=0.5, seed=3, stop=["x"], stop_token_ids=[2]
+    )
+    params = SamplingParams.from_dict(sampling_to_dict(proto))  # unknown names would raise
+    assert (params.max_new_tokens, params.temperature, params.seed) == (5, 0.5, 3)
+    assert params.stop == ["x"] and params.stop_token_ids == [2]
+    assert sampling_to_dict(common_pb2.SamplingParams()) == {}  # unset stays unset: engine defaults
