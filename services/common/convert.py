@@ -38,6 +38,9 @@ def sampling_to_dict(params: common_pb2.SamplingParams) -> dict[str, Any]:
         out["stop"] = list(params.stop)
     if params.stop_token_ids:
         out["stop_token_ids"] = list(params.stop_token_ids)
+    constraint = params.WhichOneof("constraint")
+    if constraint is not None:
+        out[constraint] = getattr(params, constraint)
     return out
 
 
