@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from services.common.convert import SAMPLING_SCALARS, sampling_to_dict
+from services.common.convert import CONSTRAINT_FIELDS, SAMPLING_SCALARS, sampling_to_dict
 from services.protos.tandem.common.v1 import common_pb2
 from shared.sampling.params import SamplingParams
 
 
 def test_sampling_scalars_are_the_protos_scalar_fields() -> None:
     fields = common_pb2.SamplingParams.DESCRIPTOR.fields
-    repeated = {"stop", "stop_token_ids"}
-    assert sorted(SAMPLING_SCALARS) == sorted(f.name for f in fields if f.name not in repeated)
+    other = {"stop", "stop_token_ids", *CONSTRAINT_FIELDS}
+    assert sorted(SAMPLING_SCALARS) == sorted(f.name for f in fields if f.name not in other)
+    assert CONSTRAINT_FIELDS == ("json_schema", "regex", "ebnf", "structural_tag")
 
 
 def test_every_set_field_reaches_the_engine_params() -> None:
@@ -21,3 +22,10 @@ def test_every_set_field_reaches_the_engine_params() -> None:
     assert (params.max_new_tokens, params.temperature, params.seed) == (5, 0.5, 3)
     assert params.stop == ["x"] and params.stop_token_ids == [2]
     assert sampling_to_dict(common_pb2.SamplingParams()) == {}  # unset stays unset: engine defaults
+
+
+def test_a_constraint_reaches_the_engine_params() -> None:
+    for name in CONSTRAINT_FIELDS:
+        proto = common_pb2.SamplingParams(**{name: "x"})
+        params = SamplingParams.from_dict(sampling_to_dict(proto))
+        assert getattr(params, name) == "x"

@@ -24,6 +24,11 @@ SAMPLING_SCALARS = (  # the scalar fields of common.v1.SamplingParams
     "no_stop_trim",
 )
 
+# The members of SamplingParams' `constraint` oneof; the engine's params use the same names.
+CONSTRAINT_FIELDS = tuple(
+    f.name for f in common_pb2.SamplingParams.DESCRIPTOR.oneofs_by_name["constraint"].fields
+)
+
 _FINISH = {
     "stop": common_pb2.FINISH_REASON_STOP,
     "length": common_pb2.FINISH_REASON_LENGTH,

@@ -31,6 +31,10 @@ MAX_ABS_ADDITIVE_PENALTY = 2.0
 GREEDY_TEMPERATURE_EPS = 1e-5
 # Seeds travel as int64 tensors with -1 meaning "unseeded".
 MAX_SEED = 2**63 - 1
+# Constraint sources (a JSON schema, regex, grammar or structural tag) are compiled against the
+# whole vocabulary; beyond this size compilation time and memory are the caller's denial of service.
+MAX_CONSTRAINT_CHARS = 256 * 1024
+CONSTRAINT_KINDS = ("json_schema", "regex", "ebnf", "structural_tag")
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,11 @@ class SamplingParams:
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     no_stop_trim: bool = False
+    # Constrained decoding (at most one; see shared/constrained): the output must match it.
+    json_schema: str | None = None  # a JSON schema as JSON text
+    regex: str | None = None
+    ebnf: str | None = None  # GBNF-style, with a `root` rule
+    structural_tag: str | None = None  # xgrammar structural tag as JSON text
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
@@ -99,6 +108,15 @@ class SamplingParams:
         if isinstance(self.stop, str):
             return [self.stop]
         return list(self.stop)
+
+    @property
+    def constraint(self) -> tuple[str, str] | None:
+        """(kind, source) of the output constraint, or None; kind is one of CONSTRAINT_KINDS."""
+        for kind in CONSTRAINT_KINDS:
+            source = getattr(self, kind)
+            if source is not None:
+                return kind, source
+        return None
 
     def normalized(self) -> SamplingParams:
         """Canonical copy: stop is a list, top_k 0 becomes -1, near-zero temperature becomes 0.
@@ -152,6 +170,15 @@ class SamplingParams:
         if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
             raise ValueError(f"seed must be in [0, 2**63 - 1], got {self.seed}")
         self._verify_stops(vocab_size)
+        kinds = [k for k in CONSTRAINT_KINDS if getattr(self, k) is not None]
+        if len(kinds) > 1:
+            raise ValueError(f"{kinds[1]}: at most one constraint per request, got {' and '.join(kinds)}")
+        for kind in kinds:
+            size = len(getattr(self, kind))
+            if size > MAX_CONSTRAINT_CHARS:
+                raise ValueError(
+                    f"{kind} is too large: {size} characters, the limit is {MAX_CONSTRAINT_CHARS}"
+                )
 
     def _verify_stops(self, vocab_size: int) -> None:
         stops = self.stop_strs
@@ -212,6 +239,9 @@ def _check_type(name: str, value: object) -> None:
             or (isinstance(value, (list, tuple)) and all(isinstance(s, str) for s in value))
         )
         expected = "a string, a list of strings or null"
+    elif name in CONSTRAINT_KINDS:
+        ok = value is None or isinstance(value, str)
+        expected = "a string or null"
     elif name == "stop_token_ids":
         ok = value is None or (isinstance(value, (list, tuple)) and all(_is_int(t) for t in value))
         expected = "a list of integers or null"

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from shared.sampling import SamplingParams
-from shared.sampling.params import MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS
+from shared.sampling.params import MAX_CONSTRAINT_CHARS, MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS
 
 VOCAB = 1000
 
@@ -41,10 +41,25 @@ def test_from_dict_reads_every_field() -> None:
         "skip_special_tokens": False,
         "spaces_between_special_tokens": False,
         "no_stop_trim": True,
+        "json_schema": None,
+        "regex": "[a-z]+",
+        "ebnf": None,
+        "structural_tag": None,
     }
     p = SamplingParams.from_dict(d)
     assert dataclasses.asdict(p) == d
     p.verify(VOCAB)
+    assert p.constraint == ("regex", "[a-z]+")
+
+
+def test_at_most_one_constraint_of_bounded_size() -> None:
+    with pytest.raises(ValueError, match="at most one constraint"):
+        SamplingParams(regex="a", json_schema="{}").verify(VOCAB)
+    with pytest.raises(ValueError, match=r"^ebnf is too large"):
+        SamplingParams(ebnf="x" * (MAX_CONSTRAINT_CHARS + 1)).verify(VOCAB)
+    with pytest.raises(ValueError, match=r"^regex must be a string or null"):
+        SamplingParams.from_dict({"regex": 3})
+    assert SamplingParams().constraint is None
 
 
 def test_ints_accepted_for_floats_and_stored_as_float() -> None:
