@@ -44,6 +44,14 @@ class EngineConfig:
     disaggregation_mode: DisaggregationMode = "null"
     kv_transport: KvTransport = "auto"  # auto: nixl when installed, else bytes over gRPC
     kv_transfer_timeout_s: float = 30.0  # prefill: give up a write; decode: reservation lease
+    # Constrained decoding (xgrammar): compiled grammars kept (LRU), compile threads, and how long a
+    # request waits for its grammar before it is refused.
+    grammar_cache_size: int = 256
+    grammar_compile_threads: int = 2
+    grammar_compile_timeout_s: float = 10.0
+    # JSON schemas: allow any whitespace between tokens (True) or xgrammar's compact separators;
+    # compact keeps outputs short and is what models fine-tuned for JSON mostly emit.
+    json_any_whitespace: bool = False
     # Check `free + evictable + locked == total` after every step (tests turn it on).
     debug_invariants: bool = dataclasses.field(
         default_factory=lambda: os.environ.get("TANDEM_DEBUG_INVARIANTS", "") not in ("", "0")
@@ -93,5 +101,9 @@ class EngineConfig:
             raise ValueError(f"kv_transport must be one of {_TRANSPORTS}, got {self.kv_transport!r}")
         if not self.kv_transfer_timeout_s > 0:
             raise ValueError(f"kv_transfer_timeout_s must be > 0, got {self.kv_transfer_timeout_s!r}")
+        positive("grammar_cache_size", self.grammar_cache_size)
+        positive("grammar_compile_threads", self.grammar_compile_threads)
+        if not self.grammar_compile_timeout_s > 0:
+            raise ValueError(f"grammar_compile_timeout_s must be > 0, got {self.grammar_compile_timeout_s!r}")
         if self.schedule_policy not in _POLICIES:
             raise ValueError(f"schedule_policy must be one of {_POLICIES}, got {self.schedule_policy!r}")

@@ -26,6 +26,7 @@ from shared.engine_core import EngineCore, RequestOutput
 from shared.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
+_POLL_BACKGROUND_S = 0.002  # how often an otherwise idle loop looks at compiling grammars
 
 PromptInput = str | list[str] | None
 IdsInput = list[int] | list[list[int]] | None
@@ -335,14 +336,16 @@ class Engine:
 
     def _loop(self) -> None:
         while not self._closed:
+            busy, waiting = self.core.has_work, self.core.waiting_in_background
             try:
-                cmd = self._commands.get(block=not self.core.has_work)
+                # Idle: block on commands; a grammar compiling: look again every few ms.
+                cmd = self._commands.get(block=not busy, timeout=_POLL_BACKGROUND_S if waiting else None)
                 cmd()
                 while True:
                     self._commands.get_nowait()()
             except queue.Empty:
                 pass
-            if self._closed or not self.core.has_work:
+            if self._closed or not (self.core.has_work or self.core.waiting_in_background):
                 continue
             try:
                 outputs = self.core.step()
@@ -350,6 +353,11 @@ class Engine:
                 logger.exception("engine step failed")
                 self._fail_all(e)
                 continue
+            for admission in self.core.take_admissions():
+                for rid in admission.rids if admission.error else ():
+                    sink = self._sinks.pop(rid, None)
+                    if sink is not None:  # e.g. its grammar did not compile in time
+                        sink.put(ValueError(admission.message))
             for out in outputs:
                 sink = self._sinks.get(out.rid)
                 if sink is not None:

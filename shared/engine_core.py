@@ -15,13 +15,17 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 from collections import Counter
-from dataclasses import replace
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from shared.config import EngineConfig
+from shared.constrained import GrammarCompiler, RequestGrammar, TokenMasks
 from shared.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from shared.disagg import KvReceiver, KvSender
 from shared.mem import RadixCache
@@ -45,6 +49,24 @@ def resolve_transport(config: EngineConfig) -> str:
     return config.kv_transport
 
 
+class Admission(NamedTuple):
+    """The late answer to an add or a reservation that could not be answered at once."""
+
+    rids: list[str]
+    pages: list[int] | None  # a granted reservation's pages
+    error: str  # "" when accepted, else the error type: "ValueError" or "CapacityError"
+    message: str
+
+
+@dataclass(eq=False)
+class _GrammarWait:
+    """Requests held until their grammar compiled: then `on_ready()`, or `on_fail(why)`."""
+
+    reqs: list[Req]
+    on_ready: Callable[[], None]
+    on_fail: Callable[[str], None]
+
+
 class EngineCore:
     def __init__(self, config: EngineConfig, tokenizer: PreTrainedTokenizerBase | None = None) -> None:
         self.config = config
@@ -62,7 +84,18 @@ class EngineCore:
         self._arrivals = itertools.count()
         self._pending_outputs: list[RequestOutput] = []
         self.counters: Counter[str] = Counter()
-        self._reservation_events: list[tuple[str, list[int] | None, str]] = []
+        self._admissions: list[Admission] = []
+        # Constrained decoding: grammars compile on a pool; requests wait for theirs here.
+        self.grammars = GrammarCompiler(
+            self.tokenizer,
+            self.runner.vocab_size,
+            self.eos_ids,
+            threads=config.grammar_compile_threads,
+            cache_size=config.grammar_cache_size,
+            json_any_whitespace=config.json_any_whitespace,
+        )
+        self.masks = TokenMasks(self.runner.vocab_size, self.runner.device)
+        self._grammar_waits: list[_GrammarWait] = []
 
         # Disaggregation: the NIXL agent over our pool, and the side of the hand-off we play.
         self.mode = config.disaggregation_mode
@@ -85,9 +118,11 @@ class EngineCore:
         return_logprob: bool = False,
         top_logprobs_num: int = 0,
         kv_target: KvTarget | None = None,
-    ) -> None:
+    ) -> bool:
         """Queue one prompt; `rids` names its `params.n` samples. Bad input is a `ValueError`.
 
+        Returns True when admitted, False when the request waits for its grammar to compile: the
+        outcome (accepted, or refused with the reason) then arrives through `take_admissions`.
         A prefill engine needs `kv_target` (where the prompt's KV goes) and `n == 1`.
         """
         if self.mode == "decode":
@@ -100,18 +135,39 @@ class EngineCore:
             if len(reqs) != 1:
                 raise ValueError("a prefill request has n == 1")
             self.sender.check_target(kv_target, len(input_ids))
+        for req in reqs:
+            self._requests[req.rid] = req
+        if self._wait_for_grammar(
+            reqs,
+            on_ready=lambda: self._admit(reqs, kv_target, notify=True),
+            on_fail=lambda why: self._refuse(reqs, why),
+        ):
+            return False
+        self._admit(reqs, kv_target)
+        return True
+
+    def _admit(self, reqs: list[Req], kv_target: KvTarget | None, notify: bool = False) -> None:
+        if kv_target is not None:
+            assert self.sender is not None
             req = reqs[0]
             # Here only the prompt runs and one token is sampled; stops are the decode side's.
             req.params = replace(req.params, max_new_tokens=1, stop=[])
             req.stop_matcher = None
             req.kv_target = kv_target
             self.sender.track(req)
+        if notify:
+            self._admissions.append(Admission([r.rid for r in reqs], None, "", ""))
         for req in reqs:
-            self._requests[req.rid] = req
             if req.params.max_new_tokens == 0:
                 self._finish(req, FinishReason(FinishKind.LENGTH))
             else:
                 self.scheduler.add(req)
+
+    def _refuse(self, reqs: list[Req], why: str) -> None:
+        """A waiting add ends without ever running (no output is reported)."""
+        for req in reqs:
+            self._requests.pop(req.rid, None)
+        self._admissions.append(Admission([r.rid for r in reqs], None, "ValueError", why))
 
     def reserve(
         self,
@@ -139,19 +195,20 @@ class EngineCore:
         self._requests[rid] = req
         return pages
 
-    def take_reservation_events(self) -> list[tuple[str, list[int] | None, str]]:
-        """Outcomes of queued reservations since the last call: (rid, pages, "") when granted,
-        (rid, None, why) when refused (no room within the lease, or aborted while queued)."""
-        events, self._reservation_events = self._reservation_events, []
+    def take_admissions(self) -> list[Admission]:
+        """Late answers since the last call: adds whose grammar compiled (accepted) or failed to
+        (refused), and queued reservations granted or refused (no room within the lease, or
+        aborted while queued)."""
+        events, self._admissions = self._admissions, []
         return events
 
     def reservation_granted(self, rid: str, pages: list[int]) -> None:
-        self._reservation_events.append((rid, pages, ""))
+        self._admissions.append(Admission([rid], pages, "", ""))
 
     def drop_reservation(self, rid: str, message: str) -> None:
         """A queued reservation ends without ever holding anything (no output is reported)."""
         self._requests.pop(rid, None)
-        self._reservation_events.append((rid, None, message))
+        self._admissions.append(Admission([rid], None, "CapacityError", message))
 
     def add_peer(self, metadata: bytes) -> str:
         """Learn a decode engine's NIXL metadata (prefill side); returns its agent name."""
@@ -183,6 +240,11 @@ class EngineCore:
         self._check_prompt(input_ids)
         if not isinstance(top_logprobs_num, int) or not 0 <= top_logprobs_num <= 20:
             raise ValueError(f"top_logprobs_num must be an integer in [0, 20], got {top_logprobs_num!r}")
+        constraint = params.constraint
+        if constraint is not None:
+            self.grammars.check(*constraint)  # a bad schema/regex/grammar is refused now
+            compiled = self.grammars.compile(*constraint)
+            deadline = time.monotonic() + self.config.grammar_compile_timeout_s
         reqs: list[Req] = []
         stop_ids = frozenset(params.stop_token_ids or ()) | (
             frozenset() if params.ignore_eos else self.eos_ids
@@ -208,6 +270,7 @@ class EngineCore:
                 ),
                 stop_matcher=StopStringMatcher(params.stop_strs) if params.stop_strs else None,
                 leader=leader,
+                grammar=RequestGrammar(constraint[0], compiled, deadline) if constraint else None,
             )
             leader = leader or req
             reqs.append(req)
@@ -231,6 +294,11 @@ class EngineCore:
         req = self._requests.get(rid)
         if req is None or req.finished:
             return
+        wait = next((w for w in self._grammar_waits if req in w.reqs), None)
+        if wait is not None:  # still waiting for its grammar: the whole add (or resume) ends
+            self._grammar_waits.remove(wait)
+            wait.on_fail(message)
+            return
         if self.sender is not None and self.sender.abort(req):
             return  # reported once its writes are over
         held = self.receiver.abort(req) if self.receiver is not None else ""
@@ -243,7 +311,15 @@ class EngineCore:
     # ---- disaggregation callbacks (shared/disagg) ----------------------------------------------
 
     def continue_decode(self, req: Req, commit: KvCommit) -> None:
-        """A reservation's KV arrived: take the prefill side's first token and run on."""
+        """A reservation's KV arrived (the request is parked): take the prefill side's first
+        token and run on, once the request's grammar (if any) compiled."""
+        if self._wait_for_grammar(
+            [req],
+            on_ready=lambda: self.continue_decode(req, commit),
+            on_fail=lambda why: self._abort_parked(req, why),
+        ):
+            return
+        self.scheduler.unpark(req)
         req.cached_tokens = commit.cached_tokens
         if req.return_logprob and commit.logprob is not None:
             req.output_logprobs.append(commit.logprob)
@@ -252,6 +328,42 @@ class EngineCore:
                 [(float(v), int(t)) for v, t in commit.top_logprobs][: req.top_logprobs_num]
             )
         self._append_token(req, commit.first_token, first=True)
+
+    def _abort_parked(self, req: Req, message: str) -> None:
+        self.scheduler.remove(req)
+        self._finish(req, FinishReason(FinishKind.ABORT, message=message))
+
+    def _wait_for_grammar(
+        self, reqs: list[Req], on_ready: Callable[[], None], on_fail: Callable[[str], None]
+    ) -> bool:
+        """True if `reqs` must wait for their grammar (`on_ready`/`on_fail` is called from a later
+        step); False if there is none or it is ready. A grammar that already failed raises."""
+        grammar = reqs[0].grammar
+        if grammar is None:
+            return False
+        status = grammar.poll(time.monotonic())
+        if status is None:
+            self._grammar_waits.append(_GrammarWait(reqs, on_ready, on_fail))
+            return True
+        if status:
+            raise ValueError(status)
+        for req in reqs[1:]:  # siblings share the compiled grammar; each gets its own matcher
+            assert req.grammar is not None
+            req.grammar.poll(time.monotonic())
+        return False
+
+    def _poll_grammars(self) -> None:
+        now = time.monotonic()
+        for wait in list(self._grammar_waits):
+            status = [req.grammar.poll(now) for req in wait.reqs if req.grammar is not None]
+            if None in status:
+                continue
+            self._grammar_waits.remove(wait)
+            error = next((s for s in status if s), "")
+            if error:
+                wait.on_fail(error)
+            else:
+                wait.on_ready()
 
     def release_prefill(self, req: Req, kv_bytes: int, payload: bytes | None, commit: bytes | None) -> None:
         """A prefill request's KV is with the decode engine (or in `payload`): report and free."""
@@ -272,6 +384,10 @@ class EngineCore:
         rids = [req.rid for req in self.scheduler.abort_all(message)]
         for rid in rids:
             self._requests.pop(rid, None)
+        for wait in self._grammar_waits:  # adds not yet accepted are refused; parked ones are gone
+            if any(req.rid in self._requests for req in wait.reqs):
+                self._refuse(wait.reqs, message)
+        self._grammar_waits.clear()
         if self.sender is not None:
             self.sender.reset()
         if self.receiver is not None:
@@ -284,15 +400,20 @@ class EngineCore:
         return self.scheduler.has_work or bool(self._pending_outputs)
 
     @property
-    def waiting_on_transfers(self) -> bool:
-        """KV writes or reservations in flight: the loop must keep polling (`step`) for them."""
-        return (self.sender is not None and self.sender.busy) or (
-            self.receiver is not None and self.receiver.busy
+    def waiting_in_background(self) -> bool:
+        """KV writes, reservations or grammar compiles in flight: the loop must keep polling
+        (`step`) for them."""
+        return (
+            bool(self._grammar_waits)
+            or (self.sender is not None and self.sender.busy)
+            or (self.receiver is not None and self.receiver.busy)
         )
 
     # ---- the step ------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        if self._grammar_waits:
+            self._poll_grammars()
         if self.receiver is not None:
             self.receiver.poll()  # committed reservations join this step
         if self.sender is not None:
@@ -320,13 +441,17 @@ class EngineCore:
         if not sampling:
             return
         reqs = [it.req for it in sampling]
+        # Host work while the forward runs on the GPU: the grammar masks, then the batch tensors.
+        vocab_mask = self.masks.build([r.grammar for r in reqs])
         sbatch = SamplingBatch.build(
             [r.params for r in reqs],
             [r.output_ids for r in reqs],
             [r.prompt_ids for r in reqs],
-            [set(r.stop_ids) for r in reqs],
+            # A grammar decides when its output may end: min_new_tokens must not ban its stop.
+            [set(r.stop_ids) if r.grammar is None else set() for r in reqs],
             self.runner.vocab_size,
             logits.device,
+            vocab_mask=vocab_mask,
         )
         top_k = max(r.top_logprobs_num for r in reqs)
         out = self.sampler.sample(logits, sbatch, top_k, any(r.return_logprob for r in reqs))
@@ -356,12 +481,18 @@ class EngineCore:
             return
         params = req.params
         reason: FinishReason | None = None
-        if token in req.stop_ids and len(req.output_ids) >= params.min_new_tokens:
+        grammar = req.grammar
+        if grammar is not None and not grammar.accept(token):  # masked out: cannot happen
+            logger.error("request %s: token %d is not allowed by its %s", req.rid, token, grammar.kind)
+            reason = FinishReason(FinishKind.ABORT, message=f"token {token} broke the {grammar.kind}")
+        elif token in req.stop_ids and len(req.output_ids) >= params.min_new_tokens:
             reason = FinishReason(FinishKind.STOP, matched=token)
         else:
             assert req.detokenizer is not None
             req.decoded += req.detokenizer.add([token])
             reason = self._check_stop_string(req)
+            if reason is None and grammar is not None and grammar.terminated:
+                reason = FinishReason(FinishKind.STOP, matched=token)
         if reason is None and (
             len(req.output_ids) >= params.max_new_tokens or req.seq_len >= self.max_context_len
         ):

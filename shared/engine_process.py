@@ -10,10 +10,12 @@ the client binds):
                        | AbortRequest | Shutdown
     engine -> client   Ready | Accepted | Rejected | Outputs | StepFailed | Reply
 
-`Accepted`/`Rejected` answer every `AddRequest` in order, before any output of its requests;
-a rejection carries the engine's error type (`ValueError`, `CapacityError`) and message. A
-`ReserveRequest` is answered the same way (`Accepted` carrying the pages), at once or, when
-the decode engine is full, once room frees up (`CapacityError` if none does in the lease).
+`Accepted`/`Rejected` answer every `AddRequest`, before any output of its requests: at once,
+or, for a constrained request whose grammar is still compiling, once it compiled (or failed to,
+or took too long: `ValueError`). A rejection carries the engine's error type (`ValueError`,
+`CapacityError`) and message. A `ReserveRequest` is answered the same way (`Accepted` carrying
+the pages), at once or, when the decode engine is full, once room frees up (`CapacityError` if
+none does in the lease).
 `AddPeer` and `GetStats` are answered by a `Reply` with the same key (or a `Rejected` whose
 rids hold that key).
 """
@@ -116,7 +118,7 @@ class StepFailed(msgspec.Struct, tag="step_failed"):
 
 ToEngine = AddRequest | ReserveRequest | CommitKv | AddPeer | GetStats | AbortRequest | Shutdown
 FromEngine = Ready | Accepted | Rejected | Outputs | StepFailed | Reply
-_POLL_TRANSFERS_MS = 2  # how often an otherwise idle engine looks at KV transfers
+_POLL_BACKGROUND_MS = 2  # how often an otherwise idle engine looks at KV transfers and compiles
 _IDLE_POLL_MS = 1000  # how often an idle engine checks that its parent still lives
 
 
@@ -173,7 +175,7 @@ def _serve(
     while True:
         # Block while idle; between steps only drain what already arrived; while KV transfers
         # are in flight, look at them every few milliseconds.
-        timeout = 0 if core.has_work else _POLL_TRANSFERS_MS if core.waiting_on_transfers else _IDLE_POLL_MS
+        timeout = 0 if core.has_work else _POLL_BACKGROUND_MS if core.waiting_in_background else _IDLE_POLL_MS
         if timeout == _IDLE_POLL_MS and not _parent_alive():
             logger.warning("the engine's parent process is gone; exiting")
             return
@@ -185,8 +187,8 @@ def _serve(
             if reply is not None:
                 push.send(encode(reply))
             timeout = 0
-        _send_reservation_events(core, push, encode)  # e.g. a queued reservation aborted
-        if not (core.has_work or core.waiting_on_transfers):
+        _send_admissions(core, push, encode)  # e.g. a queued reservation aborted
+        if not (core.has_work or core.waiting_in_background):
             continue
         try:
             outputs = core.step()
@@ -195,14 +197,14 @@ def _serve(
             message = f"engine step failed: {e}"
             push.send(encode(StepFailed(core.fail_all(message), message)))
             continue
-        _send_reservation_events(core, push, encode)  # before any output of theirs
+        _send_admissions(core, push, encode)  # before any output of theirs
         if outputs:
             push.send(encode(Outputs(outputs)))
 
 
-def _send_reservation_events(core: EngineCore, push: zmq.Socket[bytes], encode: Any) -> None:
-    for rid, pages, why in core.take_reservation_events():
-        reply = Accepted([rid], pages) if pages is not None else Rejected([rid], "CapacityError", why)
+def _send_admissions(core: EngineCore, push: zmq.Socket[bytes], encode: Any) -> None:
+    for rids, pages, error, message in core.take_admissions():
+        reply = Rejected(rids, error, message) if error else Accepted(rids, pages)
         push.send(encode(reply))
 
 
@@ -220,17 +222,18 @@ def _handle(core: EngineCore, msg: ToEngine) -> FromEngine | None:
             core.abort(KvCommit.decode(msg.commit).rid, f"bad KV payload: {e}")
         return None
     if isinstance(msg, AddRequest):
-        return _answer(
-            msg.rids,
-            lambda: core.add_request(
+        try:
+            admitted = core.add_request(
                 msg.rids,
                 msg.input_ids,
                 SamplingParams.from_dict(msg.params),
                 msg.return_logprob,
                 msg.top_logprobs_num,
                 msg.kv_target,
-            ),
-        )
+            )
+        except (ValueError, CapacityError) as e:
+            return Rejected(msg.rids, type(e).__name__, str(e))
+        return Accepted(msg.rids) if admitted else None  # a compiling grammar answers later
     if isinstance(msg, ReserveRequest):
         reply = _answer(
             [msg.rid],

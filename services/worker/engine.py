@@ -66,11 +66,14 @@ class AsyncEngine:
     ) -> RequestStream:
         """Queue a request; raises the engine's refusal (ValueError / CapacityError)."""
         stream = RequestStream(self, rid)
-        await self._await(
-            self.client.submit(
-                [rid], input_ids, params, stream.push, return_logprob, top_logprobs_num, kv_target
-            )
+        fut = self.client.submit(
+            [rid], input_ids, params, stream.push, return_logprob, top_logprobs_num, kv_target
         )
+        try:
+            await self._await(fut)
+        except asyncio.CancelledError:  # e.g. the caller left while its grammar compiled
+            self.client.abort(rid)
+            raise
         return stream
 
     async def reserve(
@@ -86,7 +89,11 @@ class AsyncEngine:
         fut = self.client.reserve(
             rid, input_ids, params, stream.push, return_logprob, top_logprobs_num, lease_s
         )
-        pages = await self._await(fut)
+        try:
+            pages = await self._await(fut)
+        except asyncio.CancelledError:  # the caller left while the reservation was queued
+            self.client.abort(rid)
+            raise
         return pages, stream
 
     async def add_peer(self, metadata: bytes) -> str:

@@ -74,8 +74,7 @@ class KvReceiver:
             self.core.layout.write_pages(req.kv_pages, payload)
         self.bytes_received += self.core.layout.nbytes(len(req.kv_pages))
         req.awaiting_kv = False
-        self.core.scheduler.unpark(req)
-        self.core.continue_decode(req, commit)
+        self.core.continue_decode(req, commit)  # unparks it (once its grammar, if any, compiled)
 
     def abort(self, req: Req) -> str:
         """Abort a reservation. "dropped": it was still queued (the core forgets it, no output);

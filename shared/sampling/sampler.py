@@ -3,9 +3,9 @@
 One step for B requests:
 
     raw logits ─┬─> log_softmax ─> logprobs / top logprobs         (reported, unpenalized)
-                └─> penalties ─> min_new_tokens mask ─┬─> argmax                 (greedy rows)
-                                                      └─> / T ─> softmax ─> top-k ─> top-p
-                                                          ─> min-p ─> argmax(p / E)  (others)
+                └─> penalties ─> min_new_tokens mask ─> grammar mask ─┬─> argmax  (greedy rows)
+                                                                      └─> / T ─> softmax ─> top-k
+                                              ─> top-p ─> min-p ─> argmax(p / E)  (others)
 
 The draw is the exponential race: argmax_i p_i / E_i with E_i ~ Exp(1) i.i.d. picks i with
 probability p_i / sum(p). It needs no renormalisation and no cumulative sums, and a token
@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from shared.constrained.matcher import apply_token_bitmask
 from shared.sampling.params import SamplingParams
 from shared.sampling.penalties import (
     apply_frequency_presence_penalty,
@@ -66,6 +67,8 @@ class SamplingBatch:
     # Stop ids banned while a request is shorter than its min_new_tokens.
     suppress_rows: Tensor | None  # [Ns] int64
     suppress_ids: Tensor | None  # [Ns] int64
+    # Grammar constraints (shared/constrained): allowed tokens as bits; None if no row has one.
+    vocab_mask: Tensor | None  # [B, ceil(V / 32)] int32
     # Host-side facts.
     all_greedy: bool
     any_greedy: bool
@@ -87,12 +90,14 @@ class SamplingBatch:
         stop_ids: Sequence[set[int]],
         vocab_size: int,
         device: torch.device | str,
+        vocab_mask: Tensor | None = None,
     ) -> SamplingBatch:
         """Gather B requests' params and histories into tensors on `device`.
 
         `stop_ids[i]` are the ids banned while `len(output_ids[i]) < min_new_tokens` (the
         model's eos ids unless ignore_eos, plus stop_token_ids). Ids outside [0, vocab_size)
-        are ignored: they have no logit to change. Params may be raw or normalized.
+        are ignored: they have no logit to change. Params may be raw or normalized. `vocab_mask`
+        (already on `device`) bans what the rows' grammars do not allow.
         Host cost is O(total history length) per call.
         """
         size = len(params)
@@ -172,6 +177,7 @@ class SamplingBatch:
             output_counts=pairs(out_counts, use_freq_presence),
             suppress_rows=pairs(sup_rows, bool(sup_rows)),
             suppress_ids=pairs(sup_ids, bool(sup_rows)),
+            vocab_mask=vocab_mask,
             all_greedy=all(greedy),
             any_greedy=any(greedy),
             any_top_k=any(s and k < vocab_size for s, k in zip(sampled, top_ks)),
@@ -253,6 +259,7 @@ def _penalized(raw: Tensor, batch: SamplingBatch) -> Tensor:
         batch.repetition_penalties is not None
         or batch.frequency_penalties is not None
         or batch.suppress_rows is not None
+        or batch.vocab_mask is not None
     )
     if not uses_penalty:
         return raw
@@ -276,6 +283,8 @@ def _penalized(raw: Tensor, batch: SamplingBatch) -> Tensor:
     if batch.suppress_rows is not None:
         assert batch.suppress_ids is not None
         suppress_tokens(work, batch.suppress_rows, batch.suppress_ids)
+    if batch.vocab_mask is not None:  # last: a penalty must not lift a banned token off -inf
+        apply_token_bitmask(work, batch.vocab_mask)
     return work
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from shared.constrained import RequestGrammar
     from shared.detokenizer import IncrementalDetokenizer, StopStringMatcher
     from shared.mem import TreeNode
     from shared.sampling import SamplingParams
@@ -59,6 +60,7 @@ class Req:
     detokenizer: IncrementalDetokenizer | None = None
     stop_matcher: StopStringMatcher | None = None
     leader: Req | None = None  # n > 1: siblings wait for the leader's prompt KV to be cached
+    grammar: RequestGrammar | None = None  # the output constraint (shared/constrained)
 
     output_ids: list[int] = field(default_factory=list)
     row: int | None = None  # row in req_to_token while running

@@ -25,3 +25,27 @@ def hf_greedy(path: Path, prompt_ids: list[int], max_new_tokens: int) -> list[in
         logits = model(torch.tensor([ids]), use_cache=False).logits  # [1, L, V]
         ids.append(int(logits[0, -1].argmax()))
     return ids[len(prompt_ids) :]
+
+
+@torch.inference_mode()
+def hf_greedy_constrained(
+    path: Path, prompt_ids: list[int], max_new_tokens: int, matcher: object
+) -> list[int]:
+    """HF greedy decoding under an xgrammar matcher, masked with xgrammar's own kernel (not the
+    engine's): stops after the token that completes the grammar."""
+    import xgrammar as xgr
+
+    assert isinstance(matcher, xgr.GrammarMatcher)
+    model = _hf_model(str(path))
+    ids = list(prompt_ids)
+    for _ in range(max_new_tokens):
+        logits = model(torch.tensor([ids]), use_cache=False).logits[:, -1].float()  # [1, V]
+        bitmask = xgr.allocate_token_bitmask(1, logits.shape[1])
+        matcher.fill_next_token_bitmask(bitmask)
+        xgr.apply_token_bitmask_inplace(logits, bitmask, backend="torch_native")
+        token = int(logits[0].argmax())
+        assert matcher.accept_token(token)
+        ids.append(token)
+        if matcher.is_terminated():
+            break
+    return ids[len(prompt_ids) :]

@@ -73,7 +73,7 @@ def run_pd(
 
 def wait_idle(core: EngineCore, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
-    while core.has_work or core.waiting_on_transfers:
+    while core.has_work or core.waiting_in_background:
         core.step()
         assert time.monotonic() < deadline, "engine did not go idle"
         time.sleep(0.001)
@@ -151,7 +151,7 @@ def test_reservation_lease_expires_and_pages_come_back(tiny_llama: Path) -> None
         {"type": "abort", "message": "the prompt's KV did not arrive within the reservation lease"}
     ]
     # Quarantined (a late write could still land) for twice the lease, then freed.
-    assert decode.waiting_on_transfers
+    assert decode.waiting_in_background
     wait_idle(decode)
     assert decode.stats()["kv_reservations_expired"] == 1
     # A commit arriving after that is ignored.
@@ -167,10 +167,10 @@ def test_aborted_reservation_is_freed_by_the_late_commit(tiny_llama: Path) -> No
     prefill.add_request(["r"], ids, params, kv_target=KvTarget("grpc", pages))
     decode.abort("r")
     assert [o.finish_reason["type"] for o in decode.step()] == ["abort"]  # type: ignore[index]
-    assert decode.waiting_on_transfers  # pages held until the write is over
+    assert decode.waiting_in_background  # pages held until the write is over
     (out,) = prefill.step()
     decode.commit_kv(KvCommit.decode(out.kv_commit), out.kv_payload)  # type: ignore[arg-type]
-    assert not decode.waiting_on_transfers
+    assert not decode.waiting_in_background
     decode.check_idle()
     wait_idle(prefill)
 
@@ -200,7 +200,7 @@ def test_full_decode_engine_queues_reservations_first_come_first_served(tiny_lla
     assert decode.reserve("b", b, params) is None  # no room: queued, holds nothing
     assert decode.reserve("c", c, params) is None
     decode.abort("c")  # aborted while queued: refused, no output
-    assert decode.take_reservation_events() == [("c", None, "aborted while waiting for KV room")]
+    assert decode.take_admissions() == [(["c"], None, "CapacityError", "aborted while waiting for KV room")]
     assert decode.step() == []
     # a runs to the end; its pages go back and b is granted them
     prefill.add_request(["a"], a, params, kv_target=KvTarget("grpc", pages_a))
@@ -211,8 +211,8 @@ def test_full_decode_engine_queues_reservations_first_come_first_served(tiny_lla
         finished = [o for o in decode.step() if o.finished]
     assert finished[0].rid == "a" and finished[0].completion_tokens == 3
     decode.step()
-    ((rid, pages_b, why),) = decode.take_reservation_events()
-    assert rid == "b" and pages_b is not None and len(pages_b) == 3 and why == ""
+    ((rids, pages_b, error, why),) = decode.take_admissions()
+    assert rids == ["b"] and pages_b is not None and len(pages_b) == 3 and error == why == ""
     prefill.add_request(["b"], b, params, kv_target=KvTarget("grpc", pages_b))
     (out,) = prefill.step()
     decode.commit_kv(KvCommit.decode(out.kv_commit), out.kv_payload)  # type: ignore[arg-type]
@@ -236,8 +236,8 @@ def test_queued_reservation_times_out_with_a_capacity_error(tiny_llama: Path) ->
     assert decode.reserve("b", list(range(5, 45)), params, lease_s=0.05) is None
     time.sleep(0.06)
     decode.step()
-    assert decode.take_reservation_events() == [
-        ("b", None, "no KV room on this decode engine within the reservation lease")
+    assert decode.take_admissions() == [
+        (["b"], None, "CapacityError", "no KV room on this decode engine within the reservation lease")
     ]
     wait_idle(decode)  # a's own lease ran out too: quarantined for twice the lease, then freed
     assert decode.stats()["kv_reservations"] == 1 and decode.stats()["kv_reservations_expired"] == 2
