@@ -235,10 +235,15 @@ _EXTRA_TOKENS = 256
 
 
 def tandem_decode(
-    core: EngineCore, prompts: list[list[int]], steps: int, phases: PhaseTimer | None = None
+    core: EngineCore,
+    prompts: list[list[int]],
+    steps: int,
+    phases: PhaseTimer | None = None,
+    params: SamplingParams | None = None,
 ) -> dict[str, Any]:
-    """Prefill a batch, then time `steps` decode steps with every request running, then abort."""
-    params = SamplingParams(max_new_tokens=steps + _EXTRA_TOKENS, temperature=0.0, ignore_eos=True)
+    """Prefill a batch, then time `steps` decode steps with every request running, then abort.
+    `params` (default greedy, ignore_eos) must not let a request finish within the timed steps."""
+    params = params or SamplingParams(max_new_tokens=steps + _EXTRA_TOKENS, temperature=0.0, ignore_eos=True)
     device = core.runner.device
     rids = [f"d{len(prompts)}-{i}-{time.monotonic_ns()}" for i in range(len(prompts))]
     sync(device)
@@ -246,7 +251,7 @@ def tandem_decode(
     for rid, ids in zip(rids, prompts):
         core.add_request([rid], ids, params)
     started: set[str] = set()
-    while len(started) < len(prompts):
+    while len(started) < len(prompts):  # (a grammar may still be compiling: steps poll it)
         started.update(o.rid for o in core.step() if o.new_ids)
     prefill_s = time.perf_counter() - start
     if phases is not None:

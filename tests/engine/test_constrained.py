@@ -116,7 +116,7 @@ TOOL_TAG = {
 
 @pytest.fixture(scope="module")
 def engine(tiny_llama: Path) -> Any:
-    with Engine(model_path=str(tiny_llama), page_size=4, debug_invariants=True) as eng:
+    with Engine(model_path=str(tiny_llama), page_size=4, max_total_tokens=8192, debug_invariants=True) as eng:
         yield eng
 
 
@@ -228,7 +228,7 @@ def big_schema(properties: int) -> str:
 
 def test_a_slow_compile_is_refused_then_served_from_the_cache(tiny_llama: Path) -> None:
     schema = big_schema(120)
-    with Engine(model_path=str(tiny_llama), grammar_compile_timeout_s=1e-6) as eng:
+    with Engine(model_path=str(tiny_llama), max_total_tokens=1024, grammar_compile_timeout_s=1e-6) as eng:
         with pytest.raises(ValueError, match="compiling the json_schema took too long"):
             eng.generate(prompt="x", sampling_params={"json_schema": schema, "max_new_tokens": 4})
         compiled = eng.core.grammars.compile("json_schema", schema)  # the refused request's compile

@@ -49,6 +49,9 @@ def run_staggered(
 
 
 def build_core(path: Path, **options: object) -> EngineCore:
+    # A fixed pool: on a GPU the default sizes it from free memory, and a test holding several
+    # engines would leave the later ones none.
+    options.setdefault("max_total_tokens", 4096)
     return EngineCore(EngineConfig.from_options(str(path), debug_invariants=True, **options))
 
 
