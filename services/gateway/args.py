@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
+from services.gateway.tool_calls.formats import TOOL_CALL_PARSERS
+
 
 @dataclass(frozen=True)
 class GatewayConfig:
@@ -25,6 +27,8 @@ class GatewayConfig:
     # Deadline of the router probe behind GET /health.
     health_timeout: float = 2.0
     log_level: str = "info"
+    # How the model writes tool calls: a name in TOOL_CALL_PARSERS; "auto" reads the chat template.
+    tool_call_parser: str = "auto"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,6 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="deadline of the router probe behind GET /health in seconds (default: %(default)s)",
     )
     parser.add_argument(
+        "--tool-call-parser",
+        default=GatewayConfig.tool_call_parser,
+        choices=TOOL_CALL_PARSERS,
+        help="how the model writes tool calls; auto picks from the chat template (default: %(default)s)",
+    )
+    parser.add_argument(
         "--log-level",
         default=GatewayConfig.log_level,
         choices=["critical", "error", "warning", "info", "debug"],
@@ -96,6 +106,7 @@ def parse_args(argv: list[str] | None = None) -> GatewayConfig:
         startup_timeout=ns.startup_timeout,
         health_timeout=ns.health_timeout,
         log_level=ns.log_level,
+        tool_call_parser=ns.tool_call_parser,
     )
 
 

@@ -2,7 +2,8 @@
 
 One request's life here:
 
-    prepare_completion / prepare_chat   model check, OpenAI checks, chat template, tokenize,
+    prepare_completion / prepare_chat   model check, OpenAI checks, output constraint (response
+                                        format, regex, ebnf, tools), chat template, tokenize,
                                         context-length checks -> a `Job` of GenerateRequests
     complete(job, calls)                one router `Generate` per prompt, merged; increments are
       or stream(job, calls)             folded into one response, or turned into chunk dicts
@@ -14,6 +15,7 @@ ends the request; errors are raised (`OpenAIError`, `grpc.aio.AioRpcError`) and 
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
@@ -24,9 +26,13 @@ import grpc
 
 from services.common.convert import SAMPLING_SCALARS
 from services.common.streams import merge
+from services.gateway.constraints import Constraint, requested_constraints, single_constraint
 from services.gateway.protocol import ChatCompletionRequest, CompletionRequest, OpenAIError, bad_request
 from services.gateway.responses import Job, Metadata, ResponseBuilder
 from services.gateway.tokenizer import Tokenizer
+from services.gateway.tool_calls.formats import tool_call_format
+from services.gateway.tool_calls.output import ToolParsing
+from services.gateway.tool_calls.request import resolve_tools
 from services.protos.tandem.common.v1 import common_pb2
 from services.protos.tandem.router.v1 import router_pb2, router_pb2_grpc
 
@@ -70,11 +76,14 @@ class Handler:
         stub: router_pb2_grpc.RouterServiceStub,
         model: ServedModel,
         request_timeout: float | None,
+        tool_call_parser: str = "auto",
     ) -> None:
         self.tokenizer = tokenizer
         self.stub = stub
         self.model = model  # replaced by the server when it learns the context length later
         self.request_timeout = request_timeout
+        # How this model writes tool calls ("auto": told by its chat template).
+        self.tool_format = tool_call_format(tool_call_parser, tokenizer.chat_template)
 
     # ---- preparing: validation, templating, tokenization --------------------------------------
 
@@ -88,6 +97,7 @@ class Handler:
         """Validate and tokenize a /v1/completions request."""
         self.check_model(req.model)
         req.check()
+        constraint = single_constraint(requested_constraints(req))
         n = req.n or 1
         requests: list[router_pb2.GenerateRequest] = []
         echo_texts: list[str] = []
@@ -101,7 +111,9 @@ class Handler:
             max_new = self._max_new_tokens(
                 len(token_ids), req.max_tokens, COMPLETION_DEFAULT_MAX_TOKENS, "prompt"
             )
-            requests.append(self._generate_request(req, token_ids, text, n, max_new, req.logprobs))
+            requests.append(
+                self._generate_request(req, token_ids, text, n, max_new, req.logprobs, constraint)
+            )
             if req.echo:
                 echo_texts.append(text or self.tokenizer.decode(token_ids))
             else:
@@ -123,14 +135,25 @@ class Handler:
         """Validate, render the chat template and tokenize a /v1/chat/completions request."""
         self.check_model(req.model)
         req.check()
+        tools = resolve_tools(req)
+        candidates = requested_constraints(req)
+        tool_parsing = None
+        # No tag (no tools, or tool_choice "none"): the output is neither constrained nor parsed.
+        tag = self.tool_format.structural_tag(tools) if tools is not None else None
+        if tools is not None and tag is not None:
+            candidates.insert(0, Constraint("structural_tag", json.dumps(tag), "tools"))
+            tool_parsing = ToolParsing(self.tool_format, tools.names)
+        constraint = single_constraint(candidates)
         n = req.n or 1
-        text, token_ids = await self.tokenizer.render_chat_async(req.template_messages())
+        text, token_ids = await self.tokenizer.render_chat_async(
+            req.template_messages(), req.template_tools()
+        )
         user_max = req.max_new_tokens()
         param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         # OpenAI's chat default is "until the context ends".
         max_new = self._max_new_tokens(len(token_ids), user_max, None, "messages", param)
         top = (req.top_logprobs or 0) if req.logprobs else None  # None: no logprobs at all
-        request = self._generate_request(req, token_ids, text, n, max_new, top)
+        request = self._generate_request(req, token_ids, text, n, max_new, top, constraint)
         return Job(
             kind="chat",
             id=f"chatcmpl-{uuid.uuid4().hex}",
@@ -142,6 +165,7 @@ class Handler:
             top_logprobs=req.top_logprobs or 0,
             include_usage=req.include_usage,
             metadata=metadata,
+            tool_parsing=tool_parsing,
         )
 
     def _check_token_ids(self, token_ids: Sequence[int]) -> None:
@@ -187,6 +211,7 @@ class Handler:
         n: int,
         max_new_tokens: int | None,
         top_logprobs: int | None,
+        constraint: Constraint | None,
     ) -> router_pb2.GenerateRequest:
         params = common_pb2.SamplingParams()
         # proto3 `optional`: only what the user gave is set, the worker applies the defaults.
@@ -200,6 +225,8 @@ class Handler:
             params.min_new_tokens = req.min_tokens
         params.stop.extend(req.stop_list)
         params.stop_token_ids.extend(req.stop_token_ids or [])
+        if constraint is not None:
+            setattr(params, constraint.field, constraint.value)
         return router_pb2.GenerateRequest(
             text=text,
             token_ids=token_ids,

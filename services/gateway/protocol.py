@@ -2,7 +2,7 @@
 
 Models are strict (a string is not a number, a bool is not an integer) like OpenAI's API, and keep
 unknown fields (`extra="allow"`) so that `check()` can name an OpenAI feature we do not support
-yet (`tools`, `response_format`, ...) while truly unknown fields are ignored like OpenAI does.
+yet (`functions`, `logit_bias`, ...) while truly unknown fields are ignored like OpenAI does.
 Every field accepts `null` as "not given": some clients send explicit nulls for defaults.
 Ranges here are OpenAI's; the engine's own limits (stop-list sizes, vocabulary) are checked by
 the router and come back as INVALID_ARGUMENT, which the server maps to 400 as well.
@@ -10,6 +10,8 @@ the router and come back as INVALID_ARGUMENT, which the server maps to 400 as we
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Callable
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -19,6 +21,8 @@ INT32_MAX = 2**31 - 1
 UINT32_MAX = 2**32 - 1
 MAX_TOP_LOGPROBS = 20  # the wire contract's bound on top_logprobs_num
 MAX_N = 128
+# OpenAI's rule for function (and json_schema) names.
+FUNCTION_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
 
 ErrorType = Literal[
     "invalid_request_error", "rate_limit_error", "service_unavailable_error", "timeout_error", "server_error"
@@ -65,6 +69,29 @@ class StreamOptions(_Strict):
     include_usage: bool | None = None
 
 
+class JsonSchemaSpec(_Strict):
+    """`response_format.json_schema`: `schema` missing means any JSON object."""
+
+    name: str
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, value: str) -> str:
+        if not FUNCTION_NAME.fullmatch(value):
+            raise ValueError("must be 1 to 64 characters of a-z, A-Z, 0-9, '_' and '-'")
+        return value
+
+
+class ResponseFormat(_Strict):
+    """`response_format`: free text, any JSON object, or JSON following a schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaSpec | None = None
+
+
 class _SamplingRequest(_Strict):
     """Fields shared by /v1/completions and /v1/chat/completions (OpenAI's, then SGLang's extras)."""
 
@@ -89,6 +116,10 @@ class _SamplingRequest(_Strict):
     skip_special_tokens: bool | None = None
     spaces_between_special_tokens: bool | None = None
     no_stop_trim: bool | None = None
+    # Output constraints (at most one; see `constraints.py`). `regex` and `ebnf` are SGLang's.
+    response_format: ResponseFormat | None = None
+    regex: str | None = None
+    ebnf: str | None = None
 
     # Unsupported OpenAI fields -> predicate "this value means the default", which we accept.
     UNSUPPORTED_FIELDS: ClassVar[dict[str, Callable[[Any], bool]]] = {}
@@ -119,6 +150,15 @@ class _SamplingRequest(_Strict):
             value = (self.model_extra or {}).get(name)
             if value is not None and not is_default(value):
                 raise bad_request(f"'{name}' is not supported by this server yet", name)
+        fmt = self.response_format
+        if fmt is not None and fmt.type == "json_schema" and fmt.json_schema is None:
+            raise bad_request(
+                "'response_format' of type 'json_schema' needs 'json_schema': {name, schema}",
+                "response_format.json_schema",
+            )
+        for name in ("regex", "ebnf"):
+            if getattr(self, name) == "":
+                raise bad_request(f"'{name}' must not be empty", name)
         if self.stream_options is not None and not self.stream:
             raise bad_request("'stream_options' is only allowed when 'stream' is true", "stream_options")
         max_tokens = self.max_new_tokens()
@@ -201,18 +241,35 @@ class TextPart(_Strict):
     text: str | None = None
 
 
+class FunctionCall(_Strict):
+    name: str
+    arguments: str  # JSON text, as the model wrote it
+
+
+class ToolCall(_Strict):
+    """One entry of an assistant message's `tool_calls`: a call the model made earlier."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Strict):
     role: str
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # assistant messages only
+    tool_call_id: str | None = None  # tool messages only: the call this answers
 
     @field_validator("role")
     @classmethod
     def _check_role(cls, value: str) -> str:
-        if value in ("tool", "function"):
-            raise ValueError(f"role '{value}' is not supported by this server yet")
-        if value not in ("system", "user", "assistant", "developer"):
-            raise ValueError(f"must be one of 'system', 'user', 'assistant', 'developer', got '{value}'")
+        if value == "function":
+            raise ValueError("role 'function' is deprecated and not supported; use 'tool'")
+        if value not in ("system", "user", "assistant", "developer", "tool"):
+            raise ValueError(
+                f"must be one of 'system', 'user', 'assistant', 'developer', 'tool', got '{value}'"
+            )
         return value
 
     @field_validator("content")
@@ -226,10 +283,83 @@ class ChatMessage(_Strict):
         return value
 
     def text(self) -> str:
-        """The content as one string (text parts joined by newlines)."""
+        """The content as one string (text parts joined by newlines, "" for none)."""
         if isinstance(self.content, list):
             return "\n".join(part.text or "" for part in self.content)
         return self.content or ""
+
+    def check(self, i: int) -> None:
+        """Role-dependent rules; raises a 400 naming `messages[i]...`."""
+        if self.tool_calls is not None and self.role != "assistant":
+            raise bad_request(
+                f"message {i} has 'tool_calls', which only assistant messages carry",
+                f"messages[{i}].tool_calls",
+            )
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise bad_request(f"message {i} has no content", f"messages[{i}].content")
+        if self.role == "tool" and not self.tool_call_id:
+            raise bad_request(
+                f"message {i} has role 'tool' but no 'tool_call_id'", f"messages[{i}].tool_call_id"
+            )
+        for j, call in enumerate(self.tool_calls or []):
+            try:
+                json.loads(call.function.arguments)
+            except ValueError:
+                raise bad_request(
+                    f"the arguments of tool call {j} in message {i} are not valid JSON",
+                    f"messages[{i}].tool_calls[{j}].function.arguments",
+                ) from None
+
+    def template_dict(self) -> dict[str, Any]:
+        """The message as chat templates expect it (HF conventions: arguments as a parsed object)."""
+        out: dict[str, Any] = {
+            "role": "system" if self.role == "developer" else self.role,
+            "content": self.text(),
+        }
+        if self.tool_calls:
+            out["tool_calls"] = [
+                {
+                    "id": call.id,
+                    "type": "function",
+                    "function": {
+                        "name": call.function.name,
+                        "arguments": json.loads(call.function.arguments),
+                    },
+                }
+                for call in self.tool_calls
+            ]
+        if self.role == "tool":
+            out["tool_call_id"] = self.tool_call_id
+            if self.name is not None:
+                out["name"] = self.name
+        return out
+
+
+class FunctionDefinition(_Strict):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema of the arguments object
+    strict: bool | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, value: str) -> str:
+        if not FUNCTION_NAME.fullmatch(value):
+            raise ValueError(f"'{value}' must be 1 to 64 characters of a-z, A-Z, 0-9, '_' and '-'")
+        return value
+
+    @field_validator("parameters")
+    @classmethod
+    def _check_parameters(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        # Tool calls are parsed as `{"name": ..., "arguments": {...}}`: the arguments must be an object.
+        if value is not None and value.get("type", "object") != "object":
+            raise ValueError(f"must be a JSON schema of type 'object', got type {value.get('type')!r}")
+        return value
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
 
 
 class ChatCompletionRequest(_SamplingRequest):
@@ -240,13 +370,15 @@ class ChatCompletionRequest(_SamplingRequest):
     max_completion_tokens: int | None = Field(None, ge=1, le=UINT32_MAX)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    tools: list[Tool] | None = None
+    # "none" | "auto" | "required" | {"type": "function", "function": {"name": ...}}, checked
+    # together with `tools` in `tool_calls.request` (a union would name pydantic's branch tags).
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
 
     UNSUPPORTED_FIELDS: ClassVar[dict[str, Callable[[Any], bool]]] = {
-        "tools": _is_empty,
-        "tool_choice": lambda v: v in ("none", "auto"),
         "functions": _is_empty,
         "function_call": lambda v: v in ("none", "auto"),
-        "response_format": lambda v: v == {"type": "text"},
         "logit_bias": _is_empty,
         "audio": lambda v: False,
         "modalities": lambda v: v == ["text"],
@@ -260,9 +392,6 @@ class ChatCompletionRequest(_SamplingRequest):
     def _check_messages(cls, value: list[ChatMessage]) -> list[ChatMessage]:
         if not value:
             raise ValueError("must hold at least one message")
-        for i, message in enumerate(value):
-            if message.content is None:
-                raise ValueError(f"message {i} has no content")
         return value
 
     def max_new_tokens(self) -> int | None:
@@ -272,10 +401,13 @@ class ChatCompletionRequest(_SamplingRequest):
         super().check()
         if self.top_logprobs is not None and not self.logprobs:
             raise bad_request("'top_logprobs' requires 'logprobs' to be true", "top_logprobs")
+        for i, message in enumerate(self.messages):
+            message.check(i)
 
-    def template_messages(self) -> list[dict[str, str]]:
-        """Messages as the chat template expects them: string content, `developer` as `system`."""
-        return [
-            {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-            for m in self.messages
-        ]
+    def template_messages(self) -> list[dict[str, Any]]:
+        """Messages as chat templates expect them: string content, `developer` as `system`."""
+        return [m.template_dict() for m in self.messages]
+
+    def template_tools(self) -> list[dict[str, Any]] | None:
+        """`tools` as chat templates expect them (OpenAI's shape, unset fields left out), None without."""
+        return [tool.model_dump(exclude_none=True) for tool in self.tools] if self.tools else None

@@ -3,6 +3,7 @@
 A `Job` is a validated, tokenized request; a `ResponseBuilder` folds the router's per-sample
 increments into OpenAI's shapes for it. Choice `prompt_idx * n + sample_idx` is sample
 `sample_idx` of prompt `prompt_idx`, so the n samples of a prompt sit next to each other.
+A chat job with tools parses each choice's text into `tool_calls` (see `tool_calls/output.py`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any, Literal
 
 from services.gateway.protocol import OpenAIError
 from services.gateway.tokenizer import Tokenizer
+from services.gateway.tool_calls.output import ToolCallStream, ToolParsing, parse_message
 from services.protos.tandem.common.v1 import common_pb2
 from services.protos.tandem.router.v1 import router_pb2
 
@@ -40,6 +42,7 @@ class Job:
     top_logprobs: int
     include_usage: bool
     metadata: Metadata = ()  # forwarded to the router (W3C trace context)
+    tool_parsing: ToolParsing | None = None  # chat with tools: parse calls out of the text
     created: int = field(default_factory=lambda: int(time.time()))
 
     @property
@@ -55,6 +58,7 @@ class _Choice:
     usage: common_pb2.Usage | None = None
     text_len: int = 0  # characters streamed so far, for completions' text_offset
     started: bool = False
+    tool_stream: ToolCallStream | None = None  # streamed chat with tools
 
 
 def finish_reason(output: common_pb2.Output) -> str | None:
@@ -97,11 +101,12 @@ class ResponseBuilder:
             text = echo + "".join(choice.text)
             logprobs = self._logprobs(choice.logprobs, len(echo))[0] if job.logprobs else None
             body: dict[str, Any] = {"index": i}
+            reason = choice.finish_reason
             if job.kind == "chat":
-                body["message"] = {"role": "assistant", "content": text}
+                body["message"], reason = self._message(text, reason)
             else:
                 body["text"] = text
-            choices.append({**body, "logprobs": logprobs, "finish_reason": choice.finish_reason})
+            choices.append({**body, "logprobs": logprobs, "finish_reason": reason})
         return {**self._head, "choices": choices, "usage": self.usage()}
 
     def chunks(self, idx: int, output: common_pb2.Output) -> list[Chunk]:
@@ -124,13 +129,43 @@ class ResponseBuilder:
         logprobs = None
         if job.logprobs and output.logprobs:
             logprobs, choice.text_len = self._logprobs(output.logprobs, choice.text_len)
-        if job.kind == "chat":
+        if job.kind == "chat" and job.tool_parsing is not None:
+            out.extend(self._tool_chunks(idx, text, logprobs, reason))
+        elif job.kind == "chat":
             if text or logprobs:
                 out.append(self._chunk(idx, {"content": text}, logprobs))
             if reason:
                 out.append(self._chunk(idx, {}, None, reason))
         elif text or logprobs or reason:
             out.append(self._chunk(idx, text, logprobs, reason))
+        return out
+
+    def _message(self, text: str, reason: str | None) -> tuple[dict[str, Any], str | None]:
+        """A chat choice's message, and its finish reason ("tool_calls" once it called a tool)."""
+        if self.job.tool_parsing is None:
+            return {"role": "assistant", "content": text}, reason
+        parsed = parse_message(self.job.tool_parsing, text)
+        message: dict[str, Any] = {"role": "assistant", "content": parsed.content}
+        if parsed.tool_calls:
+            message["tool_calls"] = parsed.tool_calls
+            reason = "tool_calls" if reason != "length" else reason
+        return message, reason
+
+    def _tool_chunks(
+        self, idx: int, text: str, logprobs: dict[str, Any] | None, reason: str | None
+    ) -> list[Chunk]:
+        choice = self._choices[idx]
+        assert self.job.tool_parsing is not None
+        if choice.tool_stream is None:
+            choice.tool_stream = ToolCallStream(self.job.tool_parsing)
+        deltas = choice.tool_stream.deltas(text, last=reason is not None)
+        if not deltas and logprobs:
+            deltas = [{"content": ""}]  # text held back (a possible call), its logprobs go now
+        out = [self._chunk(idx, delta, logprobs if i == 0 else None) for i, delta in enumerate(deltas)]
+        if reason:
+            if choice.tool_stream.complete_calls and reason != "length":
+                reason = "tool_calls"
+            out.append(self._chunk(idx, {}, None, reason))
         return out
 
     def usage_chunk(self) -> Chunk:

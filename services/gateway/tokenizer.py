@@ -11,6 +11,7 @@ import asyncio
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import jinja2
 from transformers import AutoTokenizer
@@ -52,21 +53,42 @@ class Tokenizer:
     def decode(self, token_ids: Sequence[int]) -> str:
         return str(self._hf.decode(list(token_ids)))
 
-    def render_chat(self, messages: list[dict[str, str]]) -> tuple[str, list[int]]:
-        """The chat template's prompt text (with the assistant turn opened) and its token ids."""
+    @property
+    def chat_template(self) -> str | None:
+        """The chat template's text (several named templates joined), None without one."""
+        template = self._hf.chat_template
+        if isinstance(template, dict):
+            return "\n".join(str(t) for t in template.values())
+        return template or None
+
+    def render_chat(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+    ) -> tuple[str, list[int]]:
+        """The chat template's prompt text (with the assistant turn opened) and its token ids.
+
+        `tools` (OpenAI's tool definitions) reach the template as its `tools` variable.
+        """
         if not self._hf.chat_template:
             raise bad_request("the served model has no chat template; use /v1/completions", "messages")
+        hf_tools: list[Any] | None = tools  # HF types it as a list of dicts or Python functions
         try:
-            text = str(self._hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
+            text = str(
+                self._hf.apply_chat_template(
+                    messages, tools=hf_tools, add_generation_prompt=True, tokenize=False
+                )
+            )
         except jinja2.TemplateError as exc:  # templates raise on e.g. roles out of order
             raise bad_request(f"the chat template rejected the messages: {exc}", "messages") from exc
         # The template already wrote BOS and friends; encoding must not add them again.
         return text, self.encode(text, add_special_tokens=False)
 
-    async def render_chat_async(self, messages: list[dict[str, str]]) -> tuple[str, list[int]]:
-        if sum(len(m["content"]) for m in messages) <= _INLINE_TOKENIZE_CHARS:
-            return self.render_chat(messages)
-        return await asyncio.to_thread(self.render_chat, messages)
+    async def render_chat_async(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+    ) -> tuple[str, list[int]]:
+        size = sum(len(m["content"]) for m in messages) + len(str(tools or ""))
+        if size <= _INLINE_TOKENIZE_CHARS:
+            return self.render_chat(messages, tools)
+        return await asyncio.to_thread(self.render_chat, messages, tools)
 
     def piece(self, token_id: int) -> TokenPiece:
         """Text and bytes of one token, cached."""

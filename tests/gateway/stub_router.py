@@ -10,6 +10,11 @@ routing hint) trigger failures:
     SLOW                               0.1 s between tokens (for disconnect tests)
     STALL                              30 s before the first token
 
+A test can instead script what the next call streams back (`StubRouter.script`): text pieces per
+sample, one increment each, split wherever the test likes (`split_text` cuts at awkward places).
+An output constraint (json_schema, regex, ebnf, structural_tag) is compiled with xgrammar, as the
+engine does, and one that does not compile fails the call with INVALID_ARGUMENT.
+
 It records every request and every call the client cancelled. It runs its own event loop in a
 background thread, so synchronous tests can drive it.
 """
@@ -17,9 +22,11 @@ background thread, so synchronous tests can drive it.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -31,6 +38,53 @@ from services.protos.tandem.router.v1 import router_pb2, router_pb2_grpc
 MODEL_ID = "tiny-stub-model"
 NUM_SPECIAL_TOKENS = 5  # the tiny tokenizer's special tokens are ids 0..4
 DEFAULT_MAX_NEW_TOKENS = 128
+_FINISH = {"stop": common_pb2.FINISH_REASON_STOP, "length": common_pb2.FINISH_REASON_LENGTH}
+
+
+@dataclass(frozen=True)
+class Script:
+    """What one Generate call streams back: per sample, text pieces (one increment each) and a finish."""
+
+    samples: tuple[tuple[str, ...], ...]  # one entry serves every sample
+    finish: tuple[str, ...]  # "stop" or "length", per sample (one entry serves all)
+
+    def pieces(self, index: int) -> tuple[str, ...]:
+        return self.samples[min(index, len(self.samples) - 1)]
+
+    def finish_reason(self, index: int) -> str:
+        return self.finish[min(index, len(self.finish) - 1)]
+
+
+def split_text(text: str, sizes: Sequence[int] = (1, 3, 2, 5, 4, 7)) -> list[str]:
+    """`text` in pieces of the given sizes, cycled: cuts land inside tags, names and escapes."""
+    pieces: list[str] = []
+    at = 0
+    for size in itertools.cycle(sizes):
+        if at >= len(text):
+            return pieces
+        pieces.append(text[at : at + size])
+        at += size
+    raise AssertionError("unreachable")
+
+
+def compile_constraint(params: common_pb2.SamplingParams) -> str | None:
+    """The engine's check of an output constraint: xgrammar's error message, None when it compiles."""
+    kind = params.WhichOneof("constraint")
+    if kind is None:
+        return None
+    import xgrammar  # only here: it pulls in torch
+
+    build = {
+        "json_schema": xgrammar.Grammar.from_json_schema,
+        "regex": xgrammar.Grammar.from_regex,
+        "ebnf": xgrammar.Grammar.from_ebnf,
+        "structural_tag": xgrammar.Grammar.from_structural_tag,
+    }[kind]
+    try:
+        build(getattr(params, kind))
+    except Exception as exc:
+        return f"{kind} is invalid: {' '.join(str(exc).split())}"  # the engine's wording
+    return None
 
 
 class StubRouterService(router_pb2_grpc.RouterServiceServicer):
@@ -45,6 +99,7 @@ class StubRouterService(router_pb2_grpc.RouterServiceServicer):
         self.cancelled = threading.Event()  # set when any Generate call was cancelled by the client
         self.cancelled_count = 0
         self.list_models_calls = 0
+        self.scripts: list[Script] = []  # consumed one per Generate call, in order
         self._next_id = 1
 
     async def ListModels(
@@ -76,8 +131,16 @@ class StubRouterService(router_pb2_grpc.RouterServiceServicer):
                     grpc.StatusCode.INVALID_ARGUMENT,
                     f"stop_token_ids entry {token_id} is outside the vocabulary [0, {self.vocab_size})",
                 )
+        if request.sampling_params.WhichOneof("constraint") is not None:
+            error = await asyncio.to_thread(compile_constraint, request.sampling_params)
+            if error is not None:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, error)
         try:
-            async for response in self._generate(request, request_id):
+            if self.scripts:
+                responses = self._scripted(request, request_id, self.scripts.pop(0))
+            else:
+                responses = self._generate(request, request_id)
+            async for response in responses:
                 yield response
         except asyncio.CancelledError:
             self.cancelled_count += 1
@@ -123,6 +186,29 @@ class StubRouterService(router_pb2_grpc.RouterServiceServicer):
             step += 1
             if delay:
                 await asyncio.sleep(delay)
+
+    async def _scripted(
+        self, request: router_pb2.GenerateRequest, request_id: int, script: Script
+    ) -> AsyncIterator[router_pb2.GenerateResponse]:
+        n = request.n or 1
+        streams = [list(script.pieces(i)) or [""] for i in range(n)]
+        counts = [0] * n
+        for step in range(max(len(s) for s in streams)):
+            for index, pieces in enumerate(streams):
+                if step >= len(pieces):
+                    continue
+                output = common_pb2.Output(index=index, text=pieces[step])
+                token_ids = self.tokenizer.encode(pieces[step], add_special_tokens=False).ids
+                output.token_ids.extend(token_ids)
+                for token_id in token_ids if request.return_logprob else ():
+                    output.logprobs.add(token_id=token_id, logprob=-0.5)
+                counts[index] += len(token_ids)
+                if step == len(pieces) - 1:
+                    output.finish.reason = _FINISH[script.finish_reason(index)]
+                output.usage.prompt_tokens = len(request.token_ids)
+                output.usage.completion_tokens = counts[index]
+                yield router_pb2.GenerateResponse(request_id=request_id, output=output)
+            await asyncio.sleep(0)
 
     def _next_token(
         self,
@@ -197,9 +283,24 @@ class StubRouter:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=10)
 
+    def script(self, *samples: Sequence[str], finish: str | Sequence[str] = "stop") -> None:
+        """Make the next Generate call stream these pieces back instead of echoing the prompt.
+
+        One sequence of pieces per sample (a single one serves every sample); `finish` is "stop" or
+        "length", or one of those per sample. Call it again to script the calls after that.
+        """
+        finishes = (finish,) if isinstance(finish, str) else tuple(finish)
+        self.service.scripts.append(Script(tuple(tuple(s) for s in samples), finishes))
+
+    @property
+    def last_request(self) -> router_pb2.GenerateRequest:
+        """The last GenerateRequest the stub received."""
+        return self.service.requests[-1]
+
     def reset(self) -> None:
-        """Forget recorded requests and cancellations (between tests sharing one stub)."""
+        """Forget recorded requests, scripts and cancellations (between tests sharing one stub)."""
         self.service.requests.clear()
+        self.service.scripts.clear()
         self.service.metadata.clear()
         self.service.cancelled.clear()
         self.service.cancelled_count = 0
