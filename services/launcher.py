@@ -1,13 +1,16 @@
 """`tandem up`: the whole suite on this machine as processes: router, workers, gateway.
 
-    router   python -m services.router  --model M --port R --admin-http-port A
-    workers  python -m services.{prefill,decode,worker} --model M --router 127.0.0.1:R
+    router   python -m services.router  --model M --port R --admin-http-port A --metrics-port X
+    workers  python -m services.{prefill,decode,worker} --model M --router 127.0.0.1:R --metrics-port X
     gateway  python -m services.gateway --router 127.0.0.1:R --tokenizer M --port 8000
 
 Started in that order, each waited for (router health, workers registered, gateway /health),
-then the endpoints are printed (and written as JSON to --ready-file). Ctrl-C or SIGTERM stops
-them all (SIGTERM, then SIGKILL after a grace period); if any one dies, all stop and the
-launcher exits 1 with the tail of its log. Children die with the launcher (PR_SET_PDEATHSIG).
+then the endpoints are printed (and written as JSON to --ready-file, with a `metrics` map:
+process name -> its Prometheus URL). Each process gets its own OTEL_SERVICE_NAME (tandem-router,
+tandem-prefill, ...); traces are exported when the environment sets OTEL_EXPORTER_OTLP_ENDPOINT.
+Ctrl-C or SIGTERM stops them all (SIGTERM, then SIGKILL after a grace period); if any one dies,
+all stop and the launcher exits 1 with the tail of its log. Children die with the launcher
+(PR_SET_PDEATHSIG).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import argparse
 import contextlib
 import ctypes
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -97,16 +101,23 @@ def up(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
 
-    def start(name: str, cmd: list[str]) -> Child:
+    metrics: dict[str, str] = {}  # process name -> its /metrics URL
+
+    def start(name: str, cmd: list[str], service: str, metrics_url: str) -> Child:
         log = log_dir / f"{name}.log"
+        env = {**os.environ, "OTEL_SERVICE_NAME": service}
         with open(log, "wb") as out:
-            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+            proc = subprocess.Popen(
+                cmd, stdout=out, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent, env=env
+            )
+        metrics[name] = metrics_url
         child = Child(name, proc, log)
         children.append(child)
         return child
 
     try:
         print(f"model: {model}\nlogs:  {log_dir}", flush=True)
+        router_metrics = free_port()
         start(
             "router",
             [
@@ -122,17 +133,23 @@ def up(args: argparse.Namespace) -> int:
                 args.prefill_policy,
                 "--decode-policy",
                 args.decode_policy,
+                "--metrics-port",
+                str(router_metrics),
             ],
+            "tandem-router",
+            f"http://127.0.0.1:{router_metrics}/metrics",
         )
         _wait(lambda: _router_workers(router) is not None, children, args.startup_timeout, "the router")
         extra = args.worker_args.split()
         roles = [("prefill", args.prefill), ("decode", args.decode), ("worker", unified)]
         for module, count in roles:
             for i in range(count):
-                cmd = [*py, f"services.{module}", "--model", model, "--router", router, *extra]
+                port = free_port()
+                cmd = [*py, f"services.{module}", "--model", model, "--router", router]
+                cmd += ["--metrics-port", str(port), *extra]
                 if module != "worker":
                     cmd += ["--kv-transport", args.kv_transport]
-                start(f"{module}-{i}", cmd)
+                start(f"{module}-{i}", cmd, f"tandem-{module}", f"http://127.0.0.1:{port}/metrics")
         expected = args.prefill + args.decode + unified
         _wait(
             lambda: (_router_workers(router) or 0) >= expected, children, args.startup_timeout, "the workers"
@@ -152,6 +169,8 @@ def up(args: argparse.Namespace) -> int:
                 "--tokenizer",
                 model,
             ],
+            "tandem-gateway",
+            f"{gateway_url}/metrics",
         )
         _wait(lambda: _http_ok(f"{gateway_url}/health"), children, args.startup_timeout, "the gateway")
         endpoints = {
@@ -161,6 +180,7 @@ def up(args: argparse.Namespace) -> int:
             "model": Path(model).name,
             "logs": str(log_dir),
             "pids": {c.name: c.process.pid for c in children},
+            "metrics": metrics,
         }
         print(
             f"\nTandem is up ({args.prefill} prefill + {args.decode} decode + {unified} unified workers)\n"
@@ -168,7 +188,8 @@ def up(args: argparse.Namespace) -> int:
             f"  router gRPC    {router}  (proto/tandem/router/v1/router.proto)\n"
             f"  router admin   {endpoints['router_admin']}\n"
             f"  model id       {endpoints['model']}\n"
-            "Ctrl-C stops everything.",
+            + "".join(f"  metrics        {url}  ({name})\n" for name, url in metrics.items())
+            + "Ctrl-C stops everything.",
             flush=True,
         )
         if args.ready_file:

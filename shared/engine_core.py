@@ -365,13 +365,22 @@ class EngineCore:
             else:
                 wait.on_ready()
 
-    def release_prefill(self, req: Req, kv_bytes: int, payload: bytes | None, commit: bytes | None) -> None:
-        """A prefill request's KV is with the decode engine (or in `payload`): report and free."""
+    def release_prefill(
+        self,
+        req: Req,
+        kv_bytes: int,
+        payload: bytes | None,
+        commit: bytes | None,
+        span: tuple[float, float] = (0.0, 0.0),
+    ) -> None:
+        """A prefill request's KV is with the decode engine (or in `payload`): report and free.
+        `span` is the transfer's (start, end) wall-clock time, reported for tracing."""
         self.scheduler.remove(req)
         self._finish(req, FinishReason(FinishKind.TRANSFERRED))
         out = self._pending_outputs[-1]
         assert out.rid == req.rid
         out.kv_bytes, out.kv_payload, out.kv_commit = kv_bytes, payload, commit
+        out.kv_transfer_start, out.kv_transfer_end = span
 
     def fail_prefill(self, req: Req, message: str) -> None:
         self.scheduler.remove(req)

@@ -25,6 +25,11 @@ class RequestOutput:
     kv_bytes: int = 0
     kv_payload: bytes | None = None
     kv_commit: bytes | None = None
+    # Prefill engine, on the final output: when the transfer's first page write was posted and
+    # when the last one completed (wall-clock seconds, time.time(), so the worker can place
+    # them on a trace; 0 = not timed). gRPC transport: the engine's read of the pages.
+    kv_transfer_start: float = 0.0
+    kv_transfer_end: float = 0.0
 
     def then(self, later: RequestOutput) -> RequestOutput:
         """This increment followed by a later one of the same request, as one increment."""

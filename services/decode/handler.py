@@ -5,6 +5,9 @@ Generate   reserve pages -> send the Reservation -> (prefill writes + commits) -
            reservation whose KV may still be written until that write is over.
 WriteKv    the gRPC transport: the prompt's pages as a byte stream, then the commit record.
 GetTransferMetadata  the NIXL agent metadata prefill workers need once.
+
+Each Generate is a `decode` span (continuing the router's trace) and feeds the worker's token
+latency histograms; its time to first token includes the prefill and the KV transfer.
 """
 
 from __future__ import annotations
@@ -17,48 +20,63 @@ import grpc
 
 from services.common.convert import output_to_proto, sampling_to_dict
 from services.common.errors import ServiceError, grpc_errors
+from services.common.tracing import server_span
 from services.protos.tandem.worker.v1 import worker_pb2, worker_pb2_grpc
 from services.worker.engine import AsyncEngine
+from services.worker.metrics import WorkerMetrics, annotate_generation
 from services.worker.server import TRANSPORTS
+from shared.outputs import RequestOutput
 
 
 class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, metrics: WorkerMetrics) -> None:
         self.engine = engine
         self.agent_name = engine.client.agent_name
+        self.metrics = metrics
 
     @grpc_errors
     async def Generate(
         self, request: worker_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[worker_pb2.GenerateResponse]:
         client = self.engine.client
-        pages, stream = await self.engine.reserve(
-            request.rid,
-            list(request.token_ids),
-            sampling_to_dict(request.sampling_params),
-            request.return_logprob,
-            request.top_logprobs_num,
-            request.kv_lease_ms / 1000 if request.kv_lease_ms else None,
-        )
-        try:
-            yield worker_pb2.GenerateResponse(
-                reservation=worker_pb2.Reservation(
-                    rid=request.rid,
-                    agent_name=self.agent_name,
-                    page_ids=pages,
-                    page_size=client.page_size,
-                    kv_layout=client.kv_layout,
-                    kv_transport=TRANSPORTS[client.kv_transport],
+        clock = self.metrics.clock()
+        last: RequestOutput | None = None
+        with server_span("decode", context.invocation_metadata()) as span:
+            try:
+                pages, stream = await self.engine.reserve(
+                    request.rid,
+                    list(request.token_ids),
+                    sampling_to_dict(request.sampling_params),
+                    request.return_logprob,
+                    request.top_logprobs_num,
+                    request.kv_lease_ms / 1000 if request.kv_lease_ms else None,
                 )
-            )
-            async for out in stream:
-                if out.finished and out.finish_reason and out.finish_reason["type"] == "abort":
-                    raise ServiceError(
-                        grpc.StatusCode.UNAVAILABLE, out.finish_reason.get("message", "aborted")
+                if span.is_recording():
+                    span.add_event("kv_reserved", {"tandem.kv_pages": len(pages)})
+                try:
+                    yield worker_pb2.GenerateResponse(
+                        reservation=worker_pb2.Reservation(
+                            rid=request.rid,
+                            agent_name=self.agent_name,
+                            page_ids=pages,
+                            page_size=client.page_size,
+                            kv_layout=client.kv_layout,
+                            kv_transport=TRANSPORTS[client.kv_transport],
+                        )
                     )
-                yield worker_pb2.GenerateResponse(output=output_to_proto(out))
-        finally:
-            stream.close()
+                    async for out in stream:
+                        last = out
+                        if out.finished and out.finish_reason and out.finish_reason["type"] == "abort":
+                            raise ServiceError(
+                                grpc.StatusCode.UNAVAILABLE, out.finish_reason.get("message", "aborted")
+                            )
+                        clock.add(len(out.new_ids))
+                        yield worker_pb2.GenerateResponse(output=output_to_proto(out))
+                    clock.finish()
+                finally:
+                    stream.close()
+            finally:
+                annotate_generation(span, request.rid, last, clock)
 
     @grpc_errors
     async def GetTransferMetadata(
@@ -85,5 +103,7 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
         return worker_pb2.WriteKvResponse()
 
 
-def add_servicers(server: grpc.aio.Server, engine: AsyncEngine, args: argparse.Namespace) -> None:
-    worker_pb2_grpc.add_DecodeServiceServicer_to_server(DecodeServicer(engine), server)
+def add_servicers(
+    server: grpc.aio.Server, engine: AsyncEngine, args: argparse.Namespace, metrics: WorkerMetrics
+) -> None:
+    worker_pb2_grpc.add_DecodeServiceServicer_to_server(DecodeServicer(engine, metrics), server)

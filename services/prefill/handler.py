@@ -7,20 +7,29 @@ Prefill(request, reservation, decode_address)
     gRPC: the engine hands back the pages as bytes and the commit record; we stream them
           to the decode worker's WriteKv.
 A cancelled call aborts the request; the engine frees its pages once no write reads them.
+
+Each call is a `prefill` span (continuing the router's trace) with a `kv_transfer` child timed
+from the first page write posted to the last write done: the engine stamps both (NIXL writes
+run there); with gRPC the engine stamps the read of the pages and we end it when WriteKv
+returns.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import time
 from collections.abc import AsyncIterator
 
 import grpc
+from opentelemetry import trace
 
 from services.common.convert import sampling_to_dict
 from services.common.errors import ServiceError, call, grpc_errors
+from services.common.tracing import describe, record_span, server_span
 from services.protos.tandem.worker.v1 import worker_pb2, worker_pb2_grpc
 from services.worker.engine import AsyncEngine
+from services.worker.metrics import WorkerMetrics
 from shared.outputs import RequestOutput
 from shared.transfer.records import KvTarget
 
@@ -28,8 +37,9 @@ _CHUNK = 1 << 20  # bytes per WriteKv message
 
 
 class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, metrics: WorkerMetrics) -> None:
         self.engine = engine
+        self.metrics = metrics
         self._peers: dict[str, asyncio.Task[str]] = {}  # decode agent name -> its registration
         self._channels: dict[str, grpc.aio.Channel] = {}
 
@@ -37,6 +47,23 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
     async def Prefill(
         self, request: worker_pb2.PrefillRequest, context: grpc.aio.ServicerContext
     ) -> worker_pb2.PrefillResponse:
+        with server_span("prefill", context.invocation_metadata()) as span:
+            if span.is_recording():
+                span.set_attributes(
+                    {"tandem.rid": request.request.rid, "tandem.decode_worker": request.decode_address}
+                )
+            response = await self._prefill(request)
+            if span.is_recording():
+                span.set_attributes(
+                    {
+                        "tandem.prompt_tokens": response.prompt_tokens,
+                        "tandem.cached_tokens": response.cached_tokens,
+                        "tandem.kv_bytes": response.kv_bytes,
+                    }
+                )
+            return response
+
+    async def _prefill(self, request: worker_pb2.PrefillRequest) -> worker_pb2.PrefillResponse:
         client = self.engine.client
         res, req = request.reservation, request.request
         if res.kv_layout != client.kv_layout:
@@ -71,15 +98,40 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
             raise ServiceError(
                 grpc.StatusCode.UNAVAILABLE, final.finish_reason.get("message", "prefill failed")
             )
-        if final.kv_commit is not None:
-            assert final.kv_payload is not None
-            await self._write_kv(request.decode_address, req.rid, final.kv_payload, final.kv_commit)
+        start, end, error = final.kv_transfer_start, final.kv_transfer_end, None
+        try:
+            if final.kv_commit is not None:  # the gRPC transport: the pages go out from here
+                assert final.kv_payload is not None
+                await self._write_kv(request.decode_address, req.rid, final.kv_payload, final.kv_commit)
+                end = time.time()
+        except BaseException as e:
+            error, end = describe(e), time.time()
+            if isinstance(e, Exception):  # a cancelled call is not a failed transfer
+                self.metrics.kv_transfer_failures += 1
+            raise
+        finally:
+            if start:  # 0: the engine did not time it
+                self._transfer_done(start, end, error, target, final.kv_bytes, request.decode_address)
         return worker_pb2.PrefillResponse(
             prompt_tokens=final.prompt_tokens,
             cached_tokens=final.cached_tokens,
             first_token_id=final.new_ids[0],
             kv_bytes=final.kv_bytes,
         )
+
+    def _transfer_done(
+        self, start: float, end: float, error: str | None, target: KvTarget, kv_bytes: int, peer: str
+    ) -> None:
+        if error is None:
+            self.metrics.kv_transfer_seconds.observe(max(end - start, 0.0))
+        if trace.get_current_span().is_recording():
+            attributes = {
+                "tandem.kv_transport": target.transport,
+                "tandem.kv_bytes": kv_bytes,
+                "tandem.kv_pages": len(target.pages),
+                "tandem.kv_peer": peer,
+            }
+            record_span("kv_transfer", start, end, attributes, error)
 
     async def _ensure_peer(self, agent_name: str, decode_address: str) -> None:
         """Learn a decode engine's NIXL agent the first time it is a target (once per pair)."""
@@ -114,5 +166,7 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
         return self._channels[address]
 
 
-def add_servicers(server: grpc.aio.Server, engine: AsyncEngine, args: argparse.Namespace) -> None:
-    worker_pb2_grpc.add_PrefillServiceServicer_to_server(PrefillServicer(engine), server)
+def add_servicers(
+    server: grpc.aio.Server, engine: AsyncEngine, args: argparse.Namespace, metrics: WorkerMetrics
+) -> None:
+    worker_pb2_grpc.add_PrefillServiceServicer_to_server(PrefillServicer(engine, metrics), server)

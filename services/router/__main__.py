@@ -1,4 +1,5 @@
-"""`python -m services.router`: the router (gRPC; admin over HTTP with --admin-http-port)."""
+"""`python -m services.router`: the router (gRPC; admin over HTTP with --admin-http-port;
+Prometheus /metrics with --metrics-port; OTLP traces when OTEL_EXPORTER_OTLP_ENDPOINT is set)."""
 
 from __future__ import annotations
 
@@ -13,8 +14,11 @@ import grpc
 import uvicorn
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from services.common.metrics import serve_metrics
+from services.common.tracing import setup_tracing
 from services.protos.tandem.router.v1 import router_pb2_grpc
 from services.router.args import build_parser
+from services.router.metrics import RouterMetrics
 from services.router.orchestrator import Orchestrator
 from services.router.policies import create_policy
 from services.router.registry import Registry
@@ -26,6 +30,7 @@ logger = logging.getLogger("services.router")
 async def serve() -> None:
     args = build_parser().parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s router %(levelname)s %(name)s: %(message)s")
+    tracing = setup_tracing("tandem-router")
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
@@ -45,6 +50,7 @@ async def serve() -> None:
     def policy(name: str) -> object:
         return create_policy(name, **(cache_aware if name == "cache_aware" else {}))
 
+    metrics = RouterMetrics(registry)
     orchestrator = Orchestrator(
         registry,
         policy(args.prefill_policy),  # type: ignore[arg-type]
@@ -52,6 +58,7 @@ async def serve() -> None:
         policy(args.unified_policy),  # type: ignore[arg-type]
         max_attempts=args.max_attempts,
         kv_lease_ms=args.kv_lease_ms,
+        metrics=metrics,
     )
     server = grpc.aio.server()
     router_pb2_grpc.add_RouterServiceServicer_to_server(
@@ -78,6 +85,9 @@ async def serve() -> None:
         http = _QuietServer(config)
         tasks.append(asyncio.create_task(http.serve()))
         print(f"tandem router admin HTTP on http://{args.host}:{args.admin_http_port}/workers", flush=True)
+    stop_metrics = serve_metrics(metrics.registry, args.host, args.metrics_port)
+    if args.metrics_port:
+        print(f"tandem router metrics on http://{args.host}:{args.metrics_port}/metrics", flush=True)
     print(f"tandem router serving on {args.host}:{port}", flush=True)
 
     stop = asyncio.Event()
@@ -91,6 +101,8 @@ async def serve() -> None:
         with contextlib.suppress(asyncio.CancelledError):
             await task
     await server.stop(grace=5)
+    stop_metrics()
+    tracing.shutdown()
 
 
 class _QuietServer(uvicorn.Server):

@@ -15,6 +15,7 @@ from fastapi import FastAPI, HTTPException
 from pydantic import BaseModel
 
 from services.common.errors import status_of
+from services.common.tracing import fastapi_options
 from services.router.registry import Registry
 
 _HTTP = {"INVALID_ARGUMENT": 400, "NOT_FOUND": 404, "FAILED_PRECONDITION": 409, "UNAVAILABLE": 503}
@@ -25,7 +26,7 @@ class AddWorker(BaseModel):
 
 
 def create_admin_app(registry: Registry) -> FastAPI:
-    app = FastAPI(title="Tandem router admin")
+    app = FastAPI(title="Tandem router admin", **fastapi_options())  # admin calls are not traced
 
     def fail(e: Exception) -> HTTPException:
         code, message = status_of(e)

@@ -13,6 +13,10 @@ Failure: either leg failing cancels the other (leaving the with-block cancels bo
 workers abort and free). A failure before the first output reached the caller is retried on a
 fresh pair (a worker that looks gone is probed and taken out first); after it, the caller gets
 the error. A client disconnect cancels the router's handler, which cancels both calls.
+
+Telemetry: every worker call carries the current trace context (the `router.generate` span); a
+routing decision is an event on that span; a `RequestRecord` collects what the span and the
+per-request metrics report; token latencies and usage are counted per sample.
 """
 
 from __future__ import annotations
@@ -23,12 +27,15 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
 import grpc
+from opentelemetry import trace
 
 from services.common.errors import ServiceError
 from services.common.streams import merge
+from services.common.tracing import outgoing_metadata
 from services.protos.tandem.common.v1 import common_pb2
 from services.protos.tandem.router.v1 import router_pb2
 from services.protos.tandem.worker.v1 import worker_pb2
+from services.router.metrics import RequestRecord, RouterMetrics
 from services.router.policies import Policy
 from services.router.registry import Registry, Worker
 
@@ -74,52 +81,81 @@ class Orchestrator:
         unified_policy: Policy,
         max_attempts: int = 3,
         kv_lease_ms: int = 0,
+        metrics: RouterMetrics | None = None,
     ) -> None:
         self.registry = registry
         self.policies = {"prefill": prefill_policy, "decode": decode_policy, "unified": unified_policy}
         self.max_attempts = max_attempts
         self.kv_lease_ms = kv_lease_ms
-        self.decisions: dict[str, int] = {}  # worker address -> requests routed there
+        self.metrics = metrics or RouterMetrics()
         registry.on_removed.extend(p.on_worker_removed for p in self.policies.values())
+        registry.on_removed.append(self.metrics.forget_worker)
 
-    async def generate(self, samples: Sequence[Sample]) -> AsyncIterator[router_pb2.GenerateResponse]:
-        """Responses of all samples, interleaved as they come; the first error ends the stream."""
-        async for _, resp in merge([self._run(s) for s in samples]):
+    async def generate(
+        self, samples: Sequence[Sample], record: RequestRecord | None = None
+    ) -> AsyncIterator[router_pb2.GenerateResponse]:
+        """Responses of all samples, interleaved as they come; the first error ends the stream.
+        `record` (if given) learns the mode, workers, attempts and usage."""
+        record = record or RequestRecord()
+        async for _, resp in merge([self._run(s, record) for s in samples]):
             yield resp
 
-    async def _run(self, sample: Sample) -> AsyncIterator[router_pb2.GenerateResponse]:
-        emitted = False
-        for attempt in range(self.max_attempts):
-            try:
-                if self.registry.available("prefill") and self.registry.available("decode"):
-                    stream = self._pd(sample, attempt)
-                else:
-                    stream = self._unified(sample, attempt)
-                async for resp in stream:
-                    emitted = True
-                    yield resp
-                return
-            except ServiceError as e:
-                if emitted or e.code not in _RETRYABLE or attempt + 1 == self.max_attempts:
-                    raise
-                logger.warning(
-                    "request %d attempt %d failed (%s); retrying", sample.request_id, attempt, e.message
-                )
+    async def _run(self, sample: Sample, record: RequestRecord) -> AsyncIterator[router_pb2.GenerateResponse]:
+        clock = self.metrics.clock(record.start)
+        usage: common_pb2.Usage | None = None  # the latest usage; set once a response went out
+        try:
+            for attempt in range(self.max_attempts):
+                record.attempts = max(record.attempts, attempt + 1)
+                try:
+                    if self.registry.available("prefill") and self.registry.available("decode"):
+                        record.mode = "pd"
+                        stream = self._pd(sample, attempt, record)
+                    else:
+                        record.mode = "unified"
+                        stream = self._unified(sample, attempt, record)
+                    async for resp in stream:
+                        usage = resp.output.usage
+                        clock.add(len(resp.output.token_ids))
+                        yield resp
+                    clock.finish()
+                    return
+                except ServiceError as e:
+                    if usage is not None or e.code not in _RETRYABLE or attempt + 1 == self.max_attempts:
+                        raise
+                    self.metrics.retries.inc()
+                    logger.warning(
+                        "request %d attempt %d failed (%s); retrying", sample.request_id, attempt, e.message
+                    )
+        finally:
+            if usage is not None:
+                record.add_usage(usage)
+                self.metrics.add_usage(usage)
 
     def _pick(self, role: str, sample: Sample) -> Worker:
         workers = self.registry.available(role)
         if not workers:
             raise ServiceError(grpc.StatusCode.UNAVAILABLE, f"no healthy {role} workers")
-        chosen = self.policies[role].select(workers, sample.text, sample.token_ids)
+        policy = self.policies[role]
+        chosen = policy.select(workers, sample.text, sample.token_ids)
         assert isinstance(chosen, Worker)
-        self.decisions[chosen.address] = self.decisions.get(chosen.address, 0) + 1
+        self.metrics.decisions.labels(role, chosen.address).inc()
+        span = trace.get_current_span()
+        if span.is_recording():
+            event: dict[str, str | int] = {"role": role, "policy": policy.name, "worker": chosen.address}
+            decision = getattr(policy, "last_decision", None)  # cache_aware says why
+            if decision is not None and decision.address == chosen.address:
+                event.update(reason=decision.reason, prefix_match=decision.match_len)
+            span.add_event("route", event)
         return chosen
 
-    async def _unified(self, sample: Sample, attempt: int) -> AsyncIterator[router_pb2.GenerateResponse]:
+    async def _unified(
+        self, sample: Sample, attempt: int, record: RequestRecord
+    ) -> AsyncIterator[router_pb2.GenerateResponse]:
         worker = self._pick("unified", sample)
+        record.prefill_worker, record.decode_worker = "", worker.address
         route: router_pb2.Route | None = router_pb2.Route(decode_worker=worker.address)
         with self.registry.track(worker, sample.tokens):
-            stream = worker.worker.Generate(sample.worker_request(attempt))
+            stream = worker.worker.Generate(sample.worker_request(attempt), metadata=outgoing_metadata())
             try:
                 async for msg in self._guard(worker, stream):
                     yield self._response(sample, msg.output, route)
@@ -127,14 +163,18 @@ class Orchestrator:
             finally:
                 stream.cancel()
 
-    async def _pd(self, sample: Sample, attempt: int) -> AsyncIterator[router_pb2.GenerateResponse]:
+    async def _pd(
+        self, sample: Sample, attempt: int, record: RequestRecord
+    ) -> AsyncIterator[router_pb2.GenerateResponse]:
         prefill, decode = self._pick("prefill", sample), self._pick("decode", sample)
+        record.prefill_worker, record.decode_worker = prefill.address, decode.address
         route: router_pb2.Route | None = router_pb2.Route(
             prefill_worker=prefill.address, decode_worker=decode.address
         )
         request = sample.worker_request(attempt, self.kv_lease_ms)
+        metadata = outgoing_metadata()
         with self.registry.track(prefill, len(sample.token_ids)), self.registry.track(decode, sample.tokens):
-            stream = decode.decode.Generate(request)
+            stream = decode.decode.Generate(request, metadata=metadata)
             prefill_call: asyncio.Task[worker_pb2.PrefillResponse] | None = None
             read: asyncio.Future[worker_pb2.GenerateResponse | None] | None = None
             try:
@@ -150,6 +190,7 @@ class Orchestrator:
                         worker_pb2.PrefillRequest(
                             request=request, reservation=first.reservation, decode_address=decode.address
                         ),
+                        metadata,
                     )
                 )
                 while True:
@@ -173,10 +214,10 @@ class Orchestrator:
                         task.cancel()
 
     async def _prefill(
-        self, worker: Worker, request: worker_pb2.PrefillRequest
+        self, worker: Worker, request: worker_pb2.PrefillRequest, metadata: tuple[tuple[str, str], ...] | None
     ) -> worker_pb2.PrefillResponse:
         try:
-            return await worker.prefill.Prefill(request)
+            return await worker.prefill.Prefill(request, metadata=metadata)
         except grpc.aio.AioRpcError as e:
             raise await self._failure(worker, e) from None
 
@@ -192,6 +233,8 @@ class Orchestrator:
 
     async def _failure(self, worker: Worker, e: grpc.aio.AioRpcError) -> ServiceError:
         code, message = e.code(), e.details() or str(e.code())
+        if code != grpc.StatusCode.CANCELLED:  # our own cancellation is not the worker's error
+            self.metrics.worker_error(worker.role, worker.address, code.name)
         if code == grpc.StatusCode.UNAVAILABLE and not await self.registry.suspect(worker):
             message = f"worker {worker.address} is gone: {message}"
         return ServiceError(code, message)

@@ -1,6 +1,7 @@
 """The router's gRPC services: RouterService (public: Generate, ListModels, Tokenize) and
 RouterAdminService (workers register, heartbeat, drain, leave). Thin: validation, tokenizing
-text-only requests, and wire <-> domain; routing is the orchestrator's."""
+text-only requests, and wire <-> domain; routing is the orchestrator's. Each Generate call is one
+`router.generate` SERVER span continuing the caller's trace, and one count in the metrics."""
 
 from __future__ import annotations
 
@@ -13,8 +14,11 @@ from typing import Any
 import grpc
 
 from services.common.errors import grpc_errors
+from services.common.metrics import status_name
+from services.common.tracing import server_span
 from services.protos.tandem.common.v1 import common_pb2
 from services.protos.tandem.router.v1 import router_pb2, router_pb2_grpc
+from services.router.metrics import RequestRecord
 from services.router.orchestrator import Orchestrator, Sample
 from services.router.registry import Registry
 
@@ -33,6 +37,27 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
     async def Generate(
         self, request: router_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[router_pb2.GenerateResponse]:
+        metrics = self.orchestrator.metrics
+        record = RequestRecord()
+        error: BaseException | None = None
+        metrics.running.inc()
+        with server_span("router.generate", context.invocation_metadata()) as span:
+            try:
+                async for resp in self._generate(request, record):
+                    yield resp
+            except BaseException as e:
+                error = e
+                raise
+            finally:
+                metrics.running.dec()
+                status = status_name(error)
+                metrics.requests.labels(record.mode, status).inc()
+                if span.is_recording():
+                    record.annotate(span, status)
+
+    async def _generate(
+        self, request: router_pb2.GenerateRequest, record: RequestRecord
+    ) -> AsyncIterator[router_pb2.GenerateResponse]:
         if request.model and request.model != self.registry.model:
             raise LookupError(
                 f"model {request.model!r} is not served here; this router serves {self.registry.model!r}"
@@ -50,6 +75,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
                 raise ValueError("the prompt is empty: send text or token_ids")
             token_ids = await asyncio.to_thread(self.tokenizer.encode, request.text)
         request_id = request.request_id or random.getrandbits(63) or 1
+        record.request_id, record.n = request_id, n
         samples = []
         for i in range(n):
             params = common_pb2.SamplingParams()
@@ -67,7 +93,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
                     request.top_logprobs_num,
                 )
             )
-        async for resp in self.orchestrator.generate(samples):
+        async for resp in self.orchestrator.generate(samples, record):
             yield resp
 
     @grpc_errors

@@ -23,6 +23,9 @@ def build_parser(role: str) -> argparse.ArgumentParser:
         help="host:port the router and peers use to reach this worker (default: --host:port)",
     )
     p.add_argument("--router", help="router admin address host:port to register with and heartbeat to")
+    p.add_argument(
+        "--metrics-port", type=int, default=0, help="serve Prometheus /metrics on this port (0: off)"
+    )
     e = p.add_argument_group("engine")
     e.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
     e.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
@@ -39,6 +42,17 @@ def build_parser(role: str) -> argparse.ArgumentParser:
     e.add_argument("--disable-cuda-graph", action="store_true")
     e.add_argument("--mem-fraction-static", type=float, default=0.85)
     e.add_argument("--random-seed", type=int, default=0)
+    g = p.add_argument_group("constrained decoding")
+    g.add_argument(
+        "--grammar-compile-timeout", type=float, default=10.0, help="seconds before a request is refused"
+    )
+    g.add_argument("--grammar-cache-size", type=int, default=256, help="compiled grammars kept (LRU)")
+    g.add_argument("--grammar-compile-threads", type=int, default=2)
+    g.add_argument(
+        "--json-any-whitespace",
+        action="store_true",
+        help="JSON schemas allow any whitespace (default: compact)",
+    )
     if role in ("prefill", "decode"):
         e.add_argument("--kv-transport", default="auto", choices=["auto", "nixl", "grpc"])
         e.add_argument("--kv-transfer-timeout", type=float, default=30.0, help="seconds (decode: the lease)")
@@ -60,6 +74,10 @@ def engine_config(args: argparse.Namespace, role: str) -> EngineConfig:
         disable_cuda_graph=args.disable_cuda_graph,
         mem_fraction_static=args.mem_fraction_static,
         random_seed=args.random_seed,
+        grammar_compile_timeout_s=args.grammar_compile_timeout,
+        grammar_cache_size=args.grammar_cache_size,
+        grammar_compile_threads=args.grammar_compile_threads,
+        json_any_whitespace=args.json_any_whitespace,
     )
     if role in ("prefill", "decode"):
         options.update(

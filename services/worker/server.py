@@ -1,8 +1,9 @@
 """A worker process: gRPC server (WorkerService + the role's service + health) over one engine.
 
-Life of a worker: parse flags -> start the engine process (it loads the model) -> serve gRPC ->
-register with the router (if --router) and heartbeat -> on SIGTERM/SIGINT stop taking calls,
-give running calls a grace period, stop the engine.
+Life of a worker: parse flags -> start the engine process (it loads the model) -> serve gRPC
+(and Prometheus /metrics with --metrics-port) -> register with the router (if --router) and
+heartbeat -> on SIGTERM/SIGINT stop taking calls, give running calls a grace period, stop the
+engine, flush traces.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import contextlib
 import logging
 import signal
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
 import grpc
@@ -20,11 +22,15 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from services.common.convert import output_to_proto, sampling_to_dict
 from services.common.errors import grpc_errors
+from services.common.metrics import serve_metrics
+from services.common.tracing import server_span, setup_tracing
 from services.protos.tandem.common.v1 import common_pb2
 from services.protos.tandem.router.v1 import router_pb2, router_pb2_grpc
 from services.protos.tandem.worker.v1 import worker_pb2, worker_pb2_grpc
 from services.worker.args import engine_config, served_model_name
 from services.worker.engine import AsyncEngine
+from services.worker.metrics import WorkerMetrics, annotate_generation
+from shared.outputs import RequestOutput
 
 logger = logging.getLogger(__name__)
 
@@ -37,10 +43,11 @@ TRANSPORTS = {"nixl": worker_pb2.KV_TRANSPORT_NIXL, "grpc": worker_pb2.KV_TRANSP
 
 
 class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
-    def __init__(self, engine: AsyncEngine, role: str, model: str) -> None:
+    def __init__(self, engine: AsyncEngine, role: str, model: str, metrics: WorkerMetrics) -> None:
         self.engine = engine
         self.role = role
         self.model = model
+        self.metrics = metrics
 
     @grpc_errors
     async def GetInfo(self, request: Any, context: grpc.aio.ServicerContext) -> worker_pb2.GetInfoResponse:
@@ -69,15 +76,24 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     ) -> AsyncIterator[worker_pb2.GenerateResponse]:
         if self.role != "unified":
             raise ValueError(f"a {self.role} worker does not serve WorkerService.Generate")
-        stream = await self.engine.generate(
-            request.rid,
-            list(request.token_ids),
-            sampling_to_dict(request.sampling_params),
-            request.return_logprob,
-            request.top_logprobs_num,
-        )
-        async for out in stream:
-            yield worker_pb2.GenerateResponse(output=output_to_proto(out))
+        clock = self.metrics.clock()
+        last: RequestOutput | None = None
+        with server_span("generate", context.invocation_metadata()) as span:
+            try:
+                stream = await self.engine.generate(
+                    request.rid,
+                    list(request.token_ids),
+                    sampling_to_dict(request.sampling_params),
+                    request.return_logprob,
+                    request.top_logprobs_num,
+                )
+                async for out in stream:
+                    last = out
+                    clock.add(len(out.new_ids))
+                    yield worker_pb2.GenerateResponse(output=output_to_proto(out))
+                clock.finish()
+            finally:
+                annotate_generation(span, request.rid, last, clock)
 
 
 _LOAD_FIELDS = [
@@ -89,27 +105,40 @@ _LOAD_FIELDS = [
     "kv_total_tokens",
 ]
 
-AddRoleServicers = Callable[[grpc.aio.Server, AsyncEngine, argparse.Namespace], None]
+AddRoleServicers = Callable[[grpc.aio.Server, AsyncEngine, argparse.Namespace, WorkerMetrics], None]
+_STATS_TIMEOUT_S = 1.0  # a scrape waits this long for the engine (it answers between steps)
 
 
 async def serve(
     args: argparse.Namespace, role: str, add_role_servicers: AddRoleServicers | None = None
 ) -> None:
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {role} %(levelname)s %(name)s: %(message)s")
+    tracing = setup_tracing("tandem-worker" if role == "unified" else f"tandem-{role}")
     config = engine_config(args, role)
     engine = AsyncEngine(config)  # the model loads in the engine process; nothing to serve before
+    model = served_model_name(args)
+
+    def engine_stats() -> dict[str, int] | None:  # on the metrics server's thread
+        try:
+            return engine.client.stats().result(timeout=_STATS_TIMEOUT_S)
+        except (FutureTimeout, RuntimeError) as e:
+            logger.warning("metrics: the engine did not report its stats: %s", e or "timed out")
+            return None
+
+    metrics = WorkerMetrics(role, model, engine_stats)
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 << 20)])
-    worker_pb2_grpc.add_WorkerServiceServicer_to_server(
-        WorkerServicer(engine, role, served_model_name(args)), server
-    )
+    worker_pb2_grpc.add_WorkerServiceServicer_to_server(WorkerServicer(engine, role, model, metrics), server)
     if add_role_servicers is not None:
-        add_role_servicers(server, engine, args)
+        add_role_servicers(server, engine, args, metrics)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     port = server.add_insecure_port(f"{args.host}:{args.port}")
     await server.start()
     address = args.advertise_address or f"{args.host}:{port}"
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    stop_metrics = serve_metrics(metrics.registry, args.host, args.metrics_port)
+    if args.metrics_port:
+        print(f"tandem {role} worker metrics on http://{args.host}:{args.metrics_port}/metrics", flush=True)
     print(f"tandem {role} worker serving on {address}", flush=True)
 
     stop = asyncio.Event()
@@ -126,7 +155,9 @@ async def serve(
         with contextlib.suppress(asyncio.CancelledError):
             await heartbeat
     await server.stop(grace=5)
+    stop_metrics()
     engine.shutdown()
+    tracing.shutdown()
 
 
 async def _register_and_heartbeat(router: str, address: str, stop: asyncio.Event) -> None:

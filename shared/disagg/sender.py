@@ -24,6 +24,7 @@ class _Send:
     final_posted: bool = False
     abort_message: str | None = None  # aborted or failed while writes were in flight
     deadline: float = 0.0  # the last post's time + the transfer timeout
+    first_post: float = 0.0  # wall clock (time.time()) of the first write posted, for tracing
 
 
 class KvSender:
@@ -85,10 +86,12 @@ class KvSender:
         core = self.core
         assert req.kv_target is not None
         if req.kv_target.transport == "grpc":
+            start = time.time()
             payload = core.layout.read_pages(self._own_pages(req))
             self.bytes_sent += len(payload)
             self.transfers += 1
-            core.release_prefill(req, len(payload), payload, commit)
+            # The worker's WriteKv carries the bytes on: it ends the transfer's span.
+            core.release_prefill(req, len(payload), payload, commit, (start, time.time()))
             return
         send = self._sends[req.rid]
         send.commit = commit
@@ -129,7 +132,8 @@ class KvSender:
             elif send.final_posted:
                 del self._sends[rid]
                 self.transfers += 1
-                self.core.release_prefill(send.req, self.core.layout.nbytes(send.sent_pages), None, None)
+                nbytes = self.core.layout.nbytes(send.sent_pages)
+                self.core.release_prefill(send.req, nbytes, None, None, (send.first_post, time.time()))
             elif send.commit is not None:
                 self._post(send, self._num_pages(send.req), send.commit)
                 send.final_posted = True
@@ -163,6 +167,7 @@ class KvSender:
             self.failures += 1
             return
         self.bytes_sent += self.core.layout.nbytes(len(src))
+        send.first_post = send.first_post or time.time()
         send.sent_pages = end
         send.deadline = time.monotonic() + self.timeout_s
 

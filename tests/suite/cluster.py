@@ -7,14 +7,19 @@
         responses = c.generate(token_ids=[...], max_new_tokens=8, temperature=0.0)
 
 Every service logs to a file under tmp_path; a failed wait prints the tail of the logs.
+`tandem_up` runs the whole suite as a user does (`tandem up`) and yields its ready-file.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +32,37 @@ from services.protos.tandem.worker.v1 import worker_pb2, worker_pb2_grpc
 
 # Engines in tests use a small KV pool and check their invariants after every step.
 ENGINE_FLAGS = ["--max-total-tokens", "4096", "--device", "cpu"]
+
+
+@contextlib.contextmanager
+def tandem_up(model: Path, tmp: Path, env: dict[str, str] | None = None) -> Iterator[dict[str, Any]]:
+    """`tandem up` (a router, a prefill and a decode worker, the gateway) on free ports; yields
+    the ready-file's endpoints plus "process" (the launcher), stopped with SIGTERM on exit."""
+    ready = tmp / "ready.json"
+    proc = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "services.cli", "up", "--model", str(model)),
+            *("--port", str(free_port()), "--log-dir", str(tmp / "logs"), "--ready-file", str(ready)),
+            *("--worker-args", " ".join(ENGINE_FLAGS)),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "TANDEM_HOME": str(tmp), **(env or {})},
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not ready.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise AssertionError(proc.stdout.read().decode() if proc.stdout else "tandem up failed")
+            time.sleep(0.2)
+        info = json.loads(ready.read_text())
+        info["process"] = proc
+        yield info
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(30)
 
 
 @dataclass

@@ -3,11 +3,9 @@ a decode worker and the gateway as processes; SIGTERM stops them all."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,47 +15,16 @@ import httpx
 import openai
 import pytest
 
-from services.launcher import free_port
 from tests.engine.hf_reference import hf_greedy
+from tests.suite.cluster import tandem_up
 
 pytestmark = pytest.mark.xdist_group("suite_up")
 
 
 @pytest.fixture(scope="module")
 def up(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    tmp = tmp_path_factory.mktemp("up")
-    ready = tmp / "ready.json"
-    proc = subprocess.Popen(
-        [
-            *(
-                sys.executable,
-                "-m",
-                "services.cli",
-                "up",
-                "--model",
-                str(tiny_llama),
-                "--port",
-                str(free_port()),
-            ),
-            *("--log-dir", str(tmp / "logs"), "--ready-file", str(ready)),
-            *("--worker-args", "--max-total-tokens 4096 --device cpu"),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "TANDEM_HOME": str(tmp)},
-    )
-    deadline = time.monotonic() + 120
-    while not ready.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise AssertionError(proc.stdout.read().decode() if proc.stdout else "tandem up failed")  # type: ignore[union-attr]
-        time.sleep(0.2)
-    info = json.loads(ready.read_text())
-    info["process"] = proc
-    yield info
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(30)
+    with tandem_up(tiny_llama, tmp_path_factory.mktemp("up")) as info:
+        yield info
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,170 @@
+"""Every worker's Prometheus series (docs/observability.md), one set for all three roles.
+
+Two sources:
+  - the engine, asked when Prometheus scrapes (`EngineCore.stats()` through the engine client,
+    with a short timeout): load, KV usage, token counters, KV-transfer bytes and failures,
+    retractions. Nothing polls between scrapes; a scrape that gets no answer in time leaves the
+    engine's series out (a gap in the graphs rather than stale numbers).
+  - this process, per request: time to first token, inter-token and end-to-end latency (decode
+    and unified workers) and KV-transfer time (prefill workers), as histograms.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+
+from opentelemetry.trace import Span
+from prometheus_client import Histogram
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from services.common.metrics import (
+    E2E_BUCKETS,
+    ITL_BUCKETS,
+    TRANSFER_BUCKETS,
+    TTFT_BUCKETS,
+    TokenClock,
+    new_registry,
+)
+from services.common.tracing import record_error
+from shared.outputs import RequestOutput
+
+logger = logging.getLogger(__name__)
+
+StatsSource = Callable[[], dict[str, int] | None]  # the engine's stats(), None if it did not answer
+
+
+class WorkerMetrics:
+    """Every worker series, in its own registry (`self.registry`, served on --metrics-port)."""
+
+    def __init__(self, role: str, model: str, stats: StatsSource) -> None:
+        r = self.registry = new_registry()
+        self.ttft = Histogram(
+            "tandem_worker_time_to_first_token_seconds",
+            "From the worker receiving a generation to its first token (decode, unified)",
+            buckets=TTFT_BUCKETS,
+            registry=r,
+        )
+        self.itl = Histogram(
+            "tandem_worker_inter_token_latency_seconds",
+            "Gap between a request's tokens (an increment of n tokens: its wait / n)",
+            buckets=ITL_BUCKETS,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            "tandem_worker_e2e_request_latency_seconds",
+            "From the worker receiving a generation to its last token (finished requests)",
+            buckets=E2E_BUCKETS,
+            registry=r,
+        )
+        self.kv_transfer_seconds = Histogram(
+            "tandem_worker_kv_transfer_seconds",
+            "A prompt's KV transfer, first page write posted to the last write done (prefill)",
+            buckets=TRANSFER_BUCKETS,
+            registry=r,
+        )
+        self.kv_transfer_failures = 0  # gRPC-transport writes that failed here (the engine counts NIXL's)
+        r.register(_EngineCollector(role, model, stats, self))
+
+    def clock(self) -> TokenClock:
+        return TokenClock(self.ttft, self.itl, self.e2e)
+
+
+def annotate_generation(span: Span, rid: str, last: RequestOutput | None, clock: TokenClock) -> None:
+    """A decode or unified worker's span: the request's usage, TTFT, and an abort as an error."""
+    if not span.is_recording():
+        return
+    span.set_attribute("tandem.rid", rid)
+    if last is not None:
+        span.set_attributes(
+            {
+                "tandem.prompt_tokens": last.prompt_tokens,
+                "tandem.cached_tokens": last.cached_tokens,
+                "tandem.completion_tokens": last.completion_tokens,
+            }
+        )
+        reason = last.finish_reason or {}
+        if reason.get("type"):
+            span.set_attribute("tandem.finish_reason", str(reason["type"]))
+        if reason.get("type") == "abort":
+            record_error(span, message=str(reason.get("message", "aborted")))
+    ttft = clock.time_to_first_token
+    if ttft is not None:
+        span.set_attribute("tandem.time_to_first_token_s", ttft)
+
+
+class _EngineCollector(Collector):
+    """The engine's numbers, asked for at scrape time (runs on the metrics server's thread)."""
+
+    def __init__(self, role: str, model: str, stats: StatsSource, local: WorkerMetrics) -> None:
+        self.role, self.model = role, model
+        self.stats = stats
+        self.local = local
+
+    def collect(self) -> Iterator[Metric]:
+        info = GaugeMetricFamily(
+            "tandem_worker_info", "This worker's role and model (always 1)", labels=["role", "model"]
+        )
+        info.add_metric([self.role, self.model], 1)
+        yield info
+        s = self.stats()
+        if s is None:
+            return
+        yield GaugeMetricFamily(
+            "tandem_worker_requests_running", "Requests in the running batch", value=s["running_requests"]
+        )
+        yield GaugeMetricFamily(
+            "tandem_worker_requests_waiting", "Requests queued for admission", value=s["waiting_requests"]
+        )
+        yield GaugeMetricFamily(
+            "tandem_worker_requests_parked",
+            "Requests waiting on a KV transfer (decode: for the KV; prefill: for writes to finish)",
+            value=s.get("parked_requests", 0),
+        )
+        total = s["kv_total_tokens"]
+        yield GaugeMetricFamily(
+            "tandem_worker_kv_usage_ratio",
+            "KV pool slots held by requests (not free, not evictable cache) / all slots",
+            value=s["kv_used_tokens"] / total if total else 0.0,
+        )
+        kv = GaugeMetricFamily("tandem_worker_kv_tokens", "KV pool slots by state", labels=["state"])
+        for state in ("free", "evictable", "used"):
+            kv.add_metric([state], s[f"kv_{state}_tokens"])
+        yield kv
+        prompt, cached = s.get("prompt_tokens", 0), s.get("cached_tokens", 0)
+        yield CounterMetricFamily(
+            "tandem_worker_prompt_tokens", "Prompt tokens of admitted requests", value=prompt
+        )
+        yield CounterMetricFamily(
+            "tandem_worker_prompt_tokens_computed",
+            "Prompt tokens the model computed (not served from the prefix cache)",
+            value=s.get("prompt_tokens_computed", 0),
+        )
+        yield CounterMetricFamily(
+            "tandem_worker_generation_tokens", "Tokens sampled", value=s.get("generated_tokens", 0)
+        )
+        yield CounterMetricFamily(
+            "tandem_worker_cached_tokens", "Prompt tokens served from the prefix cache", value=cached
+        )
+        yield GaugeMetricFamily(
+            "tandem_worker_prefix_cache_hit_ratio",
+            "Cached / prompt tokens since start",
+            value=cached / prompt if prompt else 0.0,
+        )
+        moved = CounterMetricFamily(
+            "tandem_worker_kv_transfer_bytes", "KV bytes moved between engines", labels=["direction"]
+        )
+        moved.add_metric(["sent"], s.get("kv_bytes_sent", 0))
+        moved.add_metric(["received"], s.get("kv_bytes_received", 0))
+        yield moved
+        yield CounterMetricFamily(
+            "tandem_worker_kv_transfer_failures",
+            "KV transfers that failed or timed out (prefill side)",
+            value=s.get("kv_transfer_failures", 0) + self.local.kv_transfer_failures,
+        )
+        yield CounterMetricFamily(
+            "tandem_worker_retractions",
+            "Running requests retracted to free KV (they recompute later)",
+            value=s.get("num_retractions", 0),
+        )

@@ -1,0 +1,369 @@
+"""Traces and metrics of a real `tandem up` (router, a prefill and a decode worker, gateway as
+processes): spans arrive at an in-test OTLP/gRPC receiver, one trace per request across all four
+services; every series docs/observability.md lists is on each service's /metrics and moves
+with traffic. Plus the no-op path: without an OTLP endpoint no SDK provider is installed."""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections.abc import Iterator
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import httpx
+import openai
+import pytest
+from opentelemetry import trace
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
+
+from services.common.tracing import TracingConfig, setup_tracing
+from tests.suite.cluster import tandem_up
+
+pytestmark = pytest.mark.xdist_group("suite_observability")
+
+ROOT = Path(__file__).resolve().parents[2]
+SERVICES = ("tandem-gateway", "tandem-router", "tandem-prefill", "tandem-decode")
+MESSAGES = [{"role": "user", "content": "Tell me about the sea."}]
+
+
+# ---- an OTLP/gRPC trace receiver ------------------------------------------------------------------
+
+
+@dataclass
+class Span:
+    service: str
+    name: str
+    trace_id: str
+    span_id: str
+    parent_id: str
+    start_ns: int
+    end_ns: int
+    attributes: dict[str, Any]
+    events: list[tuple[str, dict[str, Any]]]
+    error: str | None  # the status message of an ERROR span
+
+
+def _value(v: Any) -> Any:
+    return getattr(v, v.WhichOneof("value")) if v.WhichOneof("value") else None
+
+
+class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
+    def __init__(self) -> None:
+        self.spans: list[Span] = []
+        self.lock = threading.Lock()
+
+    def Export(
+        self, request: trace_service_pb2.ExportTraceServiceRequest, context: Any
+    ) -> trace_service_pb2.ExportTraceServiceResponse:
+        got = []
+        for rs in request.resource_spans:
+            service = {a.key: _value(a.value) for a in rs.resource.attributes}.get("service.name", "")
+            for ss in rs.scope_spans:
+                for s in ss.spans:
+                    got.append(
+                        Span(
+                            service,
+                            s.name,
+                            s.trace_id.hex(),
+                            s.span_id.hex(),
+                            s.parent_span_id.hex(),
+                            s.start_time_unix_nano,
+                            s.end_time_unix_nano,
+                            {a.key: _value(a.value) for a in s.attributes},
+                            [(e.name, {a.key: _value(a.value) for a in e.attributes}) for e in s.events],
+                            s.status.message if s.status.code == 2 else None,
+                        )
+                    )
+        with self.lock:
+            self.spans.extend(got)
+        return trace_service_pb2.ExportTraceServiceResponse()
+
+    def trace_of(self, predicate: Any, expected: int, timeout: float = 20.0) -> list[Span]:
+        """The spans of the trace holding the span `predicate` picks, once `expected` arrived."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self.lock:
+                root = next((s for s in self.spans if predicate(s)), None)
+                spans = [s for s in self.spans if root is not None and s.trace_id == root.trace_id]
+            if len(spans) >= expected or time.monotonic() > deadline:
+                return spans
+            time.sleep(0.1)
+
+
+# ---- the suite, up once for the module ------------------------------------------------------------
+
+
+def scrape(url: str) -> dict[str, Any]:
+    """{family name: family} (counters under their name without `_total`, as the parser gives)."""
+    text = httpx.get(url, timeout=10).text
+    return {f.name: f for f in text_string_to_metric_families(text)}
+
+
+def sample(families: dict[str, Any], name: str, **labels: str) -> float:
+    """The value of series `name` with these labels (0 when absent)."""
+    for family in families.values():
+        for s in family.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                return float(s.value)
+    return 0.0
+
+
+@pytest.fixture(scope="module")
+def receiver() -> Iterator[Receiver]:
+    servicer = Receiver()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(servicer, server)
+    servicer.port = server.add_insecure_port("127.0.0.1:0")  # type: ignore[attr-defined]
+    server.start()
+    yield servicer
+    server.stop(grace=None)
+
+
+@pytest.fixture(scope="module")
+def up(
+    tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory, receiver: Receiver
+) -> Iterator[dict[str, Any]]:
+    env = {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{receiver.port}",  # type: ignore[attr-defined]
+        "OTEL_BSP_SCHEDULE_DELAY": "100",
+    }
+    with tandem_up(tiny_llama, tmp_path_factory.mktemp("observability"), env) as info:
+        info["before"] = {name: scrape(url) for name, url in info["metrics"].items()}
+        yield info
+
+
+@pytest.fixture(scope="module")
+def traffic(up: dict[str, Any]) -> dict[str, Any]:
+    """Three chat requests (one streamed), one continuing a caller's trace and one the decode
+    engine refuses; then the scrape."""
+    client = openai.OpenAI(base_url=up["openai"], api_key="unused", max_retries=0)
+    plain = [
+        client.chat.completions.create(model=up["model"], messages=MESSAGES, max_tokens=6, temperature=0)  # type: ignore[arg-type]
+        for _ in range(2)
+    ]
+    chunks = list(
+        client.chat.completions.create(
+            model=up["model"],
+            messages=MESSAGES,  # type: ignore[arg-type]
+            max_tokens=8,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    caller_trace, caller_span = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    continued = client.chat.completions.create(
+        model=up["model"],
+        messages=MESSAGES,  # type: ignore[arg-type]
+        max_tokens=4,
+        extra_headers={"traceparent": f"00-{caller_trace}-{caller_span}-01"},
+    )
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(
+            model=up["model"],
+            messages=MESSAGES,  # type: ignore[arg-type]
+            max_tokens=4,
+            extra_body={"stop_token_ids": [10**6]},  # outside the vocabulary: the engine says no
+        )
+    return {
+        "plain": plain,
+        "refused": refused.value,
+        "stream": chunks,
+        "continued": continued,
+        "caller": (caller_trace, caller_span),
+        "requests": 4,
+        "after": {name: scrape(url) for name, url in up["metrics"].items()},
+    }
+
+
+def _one(spans: list[Span], service: str, name: str) -> Span:
+    found = [s for s in spans if s.service == service and s.name == name]
+    assert len(found) == 1, (service, name, [(s.service, s.name) for s in spans])
+    return found[0]
+
+
+def check_request_trace(receiver: Receiver, request_id: str, usage: Any, stream: bool) -> list[Span]:
+    """The trace of one gateway request: five spans in four services, correctly parented."""
+    spans = receiver.trace_of(lambda s: s.attributes.get("tandem.request_id") == request_id, 5)
+    assert {s.service for s in spans} == set(SERVICES), [(s.service, s.name) for s in spans]
+    gateway = _one(spans, "tandem-gateway", "POST /v1/chat/completions")
+    router = _one(spans, "tandem-router", "router.generate")
+    prefill = _one(spans, "tandem-prefill", "prefill")
+    transfer = _one(spans, "tandem-prefill", "kv_transfer")
+    decode = _one(spans, "tandem-decode", "decode")
+    assert len(spans) == 5
+    assert router.parent_id == gateway.span_id
+    assert prefill.parent_id == decode.parent_id == router.span_id
+    assert transfer.parent_id == prefill.span_id
+    assert all(s.error is None for s in spans), [(s.name, s.error) for s in spans]
+
+    g = gateway.attributes
+    assert g["http.route"] == "/v1/chat/completions" and g["http.response.status_code"] == 200
+    assert g["tandem.stream"] is stream and g["tandem.n"] == 1 and g["gen_ai.request.model"]
+    assert (g["tandem.prompt_tokens"], g["tandem.completion_tokens"]) == (
+        usage.prompt_tokens,
+        usage.completion_tokens,
+    )
+    r = router.attributes
+    assert r["tandem.mode"] == "pd" and r["tandem.attempts"] == 1 and r["rpc.grpc.status_code"] == 0
+    assert r["tandem.prefill_worker"] and r["tandem.decode_worker"]
+    assert (r["tandem.prompt_tokens"], r["tandem.completion_tokens"]) == (
+        usage.prompt_tokens,
+        usage.completion_tokens,
+    )
+    routes = {e["role"]: e for name, e in router.events if name == "route"}
+    assert routes["prefill"]["worker"] == r["tandem.prefill_worker"] and routes["prefill"]["policy"]
+    assert routes["decode"]["worker"] == r["tandem.decode_worker"] and routes["decode"]["policy"]
+    rid_prefix = f"{r['tandem.request_id']}-"
+    assert prefill.attributes["tandem.rid"].startswith(rid_prefix)
+    assert prefill.attributes["tandem.prompt_tokens"] == usage.prompt_tokens
+    assert "tandem.cached_tokens" in prefill.attributes
+    t = transfer.attributes
+    assert t["tandem.kv_bytes"] > 0 and t["tandem.kv_transport"] in ("nixl", "grpc")
+    assert t["tandem.kv_peer"] == r["tandem.decode_worker"]
+    slack = 5_000_000  # ns: the engine process stamps the transfer with its own clock reads
+    assert prefill.start_ns - slack <= transfer.start_ns <= transfer.end_ns <= prefill.end_ns + slack
+    d = decode.attributes
+    assert d["tandem.rid"] == prefill.attributes["tandem.rid"]
+    assert d["tandem.completion_tokens"] == usage.completion_tokens
+    assert 0 < d["tandem.time_to_first_token_s"] < (decode.end_ns - decode.start_ns) / 1e9 + 1e-3
+    with receiver.lock:  # nothing of this request landed in another trace
+        strays = [
+            s
+            for s in receiver.spans
+            if str(s.attributes.get("tandem.rid", "")).startswith(rid_prefix)
+            and s.trace_id != gateway.trace_id
+        ]
+    assert not strays
+    return spans
+
+
+# ---- traces ---------------------------------------------------------------------------------------
+
+
+def test_each_request_is_one_trace_across_the_four_services(
+    receiver: Receiver, traffic: dict[str, Any]
+) -> None:
+    for reply in traffic["plain"]:
+        check_request_trace(receiver, reply.id, reply.usage, stream=False)
+    chunks = traffic["stream"]
+    check_request_trace(receiver, chunks[0].id, chunks[-1].usage, stream=True)
+    ids = {s.trace_id for s in receiver.spans if s.name == "router.generate"}
+    assert len(ids) >= 4
+
+
+def test_a_callers_traceparent_is_continued(receiver: Receiver, traffic: dict[str, Any]) -> None:
+    caller_trace, caller_span = traffic["caller"]
+    reply = traffic["continued"]
+    spans = check_request_trace(receiver, reply.id, reply.usage, stream=False)
+    gateway = _one(spans, "tandem-gateway", "POST /v1/chat/completions")
+    assert gateway.trace_id == caller_trace and gateway.parent_id == caller_span
+
+
+def test_a_failure_is_an_error_on_the_spans_it_crossed(receiver: Receiver, traffic: dict[str, Any]) -> None:
+    assert traffic["refused"].status_code == 400
+    spans = receiver.trace_of(lambda s: s.attributes.get("rpc.grpc.status_code") == 3, 3)
+    gateway = _one(spans, "tandem-gateway", "POST /v1/chat/completions")
+    router = _one(spans, "tandem-router", "router.generate")
+    decode = _one(spans, "tandem-decode", "decode")
+    assert gateway.attributes["http.response.status_code"] == 400 and gateway.error is None  # the caller's
+    assert router.error is not None and router.error.startswith("INVALID_ARGUMENT: stop_token_ids")
+    assert decode.error is not None and "stop_token_ids" in decode.error
+    assert not [s for s in spans if s.service == "tandem-prefill"]  # refused before the prefill leg
+
+
+# ---- metrics --------------------------------------------------------------------------------------
+
+
+def documented_metrics() -> dict[str, set[str]]:
+    """docs/observability.md's metric tables: {"gateway" | "router" | "worker": names}."""
+    out: dict[str, set[str]] = {"gateway": set(), "router": set(), "worker": set()}
+    for line in (ROOT / "docs" / "observability.md").read_text().splitlines():
+        cells = line.strip().split("|")
+        if len(cells) > 2 and (m := re.match(r"\s*`(tandem_([a-z]+)_[a-z0-9_]*)`", cells[1])):
+            out[m.group(2)].add(m.group(1))
+    return out
+
+
+def family_of(process: str) -> str:
+    return process if process in ("gateway", "router") else "worker"
+
+
+def test_every_documented_series_is_served(up: dict[str, Any], traffic: dict[str, Any]) -> None:
+    documented = documented_metrics()
+    assert all(documented.values()), documented
+    assert set(up["metrics"]) == {"router", "prefill-0", "decode-0", "gateway"}
+    for process, families in traffic["after"].items():
+        for name in documented[family_of(process)]:
+            assert name in families or name.removesuffix("_total") in families, (process, name)
+
+
+def test_metrics_move_with_traffic(up: dict[str, Any], traffic: dict[str, Any]) -> None:
+    before, after, n = up["before"], traffic["after"], traffic["requests"]
+
+    def moved(process: str, name: str, **labels: str) -> float:
+        return sample(after[process], name, **labels) - sample(before[process], name, **labels)
+
+    chat = {"endpoint": "/v1/chat/completions"}
+    assert moved("gateway", "tandem_gateway_requests_total", status="200", **chat) == n
+    assert moved("gateway", "tandem_gateway_requests_total", status="400", **chat) == 1
+    assert moved("gateway", "tandem_gateway_request_duration_seconds_count", **chat) == n + 1
+    assert moved("gateway", "tandem_gateway_time_to_first_token_seconds_count", **chat) == 1
+    assert sample(after["gateway"], "tandem_gateway_requests_in_flight") >= 0
+
+    assert moved("router", "tandem_router_requests_total", mode="pd", status="OK") == n
+    assert moved("router", "tandem_router_requests_total", mode="pd", status="INVALID_ARGUMENT") == 1
+    for hist in ("time_to_first_token", "e2e_request_latency"):
+        assert moved("router", f"tandem_router_{hist}_seconds_count") == n
+    assert moved("router", "tandem_router_inter_token_latency_seconds_count") > 0
+    completion = sum(r.usage.completion_tokens for r in [*traffic["plain"], traffic["continued"]])
+    completion += traffic["stream"][-1].usage.completion_tokens
+    assert moved("router", "tandem_router_generation_tokens_total") == completion
+    assert moved("router", "tandem_router_prompt_tokens_total") > 0
+    workers = {w["role"]: w["address"] for w in httpx.get(up["router_admin"], timeout=5).json()["workers"]}
+    assert set(workers) == {"prefill", "decode"}
+    for role, address in workers.items():  # the refused request was routed too
+        assert moved("router", "tandem_router_decisions_total", role=role, worker=address) == n + 1
+    errors = {"role": "decode", "worker": workers["decode"], "code": "INVALID_ARGUMENT"}
+    assert moved("router", "tandem_router_worker_errors_total", **errors) == 1
+    assert sample(after["router"], "tandem_router_workers", role="prefill", state="healthy") == 1
+    assert sample(after["router"], "tandem_router_workers", role="decode", state="healthy") == 1
+
+    for process, role in (("prefill-0", "prefill"), ("decode-0", "decode")):
+        assert sample(after[process], "tandem_worker_info", role=role) == 1
+        assert moved(process, "tandem_worker_prompt_tokens_total") > 0
+        assert moved(process, "tandem_worker_generation_tokens_total") > 0
+        assert sample(after[process], "tandem_worker_kv_tokens", state="free") > 0
+    assert moved("prefill-0", "tandem_worker_kv_transfer_bytes_total", direction="sent") > 0
+    assert moved("prefill-0", "tandem_worker_kv_transfer_seconds_count") == n
+    assert moved("decode-0", "tandem_worker_kv_transfer_bytes_total", direction="received") > 0
+    for hist in ("time_to_first_token", "e2e_request_latency"):
+        assert moved("decode-0", f"tandem_worker_{hist}_seconds_count") == n
+    # The same prompt four times: the prefill worker's prefix cache served part of it.
+    assert moved("prefill-0", "tandem_worker_cached_tokens_total") > 0
+    assert 0 < sample(after["prefill-0"], "tandem_worker_prefix_cache_hit_ratio") < 1
+
+
+# ---- the no-op path -------------------------------------------------------------------------------
+
+
+def test_without_an_otlp_endpoint_no_sdk_provider_is_installed() -> None:
+    assert not TracingConfig.from_env({}).enabled
+    endpoint = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4317"}
+    assert TracingConfig.from_env(endpoint).enabled
+    assert not TracingConfig.from_env({**endpoint, "OTEL_SDK_DISABLED": "true"}).enabled
+    assert not TracingConfig.from_env({**endpoint, "OTEL_TRACES_EXPORTER": "none"}).enabled
+    assert not TracingConfig.from_env({**endpoint, "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"}).enabled
+    tracing = setup_tracing("tandem-test", environ={})
+    assert not tracing.enabled
+    provider = trace.get_tracer_provider()
+    assert type(provider).__module__.startswith("opentelemetry.trace"), provider  # the API's, not the SDK's
+    with trace.get_tracer("t").start_as_current_span("s") as span:
+        assert not span.is_recording()
+    tracing.shutdown()
