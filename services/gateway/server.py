@@ -2,7 +2,8 @@
 
     create_app(GatewayConfig) -> FastAPI
       startup   load the tokenizer, open one gRPC channel to the router, learn the served model
-      routes    /health, /v1/models, /v1/completions, /v1/chat/completions
+      routes    /health, /metrics, /v1/models, /v1/completions, /v1/chat/completions
+      telemetry one SERVER span per request (continuing `traceparent`), Prometheus metrics
       errors    OpenAIError, router gRPC status and validation errors -> OpenAI error bodies
 
 A client that disconnects cancels its router calls: a watcher waits for `http.disconnect` while a
@@ -18,18 +19,22 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import anyio
 import grpc
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from opentelemetry import trace
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
 from starlette.types import Receive, Scope, Send
 
+from services.common.tracing import fastapi_options, outgoing_metadata, record_error, setup_tracing
 from services.gateway.args import GatewayConfig
 from services.gateway.handler import Handler, RouterCalls, ServedModel
+from services.gateway.metrics import GatewayMetrics, TelemetryMiddleware, UsageStub
 from services.gateway.protocol import ChatCompletionRequest, CompletionRequest, OpenAIError
 from services.gateway.responses import Job, Metadata
 from services.gateway.tokenizer import Tokenizer
@@ -47,9 +52,14 @@ _GRPC_TO_HTTP: dict[grpc.StatusCode, tuple[int, Any, str | None]] = {
     grpc.StatusCode.DEADLINE_EXCEEDED: (504, "timeout_error", "timeout"),
 }
 # The router's INVALID_ARGUMENT messages start with the engine's field name; name OpenAI's.
-_ENGINE_TO_OPENAI_PARAM = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens"}
+# The engine names its own fields in errors; the client knows the OpenAI field they came from.
+_ENGINE_TO_OPENAI_PARAM = {
+    "max_new_tokens": "max_tokens",
+    "min_new_tokens": "min_tokens",
+    "json_schema": "response_format",
+    "structural_tag": "tools",
+}
 _PARAMS = set(CompletionRequest.model_fields) | set(ChatCompletionRequest.model_fields)
-_TRACE_HEADERS = ("traceparent", "tracestate")
 _CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", 64 << 20),  # long token-id prompts
     ("grpc.max_receive_message_length", 64 << 20),
@@ -94,6 +104,8 @@ def _validation_error(exc: RequestValidationError) -> OpenAIError:
 
 def _error_response(exc: BaseException) -> JSONResponse:
     error = to_openai_error(exc)
+    if error.status >= 500:  # a client's mistake (4xx) is not the request span's error
+        record_error(trace.get_current_span(), exc, f"HTTP {error.status}: {error.message}")
     return JSONResponse(error.body(), status_code=error.status)
 
 
@@ -112,7 +124,11 @@ class _Gateway:
         self.channel = grpc.aio.insecure_channel(config.router, options=_CHANNEL_OPTIONS)
         self.stub = router_pb2_grpc.RouterServiceStub(self.channel)
         model = await self._resolve_model()
-        self.handler = Handler(tokenizer, self.stub, model, config.request_timeout)
+        # UsageStub: the router calls count their tokens for the request's span (when it records).
+        stub = cast(router_pb2_grpc.RouterServiceStub, UsageStub(self.stub))
+        self.handler = Handler(
+            tokenizer, stub, model, config.request_timeout, tool_call_parser=config.tool_call_parser
+        )
         logger.info(
             "serving model %r (context %s) via router %s", model.name, model.max_context_len, config.router
         )
@@ -216,7 +232,9 @@ async def _sse_events(first: dict[str, Any], chunks: AsyncIterator[dict[str, Any
             yield _sse(chunk)
     except (OpenAIError, grpc.aio.AioRpcError) as exc:
         # Headers are out: the error travels as an event, as OpenAI's streams do.
-        yield _sse(to_openai_error(exc).body())
+        error = to_openai_error(exc)
+        record_error(trace.get_current_span(), exc, f"in the stream: {error.message}")
+        yield _sse(error.body())
     yield "data: [DONE]\n\n"
 
 
@@ -270,24 +288,44 @@ async def _generate(request: Request, job: Job, handler: Handler, stream: bool) 
     return _SSEResponse(_sse_events(first, chunks), on_close=calls.cancel_all)
 
 
-def _trace_metadata(request: Request) -> Metadata:
-    return tuple((h, request.headers[h]) for h in _TRACE_HEADERS if h in request.headers)
+def _trace_metadata() -> Metadata:
+    """The request span's trace context, for the router calls."""
+    return outgoing_metadata() or ()
+
+
+def _note_job(job: Job, stream: bool) -> None:
+    """What the request span says about the job (TelemetryMiddleware adds HTTP and tokens)."""
+    span = trace.get_current_span()
+    if span.is_recording():
+        span.set_attributes(
+            {
+                "gen_ai.request.model": job.model,
+                "tandem.request_id": job.id,
+                "tandem.n": job.n,
+                "tandem.stream": stream,
+                "tandem.prompts": len(job.requests),
+            }
+        )
 
 
 def create_app(config: GatewayConfig) -> FastAPI:
     """The gateway app; startup (tokenizer, router channel, served model) runs in its lifespan."""
     gateway = _Gateway(config)
+    metrics = GatewayMetrics()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        tracing = setup_tracing("tandem-gateway")
         await gateway.start()
         try:
             yield
         finally:
             await gateway.stop()
+            tracing.shutdown()
 
-    app = FastAPI(title="Tandem gateway", lifespan=lifespan)
+    app = FastAPI(title="Tandem gateway", lifespan=lifespan, **fastapi_options())
     app.state.gateway = gateway
+    app.add_middleware(TelemetryMiddleware, metrics=metrics)  # the request span, HTTP metrics
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -302,6 +340,10 @@ def create_app(config: GatewayConfig) -> FastAPI:
     def handler() -> Handler:
         assert gateway.handler is not None, "requests arrive only after startup"
         return gateway.handler
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus_metrics() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -328,12 +370,14 @@ def create_app(config: GatewayConfig) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
-        job = await handler().prepare_completion(body, _trace_metadata(request))
+        job = await handler().prepare_completion(body, _trace_metadata())
+        _note_job(job, bool(body.stream))
         return await _generate(request, job, handler(), bool(body.stream))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-        job = await handler().prepare_chat(body, _trace_metadata(request))
+        job = await handler().prepare_chat(body, _trace_metadata())
+        _note_job(job, bool(body.stream))
         return await _generate(request, job, handler(), bool(body.stream))
 
     return app

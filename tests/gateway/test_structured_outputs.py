@@ -181,6 +181,6 @@ def test_engine_rejection_is_a_400(http: httpx.Client, path: str, change: dict[s
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert error["type"] == "invalid_request_error" and error["message"].startswith(f"{kind} is invalid")
-    # The engine's message starts with its field: named as the request field where they agree.
-    assert error["param"] == (kind if kind in ("regex", "ebnf") else None)
+    # The engine's message starts with its field: named as the request field it came from.
+    assert error["param"] == {"json_schema": "response_format", "structural_tag": "tools"}.get(kind, kind)
     _assert_still_works(http)
