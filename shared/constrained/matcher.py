@@ -21,9 +21,10 @@ from torch import Tensor
 
 from shared.constrained.grammar import parser_message
 
-# Fewer constrained rows than this are filled in a plain loop: one fill takes ~1-100 us over a
-# 128k vocabulary, and handing a few rows to xgrammar's threads costs ~100 us.
+# xgrammar's threads fill the masks only for many rows over a large vocabulary: one fill takes
+# ~1-100 us over 128k tokens but ~1 us over a few thousand, and the hand-off costs ~100 us a call.
 _PARALLEL_MIN_ROWS = 8
+_PARALLEL_MIN_VOCAB = 32768
 
 
 class RequestGrammar:
@@ -88,7 +89,7 @@ class TokenMasks:
             grammar = grammars[i]
             assert grammar is not None and grammar.matcher is not None
             matchers.append(grammar.matcher)
-        if len(rows) < _PARALLEL_MIN_ROWS:
+        if len(rows) < _PARALLEL_MIN_ROWS or self.vocab_size < _PARALLEL_MIN_VOCAB:
             for i, matcher in zip(rows, matchers):
                 matcher.fill_next_token_bitmask(host, i)
         else:
