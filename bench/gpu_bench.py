@@ -202,14 +202,16 @@ def prompts_for(batch: int, length: int, vocab: int, seed: int) -> list[list[int
 
 
 class PhaseTimer:
-    """Host wall time spent in the engine's three step phases (wrapping the instance's methods)."""
+    """Host wall time in the engine's step phases: schedule, forward (build + launch), sample
+    (queue sampling), process (read the tokens, append, stop checks); wraps the instance's methods."""
 
     def __init__(self, core: EngineCore) -> None:
-        self.totals: dict[str, float] = {"schedule": 0.0, "forward": 0.0, "process": 0.0}
+        self.totals: dict[str, float] = {"schedule": 0.0, "forward": 0.0, "sample": 0.0, "process": 0.0}
         self.enabled = False
         self._wrap(core.scheduler, "schedule", "schedule")
         self._wrap(core.runner, "forward", "forward")
-        self._wrap(core, "_process", "process")
+        self._wrap(core, "_launch", "sample")
+        self._wrap(core, "_resolve", "process")
 
     def _wrap(self, obj: object, attr: str, key: str) -> None:
         inner = getattr(obj, attr)
@@ -306,6 +308,7 @@ def bench_tandem(path: Path, args: argparse.Namespace, device: torch.device) -> 
         chunked_prefill_size=args.chunk,
         disable_radix_cache=True,
         disable_cuda_graph=args.no_graph,
+        enable_overlap_schedule=not args.no_overlap,
     )
     t0 = time.perf_counter()
     core = EngineCore(config, tokenizer=AutoTokenizer.from_pretrained(str(path)))
@@ -530,6 +533,10 @@ def main() -> None:
     parser.add_argument("--no-graph", action="store_true", help="Tandem with CUDA graphs off")
     parser.add_argument("--profile", action="store_true", help="top kernels of a decode forward")
     parser.add_argument("--compare-eager", action="store_true", help="batch 1 again, CUDA graphs off")
+    parser.add_argument("--no-overlap", action="store_true", help="Tandem with overlap scheduling off")
+    parser.add_argument(
+        "--compare-overlap", action="store_true", help="every batch again with overlap scheduling off"
+    )
     parser.add_argument("--json", type=Path)
     parser.add_argument("--png", type=Path)
     args = parser.parse_args()
@@ -563,6 +570,9 @@ def main() -> None:
         result["roofline"] = {"copy_bytes_per_s": bw, "batch1_tok_s": bw / weight_bytes}
         print(f"model built ({weight_bytes / 1e9:.2f} GB) in {result['model']['build_s']:.0f} s", flush=True)
         result["tandem"] = bench_tandem(path, args, device)
+        if args.compare_overlap:
+            sync_args = argparse.Namespace(**vars(args) | {"no_overlap": True, "profile": False})
+            result["tandem_no_overlap"] = bench_tandem(path, sync_args, device)
         if args.compare_eager:
             eager = {"batches": "1", "no_graph": True, "profile": False}
             eager_args = argparse.Namespace(**vars(args) | eager)
@@ -585,6 +595,10 @@ def main() -> None:
         for k in kernels[:6]:
             us, share, calls = k["us_per_forward"], 100 * k["share"], k["calls_per_forward"]
             print(f"  {us:9.1f} us {share:5.1f}%  x{calls:<4.0f} {k['kernel']}")
+    for b, run in result.get("tandem_no_overlap", {}).get("decode", {}).items():
+        with_overlap = result["tandem"]["decode"][b]["tok_s"]
+        print(f"tandem batch {b}, overlap off: {run['tok_s']:.1f} tok/s (on: {with_overlap:.1f}, "
+              f"{with_overlap / run['tok_s']:.3f}x)")  # fmt: skip
     if "tandem_eager" in result:
         eager = result["tandem_eager"]["decode"]["1"]
         print(f"tandem batch 1, CUDA graphs off: {eager['tok_s']:.1f} tok/s, step {eager['step_ms']:.2f} ms")

@@ -38,6 +38,9 @@ class EngineConfig:
     # CUDA graphs for decode-only steps, captured at batch sizes up to this (larger run eagerly).
     cuda_graph_max_bs: int = 160
     disable_cuda_graph: bool = False
+    # Overlap scheduling: the host prepares step N+1 while the device runs step N. None: on for
+    # CUDA (except prefill engines); tests force it on CPU to check it changes no output.
+    enable_overlap_schedule: bool | None = None
     random_seed: int = 0
     # Prefill/decode disaggregation: "null" runs whole requests; "prefill" sends each prompt's KV
     # to a decode engine's reserved pages; "decode" reserves pages and continues from the KV.

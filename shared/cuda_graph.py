@@ -182,8 +182,9 @@ class CudaGraphRunner:
         return next(size for size in self.batch_sizes if size >= bs)
 
     @torch.inference_mode()
-    def run(self, batch: ScheduleBatch) -> torch.Tensor:
-        """Logits [B, vocab] (float32) for a decode batch of B <= max_bs requests."""
+    def run(self, batch: ScheduleBatch, patch: tuple[list[int], torch.Tensor] | None = None) -> torch.Tensor:
+        """Logits [B, vocab] (float32) for a decode batch of B <= max_bs requests. `patch`:
+        (items, their input tokens on the device) for inputs the host does not know yet."""
         items = batch.items
         bs = len(items)
         padded = self.padded_size(bs)
@@ -201,6 +202,10 @@ class CudaGraphRunner:
         self._inputs.copy_(self._host, non_blocking=True)
         if self._copied is not None:
             self._copied.record()
+        if patch is not None:
+            columns, tokens = patch
+            index = torch.tensor(columns, dtype=torch.int64).pin_memory().to(self.device, non_blocking=True)
+            self._inputs[_IDS].index_copy_(0, index, tokens)
         self.replays += 1
         if self.capture_graphs:
             self._graphs[padded].replay()

@@ -29,11 +29,12 @@ from shared.constrained import GrammarCompiler, RequestGrammar, TokenMasks
 from shared.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from shared.disagg import KvReceiver, KvSender
 from shared.mem import RadixCache
-from shared.model_runner import ModelRunner
+from shared.model_runner import ModelRunner, PrevTokens
 from shared.outputs import RequestOutput
 from shared.sampling import Sampler, SamplingBatch, SamplingParams
+from shared.sampling.sampler import SampleOutput
 from shared.scheduler.kv_manager import KVCacheManager
-from shared.scheduler.request import FinishKind, FinishReason, Req
+from shared.scheduler.request import PENDING, FinishKind, FinishReason, Req
 from shared.scheduler.scheduler import ScheduleBatch, ScheduledReq, Scheduler
 from shared.transfer import KvCommit, KvTarget, PageLayout, nixl_available
 from shared.transfer.nixl import NixlAgent
@@ -67,6 +68,42 @@ class _GrammarWait:
     on_fail: Callable[[str], None]
 
 
+class _Launched:
+    """A step whose sampling was queued on the device: its tokens, copied to the host behind it."""
+
+    def __init__(self, items: list[ScheduledReq], slots: list[int], out: SampleOutput, rows: dict[Req, int]):
+        self.items = items  # the items that sample, in row order
+        self.slots = slots  # per item: the index of its placeholder in req.output_ids
+        self.rows = rows  # request -> row, for the next step's inputs
+        self.next_ids = out.next_token_ids  # [B] on the device
+        cuda = out.next_token_ids.is_cuda
+        # Copies into pinned memory queue behind the sampling; the event says when they landed,
+        # so reading them never waits for work queued later (the next forward).
+        next_ids = _to_host(out.next_token_ids, cuda)
+        assert next_ids is not None
+        self._host = SampleOutput(
+            next_ids,
+            _to_host(out.logprobs, cuda),
+            _to_host(out.top_logprob_vals, cuda),
+            _to_host(out.top_logprob_ids, cuda),
+        )
+        self._ready = torch.cuda.Event() if cuda else None
+        if self._ready is not None:
+            self._ready.record()
+
+    def to_host(self) -> SampleOutput:
+        if self._ready is not None:
+            self._ready.synchronize()
+        return self._host
+
+
+def _to_host(t: torch.Tensor | None, cuda: bool) -> torch.Tensor | None:
+    if t is None or not cuda:
+        return t
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    return host.copy_(t, non_blocking=True)
+
+
 class EngineCore:
     def __init__(self, config: EngineConfig, tokenizer: PreTrainedTokenizerBase | None = None) -> None:
         self.config = config
@@ -95,6 +132,13 @@ class EngineCore:
             json_any_whitespace=config.json_any_whitespace,
         )
         self.masks = TokenMasks(self.runner.vocab_size, self.runner.device)
+        # Overlap scheduling (see `step`): on by default on CUDA, where the forward runs
+        # asynchronously; prefill engines gain little and stream KV pages between steps.
+        overlap = config.enable_overlap_schedule
+        if overlap is None:
+            overlap = self.runner.device.type == "cuda" and config.disaggregation_mode != "prefill"
+        self.overlap = overlap and config.disaggregation_mode != "prefill"
+        self._inflight: _Launched | None = None
         self._grammar_waits: list[_GrammarWait] = []
 
         # Disaggregation: the NIXL agent over our pool, and the side of the hand-off we play.
@@ -305,7 +349,10 @@ class EngineCore:
         if held == "dropped":
             return
         if held != "quarantined":
-            self.scheduler.remove(req)
+            # A token still on the device: its K/V may be unwritten, so cache only what is.
+            cache_kv = not req.pending
+            self._drop_pending(req)
+            self.scheduler.remove(req, cache_kv=cache_kv)
         self._finish(req, FinishReason(FinishKind.ABORT, message=message))
 
     # ---- disaggregation callbacks (shared/disagg) ----------------------------------------------
@@ -390,6 +437,7 @@ class EngineCore:
     def fail_all(self, message: str) -> list[str]:
         """After a step failed half-way: drop every request without caching its (untrusted) KV.
         Returns their ids; the caller tells their owners."""
+        self._inflight = None
         rids = [req.rid for req in self.scheduler.abort_all(message)]
         for rid in rids:
             self._requests.pop(rid, None)
@@ -406,7 +454,7 @@ class EngineCore:
     @property
     def has_work(self) -> bool:
         """Something to compute or report now."""
-        return self.scheduler.has_work or bool(self._pending_outputs)
+        return self.scheduler.has_work or bool(self._pending_outputs) or self._inflight is not None
 
     @property
     def waiting_in_background(self) -> bool:
@@ -421,25 +469,67 @@ class EngineCore:
     # ---- the step ------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        """One step. With overlap scheduling, a decode step's sampled tokens stay on the device
+        while the next step is scheduled and launched (their inputs are patched from the device),
+        and are read and processed while that next forward runs:
+
+            step k:   schedule N+1 ─ launch N+1 (inputs of N's requests from N's tokens) ─ read
+                      and process N's tokens (append, detokenize, stop) ─ return N's outputs
+
+        A request whose next sampling needs its history on the host (penalties, a grammar) makes
+        the engine read the previous step first (no overlap for that step).
+        """
         if self._grammar_waits:
             self._poll_grammars()
         if self.receiver is not None:
             self.receiver.poll()  # committed reservations join this step
         if self.sender is not None:
             self.sender.poll()
+        inflight, self._inflight = self._inflight, None
+        if inflight is not None and not self._can_overlap(inflight):
+            self._resolve(inflight)
+            inflight = None
+        if inflight is not None:
+            for it in inflight.items:  # will finish by length whatever their token: no next step
+                if not it.req.finished and self._reaches_length(it.req):
+                    self.scheduler.park(it.req)
         batch = self.scheduler.schedule()
+        launched = None
         if batch is not None:
-            logits = self.runner.forward(batch)
-            self._process(batch, logits)
-            if self.sender is not None:
-                self.sender.stream_pages()
+            prev = PrevTokens(inflight.next_ids, inflight.rows) if inflight is not None else None
+            logits = self.runner.forward(batch, prev)
+            launched = self._launch(batch, logits)
+        if inflight is not None:
+            self._resolve(inflight)  # host work while the forward just launched runs
+        if launched is not None:
+            if self.overlap and self._can_overlap(launched):
+                self._inflight = launched
+            else:
+                self._resolve(launched)
+        if batch is not None and self.sender is not None:
+            self.sender.stream_pages()
         if self.config.debug_invariants:
             self.kv.check_invariant(self.scheduler.running + self.scheduler.parked)
         outputs, self._pending_outputs = self._pending_outputs, []
         return outputs
 
-    def _process(self, batch: ScheduleBatch, logits: torch.Tensor) -> None:
-        sampling = [it for it in batch.items if it.sample]
+    def _can_overlap(self, launched: _Launched) -> bool:
+        """Whether the next step may run before the host reads `launched`'s tokens: not when a
+        request's next sampling needs them on the host (penalties over its history, a grammar)."""
+        for it in launched.items:
+            p = it.req.params
+            if it.req.grammar is not None or p.repetition_penalty != 1.0:
+                return False
+            if p.frequency_penalty != 0.0 or p.presence_penalty != 0.0:
+                return False
+        return True
+
+    def _reaches_length(self, req: Req) -> bool:
+        return len(req.output_ids) >= req.params.max_new_tokens or req.seq_len >= self.max_context_len
+
+    def _launch(self, batch: ScheduleBatch, logits: torch.Tensor) -> _Launched | None:
+        """Queue the sampling of `batch` on the device; each sampling request gets a placeholder
+        token (`Req.pending`) until `_resolve` reads the values."""
         for it in batch.items:
             prompt_len = len(it.req.prompt_ids)
             self.counters["prompt_tokens_computed"] += max(
@@ -447,9 +537,10 @@ class EngineCore:
             )
             if it.extend_len > 1 and not it.sample:
                 self.kv.cache_unfinished(it.req)  # a finished prefill chunk
-        if not sampling:
-            return
-        reqs = [it.req for it in sampling]
+        items = [it for it in batch.items if it.sample]
+        if not items:
+            return None
+        reqs = [it.req for it in items]
         # Host work while the forward runs on the GPU: the grammar masks, then the batch tensors.
         vocab_mask = self.masks.build([r.grammar for r in reqs])
         sbatch = SamplingBatch.build(
@@ -464,21 +555,41 @@ class EngineCore:
         )
         top_k = max(r.top_logprobs_num for r in reqs)
         out = self.sampler.sample(logits, sbatch, top_k, any(r.return_logprob for r in reqs))
-        next_ids = out.next_token_ids.tolist()
-        logprobs = out.logprobs.tolist() if out.logprobs is not None else None
-        top_vals = out.top_logprob_vals.tolist() if out.top_logprob_vals is not None else None
-        top_ids = out.top_logprob_ids.tolist() if out.top_logprob_ids is not None else None
-        for i, (it, token) in enumerate(zip(sampling, next_ids)):
+        slots = []
+        for req in reqs:
+            slots.append(len(req.output_ids))
+            req.output_ids.append(PENDING)
+            req.pending += 1
+        return _Launched(items, slots, out, {r: i for i, r in enumerate(reqs)})
+
+    def _resolve(self, launched: _Launched) -> None:
+        """Read a launched step's tokens (waiting only for them) and process them in order."""
+        host = launched.to_host()
+        next_ids = host.next_token_ids.tolist()
+        logprobs = host.logprobs.tolist() if host.logprobs is not None else None
+        top_vals = host.top_logprob_vals.tolist() if host.top_logprob_vals is not None else None
+        top_ids = host.top_logprob_ids.tolist() if host.top_logprob_ids is not None else None
+        for i, (it, slot, token) in enumerate(zip(launched.items, launched.slots, next_ids)):
             req = it.req
+            if req.finished:  # aborted, or it finished at the previous step: this token is extra
+                continue
+            assert req.output_ids[slot] == PENDING
+            req.output_ids[slot] = token
+            req.pending -= 1
             if req.return_logprob and logprobs is not None:
                 req.output_logprobs.append(logprobs[i])
             if req.top_logprobs_num and top_vals is not None and top_ids is not None:
                 k = req.top_logprobs_num
                 req.output_top_logprobs.append(list(zip(top_vals[i][:k], top_ids[i][:k])))
-            self._append_token(req, token, first=it.extend_len > 1 or it.start == 0)
+            self._on_token(req, token, first=it.extend_len > 1 or it.start == 0)
 
     def _append_token(self, req: Req, token: int, first: bool) -> None:
         req.output_ids.append(token)
+        self._on_token(req, token, first)
+
+    def _on_token(self, req: Req, token: int, first: bool) -> None:
+        """`token` is now in `req.output_ids` (maybe before a pending placeholder): count it,
+        check the stops and report it."""
         self.counters["generated_tokens"] += 1
         if first:
             self.kv.cache_unfinished(req)  # the prompt's KV becomes shareable (n > 1, same prefix)
@@ -494,7 +605,7 @@ class EngineCore:
         if grammar is not None and not grammar.accept(token):  # masked out: cannot happen
             logger.error("request %s: token %d is not allowed by its %s", req.rid, token, grammar.kind)
             reason = FinishReason(FinishKind.ABORT, message=f"token {token} broke the {grammar.kind}")
-        elif token in req.stop_ids and len(req.output_ids) >= params.min_new_tokens:
+        elif token in req.stop_ids and req.num_output_tokens >= params.min_new_tokens:
             reason = FinishReason(FinishKind.STOP, matched=token)
         else:
             assert req.detokenizer is not None
@@ -502,15 +613,25 @@ class EngineCore:
             reason = self._check_stop_string(req)
             if reason is None and grammar is not None and grammar.terminated:
                 reason = FinishReason(FinishKind.STOP, matched=token)
+        known_len = len(req.prompt_ids) + req.num_output_tokens
         if reason is None and (
-            len(req.output_ids) >= params.max_new_tokens or req.seq_len >= self.max_context_len
+            req.num_output_tokens >= params.max_new_tokens or known_len >= self.max_context_len
         ):
             reason = FinishReason(FinishKind.LENGTH)
         if reason is not None:
+            # A step launched after this token's (overlap) computed one more: drop it. This
+            # token's K/V is being written by that step, so the cache may keep it.
+            self._drop_pending(req)
             self.scheduler.remove(req)
             self._finish(req, reason)
         else:
             self._emit(req)
+
+    @staticmethod
+    def _drop_pending(req: Req) -> None:
+        if req.pending:
+            del req.output_ids[-req.pending :]
+            req.pending = 0
 
     def _check_stop_string(self, req: Req, final: bool = False) -> FinishReason | None:
         matcher = req.stop_matcher
@@ -536,11 +657,11 @@ class EngineCore:
         del self._requests[req.rid]
 
     def _emit(self, req: Req) -> None:
-        new_ids = req.output_ids[req.reported_ids :]
+        n_ids = req.num_output_tokens
+        new_ids = req.output_ids[req.reported_ids : n_ids]
         new_text = req.text[req.reported_text :]
         if not new_ids and not new_text and not req.finished:
             return
-        n_ids = len(req.output_ids)
         self._pending_outputs.append(
             RequestOutput(
                 rid=req.rid,

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import gc
 import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -21,6 +23,7 @@ from shared.cuda_graph import CudaGraphRunner, capture_batch_sizes
 from shared.mem import MHAKVPool, PageAllocator, ReqToTokenPool
 from shared.models.config import ModelConfig, resolve_dtype
 from shared.models.loader import load_model
+from shared.scheduler.request import Req
 from shared.scheduler.scheduler import ScheduleBatch
 
 logger = logging.getLogger(__name__)
@@ -35,6 +38,30 @@ def resolve_device(option: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {option!r} requested but CUDA is not available")
     return device
+
+
+@dataclass(frozen=True)
+class PrevTokens:
+    """Overlap scheduling: the tokens the previous step sampled, still on the device. A request
+    with a pending placeholder (`Req.pending`) takes its input token from here."""
+
+    ids: torch.Tensor  # [B_prev] int64, on the device
+    rows: dict[Req, int]  # request -> its row in `ids`
+
+    def patch(self, batch: ScheduleBatch, device: torch.device) -> tuple[list[int], torch.Tensor] | None:
+        """(items of `batch` whose input is a pending token, those tokens on the device)."""
+        items = [i for i, it in enumerate(batch.items) if it.req.pending]
+        if not items:
+            return None
+        rows = [self.rows[batch.items[i].req] for i in items]
+        return items, self.ids.index_select(0, to_device(rows, device))
+
+
+def to_device(values: Sequence[int], device: torch.device) -> torch.Tensor:
+    """int64 values on `device`; on CUDA through pinned memory, so the copy queues behind the
+    running work instead of waiting for it (a pageable copy would)."""
+    t = torch.tensor(values, dtype=torch.int64)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
 
 
 class ModelRunner:
@@ -108,12 +135,19 @@ class ModelRunner:
         return self.model_config.vocab_size
 
     @torch.inference_mode()
-    def forward(self, batch: ScheduleBatch) -> torch.Tensor:
-        """Logits [N, V] (float32) for the items that sample, in batch order."""
+    def forward(self, batch: ScheduleBatch, prev: PrevTokens | None = None) -> torch.Tensor:
+        """Logits [N, V] (float32) for the items that sample, in batch order. Items whose
+        request has a pending token take it from `prev` (overlap scheduling)."""
         self.req_pool.flush()
+        patch = prev.patch(batch, self.device) if prev is not None else None
         if self.graph_runner is not None and self.graph_runner.can_run(batch):
-            return self.graph_runner.run(batch)  # every item of a decode batch samples
+            return self.graph_runner.run(batch, patch)  # every item of a decode batch samples
         fb = self.build_forward_batch(batch)
+        if patch is not None:
+            items, tokens = patch
+            # A pending request runs one decode token: the last input of its item.
+            ends = torch.tensor([it.extend_len for it in batch.items]).cumsum(0) - 1
+            fb.input_ids.index_copy_(0, to_device(ends[items].tolist(), self.device), tokens)
         self.backend.init_forward_metadata(fb)
         hidden = self.model(fb.input_ids, fb.positions, fb)  # [T, hidden]
         return self.model.compute_logits(hidden[fb.logits_indices])

@@ -26,6 +26,9 @@ if TYPE_CHECKING:
     from shared.transfer import KvTarget
 
 
+PENDING = -1  # an output token still on the device (never a vocabulary id)
+
+
 class FinishKind(enum.Enum):
     STOP = "stop"  # a stop token or stop string
     LENGTH = "length"  # max_new_tokens or the context limit
@@ -63,6 +66,9 @@ class Req:
     grammar: RequestGrammar | None = None  # the output constraint (shared/constrained)
 
     output_ids: list[int] = field(default_factory=list)
+    # Overlap scheduling: the last `pending` entries of output_ids are placeholders (PENDING) for
+    # tokens sampled on the device whose values the host has not read yet (see EngineCore.step).
+    pending: int = 0
     row: int | None = None  # row in req_to_token while running
     kv_len: int = 0
     cached_len: int = 0
@@ -107,4 +113,10 @@ class Req:
 
     @property
     def prefill_done(self) -> bool:
-        return len(self.output_ids) > 0 or self.finished
+        """The prompt ran and its first token was read (its KV is then in the cache)."""
+        return len(self.output_ids) > self.pending or self.finished
+
+    @property
+    def num_output_tokens(self) -> int:
+        """Generated tokens the host knows (placeholders excluded)."""
+        return len(self.output_ids) - self.pending

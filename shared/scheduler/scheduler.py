@@ -143,6 +143,8 @@ class Scheduler:
                 break
             if req.leader is not None and not req.leader.prefill_done:
                 continue  # n > 1: reuse the leader's prompt KV instead of computing it again
+            if req.pending:
+                continue  # retracted with a token still on the device: readmit once it is read
             match = self.kv.match(req)
             n = req.seq_len - (len(match.slots) if match is not None else 0)
             if self.config.chunked_prefill:

@@ -145,8 +145,8 @@ def _record_logits(core: EngineCore) -> list[torch.Tensor]:
     seen: list[torch.Tensor] = []
     forward = core.runner.forward
 
-    def record(batch: object) -> torch.Tensor:
-        out = forward(batch)  # type: ignore[arg-type]
+    def record(batch: object, prev: object = None) -> torch.Tensor:
+        out = forward(batch, prev)  # type: ignore[arg-type]
         seen.append(out.detach().clone())
         return out
 

@@ -11,12 +11,17 @@ from shared import Engine
 from shared.config import EngineConfig
 from shared.engine_core import EngineCore, RequestOutput
 from shared.sampling import SamplingParams
+from shared.scheduler.scheduler import ScheduleBatch
 from tests.engine.hf_reference import hf_greedy
 
 GREEDY = SamplingParams(max_new_tokens=8, temperature=0.0, ignore_eos=True)
 
 
 def core_for(path: Path, **options: object) -> EngineCore:
+    # These tests schedule and run batches by hand between steps: no step may be in flight
+    # (overlap scheduling is tested in test_overlap.py). A fixed pool: engines share a GPU.
+    options.setdefault("enable_overlap_schedule", False)
+    options.setdefault("max_total_tokens", 4096)
     return EngineCore(EngineConfig.from_options(str(path), debug_invariants=True, **options))
 
 
@@ -29,6 +34,13 @@ def drain(core: EngineCore, limit: int = 500) -> list[RequestOutput]:
     raise AssertionError("engine did not go idle")
 
 
+def run_batch(core: EngineCore, batch: ScheduleBatch) -> None:
+    """One step on a batch the test scheduled itself: forward, sample, read the tokens."""
+    launched = core._launch(batch, core.runner.forward(batch))
+    if launched is not None:
+        core._resolve(launched)
+
+
 def test_chunked_prefill_splits_a_long_prompt_under_the_budget(tiny_llama: Path) -> None:
     core = core_for(tiny_llama, chunked_prefill_size=16, page_size=4)
     prompt = list(range(10, 60))  # 50 tokens -> chunks of 16, 16, 16, 2
@@ -39,7 +51,7 @@ def test_chunked_prefill_splits_a_long_prompt_under_the_budget(tiny_llama: Path)
         assert batch is not None
         sizes.append(batch.num_tokens)
         assert batch.num_tokens <= 16
-        core._process(batch, core.runner.forward(batch))
+        run_batch(core, batch)
         core._pending_outputs.clear()
     assert sizes[:4] == [16, 16, 16, 2] and sizes[4:] == [1] * 7
     core.check_idle()
@@ -53,7 +65,7 @@ def test_decode_and_prefill_share_a_step(tiny_llama: Path) -> None:
     batch = core.scheduler.schedule()
     assert batch is not None
     assert [(it.req.rid, it.extend_len) for it in batch.items] == [("a", 1), ("b", 15)]
-    core._process(batch, core.runner.forward(batch))
+    run_batch(core, batch)
     drain(core)
     core.check_idle()
 
@@ -67,7 +79,7 @@ def test_lpm_admits_the_request_with_the_longest_cached_prefix_first(tiny_llama:
     core.add_request(["hot"], [*shared, 6, 7], GREEDY)
     first = core.scheduler.schedule()
     assert first is not None and [it.req.rid for it in first.items] == ["hot"]
-    core._process(first, core.runner.forward(first))
+    run_batch(core, first)
     drain(core)
     core.check_idle()
 
@@ -129,11 +141,11 @@ def test_a_failing_step_fails_its_requests_and_the_engine_keeps_serving(
         real_forward = engine.core.runner.forward
         calls = {"n": 0}
 
-        def flaky(batch: object) -> object:
+        def flaky(batch: object, prev: object = None) -> object:
             calls["n"] += 1
             if calls["n"] == 2:
                 raise RuntimeError("simulated device fault")
-            return real_forward(batch)  # type: ignore[arg-type]
+            return real_forward(batch, prev)  # type: ignore[arg-type]
 
         monkeypatch.setattr(engine.core.runner, "forward", flaky)
         with pytest.raises(RuntimeError, match="simulated device fault"):
