@@ -17,8 +17,7 @@ import itertools
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import NamedTuple
 
 import torch
@@ -26,13 +25,14 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from shared.config import EngineConfig
 from shared.constrained import GrammarCompiler, RequestGrammar, TokenMasks
+from shared.constrained.gate import GrammarGate
 from shared.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from shared.disagg import KvReceiver, KvSender
+from shared.inflight import InflightStep
 from shared.mem import RadixCache
 from shared.model_runner import ModelRunner, PrevTokens
 from shared.outputs import RequestOutput
 from shared.sampling import Sampler, SamplingBatch, SamplingParams
-from shared.sampling.sampler import SampleOutput
 from shared.scheduler.kv_manager import KVCacheManager
 from shared.scheduler.request import PENDING, FinishKind, FinishReason, Req
 from shared.scheduler.scheduler import ScheduleBatch, ScheduledReq, Scheduler
@@ -57,51 +57,6 @@ class Admission(NamedTuple):
     pages: list[int] | None  # a granted reservation's pages
     error: str  # "" when accepted, else the error type: "ValueError" or "CapacityError"
     message: str
-
-
-@dataclass(eq=False)
-class _GrammarWait:
-    """Requests held until their grammar compiled: then `on_ready()`, or `on_fail(why)`."""
-
-    reqs: list[Req]
-    on_ready: Callable[[], None]
-    on_fail: Callable[[str], None]
-
-
-class _Launched:
-    """A step whose sampling was queued on the device: its tokens, copied to the host behind it."""
-
-    def __init__(self, items: list[ScheduledReq], slots: list[int], out: SampleOutput, rows: dict[Req, int]):
-        self.items = items  # the items that sample, in row order
-        self.slots = slots  # per item: the index of its placeholder in req.output_ids
-        self.rows = rows  # request -> row, for the next step's inputs
-        self.next_ids = out.next_token_ids  # [B] on the device
-        cuda = out.next_token_ids.is_cuda
-        # Copies into pinned memory queue behind the sampling; the event says when they landed,
-        # so reading them never waits for work queued later (the next forward).
-        next_ids = _to_host(out.next_token_ids, cuda)
-        assert next_ids is not None
-        self._host = SampleOutput(
-            next_ids,
-            _to_host(out.logprobs, cuda),
-            _to_host(out.top_logprob_vals, cuda),
-            _to_host(out.top_logprob_ids, cuda),
-        )
-        self._ready = torch.cuda.Event() if cuda else None
-        if self._ready is not None:
-            self._ready.record()
-
-    def to_host(self) -> SampleOutput:
-        if self._ready is not None:
-            self._ready.synchronize()
-        return self._host
-
-
-def _to_host(t: torch.Tensor | None, cuda: bool) -> torch.Tensor | None:
-    if t is None or not cuda:
-        return t
-    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-    return host.copy_(t, non_blocking=True)
 
 
 class EngineCore:
@@ -138,8 +93,8 @@ class EngineCore:
         if overlap is None:
             overlap = self.runner.device.type == "cuda" and config.disaggregation_mode != "prefill"
         self.overlap = overlap and config.disaggregation_mode != "prefill"
-        self._inflight: _Launched | None = None
-        self._grammar_waits: list[_GrammarWait] = []
+        self._inflight: InflightStep | None = None
+        self.grammar_gate = GrammarGate()
 
         # Disaggregation: the NIXL agent over our pool, and the side of the hand-off we play.
         self.mode = config.disaggregation_mode
@@ -181,7 +136,7 @@ class EngineCore:
             self.sender.check_target(kv_target, len(input_ids))
         for req in reqs:
             self._requests[req.rid] = req
-        if self._wait_for_grammar(
+        if self.grammar_gate.hold(
             reqs,
             on_ready=lambda: self._admit(reqs, kv_target, notify=True),
             on_fail=lambda why: self._refuse(reqs, why),
@@ -338,10 +293,7 @@ class EngineCore:
         req = self._requests.get(rid)
         if req is None or req.finished:
             return
-        wait = next((w for w in self._grammar_waits if req in w.reqs), None)
-        if wait is not None:  # still waiting for its grammar: the whole add (or resume) ends
-            self._grammar_waits.remove(wait)
-            wait.on_fail(message)
+        if self.grammar_gate.cancel(req, message):  # still waiting for its grammar: the add ends
             return
         if self.sender is not None and self.sender.abort(req):
             return  # reported once its writes are over
@@ -360,7 +312,7 @@ class EngineCore:
     def continue_decode(self, req: Req, commit: KvCommit) -> None:
         """A reservation's KV arrived (the request is parked): take the prefill side's first
         token and run on, once the request's grammar (if any) compiled."""
-        if self._wait_for_grammar(
+        if self.grammar_gate.hold(
             [req],
             on_ready=lambda: self.continue_decode(req, commit),
             on_fail=lambda why: self._abort_parked(req, why),
@@ -379,38 +331,6 @@ class EngineCore:
     def _abort_parked(self, req: Req, message: str) -> None:
         self.scheduler.remove(req)
         self._finish(req, FinishReason(FinishKind.ABORT, message=message))
-
-    def _wait_for_grammar(
-        self, reqs: list[Req], on_ready: Callable[[], None], on_fail: Callable[[str], None]
-    ) -> bool:
-        """True if `reqs` must wait for their grammar (`on_ready`/`on_fail` is called from a later
-        step); False if there is none or it is ready. A grammar that already failed raises."""
-        grammar = reqs[0].grammar
-        if grammar is None:
-            return False
-        status = grammar.poll(time.monotonic())
-        if status is None:
-            self._grammar_waits.append(_GrammarWait(reqs, on_ready, on_fail))
-            return True
-        if status:
-            raise ValueError(status)
-        for req in reqs[1:]:  # siblings share the compiled grammar; each gets its own matcher
-            assert req.grammar is not None
-            req.grammar.poll(time.monotonic())
-        return False
-
-    def _poll_grammars(self) -> None:
-        now = time.monotonic()
-        for wait in list(self._grammar_waits):
-            status = [req.grammar.poll(now) for req in wait.reqs if req.grammar is not None]
-            if None in status:
-                continue
-            self._grammar_waits.remove(wait)
-            error = next((s for s in status if s), "")
-            if error:
-                wait.on_fail(error)
-            else:
-                wait.on_ready()
 
     def release_prefill(
         self,
@@ -441,10 +361,10 @@ class EngineCore:
         rids = [req.rid for req in self.scheduler.abort_all(message)]
         for rid in rids:
             self._requests.pop(rid, None)
-        for wait in self._grammar_waits:  # adds not yet accepted are refused; parked ones are gone
-            if any(req.rid in self._requests for req in wait.reqs):
-                self._refuse(wait.reqs, message)
-        self._grammar_waits.clear()
+        for reqs in self.grammar_gate.groups:  # adds not yet accepted are refused; parked ones are gone
+            if any(req.rid in self._requests for req in reqs):
+                self._refuse(reqs, message)
+        self.grammar_gate.clear()
         if self.sender is not None:
             self.sender.reset()
         if self.receiver is not None:
@@ -461,7 +381,7 @@ class EngineCore:
         """KV writes, reservations or grammar compiles in flight: the loop must keep polling
         (`step`) for them."""
         return (
-            bool(self._grammar_waits)
+            bool(self.grammar_gate)
             or (self.sender is not None and self.sender.busy)
             or (self.receiver is not None and self.receiver.busy)
         )
@@ -479,8 +399,8 @@ class EngineCore:
         A request whose next sampling needs its history on the host (penalties, a grammar) makes
         the engine read the previous step first (no overlap for that step).
         """
-        if self._grammar_waits:
-            self._poll_grammars()
+        if self.grammar_gate:
+            self.grammar_gate.poll()
         if self.receiver is not None:
             self.receiver.poll()  # committed reservations join this step
         if self.sender is not None:
@@ -513,7 +433,7 @@ class EngineCore:
         outputs, self._pending_outputs = self._pending_outputs, []
         return outputs
 
-    def _can_overlap(self, launched: _Launched) -> bool:
+    def _can_overlap(self, launched: InflightStep) -> bool:
         """Whether the next step may run before the host reads `launched`'s tokens: not when a
         request's next sampling needs them on the host (penalties over its history, a grammar)."""
         for it in launched.items:
@@ -527,7 +447,7 @@ class EngineCore:
     def _reaches_length(self, req: Req) -> bool:
         return len(req.output_ids) >= req.params.max_new_tokens or req.seq_len >= self.max_context_len
 
-    def _launch(self, batch: ScheduleBatch, logits: torch.Tensor) -> _Launched | None:
+    def _launch(self, batch: ScheduleBatch, logits: torch.Tensor) -> InflightStep | None:
         """Queue the sampling of `batch` on the device; each sampling request gets a placeholder
         token (`Req.pending`) until `_resolve` reads the values."""
         for it in batch.items:
@@ -560,9 +480,9 @@ class EngineCore:
             slots.append(len(req.output_ids))
             req.output_ids.append(PENDING)
             req.pending += 1
-        return _Launched(items, slots, out, {r: i for i, r in enumerate(reqs)})
+        return InflightStep(items, slots, out, {r: i for i, r in enumerate(reqs)})
 
-    def _resolve(self, launched: _Launched) -> None:
+    def _resolve(self, launched: InflightStep) -> None:
         """Read a launched step's tokens (waiting only for them) and process them in order."""
         host = launched.to_host()
         next_ids = host.next_token_ids.tolist()
