@@ -43,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from shared.config import EngineConfig
 from shared.engine_core import EngineCore
+from shared.model_runner import resolve_device
 from shared.sampling import SamplingParams
 from shared.tiny_model import build_tokenizer
 
@@ -518,6 +519,19 @@ def plot(rows: list[dict[str, Any]], out: Path) -> bool:
     return True
 
 
+def run_header(device: torch.device) -> dict[str, Any]:
+    """What every result file records first: the command that made it and the machine."""
+    return {
+        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+        "host": {
+            "machine": platform.machine(),
+            "torch": torch.__version__,
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "threads": torch.get_num_threads(),
+        },
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="llama3-8b")
@@ -543,20 +557,10 @@ def main() -> None:
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    device = torch.device(
-        ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    )
+    device = resolve_device(args.device)
     head_dim = args.hidden // args.heads
     dtype_bytes = getattr(torch, args.dtype).itemsize
-    result: dict[str, Any] = {
-        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
-        "host": {
-            "machine": platform.machine(),
-            "torch": torch.__version__,
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        },
-        "args": vars(args) | {"json": str(args.json), "png": str(args.png)},
-    }
+    result = run_header(device) | {"args": vars(args) | {"json": str(args.json), "png": str(args.png)}}
     bw = copy_bandwidth(device)
     with tempfile.TemporaryDirectory(dir=model_dir_root()) as tmp:
         path = Path(tmp) / "model"

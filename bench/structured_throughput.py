@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import random
 import statistics
 import sys
@@ -37,11 +35,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from gpu_bench import PRESETS as GPU_PRESETS
-from gpu_bench import build_model, model_dir_root, prompts_for, tandem_decode
+from gpu_bench import build_model, model_dir_root, prompts_for, run_header, tandem_decode
 
 from shared.config import EngineConfig
 from shared.constrained import GrammarCompiler
 from shared.engine_core import EngineCore
+from shared.model_runner import resolve_device
 from shared.sampling import SamplingParams
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -221,18 +220,8 @@ def main() -> None:
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
-    device = torch.device(
-        ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    )
-    result: dict[str, Any] = {
-        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
-        "host": {
-            "machine": platform.machine(),
-            "torch": torch.__version__,
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "threads": torch.get_num_threads(),
-        },
-    }
+    device = resolve_device(args.device)
+    result = run_header(device)
     with tempfile.TemporaryDirectory(dir=model_dir_root()) as tmp:
         path = Path(tmp) / "model"
         build_model(args, path, device)

@@ -17,6 +17,7 @@ A decode step is the special case where every extend_len is 1.
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -59,3 +60,13 @@ class ForwardBatch:
     @property
     def num_tokens(self) -> int:
         return int(self.input_ids.shape[0])
+
+
+def to_device(
+    values: Sequence[object], device: torch.device, dtype: torch.dtype = torch.int64
+) -> torch.Tensor:
+    """A small host list as a tensor on `device`. On CUDA it goes through pinned memory with a
+    non-blocking copy, which queues behind the work already launched; a pageable copy would wait
+    for the GPU to drain first (e.g. for the forward just launched)."""
+    t = torch.tensor(values, dtype=dtype)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)

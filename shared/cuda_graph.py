@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from shared.batch import ForwardBatch, ForwardMode
+from shared.batch import ForwardBatch, ForwardMode, to_device
 
 if TYPE_CHECKING:
     from shared.attention.base import AttentionBackend
@@ -204,8 +204,7 @@ class CudaGraphRunner:
             self._copied.record()
         if patch is not None:
             columns, tokens = patch
-            index = torch.tensor(columns, dtype=torch.int64).pin_memory().to(self.device, non_blocking=True)
-            self._inputs[_IDS].index_copy_(0, index, tokens)
+            self._inputs[_IDS].index_copy_(0, to_device(columns, self.device), tokens)
         self.replays += 1
         if self.capture_graphs:
             self._graphs[padded].replay()

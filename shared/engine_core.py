@@ -91,7 +91,7 @@ class EngineCore:
         # asynchronously; prefill engines gain little and stream KV pages between steps.
         overlap = config.enable_overlap_schedule
         if overlap is None:
-            overlap = self.runner.device.type == "cuda" and config.disaggregation_mode != "prefill"
+            overlap = self.runner.device.type == "cuda"
         self.overlap = overlap and config.disaggregation_mode != "prefill"
         self._inflight: InflightStep | None = None
         self.grammar_gate = GrammarGate()

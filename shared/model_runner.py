@@ -9,15 +9,15 @@ prefill, mixed and larger steps run eagerly.
 from __future__ import annotations
 
 import gc
+import itertools
 import logging
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from shared.attention import create_backend, resolve_backend_name
-from shared.batch import ForwardBatch, ForwardMode
+from shared.batch import ForwardBatch, ForwardMode, to_device
 from shared.config import EngineConfig
 from shared.cuda_graph import CudaGraphRunner, capture_batch_sizes
 from shared.mem import MHAKVPool, PageAllocator, ReqToTokenPool
@@ -55,13 +55,6 @@ class PrevTokens:
             return None
         rows = [self.rows[batch.items[i].req] for i in items]
         return items, self.ids.index_select(0, to_device(rows, device))
-
-
-def to_device(values: Sequence[int], device: torch.device) -> torch.Tensor:
-    """int64 values on `device`; on CUDA through pinned memory, so the copy queues behind the
-    running work instead of waiting for it (a pageable copy would)."""
-    t = torch.tensor(values, dtype=torch.int64)
-    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
 
 
 class ModelRunner:
@@ -146,8 +139,8 @@ class ModelRunner:
         if patch is not None:
             items, tokens = patch
             # A pending request runs one decode token: the last input of its item.
-            ends = torch.tensor([it.extend_len for it in batch.items]).cumsum(0) - 1
-            fb.input_ids.index_copy_(0, to_device(ends[items].tolist(), self.device), tokens)
+            ends = list(itertools.accumulate(it.extend_len for it in batch.items))
+            fb.input_ids.index_copy_(0, to_device([ends[i] - 1 for i in items], self.device), tokens)
         self.backend.init_forward_metadata(fb)
         hidden = self.model(fb.input_ids, fb.positions, fb)  # [T, hidden]
         return self.model.compute_logits(hidden[fb.logits_indices])

@@ -70,6 +70,35 @@ def status_name(exc: BaseException | None) -> str:
     return status_of(exc)[0].name
 
 
+class TokenLatencies:
+    """The three histograms a `TokenClock` observes: `{prefix}_time_to_first_token_seconds`,
+    `{prefix}_inter_token_latency_seconds` and `{prefix}_e2e_request_latency_seconds`.
+    `since` says where the clock starts ("the router receiving a call"), `unit` what it times."""
+
+    def __init__(self, registry: CollectorRegistry, prefix: str, since: str, unit: str) -> None:
+        self.ttft = Histogram(
+            f"{prefix}_time_to_first_token_seconds",
+            f"From {since} to a {unit}'s first token",
+            buckets=TTFT_BUCKETS,
+            registry=registry,
+        )
+        self.itl = Histogram(
+            f"{prefix}_inter_token_latency_seconds",
+            f"Gap between a {unit}'s tokens (an increment of n tokens: its wait / n)",
+            buckets=ITL_BUCKETS,
+            registry=registry,
+        )
+        self.e2e = Histogram(
+            f"{prefix}_e2e_request_latency_seconds",
+            f"From {since} to a {unit}'s last token (finished {unit}s)",
+            buckets=E2E_BUCKETS,
+            registry=registry,
+        )
+
+    def clock(self, start: float | None = None) -> TokenClock:
+        return TokenClock(self.ttft, self.itl, self.e2e, start)
+
+
 class TokenClock:
     """The latencies of one streamed request: time to first token, the gap between tokens (an
     increment of n tokens is observed once, as its wait / n), and end to end."""

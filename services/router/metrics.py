@@ -16,11 +16,11 @@ from typing import TYPE_CHECKING
 
 import grpc
 from opentelemetry.trace import Span
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import Counter, Gauge
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from services.common.metrics import E2E_BUCKETS, ITL_BUCKETS, TTFT_BUCKETS, TokenClock, new_registry
+from services.common.metrics import TokenClock, TokenLatencies, new_registry
 from services.protos.tandem.common.v1 import common_pb2
 
 if TYPE_CHECKING:
@@ -83,24 +83,7 @@ class RouterMetrics:
             registry=r,
         )
         self.running = Gauge("tandem_router_requests_running", "Generate calls in progress", registry=r)
-        self.ttft = Histogram(
-            "tandem_router_time_to_first_token_seconds",
-            "From the router receiving a call to a sample's first token",
-            buckets=TTFT_BUCKETS,
-            registry=r,
-        )
-        self.itl = Histogram(
-            "tandem_router_inter_token_latency_seconds",
-            "Gap between a sample's tokens (an increment of n tokens: its wait / n)",
-            buckets=ITL_BUCKETS,
-            registry=r,
-        )
-        self.e2e = Histogram(
-            "tandem_router_e2e_request_latency_seconds",
-            "From the router receiving a call to a sample's last token (samples that finished)",
-            buckets=E2E_BUCKETS,
-            registry=r,
-        )
+        self.latencies = TokenLatencies(r, "tandem_router", "the router receiving a call", "sample")
         self.prompt_tokens = Counter(
             "tandem_router_prompt_tokens_total", "Prompt tokens of finished samples", registry=r
         )
@@ -132,7 +115,7 @@ class RouterMetrics:
             r.register(_WorkerStates(workers))
 
     def clock(self, start: float) -> TokenClock:
-        return TokenClock(self.ttft, self.itl, self.e2e, start)
+        return self.latencies.clock(start)
 
     def add_usage(self, usage: common_pb2.Usage) -> None:
         self.prompt_tokens.inc(usage.prompt_tokens)

@@ -69,11 +69,7 @@ class AsyncEngine:
         fut = self.client.submit(
             [rid], input_ids, params, stream.push, return_logprob, top_logprobs_num, kv_target
         )
-        try:
-            await self._await(fut)
-        except asyncio.CancelledError:  # e.g. the caller left while its grammar compiled
-            self.client.abort(rid)
-            raise
+        await self._admitted(rid, fut)
         return stream
 
     async def reserve(
@@ -89,11 +85,7 @@ class AsyncEngine:
         fut = self.client.reserve(
             rid, input_ids, params, stream.push, return_logprob, top_logprobs_num, lease_s
         )
-        try:
-            pages = await self._await(fut)
-        except asyncio.CancelledError:  # the caller left while the reservation was queued
-            self.client.abort(rid)
-            raise
+        pages = await self._admitted(rid, fut)
         return pages, stream
 
     async def add_peer(self, metadata: bytes) -> str:
@@ -107,6 +99,15 @@ class AsyncEngine:
 
     def shutdown(self) -> None:
         self.client.shutdown()
+
+    async def _admitted(self, rid: str, fut: Future[Any]) -> Any:
+        """The engine's answer to an add or a reservation. The answer can come late (a grammar
+        compiling, a reservation queued): a caller that leaves before it aborts the request."""
+        try:
+            return await self._await(fut)
+        except asyncio.CancelledError:
+            self.client.abort(rid)
+            raise
 
     @staticmethod
     async def _await(fut: Future[Any]) -> Any:

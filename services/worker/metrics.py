@@ -19,14 +19,7 @@ from prometheus_client import Histogram
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from services.common.metrics import (
-    E2E_BUCKETS,
-    ITL_BUCKETS,
-    TRANSFER_BUCKETS,
-    TTFT_BUCKETS,
-    TokenClock,
-    new_registry,
-)
+from services.common.metrics import TRANSFER_BUCKETS, TokenClock, TokenLatencies, new_registry
 from services.common.tracing import record_error
 from shared.outputs import RequestOutput
 
@@ -40,24 +33,8 @@ class WorkerMetrics:
 
     def __init__(self, role: str, model: str, stats: StatsSource) -> None:
         r = self.registry = new_registry()
-        self.ttft = Histogram(
-            "tandem_worker_time_to_first_token_seconds",
-            "From the worker receiving a generation to its first token (decode, unified)",
-            buckets=TTFT_BUCKETS,
-            registry=r,
-        )
-        self.itl = Histogram(
-            "tandem_worker_inter_token_latency_seconds",
-            "Gap between a request's tokens (an increment of n tokens: its wait / n)",
-            buckets=ITL_BUCKETS,
-            registry=r,
-        )
-        self.e2e = Histogram(
-            "tandem_worker_e2e_request_latency_seconds",
-            "From the worker receiving a generation to its last token (finished requests)",
-            buckets=E2E_BUCKETS,
-            registry=r,
-        )
+        # Decode and unified workers stream tokens; a prefill worker's series stay empty.
+        self.latencies = TokenLatencies(r, "tandem_worker", "the worker receiving a generation", "request")
         self.kv_transfer_seconds = Histogram(
             "tandem_worker_kv_transfer_seconds",
             "A prompt's KV transfer, first page write posted to the last write done (prefill)",
@@ -68,7 +45,7 @@ class WorkerMetrics:
         r.register(_EngineCollector(role, model, stats, self))
 
     def clock(self) -> TokenClock:
-        return TokenClock(self.ttft, self.itl, self.e2e)
+        return self.latencies.clock()
 
 
 def annotate_generation(span: Span, rid: str, last: RequestOutput | None, clock: TokenClock) -> None:

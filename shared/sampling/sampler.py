@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from shared.batch import to_device
 from shared.constrained.matcher import apply_token_bitmask
 from shared.sampling.params import SamplingParams
 from shared.sampling.penalties import (
@@ -108,15 +109,10 @@ class SamplingBatch:
         seeds = [p.seed if p.seed is not None else -1 for p in params]
         seeded_rows = [i for i in range(size) if sampled[i] and seeds[i] >= 0]
 
-        to_gpu = torch.device(device).type == "cuda"
+        target = torch.device(device)
 
         def tensor(values: Sequence[object], dtype: torch.dtype) -> Tensor:
-            t = torch.tensor(values, dtype=dtype)
-            if not to_gpu:
-                return t.to(device)
-            # A pageable host-to-device copy waits for the GPU to drain (the forward just
-            # launched); a pinned non-blocking one is queued behind it and the host runs on.
-            return t.pin_memory().to(device, non_blocking=True)
+            return to_device(values, target, dtype)  # never waits for the forward just launched
 
         def in_vocab(ids: Sequence[int] | set[int]) -> set[int]:
             return {t for t in ids if 0 <= t < vocab_size}

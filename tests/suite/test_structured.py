@@ -64,11 +64,6 @@ def up(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[d
         yield info
 
 
-@pytest.fixture(scope="module")
-def client(up: dict[str, Any]) -> openai.OpenAI:
-    return openai.OpenAI(base_url=up["openai"], api_key="unused", max_retries=0)
-
-
 def chat(client: openai.OpenAI, up: dict[str, Any], **kwargs: Any) -> Any:
     kwargs.setdefault("messages", MESSAGES)
     kwargs.setdefault("max_tokens", 200)

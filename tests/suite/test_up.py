@@ -27,11 +27,6 @@ def up(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[d
         yield info
 
 
-@pytest.fixture(scope="module")
-def client(up: dict[str, Any]) -> openai.OpenAI:
-    return openai.OpenAI(base_url=up["openai"], api_key="unused", max_retries=0)
-
-
 def test_models(client: openai.OpenAI, up: dict[str, Any]) -> None:
     assert [m.id for m in client.models.list().data] == [up["model"]]
 
