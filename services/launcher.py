@@ -10,14 +10,13 @@ process name -> its Prometheus URL). Each process gets its own OTEL_SERVICE_NAME
 tandem-prefill, ...); traces are exported when the environment sets OTEL_EXPORTER_OTLP_ENDPOINT.
 Ctrl-C or SIGTERM stops them all (SIGTERM, then SIGKILL after a grace period); if any one dies,
 all stop and the launcher exits 1 with the tail of its log. Children die with the launcher
-(PR_SET_PDEATHSIG).
+(PR_SET_PDEATHSIG, which each child sets itself: services/common/parent.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import json
 import os
 import signal
@@ -33,6 +32,7 @@ from typing import Any
 
 import grpc
 
+from services.common.parent import PARENT_ENV
 from services.protos.tandem.router.v1 import router_pb2, router_pb2_grpc
 
 
@@ -47,11 +47,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def _die_with_parent() -> None:
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -105,11 +100,10 @@ def up(args: argparse.Namespace) -> int:
 
     def start(name: str, cmd: list[str], service: str, metrics_url: str) -> Child:
         log = log_dir / f"{name}.log"
-        env = {**os.environ, "OTEL_SERVICE_NAME": service}
+        # The child dies with us (services/common/parent.py), and no preexec_fn: see there.
+        env = {**os.environ, "OTEL_SERVICE_NAME": service, PARENT_ENV: str(os.getpid())}
         with open(log, "wb") as out:
-            proc = subprocess.Popen(
-                cmd, stdout=out, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent, env=env
-            )
+            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
         metrics[name] = metrics_url
         child = Child(name, proc, log)
         children.append(child)

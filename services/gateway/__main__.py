@@ -7,12 +7,14 @@ import sys
 
 import uvicorn
 
+from services.common.parent import die_with_launcher
 from services.gateway.args import parse_args
 
 
 def main(argv: list[str] | None = None) -> int:
     """Parse the command line and serve until interrupted."""
     config = parse_args(argv)
+    die_with_launcher()
     from services.gateway.server import create_app  # heavy (transformers): not needed for --help
 
     logging.basicConfig(

@@ -15,6 +15,7 @@ import uvicorn
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from services.common.metrics import serve_metrics
+from services.common.parent import die_with_launcher
 from services.common.tracing import setup_tracing
 from services.protos.tandem.router.v1 import router_pb2_grpc
 from services.router.args import build_parser
@@ -29,6 +30,7 @@ logger = logging.getLogger("services.router")
 
 async def serve() -> None:
     args = build_parser().parse_args()
+    die_with_launcher()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s router %(levelname)s %(name)s: %(message)s")
     tracing = setup_tracing("tandem-router")
     from transformers import AutoTokenizer

@@ -23,6 +23,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from services.common.convert import output_to_proto, sampling_to_dict
 from services.common.errors import grpc_errors
 from services.common.metrics import serve_metrics
+from services.common.parent import die_with_launcher
 from services.common.tracing import server_span, setup_tracing
 from services.protos.tandem.common.v1 import common_pb2
 from services.protos.tandem.router.v1 import router_pb2, router_pb2_grpc
@@ -112,6 +113,7 @@ _STATS_TIMEOUT_S = 1.0  # a scrape waits this long for the engine (it answers be
 async def serve(
     args: argparse.Namespace, role: str, add_role_servicers: AddRoleServicers | None = None
 ) -> None:
+    die_with_launcher()
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {role} %(levelname)s %(name)s: %(message)s")
     tracing = setup_tracing("tandem-worker" if role == "unified" else f"tandem-{role}")
     config = engine_config(args, role)

@@ -35,15 +35,19 @@ ENGINE_FLAGS = ["--max-total-tokens", "4096", "--device", "cpu"]
 
 
 @contextlib.contextmanager
-def tandem_up(model: Path, tmp: Path, env: dict[str, str] | None = None) -> Iterator[dict[str, Any]]:
-    """`tandem up` (a router, a prefill and a decode worker, the gateway) on free ports; yields
-    the ready-file's endpoints plus "process" (the launcher), stopped with SIGTERM on exit."""
+def tandem_up(
+    model: Path, tmp: Path, env: dict[str, str] | None = None, args: tuple[str, ...] = ()
+) -> Iterator[dict[str, Any]]:
+    """`tandem up` (by default a router, a prefill and a decode worker, the gateway; `args` adds
+    launcher flags) on free ports; yields the ready-file's endpoints plus "process" (the
+    launcher), stopped with SIGTERM on exit."""
     ready = tmp / "ready.json"
     proc = subprocess.Popen(
         [
             *(sys.executable, "-m", "services.cli", "up", "--model", str(model)),
             *("--port", str(free_port()), "--log-dir", str(tmp / "logs"), "--ready-file", str(ready)),
             *("--worker-args", " ".join(ENGINE_FLAGS)),
+            *args,
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

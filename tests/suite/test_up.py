@@ -131,3 +131,28 @@ def test_sigterm_stops_every_process(up: dict[str, Any]) -> None:
     for pid in up["pids"].values():
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (an orphan's zombie may linger where PID 1 does not reap)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_a_killed_launcher_takes_every_process_down(tiny_llama: Path, tmp_path: Path) -> None:
+    # SIGKILL leaves the launcher no time to stop anyone: each child asked the kernel for SIGTERM
+    # when its parent dies (services/common/parent.py).
+    with tandem_up(tiny_llama, tmp_path, args=("--prefill", "0", "--decode", "0")) as info:
+        assert set(info["pids"]) == {"router", "worker-0", "gateway"}
+        assert all(_running(pid) for pid in info["pids"].values())
+        info["process"].kill()
+        info["process"].wait(10)
+        deadline = time.monotonic() + 30
+        alive = set(info["pids"].values())
+        while alive and time.monotonic() < deadline:
+            alive = {pid for pid in alive if _running(pid)}
+            time.sleep(0.2)
+        assert not alive, f"still running after the launcher was killed: {alive}"
