@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -47,6 +48,17 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+_METRICS_LINE = re.compile(rb"metrics on (http://\S+/metrics)")
+
+
+def _metrics_url(child: Child) -> str:
+    """The /metrics URL a router or worker printed: each binds a free port itself, because a port
+    chosen here could be taken (by any connection's source port) before the child, after loading
+    its model, binds it."""
+    match = _METRICS_LINE.search(child.log.read_bytes())
+    return match.group(1).decode() if match else ""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -96,22 +108,18 @@ def up(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
 
-    metrics: dict[str, str] = {}  # process name -> its /metrics URL
-
-    def start(name: str, cmd: list[str], service: str, metrics_url: str) -> Child:
+    def start(name: str, cmd: list[str], service: str) -> Child:
         log = log_dir / f"{name}.log"
         # The child dies with us (services/common/parent.py), and no preexec_fn: see there.
         env = {**os.environ, "OTEL_SERVICE_NAME": service, PARENT_ENV: str(os.getpid())}
         with open(log, "wb") as out:
             proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
-        metrics[name] = metrics_url
         child = Child(name, proc, log)
         children.append(child)
         return child
 
     try:
         print(f"model: {model}\nlogs:  {log_dir}", flush=True)
-        router_metrics = free_port()
         start(
             "router",
             [
@@ -127,23 +135,20 @@ def up(args: argparse.Namespace) -> int:
                 args.prefill_policy,
                 "--decode-policy",
                 args.decode_policy,
-                "--metrics-port",
-                str(router_metrics),
+                *("--metrics-port", "0"),  # a port of its own choosing: see _metrics_url
             ],
             "tandem-router",
-            f"http://127.0.0.1:{router_metrics}/metrics",
         )
         _wait(lambda: _router_workers(router) is not None, children, args.startup_timeout, "the router")
         extra = args.worker_args.split()
         roles = [("prefill", args.prefill), ("decode", args.decode), ("worker", unified)]
         for module, count in roles:
             for i in range(count):
-                port = free_port()
                 cmd = [*py, f"services.{module}", "--model", model, "--router", router]
-                cmd += ["--metrics-port", str(port), *extra]
+                cmd += ["--metrics-port", "0", *extra]
                 if module != "worker":
                     cmd += ["--kv-transport", args.kv_transport]
-                start(f"{module}-{i}", cmd, f"tandem-{module}", f"http://127.0.0.1:{port}/metrics")
+                start(f"{module}-{i}", cmd, f"tandem-{module}")
         expected = args.prefill + args.decode + unified
         _wait(
             lambda: (_router_workers(router) or 0) >= expected, children, args.startup_timeout, "the workers"
@@ -164,9 +169,11 @@ def up(args: argparse.Namespace) -> int:
                 model,
             ],
             "tandem-gateway",
-            f"{gateway_url}/metrics",
         )
         _wait(lambda: _http_ok(f"{gateway_url}/health"), children, args.startup_timeout, "the gateway")
+        services = children[:-1]
+        _wait(lambda: all(_metrics_url(c) for c in services), children, 10.0, "the metrics endpoints")
+        metrics = {c.name: _metrics_url(c) for c in services} | {"gateway": f"{gateway_url}/metrics"}
         endpoints = {
             "openai": f"{gateway_url}/v1",
             "router_grpc": router,

@@ -46,11 +46,11 @@ def new_registry() -> CollectorRegistry:
     return registry
 
 
-def serve_metrics(registry: CollectorRegistry, host: str, port: int) -> Callable[[], None]:
-    """Serve `registry` at http://host:port/metrics from a daemon thread (port 0: don't).
-    Returns the call that stops the server."""
-    if not port:
-        return lambda: None
+def serve_metrics(registry: CollectorRegistry, host: str, port: int | None) -> tuple[str, Callable[[], None]]:
+    """Serve `registry` at http://host:port/metrics from a daemon thread; port 0 takes a free
+    port, None serves nothing. Returns the URL ("" when off) and the call that stops it."""
+    if port is None:
+        return "", lambda: None
     server, thread = start_http_server(port, addr=host, registry=registry)
 
     def stop() -> None:
@@ -58,7 +58,7 @@ def serve_metrics(registry: CollectorRegistry, host: str, port: int) -> Callable
         server.server_close()
         thread.join(timeout=5)
 
-    return stop
+    return f"http://{host}:{server.server_address[1]}/metrics", stop
 
 
 def status_name(exc: BaseException | None) -> str:

@@ -87,9 +87,9 @@ async def serve() -> None:
         http = _QuietServer(config)
         tasks.append(asyncio.create_task(http.serve()))
         print(f"tandem router admin HTTP on http://{args.host}:{args.admin_http_port}/workers", flush=True)
-    stop_metrics = serve_metrics(metrics.registry, args.host, args.metrics_port)
-    if args.metrics_port:
-        print(f"tandem router metrics on http://{args.host}:{args.metrics_port}/metrics", flush=True)
+    metrics_url, stop_metrics = serve_metrics(metrics.registry, args.host, args.metrics_port)
+    if metrics_url:
+        print(f"tandem router metrics on {metrics_url}", flush=True)
     print(f"tandem router serving on {args.host}:{port}", flush=True)
 
     stop = asyncio.Event()

@@ -20,7 +20,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--admin-http-port", type=int, help="also serve the admin API over HTTP on this port")
     p.add_argument(
-        "--metrics-port", type=int, default=0, help="serve Prometheus /metrics on this port (0: off)"
+        "--metrics-port",
+        type=int,
+        help="serve Prometheus /metrics on this port (0: a free one, printed; default: off)",
     )
     p.add_argument(
         "--worker", action="append", default=[], help="a worker host:port to add at start (repeatable)"

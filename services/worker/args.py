@@ -24,7 +24,9 @@ def build_parser(role: str) -> argparse.ArgumentParser:
     )
     p.add_argument("--router", help="router admin address host:port to register with and heartbeat to")
     p.add_argument(
-        "--metrics-port", type=int, default=0, help="serve Prometheus /metrics on this port (0: off)"
+        "--metrics-port",
+        type=int,
+        help="serve Prometheus /metrics on this port (0: a free one, printed; default: off)",
     )
     e = p.add_argument_group("engine")
     e.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])

@@ -138,9 +138,9 @@ async def serve(
     await server.start()
     address = args.advertise_address or f"{args.host}:{port}"
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    stop_metrics = serve_metrics(metrics.registry, args.host, args.metrics_port)
-    if args.metrics_port:
-        print(f"tandem {role} worker metrics on http://{args.host}:{args.metrics_port}/metrics", flush=True)
+    metrics_url, stop_metrics = serve_metrics(metrics.registry, args.host, args.metrics_port)
+    if metrics_url:
+        print(f"tandem {role} worker metrics on {metrics_url}", flush=True)
     print(f"tandem {role} worker serving on {address}", flush=True)
 
     stop = asyncio.Event()
