@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from shared.quant.fp8 import Fp8Config
+
 _DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "float": torch.float32,
@@ -53,6 +55,9 @@ class ModelConfig:
     torch_dtype: str | None = None  # the checkpoint's dtype name, e.g. "bfloat16"
     bos_token_id: int | None = None
     eos_token_ids: frozenset[int] = frozenset()
+    # FP8 weights (a FP8 checkpoint, or quantization="fp8" while loading); None: unquantized.
+    # Every linear and MoE layer is built with it (`quant=config.quant`).
+    quant: Fp8Config | None = None
     hf_config: dict[str, Any] = dataclasses.field(default_factory=dict, hash=False, compare=False)
 
     @property

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from shared.models.weights import set_weight_loader
+from shared.quant.fp8 import Fp8Config
 
 # Until tensor parallelism lands every rank holds everything.
 TP_RANK = 0
@@ -22,8 +23,11 @@ TP_SIZE = 1
 class LinearBase(nn.Module):
     """y = x @ W^T (+ b) with W: [output_size, input_size] (this rank's part)."""
 
-    def __init__(self, input_size: int, output_size: int, bias: bool = False) -> None:
+    def __init__(
+        self, input_size: int, output_size: int, bias: bool = False, quant: Fp8Config | None = None
+    ) -> None:
         super().__init__()
+        self.quant = quant
         self.tp_rank = TP_RANK
         self.tp_size = TP_SIZE
         self.input_size = input_size
@@ -52,8 +56,10 @@ def _check_full_shape(loaded: torch.Tensor, expected: tuple[int, ...]) -> None:
 class ReplicatedLinear(LinearBase):
     """Every rank holds the full weight."""
 
-    def __init__(self, input_size: int, output_size: int, bias: bool = False) -> None:
-        super().__init__(input_size, output_size, bias)
+    def __init__(
+        self, input_size: int, output_size: int, bias: bool = False, quant: Fp8Config | None = None
+    ) -> None:
+        super().__init__(input_size, output_size, bias, quant)
         for param in self.parameters():
             set_weight_loader(param, self.weight_loader)
 
@@ -64,9 +70,11 @@ class ReplicatedLinear(LinearBase):
 class ColumnParallelLinear(LinearBase):
     """Output features split across ranks (dim 0 of the weight, the bias likewise)."""
 
-    def __init__(self, input_size: int, output_size: int, bias: bool = False) -> None:
+    def __init__(
+        self, input_size: int, output_size: int, bias: bool = False, quant: Fp8Config | None = None
+    ) -> None:
         assert output_size % TP_SIZE == 0, (output_size, TP_SIZE)
-        super().__init__(input_size, output_size // TP_SIZE, bias)
+        super().__init__(input_size, output_size // TP_SIZE, bias, quant)
         for param in self.parameters():
             set_weight_loader(param, self.weight_loader)
 
@@ -82,9 +90,11 @@ class RowParallelLinear(LinearBase):
     The bias is not split: with tensor parallelism it is added once, after the all-reduce.
     """
 
-    def __init__(self, input_size: int, output_size: int, bias: bool = False) -> None:
+    def __init__(
+        self, input_size: int, output_size: int, bias: bool = False, quant: Fp8Config | None = None
+    ) -> None:
         assert input_size % TP_SIZE == 0, (input_size, TP_SIZE)
-        super().__init__(input_size // TP_SIZE, output_size, bias)
+        super().__init__(input_size // TP_SIZE, output_size, bias, quant)
         for param in self.parameters():
             set_weight_loader(param, self.weight_loader)
 
@@ -104,9 +114,11 @@ class MergedLinear(ColumnParallelLinear):
     checkpoint tensor `i` is loaded with shard id `i`.
     """
 
-    def __init__(self, input_size: int, output_sizes: list[int], bias: bool = False) -> None:
+    def __init__(
+        self, input_size: int, output_sizes: list[int], bias: bool = False, quant: Fp8Config | None = None
+    ) -> None:
         self.output_sizes = list(output_sizes)
-        super().__init__(input_size, sum(output_sizes), bias)
+        super().__init__(input_size, sum(output_sizes), bias, quant)
         for param in self.parameters():
             set_weight_loader(param, self.weight_loader, shard_ids=range(len(output_sizes)))
 
@@ -128,7 +140,13 @@ class QKVLinear(ColumnParallelLinear):
     """
 
     def __init__(
-        self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool = False
+        self,
+        hidden_size: int,
+        head_dim: int,
+        num_heads: int,
+        num_kv_heads: int,
+        bias: bool = False,
+        quant: Fp8Config | None = None,
     ) -> None:
         assert num_heads % TP_SIZE == 0, (num_heads, TP_SIZE)
         self.head_dim = head_dim
@@ -139,7 +157,7 @@ class QKVLinear(ColumnParallelLinear):
         self.kv_replicas = max(1, TP_SIZE // num_kv_heads)
         self.q_size = self.num_heads * head_dim
         self.kv_size = self.num_kv_heads * head_dim
-        super().__init__(hidden_size, (self.q_size + 2 * self.kv_size) * TP_SIZE, bias)
+        super().__init__(hidden_size, (self.q_size + 2 * self.kv_size) * TP_SIZE, bias, quant)
         for param in self.parameters():
             set_weight_loader(param, self.weight_loader, shard_ids=("q", "k", "v"))
 
