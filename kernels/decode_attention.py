@@ -3,8 +3,9 @@
 Each request has one new query (already rotated) whose K/V the backend stored before this call,
 so request b attends over the keys at positions [0, seq_lens[b]) of its req_to_token row:
 
-    q             [B, Hq, D]
-    k/v_buffer    [num_slots, Hkv, D]        one layer of the token-slot pool
+    q             [B, Hq, Dk]
+    k_buffer      [num_slots, Hkv, Dk]       one layer of the token-slot pool
+    v_buffer      [num_slots, Hkv, Dv]       (any strides: e.g. a column view of k_buffer)
     req_to_token  [rows, max_ctx]            position -> slot, per request row
     req_rows      [B]                        row of each request
     seq_lens      [B]                        keys per request, the new token included
@@ -20,6 +21,11 @@ Stage 1 puts the query heads that share a KV head (the GQA group) in the rows of
 each K/V block is loaded once for the whole group and both products run on the tensor cores.
 With a sliding window w the query at position p = seq_len - 1 sees keys (p - w, p]; only that
 range is split.
+
+The pool may be float8_e4m3fn (an FP8 KV cache, scale 1.0): each K/V block is converted to q's
+dtype after its load, so the products run as they would on a bf16/fp16 pool. Head dims that are
+not powers of two are padded (masked) up to one; MLA's 576-wide latent has its own kernel,
+`kernels.mla_decode`, that avoids the padding and loads each latent block once.
 """
 
 from __future__ import annotations
@@ -57,9 +63,9 @@ def choose_num_kv_splits(max_kv_len: int, batch_size: int, head_programs: int) -
 
 
 def decode_attention(
-    q: torch.Tensor,  # [B, Hq, D]
-    k_buffer: torch.Tensor,  # [num_slots, Hkv, D]
-    v_buffer: torch.Tensor,  # [num_slots, Hkv, D]
+    q: torch.Tensor,  # [B, Hq, Dk]
+    k_buffer: torch.Tensor,  # [num_slots, Hkv, Dk]
+    v_buffer: torch.Tensor,  # [num_slots, Hkv, Dv]
     req_to_token: torch.Tensor,  # [rows, max_ctx] int32/int64
     req_rows: torch.Tensor,  # [B] int32/int64
     seq_lens: torch.Tensor,  # [B] int32/int64, >= 1
@@ -68,8 +74,10 @@ def decode_attention(
     *,
     max_seq_len: int | None = None,
     num_kv_splits: int | None = None,
-) -> torch.Tensor:  # [B, Hq, D], q's dtype
+) -> torch.Tensor:  # [B, Hq, Dv], q's dtype
     """Attention of one new query per request over its cached keys (GQA, optional window).
+
+    The pool is q's dtype or float8_e4m3fn; the values may be narrower than the keys (Dv != Dk).
 
     `max_seq_len` is max(seq_lens) if the caller knows it on the host (it sizes the split plan;
     without it the wrapper reads it from the device, a sync). `num_kv_splits` overrides the plan.
@@ -79,9 +87,9 @@ def decode_attention(
         return decode_attention_ref(
             q, k_buffer, v_buffer, req_to_token, req_rows, seq_lens, scaling, sliding_window
         )
-    batch_size, num_heads, head_dim = q.shape
-    num_kv_heads = k_buffer.shape[1]
-    out = torch.empty_like(q)
+    batch_size, num_heads, k_dim = q.shape
+    num_kv_heads, v_dim = v_buffer.shape[1:]
+    out = q.new_empty((batch_size, num_heads, v_dim))
     if batch_size == 0:
         return out
     group = num_heads // num_kv_heads
@@ -94,11 +102,9 @@ def decode_attention(
         num_kv_splits = choose_num_kv_splits(max_kv_len, batch_size, num_kv_heads * head_blocks)
 
     # Partial results of stage 1, in float32 whatever the model dtype.
-    mid_out = torch.empty(
-        (batch_size, num_heads, num_kv_splits, head_dim), dtype=torch.float32, device=q.device
-    )
+    mid_out = torch.empty((batch_size, num_heads, num_kv_splits, v_dim), dtype=torch.float32, device=q.device)
     mid_lse = torch.empty((batch_size, num_heads, num_kv_splits), dtype=torch.float32, device=q.device)
-    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_dv = max(16, triton.next_power_of_2(v_dim))
     _decode_stage1_kernel[(batch_size, num_kv_heads * head_blocks, num_kv_splits)](
         q,
         k_buffer,
@@ -118,13 +124,15 @@ def decode_attention(
         *mid_lse.stride(),
         group,
         head_blocks,
-        head_dim,
+        k_dim,
+        v_dim,
         HAS_WINDOW=sliding_window is not None,
         LOOP_WHILE=interpreting(),
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         BLOCK_H=block_h,
         BLOCK_N=_BLOCK_N,
-        BLOCK_D=block_d,
+        BLOCK_DK=max(16, triton.next_power_of_2(k_dim)),
+        BLOCK_DV=block_dv,
     )
     _decode_stage2_kernel[(batch_size, num_heads)](
         mid_out,
@@ -134,9 +142,9 @@ def decode_attention(
         *mid_lse.stride(),
         *out.stride(),
         num_kv_splits,
-        head_dim,
+        v_dim,
         BLOCK_S=triton.next_power_of_2(num_kv_splits),
-        BLOCK_D=block_d,
+        BLOCK_D=block_dv,
     )
     return out
 
@@ -189,13 +197,15 @@ def _decode_stage1_kernel(
     ml_stride_s,
     group,
     head_blocks,
-    head_dim,
+    k_dim,
+    v_dim,
     HAS_WINDOW: tl.constexpr,
     LOOP_WHILE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    BLOCK_DK: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
 ):
     b = tl.program_id(0)
     kv_head = tl.program_id(1) // head_blocks
@@ -207,8 +217,10 @@ def _decode_stage1_kernel(
     in_group = head_block * BLOCK_H + tl.arange(0, BLOCK_H)  # [BLOCK_H]
     head_mask = in_group < group
     heads = kv_head * group + in_group
-    d = tl.arange(0, BLOCK_D)
-    d_mask = d < head_dim
+    dk = tl.arange(0, BLOCK_DK)
+    dk_mask = dk < k_dim
+    dv = tl.arange(0, BLOCK_DV)
+    dv_mask = dv < v_dim
 
     seq_len = tl.load(seq_lens_ptr + b)
     row = tl.load(req_rows_ptr + b).to(tl.int64)
@@ -220,13 +232,13 @@ def _decode_stage1_kernel(
     hi = tl.minimum(lo + split_len, seq_len)
 
     q = tl.load(
-        q_ptr + b * q_stride_b + heads[:, None] * q_stride_h + d[None, :] * q_stride_d,
-        mask=head_mask[:, None] & d_mask[None, :],
+        q_ptr + b * q_stride_b + heads[:, None] * q_stride_h + dk[None, :] * q_stride_d,
+        mask=head_mask[:, None] & dk_mask[None, :],
         other=0.0,
-    )  # [BLOCK_H, BLOCK_D]
+    )  # [BLOCK_H, BLOCK_DK]
     m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_DV], dtype=tl.float32)
 
     # Every block below holds at least one key (lo < hi), so m_i is finite after the first one.
     # Compiled kernels take the `for` loop, which Triton software-pipelines; the interpreter
@@ -235,7 +247,8 @@ def _decode_stage1_kernel(
         start = lo
         while start < hi:
             m_i, l_i, acc = _decode_block(
-                q, m_i, l_i, acc, start, hi, row, kv_head, d, d_mask, req_to_token_ptr, r2t_stride_row,
+                q, m_i, l_i, acc, start, hi, row, kv_head, dk, dk_mask, dv, dv_mask, req_to_token_ptr,
+                r2t_stride_row,
                 k_buf_ptr, k_stride_s, k_stride_h, k_stride_d, v_buf_ptr, v_stride_s, v_stride_h, v_stride_d,
                 scaling, DOT_PRECISION, BLOCK_N,
             )  # fmt: skip
@@ -243,7 +256,8 @@ def _decode_stage1_kernel(
     else:
         for start in range(lo, hi, BLOCK_N):
             m_i, l_i, acc = _decode_block(
-                q, m_i, l_i, acc, start, hi, row, kv_head, d, d_mask, req_to_token_ptr, r2t_stride_row,
+                q, m_i, l_i, acc, start, hi, row, kv_head, dk, dk_mask, dv, dv_mask, req_to_token_ptr,
+                r2t_stride_row,
                 k_buf_ptr, k_stride_s, k_stride_h, k_stride_d, v_buf_ptr, v_stride_s, v_stride_h, v_stride_d,
                 scaling, DOT_PRECISION, BLOCK_N,
             )  # fmt: skip
@@ -258,25 +272,27 @@ def _decode_stage1_kernel(
         + b * mo_stride_b
         + heads[:, None] * mo_stride_h
         + split * mo_stride_s
-        + d[None, :] * mo_stride_d,
+        + dv[None, :] * mo_stride_d,
         out,
-        mask=head_mask[:, None] & d_mask[None, :],
+        mask=head_mask[:, None] & dv_mask[None, :],
     )
     tl.store(mid_lse_ptr + b * ml_stride_b + heads * ml_stride_h + split * ml_stride_s, lse, mask=head_mask)
 
 
 @triton.jit
 def _decode_block(
-    q,  # [BLOCK_H, BLOCK_D]
+    q,  # [BLOCK_H, BLOCK_DK]
     m_i,  # [BLOCK_H] running max of the scores
     l_i,  # [BLOCK_H] running sum of exp(score - m_i)
-    acc,  # [BLOCK_H, BLOCK_D] running sum of exp(score - m_i) * v
+    acc,  # [BLOCK_H, BLOCK_DV] running sum of exp(score - m_i) * v
     start,
     hi,
     row,
     kv_head,
-    d,
-    d_mask,
+    dk,
+    dk_mask,
+    dv,
+    dv_mask,
     req_to_token_ptr,
     r2t_stride_row,
     k_buf_ptr,
@@ -295,12 +311,12 @@ def _decode_block(
     pos = start + tl.arange(0, BLOCK_N)  # [BLOCK_N] key positions
     n_mask = pos < hi
     slots = tl.load(req_to_token_ptr + row * r2t_stride_row + pos, mask=n_mask, other=0).to(tl.int64)
-    kv_mask = n_mask[:, None] & d_mask[None, :]
+    # .to: an FP8 pool is converted to q's dtype (a no-op otherwise).
     k = tl.load(
-        k_buf_ptr + slots[:, None] * k_stride_s + kv_head * k_stride_h + d[None, :] * k_stride_d,
-        mask=kv_mask,
+        k_buf_ptr + slots[:, None] * k_stride_s + kv_head * k_stride_h + dk[None, :] * k_stride_d,
+        mask=n_mask[:, None] & dk_mask[None, :],
         other=0.0,
-    )  # [BLOCK_N, BLOCK_D]
+    ).to(q.dtype)  # [BLOCK_N, BLOCK_DK]
     scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scaling  # [BLOCK_H, BLOCK_N]
     scores = tl.where(n_mask[None, :], scores, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(scores, 1))
@@ -308,10 +324,10 @@ def _decode_block(
     p = tl.exp(scores - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     v = tl.load(
-        v_buf_ptr + slots[:, None] * v_stride_s + kv_head * v_stride_h + d[None, :] * v_stride_d,
-        mask=kv_mask,
+        v_buf_ptr + slots[:, None] * v_stride_s + kv_head * v_stride_h + dv[None, :] * v_stride_d,
+        mask=n_mask[:, None] & dv_mask[None, :],
         other=0.0,
-    )  # [BLOCK_N, BLOCK_D]
+    ).to(q.dtype)  # [BLOCK_N, BLOCK_DV]
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return m_new, l_i, acc
 
@@ -366,15 +382,15 @@ def _decode_stage2_kernel(
 
 
 def decode_attention_ref(
-    q: torch.Tensor,  # [B, Hq, D]
-    k_buffer: torch.Tensor,  # [num_slots, Hkv, D]
-    v_buffer: torch.Tensor,  # [num_slots, Hkv, D]
+    q: torch.Tensor,  # [B, Hq, Dk]
+    k_buffer: torch.Tensor,  # [num_slots, Hkv, Dk]
+    v_buffer: torch.Tensor,  # [num_slots, Hkv, Dv]
     req_to_token: torch.Tensor,  # [rows, max_ctx]
     req_rows: torch.Tensor,  # [B]
     seq_lens: torch.Tensor,  # [B]
     scaling: float,
     sliding_window: int | None = None,
-) -> torch.Tensor:  # [B, Hq, D], q's dtype
+) -> torch.Tensor:  # [B, Hq, Dv], q's dtype
     """Pure-torch `decode_attention`: the extend reference with one new token per request
     (a decode step is exactly that case; see shared/batch.py)."""
     ones = torch.ones_like(seq_lens)
