@@ -53,7 +53,21 @@ PRESETS: dict[str, dict[str, Any]] = {
         hidden=4096, layers=32, heads=32, kv_heads=8, intermediate=14336, vocab=128256,
         batches="1,16,64,128", context=1024, decode_tokens=128, prefill_batch=16, dtype="bfloat16",
     ),
+    # DeepSeek-V2-Lite's shape: MLA (kv_lora_rank 512, no q compression), 64 routed experts
+    # (6 per token, 2 shared), the first layer dense, YaRN rope.
+    "deepseek-v2-lite": dict(
+        arch="deepseek_v2", hidden=2048, layers=27, heads=16, kv_heads=16, intermediate=10944,
+        vocab=102400, batches="1,32,128", context=1024, decode_tokens=64, prefill_batch=8,
+        dtype="bfloat16", experts=64, topk=6, shared_experts=2, moe_intermediate=1408,
+        kv_lora_rank=512, rope_dim=64, nope_dim=128, v_dim=128,
+    ),
     # Seconds on a CPU: checks the script, not the engine.
+    "tiny-deepseek": dict(
+        arch="deepseek_v2", hidden=64, layers=2, heads=4, kv_heads=4, intermediate=128, vocab=512,
+        batches="1,4", context=32, decode_tokens=8, prefill_batch=2, dtype="float32", experts=8,
+        topk=2, shared_experts=1, moe_intermediate=32, kv_lora_rank=32, rope_dim=16, nope_dim=16,
+        v_dim=16,
+    ),
     "tiny": dict(
         hidden=128, layers=2, heads=4, kv_heads=2, intermediate=256, vocab=512,
         batches="1,4", context=32, decode_tokens=8, prefill_batch=2, dtype="float32",
@@ -65,6 +79,23 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def hf_config(args: argparse.Namespace) -> dict[str, Any]:
+    if args.arch == "deepseek_v2":
+        return {
+            "architectures": ["DeepseekV2ForCausalLM"], "model_type": "deepseek_v2",
+            "hidden_size": args.hidden, "intermediate_size": args.intermediate,
+            "moe_intermediate_size": args.moe_intermediate, "num_hidden_layers": args.layers,
+            "num_attention_heads": args.heads, "num_key_value_heads": args.kv_heads,
+            "n_shared_experts": args.shared_experts, "n_routed_experts": args.experts,
+            "num_experts_per_tok": args.topk, "first_k_dense_replace": 1, "kv_lora_rank": args.kv_lora_rank,
+            "q_lora_rank": None, "qk_nope_head_dim": args.nope_dim, "qk_rope_head_dim": args.rope_dim,
+            "v_head_dim": args.v_dim, "topk_method": "greedy", "n_group": 1, "topk_group": 1,
+            "routed_scaling_factor": 1.0, "norm_topk_prob": False, "scoring_func": "softmax",
+            "rope_scaling": {"type": "yarn", "factor": 40, "beta_fast": 32, "beta_slow": 1, "mscale": 0.707,
+                             "mscale_all_dim": 0.707, "original_max_position_embeddings": 4096},
+            "rope_theta": 10000, "max_position_embeddings": 163840, "vocab_size": args.vocab,
+            "rms_norm_eps": 1e-6, "hidden_act": "silu", "tie_word_embeddings": False,
+            "attention_bias": False, "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": args.dtype,
+        }  # fmt: skip
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -95,26 +126,7 @@ def build_model(args: argparse.Namespace, out: Path, device: torch.device) -> in
     (out / "config.json").write_text(json.dumps(config, indent=2))
     build_tokenizer(out)  # a small tokenizer: ids past its vocab detokenize to nothing
     dtype = getattr(torch, args.dtype)
-    head_dim = config["head_dim"]
-    h, i = args.hidden, args.intermediate
-    shapes: dict[str, tuple[int, ...]] = {
-        "model.embed_tokens.weight": (args.vocab, h),
-        "model.norm.weight": (h,),
-        "lm_head.weight": (args.vocab, h),
-    }
-    for layer in range(args.layers):
-        p = f"model.layers.{layer}."
-        shapes |= {
-            p + "self_attn.q_proj.weight": (args.heads * head_dim, h),
-            p + "self_attn.k_proj.weight": (args.kv_heads * head_dim, h),
-            p + "self_attn.v_proj.weight": (args.kv_heads * head_dim, h),
-            p + "self_attn.o_proj.weight": (h, args.heads * head_dim),
-            p + "mlp.gate_proj.weight": (i, h),
-            p + "mlp.up_proj.weight": (i, h),
-            p + "mlp.down_proj.weight": (h, i),
-            p + "input_layernorm.weight": (h,),
-            p + "post_attention_layernorm.weight": (h,),
-        }
+    shapes = weight_shapes(args)
     gen = torch.Generator(device).manual_seed(0)
     total = 0
     shard: dict[str, torch.Tensor] = {}
@@ -146,6 +158,74 @@ def build_model(args: argparse.Namespace, out: Path, device: torch.device) -> in
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (out / "model.safetensors.index.json").write_text(json.dumps(index))
     return total
+
+
+def weight_shapes(args: argparse.Namespace) -> dict[str, tuple[int, ...]]:
+    """Checkpoint tensor name -> shape, in HF's naming, for the preset's architecture."""
+    h, i = args.hidden, args.intermediate
+    shapes: dict[str, tuple[int, ...]] = {
+        "model.embed_tokens.weight": (args.vocab, h),
+        "model.norm.weight": (h,),
+        "lm_head.weight": (args.vocab, h),
+    }
+    if args.arch == "deepseek_v2":
+        return shapes | deepseek_layer_shapes(args)
+    head_dim = args.hidden // args.heads
+    for layer in range(args.layers):
+        p = f"model.layers.{layer}."
+        shapes |= {
+            p + "self_attn.q_proj.weight": (args.heads * head_dim, h),
+            p + "self_attn.k_proj.weight": (args.kv_heads * head_dim, h),
+            p + "self_attn.v_proj.weight": (args.kv_heads * head_dim, h),
+            p + "self_attn.o_proj.weight": (h, args.heads * head_dim),
+            p + "mlp.gate_proj.weight": (i, h),
+            p + "mlp.up_proj.weight": (i, h),
+            p + "mlp.down_proj.weight": (h, i),
+            p + "input_layernorm.weight": (h,),
+            p + "post_attention_layernorm.weight": (h,),
+        }
+    return shapes
+
+
+def deepseek_layer_shapes(args: argparse.Namespace) -> dict[str, tuple[int, ...]]:
+    h, heads = args.hidden, args.heads
+    shapes: dict[str, tuple[int, ...]] = {}
+    for layer in range(args.layers):
+        p = f"model.layers.{layer}."
+        shapes |= {
+            p + "self_attn.q_proj.weight": (heads * (args.nope_dim + args.rope_dim), h),
+            p + "self_attn.kv_a_proj_with_mqa.weight": (args.kv_lora_rank + args.rope_dim, h),
+            p + "self_attn.kv_a_layernorm.weight": (args.kv_lora_rank,),
+            p + "self_attn.kv_b_proj.weight": (heads * (args.nope_dim + args.v_dim), args.kv_lora_rank),
+            p + "self_attn.o_proj.weight": (h, heads * args.v_dim),
+            p + "input_layernorm.weight": (h,),
+            p + "post_attention_layernorm.weight": (h,),
+        }
+        if layer == 0:  # first_k_dense_replace = 1
+            mlps = {"mlp.": args.intermediate}
+        else:
+            shapes[p + "mlp.gate.weight"] = (args.experts, h)
+            mlps = {f"mlp.experts.{e}.": args.moe_intermediate for e in range(args.experts)}
+            mlps["mlp.shared_experts."] = args.moe_intermediate * args.shared_experts
+        for prefix, inter in mlps.items():
+            shapes |= {
+                p + prefix + "gate_proj.weight": (inter, h),
+                p + prefix + "up_proj.weight": (inter, h),
+                p + prefix + "down_proj.weight": (h, inter),
+            }
+    return shapes
+
+
+def step_weight_bytes(args: argparse.Namespace, weight_bytes: int, batch: int) -> float:
+    """Weight bytes one decode step reads: all of a dense model; for MoE every non-expert weight
+    plus the experts the batch's tokens reach (expected distinct count under uniform routing)."""
+    if args.arch != "deepseek_v2":
+        return weight_bytes
+    expert = 3 * args.moe_intermediate * args.hidden * getattr(torch, args.dtype).itemsize
+    moe_layers = args.layers - 1
+    all_experts = moe_layers * args.experts * expert
+    hit = args.experts * (1 - (1 - args.topk / args.experts) ** batch)
+    return weight_bytes - all_experts + moe_layers * hit * expert
 
 
 def model_dir_root() -> str | None:
@@ -310,6 +390,8 @@ def bench_tandem(path: Path, args: argparse.Namespace, device: torch.device) -> 
         disable_radix_cache=True,
         disable_cuda_graph=args.no_graph,
         enable_overlap_schedule=not args.no_overlap,
+        quantization=args.quantization,
+        kv_cache_dtype=args.kv_cache_dtype,
     )
     t0 = time.perf_counter()
     core = EngineCore(config, tokenizer=AutoTokenizer.from_pretrained(str(path)))
@@ -438,7 +520,7 @@ def summarize(result: dict[str, Any], args: argparse.Namespace) -> list[dict[str
     rows = []
     for b in [int(x) for x in args.batches.split(",")]:
         t = result["tandem"]["decode"][str(b)]
-        step_bytes = weight_bytes + b * avg_ctx * kv_per_token
+        step_bytes = step_weight_bytes(args, weight_bytes, b) + b * avg_ctx * kv_per_token
         roof = b * bw / step_bytes
         hf = result.get("hf", {}).get("decode", {}).get(str(b), {}).get("tok_s")
         rows.append(
@@ -551,15 +633,25 @@ def main() -> None:
     parser.add_argument(
         "--compare-overlap", action="store_true", help="every batch again with overlap scheduling off"
     )
+    parser.add_argument("--quantization", choices=["fp8"], help="Tandem's weights (default: the dtype)")
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8_e4m3"])
+    parser.add_argument(
+        "--compare-fp8", action="store_true", help="every batch again with quantization=fp8 (W8A8)"
+    )
     parser.add_argument("--json", type=Path)
     parser.add_argument("--png", type=Path)
     args = parser.parse_args()
-    for key, value in PRESETS[args.preset].items():
-        if getattr(args, key) is None:
+    for key, value in {"arch": "llama", **PRESETS[args.preset]}.items():
+        if getattr(args, key, None) is None:
             setattr(args, key, value)
     device = resolve_device(args.device)
-    head_dim = args.hidden // args.heads
     dtype_bytes = getattr(torch, args.dtype).itemsize
+    if args.arch == "deepseek_v2":  # MLA: one latent vector per token and layer
+        kv_per_token = args.layers * (args.kv_lora_rank + args.rope_dim) * dtype_bytes
+    else:
+        kv_per_token = 2 * args.layers * args.kv_heads * (args.hidden // args.heads) * dtype_bytes
+    if args.kv_cache_dtype == "fp8_e4m3":
+        kv_per_token //= dtype_bytes
     result = run_header(device) | {"args": vars(args) | {"json": str(args.json), "png": str(args.png)}}
     bw = copy_bandwidth(device)
     with tempfile.TemporaryDirectory(dir=model_dir_root()) as tmp:
@@ -568,12 +660,18 @@ def main() -> None:
         weight_bytes = build_model(args, path, device)
         result["model"] = {
             "weight_bytes": weight_bytes,
-            "kv_bytes_per_token": 2 * args.layers * args.kv_heads * head_dim * dtype_bytes,
+            "kv_bytes_per_token": kv_per_token,
             "build_s": time.perf_counter() - t0,
         }
-        result["roofline"] = {"copy_bytes_per_s": bw, "batch1_tok_s": bw / weight_bytes}
+        result["roofline"] = {
+            "copy_bytes_per_s": bw,
+            "batch1_tok_s": bw / step_weight_bytes(args, weight_bytes, 1),
+        }
         print(f"model built ({weight_bytes / 1e9:.2f} GB) in {result['model']['build_s']:.0f} s", flush=True)
         result["tandem"] = bench_tandem(path, args, device)
+        if args.compare_fp8:
+            fp8_args = argparse.Namespace(**vars(args) | {"quantization": "fp8", "profile": False})
+            result["tandem_fp8"] = bench_tandem(path, fp8_args, device)
         if args.compare_overlap:
             sync_args = argparse.Namespace(**vars(args) | {"no_overlap": True, "profile": False})
             result["tandem_no_overlap"] = bench_tandem(path, sync_args, device)
@@ -603,6 +701,12 @@ def main() -> None:
         with_overlap = result["tandem"]["decode"][b]["tok_s"]
         print(f"tandem batch {b}, overlap off: {run['tok_s']:.1f} tok/s (on: {with_overlap:.1f}, "
               f"{with_overlap / run['tok_s']:.3f}x)")  # fmt: skip
+    for b, run in result.get("tandem_fp8", {}).get("decode", {}).items():
+        bf16 = result["tandem"]["decode"][b]["tok_s"]
+        print(
+            f"tandem batch {b}, fp8 weights: {run['tok_s']:.1f} tok/s "
+            f"(bf16: {bf16:.1f}, {run['tok_s'] / bf16:.3f}x)"
+        )
     if "tandem_eager" in result:
         eager = result["tandem_eager"]["decode"]["1"]
         print(f"tandem batch 1, CUDA graphs off: {eager['tok_s']:.1f} tok/s, step {eager['step_ms']:.2f} ms")

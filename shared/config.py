@@ -10,10 +10,14 @@ from typing import Any, Literal
 SchedulePolicy = Literal["fcfs", "lpm"]
 DisaggregationMode = Literal["null", "prefill", "decode"]
 KvTransport = Literal["auto", "nixl", "grpc"]
+Quantization = Literal["fp8"]
+KvCacheDtype = Literal["auto", "fp8_e4m3"]
 _MODES = ("null", "prefill", "decode")
 _TRANSPORTS = ("auto", "nixl", "grpc")
 _POLICIES = ("fcfs", "lpm")
 _DTYPES = ("auto", "bfloat16", "float16", "float32")
+_QUANTIZATIONS = (None, "fp8")
+_KV_CACHE_DTYPES = ("auto", "fp8_e4m3")
 
 
 @dataclass(frozen=True)
@@ -23,6 +27,11 @@ class EngineConfig:
     model_path: str
     tokenizer_path: str | None = None  # defaults to model_path
     dtype: str = "auto"  # "auto" takes the checkpoint's dtype
+    # "fp8": block-wise FP8 weights (W8A8), quantized while loading; an FP8 checkpoint (a
+    # `quantization_config` in config.json, DeepSeek-V3's layout) is FP8 with or without it.
+    quantization: Quantization | None = None
+    # KV pool storage: "auto" = the model dtype; "fp8_e4m3" halves it (E4M3, scale 1.0).
+    kv_cache_dtype: KvCacheDtype = "auto"
     device: str = "auto"  # "auto": cuda when available, else cpu
     page_size: int = 16  # tokens per KV page; the radix cache shares whole pages only
     max_total_tokens: int | None = None  # KV pool size in tokens; None sizes it from memory
@@ -82,6 +91,10 @@ class EngineConfig:
 
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
+        if self.quantization not in _QUANTIZATIONS:
+            raise ValueError(f"quantization must be None or 'fp8', got {self.quantization!r}")
+        if self.kv_cache_dtype not in _KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {_KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
         if not (self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda")):
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
         positive("page_size", self.page_size)

@@ -20,9 +20,10 @@ from shared.attention import create_backend, resolve_backend_name
 from shared.batch import ForwardBatch, ForwardMode, to_device
 from shared.config import EngineConfig
 from shared.cuda_graph import CudaGraphRunner, capture_batch_sizes
-from shared.mem import MHAKVPool, PageAllocator, ReqToTokenPool
+from shared.mem import PageAllocator, ReqToTokenPool, make_kv_pool
 from shared.models.config import ModelConfig, resolve_dtype
 from shared.models.loader import load_model
+from shared.quant.fp8 import FP8_DTYPE
 from shared.scheduler.request import Req
 from shared.scheduler.scheduler import ScheduleBatch
 
@@ -62,21 +63,16 @@ class ModelRunner:
         self.config = config
         self.device = resolve_device(config.device)
         dtype = resolve_dtype(config.dtype, ModelConfig.from_model_path(Path(config.model_path)))
-        self.model, self.model_config = load_model(config.model_path, dtype, self.device)
-        self.dtype = next(self.model.parameters()).dtype
+        self.model, self.model_config = load_model(config.model_path, dtype, self.device, config.quantization)
+        self.dtype = dtype
+        # KV storage: the model dtype, or E4M3 (scale 1.0) for kv_cache_dtype="fp8_e4m3".
+        self.kv_dtype = FP8_DTYPE if config.kv_cache_dtype == "fp8_e4m3" else self.dtype
         mc = self.model_config
         page_size = config.page_size
         num_tokens = config.max_total_tokens or self._tokens_that_fit()
         num_pages = max(1, -(-num_tokens // page_size))
         self.allocator = PageAllocator(num_pages, page_size)
-        self.kv_pool = MHAKVPool(
-            self.allocator.pool_slots,
-            mc.num_hidden_layers,
-            mc.num_key_value_heads,
-            mc.head_dim,
-            self.dtype,
-            self.device,
-        )
+        self.kv_pool = make_kv_pool(mc, self.allocator.pool_slots, self.kv_dtype, self.device)
         # A request must always fit alone in the pool, or retraction could not make progress.
         self.max_context_len = min(
             config.max_context_len or mc.max_position_embeddings, self.allocator.num_slots
@@ -119,8 +115,8 @@ class ModelRunner:
         gc.collect()
         torch.cuda.empty_cache()
         free, _total = torch.cuda.mem_get_info(self.device)
-        mc = self.model_config
-        per_token = 2 * mc.num_hidden_layers * mc.num_key_value_heads * mc.head_dim * self.dtype.itemsize
+        # The pool's own formula, from a one-slot pool on the meta device (allocates nothing).
+        per_token = make_kv_pool(self.model_config, 1, self.kv_dtype, "meta").bytes_per_token()
         return max(self.config.page_size, int(free * self.config.mem_fraction_static) // per_token)
 
     @property

@@ -31,6 +31,17 @@ def build_parser(role: str) -> argparse.ArgumentParser:
     e = p.add_argument_group("engine")
     e.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
     e.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    e.add_argument(
+        "--quantization",
+        choices=["fp8"],
+        help="fp8: block-wise FP8 weights, quantized while loading (FP8 checkpoints load as FP8 anyway)",
+    )
+    e.add_argument(
+        "--kv-cache-dtype",
+        default="auto",
+        choices=["auto", "fp8_e4m3"],
+        help="KV cache storage (auto: the model dtype; fp8_e4m3 halves it)",
+    )
     e.add_argument("--page-size", type=int, default=16)
     e.add_argument("--max-total-tokens", type=int, help="KV pool size in tokens (default: from memory)")
     e.add_argument("--max-running-requests", type=int, default=256)
@@ -65,6 +76,8 @@ def engine_config(args: argparse.Namespace, role: str) -> EngineConfig:
     options: dict[str, Any] = dict(
         dtype=args.dtype,
         device=args.device,
+        quantization=args.quantization,
+        kv_cache_dtype=args.kv_cache_dtype,
         page_size=args.page_size,
         max_total_tokens=args.max_total_tokens,
         max_running_requests=args.max_running_requests,

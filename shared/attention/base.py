@@ -7,6 +7,14 @@ Per step the model runner calls `init_forward_metadata(batch)` once, then every 
 (`req_to_token[row, :seq_len]`), causally within the new tokens. Backends hold no per-request
 state between steps. The CUDA-graph hooks (capture/replay metadata) join this interface with the
 GPU backends.
+
+Multi-head latent attention (DeepSeek, `shared/attention/mla.py`) has its own three entry points,
+`forward_mla_*`, under the same store-then-attend contract: each first writes the new tokens'
+latent `[c | k_rope]` into the `MLAKVPool` at `batch.out_cache_loc`, then attends every new
+query over its request's whole sequence read back from the pool (causal within the new tokens).
+Backends stay ignorant of weights: the absorbed forms get queries already multiplied into the
+latent space and return latent-space outputs; the expanded form gets a callable that turns
+latents into per-head keys and values.
 """
 
 from __future__ import annotations
@@ -19,7 +27,11 @@ import torch
 
 if TYPE_CHECKING:
     from shared.attention.layer import Attention
+    from shared.attention.mla import MLAAttention
     from shared.batch import ForwardBatch
+
+# latent c [S, kv_lora_rank] -> (k_nope [S, H, qk_nope_head_dim], v [S, H, v_head_dim])
+ExpandLatent = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 class AttentionBackend(ABC):
@@ -47,6 +59,44 @@ class AttentionBackend(ABC):
         batch: ForwardBatch,
     ) -> torch.Tensor:  # [T, Hq, D]
         """Store k/v for the new tokens, then return attention output for the new queries."""
+
+    # ---- multi-head latent attention. Shapes: H = layer.num_heads, Dl = layer.kv_lora_rank,
+    # Dk = Dl + layer.rope_dim (a pool entry); scores use layer.scaling. ----
+
+    def forward_mla_decode(
+        self,
+        q_abs: torch.Tensor,  # [B, H, Dk]: [q_nope @ W_UK | q_rope] per head
+        latent: torch.Tensor,  # [B, Dk]: the new token's [c | k_rope]
+        layer: MLAAttention,
+        batch: ForwardBatch,
+    ) -> torch.Tensor:  # [B, H, Dl]
+        """Decode step (one new token per request), absorbed: store `latent`, then MQA over the
+        latent pool with keys = whole entries `[0, Dk)` and values = their first Dl columns."""
+        raise NotImplementedError(f"attention backend {self.name!r} does not implement MLA decode")
+
+    def forward_mla_extend_absorbed(
+        self,
+        q_abs: torch.Tensor,  # [T, H, Dk]
+        latent: torch.Tensor,  # [T, Dk]
+        layer: MLAAttention,
+        batch: ForwardBatch,
+    ) -> torch.Tensor:  # [T, H, Dl]
+        """Extend step in the absorbed form: as `forward_mla_decode` for ragged new tokens after
+        cached prefixes (causal within the new tokens)."""
+        raise NotImplementedError(f"attention backend {self.name!r} does not implement MLA extend")
+
+    def forward_mla_extend_expanded(
+        self,
+        q: torch.Tensor,  # [T, H, nope + rope]: [q_nope | q_rope]
+        latent: torch.Tensor,  # [T, Dk]
+        expand: ExpandLatent,
+        layer: MLAAttention,
+        batch: ForwardBatch,
+    ) -> torch.Tensor:  # [T, H, v_head_dim]
+        """Extend step in the expanded form: store `latent`; per request read the latents of its
+        whole sequence (prefix + new), expand the c parts with `expand` (in q's dtype) to per-head
+        k_nope and v, and attend with keys `[k_nope | k_rope]` (k_rope shared by all heads)."""
+        raise NotImplementedError(f"attention backend {self.name!r} does not implement MLA extend")
 
 
 _REGISTRY: dict[str, Callable[[], AttentionBackend]] = {}

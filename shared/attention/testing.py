@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from shared.attention.base import create_backend
 from shared.batch import ForwardBatch, ForwardMode
-from shared.mem import MHAKVPool, ReqToTokenPool
+from shared.mem import ReqToTokenPool, make_kv_pool
+
+if TYPE_CHECKING:
+    from shared.models.config import ModelConfig
 
 
 def single_sequence_batch(
     input_ids: torch.Tensor,  # [T]
-    num_layers: int,
-    num_kv_heads: int,
-    head_dim: int,
+    model_config: ModelConfig,
     dtype: torch.dtype = torch.float32,
     backend: str = "torch",
 ) -> ForwardBatch:
-    """Prefill of one sequence into a private pool (slots 0..T-1); logits for every position."""
+    """Prefill of one sequence into a private pool of the model's kind (slots 0..T-1), `dtype`
+    its storage; logits for every position."""
     t = int(input_ids.shape[0])
     device = input_ids.device
     req_pool = ReqToTokenPool(1, t, device)
@@ -25,7 +29,7 @@ def single_sequence_batch(
     assert row is not None
     slots = torch.arange(t, dtype=torch.int64, device=device)
     req_pool.req_to_token[row, :t] = slots
-    kv_pool = MHAKVPool(t, num_layers, num_kv_heads, head_dim, dtype, device)
+    kv_pool = make_kv_pool(model_config, t, dtype, device)
     as_tensor = lambda xs: torch.tensor(xs, dtype=torch.int64, device=device)
     return ForwardBatch(
         mode=ForwardMode.EXTEND,

@@ -15,6 +15,13 @@ keys more finely than eager steps (`_graph_kv_splits`): a small batch otherwise 
 the GPU idle while a few programs walk the whole context (measured on an H100, Llama-3-8B shape,
 batch 1 at 1k context: 11.4 us per layer with the eager plan's 6 splits, 7.7 us with 16).
 
+MLA (DeepSeek): decode runs `kernels.mla_decode` (absorbed; a program takes several query heads
+over the shared latent, read once). The absorbed extend is the extend kernel with one KV head of
+width Dk whose values are a view of the same entries' first Dl columns. The expanded extend
+gathers the step's latents (prefix and new tokens, request after request), expands them with
+the model's callable into per-head keys and values, and runs the extend kernel over that scratch
+through a request table whose rows are consecutive scratch rows.
+
 Registered as "triton" only where Triton is installed. The kernels are imported when the backend
 is built, not when this module is: importing `shared.attention` does not import Triton, and
 `TRITON_INTERPRET=1` (which Triton reads when a kernel is defined) set by a test before it builds
@@ -24,6 +31,7 @@ an engine still takes effect. On CPU the kernels run only under that interpreter
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -31,9 +39,12 @@ import torch
 
 from shared.attention.base import AttentionBackend, register_backend
 from shared.batch import ForwardBatch, ForwardMode
+from shared.mem.kv_pool import MHAKVPool, MLAKVPool
 
 if TYPE_CHECKING:
+    from shared.attention.base import ExpandLatent
     from shared.attention.layer import Attention
+    from shared.attention.mla import MLAAttention
 
 
 @dataclass(frozen=True)
@@ -67,11 +78,14 @@ class TritonAttentionBackend(AttentionBackend):
         # Deferred imports (see the module docstring).
         from kernels.decode_attention import decode_attention
         from kernels.extend_attention import extend_attention
-        from kernels.kv_store import store_kv
+        from kernels.kv_store import store_kv, store_latent
+        from kernels.mla_decode import mla_decode_attention
 
         self._decode_attention = decode_attention
         self._extend_attention = extend_attention
         self._store_kv = store_kv
+        self._store_latent = store_latent
+        self._mla_decode = mla_decode_attention
         self._plan: _StepPlan | None = None
 
     def init_forward_metadata(self, batch: ForwardBatch) -> None:
@@ -90,6 +104,13 @@ class TritonAttentionBackend(AttentionBackend):
             batch=batch, extend_starts=None, max_seq_len=max_seq_len, max_extend_len=1, graph=True
         )
 
+    def _plan_for(self, batch: ForwardBatch) -> _StepPlan:
+        if self._plan is None or self._plan.batch is not batch:
+            # A caller that runs the model outside the runner (tests) may skip the planning hook.
+            self.init_forward_metadata(batch)
+        assert self._plan is not None
+        return self._plan
+
     def forward(
         self,
         q: torch.Tensor,  # [T, Hq, D]
@@ -98,13 +119,11 @@ class TritonAttentionBackend(AttentionBackend):
         layer: Attention,
         batch: ForwardBatch,
     ) -> torch.Tensor:  # [T, Hq, D]
-        if self._plan is None or self._plan.batch is not batch:
-            # A caller that runs the model outside the runner (tests) may skip the planning hook.
-            self.init_forward_metadata(batch)
-        plan = self._plan
-        assert plan is not None
+        plan = self._plan_for(batch)
+        pool = batch.kv_pool
+        assert isinstance(pool, MHAKVPool), "MHA layers need an MHA pool"
         # get_kv returns the live buffers, so writing them is the pool's set_kv.
-        k_buf, v_buf = batch.kv_pool.get_kv(layer.layer_id)
+        k_buf, v_buf = pool.get_kv(layer.layer_id)
         self._store_kv(k, v, k_buf, v_buf, batch.out_cache_loc)
         req_to_token = batch.req_to_token_pool.req_to_token
         if batch.mode == ForwardMode.DECODE:
@@ -140,6 +159,110 @@ class TritonAttentionBackend(AttentionBackend):
             extend_starts=plan.extend_starts,
             max_extend_len=plan.max_extend_len,
         )
+
+    # ---- multi-head latent attention (DeepSeek; contracts in the base class) ----------------
+
+    def forward_mla_decode(
+        self,
+        q_abs: torch.Tensor,  # [B, H, Dk]
+        latent: torch.Tensor,  # [B, Dk]
+        layer: MLAAttention,
+        batch: ForwardBatch,
+    ) -> torch.Tensor:  # [B, H, Dl]
+        plan = self._plan_for(batch)
+        kv_buffer = _mla_store(latent, layer, batch, self._store_latent)
+        num_kv_splits = None  # eager: the kernel plans from max_seq_len
+        if plan.graph:
+            from kernels.mla_decode import choose_mla_kv_splits
+
+            num_kv_splits = choose_mla_kv_splits(
+                plan.max_seq_len, q_abs.shape[0], q_abs.shape[1], kv_buffer.dtype
+            )
+        return self._mla_decode(
+            q_abs,
+            kv_buffer,
+            batch.req_to_token_pool.req_to_token,
+            batch.req_pool_indices,
+            batch.seq_lens,
+            layer.scaling,
+            layer.kv_lora_rank,
+            max_seq_len=plan.max_seq_len,
+            num_kv_splits=num_kv_splits,
+        )
+
+    def forward_mla_extend_absorbed(
+        self,
+        q_abs: torch.Tensor,  # [T, H, Dk]
+        latent: torch.Tensor,  # [T, Dk]
+        layer: MLAAttention,
+        batch: ForwardBatch,
+    ) -> torch.Tensor:  # [T, H, Dl]
+        plan = self._plan_for(batch)
+        kv_buffer = _mla_store(latent, layer, batch, self._store_latent)
+        return self._extend_attention(
+            q_abs,
+            kv_buffer,
+            kv_buffer[..., : layer.kv_lora_rank],  # values: the c part of each entry (a view)
+            batch.req_to_token_pool.req_to_token,
+            batch.req_pool_indices,
+            batch.extend_prefix_lens,
+            batch.extend_seq_lens,
+            layer.scaling,
+            None,
+            extend_starts=plan.extend_starts,
+            max_extend_len=plan.max_extend_len,
+        )
+
+    def forward_mla_extend_expanded(
+        self,
+        q: torch.Tensor,  # [T, H, nope + rope]
+        latent: torch.Tensor,  # [T, Dk]
+        expand: ExpandLatent,
+        layer: MLAAttention,
+        batch: ForwardBatch,
+    ) -> torch.Tensor:  # [T, H, v_head_dim]
+        plan = self._plan_for(batch)
+        kv_buffer = _mla_store(latent, layer, batch, self._store_latent)
+        device = q.device
+        seq_lens = batch.seq_lens_cpu
+        total, max_len, num_reqs = sum(seq_lens), max(seq_lens, default=0), len(seq_lens)
+        # Scratch row of each request's position j: starts[b] + j (request after request).
+        starts = torch.cumsum(batch.seq_lens, 0) - batch.seq_lens  # [B]
+        scratch_table = starts[:, None] + torch.arange(max(max_len, 1), device=device)[None, :]  # [B, L]
+        # Slots of every (request, position) in the same order: the pool rows to gather.
+        req_rows = torch.repeat_interleave(batch.req_pool_indices, batch.seq_lens, output_size=total)
+        positions = torch.arange(total, device=device) - torch.repeat_interleave(
+            starts, batch.seq_lens, output_size=total
+        )
+        slots = batch.req_to_token_pool.req_to_token[req_rows, positions]  # [S]
+        entries = kv_buffer[slots, 0].to(q.dtype)  # [S, Dk]
+        k_nope, v = expand(entries[:, : layer.kv_lora_rank])  # [S, H, nope], [S, H, v]
+        k_rope = entries[:, None, layer.kv_lora_rank :].expand(-1, layer.num_heads, -1)
+        keys = torch.cat([k_nope, k_rope], dim=-1)  # [S, H, nope + rope]
+        return self._extend_attention(
+            q,
+            keys,
+            v,
+            scratch_table.to(batch.req_to_token_pool.req_to_token.dtype),
+            torch.arange(num_reqs, device=device),
+            batch.extend_prefix_lens,
+            batch.extend_seq_lens,
+            layer.scaling,
+            None,
+            extend_starts=plan.extend_starts,
+            max_extend_len=plan.max_extend_len,
+        )
+
+
+def _mla_store(
+    latent: torch.Tensor, layer: MLAAttention, batch: ForwardBatch, store: Callable[..., None]
+) -> torch.Tensor:
+    """Write the new tokens' latents; the layer's live pool buffer `[num_slots, 1, Dk]`."""
+    pool = batch.kv_pool
+    assert isinstance(pool, MLAKVPool), "MLA layers need an MLA pool"
+    kv_buffer = pool.get_latent(layer.layer_id)
+    store(latent, kv_buffer, batch.out_cache_loc)
+    return kv_buffer
 
 
 if importlib.util.find_spec("triton") is not None:

@@ -7,16 +7,18 @@ and its `req_to_token` row; the radix cache owns every page it stores (see each 
 from __future__ import annotations
 
 from shared.mem.allocator import PageAllocator
-from shared.mem.kv_pool import KVPool, MHAKVPool
+from shared.mem.kv_pool import KVPool, MHAKVPool, MLAKVPool, make_kv_pool
 from shared.mem.radix_cache import MatchResult, RadixCache, TreeNode
 from shared.mem.req_to_token import ReqToTokenPool
 
 __all__ = [
     "KVPool",
     "MHAKVPool",
+    "MLAKVPool",
     "MatchResult",
     "PageAllocator",
     "RadixCache",
     "ReqToTokenPool",
     "TreeNode",
+    "make_kv_pool",
 ]

@@ -31,6 +31,30 @@ _DTYPE_OPTIONS = ("auto", "bfloat16", "float16", "float32")
 
 
 @dataclass(frozen=True)
+class MLAConfig:
+    """Multi-head latent attention shapes (DeepSeek-V2/V3), read when config.json has kv_lora_rank.
+
+    Per token the KV cache holds one latent vector `[kv_lora_rank + qk_rope_head_dim]`: the
+    compressed KV (normed) and the rotated rope key shared by all heads.
+    """
+
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    q_lora_rank: int | None = None  # None: q is one projection (q_proj), else q_a_proj -> q_b_proj
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def latent_dim(self) -> int:
+        """Width of one token's cache entry: the latent then the rope key."""
+        return self.kv_lora_rank + self.qk_rope_head_dim
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """Architecture hyper-parameters of one checkpoint (immutable)."""
 
@@ -58,6 +82,8 @@ class ModelConfig:
     # FP8 weights (a FP8 checkpoint, or quantization="fp8" while loading); None: unquantized.
     # Every linear and MoE layer is built with it (`quant=config.quant`).
     quant: Fp8Config | None = None
+    # Multi-head latent attention (DeepSeek); None: MHA/GQA with `num_key_value_heads` x `head_dim`.
+    mla: MLAConfig | None = None
     hf_config: dict[str, Any] = dataclasses.field(default_factory=dict, hash=False, compare=False)
 
     @property
@@ -116,6 +142,7 @@ class ModelConfig:
                 eos_token_ids=frozenset(
                     _ids(c.get("eos_token_id")) | _ids((generation_config or {}).get("eos_token_id"))
                 ),
+                mla=_mla(c),
                 hf_config=dict(c),
             )
         except KeyError as e:
@@ -150,6 +177,19 @@ def _rope(c: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
         if scaling["rope_type"] == "default":
             scaling = None
     return float(theta), scaling
+
+
+def _mla(c: dict[str, Any]) -> MLAConfig | None:
+    if c.get("kv_lora_rank") is None:
+        return None
+    q_lora_rank = c.get("q_lora_rank")
+    return MLAConfig(
+        kv_lora_rank=int(c["kv_lora_rank"]),
+        qk_nope_head_dim=int(c["qk_nope_head_dim"]),
+        qk_rope_head_dim=int(c["qk_rope_head_dim"]),
+        v_head_dim=int(c["v_head_dim"]),
+        q_lora_rank=int(q_lora_rank) if q_lora_rank is not None else None,
+    )
 
 
 def _sliding_window(c: dict[str, Any]) -> int | None:

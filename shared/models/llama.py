@@ -26,6 +26,7 @@ from shared.models.layers.linear import MergedLinear, QKVLinear, RowParallelLine
 from shared.models.layers.norm import RMSNorm
 from shared.models.layers.rotary import RotaryEmbedding, get_rope
 from shared.models.weights import StackedParams, load_named_weights
+from shared.quant.fp8 import Fp8Config
 
 if TYPE_CHECKING:
     from shared.batch import ForwardBatch
@@ -65,6 +66,7 @@ class LlamaAttention(nn.Module):
             config.num_attention_heads,
             config.num_key_value_heads,
             bias=qkv_bias,
+            quant=config.quant,
         )
         # This rank's head counts, as the fused projection laid them out.
         self.num_heads = self.qkv_proj.num_heads
@@ -72,7 +74,7 @@ class LlamaAttention(nn.Module):
         self.q_size = self.qkv_proj.q_size
         self.kv_size = self.qkv_proj.kv_size
         self.o_proj = RowParallelLinear(
-            config.num_attention_heads * config.head_dim, config.hidden_size, bias=o_bias
+            config.num_attention_heads * config.head_dim, config.hidden_size, bias=o_bias, quant=config.quant
         )
         self.rotary_emb = rotary_emb
         self.attn = Attention(
@@ -100,11 +102,15 @@ class LlamaAttention(nn.Module):
 class LlamaMLP(nn.Module):
     """down(silu(gate(x)) * up(x)) with gate and up fused into one matmul."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False) -> None:
+    def __init__(
+        self, hidden_size: int, intermediate_size: int, bias: bool = False, quant: Fp8Config | None = None
+    ) -> None:
         super().__init__()
-        self.gate_up_proj = MergedLinear(hidden_size, [intermediate_size, intermediate_size], bias=bias)
+        self.gate_up_proj = MergedLinear(
+            hidden_size, [intermediate_size, intermediate_size], bias=bias, quant=quant
+        )
         self.act_fn = SiluAndMul()
-        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias=bias)
+        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias=bias, quant=quant)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, hidden] -> [T, hidden]
         return self.down_proj(self.act_fn(self.gate_up_proj(x)))
@@ -120,7 +126,9 @@ class LlamaDecoderLayer(nn.Module):
         if config.hidden_act != "silu":
             raise ValueError(f"hidden_act {config.hidden_act!r} is not supported (only silu)")
         self.self_attn = self.attention_cls(config, layer_id, rotary_emb)
-        self.mlp = LlamaMLP(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.mlp = LlamaMLP(
+            config.hidden_size, config.intermediate_size, bias=config.mlp_bias, quant=config.quant
+        )
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 

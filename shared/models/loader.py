@@ -9,6 +9,7 @@ born in their final place and format.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import sys
 from collections.abc import Iterator
@@ -21,6 +22,7 @@ from tqdm import tqdm
 from shared.models.base import CausalLM
 from shared.models.config import ModelConfig
 from shared.models.registry import get_model_class
+from shared.quant.fp8 import keep_unquantized, resolve_fp8
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -29,20 +31,30 @@ _PROGRESS_BYTES = 1 << 30
 
 
 def load_model(
-    model_path: str | Path, dtype: torch.dtype, device: str | torch.device
+    model_path: str | Path,
+    dtype: torch.dtype,
+    device: str | torch.device,
+    quantization: str | None = None,
 ) -> tuple[CausalLM, ModelConfig]:
     """Build the model for `model_path`'s architecture on `device` in `dtype` and load its weights.
 
+    `quantization="fp8"` quantizes an unquantized checkpoint's linear layers to block-wise FP8
+    while loading; a checkpoint whose config.json carries an FP8 `quantization_config`
+    (DeepSeek-V3's layout) loads as FP8 whatever the option (see `resolve_fp8`).
+
     Raises `FileNotFoundError` (with the path) for a missing directory, config.json, weights or
-    shard; `ValueError` for an unsupported architecture, a tensor matching no parameter, a
-    shape mismatch, or a parameter the checkpoint did not provide.
+    shard; `ValueError` for an unsupported architecture or quantization, a tensor matching no
+    parameter, a shape mismatch, or a parameter the checkpoint did not provide.
     """
     path = Path(model_path)
     config = ModelConfig.from_model_path(path)
+    config = dataclasses.replace(config, quant=resolve_fp8(config.hf_config, quantization))
     model_cls = get_model_class(config)
     files = weight_files(path)
     with torch.device(device), _default_dtype(dtype):
         model = model_cls(config)
+        if config.quant is not None:
+            keep_unquantized(model, config.quant.ignored)
     loaded = model.load_weights(iter_weights(files))
     expected = {name for name, _ in model.named_parameters()}
     if config.tie_word_embeddings:
@@ -50,7 +62,18 @@ def load_model(
     missing = sorted(expected - loaded)
     if missing:
         raise ValueError(f"checkpoint {path} lacks weights for parameters: {', '.join(missing)}")
+    process_weights_after_loading(model)
     return model.eval(), config
+
+
+def process_weights_after_loading(model: torch.nn.Module) -> None:
+    """Call every module's `process_weights_after_loading()` hook, children before parents:
+    FP8 quantization of linear layers first, then what is derived from them (MLA's absorbed
+    weights)."""
+    for module in reversed(list(model.modules())):  # modules() is pre-order: reversed, children first
+        hook = getattr(module, "process_weights_after_loading", None)
+        if callable(hook):
+            hook()
 
 
 def weight_files(model_path: Path) -> list[Path]:

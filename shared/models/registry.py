@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from shared.models.base import CausalLM
 from shared.models.config import ModelConfig
+from shared.models.deepseek_v2 import DeepseekV2ForCausalLM
+from shared.models.deepseek_v3 import DeepseekV3ForCausalLM
 from shared.models.llama import LlamaForCausalLM, MistralForCausalLM
 from shared.models.qwen2 import Qwen2ForCausalLM
 from shared.models.qwen3 import Qwen3ForCausalLM
 
 MODEL_REGISTRY: dict[str, type[CausalLM]] = {
+    "DeepseekV2ForCausalLM": DeepseekV2ForCausalLM,
+    "DeepseekV3ForCausalLM": DeepseekV3ForCausalLM,
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": MistralForCausalLM,
     "Qwen2ForCausalLM": Qwen2ForCausalLM,

@@ -8,7 +8,9 @@ HF and our loader must read.
 
 Initialisation is wider than HF's default (std 0.15 instead of 0.02) so that logits are spread
 out and greedy decoding has clear argmax margins: token-level comparisons between engines are
-then stable against float rounding.
+then stable against float rounding. The same width spreads MoE router logits (std ~1.2 over 8
+experts), so expert choices are rarely near a tie either; DeepSeek-V3's routing bias
+(`e_score_correction_bias`, a buffer) is drawn too, large enough to change choices.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from shared.tiny_model.tokenizer import (
     tokenizer_vocab_size,
 )
 
-ARCHS: tuple[str, ...] = ("llama", "llama3", "qwen2", "qwen3", "mistral")
+ARCHS: tuple[str, ...] = ("llama", "llama3", "qwen2", "qwen3", "mistral", "deepseek_v2", "deepseek_v3")
 
 _WEIGHT_STD = 0.15
 _NORM_NOISE = 0.1
@@ -148,6 +150,8 @@ def _base_config(arch: str, vocab_size: int, ids: dict[str, int]) -> dict[str, A
             "max_window_layers": common["num_hidden_layers"],
             "tie_word_embeddings": True,
         }
+    if arch.startswith("deepseek"):
+        return _deepseek_config(arch, common)
     assert arch == "qwen3", arch
     return {
         "architectures": ["Qwen3ForCausalLM"],
@@ -162,6 +166,71 @@ def _base_config(arch: str, vocab_size: int, ids: dict[str, int]) -> dict[str, A
         "sliding_window": None,
         "max_window_layers": common["num_hidden_layers"],
         "tie_word_embeddings": True,
+    }
+
+
+def _deepseek_config(arch: str, common: dict[str, Any]) -> dict[str, Any]:
+    """DeepSeek-V2-Lite / V3 layouts at tiny sizes: 3 layers (the first dense, two MoE), MLA with
+    a 32-wide latent, 8 routed experts (2 per token) in 4 groups, one shared expert, and YaRN
+    rope whose original context (64) the test prompts cross."""
+    config: dict[str, Any] = {
+        **common,
+        "num_hidden_layers": 3,
+        "num_key_value_heads": common["num_attention_heads"],
+        "max_position_embeddings": 256,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0,
+        "attention_bias": False,
+        "kv_lora_rank": 32,
+        "qk_nope_head_dim": 16,
+        "qk_rope_head_dim": 8,
+        "v_head_dim": 16,
+        "moe_intermediate_size": 32,
+        "n_routed_experts": 8,
+        "n_shared_experts": 1,
+        "num_experts_per_tok": 2,
+        "first_k_dense_replace": 1,
+        "moe_layer_freq": 1,
+        "n_group": 4,
+        "topk_group": 2,
+        "aux_loss_alpha": 0.001,
+        "seq_aux": True,
+        "tie_word_embeddings": False,
+    }
+    yarn = {
+        "type": "yarn",
+        "factor": 4.0,
+        "original_max_position_embeddings": 64,
+        "beta_fast": 32,
+        "beta_slow": 1,
+    }
+    if arch == "deepseek_v2":
+        return {
+            "architectures": ["DeepseekV2ForCausalLM"],
+            "model_type": "deepseek_v2",
+            **config,
+            "q_lora_rank": None,
+            # V2-Lite's mscale pair (equal, so only the softmax scale changes).
+            "rope_scaling": {**yarn, "mscale": 0.707, "mscale_all_dim": 0.707},
+            "topk_method": "group_limited_greedy",
+            "scoring_func": "softmax",
+            "norm_topk_prob": False,
+            "routed_scaling_factor": 2.0,
+        }
+    assert arch == "deepseek_v3", arch
+    return {
+        "architectures": ["DeepseekV3ForCausalLM"],
+        "model_type": "deepseek_v3",
+        **config,
+        "q_lora_rank": 24,
+        # Unequal mscales (V3 ships 1.0 / 1.0) so the cos/sin attention factor is not 1 either.
+        "rope_scaling": {**yarn, "mscale": 1.0, "mscale_all_dim": 0.8},
+        "rope_interleave": True,
+        "topk_method": "noaux_tc",
+        "scoring_func": "sigmoid",
+        "norm_topk_prob": True,
+        "routed_scaling_factor": 2.5,
+        "num_nextn_predict_layers": 1,
     }
 
 
@@ -185,6 +254,9 @@ def _build_hf_model(out_dir: Path, seed: int) -> torch.nn.Module:
         # Sorted names keep the draw order independent of module registration order.
         for name, param in sorted(model.named_parameters()):
             param.copy_(_init_value(name, param.shape, generator))
+        for name, buf in sorted(model.named_buffers()):
+            if name.endswith("e_score_correction_bias"):  # DeepSeek-V3's routing bias: saved
+                buf.copy_(_BIAS_STD * torch.randn(buf.shape, generator=generator, dtype=torch.float32))
     return model
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from shared.mem import MHAKVPool, PageAllocator, RadixCache, ReqToTokenPool, TreeNode
+from shared.mem import MHAKVPool, MLAKVPool, PageAllocator, RadixCache, ReqToTokenPool, TreeNode
+from shared.mem.kv_pool import FP8_E4M3_MAX
 
 
 def page_slots(alloc: PageAllocator, n: int) -> torch.Tensor:
@@ -209,6 +210,59 @@ def test_kv_pool_bytes() -> None:
     assert pool.total_bytes() == 10 * pool.bytes_per_token()
     measured = sum(b.numel() * b.element_size() for b in pool.k_buffers + pool.v_buffers)
     assert pool.total_bytes() == measured
+
+
+# ---- MLAKVPool and FP8 storage ----------------------------------------------------------------
+
+
+def test_mla_pool_layout_round_trip_and_bytes() -> None:
+    pool = MLAKVPool(
+        num_slots=12, num_layers=3, kv_lora_rank=32, rope_dim=8, dtype=torch.bfloat16, device="cpu"
+    )
+    buffers = pool.buffers()
+    # one buffer per layer, one latent "head" per token: what the KV transfer moves
+    assert len(buffers) == 3 and all(b.shape == (12, 1, 40) and b.dtype == torch.bfloat16 for b in buffers)
+    assert pool.bytes_per_token() == 3 * 40 * 2
+    assert pool.total_bytes() == sum(b.numel() * b.element_size() for b in buffers)
+    slots = torch.tensor([2, 9])
+    latent = torch.randn(2, 40)
+    pool.set_latent(1, slots, latent)
+    assert pool.get_latent(1).data_ptr() == buffers[1].data_ptr()  # the live buffer
+    torch.testing.assert_close(pool.get_latent(1)[slots, 0], latent.to(torch.bfloat16))
+    assert pool.get_latent(0).abs().sum() == 0 and pool.get_latent(1)[[0, 1, 3]].abs().sum() == 0
+    pool.copy_slots(torch.tensor([2]), torch.tensor([5]))
+    assert torch.equal(pool.get_latent(1)[5], pool.get_latent(1)[2])
+
+
+def test_pools_on_the_meta_device_allocate_nothing_and_size_like_real_ones() -> None:
+    # The model runner sizes its pool from a one-slot meta pool's bytes_per_token.
+    meta = MLAKVPool(1, 61, 512, 64, torch.bfloat16, "meta")
+    assert meta.bytes_per_token() == MLAKVPool(1, 61, 512, 64, torch.bfloat16, "cpu").bytes_per_token()
+    assert meta.bytes_per_token() == 61 * 576 * 2  # DeepSeek-V3: 70 KiB per token
+
+
+@pytest.mark.parametrize("kind", ["mha", "mla"])
+def test_fp8_storage_clamps_casts_and_reads_back(kind: str) -> None:
+    fp8 = torch.float8_e4m3fn
+    values = torch.tensor([0.0, 1.0, -3.3, 0.0123, 447.0, 1000.0, -5000.0, 250.5])  # [8]
+    slots = torch.arange(8)
+    if kind == "mla":
+        pool = MLAKVPool(8, 1, kv_lora_rank=1, rope_dim=1, dtype=fp8, device="cpu")
+        pool.set_latent(0, slots, values[:, None].expand(8, 2))
+        back = pool.get_latent(0)[:, 0, 0].float()
+        assert pool.bytes_per_token() == 2
+    else:
+        mha = MHAKVPool(8, 1, num_kv_heads=1, head_dim=1, dtype=fp8, device="cpu")
+        mha.set_kv(0, slots, values[:, None, None], -values[:, None, None])
+        back = mha.get_kv(0)[0][:, 0, 0].float()
+        assert torch.equal(mha.get_kv(0)[1][:, 0, 0].float(), -back)
+        assert mha.bytes_per_token() == 2
+    clamped = values.clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX)
+    assert torch.isfinite(back).all()
+    assert back[5] == FP8_E4M3_MAX and back[6] == -FP8_E4M3_MAX  # saturated, not NaN
+    # E4M3 keeps 3 mantissa bits: round-to-nearest is within 2^-4 relative (normal numbers),
+    # and within half the smallest subnormal step (2^-10) near zero.
+    assert ((back - clamped).abs() <= clamped.abs() * 2**-4 + 2**-10).all()
 
 
 # ---- ReqToTokenPool --------------------------------------------------------------------------

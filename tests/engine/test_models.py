@@ -49,9 +49,7 @@ def _positions(name: str) -> torch.Tensor:
 
 
 def _our_logits(model: CausalLM, config: ModelConfig, positions: torch.Tensor) -> torch.Tensor:
-    batch = single_sequence_batch(
-        PROMPT, config.num_hidden_layers, config.num_key_value_heads, config.head_dim
-    )
+    batch = single_sequence_batch(PROMPT, config)
     with torch.inference_mode():
         return model.compute_logits(model(PROMPT, positions, batch))  # [T, V]
 
@@ -170,7 +168,7 @@ def test_cached_prefix_decode_and_ragged_batches_match_full_forward(
 
 
 def _our_logits_for(model: CausalLM, config: ModelConfig, ids: torch.Tensor) -> torch.Tensor:
-    batch = single_sequence_batch(ids, config.num_hidden_layers, config.num_key_value_heads, config.head_dim)
+    batch = single_sequence_batch(ids, config)
     with torch.inference_mode():
         return model.compute_logits(model(ids, torch.arange(ids.shape[0]), batch))
 

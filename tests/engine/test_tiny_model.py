@@ -106,6 +106,8 @@ def test_model_files_per_arch(tmp_path: Path, arch: str) -> None:
         "mistral": "Mistral",
         "qwen2": "Qwen2",
         "qwen3": "Qwen3",
+        "deepseek_v2": "DeepseekV2",
+        "deepseek_v3": "DeepseekV3",
     }
     assert config["architectures"] == [f"{expected_arch[arch]}ForCausalLM"]
     assert config["vocab_size"] == len(AutoTokenizer.from_pretrained(out)) == 512
@@ -128,6 +130,19 @@ def test_model_files_per_arch(tmp_path: Path, arch: str) -> None:
         assert config["head_dim"] == 16 and "model.layers.1.self_attn.k_norm.weight" in names
     if arch == "mistral":
         assert config["sliding_window"] is None
+    if arch.startswith("deepseek"):
+        # The layout DeepSeek's checkpoints ship: legacy rope_scaling, one tensor per expert.
+        assert config["rope_scaling"]["type"] == "yarn" and config["kv_lora_rank"] == 32
+        assert "model.layers.0.mlp.gate_up_proj.weight" not in names
+        assert "model.layers.0.mlp.gate_proj.weight" in names  # first_k_dense_replace = 1
+        assert "model.layers.1.mlp.experts.7.down_proj.weight" in names
+        assert "model.layers.2.mlp.shared_experts.up_proj.weight" in names
+        assert ("model.layers.1.self_attn.q_proj.weight" in names) == (arch == "deepseek_v2")
+        bias = "model.layers.1.mlp.gate.e_score_correction_bias"
+        assert (bias in names) == (arch == "deepseek_v3")
+        if bias in names:
+            with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+                assert f.get_tensor(bias).abs().min() > 0  # drawn, so the routing bias matters
 
 
 def test_sharded_model_holds_the_same_tensors(tmp_path: Path) -> None:

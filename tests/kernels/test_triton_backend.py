@@ -39,9 +39,7 @@ def test_model_logits_match_torch_backend(
     positions = torch.arange(ids.shape[0], device=device)
     logits = {}
     for backend in ("torch", "triton"):
-        batch = single_sequence_batch(
-            ids, config.num_hidden_layers, config.num_key_value_heads, config.head_dim, backend=backend
-        )
+        batch = single_sequence_batch(ids, config, backend=backend)
         with torch.inference_mode():
             logits[backend] = model.compute_logits(model(ids, positions, batch))
     torch.testing.assert_close(logits["triton"], logits["torch"], atol=1e-4, rtol=1e-4)
@@ -95,3 +93,61 @@ def test_engine_greedy_parity_with_torch_backend(
         outputs[backend] = _greedy_outputs(EngineCore(config), prompts)
     assert outputs["triton"] == outputs["torch"]
     assert all(len(ids) == NEW_TOKENS for ids in outputs["triton"].values())
+
+
+# ---- MLA (DeepSeek): the triton backend's absorbed decode, absorbed and expanded extend ----------
+
+# The MLA decode kernel takes power-of-two parts of at least 16 (the latent 32, the rope key 16).
+_MLA = {"qk_rope_head_dim": 16}
+
+
+@pytest.mark.parametrize("form", ["absorbed", "expanded"])
+@pytest.mark.parametrize("arch", ["deepseek_v2", "deepseek_v3"])
+def test_mla_model_logits_match_torch_backend(
+    tiny_model_factory: Callable[..., Path], device: torch.device, arch: str, form: str
+) -> None:
+    from tests.engine.test_deepseek import set_extend_form
+
+    model, config = load_model(tiny_model_factory(arch, **_MLA), torch.float32, device)
+    set_extend_form(model, form)
+    ids = torch.tensor([3, 17, 250, 33, 101, 7, 480, 12, 12, 99, 300, 5, 64], device=device)
+    logits = {}
+    for backend in ("torch", "triton"):
+        batch = single_sequence_batch(ids, config, backend=backend)
+        with torch.inference_mode():
+            logits[backend] = model.compute_logits(model(ids, batch.positions, batch))
+    torch.testing.assert_close(logits["triton"], logits["torch"], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("arch", "overrides", "kv_cache_dtype"),
+    [("deepseek_v3", _MLA, "auto"), ("deepseek_v2", _MLA, "fp8_e4m3"), ("llama", {}, "fp8_e4m3")],
+    ids=["deepseek_v3", "deepseek_v2-fp8kv", "llama-fp8kv"],
+)
+def test_mla_and_fp8_kv_engine_greedy_parity_with_torch_backend(
+    tiny_model_factory: Callable[..., Path],
+    device: torch.device,
+    arch: str,
+    overrides: dict[str, int],
+    kv_cache_dtype: str,
+) -> None:
+    """Decode (absorbed), both extend forms as the engine picks them (a fresh chunk expanded, a
+    short extend after a cached prefix absorbed), paging and an FP8 pool: the same tokens."""
+    path = tiny_model_factory(arch, **overrides)
+    rng = random.Random(1)
+    prompts = [[rng.randrange(5, 500) for _ in range(n)] for n in (3, 29, 12)]
+    prompts.append([*prompts[1][:24], 7, 8])  # a long cached prefix: the absorbed form
+    outputs = {}
+    for backend in ("torch", "triton"):
+        config = EngineConfig.from_options(
+            str(path),
+            device=device.type,
+            dtype="float32",
+            page_size=4,
+            chunked_prefill_size=16,
+            attention_backend=backend,
+            kv_cache_dtype=kv_cache_dtype,
+            debug_invariants=True,
+        )
+        outputs[backend] = _greedy_outputs(EngineCore(config), prompts)
+    assert outputs["triton"] == outputs["torch"]

@@ -4,6 +4,15 @@ The tensor-parallel split is expressed where it belongs, in each weight loader: 
 layer keeps rows `[tp_rank * n, (tp_rank + 1) * n)` of the output dimension, a row-parallel layer
 the same slice of the input dimension. Tandem runs with `tp_size == 1` for now, so the slices are
 the whole tensor and no collective runs after a row-parallel matmul.
+
+FP8 (`quant` set, see shared/quant/fp8.py): the weight is E4M3 with one float32 multiplier per
+128 x 128 block (`weight_scale_inv`), and activations are quantized per token in groups of 128
+as the matmul runs (block-wise W8A8). An FP8 checkpoint's tensors load as they are: each
+loader slices the scale in block units, so a fused shard must start on a block boundary. A
+bf16 checkpoint loads into a weight of the model dtype and `process_weights_after_loading`
+converts it once every shard has arrived (fused projections quantize as one matrix). On CPU the same
+quantization runs in torch (`kernels.fp8_gemm.fp8_linear_ref`: exact E4M3 rounding, float32
+products), on CUDA the Triton kernel.
 """
 
 from __future__ import annotations
@@ -13,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from shared.models.weights import set_weight_loader
-from shared.quant.fp8 import Fp8Config
+from shared.quant.fp8 import FP8_DTYPE, Fp8Config
 
 # Until tensor parallelism lands every rank holds everything.
 TP_RANK = 0
@@ -32,11 +41,58 @@ class LinearBase(nn.Module):
         self.tp_size = TP_SIZE
         self.input_size = input_size
         self.output_size = output_size
-        self.weight = nn.Parameter(torch.empty(output_size, input_size), requires_grad=False)
+        fp8_checkpoint = quant is not None and quant.checkpoint_is_fp8
+        dtype = FP8_DTYPE if fp8_checkpoint else None
+        self.weight = nn.Parameter(torch.empty(output_size, input_size, dtype=dtype), requires_grad=False)
+        self.weight_scale_inv: nn.Parameter | None = None
+        if fp8_checkpoint:
+            assert quant is not None
+            bn, bk = quant.weight_block
+            blocks = (-(-output_size // bn), -(-input_size // bk))
+            scale = torch.empty(blocks, dtype=torch.float32)
+            self.weight_scale_inv = nn.Parameter(scale, requires_grad=False)
         self.bias = nn.Parameter(torch.empty(output_size), requires_grad=False) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, in] -> [T, out]
-        return F.linear(x, self.weight, self.bias)
+        if self.weight_scale_inv is None:
+            return F.linear(x, self.weight, self.bias)
+        from kernels.fp8_gemm import fp8_linear, fp8_linear_ref
+
+        assert self.quant is not None
+        linear = fp8_linear if x.is_cuda else fp8_linear_ref
+        return linear(x, self.weight, self.weight_scale_inv, self.bias, self.quant.weight_block)
+
+    def process_weights_after_loading(self) -> None:
+        """`quantization="fp8"` on an unquantized checkpoint: replace the loaded weight by its
+        block-wise E4M3 form and scales. A no-op otherwise (unquantized, or already FP8)."""
+        if self.quant is None or self.weight_scale_inv is not None:
+            return
+        from kernels.fp8_quant import block_quant_fp8
+
+        w_q, scale_inv = block_quant_fp8(self.weight.data, self.quant.weight_block)
+        self.weight = nn.Parameter(w_q, requires_grad=False)
+        self.weight_scale_inv = nn.Parameter(scale_inv, requires_grad=False)
+
+    def keep_unquantized(self) -> None:
+        """Drop FP8 for this layer (a checkpoint's `modules_to_not_convert`), before loading."""
+        loader, shard_ids = self.weight.weight_loader, self.weight.shard_ids  # type: ignore[attr-defined]
+        self.quant = None
+        self.weight = nn.Parameter(torch.empty(self.output_size, self.input_size), requires_grad=False)
+        set_weight_loader(self.weight, loader, shard_ids)
+        self.weight_scale_inv = None
+
+    def _rows(self, param: nn.Parameter, offset: int, size: int) -> tuple[int, int]:
+        """Rows [offset, offset + size) of the weight, as rows of `param` (the weight itself, or
+        its block scale, where one row covers a block of weight rows)."""
+        if param is not self.weight_scale_inv:
+            return offset, size
+        assert self.quant is not None
+        bn = self.quant.weight_block[0]
+        if offset % bn:
+            raise ValueError(
+                f"FP8 checkpoint: a fused shard starts at row {offset}, not on a {bn}-row block boundary"
+            )
+        return offset // bn, -(-size // bn)
 
 
 def _copy_checked(dst: torch.Tensor, src: torch.Tensor) -> None:
@@ -126,8 +182,8 @@ class MergedLinear(ColumnParallelLinear):
         self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int
     ) -> None:
         offset = sum(self.output_sizes[:shard_id]) // self.tp_size
-        size = self.output_sizes[shard_id] // self.tp_size
-        _check_full_shape(loaded, (self.output_sizes[shard_id], *param.shape[1:]))
+        offset, size = self._rows(param, offset, self.output_sizes[shard_id] // self.tp_size)
+        _check_full_shape(loaded, (size * self.tp_size, *param.shape[1:]))
         _copy_checked(param.data.narrow(0, offset, size), loaded.narrow(0, self.tp_rank * size, size))
 
 
@@ -173,5 +229,9 @@ class QKVLinear(ColumnParallelLinear):
             full_rows = self.total_num_kv_heads * self.head_dim
         else:
             raise ValueError(f"unknown qkv shard id {shard_id!r}")
+        if param is self.weight_scale_inv:
+            assert self.quant is not None
+            offset, size = self._rows(param, offset, size)
+            full_rows = -(-full_rows // self.quant.weight_block[0])
         _check_full_shape(loaded, (full_rows, *param.shape[1:]))
         _copy_checked(param.data.narrow(0, offset, size), loaded.narrow(0, rank * size, size))
