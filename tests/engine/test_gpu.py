@@ -111,8 +111,16 @@ def test_gpu_bench_runs_at_a_tiny_shape(tmp_path: Path) -> None:
 @needs_cuda
 @pytest.mark.parametrize(
     ("arch", "overrides", "page_size"),
-    [("llama", {}, 1), ("llama", {}, 16), ("qwen3", {}, 16), ("mistral", {"sliding_window": 8}, 4)],
-    ids=["llama-page1", "llama-page16", "qwen3-page16", "mistral-window8"],
+    [
+        ("llama", {}, 1),
+        ("llama", {}, 16),
+        ("qwen3", {}, 16),
+        ("mistral", {"sliding_window": 8}, 4),
+        # MLA: absorbed decode in the graphs (the kernel wants a rope key of 16+), fused MoE
+        ("deepseek_v2", {"qk_rope_head_dim": 16}, 16),
+        ("deepseek_v3", {"qk_rope_head_dim": 16}, 1),
+    ],
+    ids=["llama-page1", "llama-page16", "qwen3-page16", "mistral-window8", "deepseek_v2", "deepseek_v3"],
 )
 def test_cuda_graph_greedy_parity_with_hf(
     tiny_model_factory: Callable[..., Path], arch: str, overrides: dict[str, int], page_size: int
