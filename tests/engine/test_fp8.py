@@ -209,8 +209,9 @@ def _oracle_greedy(
 ) -> list[int]:
     """Greedy by recomputing the whole sequence each step through an FP8 pool of the model's kind."""
     ids = list(prompt)
+    device = next(model.parameters()).device
     for _ in range(new):
-        t = torch.tensor(ids)
+        t = torch.tensor(ids, device=device)
         batch = single_sequence_batch(t, config, dtype=kv)
         with torch.inference_mode():
             hidden = model(t, batch.positions, batch)
