@@ -226,13 +226,21 @@ def test_engine_with_fp8_weights_and_kv_cache_equals_its_own_oracle(
     """quantization="fp8" + kv_cache_dtype="fp8_e4m3" through the engine (paged, batched, staggered,
     chunked) give the tokens the same FP8 model gives when every step recomputes the sequence
     through an FP8 pool: FP8 changes the numbers, not the engine's consistency. (DeepSeek runs the
-    absorbed form everywhere, so both sides take the same quantized path.)"""
+    absorbed form everywhere, so both sides take the same quantized path.) On CPU, where every
+    op is the exact torch emulation: on a GPU the FP8 tensor cores' accumulation depends on the
+    tile shape the batch size picks, and these tiny random models amplify that noise into
+    different argmaxes (the kernels are checked against their references in tests/kernels)."""
     from tests.engine.test_deepseek import set_extend_form
     from tests.engine.test_parity import build_core, make_prompts, run_staggered
 
     path = llama if arch == "llama" else deepseek
     core = build_core(
-        path, page_size=4, chunked_prefill_size=16, quantization="fp8", kv_cache_dtype="fp8_e4m3"
+        path,
+        device="cpu",
+        page_size=4,
+        chunked_prefill_size=16,
+        quantization="fp8",
+        kv_cache_dtype="fp8_e4m3",
     )
     runner = core.runner
     assert runner.kv_pool.buffers()[0].dtype == FP8_DTYPE
