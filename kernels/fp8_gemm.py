@@ -17,7 +17,13 @@ and `_split_k_sum_kernel` adds them (with the bias) into the output.
 
 The 2-D matmul is the batched kernel with one batch; the batch (grid axis 1) takes arbitrary
 strides, so MLA's absorbed weights run on a [T, H, K] activation viewed as [H, T, K].
-`fp8_linear` / `fp8_bmm` quantize a float activation per token (`kernels.fp8_quant`) first.
+`fp8_linear` / `fp8_bmm` quantize a float activation per token (`kernels.fp8_quant`) first,
+except that `fp8_linear` with at most FUSED_QUANT_MAX_M tokens (decode) hands the float
+activation to the GEMM itself: each K step (one whole group) quantizes its [BLOCK_M, bk] tile
+with the quantization kernel's own rule (`quant_groups_e4m3`), so the codes and scales are the
+same bit for bit and one launch and an activation round trip per linear are saved. Every column
+tile re-quantizes the rows, which costs nothing while M is this small and the weight stream
+decides the time.
 """
 
 from __future__ import annotations
@@ -32,10 +38,13 @@ from kernels.checks import FLOAT_DTYPES, check_dtype, check_ndim, check_same_dev
 from kernels.config import interpreting, reference_enabled
 from kernels.fp8_quant import (
     FP8_DTYPE,
+    FP8_EPS,
+    FP8_MAX,
     check_block,
     expand_block_scale,
     per_token_group_quant_fp8,
     per_token_group_quant_fp8_ref,
+    quant_groups_e4m3,
     quant_rows_fp8,
 )
 
@@ -44,6 +53,15 @@ _CONFIG_KEYS = frozenset({"BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "SPLIT_K",
 
 # SMs of an H100 SXM: what the tile counts below are sized against.
 _NUM_SMS = 132
+
+# `fp8_linear` with at most this many tokens quantizes the activation inside the GEMM; 0: never.
+# Measured on an H100 (Llama-3-8B shapes, CUDA graphs) the fused path saved nothing: the
+# quantization in each K step (a row reduction, correctly rounded divisions, a layout change
+# before the MMA) lengthens the memory-bound loop by about what the separate launch costs, and
+# every column tile repeats it. M = 1 (one row quantized, then repeated over the tile): qkv 17.65
+# vs 17.66 us, gate_up 56.1 vs 51.1, down 33.1 vs 31.3; M = 4 and 16 lose 1-7 us. Kept, tested,
+# for a later attempt (e.g. quantizing a split's whole K range once, before its loop).
+FUSED_QUANT_MAX_M = 0
 
 
 def _config(m: int, n: int, k: int, batch: int = 1) -> dict[str, int]:
@@ -61,7 +79,12 @@ def _config(m: int, n: int, k: int, batch: int = 1) -> dict[str, int]:
     elif m > 16:
         cfg = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 1, "num_warps": 4, "num_stages": 3}
     else:
-        cfg = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 1, "num_warps": 4, "num_stages": 4}
+        # Decode. Where 64-wide tiles alone fill the SMs (gate_up), 128-wide ones stream faster
+        # (H100, M = 1: 48.8 vs 54.2 us, even at M = 4 and 16); elsewhere 64-wide tiles with K
+        # split beat 128-wide ones split up to 8 ways (qkv 14.5 vs 15.6 us, down 27.8 vs 28.7).
+        wide = batch * triton.cdiv(n, 64) >= _NUM_SMS
+        cfg = {"BLOCK_M": 16, "BLOCK_N": 128 if wide else 64, "BLOCK_K": 128, "GROUP_M": 1}
+        cfg |= {"num_warps": 4, "num_stages": 4}
     tiles = batch * triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])
     return {**cfg, "SPLIT_K": _split_k(tiles, m, k)}
 
@@ -134,7 +157,8 @@ def fp8_linear(
     config: dict[str, int] | None = None,
 ) -> torch.Tensor:  # [..., N] x.dtype
     """y = x @ w^T (+ bias) with x quantized per token in groups of bk (no host sync: safe in
-    CUDA-graph capture)."""
+    CUDA-graph capture). Up to FUSED_QUANT_MAX_M tokens are quantized inside the GEMM's launch,
+    with the same codes and scales as `per_token_group_quant_fp8`."""
     op = "fp8_linear"
     check_dtype(op, "x", x, FLOAT_DTYPES)
     if x.dim() < 1:
@@ -142,9 +166,14 @@ def fp8_linear(
     x2 = x.reshape(-1, x.shape[-1])  # [T, K]; a view unless x's rows are not evenly strided
     check_ndim(op, "w_q", w_q, 2, "[N, K]")
     _check_operands_shapes(op, x2, w_q, w_s, block)  # before any work
-    # Both steps follow the reference switch, so reference mode is exactly `fp8_linear_ref`.
-    a_q, a_s = per_token_group_quant_fp8(x2, check_block(op, block)[1])
-    out = w8a8_block_fp8_matmul(a_q, a_s, w_q, w_s, x.dtype, block, bias=bias, config=config)
+    bk = check_block(op, block)[1]
+    if _fuses_quant(x2.shape[0], bk, config) and not reference_enabled():
+        _check_gemm(op, w_q, w_s, x.dtype, block, bias, config, x=x2)
+        out = _launch(x2[None], None, w_q[None], w_s[None], x.dtype, block, bias, config)[0]
+    else:
+        # Both steps follow the reference switch, so reference mode is exactly `fp8_linear_ref`.
+        a_q, a_s = per_token_group_quant_fp8(x2, bk)
+        out = w8a8_block_fp8_matmul(a_q, a_s, w_q, w_s, x.dtype, block, bias=bias, config=config)
     return out.view(*x.shape[:-1], w_q.shape[0])
 
 
@@ -167,6 +196,12 @@ def fp8_bmm(
         return fp8_bmm_ref(x, w_q, w_s, block)
     a_q, a_s = quant_rows_fp8(x, block[1])
     return w8a8_block_fp8_bmm(a_q, a_s, w_q, w_s, x.dtype, block, config=config)
+
+
+def _fuses_quant(m: int, bk: int, config: dict[str, int] | None) -> bool:
+    """Whether `fp8_linear` quantizes its m tokens inside the GEMM: few tokens, and K steps of
+    one whole group (each step needs its group's amax)."""
+    return m <= FUSED_QUANT_MAX_M and (config or {}).get("BLOCK_K", bk) == bk
 
 
 def _check_operands_shapes(
@@ -193,20 +228,35 @@ def _check_operands(
     config: dict[str, int] | None,
 ) -> None:
     check_dtype(op, "a_q", a_q, (FP8_DTYPE,))
-    check_dtype(op, "w_q", w_q, (FP8_DTYPE,))
     check_dtype(op, "a_s", a_s, (torch.float32,))
-    check_dtype(op, "w_s", w_s, (torch.float32,))
-    if out_dtype not in FLOAT_DTYPES:
-        raise ValueError(f"{op}: out_dtype must be one of {[str(d) for d in FLOAT_DTYPES]}, got {out_dtype}")
     _check_operands_shapes(op, a_q, w_q, w_s, block)
     bk = block[1]
     expected = (*a_q.shape[:-1], triton.cdiv(a_q.shape[-1], bk))
     if tuple(a_s.shape) != expected:
         raise ValueError(f"{op}: a_s must be {expected} for a_q {tuple(a_q.shape)}, got {tuple(a_s.shape)}")
+    _check_gemm(op, w_q, w_s, out_dtype, block, bias, config, a_q=a_q, a_s=a_s)
+
+
+def _check_gemm(
+    op: str,
+    w_q: torch.Tensor,
+    w_s: torch.Tensor,
+    out_dtype: torch.dtype,
+    block: tuple[int, int],
+    bias: torch.Tensor | None,
+    config: dict[str, int] | None,
+    **activations: torch.Tensor,
+) -> None:
+    """The checks of everything but the activation's shapes and dtypes (callers check those)."""
+    check_dtype(op, "w_q", w_q, (FP8_DTYPE,))
+    check_dtype(op, "w_s", w_s, (torch.float32,))
+    if out_dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{op}: out_dtype must be one of {[str(d) for d in FLOAT_DTYPES]}, got {out_dtype}")
+    bk = block[1]
     # A K step holds a power-of-two number of columns, at least the FP8 MMA's 32, one scale wide.
     if bk < 32 or bk & (bk - 1):
         raise ValueError(f"{op}: the group size block[1] must be a power of two >= 32, got {bk}")
-    tensors = {"a_q": a_q, "a_s": a_s, "w_q": w_q, "w_s": w_s}
+    tensors = {**activations, "w_q": w_q, "w_s": w_s}
     if bias is not None:
         check_dtype(op, "bias", bias, FLOAT_DTYPES)
         if tuple(bias.shape) != (w_q.shape[-2],):
@@ -227,8 +277,8 @@ def _check_operands(
 
 
 def _launch(
-    a_q: torch.Tensor,  # [B, M, K]
-    a_s: torch.Tensor,  # [B, M, KB]
+    a: torch.Tensor,  # [B, M, K] fp8 codes, or float to quantize in the kernel
+    a_s: torch.Tensor | None,  # [B, M, KB]; None: a is float, quantized per group in the kernel
     w_q: torch.Tensor,  # [B, N, K]
     w_s: torch.Tensor,  # [B, NB, KB]
     out_dtype: torch.dtype,
@@ -236,13 +286,15 @@ def _launch(
     bias: torch.Tensor | None,
     config: dict[str, int] | None,
 ) -> torch.Tensor:  # [B, M, N]
-    batch, m, k = a_q.shape
+    batch, m, k = a.shape
     n = w_q.shape[1]
-    out = torch.empty((batch, m, n), dtype=out_dtype, device=a_q.device)
+    out = torch.empty((batch, m, n), dtype=out_dtype, device=a.device)
     if out.numel() == 0:
         return out
     cfg: dict[str, Any] = {**_config(m, n, k, batch), **(config or {})}
-    cfg["BLOCK_K"] = min(cfg["BLOCK_K"], block[1])
+    fuse_quant = a_s is None
+    # Quantizing in the kernel needs a whole group per K step (its amax).
+    cfg["BLOCK_K"] = block[1] if fuse_quant else min(cfg["BLOCK_K"], block[1])
     split_k = cfg.pop("SPLIT_K", 1)
     k_steps = triton.cdiv(k, cfg["BLOCK_K"])
     steps_per_split = triton.cdiv(k_steps, split_k)
@@ -253,8 +305,8 @@ def _launch(
     )
     grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]), batch, split_k)
     _w8a8_block_fp8_kernel[grid](
-        a_q,
-        a_s,
+        a,
+        a if a_s is None else a_s,  # unused with FUSE_QUANT
         w_q,
         w_s,
         bias if bias is not None else out,  # unused without HAS_BIAS
@@ -263,8 +315,10 @@ def _launch(
         n,
         k,
         steps_per_split * cfg["BLOCK_K"],
-        *a_q.stride(),
-        *a_s.stride(),
+        FP8_MAX,
+        FP8_EPS,
+        *a.stride(),
+        *(a_s.stride() if a_s is not None else (0, 0, 0)),
         *w_q.stride(),
         *w_s.stride(),
         *partial.stride()[-3:],
@@ -275,6 +329,8 @@ def _launch(
         EVEN_K=k % cfg["BLOCK_K"] == 0,
         SCALAR_W_SCALE=block[0] % cfg["BLOCK_N"] == 0,
         SPLIT_K=split_k,
+        FUSE_QUANT=fuse_quant,
+        ONE_ROW=fuse_quant and m == 1,
         LOOP_WHILE=interpreting(),
         **cfg,
     )
@@ -307,6 +363,8 @@ def _w8a8_block_fp8_kernel(
     N,
     K,
     k_per_split,
+    fp8_max,
+    eps,
     a_stride_b,
     a_stride_m,
     a_stride_k,
@@ -329,6 +387,8 @@ def _w8a8_block_fp8_kernel(
     EVEN_K: tl.constexpr,
     SCALAR_W_SCALE: tl.constexpr,
     SPLIT_K: tl.constexpr,
+    FUSE_QUANT: tl.constexpr,
+    ONE_ROW: tl.constexpr,
     LOOP_WHILE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -360,7 +420,12 @@ def _w8a8_block_fp8_kernel(
         k_hi = tl.minimum(K, k_lo + k_per_split)
     rows = (offs_m % M).to(tl.int64)
     cols = (offs_n % N).to(tl.int64)
-    a_ptrs = a_ptr + batch * a_stride_b + rows[:, None] * a_stride_m + offs_k[None, :] * a_stride_k
+    if ONE_ROW:
+        # M = 1 with FUSE_QUANT: load and quantize the row once, not BLOCK_M copies of it.
+        a_rows = tl.zeros((1,), dtype=tl.int64)
+    else:
+        a_rows = rows
+    a_ptrs = a_ptr + batch * a_stride_b + a_rows[:, None] * a_stride_m + offs_k[None, :] * a_stride_k
     w_ptrs = w_ptr + batch * w_stride_b + cols[None, :] * w_stride_n + offs_k[:, None] * w_stride_k
     a_ptrs += k_lo * a_stride_k
     w_ptrs += k_lo * w_stride_k
@@ -389,9 +454,14 @@ def _w8a8_block_fp8_kernel(
                 offs_k,
                 k0,
                 K,
+                fp8_max,
+                eps,
                 GROUP_K,
                 EVEN_K,
                 SCALAR_W_SCALE,
+                FUSE_QUANT,
+                ONE_ROW,
+                BLOCK_M,
             )
             a_ptrs += BLOCK_K * a_stride_k
             w_ptrs += BLOCK_K * w_stride_k
@@ -409,9 +479,14 @@ def _w8a8_block_fp8_kernel(
                 offs_k,
                 k0,
                 K,
+                fp8_max,
+                eps,
                 GROUP_K,
                 EVEN_K,
                 SCALAR_W_SCALE,
+                FUSE_QUANT,
+                ONE_ROW,
+                BLOCK_M,
             )
             a_ptrs += BLOCK_K * a_stride_k
             w_ptrs += BLOCK_K * w_stride_k
@@ -464,18 +539,31 @@ def _k_step(
     offs_k,  # [BLOCK_K]
     k0,
     K,
+    fp8_max,
+    eps,
     GROUP_K: tl.constexpr,
     EVEN_K: tl.constexpr,
     SCALAR_W_SCALE: tl.constexpr,
+    FUSE_QUANT: tl.constexpr,
+    ONE_ROW: tl.constexpr,
+    BLOCK_M: tl.constexpr,
 ):
-    """acc + the scaled product of columns [k0, k0 + BLOCK_K), which share one scale group."""
+    """acc + the scaled product of columns [k0, k0 + BLOCK_K), which share one scale group
+    (with FUSE_QUANT: are the whole group, a's float values quantized here; with ONE_ROW, a is
+    one [1, BLOCK_K] row, repeated over the tile's rows after the quantization)."""
     if EVEN_K:
         a = tl.load(a_ptrs)
         w = tl.load(w_ptrs)
     else:
         a = tl.load(a_ptrs, mask=offs_k[None, :] < K - k0, other=0.0)
         w = tl.load(w_ptrs, mask=offs_k[:, None] < K - k0, other=0.0)
-    a_scale = tl.load(as_ptrs + (k0 // GROUP_K) * as_stride_k)
+    if FUSE_QUANT:
+        a, a_scale = quant_groups_e4m3(a.to(tl.float32), fp8_max, eps)
+        a = a.to(w.dtype)
+        if ONE_ROW:
+            a = tl.broadcast_to(a, (BLOCK_M, a.shape[1]))
+    else:
+        a_scale = tl.load(as_ptrs + (k0 // GROUP_K) * as_stride_k)
     w_scale = tl.load(ws_ptrs + (k0 // GROUP_K) * ws_stride_k)
     if SCALAR_W_SCALE:
         # One multiply-add per accumulator element: this runs between the MMAs, not beside them.

@@ -116,6 +116,21 @@ def _round_to_e4m3(v):
 
 
 @triton.jit
+def quant_groups_e4m3(x, fp8_max, eps):
+    """The quantization rule on a [R, G] float32 tile holding one group per row (padding zeros
+    leave the amax alone): (x / scale on the E4M3 grid, still float32 so the cast is exact;
+    scale [R]). Shared with the GEMM that quantizes its activation in place (`fp8_gemm`), so
+    both give the same codes and scales bit for bit."""
+    amax = tl.max(tl.abs(x), axis=1)  # [R]
+    # Correctly rounded divisions (a plain `/` may compile to an approximate one): the reference's
+    # arithmetic exactly.
+    scale = tl.math.div_rn(tl.maximum(amax, eps), fp8_max)
+    v = tl.math.div_rn(x, scale[:, None])
+    v = tl.minimum(tl.maximum(v, -fp8_max), fp8_max)
+    return _round_to_e4m3(v), scale
+
+
+@triton.jit
 def _per_token_group_quant_kernel(
     x_ptr,
     q_ptr,
@@ -139,14 +154,8 @@ def _per_token_group_quant_kernel(
     cols = g[:, None] * group_size + j[None, :]  # [BLOCK_GROUPS, BLOCK_G]
     mask = (j[None, :] < group_size) & (cols < k)
     x = tl.load(x_ptr + x_row + cols * x_stride_k, mask=mask, other=0.0).to(tl.float32)
-    amax = tl.max(tl.abs(x), axis=1)  # [BLOCK_GROUPS]
-    # Correctly rounded divisions (a plain `/` may compile to an approximate one): the reference's
-    # arithmetic exactly.
-    scale = tl.math.div_rn(tl.maximum(amax, eps), fp8_max)
-    v = tl.math.div_rn(x, scale[:, None])
-    v = tl.minimum(tl.maximum(v, -fp8_max), fp8_max)
-    q = _round_to_e4m3(v).to(q_ptr.dtype.element_ty)
-    tl.store(q_ptr + row * k + cols, q, mask=mask)
+    v, scale = quant_groups_e4m3(x, fp8_max, eps)  # [BLOCK_GROUPS, BLOCK_G], [BLOCK_GROUPS]
+    tl.store(q_ptr + row * k + cols, v.to(q_ptr.dtype.element_ty), mask=mask)
     tl.store(scale_ptr + row * groups + g, scale, mask=g < groups)
 
 

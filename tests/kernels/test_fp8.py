@@ -20,6 +20,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kernels import fp8_gemm
 from kernels.config import reference_mode
 from kernels.fp8_gemm import (
     fp8_bmm,
@@ -218,6 +219,51 @@ def test_fp8_linear_matches_reference(device: torch.device) -> None:
             out = fp8_linear(x, w_q, w_s, bias, config=config)
             assert out.shape == (2, t, n)
             assert_gemm_close(out, ref, magnitude + bias.float().abs(), sum_order_tolerance(device))
+
+
+def test_fp8_linear_quantizes_few_tokens_in_the_gemm(
+    device: torch.device, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Up to FUSED_QUANT_MAX_M tokens the GEMM quantizes x itself, with the quantization kernel's
+    # codes and scales: only the order of the sums differs from the reference. M = 1 quantizes
+    # one row and repeats it; M = 5 (the threshold raised to reach it) a whole row tile. K = 64
+    # is one ragged group, K = 256 two whole ones (so SPLIT_K 2 really splits).
+    quantize_calls: list[int] = []
+
+    def spy(x: torch.Tensor, group_size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+        quantize_calls.append(x.shape[0])
+        return per_token_group_quant_fp8(x, group_size)
+
+    monkeypatch.setattr(fp8_gemm, "per_token_group_quant_fp8", spy)
+    # The real threshold: fused up to it, the separate quantization kernel past it, and for K
+    # steps narrower than a group (each step needs its group's amax).
+    n = 160 if device.type == "cpu" else 4096
+    limit = fp8_gemm.FUSED_QUANT_MAX_M
+    w_q, w_s = block_quant_fp8(torch.randn((n, 128), device=device), (128, 128))
+    x = torch.randn((limit + 1, 128), device=device)
+    fp8_linear(x[:limit], w_q, w_s)
+    assert quantize_calls == []
+    fp8_linear(x, w_q, w_s)
+    fp8_linear(x[:1], w_q, w_s, config={"BLOCK_K": 32})
+    assert quantize_calls == [limit + 1, 1]
+
+    monkeypatch.setattr(fp8_gemm, "FUSED_QUANT_MAX_M", 16)
+    ks, ms = ((64, 256), (1, 5)) if device.type == "cpu" else ((4096, 14336), (1, 5, 16))
+    for k in ks:
+        w_q, w_s = block_quant_fp8(torch.randn((n, k), device=device) / k**0.5, (128, 128))
+        for m in ms:
+            for dtype in dtypes(device):
+                x = torch.randn((m, k), device=device).to(dtype)
+                x[0, :3] = torch.tensor([300.0, -1e-4, 0.0])  # a large value beside E4M3 subnormals
+                bias = torch.randn(n, device=device).to(dtype)
+                ref = fp8_linear_ref(x, w_q, w_s, bias)
+                a_q, a_s = per_token_group_quant_fp8_ref(x, 128)
+                a = a_q.float() * group_scale(a_s, k, 128)
+                magnitude = a.abs() @ block_dequant_fp8(w_q, w_s).abs().t() + bias.float().abs()
+                for config in (None, {"SPLIT_K": 1}, {"BLOCK_N": 32, "SPLIT_K": 2}):
+                    out = fp8_linear(x, w_q, w_s, bias, config=config)
+                    assert_gemm_close(out, ref, magnitude, sum_order_tolerance(device))
+    assert quantize_calls == [limit + 1, 1]
 
 
 def test_reference_mode_routes_to_references() -> None:

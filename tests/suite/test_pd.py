@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -162,3 +162,31 @@ def test_unknown_model_is_not_found(pd: tuple[Cluster, Service, Service]) -> Non
     with pytest.raises(grpc.RpcError) as err:
         list(cluster.stub.Generate(request, timeout=10))
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_an_mla_model_through_the_pd_suite(
+    tiny_model_factory: Callable[..., Path], tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """DeepSeek-V3 (MLA + MoE) across worker processes: the prompt's latent KV pages move from
+    the prefill to the decode worker (NIXL where installed) and decoding continues == HF."""
+    model = tiny_model_factory("deepseek_v3")
+    cfg = json.loads((model / "config.json").read_text())
+    # One latent per token and layer: kv_lora_rank + rope values (float32).
+    latent_bytes = cfg["num_hidden_layers"] * (cfg["kv_lora_rank"] + cfg["qk_rope_head_dim"]) * 4
+    transport = "nixl" if nixl_available() else "grpc"
+    with Cluster(model, tmp_path_factory.mktemp("pd-mla")) as cluster:
+        cluster.start_router()
+        prefill, decode = cluster.start_workers(
+            [("prefill", "--kv-transport", transport), ("decode", "--kv-transport", transport)]
+        )
+        batch = prompts(3, seed=5)
+        for ids in batch:
+            (sample,) = collect(
+                cluster.generate(ids, max_new_tokens=6, temperature=0.0, ignore_eos=True)
+            ).values()
+            assert sample["ids"] == hf_greedy(model, ids, 6)
+            assert sample["route"].prefill_worker == prefill.address
+        counters = decode.load().counters
+        assert counters.get("prompt_tokens_computed", 0) == 0
+        pages = sum(-(-len(ids) // PAGE_SIZE) for ids in batch)
+        assert counters["kv_bytes_received"] == pages * PAGE_SIZE * latent_bytes
