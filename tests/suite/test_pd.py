@@ -190,3 +190,28 @@ def test_an_mla_model_through_the_pd_suite(
         assert counters.get("prompt_tokens_computed", 0) == 0
         pages = sum(-(-len(ids) // PAGE_SIZE) for ids in batch)
         assert counters["kv_bytes_received"] == pages * PAGE_SIZE * latent_bytes
+
+
+def test_fp8_worker_flags_reach_the_engines(
+    tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """`--quantization fp8 --kv-cache-dtype fp8_e4m3` on a PD pair: both engines run FP8 weights
+    and an FP8 pool (the KV pages that move are a quarter of the float32 ones: E4M3 is one byte),
+    and the tokens equal the offline engine's with the same options (CPU: exact emulation)."""
+    from tests.engine.test_parity import build_core, run_staggered
+
+    fp8 = ("--quantization", "fp8", "--kv-cache-dtype", "fp8_e4m3")
+    batch = prompts(3, seed=6)
+    core = build_core(tiny_llama, device="cpu", quantization="fp8", kv_cache_dtype="fp8_e4m3")
+    expected = run_staggered(core, batch, max_new_tokens=6)
+    with Cluster(tiny_llama, tmp_path_factory.mktemp("pd-fp8")) as cluster:
+        cluster.start_router()
+        _, decode = cluster.start_workers([("prefill", *fp8), ("decode", *fp8)])
+        for i, ids in enumerate(batch):
+            (sample,) = collect(
+                cluster.generate(ids, max_new_tokens=6, temperature=0.0, ignore_eos=True)
+            ).values()
+            assert sample["ids"] == expected[f"r{i}"], f"prompt {i}"
+        pages = sum(-(-len(ids) // PAGE_SIZE) for ids in batch)
+        received = decode.load().counters["kv_bytes_received"]
+        assert received == pages * PAGE_SIZE * kv_bytes_per_token(tiny_llama) // 4  # float32 -> E4M3
