@@ -13,7 +13,11 @@ by its own block index, so BLOCK_N need not match bn (a tile inside one block lo
 
 Small M is memory-bound: the weight is streamed once, and a few wide tiles would leave most
 SMs idle, so `_config` splits K over SPLIT_K programs per tile; each writes a float32 partial
-and `_split_k_sum_kernel` adds them (with the bias) into the output.
+and `split_k_sum` adds them (with the bias) into the output.
+
+Up to `fp8_gemv.GEMV_MAX_M` tokens (decode), `fp8_linear` and `w8a8_block_fp8_matmul` without an
+explicit `config` run `kernels.fp8_gemv` instead: a CUDA-core GEMV that streams the weight
+faster than 16-row MMA tiles can (an explicit `config` pins this module's tensor-core kernel).
 
 The 2-D matmul is the batched kernel with one batch; the batch (grid axis 1) takes arbitrary
 strides, so MLA's absorbed weights run on a [T, H, K] activation viewed as [H, T, K].
@@ -34,8 +38,10 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import fp8_gemv as gemv
 from kernels.checks import FLOAT_DTYPES, check_dtype, check_ndim, check_same_device
 from kernels.config import interpreting, reference_enabled
+from kernels.fp8_gemv import split_k_sum
 from kernels.fp8_quant import (
     FP8_DTYPE,
     FP8_EPS,
@@ -121,6 +127,8 @@ def w8a8_block_fp8_matmul(
     _check_operands(op, a_q, a_s, w_q, w_s, out_dtype, block, bias, config)
     if reference_enabled():
         return w8a8_block_fp8_matmul_ref(a_q, a_s, w_q, w_s, out_dtype, block, bias=bias)
+    if _takes_gemv(a_q.shape[0], config):
+        return gemv.fp8_gemv(a_q, a_s, w_q, w_s, out_dtype, block, bias)
     out = _launch(a_q[None], a_s[None], w_q[None], w_s[None], out_dtype, block, bias, config)
     return out[0]
 
@@ -157,8 +165,9 @@ def fp8_linear(
     config: dict[str, int] | None = None,
 ) -> torch.Tensor:  # [..., N] x.dtype
     """y = x @ w^T (+ bias) with x quantized per token in groups of bk (no host sync: safe in
-    CUDA-graph capture). Up to FUSED_QUANT_MAX_M tokens are quantized inside the GEMM's launch,
-    with the same codes and scales as `per_token_group_quant_fp8`."""
+    CUDA-graph capture). Up to GEMV_MAX_M tokens (no `config`) run the GEMV, which quantizes x
+    itself where GEMV_FUSES_QUANT; up to FUSED_QUANT_MAX_M tokens are quantized inside the GEMM's
+    launch; either way with the same codes and scales as `per_token_group_quant_fp8`."""
     op = "fp8_linear"
     check_dtype(op, "x", x, FLOAT_DTYPES)
     if x.dim() < 1:
@@ -167,7 +176,10 @@ def fp8_linear(
     check_ndim(op, "w_q", w_q, 2, "[N, K]")
     _check_operands_shapes(op, x2, w_q, w_s, block)  # before any work
     bk = check_block(op, block)[1]
-    if _fuses_quant(x2.shape[0], bk, config) and not reference_enabled():
+    if _takes_gemv(x2.shape[0], config) and gemv.GEMV_FUSES_QUANT and not reference_enabled():
+        _check_gemm(op, w_q, w_s, x.dtype, block, bias, config, x=x2)
+        out = gemv.fp8_gemv(x2, None, w_q, w_s, x.dtype, block, bias)
+    elif _fuses_quant(x2.shape[0], bk, config) and not reference_enabled():
         _check_gemm(op, w_q, w_s, x.dtype, block, bias, config, x=x2)
         out = _launch(x2[None], None, w_q[None], w_s[None], x.dtype, block, bias, config)[0]
     else:
@@ -196,6 +208,11 @@ def fp8_bmm(
         return fp8_bmm_ref(x, w_q, w_s, block)
     a_q, a_s = quant_rows_fp8(x, block[1])
     return w8a8_block_fp8_bmm(a_q, a_s, w_q, w_s, x.dtype, block, config=config)
+
+
+def _takes_gemv(m: int, config: dict[str, int] | None) -> bool:
+    """Whether m tokens run `fp8_gemv`: few of them, and no tile config pinned."""
+    return m <= gemv.GEMV_MAX_M and config is None
 
 
 def _fuses_quant(m: int, bk: int, config: dict[str, int] | None) -> bool:
@@ -335,19 +352,7 @@ def _launch(
         **cfg,
     )
     if split_k > 1:
-        block_n = min(1024, triton.next_power_of_2(n))
-        _split_k_sum_kernel[(batch * m, triton.cdiv(n, block_n))](
-            partial,
-            bias if bias is not None else out,
-            out,
-            m,
-            n,
-            partial.stride(0),
-            *out.stride(),
-            HAS_BIAS=bias is not None,
-            SPLIT_K=split_k,
-            BLOCK_N=block_n,
-        )
+        split_k_sum(partial, bias, out)
     return out
 
 
@@ -498,33 +503,6 @@ def _w8a8_block_fp8_kernel(
     out_ptrs = out_ptr + batch * o_stride_b + offs_m[:, None] * o_stride_m + offs_n[None, :] * o_stride_n
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _split_k_sum_kernel(
-    partial_ptr,  # [SPLIT_K, B, M, N] float32, contiguous
-    bias_ptr,
-    out_ptr,
-    M,
-    N,
-    p_stride_split,
-    o_stride_b,
-    o_stride_m,
-    o_stride_n,
-    HAS_BIAS: tl.constexpr,
-    SPLIT_K: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
-    row = tl.program_id(0).to(tl.int64)  # b * M + m
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask = cols < N
-    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for split in tl.static_range(SPLIT_K):
-        acc += tl.load(partial_ptr + split * p_stride_split + row * N + cols, mask=mask, other=0.0)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    out = out_ptr + (row // M) * o_stride_b + (row % M) * o_stride_m + cols * o_stride_n
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit

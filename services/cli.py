@@ -57,7 +57,8 @@ def _demo(args: argparse.Namespace) -> int:
         "The three primary colors are",
     ]
     params = {"max_new_tokens": args.max_new_tokens, "temperature": 0.7, "top_p": 0.9, "seed": 0}
-    with Engine(model_path=str(model), dtype=args.dtype) as engine:
+    options = {"dtype": args.dtype, "quantization": args.quantization, "kv_cache_dtype": args.kv_cache_dtype}
+    with Engine(model_path=str(model), **options) as engine:
         start = time.perf_counter()
         outs = engine.generate(prompts, params)
         elapsed = time.perf_counter() - start
@@ -90,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     demo = sub.add_parser("demo", help="run the offline engine on a model")
     demo.add_argument("--model", help="HF model directory (default: a tiny local model)")
     demo.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
+    demo.add_argument("--quantization", choices=["fp8"], help="block-wise FP8 weights (W8A8)")
+    demo.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8_e4m3"])
     demo.add_argument("--max-new-tokens", type=int, default=32)
     demo.set_defaults(func=_demo)
     args = parser.parse_args(argv)

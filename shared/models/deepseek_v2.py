@@ -283,8 +283,8 @@ class DeepseekV2ForCausalLM(CausalLM):
 
     def process_weights_after_loading(self) -> None:
         """Derive what the forward needs from the loaded weights: the MLA layers' W_UK / W_UV
-        (views of kv_b_proj's weight). Run once after `load_weights` (and again after anything
-        replaces kv_b_proj's weight, e.g. FP8 processing); idempotent."""
+        (views of kv_b_proj's weight; per-head FP8 operands when the model is FP8). The loader
+        runs it after every child's hook (kv_b_proj is quantized by then); idempotent."""
         for layer in self.model.layers:
             assert isinstance(layer, DeepseekV2DecoderLayer)
             kv_b = layer.self_attn.kv_b_proj

@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from kernels import fp8_gemm
+from kernels import fp8_gemv as fp8_gemv_module
 from kernels.config import reference_mode
 from kernels.fp8_gemm import (
     fp8_bmm,
@@ -32,6 +33,7 @@ from kernels.fp8_gemm import (
     w8a8_block_fp8_matmul,
     w8a8_block_fp8_matmul_ref,
 )
+from kernels.fp8_gemv import fp8_gemv
 from kernels.fp8_quant import (
     FP8_DTYPE,
     FP8_EPS,
@@ -236,14 +238,16 @@ def test_fp8_linear_quantizes_few_tokens_in_the_gemm(
 
     monkeypatch.setattr(fp8_gemm, "per_token_group_quant_fp8", spy)
     # The real threshold: fused up to it, the separate quantization kernel past it, and for K
-    # steps narrower than a group (each step needs its group's amax).
+    # steps narrower than a group (each step needs its group's amax). A config pins this
+    # tensor-core path (without one, few tokens take the GEMV).
     n = 160 if device.type == "cpu" else 4096
     limit = fp8_gemm.FUSED_QUANT_MAX_M
+    tiles = {"BLOCK_N": 64}
     w_q, w_s = block_quant_fp8(torch.randn((n, 128), device=device), (128, 128))
     x = torch.randn((limit + 1, 128), device=device)
-    fp8_linear(x[:limit], w_q, w_s)
+    fp8_linear(x[:limit], w_q, w_s, config=tiles)
     assert quantize_calls == []
-    fp8_linear(x, w_q, w_s)
+    fp8_linear(x, w_q, w_s, config=tiles)
     fp8_linear(x[:1], w_q, w_s, config={"BLOCK_K": 32})
     assert quantize_calls == [limit + 1, 1]
 
@@ -260,7 +264,7 @@ def test_fp8_linear_quantizes_few_tokens_in_the_gemm(
                 a_q, a_s = per_token_group_quant_fp8_ref(x, 128)
                 a = a_q.float() * group_scale(a_s, k, 128)
                 magnitude = a.abs() @ block_dequant_fp8(w_q, w_s).abs().t() + bias.float().abs()
-                for config in (None, {"SPLIT_K": 1}, {"BLOCK_N": 32, "SPLIT_K": 2}):
+                for config in ({"BLOCK_N": 64}, {"SPLIT_K": 1}, {"BLOCK_N": 32, "SPLIT_K": 2}):
                     out = fp8_linear(x, w_q, w_s, bias, config=config)
                     assert_gemm_close(out, ref, magnitude, sum_order_tolerance(device))
     assert quantize_calls == [limit + 1, 1]
@@ -330,14 +334,15 @@ def test_fp8_linear_in_cuda_graph(device: torch.device) -> None:
     if device.type != "cuda":
         pytest.skip("CUDA graphs need a GPU")
     w_q, w_s = block_quant_fp8(torch.randn((4096, 4096), device=device) / 64, (128, 128))
-    x = torch.randn((8, 4096), device=device, dtype=torch.bfloat16)
-    fp8_linear(x, w_q, w_s)  # compile outside the capture
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fp8_linear(x, w_q, w_s)
-    x.copy_(torch.randn_like(x))
-    graph.replay()
-    assert torch.equal(out, fp8_linear(x, w_q, w_s))
+    for m in (1, 8):  # the GEMV (split K: two launches) and the tensor-core GEMM
+        x = torch.randn((m, 4096), device=device, dtype=torch.bfloat16)
+        fp8_linear(x, w_q, w_s)  # compile outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = fp8_linear(x, w_q, w_s)
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        assert torch.equal(out, fp8_linear(x, w_q, w_s))
 
 
 def test_bad_arguments_raise() -> None:
@@ -365,3 +370,63 @@ def test_bad_arguments_raise() -> None:
     for call, message in cases:
         with pytest.raises(ValueError, match=message):
             call()
+
+
+def gemv_cases(device: torch.device) -> list[tuple[int, int, int]]:
+    # (M, N, K): one ragged group, a ragged last group and ragged N, several groups to split.
+    if device.type == "cpu":
+        return [(m, n, k) for m in (1, 3, 4) for n, k in ((48, 64), (160, 96), (160, 384))]
+    return [(m, n, k) for m in (1, 2, 4) for n, k in ((160, 96), (6144, 4096), (1000, 14336))]
+
+
+@pytest.mark.parametrize("fuse_quant", [True, False])
+def test_gemv_matches_reference(device: torch.device, fuse_quant: bool) -> None:
+    # The GEMV quantizing x itself (the quantization kernel's codes and scales) or given codes;
+    # column tiles inside one weight block or straddling two (a 64-row block), split K with the
+    # bias added after the sum, and partial last splits.
+    for m, n, k in gemv_cases(device):
+        for block, config in (
+            ((128, 128), None),
+            ((128, 128), {"BLOCK_N": 16, "SPLIT_K": 2}),
+            ((64, 128), {"BLOCK_N": 128, "SPLIT_K": 4, "num_warps": 8}),
+        ):
+            w_q, w_s = block_quant_fp8(torch.randn((n, k), device=device) / k**0.5, block)
+            for dtype in dtypes(device):
+                x = torch.randn((m, k), device=device).to(dtype)
+                x[0, :3] = torch.tensor([300.0, -1e-4, 0.0])  # a large value beside E4M3 subnormals
+                bias = torch.randn(n, device=device).to(dtype)
+                a_q, a_s = per_token_group_quant_fp8(x, 128)
+                a = a_q.float() * group_scale(a_s, k, 128)
+                magnitude = a.abs() @ block_dequant_fp8(w_q, w_s, block).abs().t() + bias.float().abs()
+                ref = fp8_linear_ref(x, w_q, w_s, bias, block)
+                if fuse_quant:
+                    out = fp8_gemv(x, None, w_q, w_s, dtype, block, bias, config)
+                else:
+                    out = fp8_gemv(a_q, a_s, w_q, w_s, dtype, block, bias, config)
+                assert_gemm_close(out, ref, magnitude, 2**-14)
+
+
+def test_few_tokens_take_the_gemv(device: torch.device, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Up to GEMV_MAX_M tokens without a config: fp8_linear and the matmul run the GEMV (and
+    # fp8_linear quantizes inside it where GEMV_FUSES_QUANT); more tokens, or a pinned tile
+    # config, the tensor-core GEMM.
+    calls: list[tuple[int, bool]] = []
+    real = fp8_gemv_module.fp8_gemv
+
+    def spy(x: torch.Tensor, x_s: torch.Tensor | None, *args: object, **kwargs: object) -> torch.Tensor:
+        calls.append((x.shape[0], x_s is None))
+        return real(x, x_s, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(fp8_gemv_module, "fp8_gemv", spy)
+    limit = fp8_gemv_module.GEMV_MAX_M
+    n, k = (48, 96) if device.type == "cpu" else (4096, 4096)
+    x, _, a_q, a_s, w_q, w_s = quantized_operands(limit + 1, n, k, device)
+    fp8_linear(x[:limit], w_q, w_s)
+    fp8_linear(x, w_q, w_s)
+    fp8_linear(x[:1], w_q, w_s, config={"BLOCK_N": 32})
+    w8a8_block_fp8_matmul(a_q[:1], a_s[:1], w_q, w_s, torch.float32)
+    w8a8_block_fp8_matmul(a_q, a_s, w_q, w_s, torch.float32)
+    assert calls == [(limit, fp8_gemv_module.GEMV_FUSES_QUANT), (1, False)]
+    # M = 0 goes through the GEMV's wrapper to an empty result.
+    out = fp8_linear(x[:0].half(), w_q, w_s)
+    assert out.shape == (0, n) and out.dtype == torch.float16

@@ -1,0 +1,317 @@
+"""Block-wise FP8 W8A8 for a few tokens (decode): a GEMV on CUDA cores, no tensor cores.
+
+    x    [M, K] float (quantized here) or E4M3 codes with x_s [M, ceil(K / bk)]   M <= 4
+    w_q  [N, K] fp8      w_s [ceil(N / bn), ceil(K / bk)]
+    out[m, n] = sum_kb (q_x[m, kb] * x_s[m, kb]) . (w_q[n, kb] * w_s[n // bn, kb])
+
+At one token the product is a stream of the weight: the tensor-core GEMM pads M to a 16-row
+MMA tile and spends its loop on MMA layout changes and per-step scaling, reaching 1.5-2.3 TB/s
+of the H100's ~2.9 (this kernel: 1.6-2.4 TB/s, quantization included; see GEMV_MAX_M). Here
+each program owns BLOCK_N weight rows and one K range: every step loads a [BLOCK_N, bk] weight
+tile (one scale group, 16-byte loads along K), upconverts it to float32 and multiply-adds it,
+elementwise, into a float32 [BLOCK_M, BLOCK_N, bk] accumulator with the activation's
+dequantized group (q * x_scale * w_scale); the reduction over K runs once, after the loop, so
+the loop is loads, converts and FMAs only.
+
+The activation stays W8A8: with `x_s` None the kernel quantizes each [BLOCK_M, bk] group of x
+in its step with the quantization kernel's own rule (`quant_groups_e4m3`: the same codes and
+scales as `per_token_group_quant_fp8`, bit for bit); every column tile repeats that, which costs
+little next to its BLOCK_N weight rows. Otherwise x is already codes and x_s their scales.
+
+Split K: where N / BLOCK_N programs alone would leave SMs short of loads in flight, SPLIT_K
+programs share a column tile's K range, each writing a float32 partial; `split_k_sum` adds them
+(and the bias) in a fixed order in a second small kernel. That is deterministic and graph-safe
+(no atomics on a buffer that would need zeroing, no counters to reset); it costs one launch and
+8 bytes per output and split, small next to the weight.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.config import interpreting
+from kernels.fp8_quant import FP8_EPS, FP8_MAX, quant_groups_e4m3
+
+# Tokens up to which `fp8_linear` / `w8a8_block_fp8_matmul` take the GEMV (no explicit config).
+# H100, Llama-3-8B shapes, CUDA graphs: at M = 1 the GEMV beats the tensor-core path with its
+# separate quantization (qkv 13.3 vs 15.3 us, o 10.9 vs 12.6, gate_up 48.9 vs 50.6, down 28.2 vs
+# 29.8); at M = 4 its [4, BLOCK_N, bk] float32 accumulator makes it 2x slower than the tensor
+# cores (qkv 28.9 vs 14.9 us, gate_up 108 vs 50), whose time hardly grows from M = 1 to 16.
+GEMV_MAX_M = 1
+# Rows the kernel takes at all (tests and sweeps may call it past GEMV_MAX_M).
+GEMV_MAX_ROWS = 4
+# Whether `fp8_linear` lets the GEMV quantize x itself (else the quantization kernel runs first):
+# at M = 1 fusing was the faster on all four shapes (e.g. down 28.2 vs 30.0 us, o 10.9 vs 11.7).
+GEMV_FUSES_QUANT = True
+
+GEMV_CONFIG_KEYS = frozenset({"BLOCK_N", "SPLIT_K", "num_warps", "num_stages"})
+
+_NUM_SMS = 132  # H100 SXM
+
+
+def gemv_config(m: int, n: int, k: int) -> dict[str, int]:
+    """BLOCK_N, SPLIT_K and launch options for M <= GEMV_MAX_ROWS tokens, K in 128-column groups.
+
+    From one sweep on an H100 at M = 1 (Llama-3-8B shapes, CUDA graphs, weights cycled past L2;
+    BLOCK_N 16/32/64, SPLIT_K 1-8, 4/8 warps, 2/4 stages): 4 warps and 4 stages throughout;
+    64-row tiles where they alone fill the SMs (gate_up: 48.9 us vs 51.9 at 32 rows split 4) or
+    K is long (down, split 8: 28.2 vs 30.9), else 32 rows (qkv split 4: 13.3 vs 13.5 at 64; o
+    split 4: 10.9 vs 11.5); K split until ~3 programs per SM, each keeping >= 4 groups.
+    """
+    groups = triton.cdiv(k, 128)
+    block_n = 64 if triton.cdiv(n, 64) >= 2 * _NUM_SMS or groups >= 64 else 32
+    tiles = triton.cdiv(n, block_n)
+    split = 1
+    while tiles * split < 3 * _NUM_SMS and groups // (2 * split) >= 4:
+        split *= 2
+    return {"BLOCK_N": block_n, "SPLIT_K": split, "num_warps": 4, "num_stages": 4}
+
+
+def fp8_gemv(
+    x: torch.Tensor,  # [M, K] float (x_s None) or float8_e4m3fn codes
+    x_s: torch.Tensor | None,  # [M, ceil(K / bk)] float32, or None: quantize x in the kernel
+    w_q: torch.Tensor,  # [N, K] float8_e4m3fn
+    w_s: torch.Tensor,  # [ceil(N / bn), ceil(K / bk)] float32
+    out_dtype: torch.dtype,
+    block: tuple[int, int],
+    bias: torch.Tensor | None = None,  # [N]
+    config: dict[str, int] | None = None,  # keys GEMV_CONFIG_KEYS, overriding `gemv_config`
+) -> torch.Tensor:  # [M, N] out_dtype
+    """The launch behind the few-token paths of `kernels.fp8_gemm`. No checks: callers check
+    (bk a power of two >= 32, shapes, dtypes, one device). No host sync: graph-safe."""
+    m, k = x.shape
+    n = w_q.shape[0]
+    assert m <= GEMV_MAX_ROWS, m
+    out = torch.empty((m, n), dtype=out_dtype, device=x.device)
+    if out.numel() == 0:
+        return out
+    bn, bk = block
+    cfg: dict[str, Any] = {**gemv_config(m, n, k), **(config or {})}
+    block_n = cfg.pop("BLOCK_N")
+    groups = triton.cdiv(k, bk)
+    groups_per_split = triton.cdiv(groups, cfg.pop("SPLIT_K"))
+    split_k = triton.cdiv(groups, groups_per_split)  # none of them empty
+    partial = out if split_k == 1 else torch.empty((split_k, m, n), dtype=torch.float32, device=x.device)
+    _fp8_gemv_kernel[(triton.cdiv(n, block_n), split_k)](
+        x,
+        x_s if x_s is not None else x,  # unused with FUSE_QUANT
+        w_q,
+        w_s,
+        bias if bias is not None else out,  # unused without HAS_BIAS
+        partial,
+        m,
+        n,
+        k,
+        groups_per_split * bk,
+        FP8_MAX,
+        FP8_EPS,
+        *x.stride(),
+        *(x_s.stride() if x_s is not None else (0, 0)),
+        *w_q.stride(),
+        *w_s.stride(),
+        *partial.stride()[-2:],
+        partial.stride(0) if split_k > 1 else 0,
+        GROUP_N=bn,
+        GROUP_K=bk,
+        HAS_BIAS=bias is not None and split_k == 1,
+        EVEN_K=k % bk == 0,
+        SCALAR_W_SCALE=bn % block_n == 0,
+        FUSE_QUANT=x_s is None,
+        LOOP_WHILE=interpreting(),
+        BLOCK_M=triton.next_power_of_2(m),
+        BLOCK_N=block_n,
+        **cfg,
+    )
+    if split_k > 1:
+        split_k_sum(partial[:, None], bias, out[None])
+    return out
+
+
+def split_k_sum(
+    partial: torch.Tensor,  # [S, B, M, N] float32, contiguous
+    bias: torch.Tensor | None,  # [N]
+    out: torch.Tensor,  # [B, M, N]
+) -> None:
+    """out = sum over S of partial (+ bias), in split order, cast to out's dtype."""
+    split_k, batch, m, n = partial.shape
+    block_n = min(1024, triton.next_power_of_2(n))
+    _split_k_sum_kernel[(batch * m, triton.cdiv(n, block_n))](
+        partial,
+        bias if bias is not None else out,
+        out,
+        m,
+        n,
+        partial.stride(0),
+        *out.stride(),
+        HAS_BIAS=bias is not None,
+        SPLIT_K=split_k,
+        BLOCK_N=block_n,
+    )
+
+
+@triton.jit
+def _fp8_gemv_kernel(
+    x_ptr,
+    xs_ptr,
+    w_ptr,
+    ws_ptr,
+    bias_ptr,
+    out_ptr,
+    M,
+    N,
+    K,
+    k_per_split,
+    fp8_max,
+    eps,
+    x_stride_m,
+    x_stride_k,
+    xs_stride_m,
+    xs_stride_k,
+    w_stride_n,
+    w_stride_k,
+    ws_stride_n,
+    ws_stride_k,
+    o_stride_m,
+    o_stride_n,
+    o_stride_split,
+    GROUP_N: tl.constexpr,
+    GROUP_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    SCALAR_W_SCALE: tl.constexpr,
+    FUSE_QUANT: tl.constexpr,
+    LOOP_WHILE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    split = tl.program_id(1)
+    offs_m = tl.arange(0, BLOCK_M)  # [BLOCK_M]
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+    offs_k = tl.arange(0, GROUP_K)  # [GROUP_K]
+    # Rows past the edge re-read valid ones (wrapped) instead of masking; never stored.
+    rows_m = (offs_m % M).to(tl.int64)
+    rows_n = (offs_n % N).to(tl.int64)
+    k_lo = split * k_per_split  # a whole number of groups
+    k_hi = tl.minimum(K, k_lo + k_per_split)
+    x_ptrs = x_ptr + rows_m[:, None] * x_stride_m + (k_lo + offs_k)[None, :] * x_stride_k  # [BM, GK]
+    w_ptrs = w_ptr + rows_n[:, None] * w_stride_n + (k_lo + offs_k)[None, :] * w_stride_k  # [BN, GK]
+    xs_ptrs = xs_ptr + rows_m * xs_stride_m  # [BLOCK_M]
+    if SCALAR_W_SCALE:
+        # The column tile lies in one weight block: one scale per group.
+        ws_ptrs = ws_ptr + ((pid_n * BLOCK_N) // GROUP_N) * ws_stride_n
+    else:
+        ws_ptrs = ws_ptr + (rows_n // GROUP_N) * ws_stride_n  # [BLOCK_N]
+
+    if BLOCK_M == 1:
+        acc = tl.zeros((BLOCK_N, GROUP_K), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N, GROUP_K), dtype=tl.float32)
+    # The interpreter (Triton 3.6, numpy >= 2.4) cannot take a scalar argument as a range()
+    # bound (triton-lang/triton#9171); compiled kernels take the pipelined `for`.
+    if LOOP_WHILE:
+        k0 = k_lo
+        while k0 < k_hi:
+            acc = _gemv_step(
+                acc, x_ptrs, xs_ptrs, w_ptrs, ws_ptrs, xs_stride_k, ws_stride_k, offs_k, k0, K,
+                fp8_max, eps, GROUP_K, EVEN_K, SCALAR_W_SCALE, FUSE_QUANT, BLOCK_M,
+            )  # fmt: skip
+            x_ptrs += GROUP_K * x_stride_k
+            w_ptrs += GROUP_K * w_stride_k
+            k0 += GROUP_K
+    else:
+        for k0 in range(k_lo, k_hi, GROUP_K):
+            acc = _gemv_step(
+                acc, x_ptrs, xs_ptrs, w_ptrs, ws_ptrs, xs_stride_k, ws_stride_k, offs_k, k0, K,
+                fp8_max, eps, GROUP_K, EVEN_K, SCALAR_W_SCALE, FUSE_QUANT, BLOCK_M,
+            )  # fmt: skip
+            x_ptrs += GROUP_K * x_stride_k
+            w_ptrs += GROUP_K * w_stride_k
+
+    if BLOCK_M == 1:
+        result = tl.sum(acc, axis=1)[None, :]  # [1, BLOCK_N]
+    else:
+        result = tl.sum(acc, axis=2)  # [BLOCK_M, BLOCK_N]
+    if HAS_BIAS:
+        result += tl.load(bias_ptr + rows_n).to(tl.float32)[None, :]
+    out_ptr += split.to(tl.int64) * o_stride_split
+    out_ptrs = out_ptr + offs_m[:, None] * o_stride_m + offs_n[None, :] * o_stride_n
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    tl.store(out_ptrs, result.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gemv_step(
+    acc,  # [BLOCK_N, GROUP_K] (BLOCK_M == 1) or [BLOCK_M, BLOCK_N, GROUP_K] float32
+    x_ptrs,  # [BLOCK_M, GROUP_K] at column k0
+    xs_ptrs,  # [BLOCK_M] x's scales, group 0 (unused with FUSE_QUANT)
+    w_ptrs,  # [BLOCK_N, GROUP_K] at column k0
+    ws_ptrs,  # [BLOCK_N] w's scales, group 0 (a scalar pointer with SCALAR_W_SCALE)
+    xs_stride_k,
+    ws_stride_k,
+    offs_k,  # [GROUP_K]
+    k0,
+    K,
+    fp8_max,
+    eps,
+    GROUP_K: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    SCALAR_W_SCALE: tl.constexpr,
+    FUSE_QUANT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    """acc + the dequantized products of group k0 // GROUP_K, unreduced."""
+    if EVEN_K:
+        x = tl.load(x_ptrs)
+        w = tl.load(w_ptrs)
+    else:
+        x = tl.load(x_ptrs, mask=offs_k[None, :] < K - k0, other=0.0)
+        w = tl.load(w_ptrs, mask=offs_k[None, :] < K - k0, other=0.0)
+    group = k0 // GROUP_K
+    if FUSE_QUANT:
+        q, x_scale = quant_groups_e4m3(x.to(tl.float32), fp8_max, eps)  # on the E4M3 grid, [BM]
+    else:
+        q = x.to(tl.float32)
+        x_scale = tl.load(xs_ptrs + group * xs_stride_k)  # [BLOCK_M]
+    w_scale = tl.load(ws_ptrs + group * ws_stride_k)
+    wf = w.to(tl.float32)  # [BLOCK_N, GROUP_K]
+    if SCALAR_W_SCALE:
+        xd = q * (x_scale * w_scale)[:, None]  # [BLOCK_M, GROUP_K]
+    else:
+        xd = q * x_scale[:, None]
+        wf = wf * w_scale[:, None]
+    if BLOCK_M == 1:
+        return acc + wf * xd
+    else:
+        return acc + wf[None, :, :] * xd[:, None, :]
+
+
+@triton.jit
+def _split_k_sum_kernel(
+    partial_ptr,  # [SPLIT_K, B, M, N] float32, contiguous
+    bias_ptr,
+    out_ptr,
+    M,
+    N,
+    p_stride_split,
+    o_stride_b,
+    o_stride_m,
+    o_stride_n,
+    HAS_BIAS: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)  # b * M + m
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = cols < N
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for split in tl.static_range(SPLIT_K):
+        acc += tl.load(partial_ptr + split * p_stride_split + row * N + cols, mask=mask, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    out = out_ptr + (row // M) * o_stride_b + (row % M) * o_stride_m + cols * o_stride_n
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
