@@ -72,25 +72,11 @@ class TorchAttentionBackend(AttentionBackend):
 
     def _extend(self, q: torch.Tensor, layer: Attention, batch: ForwardBatch) -> torch.Tensor:
         k_buf, v_buf = _mha_pool(batch).get_kv(layer.layer_id)
-        req_to_token = batch.req_to_token_pool.req_to_token
         out = torch.empty_like(q)
-        start = 0
-        for row, seq_len, ext_len in zip(
-            batch.req_pool_indices_cpu, batch.seq_lens_cpu, batch.extend_seq_lens_cpu
-        ):
-            prefix_len = seq_len - ext_len
-            slots = req_to_token[row, :seq_len]
+        for qi, slots, visible, rows in _per_request(q, batch, layer.sliding_window):
             keys = k_buf[slots].transpose(0, 1)  # [Hkv, S, D]
             values = v_buf[slots].transpose(0, 1)  # [Hkv, S, D]
-            # New token j sits at absolute position prefix_len + j and sees keys 0..prefix_len + j.
-            q_pos = torch.arange(prefix_len, seq_len, device=q.device).unsqueeze(1)  # [E, 1]
-            k_pos = torch.arange(seq_len, device=q.device).unsqueeze(0)  # [1, S]
-            hidden = k_pos > q_pos  # [E, S]
-            if layer.sliding_window is not None:
-                hidden |= k_pos <= q_pos - layer.sliding_window
-            qi = q[start : start + ext_len].transpose(0, 1)  # [Hq, E, D]
-            out[start : start + ext_len] = _sdpa(qi, keys, values, ~hidden, layer).transpose(0, 1).to(q.dtype)
-            start += ext_len
+            out[rows] = _sdpa(qi, keys, values, visible, layer).transpose(0, 1).to(q.dtype)
         return out
 
     # ---- multi-head latent attention (docstrings in AttentionBackend) ----
@@ -163,10 +149,11 @@ def _mha_pool(batch: ForwardBatch) -> MHAKVPool:
 
 
 def _per_request(
-    q: torch.Tensor, batch: ForwardBatch
+    q: torch.Tensor, batch: ForwardBatch, sliding_window: int | None = None
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, slice]]:
-    """Per request of an extend batch: (its queries [H, E, D], its slots [S], visibility [E, S]
-    (causal), its rows of q)."""
+    """Per request of an extend batch: (its queries [H, E, D], its slots [S], visibility [E, S],
+    its rows of q). New token j sits at position prefix_len + j and sees keys up to there (and,
+    with a window w, only the last w of them)."""
     req_to_token = batch.req_to_token_pool.req_to_token
     start = 0
     for row, seq_len, ext_len in zip(
@@ -175,8 +162,11 @@ def _per_request(
         prefix_len = seq_len - ext_len
         q_pos = torch.arange(prefix_len, seq_len, device=q.device).unsqueeze(1)  # [E, 1]
         k_pos = torch.arange(seq_len, device=q.device).unsqueeze(0)  # [1, S]
+        visible = k_pos <= q_pos  # [E, S]
+        if sliding_window is not None:
+            visible &= k_pos > q_pos - sliding_window
         rows = slice(start, start + ext_len)
-        yield q[rows].transpose(0, 1), req_to_token[row, :seq_len], k_pos <= q_pos, rows
+        yield q[rows].transpose(0, 1), req_to_token[row, :seq_len], visible, rows
         start += ext_len
 
 
