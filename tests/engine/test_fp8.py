@@ -260,3 +260,14 @@ def test_engine_options_are_checked(llama: Path) -> None:
         EngineConfig.from_options(str(llama), quantization="int8")
     with pytest.raises(ValueError, match="kv_cache_dtype must be one of"):
         EngineConfig.from_options(str(llama), kv_cache_dtype="fp8_e5m2")
+
+
+def test_checkpoint_command_line(llama: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from shared.quant.checkpoint import main
+
+    main([str(llama), str(tmp_path / "fp8")])
+    assert capsys.readouterr().out.strip() == str(tmp_path / "fp8")
+    _, config = load_model(tmp_path / "fp8", torch.float32, "cpu")
+    assert config.quant is not None and config.quant.checkpoint_is_fp8
+    with pytest.raises(ValueError, match="different directory"):
+        write_fp8_checkpoint(llama, llama)
