@@ -271,3 +271,31 @@ def test_checkpoint_command_line(llama: Path, tmp_path: Path, capsys: pytest.Cap
     assert config.quant is not None and config.quant.checkpoint_is_fp8
     with pytest.raises(ValueError, match="different directory"):
         write_fp8_checkpoint(llama, llama)
+
+
+def test_modules_to_not_convert_stay_unquantized(llama: Path, fp8_checkpoint: Path, tmp_path: Path) -> None:
+    """A checkpoint listing `modules_to_not_convert` ships those layers unquantized: they load in
+    the model dtype, every other linear as FP8."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    dst = tmp_path / "partial"
+    shutil.copytree(fp8_checkpoint, dst)
+    keep = "model.layers.1.self_attn.o_proj"
+    with safe_open(str(dst / "model.safetensors"), framework="pt") as f:
+        tensors = {n: f.get_tensor(n) for n in f.keys() if not n.startswith(keep)}  # noqa: SIM118
+    with safe_open(str(llama / "model.safetensors"), framework="pt") as f:
+        tensors[f"{keep}.weight"] = f.get_tensor(f"{keep}.weight")
+    save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((dst / "config.json").read_text())
+    config["quantization_config"]["modules_to_not_convert"] = [keep]
+    (dst / "config.json").write_text(json.dumps(config))
+    model, _ = load_model(dst, torch.float32, "cpu")
+    layers = dict(model.named_modules())
+    kept = layers[keep]
+    assert (
+        isinstance(kept, LinearBase) and kept.weight.dtype == torch.float32 and kept.weight_scale_inv is None
+    )
+    assert torch.equal(kept.weight, tensors[f"{keep}.weight"])
+    assert layers["model.layers.0.self_attn.o_proj"].weight.dtype == FP8_DTYPE
