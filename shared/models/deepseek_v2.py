@@ -45,7 +45,7 @@ from shared.models.layers.moe import FusedMoE, expert_param_name
 from shared.models.layers.moe_router import make_router
 from shared.models.layers.norm import RMSNorm
 from shared.models.layers.rotary import RotaryEmbedding, deinterleave_rope_rows, get_rope, yarn_softmax_scale
-from shared.models.llama import LlamaMLP
+from shared.models.llama import DecoderStack, LlamaMLP, PreNormDecoderLayer
 from shared.models.weights import StackedParams, get_weight_loader, load_named_weights
 
 if TYPE_CHECKING:
@@ -150,8 +150,10 @@ class DeepseekV2Attention(nn.Module):
         return k_nope, v
 
 
-class DeepseekV2DecoderLayer(nn.Module):
-    """Pre-norm MLA block then pre-norm MLP/MoE block, residual carried between them."""
+class DeepseekV2DecoderLayer(PreNormDecoderLayer):
+    """An MLA attention block and a dense MLP or MoE block (the pre-norm dataflow of the base)."""
+
+    self_attn: DeepseekV2Attention
 
     def __init__(
         self,
@@ -180,25 +182,9 @@ class DeepseekV2DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
-    def forward(
-        self,
-        positions: torch.Tensor,  # [T]
-        hidden: torch.Tensor,  # [T, hidden]
-        residual: torch.Tensor | None,  # [T, hidden]; None before the first layer
-        batch: ForwardBatch,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        if residual is None:
-            residual = hidden
-            hidden = self.input_layernorm(hidden)
-        else:
-            hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(positions, hidden, batch)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual
 
-
-class DeepseekV2Model(nn.Module):
-    """Embedding, decoder layers and the final norm; one rotary table shared by all layers."""
+class DeepseekV2Model(DecoderStack):
+    """DeepSeek's stack; one rotary table (over the rope dims) shared by all layers."""
 
     def __init__(self, config: ModelConfig, interleaved: bool, default_topk_method: str) -> None:
         super().__init__()
@@ -215,14 +201,6 @@ class DeepseekV2Model(nn.Module):
             for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        hidden = self.embed_tokens(input_ids)  # [T, hidden]
-        residual: torch.Tensor | None = None
-        for layer in self.layers:
-            hidden, residual = layer(positions, hidden, residual, batch)
-        hidden, _ = self.norm(hidden, residual)
-        return hidden
 
 
 class DeepseekV2ForCausalLM(CausalLM):

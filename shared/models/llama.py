@@ -116,21 +116,18 @@ class LlamaMLP(nn.Module):
         return self.down_proj(self.act_fn(self.gate_up_proj(x)))
 
 
-class LlamaDecoderLayer(nn.Module):
-    """Pre-norm attention block then pre-norm MLP block, residual carried between them."""
+class PreNormDecoderLayer(nn.Module):
+    """Pre-norm attention block then pre-norm MLP block, residual carried between them.
 
-    attention_cls: ClassVar[type[LlamaAttention]] = LlamaAttention
+    Subclasses build `input_layernorm`, `self_attn(positions, hidden, batch)`,
+    `post_attention_layernorm` and `mlp(hidden)`; the dataflow is this class's (Llama's and
+    DeepSeek's decoder layers alike).
+    """
 
-    def __init__(self, config: ModelConfig, layer_id: int, rotary_emb: RotaryEmbedding) -> None:
-        super().__init__()
-        if config.hidden_act != "silu":
-            raise ValueError(f"hidden_act {config.hidden_act!r} is not supported (only silu)")
-        self.self_attn = self.attention_cls(config, layer_id, rotary_emb)
-        self.mlp = LlamaMLP(
-            config.hidden_size, config.intermediate_size, bias=config.mlp_bias, quant=config.quant
-        )
-        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+    input_layernorm: RMSNorm
+    post_attention_layernorm: RMSNorm
+    self_attn: nn.Module
+    mlp: nn.Module
 
     def forward(
         self,
@@ -149,8 +146,42 @@ class LlamaDecoderLayer(nn.Module):
         return self.mlp(hidden), residual
 
 
-class LlamaModel(nn.Module):
-    """Embedding, decoder layers and the final norm; one rotary table shared by all layers."""
+class LlamaDecoderLayer(PreNormDecoderLayer):
+    """Llama's decoder layer: GQA attention and a SwiGLU MLP."""
+
+    attention_cls: ClassVar[type[LlamaAttention]] = LlamaAttention
+
+    def __init__(self, config: ModelConfig, layer_id: int, rotary_emb: RotaryEmbedding) -> None:
+        super().__init__()
+        if config.hidden_act != "silu":
+            raise ValueError(f"hidden_act {config.hidden_act!r} is not supported (only silu)")
+        self.self_attn = self.attention_cls(config, layer_id, rotary_emb)
+        self.mlp = LlamaMLP(
+            config.hidden_size, config.intermediate_size, bias=config.mlp_bias, quant=config.quant
+        )
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+
+class DecoderStack(nn.Module):
+    """Embedding, then the decoder layers with the residual carried between them, then the final
+    norm. Subclasses build `embed_tokens`, `layers` (of `PreNormDecoderLayer`s) and `norm`."""
+
+    embed_tokens: VocabEmbedding
+    layers: nn.ModuleList
+    norm: RMSNorm
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        hidden = self.embed_tokens(input_ids)  # [T, hidden]
+        residual: torch.Tensor | None = None
+        for layer in self.layers:
+            hidden, residual = layer(positions, hidden, residual, batch)
+        hidden, _ = self.norm(hidden, residual)
+        return hidden
+
+
+class LlamaModel(DecoderStack):
+    """Llama's stack; one rotary table shared by all layers."""
 
     decoder_layer_cls: ClassVar[type[LlamaDecoderLayer]] = LlamaDecoderLayer
 
@@ -165,14 +196,6 @@ class LlamaModel(nn.Module):
             self.decoder_layer_cls(config, i, rotary_emb) for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        hidden = self.embed_tokens(input_ids)  # [T, hidden]
-        residual: torch.Tensor | None = None
-        for layer in self.layers:
-            hidden, residual = layer(positions, hidden, residual, batch)
-        hidden, _ = self.norm(hidden, residual)
-        return hidden
 
 
 class LlamaForCausalLM(CausalLM):
