@@ -134,6 +134,19 @@ def decode_attention(
         BLOCK_DK=max(16, triton.next_power_of_2(k_dim)),
         BLOCK_DV=block_dv,
     )
+    merge_kv_splits(mid_out, mid_lse, out, block_dv)
+    return out
+
+
+def merge_kv_splits(
+    mid_out: torch.Tensor,  # [B, H, S, Dv] float32: each split's normalised partial output
+    mid_lse: torch.Tensor,  # [B, H, S] float32: each split's log-sum-exp
+    out: torch.Tensor,  # [B, H, Dv]
+    block_d: int,  # power of two >= Dv
+) -> None:
+    """Stage 2 of split-K decode (MHA and MLA alike): weight the splits' partial outputs by
+    their softmax mass and write the result into `out`."""
+    batch_size, num_heads, num_kv_splits, v_dim = mid_out.shape
     _decode_stage2_kernel[(batch_size, num_heads)](
         mid_out,
         mid_lse,
@@ -144,9 +157,8 @@ def decode_attention(
         num_kv_splits,
         v_dim,
         BLOCK_S=triton.next_power_of_2(num_kv_splits),
-        BLOCK_D=block_dv,
+        BLOCK_D=block_d,
     )
-    return out
 
 
 def _check(

@@ -48,7 +48,7 @@ from kernels.checks import (
     check_same_device,
 )
 from kernels.config import interpreting, reference_enabled
-from kernels.decode_attention import _decode_stage2_kernel
+from kernels.decode_attention import merge_kv_splits
 
 _OP = "mla_decode_attention"
 
@@ -201,18 +201,7 @@ def mla_decode_attention(
         num_stages=config.num_stages,
     )
     if num_kv_splits > 1:
-        _decode_stage2_kernel[(batch_size, num_heads)](
-            mid_out,
-            mid_lse,
-            out,
-            *mid_out.stride(),
-            *mid_lse.stride(),
-            *out.stride(),
-            num_kv_splits,
-            v_dim,
-            BLOCK_S=triton.next_power_of_2(num_kv_splits),
-            BLOCK_D=v_dim,
-        )
+        merge_kv_splits(mid_out, mid_lse, out, v_dim)
     return out
 
 
