@@ -28,9 +28,15 @@ from shared.models.deepseek_v2 import DeepseekV2ForCausalLM
 from shared.models.layers.moe import FusedMoE, expert_param_name
 from shared.models.layers.moe_router import NoAuxTCRouter, SoftmaxTopKRouter, make_router
 from shared.models.layers.rotary import get_rope, yarn_parameters, yarn_softmax_scale
-from shared.sampling import SamplingParams
 from tests.engine.hf_reference import _hf_model
-from tests.engine.test_parity import NEW_TOKENS, build_core, hf_greedy_cached, make_prompts, run_staggered
+from tests.engine.test_parity import (
+    NEW_TOKENS,
+    build_core,
+    hf_greedy_cached,
+    make_prompts,
+    run_alone,
+    run_staggered,
+)
 
 MLA_ARCHS = ("deepseek_v2", "deepseek_v3")
 PROMPT = [5, 17, 250, 33, 101, 7, 480, 12, 12, 99, 300, 5, 64, 128, 2, 3, 77, 415, 256, 1, 9, 42] * 4  # 88
@@ -102,21 +108,9 @@ def test_prefix_reuse_picks_absorbed_and_decodes_past_the_original_context(
     shared_prefix = [rng.randrange(5, core.runner.vocab_size) for _ in range(70)]
     first = shared_prefix + [rng.randrange(5, core.runner.vocab_size) for _ in range(5)]
     second = shared_prefix + [rng.randrange(5, core.runner.vocab_size) for _ in range(9)]
-    params = SamplingParams(max_new_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
-
-    def run(rid: str, ids: list[int]) -> tuple[list[int], int]:
-        core.add_request([rid], ids, params)
-        out_ids: list[int] = []
-        cached = -1
-        while core.has_work:
-            for out in core.step():
-                out_ids += out.new_ids
-                cached = out.cached_tokens
-        return out_ids, cached
-
-    out1, cached1 = run("a", first)
+    out1, cached1 = run_alone(core, "a", first)
     forms_first, chosen_forms[:] = list(chosen_forms), []
-    out2, cached2 = run("b", second)
+    out2, cached2 = run_alone(core, "b", second)
     assert (cached1, cached2) == (0, 64)
     assert set(forms_first) == {"expanded"} and set(chosen_forms) == {"absorbed"}
     assert out1 == hf_greedy_cached(path, first, NEW_TOKENS)

@@ -60,6 +60,19 @@ def run_staggered(
     return outputs
 
 
+def run_alone(core: EngineCore, rid: str, ids: list[int]) -> tuple[list[int], int]:
+    """One greedy request run to the end on an otherwise idle engine: (its tokens, the cached
+    prompt tokens it reported)."""
+    core.add_request([rid], ids, SamplingParams(max_new_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True))
+    out_ids: list[int] = []
+    cached = -1
+    while core.has_work:
+        for out in core.step():
+            out_ids += out.new_ids
+            cached = out.cached_tokens
+    return out_ids, cached
+
+
 def build_core(path: Path, **options: object) -> EngineCore:
     # A fixed pool: on a GPU the default sizes it from free memory, and a test holding several
     # engines would leave the later ones none.
@@ -105,20 +118,8 @@ def test_prefix_reuse_reports_cached_tokens_and_keeps_output(
     shared_prefix = [rng.randrange(5, vocab) for _ in range(70)]
     first = shared_prefix + [rng.randrange(5, vocab) for _ in range(5)]
     second = shared_prefix + [rng.randrange(5, vocab) for _ in range(9)]
-    params = SamplingParams(max_new_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
-
-    def run(rid: str, ids: list[int]) -> tuple[list[int], int]:
-        core.add_request([rid], ids, params)
-        out_ids: list[int] = []
-        cached = -1
-        while core.has_work:
-            for out in core.step():
-                out_ids += out.new_ids
-                cached = out.cached_tokens
-        return out_ids, cached
-
-    out1, cached1 = run("a", first)
-    out2, cached2 = run("b", second)
+    out1, cached1 = run_alone(core, "a", first)
+    out2, cached2 = run_alone(core, "b", second)
     assert cached1 == 0
     assert cached2 >= 64 and cached2 <= 70 and cached2 % page_size == 0
     assert out1 == hf_greedy(path, first, NEW_TOKENS)

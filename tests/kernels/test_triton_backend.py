@@ -63,6 +63,25 @@ def _greedy_outputs(core: EngineCore, prompts: list[list[int]]) -> dict[str, lis
     return outputs
 
 
+def _greedy_by_backend(
+    path: Path, device: torch.device, prompts: list[list[int]], **options: object
+) -> dict[str, dict[str, list[int]]]:
+    """backend -> greedy outputs of the full engine (float32, chunks of 16) under each backend."""
+    outputs = {}
+    for backend in ("torch", "triton"):
+        config = EngineConfig.from_options(
+            str(path),
+            device=device.type,
+            dtype="float32",
+            chunked_prefill_size=16,
+            attention_backend=backend,
+            debug_invariants=True,
+            **options,
+        )
+        outputs[backend] = _greedy_outputs(EngineCore(config), prompts)
+    return outputs
+
+
 @pytest.mark.parametrize(
     ("arch", "overrides", "page_size"),
     [("llama", {}, 1), ("llama", {}, 16), ("mistral", {"sliding_window": 8}, 4)],
@@ -79,18 +98,8 @@ def test_engine_greedy_parity_with_torch_backend(
     rng = random.Random(0)
     prompts = [[rng.randrange(5, 500) for _ in range(n)] for n in (3, 29, 12, 1)]
     prompts.append([*prompts[1][:20], 7, 8])  # shares a cached prefix with prompt 1
-    outputs = {}
-    for backend in ("torch", "triton"):
-        config = EngineConfig.from_options(
-            str(path),
-            device=device.type,
-            dtype="float32",
-            page_size=page_size,
-            chunked_prefill_size=16,  # the 29-token prompt runs in two chunks
-            attention_backend=backend,
-            debug_invariants=True,
-        )
-        outputs[backend] = _greedy_outputs(EngineCore(config), prompts)
+    # chunked_prefill_size 16: the 29-token prompt runs in two chunks
+    outputs = _greedy_by_backend(path, device, prompts, page_size=page_size)
     assert outputs["triton"] == outputs["torch"]
     assert all(len(ids) == NEW_TOKENS for ids in outputs["triton"].values())
 
@@ -137,17 +146,5 @@ def test_mla_and_fp8_kv_engine_greedy_parity_with_torch_backend(
     rng = random.Random(1)
     prompts = [[rng.randrange(5, 500) for _ in range(n)] for n in (3, 29, 12)]
     prompts.append([*prompts[1][:24], 7, 8])  # a long cached prefix: the absorbed form
-    outputs = {}
-    for backend in ("torch", "triton"):
-        config = EngineConfig.from_options(
-            str(path),
-            device=device.type,
-            dtype="float32",
-            page_size=4,
-            chunked_prefill_size=16,
-            attention_backend=backend,
-            kv_cache_dtype=kv_cache_dtype,
-            debug_invariants=True,
-        )
-        outputs[backend] = _greedy_outputs(EngineCore(config), prompts)
+    outputs = _greedy_by_backend(path, device, prompts, page_size=4, kv_cache_dtype=kv_cache_dtype)
     assert outputs["triton"] == outputs["torch"]
