@@ -55,6 +55,6 @@ def _silu_and_mul_kernel(x_ptr, out_ptr, x_stride, out_stride, inter, BLOCK: tl.
 
 
 def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
-    """Pure-torch `silu_and_mul`: the model's SiluAndMul."""
+    """Pure-torch `silu_and_mul`: the model's torch code (`shared.models.layers.activation`)."""
     gate, up = x.chunk(2, dim=-1)
     return F.silu(gate) * up

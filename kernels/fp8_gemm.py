@@ -15,8 +15,8 @@ Small M is memory-bound: the weight is streamed once, and a few wide tiles would
 SMs idle, so `_config` splits K over SPLIT_K programs per tile; each writes a float32 partial
 and `split_k_sum` adds them (with the bias) into the output.
 
-Up to `fp8_gemv.GEMV_MAX_M` tokens (decode), `fp8_linear` and `w8a8_block_fp8_matmul` without an
-explicit `config` run `kernels.fp8_gemv` instead: a CUDA-core GEMV that streams the weight
+Up to `gemv.GEMV_MAX_M` tokens (decode), `fp8_linear` and `w8a8_block_fp8_matmul` without an
+explicit `config` run `kernels.gemv.fp8_gemv` instead: a CUDA-core GEMV that streams the weight
 faster than 16-row MMA tiles can (an explicit `config` pins this module's tensor-core kernel).
 
 The 2-D matmul is the batched kernel with one batch; the batch (grid axis 1) takes arbitrary
@@ -38,10 +38,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import fp8_gemv as gemv
+from kernels import gemv
 from kernels.checks import FLOAT_DTYPES, check_dtype, check_ndim, check_same_device
 from kernels.config import interpreting, reference_enabled
-from kernels.fp8_gemv import split_k_sum
 from kernels.fp8_quant import (
     FP8_DTYPE,
     FP8_EPS,
@@ -53,6 +52,7 @@ from kernels.fp8_quant import (
     quant_groups_e4m3,
     quant_rows_fp8,
 )
+from kernels.gemv import split_k_sum
 
 _CONFIG_KEYS = frozenset({"BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "SPLIT_K", "num_warps", "num_stages"})
 

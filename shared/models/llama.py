@@ -20,7 +20,6 @@ from torch import nn
 from shared.attention.layer import Attention
 from shared.models.base import CausalLM
 from shared.models.config import ModelConfig
-from shared.models.layers.activation import SiluAndMul
 from shared.models.layers.embedding import LMHead, VocabEmbedding
 from shared.models.layers.linear import MergedLinear, QKVLinear, RowParallelLinear
 from shared.models.layers.norm import RMSNorm
@@ -109,11 +108,11 @@ class LlamaMLP(nn.Module):
         self.gate_up_proj = MergedLinear(
             hidden_size, [intermediate_size, intermediate_size], bias=bias, quant=quant
         )
-        self.act_fn = SiluAndMul()
         self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias=bias, quant=quant)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, hidden] -> [T, hidden]
-        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+        # silu(gate) * up feeds the down projection: one kernel for both at a single token.
+        return self.down_proj.forward_silu_mul(self.gate_up_proj(x))
 
 
 class PreNormDecoderLayer(nn.Module):

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from kernels import fp8_gemm
-from kernels import fp8_gemv as fp8_gemv_module
+from kernels import gemv as fp8_gemv_module
 from kernels.config import reference_mode
 from kernels.fp8_gemm import (
     fp8_bmm,
@@ -33,7 +33,6 @@ from kernels.fp8_gemm import (
     w8a8_block_fp8_matmul,
     w8a8_block_fp8_matmul_ref,
 )
-from kernels.fp8_gemv import fp8_gemv
 from kernels.fp8_quant import (
     FP8_DTYPE,
     FP8_EPS,
@@ -44,6 +43,7 @@ from kernels.fp8_quant import (
     per_token_group_quant_fp8,
     per_token_group_quant_fp8_ref,
 )
+from kernels.gemv import fp8_gemv
 
 pytestmark = pytest.mark.kernels
 

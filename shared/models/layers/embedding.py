@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from shared.models.layers.fused import use_kernels
 from shared.models.layers.linear import TP_RANK, TP_SIZE
 from shared.models.weights import set_weight_loader
 
@@ -49,4 +50,8 @@ class LMHead(VocabEmbedding):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         # The matmul runs in the model dtype like HF's; the sampler wants float32.
+        if use_kernels(hidden):  # one token streams the weight through the GEMV kernel
+            from kernels.gemv import linear
+
+            return linear(hidden, self.weight).float()
         return F.linear(hidden, self.weight).float()

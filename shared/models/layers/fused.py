@@ -2,7 +2,9 @@
 
 On CUDA tensors, where Triton is installed, RMSNorm (with the fused residual add), SiLU-and-mul
 and rotary embedding call the kernels' wrappers: one launch each instead of a chain of small
-torch ops. Everywhere else (CPU) the torch code runs, so CPU parity with HF stays exact. The
+torch ops; unquantized linear layers and the lm head take `kernels.gemv.linear` (a GEMV kernel
+for a single token, cuBLAS otherwise), and a gated MLP's down projection applies SiLU-and-mul
+inside that GEMV. Everywhere else (CPU) the torch code runs, so CPU parity with HF stays exact. The
 kernels round as the torch code does; `kernels.config.use_reference(True)` (or
 `TANDEM_KERNELS_REFERENCE=1`) routes the wrappers back to torch for debugging. The kernel
 modules are imported on first use, so importing a model never imports Triton.

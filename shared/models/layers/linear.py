@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from shared.models.layers.activation import silu_and_mul
+from shared.models.layers.fused import use_kernels
 from shared.models.weights import set_weight_loader
 from shared.quant.fp8 import FP8_DTYPE, Fp8Config
 
@@ -55,12 +57,26 @@ class LinearBase(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, in] -> [T, out]
         if self.weight_scale_inv is None:
+            if use_kernels(x):  # a single token streams the weight through the GEMV kernel
+                from kernels.gemv import linear
+
+                return linear(x, self.weight, self.bias)
             return F.linear(x, self.weight, self.bias)
         from kernels.fp8_gemm import fp8_linear, fp8_linear_ref
 
         assert self.quant is not None
         linear = fp8_linear if x.is_cuda else fp8_linear_ref
         return linear(x, self.weight, self.weight_scale_inv, self.bias, self.quant.weight_block)
+
+    def forward_silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:  # [T, 2 * in] -> [T, out]
+        """`self(silu(gate) * up)` for a fused gate/up output, as a gated MLP's down projection.
+        On a GPU, unquantized: one kernel call (`kernels.gemv.silu_mul_linear`), which at one
+        token applies the activation inside the GEMV."""
+        if self.weight_scale_inv is None and use_kernels(gate_up):
+            from kernels.gemv import silu_mul_linear
+
+            return silu_mul_linear(gate_up, self.weight, self.bias)
+        return self(silu_and_mul(gate_up))
 
     def process_weights_after_loading(self) -> None:
         """`quantization="fp8"` on an unquantized checkpoint: replace the loaded weight by its

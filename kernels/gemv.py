@@ -1,22 +1,28 @@
-"""Block-wise FP8 W8A8 for a few tokens (decode): a GEMV on CUDA cores, no tensor cores.
+"""GEMV for a few tokens (decode): the weight streamed once on CUDA cores, no tensor cores.
 
-    x    [M, K] float (quantized here) or E4M3 codes with x_s [M, ceil(K / bk)]   M <= 4
-    w_q  [N, K] fp8      w_s [ceil(N / bn), ceil(K / bk)]
-    out[m, n] = sum_kb (q_x[m, kb] * x_s[m, kb]) . (w_q[n, kb] * w_s[n // bn, kb])
+Two weight formats share one kernel:
 
-At one token the product is a stream of the weight: the tensor-core GEMM pads M to a 16-row
-MMA tile and spends its loop on MMA layout changes and per-step scaling, reaching 1.5-2.3 TB/s
-of the H100's ~2.9 (this kernel: 1.6-2.4 TB/s, quantization included; see GEMV_MAX_M). Here
-each program owns BLOCK_N weight rows and one K range: every step loads a [BLOCK_N, bk] weight
-tile (one scale group, 16-byte loads along K), upconverts it to float32 and multiply-adds it,
-elementwise, into a float32 [BLOCK_M, BLOCK_N, bk] accumulator with the activation's
-dequantized group (q * x_scale * w_scale); the reduction over K runs once, after the loop, so
-the loop is loads, converts and FMAs only.
+    dense   x [M, K] float, w [N, K] float (x's dtype)            out = x @ w.T
+    fp8     x [M, K] float (quantized here) or E4M3 codes with x_s [M, ceil(K / bk)]
+            w_q [N, K] fp8, w_s [ceil(N / bn), ceil(K / bk)]
+            out[m, n] = sum_kb (q_x[m, kb] * x_s[m, kb]) . (w_q[n, kb] * w_s[n // bn, kb])
 
-The activation stays W8A8: with `x_s` None the kernel quantizes each [BLOCK_M, bk] group of x
-in its step with the quantization kernel's own rule (`quant_groups_e4m3`: the same codes and
-scales as `per_token_group_quant_fp8`, bit for bit); every column tile repeats that, which costs
-little next to its BLOCK_N weight rows. Otherwise x is already codes and x_s their scales.
+At one token a linear layer is a stream of its weight. Tensor-core GEMMs pad M to an MMA tile
+and, at some shapes, launch too few tiles to keep every SM loading (cuBLAS on the H100 runs
+Llama-3-8B's 4096x4096 o_proj on 64 tiles: 1.6 TB/s) or add a split-K reduction kernel. Here
+each program owns BLOCK_N weight rows and one K range: every step loads a [BLOCK_N, BLOCK_K]
+weight tile (16-byte loads along K), upconverts it to float32 and multiply-adds it, elementwise,
+into a float32 [BLOCK_M, BLOCK_N, BLOCK_K] accumulator with the activation; the reduction over
+K runs once, after the loop, so the loop is loads, converts and FMAs only.
+
+A gated MLP's down projection (`silu_mul_linear`) reads the fused gate/up output and forms
+silu(gate) * up as it loads each step: one launch and no intermediate instead of two.
+
+FP8: BLOCK_K is the scale group (bk). The activation stays W8A8: with `x_s` None the kernel
+quantizes each [BLOCK_M, bk] group of x in its step with the quantization kernel's own rule
+(`quant_groups_e4m3`: the same codes and scales as `per_token_group_quant_fp8`, bit for bit);
+every column tile repeats that, which costs little next to its BLOCK_N weight rows. Otherwise x
+is already codes and x_s their scales.
 
 Split K: where N / BLOCK_N programs alone would leave SMs short of loads in flight, SPLIT_K
 programs share a column tile's K range, each writing a float32 partial; `split_k_sum` adds them
@@ -30,11 +36,15 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.config import interpreting
+from kernels.checks import FLOAT_DTYPES, check_dtype, check_ndim
+from kernels.config import interpreting, reference_enabled
 from kernels.fp8_quant import FP8_EPS, FP8_MAX, quant_groups_e4m3
+
+_OP = "linear"
 
 # Tokens up to which `fp8_linear` / `w8a8_block_fp8_matmul` take the GEMV (no explicit config).
 # H100, Llama-3-8B shapes, CUDA graphs: at M = 1 the GEMV beats the tensor-core path with its
@@ -71,6 +81,52 @@ def gemv_config(m: int, n: int, k: int) -> dict[str, int]:
     return {"BLOCK_N": block_n, "SPLIT_K": split, "num_warps": 4, "num_stages": 4}
 
 
+# Rows up to which `linear` takes the dense GEMV instead of cuBLAS. H100, bf16, CUDA graphs,
+# weights cycled past L2 (bench/fast_path_sweep.py): at M = 1 the GEMV is faster on every
+# Llama-3-8B shape (qkv 19.9 vs 21.3 us, o 14.2 vs 16.5, gate_up 80.1 vs 83.7, down 43.6 vs
+# 45.5, lm head 340 vs 426); at M = 2 cuBLAS is as fast or faster (its time hardly grows with M,
+# the GEMV's accumulator does).
+DENSE_GEMV_MAX_M = 1
+
+DENSE_CONFIG_KEYS = frozenset({"BLOCK_N", "BLOCK_K", "SPLIT_K", "num_warps", "num_stages"})
+
+
+def dense_gemv_config(m: int, n: int, k: int) -> dict[str, int]:
+    """BLOCK_N, BLOCK_K, SPLIT_K and launch options of `dense_gemv` (M <= GEMV_MAX_ROWS).
+
+    From the H100 sweep at M = 1 (BLOCK_N 8/16/32, BLOCK_K 128-512, SPLIT_K 1-8, 4/8 warps, 2/4
+    stages): 8 rows x 512 columns, 4 warps, 4 stages was best or within 2% of it on all five
+    shapes, unsplit (N / 8 alone fills the SMs there; 256-column steps lost 1-15%). K is split
+    only where the row tiles are too few for the SMs (small models).
+    """
+    block_k = next((bk for bk in (512, 256) if k % bk == 0), 128)
+    block_n = 8
+    tiles = triton.cdiv(n, block_n)
+    steps = triton.cdiv(k, block_k)
+    split = 1
+    while tiles * split < _NUM_SMS and steps // (2 * split) >= 2:
+        split *= 2
+    return {"BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split, "num_warps": 4, "num_stages": 4}
+
+
+def linear(
+    x: torch.Tensor,  # [..., K]
+    weight: torch.Tensor,  # [N, K], x's dtype
+    bias: torch.Tensor | None = None,  # [N]
+) -> torch.Tensor:  # [..., N], x's dtype
+    """`F.linear(x, weight, bias)` for a float weight: up to `DENSE_GEMV_MAX_M` rows on a GPU the
+    dense GEMV (float32 accumulation, one rounding to x's dtype, as cuBLAS), else cuBLAS.
+    Graph-safe."""
+    check_dtype(_OP, "x", x, FLOAT_DTYPES)
+    _check_linear(x, weight, bias)
+    x2 = x.reshape(-1, x.shape[-1])
+    if 0 < x2.shape[0] <= DENSE_GEMV_MAX_M and x.is_cuda and not reference_enabled():
+        out = dense_gemv(x2, weight, bias)
+    else:
+        out = F.linear(x2, weight, bias)
+    return out.view(*x.shape[:-1], weight.shape[0])
+
+
 def fp8_gemv(
     x: torch.Tensor,  # [M, K] float (x_s None) or float8_e4m3fn codes
     x_s: torch.Tensor | None,  # [M, ceil(K / bk)] float32, or None: quantize x in the kernel
@@ -84,23 +140,91 @@ def fp8_gemv(
     """The launch behind the few-token paths of `kernels.fp8_gemm`. No checks: callers check
     (bk a power of two >= 32, shapes, dtypes, one device). No host sync: graph-safe."""
     m, k = x.shape
-    n = w_q.shape[0]
+    cfg = {**gemv_config(m, w_q.shape[0], k), **(config or {})}
+    return _launch(x, x_s, w_q, w_s, out_dtype, bias, block, cfg)
+
+
+def silu_mul_linear(
+    gate_up: torch.Tensor,  # [..., 2K]: gate | up
+    weight: torch.Tensor,  # [N, K], gate_up's dtype
+    bias: torch.Tensor | None = None,  # [N]
+) -> torch.Tensor:  # [..., N]
+    """`F.linear(silu(gate) * up, weight, bias)`, a gated MLP's down projection: up to
+    `DENSE_GEMV_MAX_M` rows on a GPU one GEMV that forms its input as it loads it (no activation
+    launch, no intermediate), else `kernels.activation.silu_and_mul` then `linear`. Same
+    roundings either way."""
+    check_dtype(_OP, "gate_up", gate_up, FLOAT_DTYPES)
+    if gate_up.shape[-1] % 2 != 0:
+        raise ValueError(f"{_OP}: gate_up's last dim must be even (gate | up), got {tuple(gate_up.shape)}")
+    _check_linear(gate_up[..., : gate_up.shape[-1] // 2], weight, bias)
+    x2 = gate_up.reshape(-1, gate_up.shape[-1])
+    if 0 < x2.shape[0] <= DENSE_GEMV_MAX_M and gate_up.is_cuda and not reference_enabled():
+        out = dense_gemv(x2, weight, bias, gated=True)
+        return out.view(*gate_up.shape[:-1], weight.shape[0])
+    from kernels.activation import silu_and_mul
+
+    return linear(silu_and_mul(gate_up), weight, bias)
+
+
+def _check_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    check_ndim(_OP, "weight", weight, 2, "[out_features, in_features]")
+    if weight.dtype != x.dtype or x.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"{_OP}: x {tuple(x.shape)} {x.dtype} does not match weight {tuple(weight.shape)} {weight.dtype}"
+        )
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"{_OP}: bias {tuple(bias.shape)} for {weight.shape[0]} outputs")
+
+
+def dense_gemv(
+    x: torch.Tensor,  # [M, K], or [M, 2K] (gate | up) with gated
+    weight: torch.Tensor,  # [N, K], x's dtype
+    bias: torch.Tensor | None = None,  # [N]
+    config: dict[str, int] | None = None,  # keys DENSE_CONFIG_KEYS, overriding `dense_gemv_config`
+    gated: bool = False,
+) -> torch.Tensor:  # [M, N], x's dtype
+    """`F.linear(x, weight, bias)` for M <= GEMV_MAX_ROWS rows, accumulated in float32 and
+    rounded once to x's dtype. `gated`: x is a fused gate/up projection and the input is
+    silu(gate) * up, formed as each step loads it, rounded as `kernels.activation.silu_and_mul`
+    rounds (so the result is bit for bit the unfused pair's). No checks: callers check. No host
+    sync: graph-safe."""
+    m, k = x.shape
+    k = k // 2 if gated else k
+    cfg = {**dense_gemv_config(m, weight.shape[0], k), **(config or {})}
+    block = (1, cfg.pop("BLOCK_K"))
+    return _launch(x, None, weight, None, x.dtype, bias, block, cfg, gated=gated)
+
+
+def _launch(
+    x: torch.Tensor,
+    x_s: torch.Tensor | None,
+    w: torch.Tensor,
+    w_s: torch.Tensor | None,  # None: dense weights
+    out_dtype: torch.dtype,
+    bias: torch.Tensor | None,
+    block: tuple[int, int],  # (bn, bk): scale blocks; bk is also the step along K
+    cfg: dict[str, Any],  # BLOCK_N, SPLIT_K and launch options
+    gated: bool = False,  # x is [M, 2K]: gate | up (dense weights only)
+) -> torch.Tensor:
+    m = x.shape[0]
+    n, k = w.shape
     assert m <= GEMV_MAX_ROWS, m
     out = torch.empty((m, n), dtype=out_dtype, device=x.device)
     if out.numel() == 0:
         return out
     bn, bk = block
-    cfg: dict[str, Any] = {**gemv_config(m, n, k), **(config or {})}
+    cfg = dict(cfg)
     block_n = cfg.pop("BLOCK_N")
     groups = triton.cdiv(k, bk)
     groups_per_split = triton.cdiv(groups, cfg.pop("SPLIT_K"))
     split_k = triton.cdiv(groups, groups_per_split)  # none of them empty
     partial = out if split_k == 1 else torch.empty((split_k, m, n), dtype=torch.float32, device=x.device)
-    _fp8_gemv_kernel[(triton.cdiv(n, block_n), split_k)](
+    scaled = w_s is not None
+    _gemv_kernel[(triton.cdiv(n, block_n), split_k)](
         x,
-        x_s if x_s is not None else x,  # unused with FUSE_QUANT
-        w_q,
-        w_s,
+        x_s if x_s is not None else x,  # unused with FUSE_QUANT or dense weights
+        w,
+        w_s if w_s is not None else w,  # unused with dense weights
         bias if bias is not None else out,  # unused without HAS_BIAS
         partial,
         m,
@@ -111,16 +235,18 @@ def fp8_gemv(
         FP8_EPS,
         *x.stride(),
         *(x_s.stride() if x_s is not None else (0, 0)),
-        *w_q.stride(),
-        *w_s.stride(),
+        *w.stride(),
+        *(w_s.stride() if w_s is not None else (0, 0)),
         *partial.stride()[-2:],
         partial.stride(0) if split_k > 1 else 0,
         GROUP_N=bn,
         GROUP_K=bk,
         HAS_BIAS=bias is not None and split_k == 1,
         EVEN_K=k % bk == 0,
-        SCALAR_W_SCALE=bn % block_n == 0,
-        FUSE_QUANT=x_s is None,
+        SCALED=scaled,
+        SCALAR_W_SCALE=scaled and bn % block_n == 0,
+        FUSE_QUANT=scaled and x_s is None,
+        GATED=gated,
         LOOP_WHILE=interpreting(),
         BLOCK_M=triton.next_power_of_2(m),
         BLOCK_N=block_n,
@@ -154,7 +280,7 @@ def split_k_sum(
 
 
 @triton.jit
-def _fp8_gemv_kernel(
+def _gemv_kernel(
     x_ptr,
     xs_ptr,
     w_ptr,
@@ -182,8 +308,10 @@ def _fp8_gemv_kernel(
     GROUP_K: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     EVEN_K: tl.constexpr,
+    SCALED: tl.constexpr,
     SCALAR_W_SCALE: tl.constexpr,
     FUSE_QUANT: tl.constexpr,
+    GATED: tl.constexpr,
     LOOP_WHILE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -218,7 +346,7 @@ def _fp8_gemv_kernel(
         while k0 < k_hi:
             acc = _gemv_step(
                 acc, x_ptrs, xs_ptrs, w_ptrs, ws_ptrs, xs_stride_k, ws_stride_k, offs_k, k0, K,
-                fp8_max, eps, GROUP_K, EVEN_K, SCALAR_W_SCALE, FUSE_QUANT, BLOCK_M,
+                x_stride_k, fp8_max, eps, GROUP_K, EVEN_K, SCALED, SCALAR_W_SCALE, FUSE_QUANT, GATED, BLOCK_M,
             )  # fmt: skip
             x_ptrs += GROUP_K * x_stride_k
             w_ptrs += GROUP_K * w_stride_k
@@ -227,7 +355,7 @@ def _fp8_gemv_kernel(
         for k0 in range(k_lo, k_hi, GROUP_K):
             acc = _gemv_step(
                 acc, x_ptrs, xs_ptrs, w_ptrs, ws_ptrs, xs_stride_k, ws_stride_k, offs_k, k0, K,
-                fp8_max, eps, GROUP_K, EVEN_K, SCALAR_W_SCALE, FUSE_QUANT, BLOCK_M,
+                x_stride_k, fp8_max, eps, GROUP_K, EVEN_K, SCALED, SCALAR_W_SCALE, FUSE_QUANT, GATED, BLOCK_M,
             )  # fmt: skip
             x_ptrs += GROUP_K * x_stride_k
             w_ptrs += GROUP_K * w_stride_k
@@ -256,21 +384,39 @@ def _gemv_step(
     offs_k,  # [GROUP_K]
     k0,
     K,
+    x_stride_k,
     fp8_max,
     eps,
     GROUP_K: tl.constexpr,
     EVEN_K: tl.constexpr,
+    SCALED: tl.constexpr,
     SCALAR_W_SCALE: tl.constexpr,
     FUSE_QUANT: tl.constexpr,
+    GATED: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):
-    """acc + the dequantized products of group k0 // GROUP_K, unreduced."""
+    """acc + the (dequantized) products of columns [k0, k0 + GROUP_K), unreduced."""
     if EVEN_K:
         x = tl.load(x_ptrs)
         w = tl.load(w_ptrs)
     else:
         x = tl.load(x_ptrs, mask=offs_k[None, :] < K - k0, other=0.0)
         w = tl.load(w_ptrs, mask=offs_k[None, :] < K - k0, other=0.0)
+    if GATED:  # x holds the gates; the ups sit K columns on. silu_and_mul's roundings.
+        if EVEN_K:
+            up = tl.load(x_ptrs + K * x_stride_k)
+        else:
+            up = tl.load(x_ptrs + K * x_stride_k, mask=offs_k[None, :] < K - k0, other=0.0)
+        g = x.to(tl.float32)
+        silu = (g * tl.sigmoid(g)).to(x.dtype)
+        x = (silu.to(tl.float32) * up.to(tl.float32)).to(x.dtype)
+    if not SCALED:
+        xf = x.to(tl.float32)  # [BLOCK_M, GROUP_K]
+        wf = w.to(tl.float32)  # [BLOCK_N, GROUP_K]
+        if BLOCK_M == 1:
+            return acc + wf * xf
+        else:
+            return acc + wf[None, :, :] * xf[:, None, :]
     group = k0 // GROUP_K
     if FUSE_QUANT:
         q, x_scale = quant_groups_e4m3(x.to(tl.float32), fp8_max, eps)  # on the E4M3 grid, [BM]
