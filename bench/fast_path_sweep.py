@@ -1,0 +1,170 @@
+"""Launch-config sweeps for the decode fast path, on a GPU, in one run.
+
+1. The dense GEMV (`kernels.gemv.dense_gemv`) against cuBLAS (`F.linear`) at Llama-3-8B's layer
+   shapes and its lm head, M = 1, 2, 4: every config of a grid, checked against float32 first;
+2. paged decode attention (`kernels.decode_attention`, both stages) at batch 1 and 128 over a
+   1088-token context (Llama-3-8B: 32 query heads, 8 KV heads, head dim 128), bf16 and FP8
+   pools: K/V splits, key block, warps and pipeline stages.
+
+Every call is timed as a CUDA-graph replay, its weights (or per-layer pools) cycled past the
+L2 cache. Prints the best configs last; `--json` writes every figure.
+
+    python bench/fast_path_sweep.py --json out/sweep.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.gpu_bench import copy_bandwidth, run_header
+from bench.kernel_bench import LLAMA3_8B_SHAPES, copies_for, per_copy
+
+GEMV_SHAPES = {**LLAMA3_8B_SHAPES, "lm_head": (128256, 4096)}
+
+
+def sweep_gemv(device: torch.device, ms: tuple[int, ...], full: bool) -> list[dict[str, Any]]:
+    from kernels.gemv import dense_gemv, dense_gemv_config
+
+    rows = []
+    for name, (n, k) in GEMV_SHAPES.items():
+        copies = copies_for(2 * n * k, device)
+        ws = [torch.randn(n, k, device=device, dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
+        nbytes = 2 * n * k
+        for m in ms:
+            x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
+            ref = F.linear(x.float(), ws[0].float())
+            t_cublas = per_copy(lambda w, x=x: F.linear(x, w), ws, device, 20)
+            default = dense_gemv_config(m, n, k)
+            grid = [default]
+            if full and m == 1:
+                for bn, bk, split, warps, stages in itertools.product(
+                    (8, 16, 32), (128, 256, 512), (1, 2, 4, 8), (4, 8), (2, 4)
+                ):
+                    tiles = -(-n // bn)
+                    if tiles * split < 132 or k // (bk * split) < 2 or tiles * split > 16384:
+                        continue
+                    grid.append(
+                        {
+                            "BLOCK_N": bn,
+                            "BLOCK_K": bk,
+                            "SPLIT_K": split,
+                            "num_warps": warps,
+                            "num_stages": stages,
+                        }
+                    )
+            for cfg in grid:
+                out = dense_gemv(x, ws[0], config=cfg)
+                err = ((out.float() - ref).norm() / ref.norm()).item()
+                t = per_copy(lambda w, x=x, c=cfg: dense_gemv(x, w, config=c), ws, device, 20)
+                row = {
+                    "shape": name, "M": m, "N": n, "K": k, "config": cfg, "default": cfg is default,
+                    "us": 1e6 * t, "cublas_us": 1e6 * t_cublas, "vs_cublas": t_cublas / t,
+                    "tb_s": nbytes / t / 1e12, "cublas_tb_s": nbytes / t_cublas / 1e12, "rel_err": err,
+                }  # fmt: skip
+                rows.append(row)
+                if err > 1e-2:
+                    print(f"  BAD {name} M={m} {cfg}: rel err {err:.2e}", flush=True)
+            best = min((r for r in rows if r["shape"] == name and r["M"] == m), key=lambda r: r["us"])
+            dflt = next(r for r in rows if r["shape"] == name and r["M"] == m and r["default"])
+            print(
+                f"gemv {name:8s} M={m}: cuBLAS {1e6 * t_cublas:7.1f} us "
+                f"({nbytes / t_cublas / 1e12:.2f} TB/s); "
+                f"default {dflt['us']:7.1f} us ({dflt['tb_s']:.2f}); best {best['us']:7.1f} us "
+                f"({best['tb_s']:.2f}) {best['config']}",
+                flush=True,
+            )
+        del ws
+    return rows
+
+
+def sweep_decode(device: torch.device, full: bool) -> list[dict[str, Any]]:
+    from kernels.decode_attention import decode_attention
+
+    hq, hkv, d, ctx, page = 32, 8, 128, 1088, 16
+    rows = []
+    for batch, kv_dtype in ((1, torch.bfloat16), (128, torch.bfloat16), (128, torch.float8_e4m3fn)):
+        pages = batch * (-(-ctx // page))
+        slots = (pages + 1) * page
+        layers = 1 if batch * ctx * hkv * d * 4 > (256 << 20) else 32
+        pools = [
+            (
+                (torch.randn(slots, hkv, d, device=device) * 0.5).to(kv_dtype),
+                (torch.randn(slots, hkv, d, device=device) * 0.5).to(kv_dtype),
+            )
+            for _ in range(layers)
+        ]
+        # Pages shuffled across requests, as in a pool that has been running a while.
+        order = torch.randperm(pages, device=device) + 1
+        token_slots = (order[:, None] * page + torch.arange(page, device=device)).view(batch, -1)[:, :ctx]
+        req_to_token = token_slots.to(torch.int32).contiguous()
+        req_rows = torch.arange(batch, device=device, dtype=torch.int32)
+        seq_lens = torch.full((batch,), ctx, device=device, dtype=torch.int32)
+        q = torch.randn(batch, hq, d, device=device, dtype=torch.bfloat16)
+        nbytes = batch * ctx * hkv * d * 2 * pools[0][0].element_size()
+        splits_grid = (8, 16, 32) if batch == 1 else (1, 2)
+        grid: list[tuple[int, dict[str, int]]] = [(16 if batch == 1 else 1, {})]  # today's plan
+        if full:
+            for splits, bn, warps, stages in itertools.product(
+                splits_grid, (16, 32, 64, 128), (2, 4, 8), (1, 2, 3, 4)
+            ):
+                if (batch == 1 and bn == 128) or (batch > 1 and bn == 16):
+                    continue
+                grid.append((splits, {"BLOCK_N": bn, "num_warps": warps, "num_stages": stages}))
+        for splits, cfg in grid:
+            args = (q, req_to_token, req_rows, seq_lens)
+
+            def call(pool, cfg=cfg, splits=splits, args=args) -> object:
+                q, r2t, rows, lens = args
+                return decode_attention(q, pool[0], pool[1], r2t, rows, lens, d**-0.5,
+                                        max_seq_len=ctx, num_kv_splits=splits, config=cfg)  # fmt: skip
+
+            try:
+                t = per_copy(call, pools, device, 20)
+            except Exception as exc:  # a config the compiler rejects (shared memory): skip it
+                print(f"  skip B={batch} splits={splits} {cfg}: {type(exc).__name__}", flush=True)
+                continue
+            rows.append({"batch": batch, "kv_dtype": str(kv_dtype), "splits": splits, "config": cfg,
+                         "us": 1e6 * t, "tb_s": nbytes / t / 1e12})  # fmt: skip
+        mine = [r for r in rows if r["batch"] == batch and r["kv_dtype"] == str(kv_dtype)]
+        best = min(mine, key=lambda r: r["us"])
+        print(
+            f"decode B={batch:3d} {kv_dtype!s:20s}: today {mine[0]['us']:7.1f} us "
+            f"({mine[0]['tb_s']:.2f} TB/s); "
+            f"best {best['us']:7.1f} us ({best['tb_s']:.2f}) splits={best['splits']} {best['config']}",
+            flush=True,
+        )
+        del pools
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--only", default="gemv,decode")
+    parser.add_argument("--quick", action="store_true", help="default configs only")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    device = torch.device("cuda")
+    result: dict[str, Any] = run_header(device) | {"copy_bytes_per_s": copy_bandwidth(device)}
+    print(f"copy bandwidth {result['copy_bytes_per_s'] / 1e12:.2f} TB/s", flush=True)
+    only = set(args.only.split(","))
+    if "decode" in only:
+        result["decode"] = sweep_decode(device, not args.quick)
+    if "gemv" in only:
+        result["gemv"] = sweep_gemv(device, (1, 2, 4), not args.quick)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
