@@ -194,6 +194,7 @@ def mla_decode_attention(
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         V_DIM=v_dim,
         ROPE_DIM=k_dim - v_dim,
+        BLOCK_R=max(_MIN_DIM, triton.next_power_of_2(k_dim - v_dim)),
         BLOCK_H=config.block_h,
         BLOCK_N=config.block_n,
         HEADS_ON_N=config.heads_on_n,
@@ -231,10 +232,10 @@ def _check(
     k_dim = q.shape[2]
     if kv_buffer.shape[2] != k_dim:
         raise ValueError(f"{_OP}: q latent_dim {k_dim} != pool latent_dim {kv_buffer.shape[2]}")
-    rope_dim = k_dim - v_dim
-    for name, dim in (("v_dim", v_dim), ("rope dim (latent_dim - v_dim)", rope_dim)):
-        if dim < _MIN_DIM or not _is_power_of_two(dim):
-            raise ValueError(f"{_OP}: {name} must be a power of two >= {_MIN_DIM}, got {dim}")
+    if v_dim < _MIN_DIM or not _is_power_of_two(v_dim):
+        raise ValueError(f"{_OP}: v_dim must be a power of two >= {_MIN_DIM}, got {v_dim}")
+    if k_dim <= v_dim:
+        raise ValueError(f"{_OP}: latent_dim {k_dim} leaves no rope columns after v_dim {v_dim}")
     if not scaling > 0:
         raise ValueError(f"{_OP}: scaling must be positive, got {scaling}")
     if num_kv_splits is not None and num_kv_splits < 1:
@@ -272,6 +273,7 @@ def _mla_stage1_kernel(
     DOT_PRECISION: tl.constexpr,
     V_DIM: tl.constexpr,
     ROPE_DIM: tl.constexpr,
+    BLOCK_R: tl.constexpr,  # ROPE_DIM padded to a power of two >= 16 (the padding masked)
     BLOCK_H: tl.constexpr,
     BLOCK_N: tl.constexpr,
     HEADS_ON_N: tl.constexpr,
@@ -284,10 +286,14 @@ def _mla_stage1_kernel(
     heads = head_block * BLOCK_H + tl.arange(0, BLOCK_H)  # [BLOCK_H], the last block masked
     head_mask = heads < num_heads
     dc = tl.arange(0, V_DIM)  # latent columns of c (also the value)
-    dr = V_DIM + tl.arange(0, ROPE_DIM)  # latent columns of k_rope
+    r = tl.arange(0, BLOCK_R)
+    r_mask = r < ROPE_DIM
+    dr = V_DIM + r  # latent columns of k_rope
     q_row = q_ptr + b * q_stride_b + heads[:, None] * q_stride_h  # [BLOCK_H, 1]
     q_c = tl.load(q_row + dc[None, :] * q_stride_d, mask=head_mask[:, None], other=0.0)  # [BLOCK_H, V_DIM]
-    q_r = tl.load(q_row + dr[None, :] * q_stride_d, mask=head_mask[:, None], other=0.0)  # [BLOCK_H, ROPE_DIM]
+    q_r = tl.load(
+        q_row + dr[None, :] * q_stride_d, mask=head_mask[:, None] & r_mask[None, :], other=0.0
+    )  # [BLOCK_H, BLOCK_R]
 
     seq_len = tl.load(seq_lens_ptr + b)
     row = tl.load(req_rows_ptr + b).to(tl.int64)
@@ -302,7 +308,7 @@ def _mla_stage1_kernel(
         # Heads on the products' N side: acc^T [V_DIM, BLOCK_H] (see MLADecodeConfig.heads_on_n).
         acc = tl.zeros([V_DIM, BLOCK_H], dtype=tl.float32)
         q_c = tl.trans(q_c)  # [V_DIM, BLOCK_H]
-        q_r = tl.trans(q_r)  # [ROPE_DIM, BLOCK_H]
+        q_r = tl.trans(q_r)  # [BLOCK_R, BLOCK_H]
     else:
         acc = tl.zeros([BLOCK_H, V_DIM], dtype=tl.float32)
     # Compiled kernels take the `for` loop, which Triton software-pipelines; the interpreter
@@ -311,14 +317,14 @@ def _mla_stage1_kernel(
         start = lo
         while start < hi:
             m_i, l_i, acc = _mla_block(
-                q_c, q_r, m_i, l_i, acc, start, hi, row, dc, dr, req_to_token_ptr, r2t_stride_row, kv_ptr,
+                q_c, q_r, m_i, l_i, acc, start, hi, row, dc, dr, r_mask, req_to_token_ptr, r2t_stride_row, kv_ptr,
                 kv_stride_s, kv_stride_d, scale_log2, HEADS_ON_N, DOT_PRECISION, BLOCK_N,
             )  # fmt: skip
             start += BLOCK_N
     else:
         for start in range(lo, hi, BLOCK_N):
             m_i, l_i, acc = _mla_block(
-                q_c, q_r, m_i, l_i, acc, start, hi, row, dc, dr, req_to_token_ptr, r2t_stride_row, kv_ptr,
+                q_c, q_r, m_i, l_i, acc, start, hi, row, dc, dr, r_mask, req_to_token_ptr, r2t_stride_row, kv_ptr,
                 kv_stride_s, kv_stride_d, scale_log2, HEADS_ON_N, DOT_PRECISION, BLOCK_N,
             )  # fmt: skip
 
@@ -348,7 +354,7 @@ def _mla_stage1_kernel(
 @triton.jit
 def _mla_block(
     q_c,  # [BLOCK_H, V_DIM], or its transpose when HEADS_ON_N
-    q_r,  # [BLOCK_H, ROPE_DIM], likewise
+    q_r,  # [BLOCK_H, BLOCK_R], likewise
     m_i,  # [BLOCK_H] running max of the scores (base-2 units)
     l_i,  # [BLOCK_H] running sum of 2^(score - m_i)
     acc,  # [BLOCK_H, V_DIM] running sum of 2^(score - m_i) * c, likewise
@@ -357,6 +363,7 @@ def _mla_block(
     row,
     dc,
     dr,
+    r_mask,
     req_to_token_ptr,
     r2t_stride_row,
     kv_ptr,
@@ -376,7 +383,9 @@ def _mla_block(
     # past the context may hold anything (NaN in an uninitialised FP8 pool), and 0 * NaN is NaN.
     # .to: an FP8 pool is converted to q's dtype (a no-op otherwise).
     c = tl.load(kv_row + dc[None, :] * kv_stride_d, mask=n_mask[:, None], other=0.0)  # [BLOCK_N, V_DIM]
-    k_r = tl.load(kv_row + dr[None, :] * kv_stride_d, mask=n_mask[:, None], other=0.0)  # [BLOCK_N, ROPE_DIM]
+    k_r = tl.load(
+        kv_row + dr[None, :] * kv_stride_d, mask=n_mask[:, None] & r_mask[None, :], other=0.0
+    )  # [BLOCK_N, BLOCK_R]
     dt = q_c.dtype
     if HEADS_ON_N:
         scores_t = tl.dot(c.to(dt), q_c, input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_H]

@@ -8,7 +8,7 @@ into a sum gives NaN, not a slightly wrong number.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pytest
@@ -83,9 +83,15 @@ def decode_lens(device: torch.device, max_len: int) -> list[int]:
 
 
 def mla_inputs(
-    device: torch.device, num_heads: int, kv_dtype: torch.dtype | None = None, seed: int = 0
+    device: torch.device,
+    num_heads: int,
+    kv_dtype: torch.dtype | None = None,
+    seed: int = 0,
+    rope_dim: int | None = None,
 ) -> tuple[MLAShape, LatentPool, torch.Tensor, list[int]]:
     shape = mla_shape(device)
+    if rope_dim is not None:
+        shape = replace(shape, rope_dim=rope_dim)
     seq_lens = decode_lens(device, shape.max_len)
     pool = make_latent_pool(seq_lens, 16, shape.latent_dim, kv_dtype or shape.dtype, device, seed=seed)
     gen = torch.Generator().manual_seed(seed + 100)
@@ -128,6 +134,16 @@ def test_mla_decode_tilings(device: torch.device, config: MLADecodeConfig) -> No
     args = mla_args(shape, pool, q, seq_lens)
 
     out = mla_decode_attention(*args, num_kv_splits=3, config=config)
+    torch.testing.assert_close(out, mla_decode_attention_ref(*args), atol=shape.atol, rtol=shape.atol)
+
+
+@pytest.mark.parametrize("rope_dim", [8, 24])
+def test_mla_decode_pads_a_narrow_or_ragged_rope_part(device: torch.device, rope_dim: int) -> None:
+    """Rope parts under 16 columns or not a power of two (tiny test models) are padded, masked."""
+    shape, pool, q, seq_lens = mla_inputs(device, 20, seed=3, rope_dim=rope_dim)
+    args = mla_args(shape, pool, q, seq_lens)
+
+    out = mla_decode_attention(*args, num_kv_splits=2)
     torch.testing.assert_close(out, mla_decode_attention_ref(*args), atol=shape.atol, rtol=shape.atol)
 
 
@@ -196,8 +212,8 @@ def _mla_call(device: torch.device, **overrides: Any) -> torch.Tensor:
 
 MLA_BAD_CALLS: list[tuple[str, dict[str, Any], str]] = [
     ("v_dim not a power of two", {"v_dim": 24}, "v_dim"),
-    ("rope dim too narrow", {"v_dim": 40}, "v_dim"),
-    ("rope dim not a power of two", {"q": (2, 4, 56), "kv_buffer": (32, 1, 56)}, "rope dim"),
+    ("v_dim not a power of two, narrow rope", {"v_dim": 40}, "v_dim"),
+    ("no rope columns", {"q": (2, 4, 32), "kv_buffer": (32, 1, 32)}, "no rope columns"),
     ("two latent heads", {"kv_buffer": (16, 2, 48)}, "one latent head"),
     ("latent dim mismatch", {"q": (2, 4, 64)}, "latent_dim"),
     ("q dtype != pool dtype", {"q": torch.float16}, "share a dtype"),
