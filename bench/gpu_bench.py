@@ -323,9 +323,11 @@ def tandem_decode(
     steps: int,
     phases: PhaseTimer | None = None,
     params: SamplingParams | None = None,
+    profile_steps: int = 0,
 ) -> dict[str, Any]:
     """Prefill a batch, then time `steps` decode steps with every request running, then abort.
-    `params` (default greedy, ignore_eos) must not let a request finish within the timed steps."""
+    `params` (default greedy, ignore_eos) must not let a request finish within the timed steps.
+    `profile_steps`: that many more steps under the torch profiler (GPU ops per step)."""
     params = params or SamplingParams(max_new_tokens=steps + _EXTRA_TOKENS, temperature=0.0, ignore_eos=True)
     device = core.runner.device
     rids = [f"d{len(prompts)}-{i}-{time.monotonic_ns()}" for i in range(len(prompts))]
@@ -348,6 +350,7 @@ def tandem_decode(
     if phases is not None:
         phases.enabled = False
     assert tokens == steps * len(prompts), (tokens, steps, len(prompts))
+    step_ops = profile_fn(core.step, profile_steps) if profile_steps and device.type == "cuda" else None
     for rid in rids:
         core.abort(rid)
     while core.has_work:
@@ -358,7 +361,7 @@ def tandem_decode(
         "decode_steps": steps,
         "tok_s": tokens / decode_s,
         "step_ms": 1e3 * decode_s / steps,
-    }
+    } | ({"profile_steps": step_ops} if step_ops else {})
 
 
 def tandem_prefill(core: EngineCore, prompts: list[list[int]]) -> float:
@@ -373,7 +376,12 @@ def tandem_prefill(core: EngineCore, prompts: list[list[int]]) -> float:
     return time.perf_counter() - start
 
 
-def bench_tandem(path: Path, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+def bench_tandem(
+    path: Path, args: argparse.Namespace, device: torch.device, profile: bool = False
+) -> dict[str, Any]:
+    """Tandem's timed decode and prefill runs; with `profile` instead the GPU ops of its decode
+    steps and forwards (run last of all: a profiler session leaves launches slower for a while,
+    which would distort any timing after it)."""
     from transformers import AutoTokenizer
 
     batches = [int(b) for b in args.batches.split(",")]
@@ -405,6 +413,15 @@ def bench_tandem(path: Path, args: argparse.Namespace, device: torch.device) -> 
     tandem_decode(core, prompts_for(2, args.context, vocab, 99), 4)  # compile the extend kernels
     phases = PhaseTimer(core)
     graphs = core.runner.graph_runner
+    if profile:
+        if device.type == "cuda":
+            for b in batches:
+                steps = tandem_decode(core, prompts_for(b, args.context, vocab, b), 2, profile_steps=8)
+                result["decode"][str(b)] = {"profile_steps": steps["profile_steps"]}
+            if graphs is not None:
+                result["profile"] = {str(b): profile_forward(graphs.eager_fn(graphs.padded_size(b)))
+                                     for b in (1, 128) if graphs.can_run_size(b)}  # fmt: skip
+        batches = []
     for b in batches:
         run = tandem_decode(core, prompts_for(b, args.context, vocab, b), args.decode_tokens, phases)
         run["host_ms_per_step"] = {k: 1e3 * v / max(run["decode_steps"], 1) for k, v in phases.totals.items()}
@@ -415,17 +432,15 @@ def bench_tandem(path: Path, args: argparse.Namespace, device: torch.device) -> 
             run["graph_tok_s"] = b / (run["graph_ms"] / 1e3)
         result["decode"][str(b)] = run
         print(f"tandem batch {b}: {run['tok_s']:.1f} tok/s decode", flush=True)
-    tandem_prefill(core, prompts_for(args.prefill_batch, args.context, vocab, 6))  # warm up
-    seconds = tandem_prefill(core, prompts_for(args.prefill_batch, args.context, vocab, 7))
-    result["prefill"] = {
-        "batch": args.prefill_batch,
-        "tokens": args.prefill_batch * args.context,
-        "seconds": seconds,
-        "tok_s": args.prefill_batch * args.context / seconds,
-    }
-    if args.profile and device.type == "cuda" and graphs is not None:
-        result["profile"] = {str(b): profile_forward(graphs.eager_fn(graphs.padded_size(b))) for b in (1, 128)
-                             if graphs.can_run_size(b)}  # fmt: skip
+    if not profile:
+        tandem_prefill(core, prompts_for(args.prefill_batch, args.context, vocab, 6))  # warm up
+        seconds = tandem_prefill(core, prompts_for(args.prefill_batch, args.context, vocab, 7))
+        result["prefill"] = {
+            "batch": args.prefill_batch,
+            "tokens": args.prefill_batch * args.context,
+            "seconds": seconds,
+            "tok_s": args.prefill_batch * args.context / seconds,
+        }
     core.check_idle()
     del core, graphs, phases
     gc.collect()
@@ -436,31 +451,36 @@ def bench_tandem(path: Path, args: argparse.Namespace, device: torch.device) -> 
 
 def profile_forward(fn: Callable[[], object]) -> list[dict[str, Any]]:
     """Kernels of one eager decode forward by GPU time (a graph replay hides them)."""
-    from torch.profiler import ProfilerActivity, profile
-
     fn()
     torch.cuda.synchronize()
+    return profile_fn(fn, 3)[:12]
+
+
+def profile_fn(fn: Callable[[], object], calls: int) -> list[dict[str, Any]]:
+    """GPU ops (kernels, copies) of `calls` calls of `fn` by GPU time, per call: the kernels of
+    an eager forward, or of whole engine steps (graph replays included, with what runs around
+    them)."""
+    from torch.profiler import ProfilerActivity, profile
+
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(3):
+        for _ in range(calls):
             fn()
         torch.cuda.synchronize()
-    rows = []
 
     def gpu_us(e: Any) -> float:
         return float(getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0.0))
 
     events = [e for e in prof.key_averages() if gpu_us(e) > 0]
     total = sum(gpu_us(e) for e in events)
-    for e in sorted(events, key=lambda e: -gpu_us(e))[:12]:
-        rows.append(
-            {
-                "kernel": e.key[:90],
-                "us_per_forward": gpu_us(e) / 3,
-                "share": gpu_us(e) / total,
-                "calls_per_forward": e.count / 3,
-            }
-        )
-    return rows
+    return [
+        {
+            "kernel": e.key[:90],
+            "us_per_forward": gpu_us(e) / calls,
+            "share": gpu_us(e) / total,
+            "calls_per_forward": e.count / calls,
+        }
+        for e in sorted(events, key=lambda e: -gpu_us(e))
+    ]
 
 
 # ---- HF -------------------------------------------------------------------------------------
@@ -512,16 +532,21 @@ def bench_hf(path: Path, args: argparse.Namespace, device: torch.device) -> dict
 # ---- report ---------------------------------------------------------------------------------
 
 
-def summarize(result: dict[str, Any], args: argparse.Namespace) -> list[dict[str, Any]]:
-    bw = result["roofline"]["copy_bytes_per_s"]
-    weight_bytes = result["model"]["weight_bytes"]
-    kv_per_token = result["model"]["kv_bytes_per_token"]
+def decode_roofline(
+    result: dict[str, Any], args: argparse.Namespace, b: int, kv_bytes_scale: float = 1.0
+) -> float:
+    """Tokens/s of batch b if a step took its weight and KV bytes at copy bandwidth."""
+    kv_per_token = result["model"]["kv_bytes_per_token"] * kv_bytes_scale
     avg_ctx = args.context + args.decode_tokens / 2  # about: the window starts a few tokens in
+    step_bytes = step_weight_bytes(args, result["model"]["weight_bytes"], b) + b * avg_ctx * kv_per_token
+    return b * result["roofline"]["copy_bytes_per_s"] / step_bytes
+
+
+def summarize(result: dict[str, Any], args: argparse.Namespace) -> list[dict[str, Any]]:
     rows = []
     for b in [int(x) for x in args.batches.split(",")]:
         t = result["tandem"]["decode"][str(b)]
-        step_bytes = step_weight_bytes(args, weight_bytes, b) + b * avg_ctx * kv_per_token
-        roof = b * bw / step_bytes
+        roof = decode_roofline(result, args, b)
         hf = result.get("hf", {}).get("decode", {}).get(str(b), {}).get("tok_s")
         rows.append(
             {
@@ -638,6 +663,9 @@ def main() -> None:
     parser.add_argument(
         "--compare-fp8", action="store_true", help="every batch again with quantization=fp8 (W8A8)"
     )
+    parser.add_argument(
+        "--compare-kv-fp8", action="store_true", help="every batch again with kv_cache_dtype=fp8_e4m3"
+    )
     parser.add_argument("--json", type=Path)
     parser.add_argument("--png", type=Path)
     args = parser.parse_args()
@@ -670,18 +698,23 @@ def main() -> None:
         print(f"model built ({weight_bytes / 1e9:.2f} GB) in {result['model']['build_s']:.0f} s", flush=True)
         result["tandem"] = bench_tandem(path, args, device)
         if args.compare_fp8:
-            fp8_args = argparse.Namespace(**vars(args) | {"quantization": "fp8", "profile": False})
+            fp8_args = argparse.Namespace(**vars(args) | {"quantization": "fp8"})
             result["tandem_fp8"] = bench_tandem(path, fp8_args, device)
+        if args.compare_kv_fp8:
+            kv_args = argparse.Namespace(**vars(args) | {"kv_cache_dtype": "fp8_e4m3"})
+            result["tandem_kv_fp8"] = bench_tandem(path, kv_args, device)
         if args.compare_overlap:
-            sync_args = argparse.Namespace(**vars(args) | {"no_overlap": True, "profile": False})
+            sync_args = argparse.Namespace(**vars(args) | {"no_overlap": True})
             result["tandem_no_overlap"] = bench_tandem(path, sync_args, device)
         if args.compare_eager:
-            eager = {"batches": "1", "no_graph": True, "profile": False}
+            eager = {"batches": "1", "no_graph": True}
             eager_args = argparse.Namespace(**vars(args) | eager)
             result["tandem_eager"] = bench_tandem(path, eager_args, device)
         if not args.skip_hf:
             result["hf"] = bench_hf(path, args, device)
             gc.collect()
+        if args.profile:
+            result["tandem_profile"] = bench_tandem(path, args, device, profile=True)
     b1 = result["tandem"]["decode"].get("1")
     result["roofline"]["batch1_vs_weights_roofline"] = (
         b1["tok_s"] / result["roofline"]["batch1_tok_s"] if b1 else None
@@ -692,11 +725,21 @@ def main() -> None:
         phases = ", ".join(f"{k} {v:.2f}" for k, v in run["host_ms_per_step"].items())
         print(f"tandem batch {b}: step {run['step_ms']:.2f} ms (host: {phases} ms), "
               f"graph replay {run.get('graph_ms', float('nan')):.2f} ms")  # fmt: skip
-    for b, kernels in result["tandem"].get("profile", {}).items():
+    profiled = result.get("tandem_profile", {})
+    for b, kernels in profiled.get("profile", {}).items():
         print(f"top kernels of one eager decode forward, batch {b}:")
         for k in kernels[:6]:
             us, share, calls = k["us_per_forward"], 100 * k["share"], k["calls_per_forward"]
             print(f"  {us:9.1f} us {share:5.1f}%  x{calls:<4.0f} {k['kernel']}")
+    for b, run in profiled.get("decode", {}).items():
+        if "profile_steps" in run:
+            ops = run["profile_steps"]
+            busy = sum(k["us_per_forward"] for k in ops)
+            step_us = 1e3 * result["tandem"]["decode"][b]["step_ms"]
+            print(f"GPU ops of one engine step, batch {b}: {busy:.0f} us busy of a {step_us:.0f} us step")
+            for k in ops:
+                if k["calls_per_forward"] < 8:  # what runs around the graph, not in every layer
+                    print(f"  {k['us_per_forward']:9.1f} us  x{k['calls_per_forward']:<4.1f} {k['kernel']}")
     for b, run in result.get("tandem_no_overlap", {}).get("decode", {}).items():
         with_overlap = result["tandem"]["decode"][b]["tok_s"]
         print(f"tandem batch {b}, overlap off: {run['tok_s']:.1f} tok/s (on: {with_overlap:.1f}, "
@@ -706,6 +749,14 @@ def main() -> None:
         print(
             f"tandem batch {b}, fp8 weights: {run['tok_s']:.1f} tok/s "
             f"(bf16: {bf16:.1f}, {run['tok_s'] / bf16:.3f}x)"
+        )
+    for b, run in result.get("tandem_kv_fp8", {}).get("decode", {}).items():
+        bf16 = result["tandem"]["decode"][b]["tok_s"]
+        one_byte = 1 / getattr(torch, args.dtype).itemsize  # of the model dtype's KV bytes
+        roof = decode_roofline(result, args, int(b), kv_bytes_scale=one_byte)
+        print(
+            f"tandem batch {b}, fp8 KV cache: {run['tok_s']:.1f} tok/s ({run['tok_s'] / bf16:.3f}x the "
+            f"{bf16:.1f} of a bf16 cache; {run['tok_s'] / roof:.3f}x its roofline {roof:.0f})"
         )
     if "tandem_eager" in result:
         eager = result["tandem_eager"]["decode"]["1"]
