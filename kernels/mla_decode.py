@@ -317,15 +317,15 @@ def _mla_stage1_kernel(
         start = lo
         while start < hi:
             m_i, l_i, acc = _mla_block(
-                q_c, q_r, m_i, l_i, acc, start, hi, row, dc, dr, r_mask, req_to_token_ptr, r2t_stride_row, kv_ptr,
-                kv_stride_s, kv_stride_d, scale_log2, HEADS_ON_N, DOT_PRECISION, BLOCK_N,
+                q_c, q_r, m_i, l_i, acc, start, hi, row, dc, dr, r_mask, req_to_token_ptr, r2t_stride_row,
+                kv_ptr, kv_stride_s, kv_stride_d, scale_log2, HEADS_ON_N, DOT_PRECISION, BLOCK_N,
             )  # fmt: skip
             start += BLOCK_N
     else:
         for start in range(lo, hi, BLOCK_N):
             m_i, l_i, acc = _mla_block(
-                q_c, q_r, m_i, l_i, acc, start, hi, row, dc, dr, r_mask, req_to_token_ptr, r2t_stride_row, kv_ptr,
-                kv_stride_s, kv_stride_d, scale_log2, HEADS_ON_N, DOT_PRECISION, BLOCK_N,
+                q_c, q_r, m_i, l_i, acc, start, hi, row, dc, dr, r_mask, req_to_token_ptr, r2t_stride_row,
+                kv_ptr, kv_stride_s, kv_stride_d, scale_log2, HEADS_ON_N, DOT_PRECISION, BLOCK_N,
             )  # fmt: skip
 
     # An empty split (lo >= hi: short request, many splits) leaves l_i = 0 and m_i = -inf: its
