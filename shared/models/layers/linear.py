@@ -58,9 +58,9 @@ class LinearBase(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, in] -> [T, out]
         if self.weight_scale_inv is None:
             if use_kernels(x):  # a single token streams the weight through the GEMV kernel
-                from kernels.gemv import linear
+                from kernels.gemv import linear as gemv_linear
 
-                return linear(x, self.weight, self.bias)
+                return gemv_linear(x, self.weight, self.bias)
             return F.linear(x, self.weight, self.bias)
         from kernels.fp8_gemm import fp8_linear, fp8_linear_ref
 
