@@ -29,6 +29,7 @@ from torch import Tensor
 
 from shared.batch import to_device
 from shared.constrained.matcher import apply_token_bitmask
+from shared.models.layers.fused import use_kernels
 from shared.sampling.params import SamplingParams
 from shared.sampling.penalties import (
     apply_frequency_presence_penalty,
@@ -218,14 +219,14 @@ class Sampler:
 
         work = _penalized(raw, batch)  # [B, V]
         if batch.all_greedy:
-            next_ids = work.argmax(dim=-1)
+            next_ids = argmax(work)
         else:
             probs = torch.softmax(work / batch.temperatures[:, None], dim=-1)  # [B, V]
             probs = filter_probs(probs, batch)
             noise = self._exponential_noise(batch, probs)  # [B, V]
-            next_ids = (probs / noise).argmax(dim=-1)
+            next_ids = argmax(probs / noise)
             if batch.any_greedy:
-                next_ids = torch.where(batch.greedy, work.argmax(dim=-1), next_ids)
+                next_ids = torch.where(batch.greedy, argmax(work), next_ids)
 
         logprobs = top_vals = top_ids = None
         if raw_logprobs is not None:
@@ -247,6 +248,16 @@ class Sampler:
             rows = batch.seeded_rows
             noise[rows] = seeded_exponential(batch.seeds[rows], batch.steps[rows], probs.shape[1])
         return noise
+
+
+def argmax(x: Tensor) -> Tensor:  # [B, V] -> [B] int64, the first maximal index of each row
+    """`x.argmax(-1)`; on a GPU the chunked kernel (`kernels.argmax`), several times faster on a
+    vocabulary-wide row than torch's one block per row."""
+    if use_kernels(x):
+        from kernels.argmax import argmax_rows
+
+        return argmax_rows(x)
+    return x.argmax(dim=-1)
 
 
 def _penalized(raw: Tensor, batch: SamplingBatch) -> Tensor:
