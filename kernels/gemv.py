@@ -151,8 +151,9 @@ def silu_mul_linear(
 ) -> torch.Tensor:  # [..., N]
     """`F.linear(silu(gate) * up, weight, bias)`, a gated MLP's down projection: up to
     `DENSE_GEMV_MAX_M` rows on a GPU one GEMV that forms its input as it loads it (no activation
-    launch, no intermediate), else `kernels.activation.silu_and_mul` then `linear`. Same
-    roundings either way."""
+    launch, no intermediate), else `kernels.activation.silu_and_mul` then `linear`. The same
+    roundings either way (see `dense_gemv`); the torch reference is `F.linear` over
+    `silu_and_mul_ref`, which reference mode runs."""
     check_dtype(_OP, "gate_up", gate_up, FLOAT_DTYPES)
     if gate_up.shape[-1] % 2 != 0:
         raise ValueError(f"{_OP}: gate_up's last dim must be even (gate | up), got {tuple(gate_up.shape)}")
@@ -186,8 +187,8 @@ def dense_gemv(
     """`F.linear(x, weight, bias)` for M <= GEMV_MAX_ROWS rows, accumulated in float32 and
     rounded once to x's dtype. `gated`: x is a fused gate/up projection and the input is
     silu(gate) * up, formed as each step loads it, rounded as `kernels.activation.silu_and_mul`
-    rounds (so the result is bit for bit the unfused pair's). No checks: callers check. No host
-    sync: graph-safe."""
+    rounds (the unfused pair's result, but for the last bits of an activation where the two
+    compiled sigmoids differ). No checks: callers check. No host sync: graph-safe."""
     m, k = x.shape
     k = k // 2 if gated else k
     cfg = {**dense_gemv_config(m, weight.shape[0], k), **(config or {})}

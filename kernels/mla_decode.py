@@ -18,7 +18,8 @@ Like `kernels.decode_attention`, the keys are cut into `num_kv_splits` ranges:
 Every head shares the one latent, so a program loads each latent block [BLOCK_N, Dk] once, as
 its two column parts c [BLOCK_N, Dv] and k_rope [BLOCK_N, Dr], and uses it for all BLOCK_H heads
 in both products: scores = q_c c^T + q_rope k_rope^T, acc += p c. Splitting Dk = 512 + 64 this way
-needs no padding to 1024; each part must be a power of two (>= 16, what tl.dot takes). Head
+needs no padding to 1024. c must be a power of two (>= 16, what tl.dot takes); a narrower or
+ragged rope part (tiny test models) is padded up to one, the padding masked. Head
 blocks vary fastest in the grid, so the head blocks that read the same latent range run together
 and share it through L2. With one split, stage 1 writes the output itself and stage 2 is skipped.
 For many heads (H >= 64, compute-bound) the products run transposed, heads on their N side
@@ -145,8 +146,8 @@ def mla_decode_attention(
 ) -> torch.Tensor:  # [B, H, v_dim], q's dtype
     """Absorbed-MLA attention of one new query per request over its cached latents.
 
-    `kv_buffer` is q's dtype or float8_e4m3fn; `v_dim` (kv_lora_rank) and `Dk - v_dim` (the rope
-    width) must each be a power of two >= 16. `max_seq_len` is max(seq_lens) if the caller knows
+    `kv_buffer` is q's dtype or float8_e4m3fn; `v_dim` (kv_lora_rank) must be a power of two
+    >= 16 and `Dk - v_dim` (the rope width) at least 1. `max_seq_len` is max(seq_lens) if the caller knows
     it on the host (it sizes the split plan; without it the wrapper reads it from the device, a
     sync); `num_kv_splits` overrides the plan, `config` the tiling (for benchmarks).
     """
