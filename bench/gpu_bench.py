@@ -409,44 +409,60 @@ def bench_tandem(
         "cuda_graphs": core.runner.graph_runner is not None,
         "decode": {},
     }
-    vocab = args.vocab
-    tandem_decode(core, prompts_for(2, args.context, vocab, 99), 4)  # compile the extend kernels
+    tandem_decode(core, prompts_for(2, args.context, args.vocab, 99), 4)  # compile the extend kernels
+    result |= (profile_runs if profile else timed_runs)(core, args, batches, device)
+    core.check_idle()
+    del core
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+def timed_runs(
+    core: EngineCore, args: argparse.Namespace, batches: list[int], device: torch.device
+) -> dict[str, Any]:
+    """Decode at each batch size (with host phases and the graph replay alone), then prefill."""
     phases = PhaseTimer(core)
     graphs = core.runner.graph_runner
-    if profile:
-        if device.type == "cuda":
-            for b in batches:
-                steps = tandem_decode(core, prompts_for(b, args.context, vocab, b), 2, profile_steps=8)
-                result["decode"][str(b)] = {"profile_steps": steps["profile_steps"]}
-            if graphs is not None:
-                result["profile"] = {str(b): profile_forward(graphs.eager_fn(graphs.padded_size(b)))
-                                     for b in (1, 128) if graphs.can_run_size(b)}  # fmt: skip
-        batches = []
+    decode: dict[str, Any] = {}
     for b in batches:
-        run = tandem_decode(core, prompts_for(b, args.context, vocab, b), args.decode_tokens, phases)
+        run = tandem_decode(core, prompts_for(b, args.context, args.vocab, b), args.decode_tokens, phases)
         run["host_ms_per_step"] = {k: 1e3 * v / max(run["decode_steps"], 1) for k, v in phases.totals.items()}
         if graphs is not None and graphs.can_run_size(b):
             # The static inputs still hold this run's last step: replay it alone (GPU time).
             padded = graphs.padded_size(b)
             run["graph_ms"] = 1e3 * time_fn(graphs.replay_fn(padded), device, iters=20)
             run["graph_tok_s"] = b / (run["graph_ms"] / 1e3)
-        result["decode"][str(b)] = run
+        decode[str(b)] = run
         print(f"tandem batch {b}: {run['tok_s']:.1f} tok/s decode", flush=True)
-    if not profile:
-        tandem_prefill(core, prompts_for(args.prefill_batch, args.context, vocab, 6))  # warm up
-        seconds = tandem_prefill(core, prompts_for(args.prefill_batch, args.context, vocab, 7))
-        result["prefill"] = {
-            "batch": args.prefill_batch,
-            "tokens": args.prefill_batch * args.context,
-            "seconds": seconds,
-            "tok_s": args.prefill_batch * args.context / seconds,
-        }
-    core.check_idle()
-    del core, graphs, phases
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return result
+    tandem_prefill(core, prompts_for(args.prefill_batch, args.context, args.vocab, 6))  # warm up
+    seconds = tandem_prefill(core, prompts_for(args.prefill_batch, args.context, args.vocab, 7))
+    prefill = {
+        "batch": args.prefill_batch,
+        "tokens": args.prefill_batch * args.context,
+        "seconds": seconds,
+        "tok_s": args.prefill_batch * args.context / seconds,
+    }
+    return {"decode": decode, "prefill": prefill}
+
+
+def profile_runs(
+    core: EngineCore, args: argparse.Namespace, batches: list[int], device: torch.device
+) -> dict[str, Any]:
+    """GPU ops of whole decode steps at each batch size, and the kernels of eager forwards."""
+    if device.type != "cuda":
+        return {}
+    decode = {}
+    for b in batches:
+        steps = tandem_decode(core, prompts_for(b, args.context, args.vocab, b), 2, profile_steps=8)
+        decode[str(b)] = {"profile_steps": steps["profile_steps"]}
+    graphs = core.runner.graph_runner
+    forwards: dict[str, Any] = {}
+    for b in (1, 128):
+        if graphs is not None and graphs.can_run_size(b):
+            forwards[str(b)] = profile_forward(graphs.eager_fn(graphs.padded_size(b)))
+    return {"decode": decode, "profile": forwards}
 
 
 def profile_forward(fn: Callable[[], object]) -> list[dict[str, Any]]:
