@@ -120,7 +120,7 @@ def linear(
     check_dtype(_OP, "x", x, FLOAT_DTYPES)
     _check_linear(x, weight, bias)
     x2 = x.reshape(-1, x.shape[-1])
-    if 0 < x2.shape[0] <= DENSE_GEMV_MAX_M and x.is_cuda and not reference_enabled():
+    if _takes_dense_gemv(x2):
         out = dense_gemv(x2, weight, bias)
     else:
         out = F.linear(x2, weight, bias)
@@ -159,12 +159,17 @@ def silu_mul_linear(
         raise ValueError(f"{_OP}: gate_up's last dim must be even (gate | up), got {tuple(gate_up.shape)}")
     _check_linear(gate_up[..., : gate_up.shape[-1] // 2], weight, bias)
     x2 = gate_up.reshape(-1, gate_up.shape[-1])
-    if 0 < x2.shape[0] <= DENSE_GEMV_MAX_M and gate_up.is_cuda and not reference_enabled():
+    if _takes_dense_gemv(x2):
         out = dense_gemv(x2, weight, bias, gated=True)
         return out.view(*gate_up.shape[:-1], weight.shape[0])
     from kernels.activation import silu_and_mul
 
     return linear(silu_and_mul(gate_up), weight, bias)
+
+
+def _takes_dense_gemv(x2: torch.Tensor) -> bool:  # x2: [M, K]
+    """Whether these rows run the dense GEMV: a few of them, on a GPU, reference mode off."""
+    return 0 < x2.shape[0] <= DENSE_GEMV_MAX_M and x2.is_cuda and not reference_enabled()
 
 
 def _check_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
@@ -397,44 +402,41 @@ def _gemv_step(
     BLOCK_M: tl.constexpr,
 ):
     """acc + the (dequantized) products of columns [k0, k0 + GROUP_K), unreduced."""
-    if EVEN_K:
-        x = tl.load(x_ptrs)
-        w = tl.load(w_ptrs)
-    else:
-        x = tl.load(x_ptrs, mask=offs_k[None, :] < K - k0, other=0.0)
-        w = tl.load(w_ptrs, mask=offs_k[None, :] < K - k0, other=0.0)
+    x = _load_step(x_ptrs, offs_k, K - k0, EVEN_K)  # [BLOCK_M, GROUP_K]
+    wf = _load_step(w_ptrs, offs_k, K - k0, EVEN_K).to(tl.float32)  # [BLOCK_N, GROUP_K]
     if GATED:  # x holds the gates; the ups sit K columns on. silu_and_mul's roundings.
-        if EVEN_K:
-            up = tl.load(x_ptrs + K * x_stride_k)
-        else:
-            up = tl.load(x_ptrs + K * x_stride_k, mask=offs_k[None, :] < K - k0, other=0.0)
+        up = _load_step(x_ptrs + K * x_stride_k, offs_k, K - k0, EVEN_K)
         g = x.to(tl.float32)
         silu = (g * tl.sigmoid(g)).to(x.dtype)
         x = (silu.to(tl.float32) * up.to(tl.float32)).to(x.dtype)
     if not SCALED:
-        xf = x.to(tl.float32)  # [BLOCK_M, GROUP_K]
-        wf = w.to(tl.float32)  # [BLOCK_N, GROUP_K]
-        if BLOCK_M == 1:
-            return acc + wf * xf
+        xd = x.to(tl.float32)
+    else:
+        group = k0 // GROUP_K
+        if FUSE_QUANT:
+            q, x_scale = quant_groups_e4m3(x.to(tl.float32), fp8_max, eps)  # on the E4M3 grid, [BM]
         else:
-            return acc + wf[None, :, :] * xf[:, None, :]
-    group = k0 // GROUP_K
-    if FUSE_QUANT:
-        q, x_scale = quant_groups_e4m3(x.to(tl.float32), fp8_max, eps)  # on the E4M3 grid, [BM]
-    else:
-        q = x.to(tl.float32)
-        x_scale = tl.load(xs_ptrs + group * xs_stride_k)  # [BLOCK_M]
-    w_scale = tl.load(ws_ptrs + group * ws_stride_k)
-    wf = w.to(tl.float32)  # [BLOCK_N, GROUP_K]
-    if SCALAR_W_SCALE:
-        xd = q * (x_scale * w_scale)[:, None]  # [BLOCK_M, GROUP_K]
-    else:
-        xd = q * x_scale[:, None]
-        wf = wf * w_scale[:, None]
+            q = x.to(tl.float32)
+            x_scale = tl.load(xs_ptrs + group * xs_stride_k)  # [BLOCK_M]
+        w_scale = tl.load(ws_ptrs + group * ws_stride_k)
+        if SCALAR_W_SCALE:
+            xd = q * (x_scale * w_scale)[:, None]  # [BLOCK_M, GROUP_K]
+        else:
+            xd = q * x_scale[:, None]
+            wf = wf * w_scale[:, None]
     if BLOCK_M == 1:
         return acc + wf * xd
     else:
         return acc + wf[None, :, :] * xd[:, None, :]
+
+
+@triton.jit
+def _load_step(ptrs, offs_k, cols_left, EVEN_K: tl.constexpr):
+    """One step's tile along K; past the last column (a ragged K) zeros."""
+    if EVEN_K:
+        return tl.load(ptrs)
+    else:
+        return tl.load(ptrs, mask=offs_k[None, :] < cols_left, other=0.0)
 
 
 @triton.jit
