@@ -5,7 +5,7 @@
     ...
     client.shutdown()
 
-`add` blocks until the engine accepted; `submit` (and `reserve`, `add_peer`, `stats`) return a
+`add` blocks until the engine accepted; `submit` (and `expect_kv`, `reserve_kv`, `add_peer`, `stats`) return a
 `concurrent.futures.Future` instead, for callers on an event loop (`asyncio.wrap_future`).
 Refusals raise the engine's `ValueError` or `CapacityError`.
 
@@ -36,16 +36,19 @@ from shared.engine_process import (
     AddPeer,
     AddRequest,
     CommitKv,
+    ExpectKv,
     FromEngine,
     GetStats,
     Outputs,
     Ready,
     Rejected,
     Reply,
-    ReserveRequest,
+    ReserveKv,
+    SetKvTarget,
     Shutdown,
     StepFailed,
     ToEngine,
+    reservation_key,
     run_engine,
 )
 from shared.errors import CapacityError
@@ -122,7 +125,7 @@ class EngineClient:
         msg = AddRequest(rids, input_ids, params, return_logprob, top_logprobs_num, kv_target)
         return self._call(rids[0], msg, dict.fromkeys(rids, on_output))
 
-    def reserve(
+    def expect_kv(
         self,
         rid: str,
         input_ids: list[int],
@@ -131,10 +134,21 @@ class EngineClient:
         return_logprob: bool = False,
         top_logprobs_num: int = 0,
         lease_s: float | None = None,
-    ) -> Future[list[int]]:
-        """Decode engine: reserve pages for a prompt; the future gives the page ids."""
-        msg = ReserveRequest(rid, input_ids, params, return_logprob, top_logprobs_num, lease_s)
+    ) -> Future[None]:
+        """Decode engine: a prompt whose KV a prefill engine will write (it holds no pages yet);
+        the future is done when the engine accepted or refused it."""
+        msg = ExpectKv(rid, input_ids, params, return_logprob, top_logprobs_num, lease_s)
         return self._call(rid, msg, {rid: on_output})
+
+    def reserve_kv(self, rid: str) -> Future[list[int]]:
+        """Decode engine: pages for an expected prompt; the future gives the page ids once
+        there is room (it waits, first come first served, until then or an abort)."""
+        key = reservation_key(rid)
+        return self._call(key, ReserveKv(rid), {})
+
+    def set_kv_target(self, rid: str, pages: list[int]) -> None:
+        """Prefill engine: the decode engine's pages for a request that asked for them."""
+        self._send(SetKvTarget(rid, pages))
 
     def commit_kv(self, commit: bytes, payload: bytes | None = None) -> None:
         """Decode engine, gRPC transport: a reservation's pages (bytes) and commit record."""
@@ -232,7 +246,7 @@ class EngineClient:
             elif isinstance(msg, Reply):
                 fut.set_result(msg.value)
             else:
-                fut.set_result(msg.pages)
+                fut.set_result(None)
         elif isinstance(msg, StepFailed):
             with self._state_lock:
                 handlers = [self._handlers.pop(rid) for rid in msg.rids if rid in self._handlers]

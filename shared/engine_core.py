@@ -17,6 +17,7 @@ import itertools
 import logging
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import replace
 from typing import NamedTuple
 
@@ -28,6 +29,8 @@ from shared.constrained import GrammarCompiler, RequestGrammar, TokenMasks
 from shared.constrained.gate import GrammarGate
 from shared.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from shared.disagg import KvReceiver, KvSender
+from shared.disagg.events import Arrived, Expired, Granted, Released, SendFailed
+from shared.disagg.receiver import Held
 from shared.inflight import InflightStep
 from shared.mem import RadixCache
 from shared.model_runner import ModelRunner, PrevTokens
@@ -57,6 +60,7 @@ class Admission(NamedTuple):
     pages: list[int] | None  # a granted reservation's pages
     error: str  # "" when accepted, else the error type: "ValueError" or "CapacityError"
     message: str
+    reservation: bool = False  # the answer to `reserve_kv` (else to `add_request`)
 
 
 class EngineCore:
@@ -104,8 +108,19 @@ class EngineCore:
             NixlAgent(self.layout, self.mode) if self.mode != "null" and self.transport == "nixl" else None
         )
         timeout = config.kv_transfer_timeout_s
-        self.sender = KvSender(self, self.agent, timeout) if self.mode == "prefill" else None
-        self.receiver = KvReceiver(self, self.agent, timeout) if self.mode == "decode" else None
+        self.sender = (
+            KvSender(self.layout, self._own_pages, self.agent, timeout, self._want_target)
+            if self.mode == "prefill"
+            else None
+        )
+        self.receiver = (
+            KvReceiver(self.layout, self._reserve_pages, self.agent, timeout)
+            if self.mode == "decode"
+            else None
+        )
+        # Outputs that must not wait for the end of the step (a prefill engine asking for its
+        # reservation while the forward runs); the engine process sends them at once.
+        self.early_outputs: Callable[[list[RequestOutput]], None] | None = None
 
     # ---- requests in ---------------------------------------------------------------------------
 
@@ -168,6 +183,43 @@ class EngineCore:
             self._requests.pop(req.rid, None)
         self._admissions.append(Admission([r.rid for r in reqs], None, "ValueError", why))
 
+    def expect_kv(
+        self,
+        rid: str,
+        input_ids: list[int],
+        params: SamplingParams,
+        return_logprob: bool = False,
+        top_logprobs_num: int = 0,
+        lease_s: float | None = None,
+    ) -> None:
+        """Decode engine: a prompt whose KV a prefill engine will write. It holds nothing until
+        `reserve_kv` (asked by the prefill side when it starts computing the prompt); then it
+        continues when its commit record arrives (`commit_kv`, or a NIXL notification), and is
+        aborted if none arrives within the lease after the pages were granted. `ValueError`
+        for bad input."""
+        if self.receiver is None:
+            raise ValueError("only a decode engine takes reservations")
+        (req,) = self._new_reqs([rid], input_ids, params, return_logprob, top_logprobs_num)
+        if req.params.max_new_tokens == 0:
+            raise ValueError("max_new_tokens must be at least 1 for a disaggregated request")
+        allocator = self.kv.allocator
+        if allocator.pages_needed(0, len(input_ids) + 1) >= allocator.num_pages:
+            raise ValueError(
+                f"the prompt has {len(input_ids)} tokens; this decode engine holds at most"
+                f" {(allocator.num_pages - 1) * allocator.page_size} KV tokens"
+            )
+        self.receiver.expect(req, lease_s)
+        self._requests[rid] = req
+
+    def reserve_kv(self, rid: str) -> list[int] | None:
+        """Decode engine: pages for an expected prompt (page i of the prompt goes to pages[i]),
+        or None when the engine is full: the reservation then waits, first come first served,
+        until room frees up or the request is aborted, and its outcome arrives through
+        `take_admissions`."""
+        if self.receiver is None:
+            raise ValueError("only a decode engine takes reservations")
+        return self.receiver.reserve(rid)
+
     def reserve(
         self,
         rid: str,
@@ -177,22 +229,20 @@ class EngineCore:
         top_logprobs_num: int = 0,
         lease_s: float | None = None,
     ) -> list[int] | None:
-        """Decode engine: hold KV pages for a prompt whose KV a prefill engine will write.
+        """`expect_kv` and `reserve_kv` at once (pages up front)."""
+        self.expect_kv(rid, input_ids, params, return_logprob, top_logprobs_num, lease_s)
+        return self.reserve_kv(rid)
 
-        Returns the page ids (page i of the prompt goes to pages[i]), or None when the engine is
-        full: the reservation then waits (first come, first served, for at most the lease) and
-        its outcome arrives later through `take_reservation_events`. The request continues when
-        its commit record arrives (`commit_kv`, or a NIXL notification) and is aborted if none
-        arrives within the lease. `ValueError` for bad input.
-        """
-        if self.receiver is None:
-            raise ValueError("only a decode engine takes reservations")
-        (req,) = self._new_reqs([rid], input_ids, params, return_logprob, top_logprobs_num)
-        if req.params.max_new_tokens == 0:
-            raise ValueError("max_new_tokens must be at least 1 for a disaggregated request")
-        pages = self.receiver.reserve(req, lease_s)
-        self._requests[rid] = req
-        return pages
+    def set_kv_target(self, rid: str, pages: list[int]) -> None:
+        """Prefill engine: the decode engine reserved `pages` for request `rid`; a bad page
+        list aborts the request."""
+        if self.sender is None:
+            raise ValueError("only a prefill engine sends KV")
+        try:
+            self.sender.set_target(rid, pages)
+        except ValueError as e:
+            self.abort(rid, f"bad KV target: {e}")
+        self._kv_events()
 
     def take_admissions(self) -> list[Admission]:
         """Late answers since the last call: adds whose grammar compiled (accepted) or failed to
@@ -200,14 +250,6 @@ class EngineCore:
         aborted while queued)."""
         events, self._admissions = self._admissions, []
         return events
-
-    def reservation_granted(self, rid: str, pages: list[int]) -> None:
-        self._admissions.append(Admission([rid], pages, "", ""))
-
-    def drop_reservation(self, rid: str, message: str) -> None:
-        """A queued reservation ends without ever holding anything (no output is reported)."""
-        self._requests.pop(rid, None)
-        self._admissions.append(Admission([rid], None, "CapacityError", message))
 
     def add_peer(self, metadata: bytes) -> str:
         """Learn a decode engine's NIXL metadata (prefill side); returns its agent name."""
@@ -219,7 +261,12 @@ class EngineCore:
         """Decode side of the gRPC transport: the prompt's pages as bytes, then the commit record."""
         if self.receiver is None:
             raise ValueError("only a decode engine receives KV")
-        self.receiver.commit(commit, payload)
+        try:
+            self.receiver.commit(commit, payload)
+        except ValueError as e:  # a malformed payload: fail that request, keep serving
+            logger.warning("dropping the KV of %s: %s", commit.rid, e)
+            self.abort(commit.rid, f"bad KV payload: {e}")
+        self._kv_events()
 
     def _new_reqs(
         self,
@@ -296,13 +343,16 @@ class EngineCore:
         if self.grammar_gate.cancel(req, message):  # still waiting for its grammar: the add ends
             return
         if self.sender is not None and self.sender.abort(req):
+            if req in self.scheduler.running:
+                self.scheduler.park(req)
             return  # reported once its writes are over
-        held = self.receiver.abort(req) if self.receiver is not None else ""
-        if held == "dropped":
-            return
-        if held != "quarantined":
-            # A token still on the device: its K/V may be unwritten, so cache only what is.
-            cache_kv = not req.pending
+        held = self.receiver.abort(req) if self.receiver is not None else Held.NOTHING
+        if held == Held.NO_PAGES:
+            self._admissions.append(Admission([rid], None, "CapacityError", message, reservation=True))
+        if held == Held.NOTHING:
+            # A token still on the device: its K/V may be unwritten, so cache only what is;
+            # a reservation whose KV never arrived has nothing to cache.
+            cache_kv = not req.pending and not req.awaiting_kv
             self._drop_pending(req)
             self.scheduler.remove(req, cache_kv=cache_kv)
         self._finish(req, FinishReason(FinishKind.ABORT, message=message))
@@ -332,27 +382,71 @@ class EngineCore:
         self.scheduler.remove(req)
         self._finish(req, FinishReason(FinishKind.ABORT, message=message))
 
-    def release_prefill(
-        self,
-        req: Req,
-        kv_bytes: int,
-        payload: bytes | None,
-        commit: bytes | None,
-        span: tuple[float, float] = (0.0, 0.0),
-    ) -> None:
-        """A prefill request's KV is with the decode engine (or in `payload`): report and free.
-        `span` is the transfer's (start, end) wall-clock time, reported for tracing."""
-        self.scheduler.remove(req)
-        self._finish(req, FinishReason(FinishKind.TRANSFERRED))
-        out = self._pending_outputs[-1]
-        assert out.rid == req.rid
-        out.kv_bytes, out.kv_payload, out.kv_commit = kv_bytes, payload, commit
-        out.kv_transfer_start, out.kv_transfer_end = span
+    # ---- the KV hand-off's collaborators (shared/disagg) -----------------------------------------
 
-    def fail_prefill(self, req: Req, message: str) -> None:
-        self.scheduler.remove(req)
-        if not req.finished:
-            self._finish(req, FinishReason(FinishKind.ABORT, message=message))
+    def _own_pages(self, req: Req, n: int) -> list[int]:
+        """Page ids of the first `n` pages of a running request's prompt."""
+        page_size = self.layout.page_size
+        assert req.row is not None
+        slots = self.kv.req_pool.read(req.row, 0, n * page_size)[::page_size]
+        return (slots // page_size).tolist()
+
+    def _want_target(self, req: Req, num_pages: int) -> None:
+        """Ask the caller for the decode engine's pages (a `kv_pages_wanted` output), at once."""
+        out = RequestOutput(
+            rid=req.rid,
+            new_ids=[],
+            new_text="",
+            finished=False,
+            finish_reason=None,
+            prompt_tokens=len(req.prompt_ids),
+            completion_tokens=0,
+            cached_tokens=0,
+            kv_pages_wanted=num_pages,
+        )
+        if self.early_outputs is not None:
+            self.early_outputs([out])
+        else:
+            self._pending_outputs.append(out)
+
+    def _reserve_pages(self, req: Req) -> list[int] | None:
+        """Pages for a reservation's whole prompt (the request parks holding them), or None."""
+        if self.scheduler.num_active >= self.config.max_running_requests:
+            return None
+        # Room for the running requests' next tokens stays free, as admission does.
+        slots = self.kv.admit(req, None, len(req.prompt_ids), reserve_pages=len(self.scheduler.running))
+        if slots is None:
+            return None
+        self.scheduler.parked.append(req)
+        page_size = self.layout.page_size
+        pages: list[int] = (slots[::page_size] // page_size).tolist()
+        return pages
+
+    def _kv_events(self) -> None:
+        """Act on what the KV hand-off decided since the last call."""
+        if self.sender is not None:
+            for ev in self.sender.take_events():
+                self.scheduler.remove(ev.req)
+                if isinstance(ev, SendFailed):
+                    if not ev.req.finished:
+                        self._finish(ev.req, FinishReason(FinishKind.ABORT, message=ev.message))
+                    continue
+                self._finish(ev.req, FinishReason(FinishKind.TRANSFERRED))
+                out = self._pending_outputs[-1]
+                assert out.rid == ev.req.rid
+                out.kv_bytes, out.kv_payload, out.kv_commit = ev.kv_bytes, ev.payload, ev.commit
+                out.kv_transfer_start, out.kv_transfer_end = ev.span
+        if self.receiver is not None:
+            for rev in self.receiver.take_events():
+                if isinstance(rev, Granted):
+                    self._admissions.append(Admission([rev.req.rid], rev.pages, "", "", reservation=True))
+                elif isinstance(rev, Arrived):
+                    self.continue_decode(rev.req, rev.commit)
+                elif isinstance(rev, Expired):
+                    self.abort(rev.req.rid, rev.message)
+                else:
+                    assert isinstance(rev, Released)
+                    self.scheduler.remove(rev.req, cache_kv=False)
 
     def fail_all(self, message: str) -> list[str]:
         """After a step failed half-way: drop every request without caching its (untrusted) KV.
@@ -368,7 +462,9 @@ class EngineCore:
         if self.sender is not None:
             self.sender.reset()
         if self.receiver is not None:
-            self.receiver.reset()
+            for req in self.receiver.reset():  # expected or queued: held nothing, but were open
+                self._requests.pop(req.rid, None)
+                rids.append(req.rid)
         return rids
 
     @property
@@ -401,10 +497,7 @@ class EngineCore:
         """
         if self.grammar_gate:
             self.grammar_gate.poll()
-        if self.receiver is not None:
-            self.receiver.poll()  # committed reservations join this step
-        if self.sender is not None:
-            self.sender.poll()
+        self._poll_kv()  # committed reservations join this step
         inflight, self._inflight = self._inflight, None
         if inflight is not None and not self._can_overlap(inflight):
             self._resolve(inflight)
@@ -415,6 +508,8 @@ class EngineCore:
                     self.scheduler.park(it.req)
         batch = self.scheduler.schedule()
         launched = None
+        if batch is not None and self.sender is not None:
+            self.sender.on_scheduled([it.req for it in batch.items])  # reservations, just in time
         if batch is not None:
             prev = PrevTokens(inflight.next_ids, inflight.rows) if inflight is not None else None
             logits = self.runner.forward(batch, prev)
@@ -428,10 +523,18 @@ class EngineCore:
                 self._resolve(launched)
         if batch is not None and self.sender is not None:
             self.sender.stream_pages()
+        self._poll_kv()  # writes that finished during the step free their pages now
         if self.config.debug_invariants:
             self.kv.check_invariant(self.scheduler.running + self.scheduler.parked)
         outputs, self._pending_outputs = self._pending_outputs, []
         return outputs
+
+    def _poll_kv(self) -> None:
+        if self.receiver is not None:
+            self.receiver.poll()
+        if self.sender is not None:
+            self.sender.poll()
+        self._kv_events()
 
     def _can_overlap(self, launched: InflightStep) -> bool:
         """Whether the next step may run before the host reads `launched`'s tokens: not when a
@@ -517,7 +620,9 @@ class EngineCore:
             self.counters["cached_tokens"] += req.cached_tokens or 0
         if req.kv_target is not None:
             assert self.sender is not None
+            self.scheduler.park(req)  # holds its pages until they are written
             self.sender.on_first_token(req, token)
+            self._kv_events()
             return
         params = req.params
         reason: FinishReason | None = None

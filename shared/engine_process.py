@@ -6,18 +6,19 @@ with the GPU loop. The client side is `shared.engine_client.EngineClient`.
 Wire (msgpack via msgspec, never pickle; two ZMQ PUSH/PULL pairs over ipc:// sockets that
 the client binds):
 
-    client -> engine   AddRequest | ReserveRequest | CommitKv | AddPeer | GetStats
-                       | AbortRequest | Shutdown
+    client -> engine   AddRequest | ExpectKv | ReserveKv | SetKvTarget | CommitKv | AddPeer
+                       | GetStats | AbortRequest | Shutdown
     engine -> client   Ready | Accepted | Rejected | Outputs | StepFailed | Reply
 
-`Accepted`/`Rejected` answer every `AddRequest`, before any output of its requests: at once,
-or, for a constrained request whose grammar is still compiling, once it compiled (or failed to,
-or took too long: `ValueError`). A rejection carries the engine's error type (`ValueError`,
-`CapacityError`) and message. A `ReserveRequest` is answered the same way (`Accepted` carrying
-the pages), at once or, when the decode engine is full, once room frees up (`CapacityError` if
-none does in the lease).
-`AddPeer` and `GetStats` are answered by a `Reply` with the same key (or a `Rejected` whose
-rids hold that key).
+`Accepted`/`Rejected` answer every `AddRequest` and `ExpectKv`, before any output of its
+requests: at once, or, for a constrained request whose grammar is still compiling, once it
+compiled (or failed to, or took too long: `ValueError`). A rejection carries the engine's error
+type (`ValueError`, `CapacityError`) and message. `ReserveKv` (decode) is answered by a `Reply`
+keyed `reserve:<rid>` carrying the pages, at once or, when the engine is full, once room frees
+up (a `Rejected` with that key if the request is aborted first). `AddPeer` and `GetStats` are
+answered by a `Reply` with the same key (or a `Rejected` whose rids hold that key).
+A prefill engine asks for a reservation with an `Outputs` item carrying `kv_pages_wanted`,
+sent as soon as the prompt is scheduled (before its forward runs); `SetKvTarget` answers it.
 """
 
 from __future__ import annotations
@@ -50,13 +51,22 @@ class AddRequest(msgspec.Struct, tag="add"):
     kv_target: KvTarget | None = None
 
 
-class ReserveRequest(msgspec.Struct, tag="reserve"):
+class ExpectKv(msgspec.Struct, tag="expect_kv"):
     rid: str
     input_ids: list[int]
     params: dict[str, Any]
     return_logprob: bool = False
     top_logprobs_num: int = 0
     lease_s: float | None = None
+
+
+class ReserveKv(msgspec.Struct, tag="reserve_kv"):
+    rid: str
+
+
+class SetKvTarget(msgspec.Struct, tag="set_kv_target"):
+    rid: str
+    pages: list[int]
 
 
 class CommitKv(msgspec.Struct, tag="commit_kv"):
@@ -93,7 +103,6 @@ class Ready(msgspec.Struct, tag="ready"):
 
 class Accepted(msgspec.Struct, tag="accepted"):
     rids: list[str]
-    pages: list[int] | None = None  # a reservation's pages
 
 
 class Rejected(msgspec.Struct, tag="rejected"):
@@ -116,7 +125,9 @@ class StepFailed(msgspec.Struct, tag="step_failed"):
     message: str
 
 
-ToEngine = AddRequest | ReserveRequest | CommitKv | AddPeer | GetStats | AbortRequest | Shutdown
+ToEngine = (
+    AddRequest | ExpectKv | ReserveKv | SetKvTarget | CommitKv | AddPeer | GetStats | AbortRequest | Shutdown
+)
 FromEngine = Ready | Accepted | Rejected | Outputs | StepFailed | Reply
 _POLL_BACKGROUND_MS = 2  # how often an otherwise idle engine looks at KV transfers and compiles
 _IDLE_POLL_MS = 1000  # how often an idle engine checks that its parent still lives
@@ -157,6 +168,7 @@ def run_engine(config: EngineConfig, to_engine: str, from_engine: str) -> None:
             )
         )
     )
+    core.early_outputs = lambda outputs: push.send(encode(Outputs(outputs)))
     try:
         _serve(core, pull, push, decoder, encode)
     finally:
@@ -202,9 +214,19 @@ def _serve(
             push.send(encode(Outputs(outputs)))
 
 
+def reservation_key(rid: str) -> str:
+    """The call key under which a `ReserveKv` is answered."""
+    return f"reserve:{rid}"
+
+
 def _send_admissions(core: EngineCore, push: zmq.Socket[bytes], encode: Any) -> None:
-    for rids, pages, error, message in core.take_admissions():
-        reply = Rejected(rids, error, message) if error else Accepted(rids, pages)
+    reply: FromEngine
+    for rids, pages, error, message, reservation in core.take_admissions():
+        if reservation:
+            key = reservation_key(rids[0])
+            reply = Rejected([key], error, message) if error else Reply(key, pages)
+        else:
+            reply = Rejected(rids, error, message) if error else Accepted(rids)
         push.send(encode(reply))
 
 
@@ -216,10 +238,14 @@ def _handle(core: EngineCore, msg: ToEngine) -> FromEngine | None:
         return None
     if isinstance(msg, CommitKv):
         try:
-            core.commit_kv(KvCommit.decode(msg.commit), msg.payload)
-        except ValueError as e:  # a malformed payload: fail that request, keep serving
-            logger.warning("dropping a KV commit: %s", e)
-            core.abort(KvCommit.decode(msg.commit).rid, f"bad KV payload: {e}")
+            commit = KvCommit.decode(msg.commit)
+        except (msgspec.DecodeError, msgspec.ValidationError) as e:  # not a commit record
+            logger.warning("dropping a malformed KV commit record: %s", e)
+            return None
+        core.commit_kv(commit, msg.payload)  # a bad payload aborts that request
+        return None
+    if isinstance(msg, SetKvTarget):
+        core.set_kv_target(msg.rid, msg.pages)
         return None
     if isinstance(msg, AddRequest):
         try:
@@ -234,10 +260,10 @@ def _handle(core: EngineCore, msg: ToEngine) -> FromEngine | None:
         except (ValueError, CapacityError) as e:
             return Rejected(msg.rids, type(e).__name__, str(e))
         return Accepted(msg.rids) if admitted else None  # a compiling grammar answers later
-    if isinstance(msg, ReserveRequest):
+    if isinstance(msg, ExpectKv):
         reply = _answer(
             [msg.rid],
-            lambda: core.reserve(
+            lambda: core.expect_kv(
                 msg.rid,
                 msg.input_ids,
                 SamplingParams.from_dict(msg.params),
@@ -246,7 +272,11 @@ def _handle(core: EngineCore, msg: ToEngine) -> FromEngine | None:
                 msg.lease_s,
             ),
         )
-        queued = isinstance(reply, Accepted) and reply.pages is None
+        return Accepted([msg.rid]) if isinstance(reply, Accepted) else reply
+    if isinstance(msg, ReserveKv):
+        key = reservation_key(msg.rid)
+        reply = _answer([key], lambda: core.reserve_kv(msg.rid), key)
+        queued = isinstance(reply, Reply) and reply.value is None
         return None if queued else reply  # a queued reservation is answered when granted
     if isinstance(msg, AddPeer):
         return _answer([msg.key], lambda: core.add_peer(msg.metadata), msg.key)
@@ -255,11 +285,11 @@ def _handle(core: EngineCore, msg: ToEngine) -> FromEngine | None:
 
 
 def _answer(rids: list[str], call: Callable[[], Any], reply_key: str | None = None) -> FromEngine:
-    """Run a request-changing call: Accepted (with a reservation's pages) / Reply, or Rejected."""
+    """Run a request-changing call: Accepted / Reply (with its value), or Rejected."""
     try:
         value = call()
     except (ValueError, CapacityError) as e:
         return Rejected(rids, type(e).__name__, str(e))
     if reply_key is not None:
         return Reply(reply_key, value)
-    return Accepted(rids, value)
+    return Accepted(rids)

@@ -30,6 +30,10 @@ class RequestOutput:
     # them on a trace; 0 = not timed). gRPC transport: the engine's read of the pages.
     kv_transfer_start: float = 0.0
     kv_transfer_end: float = 0.0
+    # Prefill engine, before any other output: the prompt starts computing and its KV needs
+    # this many pages of the decode engine (just-in-time reservation); the caller answers
+    # with `set_kv_target`.
+    kv_pages_wanted: int = 0
 
     def then(self, later: RequestOutput) -> RequestOutput:
         """This increment followed by a later one of the same request, as one increment."""

@@ -1,8 +1,11 @@
 """DecodeService: the decode half of the PD hand-off.
 
-Generate   reserve pages -> send the Reservation -> (prefill writes + commits) -> stream
-           outputs. A cancelled call aborts the request; the engine keeps the pages of a
-           reservation whose KV may still be written until that write is over.
+Generate   register the prompt (no pages yet) -> send the Reservation (our agent, layout,
+           transport) -> (prefill reserves, writes + commits) -> stream outputs. A cancelled
+           call aborts the request; the engine keeps the pages of a reservation whose KV may
+           still be written until that write is over.
+ReserveKv  the prefill worker asks for pages when the prompt starts computing (just in time);
+           answered once there is room. A cancelled call aborts the request.
 WriteKv    the gRPC transport: the prompt's pages as a byte stream, then the commit record.
 GetTransferMetadata  the NIXL agent metadata prefill workers need once.
 
@@ -43,7 +46,7 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
         last: RequestOutput | None = None
         with server_span("decode", context.invocation_metadata()) as span:
             try:
-                pages, stream = await self.engine.reserve(
+                stream = await self.engine.expect_kv(
                     request.rid,
                     list(request.token_ids),
                     sampling_to_dict(request.sampling_params),
@@ -51,14 +54,11 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
                     request.top_logprobs_num,
                     request.kv_lease_ms / 1000 if request.kv_lease_ms else None,
                 )
-                if span.is_recording():
-                    span.add_event("kv_reserved", {"tandem.kv_pages": len(pages)})
                 try:
                     yield worker_pb2.GenerateResponse(
                         reservation=worker_pb2.Reservation(
                             rid=request.rid,
                             agent_name=self.agent_name,
-                            page_ids=pages,
                             page_size=client.page_size,
                             kv_layout=client.kv_layout,
                             kv_transport=TRANSPORTS[client.kv_transport],
@@ -77,6 +77,16 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
                     stream.close()
             finally:
                 annotate_generation(span, request.rid, last, clock)
+
+    @grpc_errors
+    async def ReserveKv(
+        self, request: worker_pb2.ReserveKvRequest, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.ReserveKvResponse:
+        with server_span("reserve_kv", context.invocation_metadata()) as span:
+            pages = await self.engine.reserve_kv(request.rid)
+            if span.is_recording():
+                span.set_attributes({"tandem.rid": request.rid, "tandem.kv_pages": len(pages)})
+            return worker_pb2.ReserveKvResponse(page_ids=pages)
 
     @grpc_errors
     async def GetTransferMetadata(

@@ -1,9 +1,12 @@
 """PrefillService: the prefill half of the PD hand-off.
 
 Prefill(request, reservation, decode_address)
-    NIXL: learn the decode engine's agent once (GetTransferMetadata), then the engine runs
-          the prompt and writes its pages straight into the reservation, committing them
-          with the first token; we answer once the writes are done.
+    When the engine starts computing the prompt it asks for the decode worker's pages; we get
+    them from the decode worker (ReserveKv: just in time, it may wait there for room) and hand
+    them to the engine (a reservation with pages already in it is used as it is). Then
+    NIXL: (the decode engine's agent learnt once, GetTransferMetadata) the engine writes the
+          pages straight into the reservation, committing them with the first token; we
+          answer once the writes are done.
     gRPC: the engine hands back the pages as bytes and the commit record; we stream them
           to the decode worker's WriteKv.
 A cancelled call aborts the request; the engine frees its pages once no write reads them.
@@ -26,7 +29,7 @@ from opentelemetry import trace
 
 from services.common.convert import sampling_to_dict
 from services.common.errors import ServiceError, call, grpc_errors
-from services.common.tracing import describe, record_span, server_span
+from services.common.tracing import describe, outgoing_metadata, record_span, server_span
 from services.protos.tandem.worker.v1 import worker_pb2, worker_pb2_grpc
 from services.worker.engine import AsyncEngine
 from services.worker.metrics import WorkerMetrics
@@ -52,7 +55,7 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
                 span.set_attributes(
                     {"tandem.rid": request.request.rid, "tandem.decode_worker": request.decode_address}
                 )
-            response = await self._prefill(request)
+            response = await self._prefill(request, context.time_remaining())
             if span.is_recording():
                 span.set_attributes(
                     {
@@ -63,7 +66,9 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
                 )
             return response
 
-    async def _prefill(self, request: worker_pb2.PrefillRequest) -> worker_pb2.PrefillResponse:
+    async def _prefill(
+        self, request: worker_pb2.PrefillRequest, timeout: float | None
+    ) -> worker_pb2.PrefillResponse:
         client = self.engine.client
         res, req = request.reservation, request.request
         if res.kv_layout != client.kv_layout:
@@ -92,6 +97,11 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
         )
         final: RequestOutput | None = None
         async for out in stream:
+            if out.kv_pages_wanted:
+                pages = await self._reserve(request.decode_address, req.rid, timeout)
+                self.engine.set_kv_target(req.rid, pages)
+                target = KvTarget(target.transport, pages, target.peer)  # for the transfer's span
+                continue
             final = out
         assert final is not None and final.finish_reason is not None
         if final.finish_reason["type"] != "transferred":
@@ -149,6 +159,12 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
         stub = worker_pb2_grpc.DecodeServiceStub(self._channel(decode_address))
         reply = await call(stub.GetTransferMetadata(worker_pb2.GetTransferMetadataRequest(), timeout=10))
         return await self.engine.add_peer(reply.metadata)
+
+    async def _reserve(self, decode_address: str, rid: str, timeout: float | None) -> list[int]:
+        stub = worker_pb2_grpc.DecodeServiceStub(self._channel(decode_address))
+        request = worker_pb2.ReserveKvRequest(rid=rid)
+        reply = await call(stub.ReserveKv(request, timeout=timeout, metadata=outgoing_metadata()))
+        return list(reply.page_ids)
 
     async def _write_kv(self, decode_address: str, rid: str, payload: bytes, commit: bytes) -> None:
         async def chunks() -> AsyncIterator[worker_pb2.WriteKvRequest]:

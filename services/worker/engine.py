@@ -72,7 +72,7 @@ class AsyncEngine:
         await self._admitted(rid, fut)
         return stream
 
-    async def reserve(
+    async def expect_kv(
         self,
         rid: str,
         input_ids: list[int],
@@ -80,13 +80,23 @@ class AsyncEngine:
         return_logprob: bool = False,
         top_logprobs_num: int = 0,
         lease_s: float | None = None,
-    ) -> tuple[list[int], RequestStream]:
+    ) -> RequestStream:
+        """Decode engine: register a prompt whose KV a prefill engine will write."""
         stream = RequestStream(self, rid)
-        fut = self.client.reserve(
+        fut = self.client.expect_kv(
             rid, input_ids, params, stream.push, return_logprob, top_logprobs_num, lease_s
         )
-        pages = await self._admitted(rid, fut)
-        return pages, stream
+        await self._admitted(rid, fut)
+        return stream
+
+    async def reserve_kv(self, rid: str) -> list[int]:
+        """Decode engine: pages for an expected prompt, once there is room. A caller that leaves
+        before the answer aborts the request."""
+        pages: list[int] = await self._admitted(rid, self.client.reserve_kv(rid))
+        return pages
+
+    def set_kv_target(self, rid: str, pages: list[int]) -> None:
+        self.client.set_kv_target(rid, pages)
 
     async def add_peer(self, metadata: bytes) -> str:
         return await self._await(self.client.add_peer(metadata))

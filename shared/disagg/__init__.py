@@ -1,22 +1,25 @@
 """Prefill/decode disaggregation inside one engine: the two halves of a KV hand-off.
 
-Prefill engine (`KvSender`): runs the prompt like any request, samples the first token, then
-sends the prompt's pages into the decode engine's reservation and only then releases them:
+The decode engine learns of a prompt first (`expect_kv`) but holds no memory for it until the
+prefill engine starts computing it: only then does the prefill side ask for pages (just in
+time), so decode memory is never held idle while a prompt queues for prefill.
 
-    running --(chunk done: its full pages go out early, nixl)--> running
-    running --(first token)--> parked: last pages + commit record --> DONE: release, report
+    prefill engine (KvSender)                      decode engine (KvReceiver)
+    admitted (target: transport, peer; no pages)   expected (holds nothing)
+    first scheduled ── kv_pages_wanted ──(caller)──▶ reserve: pages now, or queued until room
+    ◀──────────────── set_kv_target(pages) ─────────  granted: parked, lease starts
+    chunks done: full pages stream out (nixl)
+    first token: parked; last pages + commit ──────▶ commit (NIXL notification, or bytes +
+    writes DONE: release, report "transferred"       record over gRPC): running from token 1
 
-Decode engine (`KvReceiver`): reserves pages for a prompt, waits for the commit record (NIXL
-notification, or bytes + record from the gRPC transport), then runs the request from the
-first token like any other:
+The lease guards liveness, not queueing: it starts when the pages are granted and bounds the
+prompt's remaining compute and transfer; a reservation waiting for room has no timer (its
+caller aborts it when it gives up). A page a write may still land in is never handed to anyone
+else: the prefill side keeps its pages until its writes are DONE or ERR; the decode side keeps
+an aborted reservation's pages until the commit arrives or twice the lease has passed.
 
-    (queued while full, first come first served, up to the lease)
-    reserve --> parked (awaiting_kv, leased) --(commit)--> running
-                   '--(abort / lease expiry)--> quarantined until the write is over --> freed
-
-A page a write may still land in is never handed to anyone else: the prefill side keeps its
-pages until its writes are DONE or ERR; the decode side keeps an aborted reservation's pages
-until the commit arrives or twice the transfer timeout has passed.
+Both halves see narrow pieces of the engine (the pool layout, a page function, callbacks) and
+report what they decided as events (`shared/disagg/events.py`) that `EngineCore` acts on.
 """
 
 from __future__ import annotations

@@ -1,26 +1,72 @@
-"""Decode side of the KV hand-off (see the package docstring for the lifecycle)."""
+"""Decode side of the KV hand-off (see the package docstring for the lifecycle).
+
+`KvReceiver` sees the engine through narrow pieces: the pool's `PageLayout` (to write pages that
+arrive as bytes) and a function that reserves pages for a request (parking it) or says there is
+no room. What it decides comes back from `take_events()` (`Granted`, `Arrived`, `Expired`,
+`Released`) for the core to act on.
+"""
 
 from __future__ import annotations
 
+import logging
 import time
+from collections.abc import Callable
+from enum import Enum
 from typing import TYPE_CHECKING
 
+from shared.disagg.events import Arrived, Expired, Granted, ReceiveEvent, Released
 from shared.scheduler.request import Req
 from shared.transfer import KvCommit
 
 if TYPE_CHECKING:
-    from shared.engine_core import EngineCore
     from shared.transfer.nixl import NixlAgent
+    from shared.transfer.pages import PageLayout
+
+ReservePages = Callable[[Req], "list[int] | None"]  # pages for the whole prompt (parked), or None
+
+logger = logging.getLogger(__name__)
+
+LEASE_EXPIRED = "the prompt's KV did not arrive within the reservation lease"
+
+
+class Held(Enum):
+    """What an aborted request held on the receiver's side."""
+
+    NOTHING = "nothing"  # not a reservation of ours
+    NO_PAGES = "no_pages"  # expected or queued: nothing to free, the core just finishes it
+    QUARANTINED = "quarantined"  # its pages wait out a write that may still land
 
 
 class KvReceiver:
-    def __init__(self, core: EngineCore, agent: NixlAgent | None, lease_s: float) -> None:
-        self.core = core
+    """Reservations of a decode engine, from the prompt's arrival to its KV's.
+
+        expect ──reserve──▶ queued (FCFS, no timer: the caller gives up by aborting)
+                              │ room
+                              ▼
+                           granted (parked, lease running) ──commit──▶ Arrived (running)
+                              │ abort / lease
+                              ▼
+                           quarantined ──(late commit, or 2 x lease)──▶ Released
+
+    The lease guards liveness, not queueing: it starts when the pages are granted, which is
+    when the prefill engine starts computing the prompt (it asks just in time), so it bounds
+    the prompt's compute and transfer, never the time spent waiting for a turn.
+
+    Single-threaded: the engine loop calls every method.
+    """
+
+    def __init__(
+        self, layout: PageLayout, reserve_pages: ReservePages, agent: NixlAgent | None, lease_s: float
+    ) -> None:
+        self.layout = layout
+        self.reserve_pages = reserve_pages
         self.agent = agent
         self.lease_s = lease_s
-        self._queued: dict[str, Req] = {}  # reservations waiting for room, in arrival order
-        self._waiting: dict[str, Req] = {}  # reservations awaiting their KV
+        self._expected: dict[str, Req] = {}  # known, no pages asked for yet
+        self._queued: dict[str, Req] = {}  # pages asked for, waiting for room, in arrival order
+        self._waiting: dict[str, Req] = {}  # pages granted, awaiting the KV
         self._quarantine: dict[str, Req] = {}  # aborted reservations a write may still reach
+        self._events: list[ReceiveEvent] = []
         self.bytes_received = 0
         self.reservations = 0
         self.queued = 0  # reservations that had to wait for room
@@ -28,34 +74,35 @@ class KvReceiver:
 
     @property
     def busy(self) -> bool:
+        """Reservations queued, granted or quarantined: keep polling."""
         return bool(self._queued or self._waiting or self._quarantine)
 
-    def reserve(self, req: Req, lease_s: float | None) -> list[int] | None:
-        """Hold pages for the whole prompt of `req` (returned in prompt order), or queue the
-        reservation until there is room (None; the core reports it when it is granted)."""
+    def expect(self, req: Req, lease_s: float | None) -> None:
+        """A prompt whose KV a prefill engine will compute; pages come with `reserve`."""
         if req.rid in self._quarantine:
             raise ValueError(f"request id {req.rid!r} is still in use")
         req.kv_lease_s = lease_s or self.lease_s
-        if not self._queued and self._try_reserve(req):
+        self._expected[req.rid] = req
+
+    def reserve(self, rid: str) -> list[int] | None:
+        """Pages for the whole prompt of an expected request (in prompt order), or None: the
+        reservation waits for room (first come, first served) and `Granted` reports it."""
+        req = self._expected.pop(rid, None)
+        if req is None:
+            raise ValueError(f"no request {rid!r} is waiting for a KV reservation")
+        if not self._queued and self._grant(req):
             return req.kv_pages
-        req.kv_deadline = time.monotonic() + req.kv_lease_s  # how long it may wait for room
-        self._queued[req.rid] = req
+        self._queued[rid] = req
         self.queued += 1
         return None
 
-    def _try_reserve(self, req: Req) -> bool:
-        core = self.core
-        if core.scheduler.num_active >= core.config.max_running_requests:
+    def _grant(self, req: Req) -> bool:
+        pages = self.reserve_pages(req)
+        if pages is None:
             return False
-        # Room for the running requests' next tokens stays free, as admission does.
-        slots = core.kv.admit(req, None, len(req.prompt_ids), reserve_pages=len(core.scheduler.running))
-        if slots is None:
-            return False
-        page_size = core.layout.page_size
-        req.kv_pages = (slots[::page_size] // page_size).tolist()
+        req.kv_pages = pages
         req.awaiting_kv = True
         req.kv_deadline = time.monotonic() + req.kv_lease_s  # the lease starts now
-        core.scheduler.parked.append(req)
         self._waiting[req.rid] = req
         self.reservations += 1
         return True
@@ -64,59 +111,65 @@ class KvReceiver:
         """The prompt's KV is in place (or arrives in `payload`): continue from the first token."""
         quarantined = self._quarantine.pop(commit.rid, None)
         if quarantined is not None:  # the write we were waiting out is over
-            self.core.scheduler.remove(quarantined, cache_kv=False)
+            self._events.append(Released(quarantined))
             return
         req = self._waiting.pop(commit.rid, None)
         if req is None:
             return  # expired and freed already: nothing of ours is left to write to
         assert req.kv_pages is not None
         if payload is not None:
-            self.core.layout.write_pages(req.kv_pages, payload)
-        self.bytes_received += self.core.layout.nbytes(len(req.kv_pages))
+            # A bad payload raises ValueError: the write is over, so the core aborts the
+            # request and frees its pages at once (awaiting_kv: none of its KV is cached).
+            self.layout.write_pages(req.kv_pages, payload)
+        self.bytes_received += self.layout.nbytes(len(req.kv_pages))
         req.awaiting_kv = False
-        self.core.continue_decode(req, commit)  # unparks it (once its grammar, if any, compiled)
+        self._events.append(Arrived(req, commit))
 
-    def abort(self, req: Req) -> str:
-        """Abort a reservation. "dropped": it was still queued (the core forgets it, no output);
-        "quarantined": its pages wait out a possible write (the core keeps them); "" otherwise."""
-        if self._queued.pop(req.rid, None) is not None:
-            self.core.drop_reservation(req.rid, "aborted while waiting for KV room")
-            return "dropped"
+    def abort(self, req: Req) -> Held:
+        """Forget an aborted request; a granted reservation's pages wait out a possible write."""
+        if self._expected.pop(req.rid, None) is not None or self._queued.pop(req.rid, None) is not None:
+            return Held.NO_PAGES
         if self._waiting.pop(req.rid, None) is None:
-            return ""
-        req.kv_deadline = time.monotonic() + 2 * self.lease_s
+            return Held.NOTHING
+        req.kv_deadline = time.monotonic() + 2 * req.kv_lease_s
         self._quarantine[req.rid] = req
-        return "quarantined"
-
-    def reset(self) -> None:
-        """After a failed step dropped every request."""
-        self._queued.clear()
-        self._waiting.clear()
-        self._quarantine.clear()
+        return Held.QUARANTINED
 
     def poll(self) -> None:
-        """Take commit records from NIXL, expire reservations whose KV is late, end quarantines."""
+        """Take commit records from NIXL, grant queued reservations, expire late KV, end
+        quarantines."""
         if self.agent is not None:
             for msg in self.agent.take_notifs():
-                self.commit(KvCommit.decode(msg))
-        now = time.monotonic()
+                try:
+                    commit = KvCommit.decode(msg)
+                except Exception:  # not one of ours: nothing to continue, nothing to free
+                    logger.warning("ignoring a malformed KV notification (%d bytes)", len(msg))
+                    continue
+                self.commit(commit)
         for rid, req in list(self._queued.items()):  # first come, first served
-            if now > req.kv_deadline:
-                del self._queued[rid]
-                self.expired += 1
-                self.core.drop_reservation(
-                    rid, "no KV room on this decode engine within the reservation lease"
-                )
-            elif self._try_reserve(req):
-                del self._queued[rid]
-                self.core.reservation_granted(rid, req.kv_pages or [])
-            else:
+            if not self._grant(req):
                 break
-        for rid, req in list(self._waiting.items()):
+            del self._queued[rid]
+            self._events.append(Granted(req, req.kv_pages or []))
+        now = time.monotonic()
+        for req in list(self._waiting.values()):
             if now > req.kv_deadline:
                 self.expired += 1
-                self.core.abort(rid, "the prompt's KV did not arrive within the reservation lease")
+                self._events.append(Expired(req, LEASE_EXPIRED))
         for rid, req in list(self._quarantine.items()):
             if now > req.kv_deadline:
                 del self._quarantine[rid]
-                self.core.scheduler.remove(req, cache_kv=False)
+                self._events.append(Released(req))
+
+    def take_events(self) -> list[ReceiveEvent]:
+        events, self._events = self._events, []
+        return events
+
+    def reset(self) -> list[Req]:
+        """After a failed step dropped every request: forget them all. Returns the ones the
+        scheduler did not hold (expected or queued), which the caller must fail too."""
+        unscheduled = [*self._expected.values(), *self._queued.values()]
+        for table in (self._expected, self._queued, self._waiting, self._quarantine):
+            table.clear()
+        self._events.clear()
+        return unscheduled

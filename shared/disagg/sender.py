@@ -1,24 +1,38 @@
-"""Prefill side of the KV hand-off (see the package docstring for the lifecycle)."""
+"""Prefill side of the KV hand-off (see the package docstring for the lifecycle).
+
+`KvSender` sees the engine through three narrow pieces: the pool's `PageLayout`, a function that
+gives a request's own page ids, and a callback that asks for a decode reservation. It never
+touches the scheduler: what it decides comes back from `take_events()` (`Sent`, `SendFailed`)
+for the core to act on.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from shared.disagg.events import SendEvent, SendFailed, Sent
 from shared.scheduler.request import Req
 from shared.transfer import KvCommit, KvTarget
 
 if TYPE_CHECKING:
-    from shared.engine_core import EngineCore
     from shared.transfer.nixl import NixlAgent
+    from shared.transfer.pages import PageLayout
+
+OwnPages = Callable[[Req, int], list[int]]  # (request, n) -> page ids of its first n prompt pages
+WantTarget = Callable[[Req, int], None]  # (request, pages needed): ask the decode side for pages
 
 
 @dataclass
 class _Send:
     req: Req
-    sent_pages: int = 0  # pages of the prompt already posted
+    num_pages: int  # pages of the whole prompt
+    pages: list[int] | None = None  # the decode engine's pages, once reserved
+    asked: bool = False  # a reservation was asked for
+    sent_pages: int = 0  # pages of the prompt already posted (nixl)
     handles: list[Any] = field(default_factory=list)  # writes in flight
     commit: bytes | None = None  # set at the first token; posted with the last pages
     final_posted: bool = False
@@ -28,38 +42,86 @@ class _Send:
 
 
 class KvSender:
-    def __init__(self, core: EngineCore, agent: NixlAgent | None, timeout_s: float) -> None:
-        self.core = core
+    """Sends each prefill request's prompt KV into the pages a decode engine reserves for it.
+
+    A request arrives with a `KvTarget` naming the transport and peer; its pages are usually
+    not known yet (`target.pages == []`): the first time the request is scheduled,
+    `want_target` asks for them (just in time, so decode memory is not held while the prompt
+    queues here) and `set_target` delivers them. Full pages stream out (nixl) as chunks finish;
+    the first token parks the request until the rest is written and committed.
+
+    Single-threaded: the engine loop calls every method.
+    """
+
+    def __init__(
+        self,
+        layout: PageLayout,
+        own_pages: OwnPages,
+        agent: NixlAgent | None,
+        timeout_s: float,
+        want_target: WantTarget,
+    ) -> None:
+        self.layout = layout
+        self.own_pages = own_pages
         self.agent = agent
         self.timeout_s = timeout_s
-        self._sends: dict[str, _Send] = {}  # nixl requests, from admission to release
+        self.want_target = want_target
+        self._sends: dict[str, _Send] = {}  # from admission to release
+        self._events: list[SendEvent] = []
         self.bytes_sent = 0
         self.transfers = 0
         self.failures = 0
 
     @property
     def busy(self) -> bool:
+        """Writes in flight or requests waiting for their reservation: keep polling."""
         return bool(self._sends)
+
+    def pages_needed(self, prompt_len: int) -> int:
+        return -(-prompt_len // self.layout.page_size)
 
     def check_target(self, target: KvTarget, prompt_len: int) -> None:
         """Raise ValueError if this engine cannot send a prompt of `prompt_len` tokens there."""
-        layout = self.core.layout
-        want = self.core.kv.allocator.pages_needed(0, prompt_len)
-        if len(target.pages) != want:
-            raise ValueError(f"the KV target has {len(target.pages)} pages; the prompt needs {want}")
-        layout.check_pages(target.pages)
+        if target.pages:
+            self._check_pages(target.pages, prompt_len)
         if target.transport == "nixl":
             if self.agent is None:
                 raise ValueError("this prefill engine has no NIXL agent (kv_transport=grpc)")
             if not self.agent.has_peer(target.peer):
                 raise ValueError(f"unknown KV peer {target.peer!r}: add its transfer metadata first")
 
+    def _check_pages(self, pages: list[int], prompt_len: int) -> None:
+        want = self.pages_needed(prompt_len)
+        if len(pages) != want:
+            raise ValueError(f"the KV target has {len(pages)} pages; the prompt needs {want}")
+        self.layout.check_pages(pages)
+
     def track(self, req: Req) -> None:
         assert req.kv_target is not None
-        if req.kv_target.transport == "nixl":
-            self._sends[req.rid] = _Send(req)
+        pages = list(req.kv_target.pages) or None
+        self._sends[req.rid] = _Send(req, self.pages_needed(len(req.prompt_ids)), pages, asked=bool(pages))
 
     # ---- called by the core --------------------------------------------------------------------
+
+    def on_scheduled(self, reqs: list[Req]) -> None:
+        """A step was scheduled: ask for the reservation of prompts that start computing now."""
+        for req in reqs:
+            send = self._sends.get(req.rid)
+            if send is not None and not send.asked:
+                send.asked = True
+                self.want_target(req, send.num_pages)
+
+    def set_target(self, rid: str, pages: list[int]) -> None:
+        """The decode engine reserved `pages` for request `rid` (ValueError if they cannot be)."""
+        send = self._sends.get(rid)
+        if send is None or send.abort_message is not None:
+            return  # aborted meanwhile: the decode side frees its reservation when the call ends
+        if send.pages is not None:
+            raise ValueError(f"request {rid!r} already has its KV target")
+        self._check_pages(pages, len(send.req.prompt_ids))
+        send.pages = pages
+        if send.commit is not None:  # the prompt finished before its reservation came
+            self._finish(send)
 
     def stream_pages(self) -> None:
         """After a step: post the running requests' pages that the cache now holds for them.
@@ -69,36 +131,23 @@ class KvSender:
         """
         for send in self._sends.values():
             req = send.req
-            if send.commit is None and send.abort_message is None and req.row is not None:
-                ready = req.cached_len // self.core.layout.page_size
+            if self._is_nixl(send) and send.pages and send.commit is None and send.abort_message is None:
+                ready = req.cached_len // self.layout.page_size if req.row is not None else 0
                 if ready > send.sent_pages:
                     self._post(send, ready, b"")
 
     def on_first_token(self, req: Req, token: int) -> None:
-        """The prompt is done: send what is left with the commit record, then release."""
-        commit = KvCommit(
+        """The prompt is done (the core parked it): send what is left with the commit record."""
+        send = self._sends[req.rid]
+        send.commit = KvCommit(
             rid=req.rid,
             first_token=token,
             cached_tokens=req.cached_tokens or 0,
             logprob=req.output_logprobs[0] if req.output_logprobs else None,
             top_logprobs=req.output_top_logprobs[0] if req.output_top_logprobs else None,
         ).encode()
-        core = self.core
-        assert req.kv_target is not None
-        if req.kv_target.transport == "grpc":
-            start = time.time()
-            payload = core.layout.read_pages(self._own_pages(req))
-            self.bytes_sent += len(payload)
-            self.transfers += 1
-            # The worker's WriteKv carries the bytes on: it ends the transfer's span.
-            core.release_prefill(req, len(payload), payload, commit, (start, time.time()))
-            return
-        send = self._sends[req.rid]
-        send.commit = commit
-        core.scheduler.park(req)
-        if not send.handles:
-            self._post(send, self._num_pages(req), commit)
-            send.final_posted = True
+        if send.pages is not None:
+            self._finish(send)
 
     def abort(self, req: Req) -> bool:
         """Abort a tracked request; True if it must wait for its writes (the core then waits)."""
@@ -107,14 +156,14 @@ class KvSender:
             self._sends.pop(req.rid, None)
             return False
         send.abort_message = send.abort_message or "aborted"
-        if req in self.core.scheduler.running:
-            self.core.scheduler.park(req)
         return True
 
     def poll(self) -> None:
         """Advance every write: post the last pages once the others landed, release when done."""
         now = time.monotonic()
         for rid, send in list(self._sends.items()):
+            if not send.handles:
+                continue
             states = [self.agent.state(h) for h in send.handles] if self.agent is not None else []
             if send.abort_message is None and "ERR" in states:
                 send.abort_message = "KV transfer to the decode engine failed"
@@ -128,45 +177,63 @@ class KvSender:
             self._release_handles(send)
             if send.abort_message is not None:
                 del self._sends[rid]
-                self.core.fail_prefill(send.req, send.abort_message)
+                self._events.append(SendFailed(send.req, send.abort_message))
             elif send.final_posted:
                 del self._sends[rid]
                 self.transfers += 1
-                nbytes = self.core.layout.nbytes(send.sent_pages)
-                self.core.release_prefill(send.req, nbytes, None, None, (send.first_post, time.time()))
+                nbytes = self.layout.nbytes(send.sent_pages)
+                self._events.append(Sent(send.req, nbytes, None, None, (send.first_post, time.time())))
             elif send.commit is not None:
-                self._post(send, self._num_pages(send.req), send.commit)
-                send.final_posted = True
+                self._finish(send)
 
-    # ---- helpers -------------------------------------------------------------------------------
+    def take_events(self) -> list[SendEvent]:
+        events, self._events = self._events, []
+        return events
 
     def reset(self) -> None:
         """After a failed step dropped every request: forget them (their writes are abandoned)."""
         for send in self._sends.values():
             self._release_handles(send)
         self._sends.clear()
+        self._events.clear()
 
-    def _num_pages(self, req: Req) -> int:
-        return self.core.kv.allocator.pages_needed(0, len(req.prompt_ids))
+    # ---- helpers -------------------------------------------------------------------------------
 
-    def _own_pages(self, req: Req, end: int | None = None) -> list[int]:
-        page_size = self.core.layout.page_size
-        n = self._num_pages(req) if end is None else end
-        assert req.row is not None
-        slots = self.core.kv.req_pool.read(req.row, 0, n * page_size)[::page_size]
-        return (slots // page_size).tolist()
+    @staticmethod
+    def _is_nixl(send: _Send) -> bool:
+        return send.req.kv_target is not None and send.req.kv_target.transport == "nixl"
+
+    def _finish(self, send: _Send) -> None:
+        """The commit and the pages are known: the last write (nixl, once the earlier ones
+        landed, so the commit's notification comes after all the data) or the bytes (grpc)."""
+        assert send.commit is not None and send.pages is not None
+        if self._is_nixl(send):
+            if not send.handles:
+                self._post(send, send.num_pages, send.commit)
+                send.final_posted = True
+            return
+        start = time.time()
+        payload = self.layout.read_pages(self.own_pages(send.req, send.num_pages))
+        self.bytes_sent += len(payload)
+        self.transfers += 1
+        del self._sends[send.req.rid]
+        # The worker carries the bytes on (WriteKv) and ends the transfer's span.
+        self._events.append(Sent(send.req, len(payload), payload, send.commit, (start, time.time())))
 
     def _post(self, send: _Send, end: int, notif: bytes) -> None:
-        assert self.agent is not None and send.req.kv_target is not None
-        src = self._own_pages(send.req, end)[send.sent_pages :]
-        dst = send.req.kv_target.pages[send.sent_pages : end]
+        assert self.agent is not None and send.req.kv_target is not None and send.pages is not None
+        src = self.own_pages(send.req, end)[send.sent_pages :]
+        dst = send.pages[send.sent_pages : end]
         try:
             send.handles.append(self.agent.write(send.req.kv_target.peer, src, dst, notif))
         except RuntimeError as e:
             send.abort_message = f"KV transfer failed: {e}"
             self.failures += 1
+            if not send.handles:  # else poll reports it once the earlier writes are over
+                del self._sends[send.req.rid]
+                self._events.append(SendFailed(send.req, send.abort_message))
             return
-        self.bytes_sent += self.core.layout.nbytes(len(src))
+        self.bytes_sent += self.layout.nbytes(len(src))
         send.first_post = send.first_post or time.time()
         send.sent_pages = end
         send.deadline = time.monotonic() + self.timeout_s

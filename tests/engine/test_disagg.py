@@ -1,6 +1,7 @@
 """Prefill/decode disaggregation between two engines in one process: the prefill engine writes
 each prompt's KV into pages the decode engine reserved (NIXL over loopback, or bytes as the
-gRPC transport carries them), and the decode engine continues from the first token.
+gRPC transport carries them), and the decode engine continues from the first token. The decode
+engine reserves just in time: when the prefill engine asks, as the prompt starts computing.
 
 The oracle is HF greedy (float32) and, for seeded sampling, a unified engine."""
 
@@ -34,9 +35,27 @@ def make_pair(path: Path, transport: str, **options: object) -> tuple[EngineCore
 
 
 def submit(prefill: EngineCore, decode: EngineCore, rid: str, ids: list[int], params: SamplingParams) -> None:
-    pages = decode.reserve(rid, ids, params)
+    """As the workers do: the decode engine expects the prompt, the prefill engine asks for its
+    pages when it schedules it (`forward_targets` carries the answer)."""
+    decode.expect_kv(rid, ids, params)
     peer = decode.agent.name if decode.agent is not None else ""
-    prefill.add_request([rid], ids, params, kv_target=KvTarget(decode.transport, pages, peer))  # type: ignore[arg-type]
+    prefill.add_request([rid], ids, params, kv_target=KvTarget(decode.transport, [], peer))  # type: ignore[arg-type]
+
+
+def forward_targets(
+    prefill: EngineCore, decode: EngineCore, outs: list[RequestOutput]
+) -> list[RequestOutput]:
+    """Answer the prefill engine's reservation requests among `outs` (queued ones once the
+    decode engine grants them); returns the other outputs."""
+    for out in outs:
+        if out.kv_pages_wanted:
+            pages = decode.reserve_kv(out.rid)
+            if pages is not None:
+                prefill.set_kv_target(out.rid, pages)
+    for rids, pages, error, _, reservation in decode.take_admissions():
+        assert reservation and not error and pages is not None
+        prefill.set_kv_target(rids[0], pages)
+    return [out for out in outs if not out.kv_pages_wanted]
 
 
 def run_pd(
@@ -55,7 +74,7 @@ def run_pd(
         while pending and pending[0][0] * 2 <= rounds:
             i, ids = pending.pop(0)
             submit(prefill, decode, f"r{i}", ids, params)
-        for out in prefill.step():
+        for out in forward_targets(prefill, decode, prefill.step()):
             assert out.finished and out.finish_reason == {"type": "transferred"}, out
             assert out.kv_bytes > 0
             if out.kv_commit is not None:  # the gRPC transport: the caller delivers the pages
@@ -64,6 +83,7 @@ def run_pd(
             tokens.setdefault(out.rid, []).extend(out.new_ids)
             if out.finished:
                 last[out.rid] = out
+        forward_targets(prefill, decode, [])  # reservations granted during the decode step
         rounds += 1
         assert time.monotonic() < deadline, "no progress"
     wait_idle(prefill)
@@ -204,9 +224,10 @@ def test_full_decode_engine_queues_reservations_first_come_first_served(tiny_lla
     assert pages_a is not None and len(pages_a) == 3
     assert decode.reserve("b", b, params) is None  # no room: queued, holds nothing
     assert decode.reserve("c", c, params) is None
-    decode.abort("c")  # aborted while queued: refused, no output
-    assert decode.take_admissions() == [(["c"], None, "CapacityError", "aborted while waiting for KV room")]
-    assert decode.step() == []
+    decode.abort("c")  # aborted while queued: the reservation is refused and the request ends
+    assert decode.take_admissions() == [(["c"], None, "CapacityError", "aborted", True)]
+    (ended,) = decode.step()
+    assert ended.rid == "c" and ended.finish_reason == {"type": "abort", "message": "aborted"}
     # a runs to the end; its pages go back and b is granted them
     prefill.add_request(["a"], a, params, kv_target=KvTarget("grpc", pages_a))
     (out,) = prefill.step()
@@ -216,8 +237,9 @@ def test_full_decode_engine_queues_reservations_first_come_first_served(tiny_lla
         finished = [o for o in decode.step() if o.finished]
     assert finished[0].rid == "a" and finished[0].completion_tokens == 3
     decode.step()
-    ((rids, pages_b, error, why),) = decode.take_admissions()
+    ((rids, pages_b, error, why, reservation),) = decode.take_admissions()
     assert rids == ["b"] and pages_b is not None and len(pages_b) == 3 and error == why == ""
+    assert reservation
     prefill.add_request(["b"], b, params, kv_target=KvTarget("grpc", pages_b))
     (out,) = prefill.step()
     decode.commit_kv(KvCommit.decode(out.kv_commit), out.kv_payload)  # type: ignore[arg-type]
@@ -228,24 +250,102 @@ def test_full_decode_engine_queues_reservations_first_come_first_served(tiny_lla
     wait_idle(decode)
 
 
-def test_queued_reservation_times_out_with_a_capacity_error(tiny_llama: Path) -> None:
-    decode = build_core(
-        tiny_llama,
-        disaggregation_mode="decode",
-        kv_transport="grpc",
-        max_total_tokens=64,
-        kv_transfer_timeout_s=0.05,
-    )
-    params = SamplingParams(max_new_tokens=3)
-    assert decode.reserve("a", list(range(5, 45)), params) is not None
-    assert decode.reserve("b", list(range(5, 45)), params, lease_s=0.05) is None
-    time.sleep(0.06)
+def test_queued_reservation_waits_past_the_lease_which_starts_when_granted(tiny_llama: Path) -> None:
+    # The lease guards liveness, not queueing: b waits for room far longer than the lease, and
+    # its lease only starts when its pages are granted.
+    prefill, decode = make_pair(tiny_llama, "grpc", max_total_tokens=64, kv_transfer_timeout_s=0.2)
+    params = SamplingParams(max_new_tokens=3, temperature=0.0, ignore_eos=True)
+    a, b = list(range(5, 45)), list(range(6, 46))
+    pages_a = decode.reserve("a", a, params)
+    assert pages_a is not None
+    assert decode.reserve("b", b, params) is None
+    time.sleep(0.15)  # a is within its lease
+    prefill.add_request(["a"], a, params, kv_target=KvTarget("grpc", pages_a))
+    (out,) = prefill.step()
+    decode.commit_kv(KvCommit.decode(out.kv_commit), out.kv_payload)  # type: ignore[arg-type]
+    time.sleep(0.3)  # b has queued longer than a lease: still queued, not refused
+    assert decode.take_admissions() == []
+    while not any(o.finished for o in decode.step()):
+        pass
     decode.step()
-    assert decode.take_admissions() == [
-        (["b"], None, "CapacityError", "no KV room on this decode engine within the reservation lease")
-    ]
-    wait_idle(decode)  # a's own lease ran out too: quarantined for twice the lease, then freed
-    assert decode.stats()["kv_reservations"] == 1 and decode.stats()["kv_reservations_expired"] == 2
+    ((_, pages_b, error, _, _),) = decode.take_admissions()
+    assert error == "" and pages_b is not None
+    prefill.add_request(["b"], b, params, kv_target=KvTarget("grpc", pages_b))
+    (out,) = prefill.step()
+    decode.commit_kv(KvCommit.decode(out.kv_commit), out.kv_payload)  # type: ignore[arg-type]
+    got = []
+    while decode.has_work:
+        got += [t for o in decode.step() for t in o.new_ids]
+    assert got == hf_greedy(tiny_llama, b, 3)
+    assert decode.stats()["kv_reservations_expired"] == 0
+    wait_idle(decode)
+
+
+def test_prefill_asks_for_pages_when_it_schedules_the_prompt(tiny_llama: Path) -> None:
+    # The decode engine holds nothing for a prompt that is still queued for prefill.
+    prefill, decode = make_pair(tiny_llama, "grpc", chunked_prefill_size=16)
+    params = SamplingParams(max_new_tokens=3, temperature=0.0, ignore_eos=True)
+    ids = list(range(5, 45))  # three 16-token chunks
+    free = decode.stats()["kv_free_tokens"]
+    submit(prefill, decode, "r", ids, params)
+    assert decode.stats()["kv_free_tokens"] == free  # expected, nothing reserved
+    outs = prefill.step()  # the first chunk: the reservation is asked for now, not before
+    assert [(o.rid, o.kv_pages_wanted) for o in outs] == [("r", 3)]
+    forward_targets(prefill, decode, outs)
+    assert decode.stats()["kv_free_tokens"] == free - 48
+    with pytest.raises(ValueError, match="no request 'r' is waiting"):
+        decode.reserve_kv("r")  # once only
+    outs = prefill.step() + prefill.step()
+    (out,) = forward_targets(prefill, decode, outs)
+    decode.commit_kv(KvCommit.decode(out.kv_commit), out.kv_payload)  # type: ignore[arg-type]
+    got = []
+    while decode.has_work:
+        got += [t for o in decode.step() for t in o.new_ids]
+    assert got == hf_greedy(tiny_llama, ids, 3)
+    wait_idle(prefill)
+    wait_idle(decode)
+
+
+def test_prefill_waits_for_a_late_reservation_then_sends(tiny_llama: Path) -> None:
+    # The prompt finishes before the decode engine has room: the prefill engine parks it with
+    # its pages and sends once the pages come; a bad page list aborts it.
+    prefill, decode = make_pair(tiny_llama, "grpc")
+    params = SamplingParams(max_new_tokens=2, temperature=0.0, ignore_eos=True)
+    ids = list(range(5, 30))
+    submit(prefill, decode, "r", ids, params)
+    submit(prefill, decode, "bad", ids, params)
+    wanted = [o for o in prefill.step() if o.kv_pages_wanted]
+    assert sorted(o.rid for o in wanted) == ["bad", "r"]
+    for _ in range(3):
+        assert prefill.step() == []  # both parked after their first token, holding their KV
+    assert prefill.stats()["parked_requests"] == 2
+    prefill.set_kv_target("bad", [1])  # one page for a prompt of two
+    (failed,) = prefill.step()
+    assert failed.rid == "bad" and failed.finish_reason is not None
+    assert failed.finish_reason["message"].startswith("bad KV target: the KV target has 1 pages")
+    decode.abort("bad")
+    pages = decode.reserve_kv("r")
+    assert pages is not None
+    prefill.set_kv_target("r", pages)
+    (out,) = prefill.step()
+    assert out.finish_reason == {"type": "transferred"}
+    decode.commit_kv(KvCommit.decode(out.kv_commit), out.kv_payload)  # type: ignore[arg-type]
+    got = []
+    while decode.has_work:
+        got += [t for o in decode.step() for t in o.new_ids]
+    assert got == hf_greedy(tiny_llama, ids, 2)
+    wait_idle(prefill)
+    wait_idle(decode)
+
+
+def test_a_malformed_payload_fails_only_its_request(tiny_llama: Path) -> None:
+    decode = build_core(tiny_llama, disaggregation_mode="decode", kv_transport="grpc")
+    pages = decode.reserve("r", list(range(5, 30)), SamplingParams(max_new_tokens=2))
+    assert pages is not None
+    decode.commit_kv(KvCommit("r", 5, 0), b"garbage")
+    (out,) = decode.step()
+    assert out.finish_reason is not None and out.finish_reason["message"].startswith("bad KV payload")
+    wait_idle(decode)
 
 
 @pytest.mark.skipif(not nixl_available(), reason="NIXL is not installed")

@@ -81,6 +81,18 @@ class Service:
             stub = worker_pb2_grpc.WorkerServiceStub(channel)
             return stub.GetLoad(worker_pb2.GetLoadRequest(), timeout=5)
 
+    def wait_released(self, timeout: float = 5.0) -> None:
+        """Nothing running and no KV held beyond the prefix cache (a PD request's prefill leg can
+        end a little after its client got the last token: wait, bounded)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            load = self.load()
+            held = load.running_requests + load.kv_used_tokens + load.counters["parked_requests"]
+            if held == 0:
+                return
+            assert time.monotonic() < deadline, f"{self.name} still holds a request: {load}"
+            time.sleep(0.05)
+
     def kill(self, sig: int = signal.SIGKILL) -> None:
         self.process.send_signal(sig)
         self.process.wait(10)

@@ -31,17 +31,6 @@ def by_address(cluster: Cluster, address: str) -> Service:
     return next(s for s in cluster.services if s.address == address)
 
 
-def wait_released(worker: Service, timeout: float = 5.0) -> None:
-    """Nothing running and no KV held beyond the prefix cache."""
-    deadline = time.monotonic() + timeout
-    while True:
-        load = worker.load()
-        if load.running_requests == 0 and load.kv_used_tokens == 0 and load.counters["parked_requests"] == 0:
-            return
-        assert time.monotonic() < deadline, f"{worker.name} still holds a request: {load}"
-        time.sleep(0.05)
-
-
 def long_stream(cluster: Cluster) -> Iterator[router_pb2.GenerateResponse]:
     return cluster.stub.Generate(
         cluster.request(PROMPT, max_new_tokens=900, temperature=0.0, ignore_eos=True), timeout=120
@@ -56,8 +45,8 @@ def test_client_disconnect_frees_both_workers(cluster: Cluster) -> None:
     stream.cancel()  # type: ignore[attr-defined]
     prefill = by_address(cluster, first.route.prefill_worker)
     decode = by_address(cluster, first.route.decode_worker)
-    wait_released(decode)
-    wait_released(prefill)
+    decode.wait_released()
+    prefill.wait_released()
     assert decode.load().counters["generated_tokens"] < 900  # it stopped, not ran to the end
     assert collect(cluster.generate(PROMPT, max_new_tokens=3))[0]["finish"] is not None
 
@@ -77,7 +66,7 @@ def test_decode_worker_killed_mid_stream(cluster: Cluster) -> None:
     assert time.monotonic() - start < 5
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
     assert victim.address in err.value.details()
-    wait_released(prefill)
+    prefill.wait_released()
     assert cluster.worker_state(victim.address) == router_pb2.WORKER_STATE_UNHEALTHY
     for _ in range(3):  # every next request lands on the surviving decode worker
         sample = collect(cluster.generate(PROMPT, max_new_tokens=3))[0]

@@ -189,18 +189,20 @@ def _one(spans: list[Span], service: str, name: str) -> Span:
 
 
 def check_request_trace(receiver: Receiver, request_id: str, usage: Any, stream: bool) -> list[Span]:
-    """The trace of one gateway request: five spans in four services, correctly parented."""
-    spans = receiver.trace_of(lambda s: s.attributes.get("tandem.request_id") == request_id, 5)
+    """The trace of one gateway request: six spans in four services, correctly parented."""
+    spans = receiver.trace_of(lambda s: s.attributes.get("tandem.request_id") == request_id, 6)
     assert {s.service for s in spans} == set(SERVICES), [(s.service, s.name) for s in spans]
     gateway = _one(spans, "tandem-gateway", "POST /v1/chat/completions")
     router = _one(spans, "tandem-router", "router.generate")
     prefill = _one(spans, "tandem-prefill", "prefill")
     transfer = _one(spans, "tandem-prefill", "kv_transfer")
     decode = _one(spans, "tandem-decode", "decode")
-    assert len(spans) == 5
+    reserve = _one(spans, "tandem-decode", "reserve_kv")
+    assert len(spans) == 6
     assert router.parent_id == gateway.span_id
     assert prefill.parent_id == decode.parent_id == router.span_id
-    assert transfer.parent_id == prefill.span_id
+    assert transfer.parent_id == reserve.parent_id == prefill.span_id
+    assert reserve.attributes["tandem.kv_pages"] > 0 and reserve.end_ns <= transfer.end_ns
     assert all(s.error is None for s in spans), [(s.name, s.error) for s in spans]
 
     g = gateway.attributes

@@ -155,3 +155,15 @@ class WriteKvRequest(_message.Message):
 class WriteKvResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class ReserveKvRequest(_message.Message):
+    __slots__ = ("rid",)
+    RID_FIELD_NUMBER: _ClassVar[int]
+    rid: str
+    def __init__(self, rid: _Optional[str] = ...) -> None: ...
+
+class ReserveKvResponse(_message.Message):
+    __slots__ = ("page_ids",)
+    PAGE_IDS_FIELD_NUMBER: _ClassVar[int]
+    page_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, page_ids: _Optional[_Iterable[int]] = ...) -> None: ...

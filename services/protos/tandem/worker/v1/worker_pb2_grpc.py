@@ -282,6 +282,11 @@ class DecodeServiceStub:
                 request_serializer=tandem_dot_worker_dot_v1_dot_worker__pb2.WriteKvRequest.SerializeToString,
                 response_deserializer=tandem_dot_worker_dot_v1_dot_worker__pb2.WriteKvResponse.FromString,
                 _registered_method=True)
+        self.ReserveKv = channel.unary_unary(
+                '/tandem.worker.v1.DecodeService/ReserveKv',
+                request_serializer=tandem_dot_worker_dot_v1_dot_worker__pb2.ReserveKvRequest.SerializeToString,
+                response_deserializer=tandem_dot_worker_dot_v1_dot_worker__pb2.ReserveKvResponse.FromString,
+                _registered_method=True)
 
 
 class DecodeServiceServicer:
@@ -308,6 +313,16 @@ class DecodeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReserveKv(self, request, context):
+        """Pages for a prompt of an open Generate call, asked by the prefill worker when the prompt
+        starts computing. Answers once there is room (first come, first served; no timer: the
+        caller's deadline or cancellation ends the wait, and ends the request); NOT_FOUND when no
+        such request waits for pages. The reservation's lease starts with the answer.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DecodeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -325,6 +340,11 @@ def add_DecodeServiceServicer_to_server(servicer, server):
                     servicer.WriteKv,
                     request_deserializer=tandem_dot_worker_dot_v1_dot_worker__pb2.WriteKvRequest.FromString,
                     response_serializer=tandem_dot_worker_dot_v1_dot_worker__pb2.WriteKvResponse.SerializeToString,
+            ),
+            'ReserveKv': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReserveKv,
+                    request_deserializer=tandem_dot_worker_dot_v1_dot_worker__pb2.ReserveKvRequest.FromString,
+                    response_serializer=tandem_dot_worker_dot_v1_dot_worker__pb2.ReserveKvResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -408,6 +428,33 @@ class DecodeService:
             '/tandem.worker.v1.DecodeService/WriteKv',
             tandem_dot_worker_dot_v1_dot_worker__pb2.WriteKvRequest.SerializeToString,
             tandem_dot_worker_dot_v1_dot_worker__pb2.WriteKvResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReserveKv(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tandem.worker.v1.DecodeService/ReserveKv',
+            tandem_dot_worker_dot_v1_dot_worker__pb2.ReserveKvRequest.SerializeToString,
+            tandem_dot_worker_dot_v1_dot_worker__pb2.ReserveKvResponse.FromString,
             options,
             channel_credentials,
             insecure,

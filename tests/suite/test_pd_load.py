@@ -1,0 +1,131 @@
+"""PD under load and PD with a peer that is really gone, over real processes.
+
+Load: far more concurrent requests than the decode pool holds, with a short lease, through
+`tandem up`: every request completes with HF's greedy output (none fails for a lease: the
+decode side reserves just in time and a reservation waiting for room has no timer), and
+afterwards no worker holds KV. Gone: a prefill worker killed while it computes and streams a
+prompt into a reservation: the client gets a clear error promptly, and the decode worker frees
+the reservation (after the quarantine that a write in flight needs)."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import httpx
+import openai
+import pytest
+from transformers import AutoTokenizer
+
+from services.protos.tandem.worker.v1 import worker_pb2, worker_pb2_grpc
+from shared.transfer import nixl_available
+from tests.engine.test_parity import hf_greedy_cached
+from tests.suite.cluster import Cluster, collect, tandem_up
+
+pytestmark = pytest.mark.xdist_group("suite_pd_load")
+
+TRANSPORTS = [
+    pytest.param("nixl", marks=pytest.mark.skipif(not nixl_available(), reason="NIXL is not installed")),
+    "grpc",
+]
+CONCURRENCY = 64
+NEW_TOKENS = 24
+
+
+def worker_loads(admin_url: str) -> list[worker_pb2.GetLoadResponse]:
+    loads = []
+    for w in httpx.get(admin_url, timeout=5).json()["workers"]:
+        with grpc.insecure_channel(w["address"]) as channel:
+            stub = worker_pb2_grpc.WorkerServiceStub(channel)
+            loads.append(stub.GetLoad(worker_pb2.GetLoadRequest(), timeout=5))
+    return loads
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_pd_under_load_every_request_completes(tiny_llama: Path, tmp_path: Path, transport: str) -> None:
+    # A 256-token decode pool holds at most 4 of these 40-60-token requests at once; the lease
+    # (0.4 s) is far shorter than the time most requests wait for their turn.
+    worker_args = "--max-total-tokens 256 --device cpu --kv-transfer-timeout 0.4"
+    rng = random.Random(7)
+    prompts = [[rng.randrange(5, 250) for _ in range(rng.randrange(40, 60))] for _ in range(CONCURRENCY)]
+    args = ("--kv-transport", transport, "--worker-args", worker_args)
+    with tandem_up(tiny_llama, tmp_path, args=args) as up:
+
+        async def run() -> list[str]:
+            client = openai.AsyncOpenAI(base_url=up["openai"], api_key="unused", max_retries=0, timeout=300)
+
+            async def one(ids: list[int]) -> str:
+                out = await client.completions.create(
+                    model=up["model"],
+                    prompt=ids,
+                    max_tokens=NEW_TOKENS,
+                    temperature=0,
+                    extra_body={"ignore_eos": True},
+                )
+                return out.choices[0].text
+
+            try:
+                return await asyncio.gather(*(one(ids) for ids in prompts))
+            finally:
+                await client.close()
+
+        texts = asyncio.run(run())
+        tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+        for ids, text in zip(prompts, texts):
+            expected = hf_greedy_cached(tiny_llama, ids, NEW_TOKENS)
+            assert text == tokenizer.decode(expected, skip_special_tokens=True)
+        deadline = time.monotonic() + 10
+        while any(load.kv_used_tokens or load.running_requests for load in worker_loads(up["router_admin"])):
+            assert time.monotonic() < deadline, worker_loads(up["router_admin"])
+            time.sleep(0.1)
+        counters = [load.counters for load in worker_loads(up["router_admin"])]
+        decode = next(c for c in counters if "kv_reservations" in c)
+        assert decode["kv_reservations"] == CONCURRENCY
+        assert decode["kv_reservations_queued"] > 0  # the pool really was too small for the load
+        assert decode.get("kv_reservations_expired", 0) == 0
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_prefill_killed_mid_transfer_fails_promptly_and_frees_the_reservation(
+    tiny_llama: Path, tmp_path: Path, transport: str
+) -> None:
+    with Cluster(tiny_llama, tmp_path) as cluster:
+        cluster.start_router()
+        # Small chunks make a long prompt take many steps: it is still computing (and, over
+        # NIXL, streaming finished pages) when the worker dies.
+        prefill, decode = cluster.start_workers(
+            [
+                ("prefill", "--kv-transport", transport, "--chunked-prefill-size", "8"),
+                ("decode", "--kv-transport", transport, "--kv-transfer-timeout", "1"),
+            ]
+        )
+        prompt = [5 + i % 200 for i in range(1000)]
+        result: dict[str, object] = {}
+
+        def run() -> None:
+            try:
+                collect(cluster.generate(prompt, max_new_tokens=4, temperature=0.0))
+            except grpc.RpcError as e:
+                result["error"] = e
+            result["at"] = time.monotonic()
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        deadline = time.monotonic() + 60
+        while decode.load().counters.get("kv_reservations", 0) == 0:  # prefill asked for pages
+            assert time.monotonic() < deadline and thread.is_alive(), result
+            time.sleep(0.01)
+        assert decode.load().kv_used_tokens > 0
+        prefill.kill()
+        killed = time.monotonic()
+        thread.join(30)
+        error = result.get("error")
+        assert isinstance(error, grpc.RpcError), result
+        assert error.code() == grpc.StatusCode.UNAVAILABLE and error.details()
+        assert float(result["at"]) - killed < 5  # type: ignore[arg-type]
+        decode.wait_released(timeout=5)  # quarantine: twice the 1 s lease at most
+        assert decode.process.poll() is None  # and it keeps serving
