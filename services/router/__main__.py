@@ -61,6 +61,7 @@ async def serve() -> None:
         max_attempts=args.max_attempts,
         kv_lease_ms=args.kv_lease_ms,
         metrics=metrics,
+        max_in_flight=args.max_in_flight,
     )
     server = grpc.aio.server()
     router_pb2_grpc.add_RouterServiceServicer_to_server(

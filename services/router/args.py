@@ -44,4 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--max-attempts", type=int, default=3, help="tries per request before its first token")
     p.add_argument("--kv-lease-ms", type=int, default=0, help="decode reservation lease (0: the worker's)")
+    p.add_argument(
+        "--max-in-flight",
+        type=int,
+        default=4096,
+        help="samples in flight before new requests get RESOURCE_EXHAUSTED (HTTP 429); 0: no bound",
+    )
     return p

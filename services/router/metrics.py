@@ -110,6 +110,11 @@ class RouterMetrics:
         self.retries = Counter(
             "tandem_router_retries_total", "Samples retried on fresh workers after a failure", registry=r
         )
+        self.refused = Counter(
+            "tandem_router_refused_total",
+            "Requests refused at once because too many samples were in flight (HTTP 429)",
+            registry=r,
+        )
         self._error_labels: set[tuple[str, str, str]] = set()
         if workers is not None:
             r.register(_WorkerStates(workers))

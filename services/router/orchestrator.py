@@ -82,11 +82,19 @@ class Orchestrator:
         max_attempts: int = 3,
         kv_lease_ms: int = 0,
         metrics: RouterMetrics | None = None,
+        max_in_flight: int = 0,
     ) -> None:
         self.registry = registry
         self.policies = {"prefill": prefill_policy, "decode": decode_policy, "unified": unified_policy}
         self.max_attempts = max_attempts
         self.kv_lease_ms = kv_lease_ms
+        # Bounded admission: past this many samples in flight (0: no bound) a request is refused
+        # at once with RESOURCE_EXHAUSTED (HTTP 429 + Retry-After at the gateway) instead of
+        # queueing without end in the workers. Under the bound, requests wait for their turn in
+        # the workers' queues (the decode side reserves KV just in time, so waiting costs no
+        # decode memory and no lease runs out).
+        self.max_in_flight = max_in_flight
+        self.in_flight = 0
         self.metrics = metrics or RouterMetrics()
         registry.on_removed.extend(p.on_worker_removed for p in self.policies.values())
         registry.on_removed.append(self.metrics.forget_worker)
@@ -97,8 +105,19 @@ class Orchestrator:
         """Responses of all samples, interleaved as they come; the first error ends the stream.
         `record` (if given) learns the mode, workers, attempts and usage."""
         record = record or RequestRecord()
-        async for _, resp in merge([self._run(s, record) for s in samples]):
-            yield resp
+        if self.max_in_flight and self.in_flight + len(samples) > self.max_in_flight:
+            self.metrics.refused.inc()
+            raise ServiceError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"the router is at capacity ({self.in_flight} samples in flight, at most"
+                f" {self.max_in_flight}); retry later",
+            )
+        self.in_flight += len(samples)
+        try:
+            async for _, resp in merge([self._run(s, record) for s in samples]):
+                yield resp
+        finally:
+            self.in_flight -= len(samples)
 
     async def _run(self, sample: Sample, record: RequestRecord) -> AsyncIterator[router_pb2.GenerateResponse]:
         clock = self.metrics.clock(record.start)
