@@ -1,25 +1,29 @@
-"""Online serving benchmark: streamed /v1/completions against any OpenAI-compatible server.
+r"""Online serving benchmark: streamed /v1/completions against any OpenAI-compatible server.
 
 Tandem's counterpart of `sglang.bench_serving` and `vllm bench serve`. Every prompt is new random
 token ids (seeded; `--shared-prefix-len N` makes the first N the same in all prompts), every
 answer streams exactly `--output-len` tokens (`ignore_eos`). A load level is a closed loop of C
 clients (`--concurrency 1,16,64,128`, `--num-prompts-factor` x C requests) or Poisson arrivals
 (`--request-rate 4,8 --num-prompts 200`); two warm-up requests go first and are not counted.
-Per level: completed/failed requests (the first errors verbatim, status codes counted), output,
-input and request throughput, and p50/p99 of TTFT, ITL, TPOT and end-to-end latency. One table
-row per level; `--json` keeps everything, `--png` plots it, `--compare A.json B.json` reads
-runs back into one table (ratios to the first), and one figure.
+Per level: completed/failed requests (a failure is a status other than 200, an error event in
+the stream, a transport error, or fewer tokens than asked; the first errors are kept verbatim and
+the statuses counted), output, input and request throughput over the level's wall time, and
+p50/p99 of TTFT (to the first chunk with text), ITL (between chunks with text), TPOT and
+end-to-end latency. One table row per level; `--json` keeps everything (`--save-requests`: every
+request too), `--png` plots it, `--compare A.json B.json` reads runs back into one table with
+ratios to the first, and one figure.
 
 On an H200: unified (one worker) against prefill/decode (one of each, both on the one GPU) on a
-random-weight Llama-3-8B-shape checkpoint (built once by the first command, reused by the second):
+random-weight Llama-3-8B-shape checkpoint (built once by the first command, reused by the second;
+its tokenizer gets a token for every id, so that random outputs stream text as a real model's do):
 
-    python bench/serving.py --launch --topology unified --make-model llama3-8b \\
-        --model-dir /tmp/tandem-llama3-8b --worker-args "--device cuda:0 --max-total-tokens 150000" \\
+    python bench/serving.py --launch --topology unified --make-model llama3-8b \
+        --model-dir /tmp/tandem-llama3-8b --worker-args "--device cuda:0 --max-total-tokens 150000" \
         --json out/serving_unified.json
-    python bench/serving.py --launch --topology pd --make-model llama3-8b \\
-        --model-dir /tmp/tandem-llama3-8b --worker-args "--device cuda:0 --max-total-tokens 150000" \\
+    python bench/serving.py --launch --topology pd --make-model llama3-8b \
+        --model-dir /tmp/tandem-llama3-8b --worker-args "--device cuda:0 --max-total-tokens 150000" \
         --json out/serving_pd.json
-    python bench/serving.py --compare out/serving_unified.json out/serving_pd.json \\
+    python bench/serving.py --compare out/serving_unified.json out/serving_pd.json \
         --png out/serving_pd_vs_unified.png
 
 Against a server that is already up (any OpenAI-compatible one):
@@ -73,9 +77,10 @@ class Workload:
 @dataclass
 class RequestResult:
     """One streamed request. `chunk_gaps_s` are the gaps between successive chunks carrying text:
-    a chunk may carry several tokens (the server batches what it has when the client lags), so
-    these are per chunk, not per token; TPOT spreads the time after the first chunk over the
-    tokens after the first, and `tokens_per_chunk` in the summary shows how far the two differ."""
+    a chunk may carry several tokens (a server sends what it has when the client lags, and
+    Tandem's gateway sends nothing for a token that adds no text yet, like part of a UTF-8
+    character), so these are per chunk, not per token. TPOT spreads the time after the first chunk
+    over the tokens after the first; `tokens_per_chunk` in the summary shows how far they differ."""
 
     prompt_len: int
     output_len: int  # tokens asked for

@@ -4,6 +4,7 @@ every token counted, failures recorded (not raised), and its statistics on known
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
@@ -146,6 +147,20 @@ def test_prompts_share_their_prefix_and_never_repeat() -> None:
     assert all(100 <= t < 200 for p in everything for t in p)
     assert len({tuple(p[5:]) for p in everything}) == 8
     assert serving.Prompts(w).take(4) == first  # seeded
+
+
+def test_a_widened_tokenizer_covers_every_id_of_the_model(tokenizer_dir: Path, tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    shutil.copytree(tokenizer_dir, tmp_path, dirs_exist_ok=True)
+    (tmp_path / "config.json").write_text(json.dumps({"vocab_size": 4096}))
+    assert serving.model_vocab(tmp_path) == 512  # the tokenizer's: the gateway refuses ids past it
+    serving.widen_tokenizer(tmp_path, 4096)
+    assert serving.model_vocab(tmp_path) == 4096
+    tokenizer = AutoTokenizer.from_pretrained(str(tmp_path))
+    assert len(tokenizer) == 4096
+    assert tokenizer.decode([4095, 1000]) == " w4095 w1000"
+    assert tokenizer.decode([300]) == AutoTokenizer.from_pretrained(str(tokenizer_dir)).decode([300])
 
 
 def test_compare_prints_ratios_to_the_first_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
