@@ -1,0 +1,640 @@
+r"""Online serving benchmark: streamed /v1/completions against any OpenAI-compatible server.
+
+Tandem's counterpart of `sglang.bench_serving` and `vllm bench serve`. Every prompt is new random
+token ids (seeded; `--shared-prefix-len N` makes the first N the same in all prompts), every
+answer streams exactly `--output-len` tokens (`ignore_eos`). A load level is a closed loop of C
+clients (`--concurrency 1,16,64,128`, `--num-prompts-factor` x C requests) or Poisson arrivals
+(`--request-rate 4,8 --num-prompts 200`); two warm-up requests go first and are not counted.
+Per level: completed/failed requests (a failure is a status other than 200, an error event in
+the stream, a transport error, or fewer tokens than asked; the first errors are kept verbatim and
+the statuses counted), output, input and request throughput over the level's wall time, and
+p50/p99 of TTFT (to the first chunk with text), ITL (between chunks with text), TPOT and
+end-to-end latency. One table row per level; `--json` keeps everything (`--save-requests`: every
+request too), `--png` plots it, `--compare A.json B.json` reads runs back into one table with
+ratios to the first, and one figure.
+
+On an H200: unified (one worker) against prefill/decode (one of each, both on the one GPU) on a
+random-weight Llama-3-8B-shape checkpoint (built once by the first command, reused by the second;
+its tokenizer gets a token for every id, so that random outputs stream text as a real model's do):
+
+    python bench/serving.py --launch --topology unified --make-model llama3-8b \
+        --model-dir /tmp/tandem-llama3-8b --worker-args "--device cuda:0 --max-total-tokens 150000" \
+        --json out/serving_unified.json
+    python bench/serving.py --launch --topology pd --make-model llama3-8b \
+        --model-dir /tmp/tandem-llama3-8b --worker-args "--device cuda:0 --max-total-tokens 150000" \
+        --json out/serving_pd.json
+    python bench/serving.py --compare out/serving_unified.json out/serving_pd.json \
+        --png out/serving_pd_vs_unified.png
+
+Against a server that is already up (any OpenAI-compatible one):
+
+    python bench/serving.py --base-url http://127.0.0.1:8000/v1 --concurrency 1,8 --input-len 256
+
+Needs only the standard library, httpx and numpy (matplotlib for `--png`); `--launch` runs
+`python -m services.cli up` from this checkout and `--make-model` imports bench/gpu_bench.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+import httpx
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+Mode = Literal["concurrency", "rate"]
+MAX_ERRORS = 5  # error messages kept per level
+PRESETS = ["llama3-8b", "deepseek-v2-lite", "tiny", "tiny-deepseek"]  # bench/gpu_bench.py's
+
+
+@dataclass(frozen=True)
+class Workload:
+    input_len: int
+    output_len: int
+    shared_prefix_len: int
+    vocab_low: int  # prompt ids are drawn from [vocab_low, vocab_high)
+    vocab_high: int
+    temperature: float
+    seed: int
+
+
+@dataclass
+class RequestResult:
+    """One streamed request. `chunk_gaps_s` are the gaps between successive chunks carrying text:
+    a chunk may carry several tokens (a server sends what it has when the client lags, and
+    Tandem's gateway sends nothing for a token that adds no text yet, like part of a UTF-8
+    character), so these are per chunk, not per token. TPOT spreads the time after the first chunk
+    over the tokens after the first; `tokens_per_chunk` in the summary shows how far they differ."""
+
+    prompt_len: int
+    output_len: int  # tokens asked for
+    completion_tokens: int = 0  # from the usage chunk (chunks with text where a server sends none)
+    ttft_s: float | None = None  # to the first chunk with text
+    e2e_s: float = 0.0
+    chunk_gaps_s: list[float] = field(default_factory=list)
+    text_chunks: int = 0
+    status: int | None = None
+    error: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return not self.error
+
+    @property
+    def tpot_s(self) -> float | None:
+        if self.ttft_s is None or self.completion_tokens < 2:
+            return None
+        return (self.e2e_s - self.ttft_s) / (self.completion_tokens - 1)
+
+
+@dataclass
+class LevelSummary:
+    """One load level: counts, throughput over the level's wall time (completed requests only),
+    and latency statistics in ms ({"p50", "p99", "mean"}; None where no request gave a value)."""
+
+    mode: Mode
+    load: float  # concurrent clients, or requests/s
+    num_prompts: int
+    completed: int
+    failed: int
+    duration_s: float
+    input_tokens: int
+    output_tokens: int
+    output_tok_s: float
+    input_tok_s: float
+    request_s: float
+    ttft_ms: dict[str, float | None]
+    itl_ms: dict[str, float | None]
+    tpot_ms: dict[str, float | None]
+    e2e_ms: dict[str, float | None]
+    tokens_per_chunk: float | None
+    status_codes: dict[str, int]
+    errors: list[str]
+
+
+def stats_ms(values: Sequence[float]) -> dict[str, float | None]:
+    """p50, p99 (linear interpolation) and mean of seconds, in ms."""
+    if not values:
+        return {"p50": None, "p99": None, "mean": None}
+    ms = np.asarray(values, dtype=np.float64) * 1e3
+    return {
+        "p50": float(np.percentile(ms, 50)),
+        "p99": float(np.percentile(ms, 99)),
+        "mean": float(ms.mean()),
+    }
+
+
+def summarize(results: list[RequestResult], mode: Mode, load: float, duration_s: float) -> LevelSummary:
+    done = [r for r in results if r.ok]
+    failed = [r for r in results if not r.ok]
+    in_tokens = sum(r.prompt_len for r in done)
+    out_tokens = sum(r.completion_tokens for r in done)
+    chunks = sum(r.text_chunks for r in done)
+    statuses = Counter(str(r.status) if r.status is not None else "no response" for r in failed)
+    return LevelSummary(
+        mode=mode,
+        load=load,
+        num_prompts=len(results),
+        completed=len(done),
+        failed=len(failed),
+        duration_s=duration_s,
+        input_tokens=in_tokens,
+        output_tokens=out_tokens,
+        output_tok_s=out_tokens / duration_s if duration_s > 0 else 0.0,
+        input_tok_s=in_tokens / duration_s if duration_s > 0 else 0.0,
+        request_s=len(done) / duration_s if duration_s > 0 else 0.0,
+        ttft_ms=stats_ms([r.ttft_s for r in done if r.ttft_s is not None]),
+        itl_ms=stats_ms([gap for r in done for gap in r.chunk_gaps_s]),
+        tpot_ms=stats_ms([t for r in done if (t := r.tpot_s) is not None]),
+        e2e_ms=stats_ms([r.e2e_s for r in done]),
+        tokens_per_chunk=out_tokens / chunks if chunks else None,
+        status_codes=dict(statuses),
+        errors=[r.error for r in failed[:MAX_ERRORS]],
+    )
+
+
+# ---- requests -------------------------------------------------------------------------------
+
+
+class Prompts:
+    """Seeded random prompts; each call to `take` continues the stream, so no prompt repeats and
+    only the shared prefix can hit the server's prefix cache."""
+
+    def __init__(self, workload: Workload) -> None:
+        self.w = workload
+        self.rng = np.random.default_rng(workload.seed)
+        self.prefix = self._ids(workload.shared_prefix_len)
+
+    def _ids(self, n: int) -> list[int]:
+        return [int(t) for t in self.rng.integers(self.w.vocab_low, self.w.vocab_high, n)]
+
+    def take(self, n: int) -> list[list[int]]:
+        return [self.prefix + self._ids(self.w.input_len - len(self.prefix)) for _ in range(n)]
+
+
+async def send(
+    client: httpx.AsyncClient, url: str, model: str, prompt: list[int], w: Workload
+) -> RequestResult:
+    """One streamed completion; every failure is recorded in the result, never raised."""
+    result = RequestResult(prompt_len=len(prompt), output_len=w.output_len)
+    body = {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": w.output_len,
+        "temperature": w.temperature,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    start = time.perf_counter()
+    try:
+        await _stream(client, url, body, result, start)
+    except (httpx.HTTPError, OSError, ValueError) as e:  # transport errors, bad JSON
+        result.error = f"{type(e).__name__}: {e}"
+    result.e2e_s = time.perf_counter() - start
+    if not result.error and result.completion_tokens < w.output_len:
+        result.error = f"{result.completion_tokens} of {w.output_len} tokens"
+    return result
+
+
+async def _stream(
+    client: httpx.AsyncClient, url: str, body: dict[str, Any], result: RequestResult, start: float
+) -> None:
+    last = start
+    usage_tokens: int | None = None
+    async with client.stream("POST", url, json=body) as resp:
+        result.status = resp.status_code
+        if resp.status_code != 200:
+            text = (await resp.aread()).decode(errors="replace")
+            result.error = f"HTTP {resp.status_code}: {text[:1000]}"
+            return
+        async for line in resp.aiter_lines():
+            if not line.startswith("data:"):
+                continue
+            data = line[5:].strip()
+            if data == "[DONE]":
+                break
+            event = json.loads(data)
+            if "error" in event:
+                result.error = f"error event: {json.dumps(event['error'])[:1000]}"
+                return
+            if any(c.get("text") for c in event.get("choices") or ()):
+                now = time.perf_counter()
+                if result.ttft_s is None:
+                    result.ttft_s = now - start
+                else:
+                    result.chunk_gaps_s.append(now - last)
+                last = now
+                result.text_chunks += 1
+            if event.get("usage"):
+                usage_tokens = int(event["usage"].get("completion_tokens", 0))
+    result.completion_tokens = result.text_chunks if usage_tokens is None else usage_tokens
+
+
+# ---- load levels ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Target:
+    url: str  # .../v1/completions
+    model: str
+
+
+async def closed_loop(
+    client: httpx.AsyncClient, t: Target, w: Workload, prompts: list[list[int]], clients: int
+) -> list[RequestResult]:
+    """`clients` loops, each sending its next prompt when its last answer has ended."""
+    pending = iter(prompts)
+    results: list[RequestResult] = []
+
+    async def loop() -> None:
+        for prompt in pending:  # shared: each prompt goes to exactly one loop
+            results.append(await send(client, t.url, t.model, prompt, w))
+
+    await asyncio.gather(*(loop() for _ in range(clients)))
+    return results
+
+
+async def poisson(
+    client: httpx.AsyncClient, t: Target, w: Workload, prompts: list[list[int]], rate: float
+) -> list[RequestResult]:
+    """Requests sent at exponential gaps of mean 1/rate, however many are in flight."""
+    gaps = np.random.default_rng(w.seed).exponential(1.0 / rate, len(prompts))
+    tasks = []
+    for prompt, gap in zip(prompts, gaps):
+        tasks.append(asyncio.create_task(send(client, t.url, t.model, prompt, w)))
+        await asyncio.sleep(float(gap))
+    return list(await asyncio.gather(*tasks))
+
+
+async def sweep(
+    args: argparse.Namespace,
+    t: Target,
+    w: Workload,
+    report: dict[str, Any],
+    server: subprocess.Popen[bytes] | None = None,
+) -> None:
+    """Warm up, then run every level, printing a row and saving the report after each; stops early
+    if the launched `server` exits."""
+    mode: Mode = "rate" if args.request_rate else "concurrency"
+    loads = [float(x) for x in (args.request_rate or args.concurrency).split(",")]
+    prompts = Prompts(w)
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    timeout = httpx.Timeout(args.request_timeout, connect=30.0)
+    async with httpx.AsyncClient(limits=limits, timeout=timeout, trust_env=False) as client:
+        warm = prompts.take(args.warmup)
+        warm_results = await asyncio.gather(*(send(client, t.url, t.model, p, w) for p in warm))
+        for r in warm_results:
+            if not r.ok:
+                print(f"warm-up request failed: {r.error}", flush=True)
+        print(table_header(mode), flush=True)
+        for load in loads:
+            if server is not None and server.poll() is not None:
+                print(f"tandem up exited ({server.returncode}); its logs: {report['server']['logs']}")
+                break
+            n = args.num_prompts or (args.num_prompts_factor * int(load) if mode == "concurrency" else 200)
+            batch = prompts.take(n)
+            start = time.perf_counter()
+            if mode == "concurrency":
+                results = await closed_loop(client, t, w, batch, int(load))
+            else:
+                results = await poisson(client, t, w, batch, load)
+            summary = summarize(results, mode, load, time.perf_counter() - start)
+            print(table_row(asdict(summary)), flush=True)
+            if summary.failed:
+                print(f"    failed by status {summary.status_codes}; first: {summary.errors[0]}", flush=True)
+            if (summary.tokens_per_chunk or 1.0) > 1.5:
+                print(
+                    f"    {summary.tokens_per_chunk:.1f} tokens per text chunk: ITL is per chunk", flush=True
+                )
+            report["levels"].append(asdict(summary))
+            if args.save_requests:
+                report["requests"][str(load)] = [asdict(r) for r in results]
+            save(report, args.json)
+
+
+# ---- the server -----------------------------------------------------------------------------
+
+
+def model_vocab(model_path: Path) -> int | None:
+    """Ids the model and its tokenizer both know: the gateway refuses prompt ids past the tokenizer."""
+    sizes = []
+    with contextlib.suppress(OSError, ValueError, KeyError):
+        sizes.append(int(json.loads((model_path / "config.json").read_text())["vocab_size"]))
+    with contextlib.suppress(OSError, ValueError, KeyError):
+        spec = json.loads((model_path / "tokenizer.json").read_text())
+        ids = [*spec["model"]["vocab"].values(), *(t["id"] for t in spec.get("added_tokens", []))]
+        sizes.append(max(ids) + 1)
+    return min(sizes, default=None)
+
+
+def widen_tokenizer(model_path: Path, vocab_size: int) -> None:
+    """Give every id of the model a token (" w<id>") in the random checkpoint's small tokenizer:
+    gpu_bench writes 512 tokens, and ids past those are refused in prompts and stream no text."""
+    path = model_path / "tokenizer.json"
+    spec = json.loads(path.read_text())
+    vocab: dict[str, int] = spec["model"]["vocab"]
+    for i in range(max(vocab.values()) + 1, vocab_size):
+        vocab[f"\u0120w{i}"] = i  # byte-level BPE writes a leading space as U+0120
+    path.write_text(json.dumps(spec))
+
+
+def make_model(preset: str, out: Path) -> None:
+    """A random-weight checkpoint of a gpu_bench preset in `out`, unless one is there already.
+    Built in a child process, so this one holds no GPU memory while the server runs."""
+    if (out / "config.json").exists():
+        print(f"model: {out} (already built)", flush=True)
+        return
+    tmp = out.with_name(out.name + ".partial")
+    code = (
+        "import argparse, pathlib, torch; from bench.gpu_bench import PRESETS, build_model; "
+        f"args = argparse.Namespace(**{{'arch': 'llama', **PRESETS[{preset!r}]}}); "
+        f"build_model(args, pathlib.Path({str(tmp)!r}), "
+        "torch.device('cuda' if torch.cuda.is_available() else 'cpu'))"
+    )
+    print(f"building a random-weight {preset} checkpoint in {out} ...", flush=True)
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+    widen_tokenizer(tmp, int(json.loads((tmp / "config.json").read_text())["vocab_size"]))
+    tmp.rename(out)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def launcher_command(args: argparse.Namespace, ready: Path, log_dir: Path) -> list[str]:
+    prefill, decode = {"unified": (0, 0), "pd": (1, 1)}[args.topology]
+    cmd = [sys.executable, "-m", "services.cli", "up", "--model", str(args.model_path)]
+    cmd += ["--port", str(free_port()), "--ready-file", str(ready), "--log-dir", str(log_dir)]
+    cmd += ["--startup-timeout", str(args.launch_timeout)]
+    cmd += ["--prefill", str(args.prefill if args.prefill is not None else prefill)]
+    cmd += ["--decode", str(args.decode if args.decode is not None else decode)]
+    if args.kv_transport:
+        cmd += ["--kv-transport", args.kv_transport]
+    return [*cmd, "--worker-args", args.worker_args, *shlex.split(args.launch_args)]
+
+
+@contextlib.contextmanager
+def launched(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
+    """`tandem up` until the block ends (SIGTERM, then SIGKILL after a grace period); yields its
+    ready-file (endpoints, logs) plus "process"."""
+    log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="tandem-serving-"))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    ready, output = log_dir / "ready.json", log_dir / "launcher.log"
+    ready.unlink(missing_ok=True)
+    cmd = launcher_command(args, ready, log_dir)
+    print(f"launching: {shlex.join(cmd)}\nlogs: {log_dir}", flush=True)
+    with open(output, "wb") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+    # SIGTERM (a job scheduler, `timeout`) unwinds like Ctrl-C, so the server is stopped below.
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        deadline = time.monotonic() + args.launch_timeout + 30  # the launcher's own timeout first
+        while (endpoints := _read_json(ready)) is None:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                tail = "\n".join(output.read_text(errors="replace").splitlines()[-40:])
+                raise SystemExit(f"tandem up did not start; last lines of {output}:\n{tail}\nlogs: {log_dir}")
+            time.sleep(0.5)
+        yield endpoints | {"process": proc}
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    """The file's JSON object, or None while it is missing or half written."""
+    try:
+        return dict(json.loads(path.read_text()))
+    except (OSError, ValueError):
+        return None
+
+
+def served_model(base_url: str) -> str:
+    """The first model id of GET /models."""
+    try:
+        reply = httpx.get(f"{base_url}/models", timeout=30, trust_env=False)
+        reply.raise_for_status()
+        return str(reply.json()["data"][0]["id"])
+    except (httpx.HTTPError, KeyError, IndexError, ValueError) as e:
+        raise SystemExit(f"no model id from {base_url}/models ({e}); pass --model") from e
+
+
+# ---- report ---------------------------------------------------------------------------------
+
+
+def _f(x: float | None, width: int, prec: int = 1) -> str:
+    return ("-" if x is None else f"{x:.{prec}f}").rjust(width)
+
+
+def table_header(mode: Mode) -> str:
+    load = "clients" if mode == "concurrency" else "req/s"
+    return (
+        f"{load:>7} {'ok':>5} {'fail':>4} {'dur s':>7} {'out tok/s':>10} {'req/s':>7} {'in tok/s':>10}"
+        f" | ms: {'TTFT p50':>9} {'p99':>8} {'TPOT p50':>9} {'p99':>7} {'ITL p50':>8} {'p99':>7}"
+        f" {'E2E p50':>8} {'p99':>8}"
+    )
+
+
+def table_row(lv: dict[str, Any]) -> str:
+    ttft, tpot, itl, e2e = lv["ttft_ms"], lv["tpot_ms"], lv["itl_ms"], lv["e2e_ms"]
+    return (
+        f"{lv['load']:>7g} {lv['completed']:>5} {lv['failed']:>4} {lv['duration_s']:>7.1f}"
+        f" {lv['output_tok_s']:>10.1f} {lv['request_s']:>7.2f} {lv['input_tok_s']:>10.1f} |    "
+        f" {_f(ttft['p50'], 9)} {_f(ttft['p99'], 8)} {_f(tpot['p50'], 9, 2)} {_f(tpot['p99'], 7, 2)}"
+        f" {_f(itl['p50'], 8, 2)} {_f(itl['p99'], 7, 2)} {_f(e2e['p50'], 8)} {_f(e2e['p99'], 8)}"
+    )
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    return f"{a / b:.2f}x".rjust(10) if a is not None and b else "-".rjust(10)
+
+
+def print_comparison(runs: list[dict[str, Any]]) -> None:
+    """Each run's table, then every later run's ratios to the first at the loads both ran."""
+    for run in runs:
+        print(f"\n{run['label']}  ({run['command']})")
+        print(table_header(run["levels"][0]["mode"] if run["levels"] else "concurrency"))
+        for lv in run["levels"]:
+            print(table_row(lv))
+    base = runs[0]
+    ref = {(lv["mode"], lv["load"]): lv for lv in base["levels"]}
+    for run in runs[1:]:
+        print(f"\n{run['label']} / {base['label']}")
+        print(f"{'load':>7}{'out tok/s':>10}{'req/s':>10}{'TTFT p50':>10}{'TPOT p50':>10}{'ITL p50':>10}"
+              f"{'E2E p50':>10}")  # fmt: skip
+        for lv in run["levels"]:
+            b = ref.get((lv["mode"], lv["load"]))
+            if b is None:
+                continue
+            cells = [_ratio(lv[k], b[k]) for k in ("output_tok_s", "request_s")]
+            cells += [_ratio(lv[k]["p50"], b[k]["p50"]) for k in ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms")]
+            print(f"{lv['load']:>7g}" + "".join(cells))
+
+
+def plot(runs: list[dict[str, Any]], out: Path) -> None:
+    """Output tok/s and TTFT p50 against the load, one line per run."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"matplotlib is not installed: no plot written to {out}", flush=True)
+        return
+    fig, (tput, ttft) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for run in runs:
+        xs = [lv["load"] for lv in run["levels"]]
+        tput.plot(xs, [lv["output_tok_s"] for lv in run["levels"]], marker="o", label=run["label"])
+        p50 = [lv["ttft_ms"]["p50"] for lv in run["levels"]]
+        ttft.plot(xs, [np.nan if v is None else v for v in p50], marker="o", label=run["label"])
+    rate = any(lv["mode"] == "rate" for run in runs for lv in run["levels"])
+    for ax, name in ((tput, "output tokens/s"), (ttft, "TTFT p50 (ms)")):
+        ax.set_xlabel("request rate (req/s)" if rate else "concurrent clients")
+        if not rate:
+            loads = sorted({lv["load"] for run in runs for lv in run["levels"]})
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(loads, [f"{x:g}" for x in loads])
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    w = runs[0]["workload"]
+    fig.suptitle(f"{runs[0]['model']}: {w['input_len']} in / {w['output_len']} out tokens per request")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    print(f"plot: {out}", flush=True)
+
+
+def save(report: dict[str, Any], path: Path | None) -> None:
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=2))
+
+
+# ---- command line ---------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    p.add_argument("--base-url", default="http://127.0.0.1:8000/v1")
+    p.add_argument("--model", help="model id (default: the first of GET /models)")
+    p.add_argument("--model-path", type=Path, help="checkpoint: served by --launch, its vocab for prompts")
+    p.add_argument("--vocab-size", type=int, help="prompt ids < this (default: the checkpoint's, or 32000)")
+    p.add_argument("--input-len", type=int, default=1024)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--shared-prefix-len", type=int, default=0)
+    p.add_argument("--concurrency", default="1,16,64,128", help="closed-loop clients per level")
+    p.add_argument("--num-prompts-factor", type=int, default=4, help="requests per level = this x clients")
+    p.add_argument("--request-rate", help="Poisson arrivals instead, req/s per level (e.g. 4,8)")
+    p.add_argument("--num-prompts", type=int, help="requests per level (rate mode: default 200)")
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--warmup", type=int, default=2, help="requests before the first level, not counted")
+    p.add_argument("--request-timeout", type=float, default=1800.0)
+    p.add_argument("--label", help="this run's name in tables and plots (default: the topology)")
+    p.add_argument("--json", type=Path, help="write the results here (after every level)")
+    p.add_argument("--save-requests", action="store_true", help="every request's record in the JSON")
+    p.add_argument("--png", type=Path, help="plot out tok/s and TTFT p50 against the load")
+    p.add_argument("--compare", type=Path, nargs="+", metavar="JSON", help="report saved runs; no load")
+    launch = p.add_argument_group("start the server (tandem up) for the run")
+    launch.add_argument("--launch", action="store_true")
+    launch.add_argument("--topology", choices=["unified", "pd"], default="pd")
+    launch.add_argument("--prefill", type=int, help="prefill workers (default: by topology)")
+    launch.add_argument("--decode", type=int, help="decode workers (default: by topology)")
+    launch.add_argument("--kv-transport", choices=["auto", "nixl", "grpc"])
+    launch.add_argument("--worker-args", default="", help='engine flags, e.g. "--device cuda:0"')
+    launch.add_argument("--launch-args", default="", help="more `tandem up` flags, e.g. '--unified 2'")
+    launch.add_argument("--launch-timeout", type=float, default=900.0)
+    launch.add_argument("--log-dir", help="the services' logs (default: a fresh temp dir)")
+    launch.add_argument("--make-model", choices=PRESETS, help="build a gpu_bench preset's checkpoint first")
+    launch.add_argument("--model-dir", type=Path, help="where --make-model builds (and finds) it")
+    return p.parse_args(argv)
+
+
+def run(args: argparse.Namespace, argv: list[str]) -> int:
+    if args.make_model:
+        args.model_path = args.model_dir or Path(tempfile.gettempdir()) / f"tandem-{args.make_model}"
+        make_model(args.make_model, args.model_path)
+    if args.launch and not (args.model_path and (args.model_path / "config.json").exists()):
+        raise SystemExit("--launch needs --model-path (a checkpoint with config.json) or --make-model")
+    vocab = args.vocab_size or (model_vocab(args.model_path) if args.model_path else None) or 32000
+    w = Workload(
+        input_len=args.input_len,
+        output_len=args.output_len,
+        shared_prefix_len=min(args.shared_prefix_len, args.input_len),
+        vocab_low=min(1000, vocab // 2),  # clear of the special tokens of most vocabularies
+        vocab_high=vocab,
+        temperature=args.temperature,
+        seed=args.seed,
+    )
+    with contextlib.ExitStack() as stack:
+        server: dict[str, Any] | None = None
+        base_url = args.base_url.rstrip("/")
+        if args.launch:
+            server = stack.enter_context(launched(args))
+            base_url = server["openai"]
+        target = Target(f"{base_url}/completions", args.model or served_model(base_url))
+        label = args.label or (args.topology if args.launch else "run")
+        report: dict[str, Any] = {
+            "label": label,
+            "command": shlex.join(["bench/serving.py", *argv]),
+            "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "base_url": base_url,
+            "model": target.model,
+            "model_path": str(args.model_path) if args.model_path else None,
+            "server": {k: v for k, v in server.items() if k != "process"} if server else None,
+            "workload": asdict(w) | {"mode": "rate" if args.request_rate else "concurrency"},
+            "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+            "levels": [],
+            "requests": {},
+        }
+        print(f"{label}: {target.model} at {base_url}, {w.input_len} in / {w.output_len} out", flush=True)
+        asyncio.run(sweep(args, target, w, report, server["process"] if server else None))
+    if args.png:
+        plot([report], args.png)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line; returns the exit status."""
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    if args.compare:
+        runs = [json.loads(path.read_text()) for path in args.compare]
+        print_comparison(runs)
+        if args.png:
+            plot(runs, args.png)
+        return 0
+    try:
+        return run(args, argv)
+    except KeyboardInterrupt:  # the server is stopped by now; finished levels are in --json
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,192 @@
+"""bench/serving.py, the online serving benchmark, against a real `tandem up` on a tiny model:
+every token counted, failures recorded (not raised), and its statistics on known numbers."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench import serving
+from bench.serving import RequestResult, Workload
+from tests.suite.cluster import tandem_up
+
+pytestmark = pytest.mark.xdist_group("suite_serving_bench")
+
+IN, OUT = 16, 8
+
+
+@pytest.fixture(scope="module")
+def up(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    with tandem_up(tiny_llama, tmp_path_factory.mktemp("serving-bench")) as info:
+        yield info
+
+
+def bench(tmp_path: Path, *flags: str) -> dict[str, Any]:
+    out = tmp_path / "result.json"
+    flags = ("--input-len", str(IN), "--output-len", str(OUT), "--warmup", "1", *flags)
+    assert serving.main([*flags, "--json", str(out)]) == 0
+    return dict(json.loads(out.read_text()))
+
+
+def test_sweep_completes_every_request_with_every_token(
+    up: dict[str, Any], tiny_llama: Path, tmp_path: Path
+) -> None:
+    result = bench(
+        tmp_path,
+        *("--base-url", up["openai"], "--model-path", str(tiny_llama), "--concurrency", "1,2"),
+        *("--num-prompts-factor", "2", "--shared-prefix-len", "8", "--save-requests"),
+    )
+    assert result["model"] == up["model"]
+    assert [lv["load"] for lv in result["levels"]] == [1, 2]
+    for lv in result["levels"]:
+        n = 2 * int(lv["load"])
+        assert (lv["num_prompts"], lv["completed"], lv["failed"]) == (n, n, 0)
+        assert lv["output_tokens"] == OUT * n and lv["input_tokens"] == IN * n
+        assert lv["ttft_ms"]["p50"] > 0 and lv["output_tok_s"] > 0
+        for key in ("ttft_ms", "itl_ms", "tpot_ms", "e2e_ms"):
+            assert lv[key]["p50"] <= lv[key]["p99"]
+        assert lv["ttft_ms"]["p99"] <= lv["e2e_ms"]["p99"]
+        requests = result["requests"][str(lv["load"])]
+        assert all(r["completion_tokens"] == OUT and not r["error"] for r in requests)
+
+
+def test_poisson_arrivals(up: dict[str, Any], tmp_path: Path) -> None:
+    result = bench(
+        tmp_path,
+        "--base-url",
+        up["openai"],
+        "--request-rate",
+        "50",
+        "--num-prompts",
+        "3",
+        "--vocab-size",
+        "512",
+    )
+    (lv,) = result["levels"]
+    assert (lv["mode"], lv["load"], lv["completed"], lv["failed"]) == ("rate", 50, 3, 0)
+
+
+def test_a_wrong_model_id_is_reported_as_failed_requests(up: dict[str, Any], tmp_path: Path) -> None:
+    result = bench(
+        tmp_path,
+        "--base-url",
+        up["openai"],
+        "--model",
+        "no-such-model",
+        "--concurrency",
+        "2",
+        "--num-prompts",
+        "3",
+    )
+    (lv,) = result["levels"]
+    assert (lv["completed"], lv["failed"], lv["output_tokens"]) == (0, 3, 0)
+    assert lv["status_codes"] == {"404": 3}
+    assert "HTTP 404" in lv["errors"][0] and "no-such-model" in lv["errors"][0]
+    assert lv["ttft_ms"] == {"p50": None, "p99": None, "mean": None}
+
+
+def test_a_dead_server_is_reported_as_failed_requests(tmp_path: Path) -> None:
+    dead = "http://127.0.0.1:9/v1"  # the discard port: nothing listens
+    result = bench(tmp_path, "--base-url", dead, "--model", "m", "--concurrency", "1", "--num-prompts", "2")
+    (lv,) = result["levels"]
+    assert (lv["failed"], lv["status_codes"]) == (2, {"no response": 2})
+    assert "ConnectError" in lv["errors"][0]
+
+
+def test_a_launch_that_fails_shows_the_launcher_output(tmp_path: Path) -> None:
+    broken = tmp_path / "model"
+    broken.mkdir()
+    (broken / "config.json").write_text("{}")
+    with pytest.raises(SystemExit, match="tandem up did not start"):
+        serving.main(["--launch", "--model-path", str(broken), "--log-dir", str(tmp_path / "logs")])
+
+
+def test_summary_of_known_requests() -> None:
+    def req(ttft: float, e2e: float, tokens: int, gaps: list[float], error: str = "") -> RequestResult:
+        return RequestResult(10, 4, tokens, ttft, e2e, gaps, len(gaps) + 1, 200, error)
+
+    results = [
+        req(0.1, 0.4, 4, [0.1, 0.1, 0.1]),  # TPOT 0.1
+        req(0.3, 0.9, 4, [0.2, 0.2, 0.2]),  # TPOT 0.2
+        RequestResult(10, 4, status=503, error="HTTP 503: busy"),
+    ]
+    s = serving.summarize(results, "concurrency", 2, duration_s=2.0)
+    assert (s.num_prompts, s.completed, s.failed) == (3, 2, 1)
+    assert (s.output_tokens, s.input_tokens) == (8, 20)
+    assert (s.output_tok_s, s.input_tok_s, s.request_s) == (4.0, 10.0, 1.0)
+    assert s.ttft_ms["p50"] == pytest.approx(200.0) and s.ttft_ms["mean"] == pytest.approx(200.0)
+    assert s.ttft_ms["p99"] == pytest.approx(100 + 200 * 0.99)
+    assert s.tpot_ms["p50"] == pytest.approx(150.0)
+    assert s.itl_ms["p50"] == pytest.approx(150.0) and s.itl_ms["p99"] == pytest.approx(200.0)
+    assert s.e2e_ms["p50"] == pytest.approx(650.0)
+    assert s.tokens_per_chunk == 1.0
+    assert (s.status_codes, s.errors) == ({"503": 1}, ["HTTP 503: busy"])
+
+
+def test_percentiles_of_known_numbers() -> None:
+    stats = serving.stats_ms([i / 1000 for i in range(1, 101)])  # 1..100 ms
+    assert stats["p50"] == pytest.approx(50.5) and stats["mean"] == pytest.approx(50.5)
+    assert stats["p99"] == pytest.approx(99.01)
+    assert serving.stats_ms([]) == {"p50": None, "p99": None, "mean": None}
+
+
+def test_prompts_share_their_prefix_and_never_repeat() -> None:
+    w = Workload(
+        input_len=12, output_len=1, shared_prefix_len=5, vocab_low=100, vocab_high=200, temperature=0, seed=3
+    )
+    prompts = serving.Prompts(w)
+    first, second = prompts.take(4), prompts.take(4)
+    everything = first + second
+    assert all(len(p) == 12 and p[:5] == first[0][:5] for p in everything)
+    assert all(100 <= t < 200 for p in everything for t in p)
+    assert len({tuple(p[5:]) for p in everything}) == 8
+    assert serving.Prompts(w).take(4) == first  # seeded
+
+
+def test_a_widened_tokenizer_covers_every_id_of_the_model(tokenizer_dir: Path, tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    shutil.copytree(tokenizer_dir, tmp_path, dirs_exist_ok=True)
+    (tmp_path / "config.json").write_text(json.dumps({"vocab_size": 4096}))
+    assert serving.model_vocab(tmp_path) == 512  # the tokenizer's: the gateway refuses ids past it
+    serving.widen_tokenizer(tmp_path, 4096)
+    assert serving.model_vocab(tmp_path) == 4096
+    tokenizer = AutoTokenizer.from_pretrained(str(tmp_path))
+    assert len(tokenizer) == 4096
+    assert tokenizer.decode([4095, 1000]) == " w4095 w1000"
+    assert tokenizer.decode([300]) == AutoTokenizer.from_pretrained(str(tokenizer_dir)).decode([300])
+
+
+def test_compare_prints_ratios_to_the_first_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    def run(label: str, tok_s: float, ttft_ms: float) -> Path:
+        result = RequestResult(10, 4, 4, ttft_ms / 1e3, 1.0, [0.1] * 3, 4, 200)
+        level = asdict(serving.summarize([result], "concurrency", 1, 1.0))
+        level["output_tok_s"] = tok_s
+        report = {
+            "label": label,
+            "command": "c",
+            "model": "m",
+            "workload": {"input_len": 10, "output_len": 4},
+        }
+        path = tmp_path / f"{label}.json"
+        path.write_text(json.dumps(report | {"levels": [level]}))
+        return path
+
+    a, b = run("unified", 100.0, 50.0), run("pd", 150.0, 25.0)
+    png = tmp_path / "cmp.png"
+    assert serving.main(["--compare", str(a), str(b), "--png", str(png)]) == 0
+    out = capsys.readouterr().out
+    ratios = out.split("pd / unified")[1].splitlines()[2].split()
+    assert ratios[:4] == ["1", "1.50x", "1.00x", "0.50x"]  # load, out tok/s, req/s, TTFT p50
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert "matplotlib is not installed" in out
+    else:
+        assert png.stat().st_size > 0
