@@ -120,6 +120,7 @@ def test_router_resource_exhausted_is_429(client: openai.OpenAI, http: httpx.Cli
     with pytest.raises(openai.RateLimitError) as info:
         client.chat.completions.create(model=MODEL_ID, messages=messages)
     assert info.value.status_code == 429
+    assert info.value.response.headers["retry-after"] == "1"  # temporary: when to come back
     # Streaming too: the gateway waits for the first increment before committing to a 200.
     with pytest.raises(openai.RateLimitError):
         list(client.chat.completions.create(model=MODEL_ID, messages=messages, stream=True))
@@ -130,6 +131,7 @@ def test_router_unavailable_is_503(client: openai.OpenAI, http: httpx.Client) ->
     with pytest.raises(openai.InternalServerError) as info:
         client.completions.create(model=MODEL_ID, prompt="UNAVAILABLE")
     assert info.value.status_code == 503
+    assert info.value.response.headers["retry-after"] == "1"
     assert info.value.body["type"] == "service_unavailable_error"
     _assert_still_works(http)
 

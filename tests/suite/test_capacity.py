@@ -4,9 +4,11 @@ while the decode pool is taken waits for room and then completes."""
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 
 from tests.engine.hf_reference import hf_greedy
@@ -58,3 +60,27 @@ def test_second_request_waits_for_room_then_completes(
     assert counters["kv_reservations"] - before == 2
     assert counters["kv_reservations_queued"] - queued_before == 1  # the second one waited
     assert decode.load().kv_used_tokens == 0
+
+
+def test_router_refuses_past_its_in_flight_bound_and_recovers(
+    tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    with Cluster(tiny_llama, tmp_path_factory.mktemp("admission")) as cluster:
+        cluster.start_router("--max-in-flight", "1")
+        cluster.start_workers([("prefill", "--kv-transport", "grpc"), ("decode", "--kv-transport", "grpc")])
+        params = {"max_new_tokens": 200, "temperature": 0.0, "ignore_eos": True}
+        held = cluster.stub.Generate(cluster.request(list(range(10, 30)), **params), timeout=60)
+        next(held)  # one sample in flight: the bound
+        with pytest.raises(grpc.RpcError) as err:
+            collect(cluster.generate(list(range(10, 20)), max_new_tokens=2))
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "at capacity" in err.value.details()
+        held.cancel()
+        deadline = time.monotonic() + 10
+        while True:  # served again once the held request is gone
+            try:
+                assert collect(cluster.generate(list(range(10, 20)), max_new_tokens=2))[0]["finish"]
+                break
+            except grpc.RpcError as e:
+                assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and time.monotonic() < deadline
+                time.sleep(0.05)
