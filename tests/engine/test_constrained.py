@@ -258,14 +258,14 @@ def test_waiting_for_a_grammar_admits_later_or_aborts_cleanly(tiny_llama: Path) 
     assert core.add_request(["a", "b"], [5, 6, 7], params) is False
     assert core.waiting_in_background and not core.has_work
     core.abort("a")  # the caller leaves while its grammar compiles: the whole add is refused
-    assert core.take_admissions() == [(["a", "b"], None, "ValueError", "aborted")]
+    assert core.take_admissions() == [(["a", "b"], None, "ValueError", "aborted", False)]
     assert not core.waiting_in_background
 
     assert core.add_request(["c"], [5, 6, 7], SamplingParams(max_new_tokens=4, regex="[0-9]+")) is False
     assert core.step() == [] and core.take_admissions() == []  # still compiling
     gate.set_result(real("regex", "[0-9]+").result())
     outputs = core.step()
-    assert core.take_admissions() == [(["c"], None, "", "")]  # accepted before any output
+    assert core.take_admissions() == [(["c"], None, "", "", False)]  # accepted before any output
     while core.has_work:
         outputs += core.step()
     assert re.fullmatch("[0-9]+", "".join(o.new_text for o in outputs))
