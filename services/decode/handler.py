@@ -16,13 +16,14 @@ latency histograms; its time to first token includes the prefill and the KV tran
 from __future__ import annotations
 
 import argparse
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator
 from typing import Any
 
 import grpc
 
 from services.common.convert import output_to_proto, sampling_to_dict
 from services.common.errors import ServiceError, grpc_errors
+from services.common.kv_stream import receive_kv, serve_write_kv
 from services.common.tracing import server_span
 from services.protos.tandem.worker.v1 import worker_pb2, worker_pb2_grpc
 from services.worker.engine import AsyncEngine
@@ -99,21 +100,19 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
             )
         return worker_pb2.GetTransferMetadataResponse(agent_name=self.agent_name, metadata=metadata)
 
+    @grpc_errors
     async def WriteKv(
-        self, request_iterator: AsyncIterator[worker_pb2.WriteKvRequest], context: grpc.aio.ServicerContext
+        self, request_iterator: AsyncIterable[bytes], context: grpc.aio.ServicerContext
     ) -> worker_pb2.WriteKvResponse:
-        parts: list[bytes] = []
-        commit = b""
-        async for chunk in request_iterator:
-            parts.append(chunk.data)
-            commit = chunk.commit or commit
-        if not commit:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "WriteKv ended without a commit record")
-        self.engine.commit_kv(commit, b"".join(parts))
+        """Raw WriteKvRequest messages (`serve_write_kv`): the pages, then the commit record."""
+        commit, payload = await receive_kv(request_iterator)
+        self.engine.commit_kv(commit, payload)
         return worker_pb2.WriteKvResponse()
 
 
 def add_servicers(
     server: grpc.aio.Server, engine: AsyncEngine, args: argparse.Namespace, metrics: WorkerMetrics
 ) -> None:
-    worker_pb2_grpc.add_DecodeServiceServicer_to_server(DecodeServicer(engine, metrics), server)
+    servicer = DecodeServicer(engine, metrics)
+    worker_pb2_grpc.add_DecodeServiceServicer_to_server(servicer, server)
+    serve_write_kv(server, servicer.WriteKv)

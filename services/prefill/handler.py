@@ -22,21 +22,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import time
-from collections.abc import AsyncIterator
 
 import grpc
 from opentelemetry import trace
 
 from services.common.convert import sampling_to_dict
 from services.common.errors import ServiceError, call, grpc_errors
+from services.common.kv_stream import send_kv
 from services.common.tracing import describe, outgoing_metadata, record_span, server_span
 from services.protos.tandem.worker.v1 import worker_pb2, worker_pb2_grpc
 from services.worker.engine import AsyncEngine
 from services.worker.metrics import WorkerMetrics
 from shared.outputs import RequestOutput
 from shared.transfer.records import KvTarget
-
-_CHUNK = 1 << 20  # bytes per WriteKv message
 
 
 class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
@@ -167,14 +165,7 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
         return list(reply.page_ids)
 
     async def _write_kv(self, decode_address: str, rid: str, payload: bytes, commit: bytes) -> None:
-        async def chunks() -> AsyncIterator[worker_pb2.WriteKvRequest]:
-            view = memoryview(payload)
-            for start in range(0, len(payload), _CHUNK):
-                yield worker_pb2.WriteKvRequest(rid=rid, data=bytes(view[start : start + _CHUNK]))
-            yield worker_pb2.WriteKvRequest(rid=rid, commit=commit)
-
-        stub = worker_pb2_grpc.DecodeServiceStub(self._channel(decode_address))
-        await call(stub.WriteKv(chunks(), timeout=30))
+        await call(send_kv(self._channel(decode_address), rid, payload, commit))
 
     def _channel(self, address: str) -> grpc.aio.Channel:
         if address not in self._channels:

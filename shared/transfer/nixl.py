@@ -6,7 +6,14 @@ that NIXL delivers after the data of that transfer: the prefill engine attaches 
 record (`KvCommit`) to the last write of a request.
 
 Pages are coalesced into runs (consecutive on both sides), so a transfer posts
-`buffers x runs` descriptors rather than `buffers x pages`.
+`buffers x runs` descriptors rather than `buffers x pages`; each buffer of the pool (2 per
+layer for MHA) still gets its own descriptors.
+
+No progress thread: NIXL's UCX progress thread polls without sleeping (a whole core per idle
+engine), and the engine already drives transfers itself: `state()` and `take_notifs()` progress
+the UCX worker, and the engine calls them after every step and every 2 ms while a transfer is in
+flight. UCX settings come from `UCX_DEFAULTS`, each overridden by the same `UCX_*` variable in
+the environment (docs/kv_transfer.md says what UCX picks and how fast it is).
 
 Single-threaded: the engine loop calls every method.
 """
@@ -23,9 +30,15 @@ from typing import Any, Literal
 import msgspec
 import numpy as np
 
-from shared.transfer.pages import PageLayout
+from shared.transfer.pages import PageLayout, page_runs
 
 XferState = Literal["DONE", "PROC", "ERR"]
+logger = logging.getLogger(__name__)
+
+# UCX settings the agent asks for, by name without the `UCX_` prefix; an environment variable
+# `UCX_<NAME>` wins over each. Empty: UCX's own transport choice is the right one on every host
+# we measured (cma for host memory, cuda_ipc for GPU memory on one node, rc over InfiniBand).
+UCX_DEFAULTS: dict[str, str] = {}
 
 
 def import_nixl() -> tuple[Any, Any]:
@@ -53,17 +66,44 @@ class PeerInfo(msgspec.Struct, frozen=True):
 
 
 class NixlAgent:
-    def __init__(self, layout: PageLayout, role: str) -> None:
+    def __init__(
+        self,
+        layout: PageLayout,
+        role: str,
+        *,
+        progress_thread: bool = False,
+        ucx: dict[str, str] | None = None,
+    ) -> None:
+        """`progress_thread`: NIXL's UCX progress thread (busy-polls a core; off: the caller's
+        `state`/`take_notifs` calls progress transfers). `ucx`: UCX settings over
+        `UCX_DEFAULTS` (names without `UCX_`); a `UCX_*` environment variable still wins."""
         nixl_agent, nixl_agent_config = import_nixl()
         self.layout = layout
         self.name = f"tandem-{role}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self._agent = nixl_agent(self.name, nixl_agent_config(backends=["UCX"]))
+        settings = {**UCX_DEFAULTS, **(ucx or {})}
+        config = nixl_agent_config(enable_prog_thread=progress_thread, backends=[])
+        self._agent = nixl_agent(self.name, config)
+        # NIXL applies `engine_config` through ucp_config_modify, skipping a key whose UCX_<KEY>
+        # environment variable is set: the user's setting wins.
+        params = {"engine_config": ",".join(f"{k}={v}" for k, v in settings.items())} if settings else {}
+        self._agent.create_backend("UCX", params)
         self._agent.register_memory(layout.buffers)
         device = layout.buffers[0].device
         self.mem_type = "VRAM" if device.type == "cuda" else "DRAM"
         self.device_id = device.index or 0
         self.addresses = [buf.data_ptr() for buf in layout.buffers]
+        self._addresses = np.asarray(self.addresses, dtype=np.int64)  # [B]
+        self._page_bytes = np.asarray(layout.page_bytes, dtype=np.int64)  # [B]
         self._peers: dict[str, PeerInfo] = {}
+        self._peer_addresses: dict[str, np.ndarray] = {}  # [B] per peer
+        logger.info(
+            "NIXL agent %s: %s pool, %d buffers, UCX progress thread %s, UCX settings %s",
+            self.name,
+            self.mem_type,
+            len(layout.buffers),
+            "on" if progress_thread else "off (the engine polls)",
+            describe_ucx(settings),
+        )
 
     def metadata(self) -> bytes:
         info = PeerInfo(
@@ -91,29 +131,34 @@ class NixlAgent:
         if info.name not in self._peers:
             self._agent.add_remote_agent(info.agent_metadata)
             self._peers[info.name] = info
+            self._peer_addresses[info.name] = np.asarray(info.addresses, dtype=np.int64)
         return info.name
 
     def write(self, peer: str, src_pages: list[int], dst_pages: list[int], notif: bytes = b"") -> Any:
         """Start writing our `src_pages` into the peer's `dst_pages` (every buffer); a handle."""
         info = self._peers[peer]  # KeyError: add_peer first
         assert len(src_pages) == len(dst_pages) and src_pages
-        runs = _runs(src_pages, dst_pages)  # [R, 3]: src start, dst start, pages
-        local, remote = [], []
-        for base, rbase, page_bytes in zip(self.addresses, info.addresses, self.layout.page_bytes):
-            lengths = runs[:, 2] * page_bytes
-            local.append(
-                np.stack([base + runs[:, 0] * page_bytes, lengths, np.full_like(lengths, self.device_id)], 1)
-            )
-            remote.append(
-                np.stack([rbase + runs[:, 1] * page_bytes, lengths, np.full_like(lengths, info.device_id)], 1)
-            )
-        src = self._agent.get_xfer_descs(np.concatenate(local), self.mem_type)
-        dst = self._agent.get_xfer_descs(np.concatenate(remote), info.mem_type)
+        local, remote = self.descriptors(peer, src_pages, dst_pages)
+        src = self._agent.get_xfer_descs(local, self.mem_type)
+        dst = self._agent.get_xfer_descs(remote, info.mem_type)
         handle = self._agent.initialize_xfer("WRITE", src, dst, peer, notif)
         if self._agent.transfer(handle) == "ERR":
             self._agent.release_xfer_handle(handle)
             raise RuntimeError(f"NIXL could not post a write to {peer}")
         return handle
+
+    def descriptors(
+        self, peer: str, src_pages: list[int], dst_pages: list[int]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The write's (local, remote) descriptors: `[buffers * runs, 3]` rows (address, bytes,
+        device), buffer-major, one row per run of pages consecutive on both sides."""
+        runs = page_runs(src_pages, dst_pages)  # [R, 3]: src start, dst start, pages
+        page_bytes = self._page_bytes[:, None]  # [B, 1]
+        lengths = page_bytes * runs[None, :, 2]  # [B, R]
+        local = self._addresses[:, None] + page_bytes * runs[None, :, 0]
+        remote = self._peer_addresses[peer][:, None] + page_bytes * runs[None, :, 1]
+        info = self._peers[peer]
+        return _rows(local, lengths, self.device_id), _rows(remote, lengths, info.device_id)
 
     def state(self, handle: Any) -> XferState:
         state: XferState = self._agent.check_xfer_state(handle)
@@ -127,11 +172,19 @@ class NixlAgent:
         return [msg for msgs in self._agent.get_new_notifs().values() for msg in msgs]
 
 
-def _runs(src: list[int], dst: list[int]) -> np.ndarray:
-    """Maximal runs where both page lists advance by one: rows (src start, dst start, length)."""
-    s = np.asarray(src, dtype=np.int64)
-    d = np.asarray(dst, dtype=np.int64)
-    breaks = np.flatnonzero((np.diff(s) != 1) | (np.diff(d) != 1)) + 1
-    starts = np.concatenate([[0], breaks])
-    lengths = np.diff(np.concatenate([starts, [len(s)]]))
-    return np.stack([s[starts], d[starts], lengths], 1)
+def _rows(addresses: np.ndarray, lengths: np.ndarray, device_id: int) -> np.ndarray:
+    # [B, R] addresses and lengths -> [B * R, 3] descriptor rows
+    return np.stack([addresses, lengths, np.full_like(lengths, device_id)], -1).reshape(-1, 3)
+
+
+def describe_ucx(settings: dict[str, str]) -> str:
+    """The UCX settings in force, for the start-up log: ours, and the environment's `UCX_*`."""
+    env = {k: v for k, v in os.environ.items() if k.startswith("UCX_")}
+    ours = [f"{k}={v}" for k, v in settings.items() if f"UCX_{k}" not in env]
+    parts = [f"{k}={v} (env)" for k, v in sorted(env.items())] + ours
+    tls = (
+        ""
+        if "UCX_TLS" in env or "TLS" in settings
+        else "UCX_TLS unset (UCX picks: cma on host memory, cuda_ipc on GPUs); "
+    )
+    return tls + (", ".join(parts) or "UCX defaults") + "; UCX_PROTO_INFO=y prints UCX's choice per transfer"
