@@ -425,6 +425,26 @@ def launched(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
                 proc.wait()
 
 
+def scrape_metrics(urls: dict[str, str]) -> dict[str, dict[str, float]]:
+    """Each launched service's counters, histogram sums and counts after the run (buckets left
+    out): where the time went, e.g. `tandem_worker_kv_transfer_seconds` of the prefill worker."""
+    out: dict[str, dict[str, float]] = {}
+    for name, url in urls.items():
+        try:
+            text = httpx.get(url, timeout=10).text
+        except httpx.HTTPError as e:
+            print(f"could not scrape {name} at {url}: {e}")
+            continue
+        samples = {}
+        for line in text.splitlines():
+            if line.startswith("tandem_") and "_bucket{" not in line:
+                key, _, value = line.rpartition(" ")
+                with contextlib.suppress(ValueError):
+                    samples[key] = float(value)
+        out[name] = samples
+    return out
+
+
 def _read_json(path: Path) -> dict[str, Any] | None:
     """The file's JSON object, or None while it is missing or half written."""
     try:
@@ -614,6 +634,9 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         }
         print(f"{label}: {target.model} at {base_url}, {w.input_len} in / {w.output_len} out", flush=True)
         asyncio.run(sweep(args, target, w, report, server["process"] if server else None))
+        if server and server.get("metrics"):
+            report["server_metrics"] = scrape_metrics(server["metrics"])
+            save(report, args.json)
     if args.png:
         plot([report], args.png)
     return 0

@@ -56,6 +56,9 @@ class EngineConfig:
     disaggregation_mode: DisaggregationMode = "null"
     kv_transport: KvTransport = "auto"  # auto: nixl when installed, else bytes over gRPC
     kv_transfer_timeout_s: float = 30.0  # prefill: give up a write; decode: reservation lease
+    # Decode engine sharing its GPU with a prefill engine: while more prompts wait on the prefill
+    # side than run here, steps are at least this far apart (shared/disagg/pacing.py); 0: off.
+    decode_step_interval_ms: float = 0.0
     # Constrained decoding (xgrammar): compiled grammars kept (LRU), compile threads, and how long a
     # request waits for its grammar before it is refused.
     grammar_cache_size: int = 256
@@ -115,6 +118,8 @@ class EngineConfig:
             raise ValueError(f"disaggregation_mode must be one of {_MODES}, got {self.disaggregation_mode!r}")
         if self.kv_transport not in _TRANSPORTS:
             raise ValueError(f"kv_transport must be one of {_TRANSPORTS}, got {self.kv_transport!r}")
+        if not self.decode_step_interval_ms >= 0:
+            raise ValueError(f"decode_step_interval_ms must be >= 0, got {self.decode_step_interval_ms!r}")
         if not self.kv_transfer_timeout_s > 0:
             raise ValueError(f"kv_transfer_timeout_s must be > 0, got {self.kv_transfer_timeout_s!r}")
         positive("grammar_cache_size", self.grammar_cache_size)

@@ -30,6 +30,7 @@ from shared.constrained.gate import GrammarGate
 from shared.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from shared.disagg import KvReceiver, KvSender
 from shared.disagg.events import Arrived, Expired, Granted, Released, SendFailed
+from shared.disagg.pacing import DecodePacer
 from shared.disagg.receiver import Held
 from shared.inflight import InflightStep
 from shared.mem import RadixCache
@@ -118,6 +119,7 @@ class EngineCore:
             if self.mode == "decode"
             else None
         )
+        self.pacer = DecodePacer(config.decode_step_interval_ms / 1000) if self.receiver else None
         # Outputs that must not wait for the end of the step (a prefill engine asking for its
         # reservation while the forward runs); the engine process sends them at once.
         self.early_outputs: Callable[[list[RequestOutput]], None] | None = None
@@ -472,6 +474,13 @@ class EngineCore:
         """Something to compute or report now."""
         return self.scheduler.has_work or bool(self._pending_outputs) or self._inflight is not None
 
+    def step_delay(self) -> float:
+        """Seconds the caller should wait before the next `step` (0 but for a paced decode engine
+        sharing its GPU with a backlogged prefill engine: shared/disagg/pacing.py)."""
+        if self.pacer is None or self.receiver is None or self._pending_outputs or not self.scheduler.running:
+            return 0.0  # nothing to decode: poll for arriving KV at once
+        return self.pacer.delay(self.receiver.pending, len(self.scheduler.running), time.monotonic())
+
     @property
     def waiting_in_background(self) -> bool:
         """KV writes, reservations or grammar compiles in flight: the loop must keep polling
@@ -507,6 +516,8 @@ class EngineCore:
                 if not it.req.finished and self._reaches_length(it.req):
                     self.scheduler.park(it.req)
         batch = self.scheduler.schedule()
+        if batch is not None and self.pacer is not None:
+            self.pacer.stepped(time.monotonic())
         launched = None
         if batch is not None and self.sender is not None:
             self.sender.on_scheduled([it.req for it in batch.items])  # reservations, just in time

@@ -24,6 +24,7 @@ sent as soon as the prompt is scheduled (before its forward runs); `SetKvTarget`
 from __future__ import annotations
 
 import logging
+import math
 import multiprocessing
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -187,7 +188,14 @@ def _serve(
     while True:
         # Block while idle; between steps only drain what already arrived; while KV transfers
         # are in flight, look at them every few milliseconds.
-        timeout = 0 if core.has_work else _POLL_BACKGROUND_MS if core.waiting_in_background else _IDLE_POLL_MS
+        # A paced decode engine waits for its next step, still taking messages meanwhile.
+        timeout = (
+            math.ceil(core.step_delay() * 1000)
+            if core.has_work
+            else _POLL_BACKGROUND_MS
+            if core.waiting_in_background
+            else _IDLE_POLL_MS
+        )
         if timeout == _IDLE_POLL_MS and not _parent_alive():
             logger.warning("the engine's parent process is gone; exiting")
             return
@@ -200,7 +208,7 @@ def _serve(
                 push.send(encode(reply))
             timeout = 0
         _send_admissions(core, push, encode)  # e.g. a queued reservation aborted
-        if not (core.has_work or core.waiting_in_background):
+        if not (core.has_work or core.waiting_in_background) or core.step_delay() > 0:
             continue
         try:
             outputs = core.step()

@@ -69,6 +69,12 @@ def build_parser(role: str) -> argparse.ArgumentParser:
     if role in ("prefill", "decode"):
         e.add_argument("--kv-transport", default="auto", choices=["auto", "nixl", "grpc"])
         e.add_argument("--kv-transfer-timeout", type=float, default=30.0, help="seconds (decode: the lease)")
+        e.add_argument(
+            "--decode-step-interval-ms",
+            type=float,
+            default=0.0,
+            help="decode sharing a GPU with prefill: space steps while prompts back up there (0: off)",
+        )
     return p
 
 
@@ -99,6 +105,7 @@ def engine_config(args: argparse.Namespace, role: str) -> EngineConfig:
             disaggregation_mode=role,
             kv_transport=args.kv_transport,
             kv_transfer_timeout_s=args.kv_transfer_timeout,
+            decode_step_interval_ms=args.decode_step_interval_ms,
         )
     return EngineConfig.from_options(args.model, **options)
 

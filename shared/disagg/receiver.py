@@ -73,6 +73,11 @@ class KvReceiver:
         self.expired = 0
 
     @property
+    def pending(self) -> int:
+        """Prompts whose KV has not arrived yet (still on the prefill side, or in transfer)."""
+        return len(self._expected) + len(self._queued) + len(self._waiting)
+
+    @property
     def busy(self) -> bool:
         """Reservations queued, granted or quarantined: keep polling."""
         return bool(self._queued or self._waiting or self._quarantine)

@@ -1,0 +1,52 @@
+"""A decode engine paced for a shared GPU spaces its steps only while prompts back up on the
+prefill side; it never delays a step with nothing to decode (steps poll for arriving KV), and
+pacing changes no token."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from shared.disagg.pacing import DecodePacer
+from shared.sampling import SamplingParams
+from shared.transfer import KvCommit
+from tests.engine.test_disagg import forward_targets, make_pair, submit, wait_idle
+from tests.engine.test_parity import hf_greedy_cached
+
+
+def test_pacer_spaces_steps_only_while_prefill_is_backlogged() -> None:
+    pacer = DecodePacer(0.02)
+    assert pacer.delay(pending=5, running=1, now=10.0) == 0.0  # never stepped yet
+    pacer.stepped(10.0)
+    assert abs(pacer.delay(pending=5, running=1, now=10.005) - 0.015) < 1e-9
+    assert pacer.delay(pending=5, running=1, now=10.03) == 0.0  # the interval has passed
+    assert pacer.delay(pending=1, running=1, now=10.005) == 0.0  # prefill keeps up: no pacing
+    assert DecodePacer(0.0).delay(pending=9, running=1, now=0.0) == 0.0  # off
+
+
+def test_paced_decode_engine_waits_while_prompts_are_pending_and_gives_the_same_tokens(
+    tiny_llama: Path,
+) -> None:
+    prefill, decode = make_pair(tiny_llama, "grpc", decode_step_interval_ms=200.0)
+    params = SamplingParams(max_new_tokens=3, temperature=0.0, ignore_eos=True)
+    first, later = list(range(5, 30)), [list(range(6 + i, 31 + i)) for i in range(2)]
+    assert decode.step_delay() == 0.0
+    submit(prefill, decode, "a", first, params)
+    for i, ids in enumerate(later):  # two more prompts the prefill side has not run yet
+        decode.expect_kv(f"b{i}", ids, params)
+    forward_targets(prefill, decode, prefill.step())  # asks for pages; the prompt is done
+    (out,) = prefill.step()  # the pages it got are sent
+    decode.commit_kv(KvCommit.decode(out.kv_commit), out.kv_payload)  # type: ignore[arg-type]
+    tokens = [t for o in decode.step() for t in o.new_ids]  # a runs; 2 pending > 1 running
+    assert 0.1 < decode.step_delay() <= 0.2
+    time.sleep(decode.step_delay())
+    while decode.has_work:
+        assert decode.step_delay() < 0.01 or decode.step_delay() > 0.1
+        time.sleep(decode.step_delay())
+        tokens += [t for o in decode.step() for t in o.new_ids]
+    assert tokens == hf_greedy_cached(tiny_llama, first, 3)
+    for i in range(2):
+        decode.abort(f"b{i}")
+    assert decode.step_delay() == 0.0
+    wait_idle(prefill)
+    wait_idle(decode)
