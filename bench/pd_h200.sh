@@ -29,9 +29,18 @@ serve() {  # topology json-name extra-flags...
         --worker-args "--device cuda:0 --max-total-tokens 150000" --log-dir "$logs/$name" \
         --json "$out/$name.json" "$@"
 }
+# TOPOLOGIES: "unified", "pd", or "pd:N" (PD with --decode-step-interval-ms N, saved as
+# serving_pd_iN.json).
 topologies=${TOPOLOGIES:-unified pd}
 for topology in $topologies; do
-    serve "$topology" "serving_$topology" --kv-transport nixl "$@"
+    case $topology in
+        pd:*)
+            interval=${topology#pd:}
+            serve pd "serving_pd_i$interval" --kv-transport nixl \
+                --worker-args "--device cuda:0 --max-total-tokens 150000 --decode-step-interval-ms $interval" "$@"
+            ;;
+        *) serve "$topology" "serving_$topology" --kv-transport nixl "$@" ;;
+    esac
 done
 if [[ " $topologies " == *" unified "* && " $topologies " == *" pd "* ]]; then
     python3 bench/serving.py --compare "$out/serving_unified.json" "$out/serving_pd.json" \
