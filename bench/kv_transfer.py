@@ -269,22 +269,12 @@ def measure_nixl(
     correct = conn.recv() == digest(layout, src)
     runs = len(page_runs(src, dst))
     descs = f"{runs * len(layout.buffers)} descriptors ({len(layout.buffers)} buffers x {runs} runs)"
-    post_ms = 1e3 * statistics.median(posts)
-    return [
-        row(
-            spec,
-            tokens,
-            nbytes,
-            "nixl-done",
-            variant.name,
-            dones,
-            correct=correct,
-            note=f"write() {post_ms:.2f} ms, {descs}",
-        ),
-        row(
-            spec, tokens, nbytes, "nixl-notif", variant.name, notifs, correct=correct, note="B took the notif"
-        ),
-    ]
+    note = f"write() {1e3 * statistics.median(posts):.2f} ms, {descs}"
+    done_row = row(spec, tokens, nbytes, "nixl-done", variant.name, dones, correct=correct, note=note)
+    notif_row = row(
+        spec, tokens, nbytes, "nixl-notif", variant.name, notifs, correct=correct, note="B took it"
+    )
+    return [done_row, notif_row]
 
 
 async def measure_grpc(spec: Spec, layout: PageLayout, port: int, conn: Any, tokens: int) -> dict[str, Any]:
@@ -320,16 +310,8 @@ async def measure_grpc(spec: Spec, layout: PageLayout, port: int, conn: Any, tok
     split = "read_pages {:.1f} ms, stream {:.1f} ms, write_pages {:.1f} ms".format(
         *(1e3 * statistics.median(x) for x in (reads, streams, writes))
     )
-    return row(
-        spec,
-        tokens,
-        nbytes,
-        "grpc",
-        "",
-        totals,
-        correct=correct,
-        note=f"{split}; {spec.chunk_bytes >> 20} MiB messages",
-    )
+    note = f"{split}; {spec.chunk_bytes / (1 << 20):g} MiB messages"
+    return row(spec, tokens, nbytes, "grpc", "", totals, correct=correct, note=note)
 
 
 def measure_copies(
