@@ -21,7 +21,7 @@ import grpc
 
 from services.protos.tandem.worker.v1 import worker_pb2
 
-KV_CHUNK_BYTES = 4 << 20  # payload bytes per WriteKv message
+KV_CHUNK_BYTES = 2 << 20  # payload bytes per WriteKv message (1-8 MiB measure alike; docs/kv_transfer.md)
 WRITE_KV_METHOD = "/tandem.worker.v1.DecodeService/WriteKv"
 
 # WriteKvRequest field numbers (proto/tandem/worker/v1/worker.proto), as wire-format keys

@@ -12,8 +12,11 @@ layer for MHA) still gets its own descriptors.
 No progress thread: NIXL's UCX progress thread polls without sleeping (a whole core per idle
 engine), and the engine already drives transfers itself: `state()` and `take_notifs()` progress
 the UCX worker, and the engine calls them after every step and every 2 ms while a transfer is in
-flight. UCX settings come from `UCX_DEFAULTS`, each overridden by the same `UCX_*` variable in
-the environment (docs/kv_transfer.md says what UCX picks and how fast it is).
+flight. A write then completes only while both sides poll: the writer's `state()` may read PROC
+until the target has progressed too, so the decode engine must keep polling (`take_notifs`)
+while it holds pages a write may target, as it does while it holds a reservation. UCX
+settings come from `UCX_DEFAULTS`, each overridden by the same `UCX_*` variable in the
+environment (docs/kv_transfer.md says what UCX picks and how fast it is).
 
 Single-threaded: the engine loop calls every method.
 """
@@ -36,8 +39,9 @@ XferState = Literal["DONE", "PROC", "ERR"]
 logger = logging.getLogger(__name__)
 
 # UCX settings the agent asks for, by name without the `UCX_` prefix; an environment variable
-# `UCX_<NAME>` wins over each. Empty: UCX's own transport choice is the right one on every host
-# we measured (cma for host memory, cuda_ipc for GPU memory on one node, rc over InfiniBand).
+# `UCX_<NAME>` wins over each. Empty: no UCX_TLS we tried beat UCX's own choice on host memory
+# (cma for the pages, tcp for set-up and notifications), and a list must keep the CUDA
+# transports on GPU hosts (docs/kv_transfer.md).
 UCX_DEFAULTS: dict[str, str] = {}
 
 
@@ -182,9 +186,5 @@ def describe_ucx(settings: dict[str, str]) -> str:
     env = {k: v for k, v in os.environ.items() if k.startswith("UCX_")}
     ours = [f"{k}={v}" for k, v in settings.items() if f"UCX_{k}" not in env]
     parts = [f"{k}={v} (env)" for k, v in sorted(env.items())] + ours
-    tls = (
-        ""
-        if "UCX_TLS" in env or "TLS" in settings
-        else "UCX_TLS unset (UCX picks: cma on host memory, cuda_ipc on GPUs); "
-    )
+    tls = "" if "UCX_TLS" in env or "TLS" in settings else "UCX_TLS unset (UCX picks per peer); "
     return tls + (", ".join(parts) or "UCX defaults") + "; UCX_PROTO_INFO=y prints UCX's choice per transfer"

@@ -7,8 +7,12 @@ with NIXL's progress thread off."""
 from __future__ import annotations
 
 import multiprocessing
+import os
 import random
+import subprocess
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -176,3 +180,27 @@ def test_nixl_descriptors_are_one_per_run_and_buffer() -> None:
             expected_remote.append([rbase + d * page_bytes, n * page_bytes, 0])
     np.testing.assert_array_equal(local, expected_local)
     np.testing.assert_array_equal(remote, expected_remote)
+
+
+_AGENT_WITH_UCX_TLS = """
+import torch
+from shared.transfer.pages import PageLayout
+from shared.transfer.nixl import NixlAgent
+NixlAgent(PageLayout([torch.zeros(64, 4)], 16), "decode", ucx={"TLS": "cma,posix,self"})
+"""
+
+
+@needs_nixl
+def test_ucx_settings_reach_ucx_and_the_environment_wins() -> None:
+    """`ucx=` goes to UCX (a transport list UCX cannot start with fails the agent), unless the
+    same UCX_* variable is set: then the user's value is used."""
+    root = Path(__file__).resolve().parents[2]
+
+    def start(**env: str) -> subprocess.CompletedProcess[str]:
+        environ = {k: v for k, v in os.environ.items() if k != "UCX_TLS"} | env
+        return subprocess.run(
+            [sys.executable, "-c", _AGENT_WITH_UCX_TLS], cwd=root, env=environ, capture_output=True, text=True
+        )
+
+    assert start().returncode != 0
+    assert start(UCX_TLS="tcp").returncode == 0
