@@ -34,6 +34,7 @@ from typing import Any
 import grpc
 
 from services.common.parent import PARENT_ENV
+from services.mps import MpsError, mps_daemon
 from services.protos.tandem.router.v1 import router_pb2, router_pb2_grpc
 
 
@@ -81,6 +82,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--worker-args", default="", help='extra worker flags, e.g. "--max-total-tokens 8192 --device cpu"'
     )
+    p.add_argument(
+        "--mps",
+        action="store_true",
+        help="run the workers under NVIDIA MPS (prefill and decode workers sharing one GPU run side by"
+        " side instead of time-slicing it)",
+    )
 
 
 def up(args: argparse.Namespace) -> int:
@@ -108,18 +115,24 @@ def up(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
 
+    child_env: dict[str, str] = {}
+
     def start(name: str, cmd: list[str], service: str) -> Child:
         log = log_dir / f"{name}.log"
         # The child dies with us (services/common/parent.py), and no preexec_fn: see there.
-        env = {**os.environ, "OTEL_SERVICE_NAME": service, PARENT_ENV: str(os.getpid())}
+        env = {**os.environ, **child_env, "OTEL_SERVICE_NAME": service, PARENT_ENV: str(os.getpid())}
         with open(log, "wb") as out:
             proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
         child = Child(name, proc, log)
         children.append(child)
         return child
 
+    mps = contextlib.ExitStack()
     try:
         print(f"model: {model}\nlogs:  {log_dir}", flush=True)
+        if args.mps:
+            child_env.update(mps.enter_context(mps_daemon(log_dir / "mps")))
+            print(f"NVIDIA MPS: {child_env['CUDA_MPS_PIPE_DIRECTORY']}", flush=True)
         start(
             "router",
             [
@@ -202,11 +215,12 @@ def up(args: argparse.Namespace) -> int:
                 return 1
             time.sleep(0.2)
         return 0
-    except _StartupFailed as e:
+    except (_StartupFailed, MpsError) as e:
         print(f"tandem up failed: {e}", file=sys.stderr)
         return 1
     finally:
         _stop_all(children)
+        mps.close()
 
 
 class _StartupFailed(Exception):
