@@ -7,6 +7,7 @@
 #      concurrency 1/16/64/128, 4 x concurrency requests per level (bench/serving.py).
 # Usage, from the repository root on the GPU machine (NIXL and the service wheels importable):
 #   bash bench/pd_h200.sh OUT_DIR [serving.py flags...]
+# e.g. TOPOLOGIES="unified pd:20" bash bench/pd_h200.sh out --launch-args --mps (PD under MPS).
 # Writes OUT_DIR/{kv_transfer,serving_unified,serving_pd}.json, serving_pd_vs_unified.png and
 # logs.tar.gz (every service's log).
 set -euo pipefail
