@@ -222,19 +222,6 @@ class EngineCore:
             raise ValueError("only a decode engine takes reservations")
         return self.receiver.reserve(rid)
 
-    def reserve(
-        self,
-        rid: str,
-        input_ids: list[int],
-        params: SamplingParams,
-        return_logprob: bool = False,
-        top_logprobs_num: int = 0,
-        lease_s: float | None = None,
-    ) -> list[int] | None:
-        """`expect_kv` and `reserve_kv` at once (pages up front)."""
-        self.expect_kv(rid, input_ids, params, return_logprob, top_logprobs_num, lease_s)
-        return self.reserve_kv(rid)
-
     def set_kv_target(self, rid: str, pages: list[int]) -> None:
         """Prefill engine: the decode engine reserved `pages` for request `rid`; a bad page
         list aborts the request."""

@@ -42,6 +42,12 @@ def submit(prefill: EngineCore, decode: EngineCore, rid: str, ids: list[int], pa
     prefill.add_request([rid], ids, params, kv_target=KvTarget(decode.transport, [], peer))  # type: ignore[arg-type]
 
 
+def reserve(decode: EngineCore, rid: str, ids: list[int], params: SamplingParams) -> list[int] | None:
+    """Pages up front: the decode engine expects the prompt and reserves at once."""
+    decode.expect_kv(rid, ids, params)
+    return decode.reserve_kv(rid)
+
+
 def forward_targets(
     prefill: EngineCore, decode: EngineCore, outs: list[RequestOutput]
 ) -> list[RequestOutput]:
@@ -89,6 +95,15 @@ def run_pd(
     wait_idle(prefill)
     wait_idle(decode)
     return tokens, last
+
+
+def deliver_and_decode(decode: EngineCore, out: RequestOutput) -> list[int]:
+    """Deliver a prefill output's pages and commit (gRPC transport), then decode to the end."""
+    decode.commit_kv(KvCommit.decode(out.kv_commit), out.kv_payload)  # type: ignore[arg-type]
+    got: list[int] = []
+    while decode.has_work:
+        got += [t for o in decode.step() for t in o.new_ids]
+    return got
 
 
 def wait_idle(core: EngineCore, timeout: float = 10.0) -> None:
@@ -168,7 +183,7 @@ def test_reservation_lease_expires_and_pages_come_back(tiny_llama: Path) -> None
         tiny_llama, disaggregation_mode="decode", kv_transport="grpc", kv_transfer_timeout_s=0.05
     )
     free_before = decode.stats()["kv_free_tokens"]
-    pages = decode.reserve("late", list(range(5, 40)), SamplingParams(max_new_tokens=4))
+    pages = reserve(decode, "late", list(range(5, 40)), SamplingParams(max_new_tokens=4))
     assert len(pages) == 3 and decode.stats()["kv_free_tokens"] < free_before
     time.sleep(0.06)
     outs = decode.step()
@@ -188,7 +203,7 @@ def test_aborted_reservation_is_freed_by_the_late_commit(tiny_llama: Path) -> No
     prefill, decode = make_pair(tiny_llama, "grpc")
     ids = list(range(5, 30))
     params = SamplingParams(max_new_tokens=4, temperature=0.0)
-    pages = decode.reserve("r", ids, params)
+    pages = reserve(decode, "r", ids, params)
     prefill.add_request(["r"], ids, params, kv_target=KvTarget("grpc", pages))
     decode.abort("r")
     assert [o.finish_reason["type"] for o in decode.step()] == ["abort"]  # type: ignore[index]
@@ -220,10 +235,10 @@ def test_full_decode_engine_queues_reservations_first_come_first_served(tiny_lla
     prefill, decode = make_pair(tiny_llama, "grpc", max_total_tokens=64)
     params = SamplingParams(max_new_tokens=3, temperature=0.0, ignore_eos=True)
     a, b, c = (list(range(5 + i, 45 + i)) for i in range(3))  # 40 tokens: 3 of the 4 pages each
-    pages_a = decode.reserve("a", a, params)
+    pages_a = reserve(decode, "a", a, params)
     assert pages_a is not None and len(pages_a) == 3
-    assert decode.reserve("b", b, params) is None  # no room: queued, holds nothing
-    assert decode.reserve("c", c, params) is None
+    assert reserve(decode, "b", b, params) is None  # no room: queued, holds nothing
+    assert reserve(decode, "c", c, params) is None
     decode.abort("c")  # aborted while queued: the reservation is refused and the request ends
     assert decode.take_admissions() == [(["c"], None, "CapacityError", "aborted", True)]
     (ended,) = decode.step()
@@ -242,10 +257,7 @@ def test_full_decode_engine_queues_reservations_first_come_first_served(tiny_lla
     assert reservation
     prefill.add_request(["b"], b, params, kv_target=KvTarget("grpc", pages_b))
     (out,) = prefill.step()
-    decode.commit_kv(KvCommit.decode(out.kv_commit), out.kv_payload)  # type: ignore[arg-type]
-    got: list[int] = []
-    while decode.has_work:
-        got += [t for o in decode.step() for t in o.new_ids]
+    got = deliver_and_decode(decode, out)
     assert got == hf_greedy(tiny_llama, b, 3)
     wait_idle(decode)
 
@@ -256,9 +268,9 @@ def test_queued_reservation_waits_past_the_lease_which_starts_when_granted(tiny_
     prefill, decode = make_pair(tiny_llama, "grpc", max_total_tokens=64, kv_transfer_timeout_s=0.2)
     params = SamplingParams(max_new_tokens=3, temperature=0.0, ignore_eos=True)
     a, b = list(range(5, 45)), list(range(6, 46))
-    pages_a = decode.reserve("a", a, params)
+    pages_a = reserve(decode, "a", a, params)
     assert pages_a is not None
-    assert decode.reserve("b", b, params) is None
+    assert reserve(decode, "b", b, params) is None
     time.sleep(0.15)  # a is within its lease
     prefill.add_request(["a"], a, params, kv_target=KvTarget("grpc", pages_a))
     (out,) = prefill.step()
@@ -272,10 +284,7 @@ def test_queued_reservation_waits_past_the_lease_which_starts_when_granted(tiny_
     assert error == "" and pages_b is not None
     prefill.add_request(["b"], b, params, kv_target=KvTarget("grpc", pages_b))
     (out,) = prefill.step()
-    decode.commit_kv(KvCommit.decode(out.kv_commit), out.kv_payload)  # type: ignore[arg-type]
-    got = []
-    while decode.has_work:
-        got += [t for o in decode.step() for t in o.new_ids]
+    got = deliver_and_decode(decode, out)
     assert got == hf_greedy(tiny_llama, b, 3)
     assert decode.stats()["kv_reservations_expired"] == 0
     wait_idle(decode)
@@ -297,10 +306,7 @@ def test_prefill_asks_for_pages_when_it_schedules_the_prompt(tiny_llama: Path) -
         decode.reserve_kv("r")  # once only
     outs = prefill.step() + prefill.step()
     (out,) = forward_targets(prefill, decode, outs)
-    decode.commit_kv(KvCommit.decode(out.kv_commit), out.kv_payload)  # type: ignore[arg-type]
-    got = []
-    while decode.has_work:
-        got += [t for o in decode.step() for t in o.new_ids]
+    got = deliver_and_decode(decode, out)
     assert got == hf_greedy(tiny_llama, ids, 3)
     wait_idle(prefill)
     wait_idle(decode)
@@ -329,10 +335,7 @@ def test_prefill_waits_for_a_late_reservation_then_sends(tiny_llama: Path) -> No
     prefill.set_kv_target("r", pages)
     (out,) = prefill.step()
     assert out.finish_reason == {"type": "transferred"}
-    decode.commit_kv(KvCommit.decode(out.kv_commit), out.kv_payload)  # type: ignore[arg-type]
-    got = []
-    while decode.has_work:
-        got += [t for o in decode.step() for t in o.new_ids]
+    got = deliver_and_decode(decode, out)
     assert got == hf_greedy(tiny_llama, ids, 2)
     wait_idle(prefill)
     wait_idle(decode)
@@ -340,7 +343,7 @@ def test_prefill_waits_for_a_late_reservation_then_sends(tiny_llama: Path) -> No
 
 def test_a_malformed_payload_fails_only_its_request(tiny_llama: Path) -> None:
     decode = build_core(tiny_llama, disaggregation_mode="decode", kv_transport="grpc")
-    pages = decode.reserve("r", list(range(5, 30)), SamplingParams(max_new_tokens=2))
+    pages = reserve(decode, "r", list(range(5, 30)), SamplingParams(max_new_tokens=2))
     assert pages is not None
     decode.commit_kv(KvCommit("r", 5, 0), b"garbage")
     (out,) = decode.step()
@@ -364,7 +367,7 @@ def test_nixl_target_must_be_a_known_peer(tiny_model_factory: Callable[..., Path
 def test_unified_engines_refuse_pd_calls(tiny_llama: Path) -> None:
     core = build_core(tiny_llama)
     with pytest.raises(ValueError, match="only a decode engine"):
-        core.reserve("x", [5, 6], SamplingParams())
+        core.expect_kv("x", [5, 6], SamplingParams())
     with pytest.raises(ValueError, match="refused by others"):
         core.add_request(["x"], [5, 6], SamplingParams(), kv_target=KvTarget("grpc", [1]))
     assert run_staggered(core, [[5, 6, 7]], max_new_tokens=2)
