@@ -48,7 +48,16 @@ logger = logging.getLogger(__name__)
 
 def resolve_transport(config: EngineConfig) -> str:
     if config.kv_transport == "auto":
-        return "nixl" if nixl_available() else "grpc"
+        if nixl_available():
+            return "nixl"
+        if config.disaggregation_mode != "null":
+            logger.warning(
+                "NIXL is not installed: this %s engine moves KV as bytes over the gRPC transport"
+                " (about 0.5 GB/s, docs/kv_transfer.md); pip install nixl (or nixl-cu12 / nixl-cu13)"
+                " for the fast path",
+                config.disaggregation_mode,
+            )
+        return "grpc"
     if config.kv_transport == "nixl" and config.disaggregation_mode != "null" and not nixl_available():
         raise ValueError("kv_transport='nixl' but NIXL is not installed (pip install nixl)")
     return config.kv_transport

@@ -371,3 +371,19 @@ def test_unified_engines_refuse_pd_calls(tiny_llama: Path) -> None:
     with pytest.raises(ValueError, match="refused by others"):
         core.add_request(["x"], [5, 6], SamplingParams(), kv_target=KvTarget("grpc", [1]))
     assert run_staggered(core, [[5, 6, 7]], max_new_tokens=2)
+
+
+def test_a_pd_engine_without_nixl_says_so_at_start(
+    tiny_llama: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import shared.engine_core as engine_core
+    from shared.config import EngineConfig
+
+    monkeypatch.setattr(engine_core, "nixl_available", lambda: False)
+    config = EngineConfig.from_options(str(tiny_llama), disaggregation_mode="decode")
+    with caplog.at_level("WARNING"):
+        assert engine_core.resolve_transport(config) == "grpc"
+    assert "NIXL is not installed: this decode engine moves KV as bytes" in caplog.text
+    caplog.clear()
+    assert engine_core.resolve_transport(EngineConfig.from_options(str(tiny_llama))) == "grpc"
+    assert caplog.text == ""  # a unified engine moves no KV: nothing to say
