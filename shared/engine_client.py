@@ -150,9 +150,9 @@ class EngineClient:
         """Prefill engine: the decode engine's pages for a request that asked for them."""
         self._send(SetKvTarget(rid, pages))
 
-    def commit_kv(self, commit: bytes, payload: bytes | None = None) -> None:
+    def commit_kv(self, commit: bytes, payload: bytes | memoryview | None = None) -> None:
         """Decode engine, gRPC transport: a reservation's pages (bytes) and commit record."""
-        self._send(CommitKv(commit, payload))
+        self._send(CommitKv(commit), payload)
 
     def add_peer(self, metadata: bytes) -> Future[str]:
         """Prefill engine: learn a decode engine's NIXL metadata; the future gives its agent name."""
@@ -196,9 +196,13 @@ class EngineClient:
 
     # ---- receiving -----------------------------------------------------------------------------
 
-    def _send(self, msg: ToEngine) -> None:
+    def _send(self, msg: ToEngine, payload: bytes | memoryview | None = None) -> None:
+        """`payload` (KV pages) goes as a frame of its own, without a copy."""
         with self._send_lock:
-            self._push.send(self._encode(msg))
+            if payload is None:
+                self._push.send(self._encode(msg))
+            else:
+                self._push.send_multipart([self._encode(msg), payload], copy=False)
 
     def _wait_ready(self) -> Ready:
         while not self._pull.poll(_POLL_MS):
@@ -215,13 +219,22 @@ class EngineClient:
     def _receive(self) -> None:
         while True:
             if self._pull.poll(_POLL_MS):
-                self._dispatch(self._decoder.decode(self._pull.recv()))
+                self._dispatch(self._receive_one())
                 continue
             if self._closed:
                 return
             if not self.process.is_alive():
                 self._fail_all(f"the engine process died (exit code {self.process.exitcode})")
                 return
+
+    def _receive_one(self) -> FromEngine:
+        frames = self._pull.recv_multipart(copy=False)
+        msg = self._decoder.decode(frames[0].buffer)
+        if isinstance(msg, Outputs) and msg.payload_rids:  # KV payloads follow, one frame each
+            payloads = dict(zip(msg.payload_rids, (frame.buffer for frame in frames[1:])))
+            for out in msg.items:
+                out.kv_payload = payloads.get(out.rid, out.kv_payload)
+        return msg
 
     def _dispatch(self, msg: FromEngine) -> None:
         if isinstance(msg, Outputs):

@@ -255,7 +255,7 @@ class EngineCore:
             raise ValueError("this engine has no NIXL agent")
         return self.agent.add_peer(metadata)
 
-    def commit_kv(self, commit: KvCommit, payload: bytes | None = None) -> None:
+    def commit_kv(self, commit: KvCommit, payload: bytes | memoryview | None = None) -> None:
         """Decode side of the gRPC transport: the prompt's pages as bytes, then the commit record."""
         if self.receiver is None:
             raise ValueError("only a decode engine receives KV")

@@ -71,8 +71,7 @@ class SetKvTarget(msgspec.Struct, tag="set_kv_target"):
 
 
 class CommitKv(msgspec.Struct, tag="commit_kv"):
-    commit: bytes  # a KvCommit record
-    payload: bytes | None = None  # the pages (gRPC transport)
+    commit: bytes  # a KvCommit record; the pages (gRPC transport) follow as a frame of their own
 
 
 class AddPeer(msgspec.Struct, tag="add_peer"):
@@ -119,6 +118,8 @@ class Reply(msgspec.Struct, tag="reply"):
 
 class Outputs(msgspec.Struct, tag="outputs"):
     items: list[RequestOutput]
+    # Requests whose `kv_payload` (gRPC transport) follows, one ZMQ frame each, in this order.
+    payload_rids: list[str] = []
 
 
 class StepFailed(msgspec.Struct, tag="step_failed"):
@@ -169,7 +170,7 @@ def run_engine(config: EngineConfig, to_engine: str, from_engine: str) -> None:
             )
         )
     )
-    core.early_outputs = lambda outputs: push.send(encode(Outputs(outputs)))
+    core.early_outputs = lambda outputs: send_outputs(push, encode, outputs)
     try:
         _serve(core, pull, push, decoder, encode)
     finally:
@@ -200,10 +201,11 @@ def _serve(
             logger.warning("the engine's parent process is gone; exiting")
             return
         while pull.poll(timeout):
-            msg = decoder.decode(pull.recv())
+            frames = pull.recv_multipart(copy=False)
+            msg = decoder.decode(frames[0].buffer)
             if isinstance(msg, Shutdown):
                 return
-            reply = _handle(core, msg)
+            reply = _handle(core, msg, frames[1].buffer if len(frames) > 1 else None)
             if reply is not None:
                 push.send(encode(reply))
             timeout = 0
@@ -219,7 +221,20 @@ def _serve(
             continue
         _send_admissions(core, push, encode)  # before any output of theirs
         if outputs:
-            push.send(encode(Outputs(outputs)))
+            send_outputs(push, encode, outputs)
+
+
+def send_outputs(push: zmq.Socket[bytes], encode: Any, outputs: list[RequestOutput]) -> None:
+    """Outputs as ZMQ frames: the msgpack header, then each KV payload as a frame of its own, sent
+    without a copy (a 134 MB payload through msgpack would be copied twice more)."""
+    carriers, payloads = [], []
+    for out in outputs:
+        if out.kv_payload is not None:
+            carriers.append(out)
+            payloads.append(out.kv_payload)
+            out.kv_payload = None
+    header = encode(Outputs(outputs, [out.rid for out in carriers]))
+    push.send_multipart([header, *payloads], copy=False)
 
 
 def reservation_key(rid: str) -> str:
@@ -238,7 +253,7 @@ def _send_admissions(core: EngineCore, push: zmq.Socket[bytes], encode: Any) -> 
         push.send(encode(reply))
 
 
-def _handle(core: EngineCore, msg: ToEngine) -> FromEngine | None:
+def _handle(core: EngineCore, msg: ToEngine, payload: memoryview | None = None) -> FromEngine | None:
     from shared.sampling import SamplingParams
 
     if isinstance(msg, AbortRequest):
@@ -250,7 +265,7 @@ def _handle(core: EngineCore, msg: ToEngine) -> FromEngine | None:
         except (msgspec.DecodeError, msgspec.ValidationError) as e:  # not a commit record
             logger.warning("dropping a malformed KV commit record: %s", e)
             return None
-        core.commit_kv(commit, msg.payload)  # a bad payload aborts that request
+        core.commit_kv(commit, payload)  # a bad payload aborts that request
         return None
     if isinstance(msg, SetKvTarget):
         core.set_kv_target(msg.rid, msg.pages)

@@ -23,7 +23,7 @@ class RequestOutput:
     # Prefill engine, on the final output: bytes written to the decode engine; with the gRPC
     # transport also the pages themselves and the commit record for the caller to deliver.
     kv_bytes: int = 0
-    kv_payload: bytes | None = None
+    kv_payload: memoryview | None = None
     kv_commit: bytes | None = None
     # Prefill engine, on the final output: when the transfer's first page write was posted and
     # when the last one completed (wall-clock seconds, time.time(), so the worker can place

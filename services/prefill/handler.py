@@ -164,7 +164,7 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
         reply = await call(stub.ReserveKv(request, timeout=timeout, metadata=outgoing_metadata()))
         return list(reply.page_ids)
 
-    async def _write_kv(self, decode_address: str, rid: str, payload: bytes, commit: bytes) -> None:
+    async def _write_kv(self, decode_address: str, rid: str, payload: memoryview, commit: bytes) -> None:
         await call(send_kv(self._channel(decode_address), rid, payload, commit))
 
     def _channel(self, address: str) -> grpc.aio.Channel:

@@ -104,7 +104,7 @@ class AsyncEngine:
     async def stats(self) -> dict[str, int]:
         return await self._await(self.client.stats())
 
-    def commit_kv(self, commit: bytes, payload: bytes | None) -> None:
+    def commit_kv(self, commit: bytes, payload: bytes | memoryview | None) -> None:
         self.client.commit_kv(commit, payload)
 
     def shutdown(self) -> None:

@@ -19,7 +19,7 @@ class Sent:
 
     req: Req
     kv_bytes: int
-    payload: bytes | None
+    payload: memoryview | None
     commit: bytes | None  # the commit record the caller delivers (gRPC transport)
     span: tuple[float, float]  # the transfer's (start, end), time.time(), for tracing
 

@@ -112,7 +112,7 @@ class KvReceiver:
         self.reservations += 1
         return True
 
-    def commit(self, commit: KvCommit, payload: bytes | None = None) -> None:
+    def commit(self, commit: KvCommit, payload: bytes | memoryview | None = None) -> None:
         """The prompt's KV is in place (or arrives in `payload`): continue from the first token."""
         quarantined = self._quarantine.pop(commit.rid, None)
         if quarantined is not None:  # the write we were waiting out is over

@@ -218,7 +218,8 @@ class KvSender:
         self.transfers += 1
         del self._sends[send.req.rid]
         # The worker carries the bytes on (WriteKv) and ends the transfer's span.
-        self._events.append(Sent(send.req, len(payload), payload, send.commit, (start, time.time())))
+        span = (start, time.time())
+        self._events.append(Sent(send.req, len(payload), memoryview(payload), send.commit, span))
 
     def _post(self, send: _Send, end: int, notif: bytes) -> None:
         assert self.agent is not None and send.req.kv_target is not None and send.pages is not None
