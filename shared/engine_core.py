@@ -13,7 +13,6 @@ and returns the increments (`RequestOutput`) produced by that step.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import time
 from collections import Counter
@@ -25,9 +24,8 @@ import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from shared.config import EngineConfig
-from shared.constrained import GrammarCompiler, RequestGrammar, TokenMasks
+from shared.constrained import GrammarCompiler, TokenMasks
 from shared.constrained.gate import GrammarGate
-from shared.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from shared.disagg import KvReceiver, KvSender
 from shared.disagg.events import Arrived, Expired, Granted, Released, SendFailed
 from shared.disagg.pacing import DecodePacer
@@ -36,6 +34,7 @@ from shared.inflight import InflightStep
 from shared.mem import RadixCache
 from shared.model_runner import ModelRunner, PrevTokens
 from shared.outputs import RequestOutput
+from shared.request_builder import RequestBuilder
 from shared.sampling import Sampler, SamplingBatch, SamplingParams
 from shared.scheduler.kv_manager import KVCacheManager
 from shared.scheduler.request import PENDING, FinishKind, FinishReason, Req
@@ -87,7 +86,6 @@ class EngineCore:
         self.eos_ids = frozenset(self.runner.model_config.eos_token_ids)
         self.max_context_len = self.runner.max_context_len
         self._requests: dict[str, Req] = {}
-        self._arrivals = itertools.count()
         self._pending_outputs: list[RequestOutput] = []
         self.counters: Counter[str] = Counter()
         self._admissions: list[Admission] = []
@@ -101,6 +99,14 @@ class EngineCore:
             json_any_whitespace=config.json_any_whitespace,
         )
         self.masks = TokenMasks(self.runner.vocab_size, self.runner.device)
+        self.builder = RequestBuilder(
+            self.tokenizer,
+            self.runner.vocab_size,
+            self.max_context_len,
+            self.eos_ids,
+            self.grammars,
+            config.grammar_compile_timeout_s,
+        )
         # Overlap scheduling (see `step`): on by default on CUDA, where the forward runs
         # asynchronously; prefill engines gain little and stream KV pages between steps.
         overlap = config.enable_overlap_schedule
@@ -274,63 +280,10 @@ class EngineCore:
         return_logprob: bool,
         top_logprobs_num: int,
     ) -> list[Req]:
-        params.verify(self.runner.vocab_size)  # before normalizing, which maps temperature < eps to 0
-        params = params.normalized()
-        if len(rids) != params.n:
-            raise ValueError(f"{len(rids)} request ids for n={params.n}")
         for rid in rids:
             if rid in self._requests:
                 raise ValueError(f"request id {rid!r} is already in use")
-        self._check_prompt(input_ids)
-        if not isinstance(top_logprobs_num, int) or not 0 <= top_logprobs_num <= 20:
-            raise ValueError(f"top_logprobs_num must be an integer in [0, 20], got {top_logprobs_num!r}")
-        constraint = params.constraint
-        if constraint is not None:
-            self.grammars.check(*constraint)  # a bad schema/regex/grammar is refused now
-            compiled = self.grammars.compile(*constraint)
-            deadline = time.monotonic() + self.config.grammar_compile_timeout_s
-        reqs: list[Req] = []
-        stop_ids = frozenset(params.stop_token_ids or ()) | (
-            frozenset() if params.ignore_eos else self.eos_ids
-        )
-        leader: Req | None = None
-        for i, rid in enumerate(rids):
-            # Sample i of a seeded request draws with seed + i: distinct samples, reproducible set.
-            sample_params = (
-                params if params.seed is None or i == 0 else replace(params, seed=(params.seed + i) % 2**63)
-            )
-            req = Req(
-                rid=rid,
-                prompt_ids=list(input_ids),
-                params=sample_params,
-                stop_ids=stop_ids,
-                arrival=next(self._arrivals),
-                return_logprob=return_logprob,
-                top_logprobs_num=top_logprobs_num,
-                detokenizer=IncrementalDetokenizer(
-                    self.tokenizer,
-                    skip_special_tokens=params.skip_special_tokens,
-                    spaces_between_special_tokens=params.spaces_between_special_tokens,
-                ),
-                stop_matcher=StopStringMatcher(params.stop_strs) if params.stop_strs else None,
-                leader=leader,
-                grammar=RequestGrammar(constraint[0], compiled, deadline) if constraint else None,
-            )
-            leader = leader or req
-            reqs.append(req)
-        return reqs
-
-    def _check_prompt(self, input_ids: list[int]) -> None:
-        if not input_ids:
-            raise ValueError("the prompt is empty")
-        vocab = self.runner.vocab_size
-        if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab for t in input_ids):
-            raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
-        if len(input_ids) >= self.max_context_len:
-            raise ValueError(
-                f"the prompt has {len(input_ids)} tokens; this engine's context is {self.max_context_len}"
-                " tokens and at least one must be left to generate"
-            )
+        return self.builder.build(rids, input_ids, params, return_logprob, top_logprobs_num)
 
     def abort(self, rid: str, message: str = "aborted") -> None:
         """Stop a request wherever it is; it reports `finish_reason` abort and frees what it held
