@@ -169,6 +169,11 @@ class EngineClient:
         with self._state_lock:
             if self.error is not None or self._closed:
                 raise RuntimeError(self.error or "the engine client was shut down")
+            # A second caller with the same id must not take over (and then lose) the first
+            # caller's outputs: it is refused here, before anything reaches the engine.
+            for taken in (key, *handlers):
+                if taken in self._calls or taken in self._handlers:
+                    raise ValueError(f"request id {taken!r} is already in use")
             self._calls[key] = answer
             self._handlers.update(handlers)
         self._send(msg)

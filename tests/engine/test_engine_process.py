@@ -92,3 +92,14 @@ def test_a_dead_engine_fails_open_requests_promptly(tiny_llama: Path) -> None:
     with pytest.raises(RuntimeError, match="died"):
         c.add(["later"], [5], {}, outputs.put)
     c.shutdown()
+
+
+def test_a_request_id_in_use_is_refused_and_the_first_caller_keeps_its_stream(client: EngineClient) -> None:
+    outputs: queue.SimpleQueue[RequestOutput | BaseException] = queue.SimpleQueue()
+    client.add(["dup"], [5, 6, 7], {"max_new_tokens": 40, "ignore_eos": True}, outputs.put)
+    with pytest.raises(ValueError, match="'dup' is already in use"):
+        client.add(["dup"], [8, 9], {"max_new_tokens": 2}, lambda _: None)
+    last = outputs.get(timeout=60)
+    while isinstance(last, RequestOutput) and not last.finished:
+        last = outputs.get(timeout=60)
+    assert isinstance(last, RequestOutput) and last.completion_tokens == 40
