@@ -316,8 +316,8 @@ class DecodeServiceServicer:
     def ReserveKv(self, request, context):
         """Pages for a prompt of an open Generate call, asked by the prefill worker when the prompt
         starts computing. Answers once there is room (first come, first served; no timer: the
-        caller's deadline or cancellation ends the wait, and ends the request); NOT_FOUND when no
-        such request waits for pages. The reservation's lease starts with the answer.
+        caller's deadline or cancellation ends the wait, and ends the request); INVALID_ARGUMENT
+        when no such request waits for pages. The reservation's lease starts with the answer.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
