@@ -22,6 +22,7 @@ per-request metrics report; token latencies and usage are counted per sample.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -54,9 +55,11 @@ class Sample:
     return_logprob: bool
     top_logprobs_num: int
 
-    def worker_request(self, attempt: int, kv_lease_ms: int = 0) -> worker_pb2.GenerateRequest:
+    def worker_request(self, attempt: int, serial: int, kv_lease_ms: int = 0) -> worker_pb2.GenerateRequest:
+        """`serial` (the router's own count) keeps worker request ids unique even when clients
+        reuse a request_id."""
         return worker_pb2.GenerateRequest(
-            rid=f"{self.request_id}-{self.index}-{attempt}",
+            rid=f"{self.request_id}-{self.index}-{attempt}-{serial}",
             token_ids=self.token_ids,
             sampling_params=self.params,
             return_logprob=self.return_logprob,
@@ -95,6 +98,7 @@ class Orchestrator:
         # decode memory and no lease runs out).
         self.max_in_flight = max_in_flight
         self.in_flight = 0
+        self._serials = itertools.count()
         self.metrics = metrics or RouterMetrics()
         registry.on_removed.extend(p.on_worker_removed for p in self.policies.values())
         registry.on_removed.append(self.metrics.forget_worker)
@@ -174,7 +178,8 @@ class Orchestrator:
         record.prefill_worker, record.decode_worker = "", worker.address
         route: router_pb2.Route | None = router_pb2.Route(decode_worker=worker.address)
         with self.registry.track(worker, sample.tokens):
-            stream = worker.worker.Generate(sample.worker_request(attempt), metadata=outgoing_metadata())
+            request = sample.worker_request(attempt, next(self._serials))
+            stream = worker.worker.Generate(request, metadata=outgoing_metadata())
             try:
                 async for msg in self._guard(worker, stream):
                     yield self._response(sample, msg.output, route)
@@ -190,7 +195,7 @@ class Orchestrator:
         route: router_pb2.Route | None = router_pb2.Route(
             prefill_worker=prefill.address, decode_worker=decode.address
         )
-        request = sample.worker_request(attempt, self.kv_lease_ms)
+        request = sample.worker_request(attempt, next(self._serials), self.kv_lease_ms)
         metadata = outgoing_metadata()
         with self.registry.track(prefill, len(sample.token_ids)), self.registry.track(decode, sample.tokens):
             stream = decode.decode.Generate(request, metadata=metadata)

@@ -155,6 +155,22 @@ def test_bad_requests_are_refused_and_the_suite_keeps_serving(
         worker.wait_released()
 
 
+def test_clients_reusing_a_request_id_are_both_served(
+    pd: tuple[Cluster, Service, Service], tiny_llama: Path
+) -> None:
+    cluster, _, _ = pd
+    prompts = [list(range(10, 30)), list(range(40, 60))]
+    requests = []
+    for ids in prompts:
+        request = cluster.request(ids, max_new_tokens=12, temperature=0.0, ignore_eos=True)
+        request.request_id = 4242  # the same id, in flight at the same time
+        requests.append(request)
+    streams = [cluster.stub.Generate(r, timeout=60) for r in requests]
+    results = [collect(list(stream))[0] for stream in streams]
+    for ids, result in zip(prompts, results):
+        assert result["ids"] == hf_greedy(tiny_llama, ids, 12)
+
+
 def test_unknown_model_is_not_found(pd: tuple[Cluster, Service, Service]) -> None:
     cluster, _, _ = pd
     request = cluster.request([5, 6])
