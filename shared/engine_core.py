@@ -160,7 +160,8 @@ class EngineCore:
             raise ValueError("a decode engine takes reservations (reserve), not prompts")
         if (kv_target is not None) != (self.mode == "prefill"):
             raise ValueError("a KV target is required by a prefill engine and refused by others")
-        reqs = self._new_reqs(rids, input_ids, params, return_logprob, top_logprobs_num)
+        self._check_free(rids)
+        reqs = self.builder.build(rids, input_ids, params, return_logprob, top_logprobs_num)
         if kv_target is not None:
             assert self.sender is not None
             if len(reqs) != 1:
@@ -216,7 +217,8 @@ class EngineCore:
         for bad input."""
         if self.receiver is None:
             raise ValueError("only a decode engine takes reservations")
-        (req,) = self._new_reqs([rid], input_ids, params, return_logprob, top_logprobs_num)
+        self._check_free([rid])
+        (req,) = self.builder.build([rid], input_ids, params, return_logprob, top_logprobs_num)
         if req.params.max_new_tokens == 0:
             raise ValueError("max_new_tokens must be at least 1 for a disaggregated request")
         allocator = self.kv.allocator
@@ -272,18 +274,10 @@ class EngineCore:
             self.abort(commit.rid, f"bad KV payload: {e}")
         self._kv_events()
 
-    def _new_reqs(
-        self,
-        rids: list[str],
-        input_ids: list[int],
-        params: SamplingParams,
-        return_logprob: bool,
-        top_logprobs_num: int,
-    ) -> list[Req]:
+    def _check_free(self, rids: list[str]) -> None:
         for rid in rids:
             if rid in self._requests:
                 raise ValueError(f"request id {rid!r} is already in use")
-        return self.builder.build(rids, input_ids, params, return_logprob, top_logprobs_num)
 
     def abort(self, rid: str, message: str = "aborted") -> None:
         """Stop a request wherever it is; it reports `finish_reason` abort and frees what it held
