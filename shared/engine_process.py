@@ -265,10 +265,16 @@ def _handle(core: EngineCore, msg: ToEngine, payload: memoryview | None = None) 
         except (msgspec.DecodeError, msgspec.ValidationError) as e:  # not a commit record
             logger.warning("dropping a malformed KV commit record: %s", e)
             return None
-        core.commit_kv(commit, payload)  # a bad payload aborts that request
+        try:
+            core.commit_kv(commit, payload)  # a bad payload aborts that request
+        except ValueError as e:  # not a decode engine: nothing of ours to commit to
+            logger.warning("dropping a KV commit: %s", e)
         return None
     if isinstance(msg, SetKvTarget):
-        core.set_kv_target(msg.rid, msg.pages)
+        try:
+            core.set_kv_target(msg.rid, msg.pages)  # bad pages abort that request
+        except ValueError as e:  # not a prefill engine
+            logger.warning("dropping a KV target: %s", e)
         return None
     if isinstance(msg, AddRequest):
         try:
@@ -284,7 +290,7 @@ def _handle(core: EngineCore, msg: ToEngine, payload: memoryview | None = None) 
             return Rejected(msg.rids, type(e).__name__, str(e))
         return Accepted(msg.rids) if admitted else None  # a compiling grammar answers later
     if isinstance(msg, ExpectKv):
-        reply = _answer(
+        return _answer(
             [msg.rid],
             lambda: core.expect_kv(
                 msg.rid,
@@ -295,7 +301,6 @@ def _handle(core: EngineCore, msg: ToEngine, payload: memoryview | None = None) 
                 msg.lease_s,
             ),
         )
-        return Accepted([msg.rid]) if isinstance(reply, Accepted) else reply
     if isinstance(msg, ReserveKv):
         key = reservation_key(msg.rid)
         reply = _answer([key], lambda: core.reserve_kv(msg.rid), key)

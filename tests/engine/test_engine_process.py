@@ -103,3 +103,13 @@ def test_a_request_id_in_use_is_refused_and_the_first_caller_keeps_its_stream(cl
     while isinstance(last, RequestOutput) and not last.finished:
         last = outputs.get(timeout=60)
     assert isinstance(last, RequestOutput) and last.completion_tokens == 40
+
+
+def test_stray_kv_messages_are_dropped_and_the_engine_keeps_serving(client: EngineClient) -> None:
+    from shared.transfer import KvCommit
+
+    client.commit_kv(b"not a commit record", b"\x00" * 16)  # garbage
+    client.commit_kv(KvCommit("nobody", 5, 0).encode(), b"\x00" * 16)  # a unified engine: no receiver
+    client.set_kv_target("nobody", [1, 2])  # nor a sender
+    assert len(collect(client, "still-serving", [5, 6, 7], GREEDY)) >= 1
+    assert client.process.is_alive()
