@@ -190,3 +190,12 @@ def test_compare_prints_ratios_to_the_first_run(tmp_path: Path, capsys: pytest.C
         assert "matplotlib is not installed" in out
     else:
         assert png.stat().st_size > 0
+
+
+def test_scraped_metrics_keep_sums_and_counts_of_every_service(up: dict[str, Any]) -> None:
+    # The real services' /metrics (what a --launch run records under "server_metrics").
+    scraped = serving.scrape_metrics(up["metrics"] | {"gone": "http://127.0.0.1:9/metrics"})
+    assert set(scraped) == set(up["metrics"])  # an unreachable one is reported, not fatal
+    router = scraped["router"]
+    assert "tandem_router_time_to_first_token_seconds_count" in router
+    assert all(k.startswith("tandem_") and "_bucket{" not in k for s in scraped.values() for k in s)
