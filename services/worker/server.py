@@ -108,6 +108,7 @@ _LOAD_FIELDS = [
 
 AddRoleServicers = Callable[[grpc.aio.Server, AsyncEngine, argparse.Namespace, WorkerMetrics], None]
 _STATS_TIMEOUT_S = 1.0  # a scrape waits this long for the engine (it answers between steps)
+_ENGINE_WATCH_S = 0.5  # how often the worker looks whether its engine process still lives
 
 
 async def serve(
@@ -147,10 +148,15 @@ async def serve(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    engine_gone = asyncio.Event()
+    watcher = asyncio.create_task(_watch_engine(engine, health_servicer, engine_gone))
     heartbeat = (
-        asyncio.create_task(_register_and_heartbeat(args.router, address, stop)) if args.router else None
+        asyncio.create_task(_register_and_heartbeat(args.router, address, stop, engine_gone))
+        if args.router
+        else None
     )
     await stop.wait()
+    watcher.cancel()
     await health_servicer.enter_graceful_shutdown()
     if heartbeat is not None:
         heartbeat.cancel()
@@ -162,13 +168,28 @@ async def serve(
     tracing.shutdown()
 
 
-async def _register_and_heartbeat(router: str, address: str, stop: asyncio.Event) -> None:
-    """Register with the router, then heartbeat; re-register whenever the router forgot us."""
+async def _watch_engine(
+    engine: AsyncEngine, health_servicer: health.aio.HealthServicer, gone: asyncio.Event
+) -> None:
+    """An engine process that died takes this worker out of service: NOT_SERVING (the router's
+    probe drops it, and open calls already failed with UNAVAILABLE) and no more heartbeats."""
+    while engine.client.error is None:
+        await asyncio.sleep(_ENGINE_WATCH_S)
+    logger.error("the engine is gone (%s): this worker no longer serves", engine.client.error)
+    gone.set()
+    await health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+
+
+async def _register_and_heartbeat(
+    router: str, address: str, stop: asyncio.Event, engine_gone: asyncio.Event
+) -> None:
+    """Register with the router, then heartbeat while the engine lives; re-register whenever the
+    router forgot us."""
     interval = 1.0
     async with grpc.aio.insecure_channel(router) as channel:
         admin = router_pb2_grpc.RouterAdminServiceStub(channel)
         registered = False
-        while not stop.is_set():
+        while not (stop.is_set() or engine_gone.is_set()):
             try:
                 if not registered:
                     reply = await admin.RegisterWorker(

@@ -4,12 +4,15 @@ the first token), no worker keeps KV for a dead request, and the suite keeps ser
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.protos.tandem.router.v1 import router_pb2
 from tests.suite.cluster import Cluster, Service, collect
@@ -85,3 +88,38 @@ def test_prefill_worker_killed_is_retried_before_the_first_token(cluster: Cluste
     cluster.wait(
         lambda: cluster.worker_state(healthy[0].address) == router_pb2.WORKER_STATE_UNHEALTHY, "probe"
     )
+
+
+def _children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(p) for p in f.read().split()]
+
+
+def test_a_dead_engine_takes_its_worker_out_of_service(tiny_llama: Path, tmp_path: Path) -> None:
+    with Cluster(tiny_llama, tmp_path) as cluster:
+        cluster.start_router("--heartbeat-interval", "0.5", "--heartbeat-timeout", "1")
+        victim, survivor = cluster.start_workers([("unified",), ("unified",)])
+        (engine,) = [
+            p for p in _children(victim.process.pid) if "spawn_main" in _cmdline(p)
+        ]  # the engine process
+        os.kill(engine, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while cluster.worker_state(victim.address) != router_pb2.WORKER_STATE_UNHEALTHY:
+            assert time.monotonic() < deadline, cluster.worker_state(victim.address)
+            time.sleep(0.1)
+        assert _health(victim.address) == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert victim.process.poll() is None  # the worker lives on, out of service
+        for _ in range(4):  # every request now goes to the survivor
+            out = collect(cluster.generate(PROMPT, max_new_tokens=3))[0]
+            assert out["finish"] is not None and out["route"].decode_worker == survivor.address
+
+
+def _cmdline(pid: int) -> str:
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        return f.read().replace(b"\0", b" ").decode(errors="replace")
+
+
+def _health(address: str) -> int:
+    with grpc.insecure_channel(address) as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+    return int(reply.status)
