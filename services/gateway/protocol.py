@@ -15,7 +15,8 @@ import re
 from collections.abc import Callable
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 INT32_MAX = 2**31 - 1
 UINT32_MAX = 2**32 - 1
@@ -92,8 +93,47 @@ class ResponseFormat(_Strict):
     json_schema: JsonSchemaSpec | None = None
 
 
+def lone_surrogate_at(value: Any, path: str = "") -> str | None:
+    """Where in a parsed JSON value a string (or key) holds a lone UTF-16 surrogate (JSON's
+    `"\\ud800"` parses into one): a path like `messages[0].content`, "" for the value itself,
+    None if there is none. Such a string is not Unicode: nothing downstream can encode it."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path
+        return None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            shown = str(key).encode("utf-8", "backslashreplace").decode()  # a bad key, printable
+            at = f"{path}.{shown}" if path else shown
+            if lone_surrogate_at(key, at) is not None:
+                return at
+            found = lone_surrogate_at(item, at)
+            if found is not None:
+                return found
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            found = lone_surrogate_at(item, f"{path}[{i}]")
+            if found is not None:
+                return found
+    return None
+
+
 class _SamplingRequest(_Strict):
     """Fields shared by /v1/completions and /v1/chat/completions (OpenAI's, then SGLang's extras)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        at = lone_surrogate_at(data)
+        if at is not None:  # the offending parameter travels as data (ctx), for the error's `param`
+            raise PydanticCustomError(
+                "lone_surrogate",
+                "contains a lone UTF-16 surrogate, which is not valid Unicode",
+                {"param": at},
+            )
+        return data
 
     model: str
     n: int | None = Field(None, ge=1, le=MAX_N)

@@ -92,6 +92,7 @@ def _validation_error(exc: RequestValidationError) -> OpenAIError:
     error = exc.errors()[0]
     loc = [p for p in error.get("loc", ()) if p != "body"]
     param = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or None
+    param = (error.get("ctx") or {}).get("param") or param  # a validator that names it itself
     message = str(error.get("msg", "invalid request")).removeprefix("Value error, ")
     kind = error.get("type")
     if kind == "json_invalid":

@@ -177,3 +177,27 @@ def test_grpc_status_mapping(code: grpc.StatusCode, status: int) -> None:
     error = to_openai_error(exc)
     assert error.status == status
     assert error.param == ("temperature" if status == 400 else None)
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [
+        ("/v1/completions", '{"model": "%s", "prompt": "a\\ud800b"}', "prompt"),
+        ("/v1/completions", '{"model": "%s", "prompt": ["ok", "\\udfff"]}', "prompt[1]"),
+        ("/v1/completions", '{"model": "%s", "prompt": "ab", "stop": ["x\\ud83d"]}', "stop[0]"),
+        (
+            "/v1/chat/completions",
+            '{"model": "%s", "messages": [{"role": "user", "content": "hi\\udc00"}]}',
+            "messages[0].content",
+        ),
+        ("/v1/completions", '{"model": "%s", "prompt": "a", "\\ud800": 1}', "\\ud800"),
+    ],
+)
+def test_a_lone_surrogate_is_a_400_naming_where(http: httpx.Client, path: str, body: str, param: str) -> None:
+    # JSON's "\ud800" parses into a string no encoder accepts: refused before it reaches one.
+    resp = http.post(path, content=body % MODEL_ID, headers={"content-type": "application/json"})
+    assert resp.status_code == 400
+    error = resp.json()["error"]
+    assert error["type"] == "invalid_request_error" and "surrogate" in error["message"]
+    assert error["param"] == param  # a bad key is named in its escaped form
+    _assert_still_works(http)
