@@ -21,6 +21,7 @@ from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+import numpy as np
 import xgrammar as xgr
 from transformers import PreTrainedTokenizerBase
 
@@ -101,7 +102,17 @@ class GrammarCompiler:
                     del self._cache[key]
 
     def _compile(self, kind: str, source: str) -> xgr.CompiledGrammar:
-        return self._compiler.compile_grammar(self._parse(kind, source))
+        compiled = self._compiler.compile_grammar(self._parse(kind, source))
+        if not self._admits_a_first_token(compiled):
+            # e.g. `root ::= root "a"`: it parses, but every output would be infinite
+            raise ValueError(f"{kind} admits no output: no token (not even the end) can come first")
+        return compiled
+
+    def _admits_a_first_token(self, compiled: xgr.CompiledGrammar) -> bool:
+        bitmask = xgr.allocate_token_bitmask(1, self.vocab_size)  # [1, ceil(V / 32)] int32
+        xgr.GrammarMatcher(compiled).fill_next_token_bitmask(bitmask)
+        bits = np.unpackbits(bitmask.numpy().view(np.uint8), bitorder="little")[: self.vocab_size]
+        return bool(bits.any())
 
     def _parse(self, kind: str, source: str) -> xgr.Grammar:
         try:

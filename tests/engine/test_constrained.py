@@ -210,6 +210,8 @@ def test_constrained_rows_leave_the_others_alone(engine: Engine) -> None:
         ({"ebnf": "root ::= undefined_rule"}, 'ebnf is invalid: .*Rule "undefined_rule" is not defined'),
         ({"structural_tag": "{}"}, "structural_tag is invalid"),
         ({"regex": "a", "ebnf": "root ::= [a]"}, "at most one constraint"),
+        # Parses, but never ends: refused as a bad request, not failed (and retried) at its first token.
+        ({"ebnf": 'root ::= root "a"'}, "ebnf could not be compiled: ebnf admits no output"),
     ],
 )
 def test_bad_constraints_are_refused_and_serving_goes_on(
