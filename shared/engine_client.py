@@ -48,6 +48,7 @@ from shared.engine_process import (
     Shutdown,
     StepFailed,
     ToEngine,
+    recv_frames,
     reservation_key,
     run_engine,
 )
@@ -233,10 +234,10 @@ class EngineClient:
                 return
 
     def _receive_one(self) -> FromEngine:
-        frames = self._pull.recv_multipart(copy=False)
-        msg = self._decoder.decode(frames[0].buffer)
+        header, frames = recv_frames(self._pull)
+        msg = self._decoder.decode(header)
         if isinstance(msg, Outputs) and msg.payload_rids:  # KV payloads follow, one frame each
-            payloads = dict(zip(msg.payload_rids, (frame.buffer for frame in frames[1:])))
+            payloads = dict(zip(msg.payload_rids, frames))
             for out in msg.items:
                 out.kv_payload = payloads.get(out.rid, out.kv_payload)
         return msg

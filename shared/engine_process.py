@@ -201,11 +201,11 @@ def _serve(
             logger.warning("the engine's parent process is gone; exiting")
             return
         while pull.poll(timeout):
-            frames = pull.recv_multipart(copy=False)
-            msg = decoder.decode(frames[0].buffer)
+            header, payloads = recv_frames(pull)
+            msg = decoder.decode(header)
             if isinstance(msg, Shutdown):
                 return
-            reply = _handle(core, msg, frames[1].buffer if len(frames) > 1 else None)
+            reply = _handle(core, msg, payloads[0] if payloads else None)
             if reply is not None:
                 push.send(encode(reply))
             timeout = 0
@@ -234,7 +234,19 @@ def send_outputs(push: zmq.Socket[bytes], encode: Any, outputs: list[RequestOutp
             payloads.append(out.kv_payload)
             out.kv_payload = None
     header = encode(Outputs(outputs, [out.rid for out in carriers]))
-    push.send_multipart([header, *payloads], copy=False)
+    if payloads:
+        push.send_multipart([header, *payloads], copy=False)
+    else:  # every step's outputs: the plain send, as before payloads had frames
+        push.send(header)
+
+
+def recv_frames(sock: zmq.Socket[bytes]) -> tuple[bytes, list[memoryview]]:
+    """A message's msgpack header and the KV payload frames after it (views, not copies)."""
+    header = sock.recv()
+    payloads = []
+    while sock.get(zmq.RCVMORE):
+        payloads.append(sock.recv(copy=False).buffer)
+    return header, payloads
 
 
 def reservation_key(rid: str) -> str:
