@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ipaddress
 import logging
+import os
 import signal
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -118,6 +120,8 @@ async def serve(
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {role} %(levelname)s %(name)s: %(message)s")
     tracing = setup_tracing("tandem-worker" if role == "unified" else f"tandem-{role}")
     config = engine_config(args, role)
+    if role != "unified":
+        _keep_kv_transfers_on(args.host)  # before the engine process starts: it inherits it
     engine = AsyncEngine(config)  # the model loads in the engine process; nothing to serve before
     model = served_model_name(args)
 
@@ -166,6 +170,18 @@ async def serve(
     stop_metrics()
     engine.shutdown()
     tracing.shutdown()
+
+
+def _keep_kv_transfers_on(host: str) -> None:
+    """UCX (under NIXL) listens on every network interface unless told otherwise: a worker told
+    to listen on loopback keeps its KV transfers there too. A `UCX_NET_DEVICES` the user set wins;
+    other addresses are left to it (docs/kv_transfer.md)."""
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return
+    if loopback and "UCX_NET_DEVICES" not in os.environ:
+        os.environ["UCX_NET_DEVICES"] = "lo"
 
 
 async def _watch_engine(

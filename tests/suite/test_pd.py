@@ -5,7 +5,9 @@ that moved equal the prompt's pages; NIXL and the gRPC transport give identical 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import random
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -231,3 +233,31 @@ def test_fp8_worker_flags_reach_the_engines(
         pages = sum(-(-len(ids) // PAGE_SIZE) for ids in batch)
         received = decode.load().counters["kv_bytes_received"]
         assert received == pages * PAGE_SIZE * kv_bytes_per_token(tiny_llama) // 4  # float32 -> E4M3
+
+
+def _listening(pid: int) -> list[str]:
+    """Local addresses (hex, as /proc shows them) of the TCP sockets `pid` listens on."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if link.startswith("socket:["):
+                inodes.add(link[len("socket:[") : -1])
+    found = []
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # state LISTEN, our socket
+                found.append(fields[1].split(":")[0])
+    return found
+
+
+def test_workers_on_loopback_keep_every_listener_there(pd: tuple[Cluster, Service, Service]) -> None:
+    # Including UCX's (NIXL): it listens on every interface unless told which.
+    loopback = {"0100007F", "0000000000000000FFFF00000100007F", "00000000000000000000000001000000"}
+    for worker in pd[1:]:
+        pids = [worker.process.pid]
+        with open(f"/proc/{worker.process.pid}/task/{worker.process.pid}/children") as f:
+            pids += [int(p) for p in f.read().split()]  # the engine process among them
+        addresses = [a for pid in pids for a in _listening(pid)]
+        assert addresses and set(addresses) <= loopback, (worker.name, addresses)
