@@ -120,7 +120,7 @@ async def serve(
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {role} %(levelname)s %(name)s: %(message)s")
     tracing = setup_tracing("tandem-worker" if role == "unified" else f"tandem-{role}")
     config = engine_config(args, role)
-    if role != "unified":
+    if role != "unified" and config.device == "cpu":
         _keep_kv_transfers_on(args.host)  # before the engine process starts: it inherits it
     engine = AsyncEngine(config)  # the model loads in the engine process; nothing to serve before
     model = served_model_name(args)
@@ -175,7 +175,8 @@ async def serve(
 def _keep_kv_transfers_on(host: str) -> None:
     """UCX (under NIXL) listens on every network interface unless told otherwise: a worker told
     to listen on loopback keeps its KV transfers there too. A `UCX_NET_DEVICES` the user set wins;
-    other addresses are left to it (docs/kv_transfer.md)."""
+    other addresses are left to it. Host-memory engines only: some UCX versions drop `cuda_ipc`
+    when `UCX_NET_DEVICES` is set, which is not yet checked on the GPU (docs/kv_transfer.md)."""
     try:
         loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
     except ValueError:
