@@ -93,6 +93,17 @@ class Service:
             assert time.monotonic() < deadline, f"{self.name} still holds a request: {load}"
             time.sleep(0.05)
 
+    def engine_pid(self) -> int:
+        """The worker's engine process (a multiprocessing spawn child)."""
+        pid = self.process.pid
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            children = [int(p) for p in f.read().split()]
+        for child in children:
+            with open(f"/proc/{child}/cmdline", "rb") as f:
+                if b"spawn_main" in f.read():
+                    return child
+        raise AssertionError(f"{self.name} has no engine process among {children}")
+
     def kill(self, sig: int = signal.SIGKILL) -> None:
         self.process.send_signal(sig)
         self.process.wait(10)

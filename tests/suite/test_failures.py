@@ -90,19 +90,11 @@ def test_prefill_worker_killed_is_retried_before_the_first_token(cluster: Cluste
     )
 
 
-def _children(pid: int) -> list[int]:
-    with open(f"/proc/{pid}/task/{pid}/children") as f:
-        return [int(p) for p in f.read().split()]
-
-
 def test_a_dead_engine_takes_its_worker_out_of_service(tiny_llama: Path, tmp_path: Path) -> None:
     with Cluster(tiny_llama, tmp_path) as cluster:
         cluster.start_router("--heartbeat-interval", "0.5", "--heartbeat-timeout", "1")
         victim, survivor = cluster.start_workers([("unified",), ("unified",)])
-        (engine,) = [
-            p for p in _children(victim.process.pid) if "spawn_main" in _cmdline(p)
-        ]  # the engine process
-        os.kill(engine, signal.SIGKILL)
+        os.kill(victim.engine_pid(), signal.SIGKILL)
         deadline = time.monotonic() + 10
         while cluster.worker_state(victim.address) != router_pb2.WORKER_STATE_UNHEALTHY:
             assert time.monotonic() < deadline, cluster.worker_state(victim.address)
@@ -112,11 +104,6 @@ def test_a_dead_engine_takes_its_worker_out_of_service(tiny_llama: Path, tmp_pat
         for _ in range(4):  # every request now goes to the survivor
             out = collect(cluster.generate(PROMPT, max_new_tokens=3))[0]
             assert out["finish"] is not None and out["route"].decode_worker == survivor.address
-
-
-def _cmdline(pid: int) -> str:
-    with open(f"/proc/{pid}/cmdline", "rb") as f:
-        return f.read().replace(b"\0", b" ").decode(errors="replace")
 
 
 def _health(address: str) -> int:
