@@ -459,12 +459,12 @@ class EngineCore:
                 if not it.req.finished and self._reaches_length(it.req):
                     self.scheduler.park(it.req)
         batch = self.scheduler.schedule()
-        if batch is not None and self.pacer is not None:
-            self.pacer.stepped(time.monotonic())
         launched = None
-        if batch is not None and self.sender is not None:
-            self.sender.on_scheduled([it.req for it in batch.items])  # reservations, just in time
         if batch is not None:
+            if self.pacer is not None:
+                self.pacer.stepped(time.monotonic())
+            if self.sender is not None:
+                self.sender.on_scheduled([it.req for it in batch.items])  # reservations, just in time
             prev = PrevTokens(inflight.next_ids, inflight.rows) if inflight is not None else None
             logits = self.runner.forward(batch, prev)
             launched = self._launch(batch, logits)
