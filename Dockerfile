@@ -67,7 +67,8 @@ ENV PATH=/opt/venv/bin:$PATH \
 WORKDIR /home/tandem
 # The uid/gid the manifests run as (runAsUser/runAsGroup 10001).
 USER 10001:10001
-# gateway HTTP, router gRPC, router admin HTTP, prefill gRPC, decode gRPC, metrics
-EXPOSE 8000 50051 8080 50061 50062 9400
+# gateway HTTP, router gRPC (public), router admin gRPC, router admin HTTP, prefill gRPC, decode
+# gRPC, metrics
+EXPOSE 8000 50051 50052 8080 50061 50062 9400
 ENTRYPOINT ["/usr/bin/tini", "--"]
 CMD ["python", "-m", "services.gateway", "--help"]

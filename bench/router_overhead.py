@@ -90,10 +90,15 @@ def timed(call: Any, n: int) -> list[float]:
 
 def latency(model: Path, n: int, log_dir: Path) -> dict[str, Any]:
     procs = Procs(log_dir)
-    router_port, worker_port, gw_port = free_port(), free_port(), free_port()
+    router_port, worker_port, gw_port, admin_port = free_port(), free_port(), free_port(), free_port()
     router, worker = f"127.0.0.1:{router_port}", f"127.0.0.1:{worker_port}"
+    admin_address = f"127.0.0.1:{admin_port}"
     try:
-        procs.start("router", "-m", "services.router", "--model", str(model), "--port", str(router_port))
+        procs.start(
+            "router",
+            *("-m", "services.router", "--model", str(model)),
+            *("--port", str(router_port), "--admin-port", str(admin_port)),
+        )
         procs.start(
             "worker",
             "-m",
@@ -103,7 +108,7 @@ def latency(model: Path, n: int, log_dir: Path) -> dict[str, Any]:
             "--port",
             str(worker_port),
             "--router",
-            router,
+            admin_address,
             "--device",
             "cpu",
             "--max-total-tokens",
@@ -122,7 +127,8 @@ def latency(model: Path, n: int, log_dir: Path) -> dict[str, Any]:
         )
         rch, wch = grpc.insecure_channel(router), grpc.insecure_channel(worker)
         rstub, wstub = router_pb2_grpc.RouterServiceStub(rch), worker_pb2_grpc.WorkerServiceStub(wch)
-        admin = router_pb2_grpc.RouterAdminServiceStub(rch)
+        ach = grpc.insecure_channel(admin_address)
+        admin = router_pb2_grpc.RouterAdminServiceStub(ach)
         wait_for(
             lambda: len(admin.ListWorkers(router_pb2.ListWorkersRequest(), timeout=1).workers) == 1, "worker"
         )
@@ -159,6 +165,7 @@ def latency(model: Path, n: int, log_dir: Path) -> dict[str, Any]:
         }
         rch.close()
         wch.close()
+        ach.close()
         return results
     finally:
         procs.stop()
@@ -185,7 +192,7 @@ async def _drive(router: str, concurrency: int, seconds: float) -> float:
 
 def throughput(model: Path, log_dir: Path, seconds: float) -> dict[str, float]:
     procs = Procs(log_dir)
-    router_port = free_port()
+    router_port, admin_port = free_port(), free_port()
     router = f"127.0.0.1:{router_port}"
     stub_ports = [free_port(), free_port()]
     stub = str(Path(__file__).resolve().parent / "stub_worker.py")
@@ -200,9 +207,10 @@ def throughput(model: Path, log_dir: Path, seconds: float) -> dict[str, float]:
             str(model),
             "--port",
             str(router_port),
+            *("--admin-port", str(admin_port)),
             *[f"--worker=127.0.0.1:{p}" for p in stub_ports],
         )
-        with grpc.insecure_channel(router) as ch:
+        with grpc.insecure_channel(f"127.0.0.1:{admin_port}") as ch:
             admin = router_pb2_grpc.RouterAdminServiceStub(ch)
             wait_for(
                 lambda: len(admin.ListWorkers(router_pb2.ListWorkersRequest(), timeout=1).workers) == 2,

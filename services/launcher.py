@@ -1,8 +1,14 @@
 """`tandem up`: the whole suite on this machine as processes: router, workers, gateway.
 
-    router   python -m services.router  --model M --port R --admin-http-port A --metrics-port X
-    workers  python -m services.{prefill,decode,worker} --model M --router 127.0.0.1:R --metrics-port X
+    router   python -m services.router  --model M --port R --admin-port G --admin-http-port A
+                 --metrics-port X
+    workers  python -m services.{prefill,decode,worker} --model M --router 127.0.0.1:G --metrics-port X
     gateway  python -m services.gateway --router 127.0.0.1:R --tokenizer M --port 8000
+
+Secrets travel in the environment, never in argv (argv shows in `ps`): every launch makes a
+fresh random cluster token (TANDEM_CLUSTER_TOKEN, router and workers only; it is in the
+ready-file for tools and tests), and `--api-key` (or a TANDEM_API_KEY already set) becomes the
+gateway's and the router's public API key (TANDEM_API_KEY). Without one, clients need no key.
 
 Started in that order, each waited for (router health, workers registered, gateway /health),
 then the endpoints are printed (and written as JSON to --ready-file, with a `metrics` map:
@@ -17,9 +23,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import re
+import secrets
 import signal
 import socket
 import subprocess
@@ -33,6 +41,7 @@ from typing import Any
 
 import grpc
 
+from services.common.auth import API_KEY_ENV, CLUSTER_TOKEN_ENV, bearer
 from services.common.parent import PARENT_ENV
 from services.mps import MpsError, mps_daemon
 from services.protos.tandem.router.v1 import router_pb2, router_pb2_grpc
@@ -69,8 +78,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefill", type=int, default=1, help="prefill workers (default 1)")
     p.add_argument("--decode", type=int, default=1, help="decode workers (default 1)")
     p.add_argument("--unified", type=int, default=0, help="unified workers (default 0; 1 when no PD pair)")
-    p.add_argument("--router-port", type=int, help="router gRPC port (default: a free port)")
+    p.add_argument("--router-port", type=int, help="router public gRPC port (default: a free port)")
+    p.add_argument("--admin-port", type=int, help="router admin gRPC port (default: a free port)")
     p.add_argument("--admin-http-port", type=int, help="router admin HTTP port (default: a free port)")
+    p.add_argument(
+        "--api-key",
+        help=f"clients of the gateway and the router must send this key (default: ${API_KEY_ENV}, or none)",
+    )
     p.add_argument("--prefill-policy", default="cache_aware")
     p.add_argument("--decode-policy", default="least_load")
     p.add_argument("--kv-transport", default="auto", choices=["auto", "nixl", "grpc"])
@@ -102,8 +116,13 @@ def up(args: argparse.Namespace) -> int:
     log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="logs-", dir=tandem_home()))
     log_dir.mkdir(parents=True, exist_ok=True)
     router_port = args.router_port or free_port()
+    admin_grpc_port = args.admin_port or free_port()
     admin_port = args.admin_http_port or free_port()
     router = f"127.0.0.1:{router_port}"
+    router_admin = f"127.0.0.1:{admin_grpc_port}"
+    cluster_token = secrets.token_urlsafe(32)
+    cluster_env = {CLUSTER_TOKEN_ENV: cluster_token}
+    api_env = {API_KEY_ENV: args.api_key} if args.api_key else {}
     children: list[Child] = []
     py = [sys.executable, "-m"]
     stopping = False
@@ -117,10 +136,13 @@ def up(args: argparse.Namespace) -> int:
 
     child_env: dict[str, str] = {}
 
-    def start(name: str, cmd: list[str], service: str) -> Child:
+    def start(name: str, cmd: list[str], service: str, secret_env: dict[str, str]) -> Child:
         log = log_dir / f"{name}.log"
         # The child dies with us (services/common/parent.py), and no preexec_fn: see there.
-        env = {**os.environ, **child_env, "OTEL_SERVICE_NAME": service, PARENT_ENV: str(os.getpid())}
+        env = {**os.environ, **child_env, **secret_env}
+        env |= {"OTEL_SERVICE_NAME": service, PARENT_ENV: str(os.getpid())}
+        if CLUSTER_TOKEN_ENV not in secret_env:
+            env.pop(CLUSTER_TOKEN_ENV, None)
         with open(log, "wb") as out:
             proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
         child = Child(name, proc, log)
@@ -142,6 +164,8 @@ def up(args: argparse.Namespace) -> int:
                 model,
                 "--port",
                 str(router_port),
+                "--admin-port",
+                str(admin_grpc_port),
                 "--admin-http-port",
                 str(admin_port),
                 "--prefill-policy",
@@ -151,21 +175,21 @@ def up(args: argparse.Namespace) -> int:
                 *("--metrics-port", "0"),  # a port of its own choosing: see _metrics_url
             ],
             "tandem-router",
+            cluster_env | api_env,
         )
-        _wait(lambda: _router_workers(router) is not None, children, args.startup_timeout, "the router")
+        workers_up = functools.partial(_router_workers, router_admin, cluster_token)
+        _wait(lambda: workers_up() is not None, children, args.startup_timeout, "the router")
         extra = args.worker_args.split()
         roles = [("prefill", args.prefill), ("decode", args.decode), ("worker", unified)]
         for module, count in roles:
             for i in range(count):
-                cmd = [*py, f"services.{module}", "--model", model, "--router", router]
+                cmd = [*py, f"services.{module}", "--model", model, "--router", router_admin]
                 cmd += ["--metrics-port", "0", *extra]
                 if module != "worker":
                     cmd += ["--kv-transport", args.kv_transport]
-                start(f"{module}-{i}", cmd, f"tandem-{module}")
+                start(f"{module}-{i}", cmd, f"tandem-{module}", cluster_env)
         expected = args.prefill + args.decode + unified
-        _wait(
-            lambda: (_router_workers(router) or 0) >= expected, children, args.startup_timeout, "the workers"
-        )
+        _wait(lambda: (workers_up() or 0) >= expected, children, args.startup_timeout, "the workers")
         gateway_url = f"http://{args.host}:{args.port}"
         start(
             "gateway",
@@ -182,6 +206,7 @@ def up(args: argparse.Namespace) -> int:
                 model,
             ],
             "tandem-gateway",
+            api_env,
         )
         _wait(lambda: _http_ok(f"{gateway_url}/health"), children, args.startup_timeout, "the gateway")
         services = children[:-1]
@@ -190,24 +215,28 @@ def up(args: argparse.Namespace) -> int:
         endpoints = {
             "openai": f"{gateway_url}/v1",
             "router_grpc": router,
+            "router_admin_grpc": router_admin,
             "router_admin": f"http://127.0.0.1:{admin_port}/workers",
+            "cluster_token": cluster_token,
             "model": Path(model).name,
             "logs": str(log_dir),
             "pids": {c.name: c.process.pid for c in children},
             "metrics": metrics,
         }
+        token_where = f"in {args.ready_file}" if args.ready_file else "pass --ready-file to get it"
         print(
             f"\nTandem is up ({args.prefill} prefill + {args.decode} decode + {unified} unified workers)\n"
             f"  OpenAI API     {endpoints['openai']}\n"
             f"  router gRPC    {router}  (proto/tandem/router/v1/router.proto)\n"
-            f"  router admin   {endpoints['router_admin']}\n"
+            f"  router admin   {endpoints['router_admin']}  (gRPC {router_admin};"
+            f" both want 'Authorization: Bearer <cluster_token>', {token_where})\n"
             f"  model id       {endpoints['model']}\n"
             + "".join(f"  metrics        {url}  ({name})\n" for name, url in metrics.items())
             + "Ctrl-C stops everything.",
             flush=True,
         )
         if args.ready_file:
-            Path(args.ready_file).write_text(json.dumps(endpoints))
+            _write_private(Path(args.ready_file), json.dumps(endpoints))
         while not stopping:
             dead = next((c for c in children if c.process.poll() is not None), None)
             if dead is not None:
@@ -221,6 +250,16 @@ def up(args: argparse.Namespace) -> int:
     finally:
         _stop_all(children)
         mps.close()
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write `text` readable by this user only (it holds the cluster token), all at once: a
+    reader waiting for the file never sees it half written."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
 
 
 class _StartupFailed(Exception):
@@ -239,12 +278,12 @@ def _wait(ready: Any, children: list[Child], timeout: float, what: str) -> None:
         time.sleep(0.2)
 
 
-def _router_workers(address: str) -> int | None:
-    """Healthy workers the router knows, or None if the router does not answer."""
+def _router_workers(admin: str, cluster_token: str) -> int | None:
+    """Healthy workers the router knows (asked on its admin port), or None if it does not answer."""
     try:
-        with grpc.insecure_channel(address) as channel:
+        with grpc.insecure_channel(admin) as channel:
             reply = router_pb2_grpc.RouterAdminServiceStub(channel).ListWorkers(
-                router_pb2.ListWorkersRequest(), timeout=1
+                router_pb2.ListWorkersRequest(), timeout=1, metadata=[bearer(cluster_token)]
             )
     except grpc.RpcError:
         return None

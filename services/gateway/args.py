@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import dataclass
 
+from services.common.auth import API_KEY_ENV, ROUTER_API_KEY_ENV, add_secret_args, secrets_from_args
 from services.gateway.tool_calls.formats import TOOL_CALL_PARSERS
 
 
@@ -29,6 +31,10 @@ class GatewayConfig:
     log_level: str = "info"
     # How the model writes tool calls: a name in TOOL_CALL_PARSERS; "auto" reads the chat template.
     tool_call_parser: str = "auto"
+    # Keys clients must send as `Authorization: Bearer <key>` on /v1/*; empty: no check.
+    api_keys: tuple[str, ...] = ()
+    # The key the gateway sends to the router (`authorization` metadata); None: none.
+    router_api_key: str | None = None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,6 +89,15 @@ def build_parser() -> argparse.ArgumentParser:
         choices=TOOL_CALL_PARSERS,
         help="how the model writes tool calls; auto picks from the chat template (default: %(default)s)",
     )
+    add_secret_args(
+        parser, "api-key", API_KEY_ENV, "API key", "clients must send one on /v1/* (default: none)"
+    )
+    parser.add_argument(
+        "--router-api-key",
+        default=None,
+        metavar="SECRET",
+        help=f"the key sent to the router (also ${ROUTER_API_KEY_ENV}; default: the first --api-key)",
+    )
     parser.add_argument(
         "--log-level",
         default=GatewayConfig.log_level,
@@ -95,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: list[str] | None = None) -> GatewayConfig:
     """Parse the command line into a `GatewayConfig`."""
     ns = build_parser().parse_args(argv)
+    api_keys = secrets_from_args(ns, "api-key", API_KEY_ENV)
+    router_key = ns.router_api_key or os.environ.get(ROUTER_API_KEY_ENV) or api_keys.first
     return GatewayConfig(
         router=ns.router,
         tokenizer=ns.tokenizer,
@@ -107,6 +124,8 @@ def parse_args(argv: list[str] | None = None) -> GatewayConfig:
         health_timeout=ns.health_timeout,
         log_level=ns.log_level,
         tool_call_parser=ns.tool_call_parser,
+        api_keys=api_keys.values,
+        router_api_key=router_key,
     )
 
 

@@ -3,6 +3,7 @@
     create_app(GatewayConfig) -> FastAPI
       startup   load the tokenizer, open one gRPC channel to the router, learn the served model
       routes    /health, /metrics, /v1/models, /v1/completions, /v1/chat/completions
+      auth      with API keys configured, /v1/* wants one (ApiKeyMiddleware, auth.py)
       telemetry one SERVER span per request (continuing `traceparent`), Prometheus metrics
       errors    OpenAIError, router gRPC status and validation errors -> OpenAI error bodies
 
@@ -31,8 +32,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
 from starlette.types import Receive, Scope, Send
 
+from services.common.auth import Secrets, dial
 from services.common.tracing import fastapi_options, outgoing_metadata, record_error, setup_tracing
 from services.gateway.args import GatewayConfig
+from services.gateway.auth import ApiKeyMiddleware
 from services.gateway.handler import Handler, RouterCalls, ServedModel
 from services.gateway.metrics import GatewayMetrics, TelemetryMiddleware, UsageStub
 from services.gateway.protocol import ChatCompletionRequest, CompletionRequest, OpenAIError
@@ -124,7 +127,7 @@ class _Gateway:
     async def start(self) -> None:
         config = self.config
         tokenizer = await asyncio.to_thread(Tokenizer, config.tokenizer)
-        self.channel = grpc.aio.insecure_channel(config.router, options=_CHANNEL_OPTIONS)
+        self.channel = dial(config.router, config.router_api_key, _CHANNEL_OPTIONS)
         self.stub = router_pb2_grpc.RouterServiceStub(self.channel)
         model = await self._resolve_model()
         # UsageStub: the router calls count their tokens for the request's span (when it records).
@@ -328,6 +331,8 @@ def create_app(config: GatewayConfig) -> FastAPI:
 
     app = FastAPI(title="Tandem gateway", lifespan=lifespan, **fastapi_options())
     app.state.gateway = gateway
+    if config.api_keys:  # inside the telemetry: refused requests are counted and traced too
+        app.add_middleware(ApiKeyMiddleware, keys=Secrets(config.api_keys))
     app.add_middleware(TelemetryMiddleware, metrics=metrics)  # the request span, HTTP metrics
 
     @app.exception_handler(RequestValidationError)

@@ -11,6 +11,12 @@ Prefill(request, reservation, decode_address)
           to the decode worker's WriteKv.
 A cancelled call aborts the request; the engine frees its pages once no write reads them.
 
+`decode_address` is the one worker address this service takes from a request, and it dials it
+(ReserveKv, WriteKv, GetTransferMetadata, with the cluster token). Only the router sets it, from
+its registry: with a cluster token configured, `Prefill` itself answers only callers holding the
+token (services/worker/server.py), so no client can point a prefill worker at a host of its
+choosing. Without a token the worker must not be reachable by untrusted clients (docs/security.md).
+
 Each call is a `prefill` span (continuing the router's trace) with a `kv_transfer` child timed
 from the first page write posted to the last write done: the engine stamps both (NIXL writes
 run there); with gRPC the engine stamps the read of the pages and we end it when WriteKv
@@ -26,6 +32,7 @@ import time
 import grpc
 from opentelemetry import trace
 
+from services.common.auth import CLUSTER_TOKEN_ENV, dial, secrets_from_args
 from services.common.convert import sampling_to_dict
 from services.common.errors import ServiceError, call, grpc_errors
 from services.common.kv_stream import send_kv
@@ -38,9 +45,10 @@ from shared.transfer.records import KvTarget
 
 
 class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
-    def __init__(self, engine: AsyncEngine, metrics: WorkerMetrics) -> None:
+    def __init__(self, engine: AsyncEngine, metrics: WorkerMetrics, cluster_token: str | None = None) -> None:
         self.engine = engine
         self.metrics = metrics
+        self.cluster_token = cluster_token
         self._peers: dict[str, asyncio.Task[str]] = {}  # decode agent name -> its registration
         self._channels: dict[str, grpc.aio.Channel] = {}
 
@@ -169,11 +177,12 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
 
     def _channel(self, address: str) -> grpc.aio.Channel:
         if address not in self._channels:
-            self._channels[address] = grpc.aio.insecure_channel(address)
+            self._channels[address] = dial(address, self.cluster_token)
         return self._channels[address]
 
 
 def add_servicers(
     server: grpc.aio.Server, engine: AsyncEngine, args: argparse.Namespace, metrics: WorkerMetrics
 ) -> None:
-    worker_pb2_grpc.add_PrefillServiceServicer_to_server(PrefillServicer(engine, metrics), server)
+    token = secrets_from_args(args, "cluster-token", CLUSTER_TOKEN_ENV).first
+    worker_pb2_grpc.add_PrefillServiceServicer_to_server(PrefillServicer(engine, metrics, token), server)

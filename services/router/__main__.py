@@ -1,10 +1,16 @@
-"""`python -m services.router`: the router (gRPC; admin over HTTP with --admin-http-port;
-Prometheus /metrics with --metrics-port; OTLP traces when OTEL_EXPORTER_OTLP_ENDPOINT is set)."""
+"""`python -m services.router`: the router. Two gRPC listeners (docs/security.md):
+
+    public  --host:--port              RouterService (+ health); an API key when one is set
+    admin   --admin-host:--admin-port  RouterAdminService (+ health), the admin HTTP API with
+                                       --admin-http-port; the cluster token when one is set
+
+Prometheus /metrics with --metrics-port; OTLP traces when OTEL_EXPORTER_OTLP_ENDPOINT is set."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import signal
 from collections.abc import Iterator
@@ -14,6 +20,13 @@ import grpc
 import uvicorn
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from services.common.auth import (
+    API_KEY_ENV,
+    CLUSTER_TOKEN_ENV,
+    Secrets,
+    secret_interceptors,
+    secrets_from_args,
+)
 from services.common.metrics import serve_metrics
 from services.common.parent import die_with_launcher
 from services.common.tracing import setup_tracing
@@ -30,6 +43,9 @@ logger = logging.getLogger("services.router")
 
 async def serve() -> None:
     args = build_parser().parse_args()
+    api_keys = secrets_from_args(args, "api-key", API_KEY_ENV)
+    cluster_token = secrets_from_args(args, "cluster-token", CLUSTER_TOKEN_ENV)
+    _check_admin_exposure(args.admin_host, cluster_token)
     die_with_launcher()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s router %(levelname)s %(name)s: %(message)s")
     tracing = setup_tracing("tandem-router")
@@ -41,6 +57,7 @@ async def serve() -> None:
         args.heartbeat_interval,
         args.heartbeat_timeout,
         args.remove_unhealthy_after,
+        cluster_token=cluster_token.first,
     )
     cache_aware = dict(
         cache_threshold=args.cache_threshold,
@@ -63,15 +80,19 @@ async def serve() -> None:
         metrics=metrics,
         max_in_flight=args.max_in_flight,
     )
-    server = grpc.aio.server()
+    health_servicer = health.aio.HealthServicer()
+    server = grpc.aio.server(interceptors=secret_interceptors(api_keys, "an API key"))
     router_pb2_grpc.add_RouterServiceServicer_to_server(
         RouterServicer(orchestrator, registry, tokenizer), server
     )
-    router_pb2_grpc.add_RouterAdminServiceServicer_to_server(RouterAdminServicer(registry), server)
-    health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     port = server.add_insecure_port(f"{args.host}:{args.port}")
+    admin = grpc.aio.server(interceptors=secret_interceptors(cluster_token, "the cluster token"))
+    router_pb2_grpc.add_RouterAdminServiceServicer_to_server(RouterAdminServicer(registry), admin)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, admin)
+    admin_port = admin.add_insecure_port(f"{args.admin_host}:{args.admin_port}")
     await server.start()
+    await admin.start()
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     for address in args.worker:
         try:
@@ -83,14 +104,21 @@ async def serve() -> None:
         from services.router.admin_http import create_admin_app
 
         config = uvicorn.Config(
-            create_admin_app(registry), host=args.host, port=args.admin_http_port, log_level="warning"
+            create_admin_app(registry, cluster_token),
+            host=args.admin_host,
+            port=args.admin_http_port,
+            log_level="warning",
         )
         http = _QuietServer(config)
         tasks.append(asyncio.create_task(http.serve()))
-        print(f"tandem router admin HTTP on http://{args.host}:{args.admin_http_port}/workers", flush=True)
+        print(
+            f"tandem router admin HTTP on http://{args.admin_host}:{args.admin_http_port}/workers",
+            flush=True,
+        )
     metrics_url, stop_metrics = serve_metrics(metrics.registry, args.host, args.metrics_port)
     if metrics_url:
         print(f"tandem router metrics on {metrics_url}", flush=True)
+    print(f"tandem router admin gRPC on {args.admin_host}:{admin_port}", flush=True)
     print(f"tandem router serving on {args.host}:{port}", flush=True)
 
     stop = asyncio.Event()
@@ -103,9 +131,23 @@ async def serve() -> None:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-    await server.stop(grace=5)
+    await asyncio.gather(server.stop(grace=5), admin.stop(grace=1))
     stop_metrics()
     tracing.shutdown()
+
+
+def _check_admin_exposure(host: str, cluster_token: Secrets) -> None:
+    """The admin listener registers workers (and so makes the router dial them): beyond loopback
+    it must be guarded by the cluster token."""
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback and not cluster_token.enabled:
+        raise SystemExit(
+            f"--admin-host {host} is reachable from other machines: set a cluster token"
+            f" (${CLUSTER_TOKEN_ENV}, --cluster-token-file or --cluster-token)"
+        )
 
 
 class _QuietServer(uvicorn.Server):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from services.common.auth import API_KEY_ENV, CLUSTER_TOKEN_ENV, add_secret_args
 from services.router.policies import POLICIES
 
 
@@ -15,10 +16,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="model directory (its tokenizer serves text-only requests)")
     p.add_argument("--served-model-name", help="model id (default: the directory name); workers must match")
     p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=0, help="public gRPC port (RouterService; default: free port)")
     p.add_argument(
-        "--port", type=int, default=0, help="gRPC port (public + admin services; default: free port)"
+        "--admin-host",
+        default="127.0.0.1",
+        help="where the admin listeners bind (default 127.0.0.1; another address needs a cluster token)",
     )
-    p.add_argument("--admin-http-port", type=int, help="also serve the admin API over HTTP on this port")
+    p.add_argument(
+        "--admin-port",
+        type=int,
+        default=0,
+        help="admin gRPC port (RouterAdminService: workers register here; default: free port, printed)",
+    )
+    p.add_argument(
+        "--admin-http-port", type=int, help="also serve the admin API over HTTP on --admin-host:this port"
+    )
+    add_secret_args(
+        p, "api-key", API_KEY_ENV, "API key", "clients of the public port must send one (default: none)"
+    )
+    add_secret_args(
+        p, "cluster-token", CLUSTER_TOKEN_ENV, "cluster token", "the admin port wants it; sent to workers"
+    )
     p.add_argument(
         "--metrics-port",
         type=int,

@@ -2,7 +2,10 @@
 loaded the router has made them.
 
 Workers join by `RegisterWorker` (they heartbeat afterwards), through the admin HTTP endpoint,
-or from `--worker` flags; the router asks each its role and model (`GetInfo`) before using it.
+or from `--worker` flags, all on the router's admin listener (the cluster token's holders only);
+the router asks each its role and model (`GetInfo`, with the cluster token) before using it and
+refuses one that serves another model or answers an unknown role. Every call to a worker
+carries the cluster token when one is set.
 
 States: HEALTHY (gets traffic) -> DRAINING (admin: finishes what it has, gets nothing new) or
 UNHEALTHY (a failed call confirmed by a failed health probe, or heartbeats stopped; probed every
@@ -24,6 +27,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.common.auth import dial
 from services.common.errors import ServiceError
 from services.protos.tandem.common.v1 import common_pb2
 from services.protos.tandem.router.v1 import router_pb2
@@ -78,18 +82,21 @@ class Registry:
         heartbeat_interval_s: float = 1.0,
         heartbeat_timeout_s: float = 5.0,
         remove_after_s: float = 60.0,
+        cluster_token: str | None = None,
     ) -> None:
         self.model = model
         self.heartbeat_interval_s = heartbeat_interval_s
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.remove_after_s = remove_after_s
+        self.cluster_token = cluster_token
         self.workers: dict[str, Worker] = {}
         self.on_removed: list[Callable[[str], None]] = []
 
     # ---- membership ----------------------------------------------------------------------------
 
     async def register(self, address: str) -> Worker:
-        """Add a worker (or refresh a known one): it must answer GetInfo and serve our model."""
+        """Add a worker (or refresh a known one): it must answer GetInfo, in a known role, and
+        serve our model."""
         if not address or ":" not in address:
             raise ValueError(f"a worker address is host:port, got {address!r}")
         known = self.workers.get(address)
@@ -98,25 +105,32 @@ class Registry:
             if known.state == "unhealthy":
                 self._set_state(known, "healthy")
             return known
-        channel = grpc.aio.insecure_channel(address)
+        channel = dial(address, self.cluster_token)
         stub = worker_pb2_grpc.WorkerServiceStub(channel)
         try:
             info = await stub.GetInfo(worker_pb2.GetInfoRequest(), timeout=5)
         except grpc.aio.AioRpcError as e:
             await channel.close()
+            if e.code() == grpc.StatusCode.UNAUTHENTICATED:
+                raise ServiceError(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"worker {address} refused the router's cluster token: {e.details()}",
+                ) from None
             raise ServiceError(
                 grpc.StatusCode.UNAVAILABLE, f"worker {address} did not answer: {e.details()}"
             ) from None
+        refusal = None
         if info.model != self.model:
+            refusal = f"worker {address} serves {info.model!r}; this router serves {self.model!r}"
+        elif info.role not in ROLE_NAMES:
+            refusal = f"worker {address} answers an unknown role ({info.role}): not prefill/decode/unified"
+        if refusal is not None:
             await channel.close()
-            raise ServiceError(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"worker {address} serves {info.model!r}; this router serves {self.model!r}",
-            )
+            raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION, refusal)
         worker = Worker(
             address=address,
             in_flight=0,
-            role=ROLE_NAMES.get(info.role, "unified"),
+            role=ROLE_NAMES[info.role],
             info=info,
             channel=channel,
             last_seen=time.monotonic(),

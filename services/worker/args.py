@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from services.common.auth import CLUSTER_TOKEN_ENV, add_secret_args
 from shared.config import EngineConfig
 
 
@@ -23,6 +24,13 @@ def build_parser(role: str) -> argparse.ArgumentParser:
         help="host:port the router and peers use to reach this worker (default: --host:port)",
     )
     p.add_argument("--router", help="router admin address host:port to register with and heartbeat to")
+    add_secret_args(
+        p,
+        "cluster-token",
+        CLUSTER_TOKEN_ENV,
+        "cluster token",
+        "every RPC but health checks wants it; sent to the router and to decode workers",
+    )
     p.add_argument(
         "--metrics-port",
         type=int,

@@ -4,6 +4,11 @@ Life of a worker: parse flags -> start the engine process (it loads the model) -
 (and Prometheus /metrics with --metrics-port) -> register with the router (if --router) and
 heartbeat -> on SIGTERM/SIGINT stop taking calls, give running calls a grace period, stop the
 engine, flush traces.
+
+With a cluster token (--cluster-token, $TANDEM_CLUSTER_TOKEN or --cluster-token-file) every RPC
+but grpc.health.v1 wants it (UNAUTHENTICATED otherwise), and the worker's own calls (to the
+router's admin port; a prefill worker's to decode workers) carry it: only the router, which holds
+the token, can make a worker run a request or, through `Prefill`, make it dial a decode worker.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from services.common.auth import CLUSTER_TOKEN_ENV, dial, secret_interceptors, secrets_from_args
 from services.common.convert import output_to_proto, sampling_to_dict
 from services.common.errors import grpc_errors
 from services.common.metrics import serve_metrics
@@ -116,6 +122,7 @@ _ENGINE_WATCH_S = 0.5  # how often the worker looks whether its engine process s
 async def serve(
     args: argparse.Namespace, role: str, add_role_servicers: AddRoleServicers | None = None
 ) -> None:
+    cluster_token = secrets_from_args(args, "cluster-token", CLUSTER_TOKEN_ENV)
     die_with_launcher()
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {role} %(levelname)s %(name)s: %(message)s")
     tracing = setup_tracing("tandem-worker" if role == "unified" else f"tandem-{role}")
@@ -133,7 +140,10 @@ async def serve(
             return None
 
     metrics = WorkerMetrics(role, model, engine_stats)
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 << 20)])
+    server = grpc.aio.server(
+        options=[("grpc.max_receive_message_length", 64 << 20)],
+        interceptors=secret_interceptors(cluster_token, "the cluster token"),
+    )
     worker_pb2_grpc.add_WorkerServiceServicer_to_server(WorkerServicer(engine, role, model, metrics), server)
     if add_role_servicers is not None:
         add_role_servicers(server, engine, args, metrics)
@@ -155,7 +165,9 @@ async def serve(
     engine_gone = asyncio.Event()
     watcher = asyncio.create_task(_watch_engine(engine, health_servicer, engine_gone))
     heartbeat = (
-        asyncio.create_task(_register_and_heartbeat(args.router, address, stop, engine_gone))
+        asyncio.create_task(
+            _register_and_heartbeat(args.router, cluster_token.first, address, stop, engine_gone)
+        )
         if args.router
         else None
     )
@@ -198,12 +210,12 @@ async def _watch_engine(
 
 
 async def _register_and_heartbeat(
-    router: str, address: str, stop: asyncio.Event, engine_gone: asyncio.Event
+    router: str, token: str | None, address: str, stop: asyncio.Event, engine_gone: asyncio.Event
 ) -> None:
-    """Register with the router, then heartbeat while the engine lives; re-register whenever the
-    router forgot us."""
+    """Register with the router's admin port, then heartbeat while the engine lives; re-register
+    whenever the router forgot us."""
     interval = 1.0
-    async with grpc.aio.insecure_channel(router) as channel:
+    async with dial(router, token) as channel:
         admin = router_pb2_grpc.RouterAdminServiceStub(channel)
         registered = False
         while not (stop.is_set() or engine_gone.is_set()):

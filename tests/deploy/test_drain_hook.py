@@ -26,13 +26,16 @@ class FakeRouterAdmin(BaseHTTPRequestHandler):
 
     in_flight: ClassVar[list[int]] = []  # successive answers for this worker's in_flight
     calls: ClassVar[list[str]] = []
+    authorization: ClassVar[set[str | None]] = set()  # what the calls sent
 
     def do_POST(self) -> None:
         self.calls.append(f"POST {self.path}")
+        self.authorization.add(self.headers.get("Authorization"))
         self._reply({"workers": []})
 
     def do_GET(self) -> None:
         self.calls.append(f"GET {self.path}")
+        self.authorization.add(self.headers.get("Authorization"))
         in_flight = self.in_flight.pop(0) if len(self.in_flight) > 1 else self.in_flight[0]
         self._reply(
             {"workers": [{"address": ADDRESS, "role": "decode", "state": "draining", "in_flight": in_flight}]}
@@ -56,6 +59,7 @@ def router_admin() -> Iterator[str]:
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     FakeRouterAdmin.calls = []
+    FakeRouterAdmin.authorization = set()
     yield f"http://127.0.0.1:{server.server_address[1]}"
     server.shutdown()
     server.server_close()
@@ -69,6 +73,7 @@ def hook(tmp_path: Path) -> Path:
 
 def run_hook(tmp_path: Path, admin: str, timeout_s: str = "10") -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "ROUTER_ADMIN_URL": admin, "WORKER_ADDRESS": ADDRESS, "DRAIN_TIMEOUT_S": timeout_s}
+    env["TANDEM_CLUSTER_TOKEN"] = "cluster-secret"  # the worker's container has it
     return subprocess.run(
         [sys.executable, str(hook(tmp_path))], env=env, capture_output=True, text=True, timeout=30
     )
@@ -85,6 +90,7 @@ def test_the_hook_drains_then_waits_for_in_flight_requests(tmp_path: Path, route
     result = run_hook(tmp_path, router_admin)
     assert result.returncode == 0 and not result.stderr
     assert FakeRouterAdmin.calls == [f"POST /workers/{ADDRESS}/drain", *["GET /workers"] * 3]
+    assert FakeRouterAdmin.authorization == {"Bearer cluster-secret"}  # the admin API wants it
 
 
 def test_the_hook_gives_up_at_its_deadline_and_never_fails(tmp_path: Path, router_admin: str) -> None:

@@ -236,14 +236,55 @@ def test_container_args_are_accepted_by_the_service_parser(component: str) -> No
     assert ns.metrics_port == ports["metrics"]
     assert int(pod_annotations(deployment(component))["prometheus.io/port"]) == ns.metrics_port
     if component == "router":
-        assert ns.admin_http_port == ports["admin"]
+        assert ns.admin_http_port == ports["admin"] and ns.admin_port == ports["admin-grpc"]
 
 
-def test_everyone_reaches_the_router_at_its_service_grpc_port() -> None:
-    router_port = parse("router").port
-    for component in ("gateway", "prefill", "decode"):
-        _service, behind, port = service_target(parse(component).router)
-        assert behind is deployment("router") and port == router_port, component
+def test_gateway_reaches_the_router_public_port_and_workers_its_admin_port() -> None:
+    router = parse("router")
+    _service, behind, port = service_target(parse("gateway").router)
+    assert behind is deployment("router") and port == router.port
+    for pool in ("prefill", "decode"):  # workers register and heartbeat on the admin port
+        service, behind, port = service_target(parse(pool).router)
+        assert behind is deployment("router") and port == router.admin_port, pool
+        assert service["metadata"]["name"] == "tandem-router-admin"
+
+
+def test_the_public_router_service_carries_no_admin_port() -> None:
+    router = parse("router")
+    ports = container_ports(deployment("router"))
+    assert ports["admin-grpc"] == router.admin_port and ports["admin"] == router.admin_http_port
+    public = {
+        resolve_port(deployment("router"), p["targetPort"])
+        for p in find("Service", "tandem-router")["spec"]["ports"]
+    }
+    assert router.port in public and not public & {router.admin_port, router.admin_http_port}
+    assert router.admin_host == "0.0.0.0"  # workers in other pods register: the token guards it
+
+
+SECRETS = {  # component -> the tandem-secrets keys it reads, by environment variable
+    "gateway": {"TANDEM_API_KEY": "api-key"},
+    "router": {"TANDEM_API_KEY": "api-key", "TANDEM_CLUSTER_TOKEN": "cluster-token"},
+    "prefill": {"TANDEM_CLUSTER_TOKEN": "cluster-token"},
+    "decode": {"TANDEM_CLUSTER_TOKEN": "cluster-token"},
+}
+
+
+@pytest.mark.parametrize("component", COMPONENTS)
+def test_keys_and_the_cluster_token_come_from_the_secret(component: str) -> None:
+    refs = {
+        e["name"]: e["valueFrom"]["secretKeyRef"]
+        for e in container(component)["env"]
+        if "secretKeyRef" in e.get("valueFrom", {})
+    }
+    assert {name: ref["key"] for name, ref in refs.items()} == SECRETS[component]
+    assert all(ref["name"] == "tandem-secrets" and not ref.get("optional") for ref in refs.values())
+    args = resolved_args(container(component))
+    assert not any(a.startswith(("--api-key", "--cluster-token")) for a in args)  # never in argv
+    # The placeholder Secret defines every key, and is not applied with the suite (re-applying
+    # must not overwrite real secrets).
+    placeholder = find("Secret", "tandem-secrets", ALL)
+    assert set(SECRETS[component].values()) <= set(placeholder["stringData"])
+    assert not [m for m in APPLIED if m.kind == "Secret"]
 
 
 @pytest.mark.parametrize("pool", ["prefill", "decode"])

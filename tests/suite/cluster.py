@@ -1,12 +1,14 @@
 """Real services as subprocesses on loopback, for the suite's end-to-end tests.
 
     with Cluster(model, tmp_path) as c:
-        c.start_router("--prefill-policy", "round_robin")
+        c.start_router("--prefill-policy", "round_robin")   # public c.router, admin c.admin_address
         p = c.start_worker("prefill", "--kv-transport", "nixl")
         d = c.start_worker("decode", "--kv-transport", "nixl")
         responses = c.generate(token_ids=[...], max_new_tokens=8, temperature=0.0)
 
-Every service logs to a file under tmp_path; a failed wait prints the tail of the logs.
+Every service logs to a file under tmp_path; a failed wait prints the tail of the logs. With
+`Cluster(..., cluster_token=T)` router and workers get T (TANDEM_CLUSTER_TOKEN) and the
+cluster's own admin and worker calls carry it.
 `tandem_up` runs the whole suite as a user does (`tandem up`) and yields its ready-file.
 """
 
@@ -26,6 +28,7 @@ from typing import Any
 
 import grpc
 
+from services.common.auth import CLUSTER_TOKEN_ENV, bearer
 from services.launcher import free_port
 from services.protos.tandem.router.v1 import router_pb2, router_pb2_grpc
 from services.protos.tandem.worker.v1 import worker_pb2, worker_pb2_grpc
@@ -69,17 +72,28 @@ def tandem_up(
             proc.wait(30)
 
 
+def admin_auth(up: dict[str, Any]) -> dict[str, str]:
+    """HTTP headers for the router's admin API of a `tandem_up` (its launch's cluster token)."""
+    return {"Authorization": f"Bearer {up['cluster_token']}"}
+
+
+def token_metadata(up: dict[str, Any]) -> tuple[tuple[str, str], ...]:
+    """gRPC metadata for a `tandem_up`'s admin port and workers (its launch's cluster token)."""
+    return (bearer(up["cluster_token"]),)
+
+
 @dataclass
 class Service:
     name: str
     address: str
     process: subprocess.Popen[bytes]
     log: Path
+    metadata: tuple[tuple[str, str], ...] = ()  # the cluster token, when the cluster has one
 
     def load(self) -> worker_pb2.GetLoadResponse:
         with grpc.insecure_channel(self.address) as channel:
             stub = worker_pb2_grpc.WorkerServiceStub(channel)
-            return stub.GetLoad(worker_pb2.GetLoadRequest(), timeout=5)
+            return stub.GetLoad(worker_pb2.GetLoadRequest(), timeout=5, metadata=self.metadata)
 
     def wait_released(self, timeout: float = 5.0) -> None:
         """Nothing running and no KV held beyond the prefix cache (a PD request's prefill leg can
@@ -110,12 +124,16 @@ class Service:
 
 
 class Cluster:
-    def __init__(self, model: Path, log_dir: Path) -> None:
+    def __init__(self, model: Path, log_dir: Path, cluster_token: str | None = None) -> None:
         self.model = str(model)
         self.log_dir = log_dir
         self.services: list[Service] = []
-        self.router = ""
+        self.router = ""  # the public port
+        self.admin_address = ""  # the admin port: workers register here
+        self.env = {**os.environ, CLUSTER_TOKEN_ENV: cluster_token} if cluster_token else None
+        self.metadata = (bearer(cluster_token),) if cluster_token else ()
         self._channel: grpc.Channel | None = None
+        self._admin_channel: grpc.Channel | None = None
 
     def __enter__(self) -> Cluster:
         return self
@@ -129,19 +147,20 @@ class Cluster:
         log = self.log_dir / f"{name}.log"
         with open(log, "wb") as out:
             proc = subprocess.Popen(
-                [sys.executable, "-m", module, *args], stdout=out, stderr=subprocess.STDOUT
+                [sys.executable, "-m", module, *args], stdout=out, stderr=subprocess.STDOUT, env=self.env
             )
-        service = Service(name, f"127.0.0.1:{port}", proc, log)
+        service = Service(name, f"127.0.0.1:{port}", proc, log, self.metadata)
         self.services.append(service)
         return service
 
     def start_router(self, *flags: str) -> Service:
-        port = free_port()
-        service = self._spawn(
-            "router", "services.router", ["--model", self.model, "--port", str(port), *flags], port
-        )
+        port, admin_port = free_port(), free_port()
+        args = ["--model", self.model, "--port", str(port), "--admin-port", str(admin_port), *flags]
+        service = self._spawn("router", "services.router", args, port)
         self.router = service.address
+        self.admin_address = f"127.0.0.1:{admin_port}"
         self._channel = grpc.insecure_channel(self.router)
+        self._admin_channel = grpc.insecure_channel(self.admin_address)
         self.wait(lambda: self._list_workers() is not None, "router")
         return service
 
@@ -157,7 +176,7 @@ class Cluster:
             module = "services.worker" if role == "unified" else f"services.{role}"
             args = ["--model", self.model, "--port", str(port), *ENGINE_FLAGS, *flags]
             if register:
-                args += ["--router", self.router]
+                args += ["--router", self.admin_address]
             n = sum(s.name.startswith(role) for s in self.services)
             started.append(self._spawn(f"{role}-{n}", module, args, port))
         for service in started if register else []:
@@ -192,8 +211,9 @@ class Cluster:
             except subprocess.TimeoutExpired:
                 s.process.kill()
                 s.process.wait()
-        if self._channel is not None:
-            self._channel.close()
+        for channel in (self._channel, self._admin_channel):
+            if channel is not None:
+                channel.close()
 
     # ---- router calls --------------------------------------------------------------------------
 
@@ -204,12 +224,14 @@ class Cluster:
 
     @property
     def admin(self) -> router_pb2_grpc.RouterAdminServiceStub:
-        assert self._channel is not None
-        return router_pb2_grpc.RouterAdminServiceStub(self._channel)
+        """The router's admin port (calls need `metadata=cluster.metadata` when it has a token)."""
+        assert self._admin_channel is not None
+        return router_pb2_grpc.RouterAdminServiceStub(self._admin_channel)
 
     def _list_workers(self) -> list[router_pb2.WorkerInfo] | None:
         try:
-            return list(self.admin.ListWorkers(router_pb2.ListWorkersRequest(), timeout=1).workers)
+            request = router_pb2.ListWorkersRequest()
+            return list(self.admin.ListWorkers(request, timeout=1, metadata=self.metadata).workers)
         except grpc.RpcError:
             return None
 

@@ -23,7 +23,7 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_serv
 from prometheus_client.parser import text_string_to_metric_families
 
 from services.common.tracing import TracingConfig, setup_tracing
-from tests.suite.cluster import tandem_up
+from tests.suite.cluster import admin_auth, tandem_up
 
 pytestmark = pytest.mark.xdist_group("suite_observability")
 
@@ -328,7 +328,8 @@ def test_metrics_move_with_traffic(up: dict[str, Any], traffic: dict[str, Any]) 
     completion += traffic["stream"][-1].usage.completion_tokens
     assert moved("router", "tandem_router_generation_tokens_total") == completion
     assert moved("router", "tandem_router_prompt_tokens_total") > 0
-    workers = {w["role"]: w["address"] for w in httpx.get(up["router_admin"], timeout=5).json()["workers"]}
+    listed = httpx.get(up["router_admin"], headers=admin_auth(up), timeout=5).json()["workers"]
+    workers = {w["role"]: w["address"] for w in listed}
     assert set(workers) == {"prefill", "decode"}
     for role, address in workers.items():  # the refused request was routed too
         assert moved("router", "tandem_router_decisions_total", role=role, worker=address) == n + 1

@@ -14,6 +14,7 @@ import random
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import grpc
 import httpx
@@ -24,7 +25,7 @@ from transformers import AutoTokenizer
 from services.protos.tandem.worker.v1 import worker_pb2, worker_pb2_grpc
 from shared.transfer import nixl_available
 from tests.engine.test_parity import hf_greedy_cached
-from tests.suite.cluster import Cluster, collect, tandem_up
+from tests.suite.cluster import Cluster, admin_auth, collect, tandem_up, token_metadata
 
 pytestmark = pytest.mark.xdist_group("suite_pd_load")
 
@@ -36,12 +37,12 @@ CONCURRENCY = 64
 NEW_TOKENS = 24
 
 
-def worker_loads(admin_url: str) -> list[worker_pb2.GetLoadResponse]:
+def worker_loads(up: dict[str, Any]) -> list[worker_pb2.GetLoadResponse]:
     loads = []
-    for w in httpx.get(admin_url, timeout=5).json()["workers"]:
+    for w in httpx.get(up["router_admin"], headers=admin_auth(up), timeout=5).json()["workers"]:
         with grpc.insecure_channel(w["address"]) as channel:
             stub = worker_pb2_grpc.WorkerServiceStub(channel)
-            loads.append(stub.GetLoad(worker_pb2.GetLoadRequest(), timeout=5))
+            loads.append(stub.GetLoad(worker_pb2.GetLoadRequest(), timeout=5, metadata=token_metadata(up)))
     return loads
 
 
@@ -79,10 +80,10 @@ def test_pd_under_load_every_request_completes(tiny_llama: Path, tmp_path: Path,
             expected = hf_greedy_cached(tiny_llama, ids, NEW_TOKENS)
             assert text == tokenizer.decode(expected, skip_special_tokens=True)
         deadline = time.monotonic() + 10
-        while any(load.kv_used_tokens or load.running_requests for load in worker_loads(up["router_admin"])):
-            assert time.monotonic() < deadline, worker_loads(up["router_admin"])
+        while any(load.kv_used_tokens or load.running_requests for load in worker_loads(up)):
+            assert time.monotonic() < deadline, worker_loads(up)
             time.sleep(0.1)
-        counters = [load.counters for load in worker_loads(up["router_admin"])]
+        counters = [load.counters for load in worker_loads(up)]
         decode = next(c for c in counters if "kv_reservations" in c)
         assert decode["kv_reservations"] == CONCURRENCY
         assert decode["kv_reservations_queued"] > 0  # the pool really was too small for the load

@@ -11,12 +11,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import httpx
 import openai
 import pytest
 
+from services.protos.tandem.router.v1 import router_pb2, router_pb2_grpc
 from tests.engine.hf_reference import hf_greedy
-from tests.suite.cluster import tandem_up
+from tests.suite.cluster import admin_auth, tandem_up
 
 pytestmark = pytest.mark.xdist_group("suite_up")
 
@@ -117,11 +119,27 @@ def test_stream_disconnect_cancels_through_every_service(up: dict[str, Any]) -> 
     # Workers release the request: admin HTTP shows nothing in flight on any worker.
     deadline = time.monotonic() + 5
     while True:
-        workers = httpx.get(up["router_admin"], timeout=5).json()["workers"]
+        workers = httpx.get(up["router_admin"], headers=admin_auth(up), timeout=5).json()["workers"]
         if all(w["in_flight"] == 0 for w in workers):
             break
         assert time.monotonic() < deadline, workers
         time.sleep(0.05)
+
+
+def test_the_launch_guards_its_control_plane_with_a_token_kept_out_of_argv(up: dict[str, Any]) -> None:
+    token = up["cluster_token"]
+    assert len(token) >= 32
+    for pid in up["pids"].values():  # not in any command line (`ps` shows those)
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            assert token.encode() not in f.read()
+    assert httpx.get(up["router_admin"], timeout=5).status_code == 401
+    assert httpx.get(up["router_admin"], headers=admin_auth(up), timeout=5).status_code == 200
+    with grpc.insecure_channel(up["router_grpc"]) as channel:  # admin is not on the public port
+        with pytest.raises(grpc.RpcError) as info:
+            router_pb2_grpc.RouterAdminServiceStub(channel).ListWorkers(
+                router_pb2.ListWorkersRequest(), timeout=5
+            )
+        assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED  # type: ignore[attr-defined]
 
 
 def test_sigterm_stops_every_process(up: dict[str, Any]) -> None:
@@ -145,8 +163,15 @@ def _running(pid: int) -> bool:
 def test_a_killed_launcher_takes_every_process_down(tiny_llama: Path, tmp_path: Path) -> None:
     # SIGKILL leaves the launcher no time to stop anyone: each child asked the kernel for SIGTERM
     # when its parent dies (services/common/parent.py).
-    with tandem_up(tiny_llama, tmp_path, args=("--prefill", "0", "--decode", "0")) as info:
+    # This launch also takes an API key: the gateway wants it, and passes it on to the router.
+    args = ("--prefill", "0", "--decode", "0", "--api-key", "launch-key")
+    with tandem_up(tiny_llama, tmp_path, args=args) as info:
         assert set(info["pids"]) == {"router", "worker-0", "gateway"}
+        models = f"{info['openai']}/models"
+        assert httpx.get(models, timeout=10).status_code == 401
+        assert (
+            httpx.get(models, headers={"Authorization": "Bearer launch-key"}, timeout=10).status_code == 200
+        )
         assert all(_running(pid) for pid in info["pids"].values())
         info["process"].kill()
         info["process"].wait(10)
