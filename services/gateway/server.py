@@ -34,6 +34,7 @@ from starlette.types import Receive, Scope, Send
 from services.common.tracing import fastapi_options, outgoing_metadata, record_error, setup_tracing
 from services.gateway.args import GatewayConfig
 from services.gateway.handler import Handler, RouterCalls, ServedModel
+from services.gateway.limits import SizeLimits
 from services.gateway.metrics import GatewayMetrics, TelemetryMiddleware, UsageStub
 from services.gateway.protocol import ChatCompletionRequest, CompletionRequest, OpenAIError
 from services.gateway.responses import Job, Metadata
@@ -130,7 +131,12 @@ class _Gateway:
         # UsageStub: the router calls count their tokens for the request's span (when it records).
         stub = cast(router_pb2_grpc.RouterServiceStub, UsageStub(self.stub))
         self.handler = Handler(
-            tokenizer, stub, model, config.request_timeout, tool_call_parser=config.tool_call_parser
+            tokenizer,
+            stub,
+            model,
+            config.request_timeout,
+            tool_call_parser=config.tool_call_parser,
+            limits=config.limits,
         )
         logger.info(
             "serving model %r (context %s) via router %s", model.name, model.max_context_len, config.router
@@ -328,6 +334,8 @@ def create_app(config: GatewayConfig) -> FastAPI:
 
     app = FastAPI(title="Tandem gateway", lifespan=lifespan, **fastapi_options())
     app.state.gateway = gateway
+    # Inside the telemetry: a 408, 413 or 431 is counted and traced like any other answer.
+    app.add_middleware(SizeLimits, limits=config.limits)
     app.add_middleware(TelemetryMiddleware, metrics=metrics)  # the request span, HTTP metrics
 
     @app.exception_handler(RequestValidationError)
