@@ -14,11 +14,13 @@ import grpc
 import uvicorn
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from services.common.decoding import add_servicer
 from services.common.metrics import serve_metrics
 from services.common.parent import die_with_launcher
 from services.common.tracing import setup_tracing
 from services.protos.tandem.router.v1 import router_pb2_grpc
 from services.router.args import build_parser
+from services.router.limits import PromptLimits
 from services.router.metrics import RouterMetrics
 from services.router.orchestrator import Orchestrator
 from services.router.policies import create_policy
@@ -64,10 +66,16 @@ async def serve() -> None:
         max_in_flight=args.max_in_flight,
     )
     server = grpc.aio.server()
-    router_pb2_grpc.add_RouterServiceServicer_to_server(
-        RouterServicer(orchestrator, registry, tokenizer), server
+    limits = PromptLimits(args.max_prompt_chars, args.max_prompt_tokens)
+    # add_servicer: an undecodable request is INVALID_ARGUMENT (grpc.aio's own answer is UNKNOWN).
+    add_servicer(
+        server,
+        router_pb2_grpc.add_RouterServiceServicer_to_server,
+        RouterServicer(orchestrator, registry, tokenizer, limits),
     )
-    router_pb2_grpc.add_RouterAdminServiceServicer_to_server(RouterAdminServicer(registry), server)
+    add_servicer(
+        server, router_pb2_grpc.add_RouterAdminServiceServicer_to_server, RouterAdminServicer(registry)
+    )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     port = server.add_insecure_port(f"{args.host}:{args.port}")
