@@ -65,17 +65,22 @@ def _lenient(handler: Any) -> Any:
         async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             if isinstance(request, _Undecodable):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
-            async for item in stream(request, context):
-                yield item
+            items = stream(request, context)
+            if hasattr(items, "__aiter__"):
+                async for item in items:
+                    yield item
+            else:  # a servicer's sync default (UNIMPLEMENTED) or a sync generator
+                for item in items:
+                    yield item
 
         return handler._replace(request_deserializer=deserialize, unary_stream=unary_stream)
 
     unary = handler.unary_unary
-    assert inspect.iscoroutinefunction(unary), "grpc.aio servicers only"
 
     async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
         if isinstance(request, _Undecodable):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
-        return await unary(request, context)
+        result = unary(request, context)
+        return await result if inspect.isawaitable(result) else result
 
     return handler._replace(request_deserializer=deserialize, unary_unary=unary_unary)

@@ -81,7 +81,12 @@ def _error(response: httpx.Response, status: int, param: str | None = None) -> s
         ("/v1/completions", {"ebnf": "root ::= " + '"a" ' * 30}, "ebnf"),
         (
             "/v1/chat/completions",
-            {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"d": "x" * 99}}}},
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "x", "schema": {"d": "x" * 99}},
+                }
+            },
             "response_format",
         ),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x" * 2001}]}, "messages"),
