@@ -91,7 +91,7 @@ def _check_common(
     for param, size in sizes.items():
         if size > limits.max_constraint_chars:
             raise bad_request(
-                f"'{param}' is too large: {size} characters, the limit is {limits.max_constraint_chars}",
+                f"{param} is too large: {size} characters, the limit is {limits.max_constraint_chars}",
                 param,
             )
 

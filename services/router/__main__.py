@@ -28,6 +28,10 @@ from services.router.registry import Registry
 from services.router.server import RouterAdminServicer, RouterServicer
 
 logger = logging.getLogger("services.router")
+# Above gRPC's 4 MiB default: a prompt the gateway accepts (16 characters per context token, up
+# to 4 UTF-8 bytes each, plus its token ids) must reach the router's own checks, which answer
+# INVALID_ARGUMENT naming the field instead of a RESOURCE_EXHAUSTED that reads as "retry later".
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
 
 async def serve() -> None:
@@ -65,7 +69,7 @@ async def serve() -> None:
         metrics=metrics,
         max_in_flight=args.max_in_flight,
     )
-    server = grpc.aio.server()
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)])
     limits = PromptLimits(args.max_prompt_chars, args.max_prompt_tokens)
     # add_servicer: an undecodable request is INVALID_ARGUMENT (grpc.aio's own answer is UNKNOWN).
     add_servicer(

@@ -402,7 +402,7 @@ def grpc_cases(rng: random.Random) -> list[GrpcCase]:
     ):
         generate(f"params[{i}]", request(params=params))
     # Huge text: past the router's character cap, and past gRPC's message size limit.
-    for size in (100_000, MIB, 3 * MIB + 900 * 1024, 5 * MIB):
+    for size in (100_000, MIB, 3 * MIB + 900 * 1024, 5 * MIB, 17 * MIB):
         generate(f"text[{size}]", request(token_ids=[], text="x" * size))
         cases.append(
             GrpcCase(
