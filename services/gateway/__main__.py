@@ -15,14 +15,13 @@ def main(argv: list[str] | None = None) -> int:
     """Parse the command line and serve until interrupted."""
     config = parse_args(argv)
     die_with_launcher()
+    from services.gateway.http import uvicorn_config
     from services.gateway.server import create_app  # heavy (transformers): not needed for --help
 
     logging.basicConfig(
         level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(config), host=config.host, port=config.port, log_level=config.log_level)
-    )
+    server = uvicorn.Server(uvicorn_config(create_app(config), config))
     try:
         server.run()
     except KeyboardInterrupt:

@@ -4,10 +4,60 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 
 from services.common.auth import API_KEY_ENV, ROUTER_API_KEY_ENV, add_secret_args, secrets_from_args
 from services.gateway.tool_calls.formats import TOOL_CALL_PARSERS
+
+# A prompt's default character cap (see `services/gateway/limits.py` for why 16 per token).
+CHARS_PER_CONTEXT_TOKEN = 16
+MIN_AUTO_PROMPT_CHARS = 64 * 1024
+UNKNOWN_CONTEXT_PROMPT_CHARS = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """Every bound on one request's size, each checked before the work it bounds (`limits.py`).
+
+    The stop and constraint defaults are the engine's own (`shared.sampling.params`, not imported
+    here: it pulls in torch); checking them here answers before templating and tokenizing."""
+
+    max_body_bytes: int = 32 * 1024 * 1024
+    max_header_bytes: int = 32 * 1024  # the whole header block (h11 counts it as one event)
+    body_read_timeout: float = 30.0  # seconds from the request's start to its body's last byte
+    # Characters of one prompt (chat: all messages and tools); None: derived from the context.
+    max_prompt_chars: int | None = None
+    max_samples: int = 128  # prompts x n of one request
+    max_stop: int = 16  # MAX_STOP_STRINGS
+    max_stop_chars: int = 256  # MAX_STOP_STRING_LEN
+    max_tools: int = 128  # OpenAI's own limit
+    max_tools_chars: int = 1024 * 1024  # the JSON of all tool definitions together
+    max_constraint_chars: int = 256 * 1024  # MAX_CONSTRAINT_CHARS: regex, ebnf, a response schema
+
+    def prompt_chars(self, context: int | None) -> int:
+        """The prompt-character cap for a model of `context` tokens (None: unknown)."""
+        if self.max_prompt_chars is not None:
+            return self.max_prompt_chars
+        if not context:
+            return UNKNOWN_CONTEXT_PROMPT_CHARS
+        return max(MIN_AUTO_PROMPT_CHARS, CHARS_PER_CONTEXT_TOKEN * context)
+
+
+# Flag help of each limit (the flag is the field's name in dashes).
+_LIMIT_HELP = {
+    "max_body_bytes": "request bodies larger than this get 413",
+    "max_header_bytes": "a request whose header block is larger gets 431",
+    "body_read_timeout": "seconds a request's body may take to arrive; then 408 and the connection closes",
+    "max_prompt_chars": "characters of one prompt (chat: messages and tools), checked before tokenizing; "
+    f"auto: {CHARS_PER_CONTEXT_TOKEN} per context token, at least {MIN_AUTO_PROMPT_CHARS}, "
+    f"{UNKNOWN_CONTEXT_PROMPT_CHARS} if the context is unknown",
+    "max_samples": "prompts x n of one request",
+    "max_stop": "stop strings of one request",
+    "max_stop_chars": "characters of one stop string",
+    "max_tools": "tools of one chat request",
+    "max_tools_chars": "characters of the JSON of a request's tool definitions together",
+    "max_constraint_chars": "characters of a regex, ebnf grammar or response_format schema",
+}
 
 
 @dataclass(frozen=True)
@@ -35,6 +85,7 @@ class GatewayConfig:
     api_keys: tuple[str, ...] = ()
     # The key the gateway sends to the router (`authorization` metadata); None: none.
     router_api_key: str | None = None
+    limits: RequestLimits = field(default_factory=RequestLimits)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,6 +149,16 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECRET",
         help=f"the key sent to the router (also ${ROUTER_API_KEY_ENV}; default: the first --api-key)",
     )
+    limits = parser.add_argument_group("request limits (each answered with a 4xx, never a reset)")
+    for f in fields(RequestLimits):
+        kind = float if f.name == "body_read_timeout" else _positive_int
+        default = f.default if f.default is not None else "auto"
+        limits.add_argument(
+            "--" + f.name.replace("_", "-"),
+            type=kind,
+            default=f.default,
+            help=f"{_LIMIT_HELP[f.name]} (default: {default})",
+        )
     parser.add_argument(
         "--log-level",
         default=GatewayConfig.log_level,
@@ -126,6 +187,7 @@ def parse_args(argv: list[str] | None = None) -> GatewayConfig:
         tool_call_parser=ns.tool_call_parser,
         api_keys=api_keys.values,
         router_api_key=router_key,
+        limits=RequestLimits(**{f.name: getattr(ns, f.name) for f in fields(RequestLimits)}),
     )
 
 

@@ -2,8 +2,9 @@
 
 One request's life here:
 
-    prepare_completion / prepare_chat   model check, OpenAI checks, output constraint (response
-                                        format, regex, ebnf, tools), chat template, tokenize,
+    prepare_completion / prepare_chat   model check, OpenAI checks, size limits (`limits.py`),
+                                        output constraint (response format, regex, ebnf,
+                                        tools), chat template, tokenize,
                                         context-length checks -> a `Job` of GenerateRequests
     complete(job, calls)                one router `Generate` per prompt, merged; increments are
       or stream(job, calls)             folded into one response, or turned into chunk dicts
@@ -26,7 +27,9 @@ import grpc
 
 from services.common.convert import SAMPLING_SCALARS
 from services.common.streams import merge
+from services.gateway.args import RequestLimits
 from services.gateway.constraints import Constraint, requested_constraints, single_constraint
+from services.gateway.limits import check_chat, check_completion
 from services.gateway.protocol import ChatCompletionRequest, CompletionRequest, OpenAIError, bad_request
 from services.gateway.responses import Job, Metadata, ResponseBuilder
 from services.gateway.tokenizer import Tokenizer
@@ -77,11 +80,13 @@ class Handler:
         model: ServedModel,
         request_timeout: float | None,
         tool_call_parser: str = "auto",
+        limits: RequestLimits | None = None,
     ) -> None:
         self.tokenizer = tokenizer
         self.stub = stub
         self.model = model  # replaced by the server when it learns the context length later
         self.request_timeout = request_timeout
+        self.limits = limits or RequestLimits()
         # How this model writes tool calls ("auto": told by its chat template).
         self.tool_format = tool_call_format(tool_call_parser, tokenizer.chat_template)
 
@@ -97,6 +102,7 @@ class Handler:
         """Validate and tokenize a /v1/completions request."""
         self.check_model(req.model)
         req.check()
+        check_completion(req, self.limits, self.model.max_context_len)
         constraint = single_constraint(requested_constraints(req))
         n = req.n or 1
         requests: list[router_pb2.GenerateRequest] = []
@@ -135,6 +141,7 @@ class Handler:
         """Validate, render the chat template and tokenize a /v1/chat/completions request."""
         self.check_model(req.model)
         req.check()
+        check_chat(req, self.limits, self.model.max_context_len)
         tools = resolve_tools(req)
         candidates = requested_constraints(req)
         tool_parsing = None

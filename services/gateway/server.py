@@ -37,6 +37,7 @@ from services.common.tracing import fastapi_options, outgoing_metadata, record_e
 from services.gateway.args import GatewayConfig
 from services.gateway.auth import ApiKeyMiddleware
 from services.gateway.handler import Handler, RouterCalls, ServedModel
+from services.gateway.limits import SizeLimits
 from services.gateway.metrics import GatewayMetrics, TelemetryMiddleware, UsageStub
 from services.gateway.protocol import ChatCompletionRequest, CompletionRequest, OpenAIError
 from services.gateway.responses import Job, Metadata
@@ -133,7 +134,12 @@ class _Gateway:
         # UsageStub: the router calls count their tokens for the request's span (when it records).
         stub = cast(router_pb2_grpc.RouterServiceStub, UsageStub(self.stub))
         self.handler = Handler(
-            tokenizer, stub, model, config.request_timeout, tool_call_parser=config.tool_call_parser
+            tokenizer,
+            stub,
+            model,
+            config.request_timeout,
+            tool_call_parser=config.tool_call_parser,
+            limits=config.limits,
         )
         logger.info(
             "serving model %r (context %s) via router %s", model.name, model.max_context_len, config.router
@@ -331,7 +337,10 @@ def create_app(config: GatewayConfig) -> FastAPI:
 
     app = FastAPI(title="Tandem gateway", lifespan=lifespan, **fastapi_options())
     app.state.gateway = gateway
-    if config.api_keys:  # inside the telemetry: refused requests are counted and traced too
+    # Inside the telemetry: a 401, 408, 413 or 431 is counted and traced like any other answer;
+    # the key is checked (headers only) before the size limits read the body.
+    app.add_middleware(SizeLimits, limits=config.limits)
+    if config.api_keys:
         app.add_middleware(ApiKeyMiddleware, keys=Secrets(config.api_keys))
     app.add_middleware(TelemetryMiddleware, metrics=metrics)  # the request span, HTTP metrics
 

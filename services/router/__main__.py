@@ -27,11 +27,13 @@ from services.common.auth import (
     secret_interceptors,
     secrets_from_args,
 )
+from services.common.decoding import add_servicer
 from services.common.metrics import serve_metrics
 from services.common.parent import die_with_launcher
 from services.common.tracing import setup_tracing
 from services.protos.tandem.router.v1 import router_pb2_grpc
 from services.router.args import build_parser
+from services.router.limits import PromptLimits
 from services.router.metrics import RouterMetrics
 from services.router.orchestrator import Orchestrator
 from services.router.policies import create_policy
@@ -39,6 +41,10 @@ from services.router.registry import Registry
 from services.router.server import RouterAdminServicer, RouterServicer
 
 logger = logging.getLogger("services.router")
+# Above gRPC's 4 MiB default: a prompt the gateway accepts (16 characters per context token, up
+# to 4 UTF-8 bytes each, plus its token ids) must reach the router's own checks, which answer
+# INVALID_ARGUMENT naming the field instead of a RESOURCE_EXHAUSTED that reads as "retry later".
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
 
 async def serve() -> None:
@@ -81,14 +87,23 @@ async def serve() -> None:
         max_in_flight=args.max_in_flight,
     )
     health_servicer = health.aio.HealthServicer()
-    server = grpc.aio.server(interceptors=secret_interceptors(api_keys, "an API key"))
-    router_pb2_grpc.add_RouterServiceServicer_to_server(
-        RouterServicer(orchestrator, registry, tokenizer), server
+    server = grpc.aio.server(
+        options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)],
+        interceptors=secret_interceptors(api_keys, "an API key"),
+    )
+    limits = PromptLimits(args.max_prompt_chars, args.max_prompt_tokens)
+    # add_servicer: an undecodable request is INVALID_ARGUMENT (grpc.aio's own answer is UNKNOWN).
+    add_servicer(
+        server,
+        router_pb2_grpc.add_RouterServiceServicer_to_server,
+        RouterServicer(orchestrator, registry, tokenizer, limits),
     )
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     port = server.add_insecure_port(f"{args.host}:{args.port}")
     admin = grpc.aio.server(interceptors=secret_interceptors(cluster_token, "the cluster token"))
-    router_pb2_grpc.add_RouterAdminServiceServicer_to_server(RouterAdminServicer(registry), admin)
+    add_servicer(
+        admin, router_pb2_grpc.add_RouterAdminServiceServicer_to_server, RouterAdminServicer(registry)
+    )
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, admin)
     admin_port = admin.add_insecure_port(f"{args.admin_host}:{args.admin_port}")
     await server.start()

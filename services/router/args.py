@@ -68,4 +68,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=4096,
         help="samples in flight before new requests get RESOURCE_EXHAUSTED (HTTP 429); 0: no bound",
     )
+    p.add_argument(
+        "--max-prompt-chars",
+        type=int,
+        default=0,
+        help="Generate/Tokenize text longer than this is INVALID_ARGUMENT, checked before tokenizing "
+        "(default 0: 16 per context token, at least 65536; 4194304 while the context is unknown)",
+    )
+    p.add_argument(
+        "--max-prompt-tokens",
+        type=int,
+        default=0,
+        help="Generate token_ids longer than this are INVALID_ARGUMENT (default 0: the context length; "
+        "1048576 while it is unknown)",
+    )
     return p

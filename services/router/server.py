@@ -18,6 +18,7 @@ from services.common.metrics import status_name
 from services.common.tracing import server_span
 from services.protos.tandem.common.v1 import common_pb2
 from services.protos.tandem.router.v1 import router_pb2, router_pb2_grpc
+from services.router.limits import PromptLimits, check_prompt, check_sampling, check_text
 from services.router.metrics import RequestRecord
 from services.router.orchestrator import Orchestrator, Sample
 from services.router.registry import Registry
@@ -27,10 +28,17 @@ MAX_TOP_LOGPROBS = 20
 
 
 class RouterServicer(router_pb2_grpc.RouterServiceServicer):
-    def __init__(self, orchestrator: Orchestrator, registry: Registry, tokenizer: Any) -> None:
+    def __init__(
+        self,
+        orchestrator: Orchestrator,
+        registry: Registry,
+        tokenizer: Any,
+        limits: PromptLimits | None = None,
+    ) -> None:
         self.orchestrator = orchestrator
         self.registry = registry
         self.tokenizer = tokenizer
+        self.limits = limits or PromptLimits()
         self.created = int(time.time())
 
     @grpc_errors
@@ -69,6 +77,9 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             raise ValueError(
                 f"top_logprobs_num must be in [0, {MAX_TOP_LOGPROBS}], got {request.top_logprobs_num}"
             )
+        # Sizes first: tokenizing and the radix tree grow with the prompt and cannot be interrupted.
+        check_prompt(len(request.token_ids), request.text, self.limits, self.registry.max_context_len())
+        check_sampling(request.sampling_params)
         token_ids = list(request.token_ids)
         if not token_ids:
             if not request.text:
@@ -109,6 +120,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
     async def Tokenize(
         self, request: router_pb2.TokenizeRequest, context: grpc.aio.ServicerContext
     ) -> router_pb2.TokenizeResponse:
+        check_text(request.text, self.limits, self.registry.max_context_len())
         ids = await asyncio.to_thread(
             self.tokenizer.encode, request.text, add_special_tokens=request.add_special_tokens
         )

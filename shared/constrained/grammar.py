@@ -37,6 +37,45 @@ def parser_message(exc: BaseException) -> str:
     return " ".join(text.split())
 
 
+# xgrammar's serialized grammar: expressions `[type, length, *data]`; the types read below.
+_BYTES, _CLASS, _CLASS_STAR, _EMPTY, _RULE_REF, _SEQUENCE, _CHOICES, _TAG_DISPATCH, _REPEAT = range(9)
+_KNOWN_SERIALIZATION = ("v18",)
+
+
+def can_finish(grammar: xgr.Grammar) -> bool:
+    """Whether some finite output derives from the root (rules that only ever recurse cannot
+    finish: the textbook "productive symbols" fixed point). True when the grammar's serialized
+    form is of a version this was not written for: the check only ever refuses what it reads."""
+    data = json.loads(grammar.serialize_json())
+    if data.get("__VERSION__") not in _KNOWN_SERIALIZATION:
+        return True
+    exprs = data["grammar_expr_data"]
+    indptr = [*data["grammar_expr_indptr"], len(exprs)]  # expression i: exprs[indptr[i]:indptr[i + 1]]
+    bodies = [rule[1] for rule in data["rules"]]
+    finishes = [False] * len(bodies)
+
+    def ends(expr_id: int) -> bool:
+        kind, length, *rest = exprs[indptr[expr_id] : indptr[expr_id + 1]]
+        args = rest[:length]
+        if kind == _RULE_REF:
+            return finishes[args[0]]
+        if kind == _SEQUENCE:
+            return all(ends(e) for e in args)
+        if kind == _CHOICES:
+            return any(ends(e) for e in args)
+        if kind == _REPEAT:  # (rule, min, max)
+            return args[1] == 0 or finishes[args[0]]
+        return True  # terminals, the empty string, anything newer: assume it can end
+
+    changed = True
+    while changed:
+        changed = False
+        for rule_id, body in enumerate(bodies):
+            if not finishes[rule_id] and ends(body):
+                finishes[rule_id] = changed = True
+    return finishes[data["root_rule_id"]]
+
+
 class GrammarCompiler:
     """Compiles constraints for one tokenizer. Thread-safe; `close` stops the compile threads."""
 
@@ -102,7 +141,11 @@ class GrammarCompiler:
                     del self._cache[key]
 
     def _compile(self, kind: str, source: str) -> xgr.CompiledGrammar:
-        compiled = self._compiler.compile_grammar(self._parse(kind, source))
+        grammar = self._parse(kind, source)
+        if not can_finish(grammar):
+            # e.g. `root ::= "a" root`: every token is allowed, but no output ever completes
+            raise ValueError(f"{kind} admits no finite output: no derivation of its root ever ends")
+        compiled = self._compiler.compile_grammar(grammar)
         if not self._admits_a_first_token(compiled):
             # e.g. `root ::= root "a"`: it parses, but every output would be infinite
             raise ValueError(f"{kind} admits no output: no token (not even the end) can come first")

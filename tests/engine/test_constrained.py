@@ -18,6 +18,7 @@ import xgrammar as xgr
 from transformers import AutoTokenizer
 
 from shared.constrained import GrammarCompiler, apply_token_bitmask_reference
+from shared.constrained.grammar import can_finish
 from shared.engine import Engine
 from shared.sampling import SamplingParams
 from tests.engine.hf_reference import hf_greedy_constrained
@@ -202,6 +203,25 @@ def test_constrained_rows_leave_the_others_alone(engine: Engine) -> None:
 
 
 @pytest.mark.parametrize(
+    ("ebnf", "finishes"),
+    [
+        ('root ::= "a" root', False),
+        ('root ::= root "a"', False),
+        ("root ::= r\nr ::= r", False),
+        ('root ::= "a" r\nr ::= "b" r | "c" root', False),
+        ('root ::= "a"{2,} root', False),
+        ('root ::= "a" b\nb ::= "c" | "d" b', True),
+        ('root ::= [a-z]* "x"?', True),
+        ('root ::= "a"{2,3} | [^a]', True),
+        ('root ::= ""', True),
+    ],
+)
+def test_can_finish_finds_grammars_without_a_finite_output(ebnf: str, finishes: bool) -> None:
+    assert can_finish(xgr.Grammar.from_ebnf(ebnf)) is finishes
+    assert can_finish(xgr.Grammar.builtin_json_grammar())
+
+
+@pytest.mark.parametrize(
     ("constraint", "message"),
     [
         ({"json_schema": "{not json"}, "json_schema is not valid JSON"),
@@ -211,7 +231,10 @@ def test_constrained_rows_leave_the_others_alone(engine: Engine) -> None:
         ({"structural_tag": "{}"}, "structural_tag is invalid"),
         ({"regex": "a", "ebnf": "root ::= [a]"}, "at most one constraint"),
         # Parses, but never ends: refused as a bad request, not failed (and retried) at its first token.
-        ({"ebnf": 'root ::= root "a"'}, "ebnf could not be compiled: ebnf admits no output"),
+        ({"ebnf": 'root ::= root "a"'}, "ebnf could not be compiled: ebnf admits no finite output"),
+        # Every token allowed, no output ever complete.
+        ({"ebnf": 'root ::= "a" root'}, "ebnf could not be compiled: ebnf admits no finite output"),
+        ({"regex": "[^\\s\\S]"}, "regex could not be compiled: regex admits no output"),
     ],
 )
 def test_bad_constraints_are_refused_and_serving_goes_on(

@@ -1,0 +1,114 @@
+"""The gateway's HTTP/1.1 server: uvicorn's h11 protocol with limits that answer instead of resetting.
+
+uvicorn answers every h11 protocol error with a bare 400 and closes the socket at once. Two
+things go wrong with that for a client still sending (a 1 MiB header, a body past the limit):
+the status should be h11's hint (431 for a header block over the limit), and closing a socket
+with unread input makes the kernel send a reset, which destroys the response before the client
+reads it. Here errors are answered in OpenAI's format with h11's status, and a connection the
+server closes first closes "lingering": our side is shut down after the response, and whatever
+the client still sends is read and dropped until it closes too (or `LINGER_S` passes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import h11
+import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from services.gateway.args import GatewayConfig
+from services.gateway.protocol import OpenAIError
+
+LINGER_S = 5.0
+
+
+class _Connection(h11.Connection):
+    """h11's connection, remembering the protocol error it raised (for its status hint)."""
+
+    error: h11.RemoteProtocolError | None = None
+
+    def next_event(self) -> Any:
+        try:
+            return super().next_event()
+        except h11.RemoteProtocolError as exc:
+            self.error = exc
+            raise
+
+
+class _LingeringTransport:
+    """A transport whose `close` shuts down writing and drains the peer before really closing."""
+
+    def __init__(self, inner: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._inner = inner
+        self._loop = loop
+        self.lingering = False
+
+    def close(self) -> None:
+        if self.lingering or self._inner.is_closing():
+            return
+        self.lingering = True
+        if not self._inner.can_write_eof():
+            self._inner.close()
+            return
+        self._inner.write_eof()  # after the buffered response: the client sees the end
+        self._inner.resume_reading()  # read what it still sends, to drop it
+        self._loop.call_later(LINGER_S, self._inner.close)
+
+    def is_closing(self) -> bool:
+        return self.lingering or self._inner.is_closing()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+class GatewayH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol: protocol errors answered with h11's status, lingering closes."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.conn = _Connection(h11.SERVER, self.config.h11_max_incomplete_event_size or 16 * 1024)
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(_LingeringTransport(transport, self.loop))  # type: ignore[arg-type]
+
+    def data_received(self, data: bytes) -> None:
+        if self.transport.is_closing():
+            return  # lingering: the answer is out, the rest of the request is dropped
+        super().data_received(data)
+
+    def send_400_response(self, msg: str) -> None:
+        error = self.conn.error if isinstance(self.conn, _Connection) else None
+        status = error.error_status_hint if error is not None else 400
+        if status == 431:
+            limit = self.config.h11_max_incomplete_event_size
+            message = f"the request's header block is larger than the limit of {limit} bytes"
+        else:
+            message = f"invalid HTTP request: {error or msg}"
+        body = json.dumps(OpenAIError(status, message).body()).encode()
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"connection", b"close"),
+        ]
+        for event in (
+            h11.Response(status_code=status, headers=headers),
+            h11.Data(data=body),
+            h11.EndOfMessage(),
+        ):
+            self.transport.write(self.conn.send(event) or b"")
+        self.transport.close()
+
+
+def uvicorn_config(app: Any, config: GatewayConfig) -> uvicorn.Config:
+    """The uvicorn settings the gateway serves `app` with (its limits included)."""
+    return uvicorn.Config(
+        app,
+        host=config.host,
+        port=config.port,
+        log_level=config.log_level,
+        http=GatewayH11Protocol,
+        h11_max_incomplete_event_size=config.limits.max_header_bytes,
+    )

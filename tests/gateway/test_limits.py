@@ -1,0 +1,165 @@
+"""Request-size limits: each answered with a 4xx in OpenAI's format, never a reset or a 5xx.
+
+The gateway here runs as `python -m services.gateway` does (`uvicorn_config`), with small limits."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterator
+from dataclasses import fields
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+
+from services.gateway import GatewayConfig
+from services.gateway.args import RequestLimits, parse_args
+from services.gateway.http import uvicorn_config
+from shared.sampling import params as engine_params
+from tests.gateway.conftest import GatewayThread
+from tests.gateway.stub_router import MODEL_ID, StubRouter
+
+pytestmark = pytest.mark.xdist_group("gateway_limits")
+
+LIMITS = RequestLimits(
+    max_body_bytes=64 * 1024,
+    max_header_bytes=8 * 1024,
+    body_read_timeout=1.0,
+    max_prompt_chars=2000,
+    max_samples=8,
+    max_stop=4,
+    max_stop_chars=10,
+    max_tools=2,
+    max_tools_chars=400,
+    max_constraint_chars=100,
+)
+CHAT = {"model": MODEL_ID, "messages": [{"role": "user", "content": "The cat runs."}], "max_tokens": 2}
+COMPLETION = {"model": MODEL_ID, "prompt": "The cat runs.", "max_tokens": 2}
+
+
+def _tool(name: str, description: str = "") -> dict[str, Any]:
+    return {"type": "function", "function": {"name": name, "description": description}}
+
+
+@pytest.fixture(scope="module")
+def limited(stub: StubRouter, tokenizer_dir: Any) -> Iterator[GatewayThread]:
+    config = GatewayConfig(router=stub.address, tokenizer=str(tokenizer_dir), port=0, limits=LIMITS)
+    server = GatewayThread(config)
+    server.server = uvicorn.Server(uvicorn_config(server.server.config.app, config))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def http(limited: GatewayThread, stub: StubRouter) -> Iterator[httpx.Client]:
+    stub.reset()
+    with httpx.Client(base_url=limited.url, timeout=10) as c:
+        yield c
+
+
+def _error(response: httpx.Response, status: int, param: str | None = None) -> str:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["message"]
+    assert error["param"] == param
+    return str(error["message"])
+
+
+@pytest.mark.parametrize(
+    ("path", "change", "param"),
+    [
+        ("/v1/completions", {"prompt": "x" * 2001}, "prompt"),
+        ("/v1/completions", {"prompt": ["ok", "x" * 2001]}, "prompt[1]"),
+        ("/v1/completions", {"prompt": ["a", "b", "c"], "n": 3}, "prompt"),
+        ("/v1/completions", {"n": 9}, "n"),
+        ("/v1/completions", {"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ("/v1/completions", {"stop": "x" * 11}, "stop"),
+        ("/v1/completions", {"regex": "a" * 101}, "regex"),
+        ("/v1/completions", {"ebnf": "root ::= " + '"a" ' * 30}, "ebnf"),
+        (
+            "/v1/chat/completions",
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "x", "schema": {"d": "x" * 99}},
+                }
+            },
+            "response_format",
+        ),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x" * 2001}]}, "messages"),
+        ("/v1/chat/completions", {"tools": [_tool("a"), _tool("b"), _tool("c")]}, "tools"),
+        ("/v1/chat/completions", {"tools": [_tool("a", "x" * 400)]}, "tools"),
+    ],
+)
+def test_field_limits_are_400s_naming_the_field(
+    http: httpx.Client, path: str, change: dict[str, Any], param: str
+) -> None:
+    base = CHAT if "chat" in path else COMPLETION
+    _error(http.post(path, json={**base, **change}), 400, param)
+    assert http.post(path, json=base).status_code == 200
+
+
+def test_a_long_prompt_is_refused_before_tokenizing(
+    http: httpx.Client, monkeypatch: pytest.MonkeyPatch, limited: GatewayThread
+) -> None:
+    handler = limited.server.config.app.state.gateway.handler  # type: ignore[union-attr]
+    calls = []
+    monkeypatch.setattr(handler.tokenizer, "encode", lambda *a, **k: calls.append(a))
+    _error(http.post("/v1/completions", json={**COMPLETION, "prompt": "y" * 5000}), 400, "prompt")
+    assert calls == []
+
+
+def test_body_over_the_limit_is_413(http: httpx.Client) -> None:
+    big = {**COMPLETION, "user": "u" * (65 * 1024)}
+    assert "limit" in _error(http.post("/v1/completions", json=big), 413)
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: counted while read
+        yield b'{"model": "' + MODEL_ID.encode() + b'", "user": "'
+        for _ in range(70):
+            yield b"u" * 1024
+        yield b'"}'
+
+    response = http.post("/v1/completions", content=chunks(), headers={"content-type": "application/json"})
+    _error(response, 413)
+    assert http.post("/v1/completions", json=COMPLETION).status_code == 200
+
+
+def test_huge_header_is_431(http: httpx.Client, limited: GatewayThread) -> None:
+    for size in (16 * 1024, 1024 * 1024):
+        response = http.post("/v1/completions", json=COMPLETION, headers={"x-big": "h" * size})
+        assert "header" in _error(response, 431)
+    assert http.post("/v1/completions", json=COMPLETION).status_code == 200
+
+
+def test_a_trickling_body_gets_408_and_the_connection_closes(limited: GatewayThread) -> None:
+    with socket.create_connection(("127.0.0.1", limited.port), timeout=10) as sock:
+        sock.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 1000\r\n\r\n{"
+        )
+        start = time.monotonic()
+        received = b""
+        while chunk := sock.recv(65536):  # ends when the server closes the connection
+            received += chunk
+        took = time.monotonic() - start
+    assert received.startswith(b"HTTP/1.1 408"), received
+    assert b"did not arrive within 1 s" in received
+    assert took < 5
+
+
+def test_limit_flags_and_engine_defaults() -> None:
+    config = parse_args(["--router", "r:1", "--tokenizer", "t", "--max-body-bytes", "10", "--max-stop", "3"])
+    assert config.limits.max_body_bytes == 10 and config.limits.max_stop == 3
+    default = parse_args(["--router", "r:1", "--tokenizer", "t"]).limits
+    assert default == RequestLimits()
+    assert {f.name for f in fields(RequestLimits)} >= {"max_prompt_chars", "body_read_timeout"}
+    # The defaults the gateway shares with the engine are the engine's.
+    assert default.max_stop == engine_params.MAX_STOP_STRINGS
+    assert default.max_stop_chars == engine_params.MAX_STOP_STRING_LEN
+    assert default.max_constraint_chars == engine_params.MAX_CONSTRAINT_CHARS
+    assert default.prompt_chars(None) == 4 * 1024 * 1024
+    assert default.prompt_chars(256) == 64 * 1024
+    assert default.prompt_chars(131072) == 16 * 131072
