@@ -403,14 +403,18 @@ def _gemv_step(
 ):
     """acc + the (dequantized) products of columns [k0, k0 + GROUP_K), unreduced."""
     x = _load_step(x_ptrs, offs_k, K - k0, EVEN_K)  # [BLOCK_M, GROUP_K]
-    wf = _load_step(w_ptrs, offs_k, K - k0, EVEN_K).to(tl.float32)  # [BLOCK_N, GROUP_K]
+    w = _load_step(w_ptrs, offs_k, K - k0, EVEN_K)  # [BLOCK_N, GROUP_K]
     if GATED:  # x holds the gates; the ups sit K columns on. silu_and_mul's roundings.
         up = _load_step(x_ptrs + K * x_stride_k, offs_k, K - k0, EVEN_K)
         g = x.to(tl.float32)
         silu = (g * tl.sigmoid(g)).to(x.dtype)
         x = (silu.to(tl.float32) * up.to(tl.float32)).to(x.dtype)
+    # w widens to float32 only after x's quantization: widening it first keeps a float32 tile
+    # live through the quantization's reduction, which made FP8 batch-1 decode 33% slower on the
+    # H200 (630cc3b; docs/benchmarks.md).
     if not SCALED:
         xd = x.to(tl.float32)
+        wf = w.to(tl.float32)
     else:
         group = k0 // GROUP_K
         if FUSE_QUANT:
@@ -419,6 +423,7 @@ def _gemv_step(
             q = x.to(tl.float32)
             x_scale = tl.load(xs_ptrs + group * xs_stride_k)  # [BLOCK_M]
         w_scale = tl.load(ws_ptrs + group * ws_stride_k)
+        wf = w.to(tl.float32)
         if SCALAR_W_SCALE:
             xd = q * (x_scale * w_scale)[:, None]  # [BLOCK_M, GROUP_K]
         else:
