@@ -32,6 +32,8 @@ from typing import NamedTuple
 
 from transformers import PreTrainedTokenizerBase
 
+from shared.errors import InvalidRequest
+
 _REPLACEMENT_CHAR = "\ufffd"
 # Prompt ids decoded as context before the first output token (matters for tokenizers whose
 # decoders treat the first token of a string specially, such as SentencePiece's leading space).
@@ -135,7 +137,7 @@ class StopStringMatcher:
 
     def __init__(self, stops: Sequence[str]) -> None:
         if any(not s for s in stops):
-            raise ValueError("stop strings must be non-empty")
+            raise InvalidRequest("stop strings must be non-empty", param="stop")
         self.stops = tuple(stops)
         self._max_len = max((len(s) for s in self.stops), default=0)
         # Every proper prefix of every stop string: a text ending in one of them may be

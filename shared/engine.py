@@ -5,9 +5,9 @@
         print(out["text"], out["meta_info"])
 
 The `EngineCore` runs on a loop thread owned by the engine; callers on any thread (or event loop)
-submit requests and receive increments through per-request sinks. Bad input raises `ValueError`
-in the caller; a failure inside a step fails the requests of that engine, and it keeps serving.
-"""
+submit requests and receive increments through per-request sinks. Bad input raises
+`InvalidRequest` (a `ValueError`) in the caller; a failure inside a step fails the requests of
+that engine, and it keeps serving."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from typing import Any
 
 from shared.config import EngineConfig
 from shared.engine_core import EngineCore, RequestOutput
+from shared.errors import InternalError, InvalidRequest, Unavailable
 from shared.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -178,14 +179,14 @@ class Engine:
         self._call(lambda: self.core.abort(rid))
 
     def shutdown(self) -> None:
-        """Stop the loop thread; requests still running fail with RuntimeError."""
+        """Stop the loop thread; requests still running fail with `Unavailable`."""
         if self._closed:
             return
         self._closed = True
         self._commands.put(lambda: None)  # wake the loop
         self._thread.join()
         for sink in self._sinks.values():
-            sink.put(RuntimeError("the engine was shut down"))
+            sink.put(Unavailable("the engine was shut down"))
         self._sinks.clear()
 
     def __enter__(self) -> Engine:
@@ -207,7 +208,7 @@ class Engine:
         stream: bool,
     ) -> tuple[list[tuple[_Result, _Sink]], bool]:
         if self._closed:
-            raise RuntimeError("the engine was shut down")
+            raise Unavailable("the engine was shut down")
         prompts, single = self._normalize_inputs(prompt, input_ids)
         params = self._normalize_params(sampling_params, len(prompts))
         results: list[tuple[_Result, _Sink]] = []
@@ -224,7 +225,7 @@ class Engine:
                 self.core.add_request(rids, ids, p, return_logprob, top_logprobs_num)
                 self._sinks.update(zip(rids, sinks))
 
-            self._call(add).result()  # raises the core's ValueError here, in the caller
+            self._call(add).result()  # raises the core's InvalidRequest here, in the caller
             results += [
                 (_Result(rid, len(results) + i), sink) for i, (rid, sink) in enumerate(zip(rids, sinks))
             ]
@@ -232,20 +233,23 @@ class Engine:
 
     def _normalize_inputs(self, prompt: PromptInput, input_ids: IdsInput) -> tuple[list[list[int]], bool]:
         if (prompt is None) == (input_ids is None):
-            raise ValueError("pass exactly one of prompt or input_ids")
+            raise InvalidRequest("pass exactly one of prompt or input_ids")
         if prompt is not None:
             if isinstance(prompt, str):
                 return [self._encode(prompt)], True
             if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
                 return [self._encode(p) for p in prompt], False
-            raise ValueError("prompt must be a string or a non-empty list of strings")
+            raise InvalidRequest("prompt must be a string or a non-empty list of strings", param="prompt")
         assert input_ids is not None
         if isinstance(input_ids, list) and input_ids:
             if all(isinstance(t, int) for t in input_ids):
                 return [[t for t in input_ids if isinstance(t, int)]], True
             if all(isinstance(x, list) for x in input_ids):
                 return [list(x) for x in input_ids if isinstance(x, list)], False
-        raise ValueError("input_ids must be a non-empty list of ints or a non-empty list of lists of ints")
+        raise InvalidRequest(
+            "input_ids must be a non-empty list of ints or a non-empty list of lists of ints",
+            param="input_ids",
+        )
 
     def _encode(self, text: str) -> list[int]:
         return list(self.tokenizer(text)["input_ids"])
@@ -256,7 +260,10 @@ class Engine:
             return [SamplingParams.from_dict(sampling_params)] * count
         if isinstance(sampling_params, Sequence) and len(sampling_params) == count:
             return [SamplingParams.from_dict(p) for p in sampling_params]
-        raise ValueError(f"sampling_params must be a dict or a list of {count} dicts (one per prompt)")
+        raise InvalidRequest(
+            f"sampling_params must be a dict or a list of {count} dicts (one per prompt)",
+            param="sampling_params",
+        )
 
     # ---- results -------------------------------------------------------------------------------
 
@@ -320,7 +327,7 @@ class Engine:
                 fut.set_exception(e)
 
         if self._closed:
-            fut.set_exception(RuntimeError("the engine was shut down"))
+            fut.set_exception(Unavailable("the engine was shut down"))
         else:
             self._commands.put(run)
         return fut
@@ -354,10 +361,12 @@ class Engine:
                 self._fail_all(e)
                 continue
             for admission in self.core.take_admissions():
-                for rid in admission.rids if admission.error else ():
+                if admission.error is None:
+                    continue
+                for rid in admission.rids:
                     sink = self._sinks.pop(rid, None)
                     if sink is not None:  # e.g. its grammar did not compile in time
-                        sink.put(ValueError(admission.message))
+                        sink.put(admission.error)
             for out in outputs:
                 sink = self._sinks.get(out.rid)
                 if sink is not None:
@@ -368,5 +377,5 @@ class Engine:
     def _fail_all(self, error: Exception) -> None:
         self.core.fail_all(f"engine step failed: {error}")
         for sink in self._sinks.values():
-            sink.put(RuntimeError(f"engine step failed: {error}"))
+            sink.put(InternalError(f"engine step failed: {error}"))
         self._sinks.clear()

@@ -1,18 +1,18 @@
 """Client side of the engine process (`shared.engine_process`): start it, feed it, hear it.
 
     client = EngineClient(EngineConfig.from_options(model_path))
-    client.add(["r1"], prompt_ids, {"max_new_tokens": 16}, on_output=print)   # ValueError if refused
+    client.add(["r1"], prompt_ids, {"max_new_tokens": 16}, on_output=print)   # a RequestError if refused
     ...
     client.shutdown()
 
 `add` blocks until the engine accepted; `submit` (and `expect_kv`, `reserve_kv`, `add_peer`, `stats`) return a
 `concurrent.futures.Future` instead, for callers on an event loop (`asyncio.wrap_future`).
-Refusals raise the engine's `ValueError` or `CapacityError`.
+Refusals raise the engine's `RequestError` (shared/errors.py: InvalidRequest, CapacityError, ...).
 
 Any thread may call these methods. Each request's outputs (`RequestOutput` increments, or
 an exception when the engine fails it or dies) go to its `on_output` callback, called on the
 client's receiver thread: callbacks must be quick and must not block (hand off to a queue or
-an event loop). When the engine process dies, every open request gets a RuntimeError at once.
+an event loop). When the engine process dies, every open request gets `Unavailable` at once.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ from shared.engine_process import (
     reservation_key,
     run_engine,
 )
-from shared.errors import CapacityError
+from shared.errors import InternalError, InvalidRequest, Unavailable
 from shared.outputs import RequestOutput
 from shared.transfer.records import KvTarget
 
@@ -109,7 +109,7 @@ class EngineClient:
         top_logprobs_num: int = 0,
         kv_target: KvTarget | None = None,
     ) -> None:
-        """Queue one prompt (its `n` samples named by `rids`); raises the engine's ValueError."""
+        """Queue one prompt (its `n` samples named by `rids`); raises the engine's RequestError."""
         self.submit(rids, input_ids, params, on_output, return_logprob, top_logprobs_num, kv_target).result()
 
     def submit(
@@ -169,12 +169,12 @@ class EngineClient:
         answer: Future[Any] = Future()
         with self._state_lock:
             if self.error is not None or self._closed:
-                raise RuntimeError(self.error or "the engine client was shut down")
+                raise Unavailable(self.error or "the engine client was shut down")
             # A second caller with the same id must not take over (and then lose) the first
             # caller's outputs: it is refused here, before anything reaches the engine.
             for taken in (key, *handlers):
                 if taken in self._calls or taken in self._handlers:
-                    raise ValueError(f"request id {taken!r} is already in use")
+                    raise InvalidRequest(f"request id {taken!r} is already in use", param="request_id")
             self._calls[key] = answer
             self._handlers.update(handlers)
         self._send(msg)
@@ -259,9 +259,7 @@ class EngineClient:
             if fut is None:
                 return
             if isinstance(msg, Rejected):
-                fut.set_exception(
-                    (CapacityError if msg.error == "CapacityError" else ValueError)(msg.message)
-                )
+                fut.set_exception(msg.error())
             elif isinstance(msg, Reply):
                 fut.set_result(msg.value)
             else:
@@ -270,7 +268,7 @@ class EngineClient:
             with self._state_lock:
                 handlers = [self._handlers.pop(rid) for rid in msg.rids if rid in self._handlers]
             for handler in handlers:
-                handler(RuntimeError(msg.message))
+                handler(InternalError(msg.message))
 
     def _fail_all(self, reason: str) -> None:
         with self._state_lock:
@@ -278,9 +276,9 @@ class EngineClient:
             handlers, self._handlers = list(self._handlers.values()), {}
             calls, self._calls = list(self._calls.values()), {}
         for handler in handlers:
-            handler(RuntimeError(reason))
+            handler(Unavailable(reason))
         for fut in calls:
-            fut.set_exception(RuntimeError(reason))
+            fut.set_exception(Unavailable(reason))
 
     def _close_sockets(self) -> None:
         self._push.close(linger=0)

@@ -30,6 +30,7 @@ from shared.disagg import KvReceiver, KvSender
 from shared.disagg.events import Arrived, Expired, Granted, Released, SendFailed
 from shared.disagg.pacing import DecodePacer
 from shared.disagg.receiver import Held
+from shared.errors import CapacityError, InternalError, InvalidRequest, RequestError
 from shared.inflight import InflightStep
 from shared.mem import RadixCache
 from shared.model_runner import ModelRunner, PrevTokens
@@ -67,8 +68,7 @@ class Admission(NamedTuple):
 
     rids: list[str]
     pages: list[int] | None  # a granted reservation's pages
-    error: str  # "" when accepted, else the error type: "ValueError" or "CapacityError"
-    message: str
+    error: RequestError | None  # None when accepted
     reservation: bool = False  # the answer to `reserve_kv` (else to `add_request`)
 
 
@@ -172,7 +172,7 @@ class EngineCore:
         if self.grammar_gate.hold(
             reqs,
             on_ready=lambda: self._admit(reqs, kv_target, notify=True),
-            on_fail=lambda why: self._refuse(reqs, why),
+            on_fail=lambda error: self._refuse(reqs, error),
         ):
             return False
         self._admit(reqs, kv_target)
@@ -188,18 +188,18 @@ class EngineCore:
             req.kv_target = kv_target
             self.sender.track(req)
         if notify:
-            self._admissions.append(Admission([r.rid for r in reqs], None, "", ""))
+            self._admissions.append(Admission([r.rid for r in reqs], None, None))
         for req in reqs:
             if req.params.max_new_tokens == 0:
                 self._finish(req, FinishReason(FinishKind.LENGTH))
             else:
                 self.scheduler.add(req)
 
-    def _refuse(self, reqs: list[Req], why: str) -> None:
+    def _refuse(self, reqs: list[Req], error: RequestError) -> None:
         """A waiting add ends without ever running (no output is reported)."""
         for req in reqs:
             self._requests.pop(req.rid, None)
-        self._admissions.append(Admission([r.rid for r in reqs], None, "ValueError", why))
+        self._admissions.append(Admission([r.rid for r in reqs], None, error))
 
     def expect_kv(
         self,
@@ -220,12 +220,15 @@ class EngineCore:
         self._check_free([rid])
         (req,) = self.builder.build([rid], input_ids, params, return_logprob, top_logprobs_num)
         if req.params.max_new_tokens == 0:
-            raise ValueError("max_new_tokens must be at least 1 for a disaggregated request")
+            raise InvalidRequest(
+                "max_new_tokens must be at least 1 for a disaggregated request", param="max_new_tokens"
+            )
         allocator = self.kv.allocator
         if allocator.pages_needed(0, len(input_ids) + 1) >= allocator.num_pages:
-            raise ValueError(
+            raise InvalidRequest(
                 f"the prompt has {len(input_ids)} tokens; this decode engine holds at most"
-                f" {(allocator.num_pages - 1) * allocator.page_size} KV tokens"
+                f" {(allocator.num_pages - 1) * allocator.page_size} KV tokens",
+                param="prompt",
             )
         self.receiver.expect(req, lease_s)
         self._requests[rid] = req
@@ -277,7 +280,7 @@ class EngineCore:
     def _check_free(self, rids: list[str]) -> None:
         for rid in rids:
             if rid in self._requests:
-                raise ValueError(f"request id {rid!r} is already in use")
+                raise InvalidRequest(f"request id {rid!r} is already in use", param="request_id")
 
     def abort(self, rid: str, message: str = "aborted") -> None:
         """Stop a request wherever it is; it reports `finish_reason` abort and frees what it held
@@ -293,7 +296,7 @@ class EngineCore:
             return  # reported once its writes are over
         held = self.receiver.abort(req) if self.receiver is not None else Held.NOTHING
         if held == Held.NO_PAGES:
-            self._admissions.append(Admission([rid], None, "CapacityError", message, reservation=True))
+            self._admissions.append(Admission([rid], None, CapacityError(message), reservation=True))
         if held == Held.NOTHING:
             # A token still on the device: its K/V may be unwritten, so cache only what is;
             # a reservation whose KV never arrived has nothing to cache.
@@ -310,7 +313,7 @@ class EngineCore:
         if self.grammar_gate.hold(
             [req],
             on_ready=lambda: self.continue_decode(req, commit),
-            on_fail=lambda why: self._abort_parked(req, why),
+            on_fail=lambda error: self._abort_parked(req, error.message),
         ):
             return
         self.scheduler.unpark(req)
@@ -384,7 +387,7 @@ class EngineCore:
         if self.receiver is not None:
             for rev in self.receiver.take_events():
                 if isinstance(rev, Granted):
-                    self._admissions.append(Admission([rev.req.rid], rev.pages, "", "", reservation=True))
+                    self._admissions.append(Admission([rev.req.rid], rev.pages, None, reservation=True))
                 elif isinstance(rev, Arrived):
                     self.continue_decode(rev.req, rev.commit)
                 elif isinstance(rev, Expired):
@@ -402,7 +405,7 @@ class EngineCore:
             self._requests.pop(rid, None)
         for reqs in self.grammar_gate.groups:  # adds not yet accepted are refused; parked ones are gone
             if any(req.rid in self._requests for req in reqs):
-                self._refuse(reqs, message)
+                self._refuse(reqs, InternalError(message))
         self.grammar_gate.clear()
         if self.sender is not None:
             self.sender.reset()

@@ -10,16 +10,15 @@ the client binds):
                        | GetStats | AbortRequest | Shutdown
     engine -> client   Ready | Accepted | Rejected | Outputs | StepFailed | Reply
 
-`Accepted`/`Rejected` answer every `AddRequest` and `ExpectKv`, before any output of its
-requests: at once, or, for a constrained request whose grammar is still compiling, once it
-compiled (or failed to, or took too long: `ValueError`). A rejection carries the engine's error
-type (`ValueError`, `CapacityError`) and message. `ReserveKv` (decode) is answered by a `Reply`
-keyed `reserve:<rid>` carrying the pages, at once or, when the engine is full, once room frees
-up (a `Rejected` with that key if the request is aborted first). `AddPeer` and `GetStats` are
-answered by a `Reply` with the same key (or a `Rejected` whose rids hold that key).
-A prefill engine asks for a reservation with an `Outputs` item carrying `kv_pages_wanted`,
-sent as soon as the prompt is scheduled (before its forward runs); `SetKvTarget` answers it.
-"""
+`Accepted`/`Rejected` answer every `AddRequest` and `ExpectKv`, before any output of its requests:
+at once, or, for a constrained request whose grammar is still compiling, once it compiled (or
+failed to, or took too long: `InvalidRequest`). A rejection carries a `RequestError` as data: its
+kind, message and the field at fault (shared/errors.py). `ReserveKv` (decode) is answered by a
+`Reply` keyed `reserve:<rid>` carrying the pages, at once or, when the engine is full, once room
+frees up (a `Rejected` with that key if the request is aborted first). `AddPeer` and `GetStats`
+are answered by a `Reply` with the same key (or a `Rejected` whose rids hold that key). A prefill
+engine asks for a reservation with an `Outputs` item carrying `kv_pages_wanted`, sent as soon as
+the prompt is scheduled (before its forward runs); `SetKvTarget` answers it."""
 
 from __future__ import annotations
 
@@ -33,7 +32,7 @@ import msgspec
 import zmq
 
 from shared.config import EngineConfig
-from shared.errors import CapacityError
+from shared.errors import InternalError, RequestError
 from shared.outputs import RequestOutput
 from shared.transfer.records import KvCommit, KvTarget
 
@@ -106,9 +105,20 @@ class Accepted(msgspec.Struct, tag="accepted"):
 
 
 class Rejected(msgspec.Struct, tag="rejected"):
+    """A refused call: a `RequestError` as data (shared/errors.py), its field at fault included."""
+
     rids: list[str]
-    error: str  # "ValueError", "CapacityError", or "LoadError" when the engine could not start
+    kind: str  # RequestError.kind
     message: str
+    param: str | None = None
+
+    @classmethod
+    def of(cls, rids: list[str], error: RequestError) -> Rejected:
+        kind, message, param = error.to_wire()
+        return cls(rids, kind, message, param)
+
+    def error(self) -> RequestError:
+        return RequestError.from_wire(self.kind, self.message, self.param)
 
 
 class Reply(msgspec.Struct, tag="reply"):
@@ -154,7 +164,7 @@ def run_engine(config: EngineConfig, to_engine: str, from_engine: str) -> None:
 
         core = EngineCore(config)
     except Exception as e:
-        push.send(encode(Rejected([], "LoadError", f"{type(e).__name__}: {e}")))
+        push.send(encode(Rejected.of([], InternalError(f"{type(e).__name__}: {e}"))))
         push.close(linger=1000)
         return
     push.send(
@@ -256,12 +266,12 @@ def reservation_key(rid: str) -> str:
 
 def _send_admissions(core: EngineCore, push: zmq.Socket[bytes], encode: Any) -> None:
     reply: FromEngine
-    for rids, pages, error, message, reservation in core.take_admissions():
+    for rids, pages, error, reservation in core.take_admissions():
         if reservation:
             key = reservation_key(rids[0])
-            reply = Rejected([key], error, message) if error else Reply(key, pages)
+            reply = Rejected.of([key], error) if error else Reply(key, pages)
         else:
-            reply = Rejected(rids, error, message) if error else Accepted(rids)
+            reply = Rejected.of(rids, error) if error else Accepted(rids)
         push.send(encode(reply))
 
 
@@ -298,8 +308,8 @@ def _handle(core: EngineCore, msg: ToEngine, payload: memoryview | None = None) 
                 msg.top_logprobs_num,
                 msg.kv_target,
             )
-        except (ValueError, CapacityError) as e:
-            return Rejected(msg.rids, type(e).__name__, str(e))
+        except Exception as e:
+            return _rejected(msg.rids, e)
         return Accepted(msg.rids) if admitted else None  # a compiling grammar answers later
     if isinstance(msg, ExpectKv):
         return _answer(
@@ -328,8 +338,17 @@ def _answer(rids: list[str], call: Callable[[], Any], reply_key: str | None = No
     """Run a request-changing call: Accepted / Reply (with its value), or Rejected."""
     try:
         value = call()
-    except (ValueError, CapacityError) as e:
-        return Rejected(rids, type(e).__name__, str(e))
+    except Exception as e:
+        return _rejected(rids, e)
     if reply_key is not None:
         return Reply(reply_key, value)
     return Accepted(rids)
+
+
+def _rejected(rids: list[str], error: Exception) -> Rejected:
+    """A refusal; anything outside the taxonomy is our bug: logged, and refused as internal (the
+    engine keeps serving)."""
+    if not isinstance(error, RequestError):
+        logger.exception("internal error handling a request", exc_info=error)
+        error = InternalError(f"internal error in the engine: {type(error).__name__}: {error}")
+    return Rejected.of(rids, error)

@@ -17,6 +17,7 @@ from transformers import PreTrainedTokenizerBase
 
 from shared.constrained import GrammarCompiler, RequestGrammar
 from shared.detokenizer import IncrementalDetokenizer, StopStringMatcher
+from shared.errors import InvalidRequest
 from shared.sampling import SamplingParams
 from shared.scheduler.request import Req
 
@@ -54,7 +55,10 @@ class RequestBuilder:
             raise ValueError(f"{len(rids)} request ids for n={params.n}")
         self.check_prompt(input_ids)
         if not isinstance(top_logprobs_num, int) or not 0 <= top_logprobs_num <= 20:
-            raise ValueError(f"top_logprobs_num must be an integer in [0, 20], got {top_logprobs_num!r}")
+            raise InvalidRequest(
+                f"top_logprobs_num must be an integer in [0, 20], got {top_logprobs_num!r}",
+                param="top_logprobs_num",
+            )
         constraint = params.constraint
         if constraint is not None:
             self.grammars.check(*constraint)  # a bad schema/regex/grammar is refused now
@@ -93,12 +97,13 @@ class RequestBuilder:
 
     def check_prompt(self, input_ids: list[int]) -> None:
         if not input_ids:
-            raise ValueError("the prompt is empty")
+            raise InvalidRequest("the prompt is empty", param="prompt")
         vocab = self.vocab_size
         if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab for t in input_ids):
-            raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
+            raise InvalidRequest(f"prompt token ids must be integers in [0, {vocab})", param="prompt")
         if len(input_ids) >= self.max_context_len:
-            raise ValueError(
+            raise InvalidRequest(
                 f"the prompt has {len(input_ids)} tokens; this engine's context is {self.max_context_len}"
-                " tokens and at least one must be left to generate"
+                " tokens and at least one must be left to generate",
+                param="prompt",
             )

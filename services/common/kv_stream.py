@@ -20,6 +20,7 @@ from collections.abc import AsyncIterable, Awaitable, Callable
 import grpc
 
 from services.protos.tandem.worker.v1 import worker_pb2
+from shared.errors import InvalidRequest
 
 KV_CHUNK_BYTES = 2 << 20  # payload bytes per WriteKv message (1-8 MiB measure alike; docs/kv_transfer.md)
 WRITE_KV_METHOD = "/tandem.worker.v1.DecodeService/WriteKv"
@@ -62,7 +63,7 @@ async def send_kv(
 
 
 async def receive_kv(messages: AsyncIterable[bytes]) -> tuple[bytes, bytes]:
-    """(commit record, payload) from a WriteKv stream's raw messages. ValueError if a message is
+    """(commit record, payload) from a WriteKv stream's raw messages. InvalidRequest if a message is
     malformed or the stream ends without a commit record."""
     parts: list[memoryview] = []
     commit = b""
@@ -73,7 +74,7 @@ async def receive_kv(messages: AsyncIterable[bytes]) -> tuple[bytes, bytes]:
             elif field == _COMMIT:
                 commit = bytes(value)
     if not commit:
-        raise ValueError("WriteKv ended without a commit record")
+        raise InvalidRequest("WriteKv ended without a commit record")
     return commit, b"".join(parts)
 
 
@@ -117,7 +118,7 @@ def _fields(message: bytes) -> list[tuple[int, memoryview]]:
         if wire_type == _LEN:
             size, pos = _read_varint(view, pos)
             if pos + size > end:
-                raise ValueError("a WriteKv message is truncated")
+                raise InvalidRequest("a WriteKv message is truncated")
             fields.append((field, view[pos : pos + size]))
             pos += size
         elif wire_type == 0:
@@ -125,9 +126,9 @@ def _fields(message: bytes) -> list[tuple[int, memoryview]]:
         elif wire_type in (1, 5):  # fixed 64 / 32 bits
             pos += 8 if wire_type == 1 else 4
         else:
-            raise ValueError(f"a WriteKv message has a field of wire type {wire_type}")
+            raise InvalidRequest(f"a WriteKv message has a field of wire type {wire_type}")
     if pos != end:
-        raise ValueError("a WriteKv message is truncated")
+        raise InvalidRequest("a WriteKv message is truncated")
     return fields
 
 
@@ -135,7 +136,7 @@ def _read_varint(view: memoryview, pos: int) -> tuple[int, int]:
     value = shift = 0
     while True:
         if pos >= len(view) or shift > 63:
-            raise ValueError("a WriteKv message has a malformed varint")
+            raise InvalidRequest("a WriteKv message has a malformed varint")
         byte = view[pos]
         pos += 1
         value |= (byte & 0x7F) << shift

@@ -203,7 +203,7 @@ def describe(exc: BaseException | None) -> str:
     if exc is None:
         return "error"
     if isinstance(exc, ServiceError | grpc.aio.AioRpcError):
-        code, message = status_of(exc)
+        code, message, _ = status_of(exc)
         return f"{code.name}: {message}"
     if isinstance(exc, asyncio.CancelledError):
         return "cancelled"

@@ -33,6 +33,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import Receive, Scope, Send
 
 from services.common.auth import Secrets, dial
+from services.common.errors import status_of
 from services.common.tracing import fastapi_options, outgoing_metadata, record_error, setup_tracing
 from services.gateway.args import GatewayConfig
 from services.gateway.auth import ApiKeyMiddleware
@@ -43,6 +44,7 @@ from services.gateway.protocol import ChatCompletionRequest, CompletionRequest, 
 from services.gateway.responses import Job, Metadata
 from services.gateway.tokenizer import Tokenizer
 from services.protos.tandem.router.v1 import router_pb2, router_pb2_grpc
+from shared.errors import RequestError
 
 logger = logging.getLogger("tandem.gateway")
 T = TypeVar("T")
@@ -55,15 +57,13 @@ _GRPC_TO_HTTP: dict[grpc.StatusCode, tuple[int, Any, str | None]] = {
     grpc.StatusCode.UNAVAILABLE: (503, "service_unavailable_error", "service_unavailable"),
     grpc.StatusCode.DEADLINE_EXCEEDED: (504, "timeout_error", "timeout"),
 }
-# The router's INVALID_ARGUMENT messages start with the engine's field name; name OpenAI's.
-# The engine names its own fields in errors; the client knows the OpenAI field they came from.
+# An INVALID_ARGUMENT names the engine's field at fault; the client knows the OpenAI field.
 _ENGINE_TO_OPENAI_PARAM = {
     "max_new_tokens": "max_tokens",
     "min_new_tokens": "min_tokens",
     "json_schema": "response_format",
     "structural_tag": "tools",
 }
-_PARAMS = set(CompletionRequest.model_fields) | set(ChatCompletionRequest.model_fields)
 _CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", 64 << 20),  # long token-id prompts
     ("grpc.max_receive_message_length", 64 << 20),
@@ -75,14 +75,11 @@ def to_openai_error(exc: BaseException) -> OpenAIError:
     """The one mapping of every failure to the OpenAI error the client sees."""
     if isinstance(exc, OpenAIError):
         return exc
-    if isinstance(exc, grpc.aio.AioRpcError):
-        status, type_, code = _GRPC_TO_HTTP.get(exc.code(), (500, "server_error", None))
-        message = exc.details() or exc.code().name
-        param = None
-        if status == 400:
-            first = message.split(" ", 1)[0].strip(":'\"")
-            param = _ENGINE_TO_OPENAI_PARAM.get(first, first if first in _PARAMS else None)
-        elif status == 503:
+    if isinstance(exc, grpc.aio.AioRpcError | RequestError):
+        grpc_code, message, param = status_of(exc)  # the field at fault travels as data
+        status, type_, code = _GRPC_TO_HTTP.get(grpc_code, (500, "server_error", None))
+        param = _ENGINE_TO_OPENAI_PARAM.get(param, param) if status == 400 and param else None
+        if status == 503 and isinstance(exc, grpc.aio.AioRpcError):
             message = f"the router is unavailable: {message}"
         return OpenAIError(status, message, type=type_, param=param, code=code)
     if isinstance(exc, HTTPException):

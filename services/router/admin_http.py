@@ -46,7 +46,7 @@ def create_admin_app(registry: Registry, cluster_token: Secrets = _NO_TOKEN) -> 
     guarded = [Depends(authorized)]
 
     def fail(e: Exception) -> HTTPException:
-        code, message = status_of(e)
+        code, message, _ = status_of(e)
         return HTTPException(_HTTP.get(code.name, 500), message)
 
     def describe() -> list[dict[str, Any]]:

@@ -261,7 +261,7 @@ class Orchestrator:
             self.metrics.worker_error(worker.role, worker.address, code.name)
         if code == grpc.StatusCode.UNAVAILABLE and not await self.registry.suspect(worker):
             message = f"worker {worker.address} is gone: {message}"
-        return ServiceError(code, message)
+        return ServiceError.from_rpc(e, message)
 
     @staticmethod
     def _response(

@@ -33,6 +33,7 @@ from services.protos.tandem.common.v1 import common_pb2
 from services.protos.tandem.router.v1 import router_pb2
 from services.protos.tandem.worker.v1 import worker_pb2, worker_pb2_grpc
 from services.router.policies import WorkerView
+from shared.errors import InvalidRequest, NotFound
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +99,7 @@ class Registry:
         """Add a worker (or refresh a known one): it must answer GetInfo, in a known role, and
         serve our model."""
         if not address or ":" not in address:
-            raise ValueError(f"a worker address is host:port, got {address!r}")
+            raise InvalidRequest(f"a worker address is host:port, got {address!r}", param="address")
         known = self.workers.get(address)
         if known is not None:
             known.last_seen = time.monotonic()
@@ -155,7 +156,7 @@ class Registry:
     async def remove(self, address: str) -> None:
         worker = self.workers.pop(address, None)
         if worker is None:
-            raise LookupError(f"unknown worker {address!r}")
+            raise NotFound(f"unknown worker {address!r}")
         for callback in self.on_removed:
             callback(address)
         await worker.channel.close(grace=None)
@@ -163,7 +164,7 @@ class Registry:
 
     def _get(self, address: str) -> Worker:
         if address not in self.workers:
-            raise LookupError(f"unknown worker {address!r}")
+            raise NotFound(f"unknown worker {address!r}")
         return self.workers[address]
 
     # ---- selection and load --------------------------------------------------------------------

@@ -22,6 +22,7 @@ from services.router.limits import PromptLimits, check_prompt, check_sampling, c
 from services.router.metrics import RequestRecord
 from services.router.orchestrator import Orchestrator, Sample
 from services.router.registry import Registry
+from shared.errors import InvalidRequest, NotFound
 
 MAX_N = 16
 MAX_TOP_LOGPROBS = 20
@@ -67,15 +68,16 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         self, request: router_pb2.GenerateRequest, record: RequestRecord
     ) -> AsyncIterator[router_pb2.GenerateResponse]:
         if request.model and request.model != self.registry.model:
-            raise LookupError(
+            raise NotFound(
                 f"model {request.model!r} is not served here; this router serves {self.registry.model!r}"
             )
         n = request.n or 1
         if not 1 <= n <= MAX_N:
-            raise ValueError(f"n must be in [1, {MAX_N}], got {n}")
+            raise InvalidRequest(f"n must be in [1, {MAX_N}], got {n}", param="n")
         if request.top_logprobs_num > MAX_TOP_LOGPROBS:
-            raise ValueError(
-                f"top_logprobs_num must be in [0, {MAX_TOP_LOGPROBS}], got {request.top_logprobs_num}"
+            raise InvalidRequest(
+                f"top_logprobs_num must be in [0, {MAX_TOP_LOGPROBS}], got {request.top_logprobs_num}",
+                param="top_logprobs_num",
             )
         # Sizes first: tokenizing and the radix tree grow with the prompt and cannot be interrupted.
         check_prompt(len(request.token_ids), request.text, self.limits, self.registry.max_context_len())
@@ -83,7 +85,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         token_ids = list(request.token_ids)
         if not token_ids:
             if not request.text:
-                raise ValueError("the prompt is empty: send text or token_ids")
+                raise InvalidRequest("the prompt is empty: send text or token_ids", param="text")
             token_ids = await asyncio.to_thread(self.tokenizer.encode, request.text)
         request_id = request.request_id or random.getrandbits(63) or 1
         record.request_id, record.n = request_id, n

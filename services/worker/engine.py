@@ -64,7 +64,7 @@ class AsyncEngine:
         top_logprobs_num: int = 0,
         kv_target: KvTarget | None = None,
     ) -> RequestStream:
-        """Queue a request; raises the engine's refusal (ValueError / CapacityError)."""
+        """Queue a request; raises the engine's refusal (a RequestError: shared/errors.py)."""
         stream = RequestStream(self, rid)
         fut = self.client.submit(
             [rid], input_ids, params, stream.push, return_logprob, top_logprobs_num, kv_target

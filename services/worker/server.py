@@ -39,6 +39,7 @@ from services.protos.tandem.worker.v1 import worker_pb2, worker_pb2_grpc
 from services.worker.args import engine_config, served_model_name
 from services.worker.engine import AsyncEngine
 from services.worker.metrics import WorkerMetrics, annotate_generation
+from shared.errors import InvalidRequest, RequestError
 from shared.outputs import RequestOutput
 
 logger = logging.getLogger(__name__)
@@ -84,7 +85,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         self, request: worker_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[worker_pb2.GenerateResponse]:
         if self.role != "unified":
-            raise ValueError(f"a {self.role} worker does not serve WorkerService.Generate")
+            raise InvalidRequest(f"a {self.role} worker does not serve WorkerService.Generate")
         clock = self.metrics.clock()
         last: RequestOutput | None = None
         with server_span("generate", context.invocation_metadata()) as span:
@@ -135,7 +136,7 @@ async def serve(
     def engine_stats() -> dict[str, int] | None:  # on the metrics server's thread
         try:
             return engine.client.stats().result(timeout=_STATS_TIMEOUT_S)
-        except (FutureTimeout, RuntimeError) as e:
+        except (FutureTimeout, RequestError) as e:
             logger.warning("metrics: the engine did not report its stats: %s", e or "timed out")
             return None
 

@@ -25,6 +25,8 @@ import numpy as np
 import xgrammar as xgr
 from transformers import PreTrainedTokenizerBase
 
+from shared.errors import InvalidRequest
+
 # xgrammar's C++ errors start with a log prefix ("[14:20:34] /project/cpp/x.cc:83: Check failed:
 # (error.empty()) is false: "): the caller wants the parser's sentence, not our build paths.
 _LOG_PREFIX = re.compile(r"^\[[\d:]+\] \S+:\d+: (Check failed: .*? is false: )?")
@@ -144,11 +146,15 @@ class GrammarCompiler:
         grammar = self._parse(kind, source)
         if not can_finish(grammar):
             # e.g. `root ::= "a" root`: every token is allowed, but no output ever completes
-            raise ValueError(f"{kind} admits no finite output: no derivation of its root ever ends")
+            raise InvalidRequest(
+                f"{kind} admits no finite output: no derivation of its root ever ends", param=kind
+            )
         compiled = self._compiler.compile_grammar(grammar)
         if not self._admits_a_first_token(compiled):
             # e.g. `root ::= root "a"`: it parses, but every output would be infinite
-            raise ValueError(f"{kind} admits no output: no token (not even the end) can come first")
+            raise InvalidRequest(
+                f"{kind} admits no output: no token (not even the end) can come first", param=kind
+            )
         return compiled
 
     def _admits_a_first_token(self, compiled: xgr.CompiledGrammar) -> bool:
@@ -169,7 +175,7 @@ class GrammarCompiler:
             if kind == "structural_tag":
                 return xgr.Grammar.from_structural_tag(source)
         except json.JSONDecodeError as e:
-            raise ValueError(f"json_schema is not valid JSON: {e}") from None
+            raise InvalidRequest(f"json_schema is not valid JSON: {e}", param="json_schema") from None
         except (RuntimeError, ValueError, TypeError) as e:
-            raise ValueError(f"{kind} is invalid: {parser_message(e)}") from None
+            raise InvalidRequest(f"{kind} is invalid: {parser_message(e)}", param=kind) from None
         raise ValueError(f"unknown constraint kind {kind!r}")

@@ -15,6 +15,7 @@ from enum import Enum
 from typing import TYPE_CHECKING
 
 from shared.disagg.events import Arrived, Expired, Granted, ReceiveEvent, Released
+from shared.errors import InvalidRequest, NotFound
 from shared.scheduler.request import Req
 from shared.transfer import KvCommit
 
@@ -85,7 +86,7 @@ class KvReceiver:
     def expect(self, req: Req, lease_s: float | None) -> None:
         """A prompt whose KV a prefill engine will compute; pages come with `reserve`."""
         if req.rid in self._quarantine:
-            raise ValueError(f"request id {req.rid!r} is still in use")
+            raise InvalidRequest(f"request id {req.rid!r} is still in use", param="request_id")
         req.kv_lease_s = lease_s or self.lease_s
         self._expected[req.rid] = req
 
@@ -94,7 +95,7 @@ class KvReceiver:
         reservation waits for room (first come, first served) and `Granted` reports it."""
         req = self._expected.pop(rid, None)
         if req is None:
-            raise ValueError(f"no request {rid!r} is waiting for a KV reservation")
+            raise InvalidRequest(f"no request {rid!r} is waiting for a KV reservation", param="request_id")
         if not self._queued and self._grant(req):
             return req.kv_pages
         self._queued[rid] = req

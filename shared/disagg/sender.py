@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from shared.disagg.events import SendEvent, SendFailed, Sent
+from shared.errors import InvalidRequest
 from shared.scheduler.request import Req
 from shared.transfer import KvCommit, KvTarget
 
@@ -86,14 +87,14 @@ class KvSender:
             self._check_pages(target.pages, prompt_len)
         if target.transport == "nixl":
             if self.agent is None:
-                raise ValueError("this prefill engine has no NIXL agent (kv_transport=grpc)")
+                raise InvalidRequest("this prefill engine has no NIXL agent (kv_transport=grpc)")
             if not self.agent.has_peer(target.peer):
-                raise ValueError(f"unknown KV peer {target.peer!r}: add its transfer metadata first")
+                raise InvalidRequest(f"unknown KV peer {target.peer!r}: add its transfer metadata first")
 
     def _check_pages(self, pages: list[int], prompt_len: int) -> None:
         want = self.pages_needed(prompt_len)
         if len(pages) != want:
-            raise ValueError(f"the KV target has {len(pages)} pages; the prompt needs {want}")
+            raise InvalidRequest(f"the KV target has {len(pages)} pages; the prompt needs {want}")
         self.layout.check_pages(pages)
 
     def track(self, req: Req) -> None:
@@ -117,7 +118,7 @@ class KvSender:
         if send is None or send.abort_message is not None:
             return  # aborted meanwhile: the decode side frees its reservation when the call ends
         if send.pages is not None:
-            raise ValueError(f"request {rid!r} already has its KV target")
+            raise InvalidRequest(f"request {rid!r} already has its KV target")
         self._check_pages(pages, len(send.req.prompt_ids))
         send.pages = pages
         if send.commit is not None:  # the prompt finished before its reservation came

@@ -20,6 +20,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from shared.errors import InvalidRequest
+
 # Limits on request-controlled list sizes: stop strings are matched on the host after every
 # token, so their number and length bound per-token host work.
 MAX_STOP_STRINGS = 16
@@ -76,7 +78,7 @@ class SamplingParams:
             try:
                 object.__setattr__(self, name, float(getattr(self, name)))
             except OverflowError:
-                raise ValueError(f"{name} is too large") from None
+                raise InvalidRequest(f"{name} is too large", param=name) from None
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None) -> SamplingParams:
@@ -89,10 +91,13 @@ class SamplingParams:
         if d is None:
             return cls()
         if not isinstance(d, Mapping):
-            raise ValueError(f"sampling params must be an object, got {type(d).__name__}")
+            raise InvalidRequest(f"sampling params must be an object, got {type(d).__name__}")
         unknown = sorted(k for k in d if k not in _FIELD_NAMES)
         if unknown:
-            raise ValueError(f"unknown sampling parameter {unknown[0]!r}; valid: {', '.join(_FIELD_NAMES)}")
+            raise InvalidRequest(
+                f"unknown sampling parameter {unknown[0]!r}; valid: {', '.join(_FIELD_NAMES)}",
+                param=unknown[0],
+            )
         return cls(**d)
 
     @property
@@ -140,64 +145,79 @@ class SamplingParams:
         for name in _FLOAT_FIELDS:
             value = getattr(self, name)
             if not math.isfinite(value):
-                raise ValueError(f"{name} must be finite, got {value}")
+                raise InvalidRequest(f"{name} must be finite, got {value}", param=name)
         if not self.max_new_tokens >= 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+            raise InvalidRequest(
+                f"max_new_tokens must be >= 0, got {self.max_new_tokens}", param="max_new_tokens"
+            )
         if not 0 <= self.min_new_tokens <= self.max_new_tokens:
-            raise ValueError(
+            raise InvalidRequest(
                 f"min_new_tokens must be in [0, max_new_tokens={self.max_new_tokens}], "
-                f"got {self.min_new_tokens}"
+                f"got {self.min_new_tokens}",
+                param="min_new_tokens",
             )
         if not self.temperature >= 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+            raise InvalidRequest(f"temperature must be >= 0, got {self.temperature}", param="temperature")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise InvalidRequest(f"top_p must be in (0, 1], got {self.top_p}", param="top_p")
         if not (self.top_k in (-1, 0) or self.top_k >= 1):
-            raise ValueError(f"top_k must be -1 or 0 (disabled) or >= 1, got {self.top_k}")
+            raise InvalidRequest(f"top_k must be -1 or 0 (disabled) or >= 1, got {self.top_k}", param="top_k")
         if not 0 <= self.min_p <= 1:
-            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+            raise InvalidRequest(f"min_p must be in [0, 1], got {self.min_p}", param="min_p")
         for name in ("frequency_penalty", "presence_penalty"):
             value = getattr(self, name)
             if not -MAX_ABS_ADDITIVE_PENALTY <= value <= MAX_ABS_ADDITIVE_PENALTY:
-                raise ValueError(
+                raise InvalidRequest(
                     f"{name} must be in [-{MAX_ABS_ADDITIVE_PENALTY}, "
-                    f"{MAX_ABS_ADDITIVE_PENALTY}], got {value}"
+                    f"{MAX_ABS_ADDITIVE_PENALTY}], got {value}",
+                    param=name,
                 )
         if not self.repetition_penalty > 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+            raise InvalidRequest(
+                f"repetition_penalty must be > 0, got {self.repetition_penalty}", param="repetition_penalty"
+            )
         if not self.n >= 1:
-            raise ValueError(f"n must be >= 1, got {self.n}")
+            raise InvalidRequest(f"n must be >= 1, got {self.n}", param="n")
         if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
-            raise ValueError(f"seed must be in [0, 2**63 - 1], got {self.seed}")
+            raise InvalidRequest(f"seed must be in [0, 2**63 - 1], got {self.seed}", param="seed")
         self._verify_stops(vocab_size)
         kinds = [k for k in CONSTRAINT_KINDS if getattr(self, k) is not None]
         if len(kinds) > 1:
-            raise ValueError(f"{kinds[1]}: at most one constraint per request, got {' and '.join(kinds)}")
+            raise InvalidRequest(
+                f"{kinds[1]}: at most one constraint per request, got {' and '.join(kinds)}", param=kinds[1]
+            )
         for kind in kinds:
             size = len(getattr(self, kind))
             if size > MAX_CONSTRAINT_CHARS:
-                raise ValueError(
-                    f"{kind} is too large: {size} characters, the limit is {MAX_CONSTRAINT_CHARS}"
+                raise InvalidRequest(
+                    f"{kind} is too large: {size} characters, the limit is {MAX_CONSTRAINT_CHARS}", param=kind
                 )
 
     def _verify_stops(self, vocab_size: int) -> None:
         stops = self.stop_strs
         if len(stops) > MAX_STOP_STRINGS:
-            raise ValueError(f"stop may hold at most {MAX_STOP_STRINGS} strings, got {len(stops)}")
+            raise InvalidRequest(
+                f"stop may hold at most {MAX_STOP_STRINGS} strings, got {len(stops)}", param="stop"
+            )
         for s in stops:
             if not s:
-                raise ValueError("stop strings must be non-empty")
+                raise InvalidRequest("stop strings must be non-empty", param="stop")
             if len(s) > MAX_STOP_STRING_LEN:
-                raise ValueError(
-                    f"stop strings must be at most {MAX_STOP_STRING_LEN} characters, got one of {len(s)}"
+                raise InvalidRequest(
+                    f"stop strings must be at most {MAX_STOP_STRING_LEN} characters, got one of {len(s)}",
+                    param="stop",
                 )
         ids = self.stop_token_ids or []
         if len(ids) > MAX_STOP_TOKEN_IDS:
-            raise ValueError(f"stop_token_ids may hold at most {MAX_STOP_TOKEN_IDS} ids, got {len(ids)}")
+            raise InvalidRequest(
+                f"stop_token_ids may hold at most {MAX_STOP_TOKEN_IDS} ids, got {len(ids)}",
+                param="stop_token_ids",
+            )
         for token_id in ids:
             if not 0 <= token_id < vocab_size:
-                raise ValueError(
-                    f"stop_token_ids entry {token_id} is outside the vocabulary [0, {vocab_size})"
+                raise InvalidRequest(
+                    f"stop_token_ids entry {token_id} is outside the vocabulary [0, {vocab_size})",
+                    param="stop_token_ids",
                 )
 
 
@@ -248,4 +268,4 @@ def _check_type(name: str, value: object) -> None:
     else:
         raise AssertionError(f"no type rule for field {name}")
     if not ok:
-        raise ValueError(f"{name} must be {expected}, got {value!r} ({type(value).__name__})")
+        raise InvalidRequest(f"{name} must be {expected}, got {value!r} ({type(value).__name__})", param=name)

@@ -26,6 +26,8 @@ import warnings
 import numpy as np
 import torch
 
+from shared.errors import InvalidRequest
+
 
 class PageLayout:
     def __init__(self, buffers: list[torch.Tensor], page_size: int) -> None:
@@ -52,7 +54,7 @@ class PageLayout:
 
     def check_pages(self, pages: list[int]) -> None:
         if any(not 0 < p < self.num_pages for p in pages):  # page 0 is the padding page
-            raise ValueError(f"page ids must be in [1, {self.num_pages})")
+            raise InvalidRequest(f"page ids must be in [1, {self.num_pages})")
 
     def read_pages(self, pages: list[int]) -> bytes:
         """The serialized form of `pages` (see the module docstring)."""
@@ -68,7 +70,9 @@ class PageLayout:
         """Copy the serialized form of `pages` (as `read_pages` returns it) into the pool."""
         size = memoryview(data).nbytes
         if size != self.nbytes(len(pages)):
-            raise ValueError(f"expected {self.nbytes(len(pages))} bytes for {len(pages)} pages, got {size}")
+            raise InvalidRequest(
+                f"expected {self.nbytes(len(pages))} bytes for {len(pages)} pages, got {size}"
+            )
         if not pages:
             return
         n, offset = len(pages), 0

@@ -20,6 +20,7 @@ from transformers import AutoTokenizer
 from shared.constrained import GrammarCompiler, apply_token_bitmask_reference
 from shared.constrained.grammar import can_finish
 from shared.engine import Engine
+from shared.errors import Unavailable
 from shared.sampling import SamplingParams
 from tests.engine.hf_reference import hf_greedy_constrained
 from tests.engine.test_disagg import TRANSPORTS, make_pair, run_pd, wait_idle
@@ -283,14 +284,16 @@ def test_waiting_for_a_grammar_admits_later_or_aborts_cleanly(tiny_llama: Path) 
     assert core.add_request(["a", "b"], [5, 6, 7], params) is False
     assert core.waiting_in_background and not core.has_work
     core.abort("a")  # the caller leaves while its grammar compiles: the whole add is refused
-    assert core.take_admissions() == [(["a", "b"], None, "ValueError", "aborted", False)]
+    ((rids, pages, error, reservation),) = core.take_admissions()
+    assert (rids, pages, reservation) == (["a", "b"], None, False)
+    assert isinstance(error, Unavailable) and error.message == "aborted"
     assert not core.waiting_in_background
 
     assert core.add_request(["c"], [5, 6, 7], SamplingParams(max_new_tokens=4, regex="[0-9]+")) is False
     assert core.step() == [] and core.take_admissions() == []  # still compiling
     gate.set_result(real("regex", "[0-9]+").result())
     outputs = core.step()
-    assert core.take_admissions() == [(["c"], None, "", "", False)]  # accepted before any output
+    assert core.take_admissions() == [(["c"], None, None, False)]  # accepted before any output
     while core.has_work:
         outputs += core.step()
     assert re.fullmatch("[0-9]+", "".join(o.new_text for o in outputs))

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from shared.engine_core import EngineCore, RequestOutput
+from shared.errors import CapacityError
 from shared.sampling import SamplingParams
 from shared.transfer import KvCommit, KvTarget, nixl_available
 from tests.engine.hf_reference import hf_greedy
@@ -58,7 +59,7 @@ def forward_targets(
             pages = decode.reserve_kv(out.rid)
             if pages is not None:
                 prefill.set_kv_target(out.rid, pages)
-    for rids, pages, error, _, reservation in decode.take_admissions():
+    for rids, pages, error, reservation in decode.take_admissions():
         assert reservation and not error and pages is not None
         prefill.set_kv_target(rids[0], pages)
     return [out for out in outs if not out.kv_pages_wanted]
@@ -240,7 +241,9 @@ def test_full_decode_engine_queues_reservations_first_come_first_served(tiny_lla
     assert reserve(decode, "b", b, params) is None  # no room: queued, holds nothing
     assert reserve(decode, "c", c, params) is None
     decode.abort("c")  # aborted while queued: the reservation is refused and the request ends
-    assert decode.take_admissions() == [(["c"], None, "CapacityError", "aborted", True)]
+    ((rids, pages, error, reservation),) = decode.take_admissions()
+    assert (rids, pages, reservation) == (["c"], None, True)
+    assert isinstance(error, CapacityError) and error.message == "aborted"
     (ended,) = decode.step()
     assert ended.rid == "c" and ended.finish_reason == {"type": "abort", "message": "aborted"}
     # a runs to the end; its pages go back and b is granted them
@@ -252,8 +255,8 @@ def test_full_decode_engine_queues_reservations_first_come_first_served(tiny_lla
         finished = [o for o in decode.step() if o.finished]
     assert finished[0].rid == "a" and finished[0].completion_tokens == 3
     decode.step()
-    ((rids, pages_b, error, why, reservation),) = decode.take_admissions()
-    assert rids == ["b"] and pages_b is not None and len(pages_b) == 3 and error == why == ""
+    ((rids, pages_b, error, reservation),) = decode.take_admissions()
+    assert rids == ["b"] and pages_b is not None and len(pages_b) == 3 and error is None
     assert reservation
     prefill.add_request(["b"], b, params, kv_target=KvTarget("grpc", pages_b))
     (out,) = prefill.step()
@@ -280,8 +283,8 @@ def test_queued_reservation_waits_past_the_lease_which_starts_when_granted(tiny_
     while not any(o.finished for o in decode.step()):
         pass
     decode.step()
-    ((_, pages_b, error, _, _),) = decode.take_admissions()
-    assert error == "" and pages_b is not None
+    ((_, pages_b, error, _),) = decode.take_admissions()
+    assert error is None and pages_b is not None
     prefill.add_request(["b"], b, params, kv_target=KvTarget("grpc", pages_b))
     (out,) = prefill.step()
     got = deliver_and_decode(decode, out)

@@ -13,7 +13,7 @@ routing hint) trigger failures:
 A test can instead script what the next call streams back (`StubRouter.script`): text pieces per
 sample, one increment each, split wherever the test likes (`split_text` cuts at awkward places).
 An output constraint (json_schema, regex, ebnf, structural_tag) is compiled with xgrammar, as the
-engine does, and one that does not compile fails the call with INVALID_ARGUMENT.
+engine does, and one that does not compile fails the call with INVALID_ARGUMENT naming its field.
 
 It records every request and every call the client cancelled. It runs its own event loop in a
 background thread, so synchronous tests can drive it.
@@ -32,8 +32,10 @@ from pathlib import Path
 import grpc
 from tokenizers import Tokenizer
 
+from services.common.errors import abort
 from services.protos.tandem.common.v1 import common_pb2
 from services.protos.tandem.router.v1 import router_pb2, router_pb2_grpc
+from shared.errors import InvalidRequest
 
 MODEL_ID = "tiny-stub-model"
 NUM_SPECIAL_TOKENS = 5  # the tiny tokenizer's special tokens are ids 0..4
@@ -127,14 +129,13 @@ class StubRouterService(router_pb2_grpc.RouterServiceServicer):
                 await context.abort(code, f"stub router: {code.name.lower()} (magic word)")
         for token_id in request.sampling_params.stop_token_ids:
             if not 0 <= token_id < self.vocab_size:
-                await context.abort(
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    f"stop_token_ids entry {token_id} is outside the vocabulary [0, {self.vocab_size})",
-                )
-        if request.sampling_params.WhichOneof("constraint") is not None:
+                message = f"stop_token_ids entry {token_id} is outside the vocabulary [0, {self.vocab_size})"
+                await abort(context, InvalidRequest(message, param="stop_token_ids"))
+        kind = request.sampling_params.WhichOneof("constraint")
+        if kind is not None:
             error = await asyncio.to_thread(compile_constraint, request.sampling_params)
-            if error is not None:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, error)
+            if error is not None:  # as the router answers: the field at fault as data
+                await abort(context, InvalidRequest(error, param=kind))
         try:
             if self.scripts:
                 responses = self._scripted(request, request_id, self.scripts.pop(0))

@@ -10,7 +10,16 @@ import httpx
 import openai
 import pytest
 
+from services.common.errors import PARAM_METADATA_KEY
 from services.gateway.server import to_openai_error
+from shared.errors import (
+    CapacityError,
+    DeadlineExceeded,
+    InternalError,
+    InvalidRequest,
+    NotFound,
+    Unavailable,
+)
 from tests.gateway.stub_router import MODEL_ID, StubRouter
 
 pytestmark = pytest.mark.xdist_group("gateway_errors")
@@ -173,10 +182,35 @@ def test_health(http: httpx.Client, stub: StubRouter) -> None:
     ],
 )
 def test_grpc_status_mapping(code: grpc.StatusCode, status: int) -> None:
-    exc = grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details="temperature is bad")
+    # The field at fault travels as trailing metadata, never parsed out of the message.
+    trailing = grpc.aio.Metadata((PARAM_METADATA_KEY, "max_new_tokens"))
+    exc = grpc.aio.AioRpcError(code, grpc.aio.Metadata(), trailing, details="top_p is in the message")
     error = to_openai_error(exc)
     assert error.status == status
-    assert error.param == ("temperature" if status == 400 else None)
+    assert error.param == ("max_tokens" if status == 400 else None)  # the engine's name -> OpenAI's
+    bare = grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details="top_p is bad")
+    assert to_openai_error(bare).param is None
+
+
+@pytest.mark.parametrize(
+    ("error", "status", "param"),
+    [
+        (InvalidRequest("top_p must be in (0, 1]", param="top_p"), 400, "top_p"),
+        (NotFound("no such model"), 404, None),
+        (CapacityError("full"), 429, None),
+        (Unavailable("gone"), 503, None),
+        (DeadlineExceeded("late"), 504, None),
+        (InternalError("broken"), 500, None),
+        (ValueError("a bug, not the client's mistake"), 500, None),
+        (KeyError("a bug"), 500, None),
+    ],
+)
+def test_taxonomy_mapping(error: Exception, status: int, param: str | None) -> None:
+    # One mapping: the shared taxonomy -> HTTP; anything outside it is a programming error (500).
+    got = to_openai_error(error)
+    assert (got.status, got.param) == (status, param)
+    if status == 500:
+        assert "a bug" not in got.message  # no internals leak to the client
 
 
 @pytest.mark.parametrize(

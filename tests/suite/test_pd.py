@@ -15,6 +15,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from services.common.errors import PARAM_METADATA_KEY
 from services.protos.tandem.common.v1 import common_pb2
 from services.protos.tandem.router.v1 import router_pb2
 from shared.transfer import nixl_available
@@ -134,24 +135,28 @@ def test_text_in_text_out(pd: tuple[Cluster, Service, Service]) -> None:
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "code", "message"),
+    ("kwargs", "message", "param"),
     [
-        ({"temperature": -1.0}, grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
-        ({"top_p": 1.5}, grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
-        ({"n": 99}, grpc.StatusCode.INVALID_ARGUMENT, "n must be"),
-        ({"token_ids": [10**7]}, grpc.StatusCode.INVALID_ARGUMENT, "token ids"),
-        ({"token_ids": []}, grpc.StatusCode.INVALID_ARGUMENT, "empty"),
+        ({"temperature": -1.0}, "temperature", "temperature"),  # checked by the engine
+        ({"top_p": 1.5}, "top_p", "top_p"),
+        ({"min_new_tokens": 9, "max_new_tokens": 2}, "min_new_tokens", "min_new_tokens"),
+        ({"n": 99}, "n must be", "n"),  # checked by the router
+        ({"token_ids": [10**7]}, "token ids", "prompt"),
+        ({"token_ids": []}, "empty", "text"),
     ],
 )
 def test_bad_requests_are_refused_and_the_suite_keeps_serving(
-    pd: tuple[Cluster, Service, Service], kwargs: dict[str, object], code: grpc.StatusCode, message: str
+    pd: tuple[Cluster, Service, Service], kwargs: dict[str, object], message: str, param: str
 ) -> None:
     cluster, prefill, decode = pd
     kwargs = dict(kwargs)  # parametrize values are shared between the transports
     token_ids = kwargs.pop("token_ids", [5, 6, 7])
     with pytest.raises(grpc.RpcError) as err:
         cluster.generate(token_ids, **kwargs)  # type: ignore[arg-type]
-    assert err.value.code() == code and message in err.value.details()
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and message in err.value.details()
+    # The field at fault crossed the engine process, the worker and the router as data.
+    trailing = dict(err.value.trailing_metadata() or ())  # type: ignore[attr-defined]
+    assert trailing.get(PARAM_METADATA_KEY) == param
     assert collect(cluster.generate([5, 6, 7], max_new_tokens=2))[0]["finish"] is not None
     for worker in (prefill, decode):
         worker.wait_released()
