@@ -2,7 +2,8 @@
 
     tandem up [--model PATH] [--port 8000] [--prefill N] [--decode M]
                                  the whole suite: router, workers, OpenAI gateway (see launcher.py)
-    tandem demo [--model PATH]   run the offline engine on a model (default: a tiny local one)
+    tandem demo [--model PATH] [engine flags]
+                                 run the offline engine on a model (default: a tiny local one)
 
 Without `--model`, a tiny random-weight Llama is built once under $TANDEM_HOME (default
 ~/.cache/tandem) so that everything runs with no model hub and no download.
@@ -18,6 +19,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from shared import config_cli
+from shared.config import EngineConfig
 
 
 def tandem_home() -> Path:
@@ -57,8 +61,12 @@ def _demo(args: argparse.Namespace) -> int:
         "The three primary colors are",
     ]
     params = {"max_new_tokens": args.max_new_tokens, "temperature": 0.7, "top_p": 0.9, "seed": 0}
-    options = {"dtype": args.dtype, "quantization": args.quantization, "kv_cache_dtype": args.kv_cache_dtype}
-    with Engine(model_path=str(model), **options) as engine:
+    try:
+        engine = Engine(model_path=str(model), **config_cli.options(args, EngineConfig, "unified"))
+    except ValueError as e:  # a bad engine option: say so, like argparse, without a traceback
+        print(f"tandem demo: error: {e}", file=sys.stderr)
+        return 2
+    with engine:
         start = time.perf_counter()
         outs = engine.generate(prompts, params)
         elapsed = time.perf_counter() - start
@@ -90,10 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     up_parser.set_defaults(func=up)
     demo = sub.add_parser("demo", help="run the offline engine on a model")
     demo.add_argument("--model", help="HF model directory (default: a tiny local model)")
-    demo.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
-    demo.add_argument("--quantization", choices=["fp8"], help="block-wise FP8 weights (W8A8)")
-    demo.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8_e4m3"])
     demo.add_argument("--max-new-tokens", type=int, default=32)
+    engine = demo.add_argument_group("engine", "options of the engine (shared/config.py:EngineConfig)")
+    config_cli.add_arguments(engine, EngineConfig, "unified")
     demo.set_defaults(func=_demo)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)

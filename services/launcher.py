@@ -34,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import typing
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,7 @@ from services.common.auth import API_KEY_ENV, CLUSTER_TOKEN_ENV, bearer
 from services.common.parent import PARENT_ENV
 from services.mps import MpsError, mps_daemon
 from services.protos.tandem.router.v1 import router_pb2, router_pb2_grpc
+from shared.config import KvTransport
 
 
 @dataclass
@@ -87,7 +89,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--prefill-policy", default="cache_aware")
     p.add_argument("--decode-policy", default="least_load")
-    p.add_argument("--kv-transport", default="auto", choices=["auto", "nixl", "grpc"])
+    p.add_argument(
+        "--kv-transport",
+        choices=typing.get_args(KvTransport),
+        help="KV transfer between prefill and decode workers (default: the workers' own, auto)",
+    )
     p.add_argument(
         "--log-dir", help="one log file per service (default: a fresh directory under $TANDEM_HOME)"
     )
@@ -185,7 +191,7 @@ def up(args: argparse.Namespace) -> int:
             for i in range(count):
                 cmd = [*py, f"services.{module}", "--model", model, "--router", router_admin]
                 cmd += ["--metrics-port", "0", *extra]
-                if module != "worker":
+                if module != "worker" and args.kv_transport:
                     cmd += ["--kv-transport", args.kv_transport]
                 start(f"{module}-{i}", cmd, f"tandem-{module}", cluster_env)
         expected = args.prefill + args.decode + unified

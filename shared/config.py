@@ -1,75 +1,141 @@
-"""Engine options: one typed, validated place for every knob (and the environment variables)."""
+"""Engine options: one typed, validated place for every knob (and the environment variables).
+
+Each field's metadata says how it is set from the command line (`shared/config_cli.py` turns
+them into the workers' engine flags): `flag(help)`, or `not_a_flag(reason)`.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass
+import typing
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from shared.config_cli import flag, not_a_flag
+
+Dtype = Literal["auto", "bfloat16", "float16", "float32"]
 SchedulePolicy = Literal["fcfs", "lpm"]
 DisaggregationMode = Literal["null", "prefill", "decode"]
 KvTransport = Literal["auto", "nixl", "grpc"]
 Quantization = Literal["fp8"]
 KvCacheDtype = Literal["auto", "fp8_e4m3"]
-_MODES = ("null", "prefill", "decode")
-_TRANSPORTS = ("auto", "nixl", "grpc")
-_POLICIES = ("fcfs", "lpm")
-_DTYPES = ("auto", "bfloat16", "float16", "float32")
-_QUANTIZATIONS = (None, "fp8")
-_KV_CACHE_DTYPES = ("auto", "fp8_e4m3")
+_DTYPES = typing.get_args(Dtype)
+_POLICIES = typing.get_args(SchedulePolicy)
+_MODES = typing.get_args(DisaggregationMode)
+_TRANSPORTS = typing.get_args(KvTransport)
+_QUANTIZATIONS = (None, *typing.get_args(Quantization))
+_KV_CACHE_DTYPES = typing.get_args(KvCacheDtype)
+_PD = ("prefill", "decode")  # the roles that take the disaggregation flags
 
 
 @dataclass(frozen=True)
 class EngineConfig:
     """Options of one engine (scheduler + model runner). Names follow SGLang's server args."""
 
-    model_path: str
-    tokenizer_path: str | None = None  # defaults to model_path
-    dtype: str = "auto"  # "auto" takes the checkpoint's dtype
-    # "fp8": block-wise FP8 weights (W8A8), quantized while loading; an FP8 checkpoint (a
-    # `quantization_config` in config.json, DeepSeek-V3's layout) is FP8 with or without it.
-    quantization: Quantization | None = None
-    # KV pool storage: "auto" = the model dtype; "fp8_e4m3" halves it (E4M3, scale 1.0).
-    kv_cache_dtype: KvCacheDtype = "auto"
-    device: str = "auto"  # "auto": cuda when available, else cpu
-    page_size: int = 16  # tokens per KV page; the radix cache shares whole pages only
-    max_total_tokens: int | None = None  # KV pool size in tokens; None sizes it from memory
-    mem_fraction_static: float = 0.85  # GPU: share of free memory for weights + KV pool
-    max_running_requests: int = 256
-    max_context_len: int | None = None  # None: the model's max_position_embeddings
-    chunked_prefill_size: int = 2048  # per-step token budget; <= 0 disables chunking
-    max_prefill_tokens: int = 16384  # per-step budget when chunking is disabled
-    schedule_policy: SchedulePolicy = "fcfs"
-    disable_radix_cache: bool = False
-    # "auto": "triton" on CUDA when Triton is importable, else "torch"; or a registered name.
-    attention_backend: str = "auto"
-    # CUDA graphs for decode-only steps, captured at batch sizes up to this (larger run eagerly).
-    cuda_graph_max_bs: int = 160
-    disable_cuda_graph: bool = False
-    # Overlap scheduling: the host prepares step N+1 while the device runs step N. None: on for
-    # CUDA (except prefill engines); tests force it on CPU to check it changes no output.
-    enable_overlap_schedule: bool | None = None
-    random_seed: int = 0
+    model_path: str = field(metadata=not_a_flag("the worker's --model"))
+    tokenizer_path: str | None = field(
+        default=None, metadata=flag("tokenizer directory (default: the model's)", metavar="DIR")
+    )
+    dtype: Dtype = field(default="auto", metadata=flag("weights and activations (auto: the checkpoint's)"))
+    # An FP8 checkpoint (a `quantization_config` in config.json, DeepSeek-V3's layout) is FP8
+    # with or without it.
+    quantization: Quantization | None = field(
+        default=None, metadata=flag("fp8: block-wise FP8 weights (W8A8), quantized while loading")
+    )
+    # "fp8_e4m3" stores E4M3 with scale 1.0.
+    kv_cache_dtype: KvCacheDtype = field(
+        default="auto", metadata=flag("KV cache storage (auto: the model dtype; fp8_e4m3 halves it)")
+    )
+    device: str = field(
+        default="auto",
+        metadata=flag("auto (cuda when available, else cpu), cpu or cuda[:N]", metavar="DEVICE"),
+    )
+    page_size: int = field(
+        default=16, metadata=flag("tokens per KV page; the radix cache shares whole pages only")
+    )
+    max_total_tokens: int | None = field(
+        default=None, metadata=flag("KV pool size in tokens (default: sized from free memory)")
+    )
+    mem_fraction_static: float = field(
+        default=0.85, metadata=flag("GPU: share of free memory for weights + KV pool")
+    )
+    max_running_requests: int = field(default=256, metadata=flag("requests running at once at most"))
+    max_context_len: int | None = field(
+        default=None, metadata=flag("longest prompt + output (default: the model's max_position_embeddings)")
+    )
+    chunked_prefill_size: int = field(
+        default=2048, metadata=flag("per-step token budget of prefills; <= 0 disables chunking")
+    )
+    max_prefill_tokens: int = field(
+        default=16384, metadata=flag("per-step token budget of prefills when chunking is disabled")
+    )
+    schedule_policy: SchedulePolicy = field(
+        default="fcfs", metadata=flag("waiting queue order (lpm: longest cached prefix first)")
+    )
+    disable_radix_cache: bool = field(default=False, metadata=flag("do not share KV between prompts"))
+    # Or any registered backend name.
+    attention_backend: str = field(
+        default="auto", metadata=flag("auto: triton on CUDA when importable, else torch", metavar="NAME")
+    )
+    # Larger decode batches run eagerly.
+    cuda_graph_max_bs: int = field(default=160, metadata=flag("largest decode batch run as a CUDA graph"))
+    disable_cuda_graph: bool = field(default=False, metadata=flag("run every step eagerly"))
+    # Overlap scheduling: the host prepares step N+1 while the device runs step N. Tests force it
+    # on CPU to check it changes no output; prefill engines stream KV pages between steps instead.
+    enable_overlap_schedule: bool | None = field(
+        default=None, metadata=flag("overlap scheduling (default: on for CUDA; never on prefill workers)")
+    )
+    random_seed: int = field(
+        default=0, metadata=flag("seed of the sampler (requests without a seed of their own)")
+    )
     # Prefill/decode disaggregation: "null" runs whole requests; "prefill" sends each prompt's KV
     # to a decode engine's reserved pages; "decode" reserves pages and continues from the KV.
-    disaggregation_mode: DisaggregationMode = "null"
-    kv_transport: KvTransport = "auto"  # auto: nixl when installed, else bytes over gRPC
-    kv_transfer_timeout_s: float = 30.0  # prefill: give up a write; decode: reservation lease
-    # Decode engine sharing its GPU with a prefill engine: while more prompts wait on the prefill
-    # side than run here, steps are at least this far apart (shared/disagg/pacing.py); 0: off.
-    decode_step_interval_ms: float = 0.0
-    # Constrained decoding (xgrammar): compiled grammars kept (LRU), compile threads, and how long a
-    # request waits for its grammar before it is refused.
-    grammar_cache_size: int = 256
-    grammar_compile_threads: int = 2
-    grammar_compile_timeout_s: float = 10.0
-    # JSON schemas: allow any whitespace between tokens (True) or xgrammar's compact separators;
-    # compact keeps outputs short and is what models fine-tuned for JSON mostly emit.
-    json_any_whitespace: bool = False
+    disaggregation_mode: DisaggregationMode = field(
+        default="null", metadata=not_a_flag("set by the role: python -m services.{prefill,decode}")
+    )
+    kv_transport: KvTransport = field(
+        default="auto",
+        metadata=flag("KV transfer (auto: nixl when installed, else bytes over gRPC)", roles=_PD),
+    )
+    kv_transfer_timeout_s: float = field(
+        default=30.0,
+        metadata=flag(
+            "prefill: give up a KV write after this; decode: the reservation lease",
+            aliases=("--kv-transfer-timeout",),
+            metavar="SECONDS",
+            roles=_PD,
+        ),
+    )
+    # See shared/disagg/pacing.py.
+    decode_step_interval_ms: float = field(
+        default=0.0,
+        metadata=flag(
+            "decode sharing a GPU with prefill: steps at least this far apart while more prompts wait"
+            " there than run here (0: off)",
+            roles=_PD,
+            metavar="MS",
+        ),
+    )
+    # Constrained decoding (xgrammar).
+    grammar_cache_size: int = field(default=256, metadata=flag("compiled grammars kept (LRU)"))
+    grammar_compile_threads: int = field(default=2, metadata=flag("threads compiling grammars"))
+    grammar_compile_timeout_s: float = field(
+        default=10.0,
+        metadata=flag(
+            "how long a request waits for its grammar before it is refused",
+            aliases=("--grammar-compile-timeout",),
+            metavar="SECONDS",
+        ),
+    )
+    # Compact separators keep outputs short and are what models fine-tuned for JSON mostly emit.
+    json_any_whitespace: bool = field(
+        default=False, metadata=flag("JSON schemas allow any whitespace (default: compact separators)")
+    )
     # Check `free + evictable + locked == total` after every step (tests turn it on).
-    debug_invariants: bool = dataclasses.field(
-        default_factory=lambda: os.environ.get("TANDEM_DEBUG_INVARIANTS", "") not in ("", "0")
+    debug_invariants: bool = field(
+        default_factory=lambda: os.environ.get("TANDEM_DEBUG_INVARIANTS", "") not in ("", "0"),
+        metadata=not_a_flag("the environment: TANDEM_DEBUG_INVARIANTS=1"),
     )
 
     @classmethod

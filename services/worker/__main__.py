@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import asyncio
 
-from services.worker.args import build_parser
+from services.worker.args import parse_args
 from services.worker.server import serve
 
 
 def main() -> None:
-    asyncio.run(serve(build_parser("unified").parse_args(), "unified"))
+    asyncio.run(serve(parse_args("unified"), "unified"))
 
 
 if __name__ == "__main__":
