@@ -15,7 +15,7 @@ from enum import Enum
 from typing import TYPE_CHECKING
 
 from shared.disagg.events import Arrived, Expired, Granted, ReceiveEvent, Released
-from shared.errors import InvalidRequest, NotFound
+from shared.errors import InvalidRequest
 from shared.scheduler.request import Req
 from shared.transfer import KvCommit
 
