@@ -9,6 +9,10 @@
 `concurrent.futures.Future` instead, for callers on an event loop (`asyncio.wrap_future`).
 Refusals raise the engine's `ValueError` or `CapacityError`.
 
+A caller may cancel a future it no longer wants (an event-loop caller that left); the engine's
+answer to it is then dropped, never set on the cancelled future (which would raise on the
+receiver thread and stop it delivering anything more).
+
 Any thread may call these methods. Each request's outputs (`RequestOutput` increments, or
 an exception when the engine fails it or dies) go to its `on_output` callback, called on the
 client's receiver thread: callbacks must be quick and must not block (hand off to a queue or
@@ -256,7 +260,7 @@ class EngineClient:
                 if isinstance(msg, Rejected):
                     for rid in msg.rids:
                         self._handlers.pop(rid, None)
-            if fut is None:
+            if fut is None or not fut.set_running_or_notify_cancel():  # the caller left
                 return
             if isinstance(msg, Rejected):
                 fut.set_exception(
@@ -280,7 +284,8 @@ class EngineClient:
         for handler in handlers:
             handler(RuntimeError(reason))
         for fut in calls:
-            fut.set_exception(RuntimeError(reason))
+            if fut.set_running_or_notify_cancel():
+                fut.set_exception(RuntimeError(reason))
 
     def _close_sockets(self) -> None:
         self._push.close(linger=0)

@@ -113,3 +113,16 @@ def test_stray_kv_messages_are_dropped_and_the_engine_keeps_serving(client: Engi
     client.set_kv_target("nobody", [1, 2])  # nor a sender
     assert len(collect(client, "still-serving", [5, 6, 7], GREEDY)) >= 1
     assert client.process.is_alive()
+
+
+def test_an_answer_to_a_cancelled_call_is_dropped_and_the_client_keeps_receiving(client: EngineClient) -> None:
+    # An event-loop caller that leaves cancels its future (asyncio.wrap_future does); the
+    # engine's answer arrives later and must not stop the receiver thread.
+    for _ in range(5):
+        assert client.stats().cancel()
+    outputs: queue.SimpleQueue[RequestOutput | BaseException] = queue.SimpleQueue()
+    admitted = client.submit(["left"], [5, 6, 7], GREEDY, outputs.put)
+    admitted.cancel()
+    assert client.stats().result(timeout=30)["kv_total_tokens"] > 0
+    assert len(collect(client, "after-cancel", [5, 6, 7], GREEDY)) >= 1
+    client.abort("left")
