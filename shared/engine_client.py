@@ -21,6 +21,7 @@ an event loop). When the engine process dies, every open request gets a RuntimeE
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import multiprocessing
 import shutil
@@ -70,6 +71,10 @@ class EngineClient:
         to_engine, from_engine = f"ipc://{self._dir}/to-engine", f"ipc://{self._dir}/from-engine"
         self._ctx = zmq.Context()
         self._push = self._ctx.socket(zmq.PUSH)
+        # Sends never block the caller (often an event loop): no queue bound while the engine
+        # is connected, and an error at once when it is not (a PUSH socket without a peer
+        # would otherwise block until one connects, i.e. forever once the engine died).
+        self._push.setsockopt(zmq.SNDHWM, 0)
         self._push.bind(to_engine)
         self._pull = self._ctx.socket(zmq.PULL)
         self._pull.bind(from_engine)
@@ -187,7 +192,8 @@ class EngineClient:
     def abort(self, rid: str) -> None:
         """Stop a request; its handler gets a final output with finish_reason abort."""
         if self.error is None and not self._closed:
-            self._send(AbortRequest(rid))
+            with contextlib.suppress(RuntimeError):  # the engine is gone: nothing left to stop
+                self._send(AbortRequest(rid))
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop the engine process (killing it if it does not stop in time) and fail open requests."""
@@ -195,7 +201,8 @@ class EngineClient:
             return
         self._closed = True
         if self.process.is_alive():
-            self._send(Shutdown())
+            with contextlib.suppress(RuntimeError):
+                self._send(Shutdown())
             self.process.join(timeout)
         if self.process.is_alive():
             self.process.kill()
@@ -209,10 +216,13 @@ class EngineClient:
     def _send(self, msg: ToEngine, payload: bytes | memoryview | None = None) -> None:
         """`payload` (KV pages) goes as a frame of its own, without a copy."""
         with self._send_lock:
-            if payload is None:
-                self._push.send(self._encode(msg))
-            else:
-                self._push.send_multipart([self._encode(msg), payload], copy=False)
+            try:
+                if payload is None:
+                    self._push.send(self._encode(msg), zmq.NOBLOCK)
+                else:
+                    self._push.send_multipart([self._encode(msg), payload], zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                raise RuntimeError(self.error or "the engine process is not connected (gone?)") from None
 
     def _wait_ready(self) -> Ready:
         while not self._pull.poll(_POLL_MS):
