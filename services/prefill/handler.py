@@ -56,7 +56,7 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
     async def Prefill(
         self, request: worker_pb2.PrefillRequest, context: grpc.aio.ServicerContext
     ) -> worker_pb2.PrefillResponse:
-        with server_span("prefill", context.invocation_metadata()) as span:
+        with self.engine.admit(), server_span("prefill", context.invocation_metadata()) as span:
             if span.is_recording():
                 span.set_attributes(
                     {"tandem.rid": request.request.rid, "tandem.decode_worker": request.decode_address}

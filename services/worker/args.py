@@ -36,6 +36,12 @@ def build_parser(role: str) -> argparse.ArgumentParser:
         type=int,
         help="serve Prometheus /metrics on this port (0: a free one, printed; default: off)",
     )
+    p.add_argument(
+        "--max-open-requests",
+        type=int,
+        default=1024,
+        help="calls open at once before new ones get RESOURCE_EXHAUSTED (0: no bound)",
+    )
     e = p.add_argument_group("engine")
     e.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
     e.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")

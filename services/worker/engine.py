@@ -3,19 +3,41 @@
 `EngineClient` calls back on its receiver thread; `AsyncEngine` hops each output onto the loop
 (`call_soon_threadsafe`) into a per-request `RequestStream`. Closing or cancelling a stream
 before the request finished aborts it in the engine, so a cancelled RPC frees its KV.
+
+Liveness: `ping()` (called every half second by the worker) asks the engine for its stats; the
+engine answers between steps, so an answer within `ENGINE_SILENT_S` means it is making progress.
+`RequestStream.outputs(keepalive_s)` yields `KEEPALIVE` after `keepalive_s` without an output while
+the engine is responsive, so a caller can tell a queued or prefilling request on a busy worker from
+a frozen worker (which sends nothing at all).
+
+Admission: `admit()` bounds the calls open on this worker (`max_open`); past it a new call is
+refused with `CapacityError` (RESOURCE_EXHAUSTED) instead of queueing without end.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import contextlib
+import time
+from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import Future
-from typing import Any
+from typing import Any, Final
 
 from shared.config import EngineConfig
 from shared.engine_client import EngineClient
+from shared.errors import CapacityError
 from shared.outputs import RequestOutput
 from shared.transfer.records import KvTarget
+
+ENGINE_SILENT_S = 5.0  # an engine that has not answered a ping this long gets no keepalives sent for it
+
+
+class Keepalive:
+    def __repr__(self) -> str:
+        return "KEEPALIVE"
+
+
+KEEPALIVE: Final = Keepalive()
 
 
 class RequestStream:
@@ -31,9 +53,24 @@ class RequestStream:
         self.engine.loop.call_soon_threadsafe(self._queue.put_nowait, item)
 
     async def __aiter__(self) -> AsyncIterator[RequestOutput]:
+        async for item in self.outputs(0.0):
+            assert isinstance(item, RequestOutput)
+            yield item
+
+    async def outputs(self, keepalive_s: float) -> AsyncIterator[RequestOutput | Keepalive]:
+        """The outputs, with `KEEPALIVE` after each `keepalive_s` (> 0) of silence while the
+        engine is responsive."""
         try:
             while not self.finished:
-                item = await self._queue.get()
+                if keepalive_s > 0:
+                    try:
+                        item = await asyncio.wait_for(self._queue.get(), keepalive_s)
+                    except asyncio.TimeoutError:
+                        if self.engine.responsive():
+                            yield KEEPALIVE
+                        continue
+                else:
+                    item = await self._queue.get()
                 if isinstance(item, BaseException):
                     self.finished = True
                     raise item
@@ -50,10 +87,45 @@ class RequestStream:
 
 
 class AsyncEngine:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, max_open: int = 0) -> None:
         self.config = config
         self.client = EngineClient(config)  # blocks until the engine is ready (or failed)
         self.loop = asyncio.get_running_loop()
+        self.max_open = max_open  # calls open at once (0: no bound)
+        self.open = 0
+        self.alive_at = time.monotonic()  # when the engine last answered a ping
+        self._pinging = False
+
+    @contextlib.contextmanager
+    def admit(self) -> Iterator[None]:
+        """Count a call against `max_open` while it is open; refuse it past the bound."""
+        if self.max_open and self.open >= self.max_open:
+            raise CapacityError(f"the worker is at capacity ({self.open} calls open); retry later")
+        self.open += 1
+        try:
+            yield
+        finally:
+            self.open -= 1
+
+    def ping(self) -> None:
+        """Ask the engine for its stats unless the last ask is still unanswered; the answer
+        stamps `alive_at` (on the client's receiver thread: a float store)."""
+        if self._pinging or self.client.error is not None:
+            return
+        self._pinging = True
+
+        def answered(fut: Future[dict[str, int]]) -> None:
+            self._pinging = False
+            if not fut.cancelled() and fut.exception() is None:
+                self.alive_at = time.monotonic()
+
+        try:
+            self.client.stats().add_done_callback(answered)
+        except RuntimeError:  # the engine is gone
+            self._pinging = False
+
+    def responsive(self) -> bool:
+        return self.client.error is None and time.monotonic() - self.alive_at < ENGINE_SILENT_S
 
     async def generate(
         self,

@@ -37,7 +37,7 @@ from services.protos.tandem.common.v1 import common_pb2
 from services.protos.tandem.router.v1 import router_pb2, router_pb2_grpc
 from services.protos.tandem.worker.v1 import worker_pb2, worker_pb2_grpc
 from services.worker.args import engine_config, served_model_name
-from services.worker.engine import AsyncEngine
+from services.worker.engine import AsyncEngine, Keepalive
 from services.worker.metrics import WorkerMetrics, annotate_generation
 from shared.outputs import RequestOutput
 
@@ -87,7 +87,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             raise ValueError(f"a {self.role} worker does not serve WorkerService.Generate")
         clock = self.metrics.clock()
         last: RequestOutput | None = None
-        with server_span("generate", context.invocation_metadata()) as span:
+        with self.engine.admit(), server_span("generate", context.invocation_metadata()) as span:
             try:
                 stream = await self.engine.generate(
                     request.rid,
@@ -96,13 +96,23 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                     request.return_logprob,
                     request.top_logprobs_num,
                 )
-                async for out in stream:
+                async for out in stream.outputs(request.keepalive_ms / 1000):
+                    if isinstance(out, Keepalive):
+                        yield keepalive(last)
+                        continue
                     last = out
                     clock.add(len(out.new_ids))
                     yield worker_pb2.GenerateResponse(output=output_to_proto(out))
                 clock.finish()
             finally:
                 annotate_generation(span, request.rid, last, clock)
+
+
+def keepalive(last: RequestOutput | None) -> worker_pb2.GenerateResponse:
+    """A stream's sign of life: nothing to send yet, but this worker and its engine are alive."""
+    return worker_pb2.GenerateResponse(
+        keepalive=worker_pb2.Keepalive(phase="waiting" if last is None else "running")
+    )
 
 
 _LOAD_FIELDS = [
@@ -129,7 +139,8 @@ async def serve(
     config = engine_config(args, role)
     if role != "unified" and config.device == "cpu":
         _keep_kv_transfers_on(args.host)  # before the engine process starts: it inherits it
-    engine = AsyncEngine(config)  # the model loads in the engine process; nothing to serve before
+    # The model loads in the engine process; nothing to serve before.
+    engine = AsyncEngine(config, args.max_open_requests)
     model = served_model_name(args)
 
     def engine_stats() -> dict[str, int] | None:  # on the metrics server's thread
@@ -201,8 +212,10 @@ async def _watch_engine(
     engine: AsyncEngine, health_servicer: health.aio.HealthServicer, gone: asyncio.Event
 ) -> None:
     """An engine process that died takes this worker out of service: NOT_SERVING (the router's
-    probe drops it, and open calls already failed with UNAVAILABLE) and no more heartbeats."""
+    probe drops it, and open calls already failed with UNAVAILABLE) and no more heartbeats.
+    While it lives, ping it: its answers are what the streams' keepalives vouch for."""
     while engine.client.error is None:
+        engine.ping()  # its answers keep the streams' keepalives going
         await asyncio.sleep(_ENGINE_WATCH_S)
     logger.error("the engine is gone (%s): this worker no longer serves", engine.client.error)
     gone.set()
