@@ -16,14 +16,11 @@ the error. A client disconnect cancels the router's handler, which cancels both 
 
 Liveness (`stall_timeout_s`, default 10 s): a worker stream that sends nothing, not even a
 keepalive, for that long is given up (UNAVAILABLE, the call cancelled so the worker frees it
-when it resumes, the worker probed). Workers send a keepalive after `stall_timeout_s / 4` of
-silence while their engine answers, so a request queued or prefilling on a busy worker is not
-given up. The prefill leg is one unary call with nothing to stream: it is given up as soon as the
-registry marks its worker UNHEALTHY (heartbeats stopped and a probe failed).
-
-Telemetry: every worker call carries the current trace context (the `router.generate` span); a
-routing decision is an event on that span; a `RequestRecord` collects what the span and the
-per-request metrics report; token latencies and usage are counted per sample.
+when it resumes, the worker out of rotation until a probe answers). Workers send a keepalive
+after `stall_timeout_s / 4` of silence while their engine answers, so a request queued or
+prefilling on a busy worker is not given up. The prefill leg is one unary call with nothing to
+stream: it is given up as soon as the registry marks its worker UNHEALTHY (heartbeats stopped
+and a probe failed).
 """
 
 from __future__ import annotations
@@ -112,7 +109,7 @@ class Orchestrator:
         self.in_flight = 0
         self.stall_timeout_s = stall_timeout_s
         self._keepalive_ms = max(int(stall_timeout_s * 1000 / 4), 100)
-        self._probes: set[asyncio.Future[bool]] = set()  # probes of stalled workers, running
+        self._probes: set[asyncio.Future[None]] = set()  # probes of stalled workers, running
         self._serials = itertools.count()
         self.metrics = metrics or RouterMetrics()
         registry.on_removed.extend(p.on_worker_removed for p in self.policies.values())
@@ -303,9 +300,9 @@ class Orchestrator:
         logger.warning(
             "worker %s sent nothing for %.1f s; giving up its stream", worker.address, self.stall_timeout_s
         )
-        # Probed in the background (the error does not wait for it): a frozen worker is out of
-        # rotation once the probe times out; one that answers stays.
-        probe = asyncio.ensure_future(self.registry.suspect(worker))
+        # Out of rotation at once (the retry must not land there), back when a probe, run in
+        # the background, answers: a frozen worker stays out.
+        probe = self.registry.stalled(worker)
         self._probes.add(probe)
         probe.add_done_callback(self._probes.discard)
         return ServiceError(

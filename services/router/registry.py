@@ -218,6 +218,18 @@ class Registry:
             self._set_state(worker, "unhealthy")
         return False
 
+    def stalled(self, worker: Worker) -> asyncio.Future[None]:
+        """A stream of `worker` made no progress for the stall bound: out of rotation now (a
+        retry must not pick it again), HEALTHY again once a probe answers (the future)."""
+        if worker.state == "healthy":
+            self._set_state(worker, "unhealthy")
+        return asyncio.ensure_future(self._recheck(worker))
+
+    async def _recheck(self, worker: Worker) -> None:
+        if await self._probe(worker) and worker.state == "unhealthy" and worker.address in self.workers:
+            worker.last_seen = time.monotonic()
+            self._set_state(worker, "healthy")
+
     async def monitor(self) -> None:
         """Forever: probe workers whose heartbeats stopped and unhealthy ones; drop long-dead ones."""
         while True:

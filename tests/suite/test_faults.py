@@ -131,6 +131,27 @@ def test_frozen_decode_worker_fails_its_streams_within_the_bound(cluster: Cluste
     serves(cluster)
 
 
+def test_frozen_decode_engine_fails_its_streams_once_keepalives_stop(cluster: Cluster) -> None:
+    # The worker process is fine, its engine stopped: the worker vouches for the engine for
+    # ENGINE_SILENT_S (5 s) after its last answer, then its keepalives stop and the stall bound runs.
+    stream = long_stream(cluster)
+    first = next(stream)
+    next(stream)
+    worker = by_address(cluster, first.route.decode_worker)
+    engine = worker.engine_pid()
+    os.kill(engine, signal.SIGSTOP)
+    try:
+        error, elapsed = drain_error(stream)
+    finally:
+        os.kill(engine, signal.SIGCONT)
+    assert error.code() == grpc.StatusCode.UNAVAILABLE and "no progress" in error.details()
+    assert elapsed < 5 + STALL_S + 2
+    FIGURES["sigstop_decode_engine_error_s"] = round(elapsed, 2)
+    worker.wait_released()  # the resumed engine aborted the request the router gave up
+    cluster.wait(lambda: cluster.worker_state(worker.address) == router_pb2.WORKER_STATE_HEALTHY, "probe", 10)
+    serves(cluster)
+
+
 def test_ten_times_overload_is_refused_then_recovers(cluster: Cluster) -> None:
     capacity = 2 * DECODE_KV_TOKENS // 64  # requests both decode pools hold at once
     codes: list[str] = []
