@@ -29,7 +29,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from services.common.auth import CLUSTER_TOKEN_ENV, dial, secret_interceptors, secrets_from_args
 from services.common.convert import output_to_proto, sampling_to_dict
-from services.common.errors import grpc_errors
+from services.common.errors import ServiceError, grpc_errors
 from services.common.metrics import serve_metrics
 from services.common.parent import die_with_launcher
 from services.common.tracing import server_span, setup_tracing
@@ -75,7 +75,12 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
 
     @grpc_errors
     async def GetLoad(self, request: Any, context: grpc.aio.ServicerContext) -> worker_pb2.GetLoadResponse:
-        stats = await self.engine.stats()
+        try:  # bounded: a frozen engine gives a clear error, not a call that never ends
+            stats = await asyncio.wait_for(self.engine.stats(), _LOAD_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            raise ServiceError(
+                grpc.StatusCode.UNAVAILABLE, f"the engine did not answer within {_LOAD_TIMEOUT_S:g} s"
+            ) from None
         fields = {f: stats.pop(f) for f in _LOAD_FIELDS}
         return worker_pb2.GetLoadResponse(**fields, counters=stats)
 
@@ -126,6 +131,7 @@ _LOAD_FIELDS = [
 
 AddRoleServicers = Callable[[grpc.aio.Server, AsyncEngine, argparse.Namespace, WorkerMetrics], None]
 _STATS_TIMEOUT_S = 1.0  # a scrape waits this long for the engine (it answers between steps)
+_LOAD_TIMEOUT_S = 5.0  # GetLoad waits this long
 _ENGINE_WATCH_S = 0.5  # how often the worker looks whether its engine process still lives
 
 

@@ -25,6 +25,7 @@ import grpc
 import pytest
 
 from services.protos.tandem.router.v1 import router_pb2
+from services.protos.tandem.worker.v1 import worker_pb2, worker_pb2_grpc
 from tests.suite.cluster import Cluster, Service, collect
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("suite_faults")]
@@ -140,8 +141,14 @@ def test_frozen_decode_engine_fails_its_streams_once_keepalives_stop(cluster: Cl
     worker = by_address(cluster, first.route.decode_worker)
     engine = worker.engine_pid()
     os.kill(engine, signal.SIGSTOP)
+    start = time.monotonic()
     try:
-        error, elapsed = drain_error(stream)
+        # GetLoad is bounded (5 s), not stuck behind the engine.
+        with grpc.insecure_channel(worker.address) as channel, pytest.raises(grpc.RpcError) as load_error:
+            worker_pb2_grpc.WorkerServiceStub(channel).GetLoad(worker_pb2.GetLoadRequest(), timeout=15)
+        assert load_error.value.code() == grpc.StatusCode.UNAVAILABLE
+        error, _ = drain_error(stream)
+        elapsed = time.monotonic() - start
     finally:
         os.kill(engine, signal.SIGCONT)
     assert error.code() == grpc.StatusCode.UNAVAILABLE and "no progress" in error.details()
