@@ -2,9 +2,10 @@
 
 Generate   register the prompt (no pages yet) -> send the Reservation (our agent, layout,
            transport) -> (prefill reserves, writes + commits) -> stream outputs, with a
-           keepalive after each silent `keepalive_ms` (waiting for the prefill side, queued)
-           while the engine answers. A cancelled call aborts the request; the engine keeps
-           the pages of a reservation whose KV may still be written until that write is over.
+           keepalive after each silent quarter of `stall_timeout_ms` (waiting for the prefill
+           side, queued), UNAVAILABLE once the engine has not answered for all of it. A
+           cancelled call aborts the request; the engine keeps the pages of a reservation whose
+           KV may still be written until that write is over.
 ReserveKv  the prefill worker asks for pages when the prompt starts computing (just in time);
            answered once there is room. A cancelled call aborts the request.
 WriteKv    the gRPC transport: the prompt's pages as a byte stream, then the commit record.
@@ -55,6 +56,7 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
                     request.return_logprob,
                     request.top_logprobs_num,
                     request.kv_lease_ms / 1000 if request.kv_lease_ms else None,
+                    stall_s=request.stall_timeout_ms / 1000,
                 )
                 try:
                     yield worker_pb2.GenerateResponse(
@@ -66,7 +68,7 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
                             kv_transport=TRANSPORTS[client.kv_transport],
                         )
                     )
-                    async for out in stream.outputs(request.keepalive_ms / 1000):
+                    async for out in stream.outputs(request.stall_timeout_ms / 1000):
                         if isinstance(out, Keepalive):  # waiting for the prefill worker, or queued
                             yield keepalive(last)
                             continue

@@ -16,11 +16,12 @@ the error. A client disconnect cancels the router's handler, which cancels both 
 
 Liveness (`stall_timeout_s`, default 10 s): a worker stream that sends nothing, not even a
 keepalive, for that long is given up (UNAVAILABLE, the call cancelled so the worker frees it
-when it resumes, the worker out of rotation until a probe answers). Workers send a keepalive
-after `stall_timeout_s / 4` of silence while their engine answers, so a request queued or
-prefilling on a busy worker is not given up. The prefill leg is one unary call with nothing to
-stream: it is given up as soon as the registry marks its worker UNHEALTHY (heartbeats stopped
-and a probe failed).
+when it resumes, the worker out of rotation until a probe answers). Workers learn the bound
+(`stall_timeout_ms`) and send a keepalive after a quarter of it without output, so a request
+queued or prefilling on a busy worker is not given up; a worker whose engine has not answered
+for the bound fails the request itself (UNAVAILABLE). The prefill leg is one unary call with
+nothing to stream: its worker applies the same engine check, and the router gives it up as soon
+as the registry marks the worker UNHEALTHY (heartbeats stopped and a probe failed).
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ class Sample:
     top_logprobs_num: int
 
     def worker_request(
-        self, attempt: int, serial: int, kv_lease_ms: int = 0, keepalive_ms: int = 0
+        self, attempt: int, serial: int, kv_lease_ms: int = 0, stall_timeout_ms: int = 0
     ) -> worker_pb2.GenerateRequest:
         """`serial` (the router's own count) keeps worker request ids unique even when clients
         reuse a request_id."""
@@ -72,7 +73,7 @@ class Sample:
             return_logprob=self.return_logprob,
             top_logprobs_num=self.top_logprobs_num,
             kv_lease_ms=kv_lease_ms,
-            keepalive_ms=keepalive_ms,
+            stall_timeout_ms=stall_timeout_ms,
         )
 
     @property
@@ -108,7 +109,7 @@ class Orchestrator:
         self.max_in_flight = max_in_flight
         self.in_flight = 0
         self.stall_timeout_s = stall_timeout_s
-        self._keepalive_ms = max(int(stall_timeout_s * 1000 / 4), 100)
+        self._stall_ms = max(int(stall_timeout_s * 1000), 400)
         self._probes: set[asyncio.Future[None]] = set()  # probes of stalled workers, running
         self._serials = itertools.count()
         self.metrics = metrics or RouterMetrics()
@@ -190,7 +191,7 @@ class Orchestrator:
         record.prefill_worker, record.decode_worker = "", worker.address
         route: router_pb2.Route | None = router_pb2.Route(decode_worker=worker.address)
         with self.registry.track(worker, sample.tokens):
-            request = sample.worker_request(attempt, next(self._serials), keepalive_ms=self._keepalive_ms)
+            request = sample.worker_request(attempt, next(self._serials), stall_timeout_ms=self._stall_ms)
             stream = worker.worker.Generate(request, metadata=outgoing_metadata())
             try:
                 async for msg in self._guard(worker, stream):
@@ -207,7 +208,7 @@ class Orchestrator:
         route: router_pb2.Route | None = router_pb2.Route(
             prefill_worker=prefill.address, decode_worker=decode.address
         )
-        request = sample.worker_request(attempt, next(self._serials), self.kv_lease_ms, self._keepalive_ms)
+        request = sample.worker_request(attempt, next(self._serials), self.kv_lease_ms, self._stall_ms)
         metadata = outgoing_metadata()
         with self.registry.track(prefill, len(sample.token_ids)), self.registry.track(decode, sample.tokens):
             stream = decode.decode.Generate(request, metadata=metadata)

@@ -5,10 +5,11 @@
 before the request finished aborts it in the engine, so a cancelled RPC frees its KV.
 
 Liveness: `ping()` (called every half second by the worker) asks the engine for its stats; the
-engine answers between steps, so an answer within `ENGINE_SILENT_S` means it is making progress.
-`RequestStream.outputs(keepalive_s)` yields `KEEPALIVE` after `keepalive_s` without an output while
-the engine is responsive, so a caller can tell a queued or prefilling request on a busy worker from
-a frozen worker (which sends nothing at all).
+engine answers between steps, so a recent answer means it is making progress.
+`RequestStream.outputs(stall_s)` yields `KEEPALIVE` after each `stall_s / 4` without an output,
+so a caller can tell a queued or prefilling request on a busy worker from a frozen worker (which
+sends nothing at all), and raises RuntimeError (UNAVAILABLE) once the engine has not answered
+for `stall_s` (at least `MIN_ENGINE_SILENCE_S`, so a short bound does not fail a long step).
 
 Admission: `admit()` bounds the calls open on this worker (`max_open`); past it a new call is
 refused with `CapacityError` (RESOURCE_EXHAUSTED) instead of queueing without end.
@@ -29,7 +30,7 @@ from shared.errors import CapacityError
 from shared.outputs import RequestOutput
 from shared.transfer.records import KvTarget
 
-ENGINE_SILENT_S = 5.0  # an engine that has not answered a ping this long gets no keepalives sent for it
+MIN_ENGINE_SILENCE_S = 5.0
 
 
 class Keepalive:
@@ -57,17 +58,23 @@ class RequestStream:
             assert isinstance(item, RequestOutput)
             yield item
 
-    async def outputs(self, keepalive_s: float) -> AsyncIterator[RequestOutput | Keepalive]:
-        """The outputs, with `KEEPALIVE` after each `keepalive_s` (> 0) of silence while the
-        engine is responsive."""
+    async def outputs(self, stall_s: float) -> AsyncIterator[RequestOutput | Keepalive]:
+        """The outputs, with `KEEPALIVE` after each `stall_s / 4` of silence (`stall_s` > 0),
+        failing once the engine has been silent for `stall_s`."""
+        silence_s = max(stall_s, MIN_ENGINE_SILENCE_S)
+        item: RequestOutput | BaseException | Keepalive
         try:
             while not self.finished:
-                if keepalive_s > 0:
+                if stall_s > 0:
                     try:
-                        item = await asyncio.wait_for(self._queue.get(), keepalive_s)
+                        item = await asyncio.wait_for(self._queue.get(), stall_s / 4)
                     except asyncio.TimeoutError:
-                        if self.engine.responsive():
-                            yield KEEPALIVE
+                        item = KEEPALIVE
+                    if isinstance(item, Keepalive):
+                        error = self.engine.silence_error(silence_s)
+                        if error is not None:
+                            raise error  # not finished: close() aborts it in the engine
+                        yield item
                         continue
                 else:
                     item = await self._queue.get()
@@ -124,8 +131,16 @@ class AsyncEngine:
         except RuntimeError:  # the engine is gone
             self._pinging = False
 
-    def responsive(self) -> bool:
-        return self.client.error is None and time.monotonic() - self.alive_at < ENGINE_SILENT_S
+    def silent_for(self) -> float:
+        """Seconds since the engine last answered a ping."""
+        return time.monotonic() - self.alive_at
+
+    def silence_error(self, bound_s: float) -> RuntimeError | None:
+        """The error for a request once the engine has not answered for `bound_s`."""
+        silent = self.silent_for()
+        if silent < bound_s:
+            return None
+        return RuntimeError(f"this worker's engine has not answered for {silent:.1f} s")
 
     async def generate(
         self,
@@ -135,13 +150,15 @@ class AsyncEngine:
         return_logprob: bool = False,
         top_logprobs_num: int = 0,
         kv_target: KvTarget | None = None,
+        stall_s: float = 0.0,
     ) -> RequestStream:
-        """Queue a request; raises the engine's refusal (ValueError / CapacityError)."""
+        """Queue a request; raises the engine's refusal (ValueError / CapacityError), or
+        RuntimeError when the engine has not answered for `stall_s` (> 0) meanwhile."""
         stream = RequestStream(self, rid)
         fut = self.client.submit(
             [rid], input_ids, params, stream.push, return_logprob, top_logprobs_num, kv_target
         )
-        await self._admitted(rid, fut)
+        await self._admitted(rid, fut, stall_s)
         return stream
 
     async def expect_kv(
@@ -152,13 +169,15 @@ class AsyncEngine:
         return_logprob: bool = False,
         top_logprobs_num: int = 0,
         lease_s: float | None = None,
+        stall_s: float = 0.0,
     ) -> RequestStream:
-        """Decode engine: register a prompt whose KV a prefill engine will write."""
+        """Decode engine: register a prompt whose KV a prefill engine will write (`stall_s`: as
+        `generate`)."""
         stream = RequestStream(self, rid)
         fut = self.client.expect_kv(
             rid, input_ids, params, stream.push, return_logprob, top_logprobs_num, lease_s
         )
-        await self._admitted(rid, fut)
+        await self._admitted(rid, fut, stall_s)
         return stream
 
     async def reserve_kv(self, rid: str) -> list[int]:
@@ -182,12 +201,23 @@ class AsyncEngine:
     def shutdown(self) -> None:
         self.client.shutdown()
 
-    async def _admitted(self, rid: str, fut: Future[Any]) -> Any:
+    async def _admitted(self, rid: str, fut: Future[Any], stall_s: float = 0.0) -> Any:
         """The engine's answer to an add or a reservation. The answer can come late (a grammar
-        compiling, a reservation queued): a caller that leaves before it aborts the request."""
+        compiling, a reservation queued): a caller that leaves before it aborts the request, and
+        so does an engine that has not answered for `stall_s` (> 0, at least 5 s) meanwhile."""
+        answer = asyncio.wrap_future(fut)
         try:
-            return await self._await(fut)
+            while True:
+                await asyncio.wait([answer], timeout=stall_s / 4 if stall_s > 0 else None)
+                if answer.done():
+                    return answer.result()
+                error = self.silence_error(max(stall_s, MIN_ENGINE_SILENCE_S)) if stall_s > 0 else None
+                if error is not None:
+                    answer.cancel()  # its late answer is dropped (EngineClient)
+                    self.client.abort(rid)
+                    raise error
         except asyncio.CancelledError:
+            answer.cancel()
             self.client.abort(rid)
             raise
 

@@ -100,8 +100,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                     sampling_to_dict(request.sampling_params),
                     request.return_logprob,
                     request.top_logprobs_num,
+                    stall_s=request.stall_timeout_ms / 1000,
                 )
-                async for out in stream.outputs(request.keepalive_ms / 1000):
+                async for out in stream.outputs(request.stall_timeout_ms / 1000):
                     if isinstance(out, Keepalive):
                         yield keepalive(last)
                         continue
@@ -221,7 +222,7 @@ async def _watch_engine(
     probe drops it, and open calls already failed with UNAVAILABLE) and no more heartbeats.
     While it lives, ping it: its answers are what the streams' keepalives vouch for."""
     while engine.client.error is None:
-        engine.ping()  # its answers keep the streams' keepalives going
+        engine.ping()  # its answers keep the streams going (RequestStream.outputs)
         await asyncio.sleep(_ENGINE_WATCH_S)
     logger.error("the engine is gone (%s): this worker no longer serves", engine.client.error)
     gone.set()

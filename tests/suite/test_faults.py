@@ -26,6 +26,7 @@ import pytest
 
 from services.protos.tandem.router.v1 import router_pb2
 from services.protos.tandem.worker.v1 import worker_pb2, worker_pb2_grpc
+from services.worker.engine import MIN_ENGINE_SILENCE_S
 from tests.suite.cluster import Cluster, Service, collect
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("suite_faults")]
@@ -132,9 +133,10 @@ def test_frozen_decode_worker_fails_its_streams_within_the_bound(cluster: Cluste
     serves(cluster)
 
 
-def test_frozen_decode_engine_fails_its_streams_once_keepalives_stop(cluster: Cluster) -> None:
-    # The worker process is fine, its engine stopped: the worker vouches for the engine for
-    # ENGINE_SILENT_S (5 s) after its last answer, then its keepalives stop and the stall bound runs.
+def test_frozen_decode_engine_fails_its_streams_within_the_bound(cluster: Cluster) -> None:
+    # The worker process is fine, its engine stopped: the worker fails the request once its
+    # engine has not answered for the stall bound (at least 5 s), and keeps sending keepalives
+    # until then, so the router does not give up first.
     stream = long_stream(cluster)
     first = next(stream)
     next(stream)
@@ -151,11 +153,11 @@ def test_frozen_decode_engine_fails_its_streams_once_keepalives_stop(cluster: Cl
         elapsed = time.monotonic() - start
     finally:
         os.kill(engine, signal.SIGCONT)
-    assert error.code() == grpc.StatusCode.UNAVAILABLE and "no progress" in error.details()
-    assert elapsed < 5 + STALL_S + 2
+    assert error.code() == grpc.StatusCode.UNAVAILABLE and "engine has not answered" in error.details()
+    assert elapsed < MIN_ENGINE_SILENCE_S + 2
     FIGURES["sigstop_decode_engine_error_s"] = round(elapsed, 2)
-    worker.wait_released()  # the resumed engine aborted the request the router gave up
-    cluster.wait(lambda: cluster.worker_state(worker.address) == router_pb2.WORKER_STATE_HEALTHY, "probe", 10)
+    worker.wait_released()  # the resumed engine aborted the request
+    assert cluster.worker_state(worker.address) == router_pb2.WORKER_STATE_HEALTHY
     serves(cluster)
 
 
@@ -204,23 +206,43 @@ def test_ten_times_overload_is_refused_then_recovers(cluster: Cluster) -> None:
 
 
 def test_a_long_silent_wait_on_healthy_workers_is_not_a_stall(cluster: Cluster) -> None:
-    # A paused prefill engine (its worker still heartbeats): the prompt waits there, and its
-    # decode stream has nothing to send for longer than the stall timeout, only keepalives.
+    # A prefill engine paused for longer than the stall bound but less than the engine's own
+    # (at least 5 s): the prompt waits there, and its decode stream has nothing to send for
+    # longer than the stall bound, only keepalives.
     paused = alive(cluster, "prefill")[0]
     engine = paused.engine_pid()
     os.kill(engine, signal.SIGSTOP)
     try:
         with ThreadPoolExecutor(2) as pool:  # round robin: one of them waits on the paused engine
             futures = [pool.submit(serves, cluster, 200 + i) for i in range(2)]
-            time.sleep(STALL_S + 1.5)
+            time.sleep(STALL_S + 0.8)
             os.kill(engine, signal.SIGCONT)
             start = time.monotonic()
             samples = [f.result() for f in futures]
     finally:
         os.kill(engine, signal.SIGCONT)
     assert {s["route"].prefill_worker for s in samples} == {s.address for s in alive(cluster, "prefill")}
-    FIGURES["paused_prefill_engine_wait_s"] = round(STALL_S + 1.5 + time.monotonic() - start, 2)
+    FIGURES["paused_prefill_engine_wait_s"] = round(STALL_S + 0.8 + time.monotonic() - start, 2)
     assert cluster.worker_state(paused.address) == router_pb2.WORKER_STATE_HEALTHY
+    assert_released(cluster)
+
+
+def test_frozen_prefill_engine_fails_the_prefill_and_it_is_retried(cluster: Cluster) -> None:
+    # Past the bound the prefill worker fails the call itself (the router sees no stream to
+    # watch, and the worker still heartbeats): the prompt is retried on the other prefill worker.
+    paused = alive(cluster, "prefill")[0]
+    engine = paused.engine_pid()
+    os.kill(engine, signal.SIGSTOP)
+    start = time.monotonic()
+    try:
+        with ThreadPoolExecutor(2) as pool:  # round robin: one of them lands on the frozen engine
+            samples = list(pool.map(lambda i: serves(cluster, 300 + i), range(2)))
+        elapsed = time.monotonic() - start
+    finally:
+        os.kill(engine, signal.SIGCONT)
+    assert elapsed < MIN_ENGINE_SILENCE_S + 3
+    assert all(s["route"].prefill_worker != paused.address for s in samples)
+    FIGURES["sigstop_prefill_engine_retried_s"] = round(elapsed, 2)
     assert_released(cluster)
 
 
