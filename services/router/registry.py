@@ -146,7 +146,7 @@ class Registry:
             info=info,
             channel=channel,
             last_seen=time.monotonic(),
-            health_channel=grpc.aio.insecure_channel(address, options=_OWN_CONNECTION),
+            health_channel=dial(address, self.cluster_token, options=_OWN_CONNECTION),
         )
         self.workers[address] = worker
         logger.info("worker %s joined (%s)", address, worker.role)
