@@ -9,6 +9,10 @@
 `concurrent.futures.Future` instead, for callers on an event loop (`asyncio.wrap_future`).
 Refusals raise the engine's `RequestError` (shared/errors.py: InvalidRequest, CapacityError, ...).
 
+A caller may cancel a future it no longer wants (an event-loop caller that left); the engine's
+answer to it is then dropped, never set on the cancelled future (which would raise on the
+receiver thread and stop it delivering anything more).
+
 Any thread may call these methods. Each request's outputs (`RequestOutput` increments, or
 an exception when the engine fails it or dies) go to its `on_output` callback, called on the
 client's receiver thread: callbacks must be quick and must not block (hand off to a queue or
@@ -17,6 +21,7 @@ an event loop). When the engine process dies, every open request gets `Unavailab
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import multiprocessing
 import shutil
@@ -66,6 +71,10 @@ class EngineClient:
         to_engine, from_engine = f"ipc://{self._dir}/to-engine", f"ipc://{self._dir}/from-engine"
         self._ctx = zmq.Context()
         self._push = self._ctx.socket(zmq.PUSH)
+        # Sends never block the caller (often an event loop): no queue bound while the engine
+        # is connected, and an error at once when it is not (a PUSH socket without a peer
+        # would otherwise block until one connects, i.e. forever once the engine died).
+        self._push.setsockopt(zmq.SNDHWM, 0)
         self._push.bind(to_engine)
         self._pull = self._ctx.socket(zmq.PULL)
         self._pull.bind(from_engine)
@@ -183,7 +192,8 @@ class EngineClient:
     def abort(self, rid: str) -> None:
         """Stop a request; its handler gets a final output with finish_reason abort."""
         if self.error is None and not self._closed:
-            self._send(AbortRequest(rid))
+            with contextlib.suppress(Unavailable):  # the engine is gone: nothing left to stop
+                self._send(AbortRequest(rid))
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop the engine process (killing it if it does not stop in time) and fail open requests."""
@@ -191,7 +201,8 @@ class EngineClient:
             return
         self._closed = True
         if self.process.is_alive():
-            self._send(Shutdown())
+            with contextlib.suppress(Unavailable):
+                self._send(Shutdown())
             self.process.join(timeout)
         if self.process.is_alive():
             self.process.kill()
@@ -205,10 +216,13 @@ class EngineClient:
     def _send(self, msg: ToEngine, payload: bytes | memoryview | None = None) -> None:
         """`payload` (KV pages) goes as a frame of its own, without a copy."""
         with self._send_lock:
-            if payload is None:
-                self._push.send(self._encode(msg))
-            else:
-                self._push.send_multipart([self._encode(msg), payload], copy=False)
+            try:
+                if payload is None:
+                    self._push.send(self._encode(msg), zmq.NOBLOCK)
+                else:
+                    self._push.send_multipart([self._encode(msg), payload], zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                raise Unavailable(self.error or "the engine process is not connected (gone?)") from None
 
     def _wait_ready(self) -> Ready:
         while not self._pull.poll(_POLL_MS):
@@ -256,7 +270,7 @@ class EngineClient:
                 if isinstance(msg, Rejected):
                     for rid in msg.rids:
                         self._handlers.pop(rid, None)
-            if fut is None:
+            if fut is None or not fut.set_running_or_notify_cancel():  # the caller left
                 return
             if isinstance(msg, Rejected):
                 fut.set_exception(msg.error())
@@ -278,7 +292,8 @@ class EngineClient:
         for handler in handlers:
             handler(Unavailable(reason))
         for fut in calls:
-            fut.set_exception(Unavailable(reason))
+            if fut.set_running_or_notify_cancel():
+                fut.set_exception(Unavailable(reason))
 
     def _close_sockets(self) -> None:
         self._push.close(linger=0)

@@ -1,9 +1,11 @@
 """DecodeService: the decode half of the PD hand-off.
 
 Generate   register the prompt (no pages yet) -> send the Reservation (our agent, layout,
-           transport) -> (prefill reserves, writes + commits) -> stream outputs. A cancelled
-           call aborts the request; the engine keeps the pages of a reservation whose KV may
-           still be written until that write is over.
+           transport) -> (prefill reserves, writes + commits) -> stream outputs, with a
+           keepalive after each silent quarter of `stall_timeout_ms` (waiting for the prefill
+           side, queued), UNAVAILABLE once the engine has not answered for all of it. A
+           cancelled call aborts the request; the engine keeps the pages of a reservation whose
+           KV may still be written until that write is over.
 ReserveKv  the prefill worker asks for pages when the prompt starts computing (just in time);
            answered once there is room. A cancelled call aborts the request.
 WriteKv    the gRPC transport: the prompt's pages as a byte stream, then the commit record.
@@ -26,9 +28,9 @@ from services.common.errors import ServiceError, grpc_errors
 from services.common.kv_stream import receive_kv, serve_write_kv
 from services.common.tracing import server_span
 from services.protos.tandem.worker.v1 import worker_pb2, worker_pb2_grpc
-from services.worker.engine import AsyncEngine
+from services.worker.engine import AsyncEngine, Keepalive
 from services.worker.metrics import WorkerMetrics, annotate_generation
-from services.worker.server import TRANSPORTS
+from services.worker.server import TRANSPORTS, keepalive
 from shared.outputs import RequestOutput
 
 
@@ -45,7 +47,7 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
         client = self.engine.client
         clock = self.metrics.clock()
         last: RequestOutput | None = None
-        with server_span("decode", context.invocation_metadata()) as span:
+        with self.engine.admit(), server_span("decode", context.invocation_metadata()) as span:
             try:
                 stream = await self.engine.expect_kv(
                     request.rid,
@@ -54,6 +56,7 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
                     request.return_logprob,
                     request.top_logprobs_num,
                     request.kv_lease_ms / 1000 if request.kv_lease_ms else None,
+                    stall_s=request.stall_timeout_ms / 1000,
                 )
                 try:
                     yield worker_pb2.GenerateResponse(
@@ -65,7 +68,10 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
                             kv_transport=TRANSPORTS[client.kv_transport],
                         )
                     )
-                    async for out in stream:
+                    async for out in stream.outputs(request.stall_timeout_ms / 1000):
+                        if isinstance(out, Keepalive):  # waiting for the prefill worker, or queued
+                            yield keepalive(last)
+                            continue
                         last = out
                         if out.finished and out.finish_reason and out.finish_reason["type"] == "abort":
                             raise ServiceError(

@@ -9,7 +9,9 @@ Prefill(request, reservation, decode_address)
           answer once the writes are done.
     gRPC: the engine hands back the pages as bytes and the commit record; we stream them
           to the decode worker's WriteKv.
-A cancelled call aborts the request; the engine frees its pages once no write reads them.
+A cancelled call aborts the request; the engine frees its pages once no write reads them. An
+engine that has not answered for the request's `stall_timeout_ms` fails the call (UNAVAILABLE):
+the router cannot see that itself, as this call streams nothing.
 
 `decode_address` is the one worker address this service takes from a request, and it dials it
 (ReserveKv, WriteKv, GetTransferMetadata, with the cluster token). Only the router sets it, from
@@ -38,7 +40,7 @@ from services.common.errors import ServiceError, call, grpc_errors
 from services.common.kv_stream import send_kv
 from services.common.tracing import describe, outgoing_metadata, record_span, server_span
 from services.protos.tandem.worker.v1 import worker_pb2, worker_pb2_grpc
-from services.worker.engine import AsyncEngine
+from services.worker.engine import AsyncEngine, Keepalive
 from services.worker.metrics import WorkerMetrics
 from shared.outputs import RequestOutput
 from shared.transfer.records import KvTarget
@@ -56,7 +58,7 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
     async def Prefill(
         self, request: worker_pb2.PrefillRequest, context: grpc.aio.ServicerContext
     ) -> worker_pb2.PrefillResponse:
-        with server_span("prefill", context.invocation_metadata()) as span:
+        with self.engine.admit(), server_span("prefill", context.invocation_metadata()) as span:
             if span.is_recording():
                 span.set_attributes(
                     {"tandem.rid": request.request.rid, "tandem.decode_worker": request.decode_address}
@@ -100,9 +102,12 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
             req.return_logprob,
             req.top_logprobs_num,
             kv_target=target,
+            stall_s=req.stall_timeout_ms / 1000,
         )
         final: RequestOutput | None = None
-        async for out in stream:
+        async for out in stream.outputs(req.stall_timeout_ms / 1000):  # fails if the engine froze
+            if isinstance(out, Keepalive):
+                continue
             if out.kv_pages_wanted:
                 pages = await self._reserve(request.decode_address, req.rid, timeout)
                 self.engine.set_kv_target(req.rid, pages)

@@ -85,6 +85,7 @@ async def serve() -> None:
         kv_lease_ms=args.kv_lease_ms,
         metrics=metrics,
         max_in_flight=args.max_in_flight,
+        stall_timeout_s=args.stall_timeout,
     )
     health_servicer = health.aio.HealthServicer()
     server = grpc.aio.server(

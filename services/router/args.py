@@ -61,6 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--remove-unhealthy-after", type=float, default=60.0, help="seconds; then forget the worker"
     )
     p.add_argument("--max-attempts", type=int, default=3, help="tries per request before its first token")
+    p.add_argument(
+        "--stall-timeout",
+        type=float,
+        default=10.0,
+        help="seconds a worker stream may send nothing (not even a keepalive) before it fails UNAVAILABLE",
+    )
     p.add_argument("--kv-lease-ms", type=int, default=0, help="decode reservation lease (0: the worker's)")
     p.add_argument(
         "--max-in-flight",

@@ -14,9 +14,14 @@ workers abort and free). A failure before the first output reached the caller is
 fresh pair (a worker that looks gone is probed and taken out first); after it, the caller gets
 the error. A client disconnect cancels the router's handler, which cancels both calls.
 
-Telemetry: every worker call carries the current trace context (the `router.generate` span); a
-routing decision is an event on that span; a `RequestRecord` collects what the span and the
-per-request metrics report; token latencies and usage are counted per sample.
+Liveness (`stall_timeout_s`, default 10 s): a worker stream that sends nothing, not even a
+keepalive, for that long is given up (UNAVAILABLE, the call cancelled so the worker frees it
+when it resumes, the worker out of rotation until a probe answers). Workers learn the bound
+(`stall_timeout_ms`) and send a keepalive after a quarter of it without output, so a request
+queued or prefilling on a busy worker is not given up; a worker whose engine has not answered
+for the bound fails the request itself (UNAVAILABLE). The prefill leg is one unary call with
+nothing to stream: its worker applies the same engine check, and the router gives it up as soon
+as the registry marks the worker UNHEALTHY (heartbeats stopped and a probe failed).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import itertools
 import logging
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from opentelemetry import trace
@@ -55,7 +61,9 @@ class Sample:
     return_logprob: bool
     top_logprobs_num: int
 
-    def worker_request(self, attempt: int, serial: int, kv_lease_ms: int = 0) -> worker_pb2.GenerateRequest:
+    def worker_request(
+        self, attempt: int, serial: int, kv_lease_ms: int = 0, stall_timeout_ms: int = 0
+    ) -> worker_pb2.GenerateRequest:
         """`serial` (the router's own count) keeps worker request ids unique even when clients
         reuse a request_id."""
         return worker_pb2.GenerateRequest(
@@ -65,6 +73,7 @@ class Sample:
             return_logprob=self.return_logprob,
             top_logprobs_num=self.top_logprobs_num,
             kv_lease_ms=kv_lease_ms,
+            stall_timeout_ms=stall_timeout_ms,
         )
 
     @property
@@ -86,6 +95,7 @@ class Orchestrator:
         kv_lease_ms: int = 0,
         metrics: RouterMetrics | None = None,
         max_in_flight: int = 0,
+        stall_timeout_s: float = 10.0,
     ) -> None:
         self.registry = registry
         self.policies = {"prefill": prefill_policy, "decode": decode_policy, "unified": unified_policy}
@@ -98,6 +108,9 @@ class Orchestrator:
         # decode memory and no lease runs out).
         self.max_in_flight = max_in_flight
         self.in_flight = 0
+        self.stall_timeout_s = stall_timeout_s
+        self._stall_ms = max(int(stall_timeout_s * 1000), 400)
+        self._probes: set[asyncio.Future[None]] = set()  # probes of stalled workers, running
         self._serials = itertools.count()
         self.metrics = metrics or RouterMetrics()
         registry.on_removed.extend(p.on_worker_removed for p in self.policies.values())
@@ -178,7 +191,7 @@ class Orchestrator:
         record.prefill_worker, record.decode_worker = "", worker.address
         route: router_pb2.Route | None = router_pb2.Route(decode_worker=worker.address)
         with self.registry.track(worker, sample.tokens):
-            request = sample.worker_request(attempt, next(self._serials))
+            request = sample.worker_request(attempt, next(self._serials), stall_timeout_ms=self._stall_ms)
             stream = worker.worker.Generate(request, metadata=outgoing_metadata())
             try:
                 async for msg in self._guard(worker, stream):
@@ -195,7 +208,7 @@ class Orchestrator:
         route: router_pb2.Route | None = router_pb2.Route(
             prefill_worker=prefill.address, decode_worker=decode.address
         )
-        request = sample.worker_request(attempt, next(self._serials), self.kv_lease_ms)
+        request = sample.worker_request(attempt, next(self._serials), self.kv_lease_ms, self._stall_ms)
         metadata = outgoing_metadata()
         with self.registry.track(prefill, len(sample.token_ids)), self.registry.track(decode, sample.tokens):
             stream = decode.decode.Generate(request, metadata=metadata)
@@ -240,20 +253,64 @@ class Orchestrator:
     async def _prefill(
         self, worker: Worker, request: worker_pb2.PrefillRequest, metadata: tuple[tuple[str, str], ...] | None
     ) -> worker_pb2.PrefillResponse:
+        """The prefill leg; given up (and cancelled) once the registry marks its worker down."""
+        call = worker.prefill.Prefill(request, metadata=metadata)
+        answer: asyncio.Future[worker_pb2.PrefillResponse] = asyncio.ensure_future(call)
+        down = asyncio.ensure_future(worker.down.wait())
         try:
-            return await worker.prefill.Prefill(request, metadata=metadata)
+            waiters: list[asyncio.Future[Any]] = [answer, down]
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            if not answer.done():
+                self.metrics.worker_error(worker.role, worker.address, "STALLED")
+                raise ServiceError(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"prefill worker {worker.address} stopped answering (no heartbeat, failed probe)",
+                )
+            return answer.result()
+        except grpc.aio.AioRpcError as e:
+            raise await self._failure(worker, e) from None
+        finally:
+            down.cancel()
+            if not answer.done():
+                call.cancel()
+                answer.cancel()
+
+    async def _guard(
+        self, worker: Worker, stream: grpc.aio.UnaryStreamCall
+    ) -> AsyncIterator[worker_pb2.GenerateResponse]:
+        """A worker's stream with its gRPC errors turned into ServiceErrors (probing the worker),
+        its keepalives dropped, and a stall (nothing for `stall_timeout_s`) an UNAVAILABLE."""
+        messages = stream.__aiter__()
+        try:
+            while True:
+                try:
+                    msg = await asyncio.wait_for(anext(messages, None), self.stall_timeout_s)
+                except asyncio.TimeoutError:
+                    raise self._stalled(worker, stream) from None
+                if msg is None:
+                    return
+                self.registry.seen(worker)
+                if not msg.HasField("keepalive"):
+                    yield msg
         except grpc.aio.AioRpcError as e:
             raise await self._failure(worker, e) from None
 
-    async def _guard(
-        self, worker: Worker, stream: AsyncIterator[worker_pb2.GenerateResponse]
-    ) -> AsyncIterator[worker_pb2.GenerateResponse]:
-        """A worker's stream with its gRPC errors turned into ServiceErrors (probing the worker)."""
-        try:
-            async for msg in stream:
-                yield msg
-        except grpc.aio.AioRpcError as e:
-            raise await self._failure(worker, e) from None
+    def _stalled(self, worker: Worker, stream: grpc.aio.UnaryStreamCall) -> ServiceError:
+        stream.cancel()  # the worker aborts the request (and frees its KV) when it resumes
+        self.metrics.worker_error(worker.role, worker.address, "STALLED")
+        logger.warning(
+            "worker %s sent nothing for %.1f s; giving up its stream", worker.address, self.stall_timeout_s
+        )
+        # Out of rotation at once (the retry must not land there), back when a probe, run in
+        # the background, answers: a frozen worker stays out.
+        probe = self.registry.stalled(worker)
+        self._probes.add(probe)
+        probe.add_done_callback(self._probes.discard)
+        return ServiceError(
+            grpc.StatusCode.UNAVAILABLE,
+            f"worker {worker.address} made no progress for {self.stall_timeout_s:g} s"
+            " (no output, no keepalive)",
+        )
 
     async def _failure(self, worker: Worker, e: grpc.aio.AioRpcError) -> ServiceError:
         code, message = e.code(), e.details() or str(e.code())

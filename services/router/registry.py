@@ -11,6 +11,11 @@ States: HEALTHY (gets traffic) -> DRAINING (admin: finishes what it has, gets no
 UNHEALTHY (a failed call confirmed by a failed health probe, or heartbeats stopped; probed every
 interval and HEALTHY again when a probe succeeds; removed after `remove_after_s`).
 
+Liveness under load: a message on any of a worker's streams counts as a heartbeat (`seen`), so
+a worker busy answering streams is not probed for a late heartbeat; probes go over a channel of
+their own (not queued behind the worker's streams) with a bounded timeout, all workers at once.
+`Worker.down` is set while a worker is UNHEALTHY or removed: calls waiting on it give up.
+
 Asyncio-only (the router's event loop): no locks.
 """
 
@@ -37,6 +42,11 @@ from shared.errors import InvalidRequest, NotFound
 
 logger = logging.getLogger(__name__)
 
+# A health probe's bound: generous enough for a worker whose event loop is busy with many streams,
+# short enough that a frozen one is out within heartbeat_timeout + interval + this.
+PROBE_TIMEOUT_S = 2.0
+_OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]  # a channel that shares no connection
+
 ROLE_NAMES = {
     common_pb2.WORKER_ROLE_UNIFIED: "unified",
     common_pb2.WORKER_ROLE_PREFILL: "prefill",
@@ -58,12 +68,14 @@ class Worker(WorkerView):
     requests_total: int = 0
     last_seen: float = 0.0
     unhealthy_since: float = 0.0
+    health_channel: Any = None  # probes: a connection of their own (default: `channel`)
+    down: asyncio.Event = field(default_factory=asyncio.Event)  # set while unhealthy or removed
 
     def __post_init__(self) -> None:
         self.worker = worker_pb2_grpc.WorkerServiceStub(self.channel)
         self.prefill = worker_pb2_grpc.PrefillServiceStub(self.channel)
         self.decode = worker_pb2_grpc.DecodeServiceStub(self.channel)
-        self.health = health_pb2_grpc.HealthStub(self.channel)
+        self.health = health_pb2_grpc.HealthStub(self.health_channel or self.channel)
 
     def to_proto(self) -> router_pb2.WorkerInfo:
         return router_pb2.WorkerInfo(
@@ -135,10 +147,16 @@ class Registry:
             info=info,
             channel=channel,
             last_seen=time.monotonic(),
+            health_channel=dial(address, self.cluster_token, options=_OWN_CONNECTION),
         )
         self.workers[address] = worker
         logger.info("worker %s joined (%s)", address, worker.role)
         return worker
+
+    @staticmethod
+    def seen(worker: Worker) -> None:
+        """The worker answered on a stream: as good as a heartbeat."""
+        worker.last_seen = time.monotonic()
 
     def heartbeat(self, address: str) -> bool:
         worker = self.workers.get(address)
@@ -157,9 +175,12 @@ class Registry:
         worker = self.workers.pop(address, None)
         if worker is None:
             raise NotFound(f"unknown worker {address!r}")
+        worker.down.set()
         for callback in self.on_removed:
             callback(address)
         await worker.channel.close(grace=None)
+        if worker.health_channel is not None:
+            await worker.health_channel.close(grace=None)
         logger.info("worker %s removed", address)
 
     def _get(self, address: str) -> Worker:
@@ -198,26 +219,43 @@ class Registry:
             self._set_state(worker, "unhealthy")
         return False
 
+    def stalled(self, worker: Worker) -> asyncio.Future[None]:
+        """A stream of `worker` made no progress for the stall bound: out of rotation now (a
+        retry must not pick it again), HEALTHY again once a probe answers (the future)."""
+        if worker.state == "healthy":
+            self._set_state(worker, "unhealthy")
+        return asyncio.ensure_future(self._recheck(worker))
+
+    async def _recheck(self, worker: Worker) -> None:
+        if await self._probe(worker) and worker.state == "unhealthy" and worker.address in self.workers:
+            worker.last_seen = time.monotonic()
+            self._set_state(worker, "healthy")
+
     async def monitor(self) -> None:
         """Forever: probe workers whose heartbeats stopped and unhealthy ones; drop long-dead ones."""
         while True:
             await asyncio.sleep(self.heartbeat_interval_s)
             now = time.monotonic()
+            silent = []
             for worker in list(self.workers.values()):
                 if worker.state == "unhealthy" and now - worker.unhealthy_since > self.remove_after_s:
                     await self.remove(worker.address)
                 elif worker.state == "unhealthy" or now - worker.last_seen > self.heartbeat_timeout_s:
-                    ok = await self._probe(worker)
-                    if ok:
-                        worker.last_seen = now
-                        if worker.state == "unhealthy":
-                            self._set_state(worker, "healthy")
-                    elif worker.state != "unhealthy":
-                        self._set_state(worker, "unhealthy")
+                    silent.append(worker)
+            # At once: one frozen worker's probe timing out does not delay the others'.
+            for worker, ok in zip(silent, await asyncio.gather(*map(self._probe, silent))):
+                if worker.address not in self.workers:
+                    continue
+                if ok:
+                    worker.last_seen = time.monotonic()
+                    if worker.state == "unhealthy":
+                        self._set_state(worker, "healthy")
+                elif worker.state != "unhealthy":
+                    self._set_state(worker, "unhealthy")
 
     async def _probe(self, worker: Worker) -> bool:
         try:
-            reply = await worker.health.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+            reply = await worker.health.Check(health_pb2.HealthCheckRequest(), timeout=PROBE_TIMEOUT_S)
         except grpc.aio.AioRpcError:
             return False
         return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
@@ -231,3 +269,7 @@ class Registry:
         )
         worker.state = state
         worker.unhealthy_since = time.monotonic() if state == "unhealthy" else 0.0
+        if state == "unhealthy":
+            worker.down.set()
+        else:
+            worker.down.clear()

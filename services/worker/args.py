@@ -41,6 +41,12 @@ def build_parser(role: str) -> argparse.ArgumentParser:
         type=int,
         help="serve Prometheus /metrics on this port (0: a free one, printed; default: off)",
     )
+    p.add_argument(
+        "--max-open-requests",
+        type=int,
+        default=1024,
+        help="calls open at once before new ones get RESOURCE_EXHAUSTED (0: no bound)",
+    )
     engine = p.add_argument_group("engine", "options of the engine (shared/config.py:EngineConfig)")
     config_cli.add_arguments(engine, EngineConfig, role)
     return p

@@ -3,19 +3,42 @@
 `EngineClient` calls back on its receiver thread; `AsyncEngine` hops each output onto the loop
 (`call_soon_threadsafe`) into a per-request `RequestStream`. Closing or cancelling a stream
 before the request finished aborts it in the engine, so a cancelled RPC frees its KV.
+
+Liveness: `ping()` (called every half second by the worker) asks the engine for its stats; the
+engine answers between steps, so a recent answer means it is making progress.
+`RequestStream.outputs(stall_s)` yields `KEEPALIVE` after each `stall_s / 4` without an output,
+so a caller can tell a queued or prefilling request on a busy worker from a frozen worker (which
+sends nothing at all), and raises `Unavailable` once the engine has not answered
+for `stall_s` (at least `MIN_ENGINE_SILENCE_S`, so a short bound does not fail a long step).
+
+Admission: `admit()` bounds the calls open on this worker (`max_open`); past it a new call is
+refused with `CapacityError` (RESOURCE_EXHAUSTED) instead of queueing without end.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import contextlib
+import time
+from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import Future
-from typing import Any
+from typing import Any, Final
 
 from shared.config import EngineConfig
 from shared.engine_client import EngineClient
+from shared.errors import CapacityError, Unavailable
 from shared.outputs import RequestOutput
 from shared.transfer.records import KvTarget
+
+MIN_ENGINE_SILENCE_S = 5.0
+
+
+class Keepalive:
+    def __repr__(self) -> str:
+        return "KEEPALIVE"
+
+
+KEEPALIVE: Final = Keepalive()
 
 
 class RequestStream:
@@ -31,9 +54,30 @@ class RequestStream:
         self.engine.loop.call_soon_threadsafe(self._queue.put_nowait, item)
 
     async def __aiter__(self) -> AsyncIterator[RequestOutput]:
+        async for item in self.outputs(0.0):
+            assert isinstance(item, RequestOutput)
+            yield item
+
+    async def outputs(self, stall_s: float) -> AsyncIterator[RequestOutput | Keepalive]:
+        """The outputs, with `KEEPALIVE` after each `stall_s / 4` of silence (`stall_s` > 0),
+        failing once the engine has been silent for `stall_s`."""
+        silence_s = max(stall_s, MIN_ENGINE_SILENCE_S)
+        item: RequestOutput | BaseException | Keepalive
         try:
             while not self.finished:
-                item = await self._queue.get()
+                if stall_s > 0:
+                    try:
+                        item = await asyncio.wait_for(self._queue.get(), stall_s / 4)
+                    except asyncio.TimeoutError:
+                        item = KEEPALIVE
+                    if isinstance(item, Keepalive):
+                        error = self.engine.silence_error(silence_s)
+                        if error is not None:
+                            raise error  # not finished: close() aborts it in the engine
+                        yield item
+                        continue
+                else:
+                    item = await self._queue.get()
                 if isinstance(item, BaseException):
                     self.finished = True
                     raise item
@@ -50,10 +94,53 @@ class RequestStream:
 
 
 class AsyncEngine:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, max_open: int = 0) -> None:
         self.config = config
         self.client = EngineClient(config)  # blocks until the engine is ready (or failed)
         self.loop = asyncio.get_running_loop()
+        self.max_open = max_open  # calls open at once (0: no bound)
+        self.open = 0
+        self.alive_at = time.monotonic()  # when the engine last answered a ping
+        self._pinging = False
+
+    @contextlib.contextmanager
+    def admit(self) -> Iterator[None]:
+        """Count a call against `max_open` while it is open; refuse it past the bound."""
+        if self.max_open and self.open >= self.max_open:
+            raise CapacityError(f"the worker is at capacity ({self.open} calls open); retry later")
+        self.open += 1
+        try:
+            yield
+        finally:
+            self.open -= 1
+
+    def ping(self) -> None:
+        """Ask the engine for its stats unless the last ask is still unanswered; the answer
+        stamps `alive_at` (on the client's receiver thread: a float store)."""
+        if self._pinging or self.client.error is not None:
+            return
+        self._pinging = True
+
+        def answered(fut: Future[dict[str, int]]) -> None:
+            self._pinging = False
+            if not fut.cancelled() and fut.exception() is None:
+                self.alive_at = time.monotonic()
+
+        try:
+            self.client.stats().add_done_callback(answered)
+        except Unavailable:  # the engine is gone
+            self._pinging = False
+
+    def silent_for(self) -> float:
+        """Seconds since the engine last answered a ping."""
+        return time.monotonic() - self.alive_at
+
+    def silence_error(self, bound_s: float) -> Unavailable | None:
+        """The error for a request once the engine has not answered for `bound_s`."""
+        silent = self.silent_for()
+        if silent < bound_s:
+            return None
+        return Unavailable(f"this worker's engine has not answered for {silent:.1f} s")
 
     async def generate(
         self,
@@ -63,13 +150,15 @@ class AsyncEngine:
         return_logprob: bool = False,
         top_logprobs_num: int = 0,
         kv_target: KvTarget | None = None,
+        stall_s: float = 0.0,
     ) -> RequestStream:
-        """Queue a request; raises the engine's refusal (a RequestError: shared/errors.py)."""
+        """Queue a request; raises the engine's refusal (a RequestError: shared/errors.py), or
+        Unavailable when the engine has not answered for `stall_s` (> 0) meanwhile."""
         stream = RequestStream(self, rid)
         fut = self.client.submit(
             [rid], input_ids, params, stream.push, return_logprob, top_logprobs_num, kv_target
         )
-        await self._admitted(rid, fut)
+        await self._admitted(rid, fut, stall_s)
         return stream
 
     async def expect_kv(
@@ -80,13 +169,15 @@ class AsyncEngine:
         return_logprob: bool = False,
         top_logprobs_num: int = 0,
         lease_s: float | None = None,
+        stall_s: float = 0.0,
     ) -> RequestStream:
-        """Decode engine: register a prompt whose KV a prefill engine will write."""
+        """Decode engine: register a prompt whose KV a prefill engine will write (`stall_s`: as
+        `generate`)."""
         stream = RequestStream(self, rid)
         fut = self.client.expect_kv(
             rid, input_ids, params, stream.push, return_logprob, top_logprobs_num, lease_s
         )
-        await self._admitted(rid, fut)
+        await self._admitted(rid, fut, stall_s)
         return stream
 
     async def reserve_kv(self, rid: str) -> list[int]:
@@ -110,12 +201,23 @@ class AsyncEngine:
     def shutdown(self) -> None:
         self.client.shutdown()
 
-    async def _admitted(self, rid: str, fut: Future[Any]) -> Any:
+    async def _admitted(self, rid: str, fut: Future[Any], stall_s: float = 0.0) -> Any:
         """The engine's answer to an add or a reservation. The answer can come late (a grammar
-        compiling, a reservation queued): a caller that leaves before it aborts the request."""
+        compiling, a reservation queued): a caller that leaves before it aborts the request, and
+        so does an engine that has not answered for `stall_s` (> 0, at least 5 s) meanwhile."""
+        answer = asyncio.wrap_future(fut)
         try:
-            return await self._await(fut)
+            while True:
+                await asyncio.wait([answer], timeout=stall_s / 4 if stall_s > 0 else None)
+                if answer.done():
+                    return answer.result()
+                error = self.silence_error(max(stall_s, MIN_ENGINE_SILENCE_S)) if stall_s > 0 else None
+                if error is not None:
+                    answer.cancel()  # its late answer is dropped (EngineClient)
+                    self.client.abort(rid)
+                    raise error
         except asyncio.CancelledError:
+            answer.cancel()
             self.client.abort(rid)
             raise
 

@@ -29,7 +29,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from services.common.auth import CLUSTER_TOKEN_ENV, dial, secret_interceptors, secrets_from_args
 from services.common.convert import output_to_proto, sampling_to_dict
-from services.common.errors import grpc_errors
+from services.common.errors import ServiceError, grpc_errors
 from services.common.metrics import serve_metrics
 from services.common.parent import die_with_launcher
 from services.common.tracing import server_span, setup_tracing
@@ -37,7 +37,7 @@ from services.protos.tandem.common.v1 import common_pb2
 from services.protos.tandem.router.v1 import router_pb2, router_pb2_grpc
 from services.protos.tandem.worker.v1 import worker_pb2, worker_pb2_grpc
 from services.worker.args import engine_config, served_model_name
-from services.worker.engine import AsyncEngine
+from services.worker.engine import AsyncEngine, Keepalive
 from services.worker.metrics import WorkerMetrics, annotate_generation
 from shared.errors import InvalidRequest, RequestError
 from shared.outputs import RequestOutput
@@ -76,7 +76,12 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
 
     @grpc_errors
     async def GetLoad(self, request: Any, context: grpc.aio.ServicerContext) -> worker_pb2.GetLoadResponse:
-        stats = await self.engine.stats()
+        try:  # bounded: a frozen engine gives a clear error, not a call that never ends
+            stats = await asyncio.wait_for(self.engine.stats(), _LOAD_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            raise ServiceError(
+                grpc.StatusCode.UNAVAILABLE, f"the engine did not answer within {_LOAD_TIMEOUT_S:g} s"
+            ) from None
         fields = {f: stats.pop(f) for f in _LOAD_FIELDS}
         return worker_pb2.GetLoadResponse(**fields, counters=stats)
 
@@ -88,7 +93,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             raise InvalidRequest(f"a {self.role} worker does not serve WorkerService.Generate")
         clock = self.metrics.clock()
         last: RequestOutput | None = None
-        with server_span("generate", context.invocation_metadata()) as span:
+        with self.engine.admit(), server_span("generate", context.invocation_metadata()) as span:
             try:
                 stream = await self.engine.generate(
                     request.rid,
@@ -96,14 +101,25 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                     sampling_to_dict(request.sampling_params),
                     request.return_logprob,
                     request.top_logprobs_num,
+                    stall_s=request.stall_timeout_ms / 1000,
                 )
-                async for out in stream:
+                async for out in stream.outputs(request.stall_timeout_ms / 1000):
+                    if isinstance(out, Keepalive):
+                        yield keepalive(last)
+                        continue
                     last = out
                     clock.add(len(out.new_ids))
                     yield worker_pb2.GenerateResponse(output=output_to_proto(out))
                 clock.finish()
             finally:
                 annotate_generation(span, request.rid, last, clock)
+
+
+def keepalive(last: RequestOutput | None) -> worker_pb2.GenerateResponse:
+    """A stream's sign of life: nothing to send yet, but this worker and its engine are alive."""
+    return worker_pb2.GenerateResponse(
+        keepalive=worker_pb2.Keepalive(phase="waiting" if last is None else "running")
+    )
 
 
 _LOAD_FIELDS = [
@@ -117,6 +133,7 @@ _LOAD_FIELDS = [
 
 AddRoleServicers = Callable[[grpc.aio.Server, AsyncEngine, argparse.Namespace, WorkerMetrics], None]
 _STATS_TIMEOUT_S = 1.0  # a scrape waits this long for the engine (it answers between steps)
+_LOAD_TIMEOUT_S = 5.0  # GetLoad waits this long
 _ENGINE_WATCH_S = 0.5  # how often the worker looks whether its engine process still lives
 
 
@@ -130,7 +147,8 @@ async def serve(
     config = engine_config(args, role)
     if role != "unified" and config.device == "cpu":
         _keep_kv_transfers_on(args.host)  # before the engine process starts: it inherits it
-    engine = AsyncEngine(config)  # the model loads in the engine process; nothing to serve before
+    # The model loads in the engine process; nothing to serve before.
+    engine = AsyncEngine(config, args.max_open_requests)
     model = served_model_name(args)
 
     def engine_stats() -> dict[str, int] | None:  # on the metrics server's thread
@@ -202,8 +220,10 @@ async def _watch_engine(
     engine: AsyncEngine, health_servicer: health.aio.HealthServicer, gone: asyncio.Event
 ) -> None:
     """An engine process that died takes this worker out of service: NOT_SERVING (the router's
-    probe drops it, and open calls already failed with UNAVAILABLE) and no more heartbeats."""
+    probe drops it, and open calls already failed with UNAVAILABLE) and no more heartbeats.
+    While it lives, ping it: its answers are what the streams' keepalives vouch for."""
     while engine.client.error is None:
+        engine.ping()  # its answers keep the streams going (RequestStream.outputs)
         await asyncio.sleep(_ENGINE_WATCH_S)
     logger.error("the engine is gone (%s): this worker no longer serves", engine.client.error)
     gone.set()

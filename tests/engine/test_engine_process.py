@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import signal
@@ -83,7 +84,14 @@ def test_a_dead_engine_fails_open_requests_promptly(tiny_llama: Path) -> None:
     c.add(["doomed"], [5, 6, 7], {"max_new_tokens": 100000, "ignore_eos": True}, outputs.put)
     assert c.process.pid is not None
     os.kill(c.process.pid, signal.SIGKILL)
+    c.process.join(5)
     start = time.monotonic()
+    # Before the receiver notices, a call must not block its caller (an event loop) forever on
+    # a socket with no engine behind it: it raises, or is failed with the rest.
+    with contextlib.suppress(RuntimeError):
+        c.stats()
+    c.abort("doomed")
+    assert time.monotonic() - start < 1
     while True:
         item = outputs.get(timeout=10)
         if isinstance(item, BaseException):
@@ -113,3 +121,18 @@ def test_stray_kv_messages_are_dropped_and_the_engine_keeps_serving(client: Engi
     client.set_kv_target("nobody", [1, 2])  # nor a sender
     assert len(collect(client, "still-serving", [5, 6, 7], GREEDY)) >= 1
     assert client.process.is_alive()
+
+
+def test_an_answer_to_a_cancelled_call_is_dropped_and_the_client_keeps_going(
+    client: EngineClient,
+) -> None:
+    # An event-loop caller that leaves cancels its future (asyncio.wrap_future does); the
+    # engine's answer arrives later and must not stop the receiver thread.
+    for _ in range(5):
+        assert client.stats().cancel()
+    outputs: queue.SimpleQueue[RequestOutput | BaseException] = queue.SimpleQueue()
+    admitted = client.submit(["left"], [5, 6, 7], GREEDY, outputs.put)
+    admitted.cancel()
+    assert client.stats().result(timeout=30)["kv_total_tokens"] > 0
+    assert len(collect(client, "after-cancel", [5, 6, 7], GREEDY)) >= 1
+    client.abort("left")

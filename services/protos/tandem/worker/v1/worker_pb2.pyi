@@ -69,28 +69,38 @@ class GetLoadResponse(_message.Message):
     def __init__(self, running_requests: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., kv_free_tokens: _Optional[int] = ..., kv_evictable_tokens: _Optional[int] = ..., kv_used_tokens: _Optional[int] = ..., kv_total_tokens: _Optional[int] = ..., counters: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("rid", "token_ids", "sampling_params", "return_logprob", "top_logprobs_num", "kv_lease_ms")
+    __slots__ = ("rid", "token_ids", "sampling_params", "return_logprob", "top_logprobs_num", "kv_lease_ms", "stall_timeout_ms")
     RID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_PARAMS_FIELD_NUMBER: _ClassVar[int]
     RETURN_LOGPROB_FIELD_NUMBER: _ClassVar[int]
     TOP_LOGPROBS_NUM_FIELD_NUMBER: _ClassVar[int]
     KV_LEASE_MS_FIELD_NUMBER: _ClassVar[int]
+    STALL_TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
     rid: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling_params: _common_pb2.SamplingParams
     return_logprob: bool
     top_logprobs_num: int
     kv_lease_ms: int
-    def __init__(self, rid: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., sampling_params: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., return_logprob: _Optional[bool] = ..., top_logprobs_num: _Optional[int] = ..., kv_lease_ms: _Optional[int] = ...) -> None: ...
+    stall_timeout_ms: int
+    def __init__(self, rid: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., sampling_params: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., return_logprob: _Optional[bool] = ..., top_logprobs_num: _Optional[int] = ..., kv_lease_ms: _Optional[int] = ..., stall_timeout_ms: _Optional[int] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
-    __slots__ = ("reservation", "output")
+    __slots__ = ("reservation", "output", "keepalive")
     RESERVATION_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    KEEPALIVE_FIELD_NUMBER: _ClassVar[int]
     reservation: Reservation
     output: _common_pb2.Output
-    def __init__(self, reservation: _Optional[_Union[Reservation, _Mapping]] = ..., output: _Optional[_Union[_common_pb2.Output, _Mapping]] = ...) -> None: ...
+    keepalive: Keepalive
+    def __init__(self, reservation: _Optional[_Union[Reservation, _Mapping]] = ..., output: _Optional[_Union[_common_pb2.Output, _Mapping]] = ..., keepalive: _Optional[_Union[Keepalive, _Mapping]] = ...) -> None: ...
+
+class Keepalive(_message.Message):
+    __slots__ = ("phase",)
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    phase: str
+    def __init__(self, phase: _Optional[str] = ...) -> None: ...
 
 class Reservation(_message.Message):
     __slots__ = ("rid", "agent_name", "page_ids", "page_size", "kv_layout", "kv_transport")
