@@ -16,9 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import ipaddress
 import logging
-import os
 import signal
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -39,6 +37,7 @@ from services.protos.tandem.worker.v1 import worker_pb2, worker_pb2_grpc
 from services.worker.args import engine_config, served_model_name
 from services.worker.engine import AsyncEngine, Keepalive
 from services.worker.metrics import WorkerMetrics, annotate_generation
+from services.worker.ucx import keep_kv_transfers_on
 from shared.errors import InvalidRequest, RequestError
 from shared.outputs import RequestOutput
 
@@ -146,7 +145,7 @@ async def serve(
     tracing = setup_tracing("tandem-worker" if role == "unified" else f"tandem-{role}")
     config = engine_config(args, role)
     if role != "unified" and config.device == "cpu":
-        _keep_kv_transfers_on(args.host)  # before the engine process starts: it inherits it
+        keep_kv_transfers_on(args.host)  # before the engine process starts: it inherits it
     # The model loads in the engine process; nothing to serve before.
     engine = AsyncEngine(config, args.max_open_requests)
     model = served_model_name(args)
@@ -201,19 +200,6 @@ async def serve(
     stop_metrics()
     engine.shutdown()
     tracing.shutdown()
-
-
-def _keep_kv_transfers_on(host: str) -> None:
-    """UCX (under NIXL) listens on every network interface unless told otherwise: a worker told
-    to listen on loopback keeps its KV transfers there too. A `UCX_NET_DEVICES` the user set wins;
-    other addresses are left to it. Host-memory engines only: some UCX versions drop `cuda_ipc`
-    when `UCX_NET_DEVICES` is set, which is not yet checked on the GPU (docs/kv_transfer.md)."""
-    try:
-        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return
-    if loopback and "UCX_NET_DEVICES" not in os.environ:
-        os.environ["UCX_NET_DEVICES"] = "lo"
 
 
 async def _watch_engine(
