@@ -28,6 +28,7 @@ import json
 import os
 import re
 import secrets
+import shlex
 import signal
 import socket
 import subprocess
@@ -99,6 +100,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--ready-file", help="write the endpoints here as JSON once everything is up")
     p.add_argument("--startup-timeout", type=float, default=300.0)
+    p.add_argument(
+        "--router-args",
+        default="",
+        help='extra router flags, e.g. "--stall-timeout 20 --max-in-flight 1024"',
+    )
     p.add_argument(
         "--worker-args", default="", help='extra worker flags, e.g. "--max-total-tokens 8192 --device cpu"'
     )
@@ -179,13 +185,14 @@ def up(args: argparse.Namespace) -> int:
                 "--decode-policy",
                 args.decode_policy,
                 *("--metrics-port", "0"),  # a port of its own choosing: see _metrics_url
+                *shlex.split(args.router_args),
             ],
             "tandem-router",
             cluster_env | api_env,
         )
         workers_up = functools.partial(_router_workers, router_admin, cluster_token)
         _wait(lambda: workers_up() is not None, children, args.startup_timeout, "the router")
-        extra = args.worker_args.split()
+        extra = shlex.split(args.worker_args)
         roles = [("prefill", args.prefill), ("decode", args.decode), ("worker", unified)]
         for module, count in roles:
             for i in range(count):

@@ -128,8 +128,9 @@ def test_an_answer_to_a_cancelled_call_is_dropped_and_the_client_keeps_going(
 ) -> None:
     # An event-loop caller that leaves cancels its future (asyncio.wrap_future does); the
     # engine's answer arrives later and must not stop the receiver thread.
-    for _ in range(5):
-        assert client.stats().cancel()
+    # A cancel loses the race when the answer is already in (a loaded machine): try until five won.
+    cancelled = sum(client.stats().cancel() for _ in range(200))
+    assert cancelled >= 5
     outputs: queue.SimpleQueue[RequestOutput | BaseException] = queue.SimpleQueue()
     admitted = client.submit(["left"], [5, 6, 7], GREEDY, outputs.put)
     admitted.cancel()

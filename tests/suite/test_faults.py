@@ -278,9 +278,8 @@ def test_decode_killed_after_tokens_fails_fast_and_survivors_hold_no_kv(cluster:
 
 
 def test_engine_killed_under_a_live_worker_takes_it_out(cluster: Cluster) -> None:
-    (decode,) = alive(cluster, "decode")
     stream = long_stream(cluster)
-    next(stream)
+    decode = by_address(cluster, next(stream).route.decode_worker)
     os.kill(decode.engine_pid(), signal.SIGKILL)
     start = time.monotonic()
     error, elapsed = drain_error(stream)

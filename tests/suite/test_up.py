@@ -25,8 +25,15 @@ pytestmark = pytest.mark.xdist_group("suite_up")
 
 @pytest.fixture(scope="module")
 def up(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    with tandem_up(tiny_llama, tmp_path_factory.mktemp("up")) as info:
+    router_args = ("--router-args", "--stall-timeout 12 --max-in-flight 999")
+    with tandem_up(tiny_llama, tmp_path_factory.mktemp("up"), args=router_args) as info:
         yield info
+
+
+def test_router_args_reach_the_router(up: dict[str, Any]) -> None:
+    with open(f"/proc/{up['pids']['router']}/cmdline", "rb") as f:
+        argv = f.read().split(b"\0")
+    assert argv[-5:-1] == [b"--stall-timeout", b"12", b"--max-in-flight", b"999"]
 
 
 def test_models(client: openai.OpenAI, up: dict[str, Any]) -> None:
