@@ -35,7 +35,7 @@ from services.protos.tandem.common.v1 import common_pb2
 from services.protos.tandem.router.v1 import router_pb2, router_pb2_grpc
 from services.protos.tandem.worker.v1 import worker_pb2, worker_pb2_grpc
 from services.worker.args import engine_config, served_model_name
-from services.worker.engine import AsyncEngine, Keepalive
+from services.worker.engine import MIN_ENGINE_SILENCE_S, AsyncEngine, Keepalive
 from services.worker.metrics import WorkerMetrics, annotate_generation
 from services.worker.ucx import keep_kv_transfers_on
 from shared.errors import InvalidRequest, RequestError
@@ -180,11 +180,12 @@ async def serve(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    engine_gone = asyncio.Event()
-    watcher = asyncio.create_task(_watch_engine(engine, health_servicer, engine_gone))
+    engine_gone, serving = asyncio.Event(), asyncio.Event()
+    serving.set()
+    watcher = asyncio.create_task(_watch_engine(engine, health_servicer, engine_gone, serving))
     heartbeat = (
         asyncio.create_task(
-            _register_and_heartbeat(args.router, cluster_token.first, address, stop, engine_gone)
+            _register_and_heartbeat(args.router, cluster_token.first, address, stop, engine_gone, serving)
         )
         if args.router
         else None
@@ -203,31 +204,57 @@ async def serve(
 
 
 async def _watch_engine(
-    engine: AsyncEngine, health_servicer: health.aio.HealthServicer, gone: asyncio.Event
+    engine: AsyncEngine,
+    health_servicer: health.aio.HealthServicer,
+    gone: asyncio.Event,
+    serving: asyncio.Event,
 ) -> None:
-    """An engine process that died takes this worker out of service: NOT_SERVING (the router's
-    probe drops it, and open calls already failed with UNAVAILABLE) and no more heartbeats.
-    While it lives, ping it: its answers are what the streams' keepalives vouch for."""
+    """Keep the worker's health true to its engine, pinging it every `_ENGINE_WATCH_S` (its
+    answers are also what the streams' keepalives vouch for):
+
+    - an engine silent for `MIN_ENGINE_SILENCE_S` (frozen, or stuck in a step) takes the worker
+      to NOT_SERVING and pauses its heartbeats (`serving` cleared), so the router's probe takes
+      it out of rotation; it serves again once the engine answers;
+    - an engine process that died does so for good (`gone`): open calls already failed with
+      UNAVAILABLE, and no more heartbeats."""
     while engine.client.error is None:
-        engine.ping()  # its answers keep the streams going (RequestStream.outputs)
+        engine.ping()
+        frozen = engine.silent_for() >= MIN_ENGINE_SILENCE_S
+        if frozen == serving.is_set():  # the engine froze, or answers again
+            if frozen:
+                logger.warning("the engine has not answered for %.1f s: not serving", engine.silent_for())
+                serving.clear()
+                await health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+            else:
+                logger.info("the engine answers again: serving")
+                serving.set()
+                await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
         await asyncio.sleep(_ENGINE_WATCH_S)
     logger.error("the engine is gone (%s): this worker no longer serves", engine.client.error)
     gone.set()
+    serving.clear()
     await health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
 
 
 async def _register_and_heartbeat(
-    router: str, token: str | None, address: str, stop: asyncio.Event, engine_gone: asyncio.Event
+    router: str,
+    token: str | None,
+    address: str,
+    stop: asyncio.Event,
+    engine_gone: asyncio.Event,
+    serving: asyncio.Event,
 ) -> None:
-    """Register with the router's admin port, then heartbeat while the engine lives; re-register
-    whenever the router forgot us."""
+    """Register with the router's admin port, then heartbeat while the engine lives and answers
+    (`serving`); re-register whenever the router forgot us."""
     interval = 1.0
     async with dial(router, token) as channel:
         admin = router_pb2_grpc.RouterAdminServiceStub(channel)
         registered = False
         while not (stop.is_set() or engine_gone.is_set()):
             try:
-                if not registered:
+                if not serving.is_set():
+                    pass  # a frozen engine: silence, so the router probes us and finds NOT_SERVING
+                elif not registered:
                     reply = await admin.RegisterWorker(
                         router_pb2.RegisterWorkerRequest(address=address), timeout=10
                     )

@@ -151,13 +151,22 @@ def test_frozen_decode_engine_fails_its_streams_within_the_bound(cluster: Cluste
         assert load_error.value.code() == grpc.StatusCode.UNAVAILABLE
         error, _ = drain_error(stream)
         elapsed = time.monotonic() - start
+        # The worker reports NOT_SERVING and stops heartbeating: the router takes it out, so a
+        # retry cannot land on the frozen engine.
+        unhealthy = router_pb2.WORKER_STATE_UNHEALTHY
+        cluster.wait(lambda: cluster.worker_state(worker.address) == unhealthy, "the worker out", 10)
+        FIGURES["sigstop_decode_engine_worker_out_s"] = round(time.monotonic() - start, 2)
+        assert all(serves(cluster, 400 + i)["route"].decode_worker != worker.address for i in range(3))
     finally:
         os.kill(engine, signal.SIGCONT)
     assert error.code() == grpc.StatusCode.UNAVAILABLE and "engine has not answered" in error.details()
     assert elapsed < MIN_ENGINE_SILENCE_S + 2
     FIGURES["sigstop_decode_engine_error_s"] = round(elapsed, 2)
+    resumed = time.monotonic()
+    healthy = router_pb2.WORKER_STATE_HEALTHY
+    cluster.wait(lambda: cluster.worker_state(worker.address) == healthy, "the worker back", 10)
+    FIGURES["sigcont_decode_engine_back_s"] = round(time.monotonic() - resumed, 2)
     worker.wait_released()  # the resumed engine aborted the request
-    assert cluster.worker_state(worker.address) == router_pb2.WORKER_STATE_HEALTHY
     serves(cluster)
 
 
