@@ -16,7 +16,10 @@ The lease guards liveness, not queueing: it starts when the pages are granted an
 prompt's remaining compute and transfer; a reservation waiting for room has no timer (its
 caller aborts it when it gives up). A page a write may still land in is never handed to anyone
 else: the prefill side keeps its pages until its writes are DONE or ERR; the decode side keeps
-an aborted reservation's pages until the commit arrives or twice the lease has passed.
+an aborted reservation's pages until the commit arrives or twice the lease has passed (NIXL
+only: bytes over gRPC land inside the commit, so those pages are freed at once). A prefill
+engine that gives a prompt up tells the decode engine once no write of its can land (an
+`aborted` commit record riding a one-page write), which ends that wait at once.
 
 Both halves see narrow pieces of the engine (the pool layout, a page function, callbacks) and
 report what they decided as events (`shared/disagg/events.py`) that `EngineCore` acts on.

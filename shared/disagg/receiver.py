@@ -28,12 +28,13 @@ ReservePages = Callable[[Req], "list[int] | None"]  # pages for the whole prompt
 logger = logging.getLogger(__name__)
 
 LEASE_EXPIRED = "the prompt's KV did not arrive within the reservation lease"
+PREFILL_GAVE_UP = "the prefill engine gave the prompt up before its KV was sent"
 
 
 class Held(Enum):
     """What an aborted request held on the receiver's side."""
 
-    NOTHING = "nothing"  # not a reservation of ours
+    NOTHING = "nothing"  # nothing to wait out: the core frees whatever the request holds
     NO_PAGES = "no_pages"  # expected or queued: nothing to free, the core just finishes it
     QUARANTINED = "quarantined"  # its pages wait out a write that may still land
 
@@ -48,6 +49,11 @@ class KvReceiver:
                               │ abort / lease
                               ▼
                            quarantined ──(late commit, or 2 x lease)──▶ Released
+
+    Only a NIXL write can land after the fact (it is one-sided); bytes over gRPC land inside
+    `commit`, so an engine without an agent frees an aborted reservation's pages at once. A
+    prefill engine that gives a prompt up after its pages were granted says so (an `aborted`
+    commit record): a quarantine ends then, and a reservation still waiting fails at once.
 
     The lease guards liveness, not queueing: it starts when the pages are granted, which is
     when the prefill engine starts computing the prompt (it asks just in time), so it bounds
@@ -114,7 +120,8 @@ class KvReceiver:
         return True
 
     def commit(self, commit: KvCommit, payload: bytes | memoryview | None = None) -> None:
-        """The prompt's KV is in place (or arrives in `payload`): continue from the first token."""
+        """The prompt's KV is in place (or arrives in `payload`): continue from the first token.
+        An `aborted` record: nothing more will be written (the prefill side gave up)."""
         quarantined = self._quarantine.pop(commit.rid, None)
         if quarantined is not None:  # the write we were waiting out is over
             self._events.append(Released(quarantined))
@@ -122,6 +129,9 @@ class KvReceiver:
         req = self._waiting.pop(commit.rid, None)
         if req is None:
             return  # expired and freed already: nothing of ours is left to write to
+        if commit.aborted:  # no write in flight: the core's abort frees the pages at once
+            self._events.append(Expired(req, PREFILL_GAVE_UP))
+            return
         assert req.kv_pages is not None
         if payload is not None:
             # A bad payload raises ValueError: the write is over, so the core aborts the
@@ -135,8 +145,8 @@ class KvReceiver:
         """Forget an aborted request; a granted reservation's pages wait out a possible write."""
         if self._expected.pop(req.rid, None) is not None or self._queued.pop(req.rid, None) is not None:
             return Held.NO_PAGES
-        if self._waiting.pop(req.rid, None) is None:
-            return Held.NOTHING
+        if self._waiting.pop(req.rid, None) is None or self.agent is None:
+            return Held.NOTHING  # (no agent: no write can land after the fact)
         req.kv_deadline = time.monotonic() + 2 * req.kv_lease_s
         self._quarantine[req.rid] = req
         return Held.QUARANTINED

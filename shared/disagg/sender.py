@@ -9,6 +9,7 @@ for the core to act on.
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,6 +24,9 @@ if TYPE_CHECKING:
     from shared.transfer.nixl import NixlAgent
     from shared.transfer.pages import PageLayout
 
+logger = logging.getLogger(__name__)
+
+_ABANDONED_KEPT = 4096  # aborted requests whose reservation may still come (oldest forgotten)
 OwnPages = Callable[[Req, int], list[int]]  # (request, n) -> page ids of its first n prompt pages
 WantTarget = Callable[[Req, int], None]  # (request, pages needed): ask the decode side for pages
 
@@ -68,6 +72,9 @@ class KvSender:
         self.timeout_s = timeout_s
         self.want_target = want_target
         self._sends: dict[str, _Send] = {}  # from admission to release
+        # Requests aborted while their reservation was asked for: rid -> decode peer (nixl).
+        self._abandoned: dict[str, str] = {}
+        self._notices: list[tuple[Any, float]] = []  # "no KV is coming" writes: (handle, deadline)
         self._events: list[SendEvent] = []
         self.bytes_sent = 0
         self.transfers = 0
@@ -76,7 +83,7 @@ class KvSender:
     @property
     def busy(self) -> bool:
         """Writes in flight or requests waiting for their reservation: keep polling."""
-        return bool(self._sends)
+        return bool(self._sends or self._notices)
 
     def pages_needed(self, prompt_len: int) -> int:
         return -(-prompt_len // self.layout.page_size)
@@ -116,7 +123,10 @@ class KvSender:
         """The decode engine reserved `pages` for request `rid` (ValueError if they cannot be)."""
         send = self._sends.get(rid)
         if send is None or send.abort_message is not None:
-            return  # aborted meanwhile: the decode side frees its reservation when the call ends
+            peer = self._abandoned.pop(rid, None)
+            if peer is not None:  # aborted before its pages came: nothing will be written there
+                self._notify_abandoned(peer, pages, rid)
+            return
         if send.pages is not None:
             raise InvalidRequest(f"request {rid!r} already has its KV target")
         self._check_pages(pages, len(send.req.prompt_ids))
@@ -151,10 +161,13 @@ class KvSender:
             self._finish(send)
 
     def abort(self, req: Req) -> bool:
-        """Abort a tracked request; True if it must wait for its writes (the core then waits)."""
+        """Abort a tracked request; True if it must wait for its writes (the core then waits).
+        The decode side hears that no KV is coming once no write of ours can land."""
         send = self._sends.get(req.rid)
         if send is None or not (send.handles or send.final_posted):
-            self._sends.pop(req.rid, None)
+            if send is not None:
+                del self._sends[req.rid]
+                self._abandon(send)
             return False
         send.abort_message = send.abort_message or "aborted"
         return True
@@ -162,6 +175,7 @@ class KvSender:
     def poll(self) -> None:
         """Advance every write: post the last pages once the others landed, release when done."""
         now = time.monotonic()
+        self._poll_notices(now)
         for rid, send in list(self._sends.items()):
             if not send.handles:
                 continue
@@ -178,6 +192,7 @@ class KvSender:
             self._release_handles(send)
             if send.abort_message is not None:
                 del self._sends[rid]
+                self._abandon(send)  # our writes are over (landed, failed or abandoned)
                 self._events.append(SendFailed(send.req, send.abort_message))
             elif send.final_posted:
                 del self._sends[rid]
@@ -233,12 +248,49 @@ class KvSender:
             self.failures += 1
             if not send.handles:  # else poll reports it once the earlier writes are over
                 del self._sends[send.req.rid]
+                self._abandon(send)
                 self._events.append(SendFailed(send.req, send.abort_message))
             return
         self.bytes_sent += self.layout.nbytes(len(src))
         send.first_post = send.first_post or time.time()
         send.sent_pages = end
         send.deadline = time.monotonic() + self.timeout_s
+
+    def _abandon(self, send: _Send) -> None:
+        """Tell the decode engine (nixl) that no KV of this request will come; if its pages were
+        asked for but are not here yet, tell it when they come (`set_target`)."""
+        target = send.req.kv_target
+        if self.agent is None or target is None or target.transport != "nixl":
+            return  # gRPC bytes land inside the decode engine's commit: nothing to wait out there
+        if send.pages is not None:
+            self._notify_abandoned(target.peer, send.pages, send.req.rid)
+        elif send.asked:
+            self._abandoned[send.req.rid] = target.peer
+            while len(self._abandoned) > _ABANDONED_KEPT:  # reservations that never came
+                self._abandoned.pop(next(iter(self._abandoned)))
+
+    def _notify_abandoned(self, peer: str, pages: list[int], rid: str) -> None:
+        """The notice rides a one-page write (our null page 0 into the first of the abandoned
+        pages, which the decode engine frees unread): a write's notification needs no progress
+        thread to go out, since `poll` drives the write like any other."""
+        assert self.agent is not None
+        try:
+            handle = self.agent.write(peer, [0], pages[:1], KvCommit.abandon(rid).encode())
+        except (RuntimeError, KeyError) as e:  # the peer is gone: its lease frees the pages
+            logger.warning("could not tell %s that request %s sends no KV: %s", peer, rid, e)
+            return
+        self._notices.append((handle, time.monotonic() + self.timeout_s))
+
+    def _poll_notices(self, now: float) -> None:
+        assert self.agent is not None or not self._notices
+        pending = []
+        for handle, deadline in self._notices:
+            if self.agent.state(handle) == "PROC" and now <= deadline:  # type: ignore[union-attr]
+                pending.append((handle, deadline))
+                continue
+            with contextlib.suppress(Exception):
+                self.agent.release(handle)  # type: ignore[union-attr]
+        self._notices = pending
 
     def _release_handles(self, send: _Send) -> None:
         assert self.agent is not None or not send.handles

@@ -171,6 +171,10 @@ class NixlAgent:
     def release(self, handle: Any) -> None:
         self._agent.release_xfer_handle(handle)
 
+    def notify(self, peer: str, msg: bytes) -> None:
+        """Send `msg` to the peer's notifications, without a write."""
+        self._agent.send_notif(peer, msg)
+
     def take_notifs(self) -> list[bytes]:
         """Notifications received since the last call (commit records), from any peer."""
         return [msg for msgs in self._agent.get_new_notifs().values() for msg in msgs]

@@ -25,6 +25,14 @@ class KvCommit(msgspec.Struct, frozen=True):
     cached_tokens: int
     logprob: float | None = None
     top_logprobs: list[tuple[float, int]] | None = None
+    # The prefill side gave the prompt up and will write nothing more into its pages: the decode
+    # side frees them at once instead of waiting out a write that may still land.
+    aborted: bool = False
+
+    @staticmethod
+    def abandon(rid: str) -> KvCommit:
+        """The record that says no (more) KV is coming for `rid`."""
+        return KvCommit(rid=rid, first_token=-1, cached_tokens=0, aborted=True)
 
     def encode(self) -> bytes:
         return _encoder.encode(self)

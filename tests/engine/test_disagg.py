@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from shared.disagg.receiver import PREFILL_GAVE_UP
 from shared.engine_core import EngineCore, RequestOutput
 from shared.errors import CapacityError
 from shared.sampling import SamplingParams
@@ -191,16 +192,16 @@ def test_reservation_lease_expires_and_pages_come_back(tiny_llama: Path) -> None
     assert [o.finish_reason for o in outs] == [
         {"type": "abort", "message": "the prompt's KV did not arrive within the reservation lease"}
     ]
-    # Quarantined (a late write could still land) for twice the lease, then freed.
-    assert decode.waiting_in_background
-    wait_idle(decode)
+    # No write can land later over gRPC (the bytes land inside commit_kv): freed at once.
+    assert not decode.waiting_in_background
+    assert decode.stats()["kv_free_tokens"] == free_before
     assert decode.stats()["kv_reservations_expired"] == 1
     # A commit arriving after that is ignored.
     decode.commit_kv(KvCommit("late", 5, 0), None)
     decode.check_idle()
 
 
-def test_aborted_reservation_is_freed_by_the_late_commit(tiny_llama: Path) -> None:
+def test_aborted_reservation_is_freed_at_once_over_grpc(tiny_llama: Path) -> None:
     prefill, decode = make_pair(tiny_llama, "grpc")
     ids = list(range(5, 30))
     params = SamplingParams(max_new_tokens=4, temperature=0.0)
@@ -208,12 +209,81 @@ def test_aborted_reservation_is_freed_by_the_late_commit(tiny_llama: Path) -> No
     prefill.add_request(["r"], ids, params, kv_target=KvTarget("grpc", pages))
     decode.abort("r")
     assert [o.finish_reason["type"] for o in decode.step()] == ["abort"]  # type: ignore[index]
-    assert decode.waiting_in_background  # pages held until the write is over
-    (out,) = prefill.step()
-    decode.commit_kv(KvCommit.decode(out.kv_commit), out.kv_payload)  # type: ignore[arg-type]
     assert not decode.waiting_in_background
     decode.check_idle()
+    (out,) = prefill.step()  # the late bytes are ignored
+    decode.commit_kv(KvCommit.decode(out.kv_commit), out.kv_payload)  # type: ignore[arg-type]
+    decode.check_idle()
     wait_idle(prefill)
+
+
+NIXL_ONLY = pytest.mark.skipif(not nixl_available(), reason="NIXL is not installed")
+
+
+def wait_released(prefill: EngineCore, decode: EngineCore, timeout: float = 5.0) -> float:
+    """Step both engines (as their loops do: a write over UCX's TCP/shared memory transports
+    needs the target to progress too) until both hold nothing; seconds it took."""
+    start = time.monotonic()
+    while any(core.has_work or core.waiting_in_background for core in (prefill, decode)):
+        prefill.step()
+        decode.step()
+        assert time.monotonic() < start + timeout, "the engines did not go idle"
+        time.sleep(0.001)
+    prefill.check_idle()
+    decode.check_idle()
+    return time.monotonic() - start
+
+
+@NIXL_ONLY
+def test_a_prefill_abort_ends_the_decode_quarantine_at_once(tiny_llama: Path) -> None:
+    # A long lease: without the prefill side's word the pages would wait out 2 x 30 s.
+    prefill, decode = make_pair(tiny_llama, "nixl", kv_transfer_timeout_s=30.0)
+    ids = list(range(5, 30))
+    params = SamplingParams(max_new_tokens=4, temperature=0.0)
+    pages = reserve(decode, "r", ids, params)
+    assert decode.agent is not None
+    prefill.add_request(["r"], ids, params, kv_target=KvTarget("nixl", pages, decode.agent.name))
+    decode.abort("r")  # the router cancelled both legs: decode first
+    assert [o.finish_reason["type"] for o in decode.step()] == ["abort"]  # type: ignore[index]
+    assert decode.waiting_in_background  # a NIXL write could still land: quarantined
+    prefill.abort("r")  # nothing was written: the prefill engine says so
+    assert wait_released(prefill, decode) < 5
+
+
+@NIXL_ONLY
+def test_a_prefill_abort_fails_a_waiting_reservation_at_once(tiny_llama: Path) -> None:
+    prefill, decode = make_pair(tiny_llama, "nixl", kv_transfer_timeout_s=30.0)
+    ids = list(range(5, 30))
+    params = SamplingParams(max_new_tokens=4, temperature=0.0)
+    pages = reserve(decode, "r", ids, params)
+    assert decode.agent is not None
+    prefill.add_request(["r"], ids, params, kv_target=KvTarget("nixl", pages, decode.agent.name))
+    prefill.abort("r")  # the prefill leg failed first; decode still waits, lease running
+    deadline, finished = time.monotonic() + 5, []
+    while not finished:
+        prefill.step()
+        finished = [o for o in decode.step() if o.finished]
+        assert time.monotonic() < deadline, "the decode engine kept waiting for KV"
+    assert finished[0].finish_reason == {"type": "abort", "message": PREFILL_GAVE_UP}
+    wait_released(prefill, decode)
+
+
+@NIXL_ONLY
+def test_pages_granted_after_the_prefill_abort_are_released(tiny_llama: Path) -> None:
+    # Just in time: the prefill engine asked for pages, then its request was aborted before the
+    # decode engine granted them; it tells the decode engine when they come.
+    prefill, decode = make_pair(tiny_llama, "nixl", kv_transfer_timeout_s=30.0)
+    ids = list(range(5, 30))
+    params = SamplingParams(max_new_tokens=4, temperature=0.0)
+    submit(prefill, decode, "r", ids, params)
+    outs = prefill.step()  # scheduled: it asks for pages
+    assert [o.kv_pages_wanted for o in outs if o.kv_pages_wanted] == [2]
+    prefill.abort("r")
+    pages = decode.reserve_kv("r")
+    assert pages is not None
+    prefill.set_kv_target("r", pages)  # arrives after the abort: nothing will be written
+    decode.abort("r")
+    assert wait_released(prefill, decode) < 5
 
 
 def test_bad_reservations_and_targets_are_refused(tiny_llama: Path) -> None:
