@@ -23,6 +23,7 @@ import json
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.gateway.args import RequestLimits
+from services.gateway.constraints import requested_constraints
 from services.gateway.protocol import (
     ChatCompletionRequest,
     ChatMessage,
@@ -57,6 +58,8 @@ def check_chat(req: ChatCompletionRequest, limits: RequestLimits, context: int |
             "tools",
         )
     chars = sum(_message_chars(m) for m in req.messages) + tools_chars
+    if req.chat_template_kwargs:
+        chars += len(json.dumps(req.chat_template_kwargs))
     cap = limits.prompt_chars(context)
     if chars > cap:
         raise _too_long(f"the messages (and tools) have {chars} characters", cap, "messages")
@@ -81,18 +84,13 @@ def _check_common(
         raise bad_request(
             f"stop strings may have at most {limits.max_stop_chars} characters, got one of {longest}", "stop"
         )
-    fmt = req.response_format
-    schema = fmt.json_schema.schema_ if fmt is not None and fmt.json_schema is not None else None
-    sizes = {
-        "regex": len(req.regex or ""),
-        "ebnf": len(req.ebnf or ""),
-        "response_format": len(json.dumps(schema)) if schema is not None else 0,
-    }
-    for param, size in sizes.items():
+    for constraint in requested_constraints(req):  # response_format, regex, ebnf, vLLM's guided_*
+        size = len(constraint.value)
         if size > limits.max_constraint_chars:
             raise bad_request(
-                f"{param} is too large: {size} characters, the limit is {limits.max_constraint_chars}",
-                param,
+                f"{constraint.param} is too large: {size} characters, the limit is "
+                f"{limits.max_constraint_chars}",
+                constraint.param,
             )
 
 

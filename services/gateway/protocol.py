@@ -120,6 +120,21 @@ def lone_surrogate_at(value: Any, path: str = "") -> str | None:
     return None
 
 
+class StructuredOutputs(BaseModel):
+    """vLLM's `structured_outputs`: one of `json`, `regex`, `choice`, `grammar`, `json_object`.
+
+    Unknown keys (vLLM's whitespace and fallback options) are a 400: Tandem does not honour them
+    and a client must not believe it does."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    json_: dict[str, Any] | str | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+
 class _SamplingRequest(_Strict):
     """Fields shared by /v1/completions and /v1/chat/completions (OpenAI's, then SGLang's extras)."""
 
@@ -160,6 +175,12 @@ class _SamplingRequest(_Strict):
     response_format: ResponseFormat | None = None
     regex: str | None = None
     ebnf: str | None = None
+    # vLLM's spellings of the same constraints (`constraints.py` maps them).
+    guided_json: dict[str, Any] | str | None = None  # a JSON schema, or its JSON text
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    structured_outputs: StructuredOutputs | None = None
 
     # Unsupported OpenAI fields -> predicate "this value means the default", which we accept.
     UNSUPPORTED_FIELDS: ClassVar[dict[str, Callable[[Any], bool]]] = {}
@@ -196,9 +217,14 @@ class _SamplingRequest(_Strict):
                 "'response_format' of type 'json_schema' needs 'json_schema': {name, schema}",
                 "response_format.json_schema",
             )
-        for name in ("regex", "ebnf"):
+        for name in ("regex", "ebnf", "guided_regex", "guided_grammar"):
             if getattr(self, name) == "":
                 raise bad_request(f"'{name}' must not be empty", name)
+        so = self.structured_outputs
+        for name in ("regex", "grammar"):
+            if so is not None and getattr(so, name) == "":
+                param = f"structured_outputs.{name}"
+                raise bad_request(f"'{param}' must not be empty", param)
         if self.stream_options is not None and not self.stream:
             raise bad_request("'stream_options' is only allowed when 'stream' is true", "stream_options")
         max_tokens = self.max_new_tokens()
@@ -217,6 +243,13 @@ def _is_empty(value: Any) -> bool:
     return value in ([], {}, "")
 
 
+# vLLM's structured-output options Tandem does not honour: a 400 rather than silently ignored.
+_VLLM_UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
+    "guided_decoding_backend": lambda v: v in ("xgrammar", "auto"),  # xgrammar is what runs
+    "guided_whitespace_pattern": lambda v: False,
+}
+
+
 class CompletionRequest(_SamplingRequest):
     """POST /v1/completions."""
 
@@ -229,6 +262,7 @@ class CompletionRequest(_SamplingRequest):
         "suffix": _is_empty,
         "logit_bias": _is_empty,
         "best_of": lambda v: v == 1,
+        **_VLLM_UNSUPPORTED,
     }
 
     @field_validator("prompt")
@@ -415,6 +449,8 @@ class ChatCompletionRequest(_SamplingRequest):
     # together with `tools` in `tool_calls.request` (a union would name pydantic's branch tags).
     tool_choice: Any = None
     parallel_tool_calls: bool | None = None
+    # Extra variables of the chat template (vLLM's; e.g. Qwen3's `enable_thinking`).
+    chat_template_kwargs: dict[str, Any] | None = None
 
     UNSUPPORTED_FIELDS: ClassVar[dict[str, Callable[[Any], bool]]] = {
         "functions": _is_empty,
@@ -425,6 +461,7 @@ class ChatCompletionRequest(_SamplingRequest):
         "prediction": lambda v: False,
         "web_search_options": lambda v: False,
         "reasoning_effort": lambda v: False,
+        **_VLLM_UNSUPPORTED,
     }
 
     @field_validator("messages")
