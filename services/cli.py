@@ -4,6 +4,7 @@
                                  the whole suite: router, workers, OpenAI gateway (see launcher.py)
     tandem demo [--model PATH] [engine flags]
                                  run the offline engine on a model (default: a tiny local one)
+    tandem --version             the installed version
 
 Without `--model`, a tiny random-weight Llama is built once under $TANDEM_HOME (default
 ~/.cache/tandem) so that everything runs with no model hub and no download.
@@ -21,6 +22,7 @@ import time
 from pathlib import Path
 
 from shared import config_cli
+from services.version import tandem_version
 from shared.config import EngineConfig
 
 
@@ -90,6 +92,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tandem", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--version", action="version", version=f"tandem {tandem_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     from services.launcher import add_arguments, up
 

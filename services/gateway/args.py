@@ -8,6 +8,7 @@ from dataclasses import dataclass, field, fields
 
 from services.common.auth import API_KEY_ENV, ROUTER_API_KEY_ENV, add_secret_args, secrets_from_args
 from services.gateway.tool_calls.formats import TOOL_CALL_PARSERS
+from services.version import tandem_version
 
 # A prompt's default character cap (see `services/gateway/limits.py` for why 16 per token).
 CHARS_PER_CONTEXT_TOKEN = 16
@@ -95,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Tandem's OpenAI-compatible HTTP gateway: validates and tokenizes OpenAI requests "
         "and streams generations from the router over gRPC.",
     )
+    parser.add_argument("--version", action="version", version=f"tandem {tandem_version()}")
     parser.add_argument(
         "--host", default=GatewayConfig.host, help="address to listen on (default: %(default)s)"
     )

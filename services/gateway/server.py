@@ -2,7 +2,7 @@
 
     create_app(GatewayConfig) -> FastAPI
       startup   load the tokenizer, open one gRPC channel to the router, learn the served model
-      routes    /health, /metrics, /v1/models, /v1/completions, /v1/chat/completions
+      routes    /health, /metrics, /version, /v1/models, /v1/completions, /v1/chat/completions
       auth      with API keys configured, /v1/* wants one (ApiKeyMiddleware, auth.py)
       telemetry one SERVER span per request (continuing `traceparent`), Prometheus metrics
       errors    OpenAIError, router gRPC status and validation errors -> OpenAI error bodies
@@ -44,6 +44,7 @@ from services.gateway.protocol import ChatCompletionRequest, CompletionRequest, 
 from services.gateway.responses import Job, Metadata
 from services.gateway.tokenizer import Tokenizer
 from services.protos.tandem.router.v1 import router_pb2, router_pb2_grpc
+from services.version import tandem_version
 from shared.errors import RequestError
 
 logger = logging.getLogger("tandem.gateway")
@@ -358,6 +359,10 @@ def create_app(config: GatewayConfig) -> FastAPI:
     @app.get("/metrics", include_in_schema=False)
     async def prometheus_metrics() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/version")
+    async def version() -> dict[str, str]:
+        return {"version": tandem_version()}
 
     @app.get("/health")
     async def health() -> JSONResponse:
