@@ -135,8 +135,8 @@ class StructuredOutputs(BaseModel):
     json_object: bool | None = None
 
 
-class _SamplingRequest(_Strict):
-    """Fields shared by /v1/completions and /v1/chat/completions (OpenAI's, then SGLang's extras)."""
+class _TextRequest(_Strict):
+    """A request whose strings must be valid Unicode (a lone surrogate is a 400 naming where)."""
 
     @model_validator(mode="before")
     @classmethod
@@ -149,6 +149,10 @@ class _SamplingRequest(_Strict):
                 {"param": at},
             )
         return data
+
+
+class _SamplingRequest(_TextRequest):
+    """Fields shared by /v1/completions and /v1/chat/completions (OpenAI's, then SGLang's extras)."""
 
     model: str
     n: int | None = Field(None, ge=1, le=MAX_N)
@@ -488,3 +492,36 @@ class ChatCompletionRequest(_SamplingRequest):
     def template_tools(self) -> list[dict[str, Any]] | None:
         """`tools` as chat templates expect them (OpenAI's shape, unset fields left out), None without."""
         return [tool.model_dump(exclude_none=True) for tool in self.tools] if self.tools else None
+
+
+class TokenizeRequest(_TextRequest):
+    """POST /tokenize (vLLM's shape): a `prompt`, or chat `messages` rendered by the template."""
+
+    model: str | None = None  # when given, it must be the served model
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_generation_prompt: bool | None = None  # chat only; default true
+    add_special_tokens: bool | None = None  # default: true for a prompt, false for messages
+    tools: list[Tool] | None = None  # chat only
+    chat_template_kwargs: dict[str, Any] | None = None  # chat only
+    return_token_strs: bool | None = None
+
+    def check(self) -> None:
+        """Exactly one of `prompt` and `messages`; raises a 400 `OpenAIError`."""
+        if (self.prompt is None) == (self.messages is None):
+            raise bad_request("give exactly one of 'prompt' and 'messages'", "prompt")
+        if self.messages is not None:
+            if not self.messages:
+                raise bad_request("'messages' must hold at least one message", "messages")
+            for i, message in enumerate(self.messages):
+                message.check(i)
+
+    def template_tools(self) -> list[dict[str, Any]] | None:
+        return [tool.model_dump(exclude_none=True) for tool in self.tools] if self.tools else None
+
+
+class DetokenizeRequest(_TextRequest):
+    """POST /detokenize (vLLM's shape): token ids back to text."""
+
+    model: str | None = None
+    tokens: list[TokenId]

@@ -2,8 +2,10 @@
 
     create_app(GatewayConfig) -> FastAPI
       startup   load the tokenizer, open one gRPC channel to the router, learn the served model
-      routes    /health, /metrics, /version, /v1/models, /v1/completions, /v1/chat/completions
-      auth      with API keys configured, /v1/* wants one (ApiKeyMiddleware, auth.py)
+      routes    /health, /metrics, /version, /tokenize, /detokenize (tokenize.py),
+                /v1/models, /v1/completions, /v1/chat/completions
+      auth      with API keys configured, /v1/*, /tokenize and /detokenize want one
+                (ApiKeyMiddleware, auth.py)
       telemetry one SERVER span per request (continuing `traceparent`), Prometheus metrics
       errors    OpenAIError, router gRPC status and validation errors -> OpenAI error bodies
 
@@ -40,8 +42,15 @@ from services.gateway.auth import ApiKeyMiddleware
 from services.gateway.handler import Handler, RouterCalls, ServedModel
 from services.gateway.limits import SizeLimits
 from services.gateway.metrics import GatewayMetrics, TelemetryMiddleware, UsageStub
-from services.gateway.protocol import ChatCompletionRequest, CompletionRequest, OpenAIError
+from services.gateway.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    OpenAIError,
+    TokenizeRequest,
+)
 from services.gateway.responses import Job, Metadata
+from services.gateway.tokenize import detokenize, tokenize
 from services.gateway.tokenizer import Tokenizer
 from services.protos.tandem.router.v1 import router_pb2, router_pb2_grpc
 from services.version import tandem_version
@@ -386,6 +395,14 @@ def create_app(config: GatewayConfig) -> FastAPI:
     async def get_model(model_id: str) -> dict[str, Any]:
         handler().check_model(model_id)
         return model_card()
+
+    @app.post("/tokenize")
+    async def tokenize_route(body: TokenizeRequest) -> dict[str, Any]:
+        return await tokenize(handler(), body)
+
+    @app.post("/detokenize")
+    async def detokenize_route(body: DetokenizeRequest) -> dict[str, Any]:
+        return await detokenize(handler(), body)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:

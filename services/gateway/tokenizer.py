@@ -60,6 +60,15 @@ class Tokenizer:
     def decode(self, token_ids: Sequence[int]) -> str:
         return str(self._hf.decode(list(token_ids)))
 
+    async def decode_async(self, token_ids: Sequence[int]) -> str:
+        if len(token_ids) <= _INLINE_TOKENIZE_CHARS // 4:
+            return self.decode(token_ids)
+        return await asyncio.to_thread(self.decode, token_ids)
+
+    def token_strings(self, token_ids: Sequence[int]) -> list[str]:
+        """The vocabulary entries of `token_ids` (byte-level BPE's spelling, e.g. "Ġthe")."""
+        return [str(t) for t in self._hf.convert_ids_to_tokens(list(token_ids))]
+
     @property
     def chat_template(self) -> str | None:
         """The chat template's text (several named templates joined), None without one."""
