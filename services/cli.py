@@ -21,8 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from shared import config_cli
 from services.version import tandem_version
+from shared import config_cli
 from shared.config import EngineConfig
 
 
