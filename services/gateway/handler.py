@@ -103,8 +103,11 @@ class Handler:
                 404, f"The model '{name}' does not exist", param="model", code="model_not_found"
             )
 
-    async def prepare_completion(self, req: CompletionRequest, metadata: Metadata = ()) -> Job:
-        """Validate and tokenize a /v1/completions request."""
+    async def prepare_completion(
+        self, req: CompletionRequest, metadata: Metadata = (), request_id: str | None = None
+    ) -> Job:
+        """Validate and tokenize a /v1/completions request (`request_id`: the response's `id`
+        is `cmpl-<it>`; None: a fresh one)."""
         self.check_model(req.model)
         req.check()
         check_completion(req, self.limits, self.model.max_context_len)
@@ -131,7 +134,7 @@ class Handler:
                 echo_texts.append("")
         return Job(
             kind="completion",
-            id=f"cmpl-{uuid.uuid4().hex}",
+            id=f"cmpl-{request_id or uuid.uuid4().hex}",
             model=self.model.name,
             n=n,
             requests=requests,
@@ -143,7 +146,9 @@ class Handler:
             constraint=constraint,
         )
 
-    async def prepare_chat(self, req: ChatCompletionRequest, metadata: Metadata = ()) -> Job:
+    async def prepare_chat(
+        self, req: ChatCompletionRequest, metadata: Metadata = (), request_id: str | None = None
+    ) -> Job:
         """Validate, render the chat template and tokenize a /v1/chat/completions request."""
         self.check_model(req.model)
         req.check()
@@ -169,7 +174,7 @@ class Handler:
         request = self._generate_request(req, token_ids, text, n, max_new, top, constraint)
         return Job(
             kind="chat",
-            id=f"chatcmpl-{uuid.uuid4().hex}",
+            id=f"chatcmpl-{request_id or uuid.uuid4().hex}",
             model=self.model.name,
             n=n,
             requests=[request],

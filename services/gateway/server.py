@@ -6,6 +6,7 @@
                 /v1/models, /v1/completions, /v1/chat/completions
       auth      with API keys configured, /v1/*, /tokenize and /detokenize want one
                 (ApiKeyMiddleware, auth.py)
+      ids, CORS X-Request-Id taken or made and echoed (request_id.py); CORS with --allowed-origins
       telemetry one SERVER span per request (continuing `traceparent`), Prometheus metrics
       errors    OpenAIError, router gRPC status and validation errors -> OpenAI error bodies
 
@@ -28,6 +29,7 @@ import anyio
 import grpc
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from opentelemetry import trace
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -49,6 +51,8 @@ from services.gateway.protocol import (
     OpenAIError,
     TokenizeRequest,
 )
+from services.gateway.request_id import HEADER as REQUEST_ID_HEADER
+from services.gateway.request_id import RequestIdMiddleware, request_id_of
 from services.gateway.responses import Job, Metadata
 from services.gateway.tokenize import detokenize, tokenize
 from services.gateway.tokenizer import Tokenizer
@@ -307,9 +311,11 @@ async def _generate(request: Request, job: Job, handler: Handler, stream: bool) 
     return _SSEResponse(_sse_events(first, chunks), on_close=calls.cancel_all)
 
 
-def _trace_metadata() -> Metadata:
-    """The request span's trace context, for the router calls."""
-    return outgoing_metadata() or ()
+def _router_metadata(request: Request) -> Metadata:
+    """What the router calls carry: the request span's trace context and the request id."""
+    request_id = request_id_of(request.scope)
+    own = ((REQUEST_ID_HEADER.decode(), request_id),) if request_id else ()
+    return (*(outgoing_metadata() or ()), *own)
 
 
 def _note_job(job: Job, stream: bool) -> None:
@@ -349,7 +355,17 @@ def create_app(config: GatewayConfig) -> FastAPI:
     app.add_middleware(SizeLimits, limits=config.limits)
     if config.api_keys:
         app.add_middleware(ApiKeyMiddleware, keys=Secrets(config.api_keys))
+    if config.allowed_origins:
+        # Outside the key check: a browser's preflight carries no key, and a 401 must be readable.
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(config.allowed_origins),
+            allow_methods=["*"],
+            allow_headers=["*"],
+            expose_headers=["X-Request-Id", "Retry-After"],
+        )
     app.add_middleware(TelemetryMiddleware, metrics=metrics)  # the request span, HTTP metrics
+    app.add_middleware(RequestIdMiddleware)  # outermost: every response carries the id
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -406,13 +422,15 @@ def create_app(config: GatewayConfig) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
-        job = await handler().prepare_completion(body, _trace_metadata())
+        request_id = request_id_of(request.scope)
+        job = await handler().prepare_completion(body, _router_metadata(request), request_id)
         _note_job(job, bool(body.stream))
         return await _generate(request, job, handler(), bool(body.stream))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-        job = await handler().prepare_chat(body, _trace_metadata())
+        request_id = request_id_of(request.scope)
+        job = await handler().prepare_chat(body, _router_metadata(request), request_id)
         _note_job(job, bool(body.stream))
         return await _generate(request, job, handler(), bool(body.stream))
 
