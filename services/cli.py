@@ -21,6 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from services.common.model_dir import model_dir_problem
 from services.version import tandem_version
 from shared import config_cli
 from shared.config import EngineConfig
@@ -52,6 +53,10 @@ def default_model_path() -> Path:
 def _demo(args: argparse.Namespace) -> int:
     from shared import Engine
 
+    problem = model_dir_problem(args.model) if args.model else None
+    if problem is not None:
+        print(f"tandem demo: error: {problem}", file=sys.stderr)
+        return 2
     model = Path(args.model) if args.model else default_model_path()
     print(f"model: {model}", flush=True)
     if not args.model:
