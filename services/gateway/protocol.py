@@ -128,11 +128,24 @@ class StructuredOutputs(BaseModel):
 
     model_config = ConfigDict(strict=True, extra="forbid")
 
-    json_: dict[str, Any] | str | None = Field(None, alias="json")
+    json_: Any = Field(None, alias="json")  # a schema object or its JSON text, checked below
     regex: str | None = None
     choice: list[str] | None = None
     grammar: str | None = None
     json_object: bool | None = None
+
+    @field_validator("json_")
+    @classmethod
+    def _check_json(cls, value: Any) -> dict[str, Any] | str | None:
+        return _schema_or_text(value)
+
+
+def _schema_or_text(value: Any) -> dict[str, Any] | str | None:
+    """vLLM's JSON-schema fields take an object or its JSON text (parsed in `constraints.py`);
+    checked by hand because a union's error would name pydantic's branch tags."""
+    if value is None or isinstance(value, dict | str):
+        return value
+    raise ValueError("must be a JSON schema object or its JSON text")
 
 
 class _TextRequest(_Strict):
@@ -180,7 +193,7 @@ class _SamplingRequest(_TextRequest):
     regex: str | None = None
     ebnf: str | None = None
     # vLLM's spellings of the same constraints (`constraints.py` maps them).
-    guided_json: dict[str, Any] | str | None = None  # a JSON schema, or its JSON text
+    guided_json: Any = None  # a JSON schema, or its JSON text
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
@@ -188,6 +201,11 @@ class _SamplingRequest(_TextRequest):
 
     # Unsupported OpenAI fields -> predicate "this value means the default", which we accept.
     UNSUPPORTED_FIELDS: ClassVar[dict[str, Callable[[Any], bool]]] = {}
+
+    @field_validator("guided_json")
+    @classmethod
+    def _check_guided_json(cls, value: Any) -> dict[str, Any] | str | None:
+        return _schema_or_text(value)
 
     @field_validator("stop")
     @classmethod

@@ -139,6 +139,8 @@ def test_choice_regex_matches_each_choice_literally() -> None:
         ("/v1/chat/completions", {"guided_choice": "yes"}, "guided_choice"),
         ("/v1/completions", {"guided_json": "{not json"}, "guided_json"),
         ("/v1/completions", {"guided_json": "[1, 2]"}, "guided_json"),
+        ("/v1/completions", {"guided_json": 5}, "guided_json"),
+        ("/v1/completions", {"structured_outputs": {"json": [1]}}, "structured_outputs.json"),
         ("/v1/completions", {"guided_regex": ""}, "guided_regex"),
         ("/v1/completions", {"guided_whitespace_pattern": " "}, "guided_whitespace_pattern"),
         ("/v1/chat/completions", {"guided_decoding_backend": "outlines"}, "guided_decoding_backend"),
