@@ -4,6 +4,7 @@
                                  the whole suite: router, workers, OpenAI gateway (see launcher.py)
     tandem demo [--model PATH] [engine flags]
                                  run the offline engine on a model (default: a tiny local one)
+    tandem --version             the installed version
 
 Without `--model`, a tiny random-weight Llama is built once under $TANDEM_HOME (default
 ~/.cache/tandem) so that everything runs with no model hub and no download.
@@ -20,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from services.common.model_dir import model_dir_problem
+from services.version import tandem_version
 from shared import config_cli
 from shared.config import EngineConfig
 
@@ -50,6 +53,10 @@ def default_model_path() -> Path:
 def _demo(args: argparse.Namespace) -> int:
     from shared import Engine
 
+    problem = model_dir_problem(args.model) if args.model else None
+    if problem is not None:
+        print(f"tandem demo: error: {problem}", file=sys.stderr)
+        return 2
     model = Path(args.model) if args.model else default_model_path()
     print(f"model: {model}", flush=True)
     if not args.model:
@@ -90,6 +97,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tandem", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--version", action="version", version=f"tandem {tandem_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     from services.launcher import add_arguments, up
 

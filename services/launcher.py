@@ -44,6 +44,7 @@ from typing import Any
 import grpc
 
 from services.common.auth import API_KEY_ENV, CLUSTER_TOKEN_ENV, bearer
+from services.common.model_dir import model_dir_problem
 from services.common.parent import PARENT_ENV
 from services.mps import MpsError, mps_daemon
 from services.protos.tandem.router.v1 import router_pb2, router_pb2_grpc
@@ -75,7 +76,9 @@ def _metrics_url(child: Child) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="HF model directory (default: a tiny local model, built once)")
+    p.add_argument(
+        "--model", help="a local HF model directory, not a hub id (default: a tiny local model, built once)"
+    )
     p.add_argument("--host", default="127.0.0.1", help="where the gateway listens (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="gateway HTTP port (default 8000)")
     p.add_argument("--prefill", type=int, default=1, help="prefill workers (default 1)")
@@ -124,6 +127,9 @@ def up(args: argparse.Namespace) -> int:
     if (args.prefill > 0) != (args.decode > 0):
         raise SystemExit("PD needs both --prefill and --decode workers (or neither, for unified workers)")
     unified = args.unified or (0 if args.prefill else 1)
+    problem = model_dir_problem(args.model) if args.model else None
+    if problem is not None:  # before any child starts: one clear line, not a child's traceback
+        raise SystemExit(f"tandem up: error: {problem}")
     model = str(Path(args.model).resolve() if args.model else default_model_path())
     log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="logs-", dir=tandem_home()))
     log_dir.mkdir(parents=True, exist_ok=True)

@@ -168,6 +168,7 @@ def test_the_worker_entry_point_exits_cleanly_on_a_bad_value() -> None:
 
 
 def test_demo_takes_the_engine_flags(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "config.json").write_text("{}")  # a model directory, as far as the CLI checks
     assert cli.main(["demo", "--model", str(tmp_path), "--device", "cpu", "--page-size", "0"]) == 2
     assert "page_size must be a positive integer" in capsys.readouterr().err
 

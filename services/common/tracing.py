@@ -178,6 +178,9 @@ def server_span(name: str, metadata: Sequence[tuple[str, Any]] | None) -> Iterat
     if parent is None and not span.is_recording():  # tracing off, no trace to pass on: nothing to do
         yield span
         return
+    request_id = next((v for k, v in metadata or () if k == "x-request-id"), None)
+    if request_id is not None and span.is_recording():  # the gateway's X-Request-Id
+        span.set_attribute("tandem.x_request_id", str(request_id))
     token = otel_context.attach(trace.set_span_in_context(span, parent))
     try:
         yield span

@@ -7,6 +7,7 @@ import sys
 
 import uvicorn
 
+from services.common.model_dir import TOKENIZER_FILES, model_dir_problem
 from services.common.parent import die_with_launcher
 from services.gateway.args import parse_args
 
@@ -14,6 +15,11 @@ from services.gateway.args import parse_args
 def main(argv: list[str] | None = None) -> int:
     """Parse the command line and serve until interrupted."""
     config = parse_args(argv)
+    problem = model_dir_problem(config.tokenizer, TOKENIZER_FILES)
+    if problem is not None:  # before transformers tries it as a hub id
+        problem = problem.replace("--model", "--tokenizer")
+        print(f"python -m services.gateway: error: {problem}", file=sys.stderr)
+        return 2
     die_with_launcher()
     from services.gateway.http import uvicorn_config
     from services.gateway.server import create_app  # heavy (transformers): not needed for --help

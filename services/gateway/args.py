@@ -8,6 +8,7 @@ from dataclasses import dataclass, field, fields
 
 from services.common.auth import API_KEY_ENV, ROUTER_API_KEY_ENV, add_secret_args, secrets_from_args
 from services.gateway.tool_calls.formats import TOOL_CALL_PARSERS
+from services.version import tandem_version
 
 # A prompt's default character cap (see `services/gateway/limits.py` for why 16 per token).
 CHARS_PER_CONTEXT_TOKEN = 16
@@ -85,6 +86,8 @@ class GatewayConfig:
     api_keys: tuple[str, ...] = ()
     # The key the gateway sends to the router (`authorization` metadata); None: none.
     router_api_key: str | None = None
+    # Origins browsers may call from (CORS); empty: no CORS headers; ("*",): any origin.
+    allowed_origins: tuple[str, ...] = ()
     limits: RequestLimits = field(default_factory=RequestLimits)
 
 
@@ -95,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Tandem's OpenAI-compatible HTTP gateway: validates and tokenizes OpenAI requests "
         "and streams generations from the router over gRPC.",
     )
+    parser.add_argument("--version", action="version", version=f"tandem {tandem_version()}")
     parser.add_argument(
         "--host", default=GatewayConfig.host, help="address to listen on (default: %(default)s)"
     )
@@ -149,6 +153,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECRET",
         help=f"the key sent to the router (also ${ROUTER_API_KEY_ENV}; default: the first --api-key)",
     )
+    parser.add_argument(
+        "--allowed-origins",
+        default="",
+        metavar="ORIGINS",
+        help="comma-separated origins browsers may call the API from (CORS), e.g. "
+        "'https://app.example.com,http://localhost:3000', or '*' for any (default: none, CORS off)",
+    )
     limits = parser.add_argument_group("request limits (each answered with a 4xx, never a reset)")
     for f in fields(RequestLimits):
         kind = float if f.name == "body_read_timeout" else _positive_int
@@ -187,6 +198,7 @@ def parse_args(argv: list[str] | None = None) -> GatewayConfig:
         tool_call_parser=ns.tool_call_parser,
         api_keys=api_keys.values,
         router_api_key=router_key,
+        allowed_origins=tuple(o.strip() for o in ns.allowed_origins.split(",") if o.strip()),
         limits=RequestLimits(**{f.name: getattr(ns, f.name) for f in fields(RequestLimits)}),
     )
 

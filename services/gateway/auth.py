@@ -1,8 +1,11 @@
-"""API keys on the gateway: `Authorization: Bearer <key>` on every /v1/* route.
+"""API keys on the gateway: `Authorization: Bearer <key>` on every /v1/* route, /tokenize and
+/detokenize (they spend the gateway's CPU on the served model's tokenizer, like a generation's
+first step).
 
 A pure ASGI middleware, so a request without a valid key is answered (401, OpenAI's error body
-with code `invalid_api_key`) before its body is read. /health and /metrics stay open (probes and
-scrapers). The keys and their constant-time check are services/common/auth.py's.
+with code `invalid_api_key`) before its body is read. /health, /metrics and /version stay open
+(probes, scrapers, and nothing a key would protect). The keys and their constant-time check are
+services/common/auth.py's.
 """
 
 from __future__ import annotations
@@ -15,10 +18,12 @@ from services.common.auth import Secrets
 from services.gateway.protocol import OpenAIError
 
 PROTECTED_PREFIX = "/v1/"
+PROTECTED_PATHS = frozenset({"/v1", "/tokenize", "/detokenize"})
 
 
 class ApiKeyMiddleware:
-    """Answers 401 to a /v1/* request whose `Authorization` is not `Bearer <one of the keys>`."""
+    """Answers 401 to a protected request (/v1/*, /tokenize, /detokenize) whose `Authorization`
+    is not `Bearer <one of the keys>`."""
 
     def __init__(self, app: ASGIApp, keys: Secrets) -> None:
         self.app = app
@@ -54,7 +59,7 @@ class ApiKeyMiddleware:
 
 
 def _protected(path: str) -> bool:
-    return path.startswith(PROTECTED_PREFIX) or path == PROTECTED_PREFIX.rstrip("/")
+    return path.startswith(PROTECTED_PREFIX) or path in PROTECTED_PATHS
 
 
 def _header(scope: Scope, name: bytes) -> str | None:

@@ -3,7 +3,7 @@
 One request's life here:
 
     prepare_completion / prepare_chat   model check, OpenAI checks, size limits (`limits.py`),
-                                        output constraint (response format, regex, ebnf,
+                                        output constraint (response format, regex, ebnf, guided_*,
                                         tools), chat template, tokenize,
                                         context-length checks -> a `Job` of GenerateRequests
     complete(job, calls)                one router `Generate` per prompt, merged; increments are
@@ -28,7 +28,12 @@ import grpc
 from services.common.convert import SAMPLING_SCALARS
 from services.common.streams import merge
 from services.gateway.args import RequestLimits
-from services.gateway.constraints import Constraint, requested_constraints, single_constraint
+from services.gateway.constraints import (
+    Constraint,
+    rejected_constraint,
+    requested_constraints,
+    single_constraint,
+)
 from services.gateway.limits import check_chat, check_completion
 from services.gateway.protocol import ChatCompletionRequest, CompletionRequest, OpenAIError, bad_request
 from services.gateway.responses import Job, Metadata, ResponseBuilder
@@ -98,8 +103,11 @@ class Handler:
                 404, f"The model '{name}' does not exist", param="model", code="model_not_found"
             )
 
-    async def prepare_completion(self, req: CompletionRequest, metadata: Metadata = ()) -> Job:
-        """Validate and tokenize a /v1/completions request."""
+    async def prepare_completion(
+        self, req: CompletionRequest, metadata: Metadata = (), request_id: str | None = None
+    ) -> Job:
+        """Validate and tokenize a /v1/completions request (`request_id`: the response's `id`
+        is `cmpl-<it>`; None: a fresh one)."""
         self.check_model(req.model)
         req.check()
         check_completion(req, self.limits, self.model.max_context_len)
@@ -126,7 +134,7 @@ class Handler:
                 echo_texts.append("")
         return Job(
             kind="completion",
-            id=f"cmpl-{uuid.uuid4().hex}",
+            id=f"cmpl-{request_id or uuid.uuid4().hex}",
             model=self.model.name,
             n=n,
             requests=requests,
@@ -135,9 +143,12 @@ class Handler:
             top_logprobs=req.logprobs or 0,
             include_usage=req.include_usage,
             metadata=metadata,
+            constraint=constraint,
         )
 
-    async def prepare_chat(self, req: ChatCompletionRequest, metadata: Metadata = ()) -> Job:
+    async def prepare_chat(
+        self, req: ChatCompletionRequest, metadata: Metadata = (), request_id: str | None = None
+    ) -> Job:
         """Validate, render the chat template and tokenize a /v1/chat/completions request."""
         self.check_model(req.model)
         req.check()
@@ -153,7 +164,7 @@ class Handler:
         constraint = single_constraint(candidates)
         n = req.n or 1
         text, token_ids = await self.tokenizer.render_chat_async(
-            req.template_messages(), req.template_tools()
+            req.template_messages(), req.template_tools(), req.chat_template_kwargs
         )
         user_max = req.max_new_tokens()
         param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
@@ -163,7 +174,7 @@ class Handler:
         request = self._generate_request(req, token_ids, text, n, max_new, top, constraint)
         return Job(
             kind="chat",
-            id=f"chatcmpl-{uuid.uuid4().hex}",
+            id=f"chatcmpl-{request_id or uuid.uuid4().hex}",
             model=self.model.name,
             n=n,
             requests=[request],
@@ -173,6 +184,7 @@ class Handler:
             include_usage=req.include_usage,
             metadata=metadata,
             tool_parsing=tool_parsing,
+            constraint=constraint,
         )
 
     def _check_token_ids(self, token_ids: Sequence[int]) -> None:
@@ -262,6 +274,11 @@ class Handler:
                 choice = prompt_idx * job.n + output.index
                 finished[choice] = finished[choice] or output.HasField("finish")
                 yield choice, output
+        except grpc.aio.AioRpcError as exc:
+            error = rejected_constraint(exc, job.constraint)
+            if error is None:
+                raise
+            raise error from exc
         finally:
             calls.cancel_all()
         if not all(finished):

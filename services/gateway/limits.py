@@ -4,8 +4,9 @@
                complete within the read timeout -> 408; both close the connection
     headers    a header block over `max_header_bytes` -> 431: `http.GatewayH11Protocol` when it
                is still arriving (h11's buffer limit), `SizeLimits` when it came in one read
-    fields     `check_completion` / `check_chat`, before templating or tokenizing: prompt
-               characters, prompts x n, stop lists, tools, constraint text -> 400 naming the field
+    fields     `check_completion` / `check_chat` / `check_tokenize`, before templating or
+               tokenizing: prompt characters, prompts x n, stop lists, tools, constraint text;
+               `check_detokenize`: token count -> 400 naming the field
 
 A prompt's characters are capped because tokenizing is the first thing that grows with the
 prompt: an HF tokenizer's `encode` cannot be interrupted once a thread runs it (it keeps running
@@ -19,15 +20,19 @@ from __future__ import annotations
 
 import asyncio
 import json
+from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from services.gateway.args import RequestLimits
+from services.gateway.args import UNKNOWN_CONTEXT_PROMPT_CHARS, RequestLimits
+from services.gateway.constraints import requested_constraints
 from services.gateway.protocol import (
     ChatCompletionRequest,
     ChatMessage,
     CompletionRequest,
+    DetokenizeRequest,
     OpenAIError,
+    TokenizeRequest,
     bad_request,
 )
 
@@ -56,8 +61,35 @@ def check_chat(req: ChatCompletionRequest, limits: RequestLimits, context: int |
             f"'tools' is too large: {tools_chars} characters of JSON, the limit is {limits.max_tools_chars}",
             "tools",
         )
-    chars = sum(_message_chars(m) for m in req.messages) + tools_chars
+    _check_chat_chars(req.messages, tools_chars, req.chat_template_kwargs, limits.prompt_chars(context))
+
+
+def check_tokenize(req: TokenizeRequest, limits: RequestLimits, context: int | None) -> None:
+    """Size checks of a /tokenize request (a 400 naming the field), as a generation's prompt."""
     cap = limits.prompt_chars(context)
+    if req.prompt is not None and len(req.prompt) > cap:
+        raise _too_long(f"the prompt has {len(req.prompt)} characters", cap, "prompt")
+    tools = req.tools or []
+    if len(tools) > limits.max_tools:
+        raise bad_request(f"'tools' may hold at most {limits.max_tools} tools, got {len(tools)}", "tools")
+    tools_chars = sum(len(json.dumps(t.model_dump(exclude_none=True))) for t in tools)
+    _check_chat_chars(req.messages or [], tools_chars, req.chat_template_kwargs, cap)
+
+
+def check_detokenize(req: DetokenizeRequest, context: int | None) -> None:
+    """A /detokenize request holds at most a context's tokens (4 Mi when the context is unknown):
+    no generation is longer."""
+    cap = context or UNKNOWN_CONTEXT_PROMPT_CHARS
+    if len(req.tokens) > cap:
+        raise bad_request(f"'tokens' holds {len(req.tokens)} tokens, more than the context ({cap})", "tokens")
+
+
+def _check_chat_chars(
+    messages: list[ChatMessage], tools_chars: int, template_kwargs: dict[str, Any] | None, cap: int
+) -> None:
+    chars = sum(_message_chars(m) for m in messages) + tools_chars
+    if template_kwargs:
+        chars += len(json.dumps(template_kwargs))
     if chars > cap:
         raise _too_long(f"the messages (and tools) have {chars} characters", cap, "messages")
 
@@ -81,18 +113,13 @@ def _check_common(
         raise bad_request(
             f"stop strings may have at most {limits.max_stop_chars} characters, got one of {longest}", "stop"
         )
-    fmt = req.response_format
-    schema = fmt.json_schema.schema_ if fmt is not None and fmt.json_schema is not None else None
-    sizes = {
-        "regex": len(req.regex or ""),
-        "ebnf": len(req.ebnf or ""),
-        "response_format": len(json.dumps(schema)) if schema is not None else 0,
-    }
-    for param, size in sizes.items():
+    for constraint in requested_constraints(req):  # response_format, regex, ebnf, vLLM's guided_*
+        size = len(constraint.value)
         if size > limits.max_constraint_chars:
             raise bad_request(
-                f"{param} is too large: {size} characters, the limit is {limits.max_constraint_chars}",
-                param,
+                f"{constraint.param} is too large: {size} characters, the limit is "
+                f"{limits.max_constraint_chars}",
+                constraint.param,
             )
 
 

@@ -27,6 +27,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.common.metrics import E2E_BUCKETS, TTFT_BUCKETS, new_registry
 from services.common.tracing import extract, record_error, tracer
+from services.gateway.request_id import SPAN_ATTRIBUTE as REQUEST_ID_ATTRIBUTE
+from services.gateway.request_id import request_id_of
 from services.protos.tandem.router.v1 import router_pb2, router_pb2_grpc
 
 _UNMATCHED = "other"  # the endpoint label of paths no route serves (keeps the label set bounded)
@@ -146,6 +148,9 @@ class TelemetryMiddleware:
             metrics.duration.labels(endpoint).observe(time.perf_counter() - start)
             if recording:
                 span.update_name(f"{method} {endpoint}")
+                request_id = request_id_of(scope)
+                if request_id is not None:
+                    span.set_attribute(REQUEST_ID_ATTRIBUTE, request_id)
                 span.set_attributes(
                     {
                         "http.request.method": method,

@@ -120,8 +120,36 @@ def lone_surrogate_at(value: Any, path: str = "") -> str | None:
     return None
 
 
-class _SamplingRequest(_Strict):
-    """Fields shared by /v1/completions and /v1/chat/completions (OpenAI's, then SGLang's extras)."""
+class StructuredOutputs(BaseModel):
+    """vLLM's `structured_outputs`: one of `json`, `regex`, `choice`, `grammar`, `json_object`.
+
+    Unknown keys (vLLM's whitespace and fallback options) are a 400: Tandem does not honour them
+    and a client must not believe it does."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    json_: Any = Field(None, alias="json")  # a schema object or its JSON text, checked below
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+    @field_validator("json_")
+    @classmethod
+    def _check_json(cls, value: Any) -> dict[str, Any] | str | None:
+        return _schema_or_text(value)
+
+
+def _schema_or_text(value: Any) -> dict[str, Any] | str | None:
+    """vLLM's JSON-schema fields take an object or its JSON text (parsed in `constraints.py`);
+    checked by hand because a union's error would name pydantic's branch tags."""
+    if value is None or isinstance(value, dict | str):
+        return value
+    raise ValueError("must be a JSON schema object or its JSON text")
+
+
+class _TextRequest(_Strict):
+    """A request whose strings must be valid Unicode (a lone surrogate is a 400 naming where)."""
 
     @model_validator(mode="before")
     @classmethod
@@ -134,6 +162,10 @@ class _SamplingRequest(_Strict):
                 {"param": at},
             )
         return data
+
+
+class _SamplingRequest(_TextRequest):
+    """Fields shared by /v1/completions and /v1/chat/completions (OpenAI's, then SGLang's extras)."""
 
     model: str
     n: int | None = Field(None, ge=1, le=MAX_N)
@@ -160,9 +192,20 @@ class _SamplingRequest(_Strict):
     response_format: ResponseFormat | None = None
     regex: str | None = None
     ebnf: str | None = None
+    # vLLM's spellings of the same constraints (`constraints.py` maps them).
+    guided_json: Any = None  # a JSON schema, or its JSON text
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    structured_outputs: StructuredOutputs | None = None
 
     # Unsupported OpenAI fields -> predicate "this value means the default", which we accept.
     UNSUPPORTED_FIELDS: ClassVar[dict[str, Callable[[Any], bool]]] = {}
+
+    @field_validator("guided_json")
+    @classmethod
+    def _check_guided_json(cls, value: Any) -> dict[str, Any] | str | None:
+        return _schema_or_text(value)
 
     @field_validator("stop")
     @classmethod
@@ -196,9 +239,14 @@ class _SamplingRequest(_Strict):
                 "'response_format' of type 'json_schema' needs 'json_schema': {name, schema}",
                 "response_format.json_schema",
             )
-        for name in ("regex", "ebnf"):
+        for name in ("regex", "ebnf", "guided_regex", "guided_grammar"):
             if getattr(self, name) == "":
                 raise bad_request(f"'{name}' must not be empty", name)
+        so = self.structured_outputs
+        for name in ("regex", "grammar"):
+            if so is not None and getattr(so, name) == "":
+                param = f"structured_outputs.{name}"
+                raise bad_request(f"'{param}' must not be empty", param)
         if self.stream_options is not None and not self.stream:
             raise bad_request("'stream_options' is only allowed when 'stream' is true", "stream_options")
         max_tokens = self.max_new_tokens()
@@ -217,6 +265,13 @@ def _is_empty(value: Any) -> bool:
     return value in ([], {}, "")
 
 
+# vLLM's structured-output options Tandem does not honour: a 400 rather than silently ignored.
+_VLLM_UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
+    "guided_decoding_backend": lambda v: v in ("xgrammar", "auto"),  # xgrammar is what runs
+    "guided_whitespace_pattern": lambda v: False,
+}
+
+
 class CompletionRequest(_SamplingRequest):
     """POST /v1/completions."""
 
@@ -229,6 +284,7 @@ class CompletionRequest(_SamplingRequest):
         "suffix": _is_empty,
         "logit_bias": _is_empty,
         "best_of": lambda v: v == 1,
+        **_VLLM_UNSUPPORTED,
     }
 
     @field_validator("prompt")
@@ -415,6 +471,8 @@ class ChatCompletionRequest(_SamplingRequest):
     # together with `tools` in `tool_calls.request` (a union would name pydantic's branch tags).
     tool_choice: Any = None
     parallel_tool_calls: bool | None = None
+    # Extra variables of the chat template (vLLM's; e.g. Qwen3's `enable_thinking`).
+    chat_template_kwargs: dict[str, Any] | None = None
 
     UNSUPPORTED_FIELDS: ClassVar[dict[str, Callable[[Any], bool]]] = {
         "functions": _is_empty,
@@ -425,6 +483,7 @@ class ChatCompletionRequest(_SamplingRequest):
         "prediction": lambda v: False,
         "web_search_options": lambda v: False,
         "reasoning_effort": lambda v: False,
+        **_VLLM_UNSUPPORTED,
     }
 
     @field_validator("messages")
@@ -451,3 +510,36 @@ class ChatCompletionRequest(_SamplingRequest):
     def template_tools(self) -> list[dict[str, Any]] | None:
         """`tools` as chat templates expect them (OpenAI's shape, unset fields left out), None without."""
         return [tool.model_dump(exclude_none=True) for tool in self.tools] if self.tools else None
+
+
+class TokenizeRequest(_TextRequest):
+    """POST /tokenize (vLLM's shape): a `prompt`, or chat `messages` rendered by the template."""
+
+    model: str | None = None  # when given, it must be the served model
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_generation_prompt: bool | None = None  # chat only; default true
+    add_special_tokens: bool | None = None  # default: true for a prompt, false for messages
+    tools: list[Tool] | None = None  # chat only
+    chat_template_kwargs: dict[str, Any] | None = None  # chat only
+    return_token_strs: bool | None = None
+
+    def check(self) -> None:
+        """Exactly one of `prompt` and `messages`; raises a 400 `OpenAIError`."""
+        if (self.prompt is None) == (self.messages is None):
+            raise bad_request("give exactly one of 'prompt' and 'messages'", "prompt")
+        if self.messages is not None:
+            if not self.messages:
+                raise bad_request("'messages' must hold at least one message", "messages")
+            for i, message in enumerate(self.messages):
+                message.check(i)
+
+    def template_tools(self) -> list[dict[str, Any]] | None:
+        return [tool.model_dump(exclude_none=True) for tool in self.tools] if self.tools else None
+
+
+class DetokenizeRequest(_TextRequest):
+    """POST /detokenize (vLLM's shape): token ids back to text."""
+
+    model: str | None = None
+    tokens: list[TokenId]

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from services.gateway.constraints import Constraint
 from services.gateway.protocol import OpenAIError
 from services.gateway.tokenizer import Tokenizer
 from services.gateway.tool_calls.output import ToolCallStream, ToolParsing, parse_message
@@ -43,6 +44,7 @@ class Job:
     include_usage: bool
     metadata: Metadata = ()  # forwarded to the router (W3C trace context)
     tool_parsing: ToolParsing | None = None  # chat with tools: parse calls out of the text
+    constraint: Constraint | None = None  # the output constraint, to name its field in errors
     created: int = field(default_factory=lambda: int(time.time()))
 
     @property

@@ -2,8 +2,11 @@
 
     create_app(GatewayConfig) -> FastAPI
       startup   load the tokenizer, open one gRPC channel to the router, learn the served model
-      routes    /health, /metrics, /v1/models, /v1/completions, /v1/chat/completions
-      auth      with API keys configured, /v1/* wants one (ApiKeyMiddleware, auth.py)
+      routes    /health, /metrics, /version, /tokenize, /detokenize (tokenize.py),
+                /v1/models, /v1/completions, /v1/chat/completions
+      auth      with API keys configured, /v1/*, /tokenize and /detokenize want one
+                (ApiKeyMiddleware, auth.py)
+      ids, CORS X-Request-Id taken or made and echoed (request_id.py); CORS with --allowed-origins
       telemetry one SERVER span per request (continuing `traceparent`), Prometheus metrics
       errors    OpenAIError, router gRPC status and validation errors -> OpenAI error bodies
 
@@ -26,6 +29,7 @@ import anyio
 import grpc
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from opentelemetry import trace
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -40,10 +44,20 @@ from services.gateway.auth import ApiKeyMiddleware
 from services.gateway.handler import Handler, RouterCalls, ServedModel
 from services.gateway.limits import SizeLimits
 from services.gateway.metrics import GatewayMetrics, TelemetryMiddleware, UsageStub
-from services.gateway.protocol import ChatCompletionRequest, CompletionRequest, OpenAIError
+from services.gateway.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    OpenAIError,
+    TokenizeRequest,
+)
+from services.gateway.request_id import HEADER as REQUEST_ID_HEADER
+from services.gateway.request_id import RequestIdMiddleware, request_id_of
 from services.gateway.responses import Job, Metadata
+from services.gateway.tokenize import detokenize, tokenize
 from services.gateway.tokenizer import Tokenizer
 from services.protos.tandem.router.v1 import router_pb2, router_pb2_grpc
+from services.version import tandem_version
 from shared.errors import RequestError
 
 logger = logging.getLogger("tandem.gateway")
@@ -297,9 +311,11 @@ async def _generate(request: Request, job: Job, handler: Handler, stream: bool) 
     return _SSEResponse(_sse_events(first, chunks), on_close=calls.cancel_all)
 
 
-def _trace_metadata() -> Metadata:
-    """The request span's trace context, for the router calls."""
-    return outgoing_metadata() or ()
+def _router_metadata(request: Request) -> Metadata:
+    """What the router calls carry: the request span's trace context and the request id."""
+    request_id = request_id_of(request.scope)
+    own = ((REQUEST_ID_HEADER.decode(), request_id),) if request_id else ()
+    return (*(outgoing_metadata() or ()), *own)
 
 
 def _note_job(job: Job, stream: bool) -> None:
@@ -339,7 +355,17 @@ def create_app(config: GatewayConfig) -> FastAPI:
     app.add_middleware(SizeLimits, limits=config.limits)
     if config.api_keys:
         app.add_middleware(ApiKeyMiddleware, keys=Secrets(config.api_keys))
+    if config.allowed_origins:
+        # Outside the key check: a browser's preflight carries no key, and a 401 must be readable.
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(config.allowed_origins),
+            allow_methods=["*"],
+            allow_headers=["*"],
+            expose_headers=["X-Request-Id", "Retry-After"],
+        )
     app.add_middleware(TelemetryMiddleware, metrics=metrics)  # the request span, HTTP metrics
+    app.add_middleware(RequestIdMiddleware)  # outermost: every response carries the id
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -358,6 +384,10 @@ def create_app(config: GatewayConfig) -> FastAPI:
     @app.get("/metrics", include_in_schema=False)
     async def prometheus_metrics() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/version")
+    async def version() -> dict[str, str]:
+        return {"version": tandem_version()}
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -382,15 +412,25 @@ def create_app(config: GatewayConfig) -> FastAPI:
         handler().check_model(model_id)
         return model_card()
 
+    @app.post("/tokenize")
+    async def tokenize_route(body: TokenizeRequest) -> dict[str, Any]:
+        return await tokenize(handler(), body)
+
+    @app.post("/detokenize")
+    async def detokenize_route(body: DetokenizeRequest) -> dict[str, Any]:
+        return await detokenize(handler(), body)
+
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
-        job = await handler().prepare_completion(body, _trace_metadata())
+        request_id = request_id_of(request.scope)
+        job = await handler().prepare_completion(body, _router_metadata(request), request_id)
         _note_job(job, bool(body.stream))
         return await _generate(request, job, handler(), bool(body.stream))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-        job = await handler().prepare_chat(body, _trace_metadata())
+        request_id = request_id_of(request.scope)
+        job = await handler().prepare_chat(body, _router_metadata(request), request_id)
         _note_job(job, bool(body.stream))
         return await _generate(request, job, handler(), bool(body.stream))
 

@@ -8,13 +8,15 @@ their truncation/padding settings, which the gateway never does.
 from __future__ import annotations
 
 import asyncio
+import inspect
+import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import jinja2
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from services.gateway.protocol import bad_request
 
@@ -22,6 +24,11 @@ from services.gateway.protocol import bad_request
 # serving other requests; shorter ones are quicker inline than a thread hop.
 _INLINE_TOKENIZE_CHARS = 4096
 _BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+# Names a client's `chat_template_kwargs` may not use: HF's own arguments of apply_chat_template
+# (`tokenize`, `return_dict`, ...) and the variables it sets itself.
+RESERVED_TEMPLATE_KWARGS = frozenset(
+    [*inspect.signature(PreTrainedTokenizerBase.apply_chat_template).parameters, "messages", "kwargs"]
+) - {"self"}
 
 
 @dataclass(frozen=True)
@@ -53,6 +60,15 @@ class Tokenizer:
     def decode(self, token_ids: Sequence[int]) -> str:
         return str(self._hf.decode(list(token_ids)))
 
+    async def decode_async(self, token_ids: Sequence[int]) -> str:
+        if len(token_ids) <= _INLINE_TOKENIZE_CHARS // 4:
+            return self.decode(token_ids)
+        return await asyncio.to_thread(self.decode, token_ids)
+
+    def token_strings(self, token_ids: Sequence[int]) -> list[str]:
+        """The vocabulary entries of `token_ids` (byte-level BPE's spelling, e.g. "Ġthe")."""
+        return [str(t) for t in self._hf.convert_ids_to_tokens(list(token_ids))]
+
     @property
     def chat_template(self) -> str | None:
         """The chat template's text (several named templates joined), None without one."""
@@ -62,19 +78,35 @@ class Tokenizer:
         return template or None
 
     def render_chat(
-        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+        self,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]] | None = None,
+        template_kwargs: dict[str, Any] | None = None,
+        add_generation_prompt: bool = True,
     ) -> tuple[str, list[int]]:
         """The chat template's prompt text (with the assistant turn opened) and its token ids.
 
-        `tools` (OpenAI's tool definitions) reach the template as its `tools` variable.
+        `tools` (OpenAI's tool definitions) reach the template as its `tools` variable, each of
+        `template_kwargs` (a request's `chat_template_kwargs`) as a variable of its name.
         """
         if not self._hf.chat_template:
             raise bad_request("the served model has no chat template; use /v1/completions", "messages")
+        extra = template_kwargs or {}
+        reserved = next((k for k in extra if k in RESERVED_TEMPLATE_KWARGS), None)
+        if reserved is not None:
+            raise bad_request(
+                f"'chat_template_kwargs' may not set '{reserved}', which the server sets itself",
+                f"chat_template_kwargs.{reserved}",
+            )
         hf_tools: list[Any] | None = tools  # HF types it as a list of dicts or Python functions
         try:
             text = str(
                 self._hf.apply_chat_template(
-                    messages, tools=hf_tools, add_generation_prompt=True, tokenize=False
+                    messages,
+                    tools=hf_tools,
+                    add_generation_prompt=add_generation_prompt,
+                    tokenize=False,
+                    **extra,
                 )
             )
         except jinja2.TemplateError as exc:  # templates raise on e.g. roles out of order
@@ -83,12 +115,18 @@ class Tokenizer:
         return text, self.encode(text, add_special_tokens=False)
 
     async def render_chat_async(
-        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+        self,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]] | None = None,
+        template_kwargs: dict[str, Any] | None = None,
+        add_generation_prompt: bool = True,
     ) -> tuple[str, list[int]]:
         size = sum(len(m["content"]) for m in messages) + len(str(tools or ""))
+        size += len(json.dumps(template_kwargs)) if template_kwargs else 0
+        args = (messages, tools, template_kwargs, add_generation_prompt)
         if size <= _INLINE_TOKENIZE_CHARS:
-            return self.render_chat(messages, tools)
-        return await asyncio.to_thread(self.render_chat, messages, tools)
+            return self.render_chat(*args)
+        return await asyncio.to_thread(self.render_chat, *args)
 
     def piece(self, token_id: int) -> TokenPiece:
         """Text and bytes of one token, cached."""

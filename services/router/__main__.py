@@ -29,6 +29,7 @@ from services.common.auth import (
 )
 from services.common.decoding import add_servicer
 from services.common.metrics import serve_metrics
+from services.common.model_dir import TOKENIZER_FILES, model_dir_problem
 from services.common.parent import die_with_launcher
 from services.common.tracing import setup_tracing
 from services.protos.tandem.router.v1 import router_pb2_grpc
@@ -48,7 +49,11 @@ MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
 
 async def serve() -> None:
-    args = build_parser().parse_args()
+    parser = build_parser()
+    args = parser.parse_args()
+    problem = model_dir_problem(args.model, TOKENIZER_FILES)  # the router needs only the tokenizer
+    if problem is not None:
+        parser.exit(2, f"{parser.prog}: error: {problem}\n")  # no usage: the flags were fine
     api_keys = secrets_from_args(args, "api-key", API_KEY_ENV)
     cluster_token = secrets_from_args(args, "cluster-token", CLUSTER_TOKEN_ENV)
     _check_admin_exposure(args.admin_host, cluster_token)

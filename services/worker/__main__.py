@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import asyncio
 
-from services.worker.args import parse_args
+from services.worker.args import command_line
 from services.worker.server import serve
 
 
 def main() -> None:
-    asyncio.run(serve(parse_args("unified"), "unified"))
+    asyncio.run(serve(command_line("unified"), "unified"))
 
 
 if __name__ == "__main__":

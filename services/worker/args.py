@@ -7,10 +7,12 @@ fields (`shared/config_cli.py`), so every engine option is a flag with the datac
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
 from services.common.auth import CLUSTER_TOKEN_ENV, add_secret_args
+from services.common.model_dir import model_dir_problem
 from shared import config_cli
 from shared.config import EngineConfig
 
@@ -60,6 +62,18 @@ def parse_args(role: str, argv: list[str] | None = None) -> argparse.Namespace:
         engine_config(args, role)
     except ValueError as e:
         parser.error(str(e))
+    return args
+
+
+def command_line(role: str) -> argparse.Namespace:
+    """`parse_args` of the process's own command line, and `--model` must be a model directory
+    (else exit 2 with what to do, before anything loads)."""
+    args = parse_args(role)
+    problem = model_dir_problem(args.model)
+    if problem is not None:
+        prog = build_parser(role).prog
+        print(f"{prog}: error: {problem}", file=sys.stderr)
+        raise SystemExit(2)
     return args
 
 

@@ -120,3 +120,14 @@ def test_help() -> None:
     ).stdout
     for flag in ("--router", "--tokenizer", "--port", "--served-model-name", "--request-timeout"):
         assert flag in out
+
+
+def test_version_flag() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "services.gateway", "--version"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert out.startswith("tandem ")

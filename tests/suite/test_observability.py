@@ -162,7 +162,7 @@ def traffic(up: dict[str, Any]) -> dict[str, Any]:
         model=up["model"],
         messages=MESSAGES,  # type: ignore[arg-type]
         max_tokens=4,
-        extra_headers={"traceparent": f"00-{caller_trace}-{caller_span}-01"},
+        extra_headers={"traceparent": f"00-{caller_trace}-{caller_span}-01", "X-Request-Id": "caller-7"},
     )
     with pytest.raises(openai.BadRequestError) as refused:
         client.chat.completions.create(
@@ -266,6 +266,10 @@ def test_a_callers_traceparent_is_continued(receiver: Receiver, traffic: dict[st
     spans = check_request_trace(receiver, reply.id, reply.usage, stream=False)
     gateway = _one(spans, "tandem-gateway", "POST /v1/chat/completions")
     assert gateway.trace_id == caller_trace and gateway.parent_id == caller_span
+    # The caller's X-Request-Id names the response and rides on the gateway's and router's spans.
+    assert reply.id == "chatcmpl-caller-7"
+    router = _one(spans, "tandem-router", "router.generate")
+    assert gateway.attributes["tandem.x_request_id"] == router.attributes["tandem.x_request_id"] == "caller-7"
 
 
 def test_a_failure_is_an_error_on_the_spans_it_crossed(receiver: Receiver, traffic: dict[str, Any]) -> None:

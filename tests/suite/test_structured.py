@@ -195,3 +195,23 @@ def test_bad_constraints_are_400_and_serving_goes_on(
         chat(client, up, **kwargs)
     ok = chat(client, up, max_tokens=10, extra_body={"regex": "[ab]{10}"})
     assert re.fullmatch("[ab]{10}", ok.choices[0].message.content)
+
+
+def test_vllm_guided_choice_and_json(client: openai.OpenAI, up: dict[str, Any]) -> None:
+    # vLLM's extras constrain the real engine's output like their native twins.
+    choices = ["red", "green", "dark (blue)?", "a|b"]
+    resp = chat(client, up, n=6, seed=5, extra_body={"guided_choice": choices})
+    for choice in resp.choices:
+        assert choice.finish_reason == "stop" and choice.message.content in choices
+    completion = client.completions.create(
+        model=up["model"],
+        prompt="A person:",
+        max_tokens=200,
+        temperature=1.0,
+        n=4,
+        seed=7,
+        extra_body={"guided_json": PERSON},
+    )
+    for out in completion.choices:
+        assert out.finish_reason == "stop"
+        jsonschema.validate(json.loads(out.text), PERSON)
