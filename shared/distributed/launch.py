@@ -1,0 +1,89 @@
+"""Rank 0 (the engine process) starting, watching and stopping its follower rank processes.
+
+Followers are plain subprocesses (`python -m shared.distributed.follower`): the engine process is
+itself a daemonic multiprocessing child, which may not start multiprocessing children. Each gets
+the `EngineConfig` as JSON, its rank and the group's rendezvous address (a free TCP port on
+loopback), joins the group, builds its `ModelRunner` and follows rank 0's steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import shared
+from shared.config import EngineConfig
+
+logger = logging.getLogger(__name__)
+
+_STOP_WAIT_S = 10.0
+
+
+def free_loopback_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class Followers:
+    """The processes of ranks 1..tp_size-1; `init_method` is the group's rendezvous address."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.init_method = f"tcp://127.0.0.1:{free_loopback_port()}"
+        payload = json.dumps(dataclasses.asdict(config))
+        # The followers import the same `shared` package as this process, wherever it lives.
+        root = str(Path(shared.__file__).resolve().parent.parent)
+        path = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
+        env = {**os.environ, "PYTHONPATH": path}
+        self.processes = [
+            subprocess.Popen(
+                [sys.executable, "-m", "shared.distributed.follower", str(rank), self.init_method, payload],
+                env=env,
+            )
+            for rank in range(1, config.tp_size)
+        ]
+
+    def dead(self) -> list[int]:
+        """Ranks whose process has exited."""
+        return [rank for rank, p in enumerate(self.processes, start=1) if p.poll() is not None]
+
+    def stop(self, graceful: bool) -> None:
+        """Reap the followers: after rank 0 broadcast the stop (`graceful`), give them a moment to
+        leave their loop; otherwise (the group is broken) kill them at once."""
+        for p in self.processes:
+            if graceful:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    p.wait(_STOP_WAIT_S)
+            if p.poll() is None:
+                if graceful:
+                    logger.warning("follower rank process %d did not stop; killing it", p.pid)
+                p.kill()
+                p.wait()
+
+
+def start_ranks(config: EngineConfig) -> Followers | None:
+    """Rank 0, before building its core: refuse a model this slice cannot shard, start the
+    followers and join their group. None (nothing started) at `tp_size == 1`."""
+    if config.tp_size == 1:
+        return None
+    from shared.distributed import parallel_state  # torch: the engine process only
+    from shared.model_runner import resolve_device
+    from shared.models.config import ModelConfig
+
+    parallel_state.check_tp_support(ModelConfig.from_model_path(config.model_path), config.tp_size)
+    followers = Followers(config)
+    try:
+        device = resolve_device(config.device, config.base_gpu_id, 0)
+        parallel_state.init_tensor_parallel(0, config.tp_size, followers.init_method, device)
+    except BaseException:
+        followers.stop(graceful=False)
+        raise
+    return followers
