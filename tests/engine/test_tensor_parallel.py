@@ -57,19 +57,24 @@ def run_all(client: EngineClient, prompts: list[list[int]]) -> dict[str, list[in
 
 
 @pytest.mark.parametrize(
-    ("arch", "overrides"),
+    ("arch", "overrides", "options"),
     [
-        ("llama", {"num_key_value_heads": 2}),  # one KV head per rank
-        ("llama", {"num_key_value_heads": 1}),  # the KV head replicated on both ranks
-        ("qwen3", {"num_key_value_heads": 2, "vocab_size": 301}),  # per-head q/k norms; a padded vocab shard
+        ("llama", {"num_key_value_heads": 2}, {}),  # one KV head per rank
+        # The KV head replicated on both ranks; overlap: the step's inputs include pending tokens.
+        ("llama", {"num_key_value_heads": 1}, {"enable_overlap_schedule": True}),
+        # Per-head q/k norms; a vocabulary that does not split evenly (a padded shard).
+        ("qwen3", {"num_key_value_heads": 2, "vocab_size": 301}, {}),
     ],
-    ids=["llama-kv2", "llama-kv1-replicated", "qwen3-odd-vocab"],
+    ids=["llama-kv2", "llama-kv1-replicated-overlap", "qwen3-odd-vocab"],
 )
 def test_tp2_greedy_matches_hf(
-    tiny_model_factory: Callable[..., Path], arch: str, overrides: dict[str, object]
+    tiny_model_factory: Callable[..., Path],
+    arch: str,
+    overrides: dict[str, object],
+    options: dict[str, object],
 ) -> None:
     path = tiny_model_factory(arch, **overrides)
-    client = tp_client(path)
+    client = tp_client(path, **options)
     try:
         got = run_all(client, PROMPTS)
         # The second run of the shared prompt hits the radix cache on rank 0; every rank still has its KV.
