@@ -1,6 +1,6 @@
 """A follower rank's process: join the group, build this rank's model and KV shard, follow rank 0.
 
-    python -m shared.distributed.follower RANK INIT_METHOD CONFIG_JSON
+    python -m shared.distributed.follower RANK STORE_PORT CONFIG_JSON
 
 Started by rank 0 (shared/distributed/launch.py). It holds no scheduler, cache or sampler: it
 runs the forwards rank 0 broadcasts (shared/distributed/step_sync.py) until rank 0 says stop, or
@@ -20,13 +20,14 @@ logger = logging.getLogger(__name__)
 
 
 def main(argv: list[str]) -> int:
-    rank, init_method, payload = int(argv[0]), argv[1], argv[2]
+    rank, port, payload = int(argv[0]), int(argv[1]), argv[2]
     config = EngineConfig(**json.loads(payload))
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s tp-rank-{rank} %(levelname)s %(message)s")
     from shared.model_runner import ModelRunner, resolve_device
 
     device = resolve_device(config.device, config.base_gpu_id, rank)
-    parallel_state.init_tensor_parallel(rank, config.tp_size, init_method, device)
+    store = parallel_state.join_rendezvous(port, config.tp_size)
+    parallel_state.init_tensor_parallel(rank, config.tp_size, store, device)
     try:
         runner = ModelRunner(config)
         runner.follow()

@@ -2,8 +2,8 @@
 
 Followers are plain subprocesses (`python -m shared.distributed.follower`): the engine process is
 itself a daemonic multiprocessing child, which may not start multiprocessing children. Each gets
-the `EngineConfig` as JSON, its rank and the group's rendezvous address (a free TCP port on
-loopback), joins the group, builds its `ModelRunner` and follows rank 0's steps.
+the `EngineConfig` as JSON, its rank and the port of rank 0's rendezvous store on loopback, joins
+the group, builds its `ModelRunner` and follows rank 0's steps.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import dataclasses
 import json
 import logging
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -26,18 +25,10 @@ logger = logging.getLogger(__name__)
 _STOP_WAIT_S = 10.0
 
 
-def free_loopback_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 class Followers:
-    """The processes of ranks 1..tp_size-1; `init_method` is the group's rendezvous address."""
+    """The processes of ranks 1..tp_size-1, meeting rank 0 at its store on loopback `port`."""
 
-    def __init__(self, config: EngineConfig) -> None:
-        self.init_method = f"tcp://127.0.0.1:{free_loopback_port()}"
+    def __init__(self, config: EngineConfig, port: int) -> None:
         payload = json.dumps(dataclasses.asdict(config))
         # The followers import the same `shared` package as this process, wherever it lives.
         root = str(Path(shared.__file__).resolve().parent.parent)
@@ -45,7 +36,7 @@ class Followers:
         env = {**os.environ, "PYTHONPATH": path}
         self.processes = [
             subprocess.Popen(
-                [sys.executable, "-m", "shared.distributed.follower", str(rank), self.init_method, payload],
+                [sys.executable, "-m", "shared.distributed.follower", str(rank), str(port), payload],
                 env=env,
             )
             for rank in range(1, config.tp_size)
@@ -79,10 +70,11 @@ def start_ranks(config: EngineConfig) -> Followers | None:
     from shared.models.config import ModelConfig
 
     parallel_state.check_tp_support(ModelConfig.from_model_path(config.model_path), config.tp_size)
-    followers = Followers(config)
+    device = resolve_device(config.device, config.base_gpu_id, 0)
+    store = parallel_state.open_rendezvous(config.tp_size)
+    followers = Followers(config, store.port)
     try:
-        device = resolve_device(config.device, config.base_gpu_id, 0)
-        parallel_state.init_tensor_parallel(0, config.tp_size, followers.init_method, device)
+        parallel_state.init_tensor_parallel(0, config.tp_size, store, device)
     except BaseException:
         followers.stop(graceful=False)
         raise

@@ -17,6 +17,7 @@ import torch.distributed as dist
 if TYPE_CHECKING:  # the layers import this module: keep it free of model imports
     from shared.models.config import ModelConfig
 
+_HOST = "127.0.0.1"  # one node for now: the ranks meet on loopback
 # Rendezvous and model loading must finish within this; a rank that never shows up fails start-up.
 STARTUP_TIMEOUT = datetime.timedelta(seconds=300)
 # While serving, a follower waits in a broadcast for rank 0's next step however long the engine
@@ -46,15 +47,25 @@ def tp_size() -> int:
     return _state.size
 
 
-def init_tensor_parallel(rank: int, size: int, init_method: str, device: torch.device) -> None:
-    """Join the group of `size` ranks at `init_method` (tcp://host:port): gloo on CPU, nccl on CUDA."""
+def open_rendezvous(size: int) -> dist.TCPStore:
+    """Rank 0: the group's store on a port of loopback the OS picks (`.port`), so concurrent
+    engines never race for one."""
+    return dist.TCPStore(_HOST, 0, size, is_master=True, timeout=STARTUP_TIMEOUT, wait_for_workers=False)
+
+
+def join_rendezvous(port: int, size: int) -> dist.TCPStore:
+    """A follower: rank 0's store at `port`."""
+    return dist.TCPStore(_HOST, port, size, is_master=False, timeout=STARTUP_TIMEOUT)
+
+
+def init_tensor_parallel(rank: int, size: int, store: dist.Store, device: torch.device) -> None:
+    """Join the group of `size` ranks meeting at `store`: gloo on CPU, nccl on CUDA."""
     global _state
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(
-        backend, init_method=init_method, rank=rank, world_size=size, timeout=STARTUP_TIMEOUT
-    )
+    store = dist.PrefixStore("tandem_tp", store)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=size, timeout=STARTUP_TIMEOUT)
     _state = _State(rank, size)
 
 

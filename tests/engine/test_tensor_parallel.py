@@ -115,6 +115,32 @@ def test_a_dead_follower_fails_the_request_and_the_engine_exits(tiny_llama: Path
         client.shutdown()
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="finds the follower through /proc")
+def test_followers_exit_when_rank_0_dies(tiny_llama: Path) -> None:
+    client = tp_client(tiny_llama)
+    try:
+        outputs: queue.SimpleQueue[RequestOutput | BaseException] = queue.SimpleQueue()
+        client.add(["orphan"], [5, 6, 7], {"max_new_tokens": 100000, "ignore_eos": True}, outputs.put)
+        assert isinstance(outputs.get(timeout=60), RequestOutput)
+        assert client.process.pid is not None
+        (follower,) = _children(client.process.pid)
+        os.kill(client.process.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while _running(follower) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _running(follower)  # no orphan left waiting in a broadcast
+    finally:
+        client.shutdown()
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 def test_an_unsupported_model_is_refused_at_start_up(tiny_model_factory: Callable[..., Path]) -> None:
     path = tiny_model_factory("deepseek_v3")
     with pytest.raises(RuntimeError, match="MLA attention and MoE experts are not sharded"):
