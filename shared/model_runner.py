@@ -74,7 +74,12 @@ class ModelRunner:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.tp_size = parallel_state.tp_size()
-        assert self.tp_size == config.tp_size, "join the tensor-parallel group before building the runner"
+        if self.tp_size != config.tp_size:
+            raise ValueError(
+                f"tp_size={config.tp_size} but this process is in a group of {self.tp_size}: tensor"
+                " parallelism runs through the engine process (shared/engine_process.py), which"
+                " starts the ranks"
+            )
         self.device = resolve_device(config.device, config.base_gpu_id, parallel_state.tp_rank())
         model_config = ModelConfig.from_model_path(Path(config.model_path))
         parallel_state.check_tp_support(model_config, self.tp_size)
