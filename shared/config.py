@@ -51,6 +51,12 @@ class EngineConfig:
         default="auto",
         metadata=flag("auto (cuda when available, else cpu), cpu or cuda[:N]", metavar="DEVICE"),
     )
+    # Tensor parallelism (shared/distributed/): the engine process starts tp_size - 1 follower
+    # processes; Llama, Mistral, Qwen2 and Qwen3 shard their heads, MLP and vocabulary across them.
+    tp_size: int = field(default=1, metadata=flag("tensor-parallel ranks (one process and device each)"))
+    base_gpu_id: int = field(
+        default=0, metadata=flag("CUDA: tensor-parallel rank r uses GPU base-gpu-id + r", metavar="N")
+    )
     page_size: int = field(
         default=16, metadata=flag("tokens per KV page; the radix cache shares whole pages only")
     )
@@ -166,6 +172,11 @@ class EngineConfig:
             raise ValueError(f"kv_cache_dtype must be one of {_KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
         if not (self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda")):
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
+        positive("tp_size", self.tp_size)
+        if type(self.base_gpu_id) is not int or self.base_gpu_id < 0:
+            raise ValueError(f"base_gpu_id must be an integer >= 0, got {self.base_gpu_id!r}")
+        if self.tp_size > 1:
+            self._validate_tensor_parallel()
         positive("page_size", self.page_size)
         positive("max_total_tokens", self.max_total_tokens)
         positive("max_running_requests", self.max_running_requests)
@@ -194,3 +205,17 @@ class EngineConfig:
             raise ValueError(f"grammar_compile_timeout_s must be > 0, got {self.grammar_compile_timeout_s!r}")
         if self.schedule_policy not in _POLICIES:
             raise ValueError(f"schedule_policy must be one of {_POLICIES}, got {self.schedule_policy!r}")
+
+    def _validate_tensor_parallel(self) -> None:
+        # What this slice of tensor parallelism does not do yet; the model's own limits (MLA, MoE,
+        # head counts) are checked when it loads (shared/distributed/parallel_state.py).
+        if self.quantization is not None:
+            raise ValueError(
+                f"tp_size={self.tp_size} with quantization={self.quantization!r}: FP8 block scales"
+                " are not sharded across tensor-parallel ranks yet; use tp_size=1 or unquantized weights"
+            )
+        if self.disaggregation_mode != "null":
+            raise ValueError(
+                f"tp_size={self.tp_size} with disaggregation_mode={self.disaggregation_mode!r}:"
+                " prefill/decode disaggregation with tensor parallelism is not supported yet"
+            )

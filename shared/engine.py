@@ -113,6 +113,14 @@ class Engine:
 
     def __init__(self, model_path: str, **options: Any) -> None:
         self.config = EngineConfig.from_options(model_path, **options)
+        if self.config.tp_size > 1:
+            # The core runs on a thread of the caller's process; tensor-parallel ranks need their
+            # own processes and a torch.distributed group, which the engine process provides.
+            raise ValueError(
+                f"tp_size={self.config.tp_size}: the offline Engine runs the core in this process and"
+                " does not start tensor-parallel ranks; use the engine process"
+                " (shared.engine_client.EngineClient) or a worker (python -m services.worker --tp-size N)"
+            )
         self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._sinks: dict[str, _Sink] = {}
         self._ids = itertools.count()

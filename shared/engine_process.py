@@ -18,7 +18,13 @@ kind, message and the field at fault (shared/errors.py). `ReserveKv` (decode) is
 frees up (a `Rejected` with that key if the request is aborted first). `AddPeer` and `GetStats`
 are answered by a `Reply` with the same key (or a `Rejected` whose rids hold that key). A prefill
 engine asks for a reservation with an `Outputs` item carrying `kv_pages_wanted`, sent as soon as
-the prompt is scheduled (before its forward runs); `SetKvTarget` answers it."""
+the prompt is scheduled (before its forward runs); `SetKvTarget` answers it.
+
+With `tp_size > 1` this process is tensor-parallel rank 0: it starts the follower ranks
+(shared/distributed/launch.py) before building its core and stops them when it leaves. A step
+that fails then leaves the group unusable (a rank died, or a collective broke), so the engine
+fails what was running and exits, as it does when a follower is found dead while idle; the
+client sees the process gone."""
 
 from __future__ import annotations
 
@@ -32,6 +38,7 @@ import msgspec
 import zmq
 
 from shared.config import EngineConfig
+from shared.distributed.launch import Followers, start_ranks
 from shared.errors import InternalError, RequestError
 from shared.outputs import RequestOutput
 from shared.transfer.records import KvCommit, KvTarget
@@ -159,13 +166,17 @@ def run_engine(config: EngineConfig, to_engine: str, from_engine: str) -> None:
     push.connect(from_engine)
     encode = msgspec.msgpack.Encoder().encode
     decoder = msgspec.msgpack.Decoder(ToEngine)
+    followers: Followers | None = None
     try:
         from shared.engine_core import EngineCore
 
+        followers = start_ranks(config)  # None at tp_size 1
         core = EngineCore(config)
     except Exception as e:
         push.send(encode(Rejected.of([], InternalError(f"{type(e).__name__}: {e}"))))
         push.close(linger=1000)
+        if followers is not None:
+            followers.stop(graceful=False)
         return
     push.send(
         encode(
@@ -181,9 +192,12 @@ def run_engine(config: EngineConfig, to_engine: str, from_engine: str) -> None:
         )
     )
     core.early_outputs = lambda outputs: send_outputs(push, encode, outputs)
+    group_ok = True
     try:
-        _serve(core, pull, push, decoder, encode)
+        group_ok = _serve(core, pull, push, decoder, encode, followers)
     finally:
+        if followers is not None:
+            _stop_ranks(core, followers, group_ok)
         pull.close(linger=0)
         push.close(linger=1000)
         ctx.term()
@@ -195,7 +209,9 @@ def _serve(
     push: zmq.Socket[bytes],
     decoder: msgspec.msgpack.Decoder[ToEngine],
     encode: Any,
-) -> None:
+    followers: Followers | None = None,
+) -> bool:
+    """Serve until told to stop (True) or the tensor-parallel group broke (False)."""
     while True:
         # Block while idle; between steps only drain what already arrived; while KV transfers
         # are in flight, look at them every few milliseconds.
@@ -209,12 +225,15 @@ def _serve(
         )
         if timeout == _IDLE_POLL_MS and not _parent_alive():
             logger.warning("the engine's parent process is gone; exiting")
-            return
+            return True
+        if timeout == _IDLE_POLL_MS and followers is not None and followers.dead():
+            logger.error("tensor-parallel rank(s) %s died; the engine exits", followers.dead())
+            return False
         while pull.poll(timeout):
             header, payloads = recv_frames(pull)
             msg = decoder.decode(header)
             if isinstance(msg, Shutdown):
-                return
+                return True
             reply = _handle(core, msg, payloads[0] if payloads else None)
             if reply is not None:
                 push.send(encode(reply))
@@ -228,10 +247,27 @@ def _serve(
             logger.exception("engine step failed")
             message = f"engine step failed: {e}"
             push.send(encode(StepFailed(core.fail_all(message), message)))
+            if followers is not None:
+                dead = followers.dead()
+                logger.error("a tensor-parallel step failed (dead ranks: %s); the engine exits", dead)
+                return False
             continue
         _send_admissions(core, push, encode)  # before any output of theirs
         if outputs:
             send_outputs(push, encode, outputs)
+
+
+def _stop_ranks(core: EngineCore, followers: Followers, group_ok: bool) -> None:
+    from shared.distributed import parallel_state
+
+    if group_ok:
+        try:
+            core.runner.stop_followers()
+        except Exception:  # a rank died meanwhile: nothing left to stop gracefully
+            group_ok = False
+    followers.stop(graceful=group_ok)
+    if group_ok:
+        parallel_state.destroy_tensor_parallel()
 
 
 def send_outputs(push: zmq.Socket[bytes], encode: Any, outputs: list[RequestOutput]) -> None:

@@ -4,10 +4,16 @@ The scheduler hands it a `ScheduleBatch` each step; it builds the device-side `F
 runs the forward and returns logits for the requests that sample this step. On CUDA, decode-only
 steps of up to `cuda_graph_max_bs` requests replay a captured CUDA graph (shared/cuda_graph.py);
 prefill, mixed and larger steps run eagerly.
+
+With tensor parallelism (`tp_size > 1`, shared/distributed/) every rank has a runner holding its
+shard of the weights and of the KV pool. Rank 0's `forward` first broadcasts the step's inputs;
+the other ranks run `follow()`, which receives them and runs the same forward, its collectives
+included. Logits reach rank 0 only. CUDA graphs are off with tensor parallelism for now.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import itertools
 import logging
@@ -20,6 +26,8 @@ from shared.attention import create_backend, resolve_backend_name
 from shared.batch import ForwardBatch, ForwardMode, to_device
 from shared.config import EngineConfig
 from shared.cuda_graph import CudaGraphRunner, capture_batch_sizes
+from shared.distributed import parallel_state
+from shared.distributed.step_sync import StepBroadcast, StepInputs
 from shared.mem import PageAllocator, ReqToTokenPool, make_kv_pool
 from shared.models.config import ModelConfig, resolve_dtype
 from shared.models.loader import load_model
@@ -32,12 +40,16 @@ logger = logging.getLogger(__name__)
 _CPU_DEFAULT_TOKENS = 32768
 
 
-def resolve_device(option: str) -> torch.device:
+def resolve_device(option: str, base_gpu_id: int = 0, tp_rank: int = 0) -> torch.device:
+    """The device of `option`; on CUDA, tensor-parallel rank r takes GPU `base_gpu_id + r` (counted
+    from the index in `option`, if any)."""
     if option == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        option = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(option)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {option!r} requested but CUDA is not available")
+    if device.type == "cuda" and (base_gpu_id or tp_rank):
+        device = torch.device("cuda", (device.index or 0) + base_gpu_id + tp_rank)
     return device
 
 
@@ -61,8 +73,17 @@ class PrevTokens:
 class ModelRunner:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
-        self.device = resolve_device(config.device)
-        dtype = resolve_dtype(config.dtype, ModelConfig.from_model_path(Path(config.model_path)))
+        self.tp_size = parallel_state.tp_size()
+        if self.tp_size != config.tp_size:
+            raise ValueError(
+                f"tp_size={config.tp_size} but this process is in a group of {self.tp_size}: tensor"
+                " parallelism runs through the engine process (shared/engine_process.py), which"
+                " starts the ranks"
+            )
+        self.device = resolve_device(config.device, config.base_gpu_id, parallel_state.tp_rank())
+        model_config = ModelConfig.from_model_path(Path(config.model_path))
+        parallel_state.check_tp_support(model_config, self.tp_size)
+        dtype = resolve_dtype(config.dtype, model_config)
         self.model, self.model_config = load_model(config.model_path, dtype, self.device, config.quantization)
         self.dtype = dtype
         # KV storage: the model dtype, or E4M3 (scale 1.0) for kv_cache_dtype="fp8_e4m3".
@@ -70,14 +91,19 @@ class ModelRunner:
         mc = self.model_config
         page_size = config.page_size
         num_tokens = config.max_total_tokens or self._tokens_that_fit()
+        if self.tp_size > 1:  # every rank's pool has as many slots as rank 0's allocator hands out
+            num_tokens = parallel_state.min_across_ranks(num_tokens, self.device)
         num_pages = max(1, -(-num_tokens // page_size))
         self.allocator = PageAllocator(num_pages, page_size)
-        self.kv_pool = make_kv_pool(mc, self.allocator.pool_slots, self.kv_dtype, self.device)
+        pool_config = self._pool_config()  # this rank's KV heads
+        self.kv_pool = make_kv_pool(pool_config, self.allocator.pool_slots, self.kv_dtype, self.device)
         # A request must always fit alone in the pool, or retraction could not make progress.
         self.max_context_len = min(
             config.max_context_len or mc.max_position_embeddings, self.allocator.num_slots
         )
-        self.req_pool = ReqToTokenPool(config.max_running_requests, self.max_context_len, self.device)
+        self.req_pool = ReqToTokenPool(
+            config.max_running_requests, self.max_context_len, self.device, record_writes=self.tp_size > 1
+        )
         self.backend = create_backend(resolve_backend_name(config.attention_backend, self.device))
         logger.info(
             "KV pool: %d pages x %d tokens (%.1f MiB), max context %d, attention backend %s",
@@ -88,10 +114,24 @@ class ModelRunner:
             self.backend.name,
         )
         self.graph_runner = self._make_graph_runner()
+        # Tensor parallelism: rank 0 sends each step's inputs, the other ranks receive them.
+        self.step_sync = StepBroadcast(self.device) if self.tp_size > 1 else None
+        if self.tp_size > 1:
+            parallel_state.serving_started()
+
+    def _pool_config(self) -> ModelConfig:
+        """The model config as this rank's KV pool sees it: its own share of the KV heads."""
+        if self.tp_size == 1:
+            return self.model_config
+        heads = parallel_state.kv_heads_per_rank(self.model_config, self.tp_size)
+        return dataclasses.replace(self.model_config, num_key_value_heads=heads)
 
     def _make_graph_runner(self) -> CudaGraphRunner | None:
         config = self.config
         if self.device.type != "cuda" or config.disable_cuda_graph:
+            return None
+        if self.tp_size > 1:
+            logger.info("CUDA graphs off: not yet captured with tensor parallelism")
             return None
         if not self.backend.supports_cuda_graph:
             logger.info("CUDA graphs off: attention backend %r cannot replay them", self.backend.name)
@@ -116,7 +156,7 @@ class ModelRunner:
         torch.cuda.empty_cache()
         free, _total = torch.cuda.mem_get_info(self.device)
         # The pool's own formula, from a one-slot pool on the meta device (allocates nothing).
-        per_token = make_kv_pool(self.model_config, 1, self.kv_dtype, "meta").bytes_per_token()
+        per_token = make_kv_pool(self._pool_config(), 1, self.kv_dtype, "meta").bytes_per_token()
         return max(self.config.page_size, int(free * self.config.mem_fraction_static) // per_token)
 
     @property
@@ -127,7 +167,7 @@ class ModelRunner:
     def forward(self, batch: ScheduleBatch, prev: PrevTokens | None = None) -> torch.Tensor:
         """Logits [N, V] (float32) for the items that sample, in batch order. Items whose
         request has a pending token take it from `prev` (overlap scheduling)."""
-        self.req_pool.flush()
+        writes = self.req_pool.flush()
         patch = prev.patch(batch, self.device) if prev is not None else None
         if self.graph_runner is not None and self.graph_runner.can_run(batch):
             return self.graph_runner.run(batch, patch)  # every item of a decode batch samples
@@ -137,9 +177,50 @@ class ModelRunner:
             # A pending request runs one decode token: the last input of its item.
             ends = list(itertools.accumulate(it.extend_len for it in batch.items))
             fb.input_ids.index_copy_(0, to_device([ends[i] - 1 for i in items], self.device), tokens)
+        if self.step_sync is not None:
+            self.step_sync.send(fb, writes)
+        return self._run(fb)
+
+    def _run(self, fb: ForwardBatch) -> torch.Tensor:
         self.backend.init_forward_metadata(fb)
         hidden = self.model(fb.input_ids, fb.positions, fb)  # [T, hidden]
         return self.model.compute_logits(hidden[fb.logits_indices])
+
+    @torch.inference_mode()
+    def follow(self) -> None:
+        """A follower rank's loop: run each forward rank 0 broadcasts, until it stops. A collective
+        with a dead rank raises (the caller exits)."""
+        assert self.step_sync is not None and parallel_state.tp_rank() > 0
+        while (inputs := self.step_sync.recv()) is not None:
+            if inputs.writes.shape[1]:
+                self.req_pool.apply(inputs.writes)
+            self._run(self._forward_batch_from(inputs))  # logits stay on rank 0
+
+    def stop_followers(self) -> None:
+        """Rank 0, shutting down: release the followers from `follow`."""
+        if self.step_sync is not None:
+            self.step_sync.stop()
+
+    def _forward_batch_from(self, inputs: StepInputs) -> ForwardBatch:
+        rows, seq_lens, prefix_lens, ext_lens = inputs.host
+        return ForwardBatch(
+            mode=inputs.mode,
+            input_ids=inputs.input_ids,
+            positions=inputs.positions,
+            out_cache_loc=inputs.out_cache_loc,
+            req_pool_indices=inputs.req_pool_indices,
+            seq_lens=inputs.seq_lens,
+            extend_prefix_lens=inputs.extend_prefix_lens,
+            extend_seq_lens=inputs.extend_seq_lens,
+            logits_indices=inputs.logits_indices,
+            req_pool_indices_cpu=rows,
+            seq_lens_cpu=seq_lens,
+            extend_prefix_lens_cpu=prefix_lens,
+            extend_seq_lens_cpu=ext_lens,
+            req_to_token_pool=self.req_pool,
+            kv_pool=self.kv_pool,
+            attn_backend=self.backend,
+        )
 
     def build_forward_batch(self, batch: ScheduleBatch) -> ForwardBatch:
         ids: list[int] = []

@@ -2,8 +2,9 @@
 
 The tensor-parallel split is expressed where it belongs, in each weight loader: a column-parallel
 layer keeps rows `[tp_rank * n, (tp_rank + 1) * n)` of the output dimension, a row-parallel layer
-the same slice of the input dimension. Tandem runs with `tp_size == 1` for now, so the slices are
-the whole tensor and no collective runs after a row-parallel matmul.
+the same slice of the input dimension and all-reduces its partial sums (then adds its bias once).
+Rank and size come from `shared.distributed.parallel_state`, read when the layer is built; at
+`tp_size == 1` the slices are the whole tensor and no collective runs.
 
 FP8 (`quant` set, see shared/quant/fp8.py): the weight is E4M3 with one float32 multiplier per
 128 x 128 block (`weight_scale_inv`), and activations are quantized per token in groups of 128
@@ -21,14 +22,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from shared.distributed import parallel_state
 from shared.models.layers.activation import silu_and_mul
 from shared.models.layers.fused import use_kernels
 from shared.models.weights import set_weight_loader
 from shared.quant.fp8 import FP8_DTYPE, Fp8Config
-
-# Until tensor parallelism lands every rank holds everything.
-TP_RANK = 0
-TP_SIZE = 1
 
 
 class LinearBase(nn.Module):
@@ -39,8 +37,8 @@ class LinearBase(nn.Module):
     ) -> None:
         super().__init__()
         self.quant = quant
-        self.tp_rank = TP_RANK
-        self.tp_size = TP_SIZE
+        self.tp_rank = parallel_state.tp_rank()
+        self.tp_size = parallel_state.tp_size()
         self.input_size = input_size
         self.output_size = output_size
         fp8_checkpoint = quant is not None and quant.checkpoint_is_fp8
@@ -145,8 +143,9 @@ class ColumnParallelLinear(LinearBase):
     def __init__(
         self, input_size: int, output_size: int, bias: bool = False, quant: Fp8Config | None = None
     ) -> None:
-        assert output_size % TP_SIZE == 0, (output_size, TP_SIZE)
-        super().__init__(input_size, output_size // TP_SIZE, bias, quant)
+        tp_size = parallel_state.tp_size()
+        assert output_size % tp_size == 0, (output_size, tp_size)
+        super().__init__(input_size, output_size // tp_size, bias, quant)
         for param in self.parameters():
             set_weight_loader(param, self.weight_loader)
 
@@ -157,7 +156,7 @@ class ColumnParallelLinear(LinearBase):
 
 
 class RowParallelLinear(LinearBase):
-    """Input features split across ranks (dim 1 of the weight); partial sums would be all-reduced.
+    """Input features split across ranks (dim 1 of the weight); the partial sums are all-reduced.
 
     The bias is not split: with tensor parallelism it is added once, after the all-reduce.
     """
@@ -165,10 +164,23 @@ class RowParallelLinear(LinearBase):
     def __init__(
         self, input_size: int, output_size: int, bias: bool = False, quant: Fp8Config | None = None
     ) -> None:
-        assert input_size % TP_SIZE == 0, (input_size, TP_SIZE)
-        super().__init__(input_size // TP_SIZE, output_size, bias, quant)
+        tp_size = parallel_state.tp_size()
+        assert input_size % tp_size == 0, (input_size, tp_size)
+        super().__init__(input_size // tp_size, output_size, bias, quant)
         for param in self.parameters():
             set_weight_loader(param, self.weight_loader)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, in / tp] -> [T, out]
+        if self.tp_size == 1:
+            return super().forward(x)
+        # FP8 is refused with tensor parallelism (EngineConfig.validate), so a plain matmul.
+        out = parallel_state.all_reduce(F.linear(x, self.weight))  # partial sums -> [T, out]
+        return out if self.bias is None else out + self.bias
+
+    def forward_silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        if self.tp_size == 1:
+            return super().forward_silu_mul(gate_up)
+        return self(silu_and_mul(gate_up))
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
         if param.dim() == 1:  # bias
@@ -220,16 +232,18 @@ class QKVLinear(ColumnParallelLinear):
         bias: bool = False,
         quant: Fp8Config | None = None,
     ) -> None:
-        assert num_heads % TP_SIZE == 0, (num_heads, TP_SIZE)
+        tp_size = parallel_state.tp_size()
+        assert num_heads % tp_size == 0, (num_heads, tp_size)
+        assert num_kv_heads % tp_size == 0 or tp_size % num_kv_heads == 0, (num_kv_heads, tp_size)
         self.head_dim = head_dim
         self.total_num_heads = num_heads
         self.total_num_kv_heads = num_kv_heads
-        self.num_heads = num_heads // TP_SIZE  # this rank's heads
-        self.num_kv_heads = max(1, num_kv_heads // TP_SIZE)
-        self.kv_replicas = max(1, TP_SIZE // num_kv_heads)
+        self.num_heads = num_heads // tp_size  # this rank's heads
+        self.num_kv_heads = max(1, num_kv_heads // tp_size)
+        self.kv_replicas = max(1, tp_size // num_kv_heads)
         self.q_size = self.num_heads * head_dim
         self.kv_size = self.num_kv_heads * head_dim
-        super().__init__(hidden_size, (self.q_size + 2 * self.kv_size) * TP_SIZE, bias, quant)
+        super().__init__(hidden_size, (self.q_size + 2 * self.kv_size) * tp_size, bias, quant)
         for param in self.parameters():
             set_weight_loader(param, self.weight_loader, shard_ids=("q", "k", "v"))
 

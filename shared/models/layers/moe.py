@@ -27,8 +27,8 @@ import re
 import torch
 from torch import nn
 
+from shared.distributed import parallel_state
 from shared.models.layers.fused import use_kernels
-from shared.models.layers.linear import TP_RANK, TP_SIZE
 from shared.models.weights import set_weight_loader
 from shared.quant.fp8 import FP8_DTYPE, Fp8Config
 
@@ -61,12 +61,15 @@ class FusedMoE(nn.Module):
         self, num_experts: int, hidden_size: int, intermediate_size: int, quant: Fp8Config | None = None
     ) -> None:
         super().__init__()
-        assert intermediate_size % TP_SIZE == 0, (intermediate_size, TP_SIZE)
+        # Experts are not sharded yet: tensor parallelism refuses MoE models
+        # (parallel_state.check_tp_support); these slices are ready for when they are.
+        self.tp_size = parallel_state.tp_size()
+        assert intermediate_size % self.tp_size == 0, (intermediate_size, self.tp_size)
         self.quant = quant
         self.num_experts = num_experts
         self.hidden_size = hidden_size
-        self.intermediate_size = intermediate_size // TP_SIZE  # this rank's part
-        self.tp_rank = TP_RANK
+        self.intermediate_size = intermediate_size // self.tp_size  # this rank's part
+        self.tp_rank = parallel_state.tp_rank()
         i = self.intermediate_size
         fp8_checkpoint = quant is not None and quant.checkpoint_is_fp8
         dtype = FP8_DTYPE if fp8_checkpoint else None
@@ -110,7 +113,7 @@ class FusedMoE(nn.Module):
                 -(-hidden // (bk if shard != "down" else bn)),
             )
         rows = shard != "down"  # gate/up: this rank's rows of I; down: its columns
-        expected = (i * TP_SIZE, hidden) if rows else (hidden, i * TP_SIZE)
+        expected = (i * self.tp_size, hidden) if rows else (hidden, i * self.tp_size)
         if tuple(loaded.shape) != expected:
             raise ValueError(
                 f"shape mismatch: expert {expert_id} {shard} expects {expected}, got {tuple(loaded.shape)}"

@@ -1,0 +1,43 @@
+"""A follower rank's process: join the group, build this rank's model and KV shard, follow rank 0.
+
+    python -m shared.distributed.follower RANK STORE_PORT CONFIG_JSON
+
+Started by rank 0 (shared/distributed/launch.py). It holds no scheduler, cache or sampler: it
+runs the forwards rank 0 broadcasts (shared/distributed/step_sync.py) until rank 0 says stop, or
+exits with an error when a collective fails because another rank died.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+
+from shared.config import EngineConfig
+from shared.distributed import parallel_state
+
+logger = logging.getLogger(__name__)
+
+
+def main(argv: list[str]) -> int:
+    rank, port, payload = int(argv[0]), int(argv[1]), argv[2]
+    config = EngineConfig(**json.loads(payload))
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s tp-rank-{rank} %(levelname)s %(message)s")
+    from shared.model_runner import ModelRunner, resolve_device
+
+    device = resolve_device(config.device, config.base_gpu_id, rank)
+    store = parallel_state.join_rendezvous(port, config.tp_size)
+    parallel_state.init_tensor_parallel(rank, config.tp_size, store, device)
+    try:
+        runner = ModelRunner(config)
+        runner.follow()
+    except Exception as e:  # a dead peer, or a failure of our own: either way the group is gone
+        logger.error("tensor-parallel rank %d stops: %s: %s", rank, type(e).__name__, e)
+        return 1
+    finally:
+        parallel_state.destroy_tensor_parallel()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,137 @@
+"""This process's tensor-parallel rank and group, and the collectives the model layers call.
+
+Set once per process, before the model is built (`init_tensor_parallel`); layers read
+`tp_rank()`/`tp_size()` in their constructors and keep them. A process that never calls it is
+rank 0 of 1, and no collective runs: every caller guards its collective behind `tp_size > 1`.
+"""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed as dist
+
+if TYPE_CHECKING:  # the layers import this module: keep it free of model imports
+    from shared.models.config import ModelConfig
+
+_HOST = "127.0.0.1"  # one node for now: the ranks meet on loopback
+# Rendezvous and model loading must finish within this; a rank that never shows up fails start-up.
+STARTUP_TIMEOUT = datetime.timedelta(seconds=300)
+# While serving, a follower waits in a broadcast for rank 0's next step however long the engine
+# idles. A dead peer is noticed by its closed connection, not by this timeout.
+SERVING_TIMEOUT = datetime.timedelta(days=30)
+
+# Architectures whose layers this slice shards (attention heads, MLP, vocabulary).
+TP_ARCHITECTURES = frozenset(
+    {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"}
+)
+
+
+@dataclass(frozen=True)
+class _State:
+    rank: int = 0
+    size: int = 1
+
+
+_state = _State()
+
+
+def tp_rank() -> int:
+    return _state.rank
+
+
+def tp_size() -> int:
+    return _state.size
+
+
+def open_rendezvous(size: int) -> dist.TCPStore:
+    """Rank 0: the group's store on a port of loopback the OS picks (`.port`), so concurrent
+    engines never race for one."""
+    return dist.TCPStore(_HOST, 0, size, is_master=True, timeout=STARTUP_TIMEOUT, wait_for_workers=False)
+
+
+def join_rendezvous(port: int, size: int) -> dist.TCPStore:
+    """A follower: rank 0's store at `port`."""
+    return dist.TCPStore(_HOST, port, size, is_master=False, timeout=STARTUP_TIMEOUT)
+
+
+def init_tensor_parallel(rank: int, size: int, store: dist.Store, device: torch.device) -> None:
+    """Join the group of `size` ranks meeting at `store`: gloo on CPU, nccl on CUDA."""
+    global _state
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    store = dist.PrefixStore("tandem_tp", store)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=size, timeout=STARTUP_TIMEOUT)
+    _state = _State(rank, size)
+
+
+def serving_started() -> None:
+    """Every rank built its model and pool: from now on waits may be as long as an idle engine."""
+    dist.barrier()
+    # Private but stable since torch 2.2; without it an idle follower would time out.
+    dist.distributed_c10d._set_pg_timeout(SERVING_TIMEOUT)
+
+
+def destroy_tensor_parallel() -> None:
+    global _state
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    _state = _State()
+
+
+def all_reduce(x: torch.Tensor) -> torch.Tensor:
+    """Sum of `x` over the ranks, in place (the row-parallel and vocab-parallel partial sums)."""
+    dist.all_reduce(x)
+    return x
+
+
+def gather_last_dim(x: torch.Tensor) -> torch.Tensor:
+    """Rank 0: the ranks' `x` [N, n] concatenated along the last dim [N, n * size]; other ranks
+    get their own `x` back (they discard logits)."""
+    if _state.rank != 0:
+        dist.gather(x, None, dst=0)
+        return x
+    parts = [torch.empty_like(x) for _ in range(_state.size)]
+    dist.gather(x, parts, dst=0)
+    return torch.cat(parts, dim=-1)
+
+
+def min_across_ranks(value: int, device: torch.device) -> int:
+    """The smallest of every rank's `value` (e.g. KV pool tokens that fit on each device)."""
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
+
+
+def check_tp_support(model: ModelConfig, size: int) -> None:
+    """A `ValueError` naming what this slice of tensor parallelism cannot shard for `model`."""
+    if size == 1:
+        return
+    if model.mla is not None or model.architecture not in TP_ARCHITECTURES:
+        raise ValueError(
+            f"tp_size={size}: {model.architecture or 'this model'} is not supported with tensor"
+            " parallelism yet (MLA attention and MoE experts are not sharded; supported:"
+            f" {', '.join(sorted(TP_ARCHITECTURES))})"
+        )
+    if model.hf_config.get("quantization_config"):
+        raise ValueError(f"tp_size={size}: FP8 checkpoints are not sharded yet (block scales)")
+    for name, value in (
+        ("num_attention_heads", model.num_attention_heads),
+        ("intermediate_size", model.intermediate_size),
+    ):
+        if value % size:
+            raise ValueError(f"tp_size={size} must divide the model's {name} ({value})")
+    kv = model.num_key_value_heads
+    if kv % size and size % kv:
+        raise ValueError(
+            f"tp_size={size} and the model's num_key_value_heads ({kv}): one must divide the other"
+        )
+
+
+def kv_heads_per_rank(model: ModelConfig, size: int) -> int:
+    """KV heads each rank stores: its share, or one replicated head when there are fewer than ranks."""
+    return max(1, model.num_key_value_heads // size)

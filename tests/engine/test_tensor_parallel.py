@@ -1,0 +1,228 @@
+"""Tensor parallelism on CPU: real torch.distributed (gloo) between real rank processes, driven
+through the engine process (EngineClient); HF transformers (float32) is the oracle."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import queue
+import signal
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from shared.config import EngineConfig
+from shared.distributed import parallel_state
+from shared.engine_client import EngineClient
+from shared.engine_core import RequestOutput
+from shared.models.config import ModelConfig
+from tests.engine.hf_reference import hf_greedy
+
+GREEDY = {"max_new_tokens": 6, "temperature": 0.0, "ignore_eos": True}
+# Shares its first 12 tokens (3 pages of 4) with the first: the second reuses cached prefix pages.
+PROMPTS = [list(range(20, 45)), [*range(20, 32), 7, 8, 9], list(range(60, 66))]
+
+
+def tp_client(path: Path, **options: object) -> EngineClient:
+    # Chunks of 8 tokens: the 25-token prompt prefills over several steps, beside the others.
+    config = EngineConfig.from_options(
+        str(path), tp_size=2, device="cpu", page_size=4, chunked_prefill_size=8, debug_invariants=True
+    )
+    return EngineClient(dataclasses.replace(config, **options))
+
+
+def run_all(client: EngineClient, prompts: list[list[int]]) -> dict[str, list[int]]:
+    """Admit the prompts one step apart (continuous batching: later ones join a running batch)."""
+    outputs: queue.SimpleQueue[RequestOutput | BaseException] = queue.SimpleQueue()
+    got: dict[str, list[int]] = {}
+    pending = list(enumerate(prompts))
+    finished = 0
+    while finished < len(prompts):
+        if pending:
+            i, ids = pending.pop(0)
+            got[str(i)] = []
+            client.add([str(i)], ids, GREEDY, outputs.put)
+        try:
+            item = outputs.get(timeout=60 if not pending else 0.05)
+        except queue.Empty:
+            continue
+        if isinstance(item, BaseException):
+            raise item
+        got[item.rid] += item.new_ids
+        finished += item.finished
+    return got
+
+
+@pytest.mark.parametrize(
+    ("arch", "overrides", "options"),
+    [
+        ("llama", {"num_key_value_heads": 2}, {}),  # one KV head per rank
+        # The KV head replicated on both ranks; overlap: the step's inputs include pending tokens.
+        ("llama", {"num_key_value_heads": 1}, {"enable_overlap_schedule": True}),
+        # Per-head q/k norms; a vocabulary that does not split evenly (a padded shard).
+        ("qwen3", {"num_key_value_heads": 2, "vocab_size": 301}, {}),
+    ],
+    ids=["llama-kv2", "llama-kv1-replicated-overlap", "qwen3-odd-vocab"],
+)
+def test_tp2_greedy_matches_hf(
+    tiny_model_factory: Callable[..., Path],
+    arch: str,
+    overrides: dict[str, object],
+    options: dict[str, object],
+) -> None:
+    path = tiny_model_factory(arch, **overrides)
+    client = tp_client(path, **options)
+    try:
+        got = run_all(client, PROMPTS)
+        # The second run of the shared prompt hits the radix cache on rank 0; every rank still has its KV.
+        again = run_all(client, PROMPTS[1:2])
+    finally:
+        client.shutdown()
+    assert not client.process.is_alive()
+    for i, ids in enumerate(PROMPTS):
+        assert got[str(i)] == hf_greedy(path, ids, GREEDY["max_new_tokens"]), (arch, i)
+    assert again["0"] == got["1"]
+
+
+def _children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(p) for p in f.read().split()]
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="finds the follower through /proc")
+def test_a_dead_follower_fails_the_request_and_the_engine_exits(tiny_llama: Path) -> None:
+    client = tp_client(tiny_llama)
+    try:
+        outputs: queue.SimpleQueue[RequestOutput | BaseException] = queue.SimpleQueue()
+        client.add(["doomed"], [5, 6, 7], {"max_new_tokens": 100000, "ignore_eos": True}, outputs.put)
+        first = outputs.get(timeout=60)
+        assert isinstance(first, RequestOutput) and not first.finished
+        assert client.process.pid is not None
+        (follower,) = _children(client.process.pid)
+        os.kill(follower, signal.SIGKILL)
+        start = time.monotonic()
+        item: RequestOutput | BaseException = first
+        while isinstance(item, RequestOutput):
+            assert not item.finished
+            item = outputs.get(timeout=30)
+        assert "engine step failed" in str(item)
+        client.process.join(30)
+        assert not client.process.is_alive() and time.monotonic() - start < 30
+    finally:
+        client.shutdown()
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="finds the follower through /proc")
+def test_followers_exit_when_rank_0_dies(tiny_llama: Path) -> None:
+    client = tp_client(tiny_llama)
+    try:
+        outputs: queue.SimpleQueue[RequestOutput | BaseException] = queue.SimpleQueue()
+        client.add(["orphan"], [5, 6, 7], {"max_new_tokens": 100000, "ignore_eos": True}, outputs.put)
+        assert isinstance(outputs.get(timeout=60), RequestOutput)
+        assert client.process.pid is not None
+        (follower,) = _children(client.process.pid)
+        os.kill(client.process.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while _running(follower) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _running(follower)  # no orphan left waiting in a broadcast
+    finally:
+        client.shutdown()
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_an_unsupported_model_is_refused_at_start_up(tiny_model_factory: Callable[..., Path]) -> None:
+    path = tiny_model_factory("deepseek_v3")
+    with pytest.raises(RuntimeError, match="MLA attention and MoE experts are not sharded"):
+        tp_client(path)
+
+
+def test_tp_options_are_validated(tiny_llama: Path) -> None:
+    with pytest.raises(ValueError, match="tp_size must be a positive integer"):
+        EngineConfig.from_options(str(tiny_llama), tp_size=0)
+    with pytest.raises(ValueError, match="FP8 block scales are not sharded"):
+        EngineConfig.from_options(str(tiny_llama), tp_size=2, quantization="fp8")
+    with pytest.raises(ValueError, match="disaggregation with tensor parallelism"):
+        EngineConfig.from_options(str(tiny_llama), tp_size=2, disaggregation_mode="prefill")
+    with pytest.raises(ValueError, match="base_gpu_id"):
+        EngineConfig.from_options(str(tiny_llama), base_gpu_id=-1)
+    model = ModelConfig.from_model_path(tiny_llama)  # 4 heads, 2 KV heads
+    parallel_state.check_tp_support(model, 4)  # KV heads replicated twice
+    with pytest.raises(ValueError, match="num_attention_heads"):
+        parallel_state.check_tp_support(model, 3)
+    from shared.engine import Engine
+
+    with pytest.raises(ValueError, match=r"offline Engine .* does not start tensor-parallel ranks"):
+        Engine(str(tiny_llama), tp_size=2)
+
+
+# ---- the sharded weight loaders, as rank 1 of 2 (no group needed: loading runs no collective) ----
+
+
+@pytest.fixture
+def rank1_of_2() -> Iterator[None]:
+    saved = parallel_state._state
+    parallel_state._state = parallel_state._State(rank=1, size=2)
+    try:
+        yield
+    finally:
+        parallel_state._state = saved
+
+
+def _load(param: torch.nn.Parameter, loaded: torch.Tensor, *shard: object) -> None:
+    param.weight_loader(param, loaded, *shard)  # type: ignore[attr-defined]
+
+
+def test_column_and_row_parallel_loaders_take_this_ranks_slice(rank1_of_2: None) -> None:
+    from shared.models.layers.linear import ColumnParallelLinear, MergedLinear, RowParallelLinear
+
+    w = torch.arange(8 * 6, dtype=torch.float32).reshape(8, 6)  # [out 8, in 6]
+    col = ColumnParallelLinear(6, 8, bias=True)
+    _load(col.weight, w)
+    _load(col.bias, torch.arange(8.0))  # type: ignore[arg-type]
+    assert torch.equal(col.weight, w[4:]) and torch.equal(col.bias, torch.arange(4.0, 8.0))  # type: ignore[arg-type]
+    row = RowParallelLinear(6, 8, bias=True)
+    _load(row.weight, w)
+    _load(row.bias, torch.arange(8.0))  # type: ignore[arg-type]
+    assert torch.equal(row.weight, w[:, 3:]) and torch.equal(row.bias, torch.arange(8.0))  # type: ignore[arg-type]
+    gate_up = MergedLinear(6, [8, 8])
+    _load(gate_up.weight, w, 0)
+    _load(gate_up.weight, w + 100, 1)
+    assert torch.equal(gate_up.weight, torch.cat([w[4:], w[4:] + 100]))  # [gate half | up half]
+
+
+@pytest.mark.parametrize(("kv_heads", "kv_rows"), [(2, slice(2, 4)), (1, slice(0, 2))])
+def test_qkv_loader_splits_heads_and_replicates_kv_heads(
+    rank1_of_2: None, kv_heads: int, kv_rows: slice
+) -> None:
+    from shared.models.layers.linear import QKVLinear
+
+    head_dim, hidden = 2, 4
+    qkv = QKVLinear(hidden, head_dim, num_heads=4, num_kv_heads=kv_heads)
+    q = torch.arange(8 * hidden, dtype=torch.float32).reshape(8, hidden)  # 4 heads x 2
+    k = -torch.arange(kv_heads * head_dim * hidden, dtype=torch.float32).reshape(-1, hidden)
+    v = k - 1000
+    for shard, t in (("q", q), ("k", k), ("v", v)):
+        _load(qkv.weight, t, shard)
+    assert (qkv.num_heads, qkv.num_kv_heads) == (2, 1)
+    assert torch.equal(qkv.weight, torch.cat([q[4:], k[kv_rows], v[kv_rows]]))
+
+
+def test_vocab_parallel_embedding_pads_the_last_shard(rank1_of_2: None) -> None:
+    from shared.models.layers.embedding import VocabEmbedding
+
+    table = torch.arange(7 * 3, dtype=torch.float32).reshape(7, 3)  # 7 tokens: rank 1 holds 4..6 + a pad
+    emb = VocabEmbedding(7, 3)
+    _load(emb.weight, table)
+    assert emb.vocab_start == 4
+    assert torch.equal(emb.weight, torch.cat([table[4:], torch.zeros(1, 3)]))
