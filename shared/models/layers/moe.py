@@ -5,15 +5,19 @@
 
 Checkpoints ship one tensor per expert and projection (`mlp.experts.{e}.gate_proj.weight`, ...);
 `expert_param_name` maps such a name to the fused parameter plus (expert id, shard), and the
-parameter's weight loader copies the tensor into its expert's slice. With tensor parallelism each
-rank would keep its slice of I (rows of w13's halves, columns of w2), as column/row-parallel
-linears do; at `tp_size == 1` that is all of it.
+parameter's weight loader copies the tensor into its expert's slice. With tensor parallelism
+every rank holds every expert, and of each its slice of I (rows of w13's gate and up halves,
+columns of w2), as column/row-parallel linears do; its output is then this rank's partial sum,
+which the caller all-reduces (once, with the shared experts': `DeepseekMoE`). At
+`tp_size == 1` the slice is all of I and the output the full sum.
 
 FP8 (`quant`): w13/w2 hold E4M3 with per-expert 128 x 128 block scales (`w13_weight_scale_inv`
 [E, 2I/128, H/128], `w2_weight_scale_inv` [E, H/128, I/128]), loaded as they are from an FP8
 checkpoint (`experts.{e}.gate_proj.weight_scale_inv`, ...; the up half must start on a block
 boundary) or quantized per expert after loading a bf16 one; activations are quantized per token
-group inside the kernel.
+group inside the kernel. With tensor parallelism this rank's I must be whole 128-wide blocks
+(`check_fp8_shard`), so the scales split in block units and quantizing while loading makes
+the blocks `tp_size == 1` makes.
 
 The computation is `kernels.fused_moe.fused_moe` on CUDA and its torch twin `fused_moe_ref`
 elsewhere (the same rounding as HF's experts loop), imported on first use so that importing a
@@ -29,6 +33,7 @@ from torch import nn
 
 from shared.distributed import parallel_state
 from shared.models.layers.fused import use_kernels
+from shared.models.layers.linear import check_fp8_shard
 from shared.models.weights import set_weight_loader
 from shared.quant.fp8 import FP8_DTYPE, Fp8Config
 
@@ -61,10 +66,12 @@ class FusedMoE(nn.Module):
         self, num_experts: int, hidden_size: int, intermediate_size: int, quant: Fp8Config | None = None
     ) -> None:
         super().__init__()
-        # Experts are not sharded yet: tensor parallelism refuses MoE models
-        # (parallel_state.check_tp_support); these slices are ready for when they are.
         self.tp_size = parallel_state.tp_size()
         assert intermediate_size % self.tp_size == 0, (intermediate_size, self.tp_size)
+        per_rank = intermediate_size // self.tp_size
+        what = f"the routed experts' moe_intermediate_size ({intermediate_size})"
+        check_fp8_shard(quant, per_rank, 0, what)  # gate/up rows
+        check_fp8_shard(quant, per_rank, 1, what)  # down columns
         self.quant = quant
         self.num_experts = num_experts
         self.hidden_size = hidden_size
@@ -129,7 +136,7 @@ class FusedMoE(nn.Module):
         x: torch.Tensor,  # [T, H]
         topk_weights: torch.Tensor,  # [T, k] float32
         topk_ids: torch.Tensor,  # [T, k]
-    ) -> torch.Tensor:  # [T, H]
+    ) -> torch.Tensor:  # [T, H]; with tensor parallelism, this rank's partial sum
         from kernels.fused_moe import fused_moe, fused_moe_ref
 
         run = fused_moe if use_kernels(x) else fused_moe_ref
