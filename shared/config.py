@@ -207,13 +207,9 @@ class EngineConfig:
             raise ValueError(f"schedule_policy must be one of {_POLICIES}, got {self.schedule_policy!r}")
 
     def _validate_tensor_parallel(self) -> None:
-        # What this slice of tensor parallelism does not do yet; the model's own limits (MLA, MoE,
-        # head counts) are checked when it loads (shared/distributed/parallel_state.py).
-        if self.quantization is not None:
-            raise ValueError(
-                f"tp_size={self.tp_size} with quantization={self.quantization!r}: FP8 block scales"
-                " are not sharded across tensor-parallel ranks yet; use tp_size=1 or unquantized weights"
-            )
+        # What tensor parallelism does not do yet; the model's own limits (architecture, head
+        # counts, FP8 shards that are not whole weight blocks) are checked when it loads
+        # (shared/distributed/parallel_state.py, shared/models/layers/linear.py).
         if self.disaggregation_mode != "null":
             raise ValueError(
                 f"tp_size={self.tp_size} with disaggregation_mode={self.disaggregation_mode!r}:"

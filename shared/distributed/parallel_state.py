@@ -24,9 +24,16 @@ STARTUP_TIMEOUT = datetime.timedelta(seconds=300)
 # idles. A dead peer is noticed by its closed connection, not by this timeout.
 SERVING_TIMEOUT = datetime.timedelta(days=30)
 
-# Architectures whose layers this slice shards (attention heads, MLP, vocabulary).
+# Architectures whose layers are sharded (attention heads, MLP or experts, vocabulary).
 TP_ARCHITECTURES = frozenset(
-    {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"}
+    {
+        "LlamaForCausalLM",
+        "MistralForCausalLM",
+        "Qwen2ForCausalLM",
+        "Qwen3ForCausalLM",
+        "DeepseekV2ForCausalLM",
+        "DeepseekV3ForCausalLM",
+    }
 )
 
 
@@ -108,23 +115,32 @@ def min_across_ranks(value: int, device: torch.device) -> int:
 
 
 def check_tp_support(model: ModelConfig, size: int) -> None:
-    """A `ValueError` naming what this slice of tensor parallelism cannot shard for `model`."""
+    """A `ValueError` naming what tensor parallelism cannot shard for `model` at `size` ranks.
+
+    FP8 weights are checked where they are sharded, as each layer is built
+    (`shared.models.layers.linear.check_fp8_shard`: every shard must be whole weight blocks).
+    """
     if size == 1:
         return
-    if model.mla is not None or model.architecture not in TP_ARCHITECTURES:
+    if model.architecture not in TP_ARCHITECTURES:
         raise ValueError(
             f"tp_size={size}: {model.architecture or 'this model'} is not supported with tensor"
-            " parallelism yet (MLA attention and MoE experts are not sharded; supported:"
-            f" {', '.join(sorted(TP_ARCHITECTURES))})"
+            f" parallelism (supported: {', '.join(sorted(TP_ARCHITECTURES))})"
         )
-    if model.hf_config.get("quantization_config"):
-        raise ValueError(f"tp_size={size}: FP8 checkpoints are not sharded yet (block scales)")
-    for name, value in (
+    c = model.hf_config
+    sizes = [
         ("num_attention_heads", model.num_attention_heads),
         ("intermediate_size", model.intermediate_size),
-    ):
+    ]
+    if c.get("n_routed_experts"):
+        shared = int(c["moe_intermediate_size"]) * int(c.get("n_shared_experts") or 0)
+        sizes += [("moe_intermediate_size", int(c["moe_intermediate_size"]))]
+        sizes += [("moe_intermediate_size * n_shared_experts", shared)] if shared else []
+    for name, value in sizes:
         if value % size:
             raise ValueError(f"tp_size={size} must divide the model's {name} ({value})")
+    if model.mla is not None:
+        return  # one latent "head", replicated on every rank
     kv = model.num_key_value_heads
     if kv % size and size % kv:
         raise ValueError(
