@@ -20,8 +20,9 @@ head's rows are contiguous, so a rank's rows are its heads, and W_UK / W_UV deri
 kv_b_proj are its heads' too), o_proj row-parallel with its all-reduce. q_a_proj and
 kv_a_proj_with_mqa are replicated: the latent is one "head" that every rank needs whole, so every
 rank's MLA pool holds the full latent of each token. The MoE block splits each expert's
-intermediate size (shared experts alike) and all-reduces once after adding both; the router is
-replicated.
+intermediate size (shared experts alike), or with `ep_size == tp_size` partitions the routed
+experts whole across the ranks, and all-reduces once after adding the routed and shared partial
+sums; the router is replicated.
 
 Layers before `first_k_dense_replace` have a dense MLP, the rest a MoE block: a router
 (shared/models/layers/moe_router.py), routed experts (FusedMoE) and shared experts (a dense MLP of
@@ -51,7 +52,7 @@ from shared.models.layers.linear import (
     ReplicatedLinear,
     RowParallelLinear,
 )
-from shared.models.layers.moe import FusedMoE, expert_param_name
+from shared.models.layers.moe import ExpertParallelMoE, FusedMoE, expert_param_name
 from shared.models.layers.moe_router import make_router
 from shared.models.layers.norm import RMSNorm
 from shared.models.layers.rotary import RotaryEmbedding, deinterleave_rope_rows, get_rope, yarn_softmax_scale
@@ -76,7 +77,8 @@ class DeepseekMoE(nn.Module):
         c = config.hf_config
         inter = int(c["moe_intermediate_size"])
         self.gate = make_router(c, config.hidden_size, default_topk_method)
-        self.experts = FusedMoE(int(c["n_routed_experts"]), config.hidden_size, inter, quant=config.quant)
+        experts = ExpertParallelMoE if parallel_state.ep_size() > 1 else FusedMoE
+        self.experts = experts(int(c["n_routed_experts"]), config.hidden_size, inter, quant=config.quant)
         n_shared = int(c.get("n_shared_experts") or 0)
         self.shared_experts = (
             LlamaMLP(config.hidden_size, inter * n_shared, quant=config.quant) if n_shared else None

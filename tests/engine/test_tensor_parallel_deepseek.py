@@ -11,9 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from shared.config import EngineConfig
 from shared.distributed import parallel_state
 from shared.models import ModelConfig, load_model
 from shared.models.deepseek_v2 import DeepseekV2ForCausalLM
+from shared.models.layers.moe import ExpertParallelMoE, FusedMoE
 from shared.quant.checkpoint import write_fp8_checkpoint
 from shared.quant.fp8 import Fp8Config
 from tests.engine.hf_reference import hf_greedy
@@ -34,10 +36,17 @@ FP8_ALIGNED = {
 
 
 # V3: q LoRA (q_a/q_b), sigmoid noaux_tc router; V2: a plain q_proj, softmax group-limited router.
-@pytest.mark.parametrize("arch", ["deepseek_v3", "deepseek_v2"])
-def test_deepseek_tp2_greedy_matches_hf(tiny_model_factory: Callable[..., Path], arch: str) -> None:
+# ep_size=2: the 8 routed experts partitioned 4 + 4 instead of each split in two.
+@pytest.mark.parametrize(
+    ("arch", "options"),
+    [("deepseek_v3", {}), ("deepseek_v2", {}), ("deepseek_v3", {"ep_size": 2})],
+    ids=["v3", "v2", "v3-ep2"],
+)
+def test_deepseek_tp2_greedy_matches_hf(
+    tiny_model_factory: Callable[..., Path], arch: str, options: dict[str, object]
+) -> None:
     path = tiny_model_factory(arch)
-    client = tp_client(path)
+    client = tp_client(path, **options)
     try:
         got = run_all(client, PROMPTS)
         again = run_all(client, PROMPTS[1:2])  # a radix-cache hit on rank 0; every rank has the latent
@@ -137,6 +146,53 @@ def test_fp8_block_scales_slice_in_whole_blocks(
     _check_rank1_slices(full, _load(path, quantization), scales=True)
 
 
+@pytest.mark.parametrize("checkpoint", ["unquantized", "fp8-checkpoint"])
+def test_expert_parallel_loader_takes_whole_experts(
+    tiny_model_factory: Callable[..., Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, checkpoint: str
+) -> None:
+    path = tiny_model_factory("deepseek_v3", **FP8_ALIGNED)
+    names = ["w13_weight", "w2_weight"]
+    if checkpoint == "fp8-checkpoint":
+        path = write_fp8_checkpoint(path, tmp_path / "fp8")
+        names += ["w13_weight_scale_inv", "w2_weight_scale_inv"]
+    full = _load(path)
+    monkeypatch.setattr(parallel_state, "_state", parallel_state._State(rank=1, size=2, ep_size=2))
+    rank1 = _load(path)
+    for f, r in zip(full.model.layers[1:], rank1.model.layers[1:], strict=True):  # the MoE layers
+        assert isinstance(r.mlp.experts, ExpertParallelMoE) and r.mlp.experts.expert_start == 4
+        for name in names:  # experts 4..7 of 8, whole
+            assert torch.equal(getattr(r.mlp.experts, name).float(), getattr(f.mlp.experts, name)[4:].float())
+
+
+def test_expert_parallel_contributions_add_up_to_all_experts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The two ranks' ExpertParallelMoE outputs (no group needed: no collective inside) sum to
+    the output of one FusedMoE holding every expert."""
+    torch.manual_seed(0)
+    experts, hidden, inter = 4, 8, 6
+    gate, up = torch.randn(experts, inter, hidden), torch.randn(experts, inter, hidden)
+    down = torch.randn(experts, hidden, inter)
+
+    def build(cls: type[FusedMoE]) -> FusedMoE:
+        moe = cls(experts, hidden, inter)
+        for e in range(experts):
+            for param, tensor, shard in (
+                (moe.w13_weight, gate, "gate"),
+                (moe.w13_weight, up, "up"),
+                (moe.w2_weight, down, "down"),
+            ):
+                param.weight_loader(param, tensor[e], e, shard)  # type: ignore[attr-defined]
+        return moe
+
+    x = torch.randn(5, hidden)
+    weights, ids = torch.rand(5, 2), torch.tensor([[0, 3], [1, 2], [2, 3], [0, 1], [3, 1]])
+    expected = build(FusedMoE)(x, weights, ids)
+    parts = []
+    for rank in range(2):
+        monkeypatch.setattr(parallel_state, "_state", parallel_state._State(rank=rank, size=2, ep_size=2))
+        parts.append(build(ExpertParallelMoE)(x, weights, ids))
+    torch.testing.assert_close(parts[0] + parts[1], expected)
+
+
 def test_fp8_shards_off_block_boundaries_are_refused(rank1_of_2: None) -> None:  # noqa: F811
     from shared.models.layers.linear import ColumnParallelLinear, MergedLinear, RowParallelLinear
     from shared.models.layers.moe import FusedMoE
@@ -163,3 +219,12 @@ def test_deepseek_tp_support_is_checked(tiny_model_factory: Callable[..., Path])
     odd = dataclasses.replace(model, hf_config={**model.hf_config, "moe_intermediate_size": 30})
     with pytest.raises(ValueError, match="moe_intermediate_size"):
         parallel_state.check_tp_support(odd, 4)
+    parallel_state.check_tp_support(model, 4, ep_size=4)  # 8 experts, 2 per rank
+    six = dataclasses.replace(model, hf_config={**model.hf_config, "n_routed_experts": 6})
+    with pytest.raises(ValueError, match="n_routed_experts"):
+        parallel_state.check_tp_support(six, 4, ep_size=4)
+    llama = tiny_model_factory("llama")
+    with pytest.raises(ValueError, match="no routed experts"):
+        parallel_state.check_tp_support(ModelConfig.from_model_path(llama), 2, ep_size=2)
+    with pytest.raises(ValueError, match="ep_size must be 1 or equal tp_size"):
+        EngineConfig.from_options(str(llama), tp_size=2, ep_size=4)
