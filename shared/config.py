@@ -52,8 +52,14 @@ class EngineConfig:
         metadata=flag("auto (cuda when available, else cpu), cpu or cuda[:N]", metavar="DEVICE"),
     )
     # Tensor parallelism (shared/distributed/): the engine process starts tp_size - 1 follower
-    # processes; Llama, Mistral, Qwen2 and Qwen3 shard their heads, MLP and vocabulary across them.
+    # processes; Llama, Mistral, Qwen2, Qwen3 and DeepSeek-V2/V3 shard their heads, MLP (or experts)
+    # and vocabulary across them.
     tp_size: int = field(default=1, metadata=flag("tensor-parallel ranks (one process and device each)"))
+    # MoE layers: 1 splits every expert across the tp_size ranks; tp_size partitions the experts
+    # instead (each rank holds n_routed_experts / tp_size whole experts).
+    ep_size: int = field(
+        default=1, metadata=flag("expert-parallel ranks for MoE layers: 1 or tp-size", metavar="N")
+    )
     base_gpu_id: int = field(
         default=0, metadata=flag("CUDA: tensor-parallel rank r uses GPU base-gpu-id + r", metavar="N")
     )
@@ -175,6 +181,12 @@ class EngineConfig:
         positive("tp_size", self.tp_size)
         if type(self.base_gpu_id) is not int or self.base_gpu_id < 0:
             raise ValueError(f"base_gpu_id must be an integer >= 0, got {self.base_gpu_id!r}")
+        positive("ep_size", self.ep_size)
+        if self.ep_size not in (1, self.tp_size):
+            raise ValueError(
+                f"ep_size={self.ep_size} with tp_size={self.tp_size}: expert parallelism runs over the"
+                " tensor-parallel ranks, so ep_size must be 1 or equal tp_size"
+            )
         if self.tp_size > 1:
             self._validate_tensor_parallel()
         positive("page_size", self.page_size)
@@ -207,13 +219,9 @@ class EngineConfig:
             raise ValueError(f"schedule_policy must be one of {_POLICIES}, got {self.schedule_policy!r}")
 
     def _validate_tensor_parallel(self) -> None:
-        # What this slice of tensor parallelism does not do yet; the model's own limits (MLA, MoE,
-        # head counts) are checked when it loads (shared/distributed/parallel_state.py).
-        if self.quantization is not None:
-            raise ValueError(
-                f"tp_size={self.tp_size} with quantization={self.quantization!r}: FP8 block scales"
-                " are not sharded across tensor-parallel ranks yet; use tp_size=1 or unquantized weights"
-            )
+        # What tensor parallelism does not do yet; the model's own limits (architecture, head
+        # counts, FP8 shards that are not whole weight blocks) are checked when it loads
+        # (shared/distributed/parallel_state.py, shared/models/layers/linear.py).
         if self.disaggregation_mode != "null":
             raise ValueError(
                 f"tp_size={self.tp_size} with disaggregation_mode={self.disaggregation_mode!r}:"

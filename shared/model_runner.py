@@ -82,7 +82,7 @@ class ModelRunner:
             )
         self.device = resolve_device(config.device, config.base_gpu_id, parallel_state.tp_rank())
         model_config = ModelConfig.from_model_path(Path(config.model_path))
-        parallel_state.check_tp_support(model_config, self.tp_size)
+        parallel_state.check_tp_support(model_config, self.tp_size, config.ep_size)
         dtype = resolve_dtype(config.dtype, model_config)
         self.model, self.model_config = load_model(config.model_path, dtype, self.device, config.quantization)
         self.dtype = dtype

@@ -27,7 +27,7 @@ def main(argv: list[str]) -> int:
 
     device = resolve_device(config.device, config.base_gpu_id, rank)
     store = parallel_state.join_rendezvous(port, config.tp_size)
-    parallel_state.init_tensor_parallel(rank, config.tp_size, store, device)
+    parallel_state.init_tensor_parallel(rank, config.tp_size, store, device, config.ep_size)
     try:
         runner = ModelRunner(config)
         runner.follow()

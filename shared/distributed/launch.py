@@ -69,12 +69,13 @@ def start_ranks(config: EngineConfig) -> Followers | None:
     from shared.model_runner import resolve_device
     from shared.models.config import ModelConfig
 
-    parallel_state.check_tp_support(ModelConfig.from_model_path(config.model_path), config.tp_size)
+    model = ModelConfig.from_model_path(config.model_path)
+    parallel_state.check_tp_support(model, config.tp_size, config.ep_size)
     device = resolve_device(config.device, config.base_gpu_id, 0)
     store = parallel_state.open_rendezvous(config.tp_size)
     followers = Followers(config, store.port)
     try:
-        parallel_state.init_tensor_parallel(0, config.tp_size, store, device)
+        parallel_state.init_tensor_parallel(0, config.tp_size, store, device, config.ep_size)
     except BaseException:
         followers.stop(graceful=False)
         raise

@@ -24,9 +24,16 @@ STARTUP_TIMEOUT = datetime.timedelta(seconds=300)
 # idles. A dead peer is noticed by its closed connection, not by this timeout.
 SERVING_TIMEOUT = datetime.timedelta(days=30)
 
-# Architectures whose layers this slice shards (attention heads, MLP, vocabulary).
+# Architectures whose layers are sharded (attention heads, MLP or experts, vocabulary).
 TP_ARCHITECTURES = frozenset(
-    {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"}
+    {
+        "LlamaForCausalLM",
+        "MistralForCausalLM",
+        "Qwen2ForCausalLM",
+        "Qwen3ForCausalLM",
+        "DeepseekV2ForCausalLM",
+        "DeepseekV3ForCausalLM",
+    }
 )
 
 
@@ -34,6 +41,7 @@ TP_ARCHITECTURES = frozenset(
 class _State:
     rank: int = 0
     size: int = 1
+    ep_size: int = 1  # MoE experts partitioned over this many of the ranks (1 or size)
 
 
 _state = _State()
@@ -47,6 +55,11 @@ def tp_size() -> int:
     return _state.size
 
 
+def ep_size() -> int:
+    """Ranks the routed experts are partitioned over (1: every rank holds a slice of each)."""
+    return _state.ep_size
+
+
 def open_rendezvous(size: int) -> dist.TCPStore:
     """Rank 0: the group's store on a port of loopback the OS picks (`.port`), so concurrent
     engines never race for one."""
@@ -58,15 +71,18 @@ def join_rendezvous(port: int, size: int) -> dist.TCPStore:
     return dist.TCPStore(_HOST, port, size, is_master=False, timeout=STARTUP_TIMEOUT)
 
 
-def init_tensor_parallel(rank: int, size: int, store: dist.Store, device: torch.device) -> None:
-    """Join the group of `size` ranks meeting at `store`: gloo on CPU, nccl on CUDA."""
+def init_tensor_parallel(
+    rank: int, size: int, store: dist.Store, device: torch.device, ep_size: int = 1
+) -> None:
+    """Join the group of `size` ranks meeting at `store`: gloo on CPU, nccl on CUDA; MoE layers
+    partition their experts over `ep_size` of them (1 or `size`)."""
     global _state
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
     store = dist.PrefixStore("tandem_tp", store)
     dist.init_process_group(backend, store=store, rank=rank, world_size=size, timeout=STARTUP_TIMEOUT)
-    _state = _State(rank, size)
+    _state = _State(rank, size, ep_size)
 
 
 def serving_started() -> None:
@@ -107,24 +123,39 @@ def min_across_ranks(value: int, device: torch.device) -> int:
     return int(t.item())
 
 
-def check_tp_support(model: ModelConfig, size: int) -> None:
-    """A `ValueError` naming what this slice of tensor parallelism cannot shard for `model`."""
+def check_tp_support(model: ModelConfig, size: int, ep_size: int = 1) -> None:
+    """A `ValueError` naming what tensor parallelism cannot shard for `model` at `size` ranks
+    (routed experts partitioned over `ep_size` of them when it is not 1).
+
+    FP8 weights are checked where they are sharded, as each layer is built
+    (`shared.models.layers.linear.check_fp8_shard`: every shard must be whole weight blocks).
+    """
     if size == 1:
         return
-    if model.mla is not None or model.architecture not in TP_ARCHITECTURES:
+    if model.architecture not in TP_ARCHITECTURES:
         raise ValueError(
             f"tp_size={size}: {model.architecture or 'this model'} is not supported with tensor"
-            " parallelism yet (MLA attention and MoE experts are not sharded; supported:"
-            f" {', '.join(sorted(TP_ARCHITECTURES))})"
+            f" parallelism (supported: {', '.join(sorted(TP_ARCHITECTURES))})"
         )
-    if model.hf_config.get("quantization_config"):
-        raise ValueError(f"tp_size={size}: FP8 checkpoints are not sharded yet (block scales)")
-    for name, value in (
+    c = model.hf_config
+    sizes = [
         ("num_attention_heads", model.num_attention_heads),
         ("intermediate_size", model.intermediate_size),
-    ):
+    ]
+    if c.get("n_routed_experts"):
+        shared = int(c["moe_intermediate_size"]) * int(c.get("n_shared_experts") or 0)
+        if ep_size > 1:
+            sizes += [("n_routed_experts", int(c["n_routed_experts"]))]
+        else:
+            sizes += [("moe_intermediate_size", int(c["moe_intermediate_size"]))]
+        sizes += [("moe_intermediate_size * n_shared_experts", shared)] if shared else []
+    elif ep_size > 1:
+        raise ValueError(f"ep_size={ep_size}: {model.architecture} has no routed experts to partition")
+    for name, value in sizes:
         if value % size:
             raise ValueError(f"tp_size={size} must divide the model's {name} ({value})")
+    if model.mla is not None:
+        return  # one latent "head", replicated on every rank
     kv = model.num_key_value_heads
     if kv % size and size % kv:
         raise ValueError(

@@ -15,6 +15,15 @@ permutation on both sides) and the cached k_rope is in that layout throughout. B
 permutation, it keeps block-FP8 scales valid: each head's rope rows lie inside one 128-row block
 in the real shapes (nope 128 + rope 64 per head; kv_lora_rank 512).
 
+Tensor parallelism splits the heads: q_proj / q_b_proj and kv_b_proj are column-parallel (each
+head's rows are contiguous, so a rank's rows are its heads, and W_UK / W_UV derived from its
+kv_b_proj are its heads' too), o_proj row-parallel with its all-reduce. q_a_proj and
+kv_a_proj_with_mqa are replicated: the latent is one "head" that every rank needs whole, so every
+rank's MLA pool holds the full latent of each token. The MoE block splits each expert's
+intermediate size (shared experts alike), or with `ep_size == tp_size` partitions the routed
+experts whole across the ranks, and all-reduces once after adding the routed and shared partial
+sums; the router is replicated.
+
 Layers before `first_k_dense_replace` have a dense MLP, the rest a MoE block: a router
 (shared/models/layers/moe_router.py), routed experts (FusedMoE) and shared experts (a dense MLP of
 `moe_intermediate_size * n_shared_experts`) added to the routed output.
@@ -33,15 +42,17 @@ import torch
 from torch import nn
 
 from shared.attention.mla import MLAAttention
+from shared.distributed import parallel_state
 from shared.models.base import CausalLM
 from shared.models.config import MLAConfig, ModelConfig
+from shared.models.layers.activation import silu_and_mul
 from shared.models.layers.embedding import LMHead, VocabEmbedding
 from shared.models.layers.linear import (
     ColumnParallelLinear,
     ReplicatedLinear,
     RowParallelLinear,
 )
-from shared.models.layers.moe import FusedMoE, expert_param_name
+from shared.models.layers.moe import ExpertParallelMoE, FusedMoE, expert_param_name
 from shared.models.layers.moe_router import make_router
 from shared.models.layers.norm import RMSNorm
 from shared.models.layers.rotary import RotaryEmbedding, deinterleave_rope_rows, get_rope, yarn_softmax_scale
@@ -62,10 +73,12 @@ class DeepseekMoE(nn.Module):
 
     def __init__(self, config: ModelConfig, default_topk_method: str) -> None:
         super().__init__()
+        self.tp_size = parallel_state.tp_size()
         c = config.hf_config
         inter = int(c["moe_intermediate_size"])
         self.gate = make_router(c, config.hidden_size, default_topk_method)
-        self.experts = FusedMoE(int(c["n_routed_experts"]), config.hidden_size, inter, quant=config.quant)
+        experts = ExpertParallelMoE if parallel_state.ep_size() > 1 else FusedMoE
+        self.experts = experts(int(c["n_routed_experts"]), config.hidden_size, inter, quant=config.quant)
         n_shared = int(c.get("n_shared_experts") or 0)
         self.shared_experts = (
             LlamaMLP(config.hidden_size, inter * n_shared, quant=config.quant) if n_shared else None
@@ -74,9 +87,21 @@ class DeepseekMoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, hidden] -> [T, hidden]
         topk_weights, topk_ids = self.gate(x)  # [T, k] float32, [T, k]
         out = self.experts(x, topk_weights, topk_ids)
+        if self.tp_size > 1:
+            return self._forward_tp(x, out)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
         return out
+
+    def _forward_tp(self, x: torch.Tensor, routed: torch.Tensor) -> torch.Tensor:
+        # Routed and shared experts each hold this rank's slice of their intermediate size:
+        # add the two partial sums, then one all-reduce for the whole block.
+        if self.shared_experts is None:
+            return parallel_state.all_reduce(routed)
+        down = self.shared_experts.down_proj
+        routed = routed + down.partial(silu_and_mul(self.shared_experts.gate_up_proj(x)))
+        out = parallel_state.all_reduce(routed)  # [T, hidden]
+        return out if down.bias is None else out + down.bias
 
 
 class DeepseekV2Attention(nn.Module):
@@ -92,10 +117,11 @@ class DeepseekV2Attention(nn.Module):
     ) -> None:
         super().__init__()
         quant, bias = config.quant, config.attention_bias
-        self.num_heads = config.num_attention_heads
+        total_heads = config.num_attention_heads
+        self.num_heads = total_heads // parallel_state.tp_size()  # this rank's heads
         self.mla = mla
         nope, rope, dl = mla.qk_nope_head_dim, mla.qk_rope_head_dim, mla.kv_lora_rank
-        q_out = self.num_heads * mla.qk_head_dim
+        q_out = total_heads * mla.qk_head_dim
         self.q_proj: ColumnParallelLinear | None = None
         self.q_a_proj: ReplicatedLinear | None = None
         self.q_a_layernorm: RMSNorm | None = None
@@ -108,12 +134,12 @@ class DeepseekV2Attention(nn.Module):
             self.q_b_proj = q_last = ColumnParallelLinear(mla.q_lora_rank, q_out, quant=quant)
         self.kv_a_proj_with_mqa = ReplicatedLinear(config.hidden_size, dl + rope, bias=bias, quant=quant)
         self.kv_a_layernorm = RMSNorm(dl, eps=_LORA_NORM_EPS)
-        self.kv_b_proj = ColumnParallelLinear(dl, self.num_heads * (nope + mla.v_head_dim), quant=quant)
+        self.kv_b_proj = ColumnParallelLinear(dl, total_heads * (nope + mla.v_head_dim), quant=quant)
         self.o_proj = RowParallelLinear(
-            self.num_heads * mla.v_head_dim, config.hidden_size, bias=bias, quant=quant
+            total_heads * mla.v_head_dim, config.hidden_size, bias=bias, quant=quant
         )
-        if interleaved:
-            heads = range(self.num_heads)
+        if interleaved:  # rows of the full checkpoint tensor, before this rank's slice is taken
+            heads = range(total_heads)
             deinterleave_rope_rows(q_last, q_out, [h * mla.qk_head_dim + nope for h in heads], rope)
             deinterleave_rope_rows(self.kv_a_proj_with_mqa, dl + rope, [dl], rope)
         self.rotary_emb = rotary_emb

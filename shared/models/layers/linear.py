@@ -29,6 +29,23 @@ from shared.models.weights import set_weight_loader
 from shared.quant.fp8 import FP8_DTYPE, Fp8Config
 
 
+def check_fp8_shard(quant: Fp8Config | None, size: int, dim: int, what: str) -> None:
+    """With FP8 and `tp_size > 1`: a `ValueError` unless this rank's `size` rows (`dim` 0) or
+    columns (`dim` 1) of a weight are whole 128-wide blocks, so that its block scales can be
+    split between ranks. A no-op without FP8 or tensor parallelism."""
+    tp = parallel_state.tp_size()
+    if quant is None or tp == 1:
+        return
+    block = quant.weight_block[dim]
+    if size % block:
+        side = "rows" if dim == 0 else "columns"
+        raise ValueError(
+            f"tp_size={tp} with FP8 weights: {what} has {size} {side} per rank, not a multiple of"
+            f" the {block}-wide weight block; FP8 block scales split only on block boundaries"
+            " (use a tp_size that keeps every shard block-aligned, or unquantized weights)"
+        )
+
+
 class LinearBase(nn.Module):
     """y = x @ W^T (+ b) with W: [output_size, input_size] (this rank's part)."""
 
@@ -145,6 +162,9 @@ class ColumnParallelLinear(LinearBase):
     ) -> None:
         tp_size = parallel_state.tp_size()
         assert output_size % tp_size == 0, (output_size, tp_size)
+        check_fp8_shard(
+            quant, output_size // tp_size, 0, f"a column-parallel linear of {output_size} outputs"
+        )
         super().__init__(input_size, output_size // tp_size, bias, quant)
         for param in self.parameters():
             set_weight_loader(param, self.weight_loader)
@@ -166,6 +186,7 @@ class RowParallelLinear(LinearBase):
     ) -> None:
         tp_size = parallel_state.tp_size()
         assert input_size % tp_size == 0, (input_size, tp_size)
+        check_fp8_shard(quant, input_size // tp_size, 1, f"a row-parallel linear of {input_size} inputs")
         super().__init__(input_size // tp_size, output_size, bias, quant)
         for param in self.parameters():
             set_weight_loader(param, self.weight_loader)
@@ -173,9 +194,19 @@ class RowParallelLinear(LinearBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, in / tp] -> [T, out]
         if self.tp_size == 1:
             return super().forward(x)
-        # FP8 is refused with tensor parallelism (EngineConfig.validate), so a plain matmul.
-        out = parallel_state.all_reduce(F.linear(x, self.weight))  # partial sums -> [T, out]
+        out = parallel_state.all_reduce(self.partial(x))  # partial sums -> [T, out]
         return out if self.bias is None else out + self.bias
+
+    def partial(self, x: torch.Tensor) -> torch.Tensor:  # [T, in / tp] -> [T, out]
+        """This rank's partial sum, neither all-reduced nor biased: for a caller that adds
+        several partial sums before one all-reduce of its own (a MoE block's shared experts)."""
+        if self.weight_scale_inv is None:
+            return F.linear(x, self.weight)
+        from kernels.fp8_gemm import fp8_linear, fp8_linear_ref
+
+        assert self.quant is not None
+        linear = fp8_linear if x.is_cuda else fp8_linear_ref
+        return linear(x, self.weight, self.weight_scale_inv, None, self.quant.weight_block)
 
     def forward_silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:
@@ -202,6 +233,10 @@ class MergedLinear(ColumnParallelLinear):
         self, input_size: int, output_sizes: list[int], bias: bool = False, quant: Fp8Config | None = None
     ) -> None:
         self.output_sizes = list(output_sizes)
+        for size in output_sizes:
+            check_fp8_shard(
+                quant, size // parallel_state.tp_size(), 0, f"a fused projection of {size} outputs"
+            )
         super().__init__(input_size, sum(output_sizes), bias, quant)
         for param in self.parameters():
             set_weight_loader(param, self.weight_loader, shard_ids=range(len(output_sizes)))
@@ -243,6 +278,8 @@ class QKVLinear(ColumnParallelLinear):
         self.kv_replicas = max(1, tp_size // num_kv_heads)
         self.q_size = self.num_heads * head_dim
         self.kv_size = self.num_kv_heads * head_dim
+        check_fp8_shard(quant, self.q_size, 0, "q_proj")
+        check_fp8_shard(quant, self.kv_size, 0, "k_proj/v_proj")
         super().__init__(hidden_size, (self.q_size + 2 * self.kv_size) * tp_size, bias, quant)
         for param in self.parameters():
             set_weight_loader(param, self.weight_loader, shard_ids=("q", "k", "v"))
