@@ -160,7 +160,7 @@ class Handler:
         tag = self.tool_format.structural_tag(tools) if tools is not None else None
         if tools is not None and tag is not None:
             candidates.insert(0, Constraint("structural_tag", json.dumps(tag), "tools"))
-            tool_parsing = ToolParsing(self.tool_format, tools.names)
+            tool_parsing = ToolParsing(self.tool_format, tools.names, tools.parameters)
         constraint = single_constraint(candidates)
         n = req.n or 1
         text, token_ids = await self.tokenizer.render_chat_async(
