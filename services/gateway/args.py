@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass, field, fields
 
 from services.common.auth import API_KEY_ENV, ROUTER_API_KEY_ENV, add_secret_args, secrets_from_args
+from services.gateway.reasoning import REASONING_PARSERS
 from services.gateway.tool_calls.formats import TOOL_CALL_PARSERS
 from services.version import tandem_version
 
@@ -82,6 +83,8 @@ class GatewayConfig:
     log_level: str = "info"
     # How the model writes tool calls: a name in TOOL_CALL_PARSERS; "auto" reads the chat template.
     tool_call_parser: str = "auto"
+    # Where the model writes its reasoning: a name in REASONING_PARSERS; "off": all is content.
+    reasoning_parser: str = "off"
     # Keys clients must send as `Authorization: Bearer <key>` on /v1/*; empty: no check.
     api_keys: tuple[str, ...] = ()
     # The key the gateway sends to the router (`authorization` metadata); None: none.
@@ -144,6 +147,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=TOOL_CALL_PARSERS,
         help="how the model writes tool calls; auto picks from the chat template (default: %(default)s)",
     )
+    parser.add_argument(
+        "--reasoning-parser",
+        default=GatewayConfig.reasoning_parser,
+        choices=REASONING_PARSERS,
+        help="split <think> reasoning into reasoning_content: deepseek_r1, qwen3, auto (from the chat "
+        "template) or off (default: %(default)s)",
+    )
     add_secret_args(
         parser, "api-key", API_KEY_ENV, "API key", "clients must send one on /v1/* (default: none)"
     )
@@ -196,6 +206,7 @@ def parse_args(argv: list[str] | None = None) -> GatewayConfig:
         health_timeout=ns.health_timeout,
         log_level=ns.log_level,
         tool_call_parser=ns.tool_call_parser,
+        reasoning_parser=ns.reasoning_parser,
         api_keys=api_keys.values,
         router_api_key=router_key,
         allowed_origins=tuple(o.strip() for o in ns.allowed_origins.split(",") if o.strip()),

@@ -36,7 +36,8 @@ from services.gateway.constraints import (
 )
 from services.gateway.limits import check_chat, check_completion
 from services.gateway.protocol import ChatCompletionRequest, CompletionRequest, OpenAIError, bad_request
-from services.gateway.responses import Job, Metadata, ResponseBuilder
+from services.gateway.reasoning import after_reasoning, reasoning_format, starts_inside, template_kwargs
+from services.gateway.responses import Job, Metadata, Reasoning, ResponseBuilder
 from services.gateway.tokenizer import Tokenizer
 from services.gateway.tool_calls.formats import tool_call_format
 from services.gateway.tool_calls.output import ToolParsing
@@ -86,6 +87,7 @@ class Handler:
         request_timeout: float | None,
         tool_call_parser: str = "auto",
         limits: RequestLimits | None = None,
+        reasoning_parser: str = "off",
     ) -> None:
         self.tokenizer = tokenizer
         self.stub = stub
@@ -94,6 +96,8 @@ class Handler:
         self.limits = limits or RequestLimits()
         # How this model writes tool calls ("auto": told by its chat template).
         self.tool_format = tool_call_format(tool_call_parser, tokenizer.chat_template)
+        # Where the model writes its reasoning (None: no split, all is content).
+        self.reasoning = reasoning_format(reasoning_parser, tokenizer.chat_template)
 
     # ---- preparing: validation, templating, tokenization --------------------------------------
 
@@ -160,12 +164,18 @@ class Handler:
         tag = self.tool_format.structural_tag(tools) if tools is not None else None
         if tools is not None and tag is not None:
             candidates.insert(0, Constraint("structural_tag", json.dumps(tag), "tools"))
-            tool_parsing = ToolParsing(self.tool_format, tools.names)
+            tool_parsing = ToolParsing(self.tool_format, tools.names, tools.parameters)
         constraint = single_constraint(candidates)
         n = req.n or 1
+        kwargs = template_kwargs(req.reasoning_effort, req.chat_template_kwargs, self.tokenizer.chat_template)
         text, token_ids = await self.tokenizer.render_chat_async(
-            req.template_messages(), req.template_tools(), req.chat_template_kwargs
+            req.template_messages(), req.template_tools(), kwargs
         )
+        reasoning = None
+        if self.reasoning is not None:
+            reasoning = Reasoning(self.reasoning, starts_inside(self.reasoning, text))
+            if constraint is not None:  # the constraint applies once the reasoning is over
+                constraint = after_reasoning(constraint, reasoning.inside)
         user_max = req.max_new_tokens()
         param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         # OpenAI's chat default is "until the context ends".
@@ -185,6 +195,7 @@ class Handler:
             metadata=metadata,
             tool_parsing=tool_parsing,
             constraint=constraint,
+            reasoning=reasoning,
         )
 
     def _check_token_ids(self, token_ids: Sequence[int]) -> None:

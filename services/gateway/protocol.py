@@ -473,6 +473,8 @@ class ChatCompletionRequest(_SamplingRequest):
     parallel_tool_calls: bool | None = None
     # Extra variables of the chat template (vLLM's; e.g. Qwen3's `enable_thinking`).
     chat_template_kwargs: dict[str, Any] | None = None
+    # What it changes depends on the template (`reasoning.template_kwargs`).
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
 
     UNSUPPORTED_FIELDS: ClassVar[dict[str, Callable[[Any], bool]]] = {
         "functions": _is_empty,
@@ -482,7 +484,6 @@ class ChatCompletionRequest(_SamplingRequest):
         "modalities": lambda v: v == ["text"],
         "prediction": lambda v: False,
         "web_search_options": lambda v: False,
-        "reasoning_effort": lambda v: False,
         **_VLLM_UNSUPPORTED,
     }
 

@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from services.gateway.constraints import Constraint
 from services.gateway.protocol import OpenAIError
+from services.gateway.reasoning import ReasoningFormat, ReasoningSplitter, split_reasoning
 from services.gateway.tokenizer import Tokenizer
 from services.gateway.tool_calls.output import ToolCallStream, ToolParsing, parse_message
 from services.protos.tandem.common.v1 import common_pb2
@@ -27,6 +28,17 @@ _FINISH_REASONS = {
     common_pb2.FINISH_REASON_STOP: "stop",
     common_pb2.FINISH_REASON_LENGTH: "length",
 }
+
+
+@dataclass(frozen=True)
+class Reasoning:
+    """A chat job's reasoning split: the format, and whether the output begins inside it."""
+
+    format: ReasoningFormat
+    inside: bool
+
+    def splitter(self) -> ReasoningSplitter:
+        return ReasoningSplitter(self.format, self.inside)
 
 
 @dataclass
@@ -45,6 +57,7 @@ class Job:
     metadata: Metadata = ()  # forwarded to the router (W3C trace context)
     tool_parsing: ToolParsing | None = None  # chat with tools: parse calls out of the text
     constraint: Constraint | None = None  # the output constraint, to name its field in errors
+    reasoning: Reasoning | None = None  # chat with --reasoning-parser: split reasoning_content off
     created: int = field(default_factory=lambda: int(time.time()))
 
     @property
@@ -61,6 +74,7 @@ class _Choice:
     text_len: int = 0  # characters streamed so far, for completions' text_offset
     started: bool = False
     tool_stream: ToolCallStream | None = None  # streamed chat with tools
+    reasoning: ReasoningSplitter | None = None  # streamed chat with a reasoning parser
 
 
 def finish_reason(output: common_pb2.Output) -> str | None:
@@ -131,6 +145,13 @@ class ResponseBuilder:
         logprobs = None
         if job.logprobs and output.logprobs:
             logprobs, choice.text_len = self._logprobs(output.logprobs, choice.text_len)
+        if job.kind == "chat" and job.reasoning is not None:
+            if choice.reasoning is None:
+                choice.reasoning = job.reasoning.splitter()
+            thought, text = choice.reasoning.feed(text, last=reason is not None)
+            if thought:
+                out.append(self._chunk(idx, {"reasoning_content": thought}, logprobs))
+                logprobs = None
         if job.kind == "chat" and job.tool_parsing is not None:
             out.extend(self._tool_chunks(idx, text, logprobs, reason))
         elif job.kind == "chat":
@@ -144,10 +165,14 @@ class ResponseBuilder:
 
     def _message(self, text: str, reason: str | None) -> tuple[dict[str, Any], str | None]:
         """A chat choice's message, and its finish reason ("tool_calls" once it called a tool)."""
+        head: dict[str, Any] = {"role": "assistant"}
+        if self.job.reasoning is not None:
+            thought, text = split_reasoning(self.job.reasoning.format, self.job.reasoning.inside, text)
+            head["reasoning_content"] = thought
         if self.job.tool_parsing is None:
-            return {"role": "assistant", "content": text}, reason
+            return {**head, "content": text}, reason
         parsed = parse_message(self.job.tool_parsing, text)
-        message: dict[str, Any] = {"role": "assistant", "content": parsed.content}
+        message: dict[str, Any] = {**head, "content": parsed.content}
         if parsed.tool_calls:
             message["tool_calls"] = parsed.tool_calls
             reason = "tool_calls" if reason != "length" else reason

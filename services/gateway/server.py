@@ -150,6 +150,7 @@ class _Gateway:
             model,
             config.request_timeout,
             tool_call_parser=config.tool_call_parser,
+            reasoning_parser=config.reasoning_parser,
             limits=config.limits,
         )
         logger.info(

@@ -25,6 +25,7 @@ import numpy as np
 import xgrammar as xgr
 from transformers import PreTrainedTokenizerBase
 
+from shared.constrained.schema import json_schema_source, structural_tag_source
 from shared.errors import InvalidRequest
 
 # xgrammar's C++ errors start with a log prefix ("[14:20:34] /project/cpp/x.cc:83: Check failed:
@@ -166,16 +167,17 @@ class GrammarCompiler:
     def _parse(self, kind: str, source: str) -> xgr.Grammar:
         try:
             if kind == "json_schema":
-                json.loads(source)  # a clearer message than the converter's for non-JSON text
+                # Invalid JSON raises JSONDecodeError here: a clearer message than xgrammar's.
+                source = json_schema_source(source)
                 return xgr.Grammar.from_json_schema(source, any_whitespace=self._any_whitespace)
             if kind == "regex":
                 return xgr.Grammar.from_regex(source)
             if kind == "ebnf":
                 return xgr.Grammar.from_ebnf(source)
             if kind == "structural_tag":
-                return xgr.Grammar.from_structural_tag(source)
+                return xgr.Grammar.from_structural_tag(structural_tag_source(source, self._any_whitespace))
         except json.JSONDecodeError as e:
-            raise InvalidRequest(f"json_schema is not valid JSON: {e}", param="json_schema") from None
+            raise InvalidRequest(f"{kind} is not valid JSON: {e}", param=kind) from None
         except (RuntimeError, ValueError, TypeError) as e:
             raise InvalidRequest(f"{kind} is invalid: {parser_message(e)}", param=kind) from None
         raise ValueError(f"unknown constraint kind {kind!r}")

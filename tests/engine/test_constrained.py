@@ -5,13 +5,16 @@ limit, and the PD hand-off continuing the grammar on the decode engine."""
 from __future__ import annotations
 
 import ast
+import copy
 import json
+import random
 import re
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
 import jsonschema
+import numpy as np
 import pytest
 import torch
 import xgrammar as xgr
@@ -331,3 +334,74 @@ def test_pd_decode_continues_the_grammar(tiny_llama: Path, transport: str) -> No
     for i in range(len(prompts)):
         assert tokens[f"r{i}"] == outs[f"u{i}"]
         jsonschema.validate(json.loads(tokenizer.decode(tokens[f"r{i}"], skip_special_tokens=True)), schema)
+
+
+# Strings bounded by length: xgrammar's own length class admits raw control characters.
+BOUNDED_STRINGS = {
+    "type": "object",
+    "properties": {
+        "a": {"type": "string", "maxLength": 6},
+        "b": {"type": "string", "minLength": 2, "maxLength": 4},
+        "c": {"type": "array", "items": {"type": "string", "maxLength": 3}, "maxItems": 2},
+    },
+    "required": ["a", "b", "c"],
+    "additionalProperties": False,
+}
+
+
+def _random_walk(
+    tools: tuple[GrammarCompiler, Any], kind: str, source: str, rng: random.Random
+) -> str | None:
+    """One output of the compiled grammar with every step a uniformly random allowed token; None
+    when it has not ended after 200 tokens."""
+    compiler, tokenizer = tools
+    matcher = xgr.GrammarMatcher(compiler.compile(kind, source).result())
+    bitmask = xgr.allocate_token_bitmask(1, compiler.vocab_size)
+    ids: list[int] = []
+    for _ in range(200):
+        if matcher.is_terminated():
+            return str(tokenizer.decode(ids))
+        matcher.fill_next_token_bitmask(bitmask)
+        bits = np.unpackbits(bitmask.numpy().view(np.uint8), bitorder="little")[: compiler.vocab_size]
+        token = rng.choice(np.flatnonzero(bits).tolist())
+        assert matcher.accept_token(token)
+        if not matcher.is_terminated():
+            ids.append(token)
+    return None
+
+
+@pytest.fixture(scope="module")
+def compiler(tiny_llama: Path) -> tuple[GrammarCompiler, Any]:
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    return GrammarCompiler(tokenizer, len(tokenizer), [tokenizer.eos_token_id]), tokenizer
+
+
+def test_length_bounded_strings_always_parse(compiler: tuple[GrammarCompiler, Any]) -> None:
+    rng = random.Random(0)
+    outputs = [_random_walk(compiler, "json_schema", json.dumps(BOUNDED_STRINGS), rng) for _ in range(200)]
+    assert all(out is not None for out in outputs)
+    for out in outputs:
+        assert out is not None
+        value = json.loads(out)  # raw control characters would raise
+        jsonschema.validate(value, BOUNDED_STRINGS)
+        assert out == json.dumps(value, ensure_ascii=False)  # compact: `, ` and `: ` only
+
+
+def test_tool_call_arguments_are_compact_and_parse(compiler: tuple[GrammarCompiler, Any]) -> None:
+    tag = copy.deepcopy(TOOL_TAG)
+    tag["format"]["tags"][0]["content"]["json_schema"] = BOUNDED_STRINGS
+    call = re.compile(r'<tool_call>\n\{"name": "get_weather", "arguments": (.*)\}\n</tool_call>', re.S)
+    rng = random.Random(1)
+    ended = 0
+    for _ in range(200):
+        out = _random_walk(compiler, "structural_tag", json.dumps(tag), rng)
+        if out is None:  # the free text before the call runs on at random
+            continue
+        ended += 1
+        match = call.search(out)
+        assert match is not None, out
+        arguments = match.group(1)
+        value = json.loads(arguments)
+        jsonschema.validate(value, BOUNDED_STRINGS)
+        assert arguments == json.dumps(value, ensure_ascii=False)  # no whitespace padding
+    assert ended >= 20

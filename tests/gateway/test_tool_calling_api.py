@@ -102,24 +102,28 @@ def test_tools_are_rendered_and_constrained(
 @pytest.mark.parametrize(
     ("change", "expected"),
     [
-        ({"tool_choice": "required"}, {"at_least_one": True, "stop_after_first": False}),
+        # required: nothing but the calls (tags with a separator), so the output ends with them
+        (
+            {"tool_choice": "required"},
+            {"type": "tags_with_separator", "at_least_one": True, "stop_after_first": False},
+        ),
         (
             {"tool_choice": "auto", "parallel_tool_calls": False},
-            {"at_least_one": False, "stop_after_first": True},
+            {"type": "triggered_tags", "at_least_one": False, "stop_after_first": True},
         ),
         (
             {"tool_choice": "required", "parallel_tool_calls": False},
-            {"at_least_one": True, "stop_after_first": True},
+            {"type": "tags_with_separator", "at_least_one": True, "stop_after_first": True},
         ),
     ],
 )
-def test_tool_choice_sets_the_triggered_tags(
-    http: httpx.Client, stub: StubRouter, change: dict[str, Any], expected: dict[str, bool]
+def test_tool_choice_sets_the_tags(
+    http: httpx.Client, stub: StubRouter, change: dict[str, Any], expected: dict[str, Any]
 ) -> None:
     body = {"model": MODEL_ID, "messages": MESSAGES, "tools": TOOLS, "max_tokens": 5, **change}
     assert http.post("/v1/chat/completions", json=body).status_code == 200
     fmt = _tag(stub)["format"]
-    assert fmt["type"] == "triggered_tags" and {k: fmt[k] for k in expected} == expected
+    assert {k: fmt[k] for k in expected} == expected
 
 
 def test_named_tool_choice_is_a_single_tag(client: openai.OpenAI, stub: StubRouter) -> None:
@@ -401,10 +405,8 @@ def test_llama3_json_parser_flag(stub: StubRouter, tokenizer_dir: Path) -> None:
             model=MODEL_ID, messages=MESSAGES, tools=TOOLS, tool_choice="required"
         )
         fmt = _tag(stub)["format"]
-        assert (
-            fmt["triggers"] == ['{"name": ']
-            and fmt["tags"][0]["begin"] == '{"name": "get_weather", "parameters": '
-        )
+        assert fmt["type"] == "tags_with_separator"
+        assert fmt["tags"][0]["begin"] == '{"name": "get_weather", "parameters": '
         assert fmt["tags"][0]["end"] == "}" and _accepts(stub, output)
         assert reply.choices[0].finish_reason == "tool_calls" and reply.choices[0].message.content is None
         assert reply.choices[0].message.tool_calls[0].function.arguments == PARIS

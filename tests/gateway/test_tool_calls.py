@@ -45,13 +45,12 @@ CALL_TRICKY = (  # braces, brackets and escaped quotes inside strings
 
 
 def _requests() -> list[tuple[ToolRequest, Any]]:
-    """Tool requests and the matching `tool_choice` of xgrammar's builder."""
+    """Tool requests and the matching `tool_choice` of xgrammar's builder (not `required`: its
+    builder lets free text run on after the calls, ours ends the output with them)."""
     named = {"type": "function", "function": {"name": "get_time"}}
     return [
         (ToolRequest(TOOLS, "auto", parallel=True), "auto"),
         (ToolRequest(TOOLS, "auto", parallel=False), "auto"),
-        (ToolRequest(TOOLS, "required", parallel=True), "required"),
-        (ToolRequest(TOOLS, "required", parallel=False), "required"),
         (ToolRequest(TOOLS, "named", parallel=True, named="get_time"), named),
     ]
 
@@ -79,8 +78,7 @@ def test_hermes_structural_tag_literal() -> None:
     assert tag == {
         "type": "structural_tag",
         "format": {
-            "type": "triggered_tags",
-            "triggers": ["<tool_call>"],
+            "type": "tags_with_separator",
             "tags": [
                 {
                     "type": "tag",
@@ -89,6 +87,7 @@ def test_hermes_structural_tag_literal() -> None:
                     "end": "}\n</tool_call>",
                 }
             ],
+            "separator": "\n",
             "at_least_one": True,
             "stop_after_first": False,
         },
@@ -117,7 +116,14 @@ def test_format_detection_from_the_chat_template() -> None:
     assert tool_call_format("auto", "<|start_header_id|>user<|end_header_id|>").name == "llama3_json"
     assert tool_call_format("auto", None).name == "hermes"
     assert tool_call_format("llama3_json", "<|im_start|>").name == "llama3_json"
-    assert set(TOOL_CALL_FORMATS) == {"hermes", "llama3_json"}
+    assert set(TOOL_CALL_FORMATS) == {
+        "hermes",
+        "llama3_json",
+        "deepseek_v3",
+        "mistral",
+        "qwen3_coder",
+        "pythonic",
+    }
 
 
 def _feed(parsing: ToolParsing, pieces: list[str]) -> list[Any]:

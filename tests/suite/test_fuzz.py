@@ -179,7 +179,7 @@ def _bad_sampling_fields(chat: bool) -> dict[str, list[Any]]:
             "audio": [{}],
             "modalities": [["audio"]],
             "prediction": [{}],
-            "reasoning_effort": ["low"],
+            "reasoning_effort": ["max", 1],
             "web_search_options": [{}],
         }
     else:

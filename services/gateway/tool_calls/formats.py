@@ -1,61 +1,34 @@
-"""How model families write tool calls, one class per format, and the structural tag forcing them.
+"""How model families write tool calls, one class per format, and `--tool-call-parser`'s choice.
 
-Each call is literal text `begin(name)` + the arguments as a JSON object + `end`, and `trigger` (a
-prefix of every `begin`) is where a call starts:
+    format        calls look like                                                   parser
+    hermes        <tool_call>\\n{"name": "NAME", "arguments": {...}}\\n</tool_call>    streaming
+    llama3_json   {"name": "NAME", "parameters": {...}}                              streaming
+    deepseek_v3   <｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME   streaming
+                  \\n```json\\n{...}\\n```<｜tool▁call▁end｜>(\\n<next call>)*<｜tool▁calls▁end｜>
+    mistral       [TOOL_CALLS] [{"name": "NAME", "arguments": {...}}, ...]            block
+    qwen3_coder   <tool_call>\\n<function=NAME>\\n<parameter=KEY>\\nVALUE\\n</parameter>  block
+                  ...</function>\\n</tool_call>
+    pythonic      [NAME(key=value, ...), ...]                                        block
 
-    format        trigger        begin(name)                                         end
-    hermes        <tool_call>    <tool_call>\\n{"name": "NAME", "arguments":          }\\n</tool_call>
-    llama3_json   {"name":       {"name": "NAME", "parameters":                      }
-
-The structural tag is xgrammar's (>= 0.2) JSON, written here as plain data so that the gateway
-does not import xgrammar (and torch). For hermes it equals `xgrammar.get_model_structural_tag(
-"qwen_3", ..., reasoning="disabled", exclude_special_tokens=False)`; the tests check that.
+"streaming" formats send a call's arguments as they arrive (`parser.py`), "block" formats a whole
+block of calls at once (`block_parser.py`). Each builds xgrammar's structural tag (`base.py`) as
+plain JSON, so the gateway does not import xgrammar (and torch). For hermes, `auto` and named
+choices equal `xgrammar.get_model_structural_tag("qwen_3", ..., reasoning="disabled",
+exclude_special_tokens=False)`; the tests check that.
 """
 
 from __future__ import annotations
 
 import json
-from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, Any, ClassVar
+from collections.abc import Mapping, Sequence
+from typing import Any
 
-if TYPE_CHECKING:
-    from services.gateway.tool_calls.request import FunctionTool, ToolRequest
+from services.gateway.tool_calls.base import ToolCallFormat
+from services.gateway.tool_calls.block_parser import BlockToolCallFormat, ParsedCall, bracket_end
+from services.gateway.tool_calls.pythonic import PythonicFormat
+from services.gateway.tool_calls.qwen_xml import Qwen3CoderFormat
 
-
-class ToolCallFormat(ABC):
-    """One way of writing tool calls: the literal pieces around the arguments object."""
-
-    name: ClassVar[str]
-    trigger: ClassVar[str]  # starts every call; text before it is free text
-    end: ClassVar[str]  # closes a call after its arguments object
-
-    @abstractmethod
-    def begin(self, function: str) -> str:
-        """The text of a call to `function` up to its arguments object (starts with `trigger`)."""
-
-    def structural_tag(self, request: ToolRequest) -> dict[str, Any] | None:
-        """xgrammar's structural tag for `request`; None when the output is not constrained."""
-        if request.mode == "none":
-            return None
-        if request.mode == "named":
-            fmt = self._tag(request.forced())
-        else:
-            fmt = {
-                "type": "triggered_tags",
-                "triggers": [self.trigger],
-                "tags": [self._tag(tool) for tool in request.tools],
-                "at_least_one": request.mode == "required",
-                "stop_after_first": not request.parallel,
-            }
-        return {"type": "structural_tag", "format": fmt}
-
-    def _tag(self, tool: FunctionTool) -> dict[str, Any]:
-        return {
-            "type": "tag",
-            "begin": self.begin(tool.name),
-            "content": {"type": "json_schema", "json_schema": tool.parameters},
-            "end": self.end,
-        }
+__all__ = ["TOOL_CALL_FORMATS", "TOOL_CALL_PARSERS", "ToolCallFormat", "tool_call_format"]
 
 
 class HermesFormat(ToolCallFormat):
@@ -80,19 +53,94 @@ class Llama3JsonFormat(ToolCallFormat):
         return '{"name": ' + json.dumps(function) + ', "parameters": '
 
 
-TOOL_CALL_FORMATS: dict[str, ToolCallFormat] = {f.name: f for f in (HermesFormat(), Llama3JsonFormat())}
+class DeepSeekV3Format(ToolCallFormat):
+    """DeepSeek-V3 (and R1): a section of calls, each a fenced JSON block after special tokens."""
+
+    name = "deepseek_v3"
+    trigger = "<｜tool▁call▁begin｜>"
+    end = "\n```<｜tool▁call▁end｜>"
+    separator = "\n"
+    section_begin = "<｜tool▁calls▁begin｜>"
+    section_end = "<｜tool▁calls▁end｜>"
+
+    def begin(self, function: str) -> str:
+        return f"<｜tool▁call▁begin｜>function<｜tool▁sep｜>{function}\n```json\n"
+
+
+class MistralFormat(BlockToolCallFormat):
+    """Mistral (v0.3 tokenizer and its chat template): `[TOOL_CALLS]` and a JSON list of calls."""
+
+    name = "mistral"
+    trigger = "[TOOL_CALLS]"
+    end = "}"
+    separator = ", "
+    section_begin = "[TOOL_CALLS] ["
+    section_end = "]"
+
+    def begin(self, function: str) -> str:
+        return '{"name": ' + json.dumps(function) + ', "arguments": '
+
+    def header(self, buf: str, names: Sequence[str]) -> bool | None:
+        rest = buf[len(self.trigger) :].lstrip()
+        return None if not rest else rest.startswith("[")
+
+    def block_end(self, buf: str) -> int | None:
+        return bracket_end(buf, buf.index("[", len(self.trigger)))
+
+    def parse_block(
+        self, block: str, names: Sequence[str], parameters: Mapping[str, dict[str, Any]]
+    ) -> list[ParsedCall] | None:
+        try:
+            items = json.loads(block[len(self.trigger) :])
+        except ValueError:
+            return None
+        calls: list[ParsedCall] = []
+        for item in items:
+            if not isinstance(item, dict) or item.get("name") not in names:
+                return None
+            arguments = item.get("arguments", {})
+            if isinstance(arguments, str):  # some fine-tunes write the arguments as JSON text
+                try:
+                    arguments = json.loads(arguments)
+                except ValueError:
+                    return None
+            if not isinstance(arguments, dict):
+                return None
+            calls.append((item["name"], json.dumps(arguments, ensure_ascii=False)))
+        return calls or None
+
+
+TOOL_CALL_FORMATS: dict[str, ToolCallFormat] = {
+    f.name: f
+    for f in (
+        HermesFormat(),
+        Llama3JsonFormat(),
+        DeepSeekV3Format(),
+        MistralFormat(),
+        Qwen3CoderFormat(),
+        PythonicFormat(),
+    )
+}
 TOOL_CALL_PARSERS = ("auto", *TOOL_CALL_FORMATS)  # the values of --tool-call-parser
 
 
 def tool_call_format(parser: str, chat_template: str | None) -> ToolCallFormat:
     """The format `--tool-call-parser` names; for "auto", the one the chat template writes.
 
-    A template mentioning `<tool_call>` or ChatML's `im_start` is hermes, one with Llama 3's header
-    tokens llama3_json; anything else falls back to hermes.
+    In this order: DeepSeek's `<｜tool▁calls▁begin｜>` is deepseek_v3, `[TOOL_CALLS]` mistral,
+    `<function=` with `<parameter=` qwen3_coder, `<tool_call>` or ChatML's `im_start` hermes, Llama
+    3's header tokens llama3_json; anything else falls back to hermes. Pythonic is never guessed
+    (its calls look like any Python list): name it.
     """
     if parser != "auto":
         return TOOL_CALL_FORMATS[parser]
     template = chat_template or ""
+    if DeepSeekV3Format.section_begin in template:
+        return TOOL_CALL_FORMATS["deepseek_v3"]
+    if MistralFormat.trigger in template:
+        return TOOL_CALL_FORMATS["mistral"]
+    if "<function=" in template and "<parameter=" in template:
+        return TOOL_CALL_FORMATS["qwen3_coder"]
     if "<tool_call>" in template or "im_start" in template:
         return TOOL_CALL_FORMATS["hermes"]
     if "<|start_header_id|>" in template:

@@ -10,17 +10,16 @@ from __future__ import annotations
 
 import random
 import string
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from services.gateway.tool_calls.formats import ToolCallFormat
+from services.gateway.tool_calls.base import CallParser, ToolCallFormat
 from services.gateway.tool_calls.parser import (
     CallArguments,
     CallCut,
     CallEnd,
     CallStart,
     Text,
-    ToolCallParser,
 )
 
 _ID_ALPHABET = string.ascii_letters + string.digits
@@ -33,13 +32,15 @@ def new_call_id() -> str:
 
 @dataclass(frozen=True)
 class ToolParsing:
-    """How to find the calls in a tool-calling request's output: the format and the tools' names."""
+    """How to find the calls in a tool-calling request's output: the format, the tools' names and
+    their argument schemas (formats whose values are not JSON convert them by type)."""
 
     format: ToolCallFormat
     names: tuple[str, ...]
+    parameters: dict[str, dict[str, Any]] = field(default_factory=dict)
 
-    def parser(self) -> ToolCallParser:
-        return ToolCallParser(self.format, self.names)
+    def parser(self) -> CallParser:
+        return self.format.parser(self.names, self.parameters)
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,10 @@ The text not consumed yet sits in a buffer; the state says what it may be:
              outside JSON strings (-> END)
     END      wait for the format's `end` (whitespace before it is skipped) -> `CallEnd`, TEXT
 
+A format's section markers (DeepSeek-V3's `<｜tool▁calls▁begin｜>` / `<｜tool▁calls▁end｜>`) are
+dropped where they appear in TEXT. Formats whose calls are not a literal header and a JSON object
+(Mistral's list, Qwen3-Coder's XML, pythonic) use `block_parser.BlockParser` instead.
+
 `finish()` flushes: held text and a partial header become `Text`; a call still open (cut by
 max_tokens) becomes `CallCut` with its raw text. Under the engine's structural tag the output
 always follows this grammar; other text never makes the parser fail, it just stays text.
@@ -22,7 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from services.gateway.tool_calls.formats import ToolCallFormat
+from services.gateway.tool_calls.base import ToolCallFormat
 
 
 @dataclass(frozen=True)
@@ -100,7 +104,10 @@ class ToolCallParser:
 
     def __init__(self, fmt: ToolCallFormat, names: Sequence[str]) -> None:
         self._trigger = fmt.trigger
-        self._end = fmt.end
+        self._end = fmt.end.lstrip()  # whitespace before the end is skipped anyway
+        # A section's markers around the calls (DeepSeek-V3's) are neither text nor calls.
+        self._markers = tuple(m for m in (fmt.section_begin, fmt.section_end) if m)
+        self._in_section = False  # between the markers: whitespace separates calls, it is no text
         self._begins = {fmt.begin(name): name for name in names}
         self._state: Literal["text", "header", "args", "end"] = "text"
         self._buffer = ""
@@ -134,13 +141,17 @@ class ToolCallParser:
         if not buf:
             return False
         if self._state == "text":
-            at = buf.find(self._trigger)
-            if at < 0:
-                keep = _prefix_suffix_len(buf, self._trigger)
-                _push(events, Text(buf[: len(buf) - keep]))
+            at, hit = _find_first(buf, (self._trigger, *self._markers))
+            if hit is None:
+                keep = max(_prefix_suffix_len(buf, s) for s in (self._trigger, *self._markers))
+                self._text(events, buf[: len(buf) - keep])
                 self._buffer = buf[len(buf) - keep :]
                 return False
-            _push(events, Text(buf[:at]))
+            self._text(events, buf[:at])
+            if hit != self._trigger:  # a section marker: dropped
+                self._in_section = hit == self._markers[0]
+                self._buffer = buf[at + len(hit) :]
+                return True
             self._buffer, self._state = buf[at:], "header"
             return True
         if self._state == "header":
@@ -148,6 +159,10 @@ class ToolCallParser:
         if self._state == "args":
             return self._arguments(buf, events)
         return self._call_end(buf, events)
+
+    def _text(self, events: list[Event], text: str) -> None:
+        if not (self._in_section and not text.strip()):
+            _push(events, Text(text))
 
     def _header(self, buf: str, events: list[Event]) -> bool:
         for begin, name in self._begins.items():
@@ -208,6 +223,16 @@ def _push(events: list[Event], event: Event) -> None:
         events[-1] = CallArguments(event.index, last.text + event.text)
     else:
         events.append(event)
+
+
+def _find_first(text: str, needles: Sequence[str]) -> tuple[int, str | None]:
+    """Where the first of `needles` occurs in `text` (the longest one on a tie), and which."""
+    best, hit = len(text), None
+    for needle in needles:
+        at = text.find(needle)
+        if at >= 0 and (at < best or (at == best and hit is not None and len(needle) > len(hit))):
+            best, hit = at, needle
+    return best, hit
 
 
 def _prefix_suffix_len(text: str, trigger: str) -> int:

@@ -42,6 +42,11 @@ class ToolRequest:
     def names(self) -> tuple[str, ...]:
         return tuple(tool.name for tool in self.tools)
 
+    @property
+    def parameters(self) -> dict[str, dict[str, Any]]:
+        """Each tool's arguments schema by name."""
+        return {tool.name: tool.parameters for tool in self.tools}
+
     def forced(self) -> FunctionTool:
         """The one tool a `named` choice forces."""
         return next(tool for tool in self.tools if tool.name == self.named)
