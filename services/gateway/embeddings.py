@@ -131,9 +131,9 @@ async def embed(handler: Handler, req: EmbeddingRequest, metadata: Metadata = ()
         answer = await handler.stub.Embed(request, timeout=handler.request_timeout, metadata=metadata or None)
     except grpc.aio.AioRpcError as e:
         if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
-            param = param_of(e)
+            at = param_of(e)
             raise bad_request(
-                e.details() or "invalid request", "input" if param in _INPUT_PARAMS else param
+                e.details() or "invalid request", "input" if at in _INPUT_PARAMS else at
             ) from None
         raise
     b64 = req.encoding_format == "base64"
