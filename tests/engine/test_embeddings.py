@@ -179,3 +179,26 @@ def test_embedding_through_the_engine_process(client: EngineClient, tiny_embedde
         client.add(["gen"], ids, {"max_new_tokens": 2}, lambda _: None)
     with pytest.raises(InvalidRequest, match="dimensions"):
         client.embed("bad", ids, {"dimensions": 0}, lambda _: None).result(timeout=60)
+
+
+@pytest.mark.parametrize("arch_name", ["Qwen3Model", "Qwen3ForCausalLM"])
+def test_qwen3_embedding_layouts_match_hf(
+    tiny_model_factory: Callable[..., Path], tmp_path: Path, arch_name: str
+) -> None:
+    """Qwen3-Embedding's layout: the bare stack, listed as `Qwen3Model` or (as the real
+    checkpoint does) `Qwen3ForCausalLM`; both load as the embedder."""
+    import json
+    import shutil
+
+    src = tiny_model_factory("qwen3", embedding=True)
+    path = tmp_path / "qwen3-embed"
+    shutil.copytree(src, path)
+    config = json.loads((path / "config.json").read_text())
+    config["architectures"] = [arch_name]
+    (path / "config.json").write_text(json.dumps(config))
+    core = EngineCore(EngineConfig.from_options(str(path), page_size=4, dtype="float32"))
+    assert core.runner.is_embedding
+    ids = list(range(3, 40))
+    core.add_request(["q"], ids, SamplingParams(), pooling=PoolingParams())
+    got = torch.tensor(run(core)["q"].embedding)
+    torch.testing.assert_close(got, hf_embedding(src, ids, "last"), atol=1e-4, rtol=1e-4)
