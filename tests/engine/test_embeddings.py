@@ -202,3 +202,18 @@ def test_qwen3_embedding_layouts_match_hf(
     core.add_request(["q"], ids, SamplingParams(), pooling=PoolingParams())
     got = torch.tensor(run(core)["q"].embedding)
     torch.testing.assert_close(got, hf_embedding(src, ids, "last"), atol=1e-4, rtol=1e-4)
+
+
+def test_offline_engine_encode(tiny_embedder: Path) -> None:
+    from shared import Engine
+
+    with Engine(model_path=str(tiny_embedder), page_size=4, dtype="float32") as engine:
+        ids = list(range(11, 29))
+        one = engine.encode(input_ids=ids, pooling="mean")
+        assert isinstance(one, dict) and one["meta_info"]["prompt_tokens"] == len(ids)
+        want = hf_embedding(tiny_embedder, ids, "mean")
+        torch.testing.assert_close(torch.tensor(one["embedding"]), want, atol=1e-4, rtol=1e-4)
+        many = engine.encode(prompt=["a b c", "hello"], dimensions=4)
+        assert isinstance(many, list) and [len(m["embedding"]) for m in many] == [4, 4]
+        with pytest.raises(InvalidRequest, match="embedding model"):
+            engine.generate(input_ids=ids, sampling_params={"max_new_tokens": 2})
