@@ -24,6 +24,7 @@ from typing import Any
 from shared.config import EngineConfig
 from shared.engine_core import EngineCore, RequestOutput
 from shared.errors import InternalError, InvalidRequest, Unavailable
+from shared.pooling import PoolingParams
 from shared.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -153,6 +154,42 @@ class Engine:
             return self._stream(results)
         outputs = [self._wait(r) for r in results]
         return outputs[0] if single and len(outputs) == 1 else outputs
+
+    def encode(
+        self,
+        prompt: PromptInput = None,
+        input_ids: IdsInput = None,
+        pooling: str = "last",
+        normalize: bool = True,
+        dimensions: int | None = None,
+    ) -> dict[str, Any] | list[dict[str, Any]]:
+        """Embeddings (shared/pooling.py) of one prompt (a dict) or a list (a list of dicts):
+        `{"embedding": [...], "meta_info": {"id", "prompt_tokens", "cached_tokens"}}`."""
+        if self._closed:
+            raise Unavailable("the engine was shut down")
+        prompts, single = self._normalize_inputs(prompt, input_ids)
+        options = PoolingParams(pooling, normalize, dimensions)  # type: ignore[arg-type]  # verified by the core
+        entries: list[tuple[str, _Sink]] = []
+        for ids in prompts:
+            rid, sink = f"req-{next(self._ids)}", _Sink(None, stream=False)
+
+            def add(ids: list[int] = ids, rid: str = rid, sink: _Sink = sink) -> None:
+                self.core.add_request([rid], ids, SamplingParams(), pooling=options)
+                self._sinks[rid] = sink
+
+            self._call(add).result()  # raises the core's InvalidRequest here, in the caller
+            entries.append((rid, sink))
+        outputs = []
+        for rid, sink in entries:
+            assert isinstance(sink.queue, queue.SimpleQueue)
+            item = sink.queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            if item.embedding is None:
+                raise Unavailable(str((item.finish_reason or {}).get("message") or "aborted"))
+            meta = {"id": rid, "prompt_tokens": item.prompt_tokens, "cached_tokens": item.cached_tokens}
+            outputs.append({"embedding": item.embedding, "meta_info": meta})
+        return outputs[0] if single else outputs
 
     async def async_generate(
         self,

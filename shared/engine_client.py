@@ -130,10 +130,19 @@ class EngineClient:
         return_logprob: bool = False,
         top_logprobs_num: int = 0,
         kv_target: KvTarget | None = None,
+        pooling: dict[str, Any] | None = None,
     ) -> Future[None]:
-        """As `add`, answered through a future (done when the engine accepted or refused)."""
-        msg = AddRequest(rids, input_ids, params, return_logprob, top_logprobs_num, kv_target)
+        """As `add`, answered through a future (done when the engine accepted or refused).
+        `pooling` (PoolingParams' fields) makes it an embedding request: one rid, `params`
+        unused, the final output carries `embedding`."""
+        msg = AddRequest(rids, input_ids, params, return_logprob, top_logprobs_num, kv_target, pooling)
         return self._call(rids[0], msg, dict.fromkeys(rids, on_output))
+
+    def embed(
+        self, rid: str, input_ids: list[int], pooling: dict[str, Any], on_output: OutputHandler
+    ) -> Future[None]:
+        """An embedding request (see `submit`)."""
+        return self.submit([rid], input_ids, {}, on_output, pooling=pooling)
 
     def expect_kv(
         self,

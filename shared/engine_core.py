@@ -35,6 +35,7 @@ from shared.inflight import InflightStep
 from shared.mem import RadixCache
 from shared.model_runner import ModelRunner, PrevTokens
 from shared.outputs import RequestOutput
+from shared.pooling import PoolingParams
 from shared.request_builder import RequestBuilder
 from shared.sampling import Sampler, SamplingBatch, SamplingParams
 from shared.scheduler.kv_manager import KVCacheManager
@@ -149,18 +150,30 @@ class EngineCore:
         return_logprob: bool = False,
         top_logprobs_num: int = 0,
         kv_target: KvTarget | None = None,
+        pooling: PoolingParams | None = None,
     ) -> bool:
         """Queue one prompt; `rids` names its `params.n` samples. Bad input is a `ValueError`.
 
         Returns True when admitted, False when the request waits for its grammar to compile: the
         outcome (accepted, or refused with the reason) then arrives through `take_admissions`.
         A prefill engine needs `kv_target` (where the prompt's KV goes) and `n == 1`.
+        With `pooling` it is an embedding request (one rid; `params` unused): it runs its prompt
+        and finishes with `RequestOutput.embedding` (shared/pooling.py), unified engines only.
         """
         if self.mode == "decode":
             raise ValueError("a decode engine takes reservations (reserve), not prompts")
         if (kv_target is not None) != (self.mode == "prefill"):
             raise ValueError("a KV target is required by a prefill engine and refused by others")
         self._check_free(rids)
+        if pooling is not None:
+            self._admit(self._build_embed(rids, input_ids, pooling), None)
+            return True
+        if self.runner.is_embedding:
+            raise InvalidRequest(
+                "this model is an embedding model (no lm head): it serves embeddings"
+                " (/v1/embeddings), not text generation",
+                param="model",
+            )
         reqs = self.builder.build(rids, input_ids, params, return_logprob, top_logprobs_num)
         if kv_target is not None:
             assert self.sender is not None
@@ -178,6 +191,19 @@ class EngineCore:
         self._admit(reqs, kv_target)
         return True
 
+    def _build_embed(self, rids: list[str], input_ids: list[int], pooling: PoolingParams) -> list[Req]:
+        if self.mode != "null":
+            raise InvalidRequest(
+                "embeddings run on unified workers, not on a prefill/decode pair", param="model"
+            )
+        if len(rids) != 1:
+            raise InvalidRequest("an embedding request has one input per request id", param="n")
+        pooling.verify(self.runner.model_config.hidden_size)
+        (req,) = self.builder.build(rids, input_ids, SamplingParams(), False, 0)
+        req.pooling = pooling
+        self._requests[req.rid] = req
+        return [req]
+
     def _admit(self, reqs: list[Req], kv_target: KvTarget | None, notify: bool = False) -> None:
         if kv_target is not None:
             assert self.sender is not None
@@ -190,7 +216,7 @@ class EngineCore:
         if notify:
             self._admissions.append(Admission([r.rid for r in reqs], None, None))
         for req in reqs:
-            if req.params.max_new_tokens == 0:
+            if req.params.max_new_tokens == 0 and req.pooling is None:
                 self._finish(req, FinishReason(FinishKind.LENGTH))
             else:
                 self.scheduler.add(req)
@@ -469,8 +495,13 @@ class EngineCore:
             if self.sender is not None:
                 self.sender.on_scheduled([it.req for it in batch.items])  # reservations, just in time
             prev = PrevTokens(inflight.next_ids, inflight.rows) if inflight is not None else None
-            logits = self.runner.forward(batch, prev)
-            launched = self._launch(batch, logits)
+            if batch.embeds:
+                logits, embeddings = self.runner.forward_embed(batch, prev)
+                launched = self._launch(batch, logits)
+                self._finish_embeddings(embeddings)
+            else:
+                logits = self.runner.forward(batch, prev)
+                launched = self._launch(batch, logits)
         if inflight is not None:
             self._resolve(inflight)  # host work while the forward just launched runs
         if launched is not None:
@@ -518,6 +549,8 @@ class EngineCore:
             if it.extend_len > 1 and not it.sample:
                 self.kv.cache_unfinished(it.req)  # a finished prefill chunk
         items = [it for it in batch.items if it.sample]
+        if batch.embeds:  # an embedding request's prompt ends without sampling
+            items = [it for it in items if it.req.pooling is None]
         if not items:
             return None
         reqs = [it.req for it in items]
@@ -541,6 +574,20 @@ class EngineCore:
             req.output_ids.append(PENDING)
             req.pending += 1
         return InflightStep(items, slots, out, {r: i for i, r in enumerate(reqs)})
+
+    def _finish_embeddings(self, embeddings: dict[Req, torch.Tensor]) -> None:
+        """Embedding requests whose prompt ended this step: report the vector and finish (the
+        prompt's K/V goes to the radix cache like a finished generation's). Reads the vectors
+        from the device: a step with embeddings does not overlap."""
+        for req, vec in embeddings.items():
+            if req.finished:
+                continue
+            req.embedding = vec.tolist()
+            self.counters["prompt_tokens"] += len(req.prompt_ids)
+            self.counters["cached_tokens"] += req.cached_tokens or 0
+            self.counters["embeddings"] += 1
+            self.scheduler.remove(req)
+            self._finish(req, FinishReason(FinishKind.STOP))
 
     def _resolve(self, launched: InflightStep) -> None:
         """Read a launched step's tokens (waiting only for them) and process them in order."""
@@ -656,6 +703,7 @@ class EngineCore:
                 cached_tokens=req.cached_tokens or 0,
                 new_logprobs=req.output_logprobs[req.reported_ids :],
                 new_top_logprobs=req.output_top_logprobs[req.reported_ids :],
+                embedding=req.embedding,
             )
         )
         req.reported_ids, req.reported_text = n_ids, len(req.text)

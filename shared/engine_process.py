@@ -56,6 +56,7 @@ class AddRequest(msgspec.Struct, tag="add"):
     return_logprob: bool = False
     top_logprobs_num: int = 0
     kv_target: KvTarget | None = None
+    pooling: dict[str, Any] | None = None  # an embedding request (shared/pooling.py)
 
 
 class ExpectKv(msgspec.Struct, tag="expect_kv"):
@@ -335,6 +336,8 @@ def _handle(core: EngineCore, msg: ToEngine, payload: memoryview | None = None) 
             logger.warning("dropping a KV target: %s", e)
         return None
     if isinstance(msg, AddRequest):
+        from shared.pooling import PoolingParams
+
         try:
             admitted = core.add_request(
                 msg.rids,
@@ -343,6 +346,7 @@ def _handle(core: EngineCore, msg: ToEngine, payload: memoryview | None = None) 
                 msg.return_logprob,
                 msg.top_logprobs_num,
                 msg.kv_target,
+                PoolingParams.from_dict(msg.pooling) if msg.pooling is not None else None,
             )
         except Exception as e:
             return _rejected(msg.rids, e)

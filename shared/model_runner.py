@@ -31,6 +31,7 @@ from shared.distributed.step_sync import StepBroadcast, StepInputs
 from shared.mem import PageAllocator, ReqToTokenPool, make_kv_pool
 from shared.models.config import ModelConfig, resolve_dtype
 from shared.models.loader import load_model
+from shared.pooling import pool_chunk
 from shared.quant.fp8 import FP8_DTYPE
 from shared.scheduler.request import Req
 from shared.scheduler.scheduler import ScheduleBatch
@@ -163,14 +164,55 @@ class ModelRunner:
     def vocab_size(self) -> int:
         return self.model_config.vocab_size
 
+    @property
+    def is_embedding(self) -> bool:
+        """The model has no lm head: it serves embeddings only (shared/pooling.py)."""
+        return self.model.is_embedding
+
     @torch.inference_mode()
     def forward(self, batch: ScheduleBatch, prev: PrevTokens | None = None) -> torch.Tensor:
         """Logits [N, V] (float32) for the items that sample, in batch order. Items whose
-        request has a pending token take it from `prev` (overlap scheduling)."""
+        request has a pending token take it from `prev` (overlap scheduling). A batch with
+        embedding requests goes through `forward_embed` instead."""
         writes = self.req_pool.flush()
         patch = prev.patch(batch, self.device) if prev is not None else None
         if self.graph_runner is not None and self.graph_runner.can_run(batch):
             return self.graph_runner.run(batch, patch)  # every item of a decode batch samples
+        return self._run(self._eager_batch(batch, patch, writes))
+
+    @torch.inference_mode()
+    def forward_embed(
+        self, batch: ScheduleBatch, prev: PrevTokens | None = None
+    ) -> tuple[torch.Tensor, dict[Req, torch.Tensor]]:
+        """`forward` for a batch holding embedding requests (`batch.embeds`), always eager:
+        (logits [N, V] for the items that sample, excluding embedding requests; the finished
+        embeddings [dims] float32 of the embedding requests whose prompt ends this step).
+        Mean pooling's partial sums of unfinished prompts stay on their requests."""
+        writes = self.req_pool.flush()
+        patch = prev.patch(batch, self.device) if prev is not None else None
+        fb = self._eager_batch(batch, patch, writes)
+        self.backend.init_forward_metadata(fb)
+        hidden = self.model(fb.input_ids, fb.positions, fb)  # [T, hidden], after the final norm
+        embeddings: dict[Req, torch.Tensor] = {}
+        end = 0
+        for it in batch.items:
+            start, end = end, end + it.extend_len
+            req = it.req
+            if req.pooling is None:
+                continue
+            if req.pooling.pooling == "mean" and it.start == 0:
+                req.pool_partial = None  # a recompute from scratch (after a retraction)
+            vec, req.pool_partial = pool_chunk(hidden[start:end], req.pooling, req.pool_partial, it.sample)
+            if vec is not None:
+                embeddings[req] = vec
+        return self.model.compute_logits(hidden[fb.logits_indices]), embeddings
+
+    def _eager_batch(
+        self,
+        batch: ScheduleBatch,
+        patch: tuple[list[int], torch.Tensor] | None,
+        writes: torch.Tensor | None,
+    ) -> ForwardBatch:
         fb = self.build_forward_batch(batch)
         if patch is not None:
             items, tokens = patch
@@ -179,7 +221,7 @@ class ModelRunner:
             fb.input_ids.index_copy_(0, to_device([ends[i] - 1 for i in items], self.device), tokens)
         if self.step_sync is not None:
             self.step_sync.send(fb, writes)
-        return self._run(fb)
+        return fb
 
     def _run(self, fb: ForwardBatch) -> torch.Tensor:
         self.backend.init_forward_metadata(fb)
@@ -226,10 +268,11 @@ class ModelRunner:
         ids: list[int] = []
         positions: list[int] = []
         logits_rows: list[int] = []
+        embeds = batch.embeds  # embedding requests end their prompt without a next token
         for it in batch.items:
             ids += it.req.all_ids[it.start : it.start + it.extend_len]
             positions += range(it.start, it.start + it.extend_len)
-            if it.sample:
+            if it.sample and not (embeds and it.req.pooling is not None):
                 logits_rows.append(len(ids) - 1)
         rows = [it.req.row for it in batch.items]
         seq_lens = [it.start + it.extend_len for it in batch.items]

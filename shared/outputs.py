@@ -20,6 +20,8 @@ class RequestOutput:
     cached_tokens: int
     new_logprobs: list[float] = field(default_factory=list)
     new_top_logprobs: list[list[tuple[float, int]]] = field(default_factory=list)
+    # An embedding request's final output: the pooled vector (shared/pooling.py).
+    embedding: list[float] | None = None
     # Prefill engine, on the final output: bytes written to the decode engine; with the gRPC
     # transport also the pages themselves and the commit record for the caller to deliver.
     kv_bytes: int = 0

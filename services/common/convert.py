@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from services.protos.tandem.common.v1 import common_pb2
+from shared.errors import InvalidRequest
 from shared.outputs import RequestOutput
 
 SAMPLING_SCALARS = (  # the scalar fields of common.v1.SamplingParams
@@ -83,3 +84,30 @@ def output_to_proto(out: RequestOutput, index: int = 0) -> common_pb2.Output:
     if out.finished and out.finish_reason is not None:
         msg.finish.CopyFrom(finish_to_proto(out.finish_reason))
     return msg
+
+
+_POOLING = {
+    common_pb2.POOLING_UNSPECIFIED: "last",
+    common_pb2.POOLING_LAST: "last",
+    common_pb2.POOLING_MEAN: "mean",
+}
+
+
+def embed_options_to_dict(options: common_pb2.EmbedOptions) -> dict[str, Any]:
+    """The engine's pooling options (shared/pooling.py's `PoolingParams` fields)."""
+    if options.pooling not in _POOLING:
+        raise InvalidRequest(f"unknown pooling {options.pooling}", param="pooling")
+    return {
+        "pooling": _POOLING[options.pooling],
+        "normalize": options.normalize if options.HasField("normalize") else True,
+        "dimensions": options.dimensions or None,
+    }
+
+
+def embedding_to_proto(index: int, out: RequestOutput) -> common_pb2.Embedding:
+    return common_pb2.Embedding(
+        index=index,
+        values=out.embedding or [],
+        prompt_tokens=out.prompt_tokens,
+        cached_tokens=out.cached_tokens,
+    )

@@ -35,6 +35,7 @@ class RequestLimits:
     max_tools: int = 128  # OpenAI's own limit
     max_tools_chars: int = 1024 * 1024  # the JSON of all tool definitions together
     max_constraint_chars: int = 256 * 1024  # MAX_CONSTRAINT_CHARS: regex, ebnf, a response schema
+    max_embedding_inputs: int = 2048  # inputs of one /v1/embeddings request (OpenAI's own limit)
 
     def prompt_chars(self, context: int | None) -> int:
         """The prompt-character cap for a model of `context` tokens (None: unknown)."""
@@ -59,6 +60,7 @@ _LIMIT_HELP = {
     "max_tools": "tools of one chat request",
     "max_tools_chars": "characters of the JSON of a request's tool definitions together",
     "max_constraint_chars": "characters of a regex, ebnf grammar or response_format schema",
+    "max_embedding_inputs": "inputs of one /v1/embeddings request",
 }
 
 

@@ -191,6 +191,7 @@ class UsageStub:
         self._stub = stub
         self.ListModels = stub.ListModels
         self.Tokenize = stub.Tokenize
+        self.Embed = stub.Embed
 
     def Generate(self, request: router_pb2.GenerateRequest, **kwargs: Any) -> Any:
         call = self._stub.Generate(request, **kwargs)

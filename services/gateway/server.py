@@ -3,7 +3,7 @@
     create_app(GatewayConfig) -> FastAPI
       startup   load the tokenizer, open one gRPC channel to the router, learn the served model
       routes    /health, /metrics, /version, /tokenize, /detokenize (tokenize.py),
-                /v1/models, /v1/completions, /v1/chat/completions
+                /v1/models, /v1/completions, /v1/chat/completions, /v1/embeddings (embeddings.py)
       auth      with API keys configured, /v1/*, /tokenize and /detokenize want one
                 (ApiKeyMiddleware, auth.py)
       ids, CORS X-Request-Id taken or made and echoed (request_id.py); CORS with --allowed-origins
@@ -41,6 +41,7 @@ from services.common.errors import status_of
 from services.common.tracing import fastapi_options, outgoing_metadata, record_error, setup_tracing
 from services.gateway.args import GatewayConfig
 from services.gateway.auth import ApiKeyMiddleware
+from services.gateway.embeddings import EmbeddingRequest, embed
 from services.gateway.handler import Handler, RouterCalls, ServedModel
 from services.gateway.limits import SizeLimits
 from services.gateway.metrics import GatewayMetrics, TelemetryMiddleware, UsageStub
@@ -66,6 +67,8 @@ T = TypeVar("T")
 # gRPC status -> (HTTP status, OpenAI error type, code). Anything else is a 500 server_error.
 _GRPC_TO_HTTP: dict[grpc.StatusCode, tuple[int, Any, str | None]] = {
     grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error", None),
+    # The deployment cannot serve this kind of request (embeddings on prefill/decode pairs only).
+    grpc.StatusCode.FAILED_PRECONDITION: (400, "invalid_request_error", None),
     grpc.StatusCode.NOT_FOUND: (404, "invalid_request_error", "not_found"),
     grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "rate_limit_error", "rate_limit_exceeded"),
     grpc.StatusCode.UNAVAILABLE: (503, "service_unavailable_error", "service_unavailable"),
@@ -434,5 +437,13 @@ def create_app(config: GatewayConfig) -> FastAPI:
         job = await handler().prepare_chat(body, _router_metadata(request), request_id)
         _note_job(job, bool(body.stream))
         return await _generate(request, job, handler(), bool(body.stream))
+
+    @app.post("/v1/embeddings")
+    async def embeddings(body: EmbeddingRequest, request: Request) -> Response:
+        work = embed(handler(), body, _router_metadata(request))
+        try:
+            return JSONResponse(await _until_disconnect(request, work))
+        except _ClientGone:
+            return Response(status_code=_CLIENT_CLOSED_REQUEST)
 
     return app

@@ -9,6 +9,10 @@ One sample (n > 1 fans out into n samples, sample i seeded with seed + i):
       4. D streams outputs; P's answer only matters if it fails (then D's call is cancelled)
     Unified mode: W = unified policy; W.Generate streams outputs.
 
+Embeddings (`embed`): W = unified policy; one unary W.Embed for all the request's inputs,
+retried on a fresh worker like a sample before its first output. Unified workers only: a
+deployment of prefill/decode pairs answers FAILED_PRECONDITION.
+
 Failure: either leg failing cancels the other (leaving the with-block cancels both calls; the
 workers abort and free). A failure before the first output reached the caller is retried on a
 fresh pair (a worker that looks gone is probed and taken out first); after it, the caller gets
@@ -167,12 +171,59 @@ class Orchestrator:
                 record.add_usage(usage)
                 self.metrics.add_usage(usage)
 
+    async def embed(
+        self, request_id: int, inputs: list[list[int]], options: common_pb2.EmbedOptions
+    ) -> tuple[worker_pb2.EmbedResponse, str]:
+        """One vector per input from a unified worker: (the worker's answer, its address)."""
+        if not self.registry.available("unified") and (
+            self.registry.available("prefill") or self.registry.available("decode")
+        ):
+            raise ServiceError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "embeddings run on unified workers, and this deployment has only prefill/decode"
+                " workers (start a unified one: tandem up --prefill 0 --decode 0)",
+            )
+        if self.max_in_flight and self.in_flight + len(inputs) > self.max_in_flight:
+            self.metrics.refused.inc()
+            raise ServiceError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"the router is at capacity ({self.in_flight} samples in flight, at most"
+                f" {self.max_in_flight}); retry later",
+            )
+        tokens = sum(len(ids) for ids in inputs)
+        self.in_flight += len(inputs)
+        try:
+            for attempt in range(self.max_attempts):
+                worker = self._pick_for("unified", "", inputs[0])
+                request = worker_pb2.EmbedRequest(
+                    rid=f"{request_id}-e-{attempt}-{next(self._serials)}",
+                    inputs=[common_pb2.TokenIds(ids=ids) for ids in inputs],
+                    options=options,
+                )
+                with self.registry.track(worker, tokens):
+                    try:
+                        call = worker.worker.Embed(request, metadata=outgoing_metadata())
+                        return await self._unary(worker, call), worker.address
+                    except ServiceError as e:
+                        if e.code not in _RETRYABLE or attempt + 1 == self.max_attempts:
+                            raise
+                        self.metrics.retries.inc()
+                        logger.warning(
+                            "embed %d attempt %d failed (%s); retrying", request_id, attempt, e.message
+                        )
+            raise AssertionError("unreachable")
+        finally:
+            self.in_flight -= len(inputs)
+
     def _pick(self, role: str, sample: Sample) -> Worker:
+        return self._pick_for(role, sample.text, sample.token_ids)
+
+    def _pick_for(self, role: str, text: str, token_ids: list[int]) -> Worker:
         workers = self.registry.available(role)
         if not workers:
             raise ServiceError(grpc.StatusCode.UNAVAILABLE, f"no healthy {role} workers")
         policy = self.policies[role]
-        chosen = policy.select(workers, sample.text, sample.token_ids)
+        chosen = policy.select(workers, text, token_ids)
         assert isinstance(chosen, Worker)
         self.metrics.decisions.labels(role, chosen.address).inc()
         span = trace.get_current_span()
@@ -254,8 +305,15 @@ class Orchestrator:
         self, worker: Worker, request: worker_pb2.PrefillRequest, metadata: tuple[tuple[str, str], ...] | None
     ) -> worker_pb2.PrefillResponse:
         """The prefill leg; given up (and cancelled) once the registry marks its worker down."""
-        call = worker.prefill.Prefill(request, metadata=metadata)
-        answer: asyncio.Future[worker_pb2.PrefillResponse] = asyncio.ensure_future(call)
+        response: worker_pb2.PrefillResponse = await self._unary(
+            worker, worker.prefill.Prefill(request, metadata=metadata)
+        )
+        return response
+
+    async def _unary(self, worker: Worker, call: Any) -> Any:
+        """A unary call's answer; given up (and cancelled) once the registry marks its worker
+        down; gRPC errors become ServiceErrors (probing the worker)."""
+        answer: asyncio.Future[Any] = asyncio.ensure_future(call)
         down = asyncio.ensure_future(worker.down.wait())
         try:
             waiters: list[asyncio.Future[Any]] = [answer, down]
@@ -264,7 +322,7 @@ class Orchestrator:
                 self.metrics.worker_error(worker.role, worker.address, "STALLED")
                 raise ServiceError(
                     grpc.StatusCode.UNAVAILABLE,
-                    f"prefill worker {worker.address} stopped answering (no heartbeat, failed probe)",
+                    f"{worker.role} worker {worker.address} stopped answering (no heartbeat, failed probe)",
                 )
             return answer.result()
         except grpc.aio.AioRpcError as e:

@@ -1,4 +1,4 @@
-"""The router's gRPC services: RouterService (public: Generate, ListModels, Tokenize) and
+"""The router's gRPC services: RouterService (public: Generate, Embed, ListModels, Tokenize) and
 RouterAdminService (workers register, heartbeat, drain, leave). Thin: validation, tokenizing
 text-only requests, and wire <-> domain; routing is the orchestrator's. Each Generate call is one
 `router.generate` SERVER span continuing the caller's trace, and one count in the metrics."""
@@ -26,6 +26,7 @@ from shared.errors import InvalidRequest, NotFound
 
 MAX_N = 16
 MAX_TOP_LOGPROBS = 20
+MAX_EMBED_INPUTS = 2048  # OpenAI's bound on one embeddings request
 
 
 class RouterServicer(router_pb2_grpc.RouterServiceServicer):
@@ -108,6 +109,40 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             )
         async for resp in self.orchestrator.generate(samples, record):
             yield resp
+
+    @grpc_errors
+    async def Embed(
+        self, request: router_pb2.EmbedRequest, context: grpc.aio.ServicerContext
+    ) -> router_pb2.EmbedResponse:
+        if request.model and request.model != self.registry.model:
+            raise NotFound(
+                f"model {request.model!r} is not served here; this router serves {self.registry.model!r}"
+            )
+        if not 1 <= len(request.inputs) <= MAX_EMBED_INPUTS:
+            raise InvalidRequest(
+                f"inputs must hold 1 to {MAX_EMBED_INPUTS} inputs, got {len(request.inputs)}", param="inputs"
+            )
+        context_len = self.registry.max_context_len()
+        for inp in request.inputs:  # sizes first, before any tokenizing
+            check_prompt(len(inp.token_ids), inp.text, self.limits, context_len)
+            if not inp.token_ids and not inp.text:
+                raise InvalidRequest("an input is empty: send text or token_ids", param="inputs")
+        inputs = [
+            list(inp.token_ids) or await asyncio.to_thread(self.tokenizer.encode, inp.text)
+            for inp in request.inputs
+        ]
+        request_id = request.request_id or random.getrandbits(63) or 1
+        with server_span("router.embed", context.invocation_metadata()) as span:
+            span.set_attribute("tandem.request_id", str(request_id))
+            answer, worker = await self.orchestrator.embed(request_id, inputs, request.options)
+            span.set_attribute("tandem.worker", worker)
+        usage = common_pb2.Usage(
+            prompt_tokens=sum(e.prompt_tokens for e in answer.embeddings),
+            cached_tokens=sum(e.cached_tokens for e in answer.embeddings),
+        )
+        return router_pb2.EmbedResponse(
+            request_id=request_id, embeddings=answer.embeddings, usage=usage, worker=worker
+        )
 
     @grpc_errors
     async def ListModels(

@@ -161,6 +161,20 @@ class AsyncEngine:
         await self._admitted(rid, fut, stall_s)
         return stream
 
+    async def embed(self, rid: str, input_ids: list[int], pooling: dict[str, Any]) -> RequestOutput:
+        """One embedding request, to its finished output (`RequestOutput.embedding`); raises the
+        engine's refusal. Cancelling the caller aborts it in the engine."""
+        stream = RequestStream(self, rid)
+        await self._admitted(rid, self.client.embed(rid, input_ids, pooling, stream.push))
+        last: RequestOutput | None = None
+        async for out in stream:
+            last = out
+        assert last is not None and last.finished
+        if last.embedding is None:  # aborted (finish_reason abort): the engine said why
+            reason = last.finish_reason or {}
+            raise Unavailable(str(reason.get("message") or "the embedding request was aborted"))
+        return last
+
     async def expect_kv(
         self,
         rid: str,

@@ -26,7 +26,12 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from services.common.auth import CLUSTER_TOKEN_ENV, dial, secret_interceptors, secrets_from_args
-from services.common.convert import output_to_proto, sampling_to_dict
+from services.common.convert import (
+    embed_options_to_dict,
+    embedding_to_proto,
+    output_to_proto,
+    sampling_to_dict,
+)
 from services.common.errors import ServiceError, grpc_errors
 from services.common.metrics import serve_metrics
 from services.common.parent import die_with_launcher
@@ -112,6 +117,32 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 clock.finish()
             finally:
                 annotate_generation(span, request.rid, last, clock)
+
+    @grpc_errors
+    async def Embed(
+        self, request: worker_pb2.EmbedRequest, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.EmbedResponse:
+        if self.role != "unified":
+            raise ServiceError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"embeddings run on unified workers; this is a {self.role} worker",
+            )
+        pooling = embed_options_to_dict(request.options)
+        with self.engine.admit(), server_span("embed", context.invocation_metadata()) as span:
+            span.set_attribute("tandem.inputs", len(request.inputs))
+            # Every input at once: the engine batches their prompts. The first failure cancels
+            # the rest (each cancelled wait aborts its request in the engine).
+            calls = [
+                self.engine.embed(f"{request.rid}-{i}", list(inp.ids), pooling)
+                for i, inp in enumerate(request.inputs)
+            ]
+            tasks = [asyncio.ensure_future(c) for c in calls]
+            try:
+                outs = await asyncio.gather(*tasks)
+            finally:
+                for task in tasks:
+                    task.cancel()
+        return worker_pb2.EmbedResponse(embeddings=[embedding_to_proto(i, o) for i, o in enumerate(outs)])
 
 
 def keepalive(last: RequestOutput | None) -> worker_pb2.GenerateResponse:

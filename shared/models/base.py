@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import nn
@@ -21,6 +21,9 @@ class CausalLM(nn.Module, ABC):
     dtype; `load_weights` fills them. Models hold no per-request state: the KV cache lives in
     the batch's pools, reached through the attention layers.
     """
+
+    # True for a model without an lm head, which serves embeddings only (shared/models/embedding.py).
+    is_embedding: ClassVar[bool] = False
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()

@@ -49,15 +49,15 @@ def load_model(
     path = Path(model_path)
     config = ModelConfig.from_model_path(path)
     config = dataclasses.replace(config, quant=resolve_fp8(config.hf_config, quantization))
-    model_cls = get_model_class(config)
     files = weight_files(path)
+    model_cls = get_model_class(config, bare_stack=is_bare_stack(files))
     with torch.device(device), _default_dtype(dtype):
         model = model_cls(config)
         if config.quant is not None:
             keep_unquantized(model, config.quant.ignored)
     loaded = model.load_weights(iter_weights(files))
     expected = {name for name, _ in model.named_parameters()}
-    if config.tie_word_embeddings:
+    if config.tie_word_embeddings or model.is_embedding:
         expected.discard("lm_head.weight")
     missing = sorted(expected - loaded)
     if missing:
@@ -74,6 +74,14 @@ def process_weights_after_loading(model: torch.nn.Module) -> None:
         hook = getattr(module, "process_weights_after_loading", None)
         if callable(hook):
             hook()
+
+
+def is_bare_stack(files: list[Path]) -> bool:
+    """Whether the checkpoint stores the decoder stack without the `model.` prefix (embedding
+    checkpoints: `embed_tokens.weight`, `layers.0...`)."""
+    with safe_open(str(files[0]), framework="pt", device="cpu") as f:
+        names = list(f.keys())
+    return "embed_tokens.weight" in names or any(n.startswith("layers.") for n in names)
 
 
 def weight_files(model_path: Path) -> list[Path]:

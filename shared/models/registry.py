@@ -6,6 +6,7 @@ from shared.models.base import CausalLM
 from shared.models.config import ModelConfig
 from shared.models.deepseek_v2 import DeepseekV2ForCausalLM
 from shared.models.deepseek_v3 import DeepseekV3ForCausalLM
+from shared.models.embedding import LlamaEmbedder, Qwen2Embedder, Qwen3Embedder
 from shared.models.llama import LlamaForCausalLM, MistralForCausalLM
 from shared.models.qwen2 import Qwen2ForCausalLM
 from shared.models.qwen3 import Qwen3ForCausalLM
@@ -17,6 +18,19 @@ MODEL_REGISTRY: dict[str, type[CausalLM]] = {
     "MistralForCausalLM": MistralForCausalLM,
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
+    # Embedding checkpoints: the bare decoder stack, no lm head (shared/models/embedding.py).
+    "LlamaModel": LlamaEmbedder,
+    "MistralModel": LlamaEmbedder,
+    "Qwen2Model": Qwen2Embedder,
+    "Qwen3Model": Qwen3Embedder,
+}
+# A causal-LM architecture whose checkpoint is stored as the bare stack (Qwen3-Embedding ships
+# `Qwen3ForCausalLM` with names lacking `model.` and no lm head) is served as its embedder.
+EMBEDDER_OF: dict[str, type[CausalLM]] = {
+    "LlamaForCausalLM": LlamaEmbedder,
+    "MistralForCausalLM": LlamaEmbedder,
+    "Qwen2ForCausalLM": Qwen2Embedder,
+    "Qwen3ForCausalLM": Qwen3Embedder,
 }
 
 
@@ -25,9 +39,12 @@ def supported_architectures() -> list[str]:
     return sorted(MODEL_REGISTRY)
 
 
-def get_model_class(config: ModelConfig) -> type[CausalLM]:
-    """The class implementing `config.architecture`; an unknown one is a `ValueError`."""
+def get_model_class(config: ModelConfig, bare_stack: bool = False) -> type[CausalLM]:
+    """The class implementing `config.architecture`; an unknown one is a `ValueError`.
+    `bare_stack`: the checkpoint's weight names lack the `model.` prefix (an embedding layout)."""
     arch = config.architecture
+    if bare_stack and arch in EMBEDDER_OF:
+        return EMBEDDER_OF[arch]
     if arch not in MODEL_REGISTRY:
         raise ValueError(
             f"model architecture {arch or '(none)'!r} is not supported; "

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from shared.constrained import RequestGrammar
     from shared.detokenizer import IncrementalDetokenizer, StopStringMatcher
     from shared.mem import TreeNode
+    from shared.pooling import PartialSum, PoolingParams
     from shared.sampling import SamplingParams
     from shared.transfer import KvTarget
 
@@ -64,6 +65,11 @@ class Req:
     stop_matcher: StopStringMatcher | None = None
     leader: Req | None = None  # n > 1: siblings wait for the leader's prompt KV to be cached
     grammar: RequestGrammar | None = None  # the output constraint (shared/constrained)
+    # An embedding request (shared/pooling.py): runs its prompt, samples nothing, finishes with
+    # `embedding`; `pool_partial` carries mean pooling's running sum between prefill chunks.
+    pooling: PoolingParams | None = None
+    pool_partial: PartialSum | None = None
+    embedding: list[float] | None = None
 
     output_ids: list[int] = field(default_factory=list)
     # Overlap scheduling: the last `pending` entries of output_ids are placeholders (PENDING) for

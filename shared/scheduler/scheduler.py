@@ -48,6 +48,9 @@ class ScheduleBatch:
     """The scheduler's CPU-side batch for one step (the model runner makes the device batch)."""
 
     items: list[ScheduledReq]
+    # Some item is an embedding request (shared/pooling.py): the step pools hidden states for
+    # it instead of sampling. Set only by admission and chunked prefill, never by decode.
+    embeds: bool = False
 
     @property
     def is_decode(self) -> bool:
@@ -110,7 +113,9 @@ class Scheduler:
         items += self._schedule_chunks(budget, reserve)
         budget -= sum(it.extend_len for it in items[reserve:])
         items += self._admit(budget, reserve, any_prefill=len(items) > reserve)
-        return ScheduleBatch(items) if items else None
+        if not items:
+            return None
+        return ScheduleBatch(items, embeds=any(it.req.pooling is not None for it in items[reserve:]))
 
     def _schedule_decodes(self) -> list[ScheduledReq]:
         decodes = sorted((r for r in self.running if r.remaining == 1), key=lambda r: r.arrival)
@@ -145,7 +150,9 @@ class Scheduler:
                 continue  # n > 1: reuse the leader's prompt KV instead of computing it again
             if req.pending:
                 continue  # retracted with a token still on the device: readmit once it is read
-            match = self.kv.match(req)
+            # Mean pooling reads every prompt token's hidden state: no cached prefix for it.
+            mean_pooled = req.pooling is not None and req.pooling.pooling == "mean"
+            match = None if mean_pooled else self.kv.match(req)
             n = req.seq_len - (len(match.slots) if match is not None else 0)
             if self.config.chunked_prefill:
                 n = min(n, budget)

@@ -49,8 +49,10 @@ def make_tiny_model(out_dir: str | Path, arch: str = "llama", seed: int = 0, **o
     `overrides` are HF config keys (`hidden_size`, `num_hidden_layers`, `num_attention_heads`,
     `num_key_value_heads`, `head_dim`, `intermediate_size`, `max_position_embeddings`,
     `rope_theta`, `rope_scaling`, `tie_word_embeddings`, ...) plus two of our own:
-    `vocab_size` (tokenizer size to train; the model's vocab equals the trained tokenizer's size)
-    and `shards` (split the weights into that many safetensors files with an index).
+    `vocab_size` (tokenizer size to train; the model's vocab equals the trained tokenizer's size),
+    `shards` (split the weights into that many safetensors files with an index) and `embedding`
+    (True: store it as an embedding checkpoint does: architectures `LlamaModel` etc., weight names
+    without `model.`, no lm head).
     The same arguments always produce byte-identical files. Returns `out_dir`.
     """
     if arch not in ARCHS:
@@ -59,6 +61,7 @@ def make_tiny_model(out_dir: str | Path, arch: str = "llama", seed: int = 0, **o
     out_dir.mkdir(parents=True, exist_ok=True)
     overrides = dict(overrides)
     shards = int(overrides.pop("shards", 1))
+    embedding = bool(overrides.pop("embedding", False))
     build_tokenizer(out_dir, int(overrides.pop("vocab_size", 512)))
     ids = special_token_ids(out_dir)
 
@@ -77,6 +80,8 @@ def make_tiny_model(out_dir: str | Path, arch: str = "llama", seed: int = 0, **o
     # save_pretrained rewrites both configs in its own layout; put back the checkpoint layout.
     _write_json(out_dir / "config.json", config)
     _write_json(out_dir / "generation_config.json", _generation_config(arch, ids))
+    if embedding:
+        _to_embedding_layout(out_dir, config)
     if shards > 1:
         _reshard(out_dir, shards)
     return out_dir
@@ -280,6 +285,20 @@ def _init_value(name: str, shape: torch.Size, generator: torch.Generator) -> tor
     if name.endswith(".bias"):
         return _BIAS_STD * noise
     return _WEIGHT_STD * noise
+
+
+def _to_embedding_layout(out_dir: Path, config: dict[str, Any]) -> None:
+    """Rewrite a causal-LM checkpoint as its bare decoder stack (e5-mistral's layout)."""
+    single = out_dir / "model.safetensors"
+    with safe_open(str(single), framework="pt") as f:
+        tensors = {
+            name.removeprefix("model."): f.get_tensor(name)
+            for name in sorted(f.keys())
+            if not name.startswith("lm_head.")
+        }
+    save_file(tensors, str(single), metadata={"format": "pt"})
+    config["architectures"] = [config["architectures"][0].replace("ForCausalLM", "Model")]
+    _write_json(out_dir / "config.json", config)
 
 
 def _remove_old_weights(out_dir: Path) -> None:

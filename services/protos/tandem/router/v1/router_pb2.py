@@ -26,15 +26,15 @@ _sym_db = _symbol_database.Default()
 from services.protos.tandem.common.v1 import common_pb2 as tandem_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dtandem/router/v1/router.proto\x12\x10tandem.router.v1\x1a\x1dtandem/common/v1/common.proto\"\xcd\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x11\n\ttoken_ids\x18\x04 \x03(\x05\x12\x39\n\x0fsampling_params\x18\x05 \x01(\x0b\x32 .tandem.common.v1.SamplingParams\x12\t\n\x01n\x18\x06 \x01(\r\x12\x16\n\x0ereturn_logprob\x18\x07 \x01(\x08\x12\x18\n\x10top_logprobs_num\x18\x08 \x01(\r\"x\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12(\n\x06output\x18\x02 \x01(\x0b\x32\x18.tandem.common.v1.Output\x12&\n\x05route\x18\x03 \x01(\x0b\x32\x17.tandem.router.v1.Route\"6\n\x05Route\x12\x16\n\x0eprefill_worker\x18\x01 \x01(\t\x12\x15\n\rdecode_worker\x18\x02 \x01(\t\"\x13\n\x11ListModelsRequest\"=\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.tandem.router.v1.Model\"=\n\x05Model\x12\n\n\x02id\x18\x01 \x01(\t\x12\x17\n\x0fmax_context_len\x18\x02 \x01(\r\x12\x0f\n\x07\x63reated\x18\x03 \x01(\x04\";\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x1a\n\x12\x61\x64\x64_special_tokens\x18\x02 \x01(\x08\"%\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"(\n\x15RegisterWorkerRequest\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\"e\n\x16RegisterWorkerResponse\x12,\n\x06worker\x18\x01 \x01(\x0b\x32\x1c.tandem.router.v1.WorkerInfo\x12\x1d\n\x15heartbeat_interval_ms\x18\x02 \x01(\r\"#\n\x10HeartbeatRequest\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\"\"\n\x11HeartbeatResponse\x12\r\n\x05known\x18\x01 \x01(\x08\"%\n\x12\x44rainWorkerRequest\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\"\x15\n\x13\x44rainWorkerResponse\"&\n\x13RemoveWorkerRequest\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\"\x16\n\x14RemoveWorkerResponse\"\x14\n\x12ListWorkersRequest\"D\n\x13ListWorkersResponse\x12-\n\x07workers\x18\x01 \x03(\x0b\x32\x1c.tandem.router.v1.WorkerInfo\"\xb1\x01\n\nWorkerInfo\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12*\n\x04role\x18\x02 \x01(\x0e\x32\x1c.tandem.common.v1.WorkerRole\x12,\n\x05state\x18\x03 \x01(\x0e\x32\x1d.tandem.router.v1.WorkerState\x12\r\n\x05model\x18\x04 \x01(\t\x12\x11\n\tin_flight\x18\x05 \x01(\r\x12\x16\n\x0erequests_total\x18\x06 \x01(\x04*|\n\x0bWorkerState\x12\x1c\n\x18WORKER_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14WORKER_STATE_HEALTHY\x10\x01\x12\x19\n\x15WORKER_STATE_DRAINING\x10\x02\x12\x1a\n\x16WORKER_STATE_UNHEALTHY\x10\x03\x32\x90\x02\n\rRouterService\x12S\n\x08Generate\x12!.tandem.router.v1.GenerateRequest\x1a\".tandem.router.v1.GenerateResponse0\x01\x12W\n\nListModels\x12#.tandem.router.v1.ListModelsRequest\x1a$.tandem.router.v1.ListModelsResponse\x12Q\n\x08Tokenize\x12!.tandem.router.v1.TokenizeRequest\x1a\".tandem.router.v1.TokenizeResponse2\xe6\x03\n\x12RouterAdminService\x12\x63\n\x0eRegisterWorker\x12\'.tandem.router.v1.RegisterWorkerRequest\x1a(.tandem.router.v1.RegisterWorkerResponse\x12T\n\tHeartbeat\x12\".tandem.router.v1.HeartbeatRequest\x1a#.tandem.router.v1.HeartbeatResponse\x12Z\n\x0b\x44rainWorker\x12$.tandem.router.v1.DrainWorkerRequest\x1a%.tandem.router.v1.DrainWorkerResponse\x12]\n\x0cRemoveWorker\x12%.tandem.router.v1.RemoveWorkerRequest\x1a&.tandem.router.v1.RemoveWorkerResponse\x12Z\n\x0bListWorkers\x12$.tandem.router.v1.ListWorkersRequest\x1a%.tandem.router.v1.ListWorkersResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dtandem/router/v1/router.proto\x12\x10tandem.router.v1\x1a\x1dtandem/common/v1/common.proto\"\xcd\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x11\n\ttoken_ids\x18\x04 \x03(\x05\x12\x39\n\x0fsampling_params\x18\x05 \x01(\x0b\x32 .tandem.common.v1.SamplingParams\x12\t\n\x01n\x18\x06 \x01(\r\x12\x16\n\x0ereturn_logprob\x18\x07 \x01(\x08\x12\x18\n\x10top_logprobs_num\x18\x08 \x01(\r\"x\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12(\n\x06output\x18\x02 \x01(\x0b\x32\x18.tandem.common.v1.Output\x12&\n\x05route\x18\x03 \x01(\x0b\x32\x17.tandem.router.v1.Route\"6\n\x05Route\x12\x16\n\x0eprefill_worker\x18\x01 \x01(\t\x12\x15\n\rdecode_worker\x18\x02 \x01(\t\"\x13\n\x11ListModelsRequest\"=\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.tandem.router.v1.Model\"=\n\x05Model\x12\n\n\x02id\x18\x01 \x01(\t\x12\x17\n\x0fmax_context_len\x18\x02 \x01(\r\x12\x0f\n\x07\x63reated\x18\x03 \x01(\x04\";\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x1a\n\x12\x61\x64\x64_special_tokens\x18\x02 \x01(\x08\"%\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"\x90\x01\n\x0c\x45mbedRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\r\n\x05model\x18\x02 \x01(\t\x12,\n\x06inputs\x18\x03 \x03(\x0b\x32\x1c.tandem.router.v1.EmbedInput\x12/\n\x07options\x18\x04 \x01(\x0b\x32\x1e.tandem.common.v1.EmbedOptions\"-\n\nEmbedInput\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\"\x8c\x01\n\rEmbedResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12/\n\nembeddings\x18\x02 \x03(\x0b\x32\x1b.tandem.common.v1.Embedding\x12&\n\x05usage\x18\x03 \x01(\x0b\x32\x17.tandem.common.v1.Usage\x12\x0e\n\x06worker\x18\x04 \x01(\t\"(\n\x15RegisterWorkerRequest\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\"e\n\x16RegisterWorkerResponse\x12,\n\x06worker\x18\x01 \x01(\x0b\x32\x1c.tandem.router.v1.WorkerInfo\x12\x1d\n\x15heartbeat_interval_ms\x18\x02 \x01(\r\"#\n\x10HeartbeatRequest\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\"\"\n\x11HeartbeatResponse\x12\r\n\x05known\x18\x01 \x01(\x08\"%\n\x12\x44rainWorkerRequest\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\"\x15\n\x13\x44rainWorkerResponse\"&\n\x13RemoveWorkerRequest\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\"\x16\n\x14RemoveWorkerResponse\"\x14\n\x12ListWorkersRequest\"D\n\x13ListWorkersResponse\x12-\n\x07workers\x18\x01 \x03(\x0b\x32\x1c.tandem.router.v1.WorkerInfo\"\xb1\x01\n\nWorkerInfo\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12*\n\x04role\x18\x02 \x01(\x0e\x32\x1c.tandem.common.v1.WorkerRole\x12,\n\x05state\x18\x03 \x01(\x0e\x32\x1d.tandem.router.v1.WorkerState\x12\r\n\x05model\x18\x04 \x01(\t\x12\x11\n\tin_flight\x18\x05 \x01(\r\x12\x16\n\x0erequests_total\x18\x06 \x01(\x04*|\n\x0bWorkerState\x12\x1c\n\x18WORKER_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14WORKER_STATE_HEALTHY\x10\x01\x12\x19\n\x15WORKER_STATE_DRAINING\x10\x02\x12\x1a\n\x16WORKER_STATE_UNHEALTHY\x10\x03\x32\xda\x02\n\rRouterService\x12S\n\x08Generate\x12!.tandem.router.v1.GenerateRequest\x1a\".tandem.router.v1.GenerateResponse0\x01\x12W\n\nListModels\x12#.tandem.router.v1.ListModelsRequest\x1a$.tandem.router.v1.ListModelsResponse\x12Q\n\x08Tokenize\x12!.tandem.router.v1.TokenizeRequest\x1a\".tandem.router.v1.TokenizeResponse\x12H\n\x05\x45mbed\x12\x1e.tandem.router.v1.EmbedRequest\x1a\x1f.tandem.router.v1.EmbedResponse2\xe6\x03\n\x12RouterAdminService\x12\x63\n\x0eRegisterWorker\x12\'.tandem.router.v1.RegisterWorkerRequest\x1a(.tandem.router.v1.RegisterWorkerResponse\x12T\n\tHeartbeat\x12\".tandem.router.v1.HeartbeatRequest\x1a#.tandem.router.v1.HeartbeatResponse\x12Z\n\x0b\x44rainWorker\x12$.tandem.router.v1.DrainWorkerRequest\x1a%.tandem.router.v1.DrainWorkerResponse\x12]\n\x0cRemoveWorker\x12%.tandem.router.v1.RemoveWorkerRequest\x1a&.tandem.router.v1.RemoveWorkerResponse\x12Z\n\x0bListWorkers\x12$.tandem.router.v1.ListWorkersRequest\x1a%.tandem.router.v1.ListWorkersResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tandem.router.v1.router_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_WORKERSTATE']._serialized_start=1331
-  _globals['_WORKERSTATE']._serialized_end=1455
+  _globals['_WORKERSTATE']._serialized_start=1668
+  _globals['_WORKERSTATE']._serialized_end=1792
   _globals['_GENERATEREQUEST']._serialized_start=83
   _globals['_GENERATEREQUEST']._serialized_end=288
   _globals['_GENERATERESPONSE']._serialized_start=290
@@ -51,30 +51,36 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENIZEREQUEST']._serialized_end=674
   _globals['_TOKENIZERESPONSE']._serialized_start=676
   _globals['_TOKENIZERESPONSE']._serialized_end=713
-  _globals['_REGISTERWORKERREQUEST']._serialized_start=715
-  _globals['_REGISTERWORKERREQUEST']._serialized_end=755
-  _globals['_REGISTERWORKERRESPONSE']._serialized_start=757
-  _globals['_REGISTERWORKERRESPONSE']._serialized_end=858
-  _globals['_HEARTBEATREQUEST']._serialized_start=860
-  _globals['_HEARTBEATREQUEST']._serialized_end=895
-  _globals['_HEARTBEATRESPONSE']._serialized_start=897
-  _globals['_HEARTBEATRESPONSE']._serialized_end=931
-  _globals['_DRAINWORKERREQUEST']._serialized_start=933
-  _globals['_DRAINWORKERREQUEST']._serialized_end=970
-  _globals['_DRAINWORKERRESPONSE']._serialized_start=972
-  _globals['_DRAINWORKERRESPONSE']._serialized_end=993
-  _globals['_REMOVEWORKERREQUEST']._serialized_start=995
-  _globals['_REMOVEWORKERREQUEST']._serialized_end=1033
-  _globals['_REMOVEWORKERRESPONSE']._serialized_start=1035
-  _globals['_REMOVEWORKERRESPONSE']._serialized_end=1057
-  _globals['_LISTWORKERSREQUEST']._serialized_start=1059
-  _globals['_LISTWORKERSREQUEST']._serialized_end=1079
-  _globals['_LISTWORKERSRESPONSE']._serialized_start=1081
-  _globals['_LISTWORKERSRESPONSE']._serialized_end=1149
-  _globals['_WORKERINFO']._serialized_start=1152
-  _globals['_WORKERINFO']._serialized_end=1329
-  _globals['_ROUTERSERVICE']._serialized_start=1458
-  _globals['_ROUTERSERVICE']._serialized_end=1730
-  _globals['_ROUTERADMINSERVICE']._serialized_start=1733
-  _globals['_ROUTERADMINSERVICE']._serialized_end=2219
+  _globals['_EMBEDREQUEST']._serialized_start=716
+  _globals['_EMBEDREQUEST']._serialized_end=860
+  _globals['_EMBEDINPUT']._serialized_start=862
+  _globals['_EMBEDINPUT']._serialized_end=907
+  _globals['_EMBEDRESPONSE']._serialized_start=910
+  _globals['_EMBEDRESPONSE']._serialized_end=1050
+  _globals['_REGISTERWORKERREQUEST']._serialized_start=1052
+  _globals['_REGISTERWORKERREQUEST']._serialized_end=1092
+  _globals['_REGISTERWORKERRESPONSE']._serialized_start=1094
+  _globals['_REGISTERWORKERRESPONSE']._serialized_end=1195
+  _globals['_HEARTBEATREQUEST']._serialized_start=1197
+  _globals['_HEARTBEATREQUEST']._serialized_end=1232
+  _globals['_HEARTBEATRESPONSE']._serialized_start=1234
+  _globals['_HEARTBEATRESPONSE']._serialized_end=1268
+  _globals['_DRAINWORKERREQUEST']._serialized_start=1270
+  _globals['_DRAINWORKERREQUEST']._serialized_end=1307
+  _globals['_DRAINWORKERRESPONSE']._serialized_start=1309
+  _globals['_DRAINWORKERRESPONSE']._serialized_end=1330
+  _globals['_REMOVEWORKERREQUEST']._serialized_start=1332
+  _globals['_REMOVEWORKERREQUEST']._serialized_end=1370
+  _globals['_REMOVEWORKERRESPONSE']._serialized_start=1372
+  _globals['_REMOVEWORKERRESPONSE']._serialized_end=1394
+  _globals['_LISTWORKERSREQUEST']._serialized_start=1396
+  _globals['_LISTWORKERSREQUEST']._serialized_end=1416
+  _globals['_LISTWORKERSRESPONSE']._serialized_start=1418
+  _globals['_LISTWORKERSRESPONSE']._serialized_end=1486
+  _globals['_WORKERINFO']._serialized_start=1489
+  _globals['_WORKERINFO']._serialized_end=1666
+  _globals['_ROUTERSERVICE']._serialized_start=1795
+  _globals['_ROUTERSERVICE']._serialized_end=2141
+  _globals['_ROUTERADMINSERVICE']._serialized_start=2144
+  _globals['_ROUTERADMINSERVICE']._serialized_end=2630
 # @@protoc_insertion_point(module_scope)

@@ -50,6 +50,11 @@ class RouterServiceStub:
                 request_serializer=tandem_dot_router_dot_v1_dot_router__pb2.TokenizeRequest.SerializeToString,
                 response_deserializer=tandem_dot_router_dot_v1_dot_router__pb2.TokenizeResponse.FromString,
                 _registered_method=True)
+        self.Embed = channel.unary_unary(
+                '/tandem.router.v1.RouterService/Embed',
+                request_serializer=tandem_dot_router_dot_v1_dot_router__pb2.EmbedRequest.SerializeToString,
+                response_deserializer=tandem_dot_router_dot_v1_dot_router__pb2.EmbedResponse.FromString,
+                _registered_method=True)
 
 
 class RouterServiceServicer:
@@ -75,6 +80,15 @@ class RouterServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Embed(self, request, context):
+        """One vector per input, pooled from the prompt's final hidden states (an embedding model, or
+        any served model). Runs on unified workers only: a deployment with only prefill/decode
+        workers answers FAILED_PRECONDITION.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RouterServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -92,6 +106,11 @@ def add_RouterServiceServicer_to_server(servicer, server):
                     servicer.Tokenize,
                     request_deserializer=tandem_dot_router_dot_v1_dot_router__pb2.TokenizeRequest.FromString,
                     response_serializer=tandem_dot_router_dot_v1_dot_router__pb2.TokenizeResponse.SerializeToString,
+            ),
+            'Embed': grpc.unary_unary_rpc_method_handler(
+                    servicer.Embed,
+                    request_deserializer=tandem_dot_router_dot_v1_dot_router__pb2.EmbedRequest.FromString,
+                    response_serializer=tandem_dot_router_dot_v1_dot_router__pb2.EmbedResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -175,6 +194,33 @@ class RouterService:
             '/tandem.router.v1.RouterService/Tokenize',
             tandem_dot_router_dot_v1_dot_router__pb2.TokenizeRequest.SerializeToString,
             tandem_dot_router_dot_v1_dot_router__pb2.TokenizeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Embed(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tandem.router.v1.RouterService/Embed',
+            tandem_dot_router_dot_v1_dot_router__pb2.EmbedRequest.SerializeToString,
+            tandem_dot_router_dot_v1_dot_router__pb2.EmbedResponse.FromString,
             options,
             channel_credentials,
             insecure,

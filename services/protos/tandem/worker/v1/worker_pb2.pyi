@@ -86,6 +86,22 @@ class GenerateRequest(_message.Message):
     stall_timeout_ms: int
     def __init__(self, rid: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., sampling_params: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., return_logprob: _Optional[bool] = ..., top_logprobs_num: _Optional[int] = ..., kv_lease_ms: _Optional[int] = ..., stall_timeout_ms: _Optional[int] = ...) -> None: ...
 
+class EmbedRequest(_message.Message):
+    __slots__ = ("rid", "inputs", "options")
+    RID_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    rid: str
+    inputs: _containers.RepeatedCompositeFieldContainer[_common_pb2.TokenIds]
+    options: _common_pb2.EmbedOptions
+    def __init__(self, rid: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[_common_pb2.TokenIds, _Mapping]]] = ..., options: _Optional[_Union[_common_pb2.EmbedOptions, _Mapping]] = ...) -> None: ...
+
+class EmbedResponse(_message.Message):
+    __slots__ = ("embeddings",)
+    EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
+    embeddings: _containers.RepeatedCompositeFieldContainer[_common_pb2.Embedding]
+    def __init__(self, embeddings: _Optional[_Iterable[_Union[_common_pb2.Embedding, _Mapping]]] = ...) -> None: ...
+
 class GenerateResponse(_message.Message):
     __slots__ = ("reservation", "output", "keepalive")
     RESERVATION_FIELD_NUMBER: _ClassVar[int]

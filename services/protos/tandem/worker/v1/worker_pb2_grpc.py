@@ -50,6 +50,11 @@ class WorkerServiceStub:
                 request_serializer=tandem_dot_worker_dot_v1_dot_worker__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=tandem_dot_worker_dot_v1_dot_worker__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.Embed = channel.unary_unary(
+                '/tandem.worker.v1.WorkerService/Embed',
+                request_serializer=tandem_dot_worker_dot_v1_dot_worker__pb2.EmbedRequest.SerializeToString,
+                response_deserializer=tandem_dot_worker_dot_v1_dot_worker__pb2.EmbedResponse.FromString,
+                _registered_method=True)
 
 
 class WorkerServiceServicer:
@@ -74,6 +79,14 @@ class WorkerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Embed(self, request, context):
+        """Unified workers: one pooled vector per input (the engine runs each input as a prefill-only
+        request that finishes with its embedding). Other roles answer FAILED_PRECONDITION.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -91,6 +104,11 @@ def add_WorkerServiceServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=tandem_dot_worker_dot_v1_dot_worker__pb2.GenerateRequest.FromString,
                     response_serializer=tandem_dot_worker_dot_v1_dot_worker__pb2.GenerateResponse.SerializeToString,
+            ),
+            'Embed': grpc.unary_unary_rpc_method_handler(
+                    servicer.Embed,
+                    request_deserializer=tandem_dot_worker_dot_v1_dot_worker__pb2.EmbedRequest.FromString,
+                    response_serializer=tandem_dot_worker_dot_v1_dot_worker__pb2.EmbedResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -174,6 +192,33 @@ class WorkerService:
             '/tandem.worker.v1.WorkerService/Generate',
             tandem_dot_worker_dot_v1_dot_worker__pb2.GenerateRequest.SerializeToString,
             tandem_dot_worker_dot_v1_dot_worker__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Embed(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tandem.worker.v1.WorkerService/Embed',
+            tandem_dot_worker_dot_v1_dot_worker__pb2.EmbedRequest.SerializeToString,
+            tandem_dot_worker_dot_v1_dot_worker__pb2.EmbedResponse.FromString,
             options,
             channel_credentials,
             insecure,
