@@ -26,7 +26,7 @@ from pydantic import Field, field_validator
 from services.common.errors import param_of
 from services.gateway.handler import Handler
 from services.gateway.limits import _too_long
-from services.gateway.protocol import INT32_MAX, UINT32_MAX, _TextRequest, bad_request
+from services.gateway.protocol import UINT32_MAX, _TextRequest, are_token_prompts, bad_request, prompt_list
 from services.gateway.responses import Metadata
 from services.protos.tandem.common.v1 import common_pb2
 from services.protos.tandem.router.v1 import router_pb2
@@ -61,9 +61,7 @@ class EmbeddingRequest(_TextRequest):
             )
         if all(isinstance(p, str) and p for p in value):
             return value
-        if all(_is_token_id(t) for t in value):
-            return value
-        if all(isinstance(p, list) and p and all(_is_token_id(t) for t in p) for p in value):
+        if are_token_prompts(value):
             return value
         raise ValueError(
             "must be a non-empty string, a list of non-empty strings, a non-empty list of token ids"
@@ -71,15 +69,7 @@ class EmbeddingRequest(_TextRequest):
         )
 
     def inputs(self) -> list[str | list[int]]:
-        if isinstance(self.input, str):
-            return [self.input]
-        if all(isinstance(t, int) for t in self.input):
-            return [list(self.input)]
-        return list(self.input)
-
-
-def _is_token_id(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= INT32_MAX
+        return prompt_list(self.input)
 
 
 async def embed(handler: Handler, req: EmbeddingRequest, metadata: Metadata = ()) -> dict[str, Any]:

@@ -298,9 +298,7 @@ class CompletionRequest(_SamplingRequest):
             )
         if all(isinstance(p, str) for p in value):
             return value
-        if all(_is_token_id(t) for t in value):
-            return value
-        if all(isinstance(p, list) and p and all(_is_token_id(t) for t in p) for p in value):
+        if are_token_prompts(value):
             return value
         raise ValueError(
             "must be a string, a list of strings, a non-empty list of token ids (0 <= id < 2**31) "
@@ -309,11 +307,7 @@ class CompletionRequest(_SamplingRequest):
 
     def prompts(self) -> list[str | list[int]]:
         """The prompts as a list: each a string or a token-id list."""
-        if isinstance(self.prompt, str):
-            return [self.prompt]
-        if all(isinstance(t, int) for t in self.prompt):
-            return [list(self.prompt)]
-        return list(self.prompt)
+        return prompt_list(self.prompt)
 
     def max_new_tokens(self) -> int | None:
         return self.max_tokens
@@ -330,6 +324,23 @@ class CompletionRequest(_SamplingRequest):
 
 def _is_token_id(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= INT32_MAX
+
+
+def are_token_prompts(value: list[Any]) -> bool:
+    """A non-empty list of token ids, or a list of such lists (one prompt each)."""
+    if all(_is_token_id(t) for t in value):
+        return True
+    return all(isinstance(p, list) and p and all(_is_token_id(t) for t in p) for p in value)
+
+
+def prompt_list(value: str | list[Any]) -> list[str | list[int]]:
+    """A checked prompt field (a string, strings, token ids or token-id lists) as one entry per
+    prompt: a string or a token-id list."""
+    if isinstance(value, str):
+        return [value]
+    if all(isinstance(t, int) for t in value):
+        return [list(value)]
+    return list(value)
 
 
 class TextPart(_Strict):
