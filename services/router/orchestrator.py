@@ -33,7 +33,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +41,7 @@ import grpc
 from opentelemetry import trace
 
 from services.common.errors import ServiceError
+from services.common.silence import SilenceTimer
 from services.common.streams import merge
 from services.common.tracing import outgoing_metadata
 from services.protos.tandem.common.v1 import common_pb2
@@ -338,14 +339,14 @@ class Orchestrator:
     ) -> AsyncIterator[worker_pb2.GenerateResponse]:
         """A worker's stream with its gRPC errors turned into ServiceErrors (probing the worker),
         its keepalives dropped, and a stall (nothing for `stall_timeout_s`) an UNAVAILABLE."""
-        watch = _StallWatch(self.stall_timeout_s, stream.cancel)
+        watch = SilenceTimer(self.stall_timeout_s, stream.cancel)
         try:
             async for msg in stream:
                 self.registry.seen(worker)
                 if not msg.HasField("keepalive"):
                     watch.pause()  # our caller's time is not the worker's silence
                     yield msg
-                watch.restart()
+                watch.touch()
         except (asyncio.CancelledError, grpc.aio.AioRpcError) as e:
             if watch.fired:  # the watch cancelled the call
                 raise self._stalled(worker, stream) from None
@@ -390,40 +391,3 @@ class Orchestrator:
                 grpc.StatusCode.UNAVAILABLE, output.finish.message or "the request was aborted"
             )
         return router_pb2.GenerateResponse(request_id=sample.request_id, output=output, route=route)
-
-
-class _StallWatch:
-    """Calls `on_stall` once nothing happened for `timeout_s` (`restart` after each message;
-    `pause` while the consumer holds one). One timer per stream, re-armed lazily: a message costs
-    two attribute stores, not a timeout per read."""
-
-    def __init__(self, timeout_s: float, on_stall: Callable[[], object]) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._timeout_s = timeout_s
-        self._on_stall = on_stall
-        self._deadline = self._loop.time() + timeout_s
-        self._paused = False
-        self.fired = False
-        self._timer: asyncio.TimerHandle | None = self._loop.call_at(self._deadline, self._check)
-
-    def restart(self) -> None:
-        self._deadline = self._loop.time() + self._timeout_s
-        self._paused = False
-
-    def pause(self) -> None:
-        self._paused = True
-
-    def stop(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-
-    def _check(self) -> None:
-        now = self._loop.time()
-        if self._paused or now < self._deadline:  # not silent yet: look again later
-            when = now + self._timeout_s if self._paused else self._deadline
-            self._timer = self._loop.call_at(when, self._check)
-            return
-        self._timer = None
-        self.fired = True
-        self._on_stall()

@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import Future
 from typing import Any, Final
 
+from services.common.silence import SilenceTimer
 from shared.config import EngineConfig
 from shared.engine_client import EngineClient
 from shared.errors import CapacityError, Unavailable
@@ -48,7 +49,7 @@ class RequestStream:
         self.engine = engine
         self.rid = rid
         self.finished = False
-        self._queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        self._queue: asyncio.Queue[RequestOutput | BaseException | Keepalive] = asyncio.Queue()
 
     def push(self, item: RequestOutput | BaseException) -> None:  # any thread
         self.engine.loop.call_soon_threadsafe(self._queue.put_nowait, item)
@@ -62,28 +63,32 @@ class RequestStream:
         """The outputs, with `KEEPALIVE` after each `stall_s / 4` of silence (`stall_s` > 0),
         failing once the engine has been silent for `stall_s`."""
         silence_s = max(stall_s, MIN_ENGINE_SILENCE_S)
-        item: RequestOutput | BaseException | Keepalive
+        timer = (
+            SilenceTimer(stall_s / 4, lambda: self._queue.put_nowait(KEEPALIVE), repeat=True)
+            if stall_s > 0
+            else None
+        )
         try:
             while not self.finished:
-                if stall_s > 0:
-                    try:
-                        item = await asyncio.wait_for(self._queue.get(), stall_s / 4)
-                    except asyncio.TimeoutError:
-                        item = KEEPALIVE
-                    if isinstance(item, Keepalive):
-                        error = self.engine.silence_error(silence_s)
-                        if error is not None:
-                            raise error  # not finished: close() aborts it in the engine
-                        yield item
-                        continue
-                else:
-                    item = await self._queue.get()
+                item = await self._queue.get()
+                if isinstance(item, Keepalive):
+                    error = self.engine.silence_error(silence_s)
+                    if error is not None:
+                        raise error  # not finished: close() aborts it in the engine
+                    yield item
+                    continue
                 if isinstance(item, BaseException):
                     self.finished = True
                     raise item
                 self.finished = item.finished
+                if timer is not None:
+                    timer.pause()  # our caller's time is not the engine's silence
                 yield item
+                if timer is not None:
+                    timer.touch()
         finally:
+            if timer is not None:
+                timer.stop()
             self.close()
 
     def close(self) -> None:
