@@ -87,6 +87,10 @@ class ModelRunner:
         dtype = resolve_dtype(config.dtype, model_config)
         self.model, self.model_config = load_model(config.model_path, dtype, self.device, config.quantization)
         self.dtype = dtype
+        self.backend = create_backend(resolve_backend_name(config.attention_backend, self.device))
+        # Before the KV pool takes its memory: refuse a model whose attention layers need what the
+        # backend lacks (Gemma 2's soft-capping on triton).
+        self.backend.check_supports(self.model, self.model_config.architecture)
         # KV storage: the model dtype, or E4M3 (scale 1.0) for kv_cache_dtype="fp8_e4m3".
         self.kv_dtype = FP8_DTYPE if config.kv_cache_dtype == "fp8_e4m3" else self.dtype
         mc = self.model_config
@@ -105,7 +109,6 @@ class ModelRunner:
         self.req_pool = ReqToTokenPool(
             config.max_running_requests, self.max_context_len, self.device, record_writes=self.tp_size > 1
         )
-        self.backend = create_backend(resolve_backend_name(config.attention_backend, self.device))
         logger.info(
             "KV pool: %d pages x %d tokens (%.1f MiB), max context %d, attention backend %s",
             num_pages,

@@ -24,9 +24,11 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
+from torch import nn
+
+from shared.attention.layer import Attention
 
 if TYPE_CHECKING:
-    from shared.attention.layer import Attention
     from shared.attention.mla import MLAAttention
     from shared.batch import ForwardBatch
 
@@ -37,6 +39,19 @@ ExpandLatent = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 class AttentionBackend(ABC):
     name: str = ""
     supports_cuda_graph: ClassVar[bool] = False
+    # Optional features of `Attention` layers; the model runner refuses, at start-up, a model
+    # whose layers need one its backend lacks (`check_supports`).
+    supports_logit_softcap: ClassVar[bool] = False
+
+    def check_supports(self, model: nn.Module, model_name: str) -> None:
+        """A `ValueError` naming what `model`'s attention layers need that this backend lacks."""
+        layers = [m for m in model.modules() if isinstance(m, Attention)]
+        if not self.supports_logit_softcap and any(m.logit_softcap is not None for m in layers):
+            raise ValueError(
+                f"{model_name} needs attention logit soft-capping, which the {self.name!r} attention"
+                " backend does not implement yet; use --attention-backend torch"
+                " (attention_backend='torch' in the offline Engine)"
+            )
 
     def init_forward_metadata(self, batch: ForwardBatch) -> None:  # noqa: B027 (optional hook)
         """Plan the step once for all layers (index tensors, split sizes). Default: nothing."""

@@ -22,6 +22,7 @@ class Attention(nn.Module):
         scaling: float,
         layer_id: int,
         sliding_window: int | None = None,
+        logit_softcap: float | None = None,
     ) -> None:
         super().__init__()
         if num_heads % num_kv_heads != 0:
@@ -33,6 +34,9 @@ class Attention(nn.Module):
         self.layer_id = layer_id
         # A query at position i sees keys j with i - sliding_window < j <= i (Mistral's rule).
         self.sliding_window = sliding_window
+        # Scores become cap * tanh(scores / cap) before the mask and softmax (Gemma 2); not every
+        # backend implements it (`AttentionBackend.supports_logit_softcap`).
+        self.logit_softcap = logit_softcap
 
     def forward(
         self,

@@ -5,6 +5,11 @@ Extend batches (ragged prefixes and chunks) loop over requests, which keeps the 
 obvious; decode batches, the steady state, gather every request's keys into one padded tensor
 so a step costs a few large ops instead of a few per request. Multi-head latent attention
 (`forward_mla_*`) follows the same two shapes over the latent pool.
+
+Per-layer options of `Attention`: a sliding window is part of the mask (keys outside it stay in
+the pool, only masked out, so paging, chunked prefill and prefix reuse see nothing different);
+logit soft-capping (Gemma 2) forms the scores explicitly instead of calling SDPA, for the layers
+that set it only.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ if TYPE_CHECKING:
 
 @register_backend("torch")
 class TorchAttentionBackend(AttentionBackend):
+    supports_logit_softcap = True
+
     def __init__(self) -> None:
         # Decode-step plan shared by all layers: padded slot table and key positions.
         self._slots: torch.Tensor | None = None  # [B, S] int64
@@ -66,7 +73,12 @@ class TorchAttentionBackend(AttentionBackend):
         if layer.sliding_window is not None:
             hidden |= self._key_pos <= self._seq_lens - 1 - layer.sliding_window
         out = _sdpa(
-            q.unsqueeze(2), keys.transpose(1, 2), values.transpose(1, 2), ~hidden[:, None, None, :], layer
+            q.unsqueeze(2),
+            keys.transpose(1, 2),
+            values.transpose(1, 2),
+            ~hidden[:, None, None, :],
+            layer,
+            layer.logit_softcap,
         )
         return out.squeeze(2).to(q.dtype)  # [B, Hq, D]
 
@@ -76,7 +88,8 @@ class TorchAttentionBackend(AttentionBackend):
         for qi, slots, visible, rows in _per_request(q, batch, layer.sliding_window):
             keys = k_buf[slots].transpose(0, 1)  # [Hkv, S, D]
             values = v_buf[slots].transpose(0, 1)  # [Hkv, S, D]
-            out[rows] = _sdpa(qi, keys, values, visible, layer).transpose(0, 1).to(q.dtype)
+            res = _sdpa(qi, keys, values, visible, layer, layer.logit_softcap)  # [Hq, E, D]
+            out[rows] = res.transpose(0, 1).to(q.dtype)
         return out
 
     # ---- multi-head latent attention (docstrings in AttentionBackend) ----
@@ -176,7 +189,19 @@ def _sdpa(
     v: torch.Tensor,  # [..., Hkv, S, Dv]
     visible: torch.Tensor,  # bool, broadcastable to [..., Hq, E, S]
     layer: Attention | MLAAttention,
+    softcap: float | None = None,
 ) -> torch.Tensor:  # [..., Hq, E, Dv], float32
-    return torch.nn.functional.scaled_dot_product_attention(
-        q.float(), k.float(), v.float(), attn_mask=visible, scale=layer.scaling, enable_gqa=True
-    )
+    """Softmax attention in float32; `softcap` (Gemma 2) bounds the scaled scores to
+    softcap * tanh(scores / softcap) before the mask, which SDPA cannot do, so the scores are
+    then formed explicitly."""
+    if softcap is None:
+        return torch.nn.functional.scaled_dot_product_attention(
+            q.float(), k.float(), v.float(), attn_mask=visible, scale=layer.scaling, enable_gqa=True
+        )
+    group = q.shape[-3] // k.shape[-3]  # query heads per KV head
+    k = k.float().repeat_interleave(group, dim=-3)  # [..., Hq, S, D]
+    v = v.float().repeat_interleave(group, dim=-3)  # [..., Hq, S, Dv]
+    scores = q.float() @ k.transpose(-1, -2) * layer.scaling  # [..., Hq, E, S]
+    scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~visible, float("-inf"))
+    return torch.softmax(scores, dim=-1) @ v

@@ -1,4 +1,5 @@
-"""Model implementations (Llama, Mistral, Qwen2, Qwen3, DeepSeek-V2/V3) and loading of HF checkpoints."""
+"""Model implementations (Llama, Mistral, Qwen2, Qwen3, DeepSeek-V2/V3, Gemma 2) and loading of HF
+checkpoints."""
 
 from __future__ import annotations
 

@@ -29,6 +29,21 @@ _DTYPES: dict[str, torch.dtype] = {
 }
 _DTYPE_OPTIONS = ("auto", "bfloat16", "float16", "float32")
 
+# Keys a model type's config.json may leave out, with the value transformers' config class then
+# uses (released Gemma 2 checkpoints omit tie_word_embeddings, and their weights are tied).
+_HF_DEFAULTS: dict[str, dict[str, Any]] = {
+    "gemma2": {
+        "tie_word_embeddings": True,
+        "head_dim": 256,
+        "max_position_embeddings": 8192,
+        "hidden_activation": "gelu_pytorch_tanh",
+        "query_pre_attn_scalar": 256,
+        "sliding_window": 4096,
+        "attn_logit_softcapping": 50.0,
+        "final_logit_softcapping": 30.0,
+    },
+}
+
 
 @dataclass(frozen=True)
 class MLAConfig:
@@ -113,7 +128,7 @@ class ModelConfig:
         cls, hf_config: dict[str, Any], generation_config: dict[str, Any] | None = None
     ) -> ModelConfig:
         """Build from a parsed config.json (and optional generation_config.json) dict."""
-        c = hf_config
+        c = {**_HF_DEFAULTS.get(str(hf_config.get("model_type")), {}), **hf_config}
         try:
             hidden_size = int(c["hidden_size"])
             num_heads = int(c["num_attention_heads"])

@@ -1,10 +1,11 @@
 """Decoder embedders: a decoder stack with no lm head, whose final hidden states get pooled.
 
-e5-mistral-7b-instruct (`MistralModel`), Qwen3-Embedding and other `LlamaModel`/`Qwen2Model`-
-shaped checkpoints store the bare stack: weight names without the `model.` prefix
-(`embed_tokens.weight`, `layers.0.self_attn.q_proj.weight`, `norm.weight`) and no `lm_head`.
-Here the stack keeps our usual `model.` parameter names and loading adds the prefix. Such a model
-answers embedding requests only (shared/pooling.py); the engine refuses generation for it.
+e5-mistral-7b-instruct (`MistralModel`), Qwen3-Embedding, bge-multilingual-gemma2 (`Gemma2Model`)
+and other `LlamaModel`/`Qwen2Model`-shaped checkpoints store the bare stack: weight names without
+the `model.` prefix (`embed_tokens.weight`, `layers.0.self_attn.q_proj.weight`, `norm.weight`)
+and no `lm_head`. Here the stack keeps our usual `model.` parameter names and loading adds the
+prefix. Such a model answers embedding requests only (shared/pooling.py); the engine refuses
+generation for it.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 
 from shared.models.base import CausalLM
 from shared.models.config import ModelConfig
+from shared.models.gemma2 import Gemma2Model
 from shared.models.llama import STACKED_PARAMS, LlamaModel
 from shared.models.qwen2 import Qwen2Model
 from shared.models.qwen3 import Qwen3Model
@@ -31,7 +33,7 @@ class DecoderEmbedder(CausalLM):
     """The `CausalLM` interface without logits: `forward` gives the hidden states to pool."""
 
     is_embedding: ClassVar[bool] = True
-    model_cls: ClassVar[type[LlamaModel]] = LlamaModel
+    model_cls: ClassVar[type[LlamaModel | Gemma2Model]] = LlamaModel
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__(config)
@@ -68,3 +70,9 @@ class Qwen3Embedder(DecoderEmbedder):
     """`Qwen3Model` checkpoints (Qwen3-Embedding)."""
 
     model_cls: ClassVar[type[LlamaModel]] = Qwen3Model
+
+
+class Gemma2Embedder(DecoderEmbedder):
+    """`Gemma2Model` checkpoints (bge-multilingual-gemma2)."""
+
+    model_cls: ClassVar[type[Gemma2Model]] = Gemma2Model

@@ -6,7 +6,8 @@ from shared.models.base import CausalLM
 from shared.models.config import ModelConfig
 from shared.models.deepseek_v2 import DeepseekV2ForCausalLM
 from shared.models.deepseek_v3 import DeepseekV3ForCausalLM
-from shared.models.embedding import LlamaEmbedder, Qwen2Embedder, Qwen3Embedder
+from shared.models.embedding import Gemma2Embedder, LlamaEmbedder, Qwen2Embedder, Qwen3Embedder
+from shared.models.gemma2 import Gemma2ForCausalLM
 from shared.models.llama import LlamaForCausalLM, MistralForCausalLM
 from shared.models.qwen2 import Qwen2ForCausalLM
 from shared.models.qwen3 import Qwen3ForCausalLM
@@ -14,11 +15,13 @@ from shared.models.qwen3 import Qwen3ForCausalLM
 MODEL_REGISTRY: dict[str, type[CausalLM]] = {
     "DeepseekV2ForCausalLM": DeepseekV2ForCausalLM,
     "DeepseekV3ForCausalLM": DeepseekV3ForCausalLM,
+    "Gemma2ForCausalLM": Gemma2ForCausalLM,
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": MistralForCausalLM,
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
     # Embedding checkpoints: the bare decoder stack, no lm head (shared/models/embedding.py).
+    "Gemma2Model": Gemma2Embedder,
     "LlamaModel": LlamaEmbedder,
     "MistralModel": LlamaEmbedder,
     "Qwen2Model": Qwen2Embedder,
@@ -27,6 +30,7 @@ MODEL_REGISTRY: dict[str, type[CausalLM]] = {
 # A causal-LM architecture whose checkpoint is stored as the bare stack (Qwen3-Embedding ships
 # `Qwen3ForCausalLM` with names lacking `model.` and no lm head) is served as its embedder.
 EMBEDDER_OF: dict[str, type[CausalLM]] = {
+    "Gemma2ForCausalLM": Gemma2Embedder,
     "LlamaForCausalLM": LlamaEmbedder,
     "MistralForCausalLM": LlamaEmbedder,
     "Qwen2ForCausalLM": Qwen2Embedder,

@@ -33,14 +33,23 @@ from shared.tiny_model.tokenizer import (
     tokenizer_vocab_size,
 )
 
-ARCHS: tuple[str, ...] = ("llama", "llama3", "qwen2", "qwen3", "mistral", "deepseek_v2", "deepseek_v3")
+ARCHS: tuple[str, ...] = (
+    "llama",
+    "llama3",
+    "qwen2",
+    "qwen3",
+    "mistral",
+    "deepseek_v2",
+    "deepseek_v3",
+    "gemma2",
+)
 
 _WEIGHT_STD = 0.15
 _NORM_NOISE = 0.1
 _BIAS_STD = 0.1
 
 # Keys every override may touch besides the ones already in an architecture's base config.
-_EXTRA_KEYS = {"head_dim", "sliding_window", "rope_scaling"}
+_EXTRA_KEYS = {"head_dim", "sliding_window", "rope_scaling", "layer_types", "tie_word_embeddings"}
 
 
 def make_tiny_model(out_dir: str | Path, arch: str = "llama", seed: int = 0, **overrides: Any) -> Path:
@@ -157,6 +166,8 @@ def _base_config(arch: str, vocab_size: int, ids: dict[str, int]) -> dict[str, A
         }
     if arch.startswith("deepseek"):
         return _deepseek_config(arch, common)
+    if arch == "gemma2":
+        return _gemma2_config(common)
     assert arch == "qwen3", arch
     return {
         "architectures": ["Qwen3ForCausalLM"],
@@ -236,6 +247,31 @@ def _deepseek_config(arch: str, common: dict[str, Any]) -> dict[str, Any]:
         "norm_topk_prob": True,
         "routed_scaling_factor": 2.5,
         "num_nextn_predict_layers": 1,
+    }
+
+
+def _gemma2_config(common: dict[str, Any]) -> dict[str, Any]:
+    """Gemma 2's layout (the keys google/gemma-2-9b's config.json has: no tie_word_embeddings,
+    tied all the same; no layer_types, so even layers slide). Sizes differ from the real ones
+    where that tests something: head_dim 32 != hidden / heads, query_pre_attn_scalar (24) !=
+    head_dim, a window of 8 that the test prompts cross, and caps small enough to bend random
+    weights' scores (attention 5.0) and logits (3.0)."""
+    return {
+        "architectures": ["Gemma2ForCausalLM"],
+        "model_type": "gemma2",
+        **common,
+        "hidden_act": "gelu_pytorch_tanh",
+        "hidden_activation": "gelu_pytorch_tanh",
+        "head_dim": 32,
+        "query_pre_attn_scalar": 24,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0,
+        "attention_bias": False,
+        "sliding_window": 8,
+        "attn_logit_softcapping": 5.0,
+        "final_logit_softcapping": 3.0,
+        "pad_token_id": 4,
+        "cache_implementation": "hybrid",
     }
 
 

@@ -21,7 +21,8 @@ from shared.models.layers.rotary import get_rope
 from shared.models.registry import get_model_class
 from shared.models.weights import get_weight_loader
 
-# name -> (arch, overrides). qwen3_wide has head_dim != hidden / heads, as real Qwen3 models do.
+# name -> (arch, overrides). qwen3_wide has head_dim != hidden / heads, as real Qwen3 models do;
+# gemma2 (window 8, shorter than PROMPT) slides on layer 0, gemma2_layer_types on layer 1.
 MODELS = {
     "llama": ("llama", {}),
     "llama3": ("llama3", {}),
@@ -29,6 +30,8 @@ MODELS = {
     "qwen2": ("qwen2", {}),
     "qwen3": ("qwen3", {}),
     "qwen3_wide": ("qwen3", {"head_dim": 32}),
+    "gemma2": ("gemma2", {}),
+    "gemma2_layer_types": ("gemma2", {"layer_types": ("full_attention", "sliding_attention")}),
 }
 PROMPT = torch.tensor(
     [0, 17, 250, 33, 101, 7, 480, 12, 12, 99, 300, 5, 64, 128, 2, 3, 77, 415, 256, 1, 9, 42]
@@ -132,7 +135,7 @@ def _batch(
     )
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen3_wide"])
+@pytest.mark.parametrize("name", ["llama", "qwen3_wide", "gemma2"])
 def test_cached_prefix_decode_and_ragged_batches_match_full_forward(
     model_dirs: dict[str, Path], name: str
 ) -> None:

@@ -18,16 +18,22 @@ from shared.sampling import SamplingParams
 from shared.scheduler.request import PENDING
 from tests.engine.hf_reference import hf_greedy
 from tests.engine.test_disagg import make_pair, run_pd
-from tests.engine.test_parity import build_core, make_prompts, run_staggered
+from tests.engine.test_parity import attention_backend, build_core, make_prompts, run_staggered
 
 OVERLAP = {"enable_overlap_schedule": True}
 
 
 @pytest.mark.parametrize("page_size", [1, 16])
-@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma2"])
 def test_greedy_parity_with_hf(tiny_model_factory: Callable[..., Path], arch: str, page_size: int) -> None:
     path = tiny_model_factory(arch)
-    core = build_core(path, page_size=page_size, chunked_prefill_size=16, **OVERLAP)
+    core = build_core(
+        path,
+        page_size=page_size,
+        chunked_prefill_size=16,
+        attention_backend=attention_backend(arch),
+        **OVERLAP,
+    )
     assert core.overlap
     prompts = make_prompts(core.runner.vocab_size)
     outputs = run_staggered(core, prompts)

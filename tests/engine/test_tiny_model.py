@@ -108,15 +108,17 @@ def test_model_files_per_arch(tmp_path: Path, arch: str) -> None:
         "qwen3": "Qwen3",
         "deepseek_v2": "DeepseekV2",
         "deepseek_v3": "DeepseekV3",
+        "gemma2": "Gemma2",
     }
     assert config["architectures"] == [f"{expected_arch[arch]}ForCausalLM"]
     assert config["vocab_size"] == len(AutoTokenizer.from_pretrained(out)) == 512
     assert config["torch_dtype"] == "float32" and config["bos_token_id"] == 0
     assert 1 in (gen["eos_token_id"] if isinstance(gen["eos_token_id"], list) else [gen["eos_token_id"]])
-    assert config["tie_word_embeddings"] == arch.startswith("qwen")
+    tied = arch.startswith("qwen") or arch == "gemma2"
+    assert config.get("tie_word_embeddings", True) == tied  # Gemma 2's config omits it: tied
     with safe_open(str(out / "model.safetensors"), framework="pt") as f:
         names = set(f.keys())
-    assert ("lm_head.weight" in names) != config["tie_word_embeddings"]
+    assert ("lm_head.weight" in names) != tied
     # transformers picks the tokenizer class by model type (Qwen2Tokenizer for qwen2); every
     # class must produce the ids of the plain tokenizer.json.
     tok, raw = AutoTokenizer.from_pretrained(out), Tokenizer.from_file(str(out / "tokenizer.json"))
@@ -130,6 +132,10 @@ def test_model_files_per_arch(tmp_path: Path, arch: str) -> None:
         assert config["head_dim"] == 16 and "model.layers.1.self_attn.k_norm.weight" in names
     if arch == "mistral":
         assert config["sliding_window"] is None
+    if arch == "gemma2":
+        assert "tie_word_embeddings" not in config and "layer_types" not in config
+        assert config["sliding_window"] == 8 and config["attn_logit_softcapping"] == 5.0
+        assert "model.layers.1.post_feedforward_layernorm.weight" in names
     if arch.startswith("deepseek"):
         # The layout DeepSeek's checkpoints ship: legacy rope_scaling, one tensor per expert.
         assert config["rope_scaling"]["type"] == "yarn" and config["kv_lora_rank"] == 32

@@ -1,4 +1,4 @@
-"""Gated MLP activation."""
+"""Gated MLP activations."""
 
 from __future__ import annotations
 
@@ -16,3 +16,10 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:  # [T, 2 * I] -> [T, I]
         return kernel(x)
     gate, up = x.chunk(2, dim=-1)  # [T, I] each
     return F.silu(gate) * up
+
+
+def gelu_tanh_and_mul(x: torch.Tensor) -> torch.Tensor:  # [T, 2 * I] -> [T, I]
+    """gelu(gate, approximate="tanh") * up (Gemma's `gelu_pytorch_tanh` gated MLP); torch code
+    on every device (no kernel yet)."""
+    gate, up = x.chunk(2, dim=-1)  # [T, I] each
+    return F.gelu(gate, approximate="tanh") * up

@@ -51,6 +51,19 @@ class VocabEmbedding(nn.Module):
         return parallel_state.all_reduce(out)
 
 
+class ScaledVocabEmbedding(VocabEmbedding):
+    """`VocabEmbedding` times sqrt(hidden_size) (Gemma). The factor is first rounded to the
+    embeddings' dtype, as HF does (sqrt(3584) = 59.87 becomes 59.75 in bfloat16)."""
+
+    def __init__(self, vocab_size: int, hidden_size: int) -> None:
+        super().__init__(vocab_size, hidden_size)
+        self.scale = hidden_size**0.5
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:  # [T] -> [T, hidden]
+        out = super().forward(input_ids)
+        return out * torch.tensor(self.scale, dtype=out.dtype).item()
+
+
 class LMHead(VocabEmbedding):
     """hidden [N, hidden] -> logits [N, vocab] in float32 (on rank 0 with tensor parallelism;
     the other ranks get their own slice back, which they discard).

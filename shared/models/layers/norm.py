@@ -1,4 +1,5 @@
-"""RMSNorm with an optional fused residual add, numerically as Hugging Face computes it."""
+"""RMSNorm with an optional fused residual add, numerically as Hugging Face computes it: Llama's
+form and Gemma's `(1 + weight)` form."""
 
 from __future__ import annotations
 
@@ -40,7 +41,31 @@ class RMSNorm(nn.Module):
             if residual is None:
                 return rmsnorm(x, self.weight, self.eps)
             return fused_add_rmsnorm(x, residual, self.weight, self.eps)
+        return self.forward_native(x, residual)
+
+    def forward_native(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """`forward` in torch ops, whatever the device."""
         if residual is None:
             return self._norm(x)
         residual = x + residual
         return self._norm(residual), residual
+
+
+class GemmaRMSNorm(RMSNorm):
+    """Gemma's RMSNorm: y = (1 + weight) * (x / sqrt(mean(x^2) + eps)), scaled in float32 and only
+    then cast back (HF's Gemma2RMSNorm). The checkpoint stores the zero-centred `weight`.
+
+    Always the torch code: the RMSNorm kernel computes Llama's form.
+    """
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:  # [..., H] -> [..., H]
+        xf = x.to(torch.float32)
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * (1.0 + self.weight.float())).to(x.dtype)
+
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        return self.forward_native(x, residual)
