@@ -37,11 +37,11 @@ from starlette.exceptions import HTTPException
 from starlette.types import Receive, Scope, Send
 
 from services.common.auth import Secrets, dial
-from services.common.errors import status_of
 from services.common.tracing import fastapi_options, outgoing_metadata, record_error, setup_tracing
 from services.gateway.args import GatewayConfig
 from services.gateway.auth import ApiKeyMiddleware
 from services.gateway.embeddings import EmbeddingRequest, embed
+from services.gateway.errors import to_openai_error, validation_error
 from services.gateway.handler import Handler, RouterCalls, ServedModel
 from services.gateway.limits import SizeLimits
 from services.gateway.metrics import GatewayMetrics, TelemetryMiddleware, UsageStub
@@ -59,66 +59,15 @@ from services.gateway.tokenize import detokenize, tokenize
 from services.gateway.tokenizer import Tokenizer
 from services.protos.tandem.router.v1 import router_pb2, router_pb2_grpc
 from services.version import tandem_version
-from shared.errors import RequestError
 
 logger = logging.getLogger("tandem.gateway")
 T = TypeVar("T")
 
-# gRPC status -> (HTTP status, OpenAI error type, code). Anything else is a 500 server_error.
-_GRPC_TO_HTTP: dict[grpc.StatusCode, tuple[int, Any, str | None]] = {
-    grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error", None),
-    # The deployment cannot serve this kind of request (embeddings on prefill/decode pairs only).
-    grpc.StatusCode.FAILED_PRECONDITION: (400, "invalid_request_error", None),
-    grpc.StatusCode.NOT_FOUND: (404, "invalid_request_error", "not_found"),
-    grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "rate_limit_error", "rate_limit_exceeded"),
-    grpc.StatusCode.UNAVAILABLE: (503, "service_unavailable_error", "service_unavailable"),
-    grpc.StatusCode.DEADLINE_EXCEEDED: (504, "timeout_error", "timeout"),
-}
-# An INVALID_ARGUMENT names the engine's field at fault; the client knows the OpenAI field.
-_ENGINE_TO_OPENAI_PARAM = {
-    "max_new_tokens": "max_tokens",
-    "min_new_tokens": "min_tokens",
-    "json_schema": "response_format",
-    "structural_tag": "tools",
-}
 _CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", 64 << 20),  # long token-id prompts
     ("grpc.max_receive_message_length", 64 << 20),
 ]
 _CLIENT_CLOSED_REQUEST = 499  # nginx's convention; nobody reads it, the client is gone
-
-
-def to_openai_error(exc: BaseException) -> OpenAIError:
-    """The one mapping of every failure to the OpenAI error the client sees."""
-    if isinstance(exc, OpenAIError):
-        return exc
-    if isinstance(exc, grpc.aio.AioRpcError | RequestError):
-        grpc_code, message, param = status_of(exc)  # the field at fault travels as data
-        status, type_, code = _GRPC_TO_HTTP.get(grpc_code, (500, "server_error", None))
-        param = _ENGINE_TO_OPENAI_PARAM.get(param, param) if status == 400 and param else None
-        if status == 503 and isinstance(exc, grpc.aio.AioRpcError):
-            message = f"the router is unavailable: {message}"
-        return OpenAIError(status, message, type=type_, param=param, code=code)
-    if isinstance(exc, HTTPException):
-        return OpenAIError(exc.status_code, str(exc.detail), type="invalid_request_error")
-    logger.exception("unexpected error", exc_info=exc)
-    return OpenAIError(500, "internal error in the gateway", type="server_error")
-
-
-def _validation_error(exc: RequestValidationError) -> OpenAIError:
-    """FastAPI's 422 becomes OpenAI's 400 naming the first offending parameter."""
-    error = exc.errors()[0]
-    loc = [p for p in error.get("loc", ()) if p != "body"]
-    param = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or None
-    param = (error.get("ctx") or {}).get("param") or param  # a validator that names it itself
-    message = str(error.get("msg", "invalid request")).removeprefix("Value error, ")
-    kind = error.get("type")
-    if kind == "json_invalid":
-        return OpenAIError(400, f"The request body is not valid JSON: {message}")
-    if kind == "missing":
-        what = f"parameter '{param}'" if param else "request body"
-        return OpenAIError(400, f"Missing required {what}", param=param)
-    return OpenAIError(400, f"Invalid value for '{param}': {message}", param=param)
 
 
 def _error_response(exc: BaseException) -> JSONResponse:
@@ -373,7 +322,7 @@ def create_app(config: GatewayConfig) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return _error_response(_validation_error(exc))
+        return _error_response(validation_error(exc.errors()))
 
     for exc_type in (OpenAIError, grpc.aio.AioRpcError, HTTPException, Exception):
 
