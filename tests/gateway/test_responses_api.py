@@ -5,6 +5,7 @@ output items (whole and as the SDK's typed stream events), tool calls round-trip
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from agents import Agent, ModelSettings, OpenAIResponsesModel, Runner, function_tool, set_tracing_disabled
 
 from services.gateway import GatewayConfig
 from services.gateway.args import parse_args
@@ -457,3 +459,37 @@ def test_reasoning_is_an_item_before_the_message(thinking: openai.OpenAI, stub: 
     added = [(e.output_index, e.item.type) for e in events if e.type == "response.output_item.added"]
     assert added == [(0, "reasoning"), (1, "message")]
     assert [e.text for e in events if e.type == "response.reasoning_text.done"] == [thought]
+
+
+def test_agents_sdk_runs_its_tool_loop(gateway: GatewayThread, stub: StubRouter) -> None:
+    """The Agents SDK's default loop (call a tool, read its result, answer), whole and streamed."""
+    set_tracing_disabled(True)
+    stub.reset()
+
+    @function_tool
+    def get_weather(city: str) -> str:
+        """The weather in a city."""
+        return f"sunny in {city}"
+
+    async def run() -> tuple[Any, Any]:
+        client = openai.AsyncOpenAI(base_url=f"{gateway.url}/v1", api_key="unused", max_retries=0)
+        model = OpenAIResponsesModel(model=MODEL_ID, openai_client=client)
+        settings = ModelSettings(tool_choice="required")  # reset to auto once the tool ran
+        agent = Agent(name="w", tools=[get_weather], model=model, model_settings=settings)
+        stub.script(split_text(CALL_PARIS))
+        stub.script(["It is ", "sunny."])
+        whole = await Runner.run(agent, "Weather in Paris?")
+        stub.script(split_text(CALL_PARIS))
+        stub.script(["Nice ", "day."])
+        streamed = Runner.run_streamed(agent, "Weather in Paris?")
+        async for _ in streamed.stream_events():
+            pass
+        return whole, streamed
+
+    whole, streamed = asyncio.run(run())
+    assert (whole.final_output, streamed.final_output) == ("It is sunny.", "Nice day.")
+    first, second = stub.service.requests[:2]
+    assert first.sampling_params.HasField("structural_tag")  # "required": the call is forced
+    assert "<tool_response>\nsunny in Paris\n</tool_response>" in second.text
+    kinds = [i["type"] for i in whole.to_input_list()[1:]]
+    assert kinds == ["function_call", "function_call_output", "message"]
