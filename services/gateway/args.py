@@ -93,6 +93,9 @@ class GatewayConfig:
     router_api_key: str | None = None
     # Origins browsers may call from (CORS); empty: no CORS headers; ("*",): any origin.
     allowed_origins: tuple[str, ...] = ()
+    # Responses kept for /v1/responses' `previous_response_id` and GET (least recently used
+    # dropped first); 0: none are kept.
+    responses_store_size: int = 1024
     limits: RequestLimits = field(default_factory=RequestLimits)
 
 
@@ -172,6 +175,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated origins browsers may call the API from (CORS), e.g. "
         "'https://app.example.com,http://localhost:3000', or '*' for any (default: none, CORS off)",
     )
+    parser.add_argument(
+        "--responses-store-size",
+        type=_non_negative_int,
+        default=GatewayConfig.responses_store_size,
+        help="responses kept in this gateway's memory for /v1/responses' previous_response_id and GET "
+        "(least recently used dropped first; 0: none; not shared between replicas) (default: %(default)s)",
+    )
     limits = parser.add_argument_group("request limits (each answered with a 4xx, never a reset)")
     for f in fields(RequestLimits):
         kind = float if f.name == "body_read_timeout" else _positive_int
@@ -212,6 +222,7 @@ def parse_args(argv: list[str] | None = None) -> GatewayConfig:
         api_keys=api_keys.values,
         router_api_key=router_key,
         allowed_origins=tuple(o.strip() for o in ns.allowed_origins.split(",") if o.strip()),
+        responses_store_size=ns.responses_store_size,
         limits=RequestLimits(**{f.name: getattr(ns, f.name) for f in fields(RequestLimits)}),
     )
 
@@ -220,4 +231,11 @@ def _positive_int(value: str) -> int:
     number = int(value)
     if number <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return number
+
+
+def _non_negative_int(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or a positive integer, got {value}")
     return number

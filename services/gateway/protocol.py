@@ -164,20 +164,16 @@ class _TextRequest(_Strict):
         return data
 
 
-class _SamplingRequest(_TextRequest):
-    """Fields shared by /v1/completions and /v1/chat/completions (OpenAI's, then SGLang's extras)."""
+class SamplingFields(_TextRequest):
+    """The sampling fields every generation endpoint takes (OpenAI's, then SGLang's extras), and the
+    check of OpenAI fields the endpoint does not support."""
 
-    model: str
-    n: int | None = Field(None, ge=1, le=MAX_N)
-    stream: bool | None = None
-    stream_options: StreamOptions | None = None
     stop: Any = None  # str | list[str], checked below (a union would name pydantic's branch tags)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
-    user: str | None = None  # accepted and ignored
     # SGLang-style extras.
     top_k: int | None = Field(None, ge=-1, le=INT32_MAX)
     min_p: float | None = Field(None, ge=0, le=1)
@@ -188,24 +184,9 @@ class _SamplingRequest(_TextRequest):
     skip_special_tokens: bool | None = None
     spaces_between_special_tokens: bool | None = None
     no_stop_trim: bool | None = None
-    # Output constraints (at most one; see `constraints.py`). `regex` and `ebnf` are SGLang's.
-    response_format: ResponseFormat | None = None
-    regex: str | None = None
-    ebnf: str | None = None
-    # vLLM's spellings of the same constraints (`constraints.py` maps them).
-    guided_json: Any = None  # a JSON schema, or its JSON text
-    guided_regex: str | None = None
-    guided_choice: list[str] | None = None
-    guided_grammar: str | None = None
-    structured_outputs: StructuredOutputs | None = None
 
     # Unsupported OpenAI fields -> predicate "this value means the default", which we accept.
     UNSUPPORTED_FIELDS: ClassVar[dict[str, Callable[[Any], bool]]] = {}
-
-    @field_validator("guided_json")
-    @classmethod
-    def _check_guided_json(cls, value: Any) -> dict[str, Any] | str | None:
-        return _schema_or_text(value)
 
     @field_validator("stop")
     @classmethod
@@ -223,16 +204,45 @@ class _SamplingRequest(_TextRequest):
         """Stop strings as a list (empty when none)."""
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
+    def check_unsupported(self) -> None:
+        """A 400 naming the first field of `UNSUPPORTED_FIELDS` given with a value we do not honour."""
+        for name, is_default in self.UNSUPPORTED_FIELDS.items():
+            value = (self.model_extra or {}).get(name)
+            if value is not None and not is_default(value):
+                raise bad_request(f"'{name}' is not supported by this server yet", name)
+
+
+class _SamplingRequest(SamplingFields):
+    """Fields shared by /v1/completions and /v1/chat/completions."""
+
+    model: str
+    n: int | None = Field(None, ge=1, le=MAX_N)
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    user: str | None = None  # accepted and ignored
+    # Output constraints (at most one; see `constraints.py`). `regex` and `ebnf` are SGLang's.
+    response_format: ResponseFormat | None = None
+    regex: str | None = None
+    ebnf: str | None = None
+    # vLLM's spellings of the same constraints (`constraints.py` maps them).
+    guided_json: Any = None  # a JSON schema, or its JSON text
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    structured_outputs: StructuredOutputs | None = None
+
+    @field_validator("guided_json")
+    @classmethod
+    def _check_guided_json(cls, value: Any) -> dict[str, Any] | str | None:
+        return _schema_or_text(value)
+
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
     def check(self) -> None:
         """Cross-field and unsupported-feature checks; raises a 400 `OpenAIError`."""
-        for name, is_default in self.UNSUPPORTED_FIELDS.items():
-            value = (self.model_extra or {}).get(name)
-            if value is not None and not is_default(value):
-                raise bad_request(f"'{name}' is not supported by this server yet", name)
+        self.check_unsupported()
         fmt = self.response_format
         if fmt is not None and fmt.type == "json_schema" and fmt.json_schema is None:
             raise bad_request(

@@ -3,7 +3,8 @@
     create_app(GatewayConfig) -> FastAPI
       startup   load the tokenizer, open one gRPC channel to the router, learn the served model
       routes    /health, /metrics, /version, /tokenize, /detokenize (tokenize.py),
-                /v1/models, /v1/completions, /v1/chat/completions, /v1/embeddings (embeddings.py)
+                /v1/models, /v1/completions, /v1/chat/completions, /v1/embeddings (embeddings.py),
+                /v1/responses (responses_api/)
       auth      with API keys configured, /v1/*, /tokenize and /detokenize want one
                 (ApiKeyMiddleware, auth.py)
       ids, CORS X-Request-Id taken or made and echoed (request_id.py); CORS with --allowed-origins
@@ -12,7 +13,8 @@
 
 A client that disconnects cancels its router calls: a watcher waits for `http.disconnect` while a
 non-streaming request (or a stream's first chunk) is pending, and `_SSEResponse` keeps watching
-during the stream. The gateway holds no per-request state beyond the HTTP request itself.
+during the stream. Beyond the HTTP request itself the gateway keeps only the responses /v1/responses
+stores (bounded, in this replica's memory; responses_api/store.py).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar, cast
 
 import anyio
@@ -37,11 +39,11 @@ from starlette.exceptions import HTTPException
 from starlette.types import Receive, Scope, Send
 
 from services.common.auth import Secrets, dial
-from services.common.errors import status_of
 from services.common.tracing import fastapi_options, outgoing_metadata, record_error, setup_tracing
 from services.gateway.args import GatewayConfig
 from services.gateway.auth import ApiKeyMiddleware
 from services.gateway.embeddings import EmbeddingRequest, embed
+from services.gateway.errors import to_openai_error, validation_error
 from services.gateway.handler import Handler, RouterCalls, ServedModel
 from services.gateway.limits import SizeLimits
 from services.gateway.metrics import GatewayMetrics, TelemetryMiddleware, UsageStub
@@ -55,70 +57,20 @@ from services.gateway.protocol import (
 from services.gateway.request_id import HEADER as REQUEST_ID_HEADER
 from services.gateway.request_id import RequestIdMiddleware, request_id_of
 from services.gateway.responses import Job, Metadata
+from services.gateway.responses_api import Responses, ResponsesRequest
 from services.gateway.tokenize import detokenize, tokenize
 from services.gateway.tokenizer import Tokenizer
 from services.protos.tandem.router.v1 import router_pb2, router_pb2_grpc
 from services.version import tandem_version
-from shared.errors import RequestError
 
 logger = logging.getLogger("tandem.gateway")
 T = TypeVar("T")
 
-# gRPC status -> (HTTP status, OpenAI error type, code). Anything else is a 500 server_error.
-_GRPC_TO_HTTP: dict[grpc.StatusCode, tuple[int, Any, str | None]] = {
-    grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error", None),
-    # The deployment cannot serve this kind of request (embeddings on prefill/decode pairs only).
-    grpc.StatusCode.FAILED_PRECONDITION: (400, "invalid_request_error", None),
-    grpc.StatusCode.NOT_FOUND: (404, "invalid_request_error", "not_found"),
-    grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "rate_limit_error", "rate_limit_exceeded"),
-    grpc.StatusCode.UNAVAILABLE: (503, "service_unavailable_error", "service_unavailable"),
-    grpc.StatusCode.DEADLINE_EXCEEDED: (504, "timeout_error", "timeout"),
-}
-# An INVALID_ARGUMENT names the engine's field at fault; the client knows the OpenAI field.
-_ENGINE_TO_OPENAI_PARAM = {
-    "max_new_tokens": "max_tokens",
-    "min_new_tokens": "min_tokens",
-    "json_schema": "response_format",
-    "structural_tag": "tools",
-}
 _CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", 64 << 20),  # long token-id prompts
     ("grpc.max_receive_message_length", 64 << 20),
 ]
 _CLIENT_CLOSED_REQUEST = 499  # nginx's convention; nobody reads it, the client is gone
-
-
-def to_openai_error(exc: BaseException) -> OpenAIError:
-    """The one mapping of every failure to the OpenAI error the client sees."""
-    if isinstance(exc, OpenAIError):
-        return exc
-    if isinstance(exc, grpc.aio.AioRpcError | RequestError):
-        grpc_code, message, param = status_of(exc)  # the field at fault travels as data
-        status, type_, code = _GRPC_TO_HTTP.get(grpc_code, (500, "server_error", None))
-        param = _ENGINE_TO_OPENAI_PARAM.get(param, param) if status == 400 and param else None
-        if status == 503 and isinstance(exc, grpc.aio.AioRpcError):
-            message = f"the router is unavailable: {message}"
-        return OpenAIError(status, message, type=type_, param=param, code=code)
-    if isinstance(exc, HTTPException):
-        return OpenAIError(exc.status_code, str(exc.detail), type="invalid_request_error")
-    logger.exception("unexpected error", exc_info=exc)
-    return OpenAIError(500, "internal error in the gateway", type="server_error")
-
-
-def _validation_error(exc: RequestValidationError) -> OpenAIError:
-    """FastAPI's 422 becomes OpenAI's 400 naming the first offending parameter."""
-    error = exc.errors()[0]
-    loc = [p for p in error.get("loc", ()) if p != "body"]
-    param = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or None
-    param = (error.get("ctx") or {}).get("param") or param  # a validator that names it itself
-    message = str(error.get("msg", "invalid request")).removeprefix("Value error, ")
-    kind = error.get("type")
-    if kind == "json_invalid":
-        return OpenAIError(400, f"The request body is not valid JSON: {message}")
-    if kind == "missing":
-        what = f"parameter '{param}'" if param else "request body"
-        return OpenAIError(400, f"Missing required {what}", param=param)
-    return OpenAIError(400, f"Invalid value for '{param}': {message}", param=param)
 
 
 def _error_response(exc: BaseException) -> JSONResponse:
@@ -138,6 +90,7 @@ class _Gateway:
         self.channel: grpc.aio.Channel | None = None
         self.stub: router_pb2_grpc.RouterServiceStub | None = None
         self.handler: Handler | None = None
+        self.responses: Responses | None = None
 
     async def start(self) -> None:
         config = self.config
@@ -156,6 +109,7 @@ class _Gateway:
             reasoning_parser=config.reasoning_parser,
             limits=config.limits,
         )
+        self.responses = Responses(self.handler, config.responses_store_size)
         logger.info(
             "serving model %r (context %s) via router %s", model.name, model.max_context_len, config.router
         )
@@ -265,6 +219,16 @@ async def _sse_events(first: dict[str, Any], chunks: AsyncIterator[dict[str, Any
     yield "data: [DONE]\n\n"
 
 
+async def _typed_sse_events(
+    first: dict[str, Any], events: AsyncIterator[dict[str, Any]]
+) -> AsyncIterator[str]:
+    """The Responses API's stream: each event named by its type (`event:` line), no `[DONE]`;
+    `Responses.stream` ends it with its own failure event."""
+    yield f"event: {first['type']}\n{_sse(first)}"
+    async for event in events:
+        yield f"event: {event['type']}\n{_sse(event)}"
+
+
 class _ClientGone(Exception):
     pass
 
@@ -293,16 +257,23 @@ async def _until_disconnect(request: Request, work: Awaitable[T]) -> T:
     raise _ClientGone
 
 
-async def _generate(request: Request, job: Job, handler: Handler, stream: bool) -> Response:
-    calls = RouterCalls()
-    if not stream:
-        try:
-            return JSONResponse(await _until_disconnect(request, handler.complete(job, calls)))
-        except _ClientGone:
-            return Response(status_code=_CLIENT_CLOSED_REQUEST)
-        finally:
-            calls.cancel_all()
-    chunks = handler.stream(job, calls)
+async def _answer(request: Request, calls: RouterCalls, body: Awaitable[dict[str, Any]]) -> Response:
+    """A whole JSON body, its router calls cancelled when the client leaves first."""
+    try:
+        return JSONResponse(await _until_disconnect(request, body))
+    except _ClientGone:
+        return Response(status_code=_CLIENT_CLOSED_REQUEST)
+    finally:
+        calls.cancel_all()
+
+
+async def _answer_stream(
+    request: Request,
+    calls: RouterCalls,
+    chunks: AsyncGenerator[dict[str, Any], None],
+    render: Callable[[dict[str, Any], AsyncIterator[dict[str, Any]]], AsyncIterator[str]],
+) -> Response:
+    """An SSE stream of `chunks` (`render` writes the events), once the first chunk is there."""
     try:
         # Wait for the first chunk before the 200 goes out, so early router errors keep their status.
         first = await _until_disconnect(request, anext(chunks))
@@ -312,7 +283,14 @@ async def _generate(request: Request, job: Job, handler: Handler, stream: bool) 
         if isinstance(exc, _ClientGone):
             return Response(status_code=_CLIENT_CLOSED_REQUEST)
         raise
-    return _SSEResponse(_sse_events(first, chunks), on_close=calls.cancel_all)
+    return _SSEResponse(render(first, chunks), on_close=calls.cancel_all)
+
+
+async def _generate(request: Request, job: Job, handler: Handler, stream: bool) -> Response:
+    calls = RouterCalls()
+    if not stream:
+        return await _answer(request, calls, handler.complete(job, calls))
+    return await _answer_stream(request, calls, handler.stream(job, calls), _sse_events)
 
 
 def _router_metadata(request: Request) -> Metadata:
@@ -373,7 +351,7 @@ def create_app(config: GatewayConfig) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return _error_response(_validation_error(exc))
+        return _error_response(validation_error(exc.errors()))
 
     for exc_type in (OpenAIError, grpc.aio.AioRpcError, HTTPException, Exception):
 
@@ -384,6 +362,10 @@ def create_app(config: GatewayConfig) -> FastAPI:
     def handler() -> Handler:
         assert gateway.handler is not None, "requests arrive only after startup"
         return gateway.handler
+
+    def responses() -> Responses:
+        assert gateway.responses is not None, "requests arrive only after startup"
+        return gateway.responses
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus_metrics() -> Response:
@@ -437,6 +419,23 @@ def create_app(config: GatewayConfig) -> FastAPI:
         job = await handler().prepare_chat(body, _router_metadata(request), request_id)
         _note_job(job, bool(body.stream))
         return await _generate(request, job, handler(), bool(body.stream))
+
+    @app.post("/v1/responses")
+    async def create_response(body: ResponsesRequest, request: Request) -> Response:
+        run = await responses().prepare(body, _router_metadata(request), request_id_of(request.scope))
+        _note_job(run.job, bool(body.stream))
+        calls = RouterCalls()
+        if not body.stream:
+            return await _answer(request, calls, responses().complete(run, calls))
+        return await _answer_stream(request, calls, responses().stream(run, calls), _typed_sse_events)
+
+    @app.get("/v1/responses/{response_id}")
+    async def retrieve_response(response_id: str) -> dict[str, Any]:
+        return responses().retrieve(response_id)
+
+    @app.delete("/v1/responses/{response_id}")
+    async def delete_response(response_id: str) -> dict[str, Any]:
+        return responses().delete(response_id)
 
     @app.post("/v1/embeddings")
     async def embeddings(body: EmbeddingRequest, request: Request) -> Response:
