@@ -1,8 +1,9 @@
 """`python -m services.router`: the router. Two gRPC listeners (docs/security.md):
 
-    public  --host:--port              RouterService (+ health); an API key when one is set
-    admin   --admin-host:--admin-port  RouterAdminService (+ health), the admin HTTP API with
-                                       --admin-http-port; the cluster token when one is set
+    public  --host:--port              RouterService (+ health, reflection); an API key when one
+                                       is set
+    admin   --admin-host:--admin-port  RouterAdminService (+ health, reflection), the admin HTTP
+                                       API with --admin-http-port; the cluster token when one is set
 
 Prometheus /metrics with --metrics-port; OTLP traces when OTEL_EXPORTER_OTLP_ENDPOINT is set."""
 
@@ -31,8 +32,9 @@ from services.common.decoding import add_servicer
 from services.common.metrics import serve_metrics
 from services.common.model_dir import TOKENIZER_FILES, model_dir_problem
 from services.common.parent import die_with_launcher
+from services.common.reflection import add_reflection
 from services.common.tracing import setup_tracing
-from services.protos.tandem.router.v1 import router_pb2_grpc
+from services.protos.tandem.router.v1 import router_pb2, router_pb2_grpc
 from services.router.args import build_parser
 from services.router.limits import PromptLimits
 from services.router.metrics import RouterMetrics
@@ -46,6 +48,7 @@ logger = logging.getLogger("services.router")
 # to 4 UTF-8 bytes each, plus its token ids) must reach the router's own checks, which answer
 # INVALID_ARGUMENT naming the field instead of a RESOURCE_EXHAUSTED that reads as "retry later".
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+_SERVICES = router_pb2.DESCRIPTOR.services_by_name
 
 
 async def serve() -> None:
@@ -105,12 +108,14 @@ async def serve() -> None:
         RouterServicer(orchestrator, registry, tokenizer, limits),
     )
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    add_reflection(server, [_SERVICES["RouterService"]])
     port = server.add_insecure_port(f"{args.host}:{args.port}")
     admin = grpc.aio.server(interceptors=secret_interceptors(cluster_token, "the cluster token"))
     add_servicer(
         admin, router_pb2_grpc.add_RouterAdminServiceServicer_to_server, RouterAdminServicer(registry)
     )
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, admin)
+    add_reflection(admin, [_SERVICES["RouterAdminService"]])
     admin_port = admin.add_insecure_port(f"{args.admin_host}:{args.admin_port}")
     await server.start()
     await admin.start()
