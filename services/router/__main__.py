@@ -15,7 +15,6 @@ import ipaddress
 import logging
 import signal
 from collections.abc import Iterator
-from pathlib import Path
 
 import grpc
 import uvicorn
@@ -30,7 +29,7 @@ from services.common.auth import (
 )
 from services.common.decoding import add_servicer
 from services.common.metrics import serve_metrics
-from services.common.model_dir import TOKENIZER_FILES, model_dir_problem
+from services.common.model_dir import TOKENIZER_FILES, ModelError, resolve_model
 from services.common.parent import die_with_launcher
 from services.common.reflection import add_reflection
 from services.common.tracing import setup_tracing
@@ -54,9 +53,10 @@ _SERVICES = router_pb2.DESCRIPTOR.services_by_name
 async def serve() -> None:
     parser = build_parser()
     args = parser.parse_args()
-    problem = model_dir_problem(args.model, TOKENIZER_FILES)  # the router needs only the tokenizer
-    if problem is not None:
-        parser.exit(2, f"{parser.prog}: error: {problem}\n")  # no usage: the flags were fine
+    try:
+        model = resolve_model(args.model, TOKENIZER_FILES)  # the router needs only the tokenizer
+    except ModelError as e:
+        parser.exit(2, f"{parser.prog}: error: {e}\n")  # no usage: the flags were fine
     api_keys = secrets_from_args(args, "api-key", API_KEY_ENV)
     cluster_token = secrets_from_args(args, "cluster-token", CLUSTER_TOKEN_ENV)
     _check_admin_exposure(args.admin_host, cluster_token)
@@ -65,9 +65,9 @@ async def serve() -> None:
     tracing = setup_tracing("tandem-router")
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(model.path)
     registry = Registry(
-        args.served_model_name or Path(args.model).resolve().name,
+        args.served_model_name or model.name,
         args.heartbeat_interval,
         args.heartbeat_timeout,
         args.remove_unhealthy_after,
