@@ -1,8 +1,8 @@
 """The `tandem` command line.
 
-    tandem up [--model PATH] [--port 8000] [--prefill N] [--decode M]
+    tandem up [--model DIR|ORG/NAME] [--port 8000] [--prefill N] [--decode M]
                                  the whole suite: router, workers, OpenAI gateway (see launcher.py)
-    tandem demo [--model PATH] [engine flags]
+    tandem demo [--model DIR|ORG/NAME] [engine flags]
                                  run the offline engine on a model (default: a tiny local one)
     tandem --version             the installed version
 
@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from services.common.model_dir import model_dir_problem
+from services.common.model_dir import ModelError, resolve_model
 from services.version import tandem_version
 from shared import config_cli
 from shared.config import EngineConfig
@@ -53,11 +53,11 @@ def default_model_path() -> Path:
 def _demo(args: argparse.Namespace) -> int:
     from shared import Engine
 
-    problem = model_dir_problem(args.model) if args.model else None
-    if problem is not None:
-        print(f"tandem demo: error: {problem}", file=sys.stderr)
+    try:
+        model = resolve_model(args.model).path if args.model else default_model_path()
+    except ModelError as e:
+        print(f"tandem demo: error: {e}", file=sys.stderr)
         return 2
-    model = Path(args.model) if args.model else default_model_path()
     print(f"model: {model}", flush=True)
     if not args.model:
         print("(random weights, so the text is noise; pass --model DIR for a real checkpoint)")
@@ -105,7 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     add_arguments(up_parser)
     up_parser.set_defaults(func=up)
     demo = sub.add_parser("demo", help="run the offline engine on a model")
-    demo.add_argument("--model", help="HF model directory (default: a tiny local model)")
+    demo.add_argument(
+        "--model", help="HF model directory or hub id ORG/NAME[@REVISION] (default: a tiny local model)"
+    )
     demo.add_argument("--max-new-tokens", type=int, default=32)
     engine = demo.add_argument_group("engine", "options of the engine (shared/config.py:EngineConfig)")
     config_cli.add_arguments(engine, EngineConfig, "unified")

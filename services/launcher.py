@@ -1,9 +1,14 @@
 """`tandem up`: the whole suite on this machine as processes: router, workers, gateway.
 
-    router   python -m services.router  --model M --port R --admin-port G --admin-http-port A
-                 --metrics-port X
-    workers  python -m services.{prefill,decode,worker} --model M --router 127.0.0.1:G --metrics-port X
+    router   python -m services.router  --model M --served-model-name N --port R --admin-port G
+                 --admin-http-port A --metrics-port X
+    workers  python -m services.{prefill,decode,worker} --model M --served-model-name N
+                 --router 127.0.0.1:G --metrics-port X
     gateway  python -m services.gateway --router 127.0.0.1:R --tokenizer M --port 8000
+
+`--model` is resolved once, before any child starts (services/common/model_dir.py): M is a local
+directory (a hub id's snapshot in the Hugging Face cache, downloaded if need be) and N the model
+id clients use (the hub id, or the directory's name).
 
 Secrets travel in the environment, never in argv (argv shows in `ps`): every launch makes a
 fresh random cluster token (TANDEM_CLUSTER_TOKEN, router and workers only; it is in the
@@ -44,7 +49,7 @@ from typing import Any
 import grpc
 
 from services.common.auth import API_KEY_ENV, CLUSTER_TOKEN_ENV, bearer
-from services.common.model_dir import model_dir_problem
+from services.common.model_dir import Model, ModelError, resolve_model
 from services.common.parent import PARENT_ENV
 from services.mps import MpsError, mps_daemon
 from services.protos.tandem.router.v1 import router_pb2, router_pb2_grpc
@@ -77,7 +82,9 @@ def _metrics_url(child: Child) -> str:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--model", help="a local HF model directory, not a hub id (default: a tiny local model, built once)"
+        "--model",
+        help="a local HF model directory or a hub id ORG/NAME[@REVISION], from the Hugging Face cache or"
+        " downloaded (default: a tiny local model, built once)",
     )
     p.add_argument("--host", default="127.0.0.1", help="where the gateway listens (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="gateway HTTP port (default 8000)")
@@ -127,10 +134,14 @@ def up(args: argparse.Namespace) -> int:
     if (args.prefill > 0) != (args.decode > 0):
         raise SystemExit("PD needs both --prefill and --decode workers (or neither, for unified workers)")
     unified = args.unified or (0 if args.prefill else 1)
-    problem = model_dir_problem(args.model) if args.model else None
-    if problem is not None:  # before any child starts: one clear line, not a child's traceback
-        raise SystemExit(f"tandem up: error: {problem}")
-    model = str(Path(args.model).resolve() if args.model else default_model_path())
+    try:  # before any child starts: one clear line, not a child's traceback
+        resolved = resolve_model(args.model) if args.model else None
+    except ModelError as e:
+        raise SystemExit(f"tandem up: error: {e}") from None
+    if resolved is None:
+        path = default_model_path()
+        resolved = Model(path, path.name)
+    model, model_flags = str(resolved.path), ["--served-model-name", resolved.name]
     log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="logs-", dir=tandem_home()))
     log_dir.mkdir(parents=True, exist_ok=True)
     router_port = args.router_port or free_port()
@@ -169,7 +180,8 @@ def up(args: argparse.Namespace) -> int:
 
     mps = contextlib.ExitStack()
     try:
-        print(f"model: {model}\nlogs:  {log_dir}", flush=True)
+        shown = model if resolved.name == resolved.path.name else f"{resolved.name} ({model})"
+        print(f"model: {shown}\nlogs:  {log_dir}", flush=True)
         if args.mps:
             child_env.update(mps.enter_context(mps_daemon(log_dir / "mps")))
             print(f"NVIDIA MPS: {child_env['CUDA_MPS_PIPE_DIRECTORY']}", flush=True)
@@ -180,6 +192,7 @@ def up(args: argparse.Namespace) -> int:
                 "services.router",
                 "--model",
                 model,
+                *model_flags,
                 "--port",
                 str(router_port),
                 "--admin-port",
@@ -202,7 +215,7 @@ def up(args: argparse.Namespace) -> int:
         roles = [("prefill", args.prefill), ("decode", args.decode), ("worker", unified)]
         for module, count in roles:
             for i in range(count):
-                cmd = [*py, f"services.{module}", "--model", model, "--router", router_admin]
+                cmd = [*py, f"services.{module}", "--model", model, *model_flags, "--router", router_admin]
                 cmd += ["--metrics-port", "0", *extra]
                 if module != "worker" and args.kv_transport:
                     cmd += ["--kv-transport", args.kv_transport]
@@ -237,7 +250,7 @@ def up(args: argparse.Namespace) -> int:
             "router_admin_grpc": router_admin,
             "router_admin": f"http://127.0.0.1:{admin_port}/workers",
             "cluster_token": cluster_token,
-            "model": Path(model).name,
+            "model": resolved.name,
             "logs": str(log_dir),
             "pids": {c.name: c.process.pid for c in children},
             "metrics": metrics,

@@ -61,3 +61,22 @@ def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_llama(tiny_model_factory: Callable[..., Path]) -> Path:
     return tiny_model_factory("llama")
+
+
+HUB_REPO = "tandem-test/tiny-llama"  # the hub id `hub_cache` holds
+HUB_COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+@pytest.fixture(scope="session")
+def hub_cache(tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path) -> Path:
+    """A Hugging Face cache (for HF_HUB_CACHE) holding `tiny_llama` as the hub model `HUB_REPO`,
+    laid out as huggingface_hub writes it: `models--ORG--NAME/refs/main` names the commit,
+    `snapshots/<commit>/` holds the files (copies here, where the hub's are links into blobs/)."""
+    import shutil
+
+    cache = tmp_path_factory.mktemp("hf-hub")
+    repo = cache / f"models--{HUB_REPO.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(HUB_COMMIT)
+    shutil.copytree(tiny_llama, repo / "snapshots" / HUB_COMMIT)
+    return cache

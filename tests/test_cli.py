@@ -1,15 +1,17 @@
-"""The command lines without starting anything: `tandem --version`, and a `--model` that is not a
-local model directory (a hub id, a wrong path) refused at once with what to do, no traceback."""
+"""The command lines without starting anything: `tandem --version`, and a `--model` that cannot
+be used (a hub id neither cached nor downloadable, a wrong path) refused at once with what to
+do, no traceback."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from services.common.model_dir import model_dir_problem
+from services.launcher import free_port
 from services.version import tandem_version
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,19 +33,46 @@ def test_tandem_version() -> None:
     assert out.stdout.strip() == f"tandem {tandem_version()}"
 
 
-def _run(*argv: str) -> subprocess.CompletedProcess[str]:
+def _run(*argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", *argv], cwd=ROOT, capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", *argv],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **(env or {})},
     )
 
 
-def test_tandem_up_with_a_hub_id_says_what_to_do(tmp_path: Path) -> None:
-    out = _run("services.cli", "up", "--model", "Some/Id", "--port", "0", "--log-dir", str(tmp_path / "logs"))
+def offline(tmp_path: Path) -> dict[str, str]:
+    """An empty Hugging Face cache, offline, and a hub endpoint nothing listens on."""
+    return {
+        "HF_HUB_CACHE": str(tmp_path / "hf-hub"),
+        "HF_HUB_OFFLINE": "1",
+        "HF_ENDPOINT": f"http://127.0.0.1:{free_port()}",
+    }
+
+
+def test_tandem_up_with_an_uncached_hub_id_offline_says_what_to_do(tmp_path: Path) -> None:
+    out = _run(
+        *("services.cli", "up", "--model", "Some/Id", "--port", "0", "--log-dir", str(tmp_path / "logs")),
+        env=offline(tmp_path),
+    )
     assert out.returncode != 0
-    assert "Some/Id: no such directory; Tandem loads local HF directories" in out.stderr
-    assert "`huggingface-cli download Some/Id --local-dir DIR`" in out.stderr
+    assert (
+        "tandem up: error: Some/Id: no such local directory, and not in the Hugging Face cache" in out.stderr
+    )
+    assert "HF_HUB_OFFLINE=1 forbids downloading it" in out.stderr and "`hf download Some/Id`" in out.stderr
     assert "Traceback" not in out.stderr + out.stdout
     assert not (tmp_path / "logs").exists()  # refused before any service started
+
+
+def test_tandem_up_with_a_wrong_path_says_it_is_not_a_model_directory(tmp_path: Path) -> None:
+    out = _run("services.cli", "up", "--model", "./nope", "--port", "0", "--log-dir", str(tmp_path / "logs"))
+    assert out.returncode != 0
+    assert "tandem up: error: not a model directory: ./nope (no such directory" in out.stderr
+    assert "Traceback" not in out.stderr + out.stdout
+    assert not (tmp_path / "logs").exists()
 
 
 @pytest.mark.parametrize(
@@ -57,17 +86,13 @@ def test_tandem_up_with_a_hub_id_says_what_to_do(tmp_path: Path) -> None:
         ("services.cli", "demo", "--model", "Some/Id"),
     ],
 )
-def test_every_service_refuses_a_hub_id(argv: tuple[str, ...]) -> None:
-    out = _run(*argv)
+def test_every_service_refuses_an_uncached_hub_id_offline(argv: tuple[str, ...], tmp_path: Path) -> None:
+    out = _run(*argv, env=offline(tmp_path))
     assert out.returncode == 2, out.stderr
-    assert "Some/Id: no such directory" in out.stderr and "huggingface-cli download Some/Id" in out.stderr
+    assert "Some/Id: no such local directory, and not in the Hugging Face cache" in out.stderr
     assert "Traceback" not in out.stderr and "usage:" not in out.stderr
 
 
-def test_model_dir_problems(tmp_path: Path, tiny_llama: Path) -> None:
-    assert model_dir_problem(str(tiny_llama)) is None
-    assert "is not a model directory: it has no config.json" in str(model_dir_problem(str(tmp_path)))
-    missing = str(model_dir_problem(str(tmp_path / "nope")))
-    assert "no such directory" in missing and "huggingface-cli download ID --local-dir DIR" in missing
-    (tmp_path / "file").write_text("")
-    assert "is a file, not a directory" in str(model_dir_problem(str(tmp_path / "file")))
+def test_the_gateway_names_its_own_flag(tmp_path: Path) -> None:
+    out = _run("services.gateway", "--router", "127.0.0.1:1", "--tokenizer", str(tmp_path / "nope"))
+    assert out.returncode == 2 and "--tokenizer takes a local HF model directory" in out.stderr

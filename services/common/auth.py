@@ -9,8 +9,9 @@ checked (docs/security.md has the whole map):
     router admin gRPC + admin HTTP    the cluster token (SecretInterceptor, admin_http.py)
     workers (every RPC)               the cluster token (SecretInterceptor)
 
-`grpc.health.v1` stays open everywhere (probes carry no secret). A listener with no secret
-configured checks nothing: local use needs no keys.
+`grpc.health.v1` stays open everywhere (probes carry no secret), and so does server reflection
+(`services/common/reflection.py`: schemas only, the ones `proto/` publishes). A listener with no
+secret configured checks nothing: local use needs no keys.
 
     secrets = load_secrets(ns.api_key, ns.api_key_file, API_KEY_ENV)   # flags + env + files
     server = grpc.aio.server(interceptors=secret_interceptors(secrets, "API key"))
@@ -29,11 +30,14 @@ from typing import Any
 
 import grpc
 
+from services.common.reflection import REFLECTION_SERVICE
+
 API_KEY_ENV = "TANDEM_API_KEY"
 ROUTER_API_KEY_ENV = "TANDEM_ROUTER_API_KEY"
 CLUSTER_TOKEN_ENV = "TANDEM_CLUSTER_TOKEN"
 METADATA_KEY = "authorization"  # gRPC metadata keys are lower case
-OPEN_METHODS = ("/grpc.health.v1.Health/",)  # probes: kubelet, the router, load balancers
+# Probes (kubelet, the router, load balancers) and schema discovery (grpcurl).
+OPEN_METHODS = ("/grpc.health.v1.Health/", f"/{REFLECTION_SERVICE}/")
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """OpenTelemetry tracing for every service: one switch, W3C trace context on every hop, span helpers.
 
-    tracing = setup_tracing("tandem-router")   at start (OTLP/gRPC export when configured)
+    tracing = setup_tracing("tandem-router")   at start (OTLP export when configured)
     with server_span("router.generate", context.invocation_metadata()) as span:
         if span.is_recording():                 attributes only when someone will read them
             span.set_attribute(...)
@@ -11,9 +11,16 @@ Tracing is on when an OTLP endpoint is configured by the standard variables
 (`OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` or `OTEL_EXPORTER_OTLP_ENDPOINT`), unless
 `OTEL_SDK_DISABLED=true` or `OTEL_TRACES_EXPORTER=none`. The service name is
 `OTEL_SERVICE_NAME` (or `service.name` in `OTEL_RESOURCE_ATTRIBUTES`), else the caller's default.
-The exporter speaks OTLP over gRPC only (another `OTEL_EXPORTER_OTLP_PROTOCOL` leaves tracing
-off, with a warning) and reads its own `OTEL_EXPORTER_OTLP_*` options (headers, TLS, timeout);
-the batch processor reads its `OTEL_BSP_*` ones.
+The exporter speaks OTLP over gRPC (`OTEL_EXPORTER_OTLP_PROTOCOL=grpc`, the default) or over HTTP
+(`http/protobuf`); `OTEL_EXPORTER_OTLP_TRACES_PROTOCOL` wins over it. Where spans go:
+
+    protocol        OTEL_EXPORTER_OTLP_TRACES_ENDPOINT   OTEL_EXPORTER_OTLP_ENDPOINT   collector's port
+    grpc            as given                             as given                      4317
+    http/protobuf   as given (the full URL)              + "/v1/traces"                4318
+
+`http/json` (which the Python exporter does not have) or another protocol leaves tracing off,
+with a warning. The exporter reads its own `OTEL_EXPORTER_OTLP_*` options (headers, TLS,
+timeout, compression); the batch processor reads its `OTEL_BSP_*` ones.
 
 Off, the API's no-op tracer answers: its spans do not record and callers build no attributes, so
 tracing off costs a few function calls per hop. Trace context still passes through (a no-op span
@@ -28,7 +35,7 @@ import logging
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, cast, get_args
 
 import grpc
 from opentelemetry import context as otel_context
@@ -40,6 +47,8 @@ from services.common.errors import ServiceError, status_of
 logger = logging.getLogger(__name__)
 
 Metadata = tuple[tuple[str, str], ...]
+Protocol = Literal["grpc", "http/protobuf"]  # what the exporters installed here speak
+TRACES_PATH = "/v1/traces"  # OTLP/HTTP: appended to OTEL_EXPORTER_OTLP_ENDPOINT
 _tracer = trace.get_tracer("tandem")  # a proxy: it follows the provider `setup_tracing` installs
 _provider: Any = None  # the SDK TracerProvider this process installed, if any
 
@@ -49,17 +58,21 @@ class TracingConfig:
     """What the `OTEL_*` environment asks for (read in one place)."""
 
     enabled: bool
-    endpoint: str | None  # the OTLP/gRPC endpoint spans go to
+    endpoint: str | None  # where spans go (for http/protobuf the whole URL, path included)
     reason: str  # why tracing is off ("" when on)
+    protocol: Protocol = "grpc"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> TracingConfig:
         env = os.environ if environ is None else environ
-        endpoint = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+        traces_endpoint = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+        endpoint = traces_endpoint or env.get("OTEL_EXPORTER_OTLP_ENDPOINT")
         exporter = env.get("OTEL_TRACES_EXPORTER", "otlp").strip().lower()
-        protocol = (
-            env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or env.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "grpc"
+        protocol_var = next(
+            (v for v in ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL") if env.get(v)),
+            None,
         )
+        protocol = env[protocol_var].strip().lower() if protocol_var else "grpc"
         if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
             return cls(False, endpoint, "OTEL_SDK_DISABLED=true")
         if exporter == "none":
@@ -68,9 +81,12 @@ class TracingConfig:
             return cls(False, endpoint, f"OTEL_TRACES_EXPORTER={exporter} (only otlp is supported)")
         if not endpoint:
             return cls(False, None, "no OTLP endpoint configured")
-        if protocol.strip().lower() != "grpc":
-            return cls(False, endpoint, f"OTEL_EXPORTER_OTLP_PROTOCOL={protocol} (only grpc is supported)")
-        return cls(True, endpoint, "")
+        if protocol not in get_args(Protocol):
+            why = " (the Python OTLP exporter has no JSON encoding)" if protocol == "http/json" else ""
+            return cls(False, endpoint, f"{protocol_var}={protocol}{why}; supported: grpc, http/protobuf")
+        if protocol == "http/protobuf" and not traces_endpoint:
+            endpoint = endpoint.rstrip("/") + TRACES_PATH  # the base URL's signal path
+        return cls(True, endpoint, "", cast(Protocol, protocol))  # checked above
 
 
 class Tracing:
@@ -98,8 +114,9 @@ class Tracing:
 
 
 def setup_tracing(default_service_name: str, environ: Mapping[str, str] | None = None) -> Tracing:
-    """Install an SDK TracerProvider exporting OTLP/gRPC when the environment configures an
-    endpoint (see the module docstring); otherwise leave the API's no-op tracer in place.
+    """Install an SDK TracerProvider exporting OTLP (gRPC or HTTP) when the environment
+    configures an endpoint (see the module docstring); otherwise leave the API's no-op tracer in
+    place.
 
     Once per process: a second call returns the provider the first installed.
     """
@@ -113,7 +130,6 @@ def setup_tracing(default_service_name: str, environ: Mapping[str, str] | None =
     if _provider is not None:
         return Tracing(config, _provider)
     # Imported here: a process with tracing off never loads the SDK or the exporter.
-    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
     from opentelemetry.sdk.resources import SERVICE_NAME, Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
@@ -122,11 +138,26 @@ def setup_tracing(default_service_name: str, environ: Mapping[str, str] | None =
     if str(resource.attributes.get(SERVICE_NAME, "")).startswith("unknown_service"):
         resource = resource.merge(Resource({SERVICE_NAME: default_service_name}))
     provider = TracerProvider(resource=resource)
-    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=config.endpoint)))
+    provider.add_span_processor(BatchSpanProcessor(_exporter(config)))
     trace.set_tracer_provider(provider)
     _provider = provider
-    logger.info("tracing on: service %s -> OTLP %s", resource.attributes.get(SERVICE_NAME), config.endpoint)
+    logger.info(
+        "tracing on: service %s -> OTLP/%s %s",
+        resource.attributes.get(SERVICE_NAME),
+        "gRPC" if config.protocol == "grpc" else "HTTP",
+        config.endpoint,
+    )
     return Tracing(config, provider)
+
+
+def _exporter(config: TracingConfig) -> Any:
+    if config.protocol == "http/protobuf":
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
+
+        return HttpExporter(endpoint=config.endpoint)
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
+
+    return GrpcExporter(endpoint=config.endpoint)
 
 
 def fastapi_options() -> dict[str, Any]:

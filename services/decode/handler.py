@@ -22,6 +22,7 @@ from collections.abc import AsyncIterable, AsyncIterator
 from typing import Any
 
 import grpc
+from google.protobuf.descriptor import ServiceDescriptor
 
 from services.common.convert import output_to_proto, sampling_to_dict
 from services.common.errors import ServiceError, grpc_errors
@@ -118,7 +119,9 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
 
 def add_servicers(
     server: grpc.aio.Server, engine: AsyncEngine, args: argparse.Namespace, metrics: WorkerMetrics
-) -> None:
+) -> list[ServiceDescriptor]:
+    """Serve DecodeService on `server` (services.worker.server.AddRoleServicers)."""
     servicer = DecodeServicer(engine, metrics)
     worker_pb2_grpc.add_DecodeServiceServicer_to_server(servicer, server)
     serve_write_kv(server, servicer.WriteKv)
+    return [worker_pb2.DESCRIPTOR.services_by_name["DecodeService"]]

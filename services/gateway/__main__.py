@@ -1,13 +1,14 @@
-"""`python -m services.gateway --router HOST:PORT --tokenizer MODEL_DIR [--port 8000]`."""
+"""`python -m services.gateway --router HOST:PORT --tokenizer MODEL_DIR|ORG/NAME [--port 8000]`."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 
 import uvicorn
 
-from services.common.model_dir import TOKENIZER_FILES, model_dir_problem
+from services.common.model_dir import TOKENIZER_FILES, ModelError, resolve_model
 from services.common.parent import die_with_launcher
 from services.gateway.args import parse_args
 
@@ -15,11 +16,13 @@ from services.gateway.args import parse_args
 def main(argv: list[str] | None = None) -> int:
     """Parse the command line and serve until interrupted."""
     config = parse_args(argv)
-    problem = model_dir_problem(config.tokenizer, TOKENIZER_FILES)
-    if problem is not None:  # before transformers tries it as a hub id
-        problem = problem.replace("--model", "--tokenizer")
+    try:  # a hub id resolves to its local snapshot here, before transformers sees it
+        tokenizer = resolve_model(config.tokenizer, TOKENIZER_FILES).path
+    except ModelError as e:
+        problem = str(e).replace("--model", "--tokenizer")
         print(f"python -m services.gateway: error: {problem}", file=sys.stderr)
         return 2
+    config = dataclasses.replace(config, tokenizer=str(tokenizer))
     die_with_launcher()
     from services.gateway.http import uvicorn_config
     from services.gateway.server import create_app  # heavy (transformers): not needed for --help

@@ -32,6 +32,7 @@ import asyncio
 import time
 
 import grpc
+from google.protobuf.descriptor import ServiceDescriptor
 from opentelemetry import trace
 
 from services.common.auth import CLUSTER_TOKEN_ENV, dial, secrets_from_args
@@ -188,6 +189,8 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
 
 def add_servicers(
     server: grpc.aio.Server, engine: AsyncEngine, args: argparse.Namespace, metrics: WorkerMetrics
-) -> None:
+) -> list[ServiceDescriptor]:
+    """Serve PrefillService on `server` (services.worker.server.AddRoleServicers)."""
     token = secrets_from_args(args, "cluster-token", CLUSTER_TOKEN_ENV).first
     worker_pb2_grpc.add_PrefillServiceServicer_to_server(PrefillServicer(engine, metrics, token), server)
+    return [worker_pb2.DESCRIPTOR.services_by_name["PrefillService"]]

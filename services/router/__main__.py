@@ -1,8 +1,9 @@
 """`python -m services.router`: the router. Two gRPC listeners (docs/security.md):
 
-    public  --host:--port              RouterService (+ health); an API key when one is set
-    admin   --admin-host:--admin-port  RouterAdminService (+ health), the admin HTTP API with
-                                       --admin-http-port; the cluster token when one is set
+    public  --host:--port              RouterService (+ health, reflection); an API key when one
+                                       is set
+    admin   --admin-host:--admin-port  RouterAdminService (+ health, reflection), the admin HTTP
+                                       API with --admin-http-port; the cluster token when one is set
 
 Prometheus /metrics with --metrics-port; OTLP traces when OTEL_EXPORTER_OTLP_ENDPOINT is set."""
 
@@ -14,7 +15,6 @@ import ipaddress
 import logging
 import signal
 from collections.abc import Iterator
-from pathlib import Path
 
 import grpc
 import uvicorn
@@ -29,10 +29,11 @@ from services.common.auth import (
 )
 from services.common.decoding import add_servicer
 from services.common.metrics import serve_metrics
-from services.common.model_dir import TOKENIZER_FILES, model_dir_problem
+from services.common.model_dir import TOKENIZER_FILES, ModelError, resolve_model
 from services.common.parent import die_with_launcher
+from services.common.reflection import add_reflection
 from services.common.tracing import setup_tracing
-from services.protos.tandem.router.v1 import router_pb2_grpc
+from services.protos.tandem.router.v1 import router_pb2, router_pb2_grpc
 from services.router.args import build_parser
 from services.router.limits import PromptLimits
 from services.router.metrics import RouterMetrics
@@ -46,14 +47,16 @@ logger = logging.getLogger("services.router")
 # to 4 UTF-8 bytes each, plus its token ids) must reach the router's own checks, which answer
 # INVALID_ARGUMENT naming the field instead of a RESOURCE_EXHAUSTED that reads as "retry later".
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+_SERVICES = router_pb2.DESCRIPTOR.services_by_name
 
 
 async def serve() -> None:
     parser = build_parser()
     args = parser.parse_args()
-    problem = model_dir_problem(args.model, TOKENIZER_FILES)  # the router needs only the tokenizer
-    if problem is not None:
-        parser.exit(2, f"{parser.prog}: error: {problem}\n")  # no usage: the flags were fine
+    try:
+        model = resolve_model(args.model, TOKENIZER_FILES)  # the router needs only the tokenizer
+    except ModelError as e:
+        parser.exit(2, f"{parser.prog}: error: {e}\n")  # no usage: the flags were fine
     api_keys = secrets_from_args(args, "api-key", API_KEY_ENV)
     cluster_token = secrets_from_args(args, "cluster-token", CLUSTER_TOKEN_ENV)
     _check_admin_exposure(args.admin_host, cluster_token)
@@ -62,9 +65,9 @@ async def serve() -> None:
     tracing = setup_tracing("tandem-router")
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(model.path)
     registry = Registry(
-        args.served_model_name or Path(args.model).resolve().name,
+        args.served_model_name or model.name,
         args.heartbeat_interval,
         args.heartbeat_timeout,
         args.remove_unhealthy_after,
@@ -105,12 +108,14 @@ async def serve() -> None:
         RouterServicer(orchestrator, registry, tokenizer, limits),
     )
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    add_reflection(server, [_SERVICES["RouterService"]])
     port = server.add_insecure_port(f"{args.host}:{args.port}")
     admin = grpc.aio.server(interceptors=secret_interceptors(cluster_token, "the cluster token"))
     add_servicer(
         admin, router_pb2_grpc.add_RouterAdminServiceServicer_to_server, RouterAdminServicer(registry)
     )
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, admin)
+    add_reflection(admin, [_SERVICES["RouterAdminService"]])
     admin_port = admin.add_insecure_port(f"{args.admin_host}:{args.admin_port}")
     await server.start()
     await admin.start()

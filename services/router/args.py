@@ -13,8 +13,15 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m services.router",
         description="Tandem router: picks prefill/decode (or unified) workers, orchestrates the KV hand-off.",
     )
-    p.add_argument("--model", required=True, help="model directory (its tokenizer serves text-only requests)")
-    p.add_argument("--served-model-name", help="model id (default: the directory name); workers must match")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="model directory or hub id ORG/NAME[@REVISION] (its tokenizer serves text-only requests)",
+    )
+    p.add_argument(
+        "--served-model-name",
+        help="model id (default: the hub id, or the directory name); workers must match",
+    )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0, help="public gRPC port (RouterService; default: free port)")
     p.add_argument(

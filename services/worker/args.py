@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from services.common.auth import CLUSTER_TOKEN_ENV, add_secret_args
-from services.common.model_dir import model_dir_problem
+from services.common.model_dir import ModelError, resolve_model
 from shared import config_cli
 from shared.config import EngineConfig
 
@@ -22,8 +22,14 @@ def build_parser(role: str) -> argparse.ArgumentParser:
         prog=f"python -m services.{role if role != 'unified' else 'worker'}",
         description=f"Tandem {role} worker: a gRPC server over one engine (in its own process).",
     )
-    p.add_argument("--model", required=True, help="HF model directory (config.json, safetensors, tokenizer)")
-    p.add_argument("--served-model-name", help="model id clients use (default: the directory name)")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="HF model directory (config.json, safetensors, tokenizer) or hub id ORG/NAME[@REVISION]",
+    )
+    p.add_argument(
+        "--served-model-name", help="model id clients use (default: the hub id, or the directory name)"
+    )
     p.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=0, help="gRPC port (default: a free port, printed at start)")
     p.add_argument(
@@ -66,14 +72,16 @@ def parse_args(role: str, argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def command_line(role: str) -> argparse.Namespace:
-    """`parse_args` of the process's own command line, and `--model` must be a model directory
-    (else exit 2 with what to do, before anything loads)."""
+    """`parse_args` of the process's own command line, with `--model` resolved to a model
+    directory (a hub id: its snapshot, served under the id; else exit 2 with what to do, before
+    anything loads)."""
     args = parse_args(role)
-    problem = model_dir_problem(args.model)
-    if problem is not None:
-        prog = build_parser(role).prog
-        print(f"{prog}: error: {problem}", file=sys.stderr)
-        raise SystemExit(2)
+    try:
+        model = resolve_model(args.model)
+    except ModelError as e:
+        print(f"{build_parser(role).prog}: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    args.model, args.served_model_name = str(model.path), args.served_model_name or model.name
     return args
 
 

@@ -1,4 +1,5 @@
-"""A worker process: gRPC server (WorkerService + the role's service + health) over one engine.
+"""A worker process: gRPC server (WorkerService + the role's service + health + reflection) over
+one engine.
 
 Life of a worker: parse flags -> start the engine process (it loads the model) -> serve gRPC
 (and Prometheus /metrics with --metrics-port) -> register with the router (if --router) and
@@ -6,9 +7,10 @@ heartbeat -> on SIGTERM/SIGINT stop taking calls, give running calls a grace per
 engine, flush traces.
 
 With a cluster token (--cluster-token, $TANDEM_CLUSTER_TOKEN or --cluster-token-file) every RPC
-but grpc.health.v1 wants it (UNAUTHENTICATED otherwise), and the worker's own calls (to the
-router's admin port; a prefill worker's to decode workers) carry it: only the router, which holds
-the token, can make a worker run a request or, through `Prefill`, make it dial a decode worker.
+but grpc.health.v1 and reflection wants it (UNAUTHENTICATED otherwise), and the worker's own calls
+(to the router's admin port; a prefill worker's to decode workers) carry it: only the router,
+which holds the token, can make a worker run a request or, through `Prefill`, make it dial a
+decode worker.
 """
 
 from __future__ import annotations
@@ -18,11 +20,12 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
 import grpc
+from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from services.common.auth import CLUSTER_TOKEN_ENV, dial, secret_interceptors, secrets_from_args
@@ -35,6 +38,7 @@ from services.common.convert import (
 from services.common.errors import ServiceError, grpc_errors
 from services.common.metrics import serve_metrics
 from services.common.parent import die_with_launcher
+from services.common.reflection import add_reflection
 from services.common.tracing import server_span, setup_tracing
 from services.protos.tandem.common.v1 import common_pb2
 from services.protos.tandem.router.v1 import router_pb2, router_pb2_grpc
@@ -161,7 +165,10 @@ _LOAD_FIELDS = [
     "kv_total_tokens",
 ]
 
-AddRoleServicers = Callable[[grpc.aio.Server, AsyncEngine, argparse.Namespace, WorkerMetrics], None]
+# Adds a role's servicers to the server; returns the services it added (listed by reflection).
+AddRoleServicers = Callable[
+    [grpc.aio.Server, AsyncEngine, argparse.Namespace, WorkerMetrics], Sequence[ServiceDescriptor]
+]
 _STATS_TIMEOUT_S = 1.0  # a scrape waits this long for the engine (it answers between steps)
 _LOAD_TIMEOUT_S = 5.0  # GetLoad waits this long
 _ENGINE_WATCH_S = 0.5  # how often the worker looks whether its engine process still lives
@@ -194,10 +201,12 @@ async def serve(
         interceptors=secret_interceptors(cluster_token, "the cluster token"),
     )
     worker_pb2_grpc.add_WorkerServiceServicer_to_server(WorkerServicer(engine, role, model, metrics), server)
+    services = [worker_pb2.DESCRIPTOR.services_by_name["WorkerService"]]
     if add_role_servicers is not None:
-        add_role_servicers(server, engine, args, metrics)
+        services += add_role_servicers(server, engine, args, metrics)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    add_reflection(server, services)
     port = server.add_insecure_port(f"{args.host}:{args.port}")
     await server.start()
     address = args.advertise_address or f"{args.host}:{port}"

@@ -1,6 +1,7 @@
 """Reasoning output (`--reasoning-parser`): the splitter fed whole and cut at every position, and
 the HTTP stack against a scripted stub router: `reasoning_content` streamed and not, with tool
-calls after it, constraints applied after the reasoning, `reasoning_effort`."""
+calls after it, constraints applied after the reasoning, `reasoning_effort`; and what LangChain's
+OpenAI chat models make of it."""
 
 from __future__ import annotations
 
@@ -197,3 +198,42 @@ def test_bad_reasoning_effort_is_a_400(gateway: GatewayThread) -> None:
     body = {"model": MODEL_ID, "messages": MESSAGES, "reasoning_effort": "max"}
     reply = httpx.post(f"{gateway.url}/v1/chat/completions", json=body, timeout=10)
     assert reply.status_code == 400 and reply.json()["error"]["param"] == "reasoning_effort"
+
+
+# ---- LangChain --------------------------------------------------------------------------------------
+
+REASONING = "\nThe user asks </think-ish> about France.\n"
+
+
+@pytest.fixture
+def langchain_args(gateway: GatewayThread, stub: StubRouter) -> dict[str, Any]:
+    stub.reset()
+    return {"model": MODEL_ID, "base_url": f"{gateway.url}/v1", "api_key": "unused", "max_retries": 0}
+
+
+def test_langchain_chat_openai_gets_the_answer_without_the_reasoning(
+    langchain_args: dict[str, Any], stub: StubRouter
+) -> None:
+    # ChatOpenAI keeps only the official API's fields: it drops `reasoning_content` (its docs send
+    # other servers' extensions to provider subclasses, below), but its content is the answer alone.
+    langchain_openai = pytest.importorskip("langchain_openai")
+    chat = langchain_openai.ChatOpenAI(**langchain_args)
+    stub.script(split_text(OUTPUT))
+    reply = chat.invoke("Capital of France?")
+    assert reply.content == "Paris."
+    stub.script(split_text(OUTPUT))
+    assert "".join(str(c.content) for c in chat.stream("Capital of France?")) == "Paris."
+
+
+def test_langchain_reads_reasoning_content(langchain_args: dict[str, Any], stub: StubRouter) -> None:
+    # ChatDeepSeek (langchain-deepseek, on langchain-openai's BaseChatOpenAI) reads the
+    # `reasoning_content` extension, streamed and not, into additional_kwargs.
+    langchain_deepseek = pytest.importorskip("langchain_deepseek")
+    chat = langchain_deepseek.ChatDeepSeek(**langchain_args)  # base_url: its api_base's alias
+    stub.script(split_text(OUTPUT))
+    reply = chat.invoke("Capital of France?")
+    assert (reply.additional_kwargs["reasoning_content"], reply.content) == (REASONING, "Paris.")
+    stub.script(split_text(OUTPUT))
+    chunks = list(chat.stream("Capital of France?"))
+    reasoning = "".join(c.additional_kwargs.get("reasoning_content", "") for c in chunks)
+    assert (reasoning, "".join(str(c.content) for c in chunks)) == (REASONING, "Paris.")

@@ -39,7 +39,7 @@ ENGINE_FLAGS = ["--max-total-tokens", "4096", "--device", "cpu"]
 
 @contextlib.contextmanager
 def tandem_up(
-    model: Path, tmp: Path, env: dict[str, str] | None = None, args: tuple[str, ...] = ()
+    model: Path | str, tmp: Path, env: dict[str, str] | None = None, args: tuple[str, ...] = ()
 ) -> Iterator[dict[str, Any]]:
     """`tandem up` (by default a router, a prefill and a decode worker, the gateway; `args` adds
     launcher flags) on free ports; yields the ready-file's endpoints plus "process" (the

@@ -1,7 +1,8 @@
 """Keys and the private control plane, over real processes on loopback: a router with two API
 keys (one from a flag, one from a file) and a cluster token, a prefill and a decode worker
 holding the token (gRPC KV transport: every prefill -> decode call is a gRPC call), a worker of
-another model that is not registered, and the gateway (in this process) with keys of its own."""
+another model that is not registered, and the gateway (in this process) with keys of its own.
+Health and server reflection stay open on every gRPC listener."""
 
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ import grpc
 import httpx
 import openai
 import pytest
+from google.protobuf.descriptor_pool import DescriptorPool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from services.common.auth import bearer
 from services.common.kv_stream import WRITE_KV_METHOD
@@ -203,6 +206,41 @@ def test_workers_refuse_calls_without_the_cluster_token(suite: Suite) -> None:
         assert _health(worker.address) == health_pb2.HealthCheckResponse.SERVING
     # The token opens them (GetLoad: nothing ran on the unregistered worker).
     assert suite.stranger.load().running_requests == 0
+
+
+# ---- reflection: open on every listener, like health ---------------------------------------------
+
+OPEN = {"grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"}
+# Each listener's own services (in package tandem.) and a method to describe.
+LISTENERS = {
+    "router": ({"router.v1.RouterService"}, "router.v1.RouterService.Generate"),
+    "admin": ({"router.v1.RouterAdminService"}, "router.v1.RouterAdminService.DrainWorker"),
+    "prefill": ({"worker.v1.WorkerService", "worker.v1.PrefillService"}, "worker.v1.PrefillService.Prefill"),
+    "decode": ({"worker.v1.WorkerService", "worker.v1.DecodeService"}, "worker.v1.DecodeService.WriteKv"),
+    "unified": ({"worker.v1.WorkerService"}, "worker.v1.WorkerService.Embed"),
+}
+
+
+@pytest.mark.parametrize("listener", LISTENERS)
+def test_reflection_lists_and_describes_services_without_a_secret(suite: Suite, listener: str) -> None:
+    """What `grpcurl -plaintext ADDRESS list` and `describe` do, with no key and no token."""
+    address = {
+        "router": suite.cluster.router,
+        "admin": suite.cluster.admin_address,
+        "prefill": suite.prefill.address,
+        "decode": suite.decode.address,
+        "unified": suite.stranger.address,
+    }[listener]
+    services, method = LISTENERS[listener]
+    with grpc.insecure_channel(address) as channel:
+        database = ProtoReflectionDescriptorDatabase(channel)
+        assert set(database.get_services()) == {f"tandem.{name}" for name in services} | OPEN
+        # A pool fed only by the server's answers: the schemas come over the wire.
+        pool = DescriptorPool(database)
+        service, _, name = f"tandem.{method}".rpartition(".")
+        found = pool.FindServiceByName(service).methods_by_name[name]
+        assert found.input_type.full_name == f"{service.rpartition('.')[0]}.{name}Request"
+        assert pool.FindServiceByName("grpc.health.v1.Health").methods_by_name["Check"]
 
 
 # ---- the gateway --------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Embeddings end to end: `tandem up --prefill 0 --decode 0` serving a tiny embedding checkpoint
-(architectures LlamaModel, no lm head), driven by the official `openai` client; the vectors equal
-HF transformers' AutoModel forward + pooling on the same weights."""
+(architectures LlamaModel, no lm head), driven by the official `openai` client and by LiteLLM;
+the vectors equal HF transformers' AutoModel forward + pooling on the same weights."""
 
 from __future__ import annotations
 
@@ -108,3 +108,18 @@ def test_generation_on_the_embedding_model_is_a_clear_400(client: openai.OpenAI,
 def test_the_api_key_guards_embeddings(up: dict[str, Any]) -> None:
     r = httpx.post(f"{up['openai']}/embeddings", json={"model": up["model"], "input": "x"}, timeout=10)
     assert r.status_code == 401
+
+
+@pytest.mark.filterwarnings("ignore:Items? .* using the `ReadOnly` qualifier:UserWarning")  # litellm's
+def test_litellm_embedding_equals_hf(
+    up: dict[str, Any], embedder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """LiteLLM's `embedding()` through its OpenAI-compatible provider (`openai/<model id>`)."""
+    monkeypatch.setenv("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no fetch of its price list
+    litellm = pytest.importorskip("litellm")
+    texts = ["The quick brown fox", "a second, longer sentence to embed"]
+    resp = litellm.embedding(model=f"openai/{up['model']}", input=texts, api_base=up["openai"], api_key=KEY)
+    assert [d["index"] for d in resp.data] == [0, 1]
+    for d, text in zip(resp.data, texts):
+        assert cosine(d["embedding"], hf_embedding(embedder, tokenize(up, text), "last")) > 0.9999
+    assert resp.usage.prompt_tokens == sum(len(tokenize(up, t)) for t in texts)

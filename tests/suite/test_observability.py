@@ -6,94 +6,25 @@ with traffic. Plus the no-op path: without an OTLP endpoint no SDK provider is i
 from __future__ import annotations
 
 import re
-import threading
-import time
 from collections.abc import Iterator
-from concurrent import futures
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import grpc
 import httpx
 import openai
 import pytest
 from opentelemetry import trace
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from services.common.tracing import TracingConfig, setup_tracing
 from tests.suite.cluster import admin_auth, tandem_up
+from tests.suite.otlp import Receiver, Span, grpc_receiver, one_span
 
 pytestmark = pytest.mark.xdist_group("suite_observability")
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVICES = ("tandem-gateway", "tandem-router", "tandem-prefill", "tandem-decode")
 MESSAGES = [{"role": "user", "content": "Tell me about the sea."}]
-
-
-# ---- an OTLP/gRPC trace receiver ------------------------------------------------------------------
-
-
-@dataclass
-class Span:
-    service: str
-    name: str
-    trace_id: str
-    span_id: str
-    parent_id: str
-    start_ns: int
-    end_ns: int
-    attributes: dict[str, Any]
-    events: list[tuple[str, dict[str, Any]]]
-    error: str | None  # the status message of an ERROR span
-
-
-def _value(v: Any) -> Any:
-    return getattr(v, v.WhichOneof("value")) if v.WhichOneof("value") else None
-
-
-class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
-    def __init__(self) -> None:
-        self.spans: list[Span] = []
-        self.lock = threading.Lock()
-
-    def Export(
-        self, request: trace_service_pb2.ExportTraceServiceRequest, context: Any
-    ) -> trace_service_pb2.ExportTraceServiceResponse:
-        got = []
-        for rs in request.resource_spans:
-            service = {a.key: _value(a.value) for a in rs.resource.attributes}.get("service.name", "")
-            for ss in rs.scope_spans:
-                for s in ss.spans:
-                    got.append(
-                        Span(
-                            service,
-                            s.name,
-                            s.trace_id.hex(),
-                            s.span_id.hex(),
-                            s.parent_span_id.hex(),
-                            s.start_time_unix_nano,
-                            s.end_time_unix_nano,
-                            {a.key: _value(a.value) for a in s.attributes},
-                            [(e.name, {a.key: _value(a.value) for a in e.attributes}) for e in s.events],
-                            s.status.message if s.status.code == 2 else None,
-                        )
-                    )
-        with self.lock:
-            self.spans.extend(got)
-        return trace_service_pb2.ExportTraceServiceResponse()
-
-    def trace_of(self, predicate: Any, expected: int, timeout: float = 20.0) -> list[Span]:
-        """The spans of the trace holding the span `predicate` picks, once `expected` arrived."""
-        deadline = time.monotonic() + timeout
-        while True:
-            with self.lock:
-                root = next((s for s in self.spans if predicate(s)), None)
-                spans = [s for s in self.spans if root is not None and s.trace_id == root.trace_id]
-            if len(spans) >= expected or time.monotonic() > deadline:
-                return spans
-            time.sleep(0.1)
 
 
 # ---- the suite, up once for the module ------------------------------------------------------------
@@ -116,13 +47,8 @@ def sample(families: dict[str, Any], name: str, **labels: str) -> float:
 
 @pytest.fixture(scope="module")
 def receiver() -> Iterator[Receiver]:
-    servicer = Receiver()
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(servicer, server)
-    servicer.port = server.add_insecure_port("127.0.0.1:0")  # type: ignore[attr-defined]
-    server.start()
-    yield servicer
-    server.stop(grace=None)
+    with grpc_receiver() as receiver:
+        yield receiver
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +56,7 @@ def up(
     tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory, receiver: Receiver
 ) -> Iterator[dict[str, Any]]:
     env = {
-        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{receiver.port}",  # type: ignore[attr-defined]
+        "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
         "OTEL_BSP_SCHEDULE_DELAY": "100",
     }
     with tandem_up(tiny_llama, tmp_path_factory.mktemp("observability"), env) as info:
@@ -182,22 +108,16 @@ def traffic(up: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _one(spans: list[Span], service: str, name: str) -> Span:
-    found = [s for s in spans if s.service == service and s.name == name]
-    assert len(found) == 1, (service, name, [(s.service, s.name) for s in spans])
-    return found[0]
-
-
 def check_request_trace(receiver: Receiver, request_id: str, usage: Any, stream: bool) -> list[Span]:
     """The trace of one gateway request: six spans in four services, correctly parented."""
     spans = receiver.trace_of(lambda s: s.attributes.get("tandem.request_id") == request_id, 6)
     assert {s.service for s in spans} == set(SERVICES), [(s.service, s.name) for s in spans]
-    gateway = _one(spans, "tandem-gateway", "POST /v1/chat/completions")
-    router = _one(spans, "tandem-router", "router.generate")
-    prefill = _one(spans, "tandem-prefill", "prefill")
-    transfer = _one(spans, "tandem-prefill", "kv_transfer")
-    decode = _one(spans, "tandem-decode", "decode")
-    reserve = _one(spans, "tandem-decode", "reserve_kv")
+    gateway = one_span(spans, "tandem-gateway", "POST /v1/chat/completions")
+    router = one_span(spans, "tandem-router", "router.generate")
+    prefill = one_span(spans, "tandem-prefill", "prefill")
+    transfer = one_span(spans, "tandem-prefill", "kv_transfer")
+    decode = one_span(spans, "tandem-decode", "decode")
+    reserve = one_span(spans, "tandem-decode", "reserve_kv")
     assert len(spans) == 6
     assert router.parent_id == gateway.span_id
     assert prefill.parent_id == decode.parent_id == router.span_id
@@ -264,20 +184,20 @@ def test_a_callers_traceparent_is_continued(receiver: Receiver, traffic: dict[st
     caller_trace, caller_span = traffic["caller"]
     reply = traffic["continued"]
     spans = check_request_trace(receiver, reply.id, reply.usage, stream=False)
-    gateway = _one(spans, "tandem-gateway", "POST /v1/chat/completions")
+    gateway = one_span(spans, "tandem-gateway", "POST /v1/chat/completions")
     assert gateway.trace_id == caller_trace and gateway.parent_id == caller_span
     # The caller's X-Request-Id names the response and rides on the gateway's and router's spans.
     assert reply.id == "chatcmpl-caller-7"
-    router = _one(spans, "tandem-router", "router.generate")
+    router = one_span(spans, "tandem-router", "router.generate")
     assert gateway.attributes["tandem.x_request_id"] == router.attributes["tandem.x_request_id"] == "caller-7"
 
 
 def test_a_failure_is_an_error_on_the_spans_it_crossed(receiver: Receiver, traffic: dict[str, Any]) -> None:
     assert traffic["refused"].status_code == 400
     spans = receiver.trace_of(lambda s: s.attributes.get("rpc.grpc.status_code") == 3, 3)
-    gateway = _one(spans, "tandem-gateway", "POST /v1/chat/completions")
-    router = _one(spans, "tandem-router", "router.generate")
-    decode = _one(spans, "tandem-decode", "decode")
+    gateway = one_span(spans, "tandem-gateway", "POST /v1/chat/completions")
+    router = one_span(spans, "tandem-router", "router.generate")
+    decode = one_span(spans, "tandem-decode", "decode")
     assert gateway.attributes["http.response.status_code"] == 400 and gateway.error is None  # the caller's
     assert router.error is not None and router.error.startswith("INVALID_ARGUMENT: stop_token_ids")
     assert decode.error is not None and "stop_token_ids" in decode.error
@@ -366,7 +286,7 @@ def test_without_an_otlp_endpoint_no_sdk_provider_is_installed() -> None:
     assert TracingConfig.from_env(endpoint).enabled
     assert not TracingConfig.from_env({**endpoint, "OTEL_SDK_DISABLED": "true"}).enabled
     assert not TracingConfig.from_env({**endpoint, "OTEL_TRACES_EXPORTER": "none"}).enabled
-    assert not TracingConfig.from_env({**endpoint, "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"}).enabled
+    assert not TracingConfig.from_env({**endpoint, "OTEL_EXPORTER_OTLP_PROTOCOL": "http/json"}).enabled
     tracing = setup_tracing("tandem-test", environ={})
     assert not tracing.enabled
     provider = trace.get_tracer_provider()
