@@ -20,8 +20,8 @@ from shared.scheduler.request import Req
 from shared.transfer import KvCommit
 
 if TYPE_CHECKING:
-    from shared.transfer.nixl import NixlAgent
-    from shared.transfer.pages import PageLayout
+    from shared.transfer.nixl import KvAgent
+    from shared.transfer.pages import KvPages
 
 ReservePages = Callable[[Req], "list[int] | None"]  # pages for the whole prompt (parked), or None
 
@@ -63,7 +63,7 @@ class KvReceiver:
     """
 
     def __init__(
-        self, layout: PageLayout, reserve_pages: ReservePages, agent: NixlAgent | None, lease_s: float
+        self, layout: KvPages, reserve_pages: ReservePages, agent: KvAgent | None, lease_s: float
     ) -> None:
         self.layout = layout
         self.reserve_pages = reserve_pages

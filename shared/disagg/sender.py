@@ -21,8 +21,8 @@ from shared.scheduler.request import Req
 from shared.transfer import KvCommit, KvTarget
 
 if TYPE_CHECKING:
-    from shared.transfer.nixl import NixlAgent
-    from shared.transfer.pages import PageLayout
+    from shared.transfer.nixl import KvAgent
+    from shared.transfer.pages import KvPages
 
 logger = logging.getLogger(__name__)
 
@@ -60,9 +60,9 @@ class KvSender:
 
     def __init__(
         self,
-        layout: PageLayout,
+        layout: KvPages,
         own_pages: OwnPages,
-        agent: NixlAgent | None,
+        agent: KvAgent | None,
         timeout_s: float,
         want_target: WantTarget,
     ) -> None:
