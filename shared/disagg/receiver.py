@@ -1,9 +1,10 @@
 """Decode side of the KV hand-off (see the package docstring for the lifecycle).
 
-`KvReceiver` sees the engine through narrow pieces: the pool's `PageLayout` (to write pages that
-arrive as bytes) and a function that reserves pages for a request (parking it) or says there is
-no room. What it decides comes back from `take_events()` (`Granted`, `Arrived`, `Expired`,
-`Released`) for the core to act on.
+`KvReceiver` sees the engine through narrow pieces: the pool's pages (`KvPages`, to write pages
+that arrive as bytes), its transfer agent (`KvAgent`: NIXL notifications) and a function that
+reserves pages for a request (parking it) or says there is no room. What it decides comes back
+from `take_events()` (`Granted`, `Arrived`, `Expired`, `Released`) for the core to act on. With
+tensor parallelism the pages and the agent span every rank's shard (shared/transfer/shards.py).
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
 """Prefill side of the KV hand-off (see the package docstring for the lifecycle).
 
-`KvSender` sees the engine through three narrow pieces: the pool's `PageLayout`, a function that
-gives a request's own page ids, and a callback that asks for a decode reservation. It never
-touches the scheduler: what it decides comes back from `take_events()` (`Sent`, `SendFailed`)
-for the core to act on.
+`KvSender` sees the engine through narrow pieces: the pool's pages (`KvPages`), its transfer
+agent (`KvAgent`), a function that gives a request's own page ids, and a callback that asks for
+a decode reservation. It never touches the scheduler: what it decides comes back from
+`take_events()` (`Sent`, `SendFailed`) for the core to act on. With tensor parallelism the pages
+and the agent span every rank's shard (shared/transfer/shards.py).
 """
 
 from __future__ import annotations
