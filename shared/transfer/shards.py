@@ -160,6 +160,9 @@ class ShardedPageLayout:
                 self.channel.send_bytes(rank, view[rank * shard : (rank + 1) * shard])
 
 
+_UNPOSTED = object()  # a notification write that NIXL refused to post
+
+
 @dataclass
 class _Write:
     """One write of every rank's shard (the handle `ShardedNixlAgent.write` returns)."""
@@ -239,6 +242,8 @@ class ShardedNixlAgent:
 
     def state(self, handle: Any) -> XferState:
         write: _Write = handle
+        if write.carrier is _UNPOSTED:
+            return "ERR"
         if write.carrier is not None:
             return self.local.state(write.carrier)
         local = self.local.state(write.local)
@@ -252,7 +257,12 @@ class ShardedNixlAgent:
             return "DONE"
         # Every shard landed: the notification may go now, riding a rewrite of one page.
         src, dst = write.last
-        write.carrier = self.local.write(write.peer, [src], [dst], write.notif)
+        try:
+            write.carrier = self.local.write(write.peer, [src], [dst], write.notif)
+        except (RuntimeError, KeyError) as e:  # as a write that could not be posted: failed
+            logger.warning("could not post the notification to %s: %s", write.peer, e)
+            write.carrier = _UNPOSTED
+            return "ERR"
         return "PROC"
 
     def release(self, handle: Any) -> None:
@@ -262,7 +272,7 @@ class ShardedNixlAgent:
         try:
             self.local.release(write.local)
         finally:
-            if write.carrier is not None:
+            if write.carrier not in (None, _UNPOSTED):
                 self.local.release(write.carrier)
 
     def take_notifs(self) -> list[bytes]:
