@@ -187,8 +187,6 @@ class EngineConfig:
                 f"ep_size={self.ep_size} with tp_size={self.tp_size}: expert parallelism runs over the"
                 " tensor-parallel ranks, so ep_size must be 1 or equal tp_size"
             )
-        if self.tp_size > 1:
-            self._validate_tensor_parallel()
         positive("page_size", self.page_size)
         positive("max_total_tokens", self.max_total_tokens)
         positive("max_running_requests", self.max_running_requests)
@@ -217,13 +215,3 @@ class EngineConfig:
             raise ValueError(f"grammar_compile_timeout_s must be > 0, got {self.grammar_compile_timeout_s!r}")
         if self.schedule_policy not in _POLICIES:
             raise ValueError(f"schedule_policy must be one of {_POLICIES}, got {self.schedule_policy!r}")
-
-    def _validate_tensor_parallel(self) -> None:
-        # What tensor parallelism does not do yet; the model's own limits (architecture, head
-        # counts, FP8 shards that are not whole weight blocks) are checked when it loads
-        # (shared/distributed/parallel_state.py, shared/models/layers/linear.py).
-        if self.disaggregation_mode != "null":
-            raise ValueError(
-                f"tp_size={self.tp_size} with disaggregation_mode={self.disaggregation_mode!r}:"
-                " prefill/decode disaggregation with tensor parallelism is not supported yet"
-            )

@@ -103,6 +103,7 @@ class EngineClient:
         self.kv_transport = ready.kv_transport
         self.agent_name = ready.agent_name
         self.agent_metadata = ready.agent_metadata
+        self.tp_size = ready.tp_size
         self._receiver = threading.Thread(target=self._receive, name="tandem-engine-client", daemon=True)
         self._receiver.start()
 

@@ -42,7 +42,9 @@ from shared.scheduler.kv_manager import KVCacheManager
 from shared.scheduler.request import PENDING, FinishKind, FinishReason, Req
 from shared.scheduler.scheduler import ScheduleBatch, ScheduledReq, Scheduler
 from shared.transfer import KvCommit, KvTarget, PageLayout, nixl_available
-from shared.transfer.nixl import NixlAgent
+from shared.transfer.nixl import KvAgent, NixlAgent
+from shared.transfer.pages import KvPages
+from shared.transfer.shards import shard_transfer
 
 logger = logging.getLogger(__name__)
 
@@ -119,11 +121,18 @@ class EngineCore:
 
         # Disaggregation: the NIXL agent over our pool, and the side of the hand-off we play.
         self.mode = config.disaggregation_mode
-        self.layout = PageLayout(self.runner.kv_pool.buffers(), config.page_size)
+        layout = PageLayout(self.runner.kv_pool.buffers(), config.page_size)
         self.transport = resolve_transport(config)
-        self.agent = (
-            NixlAgent(self.layout, self.mode) if self.mode != "null" and self.transport == "nixl" else None
+        agent = (
+            NixlAgent(layout, self.mode, tp_size=config.tp_size)
+            if self.mode != "null" and self.transport == "nixl"
+            else None
         )
+        self.layout: KvPages = layout
+        self.agent: KvAgent | None = agent
+        if self.mode != "null" and self.runner.step_sync is not None:
+            # Tensor parallelism: every rank moves its own shard, as this rank 0 instructs.
+            self.layout, self.agent = shard_transfer(layout, agent, self.runner.step_sync, config.tp_size)
         timeout = config.kv_transfer_timeout_s
         self.sender = (
             KvSender(self.layout, self._own_pages, self.agent, timeout, self._want_target)

@@ -106,6 +106,7 @@ class Ready(msgspec.Struct, tag="ready"):
     kv_transport: str  # "nixl" or "grpc"
     agent_name: str  # our NIXL agent ("" without one)
     agent_metadata: bytes | None  # NIXL peers learn our pool from it (PD engines with NIXL)
+    tp_size: int = 1  # a PD pair must run the same (every rank moves its own KV shard)
 
 
 class Accepted(msgspec.Struct, tag="accepted"):
@@ -189,6 +190,7 @@ def run_engine(config: EngineConfig, to_engine: str, from_engine: str) -> None:
                 core.transport,
                 core.agent.name if core.agent is not None else "",
                 core.agent.metadata() if core.agent is not None else None,
+                config.tp_size,
             )
         )
     )

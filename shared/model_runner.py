@@ -19,6 +19,7 @@ import itertools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -27,7 +28,7 @@ from shared.batch import ForwardBatch, ForwardMode, to_device
 from shared.config import EngineConfig
 from shared.cuda_graph import CudaGraphRunner, capture_batch_sizes
 from shared.distributed import parallel_state
-from shared.distributed.step_sync import StepBroadcast, StepInputs
+from shared.distributed.step_sync import StepBroadcast, StepInputs, TransferOps
 from shared.mem import PageAllocator, ReqToTokenPool, make_kv_pool
 from shared.models.config import ModelConfig, resolve_dtype
 from shared.models.loader import load_model
@@ -35,6 +36,9 @@ from shared.pooling import pool_chunk
 from shared.quant.fp8 import FP8_DTYPE
 from shared.scheduler.request import Req
 from shared.scheduler.scheduler import ScheduleBatch
+
+if TYPE_CHECKING:
+    from shared.transfer.shard_follower import FollowerTransfer
 
 logger = logging.getLogger(__name__)
 
@@ -232,14 +236,21 @@ class ModelRunner:
         return self.model.compute_logits(hidden[fb.logits_indices])
 
     @torch.inference_mode()
-    def follow(self) -> None:
+    def follow(self, transfer: FollowerTransfer | None = None) -> None:
         """A follower rank's loop: run each forward rank 0 broadcasts, until it stops. A collective
-        with a dead rank raises (the caller exits)."""
+        with a dead rank raises (the caller exits). A prefill/decode engine's follower moves its
+        KV shard as rank 0 instructs (`transfer`, shared/transfer/shards.py)."""
         assert self.step_sync is not None and parallel_state.tp_rank() > 0
         while (inputs := self.step_sync.recv()) is not None:
+            if isinstance(inputs, TransferOps):
+                assert transfer is not None, "KV-transfer instructions for an engine without PD"
+                transfer.run(inputs.words)
+                continue
             if inputs.writes.shape[1]:
                 self.req_pool.apply(inputs.writes)
             self._run(self._forward_batch_from(inputs))  # logits stay on rank 0
+            if transfer is not None:
+                transfer.progress()  # NIXL writes into or out of our shard progress as we poll
 
     def stop_followers(self) -> None:
         """Rank 0, shutting down: release the followers from `follow`."""

@@ -67,6 +67,7 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
                             page_size=client.page_size,
                             kv_layout=client.kv_layout,
                             kv_transport=TRANSPORTS[client.kv_transport],
+                            tp_size=client.tp_size,
                         )
                     )
                     async for out in stream.outputs(request.stall_timeout_ms / 1000):

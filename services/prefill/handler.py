@@ -9,9 +9,10 @@ Prefill(request, reservation, decode_address)
           answer once the writes are done.
     gRPC: the engine hands back the pages as bytes and the commit record; we stream them
           to the decode worker's WriteKv.
-A cancelled call aborts the request; the engine frees its pages once no write reads them. An
-engine that has not answered for the request's `stall_timeout_ms` fails the call (UNAVAILABLE):
-the router cannot see that itself, as this call streams nothing.
+A reservation from a decode worker of another `--tp-size` or KV layout is refused
+(FAILED_PRECONDITION). A cancelled call aborts the request; the engine frees its pages once no
+write reads them. An engine that has not answered for the request's `stall_timeout_ms` fails
+the call (UNAVAILABLE): the router cannot see that itself, as this call streams nothing.
 
 `decode_address` is the one worker address this service takes from a request, and it dials it
 (ReserveKv, WriteKv, GetTransferMetadata, with the cluster token). Only the router sets it, from
@@ -80,6 +81,14 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
     ) -> worker_pb2.PrefillResponse:
         client = self.engine.client
         res, req = request.reservation, request.request
+        if (res.tp_size or 1) != client.tp_size:
+            raise ServiceError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"tensor-parallel size mismatch: decode worker {request.decode_address} runs"
+                f" tp_size={res.tp_size or 1}, this prefill worker tp_size={client.tp_size}; a"
+                " prefill/decode pair must use the same --tp-size (heterogeneous TP is not"
+                " supported yet)",
+            )
         if res.kv_layout != client.kv_layout:
             raise ServiceError(
                 grpc.StatusCode.FAILED_PRECONDITION,

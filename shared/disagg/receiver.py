@@ -1,9 +1,10 @@
 """Decode side of the KV hand-off (see the package docstring for the lifecycle).
 
-`KvReceiver` sees the engine through narrow pieces: the pool's `PageLayout` (to write pages that
-arrive as bytes) and a function that reserves pages for a request (parking it) or says there is
-no room. What it decides comes back from `take_events()` (`Granted`, `Arrived`, `Expired`,
-`Released`) for the core to act on.
+`KvReceiver` sees the engine through narrow pieces: the pool's pages (`KvPages`, to write pages
+that arrive as bytes), its transfer agent (`KvAgent`: NIXL notifications) and a function that
+reserves pages for a request (parking it) or says there is no room. What it decides comes back
+from `take_events()` (`Granted`, `Arrived`, `Expired`, `Released`) for the core to act on. With
+tensor parallelism the pages and the agent span every rank's shard (shared/transfer/shards.py).
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from shared.scheduler.request import Req
 from shared.transfer import KvCommit
 
 if TYPE_CHECKING:
-    from shared.transfer.nixl import NixlAgent
-    from shared.transfer.pages import PageLayout
+    from shared.transfer.nixl import KvAgent
+    from shared.transfer.pages import KvPages
 
 ReservePages = Callable[[Req], "list[int] | None"]  # pages for the whole prompt (parked), or None
 
@@ -63,7 +64,7 @@ class KvReceiver:
     """
 
     def __init__(
-        self, layout: PageLayout, reserve_pages: ReservePages, agent: NixlAgent | None, lease_s: float
+        self, layout: KvPages, reserve_pages: ReservePages, agent: KvAgent | None, lease_s: float
     ) -> None:
         self.layout = layout
         self.reserve_pages = reserve_pages

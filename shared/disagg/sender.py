@@ -1,9 +1,10 @@
 """Prefill side of the KV hand-off (see the package docstring for the lifecycle).
 
-`KvSender` sees the engine through three narrow pieces: the pool's `PageLayout`, a function that
-gives a request's own page ids, and a callback that asks for a decode reservation. It never
-touches the scheduler: what it decides comes back from `take_events()` (`Sent`, `SendFailed`)
-for the core to act on.
+`KvSender` sees the engine through narrow pieces: the pool's pages (`KvPages`), its transfer
+agent (`KvAgent`), a function that gives a request's own page ids, and a callback that asks for
+a decode reservation. It never touches the scheduler: what it decides comes back from
+`take_events()` (`Sent`, `SendFailed`) for the core to act on. With tensor parallelism the pages
+and the agent span every rank's shard (shared/transfer/shards.py).
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from shared.scheduler.request import Req
 from shared.transfer import KvCommit, KvTarget
 
 if TYPE_CHECKING:
-    from shared.transfer.nixl import NixlAgent
-    from shared.transfer.pages import PageLayout
+    from shared.transfer.nixl import KvAgent
+    from shared.transfer.pages import KvPages
 
 logger = logging.getLogger(__name__)
 
@@ -60,9 +61,9 @@ class KvSender:
 
     def __init__(
         self,
-        layout: PageLayout,
+        layout: KvPages,
         own_pages: OwnPages,
-        agent: NixlAgent | None,
+        agent: KvAgent | None,
         timeout_s: float,
         want_target: WantTarget,
     ) -> None:

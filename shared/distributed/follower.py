@@ -3,8 +3,9 @@
     python -m shared.distributed.follower RANK STORE_PORT CONFIG_JSON
 
 Started by rank 0 (shared/distributed/launch.py). It holds no scheduler, cache or sampler: it
-runs the forwards rank 0 broadcasts (shared/distributed/step_sync.py) until rank 0 says stop, or
-exits with an error when a collective fails because another rank died.
+runs the forwards rank 0 broadcasts (shared/distributed/step_sync.py), and in a prefill/decode
+engine its shard's part of each KV transfer (shared/transfer/shards.py), until rank 0 says stop,
+or exits with an error when a collective fails because another rank died.
 """
 
 from __future__ import annotations
@@ -12,9 +13,16 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from typing import TYPE_CHECKING
 
 from shared.config import EngineConfig
 from shared.distributed import parallel_state
+
+if TYPE_CHECKING:
+    import torch
+
+    from shared.model_runner import ModelRunner
+    from shared.transfer.shard_follower import FollowerTransfer
 
 logger = logging.getLogger(__name__)
 
@@ -30,13 +38,26 @@ def main(argv: list[str]) -> int:
     parallel_state.init_tensor_parallel(rank, config.tp_size, store, device, config.ep_size)
     try:
         runner = ModelRunner(config)
-        runner.follow()
+        runner.follow(_transfer(config, runner, rank, device))
     except Exception as e:  # a dead peer, or a failure of our own: either way the group is gone
         logger.error("tensor-parallel rank %d stops: %s: %s", rank, type(e).__name__, e)
         return 1
     finally:
         parallel_state.destroy_tensor_parallel()
     return 0
+
+
+def _transfer(
+    config: EngineConfig, runner: ModelRunner, rank: int, device: torch.device
+) -> FollowerTransfer | None:
+    """A prefill/decode engine's follower moves its own KV shard (shared/transfer/shards.py)."""
+    if config.disaggregation_mode == "null":
+        return None
+    from shared.transfer.pages import PageLayout
+    from shared.transfer.shard_follower import FollowerTransfer
+
+    layout = PageLayout(runner.kv_pool.buffers(), config.page_size)
+    return FollowerTransfer(layout, config.disaggregation_mode, rank, config.tp_size, device)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,10 @@ never touched). One step is two broadcasts of int64 tensors from rank 0, on the 
 
 Everything else a forward needs (weights, the KV pool shard, the attention backend) each rank
 holds itself. A follower reads the header, then the payload, and returns `None` on STOP.
+
+A prefill/decode engine also sends TRANSFER items between steps: the header's second int is the
+length of an int64 payload of KV-transfer instructions for the followers' own shards, which
+shared/transfer/shards.py writes and reads (and any replies it collects right after).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import torch.distributed as dist
 
 from shared.batch import ForwardBatch, ForwardMode
 
-_STOP, _EXTEND, _DECODE = 0, 1, 2
+_STOP, _EXTEND, _DECODE, _TRANSFER = 0, 1, 2, 3
 _HEADER_LEN = 5
 
 
@@ -44,11 +48,20 @@ class StepInputs:
     host: list[list[int]]  # req_pool_indices, seq_lens, extend_prefix_lens, extend_seq_lens
 
 
+@dataclass(frozen=True)
+class TransferOps:
+    """KV-transfer instructions for a follower's shard (shared/transfer/shards.py decodes them)."""
+
+    words: list[int]
+
+
 class StepBroadcast:
-    """Rank 0's `send` and `stop`, the followers' `recv`; one instance per rank, same device."""
+    """Rank 0's `send`, `send_transfer` and `stop`, the followers' `recv`; one instance per rank,
+    same device."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
+        self.steps_sent = 0  # forwards rank 0 broadcast so far
 
     def send(self, fb: ForwardBatch, writes: torch.Tensor | None) -> None:
         """Rank 0, before its own forward of `fb`: `writes` are req_to_token's flushed cells."""
@@ -68,19 +81,31 @@ class StepBroadcast:
             w.reshape(-1),
         ]
         self._broadcast(torch.cat([p.to(torch.int64) for p in parts]))
+        self.steps_sent += 1
+
+    def send_transfer(self, words: list[int]) -> None:
+        """Rank 0, between forwards: KV-transfer instructions (`TransferOps` on the followers)."""
+        header = [_TRANSFER, len(words)] + [0] * (_HEADER_LEN - 2)
+        self._broadcast(torch.tensor(header, dtype=torch.int64, device=self.device))
+        self._broadcast(torch.tensor(words, dtype=torch.int64, device=self.device))
 
     def stop(self) -> None:
         """Rank 0: release the followers from their loop."""
         header = [_STOP] + [0] * (_HEADER_LEN - 1)
         self._broadcast(torch.tensor(header, dtype=torch.int64, device=self.device))
 
-    def recv(self) -> StepInputs | None:
-        """A follower: the next step's inputs, or None when rank 0 stopped."""
+    def recv(self) -> StepInputs | TransferOps | None:
+        """A follower: the next step's inputs (or transfer instructions), or None when rank 0
+        stopped."""
         header = torch.empty(_HEADER_LEN, dtype=torch.int64, device=self.device)
         self._broadcast(header)
         kind, t, b, n, w = header.tolist()
         if kind == _STOP:
             return None
+        if kind == _TRANSFER:
+            words = torch.empty(t, dtype=torch.int64, device=self.device)
+            self._broadcast(words)
+            return TransferOps(words.tolist())
         payload = torch.empty(3 * t + 4 * b + n + 3 * w, dtype=torch.int64, device=self.device)
         self._broadcast(payload)
         ids, pos, loc, rows, seq, pre, ext, logits, writes = payload.split([t, t, t, b, b, b, b, n, 3 * w])

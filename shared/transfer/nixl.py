@@ -28,11 +28,12 @@ import logging
 import os
 import socket
 import uuid
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import msgspec
 import numpy as np
 
+from shared.errors import InvalidRequest
 from shared.transfer.pages import PageLayout, page_runs
 
 XferState = Literal["DONE", "PROC", "ERR"]
@@ -57,8 +58,9 @@ def import_nixl() -> tuple[Any, Any]:
     raise ImportError("NIXL is not installed (pip install nixl, or nixl-cu12 / nixl-cu13)")
 
 
-class PeerInfo(msgspec.Struct, frozen=True):
-    """What a peer needs to write into our pool."""
+class PeerInfo(msgspec.Struct, frozen=True, omit_defaults=True):
+    """What a peer needs to write into our pool (with tensor parallelism: into rank 0's shard;
+    `ranks` holds the other ranks' own `PeerInfo`, encoded, in rank order)."""
 
     name: str
     agent_metadata: bytes
@@ -67,6 +69,49 @@ class PeerInfo(msgspec.Struct, frozen=True):
     page_bytes: list[int]
     mem_type: str  # "DRAM" or "VRAM"
     device_id: int
+    tp_size: int = 1
+    tp_rank: int = 0
+    ranks: list[bytes] = []
+
+
+def check_peer(info: PeerInfo, fingerprint: str, tp_size: int) -> None:
+    """Refuse a peer whose pool this engine (rank) cannot write into."""
+    if info.tp_size != tp_size:
+        raise InvalidRequest(
+            f"tensor-parallel size mismatch: KV peer {info.name} runs tp_size={info.tp_size}, this"
+            f" engine tp_size={tp_size}; a prefill/decode pair must use the same tp_size"
+            " (heterogeneous TP is not supported yet)"
+        )
+    if info.fingerprint != fingerprint:
+        raise ValueError(
+            f"KV layout mismatch with {info.name}: {info.fingerprint} != {fingerprint}"
+            " (same model, dtype and page size on both sides?)"
+        )
+
+
+class KvAgent(Protocol):
+    """What the KV hand-off (shared/disagg/) needs of a transfer agent: `NixlAgent` over one
+    pool, `ShardedNixlAgent` (shared/transfer/shards.py) over a tensor-parallel engine's shards.
+
+    `write` starts writing `src_pages` into the peer's `dst_pages` and returns a handle whose
+    `state` is PROC until the write is over; its `notif` reaches the peer's `take_notifs` after
+    all of the write's data."""
+
+    name: str
+
+    def metadata(self) -> bytes: ...
+
+    def has_peer(self, name: str) -> bool: ...
+
+    def add_peer(self, metadata: bytes) -> str: ...
+
+    def write(self, peer: str, src_pages: list[int], dst_pages: list[int], notif: bytes = b"") -> Any: ...
+
+    def state(self, handle: Any) -> XferState: ...
+
+    def release(self, handle: Any) -> None: ...
+
+    def take_notifs(self) -> list[bytes]: ...
 
 
 class NixlAgent:
@@ -77,12 +122,17 @@ class NixlAgent:
         *,
         progress_thread: bool = False,
         ucx: dict[str, str] | None = None,
+        tp_size: int = 1,
+        tp_rank: int = 0,
     ) -> None:
         """`progress_thread`: NIXL's UCX progress thread (busy-polls a core; off: the caller's
         `state`/`take_notifs` calls progress transfers). `ucx`: UCX settings over
-        `UCX_DEFAULTS` (names without `UCX_`); a `UCX_*` environment variable still wins."""
+        `UCX_DEFAULTS` (names without `UCX_`); a `UCX_*` environment variable still wins.
+        `tp_size`/`tp_rank`: the tensor-parallel rank whose pool shard `layout` is (peers must
+        run the same tp_size)."""
         nixl_agent, nixl_agent_config = import_nixl()
         self.layout = layout
+        self.tp_size, self.tp_rank = tp_size, tp_rank
         self.name = f"tandem-{role}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         settings = {**UCX_DEFAULTS, **(ucx or {})}
         config = nixl_agent_config(enable_prog_thread=progress_thread, backends=[])
@@ -118,6 +168,8 @@ class NixlAgent:
             self.layout.page_bytes,
             self.mem_type,
             self.device_id,
+            self.tp_size,
+            self.tp_rank,
         )
         return msgspec.msgpack.encode(info)
 
@@ -127,11 +179,7 @@ class NixlAgent:
     def add_peer(self, metadata: bytes) -> str:
         """Learn a peer from its `metadata()`; its layout must match ours. Returns its name."""
         info = msgspec.msgpack.decode(metadata, type=PeerInfo)
-        if info.fingerprint != self.layout.fingerprint:
-            raise ValueError(
-                f"KV layout mismatch with {info.name}: {info.fingerprint} != {self.layout.fingerprint}"
-                " (same model, dtype and page size on both sides?)"
-            )
+        check_peer(info, self.layout.fingerprint, self.tp_size)
         if info.name not in self._peers:
             self._agent.add_remote_agent(info.agent_metadata)
             self._peers[info.name] = info

@@ -22,11 +22,28 @@ from __future__ import annotations
 
 import hashlib
 import warnings
+from typing import Protocol
 
 import numpy as np
 import torch
 
 from shared.errors import InvalidRequest
+
+
+class KvPages(Protocol):
+    """What the KV hand-off (shared/disagg/) needs of a pool's pages: `PageLayout` for one pool,
+    `ShardedPageLayout` (shared/transfer/shards.py) for a tensor-parallel engine's shards."""
+
+    page_size: int
+    fingerprint: str
+
+    def nbytes(self, num_pages: int) -> int: ...
+
+    def check_pages(self, pages: list[int]) -> None: ...
+
+    def read_pages(self, pages: list[int]) -> bytes | bytearray: ...
+
+    def write_pages(self, pages: list[int], data: bytes | bytearray | memoryview) -> None: ...
 
 
 class PageLayout:

@@ -17,7 +17,8 @@ from shared.disagg.receiver import PREFILL_GAVE_UP
 from shared.engine_core import EngineCore, RequestOutput
 from shared.errors import CapacityError
 from shared.sampling import SamplingParams
-from shared.transfer import KvCommit, KvTarget, nixl_available
+from shared.transfer import KvCommit, KvTarget, PageLayout, nixl_available
+from shared.transfer.nixl import NixlAgent
 from tests.engine.hf_reference import hf_greedy
 from tests.engine.test_parity import build_core, hf_greedy_cached, make_prompts, run_staggered
 
@@ -33,6 +34,9 @@ def make_pair(path: Path, transport: str, **options: object) -> tuple[EngineCore
     if transport == "nixl":
         assert decode.agent is not None
         prefill.add_peer(decode.agent.metadata())
+    for core in (prefill, decode):  # tp_size 1: the pool's own layout and agent, nothing sharded
+        assert type(core.layout) is PageLayout
+        assert core.agent is None or type(core.agent) is NixlAgent
     return prefill, decode
 
 

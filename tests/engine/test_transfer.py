@@ -182,6 +182,27 @@ def test_nixl_descriptors_are_one_per_run_and_buffer() -> None:
     np.testing.assert_array_equal(remote, expected_remote)
 
 
+@needs_nixl
+def test_nixl_peers_must_run_the_same_tp_size() -> None:
+    """The metadata says the tp_size (omitted at 1: a tp_size 1 engine's metadata is what it
+    was before tensor parallelism); an agent refuses a peer of another tp_size, by name."""
+    from shared.errors import InvalidRequest
+    from shared.transfer.nixl import NixlAgent
+
+    one, two = (
+        NixlAgent(make_layout(fill=False), "prefill"),
+        NixlAgent(make_layout(fill=False), "decode", tp_size=2),
+    )
+    assert b"tp_size" not in one.metadata() and b"tp_size" in two.metadata()
+    with pytest.raises(
+        InvalidRequest, match=r"tensor-parallel size mismatch: .* tp_size=2, this engine tp_size=1"
+    ):
+        one.add_peer(two.metadata())
+    with pytest.raises(InvalidRequest, match=r"runs tp_size=1, this engine tp_size=2"):
+        two.add_peer(one.metadata())
+    assert not one.has_peer(two.name) and not two.has_peer(one.name)
+
+
 _AGENT_WITH_UCX_TLS = """
 import torch
 from shared.transfer.pages import PageLayout

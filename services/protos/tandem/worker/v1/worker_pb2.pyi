@@ -119,20 +119,22 @@ class Keepalive(_message.Message):
     def __init__(self, phase: _Optional[str] = ...) -> None: ...
 
 class Reservation(_message.Message):
-    __slots__ = ("rid", "agent_name", "page_ids", "page_size", "kv_layout", "kv_transport")
+    __slots__ = ("rid", "agent_name", "page_ids", "page_size", "kv_layout", "kv_transport", "tp_size")
     RID_FIELD_NUMBER: _ClassVar[int]
     AGENT_NAME_FIELD_NUMBER: _ClassVar[int]
     PAGE_IDS_FIELD_NUMBER: _ClassVar[int]
     PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     KV_LAYOUT_FIELD_NUMBER: _ClassVar[int]
     KV_TRANSPORT_FIELD_NUMBER: _ClassVar[int]
+    TP_SIZE_FIELD_NUMBER: _ClassVar[int]
     rid: str
     agent_name: str
     page_ids: _containers.RepeatedScalarFieldContainer[int]
     page_size: int
     kv_layout: str
     kv_transport: KvTransport
-    def __init__(self, rid: _Optional[str] = ..., agent_name: _Optional[str] = ..., page_ids: _Optional[_Iterable[int]] = ..., page_size: _Optional[int] = ..., kv_layout: _Optional[str] = ..., kv_transport: _Optional[_Union[KvTransport, str]] = ...) -> None: ...
+    tp_size: int
+    def __init__(self, rid: _Optional[str] = ..., agent_name: _Optional[str] = ..., page_ids: _Optional[_Iterable[int]] = ..., page_size: _Optional[int] = ..., kv_layout: _Optional[str] = ..., kv_transport: _Optional[_Union[KvTransport, str]] = ..., tp_size: _Optional[int] = ...) -> None: ...
 
 class PrefillRequest(_message.Message):
     __slots__ = ("request", "reservation", "decode_address")
