@@ -219,8 +219,32 @@ class Orchestrator:
     def _pick(self, role: str, sample: Sample) -> Worker:
         return self._pick_for(role, sample.text, sample.token_ids)
 
-    def _pick_for(self, role: str, text: str, token_ids: list[int]) -> Worker:
-        workers = self.registry.available(role)
+    def _pick_pair(self, sample: Sample) -> tuple[Worker, Worker]:
+        """A prefill worker (its policy) among those with a decode worker that can take its KV
+        (the same KV layout, tensor-parallel size and transport), then a decode worker (its
+        policy) among those."""
+        decodes = self.registry.available("decode")
+        prefills = self.registry.available("prefill")
+        keys = {w.kv_pairing for w in decodes}
+        if prefills and decodes and not any(w.kv_pairing in keys for w in prefills):
+            raise ServiceError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "no prefill worker can hand its KV to a decode worker: the KV layout, tensor-parallel"
+                " size and transport must match (prefill "
+                f"{sorted({w.describe_pairing() for w in prefills})}, decode"
+                f" {sorted({w.describe_pairing() for w in decodes})})",
+            )
+        prefill = self._pick_for(
+            "prefill", sample.text, sample.token_ids, [w for w in prefills if w.kv_pairing in keys]
+        )
+        matching = [w for w in decodes if w.kv_pairing == prefill.kv_pairing]
+        return prefill, self._pick_for("decode", sample.text, sample.token_ids, matching)
+
+    def _pick_for(
+        self, role: str, text: str, token_ids: list[int], workers: list[Worker] | None = None
+    ) -> Worker:
+        """A worker of `role` (among `workers`, default: every healthy one) by the role's policy."""
+        workers = self.registry.available(role) if workers is None else workers
         if not workers:
             raise ServiceError(grpc.StatusCode.UNAVAILABLE, f"no healthy {role} workers")
         policy = self.policies[role]
@@ -255,7 +279,7 @@ class Orchestrator:
     async def _pd(
         self, sample: Sample, attempt: int, record: RequestRecord
     ) -> AsyncIterator[router_pb2.GenerateResponse]:
-        prefill, decode = self._pick("prefill", sample), self._pick("decode", sample)
+        prefill, decode = self._pick_pair(sample)
         record.prefill_worker, record.decode_worker = prefill.address, decode.address
         route: router_pb2.Route | None = router_pb2.Route(
             prefill_worker=prefill.address, decode_worker=decode.address

@@ -77,6 +77,16 @@ class Worker(WorkerView):
         self.decode = worker_pb2_grpc.DecodeServiceStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.health_channel or self.channel)
 
+    @property
+    def kv_pairing(self) -> tuple[str, int, int]:
+        """What a prefill and a decode worker must share to hand KV over: the KV pool layout,
+        the tensor-parallel size (each rank writes its shard) and the transport."""
+        return self.info.kv_layout, self.info.tp_size or 1, self.info.kv_transport
+
+    def describe_pairing(self) -> str:
+        layout, tp_size, transport = self.kv_pairing
+        return f"layout {layout}, tp_size {tp_size}, {worker_pb2.KvTransport.Name(transport)}"
+
     def to_proto(self) -> router_pb2.WorkerInfo:
         return router_pb2.WorkerInfo(
             address=self.address,

@@ -80,6 +80,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             kv_transport=TRANSPORTS[c.kv_transport]
             if self.role != "unified"
             else worker_pb2.KV_TRANSPORT_UNSPECIFIED,
+            tp_size=c.tp_size,
         )
 
     @grpc_errors

@@ -1,7 +1,8 @@
 """The PD suite with tensor parallelism: router + prefill and decode workers of `--tp-size 2`
 (each an engine process with one follower rank) over loopback. Greedy outputs equal HF, every
-rank's KV shard moves (NIXL where installed: one agent per rank), and a decode worker of
-another tp_size is refused with a clear FAILED_PRECONDITION."""
+rank's KV shard moves (NIXL where installed: one agent per rank), the router pairs workers of
+the same tp_size only, and a request with no such pair is refused with a clear
+FAILED_PRECONDITION."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from tests.suite.test_pd import PAGE_SIZE, kv_bytes_per_token, prompts
 pytestmark = pytest.mark.xdist_group("suite_pd_tp")
 
 
-def test_tp2_pd_equals_hf_and_a_tp_mismatch_is_refused(
+def test_tp2_pd_equals_hf_and_only_matching_tp_sizes_are_paired(
     tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     transport = "nixl" if nixl_available() else "grpc"
@@ -46,12 +47,16 @@ def test_tp2_pd_equals_hf_and_a_tp_mismatch_is_refused(
         prefill.wait_released()
         decode.wait_released()
 
-        # A decode worker of tp_size 1 takes the traffic: the prefill worker refuses the pair.
+        # A decode worker of tp_size 1 joins: the router pairs the prefill worker only with the
+        # decode worker of its tp_size, and refuses when that one is drained.
         (single,) = cluster.start_workers([("decode", "--kv-transport", transport)])
+        for i in range(4):
+            (sample,) = collect(cluster.generate([*batch[0], i], max_new_tokens=2)).values()
+            assert sample["route"].decode_worker == decode.address
         cluster.admin.DrainWorker(router_pb2.DrainWorkerRequest(address=decode.address), timeout=10)
         with pytest.raises(grpc.RpcError) as err:
             cluster.generate(batch[0], max_new_tokens=2)
         assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-        assert "tensor-parallel size mismatch" in err.value.details()
-        assert "tp_size=1, this prefill worker tp_size=2" in err.value.details()
+        assert "no prefill worker can hand its KV to a decode worker" in err.value.details()
+        assert "tp_size 2" in err.value.details() and "tp_size 1" in err.value.details()
         single.wait_released()

@@ -22,7 +22,7 @@ class GetInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetInfoResponse(_message.Message):
-    __slots__ = ("role", "model", "max_context_len", "vocab_size", "page_size", "kv_layout", "kv_transport")
+    __slots__ = ("role", "model", "max_context_len", "vocab_size", "page_size", "kv_layout", "kv_transport", "tp_size")
     ROLE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MAX_CONTEXT_LEN_FIELD_NUMBER: _ClassVar[int]
@@ -30,6 +30,7 @@ class GetInfoResponse(_message.Message):
     PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     KV_LAYOUT_FIELD_NUMBER: _ClassVar[int]
     KV_TRANSPORT_FIELD_NUMBER: _ClassVar[int]
+    TP_SIZE_FIELD_NUMBER: _ClassVar[int]
     role: _common_pb2.WorkerRole
     model: str
     max_context_len: int
@@ -37,7 +38,8 @@ class GetInfoResponse(_message.Message):
     page_size: int
     kv_layout: str
     kv_transport: KvTransport
-    def __init__(self, role: _Optional[_Union[_common_pb2.WorkerRole, str]] = ..., model: _Optional[str] = ..., max_context_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., page_size: _Optional[int] = ..., kv_layout: _Optional[str] = ..., kv_transport: _Optional[_Union[KvTransport, str]] = ...) -> None: ...
+    tp_size: int
+    def __init__(self, role: _Optional[_Union[_common_pb2.WorkerRole, str]] = ..., model: _Optional[str] = ..., max_context_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., page_size: _Optional[int] = ..., kv_layout: _Optional[str] = ..., kv_transport: _Optional[_Union[KvTransport, str]] = ..., tp_size: _Optional[int] = ...) -> None: ...
 
 class GetLoadRequest(_message.Message):
     __slots__ = ()
