@@ -119,6 +119,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--worker-args", default="", help='extra worker flags, e.g. "--max-total-tokens 8192 --device cpu"'
     )
     p.add_argument(
+        "--gateway-args",
+        default="",
+        help='extra gateway flags, e.g. "--reasoning-parser qwen3 --tool-call-parser qwen3_coder"',
+    )
+    p.add_argument(
         "--mps",
         action="store_true",
         help="run the workers under NVIDIA MPS (prefill and decode workers sharing one GPU run side by"
@@ -236,6 +241,7 @@ def up(args: argparse.Namespace) -> int:
                 router,
                 "--tokenizer",
                 model,
+                *shlex.split(args.gateway_args),
             ],
             "tandem-gateway",
             api_env,

@@ -170,7 +170,9 @@ class ResponseBuilder:
             thought, text = split_reasoning(self.job.reasoning.format, self.job.reasoning.inside, text)
             head["reasoning_content"] = thought
         if self.job.tool_parsing is None:
-            return {**head, "content": text}, reason
+            # All reasoning and no answer (cut by max_tokens): no content, as vLLM answers.
+            content = None if self.job.reasoning is not None and not text else text
+            return {**head, "content": content}, reason
         parsed = parse_message(self.job.tool_parsing, text)
         message: dict[str, Any] = {**head, "content": parsed.content}
         if parsed.tool_calls:

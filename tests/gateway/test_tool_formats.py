@@ -132,6 +132,16 @@ def test_qwen_xml_values_follow_the_schema_types() -> None:
     (call,) = parse_message(_parsing("qwen3_coder"), text).tool_calls
     assert json.loads(call["function"]["arguments"]) == {"city": "42", "days": 3}
 
+    # The grammar lets any whitespace pad a value; an enum or a number is read without it.
+    schema = {"type": "object", "properties": {"city": {"enum": ["Oslo"]}, "days": {"type": "integer"}}}
+    parsing = ToolParsing(TOOL_CALL_FORMATS["qwen3_coder"], ("get_weather",), {"get_weather": schema})
+    padded = (
+        "<tool_call>\n<function=get_weather>\n<parameter=city>\n Oslo\n\r\n</parameter>\n"
+        "<parameter=days>\n\t3 \n</parameter>\n</function>\n</tool_call>"
+    )
+    (call,) = parse_message(parsing, padded).tool_calls
+    assert json.loads(call["function"]["arguments"]) == {"city": "Oslo", "days": 3}
+
 
 def _accepts(name: str, request: ToolRequest, text: str) -> bool:
     tag = TOOL_CALL_FORMATS[name].structural_tag(request)
@@ -180,3 +190,34 @@ def test_format_detection_of_the_new_formats() -> None:
     coder = "<|im_start|> <tool_call>\n<function={{ name }}>\n<parameter={{ key }}>"
     assert tool_call_format("auto", coder).name == "qwen3_coder"
     assert tool_call_format("pythonic", coder).name == "pythonic"
+
+
+def test_pythonic_arguments_follow_the_schema() -> None:
+    schema = {
+        "type": "object",
+        "properties": {
+            "city": {"enum": ["Paris", "Oslo"]},
+            "days": {"type": "integer", "minimum": 1, "maximum": 7},
+            "note": {"type": "string"},
+            "count": {"type": "integer", "minimum": 1},
+            "flag": {"type": "boolean"},
+        },
+        "required": ["city", "days"],
+    }
+    request = ToolRequest((FunctionTool("get_weather", schema),), "required")
+    for ok in (
+        '[get_weather(city="Paris", days=2)]',
+        "[get_weather(city=\"Oslo\", days=7, note='x', count=12, flag=True)]",
+        '[get_weather(city="Oslo", days=1, flag=False)]',
+    ):
+        assert _accepts("pythonic", request, ok), ok
+    for bad in (
+        '[get_weather(city="Paris")]',  # a required argument missing
+        '[get_weather(days=2, city="Paris")]',  # out of the schema's order
+        '[get_weather(city="Lima", days=2)]',  # not in the enum
+        '[get_weather(city="Paris", days=9)]',  # out of range
+        '[get_weather(city="Paris", days="2")]',  # a string for an integer
+        '[get_weather(city="Paris", days=2, count=0)]',  # under the minimum
+        '[get_weather(city="Paris", days=2, flag=1)]',  # not a boolean
+    ):
+        assert not _accepts("pythonic", request, bad), bad

@@ -5,9 +5,12 @@
 keyword arguments only, each value a Python literal (strings, numbers, True/False/None, lists,
 dicts). The arguments JSON is the literals converted (`True` -> `true`, `None` -> `null`).
 
-The grammar forces the list's shape, the function names and their parameter names (in any order,
-each at most as often as written: presence and types are not checked, unlike the JSON formats),
-and keeps every value a literal that parses.
+The grammar forces the list's shape and the function names, and each call's keyword arguments
+from its parameters' schema: in the schema's order (as xgrammar orders JSON objects), every
+required one present, each value a literal of its parameter's type or one of its enum values;
+an integer range is kept when it is small (at most 256 values) or a lower bound of 0 or 1.
+String patterns and lengths, and the schemas of nested lists and dicts, are not enforced (any
+literal of the type parses), unlike the JSON formats.
 """
 
 from __future__ import annotations
@@ -26,8 +29,20 @@ value ::= string | number | "True" | "False" | "None" | list | dict
 list ::= "[" (value (", " value)*)? "]"
 dict ::= "{" (string ": " value (", " string ": " value)*)? "}"
 string ::= "\"" ([^"\\\x00-\x1f] | "\\" ["\\nrt'])* "\"" | "'" ([^'\\\x00-\x1f] | "\\" ["\\nrt'])* "'"
-number ::= "-"? ("0" | [1-9] [0-9]*) ("." [0-9]+)?
+number ::= int ("." [0-9]+)?
+int ::= "-"? nat
+nat ::= "0" | [1-9] [0-9]*
 """
+_TYPES = {
+    "integer": "int",
+    "number": "number",
+    "string": "string",
+    "boolean": '"True" | "False"',
+    "null": '"None"',
+    "array": "list",
+    "object": "dict",
+}
+_SMALL_RANGE = 256
 
 
 class PythonicFormat(BlockToolCallFormat):
@@ -44,12 +59,22 @@ class PythonicFormat(BlockToolCallFormat):
         return f"{function}("
 
     def content(self, tool: FunctionTool) -> dict[str, Any]:
-        keys = sorted(tool.parameters.get("properties", {}))
-        if not keys:
+        properties: dict[str, Any] = tool.parameters.get("properties", {})
+        if not properties:
             return {"type": "grammar", "grammar": 'root ::= ""'}
-        key = " | ".join(json.dumps(k) for k in keys)
-        grammar = f'root ::= "" | kwarg (", " kwarg)*\nkwarg ::= ({key}) "=" value\n{_LITERALS}'
-        return {"type": "grammar", "grammar": grammar}
+        required = set(tool.parameters.get("required", []))
+        # head_i: the arguments from the i-th on, none written yet; tail_i: after one was written.
+        n = len(properties)
+        rules = ["root ::= head_0", f'head_{n} ::= ""', f'tail_{n} ::= ""']
+        for i, (key, schema) in enumerate(properties.items()):
+            rules.append(f"kwarg_{i} ::= {json.dumps(key + '=')} ({_value_rule(schema)})")
+            if key in required:
+                rules.append(f"head_{i} ::= kwarg_{i} tail_{i + 1}")
+                rules.append(f'tail_{i} ::= ", " kwarg_{i} tail_{i + 1}')
+            else:
+                rules.append(f"head_{i} ::= kwarg_{i} tail_{i + 1} | head_{i + 1}")
+                rules.append(f'tail_{i} ::= (", " kwarg_{i})? tail_{i + 1}')
+        return {"type": "grammar", "grammar": "\n".join(rules) + "\n" + _LITERALS}
 
     def header(self, buf: str, names: Sequence[str]) -> bool | None:
         rest = buf[1:]
@@ -81,3 +106,35 @@ class PythonicFormat(BlockToolCallFormat):
             except (ValueError, TypeError, SyntaxError, RecursionError):
                 return None
         return calls
+
+
+def _value_rule(schema: Any) -> str:
+    """The EBNF of a value its parameter's schema admits (a Python literal)."""
+    if not isinstance(schema, dict):
+        return "value"
+    if "enum" in schema or "const" in schema:
+        choices = schema["enum"] if "enum" in schema else [schema["const"]]
+        return " | ".join(json.dumps(_literal(c)) for c in choices) or "value"
+    types = schema.get("type")
+    types = [types] if isinstance(types, str) else list(types or [])
+    if types == ["integer"]:
+        low, high = schema.get("minimum"), schema.get("maximum")
+        if isinstance(low, int) and isinstance(high, int) and 0 <= high - low < _SMALL_RANGE:
+            return " | ".join(json.dumps(str(v)) for v in range(low, high + 1))
+        if isinstance(low, int) and low >= 0:
+            return "nat" if low == 0 else "[1-9] [0-9]*"
+    rules = [_TYPES[t] for t in types if t in _TYPES]
+    return " | ".join(rules) or "value"
+
+
+def _literal(value: Any) -> str:
+    """`value` (JSON data) as a Python literal."""
+    if isinstance(value, bool) or value is None:
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_literal(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(k)}: {_literal(v)}" for k, v in value.items()) + "}"
+    return repr(value)

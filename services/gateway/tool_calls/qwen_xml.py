@@ -10,7 +10,9 @@
     </tool_call>
 
 A value is text; it becomes a JSON string when its parameter's schema allows a string (or gives no
-type), else the JSON (or Python literal) it spells, as vLLM's qwen3_coder parser does. The grammar
+type and no enum), else the JSON (or Python literal) it spells, as vLLM's qwen3_coder parser does;
+such a value is read without the whitespace the grammar lets the model put around it (an enum's
+`\nOslo\n\r\n` is "Oslo"). The grammar
 is xgrammar's `json_schema` content in its `qwen_xml` style.
 """
 
@@ -71,18 +73,22 @@ def _value(raw: str, schema: dict[str, Any]) -> Any:
     text = raw.removeprefix("\n").removesuffix("\n")
     types = schema.get("type")
     types = [types] if isinstance(types, str) else list(types or [])
-    if not types or "string" in types:
-        return text
+    if "string" in types or not (types or "enum" in schema or "const" in schema):
+        return text  # a string (or untyped) parameter's text is its value, as written
+    # Any other value may be padded with whitespace (the grammar admits any around it).
+    bare = text.strip()
+    if bare in [c for c in schema.get("enum", [schema.get("const")]) if isinstance(c, str)]:
+        return bare
     try:
-        return json.loads(text)
+        return json.loads(bare)
     except ValueError:
         pass
     try:
-        value = ast.literal_eval(text)
+        value = ast.literal_eval(bare)
     except (ValueError, SyntaxError, MemoryError, RecursionError):
-        return text
+        return bare
     try:
         json.dumps(value)  # a tuple, set or bytes literal is not a JSON value
     except (TypeError, ValueError):
-        return text
+        return bare
     return value
