@@ -22,27 +22,10 @@ import pytest
 from services.gateway.tool_calls.formats import TOOL_CALL_FORMATS
 from services.launcher import free_port
 from tests.suite.cluster import tandem_up
+from tests.suite.test_structured import TIME, WEATHER
 
 pytestmark = pytest.mark.xdist_group("suite_formats")
 
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "parameters": {
-            "type": "object",
-            "properties": {"city": {"enum": ["Paris", "Oslo"]}, "days": {"type": "integer", "minimum": 1, "maximum": 7}},
-            "required": ["city", "days"],
-        },
-    },
-}
-TIME = {
-    "type": "function",
-    "function": {
-        "name": "get_time",
-        "parameters": {"type": "object", "properties": {"tz": {"enum": ["UTC", "CET"]}}, "required": ["tz"]},
-    },
-}
 SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in (WEATHER, TIME)}
 MESSAGES = [{"role": "user", "content": "What is the weather?"}]
 
