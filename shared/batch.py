@@ -25,6 +25,7 @@ import torch
 
 if TYPE_CHECKING:
     from shared.attention.base import AttentionBackend
+    from shared.distributed.dp_attention import DpLayout
     from shared.mem import KVPool, ReqToTokenPool
 
 
@@ -52,6 +53,8 @@ class ForwardBatch:
     req_to_token_pool: ReqToTokenPool
     kv_pool: KVPool
     attn_backend: AttentionBackend
+    # DP attention (shared/distributed/dp_attention.py): every rank's token count this step.
+    dp: DpLayout | None = None
 
     @property
     def batch_size(self) -> int:

@@ -60,6 +60,16 @@ class EngineConfig:
     ep_size: int = field(
         default=1, metadata=flag("expert-parallel ranks for MoE layers: 1 or tp-size", metavar="N")
     )
+    # DP attention (shared/distributed/dp_attention.py): DeepSeek's attention and KV data-parallel
+    # over the tp_size ranks (each rank its own requests and radix cache), its dense and MoE MLPs
+    # tensor- (or expert-) parallel across all of them.
+    enable_dp_attention: bool = field(
+        default=False,
+        metadata=flag(
+            "DeepSeek (MLA + MoE): attention data-parallel across the tp-size ranks, each with its own"
+            " requests and KV cache; the MLP and MoE layers stay sharded across all of them"
+        ),
+    )
     base_gpu_id: int = field(
         default=0, metadata=flag("CUDA: tensor-parallel rank r uses GPU base-gpu-id + r", metavar="N")
     )
@@ -187,6 +197,8 @@ class EngineConfig:
                 f"ep_size={self.ep_size} with tp_size={self.tp_size}: expert parallelism runs over the"
                 " tensor-parallel ranks, so ep_size must be 1 or equal tp_size"
             )
+        if self.enable_dp_attention:
+            self._validate_dp_attention()
         positive("page_size", self.page_size)
         positive("max_total_tokens", self.max_total_tokens)
         positive("max_running_requests", self.max_running_requests)
@@ -215,3 +227,16 @@ class EngineConfig:
             raise ValueError(f"grammar_compile_timeout_s must be > 0, got {self.grammar_compile_timeout_s!r}")
         if self.schedule_policy not in _POLICIES:
             raise ValueError(f"schedule_policy must be one of {_POLICIES}, got {self.schedule_policy!r}")
+
+    def _validate_dp_attention(self) -> None:
+        # The model (MLA + MoE) is checked when it loads (shared/distributed/dp_attention.py).
+        if self.tp_size == 1:
+            raise ValueError(
+                "enable_dp_attention needs tp_size > 1: attention runs data-parallel across the"
+                " tensor-parallel ranks (tp_size=1 is one rank: plain serving)"
+            )
+        if self.disaggregation_mode != "null":
+            raise ValueError(
+                f"enable_dp_attention with disaggregation_mode={self.disaggregation_mode!r}: DP attention"
+                " on prefill/decode workers is not supported yet"
+            )

@@ -24,7 +24,8 @@ With `tp_size > 1` this process is tensor-parallel rank 0: it starts the followe
 (shared/distributed/launch.py) before building its core and stops them when it leaves. A step
 that fails then leaves the group unusable (a rank died, or a collective broke), so the engine
 fails what was running and exits, as it does when a follower is found dead while idle; the
-client sees the process gone."""
+client sees the process gone. With DP attention every rank runs an engine of its own and this
+process hands the requests out (shared/distributed/dp_engine.py)."""
 
 from __future__ import annotations
 
@@ -197,7 +198,12 @@ def run_engine(config: EngineConfig, to_engine: str, from_engine: str) -> None:
     core.early_outputs = lambda outputs: send_outputs(push, encode, outputs)
     group_ok = True
     try:
-        group_ok = _serve(core, pull, push, decoder, encode, followers)
+        if config.enable_dp_attention:  # every rank its own requests, in lockstep with rank 0
+            from shared.distributed.dp_engine import serve_rank0
+
+            group_ok = serve_rank0(core, pull, push, decoder, encode, followers)
+        else:
+            group_ok = _serve(core, pull, push, decoder, encode, followers)
     finally:
         if followers is not None:
             _stop_ranks(core, followers, group_ok)

@@ -9,6 +9,11 @@ With tensor parallelism (`tp_size > 1`, shared/distributed/) every rank has a ru
 shard of the weights and of the KV pool. Rank 0's `forward` first broadcasts the step's inputs;
 the other ranks run `follow()`, which receives them and runs the same forward, its collectives
 included. Logits reach rank 0 only. CUDA graphs are off with tensor parallelism for now.
+
+With DP attention (`enable_dp_attention`, shared/distributed/dp_attention.py) every rank's runner
+serves its own engine's batches instead: no broadcast, whole attention and KV per rank, and each
+forward first exchanges the step's token counts (`ForwardBatch.dp`) for the gathered MLP layers;
+a rank whose engine ran no forward in a step joins the others' through `dp_step_end`.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from shared.attention import create_backend, resolve_backend_name
 from shared.batch import ForwardBatch, ForwardMode, to_device
 from shared.config import EngineConfig
 from shared.cuda_graph import CudaGraphRunner, capture_batch_sizes
-from shared.distributed import parallel_state
+from shared.distributed import dp_attention, parallel_state
 from shared.distributed.step_sync import StepBroadcast, StepInputs, TransferOps
 from shared.mem import PageAllocator, ReqToTokenPool, make_kv_pool
 from shared.models.config import ModelConfig, resolve_dtype
@@ -87,9 +92,16 @@ class ModelRunner:
             )
         self.device = resolve_device(config.device, config.base_gpu_id, parallel_state.tp_rank())
         model_config = ModelConfig.from_model_path(Path(config.model_path))
-        parallel_state.check_tp_support(model_config, self.tp_size, config.ep_size)
+        dp = config.enable_dp_attention
+        if dp:
+            dp_attention.check_support(model_config, self.tp_size, config.ep_size)
+        else:
+            parallel_state.check_tp_support(model_config, self.tp_size, config.ep_size)
         dtype = resolve_dtype(config.dtype, model_config)
-        self.model, self.model_config = load_model(config.model_path, dtype, self.device, config.quantization)
+        with dp_attention.building(dp):
+            self.model, self.model_config = load_model(
+                config.model_path, dtype, self.device, config.quantization
+            )
         self.dtype = dtype
         self.backend = create_backend(resolve_backend_name(config.attention_backend, self.device))
         # Before the KV pool takes its memory: refuse a model whose attention layers need what the
@@ -111,7 +123,10 @@ class ModelRunner:
             config.max_context_len or mc.max_position_embeddings, self.allocator.num_slots
         )
         self.req_pool = ReqToTokenPool(
-            config.max_running_requests, self.max_context_len, self.device, record_writes=self.tp_size > 1
+            config.max_running_requests,
+            self.max_context_len,
+            self.device,
+            record_writes=self.tp_size > 1 and not dp,
         )
         logger.info(
             "KV pool: %d pages x %d tokens (%.1f MiB), max context %d, attention backend %s",
@@ -123,7 +138,9 @@ class ModelRunner:
         )
         self.graph_runner = self._make_graph_runner()
         # Tensor parallelism: rank 0 sends each step's inputs, the other ranks receive them.
-        self.step_sync = StepBroadcast(self.device) if self.tp_size > 1 else None
+        self.step_sync = StepBroadcast(self.device) if self.tp_size > 1 and not dp else None
+        # DP attention: each rank its own batches; the step's token counts are exchanged.
+        self.dp_tokens = dp_attention.StepTokens(self.device) if dp else None
         if self.tp_size > 1:
             parallel_state.serving_started()
 
@@ -228,6 +245,8 @@ class ModelRunner:
             fb.input_ids.index_copy_(0, to_device([ends[i] - 1 for i in items], self.device), tokens)
         if self.step_sync is not None:
             self.step_sync.send(fb, writes)
+        if self.dp_tokens is not None:
+            fb.dp = self.dp_tokens.exchange(fb.num_tokens)
         return fb
 
     def _run(self, fb: ForwardBatch) -> torch.Tensor:
@@ -251,6 +270,19 @@ class ModelRunner:
             self._run(self._forward_batch_from(inputs))  # logits stay on rank 0
             if transfer is not None:
                 transfer.progress()  # NIXL writes into or out of our shard progress as we poll
+
+    @torch.inference_mode()
+    def dp_step_end(self) -> bool:
+        """DP attention, after every engine step on every rank: a rank whose step ran no forward
+        still exchanges its count (0) and runs its MLP shards on the others' tokens, so every
+        rank runs the same collectives. Returns whether it ran such an idle forward."""
+        assert self.dp_tokens is not None
+        layout = self.dp_tokens.end_step()
+        if layout is None:
+            return False
+        assert isinstance(self.model, dp_attention.DpAttentionModel)
+        self.model.forward_idle(layout)
+        return True
 
     def stop_followers(self) -> None:
         """Rank 0, shutting down: release the followers from `follow`."""

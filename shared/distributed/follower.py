@@ -37,8 +37,13 @@ def main(argv: list[str]) -> int:
     store = parallel_state.join_rendezvous(port, config.tp_size)
     parallel_state.init_tensor_parallel(rank, config.tp_size, store, device, config.ep_size)
     try:
-        runner = ModelRunner(config)
-        runner.follow(_transfer(config, runner, rank, device))
+        if config.enable_dp_attention:  # an engine of its own (shared/distributed/dp_engine.py)
+            from shared.distributed.dp_engine import serve_follower
+
+            serve_follower(config, rank)
+        else:
+            runner = ModelRunner(config)
+            runner.follow(_transfer(config, runner, rank, device))
     except Exception as e:  # a dead peer, or a failure of our own: either way the group is gone
         logger.error("tensor-parallel rank %d stops: %s: %s", rank, type(e).__name__, e)
         return 1

@@ -70,7 +70,12 @@ def start_ranks(config: EngineConfig) -> Followers | None:
     from shared.models.config import ModelConfig
 
     model = ModelConfig.from_model_path(config.model_path)
-    parallel_state.check_tp_support(model, config.tp_size, config.ep_size)
+    if config.enable_dp_attention:
+        from shared.distributed import dp_attention
+
+        dp_attention.check_support(model, config.tp_size, config.ep_size)
+    else:
+        parallel_state.check_tp_support(model, config.tp_size, config.ep_size)
     device = resolve_device(config.device, config.base_gpu_id, 0)
     store = parallel_state.open_rendezvous(config.tp_size)
     followers = Followers(config, store.port)

@@ -7,7 +7,9 @@ rank 0 of 1, and no collective runs: every caller guards its collective behind `
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -58,6 +60,19 @@ def tp_size() -> int:
 def ep_size() -> int:
     """Ranks the routed experts are partitioned over (1: every rank holds a slice of each)."""
     return _state.ep_size
+
+
+@contextlib.contextmanager
+def replicated() -> Iterator[None]:
+    """Layers built inside hold whole weights and run no collective: meanwhile this process
+    reads as rank 0 of 1 (DP attention's attention blocks, embedding and lm head,
+    shared/distributed/dp_attention.py). Layers keep what they read when built."""
+    global _state
+    saved, _state = _state, _State()
+    try:
+        yield
+    finally:
+        _state = saved
 
 
 def open_rendezvous(size: int) -> dist.TCPStore:

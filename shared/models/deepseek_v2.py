@@ -24,6 +24,12 @@ intermediate size (shared experts alike), or with `ep_size == tp_size` partition
 experts whole across the ranks, and all-reduces once after adding the routed and shared partial
 sums; the router is replicated.
 
+DP attention (`enable_dp_attention`, shared/distributed/dp_attention.py): each rank runs its own
+requests through whole attention blocks (built under `parallel_state.replicated()`: every head,
+o_proj unsplit, no collective), a replicated embedding and lm head; the decoder layer
+(`DeepseekV2DpDecoderLayer`) gathers every rank's tokens before its MLP (dense or MoE, sharded as
+above) and keeps its own rows after.
+
 Layers before `first_k_dense_replace` have a dense MLP, the rest a MoE block: a router
 (shared/models/layers/moe_router.py), routed experts (FusedMoE) and shared experts (a dense MLP of
 `moe_intermediate_size * n_shared_experts`) added to the routed output.
@@ -34,6 +40,7 @@ are skipped. After loading, `process_weights_after_loading()` must run once (W_U
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -42,7 +49,7 @@ import torch
 from torch import nn
 
 from shared.attention.mla import MLAAttention
-from shared.distributed import parallel_state
+from shared.distributed import dp_attention, parallel_state
 from shared.models.base import CausalLM
 from shared.models.config import MLAConfig, ModelConfig
 from shared.models.layers.activation import silu_and_mul
@@ -61,11 +68,17 @@ from shared.models.weights import StackedParams, get_weight_loader, load_named_w
 
 if TYPE_CHECKING:
     from shared.batch import ForwardBatch
+    from shared.distributed.dp_attention import DpLayout
 
 STACKED_PARAMS: StackedParams = [("gate_up_proj", "gate_proj", 0), ("gate_up_proj", "up_proj", 1)]
 _LAYER_INDEX = re.compile(r"^model\.layers\.(\d+)\.")
 # HF creates q_a_layernorm / kv_a_layernorm with the default eps, not rms_norm_eps.
 _LORA_NORM_EPS = 1e-6
+
+
+def _replicated_if(on: bool) -> contextlib.AbstractContextManager[None]:
+    """Layers built inside hold whole weights when `on` (DP attention)."""
+    return parallel_state.replicated() if on else contextlib.nullcontext()
 
 
 class DeepseekMoE(nn.Module):
@@ -180,6 +193,8 @@ class DeepseekV2DecoderLayer(PreNormDecoderLayer):
     """An MLA attention block and a dense MLP or MoE block (the pre-norm dataflow of the base)."""
 
     self_attn: DeepseekV2Attention
+    # Whole attention weights on every rank (DP attention), else this rank's heads.
+    replicated_attention: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -194,7 +209,8 @@ class DeepseekV2DecoderLayer(PreNormDecoderLayer):
         if config.hidden_act != "silu":
             raise ValueError(f"hidden_act {config.hidden_act!r} is not supported (only silu)")
         c = config.hf_config
-        self.self_attn = DeepseekV2Attention(config, config.mla, layer_id, rotary_emb, interleaved)
+        with _replicated_if(self.replicated_attention):
+            self.self_attn = DeepseekV2Attention(config, config.mla, layer_id, rotary_emb, interleaved)
         is_moe = (
             c.get("n_routed_experts")
             and layer_id >= int(c.get("first_k_dense_replace", 0))
@@ -209,13 +225,45 @@ class DeepseekV2DecoderLayer(PreNormDecoderLayer):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
 
+class DeepseekV2DpDecoderLayer(DeepseekV2DecoderLayer):
+    """DP attention: this rank's tokens through whole attention, then the MLP shard over every
+    rank's tokens (`batch.dp`'s gather), keeping this rank's rows."""
+
+    replicated_attention = True
+
+    def forward(
+        self,
+        positions: torch.Tensor,  # [T]
+        hidden: torch.Tensor,  # [T, hidden]: this rank's tokens (T > 0)
+        residual: torch.Tensor | None,
+        batch: ForwardBatch,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        assert batch.dp is not None
+        if residual is None:
+            residual = hidden
+            hidden = self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(positions, hidden, batch)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp_across_ranks(hidden, batch.dp), residual
+
+    def mlp_across_ranks(self, hidden: torch.Tensor, layout: DpLayout) -> torch.Tensor:
+        """[T_rank, hidden] -> [T_rank, hidden]: the MLP shard on all ranks' tokens [total, hidden]
+        (its all-reduce leaves every rank the full sums), this rank's rows kept."""
+        return layout.scatter(self.mlp(layout.gather(hidden)))
+
+
 class DeepseekV2Model(DecoderStack):
     """DeepSeek's stack; one rotary table (over the rope dims) shared by all layers."""
 
     def __init__(self, config: ModelConfig, interleaved: bool, default_topk_method: str) -> None:
         super().__init__()
         assert config.mla is not None
-        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size)
+        dp = dp_attention.enabled()
+        with _replicated_if(dp):
+            self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size)
+        layer_cls = DeepseekV2DpDecoderLayer if dp else DeepseekV2DecoderLayer
         rotary_emb = get_rope(
             config.mla.qk_rope_head_dim,
             config.max_position_embeddings,
@@ -223,7 +271,7 @@ class DeepseekV2Model(DecoderStack):
             config.rope_scaling,
         )
         self.layers = nn.ModuleList(
-            DeepseekV2DecoderLayer(config, i, rotary_emb, interleaved, default_topk_method)
+            layer_cls(config, i, rotary_emb, interleaved, default_topk_method)
             for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
@@ -241,7 +289,8 @@ class DeepseekV2ForCausalLM(CausalLM):
         if config.mla is None:
             raise ValueError(f"{config.architecture} needs MLA fields (kv_lora_rank, ...) in config.json")
         self.model = DeepseekV2Model(config, self.rope_interleaved(config), self.default_topk_method)
-        self.lm_head = LMHead(config.vocab_size, config.hidden_size)
+        with _replicated_if(dp_attention.enabled()):
+            self.lm_head = LMHead(config.vocab_size, config.hidden_size)
         if config.tie_word_embeddings:
             self.lm_head.tie_to(self.model.embed_tokens)
 
@@ -255,6 +304,15 @@ class DeepseekV2ForCausalLM(CausalLM):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
+
+    def forward_idle(self, layout: DpLayout) -> None:
+        """DP attention, no tokens on this rank this step: each layer's MLP shard on the other
+        ranks' tokens (`dp_attention.DpAttentionModel`)."""
+        w = self.model.embed_tokens.weight
+        empty = w.new_empty(0, w.shape[1])  # [0, hidden]
+        for layer in self.model.layers:
+            assert isinstance(layer, DeepseekV2DpDecoderLayer)
+            layer.mlp_across_ranks(empty, layout)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         params = dict(self.named_parameters())
