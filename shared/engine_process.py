@@ -151,11 +151,11 @@ ToEngine = (
     AddRequest | ExpectKv | ReserveKv | SetKvTarget | CommitKv | AddPeer | GetStats | AbortRequest | Shutdown
 )
 FromEngine = Ready | Accepted | Rejected | Outputs | StepFailed | Reply
-_POLL_BACKGROUND_MS = 2  # how often an otherwise idle engine looks at KV transfers and compiles
-_IDLE_POLL_MS = 1000  # how often an idle engine checks that its parent still lives
+POLL_BACKGROUND_MS = 2  # how often an otherwise idle engine looks at KV transfers and compiles
+IDLE_POLL_MS = 1000  # how often an idle engine checks that its parent still lives
 
 
-def _parent_alive() -> bool:
+def parent_alive() -> bool:
     parent = multiprocessing.parent_process()
     return parent is None or parent.is_alive()
 
@@ -228,14 +228,14 @@ def _serve(
         timeout = (
             math.ceil(core.step_delay() * 1000)
             if core.has_work
-            else _POLL_BACKGROUND_MS
+            else POLL_BACKGROUND_MS
             if core.waiting_in_background
-            else _IDLE_POLL_MS
+            else IDLE_POLL_MS
         )
-        if timeout == _IDLE_POLL_MS and not _parent_alive():
+        if timeout == IDLE_POLL_MS and not parent_alive():
             logger.warning("the engine's parent process is gone; exiting")
             return True
-        if timeout == _IDLE_POLL_MS and followers is not None and followers.dead():
+        if timeout == IDLE_POLL_MS and followers is not None and followers.dead():
             logger.error("tensor-parallel rank(s) %s died; the engine exits", followers.dead())
             return False
         while pull.poll(timeout):
@@ -243,7 +243,7 @@ def _serve(
             msg = decoder.decode(header)
             if isinstance(msg, Shutdown):
                 return True
-            reply = _handle(core, msg, payloads[0] if payloads else None)
+            reply = handle_message(core, msg, payloads[0] if payloads else None)
             if reply is not None:
                 push.send(encode(reply))
             timeout = 0
@@ -320,7 +320,7 @@ def _send_admissions(core: EngineCore, push: zmq.Socket[bytes], encode: Any) -> 
         push.send(encode(reply))
 
 
-def _handle(core: EngineCore, msg: ToEngine, payload: memoryview | None = None) -> FromEngine | None:
+def handle_message(core: EngineCore, msg: ToEngine, payload: memoryview | None = None) -> FromEngine | None:
     from shared.sampling import SamplingParams
 
     if isinstance(msg, AbortRequest):

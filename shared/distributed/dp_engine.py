@@ -45,8 +45,8 @@ from shared.config import EngineConfig
 from shared.distributed import parallel_state
 from shared.distributed.dp_attention import all_gather_flat
 from shared.engine_process import (
-    _IDLE_POLL_MS,
-    _POLL_BACKGROUND_MS,
+    IDLE_POLL_MS,
+    POLL_BACKGROUND_MS,
     AbortRequest,
     Accepted,
     AddPeer,
@@ -60,8 +60,8 @@ from shared.engine_process import (
     Shutdown,
     StepFailed,
     ToEngine,
-    _handle,
-    _parent_alive,
+    handle_message,
+    parent_alive,
     recv_frames,
     reservation_key,
     send_outputs,
@@ -162,7 +162,7 @@ class DpRank:
         answers: list[Accepted | Rejected] = []
         for rank, add in tick.adds:
             if rank == self.rank:
-                reply = _handle(core, add)  # Accepted, Rejected, or None (a grammar compiling)
+                reply = handle_message(core, add)  # Accepted, Rejected, or None (a grammar compiling)
                 if reply is not None:
                     assert isinstance(reply, Accepted | Rejected)
                     answers.append(reply)
@@ -251,11 +251,11 @@ def serve_rank0(
     dispatcher = Dispatcher(control.size)
     has_work = background = False
     while True:
-        timeout = 0 if has_work else _POLL_BACKGROUND_MS if background else _IDLE_POLL_MS
-        if timeout == _IDLE_POLL_MS and not _parent_alive():
+        timeout = 0 if has_work else POLL_BACKGROUND_MS if background else IDLE_POLL_MS
+        if timeout == IDLE_POLL_MS and not parent_alive():
             logger.warning("the engine's parent process is gone; exiting")
             return _stop(control)
-        if timeout == _IDLE_POLL_MS and followers.dead():
+        if timeout == IDLE_POLL_MS and followers.dead():
             logger.error("DP attention rank(s) %s died; the engine exits", followers.dead())
             return False
         tick, stats_keys = Tick(), []
