@@ -321,6 +321,8 @@ def _send_admissions(core: EngineCore, push: zmq.Socket[bytes], encode: Any) -> 
 
 
 def handle_message(core: EngineCore, msg: ToEngine, payload: memoryview | None = None) -> FromEngine | None:
+    """Apply one client message to `core`; its immediate answer, or None (answered later, or
+    never: an abort)."""
     from shared.sampling import SamplingParams
 
     if isinstance(msg, AbortRequest):
