@@ -24,7 +24,8 @@ With `tp_size > 1` this process is tensor-parallel rank 0: it starts the followe
 (shared/distributed/launch.py) before building its core and stops them when it leaves. A step
 that fails then leaves the group unusable (a rank died, or a collective broke), so the engine
 fails what was running and exits, as it does when a follower is found dead while idle; the
-client sees the process gone."""
+client sees the process gone. With ranks on other nodes (`nnodes > 1`) an idle engine pings
+them every second, since only its own node's followers are processes it can watch."""
 
 from __future__ import annotations
 
@@ -227,8 +228,7 @@ def _serve(
         if timeout == _IDLE_POLL_MS and not _parent_alive():
             logger.warning("the engine's parent process is gone; exiting")
             return True
-        if timeout == _IDLE_POLL_MS and followers is not None and followers.dead():
-            logger.error("tensor-parallel rank(s) %s died; the engine exits", followers.dead())
+        if timeout == _IDLE_POLL_MS and followers is not None and not _ranks_alive(core, followers):
             return False
         while pull.poll(timeout):
             header, payloads = recv_frames(pull)
@@ -256,6 +256,21 @@ def _serve(
         _send_admissions(core, push, encode)  # before any output of theirs
         if outputs:
             send_outputs(push, encode, outputs)
+
+
+def _ranks_alive(core: EngineCore, followers: Followers) -> bool:
+    """Idle: whether every rank lives. This node's followers are our children; ranks on other
+    nodes are not, so a ping (a broadcast that fails if one of them died) asks them."""
+    if dead := followers.dead():
+        logger.error("tensor-parallel rank(s) %s died; the engine exits", dead)
+        return False
+    if core.config.nnodes > 1:
+        try:
+            core.runner.ping_followers()
+        except Exception as e:
+            logger.error("a tensor-parallel rank is gone (%s: %s); the engine exits", type(e).__name__, e)
+            return False
+    return True
 
 
 def _stop_ranks(core: EngineCore, followers: Followers, group_ok: bool) -> None:

@@ -168,6 +168,26 @@ def test_tp_options_are_validated(tiny_llama: Path) -> None:
         Engine(str(tiny_llama), tp_size=2)
 
 
+def test_multi_node_options_are_validated(tiny_llama: Path) -> None:
+    def config(**options: object) -> EngineConfig:
+        return EngineConfig.from_options(str(tiny_llama), **options)
+
+    with pytest.raises(ValueError, match="nnodes must divide tp_size"):
+        config(tp_size=3, nnodes=2, dist_init_addr="10.0.0.1:29500")
+    with pytest.raises(ValueError, match=r"node_rank must be in \[0, nnodes - 1\] = \[0, 1\], got 2"):
+        config(tp_size=4, nnodes=2, node_rank=2, dist_init_addr="10.0.0.1:29500")
+    with pytest.raises(ValueError, match="nnodes=2 needs dist_init_addr"):
+        config(tp_size=4, nnodes=2)
+    for bad in ("10.0.0.1", ":29500", "node-0:http", "node-0:70000"):
+        with pytest.raises(ValueError, match="dist_init_addr must be host:port"):
+            config(tp_size=2, dist_init_addr=bad)
+    node1 = config(tp_size=8, nnodes=2, node_rank=1, dist_init_addr="[fd00::1]:29500")
+    assert (node1.node_ranks, node1.local_rank(5), node1.rendezvous) == (range(4, 8), 1, ("fd00::1", 29500))
+    node0 = dataclasses.replace(node1, node_rank=0)  # reaches its own store on loopback
+    assert (node0.node_ranks, node0.rendezvous) == (range(4), ("127.0.0.1", 29500))
+    assert config(tp_size=2).rendezvous == ("127.0.0.1", 0)  # one node: a port the OS picks
+
+
 # ---- the sharded weight loaders, as rank 1 of 2 (no group needed: loading runs no collective) ----
 
 
