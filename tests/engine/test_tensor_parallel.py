@@ -65,10 +65,21 @@ def run_all(client: EngineClient, prompts: list[list[int]]) -> dict[str, list[in
         ("llama", {"num_key_value_heads": 1}, {"enable_overlap_schedule": True}),
         # Per-head q/k norms; a vocabulary that does not split evenly (a padded shard).
         ("qwen3", {"num_key_value_heads": 2, "vocab_size": 301}, {}),
+        # Four ranks: one query head each, each of the 2 KV heads on two ranks.
+        ("llama", {}, {"tp_size": 4}),
+        ("mistral", {}, {"tp_size": 4}),
+        ("qwen3", {"vocab_size": 301}, {"tp_size": 4}),  # 76 rows a shard, the last one padded
     ],
-    ids=["llama-kv2", "llama-kv1-replicated-overlap", "qwen3-odd-vocab"],
+    ids=[
+        "llama-kv2",
+        "llama-kv1-replicated-overlap",
+        "qwen3-odd-vocab",
+        "llama-tp4",
+        "mistral-tp4",
+        "qwen3-tp4",
+    ],
 )
-def test_tp2_greedy_matches_hf(
+def test_tp_greedy_matches_hf(
     tiny_model_factory: Callable[..., Path],
     arch: str,
     overrides: dict[str, object],

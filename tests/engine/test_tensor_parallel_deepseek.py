@@ -36,13 +36,19 @@ FP8_ALIGNED = {
 
 
 # V3: q LoRA (q_a/q_b), sigmoid noaux_tc router; V2: a plain q_proj, softmax group-limited router.
-# ep_size=2: the 8 routed experts partitioned 4 + 4 instead of each split in two.
+# ep_size=2: the 8 routed experts partitioned 4 + 4 instead of each split in two; at tp_size=4,
+# 2 + 2 + 2 + 2 experts, one MLA head a rank.
 @pytest.mark.parametrize(
     ("arch", "options"),
-    [("deepseek_v3", {}), ("deepseek_v2", {}), ("deepseek_v3", {"ep_size": 2})],
-    ids=["v3", "v2", "v3-ep2"],
+    [
+        ("deepseek_v3", {}),
+        ("deepseek_v2", {}),
+        ("deepseek_v3", {"ep_size": 2}),
+        ("deepseek_v3", {"tp_size": 4, "ep_size": 4}),
+    ],
+    ids=["v3", "v2", "v3-ep2", "v3-tp4-ep4"],
 )
-def test_deepseek_tp2_greedy_matches_hf(
+def test_deepseek_tp_greedy_matches_hf(
     tiny_model_factory: Callable[..., Path], arch: str, options: dict[str, object]
 ) -> None:
     path = tiny_model_factory(arch)
