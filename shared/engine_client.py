@@ -291,8 +291,9 @@ class EngineClient:
         elif isinstance(msg, StepFailed):
             with self._state_lock:
                 handlers = [self._handlers.pop(rid) for rid in msg.rids if rid in self._handlers]
+            error = Unavailable if msg.fatal else InternalError
             for handler in handlers:
-                handler(InternalError(msg.message))
+                handler(error(msg.message))
 
     def _fail_all(self, reason: str) -> None:
         with self._state_lock:

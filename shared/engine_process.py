@@ -144,6 +144,9 @@ class Outputs(msgspec.Struct, tag="outputs"):
 class StepFailed(msgspec.Struct, tag="step_failed"):
     rids: list[str]
     message: str
+    # The engine exits next (its tensor-parallel group broke): the requests failed `Unavailable`,
+    # not `InternalError`, so a caller may retry them elsewhere.
+    fatal: bool = False
 
 
 ToEngine = (
@@ -203,6 +206,8 @@ def run_engine(config: EngineConfig, to_engine: str, from_engine: str) -> None:
         pull.close(linger=0)
         push.close(linger=1000)
         ctx.term()
+    if not group_ok:
+        raise SystemExit(1)  # the client reports the exit status: not a clean stop
 
 
 def _serve(
@@ -247,12 +252,14 @@ def _serve(
         except Exception as e:  # fail what was running, keep serving
             logger.exception("engine step failed")
             message = f"engine step failed: {e}"
-            push.send(encode(StepFailed(core.fail_all(message), message)))
-            if followers is not None:
-                dead = followers.dead()
-                logger.error("a tensor-parallel step failed (dead ranks: %s); the engine exits", dead)
-                return False
-            continue
+            if followers is None:
+                push.send(encode(StepFailed(core.fail_all(message), message)))
+                continue
+            # With ranks the group is unusable now: the engine exits.
+            message += " (a tensor-parallel rank failed; the engine exits)"
+            push.send(encode(StepFailed(core.fail_all(message), message, fatal=True)))
+            logger.error("a tensor-parallel step failed (dead ranks: %s); the engine exits", followers.dead())
+            return False
         _send_admissions(core, push, encode)  # before any output of theirs
         if outputs:
             send_outputs(push, encode, outputs)
