@@ -15,7 +15,9 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.launcher import free_port
 from shared.engine_core import RequestOutput
@@ -24,7 +26,7 @@ from tests.engine.test_tensor_parallel import GREEDY, PROMPTS, _children, _runni
 
 
 @contextlib.contextmanager
-def node1(path: Path, addr: str, tp_size: int, log: Path) -> Iterator[subprocess.Popen[bytes]]:
+def node1(path: Path, addr: str, tp_size: int, log: Path, port: int = 0) -> Iterator[subprocess.Popen[bytes]]:
     """Node 1's worker. Only the layout flags: its ranks take node 0's other options (page size,
     chunking) from the group's store."""
     with open(log, "wb") as out:
@@ -32,6 +34,7 @@ def node1(path: Path, addr: str, tp_size: int, log: Path) -> Iterator[subprocess
             [
                 *(sys.executable, "-m", "services.worker", "--model", str(path), "--device", "cpu"),
                 *("--tp-size", str(tp_size), "--nnodes", "2", "--node-rank", "1", "--dist-init-addr", addr),
+                *("--port", str(port)),
             ],
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -47,12 +50,16 @@ def node1(path: Path, addr: str, tp_size: int, log: Path) -> Iterator[subprocess
 def test_two_nodes_give_the_tokens_of_one(tiny_model_factory: Callable[..., Path], tmp_path: Path) -> None:
     # 4 ranks, 2 per node: node 0 starts a follower of its own, node 1's worker two.
     path = tiny_model_factory("llama")
-    addr = f"127.0.0.1:{free_port()}"
-    with node1(path, addr, 4, tmp_path / "node1.log") as worker:
+    addr, health_port = f"127.0.0.1:{free_port()}", free_port()
+    with node1(path, addr, 4, tmp_path / "node1.log", health_port) as worker:
         client = tp_client(path, tp_size=4, nnodes=2, node_rank=0, dist_init_addr=addr)
         try:
             got = run_all(client, PROMPTS)
             again = run_all(client, PROMPTS[1:2])  # a prefix-cache hit on rank 0
+            # Node 1 takes no requests but answers health checks (one pod template for all nodes).
+            with grpc.insecure_channel(f"127.0.0.1:{health_port}") as channel:
+                reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
         finally:
             client.shutdown()
         assert worker.wait(30) == 0, (tmp_path / "node1.log").read_text()  # rank 0 stopped the group
