@@ -80,8 +80,8 @@ class EngineConfig:
     dist_init_addr: str | None = field(
         default=None,
         metadata=flag(
-            "host:port of node 0's rendezvous store (required with --nnodes > 1; default: a free"
-            " port on loopback)",
+            "host:port of node 0's rendezvous store (required with --nnodes > 1; default: a port"
+            " the OS picks)",
             metavar="HOST:PORT",
         ),
     )

@@ -8,8 +8,8 @@ Followers are plain subprocesses (`python -m shared.distributed.follower`): the 
 itself a daemonic multiprocessing child, which may not start multiprocessing children. Each gets
 the `EngineConfig` as JSON, its rank and the store's port, joins the group, builds its
 `ModelRunner` and follows rank 0's steps. The kernel kills a follower when the process that
-started it dies (`die_with_parent`): no rank outlives its node's engine or worker, even where a
-collective would not notice (a peer that died while the group is idle is not the parent's).
+started it dies (`die_with_parent`), so no rank outlives its node's engine or worker: another
+node's worker killed while the group idles leaves no rank behind still waiting for a step.
 """
 
 from __future__ import annotations
