@@ -68,7 +68,7 @@ WORKDIR /home/tandem
 # The uid/gid the manifests run as (runAsUser/runAsGroup 10001).
 USER 10001:10001
 # gateway HTTP, router gRPC (public), router admin gRPC, router admin HTTP, prefill gRPC, decode
-# gRPC, metrics
-EXPOSE 8000 50051 50052 8080 50061 50062 9400
+# gRPC, metrics, tensor-parallel worker gRPC and its ranks' rendezvous (deploy/k8s/extras/)
+EXPOSE 8000 50051 50052 8080 50061 50062 9400 50063 29500
 ENTRYPOINT ["/usr/bin/tini", "--"]
 CMD ["python", "-m", "services.gateway", "--help"]

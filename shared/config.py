@@ -51,9 +51,9 @@ class EngineConfig:
         default="auto",
         metadata=flag("auto (cuda when available, else cpu), cpu or cuda[:N]", metavar="DEVICE"),
     )
-    # Tensor parallelism (shared/distributed/): the engine process starts tp_size - 1 follower
-    # processes; Llama, Mistral, Qwen2, Qwen3 and DeepSeek-V2/V3 shard their heads, MLP (or experts)
-    # and vocabulary across them.
+    # Tensor parallelism (shared/distributed/): the engine process is rank 0 and starts the other
+    # ranks of its node as follower processes (other nodes start theirs: nnodes); Llama, Mistral,
+    # Qwen2, Qwen3 and DeepSeek-V2/V3 shard their heads, MLP (or experts) and vocabulary.
     tp_size: int = field(default=1, metadata=flag("tensor-parallel ranks (one process and device each)"))
     # MoE layers: 1 splits every expert across the tp_size ranks; tp_size partitions the experts
     # instead (each rank holds n_routed_experts / tp_size whole experts).
@@ -71,7 +71,29 @@ class EngineConfig:
         ),
     )
     base_gpu_id: int = field(
-        default=0, metadata=flag("CUDA: tensor-parallel rank r uses GPU base-gpu-id + r", metavar="N")
+        default=0,
+        metadata=flag("CUDA: a node's k-th tensor-parallel rank uses GPU base-gpu-id + k", metavar="N"),
+    )
+    # Multi-node tensor parallelism: tp_size / nnodes ranks on each node. Every node runs the same
+    # command but for node_rank; node 0's engine process is rank 0 and serves, the other nodes
+    # only run their ranks. The ranks meet at a store on node 0 (dist_init_addr), which must be
+    # reachable from every node.
+    nnodes: int = field(
+        default=1, metadata=flag("nodes the tensor-parallel ranks span (tp-size / nnodes ranks each)")
+    )
+    node_rank: int = field(
+        default=0,
+        metadata=flag(
+            "this node's index (0: the node that serves; others only run their ranks)", metavar="N"
+        ),
+    )
+    dist_init_addr: str | None = field(
+        default=None,
+        metadata=flag(
+            "host:port of node 0's rendezvous store (required with --nnodes > 1; default: a port"
+            " the OS picks)",
+            metavar="HOST:PORT",
+        ),
     )
     page_size: int = field(
         default=16, metadata=flag("tokens per KV page; the radix cache shares whole pages only")
@@ -175,6 +197,29 @@ class EngineConfig:
     def chunked_prefill(self) -> bool:
         return self.chunked_prefill_size > 0
 
+    @property
+    def ranks_per_node(self) -> int:
+        return self.tp_size // self.nnodes
+
+    @property
+    def node_ranks(self) -> range:
+        """The tensor-parallel ranks that run on this node."""
+        return range(self.node_rank * self.ranks_per_node, (self.node_rank + 1) * self.ranks_per_node)
+
+    def local_rank(self, rank: int) -> int:
+        """`rank`'s index among its node's ranks (its GPU is `base_gpu_id` + this)."""
+        return rank % self.ranks_per_node
+
+    @property
+    def rendezvous(self) -> tuple[str, int]:
+        """(host, port) where this node's ranks reach rank 0's store: node 0 on loopback (the store
+        listens on every interface), other nodes at `dist_init_addr`. Port 0 without
+        `dist_init_addr`: rank 0 lets the OS pick one and hands it to its followers."""
+        if self.dist_init_addr is None:
+            return "127.0.0.1", 0
+        host, _, port = self.dist_init_addr.rpartition(":")
+        return "127.0.0.1" if self.node_rank == 0 else host.strip("[]"), int(port)
+
     def validate(self) -> None:
         def positive(name: str, value: int | None) -> None:
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
@@ -192,6 +237,7 @@ class EngineConfig:
         if type(self.base_gpu_id) is not int or self.base_gpu_id < 0:
             raise ValueError(f"base_gpu_id must be an integer >= 0, got {self.base_gpu_id!r}")
         positive("ep_size", self.ep_size)
+        self._validate_nodes()
         if self.ep_size not in (1, self.tp_size):
             raise ValueError(
                 f"ep_size={self.ep_size} with tp_size={self.tp_size}: expert parallelism runs over the"
@@ -228,6 +274,31 @@ class EngineConfig:
         if self.schedule_policy not in _POLICIES:
             raise ValueError(f"schedule_policy must be one of {_POLICIES}, got {self.schedule_policy!r}")
 
+    def _validate_nodes(self) -> None:
+        def integer(value: object) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        if not integer(self.nnodes) or self.nnodes <= 0:
+            raise ValueError(f"nnodes must be a positive integer, got {self.nnodes!r}")
+        if not integer(self.node_rank) or not 0 <= self.node_rank < self.nnodes:
+            raise ValueError(
+                f"node_rank must be in [0, nnodes - 1] = [0, {self.nnodes - 1}], got {self.node_rank!r}"
+            )
+        if self.tp_size % self.nnodes:
+            raise ValueError(
+                f"tp_size={self.tp_size} with nnodes={self.nnodes}: every node runs tp_size / nnodes"
+                " ranks, so nnodes must divide tp_size"
+            )
+        if self.dist_init_addr is not None:
+            host, _, port = str(self.dist_init_addr).rpartition(":")
+            if not host.strip("[]") or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"dist_init_addr must be host:port, got {self.dist_init_addr!r}")
+        elif self.nnodes > 1:
+            raise ValueError(
+                f"nnodes={self.nnodes} needs dist_init_addr: host:port of node 0, where the ranks"
+                " of every node meet (e.g. --dist-init-addr 10.0.0.1:29500)"
+            )
+
     def _validate_dp_attention(self) -> None:
         # The model (MLA + MoE) is checked when it loads (shared/distributed/dp_attention.py).
         if self.tp_size == 1:
@@ -239,4 +310,8 @@ class EngineConfig:
             raise ValueError(
                 f"enable_dp_attention with disaggregation_mode={self.disaggregation_mode!r}: DP attention"
                 " on prefill/decode workers is not supported yet"
+            )
+        if self.nnodes > 1:
+            raise ValueError(
+                f"enable_dp_attention with nnodes={self.nnodes}: DP attention runs on one node for now"
             )

@@ -7,11 +7,17 @@
 The `EngineCore` runs on a loop thread owned by the engine; callers on any thread (or event loop)
 submit requests and receive increments through per-request sinks. Bad input raises
 `InvalidRequest` (a `ValueError`) in the caller; a failure inside a step fails the requests of
-that engine, and it keeps serving."""
+that engine, and it keeps serving.
+
+With `tp_size > 1` the core runs in the engine process instead (`EngineClient`), which is rank 0
+and starts the other ranks (shared/distributed/); the API is the same, outputs reach the sinks
+from the client's receiver thread. A failed step fails the running requests there too, and then
+the engine is gone (a broken rank group cannot be resumed): later calls raise `Unavailable`."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import queue
@@ -19,13 +25,17 @@ import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from shared.config import EngineConfig
+from shared.engine_client import EngineClient
 from shared.engine_core import EngineCore, RequestOutput
 from shared.errors import InternalError, InvalidRequest, Unavailable
 from shared.pooling import PoolingParams
 from shared.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
 _POLL_BACKGROUND_S = 0.002  # how often an otherwise idle loop looks at compiling grammars
@@ -114,18 +124,29 @@ class Engine:
 
     def __init__(self, model_path: str, **options: Any) -> None:
         self.config = EngineConfig.from_options(model_path, **options)
-        if self.config.tp_size > 1:
-            # The core runs on a thread of the caller's process; tensor-parallel ranks need their
-            # own processes and a torch.distributed group, which the engine process provides.
+        if self.config.node_rank > 0:
             raise ValueError(
-                f"tp_size={self.config.tp_size}: the offline Engine runs the core in this process and"
-                " does not start tensor-parallel ranks; use the engine process"
-                " (shared.engine_client.EngineClient) or a worker (python -m services.worker --tp-size N)"
+                f"node_rank={self.config.node_rank}: only node 0 runs an engine; start the other nodes'"
+                " ranks with the same options on each: python -m services.worker --model DIR --tp-size N"
+                " --nnodes M --node-rank R --dist-init-addr HOST:PORT"
             )
         self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._sinks: dict[str, _Sink] = {}
         self._ids = itertools.count()
         self._closed = False
+        # Tensor-parallel ranks need processes of their own and a torch.distributed group: the
+        # engine process (rank 0) provides them.
+        self._client: EngineClient | None = None
+        self.tokenizer: PreTrainedTokenizerBase
+        if self.config.tp_size > 1:
+            from transformers import AutoTokenizer
+
+            from shared.models.config import ModelConfig
+
+            ModelConfig.from_model_path(model_path)  # no model there: FileNotFoundError, as at tp_size 1
+            self._client = EngineClient(self.config)  # other load errors: RuntimeError
+            self.tokenizer = AutoTokenizer.from_pretrained(self.config.tokenizer_path or model_path)
+            return
         # The core is built on the loop thread that runs it: torch's CPU thread pool belongs to
         # the thread that first uses it, and a second pool on the caller's thread would contend.
         started: Future[EngineCore] = Future()
@@ -172,12 +193,7 @@ class Engine:
         entries: list[tuple[str, _Sink]] = []
         for ids in prompts:
             rid, sink = f"req-{next(self._ids)}", _Sink(None, stream=False)
-
-            def add(ids: list[int] = ids, rid: str = rid, sink: _Sink = sink) -> None:
-                self.core.add_request([rid], ids, SamplingParams(), pooling=options)
-                self._sinks[rid] = sink
-
-            self._call(add).result()  # raises the core's InvalidRequest here, in the caller
+            self._add([rid], ids, SamplingParams(), [sink], pooling=options)
             entries.append((rid, sink))
         outputs = []
         for rid, sink in entries:
@@ -221,13 +237,20 @@ class Engine:
 
     def abort(self, rid: str) -> None:
         """Abort a request by its `meta_info["id"]`."""
+        if self._client is not None:
+            self._client.abort(rid)
+            return
         self._call(lambda: self.core.abort(rid))
 
     def shutdown(self) -> None:
-        """Stop the loop thread; requests still running fail with `Unavailable`."""
+        """Stop the loop thread (or the engine process); requests still running fail with
+        `Unavailable`."""
         if self._closed:
             return
         self._closed = True
+        if self._client is not None:
+            self._client.shutdown()  # the sinks get Unavailable from the client
+            return
         self._commands.put(lambda: None)  # wake the loop
         self._thread.join()
         for sink in self._sinks.values():
@@ -260,21 +283,53 @@ class Engine:
         for ids, p in zip(prompts, params):
             rids = [f"req-{next(self._ids)}" for _ in range(p.n)]
             sinks = [_Sink(loop, stream) for _ in rids]
-
-            def add(
-                ids: list[int] = ids,
-                p: SamplingParams = p,
-                rids: list[str] = rids,
-                sinks: list[_Sink] = sinks,
-            ) -> None:
-                self.core.add_request(rids, ids, p, return_logprob, top_logprobs_num)
-                self._sinks.update(zip(rids, sinks))
-
-            self._call(add).result()  # raises the core's InvalidRequest here, in the caller
+            self._add(rids, ids, p, sinks, return_logprob, top_logprobs_num)
             results += [
                 (_Result(rid, len(results) + i), sink) for i, (rid, sink) in enumerate(zip(rids, sinks))
             ]
         return results, single
+
+    def _add(
+        self,
+        rids: list[str],
+        ids: list[int],
+        params: SamplingParams,
+        sinks: list[_Sink],
+        return_logprob: bool = False,
+        top_logprobs_num: int = 0,
+        pooling: PoolingParams | None = None,
+    ) -> None:
+        """Queue one prompt (its samples `rids`, their outputs to `sinks`); raises the core's
+        refusal (e.g. `InvalidRequest`) here, in the caller."""
+        if self._client is not None:
+            handlers = {rid: self._deliver_to(sink) for rid, sink in zip(rids, sinks)}
+            as_dict = pooling.to_dict() if pooling is not None else None
+            self._client.submit(
+                rids,
+                ids,
+                dataclasses.asdict(params),
+                handlers,
+                return_logprob,
+                top_logprobs_num,
+                pooling=as_dict,
+            ).result()
+            return
+
+        def add() -> None:
+            self.core.add_request(rids, ids, params, return_logprob, top_logprobs_num, pooling=pooling)
+            self._sinks.update(zip(rids, sinks))
+
+        self._call(add).result()
+
+    def _deliver_to(self, sink: _Sink) -> Callable[[RequestOutput | BaseException], None]:
+        """The engine process's outputs (on the client's receiver thread) into `sink`."""
+
+        def deliver(item: RequestOutput | BaseException) -> None:
+            if isinstance(item, Unavailable) and self._closed:
+                item = Unavailable("the engine was shut down")  # what the loop-thread engine says
+            sink.put(item)
+
+        return deliver
 
     def _normalize_inputs(self, prompt: PromptInput, input_ids: IdsInput) -> tuple[list[list[int]], bool]:
         if (prompt is None) == (input_ids is None):

@@ -127,17 +127,18 @@ class EngineClient:
         rids: list[str],
         input_ids: list[int],
         params: dict[str, Any],
-        on_output: OutputHandler,
+        on_output: OutputHandler | dict[str, OutputHandler],
         return_logprob: bool = False,
         top_logprobs_num: int = 0,
         kv_target: KvTarget | None = None,
         pooling: dict[str, Any] | None = None,
     ) -> Future[None]:
         """As `add`, answered through a future (done when the engine accepted or refused).
-        `pooling` (PoolingParams' fields) makes it an embedding request: one rid, `params`
-        unused, the final output carries `embedding`."""
+        `on_output` may be one handler per rid. `pooling` (PoolingParams' fields) makes it an
+        embedding request: one rid, `params` unused, the final output carries `embedding`."""
         msg = AddRequest(rids, input_ids, params, return_logprob, top_logprobs_num, kv_target, pooling)
-        return self._call(rids[0], msg, dict.fromkeys(rids, on_output))
+        handlers = on_output if isinstance(on_output, dict) else dict.fromkeys(rids, on_output)
+        return self._call(rids[0], msg, handlers)
 
     def embed(
         self, rid: str, input_ids: list[int], pooling: dict[str, Any], on_output: OutputHandler
@@ -291,8 +292,9 @@ class EngineClient:
         elif isinstance(msg, StepFailed):
             with self._state_lock:
                 handlers = [self._handlers.pop(rid) for rid in msg.rids if rid in self._handlers]
+            error = Unavailable if msg.fatal else InternalError
             for handler in handlers:
-                handler(InternalError(msg.message))
+                handler(error(msg.message))
 
     def _fail_all(self, reason: str) -> None:
         with self._state_lock:

@@ -24,8 +24,10 @@ With `tp_size > 1` this process is tensor-parallel rank 0: it starts the followe
 (shared/distributed/launch.py) before building its core and stops them when it leaves. A step
 that fails then leaves the group unusable (a rank died, or a collective broke), so the engine
 fails what was running and exits, as it does when a follower is found dead while idle; the
-client sees the process gone. With DP attention every rank runs an engine of its own and this
-process hands the requests out (shared/distributed/dp_engine.py)."""
+client sees the process gone. With ranks on other nodes (`nnodes > 1`) an idle engine pings
+them every second, since only its own node's followers are processes it can watch. With DP
+attention every rank runs an engine of its own and this process hands the requests out
+(shared/distributed/dp_engine.py)."""
 
 from __future__ import annotations
 
@@ -145,6 +147,9 @@ class Outputs(msgspec.Struct, tag="outputs"):
 class StepFailed(msgspec.Struct, tag="step_failed"):
     rids: list[str]
     message: str
+    # The engine exits next (its tensor-parallel group broke): the requests failed `Unavailable`,
+    # not `InternalError`, so a caller may retry them elsewhere.
+    fatal: bool = False
 
 
 ToEngine = (
@@ -210,6 +215,8 @@ def run_engine(config: EngineConfig, to_engine: str, from_engine: str) -> None:
         pull.close(linger=0)
         push.close(linger=1000)
         ctx.term()
+    if not group_ok:
+        raise SystemExit(1)  # the client reports the exit status: not a clean stop
 
 
 def _serve(
@@ -235,8 +242,7 @@ def _serve(
         if timeout == IDLE_POLL_MS and not parent_alive():
             logger.warning("the engine's parent process is gone; exiting")
             return True
-        if timeout == IDLE_POLL_MS and followers is not None and followers.dead():
-            logger.error("tensor-parallel rank(s) %s died; the engine exits", followers.dead())
+        if timeout == IDLE_POLL_MS and followers is not None and not _ranks_alive(core, followers):
             return False
         while pull.poll(timeout):
             header, payloads = recv_frames(pull)
@@ -255,15 +261,32 @@ def _serve(
         except Exception as e:  # fail what was running, keep serving
             logger.exception("engine step failed")
             message = f"engine step failed: {e}"
-            push.send(encode(StepFailed(core.fail_all(message), message)))
-            if followers is not None:
-                dead = followers.dead()
-                logger.error("a tensor-parallel step failed (dead ranks: %s); the engine exits", dead)
-                return False
-            continue
+            if followers is None:
+                push.send(encode(StepFailed(core.fail_all(message), message)))
+                continue
+            # With ranks the group is unusable now: the engine exits.
+            message += " (a tensor-parallel rank failed; the engine exits)"
+            push.send(encode(StepFailed(core.fail_all(message), message, fatal=True)))
+            logger.error("a tensor-parallel step failed (dead ranks: %s); the engine exits", followers.dead())
+            return False
         _send_admissions(core, push, encode)  # before any output of theirs
         if outputs:
             send_outputs(push, encode, outputs)
+
+
+def _ranks_alive(core: EngineCore, followers: Followers) -> bool:
+    """Idle: whether every rank lives. This node's followers are our children; ranks on other
+    nodes are not, so a ping (a broadcast that fails if one of them died) asks them."""
+    if dead := followers.dead():
+        logger.error("tensor-parallel rank(s) %s died; the engine exits", dead)
+        return False
+    if core.config.nnodes > 1:
+        try:
+            core.runner.ping_followers()
+        except Exception as e:
+            logger.error("a tensor-parallel rank is gone (%s: %s); the engine exits", type(e).__name__, e)
+            return False
+    return True
 
 
 def _stop_ranks(core: EngineCore, followers: Followers, group_ok: bool) -> None:

@@ -50,16 +50,16 @@ logger = logging.getLogger(__name__)
 _CPU_DEFAULT_TOKENS = 32768
 
 
-def resolve_device(option: str, base_gpu_id: int = 0, tp_rank: int = 0) -> torch.device:
-    """The device of `option`; on CUDA, tensor-parallel rank r takes GPU `base_gpu_id + r` (counted
-    from the index in `option`, if any)."""
+def resolve_device(option: str, base_gpu_id: int = 0, local_rank: int = 0) -> torch.device:
+    """The device of `option`; on CUDA, a node's k-th tensor-parallel rank (`local_rank`) takes GPU
+    `base_gpu_id + k` (counted from the index in `option`, if any)."""
     if option == "auto":
         option = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(option)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {option!r} requested but CUDA is not available")
-    if device.type == "cuda" and (base_gpu_id or tp_rank):
-        device = torch.device("cuda", (device.index or 0) + base_gpu_id + tp_rank)
+    if device.type == "cuda" and (base_gpu_id or local_rank):
+        device = torch.device("cuda", (device.index or 0) + base_gpu_id + local_rank)
     return device
 
 
@@ -90,7 +90,9 @@ class ModelRunner:
                 " parallelism runs through the engine process (shared/engine_process.py), which"
                 " starts the ranks"
             )
-        self.device = resolve_device(config.device, config.base_gpu_id, parallel_state.tp_rank())
+        self.device = resolve_device(
+            config.device, config.base_gpu_id, config.local_rank(parallel_state.tp_rank())
+        )
         model_config = ModelConfig.from_model_path(Path(config.model_path))
         dp = config.enable_dp_attention
         if dp:
@@ -288,6 +290,11 @@ class ModelRunner:
         """Rank 0, shutting down: release the followers from `follow`."""
         if self.step_sync is not None:
             self.step_sync.stop()
+
+    def ping_followers(self) -> None:
+        """Rank 0, idle: raises when a rank died."""
+        if self.step_sync is not None:
+            self.step_sync.ping()
 
     def _forward_batch_from(self, inputs: StepInputs) -> ForwardBatch:
         rows, seq_lens, prefix_lens, ext_lens = inputs.host

@@ -4,7 +4,8 @@ one engine.
 Life of a worker: parse flags -> start the engine process (it loads the model) -> serve gRPC
 (and Prometheus /metrics with --metrics-port) -> register with the router (if --router) and
 heartbeat -> on SIGTERM/SIGINT stop taking calls, give running calls a grace period, stop the
-engine, flush traces.
+engine, flush traces. With `--node-rank N > 0` (multi-node tensor parallelism) it only runs that
+node's ranks instead (`node.py`).
 
 With a cluster token (--cluster-token, $TANDEM_CLUSTER_TOKEN or --cluster-token-file) every RPC
 but grpc.health.v1 and reflection wants it (UNAUTHENTICATED otherwise), and the worker's own calls
@@ -46,6 +47,7 @@ from services.protos.tandem.worker.v1 import worker_pb2, worker_pb2_grpc
 from services.worker.args import engine_config, served_model_name
 from services.worker.engine import MIN_ENGINE_SILENCE_S, AsyncEngine, Keepalive
 from services.worker.metrics import WorkerMetrics, annotate_generation
+from services.worker.node import host_ranks
 from services.worker.ucx import keep_kv_transfers_on
 from shared.errors import InvalidRequest, RequestError
 from shared.outputs import RequestOutput
@@ -183,6 +185,8 @@ async def serve(
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {role} %(levelname)s %(name)s: %(message)s")
     tracing = setup_tracing("tandem-worker" if role == "unified" else f"tandem-{role}")
     config = engine_config(args, role)
+    if config.node_rank > 0:  # multi-node tensor parallelism: node 0's worker serves
+        raise SystemExit(await host_ranks(config, args.host, args.port))
     if role != "unified" and config.device == "cpu":
         keep_kv_transfers_on(args.host)  # before the engine process starts: it inherits it
     # The model loads in the engine process; nothing to serve before.

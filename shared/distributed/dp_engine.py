@@ -277,8 +277,8 @@ def serve_rank0(
             reports = control.gather_reports(me.run(tick))
         except Exception as e:
             logger.exception("a DP attention step failed; the engine exits")
-            message = f"engine step failed: {e}"
-            push.send(encode(StepFailed(dispatcher.fail_all(), message)))
+            message = f"engine step failed: {e} (a tensor-parallel rank failed; the engine exits)"
+            push.send(encode(StepFailed(dispatcher.fail_all(), message, fatal=True)))
             return False
         answers = [a for r in reports for a in r.answers]
         outputs = [o for r in reports for o in r.outputs]

@@ -2,10 +2,12 @@
 
     python -m shared.distributed.follower RANK STORE_PORT CONFIG_JSON
 
-Started by rank 0 (shared/distributed/launch.py). It holds no scheduler, cache or sampler: it
-runs the forwards rank 0 broadcasts (shared/distributed/step_sync.py), and in a prefill/decode
-engine its shard's part of each KV transfer (shared/transfer/shards.py), until rank 0 says stop,
-or exits with an error when a collective fails because another rank died.
+Started by rank 0 for the other ranks of its node, or by the worker of another node, whose ranks
+then take node 0's options (shared/distributed/launch.py). It holds no scheduler, cache or
+sampler: it runs the forwards rank 0 broadcasts (shared/distributed/step_sync.py), and in a
+prefill/decode engine its shard's part of each KV transfer (shared/transfer/shards.py), until
+rank 0 says stop, or exits with an error when a collective fails because another rank died.
+With DP attention it runs an engine of its own instead (shared/distributed/dp_engine.py).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from shared.config import EngineConfig
 from shared.distributed import parallel_state
+from shared.distributed.launch import die_with_parent, group_config
 
 if TYPE_CHECKING:
     import torch
@@ -28,13 +31,16 @@ logger = logging.getLogger(__name__)
 
 
 def main(argv: list[str]) -> int:
+    die_with_parent()
     rank, port, payload = int(argv[0]), int(argv[1]), argv[2]
     config = EngineConfig(**json.loads(payload))
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s tp-rank-{rank} %(levelname)s %(message)s")
     from shared.model_runner import ModelRunner, resolve_device
 
-    device = resolve_device(config.device, config.base_gpu_id, rank)
-    store = parallel_state.join_rendezvous(port, config.tp_size)
+    device = resolve_device(config.device, config.base_gpu_id, config.local_rank(rank))
+    store = parallel_state.join_rendezvous(port, config.tp_size, config.rendezvous[0])
+    if config.node_rank > 0:
+        config = group_config(store, config)
     parallel_state.init_tensor_parallel(rank, config.tp_size, store, device, config.ep_size)
     try:
         if config.enable_dp_attention:  # an engine of its own (shared/distributed/dp_engine.py)

@@ -19,7 +19,7 @@ import torch.distributed as dist
 if TYPE_CHECKING:  # the layers import this module: keep it free of model imports
     from shared.models.config import ModelConfig
 
-_HOST = "127.0.0.1"  # one node for now: the ranks meet on loopback
+_HOST = "127.0.0.1"  # the ranks of one node meet rank 0's store on loopback
 # Rendezvous and model loading must finish within this; a rank that never shows up fails start-up.
 STARTUP_TIMEOUT = datetime.timedelta(seconds=300)
 # While serving, a follower waits in a broadcast for rank 0's next step however long the engine
@@ -75,15 +75,15 @@ def replicated() -> Iterator[None]:
         _state = saved
 
 
-def open_rendezvous(size: int) -> dist.TCPStore:
-    """Rank 0: the group's store on a port of loopback the OS picks (`.port`), so concurrent
-    engines never race for one."""
-    return dist.TCPStore(_HOST, 0, size, is_master=True, timeout=STARTUP_TIMEOUT, wait_for_workers=False)
+def open_rendezvous(size: int, port: int = 0) -> dist.TCPStore:
+    """Rank 0: the group's store, listening on `port` of every interface (other nodes reach it at
+    `dist_init_addr`); 0 lets the OS pick one (`.port`), so concurrent engines never race for one."""
+    return dist.TCPStore(_HOST, port, size, is_master=True, timeout=STARTUP_TIMEOUT, wait_for_workers=False)
 
 
-def join_rendezvous(port: int, size: int) -> dist.TCPStore:
-    """A follower: rank 0's store at `port`."""
-    return dist.TCPStore(_HOST, port, size, is_master=False, timeout=STARTUP_TIMEOUT)
+def join_rendezvous(port: int, size: int, host: str = _HOST) -> dist.TCPStore:
+    """A follower: rank 0's store at `host:port`."""
+    return dist.TCPStore(host, port, size, is_master=False, timeout=STARTUP_TIMEOUT)
 
 
 def init_tensor_parallel(

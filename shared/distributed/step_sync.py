@@ -4,14 +4,16 @@ Rank 0 alone schedules, caches prefixes and samples; the followers only need the
 inputs and the req_to_token cells written since the last step (their own tables are otherwise
 never touched). One step is two broadcasts of int64 tensors from rank 0, on the model's device:
 
-    header   [5]   kind (STOP / EXTEND / DECODE), T tokens, B requests, N logit rows, W writes
+    header   [5]   kind (STOP / EXTEND / DECODE / PING), T tokens, B requests, N logit rows, W writes
     payload  [3T + 4B + N + 3W], in this order:
              input_ids [T] | positions [T] | out_cache_loc [T]
              | req_pool_indices [B] | seq_lens [B] | extend_prefix_lens [B] | extend_seq_lens [B]
              | logits_indices [N] | req_to_token writes: rows [W] | columns [W] | slots [W]
 
 Everything else a forward needs (weights, the KV pool shard, the attention backend) each rank
-holds itself. A follower reads the header, then the payload, and returns `None` on STOP.
+holds itself. A follower reads the header, then the payload, and returns `None` on STOP. A PING
+(a header alone) carries nothing: an idle rank 0 sends one now and then when some ranks are on
+other nodes, where no process of its own would see them die; the broadcast fails if one did.
 
 A prefill/decode engine also sends TRANSFER items between steps: the header's second int is the
 length of an int64 payload of KV-transfer instructions for the followers' own shards, which
@@ -27,7 +29,7 @@ import torch.distributed as dist
 
 from shared.batch import ForwardBatch, ForwardMode
 
-_STOP, _EXTEND, _DECODE, _TRANSFER = 0, 1, 2, 3
+_STOP, _EXTEND, _DECODE, _TRANSFER, _PING = 0, 1, 2, 3, 4
 _HEADER_LEN = 5
 
 
@@ -91,14 +93,19 @@ class StepBroadcast:
 
     def stop(self) -> None:
         """Rank 0: release the followers from their loop."""
-        header = [_STOP] + [0] * (_HEADER_LEN - 1)
-        self._broadcast(torch.tensor(header, dtype=torch.int64, device=self.device))
+        self._header_only(_STOP)
+
+    def ping(self) -> None:
+        """Rank 0, idle: raises when a rank died (its connection closed)."""
+        self._header_only(_PING)
 
     def recv(self) -> StepInputs | TransferOps | None:
         """A follower: the next step's inputs (or transfer instructions), or None when rank 0
         stopped."""
         header = torch.empty(_HEADER_LEN, dtype=torch.int64, device=self.device)
         self._broadcast(header)
+        while header[0].item() == _PING:
+            self._broadcast(header)
         kind, t, b, n, w = header.tolist()
         if kind == _STOP:
             return None
@@ -122,6 +129,10 @@ class StepBroadcast:
             writes.reshape(3, w),
             torch.stack([rows, seq, pre, ext]).tolist() if b else [[], [], [], []],
         )
+
+    def _header_only(self, kind: int) -> None:
+        header = [kind] + [0] * (_HEADER_LEN - 1)
+        self._broadcast(torch.tensor(header, dtype=torch.int64, device=self.device))
 
     @staticmethod
     def _broadcast(t: torch.Tensor) -> None:

@@ -28,6 +28,7 @@ FIELD_VALUES = {
     "metadata.name": "tandem-pod-0",
     "metadata.namespace": NAMESPACE,
     "spec.nodeName": "gpu-node-1",
+    "metadata.labels['apps.kubernetes.io/pod-index']": "0",  # a StatefulSet pod's ordinal
 }
 
 Doc = dict[str, Any]

@@ -12,6 +12,7 @@ import pytest
 from services.gateway.args import build_parser as gateway_parser
 from services.router.args import build_parser as router_parser
 from services.worker.args import build_parser as worker_parser
+from services.worker.args import engine_config
 from tests.deploy.manifests import (
     ALL,
     APPLIED,
@@ -317,3 +318,55 @@ def test_traces_go_to_jaegers_otlp_grpc_port() -> None:
     for component in COMPONENTS:
         names = {e["name"] for e in container(component)["env"]}
         assert {"OTEL_SERVICE_NAME", "OTEL_RESOURCE_ATTRIBUTES"} <= names, component
+
+
+# ---- deploy/k8s/extras/tensor-parallel ---------------------------------------------------
+
+
+def worker_args(container: Doc) -> argparse.Namespace:
+    """An extras worker container's args through the unified worker's parser (and EngineConfig)."""
+    args = resolved_args(container, ALL)
+    assert args[:3] == ["python", "-m", "services.worker"], args[:3]
+    assert not [a for a in args if "$(" in a], args
+    ns = worker_parser("unified").parse_args(args[3:])
+    engine_config(ns, "unified")  # the engine options validate (tp_size, nnodes, dist_init_addr)
+    return ns
+
+
+def gpus(container: Doc) -> int:
+    resources = container["resources"]
+    count = int(resources["limits"]["nvidia.com/gpu"])
+    assert int(resources["requests"]["nvidia.com/gpu"]) == count
+    return count
+
+
+def test_tensor_parallel_worker_has_a_gpu_per_rank() -> None:
+    doc = find("Deployment", "tandem-worker-tp", ALL)
+    (c,) = pod_spec(doc)["containers"]
+    ns = worker_args(c)
+    assert ns.tp_size == gpus(c) > 1 and ns.nnodes == 1
+    assert ns.host == "0.0.0.0" and ns.port == container_ports(doc)["grpc"]
+    assert ns.advertise_address == f"10.1.2.3:{ns.port}" == container_env(c, ALL)["WORKER_ADDRESS"]
+    assert any(v["mountPath"] == "/dev/shm" for v in c["volumeMounts"])
+
+
+def test_multi_node_group_is_a_stateful_set_whose_ordinal_is_the_node_rank() -> None:
+    group = find("StatefulSet", "tandem-tp-nodes", ALL)
+    service = find("Service", group["spec"]["serviceName"], ALL)
+    # Pod 1 resolves pod 0 by name before pod 0 is ready, and the pods start together.
+    assert service["spec"]["clusterIP"] == "None" and service["spec"]["publishNotReadyAddresses"] is True
+    assert group["spec"]["podManagementPolicy"] == "Parallel"
+    (c,) = pod_spec(group)["containers"]
+    rank = {e["name"]: e for e in c["env"]}["NODE_RANK"]["valueFrom"]["fieldRef"]["fieldPath"]
+    assert rank == "metadata.labels['apps.kubernetes.io/pod-index']"
+    ns = worker_args(c)  # as pod 0
+    assert ns.node_rank == 0 and ns.nnodes == group["spec"]["replicas"] and ns.tp_size == ns.nnodes * gpus(c)
+    host, _, port = ns.dist_init_addr.rpartition(":")
+    assert (
+        host == f"{group['metadata']['name']}-0.{service['metadata']['name']}.{NAMESPACE}.svc.cluster.local"
+    )
+    (dist,) = (p for p in service["spec"]["ports"] if p["port"] == int(port))
+    assert resolve_port(group, dist["targetPort"]) == int(port)
+    # The router and every pod's drain hook name node 0 by the same stable address.
+    assert ns.advertise_address == f"{host}:{ns.port}" == container_env(c, ALL)["WORKER_ADDRESS"]
+    assert ns.port == container_ports(group)["grpc"] and ns.host == "0.0.0.0"

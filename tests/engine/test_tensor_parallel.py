@@ -3,6 +3,7 @@ through the engine process (EngineClient); HF transformers (float32) is the orac
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import os
 import queue
@@ -64,10 +65,21 @@ def run_all(client: EngineClient, prompts: list[list[int]]) -> dict[str, list[in
         ("llama", {"num_key_value_heads": 1}, {"enable_overlap_schedule": True}),
         # Per-head q/k norms; a vocabulary that does not split evenly (a padded shard).
         ("qwen3", {"num_key_value_heads": 2, "vocab_size": 301}, {}),
+        # Four ranks: one query head each, each of the 2 KV heads on two ranks.
+        ("llama", {}, {"tp_size": 4}),
+        ("mistral", {}, {"tp_size": 4}),
+        ("qwen3", {"vocab_size": 301}, {"tp_size": 4}),  # 76 rows a shard, the last one padded
     ],
-    ids=["llama-kv2", "llama-kv1-replicated-overlap", "qwen3-odd-vocab"],
+    ids=[
+        "llama-kv2",
+        "llama-kv1-replicated-overlap",
+        "qwen3-odd-vocab",
+        "llama-tp4",
+        "mistral-tp4",
+        "qwen3-tp4",
+    ],
 )
-def test_tp2_greedy_matches_hf(
+def test_tp_greedy_matches_hf(
     tiny_model_factory: Callable[..., Path],
     arch: str,
     overrides: dict[str, object],
@@ -161,10 +173,30 @@ def test_tp_options_are_validated(tiny_llama: Path) -> None:
     parallel_state.check_tp_support(model, 4)  # KV heads replicated twice
     with pytest.raises(ValueError, match="num_attention_heads"):
         parallel_state.check_tp_support(model, 3)
+
+
+def test_multi_node_options_are_validated(tiny_llama: Path) -> None:
+    def config(**options: object) -> EngineConfig:
+        return EngineConfig.from_options(str(tiny_llama), **options)
+
+    with pytest.raises(ValueError, match="nnodes must divide tp_size"):
+        config(tp_size=3, nnodes=2, dist_init_addr="10.0.0.1:29500")
+    with pytest.raises(ValueError, match=r"node_rank must be in \[0, nnodes - 1\] = \[0, 1\], got 2"):
+        config(tp_size=4, nnodes=2, node_rank=2, dist_init_addr="10.0.0.1:29500")
+    with pytest.raises(ValueError, match="nnodes=2 needs dist_init_addr"):
+        config(tp_size=4, nnodes=2)
+    for bad in ("10.0.0.1", ":29500", "node-0:http", "node-0:70000"):
+        with pytest.raises(ValueError, match="dist_init_addr must be host:port"):
+            config(tp_size=2, dist_init_addr=bad)
+    node1 = config(tp_size=8, nnodes=2, node_rank=1, dist_init_addr="[fd00::1]:29500")
+    assert (node1.node_ranks, node1.local_rank(5), node1.rendezvous) == (range(4, 8), 1, ("fd00::1", 29500))
+    node0 = dataclasses.replace(node1, node_rank=0)  # reaches its own store on loopback
+    assert (node0.node_ranks, node0.rendezvous) == (range(4), ("127.0.0.1", 29500))
+    assert config(tp_size=2).rendezvous == ("127.0.0.1", 0)  # one node: a port the OS picks
     from shared.engine import Engine
 
-    with pytest.raises(ValueError, match=r"offline Engine .* does not start tensor-parallel ranks"):
-        Engine(str(tiny_llama), tp_size=2)
+    with pytest.raises(ValueError, match="only node 0 runs an engine"):
+        Engine(str(tiny_llama), tp_size=2, nnodes=2, node_rank=1, dist_init_addr="127.0.0.1:1")
 
 
 # ---- the sharded weight loaders, as rank 1 of 2 (no group needed: loading runs no collective) ----
@@ -227,3 +259,42 @@ def test_vocab_parallel_embedding_pads_the_last_shard(rank1_of_2: None) -> None:
     _load(emb.weight, table)
     assert emb.vocab_start == 4
     assert torch.equal(emb.weight, torch.cat([table[4:], torch.zeros(1, 3)]))
+
+
+# ---- the offline Engine at tp_size > 1 (its core in the engine process) ----
+
+
+def test_offline_engine_at_tp2_matches_tp1_and_hf(tiny_llama: Path) -> None:
+    from shared.engine import Engine
+    from shared.errors import Unavailable
+
+    texts = ["The quick brown fox", "a b c", "The quick brown fox jumps"]  # the third reuses a prefix
+    greedy = dict(GREEDY, max_new_tokens=8)
+    seen = []
+    for tp_size in (1, 2):
+        with Engine(
+            str(tiny_llama), tp_size=tp_size, device="cpu", page_size=4, chunked_prefill_size=8
+        ) as engine:
+            outs = engine.generate(texts, greedy)
+            chunks = list(engine.generate(texts[0], greedy, stream=True))  # type: ignore[arg-type]
+            later = asyncio.run(engine.async_generate(texts[1], greedy))
+            samples = engine.generate(texts[0], {"n": 2, "temperature": 1.0, "seed": 3, "max_new_tokens": 4})
+            embedding = engine.encode(texts[1], pooling="mean")
+            with pytest.raises(ValueError, match="top_p"):
+                engine.generate("x", {"top_p": 1.5})
+            running = engine.generate(texts[1], dict(greedy, max_new_tokens=10000), stream=True)
+            next(running)  # type: ignore[call-overload]
+        with pytest.raises(Unavailable, match="shut down"):  # a request still running at shutdown
+            list(running)  # type: ignore[call-overload]
+        with pytest.raises(Unavailable, match="shut down"):
+            engine.generate("x", greedy)
+        ids = [engine.tokenizer(t)["input_ids"] for t in texts]
+        assert [o["output_ids"] for o in outs] == [hf_greedy(tiny_llama, i, 8) for i in ids]  # type: ignore[index]
+        assert [t for c in chunks for t in c["output_ids"]] == outs[0]["output_ids"]  # type: ignore[index]
+        assert later["output_ids"] == outs[1]["output_ids"]  # type: ignore[index]
+        assert outs[2]["meta_info"]["cached_tokens"] > 0  # type: ignore[index]
+        assert [len(s["output_ids"]) for s in samples] == [4, 4]  # type: ignore[index]
+        seen.append([o["output_ids"] for o in outs])  # type: ignore[index]
+        seen.append(embedding["embedding"])  # type: ignore[index]
+    assert seen[2] == seen[0]
+    assert seen[3] == pytest.approx(seen[1], abs=1e-5)

@@ -1,6 +1,7 @@
 """Tensor parallelism for DeepSeek (MLA + MoE) and FP8 weights on CPU: TP=2 through the engine
-process (real gloo ranks) against HF float32 and against the TP=1 FP8 engine, and the sharded
-loaders (MLA heads, experts, FP8 block scales) against slices of the TP=1 model's parameters."""
+process (real gloo ranks) against HF float32 and against the TP=1 FP8 engine (DeepSeek-V3 and
+Llama), and the sharded loaders (MLA heads, experts, FP8 block scales) against slices of the TP=1
+model's parameters."""
 
 from __future__ import annotations
 
@@ -36,13 +37,19 @@ FP8_ALIGNED = {
 
 
 # V3: q LoRA (q_a/q_b), sigmoid noaux_tc router; V2: a plain q_proj, softmax group-limited router.
-# ep_size=2: the 8 routed experts partitioned 4 + 4 instead of each split in two.
+# ep_size=2: the 8 routed experts partitioned 4 + 4 instead of each split in two; at tp_size=4,
+# 2 + 2 + 2 + 2 experts, one MLA head a rank.
 @pytest.mark.parametrize(
     ("arch", "options"),
-    [("deepseek_v3", {}), ("deepseek_v2", {}), ("deepseek_v3", {"ep_size": 2})],
-    ids=["v3", "v2", "v3-ep2"],
+    [
+        ("deepseek_v3", {}),
+        ("deepseek_v2", {}),
+        ("deepseek_v3", {"ep_size": 2}),
+        ("deepseek_v3", {"tp_size": 4, "ep_size": 4}),
+    ],
+    ids=["v3", "v2", "v3-ep2", "v3-tp4-ep4"],
 )
-def test_deepseek_tp2_greedy_matches_hf(
+def test_deepseek_tp_greedy_matches_hf(
     tiny_model_factory: Callable[..., Path], arch: str, options: dict[str, object]
 ) -> None:
     path = tiny_model_factory(arch)
@@ -73,6 +80,25 @@ def test_deepseek_v3_fp8_tp2_equals_tp1(
         finally:
             client.shutdown()
     assert tokens[1] == tokens[0]
+
+
+# A Llama whose every FP8 shard at TP=2 is whole 128 x 128 blocks: q, k and v 4 heads x 64 (128
+# rows a rank each), o_proj 128 columns a rank, gate/up rows and down columns 128 a rank.
+LLAMA_FP8_ALIGNED = {"hidden_size": 256, "num_key_value_heads": 4, "intermediate_size": 256}
+
+
+def test_llama_fp8_tp2_equals_tp1(tiny_model_factory: Callable[..., Path]) -> None:
+    path = tiny_model_factory("llama", **LLAMA_FP8_ALIGNED)
+    tokens = []
+    for tp_size in (1, 2):
+        client = tp_client(path, tp_size=tp_size, quantization="fp8")
+        try:
+            tokens.append(run_all(client, PROMPTS))
+            tokens.append(run_all(client, PROMPTS[1:2]))  # a prefix-cache hit
+        finally:
+            client.shutdown()
+    assert tokens[2:] == tokens[:2]
+    assert tokens[1]["0"] == tokens[0]["1"]
 
 
 # ---- the sharded loaders, as rank 1 of 2 (loading runs no collective) ----
