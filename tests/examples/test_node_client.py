@@ -41,14 +41,12 @@ def node_modules() -> None:
     if all((EXAMPLE / "node_modules" / dep / "package.json").is_file() for dep in DEPENDENCIES):
         return
     try:
-        proc = subprocess.run(
-            # Short backoff: an offline host skips in seconds rather than after npm's minute of retries.
-            ["npm", "ci", "--no-audit", "--no-fund", *FETCH_RETRIES],
-            cwd=EXAMPLE,
-            capture_output=True,
-            text=True,
-            timeout=180,
-        )
+        proc = _npm_ci()
+        if proc.returncode != 0 and "ENOTEMPTY" in proc.stderr:
+            # npm could not clear a partly written node_modules (an interrupted earlier run): once
+            # more from nothing.
+            shutil.rmtree(EXAMPLE / "node_modules", ignore_errors=True)
+            proc = _npm_ci()
     except subprocess.TimeoutExpired:
         pytest.skip("npm ci timed out: the npm registry is unreachable?")
     if proc.returncode != 0:
@@ -58,6 +56,17 @@ def node_modules() -> None:
                     f"npm ci cannot reach the npm registry ({code}); examples/node needs its packages"
                 )
         raise AssertionError(f"npm ci failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
+
+
+def _npm_ci() -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        # Short backoff: an offline host skips in seconds rather than after npm's minute of retries.
+        ["npm", "ci", "--no-audit", "--no-fund", *FETCH_RETRIES],
+        cwd=EXAMPLE,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
 
 
 @pytest.fixture(scope="module")
