@@ -1,7 +1,9 @@
-"""A stand-in unified worker for measuring the router alone: it answers GetInfo, health and
-Generate (one token, at once) without an engine, so the router is the only thing being timed.
+"""A stand-in unified worker for measuring the services alone: it answers GetInfo, health and
+Generate without an engine (by default one token, at once; `--tokens N --interval-ms I` streams N
+one-token messages I ms apart, as an engine stepping a batch every I ms would), so the router and
+the gateway are the only things being timed.
 
-    python bench/stub_worker.py --port P --model NAME
+    python bench/stub_worker.py --port P --model NAME [--tokens N --interval-ms I]
 """
 
 from __future__ import annotations
@@ -19,8 +21,10 @@ from services.protos.tandem.worker.v1 import worker_pb2, worker_pb2_grpc
 
 
 class StubWorker(worker_pb2_grpc.WorkerServiceServicer):
-    def __init__(self, model: str) -> None:
+    def __init__(self, model: str, tokens: int = 1, interval_s: float = 0.0) -> None:
         self.model = model
+        self.tokens = tokens
+        self.interval_s = interval_s
 
     async def GetInfo(self, request: Any, context: Any) -> worker_pb2.GetInfoResponse:
         return worker_pb2.GetInfoResponse(
@@ -29,23 +33,31 @@ class StubWorker(worker_pb2_grpc.WorkerServiceServicer):
 
     async def Generate(self, request: Any, context: Any) -> AsyncIterator[worker_pb2.GenerateResponse]:
         n = len(request.token_ids)
-        yield worker_pb2.GenerateResponse(
-            output=common_pb2.Output(
-                token_ids=[7],
-                text="x",
-                finish=common_pb2.Finish(reason=common_pb2.FINISH_REASON_LENGTH),
-                usage=common_pb2.Usage(prompt_tokens=n, completion_tokens=1),
+        for i in range(1, self.tokens + 1):
+            if self.interval_s and i > 1:
+                await asyncio.sleep(self.interval_s)
+            last = i == self.tokens
+            yield worker_pb2.GenerateResponse(
+                output=common_pb2.Output(
+                    token_ids=[7],
+                    text="x",
+                    finish=common_pb2.Finish(reason=common_pb2.FINISH_REASON_LENGTH) if last else None,
+                    usage=common_pb2.Usage(prompt_tokens=n, completion_tokens=i),
+                )
             )
-        )
 
 
 async def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--model", required=True)
+    p.add_argument("--tokens", type=int, default=1, help="one-token messages per request")
+    p.add_argument("--interval-ms", type=float, default=0.0, help="between a request's messages")
     args = p.parse_args()
     server = grpc.aio.server()
-    worker_pb2_grpc.add_WorkerServiceServicer_to_server(StubWorker(args.model), server)
+    worker_pb2_grpc.add_WorkerServiceServicer_to_server(
+        StubWorker(args.model, args.tokens, args.interval_ms / 1000), server
+    )
     servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
     server.add_insecure_port(f"127.0.0.1:{args.port}")
