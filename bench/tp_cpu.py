@@ -28,21 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from shared.tiny_model import make_tiny_model
-
-
-def build_model(args: argparse.Namespace, out: Path) -> Path:
-    return make_tiny_model(
-        out,
-        "llama",
-        seed=0,
-        hidden_size=args.hidden,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        num_key_value_heads=args.kv_heads,
-        intermediate_size=args.intermediate,
-        max_position_embeddings=4096,
-    )
+from bench.offline_throughput import build_model
 
 
 class CollectiveTimer:
@@ -138,6 +124,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tp", type=int, nargs="+", default=[1, 2], help="tp sizes (the first is the baseline)")
+    p.add_argument("--arch", default="llama", help=argparse.SUPPRESS)  # build_model's
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=64)
