@@ -99,6 +99,21 @@ def test_tp_greedy_matches_hf(
     assert again["0"] == got["1"]
 
 
+def assert_fails_and_exits(
+    client: EngineClient, outputs: queue.SimpleQueue[RequestOutput | BaseException], first: RequestOutput
+) -> None:
+    """After a rank died: the running request (`first` its last output) fails with the step's
+    error and the engine process exits, both within 30 s."""
+    start = time.monotonic()
+    item: RequestOutput | BaseException = first
+    while isinstance(item, RequestOutput):
+        assert not item.finished
+        item = outputs.get(timeout=30)
+    assert "engine step failed" in str(item)
+    client.process.join(30)
+    assert not client.process.is_alive() and time.monotonic() - start < 30
+
+
 def _children(pid: int) -> list[int]:
     with open(f"/proc/{pid}/task/{pid}/children") as f:
         return [int(p) for p in f.read().split()]
@@ -115,14 +130,7 @@ def test_a_dead_follower_fails_the_request_and_the_engine_exits(tiny_llama: Path
         assert client.process.pid is not None
         (follower,) = _children(client.process.pid)
         os.kill(follower, signal.SIGKILL)
-        start = time.monotonic()
-        item: RequestOutput | BaseException = first
-        while isinstance(item, RequestOutput):
-            assert not item.finished
-            item = outputs.get(timeout=30)
-        assert "engine step failed" in str(item)
-        client.process.join(30)
-        assert not client.process.is_alive() and time.monotonic() - start < 30
+        assert_fails_and_exits(client, outputs, first)
     finally:
         client.shutdown()
 
