@@ -22,7 +22,7 @@ from shared.engine_core import RequestOutput
 from shared.engine_process import AbortRequest, AddRequest, Rejected, ReserveKv
 from shared.models.config import ModelConfig
 from tests.engine.hf_reference import hf_greedy
-from tests.engine.test_tensor_parallel import GREEDY, _children
+from tests.engine.test_tensor_parallel import GREEDY, _children, run_outputs
 from tests.engine.test_tensor_parallel_deepseek import FP8_ALIGNED
 
 # Round robin over 2 ranks: A, C, E on rank 0, B, D on rank 1. A (25 tokens) prefills in chunks
@@ -48,29 +48,6 @@ def dp_client(path: Path, **options: object) -> EngineClient:
     return EngineClient(dataclasses.replace(config, **options))
 
 
-def run_all(client: EngineClient, prompts: list[list[int]], first: int = 0) -> dict[str, RequestOutput]:
-    """Admit the prompts one loop apart; each request's tokens and its final output's counts."""
-    outputs: queue.SimpleQueue[RequestOutput | BaseException] = queue.SimpleQueue()
-    ids: dict[str, list[int]] = {}
-    done: dict[str, RequestOutput] = {}
-    pending = [(str(first + i), p) for i, p in enumerate(prompts)]
-    while len(done) < len(prompts):
-        if pending:
-            rid, prompt = pending.pop(0)
-            ids[rid] = []
-            client.add([rid], prompt, GREEDY, outputs.put)
-        try:
-            item = outputs.get(timeout=60 if not pending else 0.05)
-        except queue.Empty:
-            continue
-        if isinstance(item, BaseException):
-            raise item
-        ids[item.rid] += item.new_ids
-        if item.finished:
-            done[item.rid] = dataclasses.replace(item, new_ids=ids[item.rid])
-    return done
-
-
 # Overlap: each rank's step launches its next forward (with its count exchange) before it reads
 # the previous one's tokens.
 @pytest.mark.parametrize(
@@ -84,8 +61,8 @@ def test_dp_attention_mixed_batch_matches_hf(
     path = tiny_model_factory("deepseek_v3")
     client = dp_client(path, **options)
     try:
-        got = run_all(client, MIXED)
-        again = run_all(client, [C], first=len(MIXED))  # the 5th request: rank 0 again
+        got = run_outputs(client, MIXED)
+        again = run_outputs(client, [C], first=len(MIXED))  # the 5th request: rank 0 again
         stats = client.stats().result(timeout=60)
     finally:
         client.shutdown()
@@ -171,7 +148,7 @@ def test_dp_attention_fp8_equals_tp1_one_request_at_a_time(tiny_model_factory: C
     for options in ({"tp_size": 1, "enable_dp_attention": False}, {}):
         client = dp_client(path, quantization="fp8", **options)
         try:
-            tokens.append([run_all(client, [p], first=i)[str(i)].new_ids for i, p in enumerate([A, B])])
+            tokens.append([run_outputs(client, [p], first=i)[str(i)].new_ids for i, p in enumerate([A, B])])
         finally:
             client.shutdown()
     assert tokens[1] == tokens[0]

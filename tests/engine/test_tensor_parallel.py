@@ -35,26 +35,33 @@ def tp_client(path: Path, **options: object) -> EngineClient:
     return EngineClient(dataclasses.replace(config, **options))
 
 
-def run_all(client: EngineClient, prompts: list[list[int]]) -> dict[str, list[int]]:
-    """Admit the prompts one step apart (continuous batching: later ones join a running batch)."""
+def run_outputs(client: EngineClient, prompts: list[list[int]], first: int = 0) -> dict[str, RequestOutput]:
+    """Admit the prompts one loop apart (continuous batching: later ones join a running batch),
+    request ids from `first` on; each request's final output, carrying all of its tokens."""
     outputs: queue.SimpleQueue[RequestOutput | BaseException] = queue.SimpleQueue()
-    got: dict[str, list[int]] = {}
-    pending = list(enumerate(prompts))
-    finished = 0
-    while finished < len(prompts):
+    ids: dict[str, list[int]] = {}
+    done: dict[str, RequestOutput] = {}
+    pending = [(str(first + i), p) for i, p in enumerate(prompts)]
+    while len(done) < len(prompts):
         if pending:
-            i, ids = pending.pop(0)
-            got[str(i)] = []
-            client.add([str(i)], ids, GREEDY, outputs.put)
+            rid, prompt = pending.pop(0)
+            ids[rid] = []
+            client.add([rid], prompt, GREEDY, outputs.put)
         try:
             item = outputs.get(timeout=60 if not pending else 0.05)
         except queue.Empty:
             continue
         if isinstance(item, BaseException):
             raise item
-        got[item.rid] += item.new_ids
-        finished += item.finished
-    return got
+        ids[item.rid] += item.new_ids
+        if item.finished:
+            done[item.rid] = dataclasses.replace(item, new_ids=ids[item.rid])
+    return done
+
+
+def run_all(client: EngineClient, prompts: list[list[int]]) -> dict[str, list[int]]:
+    """Each prompt's tokens, the prompts admitted one loop apart (`run_outputs`)."""
+    return {rid: out.new_ids for rid, out in run_outputs(client, prompts).items()}
 
 
 @pytest.mark.parametrize(
