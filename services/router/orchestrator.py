@@ -127,14 +127,7 @@ class Orchestrator:
         """Responses of all samples, interleaved as they come; the first error ends the stream.
         `record` (if given) learns the mode, workers, attempts and usage."""
         record = record or RequestRecord()
-        if self.max_in_flight and self.in_flight + len(samples) > self.max_in_flight:
-            self.metrics.refused.inc()
-            raise ServiceError(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"the router is at capacity ({self.in_flight} samples in flight, at most"
-                f" {self.max_in_flight}); retry later",
-            )
-        self.in_flight += len(samples)
+        self._admit(len(samples))
         try:
             async for _, resp in merge([self._run(s, record) for s in samples]):
                 yield resp
@@ -184,15 +177,8 @@ class Orchestrator:
                 "embeddings run on unified workers, and this deployment has only prefill/decode"
                 " workers (start a unified one: tandem up --prefill 0 --decode 0)",
             )
-        if self.max_in_flight and self.in_flight + len(inputs) > self.max_in_flight:
-            self.metrics.refused.inc()
-            raise ServiceError(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"the router is at capacity ({self.in_flight} samples in flight, at most"
-                f" {self.max_in_flight}); retry later",
-            )
+        self._admit(len(inputs))
         tokens = sum(len(ids) for ids in inputs)
-        self.in_flight += len(inputs)
         try:
             for attempt in range(self.max_attempts):
                 worker = self._pick_for("unified", "", inputs[0])
@@ -215,6 +201,18 @@ class Orchestrator:
             raise AssertionError("unreachable")
         finally:
             self.in_flight -= len(inputs)
+
+    def _admit(self, count: int) -> None:
+        """Count `count` more samples in flight (the caller takes them off when they end), or
+        refuse them with RESOURCE_EXHAUSTED past `max_in_flight`."""
+        if self.max_in_flight and self.in_flight + count > self.max_in_flight:
+            self.metrics.refused.inc()
+            raise ServiceError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"the router is at capacity ({self.in_flight} samples in flight, at most"
+                f" {self.max_in_flight}); retry later",
+            )
+        self.in_flight += count
 
     def _pick(self, role: str, sample: Sample) -> Worker:
         return self._pick_for(role, sample.text, sample.token_ids)
