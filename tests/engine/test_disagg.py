@@ -238,15 +238,21 @@ def wait_released(prefill: EngineCore, decode: EngineCore, timeout: float = 5.0)
     return time.monotonic() - start
 
 
-@NIXL_ONLY
-def test_a_prefill_abort_ends_the_decode_quarantine_at_once(tiny_llama: Path) -> None:
-    # A long lease: without the prefill side's word the pages would wait out 2 x 30 s.
+def _nixl_request_r(tiny_llama: Path) -> tuple[EngineCore, EngineCore]:
+    """A NIXL pair (lease 30 s) with request "r" reserved on decode and handed to prefill."""
     prefill, decode = make_pair(tiny_llama, "nixl", kv_transfer_timeout_s=30.0)
     ids = list(range(5, 30))
     params = SamplingParams(max_new_tokens=4, temperature=0.0)
     pages = reserve(decode, "r", ids, params)
     assert decode.agent is not None
     prefill.add_request(["r"], ids, params, kv_target=KvTarget("nixl", pages, decode.agent.name))
+    return prefill, decode
+
+
+@NIXL_ONLY
+def test_a_prefill_abort_ends_the_decode_quarantine_at_once(tiny_llama: Path) -> None:
+    # A long lease: without the prefill side's word the pages would wait out 2 x 30 s.
+    prefill, decode = _nixl_request_r(tiny_llama)
     decode.abort("r")  # the router cancelled both legs: decode first
     assert [o.finish_reason["type"] for o in decode.step()] == ["abort"]  # type: ignore[index]
     assert decode.waiting_in_background  # a NIXL write could still land: quarantined
@@ -256,12 +262,7 @@ def test_a_prefill_abort_ends_the_decode_quarantine_at_once(tiny_llama: Path) ->
 
 @NIXL_ONLY
 def test_a_prefill_abort_fails_a_waiting_reservation_at_once(tiny_llama: Path) -> None:
-    prefill, decode = make_pair(tiny_llama, "nixl", kv_transfer_timeout_s=30.0)
-    ids = list(range(5, 30))
-    params = SamplingParams(max_new_tokens=4, temperature=0.0)
-    pages = reserve(decode, "r", ids, params)
-    assert decode.agent is not None
-    prefill.add_request(["r"], ids, params, kv_target=KvTarget("nixl", pages, decode.agent.name))
+    prefill, decode = _nixl_request_r(tiny_llama)
     prefill.abort("r")  # the prefill leg failed first; decode still waits, lease running
     deadline, finished = time.monotonic() + 5, []
     while not finished:
