@@ -15,14 +15,8 @@ from xgrammar.testing import _is_grammar_accept_string
 from services.gateway.tool_calls.formats import TOOL_CALL_FORMATS, tool_call_format
 from services.gateway.tool_calls.output import ToolCallStream, ToolParsing, parse_message
 from services.gateway.tool_calls.request import FunctionTool, ToolRequest
+from tests.gateway.test_tool_calls import TOOLS
 
-WEATHER = {
-    "type": "object",
-    "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
-    "required": ["city"],
-}
-TIME = {"type": "object", "properties": {"zone": {"type": "string"}}}
-TOOLS = (FunctionTool("get_weather", WEATHER), FunctionTool("get_time", TIME))
 NAMES = tuple(t.name for t in TOOLS)
 PARAMETERS = {t.name: t.parameters for t in TOOLS}
 
