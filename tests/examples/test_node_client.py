@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -42,26 +43,30 @@ def node_modules() -> None:
         return
     try:
         proc = _npm_ci()
-        if proc.returncode != 0 and "ENOTEMPTY" in proc.stderr:
-            # npm could not clear a partly written node_modules (an interrupted earlier run): once
-            # more from nothing.
+        if proc.returncode != 0 and not _offline(proc):
+            # A partly written node_modules (ENOTEMPTY after an interrupted run) or a corrupt
+            # shared npm cache ("tarball data ... seems to be corrupted", then ENOENT): once more
+            # from an empty node_modules and a cache of this run's own.
             shutil.rmtree(EXAMPLE / "node_modules", ignore_errors=True)
-            proc = _npm_ci()
+            with tempfile.TemporaryDirectory(prefix="npm-cache-") as cache:
+                proc = _npm_ci("--cache", cache, "--prefer-online")
     except subprocess.TimeoutExpired:
         pytest.skip("npm ci timed out: the npm registry is unreachable?")
     if proc.returncode != 0:
-        for code in NETWORK_ERRORS:
-            if code in proc.stderr:
-                pytest.skip(
-                    f"npm ci cannot reach the npm registry ({code}); examples/node needs its packages"
-                )
+        if code := _offline(proc):
+            pytest.skip(f"npm ci cannot reach the npm registry ({code}); examples/node needs its packages")
         raise AssertionError(f"npm ci failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
 
 
-def _npm_ci() -> subprocess.CompletedProcess[str]:
+def _offline(proc: subprocess.CompletedProcess[str]) -> str | None:
+    """The network error code npm failed on, if it failed for want of the registry."""
+    return next((code for code in NETWORK_ERRORS if code in proc.stderr), None)
+
+
+def _npm_ci(*extra: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         # Short backoff: an offline host skips in seconds rather than after npm's minute of retries.
-        ["npm", "ci", "--no-audit", "--no-fund", *FETCH_RETRIES],
+        ["npm", "ci", "--no-audit", "--no-fund", *FETCH_RETRIES, *extra],
         cwd=EXAMPLE,
         capture_output=True,
         text=True,
