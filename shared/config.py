@@ -18,10 +18,12 @@ Dtype = Literal["auto", "bfloat16", "float16", "float32"]
 SchedulePolicy = Literal["fcfs", "lpm"]
 DisaggregationMode = Literal["null", "prefill", "decode"]
 KvTransport = Literal["auto", "nixl", "grpc"]
+DpDispatch = Literal["cache_aware", "round_robin"]
 Quantization = Literal["fp8"]
 KvCacheDtype = Literal["auto", "fp8_e4m3"]
 _DTYPES = typing.get_args(Dtype)
 _POLICIES = typing.get_args(SchedulePolicy)
+_DP_DISPATCH = typing.get_args(DpDispatch)
 _MODES = typing.get_args(DisaggregationMode)
 _TRANSPORTS = typing.get_args(KvTransport)
 _QUANTIZATIONS = (None, *typing.get_args(Quantization))
@@ -68,6 +70,14 @@ class EngineConfig:
         metadata=flag(
             "DeepSeek (MLA + MoE): attention data-parallel across the tp-size ranks, each with its own"
             " requests and KV cache; the MLP and MoE layers stay sharded across all of them"
+        ),
+    )
+    # How rank 0 picks a rank for each request under DP attention (shared/distributed/dp_engine.py).
+    dp_dispatch: DpDispatch = field(
+        default="cache_aware",
+        metadata=flag(
+            "DP attention: the rank for each request (cache_aware: where its prefix probably is"
+            " cached, unless the ranks' loads are lopsided; round_robin)"
         ),
     )
     base_gpu_id: int = field(
@@ -271,6 +281,8 @@ class EngineConfig:
         positive("grammar_compile_threads", self.grammar_compile_threads)
         if not self.grammar_compile_timeout_s > 0:
             raise ValueError(f"grammar_compile_timeout_s must be > 0, got {self.grammar_compile_timeout_s!r}")
+        if self.dp_dispatch not in _DP_DISPATCH:
+            raise ValueError(f"dp_dispatch must be one of {_DP_DISPATCH}, got {self.dp_dispatch!r}")
         if self.schedule_policy not in _POLICIES:
             raise ValueError(f"schedule_policy must be one of {_POLICIES}, got {self.schedule_policy!r}")
 

@@ -15,10 +15,14 @@ engine process only, so the router sees one worker. One tick, driven by rank 0:
                                                                     outputs, busy, stats
     to the client, unchanged: every answer, then every output
 
-Dispatch is round robin over the ranks (all `n` samples of a prompt on one rank, sharing its
-KV); rank 0 remembers the rank of each open request to route its abort, and refuses an id
-already open on any rank. `GetStats` answers the ranks' stats summed. A prefix is cached only on
-the rank that ran it: round robin does not aim at the cache (cache-aware dispatch is a next step).
+Dispatch (`dp_dispatch`) is cache-aware by default: a prefix is cached only on the rank that ran
+it, so rank 0 keeps the router's approximate radix tree over the prompts it placed, one tenant
+per rank, and applies the router's rule (shared/routing/cache_aware.py): the rank that probably
+holds most of the prompt when it holds at least half, else the rank holding least, unless the
+ranks' open requests are lopsided, then the least loaded. Each rank's tree is bounded by its KV
+pool's size. `round_robin` is the plain alternative. All `n` samples of a prompt go to one rank,
+sharing its KV; rank 0 remembers the rank of each open request to route its abort, and refuses
+an id already open on any rank. `GetStats` answers the ranks' stats summed.
 
 Ticks run back to back while any rank has work, every few milliseconds while one only waits in
 the background (a grammar compiling), and otherwise only when a message arrives; idle followers
@@ -41,7 +45,7 @@ import torch
 import torch.distributed as dist
 import zmq
 
-from shared.config import EngineConfig
+from shared.config import DpDispatch, EngineConfig
 from shared.distributed import parallel_state
 from shared.distributed.dp_attention import all_gather_flat
 from shared.engine_process import (
@@ -68,6 +72,7 @@ from shared.engine_process import (
 )
 from shared.errors import InvalidRequest
 from shared.outputs import RequestOutput
+from shared.routing.cache_aware import CacheAwareChooser, CacheAwareConfig
 
 if TYPE_CHECKING:
     from shared.distributed.launch import Followers
@@ -186,11 +191,18 @@ class DpRank:
 
 
 class Dispatcher:
-    """Rank 0's routing: a rank for each new request (round robin), the rank of each open one."""
+    """Rank 0's routing: a rank for each new request (cache-aware or round robin), the rank of
+    each open one."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, policy: DpDispatch = "cache_aware", kv_tokens: int = 2**24) -> None:
         self.size = size
         self.owner: dict[str, int] = {}  # open request id -> its rank
+        self.open = [0] * size  # open requests per rank
+        self._chooser = (
+            CacheAwareChooser(CacheAwareConfig(max_tree_size=max(kv_tokens, 1)))
+            if policy == "cache_aware"
+            else None
+        )
         self._next = 0
 
     def take(self, msg: ToEngine, tick: Tick) -> FromEngine | None:
@@ -201,8 +213,9 @@ class Dispatcher:
                 return Rejected.of(
                     msg.rids, InvalidRequest(f"request id {taken!r} is already in use", param="request_id")
                 )
-            rank, self._next = self._next, (self._next + 1) % self.size
+            rank = self._place(msg.input_ids)
             self.owner.update(dict.fromkeys(msg.rids, rank))
+            self.open[rank] += len(msg.rids)
             tick.adds.append((rank, msg))
             return None
         if isinstance(msg, AbortRequest):
@@ -220,18 +233,30 @@ class Dispatcher:
         logger.warning("dropping %s: not supported with DP attention", type(msg).__name__)
         return None
 
+    def _place(self, input_ids: list[int]) -> int:
+        if self._chooser is None:
+            rank, self._next = self._next, (self._next + 1) % self.size
+            return rank
+        ranks = [str(r) for r in range(self.size)]
+        return int(self._chooser.place(ranks, tuple(input_ids), lambda r: (self.open[int(r)],)).name)
+
     def closed(self, answers: list[Accepted | Rejected], outputs: list[RequestOutput]) -> None:
         """Forget refused and finished requests."""
         for answer in answers:
             if isinstance(answer, Rejected):
                 for rid in answer.rids:
-                    self.owner.pop(rid, None)
+                    self._forget(rid)
         for out in outputs:
             if out.finished:
-                self.owner.pop(out.rid, None)
+                self._forget(out.rid)
+
+    def _forget(self, rid: str) -> None:
+        rank = self.owner.pop(rid, None)
+        if rank is not None:
+            self.open[rank] -= 1
 
     def fail_all(self) -> list[str]:
-        rids, self.owner = list(self.owner), {}
+        rids, self.owner, self.open = list(self.owner), {}, [0] * self.size
         return rids
 
 
@@ -248,7 +273,7 @@ def serve_rank0(
     assert followers is not None
     control = Control(core.runner.device)
     me = DpRank(core, 0)
-    dispatcher = Dispatcher(control.size)
+    dispatcher = Dispatcher(control.size, core.config.dp_dispatch, core.kv.usage()[3])
     has_work = background = False
     while True:
         timeout = 0 if has_work else POLL_BACKGROUND_MS if background else IDLE_POLL_MS

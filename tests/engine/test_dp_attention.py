@@ -25,13 +25,15 @@ from tests.engine.hf_reference import hf_greedy
 from tests.engine.test_tensor_parallel import GREEDY, _children, run_outputs
 from tests.engine.test_tensor_parallel_deepseek import FP8_ALIGNED
 
-# Round robin over 2 ranks: A, C, E on rank 0, B, D on rank 1. A (25 tokens) prefills in chunks
-# of 8 while rank 1 runs the short ones, then rank 1 idles while rank 0 decodes; C shares A's
-# first 12 tokens (a prefix hit on rank 0); E repeats C later (a hit of the finished C).
+# Cache-aware dispatch over 2 ranks: A, C, E, F on rank 0, B, D on rank 1. A (25 tokens) prefills
+# in chunks of 8 while rank 1 runs the short ones, then rank 1 idles while rank 0 decodes; C
+# shares A's first 12 tokens (a prefix hit on rank 0); E repeats C later (a hit of the finished
+# C); F, the 6th request, shares A's first 16 tokens: round robin would send it to rank 1.
 A = list(range(20, 45))
 B = list(range(60, 66))
 C = [*range(20, 32), 7, 8, 9]
 D = [5, 6, 7]
+F = [*range(20, 36), 11]
 MIXED = [A, B, C, D]
 
 
@@ -63,6 +65,7 @@ def test_dp_attention_mixed_batch_matches_hf(
     try:
         got = run_outputs(client, MIXED)
         again = run_outputs(client, [C], first=len(MIXED))  # the 5th request: rank 0 again
+        sixth = run_outputs(client, [F], first=len(MIXED) + 1)
         stats = client.stats().result(timeout=60)
     finally:
         client.shutdown()
@@ -71,8 +74,10 @@ def test_dp_attention_mixed_batch_matches_hf(
         assert got[str(i)].new_ids == hf_greedy(path, prompt, GREEDY["max_new_tokens"]), i
     assert got["2"].cached_tokens > 0  # C reused A's pages on rank 0
     assert again["4"].new_ids == got["2"].new_ids and again["4"].cached_tokens >= 12
+    assert sixth["5"].new_ids == hf_greedy(path, F, GREEDY["max_new_tokens"])
+    assert sixth["5"].cached_tokens >= 16  # on rank 0, with A's pages
     # Stats are both ranks' summed; a rank without tokens ran the others' MLPs at some steps.
-    assert stats["generated_tokens"] == 6 * 5 and stats["running_requests"] == 0
+    assert stats["generated_tokens"] == 6 * 6 and stats["running_requests"] == 0
     assert stats["dp_idle_forwards"] > 0
     assert stats["kv_free_tokens"] + stats["kv_evictable_tokens"] == stats["kv_total_tokens"]
 
@@ -155,7 +160,7 @@ def test_dp_attention_fp8_equals_tp1_one_request_at_a_time(tiny_model_factory: C
 
 
 def test_dispatcher_round_robin_routes_aborts_and_refuses_open_ids() -> None:
-    d, tick = Dispatcher(2), Tick()
+    d, tick = Dispatcher(2, "round_robin"), Tick()
     for rids in (["a"], ["b1", "b2"], ["c"]):
         assert d.take(AddRequest(rids, [1, 2], {}), tick) is None
     assert [(rank, add.rids) for rank, add in tick.adds] == [(0, ["a"]), (1, ["b1", "b2"]), (0, ["c"])]
@@ -168,3 +173,33 @@ def test_dispatcher_round_robin_routes_aborts_and_refuses_open_ids() -> None:
     d.closed([Rejected(["c"], "invalid_request", "no")], [])
     assert sorted(d.owner) == ["a", "b1", "b2"]
     assert sorted(d.fail_all()) == ["a", "b1", "b2"] and not d.owner
+
+
+def test_dispatcher_follows_cached_prefixes_and_balances_load() -> None:
+    d, tick = Dispatcher(2), Tick()
+    system = list(range(100, 164))
+    placed: dict[str, int] = {}
+
+    def add(rid: str, ids: list[int], n: int = 1) -> int:
+        rids = [rid] if n == 1 else [f"{rid}.{i}" for i in range(n)]
+        assert d.take(AddRequest(rids, ids, {}), tick) is None
+        placed[rid] = tick.adds[-1][0]
+        return placed[rid]
+
+    first = add("a", [*system, 1, 2])
+    other = add("b", [7, 8, 9])  # a new prefix family: the rank holding less
+    assert other != first
+    for i in range(6):  # the family follows its prefix, however loaded that rank gets (under 32)
+        assert add(f"a{i}", [*system, 10 + i]) == first
+    assert add("c", [7, 8, 9, 4]) == other  # b's family, on b's rank
+    assert d.open[first] == 7 and d.open[other] == 2
+    # n samples count n against their rank; finishing and refusals give the load back.
+    add("n", [*system, 99], n=3)
+    d.closed([Rejected(["n.0", "n.1", "n.2"], "invalid_request", "no")], [])
+    d.closed([], [RequestOutput("a0", [], "", True, None, 0, 0, 0)])
+    assert d.open[first] == 6 and "a0" not in d.owner
+    # Lopsided (a spread over 32 open requests): the least loaded rank, whatever it caches.
+    for i in range(40):
+        add(f"x{i}", [*system, 200 + i])
+    assert placed["x39"] == other and d.open[other] > 2
+    assert sorted(d.fail_all())[:1] == ["a"] and d.open == [0, 0]

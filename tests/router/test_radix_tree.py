@@ -6,7 +6,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from services.router.radix_tree import PrefixMatch, RadixTree, common_prefix_len
+from shared.routing.radix_tree import PrefixMatch, RadixTree, common_prefix_len
 
 
 def prefixes(keys: set[str] | list[str]) -> set[str]:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from services.router.policies.base import Policy, WorkerView, least_loaded
 from services.router.policies.cache_aware import CacheAwareConfig, CacheAwarePolicy, Decision
 from services.router.policies.simple import LeastLoadPolicy, RandomPolicy, RoundRobinPolicy
-from services.router.radix_tree import RadixTree
+from shared.routing.radix_tree import RadixTree
 
 __all__ = [
     "POLICIES",

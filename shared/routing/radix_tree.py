@@ -1,9 +1,10 @@
-"""The router's approximate, multi-tenant radix tree.
+"""An approximate, multi-tenant radix tree: who was probably sent which prefix.
 
-The router cannot see its workers' KV caches, so it keeps a guess: one path-compressed radix tree
-over the keys of the requests it routed (text characters, or token ids), where every node records
-which workers ("tenants") were sent that prefix and when. A prefix match then says how much of a
-new request each worker has probably cached; `size(tenant)` says how much a worker holds.
+A chooser that cannot see its targets' KV caches keeps a guess: one path-compressed radix tree
+over the keys of the requests it placed (text characters, or token ids), where every node records
+which targets ("tenants": the router's workers, or DP attention's ranks) were sent that prefix and
+when. A prefix match then says how much of a new request each tenant has probably cached;
+`size(tenant)` says how much a tenant holds.
 
     root ── "You are a " ──┬── "helpful bot. Hi" {w1:7}
            {w1:7, w2:5}    └── "pirate. Arr"     {w2:5}
@@ -19,8 +20,9 @@ Invariants (`check_invariants` verifies them; tests call it):
 Keys are `str` or `tuple[int, ...]`; use one key type per tree. Timestamps are a logical clock
 (one tick per insert): deterministic and strictly ordered, unlike wall time.
 
-Ownership and concurrency: a tree belongs to one policy object and is mutated only from the router's
-asyncio event loop (one thread), so it takes no locks; never share one across threads.
+Ownership and concurrency: a tree belongs to one chooser and is mutated from one thread (the
+router's asyncio event loop; DP attention's engine loop), so it takes no locks; never share one
+across threads.
 """
 
 from __future__ import annotations
