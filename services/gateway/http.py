@@ -7,6 +7,10 @@ with unread input makes the kernel send a reset, which destroys the response bef
 reads it. Here errors are answered in OpenAI's format with h11's status, and a connection the
 server closes first closes "lingering": our side is shut down after the response, and whatever
 the client still sends is read and dropped until it closes too (or `LINGER_S` passes).
+
+Shutting the server down closes idle keep-alive connections at once instead: no request of
+theirs is unread, and a client's pool keeps an idle connection open, so lingering would only
+hold the shutdown for `LINGER_S`.
 """
 
 from __future__ import annotations
@@ -57,6 +61,11 @@ class _LingeringTransport:
         self._inner.resume_reading()  # read what it still sends, to drop it
         self._loop.call_later(LINGER_S, self._inner.close)
 
+    def close_now(self) -> None:
+        """Close without lingering (nothing of the client's is unread)."""
+        self.lingering = True
+        self._inner.close()
+
     def is_closing(self) -> bool:
         return self.lingering or self._inner.is_closing()
 
@@ -73,6 +82,12 @@ class GatewayH11Protocol(H11Protocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(_LingeringTransport(transport, self.loop))  # type: ignore[arg-type]
+
+    def shutdown(self) -> None:
+        idle = self.cycle is None or self.cycle.response_complete
+        super().shutdown()
+        if idle and isinstance(self.transport, _LingeringTransport):
+            self.transport.close_now()
 
     def data_received(self, data: bytes) -> None:
         if self.transport.is_closing():

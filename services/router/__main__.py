@@ -126,6 +126,7 @@ async def serve() -> None:
         except Exception as e:  # it may come up later and register itself
             logger.warning("could not add worker %s: %s", address, e)
     tasks = [asyncio.create_task(registry.monitor())]
+    admin_http: tuple[uvicorn.Server, asyncio.Task[None]] | None = None
     if args.admin_http_port is not None:
         from services.router.admin_http import create_admin_app
 
@@ -136,7 +137,7 @@ async def serve() -> None:
             log_level="warning",
         )
         http = _QuietServer(config)
-        tasks.append(asyncio.create_task(http.serve()))
+        admin_http = http, asyncio.create_task(http.serve())
         print(
             f"tandem router admin HTTP on http://{args.admin_host}:{args.admin_http_port}/workers",
             flush=True,
@@ -153,6 +154,9 @@ async def serve() -> None:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     await health_servicer.enter_graceful_shutdown()
+    if admin_http is not None:  # its own shutdown (cancelling it logs a lifespan traceback)
+        admin_http[0].should_exit = True
+        await admin_http[1]
     for task in tasks:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):

@@ -16,7 +16,7 @@ import uvicorn
 
 from services.gateway import GatewayConfig
 from services.gateway.args import RequestLimits, parse_args
-from services.gateway.http import uvicorn_config
+from services.gateway.http import LINGER_S, uvicorn_config
 from shared.sampling import params as engine_params
 from tests.gateway.conftest import GatewayThread
 from tests.gateway.stub_router import MODEL_ID, StubRouter
@@ -148,6 +148,21 @@ def test_a_trickling_body_gets_408_and_the_connection_closes(limited: GatewayThr
     assert received.startswith(b"HTTP/1.1 408"), received
     assert b"did not arrive within 1 s" in received
     assert took < 5
+
+
+def test_shutdown_closes_idle_keep_alive_connections_at_once(stub: StubRouter, tokenizer_dir: Any) -> None:
+    # A client's pool keeps its connection open and idle: the server must not linger on it.
+    config = GatewayConfig(router=stub.address, tokenizer=str(tokenizer_dir), port=0, limits=LIMITS)
+    server = GatewayThread(config)
+    server.server = uvicorn.Server(uvicorn_config(server.server.config.app, config))
+    server.start()
+    with httpx.Client(base_url=server.url, timeout=10) as client:
+        assert client.post("/v1/completions", json=COMPLETION).status_code == 200
+        start = time.monotonic()
+        server.stop()
+        took = time.monotonic() - start
+    assert not server._thread.is_alive()
+    assert took < LINGER_S / 2, f"shutdown took {took:.1f} s: it lingered on an idle connection"
 
 
 def test_limit_flags_and_engine_defaults() -> None:

@@ -156,6 +156,8 @@ def test_sigterm_stops_every_process(up: dict[str, Any]) -> None:
     for pid in up["pids"].values():
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+    for log in Path(up["logs"]).glob("*.log"):  # a clean stop: no service logged a traceback
+        assert "Traceback" not in log.read_text(), f"{log.name}:\n{log.read_text()[-3000:]}"
 
 
 def _running(pid: int) -> bool:
