@@ -16,8 +16,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
+import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from services.launcher import free_port
 from shared.engine_core import RequestOutput
@@ -34,7 +36,7 @@ from tests.engine.test_tensor_parallel import (
 
 
 @contextlib.contextmanager
-def node1(path: Path, addr: str, tp_size: int, log: Path, port: int = 0) -> Iterator[subprocess.Popen[bytes]]:
+def node1(path: Path, addr: str, tp_size: int, log: Path, *flags: str) -> Iterator[subprocess.Popen[bytes]]:
     """Node 1's worker. Only the layout flags: its ranks take node 0's other options (page size,
     chunking) from the group's store."""
     with open(log, "wb") as out:
@@ -42,7 +44,7 @@ def node1(path: Path, addr: str, tp_size: int, log: Path, port: int = 0) -> Iter
             [
                 *(sys.executable, "-m", "services.worker", "--model", str(path), "--device", "cpu"),
                 *("--tp-size", str(tp_size), "--nnodes", "2", "--node-rank", "1", "--dist-init-addr", addr),
-                *("--port", str(port)),
+                *("--port", "0", *flags),  # a later --port wins
             ],
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -58,8 +60,9 @@ def node1(path: Path, addr: str, tp_size: int, log: Path, port: int = 0) -> Iter
 def test_two_nodes_give_the_tokens_of_one(tiny_model_factory: Callable[..., Path], tmp_path: Path) -> None:
     # 4 ranks, 2 per node: node 0 starts a follower of its own, node 1's worker two.
     path = tiny_model_factory("llama")
-    addr, health_port = f"127.0.0.1:{free_port()}", free_port()
-    with node1(path, addr, 4, tmp_path / "node1.log", health_port) as worker:
+    addr, health_port, metrics_port = f"127.0.0.1:{free_port()}", free_port(), free_port()
+    flags = ("--port", str(health_port), "--metrics-port", str(metrics_port))
+    with node1(path, addr, 4, tmp_path / "node1.log", *flags) as worker:
         client = tp_client(path, tp_size=4, nnodes=2, node_rank=0, dist_init_addr=addr)
         try:
             got = run_all(client, PROMPTS)
@@ -68,6 +71,16 @@ def test_two_nodes_give_the_tokens_of_one(tiny_model_factory: Callable[..., Path
             with grpc.insecure_channel(f"127.0.0.1:{health_port}") as channel:
                 reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
+            # ... and Prometheus scrapes (one scrape config for all nodes): its two ranks run.
+            families = {
+                f.name: f
+                for f in text_string_to_metric_families(
+                    httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text
+                )
+            }
+            (running,) = families["tandem_worker_node_ranks_running"].samples
+            assert running.labels == {"node_rank": "1"} and running.value == 2
+            assert "process_cpu_seconds" in families
         finally:
             client.shutdown()
         assert worker.wait(30) == 0, (tmp_path / "node1.log").read_text()  # rank 0 stopped the group
