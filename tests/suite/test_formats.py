@@ -2,25 +2,28 @@
 worker, the tiny random-weight llama) with its gateway in `--reasoning-parser deepseek_r1`, and one
 more gateway per `--tool-call-parser` format on the same router. The model's weights are random,
 so only the format's grammar can make a call come out whole; each must parse and validate, whole
-and streamed."""
+and streamed.
+
+The extra gateways are the gateway's app in this process, under Starlette's TestClient (its
+lifespan included: the router connection over gRPC, the tokenizer), not seven more processes
+each importing transformers; the suite's own gateway is `tandem up`'s process."""
 
 from __future__ import annotations
 
+import contextlib
 import json
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import jsonschema
 import openai
 import pytest
+from fastapi.testclient import TestClient
 
+from services.gateway import GatewayConfig
+from services.gateway.server import create_app
 from services.gateway.tool_calls.formats import TOOL_CALL_FORMATS
-from services.launcher import free_port
 from tests.suite.cluster import tandem_up
 from tests.suite.test_structured import TIME, WEATHER
 
@@ -38,48 +41,17 @@ def up(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[d
 
 
 @pytest.fixture(scope="module")
-def gateways(
-    up: dict[str, Any], tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[dict[str, openai.OpenAI]]:
+def gateways(up: dict[str, Any], tiny_llama: Path) -> Iterator[dict[str, openai.OpenAI]]:
     """A client per extra gateway on the suite's router: one per tool-call format, and "plain"
     (no reasoning parser)."""
-    logs = tmp_path_factory.mktemp("gateway-logs")
-    processes: list[subprocess.Popen[bytes]] = []
-    urls: dict[str, str] = {}
-    try:
+    with contextlib.ExitStack() as stack:
+        clients: dict[str, openai.OpenAI] = {}
         for name in ("plain", *TOOL_CALL_FORMATS):
-            port = free_port()
-            flags = [] if name == "plain" else ["--tool-call-parser", name]
-            with open(logs / f"{name}.log", "wb") as log:
-                processes.append(
-                    subprocess.Popen(
-                        [
-                            *(sys.executable, "-m", "services.gateway", "--router", up["router_grpc"]),
-                            *("--tokenizer", str(tiny_llama), "--port", str(port), *flags),
-                        ],
-                        stdout=log,
-                        stderr=subprocess.STDOUT,
-                    )
-                )
-            urls[name] = f"http://127.0.0.1:{port}"
-        for (name, url), process in zip(urls.items(), processes):
-            deadline = time.monotonic() + 60
-            while not _healthy(url):
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError(f"gateway {name}: {(logs / f'{name}.log').read_text()}")
-                time.sleep(0.2)
-        yield {name: openai.OpenAI(base_url=f"{url}/v1", api_key="unused") for name, url in urls.items()}
-    finally:
-        for process in processes:
-            process.terminate()
-            process.wait(30)
-
-
-def _healthy(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/health", timeout=1).status_code == 200
-    except httpx.HTTPError:
-        return False
+            parser = {} if name == "plain" else {"tool_call_parser": name}
+            config = GatewayConfig(router=up["router_grpc"], tokenizer=str(tiny_llama), **parser)
+            http = stack.enter_context(TestClient(create_app(config), base_url="http://gateway"))
+            clients[name] = openai.OpenAI(base_url="http://gateway/v1", api_key="unused", http_client=http)
+        yield clients
 
 
 def _check(name: str, arguments: str) -> None:
