@@ -43,7 +43,7 @@ async def host_ranks(config: EngineConfig, host: str, port: int, metrics_port: i
     running = len(ranks)  # read by the metrics thread; updated by the watch loop below
     registry = new_registry()
     Gauge(
-        "tandem_worker_node_ranks_running",
+        "tandem_node_ranks_running",
         "Tensor-parallel rank processes of this node still running (a worker with --node-rank > 0)",
         ["node_rank"],
         registry=registry,

@@ -33,6 +33,7 @@ from tests.engine.test_tensor_parallel import (
     run_all,
     tp_client,
 )
+from tests.suite.test_observability import documented_metrics
 
 
 @contextlib.contextmanager
@@ -78,8 +79,9 @@ def test_two_nodes_give_the_tokens_of_one(tiny_model_factory: Callable[..., Path
                     httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text
                 )
             }
-            (running,) = families["tandem_worker_node_ranks_running"].samples
+            (running,) = families["tandem_node_ranks_running"].samples
             assert running.labels == {"node_rank": "1"} and running.value == 2
+            assert all(name in families for name in documented_metrics()["node"])  # docs/observability.md
             assert "process_cpu_seconds" in families
         finally:
             client.shutdown()

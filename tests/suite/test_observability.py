@@ -208,8 +208,9 @@ def test_a_failure_is_an_error_on_the_spans_it_crossed(receiver: Receiver, traff
 
 
 def documented_metrics() -> dict[str, set[str]]:
-    """docs/observability.md's metric tables: {"gateway" | "router" | "worker": names}."""
-    out: dict[str, set[str]] = {"gateway": set(), "router": set(), "worker": set()}
+    """docs/observability.md's metric tables: {"gateway" | "router" | "worker" | "node": names}
+    ("node": a multi-node follower's, tests/engine/test_tensor_parallel_nodes.py)."""
+    out: dict[str, set[str]] = {"gateway": set(), "router": set(), "worker": set(), "node": set()}
     for line in (ROOT / "docs" / "observability.md").read_text().splitlines():
         cells = line.strip().split("|")
         if len(cells) > 2 and (m := re.match(r"\s*`(tandem_([a-z]+)_[a-z0-9_]*)`", cells[1])):
