@@ -105,6 +105,13 @@ class EngineConfig:
             metavar="HOST:PORT",
         ),
     )
+    # Tensor parallelism: every rank must have joined the group and loaded its shard within this
+    # (a 671B checkpoint on slow storage can take longer than the default); a rank that never
+    # shows up fails start-up rather than hanging it.
+    dist_timeout: int = field(
+        default=300,
+        metadata=flag("seconds for every tensor-parallel rank to join and load the model", metavar="S"),
+    )
     page_size: int = field(
         default=16, metadata=flag("tokens per KV page; the radix cache shares whole pages only")
     )
@@ -247,6 +254,7 @@ class EngineConfig:
         if type(self.base_gpu_id) is not int or self.base_gpu_id < 0:
             raise ValueError(f"base_gpu_id must be an integer >= 0, got {self.base_gpu_id!r}")
         positive("ep_size", self.ep_size)
+        positive("dist_timeout", self.dist_timeout)
         self._validate_nodes()
         if self.ep_size not in (1, self.tp_size):
             raise ValueError(

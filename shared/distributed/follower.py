@@ -38,10 +38,12 @@ def main(argv: list[str]) -> int:
     from shared.model_runner import ModelRunner, resolve_device
 
     device = resolve_device(config.device, config.base_gpu_id, config.local_rank(rank))
-    store = parallel_state.join_rendezvous(port, config.tp_size, config.rendezvous[0])
+    store = parallel_state.join_rendezvous(port, config.tp_size, config.rendezvous[0], config.dist_timeout)
     if config.node_rank > 0:
         config = group_config(store, config)
-    parallel_state.init_tensor_parallel(rank, config.tp_size, store, device, config.ep_size)
+    parallel_state.init_tensor_parallel(
+        rank, config.tp_size, store, device, config.ep_size, config.dist_timeout
+    )
     try:
         if config.enable_dp_attention:  # an engine of its own (shared/distributed/dp_engine.py)
             from shared.distributed.dp_engine import serve_follower

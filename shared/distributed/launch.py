@@ -88,7 +88,9 @@ def start_ranks(config: EngineConfig) -> Followers | None:
     None (nothing started) at `tp_size == 1`."""
     if config.tp_size == 1:
         return None
-    from shared.distributed import parallel_state  # torch: the engine process only
+    import torch.distributed as dist  # torch: the engine process only
+
+    from shared.distributed import parallel_state
     from shared.model_runner import resolve_device
     from shared.models.config import ModelConfig
 
@@ -100,15 +102,29 @@ def start_ranks(config: EngineConfig) -> Followers | None:
     else:
         parallel_state.check_tp_support(model, config.tp_size, config.ep_size)
     device = resolve_device(config.device, config.base_gpu_id, 0)
-    store = parallel_state.open_rendezvous(config.tp_size, config.rendezvous[1])
+    store = parallel_state.open_rendezvous(config.tp_size, config.rendezvous[1], config.dist_timeout)
     store.set(_CONFIG_KEY, json.dumps(dataclasses.asdict(config)))
     followers = Followers(config, store.port, config.node_ranks[1:])
     try:
-        parallel_state.init_tensor_parallel(0, config.tp_size, store, device, config.ep_size)
-    except BaseException:
+        parallel_state.init_tensor_parallel(
+            0, config.tp_size, store, device, config.ep_size, config.dist_timeout
+        )
+    except BaseException as e:
         followers.stop(graceful=False)
+        if isinstance(e, dist.DistStoreError):  # a rank never joined
+            raise RuntimeError(_missing_ranks(config, e)) from e
         raise
     return followers
+
+
+def _missing_ranks(config: EngineConfig, e: Exception) -> str:
+    message = f"not every tensor-parallel rank joined within --dist-timeout {config.dist_timeout} s"
+    if config.nnodes > 1:
+        message += (
+            f"; is the worker running on every node (--node-rank 1..{config.nnodes - 1}, --nnodes"
+            f" {config.nnodes}, --dist-init-addr {config.dist_init_addr}) and can it reach this one?"
+        )
+    return f"{message} ({e})"
 
 
 def start_node_ranks(config: EngineConfig) -> Followers:

@@ -20,8 +20,6 @@ if TYPE_CHECKING:  # the layers import this module: keep it free of model import
     from shared.models.config import ModelConfig
 
 _HOST = "127.0.0.1"  # the ranks of one node meet rank 0's store on loopback
-# Rendezvous and model loading must finish within this; a rank that never shows up fails start-up.
-STARTUP_TIMEOUT = datetime.timedelta(seconds=300)
 # While serving, a follower waits in a broadcast for rank 0's next step however long the engine
 # idles. A dead peer is noticed by its closed connection, not by this timeout.
 SERVING_TIMEOUT = datetime.timedelta(days=30)
@@ -75,28 +73,32 @@ def replicated() -> Iterator[None]:
         _state = saved
 
 
-def open_rendezvous(size: int, port: int = 0) -> dist.TCPStore:
+def open_rendezvous(size: int, port: int, timeout_s: int) -> dist.TCPStore:
     """Rank 0: the group's store, listening on `port` of every interface (other nodes reach it at
-    `dist_init_addr`); 0 lets the OS pick one (`.port`), so concurrent engines never race for one."""
-    return dist.TCPStore(_HOST, port, size, is_master=True, timeout=STARTUP_TIMEOUT, wait_for_workers=False)
+    `dist_init_addr`); 0 lets the OS pick one (`.port`), so concurrent engines never race for one.
+    Start-up (every rank joining, then loading its shard) must finish within `timeout_s`."""
+    return dist.TCPStore(
+        _HOST, port, size, is_master=True, timeout=_seconds(timeout_s), wait_for_workers=False
+    )
 
 
-def join_rendezvous(port: int, size: int, host: str = _HOST) -> dist.TCPStore:
+def join_rendezvous(port: int, size: int, host: str, timeout_s: int) -> dist.TCPStore:
     """A follower: rank 0's store at `host:port`."""
-    return dist.TCPStore(host, port, size, is_master=False, timeout=STARTUP_TIMEOUT)
+    return dist.TCPStore(host, port, size, is_master=False, timeout=_seconds(timeout_s))
 
 
 def init_tensor_parallel(
-    rank: int, size: int, store: dist.Store, device: torch.device, ep_size: int = 1
+    rank: int, size: int, store: dist.Store, device: torch.device, ep_size: int, timeout_s: int
 ) -> None:
     """Join the group of `size` ranks meeting at `store`: gloo on CPU, nccl on CUDA; MoE layers
-    partition their experts over `ep_size` of them (1 or `size`)."""
+    partition their experts over `ep_size` of them (1 or `size`). Collectives until
+    `serving_started` time out after `timeout_s` (a rank that never finished loading)."""
     global _state
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
     store = dist.PrefixStore("tandem_tp", store)
-    dist.init_process_group(backend, store=store, rank=rank, world_size=size, timeout=STARTUP_TIMEOUT)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=size, timeout=_seconds(timeout_s))
     _state = _State(rank, size, ep_size)
 
 
@@ -105,6 +107,10 @@ def serving_started() -> None:
     dist.barrier()
     # Private but stable since torch 2.2; without it an idle follower would time out.
     dist.distributed_c10d._set_pg_timeout(SERVING_TIMEOUT)
+
+
+def _seconds(s: int) -> datetime.timedelta:
+    return datetime.timedelta(seconds=s)
 
 
 def destroy_tensor_parallel() -> None:

@@ -110,3 +110,14 @@ def test_a_dead_node_fails_the_request_and_node_0s_engine_exits(tiny_llama: Path
             assert not _running(rank1)  # no orphan rank left behind on node 1
         finally:
             client.shutdown()
+
+
+def test_a_node_that_never_joins_fails_start_up_after_dist_timeout(tiny_llama: Path) -> None:
+    addr = f"127.0.0.1:{free_port()}"
+    start = time.monotonic()
+    with pytest.raises(RuntimeError) as failed:
+        tp_client(tiny_llama, nnodes=2, node_rank=0, dist_init_addr=addr, dist_timeout=2)
+    assert time.monotonic() - start < 60  # not the 300 s default
+    message = str(failed.value)
+    assert "not every tensor-parallel rank joined within --dist-timeout 2 s" in message
+    assert f"--dist-init-addr {addr}" in message
