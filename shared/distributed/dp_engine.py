@@ -273,7 +273,9 @@ def serve_rank0(
     assert followers is not None
     control = Control(core.runner.device)
     me = DpRank(core, 0)
-    dispatcher = Dispatcher(control.size, core.config.dp_dispatch, core.kv.usage()[3])
+    # Without a radix cache there is nothing to aim at: spread the requests.
+    policy = "round_robin" if core.config.disable_radix_cache else core.config.dp_dispatch
+    dispatcher = Dispatcher(control.size, policy, core.kv.usage()[3])
     has_work = background = False
     while True:
         timeout = 0 if has_work else POLL_BACKGROUND_MS if background else IDLE_POLL_MS
