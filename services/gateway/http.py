@@ -85,9 +85,9 @@ class GatewayH11Protocol(H11Protocol):
 
     def shutdown(self) -> None:
         idle = self.cycle is None or self.cycle.response_complete
-        super().shutdown()
         if idle and isinstance(self.transport, _LingeringTransport):
-            self.transport.close_now()
+            self.transport.close_now()  # so uvicorn's close below does not start a linger
+        super().shutdown()
 
     def data_received(self, data: bytes) -> None:
         if self.transport.is_closing():

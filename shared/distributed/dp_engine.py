@@ -198,6 +198,7 @@ class Dispatcher:
         self.size = size
         self.owner: dict[str, int] = {}  # open request id -> its rank
         self.open = [0] * size  # open requests per rank
+        self._names = [str(r) for r in range(size)]  # the ranks as the chooser's tenants
         self._chooser = (
             CacheAwareChooser(CacheAwareConfig(max_tree_size=max(kv_tokens, 1)))
             if policy == "cache_aware"
@@ -237,8 +238,7 @@ class Dispatcher:
         if self._chooser is None:
             rank, self._next = self._next, (self._next + 1) % self.size
             return rank
-        ranks = [str(r) for r in range(self.size)]
-        return int(self._chooser.place(ranks, tuple(input_ids), lambda r: (self.open[int(r)],)).name)
+        return int(self._chooser.place(self._names, tuple(input_ids), lambda r: (self.open[int(r)],)).name)
 
     def closed(self, answers: list[Accepted | Rejected], outputs: list[RequestOutput]) -> None:
         """Forget refused and finished requests."""
