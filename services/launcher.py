@@ -51,7 +51,7 @@ import grpc
 from services.common.auth import API_KEY_ENV, CLUSTER_TOKEN_ENV, bearer
 from services.common.model_dir import Model, ModelError, resolve_model
 from services.common.parent import PARENT_ENV
-from services.mps import MpsError, mps_daemon
+from services.mps import SM_PERCENT_ENV, MpsError, mps_daemon, parse_sm_percent
 from services.protos.tandem.router.v1 import router_pb2, router_pb2_grpc
 from shared.config import KvTransport
 
@@ -129,6 +129,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="run the workers under NVIDIA MPS (prefill and decode workers sharing one GPU run side by"
         " side instead of time-slicing it)",
     )
+    p.add_argument(
+        "--mps-sm-percent",
+        default="",
+        metavar="ROLE=PERCENT[,...]",
+        help="with --mps, the share of the GPU's SMs each role's workers may use, e.g. decode=40"
+        " (CUDA_MPS_ACTIVE_THREAD_PERCENTAGE; roles: prefill, decode, worker; default: the whole GPU)",
+    )
 
 
 def up(args: argparse.Namespace) -> int:
@@ -139,6 +146,12 @@ def up(args: argparse.Namespace) -> int:
     if (args.prefill > 0) != (args.decode > 0):
         raise SystemExit("PD needs both --prefill and --decode workers (or neither, for unified workers)")
     unified = args.unified or (0 if args.prefill else 1)
+    try:
+        sm_percent = parse_sm_percent(args.mps_sm_percent)
+    except ValueError as e:
+        raise SystemExit(f"tandem up: error: {e}") from None
+    if sm_percent and not args.mps:
+        raise SystemExit("tandem up: error: --mps-sm-percent needs --mps")
     try:  # before any child starts: one clear line, not a child's traceback
         resolved = resolve_model(args.model) if args.model else None
     except ModelError as e:
@@ -170,10 +183,16 @@ def up(args: argparse.Namespace) -> int:
 
     child_env: dict[str, str] = {}
 
-    def start(name: str, cmd: list[str], service: str, secret_env: dict[str, str]) -> Child:
+    def start(
+        name: str,
+        cmd: list[str],
+        service: str,
+        secret_env: dict[str, str],
+        own_env: dict[str, str] | None = None,
+    ) -> Child:
         log = log_dir / f"{name}.log"
         # The child dies with us (services/common/parent.py), and no preexec_fn: see there.
-        env = {**os.environ, **child_env, **secret_env}
+        env = {**os.environ, **child_env, **secret_env, **(own_env or {})}
         env |= {"OTEL_SERVICE_NAME": service, PARENT_ENV: str(os.getpid())}
         if CLUSTER_TOKEN_ENV not in secret_env:
             env.pop(CLUSTER_TOKEN_ENV, None)
@@ -224,7 +243,8 @@ def up(args: argparse.Namespace) -> int:
                 cmd += ["--metrics-port", "0", *extra]
                 if module != "worker" and args.kv_transport:
                     cmd += ["--kv-transport", args.kv_transport]
-                start(f"{module}-{i}", cmd, f"tandem-{module}", cluster_env)
+                share = {SM_PERCENT_ENV: str(sm_percent[module])} if module in sm_percent else {}
+                start(f"{module}-{i}", cmd, f"tandem-{module}", cluster_env, share)
         expected = args.prefill + args.decode + unified
         _wait(lambda: (workers_up() or 0) >= expected, children, args.startup_timeout, "the workers")
         gateway_url = f"http://{args.host}:{args.port}"

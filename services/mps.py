@@ -17,6 +17,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 CONTROL = "nvidia-cuda-mps-control"
+# Read by each MPS client when it creates its CUDA context: the share of the GPU's SMs its kernels
+# may occupy (1-100).
+SM_PERCENT_ENV = "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"
+ROLES = ("prefill", "decode", "worker")
 
 
 class MpsError(RuntimeError):
@@ -45,3 +49,28 @@ def mps_daemon(directory: Path) -> Iterator[dict[str, str]]:
     finally:
         with contextlib.suppress(subprocess.SubprocessError, OSError):
             subprocess.run([control], input=b"quit\n", env=full, capture_output=True, timeout=30, check=False)
+
+
+def parse_sm_percent(spec: str) -> dict[str, int]:
+    """`--mps-sm-percent` ("decode=40" or "prefill=100,decode=40") -> {role: percent}; a role not
+    named keeps the whole GPU. Raises ValueError naming what is wrong."""
+    shares: dict[str, int] = {}
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        role, sep, value = item.partition("=")
+        role = role.strip()
+        if not sep or role not in ROLES:
+            raise ValueError(
+                f"--mps-sm-percent: {item!r} is not ROLE=PERCENT with ROLE one of {', '.join(ROLES)}"
+            )
+        if role in shares:
+            raise ValueError(f"--mps-sm-percent: {role} is given twice")
+        try:
+            percent = int(value)
+        except ValueError:
+            percent = 0
+        if not 1 <= percent <= 100:
+            raise ValueError(
+                f"--mps-sm-percent: {role}'s share must be a whole percent from 1 to 100, not {value!r}"
+            )
+        shares[role] = percent
+    return shares

@@ -1,18 +1,23 @@
 """`tandem up --mps`: the MPS control daemon starts with pipes in the suite's own directory and
-is told to quit afterwards; without the NVIDIA utilities the launcher fails at once, clearly.
+is told to quit afterwards; without the NVIDIA utilities the launcher fails at once, clearly;
+`--mps-sm-percent` gives the workers of a role their share of the SMs.
 The daemon itself needs an NVIDIA driver, so a script stands in for its control program here;
 the GPU runs in docs/benchmarks.md used the real one."""
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from services.mps import CONTROL, MpsError, mps_daemon
+from services.launcher import free_port
+from services.mps import CONTROL, SM_PERCENT_ENV, MpsError, mps_daemon, parse_sm_percent
 
 
 def fake_control(bin_dir: Path, record: Path, exit_code: int = 0) -> None:
@@ -55,3 +60,76 @@ def test_tandem_up_without_the_nvidia_utilities_fails_at_once(tiny_llama: Path, 
     )
     assert proc.returncode == 1
     assert f"tandem up failed: --mps needs {CONTROL}" in proc.stderr
+
+
+def test_sm_percent_parses_roles_and_refuses_what_is_not_one() -> None:
+    assert parse_sm_percent("") == {}
+    assert parse_sm_percent("decode=40") == {"decode": 40}
+    assert parse_sm_percent(" prefill=100 , decode=1 ") == {"prefill": 100, "decode": 1}
+    for bad, why in [
+        ("decode", "not ROLE=PERCENT"),
+        ("router=50", "not ROLE=PERCENT"),
+        ("decode=0", "from 1 to 100, not '0'"),
+        ("decode=101", "from 1 to 100"),
+        ("decode=half", "from 1 to 100, not 'half'"),
+        ("decode=40,decode=50", "decode is given twice"),
+    ]:
+        with pytest.raises(ValueError, match=why):
+            parse_sm_percent(bad)
+
+
+def test_tandem_up_gives_each_role_its_sm_share(tiny_llama: Path, tmp_path: Path) -> None:
+    """The real launcher with a stand-in MPS control program: the workers of the role named get
+    CUDA_MPS_ACTIVE_THREAD_PERCENTAGE (read by CUDA when the engine creates its context), the
+    others none; the suite serves."""
+    fake_control(tmp_path / "bin", tmp_path / "calls")
+    ready = tmp_path / "ready.json"
+    env = {**os.environ, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}", "TANDEM_HOME": str(tmp_path)}
+    env.pop(SM_PERCENT_ENV, None)
+    cmd = [sys.executable, "-m", "services.cli", "up", "--model", str(tiny_llama), "--port", str(free_port())]
+    cmd += ["--prefill", "1", "--decode", "1", "--kv-transport", "grpc", "--ready-file", str(ready)]
+    cmd += ["--mps", "--mps-sm-percent", "decode=40", "--worker-args", "--device cpu --max-total-tokens 2048"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 90
+        while not ready.exists():
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            assert time.monotonic() < deadline, "tandem up did not come up"
+            time.sleep(0.2)
+        pids = json.loads(ready.read_text())["pids"]
+
+        def share(name: str) -> str | None:
+            environ = Path(f"/proc/{pids[name]}/environ").read_bytes().split(b"\0")
+            values = [
+                e.split(b"=", 1)[1].decode() for e in environ if e.startswith(SM_PERCENT_ENV.encode() + b"=")
+            ]
+            return values[0] if values else None
+
+        assert share("decode-0") == "40"
+        assert share("prefill-0") is None and share("router") is None and share("gateway") is None
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    assert proc.returncode == 0
+
+
+@pytest.mark.parametrize(
+    ("flags", "why"),
+    [
+        (["--mps-sm-percent", "decode=40"], "--mps-sm-percent needs --mps"),
+        (["--mps", "--mps-sm-percent", "decode=0"], "from 1 to 100"),
+    ],
+)
+def test_tandem_up_refuses_a_bad_sm_share_before_starting_anything(
+    tiny_llama: Path, tmp_path: Path, flags: list[str], why: str
+) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "services.cli", "up", "--model", str(tiny_llama), "--port", "0", *flags],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "TANDEM_HOME": str(tmp_path)},
+    )
+    assert proc.returncode != 0
+    assert why in proc.stderr
+    assert not list(tmp_path.glob("logs-*")), "nothing should have started"
