@@ -187,7 +187,7 @@ async def serve(
     config = engine_config(args, role)
     if config.node_rank > 0:  # multi-node tensor parallelism: node 0's worker serves
         raise SystemExit(await host_ranks(config, args.host, args.port, args.metrics_port))
-    if role != "unified" and config.device == "cpu":
+    if role != "unified":
         keep_kv_transfers_on(args.host)  # before the engine process starts: it inherits it
     # The model loads in the engine process; nothing to serve before.
     engine = AsyncEngine(config, args.max_open_requests)

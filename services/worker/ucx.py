@@ -14,8 +14,8 @@ def keep_kv_transfers_on(host: str) -> None:
     """UCX (under NIXL) listens on every network interface unless told otherwise: a worker told
     to listen on one address keeps its KV transfers on that address's interface (`lo` for
     loopback). A `UCX_NET_DEVICES` the user set wins; a wildcard or a name is left to UCX.
-    Host-memory engines only: some UCX versions drop `cuda_ipc` when `UCX_NET_DEVICES` is set,
-    which is not yet checked on the GPU (docs/kv_transfer.md)."""
+    On a GPU, UCX 1.23 keeps `cuda_ipc` for the pages with `UCX_NET_DEVICES=lo` (the device
+    transports are not network devices; measured on an H200, docs/kv_transfer.md)."""
     if "UCX_NET_DEVICES" in os.environ:
         return
     try:
