@@ -106,8 +106,18 @@ class ModelRunner:
             )
         self.dtype = dtype
         self.backend = create_backend(resolve_backend_name(config.attention_backend, self.device))
+        if config.attention_backend == "auto" and (missing := self.backend.missing(self.model)):
+            logger.warning(
+                "attention backend torch, not %s: %s needs %s, which %s lacks (no CUDA graphs,"
+                " slower attention)",
+                self.backend.name,
+                self.model_config.architecture,
+                ", ".join(missing),
+                self.backend.name,
+            )
+            self.backend = create_backend("torch")
         # Before the KV pool takes its memory: refuse a model whose attention layers need what the
-        # backend lacks (Gemma 2's soft-capping on triton).
+        # backend named lacks (Gemma 2's soft-capping on triton).
         self.backend.check_supports(self.model, self.model_config.architecture)
         # KV storage: the model dtype, or E4M3 (scale 1.0) for kv_cache_dtype="fp8_e4m3".
         self.kv_dtype = FP8_DTYPE if config.kv_cache_dtype == "fp8_e4m3" else self.dtype

@@ -43,12 +43,18 @@ class AttentionBackend(ABC):
     # whose layers need one its backend lacks (`check_supports`).
     supports_logit_softcap: ClassVar[bool] = False
 
-    def check_supports(self, model: nn.Module, model_name: str) -> None:
-        """A `ValueError` naming what `model`'s attention layers need that this backend lacks."""
+    def missing(self, model: nn.Module) -> list[str]:
+        """What `model`'s attention layers need that this backend lacks (empty: nothing)."""
         layers = [m for m in model.modules() if isinstance(m, Attention)]
         if not self.supports_logit_softcap and any(m.logit_softcap is not None for m in layers):
+            return ["attention logit soft-capping"]
+        return []
+
+    def check_supports(self, model: nn.Module, model_name: str) -> None:
+        """A `ValueError` naming what `model`'s attention layers need that this backend lacks."""
+        if missing := self.missing(model):
             raise ValueError(
-                f"{model_name} needs attention logit soft-capping, which the {self.name!r} attention"
+                f"{model_name} needs {', '.join(missing)}, which the {self.name!r} attention"
                 " backend does not implement yet; use --attention-backend torch"
                 " (attention_backend='torch' in the offline Engine)"
             )

@@ -4,15 +4,22 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM
 
 
+def load_hf(path: str | Path, auto_class: Any = AutoModelForCausalLM) -> torch.nn.Module:
+    """The checkpoint in HF transformers, float32, with the plain ("eager") attention: other
+    implementations are not the same oracle in every version (transformers 5.17's default SDPA
+    path drops Gemma 2's attention soft-capping; 5.24's does not)."""
+    return auto_class.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
+
+
 @lru_cache(maxsize=8)
 def _hf_model(path: str) -> torch.nn.Module:
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    return model.eval()
+    return load_hf(path)
 
 
 @torch.inference_mode()

@@ -19,6 +19,7 @@ from shared.errors import InvalidRequest
 from shared.outputs import RequestOutput
 from shared.pooling import PoolingParams
 from shared.sampling import SamplingParams
+from tests.engine.hf_reference import load_hf
 
 
 @pytest.fixture(scope="session")
@@ -33,7 +34,7 @@ def hf_embedding(
     """HF transformers' own forward (AutoModel, float32) and the pooling done by hand."""
     from transformers import AutoModel
 
-    model = AutoModel.from_pretrained(model_path, dtype=torch.float32).eval()
+    model = load_hf(model_path, AutoModel)
     with torch.no_grad():
         hidden = model(torch.tensor([ids])).last_hidden_state[0]  # [T, H], after the final norm
     vec = hidden[-1] if pooling == "last" else hidden.mean(dim=0)

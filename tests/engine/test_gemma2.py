@@ -25,7 +25,7 @@ from shared.engine_core import EngineCore
 from shared.models import ModelConfig
 from shared.pooling import PoolingParams
 from shared.sampling import SamplingParams
-from tests.engine.hf_reference import hf_greedy
+from tests.engine.hf_reference import hf_greedy, load_hf
 from tests.engine.test_embeddings import hf_embedding, run
 from tests.engine.test_parity import NEW_TOKENS, build_core, make_prompts, run_alone, run_staggered
 
@@ -72,8 +72,6 @@ def test_retraction_and_lpm_keep_parity(gemma2: Path) -> None:
 
 def test_logprobs_come_from_the_capped_logits(gemma2: Path) -> None:
     """Greedy tokens cannot tell the final soft-cap (a monotone map) from none; logprobs can."""
-    from transformers import AutoModelForCausalLM
-
     core = build_core(gemma2, page_size=4, chunked_prefill_size=16, **TORCH)
     prompt = make_prompts(core.runner.vocab_size, count=2, seed=9)[1]
     params = SamplingParams(max_new_tokens=6, temperature=0.0, ignore_eos=True)
@@ -84,7 +82,7 @@ def test_logprobs_come_from_the_capped_logits(gemma2: Path) -> None:
         for out in core.step():
             ids += out.new_ids
             logprobs += out.new_logprobs
-    hf = AutoModelForCausalLM.from_pretrained(gemma2, dtype=torch.float32)
+    hf = load_hf(gemma2)
     with torch.inference_mode():
         logits = hf(torch.tensor([prompt + ids])).logits[0, len(prompt) - 1 : -1]  # [6, V], capped
     want = logits.log_softmax(-1).gather(1, torch.tensor(ids)[:, None])[:, 0]
@@ -143,6 +141,32 @@ REFUSAL = r"Gemma2ForCausalLM needs attention logit soft-capping.*'triton'.*--at
 def test_triton_backend_refuses_it_at_start_up(gemma2: Path) -> None:
     with pytest.raises(ValueError, match=REFUSAL):
         EngineCore(EngineConfig.from_options(str(gemma2), device="cpu", attention_backend="triton"))
+
+
+@needs_triton
+def test_auto_takes_torch_where_it_would_be_triton(
+    gemma2: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`auto` is triton on CUDA, which lacks soft-capping: the runner serves Gemma 2 with the
+    torch backend instead of refusing it, and says so. CUDA is what this machine lacks, so `auto`
+    is made to resolve as it does there; the GPU run of the same path is
+    tests/engine/test_gpu.py::test_gemma2_on_cuda_takes_the_torch_backend_and_matches_hf."""
+    import shared.model_runner
+
+    monkeypatch.setattr(
+        shared.model_runner, "resolve_backend_name", lambda name, device: "triton" if name == "auto" else name
+    )
+    with caplog.at_level("WARNING", logger="shared.model_runner"):
+        core = build_core(gemma2, device="cpu", page_size=4, chunked_prefill_size=16)
+    assert core.runner.backend.name == "torch"
+    assert (
+        "attention backend torch, not triton: Gemma2ForCausalLM needs attention logit soft-capping"
+        in caplog.text
+    )
+    prompts = make_prompts(core.runner.vocab_size, count=3, seed=3)
+    outputs = run_staggered(core, prompts)
+    for i, ids in enumerate(prompts):
+        assert outputs[f"r{i}"] == hf_greedy(gemma2, ids, NEW_TOKENS), f"prompt {i}"
 
 
 @needs_triton

@@ -181,3 +181,24 @@ def test_graph_replay_logits_match_eager(tiny_model_factory: Callable[..., Path]
     assert len(logits[True]) == len(logits[False])
     for graphed, eager in zip(logits[True], logits[False]):
         torch.testing.assert_close(graphed, eager, atol=1e-4, rtol=1e-4)
+
+
+@gpu
+@needs_cuda
+def test_gemma2_on_cuda_takes_the_torch_backend_and_matches_hf(
+    tiny_model_factory: Callable[..., Path],
+) -> None:
+    """`auto` on CUDA is triton, which lacks Gemma 2's soft-capping: the runner takes the torch
+    backend instead (eager, no graphs) rather than refusing the model, and matches HF."""
+    path = tiny_model_factory("gemma2")
+    core = EngineCore(
+        EngineConfig.from_options(
+            str(path), device="cuda", dtype="float32", page_size=16, chunked_prefill_size=16
+        )
+    )
+    assert core.runner.backend.name == "torch"
+    assert core.runner.graph_runner is None
+    prompts = make_prompts(core.runner.vocab_size)
+    outputs = run_staggered(core, prompts)
+    for i, ids in enumerate(prompts):
+        assert outputs[f"r{i}"] == hf_greedy(path, ids, NEW_TOKENS), f"prompt {i} (len {len(ids)})"

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from shared.attention.base import create_backend
 from shared.attention.testing import single_sequence_batch
@@ -20,6 +19,7 @@ from shared.models.layers.linear import MergedLinear, QKVLinear
 from shared.models.layers.rotary import get_rope
 from shared.models.registry import get_model_class
 from shared.models.weights import get_weight_loader
+from tests.engine.hf_reference import load_hf
 
 # name -> (arch, overrides). qwen3_wide has head_dim != hidden / heads, as real Qwen3 models do;
 # gemma2 (window 8, shorter than PROMPT) slides on layer 0, gemma2_layer_types on layer 1.
@@ -58,7 +58,7 @@ def _our_logits(model: CausalLM, config: ModelConfig, positions: torch.Tensor) -
 
 
 def _hf_logits(path: Path, positions: torch.Tensor) -> torch.Tensor:
-    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    hf = load_hf(path)
     with torch.inference_mode():
         return hf(PROMPT[None], position_ids=positions[None]).logits[0].float()  # [T, V]
 
@@ -78,7 +78,7 @@ def test_llama3_inv_freq_matches_hf_and_scaling_matters(model_dirs: dict[str, Pa
     path = model_dirs["llama3"]
     model, config = load_model(path, torch.float32, "cpu")
     assert config.rope_scaling is not None and config.rope_scaling["rope_type"] == "llama3"
-    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    hf = load_hf(path)
     ours = get_rope(config.head_dim, 8, config.rope_theta, config.rope_scaling)
     plain = get_rope(config.head_dim, 8, config.rope_theta, None)
     hf_inv_freq = hf.get_buffer("model.rotary_emb.inv_freq")  # [D/2]
