@@ -178,6 +178,16 @@ class EngineConfig:
             metavar="MS",
         ),
     )
+    decode_pacing_backlog: float = field(
+        default=1.0,
+        metadata=flag(
+            "with --decode-step-interval-ms: pace while the prompts waiting on prefill exceed this"
+            " many times the requests decoding (lower paces earlier, trading decode speed for"
+            " prefill's share of the GPU)",
+            roles=_PD,
+            metavar="RATIO",
+        ),
+    )
     # Constrained decoding (xgrammar).
     grammar_cache_size: int = field(default=256, metadata=flag("compiled grammars kept (LRU)"))
     grammar_compile_threads: int = field(default=2, metadata=flag("threads compiling grammars"))
@@ -283,6 +293,8 @@ class EngineConfig:
             raise ValueError(f"kv_transport must be one of {_TRANSPORTS}, got {self.kv_transport!r}")
         if not self.decode_step_interval_ms >= 0:
             raise ValueError(f"decode_step_interval_ms must be >= 0, got {self.decode_step_interval_ms!r}")
+        if not self.decode_pacing_backlog >= 0:
+            raise ValueError(f"decode_pacing_backlog must be >= 0, got {self.decode_pacing_backlog!r}")
         if not self.kv_transfer_timeout_s > 0:
             raise ValueError(f"kv_transfer_timeout_s must be > 0, got {self.kv_transfer_timeout_s!r}")
         positive("grammar_cache_size", self.grammar_cache_size)

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ROLES = ("unified", "prefill", "decode")
 # The fields that are deliberately not worker flags; a new field must be added to one side.
 NOT_FLAGS = {"model_path", "disaggregation_mode", "debug_invariants"}
-PD_ONLY = {"kv_transport", "kv_transfer_timeout_s", "decode_step_interval_ms"}
+PD_ONLY = {"kv_transport", "kv_transfer_timeout_s", "decode_step_interval_ms", "decode_pacing_backlog"}
 # Engine flags spelled this way before they were generated; scripts, manifests and docs pass them.
 OLD_FLAGS = {
     "--dtype": "float32",

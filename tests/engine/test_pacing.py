@@ -24,6 +24,13 @@ def test_pacer_spaces_steps_only_while_prefill_is_backlogged() -> None:
     assert DecodePacer(0.0).delay(pending=9, running=1, now=0.0) == 0.0  # off
 
 
+def test_a_lower_backlog_ratio_paces_earlier() -> None:
+    pacer = DecodePacer(0.02, backlog=0.5)
+    pacer.stepped(10.0)
+    assert pacer.delay(pending=3, running=4, now=10.005) > 0  # 3 > 0.5 x 4
+    assert pacer.delay(pending=2, running=4, now=10.005) == 0.0  # 2 is not
+
+
 def test_paced_decode_engine_waits_while_prompts_are_pending_and_gives_the_same_tokens(
     tiny_llama: Path,
 ) -> None:
@@ -50,3 +57,13 @@ def test_paced_decode_engine_waits_while_prompts_are_pending_and_gives_the_same_
     assert decode.step_delay() == 0.0
     wait_idle(prefill)
     wait_idle(decode)
+
+
+def test_pacing_options_are_validated(tiny_llama: Path) -> None:
+    import pytest
+
+    from shared.config import EngineConfig
+
+    for option in ("decode_step_interval_ms", "decode_pacing_backlog"):
+        with pytest.raises(ValueError, match=f"{option} must be >= 0, got -1"):
+            EngineConfig.from_options(str(tiny_llama), **{option: -1})
