@@ -1,7 +1,7 @@
 """Output constraints: the one a request asks for, as SamplingParams' `constraint` oneof.
 
-A request carries at most one: `response_format` (json_object / json_schema), SGLang's `regex` or
-`ebnf`, vLLM's `guided_json` / `guided_regex` / `guided_choice` / `guided_grammar` or
+A request carries at most one: `response_format` (json_object / json_schema), SGLang's `regex`,
+`ebnf` or `json_schema`, vLLM's `guided_json` / `guided_regex` / `guided_choice` / `guided_grammar` or
 `structured_outputs.{json, regex, choice, grammar, json_object}`, or the structural tag its
 `tools` imply (built in `tool_calls.formats`). A choice becomes a regex of its alternatives, each
 matched literally. The engine compiles and enforces them with xgrammar and answers
@@ -48,6 +48,8 @@ def requested_constraints(req: CompletionRequest | ChatCompletionRequest) -> lis
         out.append(Constraint("regex", req.regex, "regex"))
     if req.ebnf is not None:
         out.append(Constraint("ebnf", req.ebnf, "ebnf"))
+    if req.json_schema is not None:
+        out.append(Constraint("json_schema", _schema_text(req.json_schema, "json_schema"), "json_schema"))
     out += _vllm_constraints(req)
     return out
 
@@ -133,7 +135,7 @@ def single_constraint(candidates: Sequence[Constraint]) -> Constraint | None:
         first, second = candidates[0], candidates[1]
         raise bad_request(
             f"'{second.param}' cannot be combined with '{first.param}': a request takes at most one "
-            "output constraint (response_format json_object/json_schema, regex, ebnf, tools, "
+            "output constraint (response_format json_object/json_schema, regex, ebnf, json_schema, tools, "
             "or vLLM's guided_* / structured_outputs)",
             second.param,
         )

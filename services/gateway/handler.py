@@ -121,7 +121,8 @@ class Handler:
         echo_texts: list[str] = []
         for prompt in req.prompts():
             if isinstance(prompt, str):
-                token_ids = await self.tokenizer.encode_async(prompt, add_special_tokens=True)
+                special = True if req.add_special_tokens is None else req.add_special_tokens
+                token_ids = await self.tokenizer.encode_async(prompt, add_special_tokens=special)
                 text = prompt
             else:
                 self._check_token_ids(prompt)

@@ -184,6 +184,8 @@ class SamplingFields(_TextRequest):
     skip_special_tokens: bool | None = None
     spaces_between_special_tokens: bool | None = None
     no_stop_trim: bool | None = None
+    # vLLM's name for SGLang's `no_stop_trim`: `check()` folds it into that.
+    include_stop_str_in_output: bool | None = None
 
     # Unsupported OpenAI fields -> predicate "this value means the default", which we accept.
     UNSUPPORTED_FIELDS: ClassVar[dict[str, Callable[[Any], bool]]] = {}
@@ -220,10 +222,12 @@ class _SamplingRequest(SamplingFields):
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     user: str | None = None  # accepted and ignored
-    # Output constraints (at most one; see `constraints.py`). `regex` and `ebnf` are SGLang's.
+    # Output constraints (at most one; see `constraints.py`). `regex`, `ebnf` and `json_schema`
+    # (a schema object or its JSON text) are SGLang's.
     response_format: ResponseFormat | None = None
     regex: str | None = None
     ebnf: str | None = None
+    json_schema: Any = None
     # vLLM's spellings of the same constraints (`constraints.py` maps them).
     guided_json: Any = None  # a JSON schema, or its JSON text
     guided_regex: str | None = None
@@ -231,7 +235,7 @@ class _SamplingRequest(SamplingFields):
     guided_grammar: str | None = None
     structured_outputs: StructuredOutputs | None = None
 
-    @field_validator("guided_json")
+    @field_validator("guided_json", "json_schema")
     @classmethod
     def _check_guided_json(cls, value: Any) -> dict[str, Any] | str | None:
         return _schema_or_text(value)
@@ -243,6 +247,14 @@ class _SamplingRequest(SamplingFields):
     def check(self) -> None:
         """Cross-field and unsupported-feature checks; raises a 400 `OpenAIError`."""
         self.check_unsupported()
+        keep = self.include_stop_str_in_output
+        if keep is not None:
+            if self.no_stop_trim is not None and self.no_stop_trim != keep:
+                raise bad_request(
+                    "'include_stop_str_in_output' and 'no_stop_trim' are one option and disagree here",
+                    "include_stop_str_in_output",
+                )
+            self.no_stop_trim = keep
         fmt = self.response_format
         if fmt is not None and fmt.type == "json_schema" and fmt.json_schema is None:
             raise bad_request(
@@ -275,10 +287,39 @@ def _is_empty(value: Any) -> bool:
     return value in ([], {}, "")
 
 
-# vLLM's structured-output options Tandem does not honour: a 400 rather than silently ignored.
-_VLLM_UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
+def _never(value: Any) -> bool:
+    return False
+
+
+# vLLM's and SGLang's request options (of their OpenAI-compatible endpoints) that Tandem does not
+# honour, each with the predicate "this value is the peer's default", which changes nothing and is
+# accepted: any other value is a 400 naming the field, never silently ignored. (Those it does
+# honour are fields above: top_k, min_p, min_tokens, repetition_penalty, ignore_eos,
+# stop_token_ids, skip_special_tokens, spaces_between_special_tokens, no_stop_trim /
+# include_stop_str_in_output, regex / ebnf / json_schema, guided_*, structured_outputs,
+# chat_template_kwargs, add_special_tokens on completions.)
+_PEER_UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
     "guided_decoding_backend": lambda v: v in ("xgrammar", "auto"),  # xgrammar is what runs
-    "guided_whitespace_pattern": lambda v: False,
+    "guided_whitespace_pattern": _never,
+    "use_beam_search": lambda v: v is False,
+    "length_penalty": lambda v: v == 1,
+    "bad_words": _is_empty,
+    "allowed_token_ids": _never,
+    "prompt_logprobs": _never,
+    "truncate_prompt_tokens": _never,
+    "logits_processors": _is_empty,
+    "custom_logit_processor": _never,
+    "return_tokens_as_token_ids": lambda v: v is False,
+    "return_hidden_states": lambda v: v is False,
+    "priority": lambda v: v == 0,
+    "lora_path": _never,
+    "mm_processor_kwargs": _is_empty,
+    "vllm_xargs": _is_empty,
+    "kv_transfer_params": _is_empty,
+    "cache_salt": _never,
+    "request_id": _never,  # send X-Request-Id instead
+    "rid": _never,
+    "session_params": _never,
 }
 
 
@@ -289,12 +330,13 @@ class CompletionRequest(_SamplingRequest):
     max_tokens: int | None = Field(None, ge=0, le=UINT32_MAX)
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     echo: bool | None = None
+    add_special_tokens: bool | None = None  # vLLM's; for text prompts, default true
 
     UNSUPPORTED_FIELDS: ClassVar[dict[str, Callable[[Any], bool]]] = {
         "suffix": _is_empty,
         "logit_bias": _is_empty,
         "best_of": lambda v: v == 1,
-        **_VLLM_UNSUPPORTED,
+        **_PEER_UNSUPPORTED,
     }
 
     @field_validator("prompt")
@@ -505,7 +547,17 @@ class ChatCompletionRequest(_SamplingRequest):
         "modalities": lambda v: v == ["text"],
         "prediction": lambda v: False,
         "web_search_options": lambda v: False,
-        **_VLLM_UNSUPPORTED,
+        **_PEER_UNSUPPORTED,
+        # vLLM's and SGLang's chat options, likewise.
+        "best_of": lambda v: v == 1,
+        "echo": lambda v: v is False,
+        "add_generation_prompt": lambda v: v is True,
+        "continue_final_message": lambda v: v is False,
+        "add_special_tokens": lambda v: v is False,
+        "chat_template": _never,
+        "documents": _is_empty,
+        "separate_reasoning": lambda v: v is True,
+        "stream_reasoning": lambda v: v is True,
     }
 
     @field_validator("messages")

@@ -1,7 +1,9 @@
-"""vLLM's request extras: `guided_json`, `guided_regex`, `guided_choice`, `guided_grammar` and
-`structured_outputs` reach the router as the same `constraint` their native twins send (never
-ignored); conflicts and options Tandem does not honour are 400s naming the field;
-`chat_template_kwargs` reaches the chat template."""
+"""vLLM's and SGLang's request extras: `guided_json`, `guided_regex`, `guided_choice`,
+`guided_grammar`, `structured_outputs` and SGLang's `json_schema` reach the router as the same
+`constraint` their native twins send (never ignored); `include_stop_str_in_output` is
+`no_stop_trim`, `add_special_tokens` reaches the tokenizer; conflicts, and every other option of
+the peers that Tandem does not honour, are 400s naming the field unless the value is the peer's
+default; `chat_template_kwargs` reaches the chat template."""
 
 from __future__ import annotations
 
@@ -71,6 +73,8 @@ def _body(path: str, change: dict[str, Any]) -> dict[str, Any]:
         ({"structured_outputs": {"grammar": GRAMMAR}}, "ebnf", GRAMMAR),
         ({"structured_outputs": {"json_object": True}}, "json_schema", '{"type": "object"}'),
         ({"guided_decoding_backend": "xgrammar", "guided_regex": "a"}, "regex", "a"),
+        ({"json_schema": PERSON}, "json_schema", json.dumps(PERSON)),
+        ({"json_schema": json.dumps(PERSON)}, "json_schema", json.dumps(PERSON)),
     ],
 )
 def test_vllm_extra_reaches_the_router(
@@ -144,6 +148,13 @@ def test_choice_regex_matches_each_choice_literally() -> None:
         ("/v1/completions", {"guided_regex": ""}, "guided_regex"),
         ("/v1/completions", {"guided_whitespace_pattern": " "}, "guided_whitespace_pattern"),
         ("/v1/chat/completions", {"guided_decoding_backend": "outlines"}, "guided_decoding_backend"),
+        ("/v1/chat/completions", {"json_schema": PERSON, "regex": "a"}, "json_schema"),
+        ("/v1/completions", {"json_schema": "{not json"}, "json_schema"),
+        (
+            "/v1/completions",
+            {"include_stop_str_in_output": True, "no_stop_trim": False},
+            "include_stop_str_in_output",
+        ),
         (
             "/v1/chat/completions",
             {"tools": [{"type": "function", "function": {"name": "f"}}], "guided_regex": "a"},
@@ -212,3 +223,90 @@ def test_chat_template_kwargs_may_not_set_what_the_server_sets(http: httpx.Clien
     response = http.post("/v1/chat/completions", json=body)
     assert response.status_code == 400, response.text
     assert response.json()["error"]["param"] == f"chat_template_kwargs.{key}"
+
+
+# Each peer option Tandem does not honour: a value that changes nothing (the peer's default) and
+# one that would; the second must be a 400 naming it on every endpoint that has it.
+BOTH_ENDPOINTS = [
+    ("use_beam_search", False, True),
+    ("length_penalty", 1.0, 0.5),
+    ("bad_words", [], ["cat"]),
+    ("allowed_token_ids", None, [1, 2]),
+    ("prompt_logprobs", None, 1),
+    ("truncate_prompt_tokens", None, 8),
+    ("logits_processors", [], ["my.module:Processor"]),
+    ("custom_logit_processor", None, "serialized"),
+    ("return_tokens_as_token_ids", False, True),
+    ("return_hidden_states", False, True),
+    ("priority", 0, 5),
+    ("lora_path", None, "adapter"),
+    ("mm_processor_kwargs", {}, {"num_crops": 4}),
+    ("vllm_xargs", {}, {"k": 1}),
+    ("kv_transfer_params", {}, {"do_remote_decode": True}),
+    ("cache_salt", None, "salt"),
+    ("request_id", None, "mine"),
+    ("rid", None, "mine"),
+    ("session_params", None, {"id": "s"}),
+]
+CHAT_ONLY = [
+    ("best_of", 1, 2),
+    ("echo", False, True),
+    ("add_generation_prompt", True, False),
+    ("continue_final_message", False, True),
+    ("add_special_tokens", False, True),
+    ("chat_template", None, "{{ messages }}"),
+    ("documents", [], [{"title": "t", "text": "x"}]),
+    ("separate_reasoning", True, False),
+    ("stream_reasoning", True, False),
+]
+PEER_CASES = [(path, *case) for path in PATHS for case in BOTH_ENDPOINTS] + [
+    ("/v1/chat/completions", *case) for case in CHAT_ONLY
+]
+
+
+@pytest.mark.parametrize(("path", "field", "default", "other"), PEER_CASES)
+def test_a_peer_option_is_honoured_or_a_400_never_ignored(
+    http: httpx.Client, path: str, field: str, default: Any, other: Any
+) -> None:
+    if default is not None:
+        response = http.post(path, json=_body(path, {field: default}))
+        assert response.status_code == 200, (field, response.text)
+    response = http.post(path, json=_body(path, {field: other}))
+    assert response.status_code == 400, (field, response.text)
+    error = response.json()["error"]
+    assert error["param"] == field and "not supported" in error["message"], error
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize(
+    ("body", "trim"),
+    [
+        ({"include_stop_str_in_output": True}, True),
+        ({"include_stop_str_in_output": False}, False),
+        ({"no_stop_trim": True, "include_stop_str_in_output": True}, True),
+    ],
+)
+def test_include_stop_str_in_output_is_no_stop_trim(
+    http: httpx.Client, stub: StubRouter, path: str, body: dict[str, Any], trim: bool
+) -> None:
+    response = http.post(path, json=_body(path, {**body, "stop": ["."]}))
+    assert response.status_code == 200, response.text
+    params = stub.last_request.sampling_params
+    assert params.HasField("no_stop_trim") and params.no_stop_trim is trim
+
+
+def test_add_special_tokens_reaches_the_tokenizer_on_completions(
+    http: httpx.Client, stub: StubRouter, template_dir: Path
+) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(template_dir)
+    ids = {}
+    for special in (True, False):
+        response = http.post("/v1/completions", json={**COMPLETION, "add_special_tokens": special})
+        assert response.status_code == 200, response.text
+        ids[special] = list(stub.last_request.token_ids)
+        assert ids[special] == tokenizer.encode(COMPLETION["prompt"], add_special_tokens=special)
+    assert ids[True] != ids[False]  # the tiny tokenizer adds BOS
+    response = http.post("/v1/completions", json=COMPLETION)
+    assert list(stub.last_request.token_ids) == ids[True]  # vLLM's default for completions
