@@ -218,3 +218,35 @@ def test_offline_engine_encode(tiny_embedder: Path) -> None:
         assert isinstance(many, list) and [len(m["embedding"]) for m in many] == [4, 4]
         with pytest.raises(InvalidRequest, match="embedding model"):
             engine.generate(input_ids=ids, sampling_params={"max_new_tokens": 2})
+
+
+@pytest.mark.parametrize(
+    ("arch", "architecture", "overrides"),
+    [
+        # e5-mistral-7b-instruct's layout: MistralModel, with Mistral's sliding window in the config.
+        ("mistral", "MistralModel", {"sliding_window": 8}),
+        ("qwen2", "Qwen2Model", {}),  # gte-Qwen2's layout
+    ],
+)
+def test_mistral_and_qwen2_embedders_match_hf(
+    tiny_model_factory: Callable[..., Path], arch: str, architecture: str, overrides: dict[str, Any]
+) -> None:
+    import json
+
+    path = tiny_model_factory(arch, embedding=True, **overrides)
+    assert json.loads((path / "config.json").read_text())["architectures"] == [architecture]
+    core = EngineCore(
+        EngineConfig.from_options(
+            str(path), page_size=4, chunked_prefill_size=16, dtype="float32", debug_invariants=True
+        )
+    )
+    prompts = {"short": list(range(5, 12)), "long": list(range(30, 75))}  # longer than the window
+    for rid, ids in prompts.items():
+        for pooling in ("last", "mean"):
+            core.add_request([f"{pooling}-{rid}"], ids, SamplingParams(), pooling=PoolingParams(pooling))
+    done = run(core)
+    for rid, ids in prompts.items():
+        for pooling in ("last", "mean"):
+            got = torch.tensor(done[f"{pooling}-{rid}"].embedding)
+            torch.testing.assert_close(got, hf_embedding(path, ids, pooling), atol=1e-4, rtol=1e-4)
+    core.check_idle()
