@@ -405,3 +405,33 @@ def test_tool_call_arguments_are_compact_and_parse(compiler: tuple[GrammarCompil
         jsonschema.validate(value, BOUNDED_STRINGS)
         assert arguments == json.dumps(value, ensure_ascii=False)  # no whitespace padding
     assert ended >= 20
+
+
+def test_length_bounded_strings_parse_when_the_engine_samples_them(engine: Engine) -> None:
+    """The same schema through the engine: random weights at temperature 1, several seeds."""
+    for seed in (1, 2, 3):
+        params = {"temperature": 1.0, "max_new_tokens": 200, "n": 8, "seed": seed}
+        outs = engine.generate(
+            prompt="the scheduler sends",
+            sampling_params={**params, "json_schema": json.dumps(BOUNDED_STRINGS)},
+        )
+        for out in outs:
+            assert out["meta_info"]["finish_reason"]["type"] == "stop", out
+            jsonschema.validate(
+                json.loads(out["text"]), BOUNDED_STRINGS
+            )  # raw control characters would raise
+
+
+def test_tool_arguments_take_whitespace_only_with_json_any_whitespace() -> None:
+    """`--json-any-whitespace` on: a call's arguments may be padded; off (the default): compact only."""
+    from xgrammar.testing import _is_grammar_accept_string
+
+    from shared.constrained.schema import structural_tag_source
+
+    compact = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo", "days": 3}}\n</tool_call>'
+    padded = '<tool_call>\n{"name": "get_weather", "arguments": { "city" :  "Oslo" ,"days":3 }}\n</tool_call>'
+    accepts = {}
+    for any_whitespace in (False, True):
+        grammar = xgr.Grammar.from_structural_tag(structural_tag_source(json.dumps(TOOL_TAG), any_whitespace))
+        accepts[any_whitespace] = [_is_grammar_accept_string(grammar, text) for text in (compact, padded)]
+    assert accepts == {False: [True, False], True: [True, True]}
