@@ -81,7 +81,7 @@ def test_sm_percent_parses_roles_and_refuses_what_is_not_one() -> None:
 def test_tandem_up_gives_each_role_its_sm_share(tiny_llama: Path, tmp_path: Path) -> None:
     """The real launcher with a stand-in MPS control program: the workers of the role named get
     CUDA_MPS_ACTIVE_THREAD_PERCENTAGE (read by CUDA when the engine creates its context), the
-    others none; the suite serves."""
+    others none."""
     fake_control(tmp_path / "bin", tmp_path / "calls")
     ready = tmp_path / "ready.json"
     env = {**os.environ, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}", "TANDEM_HOME": str(tmp_path)}
