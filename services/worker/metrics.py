@@ -145,3 +145,12 @@ class _EngineCollector(Collector):
             "Running requests retracted to free KV (they recompute later)",
             value=s.get("num_retractions", 0),
         )
+        reservations = CounterMetricFamily(
+            "tandem_worker_kv_reservations",
+            "Decode: KV reservations for prefill's prompts, by what happened to them",
+            labels=["outcome"],
+        )
+        reservations.add_metric(["granted"], s.get("kv_reservations", 0))
+        reservations.add_metric(["queued"], s.get("kv_reservations_queued", 0))
+        reservations.add_metric(["expired"], s.get("kv_reservations_expired", 0))
+        yield reservations

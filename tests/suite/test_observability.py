@@ -271,6 +271,8 @@ def test_metrics_move_with_traffic(up: dict[str, Any], traffic: dict[str, Any]) 
     assert moved("prefill-0", "tandem_worker_kv_transfer_bytes_total", direction="sent") > 0
     assert moved("prefill-0", "tandem_worker_kv_transfer_seconds_count") == n
     assert moved("decode-0", "tandem_worker_kv_transfer_bytes_total", direction="received") > 0
+    assert moved("decode-0", "tandem_worker_kv_reservations_total", outcome="granted") == n
+    assert sample(after["decode-0"], "tandem_worker_kv_reservations_total", outcome="expired") == 0
     for hist in ("time_to_first_token", "e2e_request_latency"):
         assert moved("decode-0", f"tandem_worker_{hist}_seconds_count") == n
     # The same prompt four times: the prefill worker's prefix cache served part of it.
