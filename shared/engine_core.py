@@ -394,11 +394,17 @@ class EngineCore:
             self._pending_outputs.append(out)
 
     def _reserve_pages(self, req: Req) -> list[int] | None:
-        """Pages for a reservation's whole prompt (the request parks holding them), or None."""
+        """Pages for a reservation's prompt (the request parks holding them), or None. The
+        prompt's prefix that this engine's cache already holds (whole pages, short of the last
+        token) is locked and shared instead: the pages returned are those of the rest, which is
+        all the prefill engine sends."""
         if self.scheduler.num_active >= self.config.max_running_requests:
             return None
+        match = self.kv.match(req)
+        cached = len(match.slots) if match is not None else 0
         # Room for the running requests' next tokens stays free, as admission does.
-        slots = self.kv.admit(req, None, len(req.prompt_ids), reserve_pages=len(self.scheduler.running))
+        reserve = len(self.scheduler.running)
+        slots = self.kv.admit(req, match, len(req.prompt_ids) - cached, reserve_pages=reserve)
         if slots is None:
             return None
         self.scheduler.parked.append(req)

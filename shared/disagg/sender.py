@@ -36,9 +36,11 @@ WantTarget = Callable[[Req, int], None]  # (request, pages needed): ask the deco
 class _Send:
     req: Req
     num_pages: int  # pages of the whole prompt
-    pages: list[int] | None = None  # the decode engine's pages, once reserved
+    # The decode engine's pages for the prompt's last len(pages) pages, once reserved: the
+    # earlier ones it already holds (its prefix cache), so they are not sent.
+    pages: list[int] | None = None
     asked: bool = False  # a reservation was asked for
-    sent_pages: int = 0  # pages of the prompt already posted (nixl)
+    sent_pages: int = 0  # pages of the prompt already posted (nixl), or held by the decode side
     handles: list[Any] = field(default_factory=list)  # writes in flight
     commit: bytes | None = None  # set at the first token; posted with the last pages
     final_posted: bool = False
@@ -100,15 +102,24 @@ class KvSender:
                 raise InvalidRequest(f"unknown KV peer {target.peer!r}: add its transfer metadata first")
 
     def _check_pages(self, pages: list[int], prompt_len: int) -> None:
+        """A target lists pages for the prompt's last pages (the decode engine's prefix cache
+        holds the ones before): at least one, at most the prompt's."""
         want = self.pages_needed(prompt_len)
-        if len(pages) != want:
-            raise InvalidRequest(f"the KV target has {len(pages)} pages; the prompt needs {want}")
+        if not 1 <= len(pages) <= want:
+            raise InvalidRequest(f"the KV target has {len(pages)} pages; the prompt needs 1 to {want}")
         self.layout.check_pages(pages)
 
     def track(self, req: Req) -> None:
         assert req.kv_target is not None
-        pages = list(req.kv_target.pages) or None
-        self._sends[req.rid] = _Send(req, self.pages_needed(len(req.prompt_ids)), pages, asked=bool(pages))
+        send = _Send(req, self.pages_needed(len(req.prompt_ids)))
+        if req.kv_target.pages:
+            self._target(send, list(req.kv_target.pages))
+        self._sends[req.rid] = send
+
+    @staticmethod
+    def _target(send: _Send, pages: list[int]) -> None:
+        send.pages, send.asked = pages, True
+        send.sent_pages = send.num_pages - len(pages)  # the decode side holds the pages before
 
     # ---- called by the core --------------------------------------------------------------------
 
@@ -131,7 +142,7 @@ class KvSender:
         if send.pages is not None:
             raise InvalidRequest(f"request {rid!r} already has its KV target")
         self._check_pages(pages, len(send.req.prompt_ids))
-        send.pages = pages
+        self._target(send, pages)
         if send.commit is not None:  # the prompt finished before its reservation came
             self._finish(send)
 
@@ -198,7 +209,7 @@ class KvSender:
             elif send.final_posted:
                 del self._sends[rid]
                 self.transfers += 1
-                nbytes = self.layout.nbytes(send.sent_pages)
+                nbytes = self.layout.nbytes(len(send.pages or ()))
                 self._events.append(Sent(send.req, nbytes, None, None, (send.first_post, time.time())))
             elif send.commit is not None:
                 self._finish(send)
@@ -230,7 +241,7 @@ class KvSender:
                 send.final_posted = True
             return
         start = time.time()
-        payload = self.layout.read_pages(self.own_pages(send.req, send.num_pages))
+        payload = self.layout.read_pages(self.own_pages(send.req, send.num_pages)[send.sent_pages :])
         self.bytes_sent += len(payload)
         self.transfers += 1
         del self._sends[send.req.rid]
@@ -240,8 +251,9 @@ class KvSender:
 
     def _post(self, send: _Send, end: int, notif: bytes) -> None:
         assert self.agent is not None and send.req.kv_target is not None and send.pages is not None
+        held = send.num_pages - len(send.pages)  # pages the decode side already holds
         src = self.own_pages(send.req, end)[send.sent_pages :]
-        dst = send.pages[send.sent_pages : end]
+        dst = send.pages[send.sent_pages - held : end - held]
         try:
             send.handles.append(self.agent.write(send.req.kv_target.peer, src, dst, notif))
         except RuntimeError as e:

@@ -87,7 +87,8 @@ class Req:
     # Disaggregation (see shared/disagg): a prefill request's destination, or a decode
     # reservation whose KV is still to arrive.
     kv_target: KvTarget | None = None
-    kv_pages: list[int] | None = None  # decode: the reserved pages, in prompt order
+    # decode: the reserved pages, in prompt order, for the prompt after its cached prefix
+    kv_pages: list[int] | None = None
     awaiting_kv: bool = False
     kv_deadline: float = 0.0  # time.monotonic() by which the KV must arrive / be sent
     kv_lease_s: float = 0.0  # decode: how long the reservation waits for room, then for its KV

@@ -158,6 +158,38 @@ def test_pd_reuses_the_prefill_cache(tiny_llama: Path, transport: str) -> None:
     assert tokens2["r0"] == hf_greedy(tiny_llama, prompts[1], 6)
 
 
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_decode_reuses_its_own_cache_and_only_the_rest_is_sent(tiny_llama: Path, transport: str) -> None:
+    """A prompt whose prefix the decode engine's cache holds (a finished request's KV): its
+    reservation shares those pages and lists only the rest, and only the rest crosses. (A 1 s
+    lease: an aborted NIXL reservation waits out twice that for a late write.)"""
+    prefill, decode = make_pair(tiny_llama, transport, kv_transfer_timeout_s=1.0)
+    prefix = make_prompts(prefill.runner.vocab_size, count=2)[1]  # 41 tokens: 2 whole pages
+    params = SamplingParams(max_new_tokens=6, temperature=0.0, ignore_eos=True)
+    first, second = [*prefix, 7, 8, 9], [*prefix, 10, 11, *range(20, 30)]  # 3 and 4 pages
+    run_pd(prefill, decode, [first], params)
+    before = decode.stats()
+    tokens, _last = run_pd(prefill, decode, [second], params)
+    received = decode.stats()["kv_bytes_received"] - before["kv_bytes_received"]
+    assert received == decode.layout.nbytes(4 - 2)  # the two prefix pages stayed where they were
+    assert tokens["r0"] == hf_greedy(tiny_llama, second, 6)
+    decode.check_idle()
+    # A reservation over a cached prefix that is aborted before its KV comes: the prefix stays
+    # cached (unlocked), the rest goes back; nothing leaks.
+    pages = reserve(decode, "gone", [*prefix, 99], params)
+    assert pages is not None and len(pages) == 1
+    decode.abort("gone")
+    decode.step()
+    wait_idle(decode)
+    decode.check_idle()
+    again = reserve(decode, "again", [*prefix, 98], params)
+    assert again is not None and len(again) == 1  # the prefix is still there to share
+    decode.abort("again")
+    decode.step()
+    wait_idle(decode)
+    decode.check_idle()
+
+
 def test_pd_seeded_sampling_matches_unified(tiny_llama: Path) -> None:
     prefill, decode = make_pair(tiny_llama, "grpc")
     prompts = make_prompts(prefill.runner.vocab_size, count=4)
@@ -403,10 +435,10 @@ def test_prefill_waits_for_a_late_reservation_then_sends(tiny_llama: Path) -> No
     for _ in range(3):
         assert prefill.step() == []  # both parked after their first token, holding their KV
     assert prefill.stats()["parked_requests"] == 2
-    prefill.set_kv_target("bad", [1])  # one page for a prompt of two
+    prefill.set_kv_target("bad", [1, 2, 3])  # three pages for a prompt of two
     (failed,) = prefill.step()
     assert failed.rid == "bad" and failed.finish_reason is not None
-    assert failed.finish_reason["message"].startswith("bad KV target: the KV target has 1 pages")
+    assert failed.finish_reason["message"].startswith("bad KV target: the KV target has 3 pages")
     decode.abort("bad")
     pages = decode.reserve_kv("r")
     assert pages is not None
