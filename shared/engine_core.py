@@ -144,8 +144,11 @@ class EngineCore:
             if self.mode == "decode"
             else None
         )
-        pacing = (config.decode_step_interval_ms / 1000, config.decode_pacing_backlog)
-        self.pacer = DecodePacer(*pacing) if self.receiver else None
+        self.pacer = (
+            DecodePacer(config.decode_step_interval_ms / 1000, config.decode_pacing_backlog)
+            if self.receiver
+            else None
+        )
         # Outputs that must not wait for the end of the step (a prefill engine asking for its
         # reservation while the forward runs); the engine process sends them at once.
         self.early_outputs: Callable[[list[RequestOutput]], None] | None = None

@@ -48,6 +48,11 @@ class _Send:
     deadline: float = 0.0  # the last post's time + the transfer timeout
     first_post: float = 0.0  # wall clock (time.time()) of the first write posted, for tracing
 
+    @property
+    def held(self) -> int:
+        """The prompt's first pages, which the decode engine already holds (once reserved)."""
+        return self.num_pages - len(self.pages) if self.pages is not None else 0
+
 
 class KvSender:
     """Sends each prefill request's prompt KV into the pages a decode engine reserves for it.
@@ -119,7 +124,7 @@ class KvSender:
     @staticmethod
     def _target(send: _Send, pages: list[int]) -> None:
         send.pages, send.asked = pages, True
-        send.sent_pages = send.num_pages - len(pages)  # the decode side holds the pages before
+        send.sent_pages = send.held  # never sent: the decode side has them
 
     # ---- called by the core --------------------------------------------------------------------
 
@@ -241,7 +246,7 @@ class KvSender:
                 send.final_posted = True
             return
         start = time.time()
-        payload = self.layout.read_pages(self.own_pages(send.req, send.num_pages)[send.sent_pages :])
+        payload = self.layout.read_pages(self.own_pages(send.req, send.num_pages)[send.held :])
         self.bytes_sent += len(payload)
         self.transfers += 1
         del self._sends[send.req.rid]
@@ -251,9 +256,8 @@ class KvSender:
 
     def _post(self, send: _Send, end: int, notif: bytes) -> None:
         assert self.agent is not None and send.req.kv_target is not None and send.pages is not None
-        held = send.num_pages - len(send.pages)  # pages the decode side already holds
         src = self.own_pages(send.req, end)[send.sent_pages :]
-        dst = send.pages[send.sent_pages - held : end - held]
+        dst = send.pages[send.sent_pages - send.held : end - send.held]
         try:
             send.handles.append(self.agent.write(send.req.kv_target.peer, src, dst, notif))
         except RuntimeError as e:
