@@ -468,9 +468,18 @@ class EngineCore:
     def step_delay(self) -> float:
         """Seconds the caller should wait before the next `step` (0 but for a paced decode engine
         sharing its GPU with a backlogged prefill engine: shared/disagg/pacing.py)."""
-        if self.pacer is None or self.receiver is None or self._pending_outputs or not self.scheduler.running:
+        if self.pacer is None or self.receiver is None or not self.scheduler.running:
             return 0.0  # nothing to decode: poll for arriving KV at once
+        # Outputs ready meanwhile (a first token that came with its KV) need no step: poll_paced.
         return self.pacer.delay(self.receiver.pending, len(self.scheduler.running), time.monotonic())
+
+    def poll_paced(self) -> list[RequestOutput]:
+        """While a paced decode engine waits for its next step: take the KV that arrived. A
+        request's first token was sampled by the prefill engine, so it goes out now rather than
+        after the pause; the request decodes from the next step. Returns the outputs to send."""
+        self._poll_kv()
+        outputs, self._pending_outputs = self._pending_outputs, []
+        return outputs
 
     @property
     def waiting_in_background(self) -> bool:

@@ -231,9 +231,10 @@ def _serve(
     while True:
         # Block while idle; between steps only drain what already arrived; while KV transfers
         # are in flight, look at them every few milliseconds.
-        # A paced decode engine waits for its next step, still taking messages meanwhile.
+        # A paced decode engine waits for its next step, still taking messages and arriving KV
+        # (every few milliseconds) meanwhile.
         timeout = (
-            math.ceil(core.step_delay() * 1000)
+            min(math.ceil(core.step_delay() * 1000), POLL_BACKGROUND_MS)
             if core.has_work
             else POLL_BACKGROUND_MS
             if core.waiting_in_background
@@ -254,10 +255,10 @@ def _serve(
                 push.send(encode(reply))
             timeout = 0
         _send_admissions(core, push, encode)  # e.g. a queued reservation aborted
-        if not (core.has_work or core.waiting_in_background) or core.step_delay() > 0:
+        if not (core.has_work or core.waiting_in_background):
             continue
-        try:
-            outputs = core.step()
+        try:  # paced: no step yet, but the first tokens of arriving KV go out meanwhile
+            outputs = core.poll_paced() if core.step_delay() > 0 else core.step()
         except Exception as e:  # fail what was running, keep serving
             logger.exception("engine step failed")
             message = f"engine step failed: {e}"

@@ -1,6 +1,6 @@
 """A decode engine paced for a shared GPU spaces its steps only while prompts back up on the
-prefill side; it never delays a step with nothing to decode (steps poll for arriving KV), and
-pacing changes no token."""
+prefill side; it never delays a step with nothing to decode (steps poll for arriving KV), nor
+the first token of a prompt whose KV arrives during a pause, and pacing changes no token."""
 
 from __future__ import annotations
 
@@ -55,6 +55,39 @@ def test_paced_decode_engine_waits_while_prompts_are_pending_and_gives_the_same_
     for i in range(2):
         decode.abort(f"b{i}")
     assert decode.step_delay() == 0.0
+    wait_idle(prefill)
+    wait_idle(decode)
+
+
+def test_first_token_of_kv_arriving_during_a_pause_goes_out_without_a_step(tiny_llama: Path) -> None:
+    prefill, decode = make_pair(tiny_llama, "grpc", decode_step_interval_ms=500.0)
+    params = SamplingParams(max_new_tokens=3, temperature=0.0, ignore_eos=True)
+    a, b = list(range(5, 30)), list(range(40, 60))
+    for i in range(3):  # prompts the prefill side has not run: the backlog that paces decode
+        decode.expect_kv(f"later{i}", list(range(7 + i, 32 + i)), params)
+
+    def prefill_one(rid: str, ids: list[int]) -> None:
+        submit(prefill, decode, rid, ids, params)
+        forward_targets(prefill, decode, prefill.step())  # asks for pages; the prompt is done
+        (out,) = prefill.step()  # the pages it got are sent
+        decode.commit_kv(KvCommit.decode(out.kv_commit), out.kv_payload)  # type: ignore[arg-type]
+
+    prefill_one("a", a)
+    tokens = {"a": [t for o in decode.step() for t in o.new_ids]}  # a runs; 3 pending > 1 running
+    assert decode.step_delay() > 0.4
+    prefill_one("b", b)
+    arrived = decode.poll_paced()  # within the pause: b's first token, nothing decoded for a
+    assert [(o.rid, len(o.new_ids)) for o in arrived] == [("b", 1)]
+    tokens["b"] = list(arrived[0].new_ids)
+    assert decode.step_delay() > 0.3, "an arrival does not cut the pause short"
+    for i in range(3):
+        decode.abort(f"later{i}")
+    while decode.has_work:
+        for o in decode.step():
+            tokens.setdefault(o.rid, []).extend(o.new_ids)
+    assert tokens.pop("a") == hf_greedy_cached(tiny_llama, a, 3)
+    assert tokens.pop("b") == hf_greedy_cached(tiny_llama, b, 3)
+    assert tokens == {f"later{i}": [] for i in range(3)}  # aborted before their KV came
     wait_idle(prefill)
     wait_idle(decode)
 

@@ -49,8 +49,12 @@ def worker_loads(up: dict[str, Any]) -> list[worker_pb2.GetLoadResponse]:
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_pd_under_load_every_request_completes(tiny_llama: Path, tmp_path: Path, transport: str) -> None:
     # A 256-token decode pool holds at most 4 of these 40-60-token requests at once; the lease
-    # (0.4 s) is far shorter than the time most requests wait for their turn.
+    # (0.4 s) is far shorter than the time most requests wait for their turn. Over gRPC the
+    # decode engine is also paced whenever prompts wait on the prefill side, so first tokens
+    # arrive during its pauses (EngineCore.poll_paced).
     worker_args = "--max-total-tokens 256 --device cpu --kv-transfer-timeout 0.4"
+    if transport == "grpc":
+        worker_args += " --decode-step-interval-ms 5 --decode-pacing-backlog 0"
     rng = random.Random(7)
     prompts = [[rng.randrange(5, 250) for _ in range(rng.randrange(40, 60))] for _ in range(CONCURRENCY)]
     args = ("--kv-transport", transport, "--worker-args", worker_args)
