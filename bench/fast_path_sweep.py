@@ -2,7 +2,11 @@
 
 1. The dense GEMV (`kernels.gemv.dense_gemv`) against cuBLAS (`F.linear`) at Llama-3-8B's layer
    shapes and its lm head, M = 1, 2, 4: every config of a grid, checked against float32 first;
-2. paged decode attention (`kernels.decode_attention`, both stages) at batch 1 and 128 over a
+2. the FP8 GEMV (`kernels.gemv.fp8_gemv`, block W8A8: the activation quantized in the kernel,
+   or first by `per_token_group_quant_fp8`, timed with it) at the same shapes, M = 1, against the
+   bandwidth its FP8 weight bytes need, over rows, splits, warps and stages, every config
+   checked against float32 first;
+3. paged decode attention (`kernels.decode_attention`, both stages) at batch 1 and 128 over a
    1088-token context (Llama-3-8B: 32 query heads, 8 KV heads, head dim 128), bf16 and FP8
    pools: K/V splits, key block, warps and pipeline stages.
 
@@ -10,6 +14,7 @@ Every call is timed as a CUDA-graph replay, its weights (or per-layer pools) cyc
 L2 cache. Prints the best configs last; `--json` writes every figure.
 
     python bench/fast_path_sweep.py --json out/sweep.json
+    python bench/fast_path_sweep.py --only fp8gemv,gemv --json out/sweep.json    # the GEMVs only
 """
 
 from __future__ import annotations
@@ -87,6 +92,62 @@ def sweep_gemv(device: torch.device, ms: tuple[int, ...], full: bool) -> list[di
     return rows
 
 
+def sweep_fp8_gemv(device: torch.device, full: bool) -> list[dict[str, Any]]:
+    from kernels.fp8_quant import block_quant_fp8, per_token_group_quant_fp8
+    from kernels.gemv import fp8_gemv, gemv_config
+
+    block = (128, 128)
+    rows: list[dict[str, Any]] = []
+    for name, (n, k) in LLAMA3_8B_SHAPES.items():
+        w_q, w_s = block_quant_fp8(torch.randn(n, k, device=device) * 0.02, block)
+        copies = copies_for(n * k, device)
+        ws = [(w_q.clone(), w_s.clone()) for _ in range(copies)]
+        x = torch.randn(1, k, device=device, dtype=torch.bfloat16)
+        w_deq = w_q.float().view(n // 128, 128, k // 128, 128) * w_s[:, None, :, None]
+        ref = F.linear(x.float(), w_deq.view(n, k))
+        default = gemv_config(1, n, k)
+        grid = [(default, True), (default, False)]
+        if full:
+            knobs = itertools.product((16, 32, 64, 128), (1, 2, 4, 8, 16), (4, 8), (2, 4, 6))
+            for bn, split, warps, stages in knobs:
+                tiles = -(-n // bn)
+                if tiles * split < 132 or k // (128 * split) < 2:
+                    continue
+                cfg = {"BLOCK_N": bn, "SPLIT_K": split, "num_warps": warps, "num_stages": stages}
+                grid.append((cfg, True))
+                if warps == 4 and stages == 4:
+                    grid.append((cfg, False))
+
+        def call(
+            w: tuple[torch.Tensor, torch.Tensor], cfg: dict[str, int], fused: bool, x: torch.Tensor = x
+        ) -> torch.Tensor:
+            if fused:
+                return fp8_gemv(x, None, w[0], w[1], torch.bfloat16, block, config=cfg)
+            x_q, x_s = per_token_group_quant_fp8(x, 128)
+            return fp8_gemv(x_q, x_s, w[0], w[1], torch.bfloat16, block, config=cfg)
+
+        for cfg, fused in grid:
+            err = ((call(ws[0], cfg, fused).float() - ref).norm() / ref.norm()).item()
+            t = per_copy(lambda w, c=cfg, f=fused: call(w, c, f), ws, device, 20)
+            row = {
+                "shape": name, "N": n, "K": k, "config": cfg, "fused_quant": fused,
+                "default": cfg is default, "us": 1e6 * t, "tb_s": n * k / t / 1e12, "rel_err": err,
+            }  # fmt: skip
+            rows.append(row)
+            if err > 5e-2:
+                print(f"  BAD fp8 {name} {cfg} fused={fused}: rel err {err:.2e}", flush=True)
+        mine = [r for r in rows if r["shape"] == name]
+        best = min(mine, key=lambda r: r["us"])
+        dflt = next(r for r in mine if r["default"] and r["fused_quant"])
+        print(
+            f"fp8 gemv {name:8s}: default {dflt['us']:7.1f} us ({dflt['tb_s']:.2f} TB/s); "
+            f"best {best['us']:7.1f} us ({best['tb_s']:.2f}) {best['config']} fused={best['fused_quant']}",
+            flush=True,
+        )
+        del ws
+    return rows
+
+
 def sweep_decode(device: torch.device, full: bool) -> list[dict[str, Any]]:
     from kernels.decode_attention import decode_attention
 
@@ -149,8 +210,9 @@ def sweep_decode(device: torch.device, full: bool) -> list[dict[str, Any]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--only", default="gemv,decode")
+    parser.add_argument("--only", default="gemv,fp8gemv,decode")
     parser.add_argument("--quick", action="store_true", help="default configs only")
+    parser.add_argument("--gemv-ms", default="1,2,4", help="rows of the dense GEMV sweep")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     device = torch.device("cuda")
@@ -159,8 +221,10 @@ def main() -> None:
     only = set(args.only.split(","))
     if "decode" in only:
         result["decode"] = sweep_decode(device, not args.quick)
+    if "fp8gemv" in only:
+        result["fp8_gemv"] = sweep_fp8_gemv(device, not args.quick)
     if "gemv" in only:
-        result["gemv"] = sweep_gemv(device, (1, 2, 4), not args.quick)
+        result["gemv"] = sweep_gemv(device, tuple(int(m) for m in args.gemv_ms.split(",")), not args.quick)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2))
