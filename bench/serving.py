@@ -9,9 +9,13 @@ Per level: completed/failed requests (a failure is a status other than 200, an e
 the stream, a transport error, or fewer tokens than asked; the first errors are kept verbatim and
 the statuses counted), output, input and request throughput over the level's wall time, and
 p50/p99 of TTFT (to the first chunk with text), ITL (between chunks with text), TPOT and
-end-to-end latency. One table row per level; `--json` keeps everything (`--save-requests`: every
-request too), `--png` plots it, `--compare A.json B.json` reads runs back into one table with
-ratios to the first, and one figure.
+end-to-end latency; and for each Tandem worker whose /metrics it can read (those it launched, or
+`--metrics NAME=URL,...`), where that engine's steps went during the level: steps a second, the
+decode batch, prompt tokens a step, the share of mixed steps, the host's milliseconds a step and,
+with the engine flag `--step-gpu-timing`, how busy the GPU was. One table row per level (and a
+line per worker); `--json` keeps everything (`--save-requests`: every request too), `--png` plots
+it, `--compare A.json B.json` reads runs back into one table with ratios to the first, and one
+figure.
 
 On an H200: unified (one worker) against prefill/decode (one of each, both on the one GPU) on a
 random-weight Llama-3-8B-shape checkpoint (built once by the first command, reused by the second;
@@ -126,6 +130,8 @@ class LevelSummary:
     tokens_per_chunk: float | None
     status_codes: dict[str, int]
     errors: list[str]
+    # Per Tandem worker profiled: `engine_profile` of its step counters over the level.
+    engine: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def stats_ms(values: Sequence[float]) -> dict[str, float | None]:
@@ -289,9 +295,10 @@ async def sweep(
     w: Workload,
     report: dict[str, Any],
     server: subprocess.Popen[bytes] | None = None,
+    workers: dict[str, str] | None = None,
 ) -> None:
     """Warm up, then run every level, printing a row and saving the report after each; stops early
-    if the launched `server` exits."""
+    if the launched `server` exits. `workers`: /metrics URLs of engines to profile per level."""
     mode: Mode = "rate" if args.request_rate else "concurrency"
     loads = [float(x) for x in (args.request_rate or args.concurrency).split(",")]
     prompts = Prompts(w)
@@ -310,13 +317,23 @@ async def sweep(
                 break
             n = args.num_prompts or (args.num_prompts_factor * int(load) if mode == "concurrency" else 200)
             batch = prompts.take(n)
+            before = await asyncio.to_thread(scrape_metrics, workers) if workers else {}
             start = time.perf_counter()
             if mode == "concurrency":
                 results = await closed_loop(client, t, w, batch, int(load))
             else:
                 results = await poisson(client, t, w, batch, load)
             summary = summarize(results, mode, load, time.perf_counter() - start)
+            if workers:
+                after = await asyncio.to_thread(scrape_metrics, workers)
+                summary.engine = {
+                    name: engine_profile(before[name], after[name], summary.duration_s)
+                    for name in workers
+                    if name in before and name in after
+                }
             print(table_row(asdict(summary)), flush=True)
+            for name, prof in summary.engine.items():
+                print(f"    {name}: {engine_line(prof)}", flush=True)
             if summary.failed:
                 print(f"    failed by status {summary.status_codes}; first: {summary.errors[0]}", flush=True)
             if (summary.tokens_per_chunk or 1.0) > 1.5:
@@ -445,6 +462,51 @@ def scrape_metrics(urls: dict[str, str]) -> dict[str, dict[str, float]]:
     return out
 
 
+def engine_profile(before: dict[str, float], after: dict[str, float], duration_s: float) -> dict[str, Any]:
+    """One worker's engine over a level, from two readings of its step counters
+    (shared/step_stats.py): rates and per-step figures; None where the level ran no such step."""
+
+    def moved(name: str) -> float:
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    kinds = {
+        k: moved(f'tandem_worker_engine_steps_total{{kind="{k}"}}') for k in ("decode", "mixed", "prefill")
+    }
+    steps = sum(kinds.values())
+    rows, tokens = (
+        moved("tandem_worker_engine_decode_rows_total"),
+        moved("tandem_worker_engine_prefill_tokens_total"),
+    )
+    host, gpu = (
+        moved("tandem_worker_engine_step_host_seconds_total"),
+        moved("tandem_worker_engine_step_gpu_seconds_total"),
+    )
+    with_decode, with_prompt = kinds["decode"] + kinds["mixed"], kinds["prefill"] + kinds["mixed"]
+    return {
+        "steps": steps,
+        "steps_per_s": steps / duration_s if duration_s > 0 else None,
+        "decode_batch": rows / with_decode if with_decode else None,
+        "prefill_tokens_per_step": tokens / with_prompt if with_prompt else None,
+        "mixed_share": kinds["mixed"] / steps if steps else None,
+        "host_ms_per_step": 1e3 * host / steps if steps else None,
+        "wall_ms_per_step": 1e3 * duration_s / steps if steps else None,
+        "host_share": host / duration_s if duration_s > 0 else None,
+        "gpu_busy": gpu / duration_s if gpu > 0 and duration_s > 0 else None,
+    }
+
+
+def engine_line(p: dict[str, Any]) -> str:
+    def f(key: str, fmt: str, scale: float = 1.0) -> str:
+        return "-" if p[key] is None else format(p[key] * scale, fmt)
+
+    return (
+        f"{p['steps']:.0f} steps ({f('steps_per_s', '.1f')}/s, {f('wall_ms_per_step', '.1f')} ms each), "
+        f"decode batch {f('decode_batch', '.1f')}, prompt tokens/step {f('prefill_tokens_per_step', '.0f')}, "
+        f"mixed {f('mixed_share', '.0f', 100)}%, host {f('host_ms_per_step', '.2f')} ms/step "
+        f"({f('host_share', '.0f', 100)}% of wall), GPU busy {f('gpu_busy', '.0f', 100)}%"
+    )
+
+
 def _read_json(path: Path) -> dict[str, Any] | None:
     """The file's JSON object, or None while it is missing or half written."""
     try:
@@ -558,6 +620,17 @@ def save(report: dict[str, Any], path: Path | None) -> None:
 # ---- command line ---------------------------------------------------------------------------
 
 
+def parse_metrics(spec: str) -> dict[str, str]:
+    """`--metrics` ("decode-0=http://h:p/metrics,...") -> {name: url}."""
+    out = {}
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        name, sep, url = item.partition("=")
+        if not sep or not url:
+            raise SystemExit(f"--metrics: {item!r} is not NAME=URL")
+        out[name] = url
+    return out
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("--base-url", default="http://127.0.0.1:8000/v1")
@@ -577,6 +650,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--request-timeout", type=float, default=1800.0)
     p.add_argument("--label", help="this run's name in tables and plots (default: the topology)")
     p.add_argument("--json", type=Path, help="write the results here (after every level)")
+    p.add_argument(
+        "--metrics",
+        default="",
+        metavar="NAME=URL,...",
+        help="Tandem workers' /metrics to profile per level (default with --launch: its workers')",
+    )
     p.add_argument("--save-requests", action="store_true", help="every request's record in the JSON")
     p.add_argument("--png", type=Path, help="plot out tok/s and TTFT p50 against the load")
     p.add_argument("--compare", type=Path, nargs="+", metavar="JSON", help="report saved runs; no load")
@@ -633,7 +712,12 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
             "requests": {},
         }
         print(f"{label}: {target.model} at {base_url}, {w.input_len} in / {w.output_len} out", flush=True)
-        asyncio.run(sweep(args, target, w, report, server["process"] if server else None))
+        workers = parse_metrics(args.metrics) or {
+            name: url
+            for name, url in (server or {}).get("metrics", {}).items()
+            if name not in ("router", "gateway")
+        }
+        asyncio.run(sweep(args, target, w, report, server["process"] if server else None, workers))
         if server and server.get("metrics"):
             report["server_metrics"] = scrape_metrics(server["metrics"])
             save(report, args.json)

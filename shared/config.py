@@ -203,6 +203,13 @@ class EngineConfig:
     json_any_whitespace: bool = field(
         default=False, metadata=flag("JSON schemas allow any whitespace (default: compact separators)")
     )
+    # shared/step_stats.py: the GPU time of every step's forward, for the workers' /metrics.
+    step_gpu_timing: bool = field(
+        default=False,
+        metadata=flag(
+            "time each step's forward on the GPU (CUDA events) for tandem_worker_engine_step_gpu_seconds"
+        ),
+    )
     # Check `free + evictable + locked == total` after every step (tests turn it on).
     debug_invariants: bool = field(
         default_factory=lambda: os.environ.get("TANDEM_DEBUG_INVARIANTS", "") not in ("", "0"),

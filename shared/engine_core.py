@@ -41,6 +41,7 @@ from shared.sampling import Sampler, SamplingBatch, SamplingParams
 from shared.scheduler.kv_manager import KVCacheManager
 from shared.scheduler.request import PENDING, FinishKind, FinishReason, Req
 from shared.scheduler.scheduler import ScheduleBatch, ScheduledReq, Scheduler
+from shared.step_stats import StepStats
 from shared.transfer import KvCommit, KvTarget, PageLayout, nixl_available
 from shared.transfer.nixl import KvAgent, NixlAgent
 from shared.transfer.pages import KvPages
@@ -91,6 +92,7 @@ class EngineCore:
         self._requests: dict[str, Req] = {}
         self._pending_outputs: list[RequestOutput] = []
         self.counters: Counter[str] = Counter()
+        self.step_stats = StepStats(self.runner.device, config.step_gpu_timing)
         self._admissions: list[Admission] = []
         # Constrained decoding: grammars compile on a pool; requests wait for theirs here.
         self.grammars = GrammarCompiler(
@@ -504,6 +506,7 @@ class EngineCore:
         A request whose next sampling needs its history on the host (penalties, a grammar) makes
         the engine read the previous step first (no overlap for that step).
         """
+        self.step_stats.began()
         if self.grammar_gate:
             self.grammar_gate.poll()
         self._poll_kv()  # committed reservations join this step
@@ -523,13 +526,14 @@ class EngineCore:
             if self.sender is not None:
                 self.sender.on_scheduled([it.req for it in batch.items])  # reservations, just in time
             prev = PrevTokens(inflight.next_ids, inflight.rows) if inflight is not None else None
-            if batch.embeds:
-                logits, embeddings = self.runner.forward_embed(batch, prev)
-                launched = self._launch(batch, logits)
-                self._finish_embeddings(embeddings)
-            else:
-                logits = self.runner.forward(batch, prev)
-                launched = self._launch(batch, logits)
+            with self.step_stats.forward(batch):
+                if batch.embeds:
+                    logits, embeddings = self.runner.forward_embed(batch, prev)
+                    launched = self._launch(batch, logits)
+                    self._finish_embeddings(embeddings)
+                else:
+                    logits = self.runner.forward(batch, prev)
+                    launched = self._launch(batch, logits)
         if inflight is not None:
             self._resolve(inflight)  # host work while the forward just launched runs
         if launched is not None:
@@ -543,6 +547,7 @@ class EngineCore:
         if self.config.debug_invariants:
             self.kv.check_invariant(self.scheduler.running + self.scheduler.parked)
         outputs, self._pending_outputs = self._pending_outputs, []
+        self.step_stats.ended()
         return outputs
 
     def _poll_kv(self) -> None:
@@ -752,6 +757,7 @@ class EngineCore:
             "num_retractions": self.scheduler.num_retractions,
         }
         out.update(self.counters)
+        out.update(self.step_stats.counters)
         if self.sender is not None:
             out.update(
                 kv_bytes_sent=self.sender.bytes_sent,

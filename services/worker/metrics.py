@@ -154,3 +154,33 @@ class _EngineCollector(Collector):
         reservations.add_metric(["queued"], s.get("kv_reservations_queued", 0))
         reservations.add_metric(["expired"], s.get("kv_reservations_expired", 0))
         yield reservations
+        # Where the engine's steps go (shared/step_stats.py); bench/serving.py differences them
+        # per load level.
+        steps = CounterMetricFamily(
+            "tandem_worker_engine_steps", "Engine steps that ran a forward, by their rows", labels=["kind"]
+        )
+        total, decode, mixed = (s.get(f"engine_{k}steps", 0) for k in ("", "decode_", "mixed_"))
+        steps.add_metric(["decode"], decode)
+        steps.add_metric(["mixed"], mixed)
+        steps.add_metric(["prefill"], total - decode - mixed)
+        yield steps
+        yield CounterMetricFamily(
+            "tandem_worker_engine_decode_rows",
+            "Decode rows over all steps (divided by the steps: the decode batch)",
+            value=s.get("engine_decode_rows", 0),
+        )
+        yield CounterMetricFamily(
+            "tandem_worker_engine_prefill_tokens",
+            "Prompt tokens computed in engine steps",
+            value=s.get("engine_prefill_tokens", 0),
+        )
+        yield CounterMetricFamily(
+            "tandem_worker_engine_step_host_seconds",
+            "Host time inside engine steps (scheduling, launching, processing outputs)",
+            value=s.get("engine_step_host_us", 0) / 1e6,
+        )
+        yield CounterMetricFamily(
+            "tandem_worker_engine_step_gpu_seconds",
+            "GPU time of the steps' forwards (with --step-gpu-timing; else 0)",
+            value=s.get("engine_step_gpu_us", 0) / 1e6,
+        )

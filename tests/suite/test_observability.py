@@ -275,6 +275,17 @@ def test_metrics_move_with_traffic(up: dict[str, Any], traffic: dict[str, Any]) 
     assert sample(after["decode-0"], "tandem_worker_kv_reservations_total", outcome="expired") == 0
     for hist in ("time_to_first_token", "e2e_request_latency"):
         assert moved("decode-0", f"tandem_worker_{hist}_seconds_count") == n
+    # Where the engines' steps went: prompt tokens on the prefill side, decode rows on the other.
+    assert moved("prefill-0", "tandem_worker_engine_steps_total", kind="prefill") > 0
+    assert moved("prefill-0", "tandem_worker_engine_prefill_tokens_total") == moved(
+        "prefill-0", "tandem_worker_prompt_tokens_computed_total"
+    )
+    assert moved("prefill-0", "tandem_worker_engine_decode_rows_total") == 0
+    decode_steps = moved("decode-0", "tandem_worker_engine_steps_total", kind="decode")
+    assert decode_steps > 0
+    assert moved("decode-0", "tandem_worker_engine_decode_rows_total") >= decode_steps
+    assert moved("decode-0", "tandem_worker_engine_step_host_seconds_total") > 0
+    assert sample(after["decode-0"], "tandem_worker_engine_step_gpu_seconds_total") == 0  # CPU: no timing
     # The same prompt four times: the prefill worker's prefix cache served part of it.
     assert moved("prefill-0", "tandem_worker_cached_tokens_total") > 0
     assert 0 < sample(after["prefill-0"], "tandem_worker_prefix_cache_hit_ratio") < 1

@@ -72,6 +72,46 @@ def test_poisson_arrivals(up: dict[str, Any], tmp_path: Path) -> None:
     assert (lv["mode"], lv["load"], lv["completed"], lv["failed"]) == ("rate", 50, 3, 0)
 
 
+def test_each_level_profiles_the_workers_engines(up: dict[str, Any], tmp_path: Path) -> None:
+    workers = {name: url for name, url in up["metrics"].items() if name not in ("router", "gateway")}
+    assert set(workers) == {"prefill-0", "decode-0"}
+    spec = ",".join(f"{name}={url}" for name, url in workers.items())
+    flags = ("--base-url", up["openai"], "--vocab-size", "512", "--concurrency", "1,4")
+    result = bench(tmp_path, *flags, "--num-prompts-factor", "2", "--metrics", spec)
+    for lv in result["levels"]:
+        assert lv["completed"] == 2 * lv["load"]
+        prefill, decode = lv["engine"]["prefill-0"], lv["engine"]["decode-0"]
+        # The prompt tokens on the prefill side (less any the prefix cache held: random prompts
+        # from 256 ids may share a first token); OUT - 1 decode rows a request on the other.
+        computed = prefill["prefill_tokens_per_step"] * prefill["steps"]
+        assert 0.75 * IN * lv["completed"] <= computed <= IN * lv["completed"]
+        assert prefill["decode_batch"] is None and decode["prefill_tokens_per_step"] is None
+        assert decode["decode_batch"] * decode["steps"] == (OUT - 1) * lv["completed"]
+        assert 1 <= decode["decode_batch"] <= lv["load"]
+        for prof in (prefill, decode):
+            assert prof["wall_ms_per_step"] > 0 and 0 < prof["host_share"] < 1.5
+            assert prof["gpu_busy"] is None  # no GPU timing on the CPU
+
+
+def test_engine_profile_of_known_counters() -> None:
+    before = {'tandem_worker_engine_steps_total{kind="decode"}': 10.0}
+    after = {
+        'tandem_worker_engine_steps_total{kind="decode"}': 40.0,
+        'tandem_worker_engine_steps_total{kind="mixed"}': 10.0,
+        'tandem_worker_engine_steps_total{kind="prefill"}': 10.0,
+        "tandem_worker_engine_decode_rows_total": 1200.0,
+        "tandem_worker_engine_prefill_tokens_total": 8000.0,
+        "tandem_worker_engine_step_host_seconds_total": 0.25,
+        "tandem_worker_engine_step_gpu_seconds_total": 1.5,
+    }
+    p = serving.engine_profile(before, after, duration_s=2.0)
+    assert (p["steps"], p["steps_per_s"], p["wall_ms_per_step"]) == (50, 25, 40)
+    assert p["decode_batch"] == 1200 / 40 and p["prefill_tokens_per_step"] == 8000 / 20
+    assert p["mixed_share"] == 0.2 and p["host_ms_per_step"] == 5 and p["host_share"] == 0.125
+    assert p["gpu_busy"] == 0.75
+    assert "decode batch 30.0" in serving.engine_line(p) and "GPU busy 75%" in serving.engine_line(p)
+
+
 def test_a_wrong_model_id_is_reported_as_failed_requests(up: dict[str, Any], tmp_path: Path) -> None:
     result = bench(
         tmp_path,
