@@ -7,7 +7,9 @@
 #      concurrency 1/16/64/128, 4 x concurrency requests per level (bench/serving.py).
 # Usage, from the repository root on the GPU machine (NIXL and the service wheels importable):
 #   bash bench/pd_h200.sh OUT_DIR [serving.py flags...]
-# e.g. TOPOLOGIES="unified pd:20" bash bench/pd_h200.sh out --launch-args --mps (PD under MPS).
+# e.g. TOPOLOGIES="unified pd:20" bash bench/pd_h200.sh out. `tandem up` runs a PD pair that
+# shares the GPU under MPS, decode paced 20 ms, by default; "pd:N" sets the pacing (pd:0: none)
+# and --launch-args="--mps off" time-slices the GPU (the runs before that default).
 # Writes OUT_DIR/{kv_transfer,serving_unified,serving_pd}.json, serving_pd_vs_unified.png and
 # logs.tar.gz (every service's log).
 set -euo pipefail

@@ -34,6 +34,7 @@ import os
 import re
 import secrets
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -51,7 +52,15 @@ import grpc
 from services.common.auth import API_KEY_ENV, CLUSTER_TOKEN_ENV, bearer
 from services.common.model_dir import Model, ModelError, resolve_model
 from services.common.parent import PARENT_ENV
-from services.mps import SM_PERCENT_ENV, MpsError, mps_daemon, parse_sm_percent
+from services.mps import (
+    CONTROL,
+    SM_PERCENT_ENV,
+    MpsError,
+    decode_args,
+    mps_daemon,
+    parse_sm_percent,
+    shares_a_gpu,
+)
 from services.protos.tandem.router.v1 import router_pb2, router_pb2_grpc
 from shared.config import KvTransport
 
@@ -125,9 +134,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--mps",
-        action="store_true",
-        help="run the workers under NVIDIA MPS (prefill and decode workers sharing one GPU run side by"
-        " side instead of time-slicing it)",
+        nargs="?",
+        const="on",
+        default="auto",
+        choices=("auto", "on", "off"),
+        help="run the workers under NVIDIA MPS, so that prefill and decode workers sharing one GPU run side"
+        " by side instead of time-slicing it (auto, the default: when they share a GPU and the NVIDIA"
+        " utilities are installed; --mps alone: on)",
     )
     p.add_argument(
         "--mps-sm-percent",
@@ -150,7 +163,10 @@ def up(args: argparse.Namespace) -> int:
         sm_percent = parse_sm_percent(args.mps_sm_percent)
     except ValueError as e:
         raise SystemExit(f"tandem up: error: {e}") from None
-    if sm_percent and not args.mps:
+    extra = shlex.split(args.worker_args)
+    shared_gpu = shares_a_gpu(args.prefill, args.decode, extra)
+    mps_wanted = args.mps == "on" or (args.mps == "auto" and shared_gpu and shutil.which(CONTROL) is not None)
+    if sm_percent and not mps_wanted:
         raise SystemExit("tandem up: error: --mps-sm-percent needs --mps")
     try:  # before any child starts: one clear line, not a child's traceback
         resolved = resolve_model(args.model) if args.model else None
@@ -206,9 +222,17 @@ def up(args: argparse.Namespace) -> int:
     try:
         shown = model if resolved.name == resolved.path.name else f"{resolved.name} ({model})"
         print(f"model: {shown}\nlogs:  {log_dir}", flush=True)
-        if args.mps:
-            child_env.update(mps.enter_context(mps_daemon(log_dir / "mps")))
-            print(f"NVIDIA MPS: {child_env['CUDA_MPS_PIPE_DIRECTORY']}", flush=True)
+        if mps_wanted:
+            try:
+                child_env.update(mps.enter_context(mps_daemon(log_dir / "mps")))
+                print(f"NVIDIA MPS: {child_env['CUDA_MPS_PIPE_DIRECTORY']}", flush=True)
+            except MpsError as e:
+                if args.mps == "on":
+                    raise
+                print(f"NVIDIA MPS did not start ({e}); prefill and decode time-slice the GPU", flush=True)
+        paced = decode_args(extra) if shared_gpu else []
+        if paced:
+            print(f"decode workers share the GPU with prefill: {shlex.join(paced)}", flush=True)
         start(
             "router",
             [
@@ -235,12 +259,11 @@ def up(args: argparse.Namespace) -> int:
         )
         workers_up = functools.partial(_router_workers, router_admin, cluster_token)
         _wait(lambda: workers_up() is not None, children, args.startup_timeout, "the router")
-        extra = shlex.split(args.worker_args)
         roles = [("prefill", args.prefill), ("decode", args.decode), ("worker", unified)]
         for module, count in roles:
             for i in range(count):
                 cmd = [*py, f"services.{module}", "--model", model, *model_flags, "--router", router_admin]
-                cmd += ["--metrics-port", "0", *extra]
+                cmd += ["--metrics-port", "0", *extra, *(paced if module == "decode" else [])]
                 if module != "worker" and args.kv_transport:
                     cmd += ["--kv-transport", args.kv_transport]
                 share = {SM_PERCENT_ENV: str(sm_percent[module])} if module in sm_percent else {}

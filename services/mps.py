@@ -1,10 +1,14 @@
-"""NVIDIA MPS for workers that share one GPU (`tandem up --mps`).
+"""Prefill and decode workers that share one GPU: NVIDIA MPS (`tandem up --mps`) and decode pacing.
 
 Without MPS, processes on one GPU time-slice it: a prefill engine's compute-bound GEMMs and a
 decode engine's bandwidth-bound steps take turns. Under MPS their kernels run side by side, which
 is what PD on a single GPU needs to keep up with one unified worker (docs/benchmarks.md, "PD on
 one H200"). The daemon's pipes and logs live in a directory of ours, so it touches no other
 process on the machine; it is told to quit when the suite stops.
+
+`tandem up` starts every worker on this machine with the same engine flags, so a PD pair always
+shares its device; when that device is a GPU (`shares_a_gpu`), MPS starts by default (`--mps
+auto`) and decode workers are paced (`decode_args`) unless the flags say otherwise.
 """
 
 from __future__ import annotations
@@ -21,6 +25,11 @@ CONTROL = "nvidia-cuda-mps-control"
 # may occupy (1-100).
 SM_PERCENT_ENV = "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"
 ROLES = ("prefill", "decode", "worker")
+# A decode worker's step spacing while prefill on its GPU is backlogged, unless --worker-args sets
+# one: on one H200 under MPS, 0.89-0.93x of unified's throughput at 128 clients and TTFT p50
+# 3.3 s, against 0.86x and 4.9 s unpaced; level at 16 and 64 (docs/benchmarks.md).
+SHARED_GPU_DECODE_INTERVAL_MS = 20
+_INTERVAL_FLAG = "--decode-step-interval-ms"
 
 
 class MpsError(RuntimeError):
@@ -74,3 +83,33 @@ def parse_sm_percent(spec: str) -> dict[str, int]:
             )
         shares[role] = percent
     return shares
+
+
+def shares_a_gpu(prefill: int, decode: int, worker_args: list[str]) -> bool:
+    """Whether the suite's prefill and decode workers share one GPU: there are both, and their
+    `--device` is CUDA (`auto`, the default: when an NVIDIA driver is loaded)."""
+    if not (prefill and decode):
+        return False
+    device = _flag_value(worker_args, "--device") or "auto"
+    if device == "auto":
+        return Path("/proc/driver/nvidia/version").exists()
+    return device.startswith("cuda")
+
+
+def decode_args(worker_args: list[str]) -> list[str]:
+    """Flags a decode worker sharing its GPU with prefill gets on top of `worker_args`: the pacing
+    above, unless `worker_args` sets its own."""
+    if _flag_value(worker_args, _INTERVAL_FLAG) is not None:
+        return []
+    return [_INTERVAL_FLAG, str(SHARED_GPU_DECODE_INTERVAL_MS)]
+
+
+def _flag_value(args: list[str], flag: str) -> str | None:
+    """The last value given for `flag` ("--flag V" or "--flag=V"), or None."""
+    value = None
+    for i, arg in enumerate(args):
+        if arg == flag and i + 1 < len(args):
+            value = args[i + 1]
+        elif arg.startswith(flag + "="):
+            value = arg.split("=", 1)[1]
+    return value

@@ -1,6 +1,7 @@
 """`tandem up --mps`: the MPS control daemon starts with pipes in the suite's own directory and
 is told to quit afterwards; without the NVIDIA utilities the launcher fails at once, clearly;
-`--mps-sm-percent` gives the workers of a role their share of the SMs.
+`--mps-sm-percent` gives the workers of a role their share of the SMs; MPS and decode pacing
+come by default only where prefill and decode share a GPU.
 The daemon itself needs an NVIDIA driver, so a script stands in for its control program here;
 the GPU runs in docs/benchmarks.md used the real one."""
 
@@ -17,7 +18,16 @@ from pathlib import Path
 import pytest
 
 from services.launcher import free_port
-from services.mps import CONTROL, SM_PERCENT_ENV, MpsError, mps_daemon, parse_sm_percent
+from services.mps import (
+    CONTROL,
+    SHARED_GPU_DECODE_INTERVAL_MS,
+    SM_PERCENT_ENV,
+    MpsError,
+    decode_args,
+    mps_daemon,
+    parse_sm_percent,
+    shares_a_gpu,
+)
 
 
 def fake_control(bin_dir: Path, record: Path, exit_code: int = 0) -> None:
@@ -118,6 +128,8 @@ def test_tandem_up_gives_each_role_its_sm_share(tiny_llama: Path, tmp_path: Path
     [
         (["--mps-sm-percent", "decode=40"], "--mps-sm-percent needs --mps"),
         (["--mps", "--mps-sm-percent", "decode=0"], "from 1 to 100"),
+        (["--mps", "off", "--mps-sm-percent", "decode=40"], "--mps-sm-percent needs --mps"),
+        (["--mps", "sometimes"], "invalid choice: 'sometimes'"),
     ],
 )
 def test_tandem_up_refuses_a_bad_sm_share_before_starting_anything(
@@ -133,3 +145,49 @@ def test_tandem_up_refuses_a_bad_sm_share_before_starting_anything(
     assert proc.returncode != 0
     assert why in proc.stderr
     assert not list(tmp_path.glob("logs-*")), "nothing should have started"
+
+
+def test_prefill_and_decode_share_a_gpu_when_their_device_is_cuda() -> None:
+    assert shares_a_gpu(1, 1, ["--device", "cuda:0", "--max-total-tokens", "8192"])
+    assert shares_a_gpu(2, 1, ["--device=cuda"])
+    assert not shares_a_gpu(1, 1, ["--device", "cpu"])
+    assert not shares_a_gpu(1, 1, ["--device", "cuda:0", "--device", "cpu"])  # the last one counts
+    assert not shares_a_gpu(0, 0, ["--device", "cuda:0"])  # unified workers: no PD pair
+    driver = Path("/proc/driver/nvidia/version").exists()
+    assert shares_a_gpu(1, 1, []) == driver  # auto: CUDA when a driver is loaded
+
+
+def test_a_decode_worker_on_a_shared_gpu_is_paced_unless_told_otherwise() -> None:
+    assert decode_args(["--device", "cuda:0"]) == [
+        "--decode-step-interval-ms",
+        str(SHARED_GPU_DECODE_INTERVAL_MS),
+    ]
+    assert decode_args(["--decode-step-interval-ms", "35"]) == []
+    assert decode_args(["--decode-step-interval-ms=0"]) == []  # off, explicitly
+
+
+def test_tandem_up_on_the_cpu_starts_no_mps_and_paces_nothing(tiny_llama: Path, tmp_path: Path) -> None:
+    """PD on the CPU (the default --mps auto): the MPS control program is never run, and the
+    decode worker gets exactly the flags it was given."""
+    record = tmp_path / "calls"
+    fake_control(tmp_path / "bin", record)
+    ready = tmp_path / "ready.json"
+    env = {**os.environ, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}", "TANDEM_HOME": str(tmp_path)}
+    cmd = [sys.executable, "-m", "services.cli", "up", "--model", str(tiny_llama), "--port", str(free_port())]
+    cmd += ["--kv-transport", "grpc", "--ready-file", str(ready)]
+    cmd += ["--worker-args", "--device cpu --max-total-tokens 2048"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 90
+        while not ready.exists():
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            assert time.monotonic() < deadline, "tandem up did not come up"
+            time.sleep(0.2)
+        pid = json.loads(ready.read_text())["pids"]["decode-0"]
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+        assert "--decode-step-interval-ms" not in argv
+        assert not record.exists(), "MPS was started for workers on the CPU"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    assert proc.returncode == 0
