@@ -7,10 +7,13 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import pytest
+
 from shared.disagg.pacing import DecodePacer
+from shared.outputs import RequestOutput
 from shared.sampling import SamplingParams
 from shared.transfer import KvCommit
-from tests.engine.test_disagg import forward_targets, make_pair, submit, wait_idle
+from tests.engine.test_disagg import TRANSPORTS, forward_targets, make_pair, submit, wait_idle
 from tests.engine.test_parity import hf_greedy_cached
 
 
@@ -59,27 +62,54 @@ def test_paced_decode_engine_waits_while_prompts_are_pending_and_gives_the_same_
     wait_idle(decode)
 
 
-def test_first_token_of_kv_arriving_during_a_pause_goes_out_without_a_step(tiny_llama: Path) -> None:
-    prefill, decode = make_pair(tiny_llama, "grpc", decode_step_interval_ms=500.0)
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_first_token_of_kv_arriving_during_a_pause_goes_out_without_a_step(
+    tiny_llama: Path, transport: str
+) -> None:
+    prefill, decode = make_pair(tiny_llama, transport, decode_step_interval_ms=2000.0)
     params = SamplingParams(max_new_tokens=3, temperature=0.0, ignore_eos=True)
     a, b = list(range(5, 30)), list(range(40, 60))
     for i in range(3):  # prompts the prefill side has not run: the backlog that paces decode
         decode.expect_kv(f"later{i}", list(range(7 + i, 32 + i)), params)
 
+    got: list[RequestOutput] = []  # what decode.poll_paced gave, not yet looked at
+
     def prefill_one(rid: str, ids: list[int]) -> None:
+        """Run the prompt on the prefill side until its KV is sent (gRPC: delivered here). The
+        decode side is polled meanwhile, as its loop does: UCX progresses on both ends."""
         submit(prefill, decode, rid, ids, params)
-        forward_targets(prefill, decode, prefill.step())  # asks for pages; the prompt is done
-        (out,) = prefill.step()  # the pages it got are sent
-        decode.commit_kv(KvCommit.decode(out.kv_commit), out.kv_payload)  # type: ignore[arg-type]
+        deadline = time.monotonic() + 30
+        while True:
+            outs = forward_targets(prefill, decode, prefill.step())
+            got.extend(decode.poll_paced())
+            if outs:
+                (out,) = outs
+                if out.kv_commit is not None:
+                    decode.commit_kv(KvCommit.decode(out.kv_commit), out.kv_payload)
+                return
+            assert time.monotonic() < deadline, "the prefill side never sent the KV"
+
+    def arrivals() -> list[RequestOutput]:
+        """poll_paced until something arrived (NIXL's notification comes asynchronously)."""
+        deadline = time.monotonic() + 30
+        while not got:
+            got.extend(decode.poll_paced())
+            assert time.monotonic() < deadline, "nothing arrived"
+            time.sleep(0.001)
+        outs = list(got)
+        got.clear()
+        return outs
 
     prefill_one("a", a)
-    tokens = {"a": [t for o in decode.step() for t in o.new_ids]}  # a runs; 3 pending > 1 running
-    assert decode.step_delay() > 0.4
+    (first_a,) = arrivals()  # no step yet: nothing runs, so nothing paces it either
+    tokens = {"a": list(first_a.new_ids)}
+    tokens["a"] += [t for o in decode.step() for t in o.new_ids]  # a decodes; 3 pending > 1 running
+    assert decode.step_delay() > 1.5
     prefill_one("b", b)
-    arrived = decode.poll_paced()  # within the pause: b's first token, nothing decoded for a
+    arrived = arrivals()  # within the pause: b's first token, nothing decoded for a
     assert [(o.rid, len(o.new_ids)) for o in arrived] == [("b", 1)]
     tokens["b"] = list(arrived[0].new_ids)
-    assert decode.step_delay() > 0.3, "an arrival does not cut the pause short"
+    assert decode.step_delay() > 1.0, "an arrival does not cut the pause short"
     for i in range(3):
         decode.abort(f"later{i}")
     while decode.has_work:
@@ -93,8 +123,6 @@ def test_first_token_of_kv_arriving_during_a_pause_goes_out_without_a_step(tiny_
 
 
 def test_pacing_options_are_validated(tiny_llama: Path) -> None:
-    import pytest
-
     from shared.config import EngineConfig
 
     for option in ("decode_step_interval_ms", "decode_pacing_backlog"):
