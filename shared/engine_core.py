@@ -41,6 +41,7 @@ from shared.sampling import Sampler, SamplingBatch, SamplingParams
 from shared.scheduler.kv_manager import KVCacheManager
 from shared.scheduler.request import PENDING, FinishKind, FinishReason, Req
 from shared.scheduler.scheduler import ScheduleBatch, ScheduledReq, Scheduler
+from shared.scheduler.stopping import final_reason, stop_after
 from shared.step_stats import StepStats
 from shared.transfer import KvCommit, KvTarget, PageLayout, nixl_available
 from shared.transfer.nixl import KvAgent, NixlAgent
@@ -661,25 +662,7 @@ class EngineCore:
             self.sender.on_first_token(req, token)
             self._kv_events()
             return
-        params = req.params
-        reason: FinishReason | None = None
-        grammar = req.grammar
-        if grammar is not None and not grammar.accept(token):  # masked out: cannot happen
-            logger.error("request %s: token %d is not allowed by its %s", req.rid, token, grammar.kind)
-            reason = FinishReason(FinishKind.ABORT, message=f"token {token} broke the {grammar.kind}")
-        elif token in req.stop_ids and req.num_output_tokens >= params.min_new_tokens:
-            reason = FinishReason(FinishKind.STOP, matched=token)
-        else:
-            assert req.detokenizer is not None
-            req.decoded += req.detokenizer.add([token])
-            reason = self._check_stop_string(req)
-            if reason is None and grammar is not None and grammar.terminated:
-                reason = FinishReason(FinishKind.STOP, matched=token)
-        known_len = len(req.prompt_ids) + req.num_output_tokens
-        if reason is None and (
-            req.num_output_tokens >= params.max_new_tokens or known_len >= self.max_context_len
-        ):
-            reason = FinishReason(FinishKind.LENGTH)
+        reason = stop_after(req, token, self.max_context_len)
         if reason is not None:
             # A step launched after this token's (overlap) computed one more: drop it. This
             # token's K/V is being written by that step, so the cache may keep it.
@@ -695,51 +678,15 @@ class EngineCore:
             del req.output_ids[-req.pending :]
             req.pending = 0
 
-    def _check_stop_string(self, req: Req, final: bool = False) -> FinishReason | None:
-        matcher = req.stop_matcher
-        if matcher is None:
-            req.text = req.decoded
-            return None
-        hit = matcher.find(req.decoded, len(req.text))
-        if hit is not None:
-            start, stop = hit
-            req.text = req.decoded[: start + len(stop)] if req.params.no_stop_trim else req.decoded[:start]
-            return FinishReason(FinishKind.STOP, matched=stop)
-        req.text = req.decoded if final else req.decoded[: matcher.safe_len(req.decoded)]
-        return None
-
     def _finish(self, req: Req, reason: FinishReason) -> None:
-        if reason.kind != FinishKind.STOP or not isinstance(reason.matched, str):
-            assert req.detokenizer is not None
-            req.decoded += req.detokenizer.flush()
-            hit = self._check_stop_string(req, final=True)
-            reason = hit or reason
-        req.finish_reason = reason
+        req.finish_reason = final_reason(req, reason)
         self._emit(req)
         del self._requests[req.rid]
 
     def _emit(self, req: Req) -> None:
-        n_ids = req.num_output_tokens
-        new_ids = req.output_ids[req.reported_ids : n_ids]
-        new_text = req.text[req.reported_text :]
-        if not new_ids and not new_text and not req.finished:
-            return
-        self._pending_outputs.append(
-            RequestOutput(
-                rid=req.rid,
-                new_ids=new_ids,
-                new_text=new_text,
-                finished=req.finished,
-                finish_reason=req.finish_reason.to_dict() if req.finish_reason else None,
-                prompt_tokens=len(req.prompt_ids),
-                completion_tokens=n_ids,
-                cached_tokens=req.cached_tokens or 0,
-                new_logprobs=req.output_logprobs[req.reported_ids :],
-                new_top_logprobs=req.output_top_logprobs[req.reported_ids :],
-                embedding=req.embedding,
-            )
-        )
-        req.reported_ids, req.reported_text = n_ids, len(req.text)
+        out = RequestOutput.since_reported(req)
+        if out is not None:
+            self._pending_outputs.append(out)
 
     # ---- introspection -------------------------------------------------------------------------
 

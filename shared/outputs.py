@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from shared.scheduler.request import Req
 
 
 @dataclass
@@ -36,6 +39,31 @@ class RequestOutput:
     # this many pages of the decode engine (just-in-time reservation); the caller answers
     # with `set_kv_target`.
     kv_pages_wanted: int = 0
+
+    @classmethod
+    def since_reported(cls, req: Req) -> RequestOutput | None:
+        """What `req` has to report since its last output (tokens, text short of a possible stop
+        string, logprobs; the end), or None when nothing is new; marks it reported."""
+        n_ids = req.num_output_tokens
+        new_ids = req.output_ids[req.reported_ids : n_ids]
+        new_text = req.text[req.reported_text :]
+        if not new_ids and not new_text and not req.finished:
+            return None
+        out = cls(
+            rid=req.rid,
+            new_ids=new_ids,
+            new_text=new_text,
+            finished=req.finished,
+            finish_reason=req.finish_reason.to_dict() if req.finish_reason else None,
+            prompt_tokens=len(req.prompt_ids),
+            completion_tokens=n_ids,
+            cached_tokens=req.cached_tokens or 0,
+            new_logprobs=req.output_logprobs[req.reported_ids :],
+            new_top_logprobs=req.output_top_logprobs[req.reported_ids :],
+            embedding=req.embedding,
+        )
+        req.reported_ids, req.reported_text = n_ids, len(req.text)
+        return out
 
     def then(self, later: RequestOutput) -> RequestOutput:
         """This increment followed by a later one of the same request, as one increment."""
