@@ -9,13 +9,15 @@ Per level: completed/failed requests (a failure is a status other than 200, an e
 the stream, a transport error, or fewer tokens than asked; the first errors are kept verbatim and
 the statuses counted), output, input and request throughput over the level's wall time, and
 p50/p99 of TTFT (to the first chunk with text), ITL (between chunks with text), TPOT and
-end-to-end latency; and for each Tandem worker whose /metrics it can read (those it launched, or
-`--metrics NAME=URL,...`), where that engine's steps went during the level: steps a second, the
-decode batch, prompt tokens a step, the share of mixed steps, the host's milliseconds a step and,
-with the engine flag `--step-gpu-timing`, how busy the GPU was. One table row per level (and a
-line per worker); `--json` keeps everything (`--save-requests`: every request too), `--png` plots
-it, `--compare A.json B.json` reads runs back into one table with ratios to the first, and one
-figure.
+end-to-end latency; and for each Tandem service whose /metrics it can read (those it launched,
+or `--metrics NAME=URL,...`): where a worker's engine steps went during the level (steps a
+second, the decode batch, prompt tokens a step, the share of mixed steps, the host's milliseconds
+a step and, with the engine flag `--step-gpu-timing`, how busy the GPU was), and every process's
+CPU per 1,000 output tokens and share of a core (gateway, router, each worker's gRPC front and
+its engine process: a process near one core is a bottleneck). One table row per level (and a
+line per worker and one of CPU); `--json` keeps everything (`--save-requests`: every request
+too), `--png` plots it, `--compare A.json B.json` reads runs back into one table with ratios to
+the first, and one figure.
 
 On an H200: unified (one worker) against prefill/decode (one of each, both on the one GPU) on a
 random-weight Llama-3-8B-shape checkpoint (built once by the first command, reused by the second;
@@ -64,6 +66,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 Mode = Literal["concurrency", "rate"]
 MAX_ERRORS = 5  # error messages kept per level
+STEPS = "tandem_worker_engine_steps_total"  # a worker's step counters (shared/step_stats.py)
+ENGINE_CPU = "tandem_worker_engine_cpu_seconds_total"  # its engine process's CPU time
 PRESETS = ["llama3-8b", "deepseek-v2-lite", "tiny", "tiny-deepseek"]  # bench/gpu_bench.py's
 
 
@@ -132,6 +136,8 @@ class LevelSummary:
     errors: list[str]
     # Per Tandem worker profiled: `engine_profile` of its step counters over the level.
     engine: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Per Tandem process profiled: `cpu_profile`, its CPU time per output token over the level.
+    cpu: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 def stats_ms(values: Sequence[float]) -> dict[str, float | None]:
@@ -295,10 +301,11 @@ async def sweep(
     w: Workload,
     report: dict[str, Any],
     server: subprocess.Popen[bytes] | None = None,
-    workers: dict[str, str] | None = None,
+    services: dict[str, str] | None = None,
 ) -> None:
     """Warm up, then run every level, printing a row and saving the report after each; stops early
-    if the launched `server` exits. `workers`: /metrics URLs of engines to profile per level."""
+    if the launched `server` exits. `services`: /metrics URLs of Tandem services to profile per
+    level (the engines' steps of the workers among them, and every process's CPU)."""
     mode: Mode = "rate" if args.request_rate else "concurrency"
     loads = [float(x) for x in (args.request_rate or args.concurrency).split(",")]
     prompts = Prompts(w)
@@ -317,23 +324,32 @@ async def sweep(
                 break
             n = args.num_prompts or (args.num_prompts_factor * int(load) if mode == "concurrency" else 200)
             batch = prompts.take(n)
-            before = await asyncio.to_thread(scrape_metrics, workers) if workers else {}
+            before = await asyncio.to_thread(scrape_metrics, services) if services else {}
             start = time.perf_counter()
             if mode == "concurrency":
                 results = await closed_loop(client, t, w, batch, int(load))
             else:
                 results = await poisson(client, t, w, batch, load)
             summary = summarize(results, mode, load, time.perf_counter() - start)
-            if workers:
-                after = await asyncio.to_thread(scrape_metrics, workers)
+            if services:
+                after = await asyncio.to_thread(scrape_metrics, services)
+                read = [name for name in services if name in before and name in after]
                 summary.engine = {
                     name: engine_profile(before[name], after[name], summary.duration_s)
-                    for name in workers
-                    if name in before and name in after
+                    for name in read
+                    if any(key.startswith(STEPS) for key in after[name])
                 }
+                summary.cpu = cpu_profile(
+                    {name: before[name] for name in read},
+                    {name: after[name] for name in read},
+                    summary.output_tokens,
+                    summary.duration_s,
+                )
             print(table_row(asdict(summary)), flush=True)
             for name, prof in summary.engine.items():
                 print(f"    {name}: {engine_line(prof)}", flush=True)
+            if summary.cpu:
+                print(f"    {cpu_line(summary.cpu)}", flush=True)
             if summary.failed:
                 print(f"    failed by status {summary.status_codes}; first: {summary.errors[0]}", flush=True)
             if (summary.tokens_per_chunk or 1.0) > 1.5:
@@ -454,7 +470,7 @@ def scrape_metrics(urls: dict[str, str]) -> dict[str, dict[str, float]]:
             continue
         samples = {}
         for line in text.splitlines():
-            if line.startswith("tandem_") and "_bucket{" not in line:
+            if line.startswith(("tandem_", "process_cpu_seconds_total")) and "_bucket{" not in line:
                 key, _, value = line.rpartition(" ")
                 with contextlib.suppress(ValueError):
                     samples[key] = float(value)
@@ -469,9 +485,7 @@ def engine_profile(before: dict[str, float], after: dict[str, float], duration_s
     def moved(name: str) -> float:
         return after.get(name, 0.0) - before.get(name, 0.0)
 
-    kinds = {
-        k: moved(f'tandem_worker_engine_steps_total{{kind="{k}"}}') for k in ("decode", "mixed", "prefill")
-    }
+    kinds = {k: moved(f'{STEPS}{{kind="{k}"}}') for k in ("decode", "mixed", "prefill")}
     steps = sum(kinds.values())
     rows, tokens = (
         moved("tandem_worker_engine_decode_rows_total"),
@@ -493,6 +507,34 @@ def engine_profile(before: dict[str, float], after: dict[str, float], duration_s
         "host_share": host / duration_s if duration_s > 0 else None,
         "gpu_busy": gpu / duration_s if gpu > 0 and duration_s > 0 else None,
     }
+
+
+def cpu_profile(
+    before: dict[str, dict[str, float]],
+    after: dict[str, dict[str, float]],
+    output_tokens: int,
+    duration_s: float,
+) -> dict[str, dict[str, float]]:
+    """Each process's CPU over a level from two scrapes of its service's /metrics: milliseconds
+    of CPU per 1,000 output tokens and the share of one core it kept busy. A worker is two
+    processes, its gRPC front (`process_cpu_seconds_total`) and its engine
+    (`tandem_worker_engine_cpu_seconds_total`, reported as "NAME engine")."""
+    out: dict[str, dict[str, float]] = {}
+    for name in after:
+        for label, key in ((name, "process_cpu_seconds_total"), (f"{name} engine", ENGINE_CPU)):
+            if key not in after[name] or key not in before[name]:
+                continue
+            used = after[name][key] - before[name][key]
+            out[label] = {
+                "ms_per_1k_tokens": 1e6 * used / output_tokens if output_tokens else float("nan"),
+                "cores": used / duration_s if duration_s > 0 else float("nan"),
+            }
+    return out
+
+
+def cpu_line(cpu: dict[str, dict[str, float]]) -> str:
+    parts = (f"{n} {c['ms_per_1k_tokens']:.0f} ms ({c['cores']:.2f} core)" for n, c in cpu.items())
+    return "CPU per 1k output tokens: " + ", ".join(parts)
 
 
 def engine_line(p: dict[str, Any]) -> str:
@@ -654,7 +696,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--metrics",
         default="",
         metavar="NAME=URL,...",
-        help="Tandem workers' /metrics to profile per level (default with --launch: its workers')",
+        help="Tandem services' /metrics to profile per level (default with --launch: all of them)",
     )
     p.add_argument("--save-requests", action="store_true", help="every request's record in the JSON")
     p.add_argument("--png", type=Path, help="plot out tok/s and TTFT p50 against the load")
@@ -712,12 +754,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
             "requests": {},
         }
         print(f"{label}: {target.model} at {base_url}, {w.input_len} in / {w.output_len} out", flush=True)
-        workers = parse_metrics(args.metrics) or {
-            name: url
-            for name, url in (server or {}).get("metrics", {}).items()
-            if name not in ("router", "gateway")
-        }
-        asyncio.run(sweep(args, target, w, report, server["process"] if server else None, workers))
+        services = parse_metrics(args.metrics) or dict((server or {}).get("metrics", {}))
+        asyncio.run(sweep(args, target, w, report, server["process"] if server else None, services))
         if server and server.get("metrics"):
             report["server_metrics"] = scrape_metrics(server["metrics"])
             save(report, args.json)

@@ -180,6 +180,11 @@ class _EngineCollector(Collector):
             value=s.get("engine_step_host_us", 0) / 1e6,
         )
         yield CounterMetricFamily(
+            "tandem_worker_engine_cpu_seconds",
+            "CPU time of the engine process, all its threads (process_cpu_seconds is this one's)",
+            value=s.get("engine_cpu_us", 0) / 1e6,
+        )
+        yield CounterMetricFamily(
             "tandem_worker_engine_step_gpu_seconds",
             "GPU time of the steps' forwards (with --step-gpu-timing; else 0)",
             value=s.get("engine_step_gpu_us", 0) / 1e6,

@@ -72,14 +72,19 @@ def test_poisson_arrivals(up: dict[str, Any], tmp_path: Path) -> None:
     assert (lv["mode"], lv["load"], lv["completed"], lv["failed"]) == ("rate", 50, 3, 0)
 
 
-def test_each_level_profiles_the_workers_engines(up: dict[str, Any], tmp_path: Path) -> None:
-    workers = {name: url for name, url in up["metrics"].items() if name not in ("router", "gateway")}
-    assert set(workers) == {"prefill-0", "decode-0"}
-    spec = ",".join(f"{name}={url}" for name, url in workers.items())
+def test_each_level_profiles_the_engines_and_every_process_cpu(up: dict[str, Any], tmp_path: Path) -> None:
+    assert set(up["metrics"]) == {"prefill-0", "decode-0", "router", "gateway"}
+    spec = ",".join(f"{name}={url}" for name, url in up["metrics"].items())
     flags = ("--base-url", up["openai"], "--vocab-size", "512", "--concurrency", "1,4")
     result = bench(tmp_path, *flags, "--num-prompts-factor", "2", "--metrics", spec)
     for lv in result["levels"]:
         assert lv["completed"] == 2 * lv["load"]
+        assert set(lv["engine"]) == {"prefill-0", "decode-0"}  # the services with engines
+        # Every process moved tokens or computed them: each spent CPU on the level.
+        processes = {"gateway", "router", "prefill-0", "decode-0", "prefill-0 engine", "decode-0 engine"}
+        assert set(lv["cpu"]) == processes
+        for cpu in lv["cpu"].values():
+            assert cpu["ms_per_1k_tokens"] > 0 and 0 < cpu["cores"] < 4
         prefill, decode = lv["engine"]["prefill-0"], lv["engine"]["decode-0"]
         # The prompt tokens on the prefill side (less any the prefix cache held: random prompts
         # from 256 ids may share a first token); OUT - 1 decode rows a request on the other.
@@ -110,6 +115,22 @@ def test_engine_profile_of_known_counters() -> None:
     assert p["mixed_share"] == 0.2 and p["host_ms_per_step"] == 5 and p["host_share"] == 0.125
     assert p["gpu_busy"] == 0.75
     assert "decode batch 30.0" in serving.engine_line(p) and "GPU busy 75%" in serving.engine_line(p)
+
+
+def test_cpu_profile_of_known_counters() -> None:
+    before = {
+        "router": {"process_cpu_seconds_total": 10.0},
+        "decode-0": {"process_cpu_seconds_total": 1.0, serving.ENGINE_CPU: 5.0},
+    }
+    after = {
+        "router": {"process_cpu_seconds_total": 10.5},
+        "decode-0": {"process_cpu_seconds_total": 1.2, serving.ENGINE_CPU: 7.0},
+    }
+    cpu = serving.cpu_profile(before, after, output_tokens=2000, duration_s=2.0)
+    assert cpu["router"] == {"ms_per_1k_tokens": 250.0, "cores": 0.25}
+    assert cpu["decode-0"] == pytest.approx({"ms_per_1k_tokens": 100.0, "cores": 0.1})
+    assert cpu["decode-0 engine"] == {"ms_per_1k_tokens": 1000.0, "cores": 1.0}
+    assert "decode-0 engine 1000 ms (1.00 core)" in serving.cpu_line(cpu)
 
 
 def test_a_wrong_model_id_is_reported_as_failed_requests(up: dict[str, Any], tmp_path: Path) -> None:
@@ -238,4 +259,10 @@ def test_scraped_metrics_keep_sums_and_counts_of_every_service(up: dict[str, Any
     assert set(scraped) == set(up["metrics"])  # an unreachable one is reported, not fatal
     router = scraped["router"]
     assert "tandem_router_time_to_first_token_seconds_count" in router
-    assert all(k.startswith("tandem_") and "_bucket{" not in k for s in scraped.values() for k in s)
+    assert all(
+        k.startswith(("tandem_", "process_cpu_seconds_total")) and "_bucket{" not in k
+        for s in scraped.values()
+        for k in s
+    )
+    assert all("process_cpu_seconds_total" in s for s in scraped.values())
+    assert all(serving.ENGINE_CPU in scraped[name] for name in ("prefill-0", "decode-0"))
