@@ -682,6 +682,14 @@ def main() -> None:
     parser.add_argument(
         "--compare-kv-fp8", action="store_true", help="every batch again with kv_cache_dtype=fp8_e4m3"
     )
+    parser.add_argument(
+        "--compare-fp8-mma",
+        type=int,
+        default=0,
+        metavar="M",
+        help="every batch again with fp8 weights, up to M tokens on the tensor-core GEMV"
+        " (kernels/fp8_mma_gemv.py; kernels.fp8_gemm.MMA_GEMV_MAX_M)",
+    )
     parser.add_argument("--json", type=Path)
     parser.add_argument("--png", type=Path)
     args = parser.parse_args()
@@ -716,6 +724,15 @@ def main() -> None:
         if args.compare_fp8:
             fp8_args = argparse.Namespace(**vars(args) | {"quantization": "fp8"})
             result["tandem_fp8"] = bench_tandem(path, fp8_args, device)
+        if args.compare_fp8_mma:
+            from kernels import fp8_gemm
+
+            fp8_args = argparse.Namespace(**vars(args) | {"quantization": "fp8"})
+            fp8_gemm.MMA_GEMV_MAX_M = args.compare_fp8_mma  # read at capture: graphs keep it
+            try:
+                result["tandem_fp8_mma"] = bench_tandem(path, fp8_args, device)
+            finally:
+                fp8_gemm.MMA_GEMV_MAX_M = 0
         if args.compare_kv_fp8:
             kv_args = argparse.Namespace(**vars(args) | {"kv_cache_dtype": "fp8_e4m3"})
             result["tandem_kv_fp8"] = bench_tandem(path, kv_args, device)
@@ -765,6 +782,14 @@ def main() -> None:
         print(
             f"tandem batch {b}, fp8 weights: {run['tok_s']:.1f} tok/s "
             f"(bf16: {bf16:.1f}, {run['tok_s'] / bf16:.3f}x)"
+        )
+    for b, run in result.get("tandem_fp8_mma", {}).get("decode", {}).items():
+        bf16 = result["tandem"]["decode"][b]["tok_s"]
+        cuda_core = result.get("tandem_fp8", {}).get("decode", {}).get(b, {}).get("tok_s")
+        than = f", {run['tok_s'] / cuda_core:.3f}x the CUDA-core GEMV's {cuda_core:.1f}" if cuda_core else ""
+        print(
+            f"tandem batch {b}, fp8 weights on the tensor-core GEMV: {run['tok_s']:.1f} tok/s "
+            f"({run['tok_s'] / bf16:.3f}x bf16{than})"
         )
     for b, run in result.get("tandem_kv_fp8", {}).get("decode", {}).items():
         bf16 = result["tandem"]["decode"][b]["tok_s"]

@@ -18,6 +18,8 @@ and `split_k_sum` adds them (with the bias) into the output.
 Up to `gemv.GEMV_MAX_M` tokens (decode), `fp8_linear` and `w8a8_block_fp8_matmul` without an
 explicit `config` run `kernels.gemv.fp8_gemv` instead: a CUDA-core GEMV that streams the weight
 faster than 16-row MMA tiles can (an explicit `config` pins this module's tensor-core kernel).
+Where `MMA_GEMV_MAX_M` is set (off by default, until measured on a GPU), up to that many tokens
+take `kernels.fp8_mma_gemv` first: tensor cores with the weight on the MMA's M side.
 
 The 2-D matmul is the batched kernel with one batch; the batch (grid axis 1) takes arbitrary
 strides, so MLA's absorbed weights run on a [T, H, K] activation viewed as [H, T, K].
@@ -38,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import gemv
+from kernels import fp8_mma_gemv, gemv
 from kernels.checks import FLOAT_DTYPES, check_dtype, check_ndim, check_same_device
 from kernels.config import interpreting, reference_enabled
 from kernels.fp8_quant import (
@@ -68,6 +70,12 @@ _NUM_SMS = 132
 # vs 17.66 us, gate_up 56.1 vs 51.1, down 33.1 vs 31.3; M = 4 and 16 lose 1-7 us. Kept, tested,
 # for a later attempt (e.g. quantizing a split's whole K range once, before its loop).
 FUSED_QUANT_MAX_M = 0
+
+# Tokens up to which `fp8_linear` / `w8a8_block_fp8_matmul` (no explicit config) take the
+# tensor-core GEMV (`kernels.fp8_mma_gemv`, at most its MAX_M) ahead of the CUDA-core one; 0:
+# never. Off until a GPU run measures it (`bench/fast_path_sweep.py --only fp8mma`,
+# `bench/gpu_bench.py --fp8-mma-gemv`).
+MMA_GEMV_MAX_M = 0
 
 
 def _config(m: int, n: int, k: int, batch: int = 1) -> dict[str, int]:
@@ -127,6 +135,8 @@ def w8a8_block_fp8_matmul(
     _check_operands(op, a_q, a_s, w_q, w_s, out_dtype, block, bias, config)
     if reference_enabled():
         return w8a8_block_fp8_matmul_ref(a_q, a_s, w_q, w_s, out_dtype, block, bias=bias)
+    if _takes_mma_gemv(a_q.shape[0], config):
+        return fp8_mma_gemv.fp8_mma_gemv(a_q, a_s, w_q, w_s, out_dtype, block, bias)
     if _takes_gemv(a_q.shape[0], config):
         return gemv.fp8_gemv(a_q, a_s, w_q, w_s, out_dtype, block, bias)
     out = _launch(a_q[None], a_s[None], w_q[None], w_s[None], out_dtype, block, bias, config)
@@ -176,7 +186,10 @@ def fp8_linear(
     check_ndim(op, "w_q", w_q, 2, "[N, K]")
     _check_operands_shapes(op, x2, w_q, w_s, block)  # before any work
     bk = check_block(op, block)[1]
-    if _takes_gemv(x2.shape[0], config) and gemv.GEMV_FUSES_QUANT and not reference_enabled():
+    if _takes_mma_gemv(x2.shape[0], config) and not reference_enabled():
+        _check_gemm(op, w_q, w_s, x.dtype, block, bias, config, x=x2)
+        out = fp8_mma_gemv.fp8_mma_gemv(x2, None, w_q, w_s, x.dtype, block, bias)
+    elif _takes_gemv(x2.shape[0], config) and gemv.GEMV_FUSES_QUANT and not reference_enabled():
         _check_gemm(op, w_q, w_s, x.dtype, block, bias, config, x=x2)
         out = gemv.fp8_gemv(x2, None, w_q, w_s, x.dtype, block, bias)
     elif _fuses_quant(x2.shape[0], bk, config) and not reference_enabled():
@@ -208,6 +221,11 @@ def fp8_bmm(
         return fp8_bmm_ref(x, w_q, w_s, block)
     a_q, a_s = quant_rows_fp8(x, block[1])
     return w8a8_block_fp8_bmm(a_q, a_s, w_q, w_s, x.dtype, block, config=config)
+
+
+def _takes_mma_gemv(m: int, config: dict[str, int] | None) -> bool:
+    """Whether m tokens run `fp8_mma_gemv`: switched on, few enough tokens, no config pinned."""
+    return 0 < m <= min(MMA_GEMV_MAX_M, fp8_mma_gemv.MAX_M) and config is None
 
 
 def _takes_gemv(m: int, config: dict[str, int] | None) -> bool:

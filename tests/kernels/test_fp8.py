@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from kernels import fp8_gemm
+from kernels import fp8_mma_gemv as fp8_mma_gemv_module
 from kernels import gemv as fp8_gemv_module
 from kernels.config import reference_mode
 from kernels.fp8_gemm import (
@@ -33,6 +34,7 @@ from kernels.fp8_gemm import (
     w8a8_block_fp8_matmul,
     w8a8_block_fp8_matmul_ref,
 )
+from kernels.fp8_mma_gemv import fp8_mma_gemv
 from kernels.fp8_quant import (
     FP8_DTYPE,
     FP8_EPS,
@@ -430,3 +432,62 @@ def test_few_tokens_take_the_gemv(device: torch.device, monkeypatch: pytest.Monk
     # M = 0 goes through the GEMV's wrapper to an empty result.
     out = fp8_linear(x[:0].half(), w_q, w_s)
     assert out.shape == (0, n) and out.dtype == torch.float16
+
+
+@pytest.mark.parametrize("fuse_quant", [True, False])
+def test_mma_gemv_matches_reference(device: torch.device, fuse_quant: bool) -> None:
+    # The tensor-core GEMV (weight on the MMA's M side): one token quantized once and repeated,
+    # several and the full 16 quantized per row, or given as codes; 64- and 128-row tiles, one
+    # weight block per tile or a tile straddling two (64-row blocks), split K with the bias
+    # added after the sum, ragged N and K.
+    ms = (1, 3, 16) if device.type == "cpu" else (1, 2, 16)
+    for _, n, k in gemv_cases(device):
+        for m in ms:
+            for block, config in (
+                ((128, 128), None),
+                ((128, 128), {"BLOCK_N": 64, "SPLIT_K": 2}),
+                ((64, 128), {"BLOCK_N": 128, "SPLIT_K": 4, "num_warps": 8}),
+            ):
+                w_q, w_s = block_quant_fp8(torch.randn((n, k), device=device) / k**0.5, block)
+                dtype = dtypes(device)[-1]
+                x = torch.randn((m, k), device=device).to(dtype)
+                x[0, :3] = torch.tensor([300.0, -1e-4, 0.0])  # a large value beside E4M3 subnormals
+                bias = torch.randn(n, device=device).to(dtype)
+                a_q, a_s = per_token_group_quant_fp8(x, 128)
+                a = a_q.float() * group_scale(a_s, k, 128)
+                magnitude = a.abs() @ block_dequant_fp8(w_q, w_s, block).abs().t() + bias.float().abs()
+                ref = fp8_linear_ref(x, w_q, w_s, bias, block)
+                if fuse_quant:
+                    out = fp8_mma_gemv(x, None, w_q, w_s, dtype, block, bias, config)
+                else:
+                    out = fp8_mma_gemv(a_q, a_s, w_q, w_s, dtype, block, bias, config)
+                assert_gemm_close(out, ref, magnitude, sum_order_tolerance(device))
+
+
+def test_mma_gemv_takes_few_tokens_when_switched_on(
+    device: torch.device, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Off by default; with MMA_GEMV_MAX_M set, fp8_linear and the matmul route up to that many
+    # tokens (never past the kernel's 16, never with a pinned config) to it, the rest as before.
+    assert fp8_gemm.MMA_GEMV_MAX_M == 0
+    calls: list[tuple[int, bool]] = []
+    real = fp8_mma_gemv_module.fp8_mma_gemv
+
+    def spy(x: torch.Tensor, x_s: torch.Tensor | None, *args: object, **kwargs: object) -> torch.Tensor:
+        calls.append((x.shape[0], x_s is None))
+        return real(x, x_s, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(fp8_mma_gemv_module, "fp8_mma_gemv", spy)
+    n, k = (48, 96) if device.type == "cpu" else (4096, 4096)
+    x, _, a_q, a_s, w_q, w_s = quantized_operands(32, n, k, device)
+    fp8_linear(x[:4], w_q, w_s)
+    assert calls == []
+    monkeypatch.setattr(fp8_gemm, "MMA_GEMV_MAX_M", 32)
+    out = fp8_linear(x[:16], w_q, w_s)
+    fp8_linear(x[:17], w_q, w_s)
+    fp8_linear(x[:1], w_q, w_s, config={"BLOCK_N": 32})
+    w8a8_block_fp8_matmul(a_q[:2], a_s[:2], w_q, w_s, torch.float32)
+    fp8_linear(x[:0], w_q, w_s)
+    assert calls == [(16, True), (2, False)]
+    magnitude = x[:16].abs() @ block_dequant_fp8(w_q, w_s, (128, 128)).abs().t()
+    assert_gemm_close(out, fp8_linear_ref(x[:16], w_q, w_s), 2 * magnitude, sum_order_tolerance(device))
