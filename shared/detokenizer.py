@@ -27,10 +27,12 @@ space, a multi-byte character split over tokens) identical to decoding the whole
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from typing import NamedTuple
 
-from transformers import PreTrainedTokenizerBase
+import tokenizers
+from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from shared.errors import InvalidRequest
 
@@ -55,9 +57,7 @@ class IncrementalDetokenizer:
         spaces_between_special_tokens: bool = True,
         prompt_ids: Sequence[int] = (),
     ) -> None:
-        self._tokenizer = tokenizer
-        self._skip_special_tokens = skip_special_tokens
-        self._spaces_between_special_tokens = spaces_between_special_tokens
+        self._decode_ids = decoder(tokenizer, skip_special_tokens, spaces_between_special_tokens)
         context = list(prompt_ids[-_PROMPT_CONTEXT_TOKENS:])
         self._ids: list[int] = context
         self._prefix_offset = 0
@@ -110,15 +110,50 @@ class IncrementalDetokenizer:
         return delta
 
     def _decode(self, ids: list[int]) -> str:
-        if not ids:
-            return ""
-        text = self._tokenizer.decode(
+        return self._decode_ids(ids) if ids else ""
+
+
+def decoder(
+    tokenizer: PreTrainedTokenizerBase, skip_special_tokens: bool, spaces_between_special_tokens: bool
+) -> Callable[[list[int]], str]:
+    """`tokenizer.decode` with these options, as a function of the ids.
+
+    A fast tokenizer's `decode` is its Rust backend's plus Python bookkeeping (argument
+    conversion, dispatch, an optional clean-up pass) that costs several times the decode of a
+    few ids; the engine decodes two short windows per token of every request. Where that wrapper
+    adds nothing to the backend's result (the stock `decode`, no clean-up pass that applies), the
+    backend's decode is called directly: the same text, without the bookkeeping.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    stock = (
+        isinstance(tokenizer, PreTrainedTokenizerFast)
+        and type(tokenizer).decode is PreTrainedTokenizerBase.decode
+        and type(tokenizer)._decode is PreTrainedTokenizerFast._decode
+    )
+    if stock and isinstance(backend, tokenizers.Tokenizer) and not _cleans_up(tokenizer, backend):
+        return partial(backend.decode, skip_special_tokens=skip_special_tokens)
+
+    def decode(ids: list[int]) -> str:
+        text = tokenizer.decode(
             ids,
-            skip_special_tokens=self._skip_special_tokens,
-            spaces_between_special_tokens=self._spaces_between_special_tokens,
+            skip_special_tokens=skip_special_tokens,
+            spaces_between_special_tokens=spaces_between_special_tokens,
         )
         assert isinstance(text, str)
         return text
+
+    return decode
+
+
+def _cleans_up(tokenizer: PreTrainedTokenizerBase, backend: tokenizers.Tokenizer) -> bool:
+    """Whether `tokenizer.decode` runs its clean-up pass over the backend's text. Transformers
+    5 skips it for BPE models unless forced; earlier versions (without that flag) run it."""
+    if not getattr(tokenizer, "clean_up_tokenization_spaces", False):
+        return False
+    force = "clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output"
+    if hasattr(tokenizer, force) and type(backend.model).__name__ == "BPE":
+        return bool(getattr(tokenizer, force))
+    return True
 
 
 class StopMatch(NamedTuple):

@@ -146,6 +146,42 @@ def test_random_ids_in_random_chunks_match_full_decode(
     assert "".join(deltas) + detok.flush() == tokenizer.decode(ids, skip_special_tokens=skip)
 
 
+def test_a_stock_fast_tokenizer_is_decoded_by_its_backend(
+    tokenizer: PreTrainedTokenizerBase, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The tiny BPE tokenizer's wrapper adds nothing to its backend's decode: the detokenizer
+    # skips the wrapper, and the text is still the wrapper's.
+    ids = encode(tokenizer, TEXTS[1])
+    expected = tokenizer.decode(ids)
+
+    def wrapper(*args: Any, **kwargs: Any) -> str:
+        raise AssertionError("the transformers wrapper was called")
+
+    monkeypatch.setattr(tokenizer, "decode", wrapper)
+    detok = IncrementalDetokenizer(tokenizer)
+    assert "".join(stream(detok, [[i] for i in ids])) + detok.flush() == expected
+
+
+def test_a_clean_up_pass_keeps_the_wrapper() -> None:
+    # A WordPiece tokenizer whose decode cleans up spaces before punctuation: that pass is the
+    # wrapper's, so the detokenizer must go through it to stream the same text.
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["[UNK]", "hello", ",", "world", ".", "do", "n't", "!"])}
+    backend = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.decoder = decoders.WordPiece(cleanup=False)  # the clean-up is left to the wrapper
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="[UNK]", clean_up_tokenization_spaces=True
+    )
+    ids = [vocab[w] for w in ["hello", ",", "world", ".", "do", "n't", "!"]]
+    expected = tok.decode(ids)
+    assert expected != backend.decode(ids)  # the clean-up changed something
+    detok = IncrementalDetokenizer(tok)
+    assert "".join(stream(detok, [[i] for i in ids])) + detok.flush() == expected
+
+
 # ---- stop strings: the matcher ---------------------------------------------------------------
 
 
