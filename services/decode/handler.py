@@ -70,7 +70,7 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
                             tp_size=client.tp_size,
                         )
                     )
-                    async for out in stream.outputs(request.stall_timeout_ms / 1000):
+                    async for out in stream.outputs(request.stall_timeout_ms / 1000, coalesce=True):
                         if isinstance(out, Keepalive):  # waiting for the prefill worker, or queued
                             yield keepalive(last)
                             continue

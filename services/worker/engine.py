@@ -1,7 +1,10 @@
 """The engine process seen from the worker's event loop.
 
-`EngineClient` calls back on its receiver thread; `AsyncEngine` hops each output onto the loop
-(`call_soon_threadsafe`) into a per-request `RequestStream`. Closing or cancelling a stream
+`EngineClient` calls back on its receiver thread; `AsyncEngine` hops the outputs onto the loop
+into per-request `RequestStream`s, one loop wake-up for all the outputs posted before the loop
+ran (an engine step's outputs for every running request arrive together). A stream whose caller
+fell behind hands over everything queued as one output (`RequestOutput.then`), so a slow hop
+sends fewer, larger messages instead of a growing backlog. Closing or cancelling a stream
 before the request finished aborts it in the engine, so a cancelled RPC frees its KV.
 
 Liveness: `ping()` (called every half second by the worker) asks the engine for its stats; the
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import Future
@@ -42,6 +46,33 @@ class Keepalive:
 KEEPALIVE: Final = Keepalive()
 
 
+class LoopInbox:
+    """Puts items on asyncio queues of one loop from any thread. The first post after the loop
+    last drained the inbox wakes it (`call_soon_threadsafe`: a write to its self-pipe and a
+    loop turn); posts before it runs ride along, in order."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._posted: list[tuple[asyncio.Queue[Any], Any]] = []
+        self._wake_pending = False
+        self._lock = threading.Lock()
+
+    def post(self, queue: asyncio.Queue[Any], item: Any) -> None:  # any thread
+        with self._lock:
+            self._posted.append((queue, item))
+            if self._wake_pending:
+                return
+            self._wake_pending = True
+        self.loop.call_soon_threadsafe(self.drain)
+
+    def drain(self) -> None:  # the loop
+        with self._lock:
+            posted, self._posted = self._posted, []
+            self._wake_pending = False
+        for queue, item in posted:
+            queue.put_nowait(item)
+
+
 class RequestStream:
     """Outputs of one request, in order; iteration ends after the finished output."""
 
@@ -50,18 +81,23 @@ class RequestStream:
         self.rid = rid
         self.finished = False
         self._queue: asyncio.Queue[RequestOutput | BaseException | Keepalive] = asyncio.Queue()
+        self._held: RequestOutput | BaseException | Keepalive | None = None  # taken, not yet given
 
     def push(self, item: RequestOutput | BaseException) -> None:  # any thread
-        self.engine.loop.call_soon_threadsafe(self._queue.put_nowait, item)
+        self.engine.inbox.post(self._queue, item)
 
     async def __aiter__(self) -> AsyncIterator[RequestOutput]:
         async for item in self.outputs(0.0):
             assert isinstance(item, RequestOutput)
             yield item
 
-    async def outputs(self, stall_s: float) -> AsyncIterator[RequestOutput | Keepalive]:
+    async def outputs(
+        self, stall_s: float, coalesce: bool = False
+    ) -> AsyncIterator[RequestOutput | Keepalive]:
         """The outputs, with `KEEPALIVE` after each `stall_s / 4` of silence (`stall_s` > 0),
-        failing once the engine has been silent for `stall_s`."""
+        failing once the engine has been silent for `stall_s`. With `coalesce` (token streams
+        only: the merge keeps tokens, text, logprobs and the last output's other fields), the
+        outputs queued by the time the caller asks for the next come as one."""
         silence_s = max(stall_s, MIN_ENGINE_SILENCE_S)
         timer = (
             SilenceTimer(stall_s / 4, lambda: self._queue.put_nowait(KEEPALIVE), repeat=True)
@@ -70,7 +106,17 @@ class RequestStream:
         )
         try:
             while not self.finished:
-                item = await self._queue.get()
+                item, self._held = self._held or await self._queue.get(), None
+                while coalesce and isinstance(item, RequestOutput) and not item.finished:
+                    if self._queue.empty():
+                        break
+                    later = self._queue.get_nowait()  # the caller fell behind: one output for all
+                    if isinstance(later, RequestOutput):
+                        item = item.then(later)
+                    elif isinstance(later, BaseException):
+                        self._held = later  # after the tokens that came before it
+                        break
+                    # a keepalive between outputs says nothing the merged output does not
                 if isinstance(item, Keepalive):
                     error = self.engine.silence_error(silence_s)
                     if error is not None:
@@ -107,6 +153,7 @@ class AsyncEngine:
         self.open = 0
         self.alive_at = time.monotonic()  # when the engine last answered a ping
         self._pinging = False
+        self.inbox = LoopInbox(self.loop)  # the client's thread -> the streams' queues
 
     @contextlib.contextmanager
     def admit(self) -> Iterator[None]:

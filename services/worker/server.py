@@ -114,7 +114,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                     request.top_logprobs_num,
                     stall_s=request.stall_timeout_ms / 1000,
                 )
-                async for out in stream.outputs(request.stall_timeout_ms / 1000):
+                async for out in stream.outputs(request.stall_timeout_ms / 1000, coalesce=True):
                     if isinstance(out, Keepalive):
                         yield keepalive(last)
                         continue
