@@ -25,6 +25,7 @@ from typing import Any
 
 from shared.config import EngineConfig
 from shared.engine_client import EngineClient
+from shared.inputs import Prompt
 from shared.outputs import RequestOutput
 from shared.tiny_model import make_tiny_model
 
@@ -54,13 +55,13 @@ def run(model: Path, policy: str, prompts: list[list[int]], args: argparse.Names
     try:
         done: queue.SimpleQueue[RequestOutput | BaseException] = queue.SimpleQueue()
         params = {"max_new_tokens": args.max_new_tokens, "temperature": 0.0, "ignore_eos": True}
-        client.add(["warm-up"], [7, 8, 9], params, done.put)  # both ranks' first steps, off the clock
+        client.add(["warm-up"], Prompt([7, 8, 9], params), done.put)  # both ranks' first steps, off the clock
         while not _finished(done.get(timeout=120)):
             pass
         prompt_tokens = cached_tokens = 0
         start = time.perf_counter()
         for i, ids in enumerate(prompts):
-            client.add([str(i)], ids, params, done.put)
+            client.add([str(i)], Prompt(ids, params), done.put)
             while not _finished(out := done.get(timeout=120)):
                 pass
             assert isinstance(out, RequestOutput)

@@ -31,6 +31,7 @@ from shared.config import EngineConfig
 from shared.engine_client import EngineClient
 from shared.engine_core import EngineCore, RequestOutput
 from shared.errors import InternalError, InvalidRequest, Unavailable
+from shared.inputs import Prompt
 from shared.pooling import PoolingParams
 from shared.sampling import SamplingParams
 
@@ -304,15 +305,8 @@ class Engine:
         if self._client is not None:
             handlers = {rid: self._deliver_to(sink) for rid, sink in zip(rids, sinks)}
             as_dict = pooling.to_dict() if pooling is not None else None
-            self._client.submit(
-                rids,
-                ids,
-                dataclasses.asdict(params),
-                handlers,
-                return_logprob,
-                top_logprobs_num,
-                pooling=as_dict,
-            ).result()
+            prompt = Prompt(ids, dataclasses.asdict(params), return_logprob, top_logprobs_num)
+            self._client.submit(rids, prompt, handlers, pooling=as_dict).result()
             return
 
         def add() -> None:

@@ -1,7 +1,7 @@
 """Client side of the engine process (`shared.engine_process`): start it, feed it, hear it.
 
     client = EngineClient(EngineConfig.from_options(model_path))
-    client.add(["r1"], prompt_ids, {"max_new_tokens": 16}, on_output=print)   # a RequestError if refused
+    client.add(["r1"], Prompt(prompt_ids, {"max_new_tokens": 16}), on_output=print)  # RequestError if refused
     ...
     client.shutdown()
 
@@ -58,6 +58,7 @@ from shared.engine_process import (
     run_engine,
 )
 from shared.errors import InternalError, InvalidRequest, Unavailable
+from shared.inputs import Prompt
 from shared.outputs import RequestOutput
 from shared.transfer.records import KvTarget
 
@@ -110,33 +111,24 @@ class EngineClient:
     # ---- requests ------------------------------------------------------------------------------
 
     def add(
-        self,
-        rids: list[str],
-        input_ids: list[int],
-        params: dict[str, Any],
-        on_output: OutputHandler,
-        return_logprob: bool = False,
-        top_logprobs_num: int = 0,
-        kv_target: KvTarget | None = None,
+        self, rids: list[str], prompt: Prompt, on_output: OutputHandler, kv_target: KvTarget | None = None
     ) -> None:
         """Queue one prompt (its `n` samples named by `rids`); raises the engine's RequestError."""
-        self.submit(rids, input_ids, params, on_output, return_logprob, top_logprobs_num, kv_target).result()
+        self.submit(rids, prompt, on_output, kv_target).result()
 
     def submit(
         self,
         rids: list[str],
-        input_ids: list[int],
-        params: dict[str, Any],
+        prompt: Prompt,
         on_output: OutputHandler | dict[str, OutputHandler],
-        return_logprob: bool = False,
-        top_logprobs_num: int = 0,
         kv_target: KvTarget | None = None,
         pooling: dict[str, Any] | None = None,
     ) -> Future[None]:
         """As `add`, answered through a future (done when the engine accepted or refused).
         `on_output` may be one handler per rid. `pooling` (PoolingParams' fields) makes it an
-        embedding request: one rid, `params` unused, the final output carries `embedding`."""
-        msg = AddRequest(rids, input_ids, params, return_logprob, top_logprobs_num, kv_target, pooling)
+        embedding request: one rid, the prompt's `params` unused, the final output carries
+        `embedding`."""
+        msg = AddRequest(rids, prompt, kv_target, pooling)
         handlers = on_output if isinstance(on_output, dict) else dict.fromkeys(rids, on_output)
         return self._call(rids[0], msg, handlers)
 
@@ -144,21 +136,14 @@ class EngineClient:
         self, rid: str, input_ids: list[int], pooling: dict[str, Any], on_output: OutputHandler
     ) -> Future[None]:
         """An embedding request (see `submit`)."""
-        return self.submit([rid], input_ids, {}, on_output, pooling=pooling)
+        return self.submit([rid], Prompt(input_ids, {}), on_output, pooling=pooling)
 
     def expect_kv(
-        self,
-        rid: str,
-        input_ids: list[int],
-        params: dict[str, Any],
-        on_output: OutputHandler,
-        return_logprob: bool = False,
-        top_logprobs_num: int = 0,
-        lease_s: float | None = None,
+        self, rid: str, prompt: Prompt, on_output: OutputHandler, lease_s: float | None = None
     ) -> Future[None]:
         """Decode engine: a prompt whose KV a prefill engine will write (it holds no pages yet);
         the future is done when the engine accepted or refused it."""
-        msg = ExpectKv(rid, input_ids, params, return_logprob, top_logprobs_num, lease_s)
+        msg = ExpectKv(rid, prompt, lease_s)
         return self._call(rid, msg, {rid: on_output})
 
     def reserve_kv(self, rid: str) -> Future[list[int]]:

@@ -44,6 +44,7 @@ import zmq
 from shared.config import EngineConfig
 from shared.distributed.launch import Followers, start_ranks
 from shared.errors import InternalError, RequestError
+from shared.inputs import Prompt
 from shared.outputs import RequestOutput
 from shared.transfer.records import KvCommit, KvTarget
 
@@ -55,20 +56,14 @@ logger = logging.getLogger(__name__)
 
 class AddRequest(msgspec.Struct, tag="add"):
     rids: list[str]
-    input_ids: list[int]
-    params: dict[str, Any]
-    return_logprob: bool = False
-    top_logprobs_num: int = 0
+    prompt: Prompt
     kv_target: KvTarget | None = None
     pooling: dict[str, Any] | None = None  # an embedding request (shared/pooling.py)
 
 
 class ExpectKv(msgspec.Struct, tag="expect_kv"):
     rid: str
-    input_ids: list[int]
-    params: dict[str, Any]
-    return_logprob: bool = False
-    top_logprobs_num: int = 0
+    prompt: Prompt
     lease_s: float | None = None
 
 
@@ -374,12 +369,13 @@ def handle_message(core: EngineCore, msg: ToEngine, payload: memoryview | None =
         from shared.pooling import PoolingParams
 
         try:
+            prompt = msg.prompt
             admitted = core.add_request(
                 msg.rids,
-                msg.input_ids,
-                SamplingParams.from_dict(msg.params),
-                msg.return_logprob,
-                msg.top_logprobs_num,
+                prompt.input_ids,
+                SamplingParams.from_dict(prompt.params),
+                prompt.return_logprob,
+                prompt.top_logprobs_num,
                 msg.kv_target,
                 PoolingParams.from_dict(msg.pooling) if msg.pooling is not None else None,
             )
@@ -391,10 +387,10 @@ def handle_message(core: EngineCore, msg: ToEngine, payload: memoryview | None =
             [msg.rid],
             lambda: core.expect_kv(
                 msg.rid,
-                msg.input_ids,
-                SamplingParams.from_dict(msg.params),
-                msg.return_logprob,
-                msg.top_logprobs_num,
+                msg.prompt.input_ids,
+                SamplingParams.from_dict(msg.prompt.params),
+                msg.prompt.return_logprob,
+                msg.prompt.top_logprobs_num,
                 msg.lease_s,
             ),
         )

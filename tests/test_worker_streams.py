@@ -15,6 +15,7 @@ import pytest
 from services.worker.engine import AsyncEngine, LoopInbox, RequestStream
 from shared.config import EngineConfig
 from shared.errors import Unavailable
+from shared.inputs import Prompt
 from shared.outputs import RequestOutput
 from tests.engine.hf_reference import hf_greedy
 
@@ -48,23 +49,23 @@ def test_a_reader_behind_gets_one_output_then_a_failure_after_its_tokens(tiny_ll
     async def main() -> None:
         engine = AsyncEngine(EngineConfig.from_options(str(tiny_llama), page_size=4, dtype="float32"))
         try:
-            behind = await engine.generate("behind", PROMPT, GREEDY)
+            behind = await engine.generate("behind", Prompt(PROMPT, GREEDY))
             await settle(behind)
             assert len(queued(behind)) == len(expected)  # one output a step, all unread
             (out,) = await read(behind, coalesce=True)
             assert out.new_ids == expected and out.finished and out.completion_tokens == len(expected)
             # Read as it goes: one output a token, the same tokens and text.
-            outs = await read(await engine.generate("along", PROMPT, GREEDY), coalesce=False)
+            outs = await read(await engine.generate("along", Prompt(PROMPT, GREEDY)), coalesce=False)
             assert len(outs) == len(expected) and [t for o in outs for t in o.new_ids] == expected
             assert "".join(o.new_text for o in outs) == out.new_text
             # Without coalescing, a reader behind still gets every output on its own.
-            separate = await engine.generate("separate", PROMPT, GREEDY)
+            separate = await engine.generate("separate", Prompt(PROMPT, GREEDY))
             await settle(separate)
             assert len(await read(separate, coalesce=False)) == len(expected)
 
             # A failure queued behind tokens (the engine client's Unavailable when the engine
             # dies) comes after them: the tokens merged first, then the error.
-            failing = await engine.generate("fails", PROMPT, {**GREEDY, "max_new_tokens": 200})
+            failing = await engine.generate("fails", Prompt(PROMPT, {**GREEDY, "max_new_tokens": 200}))
             while len(queued(failing)) < 3:
                 await asyncio.sleep(0.01)
             failing.push(Unavailable("the engine went away"))

@@ -5,7 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from services.protos.tandem.common.v1 import common_pb2
+from services.protos.tandem.worker.v1 import worker_pb2
 from shared.errors import InvalidRequest
+from shared.inputs import Prompt
 from shared.outputs import RequestOutput
 
 SAMPLING_SCALARS = (  # the scalar fields of common.v1.SamplingParams
@@ -48,6 +50,17 @@ def sampling_to_dict(params: common_pb2.SamplingParams) -> dict[str, Any]:
     if constraint is not None:
         out[constraint] = getattr(params, constraint)
     return out
+
+
+def prompt_from_proto(request: worker_pb2.GenerateRequest) -> Prompt:
+    """A worker's `GenerateRequest` (on every role's path: unified, prefill's inner request,
+    decode) as the engine's `Prompt`."""
+    return Prompt(
+        list(request.token_ids),
+        sampling_to_dict(request.sampling_params),
+        request.return_logprob,
+        request.top_logprobs_num,
+    )
 
 
 def finish_to_proto(reason: dict[str, Any]) -> common_pb2.Finish:

@@ -24,7 +24,7 @@ from typing import Any
 import grpc
 from google.protobuf.descriptor import ServiceDescriptor
 
-from services.common.convert import output_to_proto, sampling_to_dict
+from services.common.convert import output_to_proto, prompt_from_proto
 from services.common.errors import ServiceError, grpc_errors
 from services.common.kv_stream import receive_kv, serve_write_kv
 from services.common.tracing import server_span
@@ -52,10 +52,7 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
             try:
                 stream = await self.engine.expect_kv(
                     request.rid,
-                    list(request.token_ids),
-                    sampling_to_dict(request.sampling_params),
-                    request.return_logprob,
-                    request.top_logprobs_num,
+                    prompt_from_proto(request),
                     request.kv_lease_ms / 1000 if request.kv_lease_ms else None,
                     stall_s=request.stall_timeout_ms / 1000,
                 )

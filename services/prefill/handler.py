@@ -37,7 +37,7 @@ from google.protobuf.descriptor import ServiceDescriptor
 from opentelemetry import trace
 
 from services.common.auth import CLUSTER_TOKEN_ENV, dial, secrets_from_args
-from services.common.convert import sampling_to_dict
+from services.common.convert import prompt_from_proto
 from services.common.errors import ServiceError, call, grpc_errors
 from services.common.kv_stream import send_kv
 from services.common.tracing import describe, outgoing_metadata, record_span, server_span
@@ -106,13 +106,7 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
         else:
             target = KvTarget("grpc", list(res.page_ids))
         stream = await self.engine.generate(
-            req.rid,
-            list(req.token_ids),
-            sampling_to_dict(req.sampling_params),
-            req.return_logprob,
-            req.top_logprobs_num,
-            kv_target=target,
-            stall_s=req.stall_timeout_ms / 1000,
+            req.rid, prompt_from_proto(req), kv_target=target, stall_s=req.stall_timeout_ms / 1000
         )
         final: RequestOutput | None = None
         async for out in stream.outputs(req.stall_timeout_ms / 1000):  # fails if the engine froze

@@ -32,6 +32,7 @@ from services.common.silence import SilenceTimer
 from shared.config import EngineConfig
 from shared.engine_client import EngineClient
 from shared.errors import CapacityError, Unavailable
+from shared.inputs import Prompt
 from shared.outputs import RequestOutput
 from shared.transfer.records import KvTarget
 
@@ -195,21 +196,12 @@ class AsyncEngine:
         return Unavailable(f"this worker's engine has not answered for {silent:.1f} s")
 
     async def generate(
-        self,
-        rid: str,
-        input_ids: list[int],
-        params: dict[str, Any],
-        return_logprob: bool = False,
-        top_logprobs_num: int = 0,
-        kv_target: KvTarget | None = None,
-        stall_s: float = 0.0,
+        self, rid: str, prompt: Prompt, kv_target: KvTarget | None = None, stall_s: float = 0.0
     ) -> RequestStream:
         """Queue a request; raises the engine's refusal (a RequestError: shared/errors.py), or
         Unavailable when the engine has not answered for `stall_s` (> 0) meanwhile."""
         stream = RequestStream(self, rid)
-        fut = self.client.submit(
-            [rid], input_ids, params, stream.push, return_logprob, top_logprobs_num, kv_target
-        )
+        fut = self.client.submit([rid], prompt, stream.push, kv_target)
         await self._admitted(rid, fut, stall_s)
         return stream
 
@@ -228,21 +220,12 @@ class AsyncEngine:
         return last
 
     async def expect_kv(
-        self,
-        rid: str,
-        input_ids: list[int],
-        params: dict[str, Any],
-        return_logprob: bool = False,
-        top_logprobs_num: int = 0,
-        lease_s: float | None = None,
-        stall_s: float = 0.0,
+        self, rid: str, prompt: Prompt, lease_s: float | None = None, stall_s: float = 0.0
     ) -> RequestStream:
         """Decode engine: register a prompt whose KV a prefill engine will write (`stall_s`: as
         `generate`)."""
         stream = RequestStream(self, rid)
-        fut = self.client.expect_kv(
-            rid, input_ids, params, stream.push, return_logprob, top_logprobs_num, lease_s
-        )
+        fut = self.client.expect_kv(rid, prompt, stream.push, lease_s)
         await self._admitted(rid, fut, stall_s)
         return stream
 

@@ -34,7 +34,7 @@ from services.common.convert import (
     embed_options_to_dict,
     embedding_to_proto,
     output_to_proto,
-    sampling_to_dict,
+    prompt_from_proto,
 )
 from services.common.errors import ServiceError, grpc_errors
 from services.common.metrics import serve_metrics
@@ -107,12 +107,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         with self.engine.admit(), server_span("generate", context.invocation_metadata()) as span:
             try:
                 stream = await self.engine.generate(
-                    request.rid,
-                    list(request.token_ids),
-                    sampling_to_dict(request.sampling_params),
-                    request.return_logprob,
-                    request.top_logprobs_num,
-                    stall_s=request.stall_timeout_ms / 1000,
+                    request.rid, prompt_from_proto(request), stall_s=request.stall_timeout_ms / 1000
                 )
                 async for out in stream.outputs(request.stall_timeout_ms / 1000, coalesce=True):
                     if isinstance(out, Keepalive):

@@ -214,7 +214,7 @@ class Dispatcher:
                 return Rejected.of(
                     msg.rids, InvalidRequest(f"request id {taken!r} is already in use", param="request_id")
                 )
-            rank = self._place(msg.input_ids)
+            rank = self._place(msg.prompt.input_ids)
             self.owner.update(dict.fromkeys(msg.rids, rank))
             self.open[rank] += len(msg.rids)
             tick.adds.append((rank, msg))

@@ -21,6 +21,7 @@ from shared.config import EngineConfig
 from shared.engine_client import EngineClient
 from shared.engine_core import RequestOutput
 from shared.errors import InvalidRequest
+from shared.inputs import Prompt
 from shared.transfer import KvTarget, nixl_available
 from tests.engine.hf_reference import hf_greedy
 
@@ -86,11 +87,11 @@ def run_pd(prefill: EngineClient, decode: EngineClient, prompts: dict[str, list[
     tokens: dict[str, list[int]] = {rid: [] for rid in prompts}
     last: dict[str, RequestOutput] = {}
     for rid, ids in prompts.items():
-        decode.expect_kv(rid, ids, GREEDY, lambda out: events.put(("decode", out))).result(30)
+        decode.expect_kv(rid, Prompt(ids, GREEDY), lambda out: events.put(("decode", out))).result(30)
         target = KvTarget(decode.kv_transport, [], decode.agent_name)  # type: ignore[arg-type]
-        prefill.submit([rid], ids, GREEDY, lambda out: events.put(("prefill", out)), kv_target=target).result(
-            30
-        )
+        prefill.submit(
+            [rid], Prompt(ids, GREEDY), lambda out: events.put(("prefill", out)), kv_target=target
+        ).result(30)
     deadline = time.monotonic() + 120
     while len(last) < len(prompts):
         side, out = events.get(timeout=max(0.0, deadline - time.monotonic()))
@@ -161,19 +162,19 @@ def test_pd_tp2_abort_after_the_reservation_holds_no_pages(
     ids = list(range(100, 140))
     outputs: queue.SimpleQueue[RequestOutput | BaseException] = queue.SimpleQueue()
     # Prefill side gives up: pages reserved up front, then the prompt is aborted while it runs.
-    decode.expect_kv("p-abort", ids, GREEDY, outputs.put).result(30)
+    decode.expect_kv("p-abort", Prompt(ids, GREEDY), outputs.put).result(30)
     pages = decode.reserve_kv("p-abort").result(30)
     target = KvTarget(decode.kv_transport, pages, decode.agent_name)  # type: ignore[arg-type]
-    prefill.submit(["p-abort"], ids, GREEDY, outputs.put, kv_target=target).result(30)
+    prefill.submit(["p-abort"], Prompt(ids, GREEDY), outputs.put, kv_target=target).result(30)
     prefill.abort("p-abort")
     if prefill.kv_transport == "grpc":  # no notice crosses: the router cancels the other leg
         decode.abort("p-abort")
     # Decode side gives up while the prefill engine writes (the write lands in quarantined pages).
-    decode.expect_kv("d-abort", ids, GREEDY, outputs.put).result(30)
+    decode.expect_kv("d-abort", Prompt(ids, GREEDY), outputs.put).result(30)
     pages = decode.reserve_kv("d-abort").result(30)
     decode.abort("d-abort")
     target = KvTarget(decode.kv_transport, pages, decode.agent_name)  # type: ignore[arg-type]
-    prefill.submit(["d-abort"], ids, GREEDY, outputs.put, kv_target=target).result(30)
+    prefill.submit(["d-abort"], Prompt(ids, GREEDY), outputs.put, kv_target=target).result(30)
     finished: dict[str, list[RequestOutput]] = {}
     deadline = time.monotonic() + 60
     while sum(out.finished for outs in finished.values() for out in outs) < 4:

@@ -20,6 +20,7 @@ from shared.distributed.dp_engine import Dispatcher, Tick
 from shared.engine_client import EngineClient
 from shared.engine_core import RequestOutput
 from shared.engine_process import AbortRequest, AddRequest, Rejected, ReserveKv
+from shared.inputs import Prompt
 from shared.models.config import ModelConfig
 from tests.engine.hf_reference import hf_greedy
 from tests.engine.test_tensor_parallel import GREEDY, _children, run_outputs
@@ -90,8 +91,8 @@ def test_a_dead_dp_rank_fails_every_request_and_the_engine_exits(
     try:
         outputs: queue.SimpleQueue[RequestOutput | BaseException] = queue.SimpleQueue()
         endless = {"max_new_tokens": 100000, "ignore_eos": True}
-        client.add(["on-rank-0"], [5, 6, 7], endless, outputs.put)
-        client.add(["on-rank-1"], [8, 9, 10], endless, outputs.put)
+        client.add(["on-rank-0"], Prompt([5, 6, 7], endless), outputs.put)
+        client.add(["on-rank-1"], Prompt([8, 9, 10], endless), outputs.put)
         seen: set[str] = set()
         while seen != {"on-rank-0", "on-rank-1"}:
             item = outputs.get(timeout=60)
@@ -162,11 +163,11 @@ def test_dp_attention_fp8_equals_tp1_one_request_at_a_time(tiny_model_factory: C
 def test_dispatcher_round_robin_routes_aborts_and_refuses_open_ids() -> None:
     d, tick = Dispatcher(2, "round_robin"), Tick()
     for rids in (["a"], ["b1", "b2"], ["c"]):
-        assert d.take(AddRequest(rids, [1, 2], {}), tick) is None
+        assert d.take(AddRequest(rids, Prompt([1, 2], {})), tick) is None
     assert [(rank, add.rids) for rank, add in tick.adds] == [(0, ["a"]), (1, ["b1", "b2"]), (0, ["c"])]
-    refused = d.take(AddRequest(["b2"], [1], {}), tick)
+    refused = d.take(AddRequest(["b2"], Prompt([1], {})), tick)
     assert isinstance(refused, Rejected) and "already in use" in refused.message
-    assert isinstance(d.take(AddRequest(["x", "x"], [1], {}), tick), Rejected)
+    assert isinstance(d.take(AddRequest(["x", "x"], Prompt([1], {})), tick), Rejected)
     assert d.take(AbortRequest("b2"), tick) is None and d.take(AbortRequest("gone"), tick) is None
     assert tick.aborts == [(1, "b2")]
     assert isinstance(d.take(ReserveKv("a"), tick), Rejected)  # no PD with DP attention
@@ -182,7 +183,7 @@ def test_dispatcher_follows_cached_prefixes_and_balances_load() -> None:
 
     def add(rid: str, ids: list[int], n: int = 1) -> int:
         rids = [rid] if n == 1 else [f"{rid}.{i}" for i in range(n)]
-        assert d.take(AddRequest(rids, ids, {}), tick) is None
+        assert d.take(AddRequest(rids, Prompt(ids, {})), tick) is None
         placed[rid] = tick.adds[-1][0]
         return placed[rid]
 

@@ -16,6 +16,7 @@ from shared.config import EngineConfig
 from shared.engine_client import EngineClient
 from shared.engine_core import EngineCore
 from shared.errors import InvalidRequest
+from shared.inputs import Prompt
 from shared.outputs import RequestOutput
 from shared.pooling import PoolingParams
 from shared.sampling import SamplingParams
@@ -177,7 +178,7 @@ def test_embedding_through_the_engine_process(client: EngineClient, tiny_embedde
             torch.tensor(out.embedding), hf_embedding(tiny_embedder, ids, pooling), atol=1e-4, rtol=1e-4
         )
     with pytest.raises(InvalidRequest, match="embedding model"):
-        client.add(["gen"], ids, {"max_new_tokens": 2}, lambda _: None)
+        client.add(["gen"], Prompt(ids, {"max_new_tokens": 2}), lambda _: None)
     with pytest.raises(InvalidRequest, match="dimensions"):
         client.embed("bad", ids, {"dimensions": 0}, lambda _: None).result(timeout=60)
 

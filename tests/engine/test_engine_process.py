@@ -15,6 +15,7 @@ import pytest
 from shared.config import EngineConfig
 from shared.engine_client import EngineClient
 from shared.engine_core import RequestOutput
+from shared.inputs import Prompt
 from tests.engine.hf_reference import hf_greedy
 
 GREEDY = {"max_new_tokens": 12, "temperature": 0.0, "ignore_eos": True}
@@ -22,7 +23,7 @@ GREEDY = {"max_new_tokens": 12, "temperature": 0.0, "ignore_eos": True}
 
 def collect(client: EngineClient, rid: str, ids: list[int], params: dict[str, object]) -> list[RequestOutput]:
     outputs: queue.SimpleQueue[RequestOutput | BaseException] = queue.SimpleQueue()
-    client.add([rid], ids, params, outputs.put)
+    client.add([rid], Prompt(ids, params), outputs.put)
     got: list[RequestOutput] = []
     while True:
         item = outputs.get(timeout=60)
@@ -52,15 +53,15 @@ def test_generation_through_the_process_matches_hf(client: EngineClient, tiny_ll
 
 def test_bad_request_is_rejected_and_the_engine_keeps_serving(client: EngineClient) -> None:
     with pytest.raises(ValueError, match="top_p"):
-        client.add(["bad"], [5, 6], {"top_p": 7.0}, lambda _: None)
+        client.add(["bad"], Prompt([5, 6], {"top_p": 7.0}), lambda _: None)
     with pytest.raises(ValueError, match="context"):
-        client.add(["long"], [5] * (client.max_context_len + 1), {}, lambda _: None)
+        client.add(["long"], Prompt([5] * (client.max_context_len + 1), {}), lambda _: None)
     assert len(collect(client, "after", [5, 6, 7], GREEDY)) >= 1
 
 
 def test_abort_through_the_process(client: EngineClient) -> None:
     outputs: queue.SimpleQueue[RequestOutput | BaseException] = queue.SimpleQueue()
-    client.add(["long-run"], [5, 6, 7], {"max_new_tokens": 500, "ignore_eos": True}, outputs.put)
+    client.add(["long-run"], Prompt([5, 6, 7], {"max_new_tokens": 500, "ignore_eos": True}), outputs.put)
     first = outputs.get(timeout=60)
     assert isinstance(first, RequestOutput) and not first.finished
     client.abort("long-run")
@@ -81,7 +82,7 @@ def test_a_model_that_cannot_load_fails_start_up_clearly(tmp_path: Path) -> None
 def test_a_dead_engine_fails_open_requests_promptly(tiny_llama: Path) -> None:
     c = EngineClient(EngineConfig.from_options(str(tiny_llama)))
     outputs: queue.SimpleQueue[RequestOutput | BaseException] = queue.SimpleQueue()
-    c.add(["doomed"], [5, 6, 7], {"max_new_tokens": 100000, "ignore_eos": True}, outputs.put)
+    c.add(["doomed"], Prompt([5, 6, 7], {"max_new_tokens": 100000, "ignore_eos": True}), outputs.put)
     assert c.process.pid is not None
     os.kill(c.process.pid, signal.SIGKILL)
     c.process.join(5)
@@ -98,15 +99,15 @@ def test_a_dead_engine_fails_open_requests_promptly(tiny_llama: Path) -> None:
             break
     assert "died" in str(item) and time.monotonic() - start < 5
     with pytest.raises(RuntimeError, match="died"):
-        c.add(["later"], [5], {}, outputs.put)
+        c.add(["later"], Prompt([5], {}), outputs.put)
     c.shutdown()
 
 
 def test_a_request_id_in_use_is_refused_and_the_first_caller_keeps_its_stream(client: EngineClient) -> None:
     outputs: queue.SimpleQueue[RequestOutput | BaseException] = queue.SimpleQueue()
-    client.add(["dup"], [5, 6, 7], {"max_new_tokens": 40, "ignore_eos": True}, outputs.put)
+    client.add(["dup"], Prompt([5, 6, 7], {"max_new_tokens": 40, "ignore_eos": True}), outputs.put)
     with pytest.raises(ValueError, match="'dup' is already in use"):
-        client.add(["dup"], [8, 9], {"max_new_tokens": 2}, lambda _: None)
+        client.add(["dup"], Prompt([8, 9], {"max_new_tokens": 2}), lambda _: None)
     last = outputs.get(timeout=60)
     while isinstance(last, RequestOutput) and not last.finished:
         last = outputs.get(timeout=60)
@@ -132,7 +133,7 @@ def test_an_answer_to_a_cancelled_call_is_dropped_and_the_client_keeps_going(
     cancelled = sum(client.stats().cancel() for _ in range(200))
     assert cancelled >= 5
     outputs: queue.SimpleQueue[RequestOutput | BaseException] = queue.SimpleQueue()
-    admitted = client.submit(["left"], [5, 6, 7], GREEDY, outputs.put)
+    admitted = client.submit(["left"], Prompt([5, 6, 7], GREEDY), outputs.put)
     admitted.cancel()
     assert client.stats().result(timeout=30)["kv_total_tokens"] > 0
     assert len(collect(client, "after-cancel", [5, 6, 7], GREEDY)) >= 1

@@ -19,6 +19,7 @@ from shared.config import EngineConfig
 from shared.distributed import parallel_state
 from shared.engine_client import EngineClient
 from shared.engine_core import RequestOutput
+from shared.inputs import Prompt
 from shared.models.config import ModelConfig
 from tests.engine.hf_reference import hf_greedy
 
@@ -46,7 +47,7 @@ def run_outputs(client: EngineClient, prompts: list[list[int]], first: int = 0) 
         if pending:
             rid, prompt = pending.pop(0)
             ids[rid] = []
-            client.add([rid], prompt, GREEDY, outputs.put)
+            client.add([rid], Prompt(prompt, GREEDY), outputs.put)
         try:
             item = outputs.get(timeout=60 if not pending else 0.05)
         except queue.Empty:
@@ -131,7 +132,7 @@ def test_a_dead_follower_fails_the_request_and_the_engine_exits(tiny_llama: Path
     client = tp_client(tiny_llama)
     try:
         outputs: queue.SimpleQueue[RequestOutput | BaseException] = queue.SimpleQueue()
-        client.add(["doomed"], [5, 6, 7], {"max_new_tokens": 100000, "ignore_eos": True}, outputs.put)
+        client.add(["doomed"], Prompt([5, 6, 7], {"max_new_tokens": 100000, "ignore_eos": True}), outputs.put)
         first = outputs.get(timeout=60)
         assert isinstance(first, RequestOutput) and not first.finished
         assert client.process.pid is not None
@@ -147,7 +148,7 @@ def test_followers_exit_when_rank_0_dies(tiny_llama: Path) -> None:
     client = tp_client(tiny_llama)
     try:
         outputs: queue.SimpleQueue[RequestOutput | BaseException] = queue.SimpleQueue()
-        client.add(["orphan"], [5, 6, 7], {"max_new_tokens": 100000, "ignore_eos": True}, outputs.put)
+        client.add(["orphan"], Prompt([5, 6, 7], {"max_new_tokens": 100000, "ignore_eos": True}), outputs.put)
         assert isinstance(outputs.get(timeout=60), RequestOutput)
         assert client.process.pid is not None
         (follower,) = _children(client.process.pid)

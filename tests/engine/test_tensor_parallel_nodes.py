@@ -23,6 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from services.launcher import free_port
 from shared.engine_core import RequestOutput
+from shared.inputs import Prompt
 from tests.engine.hf_reference import hf_greedy
 from tests.engine.test_tensor_parallel import (
     GREEDY,
@@ -98,7 +99,9 @@ def test_a_dead_node_fails_the_request_and_node_0s_engine_exits(tiny_llama: Path
         client = tp_client(tiny_llama, nnodes=2, node_rank=0, dist_init_addr=addr)
         try:
             outputs: queue.SimpleQueue[RequestOutput | BaseException] = queue.SimpleQueue()
-            client.add(["doomed"], [5, 6, 7], {"max_new_tokens": 100000, "ignore_eos": True}, outputs.put)
+            client.add(
+                ["doomed"], Prompt([5, 6, 7], {"max_new_tokens": 100000, "ignore_eos": True}), outputs.put
+            )
             first = outputs.get(timeout=60)
             assert isinstance(first, RequestOutput) and not first.finished
             (rank1,) = _children(worker.pid)
