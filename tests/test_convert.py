@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-from services.common.convert import CONSTRAINT_FIELDS, SAMPLING_SCALARS, sampling_to_dict
+import msgspec
+
+from services.common.convert import CONSTRAINT_FIELDS, SAMPLING_SCALARS, prompt_from_proto, sampling_to_dict
 from services.protos.tandem.common.v1 import common_pb2
+from services.protos.tandem.worker.v1 import worker_pb2
+from shared.inputs import Prompt
 from shared.sampling.params import SamplingParams
 
 
@@ -29,3 +33,18 @@ def test_a_constraint_reaches_the_engine_params() -> None:
         proto = common_pb2.SamplingParams(**{name: "x"})
         params = SamplingParams.from_dict(sampling_to_dict(proto))
         assert getattr(params, name) == "x"
+
+
+def test_a_worker_request_becomes_the_engine_prompt() -> None:
+    request = worker_pb2.GenerateRequest(
+        rid="r",
+        token_ids=[5, 6, 7],
+        sampling_params=common_pb2.SamplingParams(max_new_tokens=4, stop=["x"]),
+        return_logprob=True,
+        top_logprobs_num=2,
+    )
+    prompt = prompt_from_proto(request)
+    assert prompt == Prompt([5, 6, 7], {"max_new_tokens": 4, "stop": ["x"]}, True, 2)
+    # It crosses to the engine process as it is.
+    assert msgspec.msgpack.decode(msgspec.msgpack.encode(prompt), type=Prompt) == prompt
+    assert prompt_from_proto(worker_pb2.GenerateRequest(token_ids=[1])) == Prompt([1], {}, False, 0)
