@@ -6,7 +6,7 @@
    or first by `per_token_group_quant_fp8`, timed with it) at the same shapes, M = 1, against the
    bandwidth its FP8 weight bytes need, over rows, splits, warps and stages, every config
    checked against float32 first;
-3. the tensor-core FP8 GEMV (`kernels.fp8_mma_gemv`: the weight on the MMA's M side, the tokens
+3. the tensor-core FP8 GEMV (`kernels.gemv.fp8_mma_gemv`: the weight on the MMA's M side, the tokens
    padded to 16 on its N side) at M = 1, 4 and 16 against, at the same M, the CUDA-core GEMV
    (M <= 4) and the block GEMM `fp8_linear` takes today, over rows, splits, warps and stages;
 4. paged decode attention (`kernels.decode_attention`, both stages) at batch 1 and 128 over a
@@ -154,9 +154,8 @@ def sweep_fp8_gemv(device: torch.device, full: bool) -> list[dict[str, Any]]:
 
 def sweep_fp8_mma_gemv(device: torch.device, full: bool) -> list[dict[str, Any]]:
     from kernels import fp8_gemm
-    from kernels.fp8_mma_gemv import fp8_mma_gemv, mma_gemv_config
     from kernels.fp8_quant import block_quant_fp8, per_token_group_quant_fp8
-    from kernels.gemv import GEMV_MAX_ROWS, fp8_gemv
+    from kernels.gemv import GEMV_MAX_ROWS, fp8_gemv, fp8_mma_gemv, mma_gemv_config
 
     block = (128, 128)
     rows: list[dict[str, Any]] = []

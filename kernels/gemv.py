@@ -24,6 +24,17 @@ quantizes each [BLOCK_M, bk] group of x in its step with the quantization kernel
 every column tile repeats that, which costs little next to its BLOCK_N weight rows. Otherwise x
 is already codes and x_s their scales.
 
+FP8 on tensor cores (`fp8_mma_gemv`, up to MMA_MAX_M = 16 tokens): the same launch and loop,
+but each step is one FP8 MMA with the operands swapped ("swap AB"): the [BLOCK_N, bk] weight
+tile (64 or 128 rows, row-major, K contiguous: as the warpgroup MMA reads its A operand) times
+x^T, the tokens' codes padded to 16 columns (rows past M wrap onto valid ones, never stored).
+The step's float32 product (exact products, at most bk of them summed in the MMA's own
+accumulator, the bound DeepSeek-V3's recipe keeps for Hopper's reduced-precision FP8
+accumulation) is scaled by the two groups' scales and added to a float32 [BLOCK_N, 16]
+accumulator: no per-element widening of the weight, which bounds the CUDA-core path (on the
+H200 it streams FP8 at 1.5-3.0 TB/s against 2.8-3.9 for bf16; docs/benchmarks.md). Built and
+tested; `kernels.fp8_gemm.MMA_GEMV_MAX_M` (0) keeps it off until a GPU sweep measures it.
+
 Split K: where N / BLOCK_N programs alone would leave SMs short of loads in flight, SPLIT_K
 programs share a column tile's K range, each writing a float32 partial; `split_k_sum` adds them
 (and the bias) in a fixed order in a second small kernel. That is deterministic and graph-safe
@@ -74,6 +85,24 @@ def gemv_config(m: int, n: int, k: int) -> dict[str, int]:
     """
     groups = triton.cdiv(k, 128)
     block_n = 64 if triton.cdiv(n, 64) >= 2 * _NUM_SMS or groups >= 64 else 32
+    tiles = triton.cdiv(n, block_n)
+    split = 1
+    while tiles * split < 3 * _NUM_SMS and groups // (2 * split) >= 4:
+        split *= 2
+    return {"BLOCK_N": block_n, "SPLIT_K": split, "num_warps": 4, "num_stages": 4}
+
+
+MMA_MAX_M = 16  # tokens `fp8_mma_gemv` takes: the MMA's N side
+
+
+def mma_gemv_config(m: int, n: int, k: int) -> dict[str, int]:
+    """BLOCK_N, SPLIT_K and launch options of `fp8_mma_gemv`: a first guess, until a GPU sweep.
+
+    One warpgroup over 64 weight rows; 128 where 64-row tiles alone would give every SM two;
+    K split as `gemv_config` splits it (~3 programs per SM, each keeping >= 4 groups).
+    """
+    groups = triton.cdiv(k, 128)
+    block_n = 128 if triton.cdiv(n, 64) >= 2 * _NUM_SMS else 64
     tiles = triton.cdiv(n, block_n)
     split = 1
     while tiles * split < 3 * _NUM_SMS and groups // (2 * split) >= 4:
@@ -144,6 +173,22 @@ def fp8_gemv(
     return _launch(x, x_s, w_q, w_s, out_dtype, bias, block, cfg)
 
 
+def fp8_mma_gemv(
+    x: torch.Tensor,  # [M, K] float (x_s None) or float8_e4m3fn codes, M <= MMA_MAX_M
+    x_s: torch.Tensor | None,  # [M, ceil(K / bk)] float32, or None: quantize x in the kernel
+    w_q: torch.Tensor,  # [N, K] float8_e4m3fn
+    w_s: torch.Tensor,  # [ceil(N / bn), ceil(K / bk)] float32
+    out_dtype: torch.dtype,
+    block: tuple[int, int],
+    bias: torch.Tensor | None = None,  # [N]
+    config: dict[str, int] | None = None,  # keys GEMV_CONFIG_KEYS, overriding `mma_gemv_config`
+) -> torch.Tensor:  # [M, N] out_dtype
+    """`fp8_gemv`'s product on tensor cores (see the module doc), as unchecked and graph-safe."""
+    m, k = x.shape
+    cfg = {**mma_gemv_config(m, w_q.shape[0], k), **(config or {})}
+    return _launch(x, x_s, w_q, w_s, out_dtype, bias, block, cfg, mma=True)
+
+
 def silu_mul_linear(
     gate_up: torch.Tensor,  # [..., 2K]: gate | up
     weight: torch.Tensor,  # [N, K], gate_up's dtype
@@ -211,10 +256,11 @@ def _launch(
     block: tuple[int, int],  # (bn, bk): scale blocks; bk is also the step along K
     cfg: dict[str, Any],  # BLOCK_N, SPLIT_K and launch options
     gated: bool = False,  # x is [M, 2K]: gate | up (dense weights only)
+    mma: bool = False,  # FP8 weights on tensor cores, up to MMA_MAX_M rows
 ) -> torch.Tensor:
     m = x.shape[0]
     n, k = w.shape
-    assert m <= GEMV_MAX_ROWS, m
+    assert m <= (MMA_MAX_M if mma else GEMV_MAX_ROWS), m
     out = torch.empty((m, n), dtype=out_dtype, device=x.device)
     if out.numel() == 0:
         return out
@@ -253,8 +299,10 @@ def _launch(
         SCALAR_W_SCALE=scaled and bn % block_n == 0,
         FUSE_QUANT=scaled and x_s is None,
         GATED=gated,
+        MMA=mma,
+        ONE_ROW=mma and x_s is None and m == 1,
         LOOP_WHILE=interpreting(),
-        BLOCK_M=triton.next_power_of_2(m),
+        BLOCK_M=MMA_MAX_M if mma else triton.next_power_of_2(m),
         BLOCK_N=block_n,
         **cfg,
     )
@@ -318,6 +366,8 @@ def _gemv_kernel(
     SCALAR_W_SCALE: tl.constexpr,
     FUSE_QUANT: tl.constexpr,
     GATED: tl.constexpr,
+    MMA: tl.constexpr,
+    ONE_ROW: tl.constexpr,
     LOOP_WHILE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -332,7 +382,11 @@ def _gemv_kernel(
     rows_n = (offs_n % N).to(tl.int64)
     k_lo = split * k_per_split  # a whole number of groups
     k_hi = tl.minimum(K, k_lo + k_per_split)
-    x_ptrs = x_ptr + rows_m[:, None] * x_stride_m + (k_lo + offs_k)[None, :] * x_stride_k  # [BM, GK]
+    if ONE_ROW:
+        x_rows = tl.zeros((1,), dtype=tl.int64)  # MMA, M = 1: quantized once, then repeated
+    else:
+        x_rows = rows_m
+    x_ptrs = x_ptr + x_rows[:, None] * x_stride_m + (k_lo + offs_k)[None, :] * x_stride_k  # [BM|1, GK]
     w_ptrs = w_ptr + rows_n[:, None] * w_stride_n + (k_lo + offs_k)[None, :] * w_stride_k  # [BN, GK]
     xs_ptrs = xs_ptr + rows_m * xs_stride_m  # [BLOCK_M]
     if SCALAR_W_SCALE:
@@ -341,7 +395,9 @@ def _gemv_kernel(
     else:
         ws_ptrs = ws_ptr + (rows_n // GROUP_N) * ws_stride_n  # [BLOCK_N]
 
-    if BLOCK_M == 1:
+    if MMA:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # out^T, reduced by the MMAs
+    elif BLOCK_M == 1:
         acc = tl.zeros((BLOCK_N, GROUP_K), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N, GROUP_K), dtype=tl.float32)
@@ -352,7 +408,8 @@ def _gemv_kernel(
         while k0 < k_hi:
             acc = _gemv_step(
                 acc, x_ptrs, xs_ptrs, w_ptrs, ws_ptrs, xs_stride_k, ws_stride_k, offs_k, k0, K,
-                x_stride_k, fp8_max, eps, GROUP_K, EVEN_K, SCALED, SCALAR_W_SCALE, FUSE_QUANT, GATED, BLOCK_M,
+                x_stride_k, fp8_max, eps, GROUP_K, EVEN_K, SCALED, SCALAR_W_SCALE, FUSE_QUANT, GATED,
+                MMA, ONE_ROW, BLOCK_M,
             )  # fmt: skip
             x_ptrs += GROUP_K * x_stride_k
             w_ptrs += GROUP_K * w_stride_k
@@ -361,12 +418,15 @@ def _gemv_kernel(
         for k0 in range(k_lo, k_hi, GROUP_K):
             acc = _gemv_step(
                 acc, x_ptrs, xs_ptrs, w_ptrs, ws_ptrs, xs_stride_k, ws_stride_k, offs_k, k0, K,
-                x_stride_k, fp8_max, eps, GROUP_K, EVEN_K, SCALED, SCALAR_W_SCALE, FUSE_QUANT, GATED, BLOCK_M,
+                x_stride_k, fp8_max, eps, GROUP_K, EVEN_K, SCALED, SCALAR_W_SCALE, FUSE_QUANT, GATED,
+                MMA, ONE_ROW, BLOCK_M,
             )  # fmt: skip
             x_ptrs += GROUP_K * x_stride_k
             w_ptrs += GROUP_K * w_stride_k
 
-    if BLOCK_M == 1:
+    if MMA:
+        result = tl.trans(acc)  # [BLOCK_M, BLOCK_N]
+    elif BLOCK_M == 1:
         result = tl.sum(acc, axis=1)[None, :]  # [1, BLOCK_N]
     else:
         result = tl.sum(acc, axis=2)  # [BLOCK_M, BLOCK_N]
@@ -380,8 +440,8 @@ def _gemv_kernel(
 
 @triton.jit
 def _gemv_step(
-    acc,  # [BLOCK_N, GROUP_K] (BLOCK_M == 1) or [BLOCK_M, BLOCK_N, GROUP_K] float32
-    x_ptrs,  # [BLOCK_M, GROUP_K] at column k0
+    acc,  # [BLOCK_N, GROUP_K] (BLOCK_M == 1), [BLOCK_M, BLOCK_N, GROUP_K], or [BLOCK_N, BLOCK_M] (MMA)
+    x_ptrs,  # [BLOCK_M, GROUP_K] (or [1, GROUP_K] with ONE_ROW) at column k0
     xs_ptrs,  # [BLOCK_M] x's scales, group 0 (unused with FUSE_QUANT)
     w_ptrs,  # [BLOCK_N, GROUP_K] at column k0
     ws_ptrs,  # [BLOCK_N] w's scales, group 0 (a scalar pointer with SCALAR_W_SCALE)
@@ -399,40 +459,86 @@ def _gemv_step(
     SCALAR_W_SCALE: tl.constexpr,
     FUSE_QUANT: tl.constexpr,
     GATED: tl.constexpr,
+    MMA: tl.constexpr,
+    ONE_ROW: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):
-    """acc + the (dequantized) products of columns [k0, k0 + GROUP_K), unreduced."""
+    """acc + the (dequantized) products of columns [k0, k0 + GROUP_K): unreduced on the CUDA
+    cores, reduced over the group with MMA."""
     x = _load_step(x_ptrs, offs_k, K - k0, EVEN_K)  # [BLOCK_M, GROUP_K]
     w = _load_step(w_ptrs, offs_k, K - k0, EVEN_K)  # [BLOCK_N, GROUP_K]
-    if GATED:  # x holds the gates; the ups sit K columns on. silu_and_mul's roundings.
-        up = _load_step(x_ptrs + K * x_stride_k, offs_k, K - k0, EVEN_K)
-        g = x.to(tl.float32)
-        silu = (g * tl.sigmoid(g)).to(x.dtype)
-        x = (silu.to(tl.float32) * up.to(tl.float32)).to(x.dtype)
-    # w widens to float32 only after x's quantization: widening it first keeps a float32 tile
-    # live through the quantization's reduction, which made FP8 batch-1 decode 33% slower on the
-    # H200 (630cc3b; docs/benchmarks.md).
-    if not SCALED:
-        xd = x.to(tl.float32)
-        wf = w.to(tl.float32)
+    if MMA:  # FP8 weights only
+        out = _mma_group(
+            acc, x, w, xs_ptrs, ws_ptrs, xs_stride_k, ws_stride_k, k0 // GROUP_K, fp8_max, eps,
+            GROUP_K, SCALAR_W_SCALE, FUSE_QUANT, ONE_ROW, BLOCK_M,
+        )  # fmt: skip
     else:
-        group = k0 // GROUP_K
-        if FUSE_QUANT:
-            q, x_scale = quant_groups_e4m3(x.to(tl.float32), fp8_max, eps)  # on the E4M3 grid, [BM]
+        if GATED:  # x holds the gates; the ups sit K columns on. silu_and_mul's roundings.
+            up = _load_step(x_ptrs + K * x_stride_k, offs_k, K - k0, EVEN_K)
+            g = x.to(tl.float32)
+            silu = (g * tl.sigmoid(g)).to(x.dtype)
+            x = (silu.to(tl.float32) * up.to(tl.float32)).to(x.dtype)
+        # w widens to float32 only after x's quantization: widening it first keeps a float32
+        # tile live through the quantization's reduction, which made FP8 batch-1 decode 33%
+        # slower on the H200 (630cc3b; docs/benchmarks.md).
+        if not SCALED:
+            xd = x.to(tl.float32)
+            wf = w.to(tl.float32)
         else:
-            q = x.to(tl.float32)
-            x_scale = tl.load(xs_ptrs + group * xs_stride_k)  # [BLOCK_M]
-        w_scale = tl.load(ws_ptrs + group * ws_stride_k)
-        wf = w.to(tl.float32)
-        if SCALAR_W_SCALE:
-            xd = q * (x_scale * w_scale)[:, None]  # [BLOCK_M, GROUP_K]
+            group = k0 // GROUP_K
+            if FUSE_QUANT:
+                q, x_scale = quant_groups_e4m3(x.to(tl.float32), fp8_max, eps)  # on the E4M3 grid, [BM]
+            else:
+                q = x.to(tl.float32)
+                x_scale = tl.load(xs_ptrs + group * xs_stride_k)  # [BLOCK_M]
+            w_scale = tl.load(ws_ptrs + group * ws_stride_k)
+            wf = w.to(tl.float32)
+            if SCALAR_W_SCALE:
+                xd = q * (x_scale * w_scale)[:, None]  # [BLOCK_M, GROUP_K]
+            else:
+                xd = q * x_scale[:, None]
+                wf = wf * w_scale[:, None]
+        if BLOCK_M == 1:
+            out = acc + wf * xd
         else:
-            xd = q * x_scale[:, None]
-            wf = wf * w_scale[:, None]
-    if BLOCK_M == 1:
-        return acc + wf * xd
+            out = acc + wf[None, :, :] * xd[:, None, :]
+    return out
+
+
+@triton.jit
+def _mma_group(
+    acc,  # [BLOCK_N, BLOCK_M] float32: out^T so far
+    x,  # [BLOCK_M, GROUP_K] float (FUSE_QUANT; [1, GROUP_K] with ONE_ROW) or E4M3 codes
+    w,  # [BLOCK_N, GROUP_K] E4M3 codes
+    xs_ptrs,  # [BLOCK_M] x's scales, group 0 (unused with FUSE_QUANT)
+    ws_ptrs,  # [BLOCK_N] w's scales, group 0 (a scalar pointer with SCALAR_W_SCALE)
+    xs_stride_k,
+    ws_stride_k,
+    group,
+    fp8_max,
+    eps,
+    GROUP_K: tl.constexpr,
+    SCALAR_W_SCALE: tl.constexpr,
+    FUSE_QUANT: tl.constexpr,
+    ONE_ROW: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    """acc + the scaled FP8 tensor-core product of one scale group, transposed."""
+    if FUSE_QUANT:
+        q, x_scale = quant_groups_e4m3(x.to(tl.float32), fp8_max, eps)  # on the E4M3 grid
+        q = q.to(w.dtype)  # exact
+        if ONE_ROW:
+            q = tl.broadcast_to(q, (BLOCK_M, GROUP_K))
+            x_scale = tl.broadcast_to(x_scale, (BLOCK_M,))
     else:
-        return acc + wf[None, :, :] * xd[:, None, :]
+        q = x
+        x_scale = tl.load(xs_ptrs + group * xs_stride_k)  # [BLOCK_M]
+    w_scale = tl.load(ws_ptrs + group * ws_stride_k)
+    part = tl.dot(w, tl.trans(q))  # [BLOCK_N, BLOCK_M] float32
+    if SCALAR_W_SCALE:
+        return acc + part * (x_scale * w_scale)[None, :]
+    else:
+        return acc + part * w_scale[:, None] * x_scale[None, :]
 
 
 @triton.jit

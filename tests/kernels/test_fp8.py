@@ -21,7 +21,6 @@ import pytest
 import torch
 
 from kernels import fp8_gemm
-from kernels import fp8_mma_gemv as fp8_mma_gemv_module
 from kernels import gemv as fp8_gemv_module
 from kernels.config import reference_mode
 from kernels.fp8_gemm import (
@@ -34,7 +33,6 @@ from kernels.fp8_gemm import (
     w8a8_block_fp8_matmul,
     w8a8_block_fp8_matmul_ref,
 )
-from kernels.fp8_mma_gemv import fp8_mma_gemv
 from kernels.fp8_quant import (
     FP8_DTYPE,
     FP8_EPS,
@@ -45,7 +43,7 @@ from kernels.fp8_quant import (
     per_token_group_quant_fp8,
     per_token_group_quant_fp8_ref,
 )
-from kernels.gemv import fp8_gemv
+from kernels.gemv import fp8_gemv, fp8_mma_gemv
 
 pytestmark = pytest.mark.kernels
 
@@ -474,13 +472,13 @@ def test_mma_gemv_takes_few_tokens_when_switched_on(
     # tokens (never past the kernel's 16, never with a pinned config) to it, the rest as before.
     assert fp8_gemm.MMA_GEMV_MAX_M == 0
     calls: list[tuple[int, bool]] = []
-    real = fp8_mma_gemv_module.fp8_mma_gemv
+    real = fp8_gemv_module.fp8_mma_gemv
 
     def spy(x: torch.Tensor, x_s: torch.Tensor | None, *args: object, **kwargs: object) -> torch.Tensor:
         calls.append((x.shape[0], x_s is None))
         return real(x, x_s, *args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(fp8_mma_gemv_module, "fp8_mma_gemv", spy)
+    monkeypatch.setattr(fp8_gemv_module, "fp8_mma_gemv", spy)
     n, k = (48, 96) if device.type == "cpu" else (4096, 4096)
     x, _, a_q, a_s, w_q, w_s = quantized_operands(32, n, k, device)
     fp8_linear(x[:4], w_q, w_s)
