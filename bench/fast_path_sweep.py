@@ -6,9 +6,10 @@
    or first by `per_token_group_quant_fp8`, timed with it) at the same shapes, M = 1, against the
    bandwidth its FP8 weight bytes need, over rows, splits, warps and stages, every config
    checked against float32 first;
-3. the tensor-core FP8 GEMV (`kernels.gemv.fp8_mma_gemv`: the weight on the MMA's M side, the tokens
-   padded to 16 on its N side) at M = 1, 4 and 16 against, at the same M, the CUDA-core GEMV
-   (M <= 4) and the block GEMM `fp8_linear` takes today, over rows, splits, warps and stages;
+3. the tensor-core FP8 GEMV (`kernels.gemv.fp8_gemv(..., mma=True)`: the weight on the MMA's M
+   side, the tokens padded to 16 on its N side) at M = 1, 4 and 16 against, at the same M, the
+   CUDA-core GEMV (M <= 4) and the block GEMM `fp8_linear` takes today, over rows, splits, warps
+   and stages;
 4. paged decode attention (`kernels.decode_attention`, both stages) at batch 1 and 128 over a
    1088-token context (Llama-3-8B: 32 query heads, 8 KV heads, head dim 128), bf16 and FP8
    pools: K/V splits, key block, warps and pipeline stages.
@@ -96,133 +97,81 @@ def sweep_gemv(device: torch.device, ms: tuple[int, ...], full: bool) -> list[di
     return rows
 
 
-def sweep_fp8_gemv(device: torch.device, full: bool) -> list[dict[str, Any]]:
-    from kernels.fp8_quant import block_quant_fp8, per_token_group_quant_fp8
-    from kernels.gemv import fp8_gemv, gemv_config
-
-    block = (128, 128)
-    rows: list[dict[str, Any]] = []
-    for name, (n, k) in LLAMA3_8B_SHAPES.items():
-        w_q, w_s = block_quant_fp8(torch.randn(n, k, device=device) * 0.02, block)
-        copies = copies_for(n * k, device)
-        ws = [(w_q.clone(), w_s.clone()) for _ in range(copies)]
-        x = torch.randn(1, k, device=device, dtype=torch.bfloat16)
-        w_deq = w_q.float().view(n // 128, 128, k // 128, 128) * w_s[:, None, :, None]
-        ref = F.linear(x.float(), w_deq.view(n, k))
-        default = gemv_config(1, n, k)
-        grid = [(default, True), (default, False)]
-        if full:
-            knobs = itertools.product((16, 32, 64, 128), (1, 2, 4, 8, 16), (4, 8), (2, 4, 6))
-            for bn, split, warps, stages in knobs:
-                tiles = -(-n // bn)
-                if tiles * split < 132 or k // (128 * split) < 2:
-                    continue
-                cfg = {"BLOCK_N": bn, "SPLIT_K": split, "num_warps": warps, "num_stages": stages}
-                grid.append((cfg, True))
-                if warps == 4 and stages == 4:
-                    grid.append((cfg, False))
-
-        def call(
-            w: tuple[torch.Tensor, torch.Tensor], cfg: dict[str, int], fused: bool, x: torch.Tensor = x
-        ) -> torch.Tensor:
-            if fused:
-                return fp8_gemv(x, None, w[0], w[1], torch.bfloat16, block, config=cfg)
-            x_q, x_s = per_token_group_quant_fp8(x, 128)
-            return fp8_gemv(x_q, x_s, w[0], w[1], torch.bfloat16, block, config=cfg)
-
-        for cfg, fused in grid:
-            err = ((call(ws[0], cfg, fused).float() - ref).norm() / ref.norm()).item()
-            t = per_copy(lambda w, c=cfg, f=fused: call(w, c, f), ws, device, 20)
-            row = {
-                "shape": name, "N": n, "K": k, "config": cfg, "fused_quant": fused,
-                "default": cfg is default, "us": 1e6 * t, "tb_s": n * k / t / 1e12, "rel_err": err,
-            }  # fmt: skip
-            rows.append(row)
-            if err > 5e-2:
-                print(f"  BAD fp8 {name} {cfg} fused={fused}: rel err {err:.2e}", flush=True)
-        mine = [r for r in rows if r["shape"] == name]
-        best = min(mine, key=lambda r: r["us"])
-        dflt = next(r for r in mine if r["default"] and r["fused_quant"])
-        print(
-            f"fp8 gemv {name:8s}: default {dflt['us']:7.1f} us ({dflt['tb_s']:.2f} TB/s); "
-            f"best {best['us']:7.1f} us ({best['tb_s']:.2f}) {best['config']} fused={best['fused_quant']}",
-            flush=True,
-        )
-        del ws
-    return rows
-
-
-def sweep_fp8_mma_gemv(device: torch.device, full: bool) -> list[dict[str, Any]]:
+def sweep_fp8_gemv(device: torch.device, full: bool, mma: bool) -> list[dict[str, Any]]:
+    """The FP8 GEMV on CUDA cores (M = 1) or tensor cores (`mma`: M = 1, 4, 16, against the
+    CUDA-core GEMV where it runs and the block GEMM at the same M)."""
     from kernels import fp8_gemm
     from kernels.fp8_quant import block_quant_fp8, per_token_group_quant_fp8
-    from kernels.gemv import GEMV_MAX_ROWS, fp8_gemv, fp8_mma_gemv, mma_gemv_config
+    from kernels.gemv import GEMV_MAX_ROWS, fp8_gemv, gemv_config, mma_gemv_config
 
     block = (128, 128)
+    label = "fp8 mma gemv" if mma else "fp8 gemv"
     rows: list[dict[str, Any]] = []
     for name, (n, k) in LLAMA3_8B_SHAPES.items():
         w_q, w_s = block_quant_fp8(torch.randn(n, k, device=device) * 0.02, block)
         copies = copies_for(n * k, device)
         ws = [(w_q.clone(), w_s.clone()) for _ in range(copies)]
         w_deq = (w_q.float().view(n // 128, 128, k // 128, 128) * w_s[:, None, :, None]).view(n, k)
-        for m in (1, 4, 16):
+        for m in (1, 4, 16) if mma else (1,):
             x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
             ref = F.linear(x.float(), w_deq)
-            # Today's paths at this M: the CUDA-core GEMV (M <= 4, its own quantization inside)
-            # and the block GEMM (quantization launch + tensor cores, tokens on the M side).
-            baselines = {
-                "block_gemm": lambda w, x=x: fp8_gemm.fp8_linear(x, w[0], w[1], config={}),
-            }
-            if m <= GEMV_MAX_ROWS:
-                baselines["cuda_core_gemv"] = lambda w, x=x: fp8_gemv(
-                    x, None, w[0], w[1], torch.bfloat16, block
-                )
+            # What runs these M today, beside the tensor-core GEMV: the CUDA-core GEMV (its own
+            # quantization inside) and the block GEMM (a quantization launch, tokens on its M side).
+            baselines = {}
+            if mma:
+                baselines["block_gemm"] = lambda w, x=x: fp8_gemm.fp8_linear(x, w[0], w[1], config={})
+                if m <= GEMV_MAX_ROWS:
+                    baselines["cuda_core_gemv"] = lambda w, x=x: fp8_gemv(
+                        x, None, w[0], w[1], torch.bfloat16, block
+                    )
             base_us = {b: 1e6 * per_copy(f, ws, device, 20) for b, f in baselines.items()}
-            default = mma_gemv_config(m, n, k)
+            default = (mma_gemv_config if mma else gemv_config)(m, n, k)
             grid = [(default, True), (default, False)]
             if full:
-                knobs = itertools.product((64, 128), (1, 2, 4, 8, 16), (4, 8), (2, 3, 4, 6))
-                for bn, split, warps, stages in knobs:
+                rows_n = (64, 128) if mma else (16, 32, 64, 128)
+                stages = (2, 3, 4, 6) if mma else (2, 4, 6)
+                for bn, split, warps, st in itertools.product(rows_n, (1, 2, 4, 8, 16), (4, 8), stages):
                     tiles = -(-n // bn)
-                    if tiles * split < 132 or k // (128 * split) < 2 or (bn == 64 and warps == 8):
+                    if tiles * split < 132 or k // (128 * split) < 2 or (mma and bn == 64 and warps == 8):
                         continue
-                    cfg = {"BLOCK_N": bn, "SPLIT_K": split, "num_warps": warps, "num_stages": stages}
+                    cfg = {"BLOCK_N": bn, "SPLIT_K": split, "num_warps": warps, "num_stages": st}
                     grid.append((cfg, True))
-                    if stages == 4:
+                    if st == 4 and (mma or warps == 4):
                         grid.append((cfg, False))
 
             def call(
                 w: tuple[torch.Tensor, torch.Tensor], cfg: dict[str, int], fused: bool, x: torch.Tensor = x
             ) -> torch.Tensor:
                 if fused:
-                    return fp8_mma_gemv(x, None, w[0], w[1], torch.bfloat16, block, config=cfg)
+                    return fp8_gemv(x, None, w[0], w[1], torch.bfloat16, block, config=cfg, mma=mma)
                 x_q, x_s = per_token_group_quant_fp8(x, 128)
-                return fp8_mma_gemv(x_q, x_s, w[0], w[1], torch.bfloat16, block, config=cfg)
+                return fp8_gemv(x_q, x_s, w[0], w[1], torch.bfloat16, block, config=cfg, mma=mma)
 
             for cfg, fused in grid:
                 try:
                     err = ((call(ws[0], cfg, fused).float() - ref).norm() / ref.norm()).item()
                     t = per_copy(lambda w, c=cfg, f=fused: call(w, c, f), ws, device, 20)
                 except Exception as e:  # a config Triton cannot build (shared memory): skip it
-                    print(f"  skipped fp8 mma {name} M={m} {cfg}: {type(e).__name__}: {e}", flush=True)
+                    print(f"  skipped {label} {name} M={m} {cfg}: {type(e).__name__}: {e}", flush=True)
                     continue
                 row = {
-                    "shape": name, "M": m, "N": n, "K": k, "config": cfg, "fused_quant": fused,
+                    "shape": name, "M": m, "N": n, "K": k, "mma": mma, "config": cfg, "fused_quant": fused,
                     "default": cfg is default, "us": 1e6 * t, "tb_s": n * k / t / 1e12, "rel_err": err,
                     **{f"{b}_us": us for b, us in base_us.items()},
                 }  # fmt: skip
                 rows.append(row)
                 if err > 5e-2:
-                    print(f"  BAD fp8 mma {name} M={m} {cfg} fused={fused}: rel err {err:.2e}", flush=True)
+                    print(f"  BAD {label} {name} M={m} {cfg} fused={fused}: rel err {err:.2e}", flush=True)
             mine = [r for r in rows if r["shape"] == name and r["M"] == m and r["rel_err"] <= 5e-2]
             if not mine:
                 continue
             best = min(mine, key=lambda r: r["us"])
             dflt = next((r for r in mine if r["default"] and r["fused_quant"]), best)
-            bases = ", ".join(f"{b} {us:.1f} us ({n * k / us / 1e6:.2f} TB/s)" for b, us in base_us.items())
+            bases = "".join(f"{b} {us:.1f} us ({n * k / us / 1e6:.2f} TB/s); " for b, us in base_us.items())
             print(
-                f"fp8 mma gemv {name:8s} M={m:2d}: {bases}; default {dflt['us']:.1f} us "
-                f"({dflt['tb_s']:.2f}); best {best['us']:.1f} us ({best['tb_s']:.2f}) {best['config']} "
-                f"fused={best['fused_quant']}",
+                f"{label} {name:8s} M={m:2d}: {bases}default {dflt['us']:7.1f} us ({dflt['tb_s']:.2f} TB/s);"
+                f" best {best['us']:7.1f} us ({best['tb_s']:.2f}) {best['config']}"
+                f" fused={best['fused_quant']}",
                 flush=True,
             )
         del ws
@@ -303,9 +252,9 @@ def main() -> None:
     if "decode" in only:
         result["decode"] = sweep_decode(device, not args.quick)
     if "fp8gemv" in only:
-        result["fp8_gemv"] = sweep_fp8_gemv(device, not args.quick)
+        result["fp8_gemv"] = sweep_fp8_gemv(device, not args.quick, mma=False)
     if "fp8mma" in only:
-        result["fp8_mma_gemv"] = sweep_fp8_mma_gemv(device, not args.quick)
+        result["fp8_mma_gemv"] = sweep_fp8_gemv(device, not args.quick, mma=True)
     if "gemv" in only:
         result["gemv"] = sweep_gemv(device, tuple(int(m) for m in args.gemv_ms.split(",")), not args.quick)
     if args.json:

@@ -688,7 +688,7 @@ def main() -> None:
         default=0,
         metavar="M",
         help="every batch again with fp8 weights, up to M tokens on the tensor-core GEMV"
-        " (kernels.gemv.fp8_mma_gemv; kernels.fp8_gemm.MMA_GEMV_MAX_M)",
+        " (kernels.gemv.fp8_gemv mma=True; kernels.fp8_gemm.MMA_GEMV_MAX_M)",
     )
     parser.add_argument("--json", type=Path)
     parser.add_argument("--png", type=Path)

@@ -19,7 +19,8 @@ Up to `gemv.GEMV_MAX_M` tokens (decode), `fp8_linear` and `w8a8_block_fp8_matmul
 explicit `config` run `kernels.gemv.fp8_gemv` instead: a CUDA-core GEMV that streams the weight
 faster than 16-row MMA tiles can (an explicit `config` pins this module's tensor-core kernel).
 Where `MMA_GEMV_MAX_M` is set (off by default, until measured on a GPU), up to that many tokens
-take `kernels.gemv.fp8_mma_gemv` first: tensor cores with the weight on the MMA's M side.
+take `kernels.gemv.fp8_gemv(..., mma=True)` first: tensor cores with the weight on the MMA's M
+side.
 
 The 2-D matmul is the batched kernel with one batch; the batch (grid axis 1) takes arbitrary
 strides, so MLA's absorbed weights run on a [T, H, K] activation viewed as [H, T, K].
@@ -72,7 +73,7 @@ _NUM_SMS = 132
 FUSED_QUANT_MAX_M = 0
 
 # Tokens up to which `fp8_linear` / `w8a8_block_fp8_matmul` (no explicit config) take the
-# tensor-core GEMV (`kernels.gemv.fp8_mma_gemv`, at most its MMA_MAX_M) ahead of the CUDA-core one; 0:
+# tensor-core GEMV (`kernels.gemv.fp8_gemv(..., mma=True)`, at most MMA_MAX_M) before the CUDA-core one; 0:
 # never. Off until a GPU run measures it (`bench/fast_path_sweep.py --only fp8mma`,
 # `bench/gpu_bench.py --fp8-mma-gemv`).
 MMA_GEMV_MAX_M = 0
@@ -136,7 +137,7 @@ def w8a8_block_fp8_matmul(
     if reference_enabled():
         return w8a8_block_fp8_matmul_ref(a_q, a_s, w_q, w_s, out_dtype, block, bias=bias)
     if _takes_mma_gemv(a_q.shape[0], config):
-        return gemv.fp8_mma_gemv(a_q, a_s, w_q, w_s, out_dtype, block, bias)
+        return gemv.fp8_gemv(a_q, a_s, w_q, w_s, out_dtype, block, bias, mma=True)
     if _takes_gemv(a_q.shape[0], config):
         return gemv.fp8_gemv(a_q, a_s, w_q, w_s, out_dtype, block, bias)
     out = _launch(a_q[None], a_s[None], w_q[None], w_s[None], out_dtype, block, bias, config)
@@ -188,7 +189,7 @@ def fp8_linear(
     bk = check_block(op, block)[1]
     if _takes_mma_gemv(x2.shape[0], config) and not reference_enabled():
         _check_gemm(op, w_q, w_s, x.dtype, block, bias, config, x=x2)
-        out = gemv.fp8_mma_gemv(x2, None, w_q, w_s, x.dtype, block, bias)
+        out = gemv.fp8_gemv(x2, None, w_q, w_s, x.dtype, block, bias, mma=True)
     elif _takes_gemv(x2.shape[0], config) and gemv.GEMV_FUSES_QUANT and not reference_enabled():
         _check_gemm(op, w_q, w_s, x.dtype, block, bias, config, x=x2)
         out = gemv.fp8_gemv(x2, None, w_q, w_s, x.dtype, block, bias)
@@ -224,7 +225,7 @@ def fp8_bmm(
 
 
 def _takes_mma_gemv(m: int, config: dict[str, int] | None) -> bool:
-    """Whether m tokens run `fp8_mma_gemv`: switched on, few enough tokens, no config pinned."""
+    """Whether m tokens run the tensor-core GEMV: switched on, few enough tokens, no config pinned."""
     return 0 < m <= min(MMA_GEMV_MAX_M, gemv.MMA_MAX_M) and config is None
 
 

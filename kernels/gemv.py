@@ -24,7 +24,7 @@ quantizes each [BLOCK_M, bk] group of x in its step with the quantization kernel
 every column tile repeats that, which costs little next to its BLOCK_N weight rows. Otherwise x
 is already codes and x_s their scales.
 
-FP8 on tensor cores (`fp8_mma_gemv`, up to MMA_MAX_M = 16 tokens): the same launch and loop,
+FP8 on tensor cores (`fp8_gemv(..., mma=True)`, up to MMA_MAX_M = 16 tokens): the same launch and loop,
 but each step is one FP8 MMA with the operands swapped ("swap AB"): the [BLOCK_N, bk] weight
 tile (64 or 128 rows, row-major, K contiguous: as the warpgroup MMA reads its A operand) times
 x^T, the tokens' codes padded to 16 columns (rows past M wrap onto valid ones, never stored).
@@ -92,11 +92,12 @@ def gemv_config(m: int, n: int, k: int) -> dict[str, int]:
     return {"BLOCK_N": block_n, "SPLIT_K": split, "num_warps": 4, "num_stages": 4}
 
 
-MMA_MAX_M = 16  # tokens `fp8_mma_gemv` takes: the MMA's N side
+MMA_MAX_M = 16  # tokens `fp8_gemv(..., mma=True)` takes: the MMA's N side
 
 
 def mma_gemv_config(m: int, n: int, k: int) -> dict[str, int]:
-    """BLOCK_N, SPLIT_K and launch options of `fp8_mma_gemv`: a first guess, until a GPU sweep.
+    """BLOCK_N, SPLIT_K and launch options of `fp8_gemv(..., mma=True)`: a first guess, until a
+    GPU sweep.
 
     One warpgroup over 64 weight rows; 128 where 64-row tiles alone would give every SM two;
     K split as `gemv_config` splits it (~3 programs per SM, each keeping >= 4 groups).
@@ -164,29 +165,16 @@ def fp8_gemv(
     out_dtype: torch.dtype,
     block: tuple[int, int],
     bias: torch.Tensor | None = None,  # [N]
-    config: dict[str, int] | None = None,  # keys GEMV_CONFIG_KEYS, overriding `gemv_config`
+    config: dict[str, int] | None = None,  # keys GEMV_CONFIG_KEYS, overriding the default config
+    mma: bool = False,  # on tensor cores (up to MMA_MAX_M rows), else CUDA cores (GEMV_MAX_ROWS)
 ) -> torch.Tensor:  # [M, N] out_dtype
-    """The launch behind the few-token paths of `kernels.fp8_gemm`. No checks: callers check
-    (bk a power of two >= 32, shapes, dtypes, one device). No host sync: graph-safe."""
+    """The launch behind the few-token paths of `kernels.fp8_gemm`, its config from
+    `mma_gemv_config` or `gemv_config`. No checks: callers check (bk a power of two >= 32,
+    shapes, dtypes, one device). No host sync: graph-safe."""
     m, k = x.shape
-    cfg = {**gemv_config(m, w_q.shape[0], k), **(config or {})}
-    return _launch(x, x_s, w_q, w_s, out_dtype, bias, block, cfg)
-
-
-def fp8_mma_gemv(
-    x: torch.Tensor,  # [M, K] float (x_s None) or float8_e4m3fn codes, M <= MMA_MAX_M
-    x_s: torch.Tensor | None,  # [M, ceil(K / bk)] float32, or None: quantize x in the kernel
-    w_q: torch.Tensor,  # [N, K] float8_e4m3fn
-    w_s: torch.Tensor,  # [ceil(N / bn), ceil(K / bk)] float32
-    out_dtype: torch.dtype,
-    block: tuple[int, int],
-    bias: torch.Tensor | None = None,  # [N]
-    config: dict[str, int] | None = None,  # keys GEMV_CONFIG_KEYS, overriding `mma_gemv_config`
-) -> torch.Tensor:  # [M, N] out_dtype
-    """`fp8_gemv`'s product on tensor cores (see the module doc), as unchecked and graph-safe."""
-    m, k = x.shape
-    cfg = {**mma_gemv_config(m, w_q.shape[0], k), **(config or {})}
-    return _launch(x, x_s, w_q, w_s, out_dtype, bias, block, cfg, mma=True)
+    default = mma_gemv_config if mma else gemv_config
+    cfg = {**default(m, w_q.shape[0], k), **(config or {})}
+    return _launch(x, x_s, w_q, w_s, out_dtype, bias, block, cfg, mma=mma)
 
 
 def silu_mul_linear(

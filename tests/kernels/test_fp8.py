@@ -43,7 +43,7 @@ from kernels.fp8_quant import (
     per_token_group_quant_fp8,
     per_token_group_quant_fp8_ref,
 )
-from kernels.gemv import fp8_gemv, fp8_mma_gemv
+from kernels.gemv import fp8_gemv
 
 pytestmark = pytest.mark.kernels
 
@@ -379,31 +379,62 @@ def gemv_cases(device: torch.device) -> list[tuple[int, int, int]]:
     return [(m, n, k) for m in (1, 2, 4) for n, k in ((160, 96), (6144, 4096), (1000, 14336))]
 
 
-@pytest.mark.parametrize("fuse_quant", [True, False])
-def test_gemv_matches_reference(device: torch.device, fuse_quant: bool) -> None:
-    # The GEMV quantizing x itself (the quantization kernel's codes and scales) or given codes;
-    # column tiles inside one weight block or straddling two (a 64-row block), split K with the
-    # bias added after the sum, and partial last splits.
-    for m, n, k in gemv_cases(device):
-        for block, config in (
+def gemv_launches(
+    device: torch.device, mma: bool
+) -> list[tuple[int, int, int, tuple[int, int], dict[str, int] | None]]:
+    """(M, N, K, block, config): column tiles inside one weight block or straddling two (a
+    64-row block), split K with partial last splits; on tensor cores (`mma`) 64- and 128-row
+    tiles and up to 16 tokens (on the CPU each config once, on a shape that tests it)."""
+    if not mma:
+        configs = [
             ((128, 128), None),
             ((128, 128), {"BLOCK_N": 16, "SPLIT_K": 2}),
             ((64, 128), {"BLOCK_N": 128, "SPLIT_K": 4, "num_warps": 8}),
-        ):
-            w_q, w_s = block_quant_fp8(torch.randn((n, k), device=device) / k**0.5, block)
-            for dtype in dtypes(device):
-                x = torch.randn((m, k), device=device).to(dtype)
-                x[0, :3] = torch.tensor([300.0, -1e-4, 0.0])  # a large value beside E4M3 subnormals
-                bias = torch.randn(n, device=device).to(dtype)
-                a_q, a_s = per_token_group_quant_fp8(x, 128)
-                a = a_q.float() * group_scale(a_s, k, 128)
-                magnitude = a.abs() @ block_dequant_fp8(w_q, w_s, block).abs().t() + bias.float().abs()
-                ref = fp8_linear_ref(x, w_q, w_s, bias, block)
-                if fuse_quant:
-                    out = fp8_gemv(x, None, w_q, w_s, dtype, block, bias, config)
-                else:
-                    out = fp8_gemv(a_q, a_s, w_q, w_s, dtype, block, bias, config)
-                assert_gemm_close(out, ref, magnitude, 2**-14)
+        ]
+        return [(m, n, k, b, c) for m, n, k in gemv_cases(device) for b, c in configs]
+    default, split, straddle = (
+        ((128, 128), None),
+        ((128, 128), {"BLOCK_N": 64, "SPLIT_K": 2}),
+        ((64, 128), {"BLOCK_N": 128, "SPLIT_K": 4, "num_warps": 8}),
+    )
+    if device.type == "cpu":
+        return [
+            (1, 48, 64, *default),
+            (3, 160, 384, *split),
+            (16, 160, 96, *straddle),
+            (16, 160, 384, *split),
+            (1, 160, 384, *straddle),
+        ]
+    return [
+        (m, n, k, *c)
+        for m in (1, 2, 16)
+        for _, n, k in gemv_cases(device)
+        for c in (default, split, straddle)
+    ]
+
+
+@pytest.mark.parametrize("mma", [False, True], ids=["cuda_cores", "tensor_cores"])
+@pytest.mark.parametrize("fuse_quant", [True, False])
+def test_gemv_matches_reference(device: torch.device, fuse_quant: bool, mma: bool) -> None:
+    # The GEMV quantizing x itself (the quantization kernel's codes and scales; on tensor cores
+    # one token is quantized once and repeated) or given codes, the bias added after the sum.
+    # Tensor cores sum a group in the MMA's own accumulator: the GEMM's tolerance.
+    tolerance = sum_order_tolerance(device) if mma else 2**-14
+    for m, n, k, block, config in gemv_launches(device, mma):
+        w_q, w_s = block_quant_fp8(torch.randn((n, k), device=device) / k**0.5, block)
+        for dtype in dtypes(device)[-1:] if mma else dtypes(device):
+            x = torch.randn((m, k), device=device).to(dtype)
+            x[0, :3] = torch.tensor([300.0, -1e-4, 0.0])  # a large value beside E4M3 subnormals
+            bias = torch.randn(n, device=device).to(dtype)
+            a_q, a_s = per_token_group_quant_fp8(x, 128)
+            a = a_q.float() * group_scale(a_s, k, 128)
+            magnitude = a.abs() @ block_dequant_fp8(w_q, w_s, block).abs().t() + bias.float().abs()
+            ref = fp8_linear_ref(x, w_q, w_s, bias, block)
+            if fuse_quant:
+                out = fp8_gemv(x, None, w_q, w_s, dtype, block, bias, config, mma=mma)
+            else:
+                out = fp8_gemv(a_q, a_s, w_q, w_s, dtype, block, bias, config, mma=mma)
+            assert_gemm_close(out, ref, magnitude, tolerance)
 
 
 def test_few_tokens_take_the_gemv(device: torch.device, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -432,53 +463,20 @@ def test_few_tokens_take_the_gemv(device: torch.device, monkeypatch: pytest.Monk
     assert out.shape == (0, n) and out.dtype == torch.float16
 
 
-@pytest.mark.parametrize("fuse_quant", [True, False])
-def test_mma_gemv_matches_reference(device: torch.device, fuse_quant: bool) -> None:
-    # The tensor-core GEMV (weight on the MMA's M side): one token quantized once and repeated,
-    # several and the full 16 quantized per row, or given as codes; 64- and 128-row tiles, one
-    # weight block per tile or a tile straddling two (64-row blocks), split K with the bias
-    # added after the sum, ragged N and K.
-    configs = (
-        ((128, 128), None),
-        ((128, 128), {"BLOCK_N": 64, "SPLIT_K": 2}),
-        ((64, 128), {"BLOCK_N": 128, "SPLIT_K": 4, "num_warps": 8}),
-    )
-    if device.type == "cpu":  # the interpreter is slow: each config on a shape that tests it
-        cases = [(1, 48, 64, configs[0]), (3, 160, 384, configs[1]), (16, 160, 96, configs[2])]
-        cases += [(16, 160, 384, configs[1]), (1, 160, 384, configs[2])]
-    else:
-        cases = [(m, n, k, c) for m in (1, 2, 16) for _, n, k in gemv_cases(device) for c in configs]
-    for m, n, k, (block, config) in cases:
-        w_q, w_s = block_quant_fp8(torch.randn((n, k), device=device) / k**0.5, block)
-        dtype = dtypes(device)[-1]
-        x = torch.randn((m, k), device=device).to(dtype)
-        x[0, :3] = torch.tensor([300.0, -1e-4, 0.0])  # a large value beside E4M3 subnormals
-        bias = torch.randn(n, device=device).to(dtype)
-        a_q, a_s = per_token_group_quant_fp8(x, 128)
-        a = a_q.float() * group_scale(a_s, k, 128)
-        magnitude = a.abs() @ block_dequant_fp8(w_q, w_s, block).abs().t() + bias.float().abs()
-        ref = fp8_linear_ref(x, w_q, w_s, bias, block)
-        if fuse_quant:
-            out = fp8_mma_gemv(x, None, w_q, w_s, dtype, block, bias, config)
-        else:
-            out = fp8_mma_gemv(a_q, a_s, w_q, w_s, dtype, block, bias, config)
-        assert_gemm_close(out, ref, magnitude, sum_order_tolerance(device))
-
-
-def test_mma_gemv_takes_few_tokens_when_switched_on(
+def test_tensor_core_gemv_takes_few_tokens_when_switched_on(
     device: torch.device, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Off by default; with MMA_GEMV_MAX_M set, fp8_linear and the matmul route up to that many
     # tokens (never past the kernel's 16, never with a pinned config) to it, the rest as before.
     assert fp8_gemm.MMA_GEMV_MAX_M == 0
-    calls: list[tuple[int, bool]] = []
-    real = fp8_gemv_module.fp8_mma_gemv
+    calls: list[tuple[int, bool, bool]] = []
+    real = fp8_gemv_module.fp8_gemv
 
     def spy(x: torch.Tensor, x_s: torch.Tensor | None, *args: object, **kwargs: object) -> torch.Tensor:
-        calls.append((x.shape[0], x_s is None))
+        calls.append((x.shape[0], x_s is None, bool(kwargs.get("mma"))))
         return real(x, x_s, *args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(fp8_gemv_module, "fp8_mma_gemv", spy)
+    monkeypatch.setattr(fp8_gemv_module, "fp8_gemv", spy)
     n, k = (48, 96) if device.type == "cpu" else (4096, 4096)
     x, _, a_q, a_s, w_q, w_s = quantized_operands(32, n, k, device)
     fp8_linear(x[:4], w_q, w_s)
@@ -488,7 +486,6 @@ def test_mma_gemv_takes_few_tokens_when_switched_on(
     fp8_linear(x[:17], w_q, w_s)
     fp8_linear(x[:1], w_q, w_s, config={"BLOCK_N": 32})
     w8a8_block_fp8_matmul(a_q[:2], a_s[:2], w_q, w_s, torch.float32)
-    fp8_linear(x[:0], w_q, w_s)
-    assert calls == [(16, True), (2, False)]
+    assert calls == [(16, True, True), (2, False, True)]
     magnitude = x[:16].abs() @ block_dequant_fp8(w_q, w_s, (128, 128)).abs().t()
     assert_gemm_close(out, fp8_linear_ref(x[:16], w_q, w_s), 2 * magnitude, sum_order_tolerance(device))
