@@ -7,12 +7,14 @@ the GPU runs in docs/benchmarks.md used the real one."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -88,17 +90,18 @@ def test_sm_percent_parses_roles_and_refuses_what_is_not_one() -> None:
             parse_sm_percent(bad)
 
 
-def test_tandem_up_gives_each_role_its_sm_share(tiny_llama: Path, tmp_path: Path) -> None:
-    """The real launcher with a stand-in MPS control program: the workers of the role named get
-    CUDA_MPS_ACTIVE_THREAD_PERCENTAGE (read by CUDA when the engine creates its context), the
-    others none."""
+@contextlib.contextmanager
+def up_with_fake_mps(tiny_llama: Path, tmp_path: Path, *flags: str) -> Iterator[dict[str, int]]:
+    """`tandem up` (PD, gRPC KV, CPU workers) with a stand-in MPS control program on PATH (its
+    calls recorded in tmp_path/calls) until the block ends; yields the services' pids. It must
+    then stop cleanly on SIGTERM."""
     fake_control(tmp_path / "bin", tmp_path / "calls")
     ready = tmp_path / "ready.json"
     env = {**os.environ, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}", "TANDEM_HOME": str(tmp_path)}
     env.pop(SM_PERCENT_ENV, None)
     cmd = [sys.executable, "-m", "services.cli", "up", "--model", str(tiny_llama), "--port", str(free_port())]
     cmd += ["--prefill", "1", "--decode", "1", "--kv-transport", "grpc", "--ready-file", str(ready)]
-    cmd += ["--mps", "--mps-sm-percent", "decode=40", "--worker-args", "--device cpu --max-total-tokens 2048"]
+    cmd += [*flags, "--worker-args", "--device cpu --max-total-tokens 2048"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 90
@@ -106,7 +109,18 @@ def test_tandem_up_gives_each_role_its_sm_share(tiny_llama: Path, tmp_path: Path
             assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
             assert time.monotonic() < deadline, "tandem up did not come up"
             time.sleep(0.2)
-        pids = json.loads(ready.read_text())["pids"]
+        yield json.loads(ready.read_text())["pids"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    assert proc.returncode == 0
+
+
+def test_tandem_up_gives_each_role_its_sm_share(tiny_llama: Path, tmp_path: Path) -> None:
+    """The real launcher with a stand-in MPS control program: the workers of the role named get
+    CUDA_MPS_ACTIVE_THREAD_PERCENTAGE (read by CUDA when the engine creates its context), the
+    others none."""
+    with up_with_fake_mps(tiny_llama, tmp_path, "--mps", "--mps-sm-percent", "decode=40") as pids:
 
         def share(name: str) -> str | None:
             environ = Path(f"/proc/{pids[name]}/environ").read_bytes().split(b"\0")
@@ -117,10 +131,6 @@ def test_tandem_up_gives_each_role_its_sm_share(tiny_llama: Path, tmp_path: Path
 
         assert share("decode-0") == "40"
         assert share("prefill-0") is None and share("router") is None and share("gateway") is None
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=60)
-    assert proc.returncode == 0
 
 
 @pytest.mark.parametrize(
@@ -169,25 +179,7 @@ def test_a_decode_worker_on_a_shared_gpu_is_paced_unless_told_otherwise() -> Non
 def test_tandem_up_on_the_cpu_starts_no_mps_and_paces_nothing(tiny_llama: Path, tmp_path: Path) -> None:
     """PD on the CPU (the default --mps auto): the MPS control program is never run, and the
     decode worker gets exactly the flags it was given."""
-    record = tmp_path / "calls"
-    fake_control(tmp_path / "bin", record)
-    ready = tmp_path / "ready.json"
-    env = {**os.environ, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}", "TANDEM_HOME": str(tmp_path)}
-    cmd = [sys.executable, "-m", "services.cli", "up", "--model", str(tiny_llama), "--port", str(free_port())]
-    cmd += ["--kv-transport", "grpc", "--ready-file", str(ready)]
-    cmd += ["--worker-args", "--device cpu --max-total-tokens 2048"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 90
-        while not ready.exists():
-            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-            assert time.monotonic() < deadline, "tandem up did not come up"
-            time.sleep(0.2)
-        pid = json.loads(ready.read_text())["pids"]["decode-0"]
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+    with up_with_fake_mps(tiny_llama, tmp_path) as pids:
+        argv = Path(f"/proc/{pids['decode-0']}/cmdline").read_bytes().decode().split("\0")
         assert "--decode-step-interval-ms" not in argv
-        assert not record.exists(), "MPS was started for workers on the CPU"
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=60)
-    assert proc.returncode == 0
+        assert not (tmp_path / "calls").exists(), "MPS was started for workers on the CPU"
