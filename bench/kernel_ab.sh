@@ -11,6 +11,8 @@
 #                         (with the device tool: carry ["bench/results/ab-base.tar.gz"])
 #
 # Prints and writes OUT_DIR/{base,tree}_{1,2}.json and a summary table (FP8 / bf16 per copy).
+# First, here, with no GPU: `PYTHONPATH=. python bench/ptx_diff.py BASE` says whether the decode
+# GEMV's machine code changed at all (identical PTX: nothing to A/B for it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 archive=bench/results/ab-base.tar.gz
