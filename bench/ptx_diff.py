@@ -21,6 +21,7 @@ import argparse
 import hashlib
 import inspect
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -29,11 +30,13 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# (name, fp8, split, BLOCK_N, extra constexprs of trees that have them): decode's hot launches.
+# (name, fp8, split, BLOCK_N, constexprs beyond the common ones): decode's hot launches. MMA and
+# ONE_ROW exist from 2026-12-04 on; a tree without them compiles the rest.
 CONFIGS: list[tuple[str, bool, bool, int, dict[str, Any]]] = [
     ("fp8 M=1, split K", True, True, 32, {"MMA": False, "ONE_ROW": False}),
     ("fp8 M=1", True, False, 64, {"MMA": False, "ONE_ROW": False}),
     ("bf16 M=1", False, False, 8, {"MMA": False, "ONE_ROW": False}),
+    ("bf16 M=1, SiLU-mul fused", False, False, 8, {"MMA": False, "ONE_ROW": False, "GATED": True}),
     ("fp8 M=1 on tensor cores", True, True, 64, {"MMA": True, "ONE_ROW": True}),
 ]
 UNIT_STRIDES = {"x_stride_k", "w_stride_k", "o_stride_n", "xs_stride_k", "ws_stride_k"}
@@ -54,7 +57,7 @@ def compile_tree(root: str) -> dict[str, Any]:
     params = list(inspect.signature(fn.fn).parameters)
     out: dict[str, Any] = {}
     for name, fp8, split, block_n, extra in CONFIGS:
-        if any(k not in params for k in extra) and extra.get("MMA"):
+        if extra.get("MMA") and "MMA" not in params:
             out[name] = None  # this tree has no tensor-core mode
             continue
         const: dict[str, Any] = dict(
@@ -91,7 +94,8 @@ def compile_tree(root: str) -> dict[str, Any]:
 def run_in(root: Path) -> dict[str, Any]:
     code = f"import json, sys; sys.path.insert(0, {str(ROOT)!r}); from bench.ptx_diff import compile_tree; "
     code += f"print(json.dumps(compile_tree({str(root)!r})))"
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    env = {**os.environ, "TRITON_INTERPRET": "0"}  # compiled kernels, whatever the caller runs
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False, env=env)
     if proc.returncode != 0:
         raise SystemExit(f"compiling the kernels of {root} failed:\n{proc.stderr[-3000:]}")
     result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -41,7 +41,9 @@ def test_the_tree_against_itself_is_identical() -> None:
     proc = ptx_diff(str(ROOT))
     assert proc.returncode == 0, proc.stderr
     table = rows(proc.stdout)
-    assert {table[k] for k in ("fp8 M=1, split K", "fp8 M=1", "bf16 M=1")} == {"identical"}
+    cuda_cores = ("fp8 M=1, split K", "fp8 M=1", "bf16 M=1", "bf16 M=1, SiLU-mul fused")
+    assert {table[k] for k in cuda_cores} == {"identical"}
+    assert table["fp8 M=1 on tensor cores"] == "identical"
 
 
 def test_the_fp8_gemv_regression_is_caught_without_a_gpu() -> None:
@@ -50,3 +52,4 @@ def test_the_fp8_gemv_regression_is_caught_without_a_gpu() -> None:
     table = rows(proc.stdout)
     assert table["fp8 M=1, split K"] == "DIFFERS" and table["fp8 M=1"] == "DIFFERS"
     assert table["bf16 M=1"] == "identical"
+    assert table["fp8 M=1 on tensor cores"] == "new"  # 630cc3b had no tensor-core mode

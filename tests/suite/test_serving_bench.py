@@ -75,10 +75,13 @@ def test_poisson_arrivals(up: dict[str, Any], tmp_path: Path) -> None:
 def test_each_level_profiles_the_engines_and_every_process_cpu(up: dict[str, Any], tmp_path: Path) -> None:
     assert set(up["metrics"]) == {"prefill-0", "decode-0", "router", "gateway"}
     spec = ",".join(f"{name}={url}" for name, url in up["metrics"].items())
-    flags = ("--base-url", up["openai"], "--vocab-size", "512", "--concurrency", "1,4")
-    result = bench(tmp_path, *flags, "--num-prompts-factor", "2", "--metrics", spec)
+    # Enough tokens a level (8 and 16 requests x 64) that every process's CPU moves past the
+    # 10 ms resolution of process_cpu_seconds_total.
+    out = 64
+    flags = ("--base-url", up["openai"], "--vocab-size", "512", "--concurrency", "2,4")
+    result = bench(tmp_path, *flags, "--output-len", str(out), "--num-prompts-factor", "4", "--metrics", spec)
     for lv in result["levels"]:
-        assert lv["completed"] == 2 * lv["load"]
+        assert lv["completed"] == 4 * lv["load"]
         assert set(lv["engine"]) == {"prefill-0", "decode-0"}  # the services with engines
         # Every process moved tokens or computed them: each spent CPU on the level.
         processes = {"gateway", "router", "prefill-0", "decode-0", "prefill-0 engine", "decode-0 engine"}
@@ -87,11 +90,11 @@ def test_each_level_profiles_the_engines_and_every_process_cpu(up: dict[str, Any
             assert cpu["ms_per_1k_tokens"] > 0 and 0 < cpu["cores"] < 4
         prefill, decode = lv["engine"]["prefill-0"], lv["engine"]["decode-0"]
         # The prompt tokens on the prefill side (less any the prefix cache held: random prompts
-        # from 256 ids may share a first token); OUT - 1 decode rows a request on the other.
+        # from 256 ids may share a first token); out - 1 decode rows a request on the other.
         computed = prefill["prefill_tokens_per_step"] * prefill["steps"]
         assert 0.75 * IN * lv["completed"] <= computed <= IN * lv["completed"]
         assert prefill["decode_batch"] is None and decode["prefill_tokens_per_step"] is None
-        assert decode["decode_batch"] * decode["steps"] == (OUT - 1) * lv["completed"]
+        assert decode["decode_batch"] * decode["steps"] == (out - 1) * lv["completed"]
         assert 1 <= decode["decode_batch"] <= lv["load"]
         for prof in (prefill, decode):
             assert prof["wall_ms_per_step"] > 0 and 0 < prof["host_share"] < 1.5
