@@ -721,13 +721,12 @@ def main() -> None:
         }
         print(f"model built ({weight_bytes / 1e9:.2f} GB) in {result['model']['build_s']:.0f} s", flush=True)
         result["tandem"] = bench_tandem(path, args, device)
+        fp8_args = argparse.Namespace(**vars(args) | {"quantization": "fp8"})
         if args.compare_fp8:
-            fp8_args = argparse.Namespace(**vars(args) | {"quantization": "fp8"})
             result["tandem_fp8"] = bench_tandem(path, fp8_args, device)
         if args.compare_fp8_mma:
             from kernels import fp8_gemm
 
-            fp8_args = argparse.Namespace(**vars(args) | {"quantization": "fp8"})
             fp8_gemm.MMA_GEMV_MAX_M = args.compare_fp8_mma  # read at capture: graphs keep it
             try:
                 result["tandem_fp8_mma"] = bench_tandem(path, fp8_args, device)

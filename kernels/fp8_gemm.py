@@ -73,9 +73,9 @@ _NUM_SMS = 132
 FUSED_QUANT_MAX_M = 0
 
 # Tokens up to which `fp8_linear` / `w8a8_block_fp8_matmul` (no explicit config) take the
-# tensor-core GEMV (`kernels.gemv.fp8_gemv(..., mma=True)`, at most MMA_MAX_M) before the CUDA-core one; 0:
-# never. Off until a GPU run measures it (`bench/fast_path_sweep.py --only fp8mma`,
-# `bench/gpu_bench.py --fp8-mma-gemv`).
+# tensor-core GEMV (`kernels.gemv.fp8_gemv(..., mma=True)`, at most MMA_MAX_M) before the
+# CUDA-core one; 0: never. Off until a GPU run measures it (`bench/fast_path_sweep.py --only
+# fp8mma`, `bench/gpu_bench.py --compare-fp8-mma M`).
 MMA_GEMV_MAX_M = 0
 
 
@@ -136,10 +136,9 @@ def w8a8_block_fp8_matmul(
     _check_operands(op, a_q, a_s, w_q, w_s, out_dtype, block, bias, config)
     if reference_enabled():
         return w8a8_block_fp8_matmul_ref(a_q, a_s, w_q, w_s, out_dtype, block, bias=bias)
-    if _takes_mma_gemv(a_q.shape[0], config):
-        return gemv.fp8_gemv(a_q, a_s, w_q, w_s, out_dtype, block, bias, mma=True)
-    if _takes_gemv(a_q.shape[0], config):
-        return gemv.fp8_gemv(a_q, a_s, w_q, w_s, out_dtype, block, bias)
+    mma = _takes_mma_gemv(a_q.shape[0], config)
+    if mma or _takes_gemv(a_q.shape[0], config):
+        return gemv.fp8_gemv(a_q, a_s, w_q, w_s, out_dtype, block, bias, mma=mma)
     out = _launch(a_q[None], a_s[None], w_q[None], w_s[None], out_dtype, block, bias, config)
     return out[0]
 
@@ -187,12 +186,11 @@ def fp8_linear(
     check_ndim(op, "w_q", w_q, 2, "[N, K]")
     _check_operands_shapes(op, x2, w_q, w_s, block)  # before any work
     bk = check_block(op, block)[1]
-    if _takes_mma_gemv(x2.shape[0], config) and not reference_enabled():
+    mma = _takes_mma_gemv(x2.shape[0], config)
+    gemv_quantizes = _takes_gemv(x2.shape[0], config) and gemv.GEMV_FUSES_QUANT
+    if (mma or gemv_quantizes) and not reference_enabled():
         _check_gemm(op, w_q, w_s, x.dtype, block, bias, config, x=x2)
-        out = gemv.fp8_gemv(x2, None, w_q, w_s, x.dtype, block, bias, mma=True)
-    elif _takes_gemv(x2.shape[0], config) and gemv.GEMV_FUSES_QUANT and not reference_enabled():
-        _check_gemm(op, w_q, w_s, x.dtype, block, bias, config, x=x2)
-        out = gemv.fp8_gemv(x2, None, w_q, w_s, x.dtype, block, bias)
+        out = gemv.fp8_gemv(x2, None, w_q, w_s, x.dtype, block, bias, mma=mma)
     elif _fuses_quant(x2.shape[0], bk, config) and not reference_enabled():
         _check_gemm(op, w_q, w_s, x.dtype, block, bias, config, x=x2)
         out = _launch(x2[None], None, w_q[None], w_s[None], x.dtype, block, bias, config)[0]
