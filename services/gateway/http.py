@@ -57,7 +57,11 @@ class _LingeringTransport:
         if not self._inner.can_write_eof():
             self._inner.close()
             return
-        self._inner.write_eof()  # after the buffered response: the client sees the end
+        try:
+            self._inner.write_eof()  # after the buffered response: the client sees the end
+        except OSError:  # the client reset the connection meanwhile: nothing left to drain
+            self._inner.close()
+            return
         self._inner.resume_reading()  # read what it still sends, to drop it
         self._loop.call_later(LINGER_S, self._inner.close)
 

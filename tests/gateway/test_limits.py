@@ -178,3 +178,32 @@ def test_limit_flags_and_engine_defaults() -> None:
     assert default.prompt_chars(None) == 4 * 1024 * 1024
     assert default.prompt_chars(256) == 64 * 1024
     assert default.prompt_chars(131072) == 16 * 131072
+
+
+def test_closing_after_the_client_reset_neither_raises_nor_lingers() -> None:
+    # The client resets the connection just as its response completes: shutting down the write
+    # side fails (ENOTCONN). That must not escape into the app (a traceback per such client);
+    # the connection is simply closed, there being nothing left to drain.
+    import asyncio
+    import struct
+
+    from services.gateway.http import _LingeringTransport
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        server = socket.socket()
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        client = socket.create_connection(server.getsockname())
+        accepted, _ = server.accept()
+        transport, _ = await loop.connect_accepted_socket(asyncio.Protocol, sock=accepted)
+        transport.pause_reading()  # the reset is not seen before close, as in the race
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        client.close()  # RST
+        await asyncio.sleep(0.1)
+        lingering = _LingeringTransport(transport, loop)
+        lingering.close()
+        assert transport.is_closing() and lingering.is_closing()
+        server.close()
+
+    asyncio.run(main())
