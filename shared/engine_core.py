@@ -153,7 +153,8 @@ class EngineCore:
             else None
         )
         # Outputs that must not wait for the end of the step (a prefill engine asking for its
-        # reservation while the forward runs); the engine process sends them at once.
+        # reservation while the forward runs, a decode engine's first tokens of arrived KV); the
+        # engine process sends them at once.
         self.early_outputs: Callable[[list[RequestOutput]], None] | None = None
 
     # ---- requests in ---------------------------------------------------------------------------
@@ -511,6 +512,7 @@ class EngineCore:
         if self.grammar_gate:
             self.grammar_gate.poll()
         self._poll_kv()  # committed reservations join this step
+        self._send_early()  # their first tokens, sampled on the prefill side, need no forward
         inflight, self._inflight = self._inflight, None
         if inflight is not None and not self._can_overlap(inflight):
             self._resolve(inflight)
@@ -550,6 +552,15 @@ class EngineCore:
         outputs, self._pending_outputs = self._pending_outputs, []
         self.step_stats.ended()
         return outputs
+
+    def _send_early(self) -> None:
+        """Hand what is ready now to `early_outputs` (when the engine process set it) instead of
+        holding it until the step's forward has been launched and its previous one read: a PD
+        request's first token is out the moment its KV lands, and a prefill request that finished
+        sending completes its call."""
+        if self.early_outputs is not None and self._pending_outputs:
+            outputs, self._pending_outputs = self._pending_outputs, []
+            self.early_outputs(outputs)
 
     def _poll_kv(self) -> None:
         if self.receiver is not None:

@@ -196,7 +196,12 @@ def run_engine(config: EngineConfig, to_engine: str, from_engine: str) -> None:
             )
         )
     )
-    core.early_outputs = lambda outputs: send_outputs(push, encode, outputs)
+
+    def send_early(outputs: list[RequestOutput]) -> None:
+        _send_admissions(core, push, encode)  # before any output of theirs
+        send_outputs(push, encode, outputs)
+
+    core.early_outputs = send_early
     group_ok = True
     try:
         if config.enable_dp_attention:  # every rank its own requests, in lockstep with rank 0

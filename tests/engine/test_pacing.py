@@ -122,6 +122,38 @@ def test_first_token_of_kv_arriving_during_a_pause_goes_out_without_a_step(
     wait_idle(decode)
 
 
+def test_first_token_of_arrived_kv_goes_out_before_the_decode_forward(tiny_llama: Path) -> None:
+    """Unpaced too: the engine process's `early_outputs` gets a first token that came with its
+    KV before the step that admits the request launches its forward."""
+    prefill, decode = make_pair(tiny_llama, "grpc")
+    params = SamplingParams(max_new_tokens=3, temperature=0.0, ignore_eos=True)
+    ids = list(range(5, 30))
+    events: list[object] = []
+    decode.early_outputs = events.append
+    forward = decode.runner.forward
+
+    def recording_forward(*args: object, **kwargs: object) -> object:
+        events.append("forward")
+        return forward(*args, **kwargs)
+
+    decode.runner.forward = recording_forward  # type: ignore[method-assign]
+    submit(prefill, decode, "a", ids, params)
+    forward_targets(prefill, decode, prefill.step())
+    (out,) = prefill.step()
+    decode.commit_kv(KvCommit.decode(out.kv_commit), out.kv_payload)  # type: ignore[arg-type]
+    later = decode.step()
+    early, marker = events[:2]
+    assert marker == "forward"
+    assert isinstance(early, list) and [(o.rid, len(o.new_ids)) for o in early] == [("a", 1)]
+    tokens = [*early[0].new_ids, *(t for o in later for t in o.new_ids)]
+    while decode.has_work:
+        tokens += [t for o in decode.step() for t in o.new_ids]
+    tokens += [t for batch in events[2:] if isinstance(batch, list) for o in batch for t in o.new_ids]
+    assert tokens == hf_greedy_cached(tiny_llama, ids, 3)
+    wait_idle(prefill)
+    wait_idle(decode)
+
+
 def test_pacing_options_are_validated(tiny_llama: Path) -> None:
     from shared.config import EngineConfig
 
