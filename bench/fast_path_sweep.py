@@ -102,7 +102,14 @@ def sweep_fp8_gemv(device: torch.device, full: bool, mma: bool) -> list[dict[str
     CUDA-core GEMV where it runs and the block GEMM at the same M)."""
     from kernels import fp8_gemm
     from kernels.fp8_quant import block_quant_fp8, per_token_group_quant_fp8
-    from kernels.gemv import GEMV_MAX_ROWS, fp8_gemv, gemv_config, mma_gemv_config
+    from kernels.gemv import (
+        GEMV_FUSES_QUANT,
+        GEMV_MAX_ROWS,
+        MMA_FUSES_QUANT,
+        fp8_gemv,
+        gemv_config,
+        mma_gemv_config,
+    )
 
     block = (128, 128)
     label = "fp8 mma gemv" if mma else "fp8 gemv"
@@ -166,7 +173,8 @@ def sweep_fp8_gemv(device: torch.device, full: bool, mma: bool) -> list[dict[str
             if not mine:
                 continue
             best = min(mine, key=lambda r: r["us"])
-            dflt = next((r for r in mine if r["default"] and r["fused_quant"]), best)
+            fuses = MMA_FUSES_QUANT if mma else GEMV_FUSES_QUANT  # as fp8_linear runs it
+            dflt = next((r for r in mine if r["default"] and r["fused_quant"] == fuses), best)
             bases = "".join(f"{b} {us:.1f} us ({n * k / us / 1e6:.2f} TB/s); " for b, us in base_us.items())
             print(
                 f"{label} {name:8s} M={m:2d}: {bases}default {dflt['us']:7.1f} us ({dflt['tb_s']:.2f} TB/s);"

@@ -18,7 +18,7 @@ and `split_k_sum` adds them (with the bias) into the output.
 Up to `gemv.GEMV_MAX_M` tokens (decode), `fp8_linear` and `w8a8_block_fp8_matmul` without an
 explicit `config` run `kernels.gemv.fp8_gemv` instead: a CUDA-core GEMV that streams the weight
 faster than 16-row MMA tiles can (an explicit `config` pins this module's tensor-core kernel).
-Where `MMA_GEMV_MAX_M` is set (off by default, until measured on a GPU), up to that many tokens
+Where `MMA_GEMV_MAX_M` is set (off by default: slower so far on the H200), up to that many tokens
 take `kernels.gemv.fp8_gemv(..., mma=True)` first: tensor cores with the weight on the MMA's M
 side.
 
@@ -74,8 +74,9 @@ FUSED_QUANT_MAX_M = 0
 
 # Tokens up to which `fp8_linear` / `w8a8_block_fp8_matmul` (no explicit config) take the
 # tensor-core GEMV (`kernels.gemv.fp8_gemv(..., mma=True)`, at most MMA_MAX_M) before the
-# CUDA-core one; 0: never. Off until a GPU run measures it (`bench/fast_path_sweep.py --only
-# fp8mma`, `bench/gpu_bench.py --compare-fp8-mma M`).
+# CUDA-core one; 0: never. Off: on the H200 its first configs decoded at 0.88x (batch 1) and
+# 0.80x (batch 16) of today's routing; `gemv.mma_gemv_config` now holds the sweep's best, which
+# `bench/gpu_bench.py --compare-fp8-mma 16` has yet to measure end to end.
 MMA_GEMV_MAX_M = 0
 
 
@@ -187,8 +188,11 @@ def fp8_linear(
     _check_operands_shapes(op, x2, w_q, w_s, block)  # before any work
     bk = check_block(op, block)[1]
     mma = _takes_mma_gemv(x2.shape[0], config)
-    gemv_quantizes = _takes_gemv(x2.shape[0], config) and gemv.GEMV_FUSES_QUANT
-    if (mma or gemv_quantizes) and not reference_enabled():
+    if mma:
+        gemv_quantizes = gemv.MMA_FUSES_QUANT
+    else:
+        gemv_quantizes = _takes_gemv(x2.shape[0], config) and gemv.GEMV_FUSES_QUANT
+    if gemv_quantizes and not reference_enabled():
         _check_gemm(op, w_q, w_s, x.dtype, block, bias, config, x=x2)
         out = gemv.fp8_gemv(x2, None, w_q, w_s, x.dtype, block, bias, mma=mma)
     elif _fuses_quant(x2.shape[0], bk, config) and not reference_enabled():

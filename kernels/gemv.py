@@ -32,8 +32,10 @@ The step's float32 product (exact products, at most bk of them summed in the MMA
 accumulator, the bound DeepSeek-V3's recipe keeps for Hopper's reduced-precision FP8
 accumulation) is scaled by the two groups' scales and added to a float32 [BLOCK_N, 16]
 accumulator: no per-element widening of the weight, which bounds the CUDA-core path (on the
-H200 it streams FP8 at 1.5-3.0 TB/s against 2.8-3.9 for bf16; docs/benchmarks.md). Built and
-tested; `kernels.fp8_gemm.MMA_GEMV_MAX_M` (0) keeps it off until a GPU sweep measures it.
+H200 it streams FP8 at 1.5-3.0 TB/s against 2.8-3.9 for bf16; docs/benchmarks.md). Measured on
+the H200 with its first configs it was slower than today's routing (batch 1 0.88x, batch 16
+0.80x), so `kernels.fp8_gemm.MMA_GEMV_MAX_M` (0) keeps it off; `mma_gemv_config` now holds the
+sweep's best, to be measured end to end.
 
 Split K: where N / BLOCK_N programs alone would leave SMs short of loads in flight, SPLIT_K
 programs share a column tile's K range, each writing a float32 partial; `split_k_sum` adds them
@@ -95,20 +97,29 @@ def gemv_config(m: int, n: int, k: int) -> dict[str, int]:
 MMA_MAX_M = 16  # tokens `fp8_gemv(..., mma=True)` takes: the MMA's N side
 
 
-def mma_gemv_config(m: int, n: int, k: int) -> dict[str, int]:
-    """BLOCK_N, SPLIT_K and launch options of `fp8_gemv(..., mma=True)`: a first guess, until a
-    GPU sweep.
+# Whether `fp8_linear` lets the tensor-core GEMV quantize x itself: in the H200 sweep every
+# shape's best config at M = 1, 4 and 16 took x already quantized (docs/benchmarks.md).
+MMA_FUSES_QUANT = False
 
-    One warpgroup over 64 weight rows; 128 where 64-row tiles alone would give every SM two;
-    K split as `gemv_config` splits it (~3 programs per SM, each keeping >= 4 groups).
+
+def mma_gemv_config(m: int, n: int, k: int) -> dict[str, int]:
+    """BLOCK_N, SPLIT_K and launch options of `fp8_gemv(..., mma=True)`.
+
+    The best of the H200 sweep's grid (M = 1, 4, 16, Llama-3-8B shapes, x quantized first;
+    `bench/fast_path_sweep.py --only fp8mma`): one warpgroup over 64 weight rows, 4 stages,
+    except where 64-row tiles alone give every SM two programs and M <= 4 (gate_up: 128 rows and
+    8 warps, 34.8 us at M = 1 against 37.4 for the next best); K split while the programs stay
+    under two per SM and each split keeps >= 8 groups (qkv and o 4 ways, down 8, gate_up none).
+    Not yet measured end to end (decode tok/s): the grid's best per shape, not a model step.
     """
     groups = triton.cdiv(k, 128)
-    block_n = 128 if triton.cdiv(n, 64) >= 2 * _NUM_SMS else 64
-    tiles = triton.cdiv(n, block_n)
+    tiles = triton.cdiv(n, 64)
     split = 1
-    while tiles * split < 3 * _NUM_SMS and groups // (2 * split) >= 4:
+    while tiles * split < 2 * _NUM_SMS and groups // (2 * split) >= 8:
         split *= 2
-    return {"BLOCK_N": block_n, "SPLIT_K": split, "num_warps": 4, "num_stages": 4}
+    if tiles >= 2 * _NUM_SMS and m <= 4:
+        return {"BLOCK_N": 128, "SPLIT_K": split, "num_warps": 8, "num_stages": 4}
+    return {"BLOCK_N": 64, "SPLIT_K": split, "num_warps": 4, "num_stages": 4}
 
 
 # Rows up to which `linear` takes the dense GEMV instead of cuBLAS. H100, bf16, CUDA graphs,

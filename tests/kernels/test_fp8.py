@@ -486,6 +486,12 @@ def test_tensor_core_gemv_takes_few_tokens_when_switched_on(
     fp8_linear(x[:17], w_q, w_s)
     fp8_linear(x[:1], w_q, w_s, config={"BLOCK_N": 32})
     w8a8_block_fp8_matmul(a_q[:2], a_s[:2], w_q, w_s, torch.float32)
-    assert calls == [(16, True, True), (2, False, True)]
+    # x is quantized by its own launch first unless MMA_FUSES_QUANT (off: the H200's best).
+    assert calls == [(16, fp8_gemv_module.MMA_FUSES_QUANT, True), (2, False, True)]
+    monkeypatch.setattr(fp8_gemv_module, "MMA_FUSES_QUANT", not fp8_gemv_module.MMA_FUSES_QUANT)
+    calls.clear()
+    fused_or_not = fp8_linear(x[:16], w_q, w_s)
+    assert calls == [(16, fp8_gemv_module.MMA_FUSES_QUANT, True)]
+    torch.testing.assert_close(fused_or_not, out)  # the same codes and scales either way
     magnitude = x[:16].abs() @ block_dequant_fp8(w_q, w_s, (128, 128)).abs().t()
     assert_gemm_close(out, fp8_linear_ref(x[:16], w_q, w_s), 2 * magnitude, sum_order_tolerance(device))
