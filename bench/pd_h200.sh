@@ -33,16 +33,24 @@ serve() {  # topology json-name extra-flags...
         --json "$out/$name.json" "$@"
 }
 # TOPOLOGIES: "unified", "pd", or "pd:N" (PD with --decode-step-interval-ms N, saved as
-# serving_pd_iN.json).
+# serving_pd_iN.json). A topology named again runs again (saved as ..._2.json, ...): the first
+# `tandem up` on a fresh machine prefills slower than later ones (docs/benchmarks.md), so
+# "unified pd unified pd" compares like with like at low load.
 topologies=${TOPOLOGIES:-unified pd}
+declare -A runs=()
 for topology in $topologies; do
     case $topology in
+        pd:*) name="serving_pd_i${topology#pd:}" ;;
+        *) name="serving_$topology" ;;
+    esac
+    runs[$name]=$((${runs[$name]:-0} + 1))
+    [ "${runs[$name]}" -eq 1 ] || name="${name}_${runs[$name]}"
+    case $topology in
         pd:*)
-            interval=${topology#pd:}
-            serve pd "serving_pd_i$interval" --kv-transport nixl \
-                --worker-args "--device cuda:0 --max-total-tokens 150000 --decode-step-interval-ms $interval" "$@"
+            serve pd "$name" --kv-transport nixl \
+                --worker-args "--device cuda:0 --max-total-tokens 150000 --decode-step-interval-ms ${topology#pd:}" "$@"
             ;;
-        *) serve "$topology" "serving_$topology" --kv-transport nixl "$@" ;;
+        *) serve "$topology" "$name" --kv-transport nixl "$@" ;;
     esac
 done
 if [[ " $topologies " == *" unified "* && " $topologies " == *" pd "* ]]; then

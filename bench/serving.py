@@ -38,6 +38,9 @@ Against a server that is already up (any OpenAI-compatible one):
 
 Needs only the standard library, httpx and numpy (matplotlib for `--png`); `--launch` runs
 `python -m services.cli up` from this checkout and `--make-model` imports bench/gpu_bench.py.
+`--trace` (with `--launch`) receives the suite's OpenTelemetry spans itself and prints where
+each level's requests spent their time between the services (bench/trace_timeline.py; it needs
+the `opentelemetry-proto` package the services' exporter brings).
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import shlex
 import signal
 import socket
@@ -64,11 +68,17 @@ import httpx
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench import trace_timeline  # noqa: E402 (after the path)
+from bench.trace_timeline import SpanReceiver  # noqa: E402
+
 Mode = Literal["concurrency", "rate"]
 MAX_ERRORS = 5  # error messages kept per level
 STEPS = "tandem_worker_engine_steps_total"  # a worker's step counters (shared/step_stats.py)
 ENGINE_CPU = "tandem_worker_engine_cpu_seconds_total"  # its engine process's CPU time
 PRESETS = ["llama3-8b", "deepseek-v2-lite", "tiny", "tiny-deepseek"]  # bench/gpu_bench.py's
+SPAN_WAIT_S = 3 * trace_timeline.SCHEDULE_DELAY_MS / 1000  # after a level, for its last spans
 
 
 @dataclass(frozen=True)
@@ -138,6 +148,8 @@ class LevelSummary:
     engine: dict[str, dict[str, Any]] = field(default_factory=dict)
     # Per Tandem process profiled: `cpu_profile`, its CPU time per output token over the level.
     cpu: dict[str, dict[str, float]] = field(default_factory=dict)
+    # With --trace, per mode: bench/trace_timeline.py's summary of the level's requests.
+    timeline: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def stats_ms(values: Sequence[float]) -> dict[str, float | None]:
@@ -302,10 +314,12 @@ async def sweep(
     report: dict[str, Any],
     server: subprocess.Popen[bytes] | None = None,
     services: dict[str, str] | None = None,
+    spans: SpanReceiver | None = None,
 ) -> None:
     """Warm up, then run every level, printing a row and saving the report after each; stops early
     if the launched `server` exits. `services`: /metrics URLs of Tandem services to profile per
-    level (the engines' steps of the workers among them, and every process's CPU)."""
+    level (the engines' steps of the workers among them, and every process's CPU). `spans`: the
+    launched suite's traces, each level's turned into request timelines."""
     mode: Mode = "rate" if args.request_rate else "concurrency"
     loads = [float(x) for x in (args.request_rate or args.concurrency).split(",")]
     prompts = Prompts(w)
@@ -317,6 +331,9 @@ async def sweep(
         for r in warm_results:
             if not r.ok:
                 print(f"warm-up request failed: {r.error}", flush=True)
+        if spans is not None:
+            await asyncio.sleep(SPAN_WAIT_S)
+            spans.take()  # the warm-up's
         print(table_header(mode), flush=True)
         for load in loads:
             if server is not None and server.poll() is not None:
@@ -345,7 +362,12 @@ async def sweep(
                     summary.output_tokens,
                     summary.duration_s,
                 )
+            if spans is not None:
+                await asyncio.sleep(SPAN_WAIT_S)  # the last requests' spans are exported
+                summary.timeline = trace_timeline.summarize(trace_timeline.timelines(spans.take()))
             print(table_row(asdict(summary)), flush=True)
+            for topology, entry in summary.timeline.items():
+                print(f"    {trace_timeline.summary_line(topology, entry)}", flush=True)
             for name, prof in summary.engine.items():
                 print(f"    {name}: {engine_line(prof)}", flush=True)
             if summary.cpu:
@@ -426,9 +448,9 @@ def launcher_command(args: argparse.Namespace, ready: Path, log_dir: Path) -> li
 
 
 @contextlib.contextmanager
-def launched(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
-    """`tandem up` until the block ends (SIGTERM, then SIGKILL after a grace period); yields its
-    ready-file (endpoints, logs) plus "process"."""
+def launched(args: argparse.Namespace, env: dict[str, str] | None = None) -> Iterator[dict[str, Any]]:
+    """`tandem up` (with `env` added to ours) until the block ends (SIGTERM, then SIGKILL after a
+    grace period); yields its ready-file (endpoints, logs) plus "process"."""
     log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="tandem-serving-"))
     log_dir.mkdir(parents=True, exist_ok=True)
     ready, output = log_dir / "ready.json", log_dir / "launcher.log"
@@ -436,7 +458,9 @@ def launched(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
     cmd = launcher_command(args, ready, log_dir)
     print(f"launching: {shlex.join(cmd)}\nlogs: {log_dir}", flush=True)
     with open(output, "wb") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+        )
     # SIGTERM (a job scheduler, `timeout`) unwinds like Ctrl-C, so the server is stopped below.
     previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
@@ -713,6 +737,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     launch.add_argument("--log-dir", help="the services' logs (default: a fresh temp dir)")
     launch.add_argument("--make-model", choices=PRESETS, help="build a gpu_bench preset's checkpoint first")
     launch.add_argument("--model-dir", type=Path, help="where --make-model builds (and finds) it")
+    launch.add_argument(
+        "--trace",
+        action="store_true",
+        help="trace the suite into a local receiver: each level's request timeline (bench/trace_timeline.py)",
+    )
     return p.parse_args(argv)
 
 
@@ -722,6 +751,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         make_model(args.make_model, args.model_path)
     if args.launch and not (args.model_path and (args.model_path / "config.json").exists()):
         raise SystemExit("--launch needs --model-path (a checkpoint with config.json) or --make-model")
+    if args.trace and not args.launch:
+        raise SystemExit("--trace needs --launch (it points the suite's span exporters at this process)")
     vocab = args.vocab_size or (model_vocab(args.model_path) if args.model_path else None) or 32000
     w = Workload(
         input_len=args.input_len,
@@ -735,8 +766,13 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     with contextlib.ExitStack() as stack:
         server: dict[str, Any] | None = None
         base_url = args.base_url.rstrip("/")
+        spans: SpanReceiver | None = None
+        if args.trace:
+            spans = SpanReceiver()
+            stack.callback(spans.close)
         if args.launch:
-            server = stack.enter_context(launched(args))
+            env = trace_timeline.exporter_env(spans.port) if spans else None
+            server = stack.enter_context(launched(args, env))
             base_url = server["openai"]
         target = Target(f"{base_url}/completions", args.model or served_model(base_url))
         label = args.label or (args.topology if args.launch else "run")
@@ -755,7 +791,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         }
         print(f"{label}: {target.model} at {base_url}, {w.input_len} in / {w.output_len} out", flush=True)
         services = parse_metrics(args.metrics) or dict((server or {}).get("metrics", {}))
-        asyncio.run(sweep(args, target, w, report, server["process"] if server else None, services))
+        asyncio.run(sweep(args, target, w, report, server["process"] if server else None, services, spans))
         if server and server.get("metrics"):
             report["server_metrics"] = scrape_metrics(server["metrics"])
             save(report, args.json)
