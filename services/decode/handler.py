@@ -1,7 +1,8 @@
 """DecodeService: the decode half of the PD hand-off.
 
 Generate   register the prompt (no pages yet) -> send the Reservation (our agent, layout,
-           transport) -> (prefill reserves, writes + commits) -> stream outputs, with a
+           transport; at once, before the engine has answered) -> the engine accepts or
+           refuses it -> (prefill reserves, writes + commits) -> stream outputs, with a
            keepalive after each silent quarter of `stall_timeout_ms` (waiting for the prefill
            side, queued), UNAVAILABLE once the engine has not answered for all of it. A
            cancelled call aborts the request; the engine keeps the pages of a reservation whose
@@ -50,13 +51,15 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
         last: RequestOutput | None = None
         with self.engine.admit(), server_span("decode", context.invocation_metadata()) as span:
             try:
-                stream = await self.engine.expect_kv(
+                expected = self.engine.expect_kv(
                     request.rid,
                     prompt_from_proto(request),
                     request.kv_lease_ms / 1000 if request.kv_lease_ms else None,
-                    stall_s=request.stall_timeout_ms / 1000,
                 )
                 try:
+                    # The router starts the prefill leg on this message: it does not wait for
+                    # the engine's acceptance, which a busy engine gives only between steps (a
+                    # refusal follows as this call's error, and the router drops the prefill leg).
                     yield worker_pb2.GenerateResponse(
                         reservation=worker_pb2.Reservation(
                             rid=request.rid,
@@ -67,6 +70,7 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
                             tp_size=client.tp_size,
                         )
                     )
+                    stream = await expected.accepted(request.stall_timeout_ms / 1000)
                     async for out in stream.outputs(request.stall_timeout_ms / 1000, coalesce=True):
                         if isinstance(out, Keepalive):  # waiting for the prefill worker, or queued
                             yield keepalive(last)
@@ -80,7 +84,7 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
                         yield worker_pb2.GenerateResponse(output=output_to_proto(out))
                     clock.finish()
                 finally:
-                    stream.close()
+                    expected.stream.close()
             finally:
                 annotate_generation(span, request.rid, last, clock)
 

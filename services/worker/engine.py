@@ -26,6 +26,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import Any, Final
 
 from services.common.silence import SilenceTimer
@@ -145,6 +146,24 @@ class RequestStream:
             self.engine.client.abort(self.rid)
 
 
+@dataclass
+class Expectation:
+    """A decode engine's expected prompt: its output stream and the engine's pending answer."""
+
+    stream: RequestStream
+    answer: Future[Any]
+
+    async def accepted(self, stall_s: float = 0.0) -> RequestStream:
+        """The stream once the engine accepted the prompt; raises its refusal (the stream is then
+        done: nothing to abort), or Unavailable when it has not answered for `stall_s` (> 0)."""
+        try:
+            await self.stream.engine.admitted(self.stream.rid, self.answer, stall_s)
+        except BaseException:
+            self.stream.finished = True  # refused, or aborted by `admitted`
+            raise
+        return self.stream
+
+
 class AsyncEngine:
     def __init__(self, config: EngineConfig, max_open: int = 0) -> None:
         self.config = config
@@ -202,14 +221,14 @@ class AsyncEngine:
         Unavailable when the engine has not answered for `stall_s` (> 0) meanwhile."""
         stream = RequestStream(self, rid)
         fut = self.client.submit([rid], prompt, stream.push, kv_target)
-        await self._admitted(rid, fut, stall_s)
+        await self.admitted(rid, fut, stall_s)
         return stream
 
     async def embed(self, rid: str, input_ids: list[int], pooling: dict[str, Any]) -> RequestOutput:
         """One embedding request, to its finished output (`RequestOutput.embedding`); raises the
         engine's refusal. Cancelling the caller aborts it in the engine."""
         stream = RequestStream(self, rid)
-        await self._admitted(rid, self.client.embed(rid, input_ids, pooling, stream.push))
+        await self.admitted(rid, self.client.embed(rid, input_ids, pooling, stream.push))
         last: RequestOutput | None = None
         async for out in stream:
             last = out
@@ -219,20 +238,19 @@ class AsyncEngine:
             raise Unavailable(str(reason.get("message") or "the embedding request was aborted"))
         return last
 
-    async def expect_kv(
-        self, rid: str, prompt: Prompt, lease_s: float | None = None, stall_s: float = 0.0
-    ) -> RequestStream:
-        """Decode engine: register a prompt whose KV a prefill engine will write (`stall_s`: as
-        `generate`)."""
+    def expect_kv(self, rid: str, prompt: Prompt, lease_s: float | None = None) -> Expectation:
+        """Decode engine: register a prompt whose KV a prefill engine will write. Returns at once,
+        the message sent: the prefill side may be told before the engine answers (`Expectation.
+        accepted`), since the engine takes this before any reservation for the request, both
+        travelling in order on this client's one socket, and a busy engine answers only between
+        its steps."""
         stream = RequestStream(self, rid)
-        fut = self.client.expect_kv(rid, prompt, stream.push, lease_s)
-        await self._admitted(rid, fut, stall_s)
-        return stream
+        return Expectation(stream, self.client.expect_kv(rid, prompt, stream.push, lease_s))
 
     async def reserve_kv(self, rid: str) -> list[int]:
         """Decode engine: pages for an expected prompt, once there is room. A caller that leaves
         before the answer aborts the request."""
-        pages: list[int] = await self._admitted(rid, self.client.reserve_kv(rid))
+        pages: list[int] = await self.admitted(rid, self.client.reserve_kv(rid))
         return pages
 
     def set_kv_target(self, rid: str, pages: list[int]) -> None:
@@ -250,7 +268,7 @@ class AsyncEngine:
     def shutdown(self) -> None:
         self.client.shutdown()
 
-    async def _admitted(self, rid: str, fut: Future[Any], stall_s: float = 0.0) -> Any:
+    async def admitted(self, rid: str, fut: Future[Any], stall_s: float = 0.0) -> Any:
         """The engine's answer to an add or a reservation. The answer can come late (a grammar
         compiling, a reservation queued): a caller that leaves before it aborts the request, and
         so does an engine that has not answered for `stall_s` (> 0, at least 5 s) meanwhile."""

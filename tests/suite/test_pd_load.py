@@ -134,3 +134,31 @@ def test_prefill_killed_mid_transfer_fails_promptly_and_frees_the_reservation(
         assert float(result["at"]) - killed < 5  # type: ignore[arg-type]
         decode.wait_released(timeout=5)  # quarantine: twice the 1 s lease at most
         assert decode.process.poll() is None  # and it keeps serving
+
+
+def test_a_prompt_the_decode_engine_refuses_fails_clearly_and_leaves_no_prefill_work(
+    tiny_llama: Path, tmp_path: Path
+) -> None:
+    # The decode worker sends its reservation message before its engine has answered, and the
+    # router starts the prefill leg on it: a refusal that follows is still the error the client
+    # gets, the prefill leg is dropped, and both workers go on serving. (60 tokens pass the
+    # router's bound, the 64-token pool, but not the decode engine's: a page short of it.)
+    with Cluster(tiny_llama, tmp_path) as cluster:
+        cluster.start_router()
+        prefill, decode = cluster.start_workers(
+            [
+                ("prefill", "--kv-transport", "grpc"),
+                ("decode", "--kv-transport", "grpc", "--max-total-tokens", "64"),
+            ]
+        )
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as refused:
+            collect(cluster.generate([5 + i % 200 for i in range(60)], max_new_tokens=4, temperature=0.0))
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "this decode engine holds at most" in (refused.value.details() or "")
+        assert time.monotonic() - started < 10
+        prefill.wait_released(timeout=10)
+        decode.wait_released(timeout=10)
+        prompt = [5 + i % 200 for i in range(20)]
+        (sample,) = collect(cluster.generate(prompt, max_new_tokens=4, temperature=0.0)).values()
+        assert sample["ids"] == hf_greedy_cached(tiny_llama, prompt, 4)
