@@ -554,11 +554,13 @@ class EngineCore:
         return outputs
 
     def _send_early(self) -> None:
-        """Hand what is ready now to `early_outputs` (when the engine process set it) instead of
-        holding it until the step's forward has been launched and its previous one read: a PD
-        request's first token is out the moment its KV lands, and a prefill request that finished
-        sending completes its call."""
-        if self.early_outputs is not None and self._pending_outputs:
+        """A prefill or decode engine: hand what is ready now to `early_outputs` (when the engine
+        process set it) instead of holding it until the step's forward has been launched and its
+        previous one read: a PD request's first token is out the moment its KV lands, and a
+        prefill request that finished sending completes its call. (Not a unified engine: under
+        DP attention its rank 0 must see every output of the step, to close its requests.)"""
+        pd = self.receiver is not None or self.sender is not None
+        if pd and self.early_outputs is not None and self._pending_outputs:
             outputs, self._pending_outputs = self._pending_outputs, []
             self.early_outputs(outputs)
 

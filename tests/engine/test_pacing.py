@@ -14,7 +14,7 @@ from shared.outputs import RequestOutput
 from shared.sampling import SamplingParams
 from shared.transfer import KvCommit
 from tests.engine.test_disagg import TRANSPORTS, forward_targets, make_pair, submit, wait_idle
-from tests.engine.test_parity import hf_greedy_cached
+from tests.engine.test_parity import build_core, hf_greedy_cached
 
 
 def test_pacer_spaces_steps_only_while_prefill_is_backlogged() -> None:
@@ -152,6 +152,23 @@ def test_first_token_of_arrived_kv_goes_out_before_the_decode_forward(tiny_llama
     assert tokens == hf_greedy_cached(tiny_llama, ids, 3)
     wait_idle(prefill)
     wait_idle(decode)
+
+
+def test_a_unified_engine_returns_every_output_from_its_step(tiny_llama: Path) -> None:
+    """Early outputs are a PD engine's: a unified one (DP attention's rank 0 closes its requests
+    from what `step` returns) keeps an abort that came before the step in the step's outputs."""
+    core = build_core(tiny_llama)
+    early: list[object] = []
+    core.early_outputs = early.append
+    params = SamplingParams(max_new_tokens=3, temperature=0.0, ignore_eos=True)
+    core.add_request(["a"], list(range(5, 30)), params)
+    core.add_request(["b"], list(range(6, 31)), params)
+    core.abort("b")
+    outs = core.step()
+    assert early == []
+    assert [(o.rid, o.finished) for o in outs if o.rid == "b"] == [("b", True)]
+    while core.has_work:
+        core.step()
 
 
 def test_pacing_options_are_validated(tiny_llama: Path) -> None:
