@@ -23,11 +23,17 @@ def small_decode(
 ) -> Iterator[tuple[Cluster, Service]]:
     with Cluster(tiny_llama, tmp_path_factory.mktemp("capacity")) as cluster:
         cluster.start_router()
-        # 64 KV tokens: one 40-token prompt with 20 new tokens fills the decode pool.
+        # 64 KV tokens: one 40-token prompt with 20 new tokens fills the decode pool. While a
+        # prompt is expected the decode engine steps 50 ms apart (pacing with no backlog bound),
+        # so the first request still holds the pool when the second asks for pages, however
+        # slowly a loaded machine runs the second's prefill.
         _, decode = cluster.start_workers(
             [
                 ("prefill", "--kv-transport", "grpc"),
-                ("decode", "--kv-transport", "grpc", "--max-total-tokens", "64"),
+                (
+                    *("decode", "--kv-transport", "grpc", "--max-total-tokens", "64"),
+                    *("--decode-step-interval-ms", "50", "--decode-pacing-backlog", "0"),
+                ),
             ]
         )
         yield cluster, decode
