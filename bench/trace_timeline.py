@@ -27,14 +27,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import threading
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 MILESTONES = (
     "router",
@@ -47,6 +48,13 @@ MILESTONES = (
     "first_token",
     "end",
 )
+# Span name -> the milestones its start and end mark (end: None where it marks none).
+_SPAN_MILESTONES = {
+    "router.generate": ("router", None),
+    "prefill": ("prefill", None),
+    "reserve_kv": ("reserve_kv", "reserved"),
+    "kv_transfer": ("kv_write", "kv_done"),
+}
 # The environment that points a suite's exporters at a receiver on `port` (spans sent every
 # 200 ms rather than the SDK's 5 s, so a level's spans are in shortly after it ends).
 SCHEDULE_DELAY_MS = 200
@@ -159,33 +167,20 @@ def timelines(spans: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
         def ms(ns: int, t0: int = t0) -> float:
             return (ns - t0) / 1e6
 
-        worker = named.get("decode") or named.get("generate")
         line: dict[str, Any] = {"mode": "pd" if "decode" in named else "unified", "end": ms(gateway["end"])}
-        if "router.generate" in named:
-            line["router"] = ms(named["router.generate"]["start"])
+        for name, (start, end) in _SPAN_MILESTONES.items():
+            if name in named:
+                line[start] = ms(named[name]["start"])
+                if end:
+                    line[end] = ms(named[name]["end"])
+        worker = named.get("decode") or named.get("generate")
         if worker is not None:
             line["worker"] = ms(worker["start"])
             ttft = worker["attributes"].get("tandem.time_to_first_token_s")
             if ttft is not None:
                 line["first_token"] = line["worker"] + 1e3 * float(ttft)
-        for name, start, end in (("prefill", "prefill", None), ("reserve_kv", "reserve_kv", "reserved")):
-            if name in named:
-                line[start] = ms(named[name]["start"])
-                if end:
-                    line[end] = ms(named[name]["end"])
-        if "kv_transfer" in named:
-            line["kv_write"] = ms(named["kv_transfer"]["start"])
-            line["kv_done"] = ms(named["kv_transfer"]["end"])
         out.append(line)
     return out
-
-
-def _percentile(values: Sequence[float], q: float) -> float:
-    ordered = sorted(values)
-    pos = (len(ordered) - 1) * q
-    lo = int(pos)
-    hi = min(lo + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
 
 
 def summarize(lines: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -199,7 +194,8 @@ def summarize(lines: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         for key in MILESTONES:
             values = [line[key] for line in group if key in line]
             if values:
-                entry[key] = {"p50": statistics.median(values), "p90": _percentile(values, 0.9)}
+                p50, p90 = np.percentile(values, [50, 90])
+                entry[key] = {"p50": float(p50), "p90": float(p90)}
         summary[mode] = entry
     return summary
 
