@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 
 from shared.mem import MHAKVPool, MLAKVPool, PageAllocator, RadixCache, ReqToTokenPool, TreeNode
 from shared.mem.kv_pool import FP8_E4M3_MAX
+from shared.transfer.pages import page_runs
 
 
 def page_slots(alloc: PageAllocator, n: int) -> torch.Tensor:
@@ -79,6 +82,52 @@ def test_allocator_free_and_reuse() -> None:
     assert again is not None
     assert sorted(again.tolist()) == sorted(pages[1:3].tolist())
     assert alloc.alloc(1) is None
+
+
+def test_allocator_takes_runs_from_the_bottom_and_single_pages_from_the_top() -> None:
+    alloc = PageAllocator(num_pages=10, page_size=4)
+    assert alloc.alloc(3).tolist() == [1, 2, 3]  # type: ignore[union-attr]
+    assert alloc.alloc_page() == 10
+    assert alloc.alloc(1).tolist() == [9]  # type: ignore[union-attr]
+    alloc.free(torch.tensor([2]))
+    assert alloc.alloc(2).tolist() == [2, 4]  # type: ignore[union-attr]  # the lowest free ids
+    alloc.free(torch.tensor([9, 10]))
+    assert alloc.alloc_page() == 10
+    assert alloc.num_free_pages() == 5
+
+
+def test_a_prompts_pages_stay_consecutive_under_decode_churn() -> None:
+    """A decode engine's life: reservations of whole prompts, one page at a time as requests
+    grow (interleaved across them), everything freed at the end. A reservation comes out as one
+    run of consecutive pages, which the KV hand-off writes as one descriptor per buffer (a
+    first-in-first-out free list gave one run per page here)."""
+    alloc = PageAllocator(num_pages=1200, page_size=16)
+    rng = random.Random(0)
+    live: dict[int, tuple[list[int], list[int]]] = {}  # request -> (prompt pages, grown pages)
+    left: dict[int, int] = {}  # request -> tokens still to decode
+    runs = []
+    admitted = 0
+    for _ in range(3000):
+        while len(live) < 16 and alloc.can_alloc(64 + 16):
+            pages = alloc.alloc(64)
+            assert pages is not None
+            runs.append(len(page_runs(pages.tolist())))
+            live[admitted], left[admitted] = (pages.tolist(), []), rng.randint(32, 256)
+            admitted += 1
+        for rid in list(live):
+            left[rid] -= 1
+            if left[rid] % 16 == 0:
+                page = alloc.alloc_page()
+                assert page is not None
+                live[rid][1].append(page)
+            if left[rid] <= 0:
+                prompt, grown = live.pop(rid)
+                alloc.free(torch.tensor(prompt + grown))
+    assert len(runs) > 200 and max(runs) == 1
+    for pages in live.values():
+        alloc.free(torch.tensor(pages[0] + pages[1]))
+    assert alloc.num_free_pages() == 1200
+    assert sorted(alloc.alloc(1200).tolist()) == list(range(1, 1201))  # type: ignore[union-attr]
 
 
 def test_allocator_double_free_raises_and_leaves_free_list_intact() -> None:
