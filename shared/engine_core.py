@@ -294,6 +294,8 @@ class EngineCore:
             self.sender.set_target(rid, pages)
         except ValueError as e:
             self.abort(rid, f"bad KV target: {e}")
+        if not self.scheduler.has_work:  # no step's forward to post the last write behind
+            self.sender.post_ready()
         self._kv_events()
 
     def take_admissions(self) -> list[Admission]:
@@ -537,6 +539,8 @@ class EngineCore:
                 else:
                     logits = self.runner.forward(batch, prev)
                     launched = self._launch(batch, logits)
+            if self.sender is not None:
+                self._post_kv()  # the host posts finished prompts' last writes while the GPU runs
         if inflight is not None:
             self._resolve(inflight)  # host work while the forward just launched runs
         if launched is not None:
@@ -547,6 +551,8 @@ class EngineCore:
         if batch is not None and self.sender is not None:
             self.sender.stream_pages()
         self._poll_kv()  # writes that finished during the step free their pages now
+        if self.sender is not None and (batch is None or not self.scheduler.has_work):
+            self._post_kv()  # no forward follows to post them behind
         if self.config.debug_invariants:
             self.kv.check_invariant(self.scheduler.running + self.scheduler.parked)
         outputs, self._pending_outputs = self._pending_outputs, []
@@ -569,6 +575,12 @@ class EngineCore:
             self.receiver.poll()
         if self.sender is not None:
             self.sender.poll()
+        self._kv_events()
+
+    def _post_kv(self) -> None:
+        """Prefill engine: post the last writes that are due (a failed post fails its request)."""
+        assert self.sender is not None
+        self.sender.post_ready()
         self._kv_events()
 
     def _can_overlap(self, launched: InflightStep) -> bool:

@@ -61,7 +61,10 @@ class KvSender:
     not known yet (`target.pages == []`): the first time the request is scheduled,
     `want_target` asks for them (just in time, so decode memory is not held while the prompt
     queues here) and `set_target` delivers them. Full pages stream out (nixl) as chunks finish;
-    the first token parks the request until the rest is written and committed.
+    the first token parks the request until the rest is written and committed. That last write
+    waits for `post_ready`, which the core calls once it has launched a forward (posting costs
+    the host a descriptor per page run and buffer, up to milliseconds for a fragmented prompt,
+    which then overlaps the GPU's work instead of idling it) or at once when no forward follows.
 
     Single-threaded: the engine loop calls every method.
     """
@@ -83,6 +86,8 @@ class KvSender:
         # Requests aborted while their reservation was asked for: rid -> decode peer (nixl).
         self._abandoned: dict[str, str] = {}
         self._notices: list[tuple[Any, float]] = []  # "no KV is coming" writes: (handle, deadline)
+        # Commit and pages known, every earlier write landed: the last write waits for post_ready.
+        self._ready: dict[str, _Send] = {}
         self._events: list[SendEvent] = []
         self.bytes_sent = 0
         self.transfers = 0
@@ -91,7 +96,7 @@ class KvSender:
     @property
     def busy(self) -> bool:
         """Writes in flight or requests waiting for their reservation: keep polling."""
-        return bool(self._sends or self._notices)
+        return bool(self._sends or self._notices or self._ready)
 
     def pages_needed(self, prompt_len: int) -> int:
         return -(-prompt_len // self.layout.page_size)
@@ -219,6 +224,16 @@ class KvSender:
             elif send.commit is not None:
                 self._finish(send)
 
+    def post_ready(self) -> None:
+        """Post the last write (the rest of the pages and the commit) of every prompt whose
+        first token and pages are known and whose earlier writes have landed."""
+        ready, self._ready = self._ready, {}
+        for rid, send in ready.items():
+            if self._sends.get(rid) is send and send.abort_message is None and not send.handles:
+                assert send.commit is not None
+                self._post(send, send.num_pages, send.commit)
+                send.final_posted = True
+
     def take_events(self) -> list[SendEvent]:
         events, self._events = self._events, []
         return events
@@ -228,6 +243,7 @@ class KvSender:
         for send in self._sends.values():
             self._release_handles(send)
         self._sends.clear()
+        self._ready.clear()
         self._events.clear()
 
     # ---- helpers -------------------------------------------------------------------------------
@@ -237,13 +253,13 @@ class KvSender:
         return send.req.kv_target is not None and send.req.kv_target.transport == "nixl"
 
     def _finish(self, send: _Send) -> None:
-        """The commit and the pages are known: the last write (nixl, once the earlier ones
-        landed, so the commit's notification comes after all the data) or the bytes (grpc)."""
+        """The commit and the pages are known: the last write (nixl: due at `post_ready` once the
+        earlier ones landed, so the commit's notification comes after all the data) or the bytes
+        (grpc)."""
         assert send.commit is not None and send.pages is not None
         if self._is_nixl(send):
-            if not send.handles:
-                self._post(send, send.num_pages, send.commit)
-                send.final_posted = True
+            if not send.handles and not send.final_posted:
+                self._ready[send.req.rid] = send
             return
         start = time.time()
         payload = self.layout.read_pages(self.own_pages(send.req, send.num_pages)[send.held :])

@@ -451,6 +451,87 @@ def test_prefill_waits_for_a_late_reservation_then_sends(tiny_llama: Path) -> No
     wait_idle(decode)
 
 
+def _record_writes_and_forwards(prefill: EngineCore) -> list[str]:
+    """The order in which the prefill engine launches forwards and posts NIXL writes."""
+    events: list[str] = []
+    forward, write = prefill.runner.forward, prefill.agent.write  # type: ignore[union-attr]
+
+    def recording_forward(*args: object, **kwargs: object) -> object:
+        events.append("forward")
+        return forward(*args, **kwargs)
+
+    def recording_write(*args: object, **kwargs: object) -> object:
+        events.append("write")
+        return write(*args, **kwargs)
+
+    prefill.runner.forward = recording_forward  # type: ignore[method-assign]
+    prefill.agent.write = recording_write  # type: ignore[method-assign,union-attr]
+    return events
+
+
+@pytest.mark.skipif(not nixl_available(), reason="NIXL is not installed")
+def test_a_busy_prefill_engine_posts_the_last_write_behind_its_next_forward(tiny_llama: Path) -> None:
+    """Posting a write costs the host a descriptor per page run and buffer: with more prompts to
+    compute, the prefill engine posts a finished prompt's write once it has launched the next
+    forward (the GPU busy meanwhile), not while the GPU waits between steps."""
+    prefill, decode = make_pair(tiny_llama, "nixl")
+    params = SamplingParams(max_new_tokens=3, temperature=0.0, ignore_eos=True)
+    a, b = list(range(5, 30)), list(range(40, 75))
+    submit(prefill, decode, "a", a, params)
+    assert [o.kv_pages_wanted for o in prefill.step()] == [2]  # a computed, its pages not here yet
+    submit(prefill, decode, "b", b, params)
+    events = _record_writes_and_forwards(prefill)
+    pages = decode.reserve_kv("a")
+    assert pages is not None
+    prefill.set_kv_target("a", pages)
+    assert events == []  # b is queued: a step follows at once
+    outs = prefill.step()
+    assert events == ["forward", "write"]  # b's forward launched, then a's write posted
+    forward_targets(prefill, decode, outs)
+    tokens: dict[str, list[int]] = {}
+    deadline = time.monotonic() + 60
+    while len(tokens) < 2 or decode.has_work or prefill.has_work:
+        forward_targets(prefill, decode, prefill.step())
+        for out in decode.step():
+            tokens.setdefault(out.rid, []).extend(out.new_ids)
+        assert time.monotonic() < deadline, "no progress"
+    assert tokens == {"a": hf_greedy(tiny_llama, a, 3), "b": hf_greedy(tiny_llama, b, 3)}
+    wait_idle(prefill)
+    wait_idle(decode)
+
+
+@pytest.mark.skipif(not nixl_available(), reason="NIXL is not installed")
+def test_an_idle_prefill_engine_posts_the_last_write_at_once(tiny_llama: Path) -> None:
+    """With nothing else to compute the write goes out without waiting for another step: when
+    the pages come after the prompt finished, and in the step that finishes it when they came
+    before (a prompt of two chunks, its pages granted after the first)."""
+    prefill, decode = make_pair(tiny_llama, "nixl", chunked_prefill_size=16)
+    params = SamplingParams(max_new_tokens=2, temperature=0.0, ignore_eos=True)
+    late, early = list(range(5, 20)), list(range(40, 65))
+    submit(prefill, decode, "late", late, params)
+    prefill.step()
+    events = _record_writes_and_forwards(prefill)
+    pages = decode.reserve_kv("late")
+    assert pages is not None
+    prefill.set_kv_target("late", pages)
+    assert events == ["write"]
+    submit(prefill, decode, "early", early, params)
+    forward_targets(prefill, decode, prefill.step())  # the first chunk; its pages granted
+    events.clear()
+    prefill.step()  # the last chunk
+    assert events == ["forward", "write"]
+    tokens: dict[str, list[int]] = {}
+    deadline = time.monotonic() + 60
+    while len(tokens) < 2 or decode.has_work or prefill.has_work:
+        prefill.step()
+        for out in decode.step():
+            tokens.setdefault(out.rid, []).extend(out.new_ids)
+        assert time.monotonic() < deadline, "no progress"
+    assert tokens == {"late": hf_greedy(tiny_llama, late, 2), "early": hf_greedy(tiny_llama, early, 2)}
+    wait_idle(prefill)
+    wait_idle(decode)
+
+
 def test_a_malformed_payload_fails_only_its_request(tiny_llama: Path) -> None:
     decode = build_core(tiny_llama, disaggregation_mode="decode", kv_transport="grpc")
     pages = reserve(decode, "r", list(range(5, 30)), SamplingParams(max_new_tokens=2))
