@@ -685,10 +685,11 @@ def main() -> None:
     parser.add_argument(
         "--compare-fp8-mma",
         type=int,
-        default=0,
+        default=None,
         metavar="M",
-        help="every batch again with fp8 weights, up to M tokens on the tensor-core GEMV"
-        " (kernels.gemv.fp8_gemv mma=True; kernels.fp8_gemm.MMA_GEMV_MAX_M)",
+        help="every batch again with fp8 weights and kernels.fp8_gemm.MMA_GEMV_MAX_M = M: up to M"
+        " tokens on the tensor-core GEMV (kernels.gemv.fp8_gemv mma=True); 0: the CUDA-core GEMV"
+        " and the block GEMM only",
     )
     parser.add_argument("--json", type=Path)
     parser.add_argument("--png", type=Path)
@@ -724,14 +725,16 @@ def main() -> None:
         fp8_args = argparse.Namespace(**vars(args) | {"quantization": "fp8"})
         if args.compare_fp8:
             result["tandem_fp8"] = bench_tandem(path, fp8_args, device)
-        if args.compare_fp8_mma:
+        if args.compare_fp8_mma is not None:
             from kernels import fp8_gemm
 
+            default = fp8_gemm.MMA_GEMV_MAX_M
             fp8_gemm.MMA_GEMV_MAX_M = args.compare_fp8_mma  # read at capture: graphs keep it
             try:
                 result["tandem_fp8_mma"] = bench_tandem(path, fp8_args, device)
+                result["tandem_fp8_mma"]["mma_gemv_max_m"] = {"run": args.compare_fp8_mma, "default": default}
             finally:
-                fp8_gemm.MMA_GEMV_MAX_M = 0
+                fp8_gemm.MMA_GEMV_MAX_M = default
         if args.compare_kv_fp8:
             kv_args = argparse.Namespace(**vars(args) | {"kv_cache_dtype": "fp8_e4m3"})
             result["tandem_kv_fp8"] = bench_tandem(path, kv_args, device)
@@ -782,13 +785,15 @@ def main() -> None:
             f"tandem batch {b}, fp8 weights: {run['tok_s']:.1f} tok/s "
             f"(bf16: {bf16:.1f}, {run['tok_s'] / bf16:.3f}x)"
         )
-    for b, run in result.get("tandem_fp8_mma", {}).get("decode", {}).items():
+    mma = result.get("tandem_fp8_mma", {})
+    for b, run in mma.get("decode", {}).items():
         bf16 = result["tandem"]["decode"][b]["tok_s"]
-        cuda_core = result.get("tandem_fp8", {}).get("decode", {}).get(b, {}).get("tok_s")
-        than = f", {run['tok_s'] / cuda_core:.3f}x the CUDA-core GEMV's {cuda_core:.1f}" if cuda_core else ""
+        limits = mma["mma_gemv_max_m"]
+        routing = result.get("tandem_fp8", {}).get("decode", {}).get(b, {}).get("tok_s")
+        than = f", {run['tok_s'] / routing:.3f}x the default's {routing:.1f}" if routing else ""
         print(
-            f"tandem batch {b}, fp8 weights on the tensor-core GEMV: {run['tok_s']:.1f} tok/s "
-            f"({run['tok_s'] / bf16:.3f}x bf16{than})"
+            f"tandem batch {b}, fp8 weights, MMA_GEMV_MAX_M {limits['run']} (default {limits['default']}): "
+            f"{run['tok_s']:.1f} tok/s ({run['tok_s'] / bf16:.3f}x bf16{than})"
         )
     for b, run in result.get("tandem_kv_fp8", {}).get("decode", {}).items():
         bf16 = result["tandem"]["decode"][b]["tok_s"]

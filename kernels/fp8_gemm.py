@@ -18,9 +18,9 @@ and `split_k_sum` adds them (with the bias) into the output.
 Up to `gemv.GEMV_MAX_M` tokens (decode), `fp8_linear` and `w8a8_block_fp8_matmul` without an
 explicit `config` run `kernels.gemv.fp8_gemv` instead: a CUDA-core GEMV that streams the weight
 faster than 16-row MMA tiles can (an explicit `config` pins this module's tensor-core kernel).
-Where `MMA_GEMV_MAX_M` is set (off by default: slower so far on the H200), up to that many tokens
-take `kernels.gemv.fp8_gemv(..., mma=True)` first: tensor cores with the weight on the MMA's M
-side.
+Up to `MMA_GEMV_MAX_M` tokens (16: all the tensor-core GEMV takes), `kernels.gemv.fp8_gemv(...,
+mma=True)` comes first: tensor cores with the weight on the MMA's M side (on the H200 a few
+percent faster than the CUDA-core GEMV at one token, and than the block GEMM at 2-16).
 
 The 2-D matmul is the batched kernel with one batch; the batch (grid axis 1) takes arbitrary
 strides, so MLA's absorbed weights run on a [T, H, K] activation viewed as [H, T, K].
@@ -74,10 +74,10 @@ FUSED_QUANT_MAX_M = 0
 
 # Tokens up to which `fp8_linear` / `w8a8_block_fp8_matmul` (no explicit config) take the
 # tensor-core GEMV (`kernels.gemv.fp8_gemv(..., mma=True)`, at most MMA_MAX_M) before the
-# CUDA-core one; 0: never. Off: on the H200 its first configs decoded at 0.88x (batch 1) and
-# 0.80x (batch 16) of today's routing; `gemv.mma_gemv_config` now holds the sweep's best, which
-# `bench/gpu_bench.py --compare-fp8-mma 16` has yet to measure end to end.
-MMA_GEMV_MAX_M = 0
+# CUDA-core one; 0: never. On the H200 with `gemv.mma_gemv_config`'s configs (the sweep's best)
+# FP8 decode runs 1.035x (batch 1) and 1.023x (batch 16) faster than without it (`bench/gpu_bench.py
+# --batches 1,16 --skip-hf --compare-fp8 --compare-fp8-mma 0`; docs/benchmarks.md).
+MMA_GEMV_MAX_M = 16
 
 
 def _config(m: int, n: int, k: int, batch: int = 1) -> dict[str, int]:

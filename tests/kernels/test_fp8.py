@@ -440,7 +440,9 @@ def test_gemv_matches_reference(device: torch.device, fuse_quant: bool, mma: boo
 def test_few_tokens_take_the_gemv(device: torch.device, monkeypatch: pytest.MonkeyPatch) -> None:
     # Up to GEMV_MAX_M tokens without a config: fp8_linear and the matmul run the GEMV (and
     # fp8_linear quantizes inside it where GEMV_FUSES_QUANT); more tokens, or a pinned tile
-    # config, the tensor-core GEMM.
+    # config, the tensor-core GEMM. (The tensor-core GEMV, which comes first, is off here: the
+    # next test routes to it.)
+    monkeypatch.setattr(fp8_gemm, "MMA_GEMV_MAX_M", 0)
     calls: list[tuple[int, bool]] = []
     real = fp8_gemv_module.fp8_gemv
 
@@ -466,9 +468,11 @@ def test_few_tokens_take_the_gemv(device: torch.device, monkeypatch: pytest.Monk
 def test_tensor_core_gemv_takes_few_tokens_when_switched_on(
     device: torch.device, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Off by default; with MMA_GEMV_MAX_M set, fp8_linear and the matmul route up to that many
-    # tokens (never past the kernel's 16, never with a pinned config) to it, the rest as before.
-    assert fp8_gemm.MMA_GEMV_MAX_M == 0
+    # With MMA_GEMV_MAX_M set (16 by default), fp8_linear and the matmul route up to that many
+    # tokens (never past the kernel's 16, never with a pinned config) to it, the rest as before;
+    # 0 switches it off.
+    assert fp8_gemm.MMA_GEMV_MAX_M == 16
+    monkeypatch.setattr(fp8_gemm, "MMA_GEMV_MAX_M", 0)
     calls: list[tuple[int, bool, bool]] = []
     real = fp8_gemv_module.fp8_gemv
 
