@@ -2,7 +2,7 @@
 # Everything the GPU machine needs beyond its image (Python 3.12, torch 2.11 cu130, triton,
 # transformers, grpcio, numpy, httpx), fetched into .whl/ (git-ignored) with the workplace's
 # ../shared/tools/device-wheels.sh, in one carry (about 38 MB of the device tool's 64 MiB):
-#   - the services' runtime wheels (about 18 MB);
+#   - the services' runtime wheels (about 18 MB) and py-spy (3 MB, bench/pyspy_summary.py);
 #   - NIXL for CUDA 13 (nixl + nixl-cu13, a 57 MB wheel) repacked as .whl/nixl-cu13.tar.xz
 #     (about 19 MB): the wheel's contents without nixl_ep_cu13 (expert-parallel all-to-all, 91 MB
 #     unpacked, unused here) and its .data folder (example programs and headers), so that NIXL
@@ -23,7 +23,7 @@ bash "$fetch" \
     opentelemetry-exporter-otlp-proto-common opentelemetry-exporter-otlp-proto-grpc \
     opentelemetry-exporter-otlp-proto-http opentelemetry-exporter-http-transport \
     opentelemetry-exporter-otlp-common googleapis-common-protos importlib-metadata zipp \
-    requests urllib3 certifi charset-normalizer >/dev/null
+    requests urllib3 certifi charset-normalizer py-spy >/dev/null
 bash "$fetch" nixl==1.5.1 nixl-cu13==1.5.1 >/dev/null
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT

@@ -1,0 +1,84 @@
+"""bench/pyspy_summary.py on stacks in py-spy's raw format, as `py-spy record --subprocesses
+--idle -f raw` wrote them on the GPU machine (process lines first; a spawned process's command
+line holds a quoted ';')."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from bench import pyspy_summary
+
+WORKER = 'process 1914:"/opt/torch/.venv/bin/python3 -m services.prefill --model /dev/shm/m"'
+ENGINE = (
+    'process 1976:"/opt/torch/.venv/bin/python3 -B -c from multiprocessing.spawn import spawn_main;'
+    ' spawn_main(tracker_fd=16, pipe_handle=18) --multiprocessing-fork"'
+)
+ROOT = (
+    "<module> (<string>:1);spawn_main (multiprocessing/spawn.py:122);"
+    "run_engine (shared/engine_process.py:212)"
+)
+WAIT = (
+    "_serve (shared/engine_process.py:262);EngineCore.step (shared/engine_core.py:546);"
+    "EngineCore._resolve (shared/engine_core.py:641);InflightStep.to_host (shared/inflight.py:42);"
+    "Event.synchronize (torch/cuda/streams.py:254)"
+)
+POST = (
+    "_serve (shared/engine_process.py:254);handle_message (shared/engine_process.py:369);"
+    "EngineCore.set_kv_target (shared/engine_core.py:294);KvSender.set_target (shared/disagg/sender.py:152);"
+    "KvSender._finish (shared/disagg/sender.py:245);KvSender._post (shared/disagg/sender.py:262);"
+    "NixlAgent.write (shared/transfer/nixl.py:197);nixl_agent.transfer (nixl_cu13/_api.py:665)"
+)
+POLL = (
+    "_serve (shared/engine_process.py:250);Socket.poll (zmq/sugar/socket.py:1106);"
+    "Poller.poll (zmq/sugar/poll.py:106)"
+)
+OTHER = "_serve (shared/engine_process.py:254);handle_message (shared/engine_process.py:378)"
+THREAD = (
+    "Thread._bootstrap (threading.py:1030);EngineClient._receive (shared/engine_client.py:238);"
+    "Poller.poll (zmq/sugar/poll.py:106)"
+)
+RAW = "\n".join(
+    [
+        f"{WORKER};{ENGINE};{ROOT};{WAIT} 50",
+        f"{WORKER};{ENGINE};{ROOT};{POST} 20",
+        f"{WORKER};{ENGINE};{ROOT};{POLL} 20",
+        f"{WORKER};{ENGINE};{ROOT};{OTHER} 10",
+        f"{WORKER};{THREAD} 300",  # the worker's own thread: not an engine loop
+        f"{WORKER};{ENGINE};{ROOT};{WAIT} 50",
+    ]
+)
+
+
+def test_engine_loop_samples_are_shared_out_by_what_they_wait_for() -> None:
+    (process, chains), *rest = pyspy_summary.parse(RAW).items()
+    assert rest == [] and process.startswith("1976 ")  # the engine process, not the worker
+    summary = pyspy_summary.summarize(chains, top=2)
+    assert summary["samples"] == 150
+    assert {k: v for k, v in summary.items() if k not in ("samples", "top")} == {
+        "waiting for the GPU": 0.667,
+        "posting NIXL writes": 0.133,
+        "waiting for messages": 0.133,
+        "other": 0.067,
+    }
+    assert summary["top"] == [
+        [0.667, "EngineCore.step > EngineCore._resolve > InflightStep.to_host > Event.synchronize"],
+        [0.133, "handle_message > EngineCore.set_kv_target > KvSender.set_target > KvSender._finish"],
+    ]
+
+
+def test_the_command_line_prints_and_writes_json(tmp_path: Path) -> None:
+    raw = tmp_path / "prefill.txt"
+    raw.write_text(RAW + "\nnot a stack line\n")
+    out = tmp_path / "summary.json"
+    printed = subprocess.run(
+        [sys.executable, "bench/pyspy_summary.py", str(raw), "--json", str(out)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "150 samples in the engine loop" in printed and "66.7%  waiting for the GPU" in printed
+    (summary,) = json.loads(out.read_text()).values()
+    assert summary["posting NIXL writes"] == 0.133
