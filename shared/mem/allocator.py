@@ -93,16 +93,15 @@ class PageAllocator:
         return self._take_high()
 
     def _take_low(self) -> int:
-        while True:
-            page = heapq.heappop(self._low)
-            if self._is_free[page]:
-                self._is_free[page] = 0
-                self._num_free -= 1
-                return page
+        return self._take(self._low, 1)
 
     def _take_high(self) -> int:
+        return self._take(self._high, -1)
+
+    def _take(self, heap: list[int], sign: int) -> int:
+        """Pop `heap` (ids times `sign`) until a page that is still free comes out; take it."""
         while True:
-            page = -heapq.heappop(self._high)
+            page = sign * heapq.heappop(heap)
             if self._is_free[page]:
                 self._is_free[page] = 0
                 self._num_free -= 1

@@ -469,7 +469,21 @@ def _record_writes_and_forwards(prefill: EngineCore) -> list[str]:
     return events
 
 
-@pytest.mark.skipif(not nixl_available(), reason="NIXL is not installed")
+def drain(prefill: EngineCore, decode: EngineCore) -> dict[str, list[int]]:
+    """Step both engines (answering reservations) until both are idle: each request's tokens."""
+    tokens: dict[str, list[int]] = {}
+    deadline = time.monotonic() + 60
+    while any(core.has_work or core.waiting_in_background for core in (prefill, decode)):
+        forward_targets(prefill, decode, prefill.step())
+        for out in decode.step():
+            tokens.setdefault(out.rid, []).extend(out.new_ids)
+        assert time.monotonic() < deadline, "no progress"
+    wait_idle(prefill)
+    wait_idle(decode)
+    return tokens
+
+
+@NIXL_ONLY
 def test_a_busy_prefill_engine_posts_the_last_write_behind_its_next_forward(tiny_llama: Path) -> None:
     """Posting a write costs the host a descriptor per page run and buffer: with more prompts to
     compute, the prefill engine posts a finished prompt's write once it has launched the next
@@ -488,19 +502,10 @@ def test_a_busy_prefill_engine_posts_the_last_write_behind_its_next_forward(tiny
     outs = prefill.step()
     assert events == ["forward", "write"]  # b's forward launched, then a's write posted
     forward_targets(prefill, decode, outs)
-    tokens: dict[str, list[int]] = {}
-    deadline = time.monotonic() + 60
-    while len(tokens) < 2 or decode.has_work or prefill.has_work:
-        forward_targets(prefill, decode, prefill.step())
-        for out in decode.step():
-            tokens.setdefault(out.rid, []).extend(out.new_ids)
-        assert time.monotonic() < deadline, "no progress"
-    assert tokens == {"a": hf_greedy(tiny_llama, a, 3), "b": hf_greedy(tiny_llama, b, 3)}
-    wait_idle(prefill)
-    wait_idle(decode)
+    assert drain(prefill, decode) == {"a": hf_greedy(tiny_llama, a, 3), "b": hf_greedy(tiny_llama, b, 3)}
 
 
-@pytest.mark.skipif(not nixl_available(), reason="NIXL is not installed")
+@NIXL_ONLY
 def test_an_idle_prefill_engine_posts_the_last_write_at_once(tiny_llama: Path) -> None:
     """With nothing else to compute the write goes out without waiting for another step: when
     the pages come after the prompt finished, and in the step that finishes it when they came
@@ -520,16 +525,10 @@ def test_an_idle_prefill_engine_posts_the_last_write_at_once(tiny_llama: Path) -
     events.clear()
     prefill.step()  # the last chunk
     assert events == ["forward", "write"]
-    tokens: dict[str, list[int]] = {}
-    deadline = time.monotonic() + 60
-    while len(tokens) < 2 or decode.has_work or prefill.has_work:
-        prefill.step()
-        for out in decode.step():
-            tokens.setdefault(out.rid, []).extend(out.new_ids)
-        assert time.monotonic() < deadline, "no progress"
-    assert tokens == {"late": hf_greedy(tiny_llama, late, 2), "early": hf_greedy(tiny_llama, early, 2)}
-    wait_idle(prefill)
-    wait_idle(decode)
+    assert drain(prefill, decode) == {
+        "late": hf_greedy(tiny_llama, late, 2),
+        "early": hf_greedy(tiny_llama, early, 2),
+    }
 
 
 def test_a_malformed_payload_fails_only_its_request(tiny_llama: Path) -> None:
