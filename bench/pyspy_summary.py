@@ -11,10 +11,12 @@ the samples of every engine loop (stacks through `_serve` in shared/engine_proce
 Per process, the share of its loop's samples in each of: waiting for the GPU (reading a step's
 tokens), launching the forward, posting NIXL writes, waiting for messages (the loop's zmq poll,
 idle or paced), other; `--top` also lists the most sampled call chains below `_serve`. `--idle`
-matters: without it py-spy drops the samples where the thread waits, which are the point.
-`bench/gpu_wheels.sh` carries py-spy to the GPU machine (`/tmp/site/bin/py-spy` after
-`source bench/gpu_setup.sh`). Found, on the H200 at 128 clients: the prefill engine posting
-NIXL writes 21% of the time with its GPU idle (docs/benchmarks.md).
+matters: without it py-spy drops the samples where the thread waits, which are the point. (On a
+CPU device the forward computes where a GPU's is only launched: all of it counts as launching.)
+`bench/serving.py --launch --py-spy` does all of it for every load level (`Recorder`).
+`bench/gpu_wheels.sh` carries py-spy to the GPU machine (on PATH after `source
+bench/gpu_setup.sh`). Found, on the H200 at 128 clients: the prefill engine posting NIXL writes
+21% of the time with its GPU idle (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -22,6 +24,10 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
+import signal
+import subprocess
+import sys
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -83,6 +89,57 @@ def summarize(chains: Counter[tuple[str, ...]], top: int = 0) -> dict[str, objec
     if top:
         out["top"] = [[round(n / total, 3), head] for head, n in heads.most_common(top)]
     return out
+
+
+def line(summary: dict[str, object]) -> str:
+    """One summary as `47% waiting for the GPU, 24% launching the forward, ...`."""
+    shares = [(what, share) for what, share in summary.items() if what not in ("samples", "top")]
+    return ", ".join(f"{share:.0%} {what}" for what, share in shares)
+
+
+class Recorder:
+    """py-spy sampling processes (each with its children) between `start` and `stop`: a load
+    level's engine loops, without touching the engines. Needs py-spy (`binary`) and the right
+    to ptrace them (root, or kernel.yama.ptrace_scope 0)."""
+
+    def __init__(
+        self, pids: dict[str, int], out_dir: Path, binary: str | None = None, rate: int = 200
+    ) -> None:
+        beside = Path(sys.executable).parent / "py-spy"  # a virtualenv's, not activated
+        found = binary or shutil.which("py-spy") or (str(beside) if beside.exists() else None)
+        if found is None:
+            raise FileNotFoundError("py-spy is not on PATH (pip install py-spy)")
+        self.binary, self.pids, self.out_dir, self.rate = found, pids, out_dir, rate
+        self._running: dict[str, tuple[subprocess.Popen[bytes], Path]] = {}
+
+    def start(self, tag: str) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        for name, pid in self.pids.items():
+            raw = self.out_dir / f"{tag}_{name}.txt"
+            cmd = [self.binary, "record", "--pid", str(pid), "--subprocesses", "--idle", "--nonblocking"]
+            cmd += ["--rate", str(self.rate), "--format", "raw", "--output", str(raw)]
+            with open(raw.with_suffix(".log"), "wb") as log:
+                proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+            self._running[name] = (proc, raw)
+
+    def stop(self, top: int = 5) -> dict[str, dict[str, object]]:
+        """Stop every recording (py-spy writes its samples on SIGINT); per process name (with
+        the engine process's pid where a worker runs several), its engine loops' summary."""
+        result: dict[str, dict[str, object]] = {}
+        running, self._running = self._running, {}
+        for proc, _ in running.values():
+            proc.send_signal(signal.SIGINT)
+        for name, (proc, raw) in running.items():
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            loops = parse(raw.read_text()) if raw.exists() else {}
+            for process, chains in loops.items():
+                key = name if len(loops) == 1 else f"{name} {process.split()[0]}"
+                result[key] = summarize(chains, top)
+        return result
 
 
 def main() -> None:

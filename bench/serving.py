@@ -40,7 +40,10 @@ Needs only the standard library, httpx and numpy (matplotlib for `--png`); `--la
 `python -m services.cli up` from this checkout and `--make-model` imports bench/gpu_bench.py.
 `--trace` (with `--launch`) receives the suite's OpenTelemetry spans itself and prints where
 each level's requests spent their time between the services (bench/trace_timeline.py; it needs
-the `opentelemetry-proto` package the services' exporter brings).
+the `opentelemetry-proto` package the services' exporter brings). `--py-spy` (with `--launch`)
+samples every worker's engine process during each level and prints where its loop's wall clock
+went: waiting for the GPU, launching forwards, posting KV writes, waiting for messages
+(bench/pyspy_summary.py; it needs py-spy on PATH and the right to ptrace).
 """
 
 from __future__ import annotations
@@ -70,7 +73,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench import trace_timeline  # noqa: E402 (after the path)
+from bench import pyspy_summary, trace_timeline  # noqa: E402 (after the path)
+from bench.pyspy_summary import Recorder  # noqa: E402
 from bench.trace_timeline import SpanReceiver  # noqa: E402
 
 Mode = Literal["concurrency", "rate"]
@@ -150,6 +154,8 @@ class LevelSummary:
     cpu: dict[str, dict[str, float]] = field(default_factory=dict)
     # With --trace, per mode: bench/trace_timeline.py's summary of the level's requests.
     timeline: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # With --py-spy, per worker: bench/pyspy_summary.py's summary of its engine loop.
+    profile: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def stats_ms(values: Sequence[float]) -> dict[str, float | None]:
@@ -315,11 +321,13 @@ async def sweep(
     server: subprocess.Popen[bytes] | None = None,
     services: dict[str, str] | None = None,
     spans: SpanReceiver | None = None,
+    recorder: Recorder | None = None,
 ) -> None:
     """Warm up, then run every level, printing a row and saving the report after each; stops early
     if the launched `server` exits. `services`: /metrics URLs of Tandem services to profile per
     level (the engines' steps of the workers among them, and every process's CPU). `spans`: the
-    launched suite's traces, each level's turned into request timelines."""
+    launched suite's traces, each level's turned into request timelines. `recorder`: py-spy on
+    the workers during each level."""
     mode: Mode = "rate" if args.request_rate else "concurrency"
     loads = [float(x) for x in (args.request_rate or args.concurrency).split(",")]
     prompts = Prompts(w)
@@ -342,12 +350,16 @@ async def sweep(
             n = args.num_prompts or (args.num_prompts_factor * int(load) if mode == "concurrency" else 200)
             batch = prompts.take(n)
             before = await asyncio.to_thread(scrape_metrics, services) if services else {}
+            if recorder is not None:
+                recorder.start(f"{mode}_{load:g}")
             start = time.perf_counter()
             if mode == "concurrency":
                 results = await closed_loop(client, t, w, batch, int(load))
             else:
                 results = await poisson(client, t, w, batch, load)
             summary = summarize(results, mode, load, time.perf_counter() - start)
+            if recorder is not None:
+                summary.profile = await asyncio.to_thread(recorder.stop)
             if services:
                 after = await asyncio.to_thread(scrape_metrics, services)
                 read = [name for name in services if name in before and name in after]
@@ -370,6 +382,8 @@ async def sweep(
                 print(f"    {trace_timeline.summary_line(topology, entry)}", flush=True)
             for name, prof in summary.engine.items():
                 print(f"    {name}: {engine_line(prof)}", flush=True)
+            for name, loop in summary.profile.items():
+                print(f"    {name} engine loop (py-spy): {pyspy_summary.line(loop)}", flush=True)
             if summary.cpu:
                 print(f"    {cpu_line(summary.cpu)}", flush=True)
             if summary.failed:
@@ -742,6 +756,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="trace the suite into a local receiver: each level's request timeline (bench/trace_timeline.py)",
     )
+    launch.add_argument(
+        "--py-spy",
+        action="store_true",
+        help="sample the workers' engine processes with py-spy (on PATH) during each level: where each"
+        " engine loop's time went (bench/pyspy_summary.py; raw stacks in the log dir)",
+    )
     return p.parse_args(argv)
 
 
@@ -753,6 +773,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         raise SystemExit("--launch needs --model-path (a checkpoint with config.json) or --make-model")
     if args.trace and not args.launch:
         raise SystemExit("--trace needs --launch (it points the suite's span exporters at this process)")
+    if args.py_spy and not args.launch:
+        raise SystemExit("--py-spy needs --launch (it samples the workers it started)")
     vocab = args.vocab_size or (model_vocab(args.model_path) if args.model_path else None) or 32000
     w = Workload(
         input_len=args.input_len,
@@ -791,7 +813,12 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         }
         print(f"{label}: {target.model} at {base_url}, {w.input_len} in / {w.output_len} out", flush=True)
         services = parse_metrics(args.metrics) or dict((server or {}).get("metrics", {}))
-        asyncio.run(sweep(args, target, w, report, server["process"] if server else None, services, spans))
+        recorder = None
+        if args.py_spy and server is not None:
+            workers = {name: pid for name, pid in server["pids"].items() if name not in ("router", "gateway")}
+            recorder = Recorder(workers, Path(server["logs"]) / "py-spy")
+        process = server["process"] if server else None
+        asyncio.run(sweep(args, target, w, report, process, services, spans, recorder))
         if server and server.get("metrics"):
             report["server_metrics"] = scrape_metrics(server["metrics"])
             save(report, args.json)

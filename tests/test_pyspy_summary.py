@@ -9,7 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench import pyspy_summary
+import pytest
+
+from bench import pyspy_summary, serving
 
 WORKER = 'process 1914:"/opt/torch/.venv/bin/python3 -m services.prefill --model /dev/shm/m"'
 ENGINE = (
@@ -82,3 +84,31 @@ def test_the_command_line_prints_and_writes_json(tmp_path: Path) -> None:
     assert "150 samples in the engine loop" in printed and "66.7%  waiting for the GPU" in printed
     (summary,) = json.loads(out.read_text()).values()
     assert summary["posting NIXL writes"] == 0.133
+
+
+def test_serving_bench_samples_each_launched_engine_loop_per_level(tiny_llama: Path, tmp_path: Path) -> None:
+    # Real py-spy on a real suite: every level gets each worker's engine loop, its shares adding
+    # up, and the raw stacks stay in the log dir.
+    out, logs = tmp_path / "result.json", tmp_path / "logs"
+    flags = ["--launch", "--py-spy", "--topology", "pd", "--model-path", str(tiny_llama)]
+    flags += ["--log-dir", str(logs)]
+    flags += ["--worker-args", "--device cpu --max-total-tokens 4096", "--kv-transport", "grpc"]
+    flags += ["--input-len", "16", "--output-len", "16", "--concurrency", "1,2", "--num-prompts-factor", "4"]
+    assert serving.main([*flags, "--warmup", "1", "--json", str(out)]) == 0
+    levels = json.loads(out.read_text())["levels"]
+    assert [lv["completed"] for lv in levels] == [4, 8]
+    for lv in levels:
+        assert sorted(lv["profile"]) == ["decode-0", "prefill-0"]
+        for loop in lv["profile"].values():
+            shares = [v for k, v in loop.items() if k not in ("samples", "top")]
+            assert loop["samples"] > 10 and abs(sum(shares) - 1) < 0.01, loop
+            assert loop["top"] and all(chain for _, chain in loop["top"])
+    assert sorted(p.name for p in (logs / "py-spy").glob("*.txt")) == [
+        "concurrency_1_decode-0.txt", "concurrency_1_prefill-0.txt",
+        "concurrency_2_decode-0.txt", "concurrency_2_prefill-0.txt",
+    ]  # fmt: skip
+
+
+def test_py_spy_needs_launch() -> None:
+    with pytest.raises(SystemExit, match="--py-spy needs --launch"):
+        serving.main(["--py-spy", "--base-url", "http://127.0.0.1:9/v1"])
