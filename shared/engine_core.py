@@ -58,8 +58,8 @@ def resolve_transport(config: EngineConfig) -> str:
         if config.disaggregation_mode != "null":
             logger.warning(
                 "NIXL is not installed: this %s engine moves KV as bytes over the gRPC transport"
-                " (about 0.5 GB/s, docs/kv_transfer.md); pip install nixl (or nixl-cu12 / nixl-cu13)"
-                " for the fast path",
+                " (0.5-1.5 GB/s on a CPU host, docs/kv_transfer.md); pip install nixl (or nixl-cu12 /"
+                " nixl-cu13) for the fast path",
                 config.disaggregation_mode,
             )
         return "grpc"

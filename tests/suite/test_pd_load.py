@@ -22,6 +22,7 @@ import openai
 import pytest
 from transformers import AutoTokenizer
 
+from services.launcher import GRPC_KV_MALLOC
 from services.protos.tandem.worker.v1 import worker_pb2, worker_pb2_grpc
 from shared.transfer import nixl_available
 from tests.engine.test_parity import hf_greedy_cached
@@ -59,6 +60,14 @@ def test_pd_under_load_every_request_completes(tiny_llama: Path, tmp_path: Path,
     prompts = [[rng.randrange(5, 250) for _ in range(rng.randrange(40, 60))] for _ in range(CONCURRENCY)]
     args = ("--kv-transport", transport, "--worker-args", worker_args)
     with tandem_up(tiny_llama, tmp_path, args=args) as up:
+        # Workers moving KV over gRPC keep payload-sized buffers in the heap (launcher.py). (glibc
+        # cuts its initial copy of the variable at the first ':' as it parses it, which is what
+        # /proc shows; the process's environment keeps the whole value.)
+        for name in ("prefill-0", "decode-0"):
+            environ = Path(f"/proc/{up['pids'][name]}/environ").read_bytes().split(b"\0")
+            tunables = [v.decode() for v in environ if v.startswith(b"GLIBC_TUNABLES=")]
+            want = [f"GLIBC_TUNABLES={GRPC_KV_MALLOC.split(':')[0]}"] if transport == "grpc" else []
+            assert tunables == want
 
         async def run() -> list[str]:
             client = openai.AsyncOpenAI(base_url=up["openai"], api_key="unused", max_retries=0, timeout=300)
