@@ -162,12 +162,13 @@ GRPC_KV_MALLOC = "glibc.malloc.mmap_threshold=1073741824:glibc.malloc.trim_thres
 def kv_transport_of(kv_transport: str | None, worker_flags: list[str]) -> str:
     """The KV transport PD workers will use: `--kv-transport` (up's, else the workers' own
     flag), auto resolving as the engine does (NIXL where it is installed, else gRPC)."""
-    chosen = kv_transport
+    own = None  # the workers' flag; the last one counts, as in their parser
     for i, flag in enumerate(worker_flags):
         if flag == "--kv-transport" and i + 1 < len(worker_flags):
-            chosen = chosen or worker_flags[i + 1]
+            own = worker_flags[i + 1]
         elif flag.startswith("--kv-transport="):
-            chosen = chosen or flag.partition("=")[2]
+            own = flag.partition("=")[2]
+    chosen = kv_transport or own  # up's comes after the worker flags on their command line
     if chosen in (None, "auto"):
         from shared.transfer import nixl_available
 

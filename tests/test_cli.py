@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from services.launcher import free_port
+from services.launcher import free_port, kv_transport_of
 from services.version import tandem_version
+from shared.transfer import nixl_available
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -96,3 +97,12 @@ def test_every_service_refuses_an_uncached_hub_id_offline(argv: tuple[str, ...],
 def test_the_gateway_names_its_own_flag(tmp_path: Path) -> None:
     out = _run("services.gateway", "--router", "127.0.0.1:1", "--tokenizer", str(tmp_path / "nope"))
     assert out.returncode == 2 and "--tokenizer takes a local HF model directory" in out.stderr
+
+
+def test_the_launcher_knows_which_kv_transport_its_pd_workers_use() -> None:
+    # up's flag comes after the workers' on their command line; of theirs, the last counts;
+    # auto is NIXL where it is installed, else gRPC.
+    assert kv_transport_of("grpc", ["--kv-transport", "nixl"]) == "grpc"
+    assert kv_transport_of(None, ["--kv-transport", "nixl", "--kv-transport=grpc"]) == "grpc"
+    auto = "nixl" if nixl_available() else "grpc"
+    assert kv_transport_of(None, ["--device", "cpu"]) == kv_transport_of("auto", []) == auto
