@@ -87,26 +87,26 @@ def test_the_command_line_prints_and_writes_json(tmp_path: Path) -> None:
 
 
 def test_serving_bench_samples_each_launched_engine_loop_per_level(tiny_llama: Path, tmp_path: Path) -> None:
-    # Real py-spy on a real suite: every level gets each worker's engine loop, its shares adding
-    # up, and the raw stacks stay in the log dir.
+    # Real py-spy on a real suite: every level gets each worker's engine loop (one unified worker
+    # here: the Recorder takes the launch's every worker alike), its shares adding up, and the raw
+    # stacks stay in the log dir.
     out, logs = tmp_path / "result.json", tmp_path / "logs"
-    flags = ["--launch", "--py-spy", "--topology", "pd", "--model-path", str(tiny_llama)]
-    flags += ["--log-dir", str(logs)]
-    flags += ["--worker-args", "--device cpu --max-total-tokens 4096", "--kv-transport", "grpc"]
+    flags = ["--launch", "--py-spy", "--topology", "unified", "--model-path", str(tiny_llama)]
+    flags += ["--log-dir", str(logs), "--worker-args", "--device cpu --max-total-tokens 4096"]
     flags += ["--input-len", "16", "--output-len", "16", "--concurrency", "1,2", "--num-prompts-factor", "4"]
     assert serving.main([*flags, "--warmup", "1", "--json", str(out)]) == 0
     levels = json.loads(out.read_text())["levels"]
     assert [lv["completed"] for lv in levels] == [4, 8]
     for lv in levels:
-        assert sorted(lv["profile"]) == ["decode-0", "prefill-0"]
+        assert sorted(lv["profile"]) == ["worker-0"]
         for loop in lv["profile"].values():
             shares = [v for k, v in loop.items() if k not in ("samples", "top")]
             assert loop["samples"] > 10 and abs(sum(shares) - 1) < 0.01, loop
             assert loop["top"] and all(chain for _, chain in loop["top"])
     assert sorted(p.name for p in (logs / "py-spy").glob("*.txt")) == [
-        "concurrency_1_decode-0.txt", "concurrency_1_prefill-0.txt",
-        "concurrency_2_decode-0.txt", "concurrency_2_prefill-0.txt",
-    ]  # fmt: skip
+        "concurrency_1_worker-0.txt",
+        "concurrency_2_worker-0.txt",
+    ]
 
 
 def test_py_spy_needs_launch() -> None:

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# A/B a change that serving feels (the engine loop, the KV hand-off, the allocator, the
+# services) on the GPU, in one run, before it lands: bench/serving.py --launch for the base
+# commit's shared/, kernels/ and services/ and for the working tree's, interleaved base, tree,
+# base, tree on the same machine (the first `tandem up` of a fresh machine runs slower than the
+# later ones, docs/benchmarks.md), then one --compare table of every copy against the first.
+#
+#   here (needs git):     bash bench/serving_ab.sh prepare [BASE]    # default BASE: HEAD
+#                         writes bench/results/serving-ab-base.tar.gz (ignored by git: carry it)
+#   on the GPU machine:   bash bench/serving_ab.sh run OUT_DIR [serving.py flags]
+#                         e.g. --topology pd --make-model llama3-8b --concurrency 1,64,128 \
+#                              --worker-args "--device cuda:0 --max-total-tokens 150000"
+#                         ROUNDS=1 for one copy of each; the serving flags go to every run;
+#                         PYTHON=.venv/bin/python off the GPU machine.
+#
+# Writes OUT_DIR/{base,tree}_{1,2}.json (and each run's logs under OUT_DIR/logs/).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+archive=bench/results/serving-ab-base.tar.gz
+python=${PYTHON:-python3}
+case $python in /*) ;; */*) python="$PWD/$python" ;; esac  # the runs start in the copies
+case ${1:-} in
+    prepare)
+        base=${2:-HEAD}
+        mkdir -p bench/results
+        git archive --format=tar.gz -o "$archive" "$base" shared kernels services
+        echo "$archive: shared/, kernels/ and services/ at $(git rev-parse --short "$base")"
+        ;;
+    run)
+        out=${2:?usage: bench/serving_ab.sh run OUT_DIR [serving.py flags]}
+        shift 2
+        [ -f "$archive" ] || { echo "no $archive: run 'bench/serving_ab.sh prepare' first" >&2; exit 2; }
+        mkdir -p "$out"
+        out=$(cd "$out" && pwd)
+        work=$(mktemp -d)
+        trap 'rm -rf "$work"' EXIT
+        for copy in base tree; do  # the checkout without its virtualenv, history or results
+            mkdir "$work/$copy"
+            tar -cf - --exclude=./.venv --exclude=./.git --exclude=./bench/results . | tar -xf - -C "$work/$copy"
+        done
+        rm -rf "$work/base/shared" "$work/base/kernels" "$work/base/services"
+        tar -xzf "$archive" -C "$work/base"
+        runs=()
+        for round in $(seq 1 "${ROUNDS:-2}"); do
+            for copy in base tree; do
+                name="${copy}_$round"
+                echo "== $name"
+                # The copy's modules first, for this process and the suite it launches.
+                (cd "$work/$copy" && PYTHONPATH="$work/$copy${PYTHONPATH:+:$PYTHONPATH}" \
+                    "$python" bench/serving.py --launch --label "$name" --log-dir "$out/logs/$name" \
+                    --json "$out/$name.json" "$@") | grep -vE "^(INFO|DEBUG|launching|logs:)" || true
+                [ -f "$out/$name.json" ] && runs+=("$out/$name.json")
+            done
+        done
+        [ ${#runs[@]} -gt 0 ] || { echo "no run finished" >&2; exit 1; }
+        "$python" bench/serving.py --compare "${runs[@]}"
+        ;;
+    *)
+        echo "usage: bench/serving_ab.sh prepare [BASE] | run OUT_DIR [serving.py flags]" >&2
+        exit 2
+        ;;
+esac
