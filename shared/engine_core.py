@@ -548,7 +548,11 @@ class EngineCore:
                 self._inflight = launched
             else:
                 self._resolve(launched)
-        if batch is not None and self.sender is not None:
+        if batch is not None and self.sender is not None and self.sender.has_pages_to_stream():
+            if launched is None or self._inflight is launched:
+                # No token was read back this step, so its forward may still be writing the
+                # chunks' pages; a NIXL write reads them on a stream of its own.
+                self.runner.synchronize()
             self.sender.stream_pages()
         self._poll_kv()  # writes that finished during the step free their pages now
         if self.sender is not None and (batch is None or not self.scheduler.has_work):

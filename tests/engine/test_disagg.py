@@ -452,9 +452,11 @@ def test_prefill_waits_for_a_late_reservation_then_sends(tiny_llama: Path) -> No
 
 
 def _record_writes_and_forwards(prefill: EngineCore) -> list[str]:
-    """The order in which the prefill engine launches forwards and posts NIXL writes."""
+    """The order in which the prefill engine launches forwards, waits for the device and posts
+    NIXL writes."""
     events: list[str] = []
     forward, write = prefill.runner.forward, prefill.agent.write  # type: ignore[union-attr]
+    synchronize = prefill.runner.synchronize
 
     def recording_forward(*args: object, **kwargs: object) -> object:
         events.append("forward")
@@ -464,9 +466,36 @@ def _record_writes_and_forwards(prefill: EngineCore) -> list[str]:
         events.append("write")
         return write(*args, **kwargs)
 
+    def recording_synchronize() -> None:
+        events.append("synchronize")
+        synchronize()
+
     prefill.runner.forward = recording_forward  # type: ignore[method-assign]
     prefill.agent.write = recording_write  # type: ignore[method-assign,union-attr]
+    prefill.runner.synchronize = recording_synchronize  # type: ignore[method-assign]
     return events
+
+
+@NIXL_ONLY
+def test_pages_stream_only_once_the_forward_that_computed_them_has_run(tiny_llama: Path) -> None:
+    """A chunk that samples nothing is never read back, so on a GPU its forward may still be
+    writing the pages when the step ends: the engine waits for it before a write (on a stream
+    of its own) reads them. Steps that read a token back have waited already."""
+    prefill, decode = make_pair(tiny_llama, "nixl", chunked_prefill_size=16)
+    params = SamplingParams(max_new_tokens=2, temperature=0.0, ignore_eos=True)
+    ids = list(range(5, 45))  # three 16-token chunks: pages stream after the second
+    submit(prefill, decode, "r", ids, params)
+    events = _record_writes_and_forwards(prefill)
+    forward_targets(prefill, decode, prefill.step())  # the first chunk; its pages granted after
+    assert events == ["forward"]
+    events.clear()
+    prefill.step()  # the second chunk: both full pages stream now
+    assert events == ["forward", "synchronize", "write"]
+    events.clear()
+    prefill.step()  # the last chunk samples: reading its token back waited for the forward
+    assert events == ["forward"]  # (the rest goes with the commit once the first write landed)
+    assert drain(prefill, decode) == {"r": hf_greedy(tiny_llama, ids, 2)}
+    assert "synchronize" not in events  # nothing left to stream: no step waited for its forward
 
 
 def drain(prefill: EngineCore, decode: EngineCore) -> dict[str, list[int]]:
