@@ -77,13 +77,14 @@ def category(chain: tuple[str, ...]) -> str:
 
 def summarize(chains: Counter[tuple[str, ...]], top: int = 0) -> dict[str, object]:
     """Shares of one process's loop samples by category (largest first), its sample count and,
-    with `top`, its most sampled chains (4 calls below the loop) as [share, chain]."""
+    with `top`, its most sampled chains (4 calls below the loop, or the loop itself for samples
+    taken in its own frame) as [share, chain]."""
     total = sum(chains.values())
     by = Counter[str]()
     heads = Counter[str]()
     for chain, n in chains.items():
         by[category(chain)] += n
-        heads[" > ".join(chain[1:5])] += n
+        heads[" > ".join(chain[1:5]) or chain[0]] += n
     out: dict[str, object] = {what: round(n / total, 3) for what, n in by.most_common()}
     out["samples"] = total
     if top:

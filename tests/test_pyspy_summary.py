@@ -38,6 +38,7 @@ POLL = (
     "Poller.poll (zmq/sugar/poll.py:106)"
 )
 OTHER = "_serve (shared/engine_process.py:254);handle_message (shared/engine_process.py:378)"
+LOOP = "_serve (shared/engine_process.py:247)"  # a sample taken in the loop's own frame
 THREAD = (
     "Thread._bootstrap (threading.py:1030);EngineClient._receive (shared/engine_client.py:238);"
     "Poller.poll (zmq/sugar/poll.py:106)"
@@ -47,7 +48,8 @@ RAW = "\n".join(
         f"{WORKER};{ENGINE};{ROOT};{WAIT} 50",
         f"{WORKER};{ENGINE};{ROOT};{POST} 20",
         f"{WORKER};{ENGINE};{ROOT};{POLL} 20",
-        f"{WORKER};{ENGINE};{ROOT};{OTHER} 10",
+        f"{WORKER};{ENGINE};{ROOT};{OTHER} 5",
+        f"{WORKER};{ENGINE};{ROOT};{LOOP} 5",
         f"{WORKER};{THREAD} 300",  # the worker's own thread: not an engine loop
         f"{WORKER};{ENGINE};{ROOT};{WAIT} 50",
     ]
@@ -57,7 +59,7 @@ RAW = "\n".join(
 def test_engine_loop_samples_are_shared_out_by_what_they_wait_for() -> None:
     (process, chains), *rest = pyspy_summary.parse(RAW).items()
     assert rest == [] and process.startswith("1976 ")  # the engine process, not the worker
-    summary = pyspy_summary.summarize(chains, top=2)
+    summary = pyspy_summary.summarize(chains, top=5)
     assert summary["samples"] == 150
     assert {k: v for k, v in summary.items() if k not in ("samples", "top")} == {
         "waiting for the GPU": 0.667,
@@ -68,6 +70,9 @@ def test_engine_loop_samples_are_shared_out_by_what_they_wait_for() -> None:
     assert summary["top"] == [
         [0.667, "EngineCore.step > EngineCore._resolve > InflightStep.to_host > Event.synchronize"],
         [0.133, "handle_message > EngineCore.set_kv_target > KvSender.set_target > KvSender._finish"],
+        [0.133, "Socket.poll > Poller.poll"],
+        [0.033, "handle_message"],
+        [0.033, "_serve"],  # named, not an empty chain
     ]
 
 
