@@ -746,6 +746,7 @@ class EngineCore:
                 kv_reservations=self.receiver.reservations,
                 kv_reservations_queued=self.receiver.queued,
                 kv_reservations_expired=self.receiver.expired,
+                kv_prompts_expected=self.receiver.pending,  # a gauge: KV not here yet
             )
         return out
 

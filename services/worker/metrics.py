@@ -99,6 +99,11 @@ class _EngineCollector(Collector):
             "Requests waiting on a KV transfer (decode: for the KV; prefill: for writes to finish)",
             value=s.get("parked_requests", 0),
         )
+        yield GaugeMetricFamily(
+            "tandem_worker_kv_prompts_expected",
+            "Decode: prompts whose KV has not arrived (on the prefill side, or in transfer)",
+            value=s.get("kv_prompts_expected", 0),
+        )
         total = s["kv_total_tokens"]
         yield GaugeMetricFamily(
             "tandem_worker_kv_usage_ratio",

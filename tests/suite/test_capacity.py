@@ -3,6 +3,7 @@ while the decode pool is taken waits for room and then completes."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Iterator
@@ -11,6 +12,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from services.protos.tandem.worker.v1 import worker_pb2, worker_pb2_grpc
 from tests.engine.hf_reference import hf_greedy
 from tests.suite.cluster import Cluster, Service, collect
 
@@ -24,9 +26,7 @@ def small_decode(
     with Cluster(tiny_llama, tmp_path_factory.mktemp("capacity")) as cluster:
         cluster.start_router()
         # 64 KV tokens: one 40-token prompt with 20 new tokens fills the decode pool. While a
-        # prompt is expected the decode engine steps 50 ms apart (pacing with no backlog bound),
-        # so the first request still holds the pool when the second asks for pages, however
-        # slowly a loaded machine runs the second's prefill.
+        # prompt is expected the decode engine steps 50 ms apart (pacing with no backlog bound).
         _, decode = cluster.start_workers(
             [
                 ("prefill", "--kv-transport", "grpc"),
@@ -39,6 +39,27 @@ def small_decode(
         yield cluster, decode
 
 
+@contextlib.contextmanager
+def expected_prompt(decode: Service) -> Iterator[None]:
+    """A prompt the decode worker expects and whose KV never comes (no prefill leg is started):
+    it holds no pages, and keeps the decode engine pacing its steps 50 ms apart for as long as
+    it is open, so a request decoding meanwhile takes a second for its 20 tokens however fast
+    the machine is. Cancelled on exit."""
+    with grpc.insecure_channel(decode.address) as channel:
+        stub = worker_pb2_grpc.DecodeServiceStub(channel)
+        request = worker_pb2.GenerateRequest(rid="expected", token_ids=[7, 8, 9], stall_timeout_ms=60_000)
+        call = stub.Generate(request, timeout=120, metadata=decode.metadata)
+        try:
+            assert next(call).HasField("reservation")
+            deadline = time.monotonic() + 10
+            while decode.load().counters.get("kv_prompts_expected", 0) < 1:
+                assert time.monotonic() < deadline, "the decode engine did not take the prompt"
+                time.sleep(0.02)
+            yield
+        finally:
+            call.cancel()
+
+
 def test_second_request_waits_for_room_then_completes(
     small_decode: tuple[Cluster, Service], tiny_llama: Path
 ) -> None:
@@ -47,16 +68,17 @@ def test_second_request_waits_for_room_then_completes(
     params = {"max_new_tokens": 20, "temperature": 0.0, "ignore_eos": True}
     counters = decode.load().counters
     before, queued_before = counters.get("kv_reservations", 0), counters.get("kv_reservations_queued", 0)
-    stream = cluster.stub.Generate(cluster.request(first, **params), timeout=60)
-    head = [next(stream)]  # the first request holds the decode pool now
     results: dict[str, object] = {}
 
     def run_second() -> None:
         results["second"] = collect(cluster.generate(second, **params))[0]
 
-    thread = threading.Thread(target=run_second)
-    thread.start()
-    rest = list(stream)
+    with expected_prompt(decode):
+        stream = cluster.stub.Generate(cluster.request(first, **params), timeout=60)
+        head = [next(stream)]  # the first request holds the decode pool now, for about a second
+        thread = threading.Thread(target=run_second)
+        thread.start()
+        rest = list(stream)
     thread.join(60)
     a = collect(head + rest)[0]
     b = results["second"]
@@ -65,6 +87,7 @@ def test_second_request_waits_for_room_then_completes(
     counters = decode.load().counters
     assert counters["kv_reservations"] - before == 2
     assert counters["kv_reservations_queued"] - queued_before == 1  # the second one waited
+    cluster.wait(lambda: decode.load().counters["kv_prompts_expected"] == 0, "the cancelled prompt to go")
     assert decode.load().kv_used_tokens == 0
 
 
