@@ -143,9 +143,10 @@ class EngineConfig:
     cuda_graph_max_bs: int = field(default=160, metadata=flag("largest decode batch run as a CUDA graph"))
     disable_cuda_graph: bool = field(default=False, metadata=flag("run every step eagerly"))
     # Overlap scheduling: the host prepares step N+1 while the device runs step N. Tests force it
-    # on CPU to check it changes no output; prefill engines stream KV pages between steps instead.
+    # on CPU to check it changes no output. A prefill engine streams a chunk's KV pages once the
+    # step that computed it has been read, in the next step (shared/inflight.py).
     enable_overlap_schedule: bool | None = field(
-        default=None, metadata=flag("overlap scheduling (default: on for CUDA; never on prefill workers)")
+        default=None, metadata=flag("overlap scheduling (default: on for CUDA)")
     )
     random_seed: int = field(
         default=0, metadata=flag("seed of the sampler (requests without a seed of their own)")

@@ -37,7 +37,7 @@ from shared.model_runner import ModelRunner, PrevTokens
 from shared.outputs import RequestOutput
 from shared.pooling import PoolingParams
 from shared.request_builder import RequestBuilder
-from shared.sampling import Sampler, SamplingBatch, SamplingParams
+from shared.sampling import SampleOutput, Sampler, SamplingBatch, SamplingParams
 from shared.scheduler.kv_manager import KVCacheManager
 from shared.scheduler.request import PENDING, FinishKind, FinishReason, Req
 from shared.scheduler.scheduler import ScheduleBatch, ScheduledReq, Scheduler
@@ -118,7 +118,7 @@ class EngineCore:
         overlap = config.enable_overlap_schedule
         if overlap is None:
             overlap = self.runner.device.type == "cuda"
-        self.overlap = overlap and config.disaggregation_mode != "prefill"
+        self.overlap = overlap
         self._inflight: InflightStep | None = None
         self.grammar_gate = GrammarGate()
 
@@ -508,7 +508,9 @@ class EngineCore:
                       and process N's tokens (append, detokenize, stop) ─ return N's outputs
 
         A request whose next sampling needs its history on the host (penalties, a grammar) makes
-        the engine read the previous step first (no overlap for that step).
+        the engine read the previous step first (no overlap for that step). A prefill engine
+        overlaps the same way: its prompts sample one token, so a prompt done in N is parked
+        before N+1 is scheduled, and reading N streams the pages N's chunks computed.
         """
         self.step_stats.began()
         if self.grammar_gate:
@@ -520,7 +522,9 @@ class EngineCore:
             self._resolve(inflight)
             inflight = None
         if inflight is not None:
-            for it in inflight.items:  # will finish by length whatever their token: no next step
+            # Will finish by length whatever their token (a prefill engine's prompts too: they
+            # sample one token): no next step.
+            for it in inflight.items:
                 if not it.req.finished and self._reaches_length(it.req):
                     self.scheduler.park(it.req)
         batch = self.scheduler.schedule()
@@ -530,7 +534,9 @@ class EngineCore:
                 self.pacer.stepped(time.monotonic())
             if self.sender is not None:
                 self.sender.on_scheduled([it.req for it in batch.items])  # reservations, just in time
-            prev = PrevTokens(inflight.next_ids, inflight.rows) if inflight is not None else None
+            prev = None
+            if inflight is not None and inflight.next_ids is not None:
+                prev = PrevTokens(inflight.next_ids, inflight.rows)
             with self.step_stats.forward(batch):
                 if batch.embeds:
                     logits, embeddings = self.runner.forward_embed(batch, prev)
@@ -548,15 +554,11 @@ class EngineCore:
                 self._inflight = launched
             else:
                 self._resolve(launched)
-        if batch is not None and self.sender is not None and self.sender.has_pages_to_stream():
-            if launched is None or self._inflight is launched:
-                # No token was read back this step, so its forward may still be writing the
-                # chunks' pages; a NIXL write reads them on a stream of its own.
-                self.runner.synchronize()
-            self.sender.stream_pages()
         self._poll_kv()  # writes that finished during the step free their pages now
-        if self.sender is not None and (batch is None or not self.scheduler.has_work):
-            self._post_kv()  # no forward follows to post them behind
+        if self.sender is not None and (
+            self._inflight is not None or batch is None or not self.scheduler.has_work
+        ):
+            self._post_kv()  # a forward runs behind the posts, or none follows to post them behind
         if self.config.debug_invariants:
             self.kv.check_invariant(self.scheduler.running + self.scheduler.parked)
         outputs, self._pending_outputs = self._pending_outputs, []
@@ -614,8 +616,14 @@ class EngineCore:
         items = [it for it in batch.items if it.sample]
         if batch.embeds:  # an embedding request's prompt ends without sampling
             items = [it for it in items if it.req.pooling is None]
+        cuda = logits.device.type == "cuda"
+        # A prefill engine streams a prompt's pages as its chunks are computed: which, the step
+        # says once it has run (every step of it is inflight, sampling or not).
+        kv_computed = None
+        if self.sender is not None:  # every request of a prefill engine has a KV target
+            kv_computed = {it.req.rid: it.req.cached_len for it in batch.items}
         if not items:
-            return None
+            return None if kv_computed is None else InflightStep([], [], None, {}, cuda, kv_computed)
         reqs = [it.req for it in items]
         # Host work while the forward runs on the GPU: the grammar masks, then the batch tensors.
         vocab_mask = self.masks.build([r.grammar for r in reqs])
@@ -636,7 +644,7 @@ class EngineCore:
             slots.append(len(req.output_ids))
             req.output_ids.append(PENDING)
             req.pending += 1
-        return InflightStep(items, slots, out, {r: i for i, r in enumerate(reqs)})
+        return InflightStep(items, slots, out, {r: i for i, r in enumerate(reqs)}, cuda, kv_computed)
 
     def _finish_embeddings(self, embeddings: dict[Req, torch.Tensor]) -> None:
         """Embedding requests whose prompt ended this step: report the vector and finish (the
@@ -653,8 +661,16 @@ class EngineCore:
             self._finish(req, FinishReason(FinishKind.STOP))
 
     def _resolve(self, launched: InflightStep) -> None:
-        """Read a launched step's tokens (waiting only for them) and process them in order."""
+        """Read a launched step's tokens (waiting only for them) and process them in order; a
+        prefill engine then streams the pages of prompt chunks the step computed (a NIXL write
+        reads them on a stream of its own, so only once the forward that wrote them is done)."""
         host = launched.to_host()
+        if host is not None:
+            self._process_tokens(launched, host)
+        if self.sender is not None:  # after the tokens: a prompt done sends the rest with its commit
+            self.sender.stream_pages(launched.kv_computed)
+
+    def _process_tokens(self, launched: InflightStep, host: SampleOutput) -> None:
         next_ids = host.next_token_ids.tolist()
         logprobs = host.logprobs.tolist() if host.logprobs is not None else None
         top_vals = host.top_logprob_vals.tolist() if host.top_logprob_vals is not None else None

@@ -216,12 +216,6 @@ class ModelRunner:
             return self.graph_runner.run(batch, patch)  # every item of a decode batch samples
         return self._run(self._eager_batch(batch, patch, writes))
 
-    def synchronize(self) -> None:
-        """Wait until the work launched so far (a forward) has run; no-op on the CPU, where it
-        already has."""
-        if self.device.type == "cuda":
-            torch.cuda.current_stream(self.device).synchronize()
-
     @torch.inference_mode()
     def forward_embed(
         self, batch: ScheduleBatch, prev: PrevTokens | None = None

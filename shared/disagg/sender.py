@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -156,27 +156,24 @@ class KvSender:
         if send.commit is not None:  # the prompt finished before its reservation came
             self._finish(send)
 
-    def stream_pages(self) -> None:
-        """After a step: post the running requests' pages that the cache now holds for them.
-        The caller makes sure the forwards that computed them have run (`has_pages_to_stream`
-        first): a write reads the pages on its own stream, in no order with the engine's.
+    def stream_pages(self, computed: Mapping[str, int]) -> None:
+        """After a step has run: post the pages its prompt chunks computed. `computed` maps a
+        request id to its prompt tokens whose KV that step completed (its `cached_len` when the
+        step was launched); the caller makes sure the forward has run, since a write reads the
+        pages on its own stream, in no order with the engine's.
 
         Only pages below `cached_len` are final (the radix tree locks them for the request);
         pages above it may still be swapped for an identical cached copy and freed.
         """
-        for send in list(self._streamable()):  # a failed post drops its send
-            self._post(send, send.req.cached_len // self.layout.page_size, b"")
-
-    def has_pages_to_stream(self) -> bool:
-        return any(True for _ in self._streamable())
-
-    def _streamable(self) -> Iterator[_Send]:
-        """Sends (nixl, pages known, prompt not done) with full cached pages not posted yet."""
-        for send in self._sends.values():
-            req, page_size = send.req, self.layout.page_size
-            open_ = self._is_nixl(send) and send.pages and send.commit is None and send.abort_message is None
-            if open_ and req.row is not None and req.cached_len // page_size > send.sent_pages:
-                yield send
+        for rid, tokens in computed.items():
+            send = self._sends.get(rid)
+            if send is None or not self._is_nixl(send) or not send.pages:
+                continue
+            if send.commit is not None or send.abort_message is not None or send.req.row is None:
+                continue  # done (the rest goes with its commit), failing, or no longer running
+            end = min(tokens, send.req.cached_len) // self.layout.page_size
+            if end > send.sent_pages:
+                self._post(send, end, b"")
 
     def on_first_token(self, req: Req, token: int) -> None:
         """The prompt is done (the core parked it): send what is left with the commit record."""

@@ -83,10 +83,12 @@ class Scheduler:
         return len(self.running) + len(self.parked)
 
     def park(self, req: Req) -> None:
-        """Stop computing for a request that holds KV (it must be running or freshly admitted)."""
+        """Stop computing for a request that holds KV (it must be running, freshly admitted or
+        parked already)."""
         if req in self.running:
             self.running.remove(req)
-        self.parked.append(req)
+        if req not in self.parked:
+            self.parked.append(req)
 
     def unpark(self, req: Req) -> None:
         self.parked.remove(req)

@@ -16,6 +16,7 @@ import pytest
 from shared.disagg.receiver import PREFILL_GAVE_UP
 from shared.engine_core import EngineCore, RequestOutput
 from shared.errors import CapacityError
+from shared.inflight import InflightStep
 from shared.sampling import SamplingParams
 from shared.transfer import KvCommit, KvTarget, PageLayout, nixl_available
 from shared.transfer.nixl import NixlAgent
@@ -451,51 +452,58 @@ def test_prefill_waits_for_a_late_reservation_then_sends(tiny_llama: Path) -> No
     wait_idle(decode)
 
 
-def _record_writes_and_forwards(prefill: EngineCore) -> list[str]:
-    """The order in which the prefill engine launches forwards, waits for the device and posts
-    NIXL writes."""
+def _record_writes_and_forwards(prefill: EngineCore, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The order in which the prefill engine launches forwards, waits for a launched step (its
+    tokens, or a step that sampled nothing having run) and posts NIXL writes ("write N": N pages)."""
     events: list[str] = []
     forward, write = prefill.runner.forward, prefill.agent.write  # type: ignore[union-attr]
-    synchronize = prefill.runner.synchronize
+    to_host = InflightStep.to_host
 
     def recording_forward(*args: object, **kwargs: object) -> object:
         events.append("forward")
         return forward(*args, **kwargs)
 
-    def recording_write(*args: object, **kwargs: object) -> object:
-        events.append("write")
-        return write(*args, **kwargs)
+    def recording_write(peer: str, src: list[int], *args: object) -> object:
+        events.append(f"write {len(src)}")
+        return write(peer, src, *args)
 
-    def recording_synchronize() -> None:
-        events.append("synchronize")
-        synchronize()
+    def recording_to_host(step: InflightStep) -> object:
+        events.append("wait")
+        return to_host(step)
 
     prefill.runner.forward = recording_forward  # type: ignore[method-assign]
     prefill.agent.write = recording_write  # type: ignore[method-assign,union-attr]
-    prefill.runner.synchronize = recording_synchronize  # type: ignore[method-assign]
+    monkeypatch.setattr(InflightStep, "to_host", recording_to_host)
     return events
 
 
 @NIXL_ONLY
-def test_pages_stream_only_once_the_forward_that_computed_them_has_run(tiny_llama: Path) -> None:
-    """A chunk that samples nothing is never read back, so on a GPU its forward may still be
-    writing the pages when the step ends: the engine waits for it before a write (on a stream
-    of its own) reads them. Steps that read a token back have waited already."""
-    prefill, decode = make_pair(tiny_llama, "nixl", chunked_prefill_size=16)
+@pytest.mark.parametrize("overlap", [False, True], ids=["sync", "overlap"])
+def test_pages_stream_only_once_the_forward_that_computed_them_has_run(
+    tiny_llama: Path, overlap: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write reads the pages on a stream of its own, so a chunk's pages go out only once the
+    engine has waited for the step that computed them: at the end of that step, or with overlap
+    scheduling in the next one, after launching the next chunk, whose page must not go yet."""
+    options = {"chunked_prefill_size": 16, "enable_overlap_schedule": overlap}
+    prefill, decode = make_pair(tiny_llama, "nixl", **options)
+    assert prefill.overlap is overlap
     params = SamplingParams(max_new_tokens=2, temperature=0.0, ignore_eos=True)
-    ids = list(range(5, 45))  # three 16-token chunks: pages stream after the second
+    ids = list(range(5, 45))  # three 16-token chunks of one 16-token page each (the last 8 tokens)
     submit(prefill, decode, "r", ids, params)
-    events = _record_writes_and_forwards(prefill)
+    events = _record_writes_and_forwards(prefill, monkeypatch)
     forward_targets(prefill, decode, prefill.step())  # the first chunk; its pages granted after
-    assert events == ["forward"]
+    assert events == (["forward"] if overlap else ["forward", "wait"])
     events.clear()
-    prefill.step()  # the second chunk: both full pages stream now
-    assert events == ["forward", "synchronize", "write"]
+    prefill.step()  # the second chunk
+    # overlap: the first chunk's page (its step waited for now); else the two computed so far
+    assert events == (["forward", "wait", "write 1"] if overlap else ["forward", "wait", "write 2"])
     events.clear()
-    prefill.step()  # the last chunk samples: reading its token back waited for the forward
-    assert events == ["forward"]  # (the rest goes with the commit once the first write landed)
+    prefill.step()  # the last chunk samples
+    assert events[:3] == (["forward", "wait", "write 1"] if overlap else ["forward", "wait"])
+    # The last page goes with the commit, once the earlier writes landed.
     assert drain(prefill, decode) == {"r": hf_greedy(tiny_llama, ids, 2)}
-    assert "synchronize" not in events  # nothing left to stream: no step waited for its forward
+    assert [e for e in events if e.startswith("write")] == (["write 1"] * 2 if overlap else ["write 1"])
 
 
 def drain(prefill: EngineCore, decode: EngineCore) -> dict[str, list[int]]:
@@ -513,47 +521,57 @@ def drain(prefill: EngineCore, decode: EngineCore) -> dict[str, list[int]]:
 
 
 @NIXL_ONLY
-def test_a_busy_prefill_engine_posts_the_last_write_behind_its_next_forward(tiny_llama: Path) -> None:
+@pytest.mark.parametrize("overlap", [False, True], ids=["sync", "overlap"])
+def test_a_busy_prefill_engine_posts_the_last_write_behind_its_next_forward(
+    tiny_llama: Path, overlap: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Posting a write costs the host a descriptor per page run and buffer: with more prompts to
     compute, the prefill engine posts a finished prompt's write once it has launched the next
     forward (the GPU busy meanwhile), not while the GPU waits between steps."""
-    prefill, decode = make_pair(tiny_llama, "nixl")
+    prefill, decode = make_pair(tiny_llama, "nixl", enable_overlap_schedule=overlap)
     params = SamplingParams(max_new_tokens=3, temperature=0.0, ignore_eos=True)
     a, b = list(range(5, 30)), list(range(40, 75))
     submit(prefill, decode, "a", a, params)
-    assert [o.kv_pages_wanted for o in prefill.step()] == [2]  # a computed, its pages not here yet
+    # a computed (with overlap: its token not read yet), its pages not here yet
+    assert [o.kv_pages_wanted for o in prefill.step()] == [2]
     submit(prefill, decode, "b", b, params)
-    events = _record_writes_and_forwards(prefill)
+    events = _record_writes_and_forwards(prefill, monkeypatch)
     pages = decode.reserve_kv("a")
     assert pages is not None
     prefill.set_kv_target("a", pages)
     assert events == []  # b is queued: a step follows at once
     outs = prefill.step()
-    assert events == ["forward", "write"]  # b's forward launched, then a's write posted
+    # b's forward launched, then a's write posted (then b read), or with overlap: b's forward
+    # launched, a read, its write posted (b left in flight)
+    assert events == (["forward", "wait", "write 2"] if overlap else ["forward", "write 2", "wait"])
     forward_targets(prefill, decode, outs)
     assert drain(prefill, decode) == {"a": hf_greedy(tiny_llama, a, 3), "b": hf_greedy(tiny_llama, b, 3)}
 
 
 @NIXL_ONLY
-def test_an_idle_prefill_engine_posts_the_last_write_at_once(tiny_llama: Path) -> None:
+def test_an_idle_prefill_engine_posts_the_last_write_at_once(
+    tiny_llama: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """With nothing else to compute the write goes out without waiting for another step: when
     the pages come after the prompt finished, and in the step that finishes it when they came
-    before (a prompt of two chunks, its pages granted after the first)."""
-    prefill, decode = make_pair(tiny_llama, "nixl", chunked_prefill_size=16)
+    before (a prompt of two chunks, its pages granted after the first). Without overlap, so that
+    the step that launches the last chunk also reads it (with overlap the next one does, at once:
+    the engine has a step in flight)."""
+    prefill, decode = make_pair(tiny_llama, "nixl", chunked_prefill_size=16, enable_overlap_schedule=False)
     params = SamplingParams(max_new_tokens=2, temperature=0.0, ignore_eos=True)
     late, early = list(range(5, 20)), list(range(40, 65))
     submit(prefill, decode, "late", late, params)
     prefill.step()
-    events = _record_writes_and_forwards(prefill)
+    events = _record_writes_and_forwards(prefill, monkeypatch)
     pages = decode.reserve_kv("late")
     assert pages is not None
     prefill.set_kv_target("late", pages)
-    assert events == ["write"]
+    assert events == ["write 1"]
     submit(prefill, decode, "early", early, params)
     forward_targets(prefill, decode, prefill.step())  # the first chunk; its pages granted
     events.clear()
     prefill.step()  # the last chunk
-    assert events == ["forward", "write"]
+    assert events == ["forward", "wait", "write 2"]  # both pages with the commit
     assert drain(prefill, decode) == {
         "late": hf_greedy(tiny_llama, late, 2),
         "early": hf_greedy(tiny_llama, early, 2),

@@ -48,6 +48,7 @@ def start(path: Path, mode: str, transport: str, tp_size: int = 2) -> EngineClie
         kv_transport=transport,
         kv_transfer_timeout_s=20.0,
         debug_invariants=True,
+        enable_overlap_schedule=True,  # as on a GPU: both engines launch a step before reading the last
     )
     return EngineClient(config)
 

@@ -17,7 +17,7 @@ from shared.engine_core import EngineCore
 from shared.sampling import SamplingParams
 from shared.scheduler.request import PENDING
 from tests.engine.hf_reference import hf_greedy
-from tests.engine.test_disagg import make_pair, run_pd
+from tests.engine.test_disagg import TRANSPORTS, make_pair, run_pd
 from tests.engine.test_parity import attention_backend, build_core, make_prompts, run_staggered
 
 OVERLAP = {"enable_overlap_schedule": True}
@@ -125,11 +125,17 @@ def test_abort_with_a_token_in_flight_frees_everything(tiny_llama: Path) -> None
     core.check_idle()
 
 
-def test_pd_decode_engine_with_overlap_matches_hf(tiny_llama: Path) -> None:
-    prefill, decode = make_pair(tiny_llama, "grpc", page_size=4, **OVERLAP)
-    assert decode.overlap and not prefill.overlap  # a prefill engine never overlaps
-    prompts = make_prompts(prefill.runner.vocab_size, count=4)
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_pd_engines_with_overlap_match_hf(tiny_llama: Path, transport: str) -> None:
+    # Both engines overlap: the prefill engine launches the next chunks before reading a
+    # prompt's first token (the prompt is parked meanwhile, never decoded there) and streams a
+    # chunk's pages once its step has been waited for; staggered prompts of 1-41 tokens in
+    # 16-token chunks and 4-token pages cover pages granted before, between and after chunks.
+    prefill, decode = make_pair(tiny_llama, transport, page_size=4, chunked_prefill_size=16, **OVERLAP)
+    assert decode.overlap and prefill.overlap
+    prompts = make_prompts(prefill.runner.vocab_size)
     params = SamplingParams(max_new_tokens=10, temperature=0.0, ignore_eos=True)
-    tokens, _last = run_pd(prefill, decode, prompts, params)
+    tokens, _last = run_pd(prefill, decode, prompts, params)  # both end idle, holding no KV
+    assert prefill.counters["generated_tokens"] == len(prompts)  # each its first token, no more
     for i, ids in enumerate(prompts):
         assert tokens[f"r{i}"] == hf_greedy(tiny_llama, ids, 10), f"prompt {i}"
