@@ -4,7 +4,9 @@ Builds a random-weight model of an HF shape (default Llama-3-8B, bf16; nothing d
 saves it as safetensors, then measures in this order:
 
 1. roofline: device-to-device copy bandwidth (bytes read + written); the decode roofline of
-   batch B is B * bandwidth / (weight bytes + KV bytes one step reads);
+   batch B is B * bandwidth / (weight bytes + KV bytes one step reads); and one large bf16
+   matmul's FLOP/s: the prefill roofline is that over the FLOPs a prompt token costs in the
+   linear layers (bench/serving_limits.py's `model_costs`, dense models; attention aside);
 2. Tandem (`EngineCore` directly, the engine's default GPU path: Triton attention, CUDA graphs,
    fused kernels), greedy with ignore_eos: decode tok/s at each batch size over a prompt of
    `--context` tokens, counted from the step where every request has its first token to the
@@ -41,6 +43,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.serving_limits import model_costs, rate
 from shared.config import EngineConfig
 from shared.engine_core import EngineCore
 from shared.model_runner import resolve_device
@@ -272,6 +275,16 @@ def copy_bandwidth(device: torch.device) -> float:
     dst = torch.empty_like(src)
     seconds = time_fn(lambda: dst.copy_(src), device, iters=20)
     return 2 * n / seconds
+
+
+def matmul_flops(device: torch.device) -> tuple[float, str]:
+    """FLOP/s of one large dense matmul in the dtype the device serves in (bf16 8192^3 on a
+    GPU, float32 1024^3 on the CPU), and that shape's name: what a GEMM reaches here."""
+    n, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (1024, torch.float32)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    seconds = time_fn(lambda: a @ b, device, iters=20)
+    return 2 * n**3 / seconds, f"{str(dtype).removeprefix('torch.')} {n}^3"
 
 
 # ---- Tandem ---------------------------------------------------------------------------------
@@ -577,13 +590,14 @@ def summarize(result: dict[str, Any], args: argparse.Namespace) -> list[dict[str
         )
     hf_pf = result.get("hf", {}).get("prefill", {}).get("tok_s")
     pf = result["tandem"]["prefill"]["tok_s"]
+    pf_roof = result["roofline"].get("prefill_tok_s")
     rows.append(
         {
             "what": f"prefill {args.prefill_batch}x{args.context}",
             "tandem": pf,
             "graph_only": None,
-            "roofline": None,
-            "vs_roofline": None,
+            "roofline": pf_roof,
+            "vs_roofline": pf / pf_roof if pf_roof else None,
             "hf": hf_pf,
             "vs_hf": pf / hf_pf if hf_pf else None,
         }
@@ -601,6 +615,8 @@ def print_table(rows: list[dict[str, Any]], result: dict[str, Any]) -> None:
         f"{result['model']['weight_bytes'] / 1e9:.2f} GB: weights-only batch-1 roofline "
         f"{r['batch1_tok_s']:.1f} tok/s; Tandem batch 1 = {f(r['batch1_vs_weights_roofline'], 0, 3)}x of it"
     )
+    if "matmul_flops" in r:
+        print(f"matmul {rate(r['matmul_flops'], 'FLOP')} ({r['matmul']}): the prefill row's roofline")
     print(
         f"{'':22}{'tandem tok/s':>14}{'graph only':>12}{'roofline':>11}{'vs roof':>9}"
         f"{'hf tok/s':>11}{'vs hf':>8}"
@@ -707,6 +723,7 @@ def main() -> None:
         kv_per_token //= dtype_bytes
     result = run_header(device) | {"args": vars(args) | {"json": str(args.json), "png": str(args.png)}}
     bw = copy_bandwidth(device)
+    matmul, matmul_shape = matmul_flops(device)
     with tempfile.TemporaryDirectory(dir=model_dir_root()) as tmp:
         path = Path(tmp) / "model"
         t0 = time.perf_counter()
@@ -716,9 +733,14 @@ def main() -> None:
             "kv_bytes_per_token": kv_per_token,
             "build_s": time.perf_counter() - t0,
         }
+        costs = model_costs(json.loads((path / "config.json").read_text()))  # dense models only
         result["roofline"] = {
             "copy_bytes_per_s": bw,
             "batch1_tok_s": bw / step_weight_bytes(args, weight_bytes, 1),
+            "matmul_flops": matmul,
+            "matmul": matmul_shape,
+            # Prefill tok/s if every linear layer ran at the measured matmul rate (attention aside).
+            "prefill_tok_s": matmul / costs["flops_per_prompt_token"] if costs else None,
         }
         print(f"model built ({weight_bytes / 1e9:.2f} GB) in {result['model']['build_s']:.0f} s", flush=True)
         result["tandem"] = bench_tandem(path, args, device)

@@ -5,19 +5,21 @@ token ids (seeded; `--shared-prefix-len N` makes the first N the same in all pro
 answer streams exactly `--output-len` tokens (`ignore_eos`). A load level is a closed loop of C
 clients (`--concurrency 1,16,64,128`, `--num-prompts-factor` x C requests) or Poisson arrivals
 (`--request-rate 4,8 --num-prompts 200`); two warm-up requests go first and are not counted.
-Per level: completed/failed requests (a failure is a status other than 200, an error event in
-the stream, a transport error, or fewer tokens than asked; the first errors are kept verbatim and
-the statuses counted), output, input and request throughput over the level's wall time, and
-p50/p99 of TTFT (to the first chunk with text), ITL (between chunks with text), TPOT and
-end-to-end latency; and for each Tandem service whose /metrics it can read (those it launched,
-or `--metrics NAME=URL,...`): where a worker's engine steps went during the level (steps a
-second, the decode batch, prompt tokens a step, the share of mixed steps, the host's milliseconds
-a step and, with the engine flag `--step-gpu-timing`, how busy the GPU was), and every process's
-CPU per 1,000 output tokens and share of a core (gateway, router, each worker's gRPC front and
-its engine process: a process near one core is a bottleneck). One table row per level (and a
-line per worker and one of CPU); `--json` keeps everything (`--save-requests`: every request
-too), `--png` plots it, `--compare A.json B.json` reads runs back into one table with ratios to
-the first, and one figure.
+Per level: completed/failed requests (a failure is a status other than 200, an error event in the
+stream, a transport error, or fewer tokens than asked; the first errors are kept verbatim and the
+statuses counted), output, input and request throughput over the level's wall time, and p50/p99 of
+TTFT (to the first chunk with text), ITL (between chunks with text), TPOT and end-to-end latency;
+and for each Tandem service whose /metrics it can read (those it launched, or `--metrics
+NAME=URL,...`): where a worker's engine steps went during the level (steps a second, the decode
+batch, prompt tokens a step, the share of mixed steps, the host's milliseconds a step and, with the
+engine flag `--step-gpu-timing`, how busy the GPU was), and every process's CPU per 1,000 output
+tokens and share of a core (gateway, router, each worker's gRPC front and its engine process: a
+process near one core is a bottleneck); and, for a dense model it launched, the level's matmul
+FLOP/s and weight bandwidth against the device's own, measured before the suite starts
+(bench/serving_limits.py: the hardware limit in the same run). One table row per level (and a line
+per worker, one of limits and one of CPU); `--json` keeps everything (`--save-requests`: every
+request too), `--png` plots it, `--compare A.json B.json` reads runs back into one table with
+ratios to the first, and one figure.
 
 On an H200: unified (one worker) against prefill/decode (one of each, both on the one GPU) on a
 random-weight Llama-3-8B-shape checkpoint (built once by the first command, reused by the second;
@@ -73,7 +75,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench import pyspy_summary, trace_timeline  # noqa: E402 (after the path)
+from bench import pyspy_summary, serving_limits, trace_timeline  # noqa: E402 (after the path)
 from bench.pyspy_summary import Recorder  # noqa: E402
 from bench.trace_timeline import SpanReceiver  # noqa: E402
 
@@ -156,6 +158,8 @@ class LevelSummary:
     timeline: dict[str, dict[str, Any]] = field(default_factory=dict)
     # With --py-spy, per worker: bench/pyspy_summary.py's summary of its engine loop.
     profile: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # With --launch (dense models): bench/serving_limits.py's level, against the measured limits.
+    limits: dict[str, float] | None = None
 
 
 def stats_ms(values: Sequence[float]) -> dict[str, float | None]:
@@ -322,12 +326,14 @@ async def sweep(
     services: dict[str, str] | None = None,
     spans: SpanReceiver | None = None,
     recorder: Recorder | None = None,
+    costs: dict[str, float] | None = None,
 ) -> None:
     """Warm up, then run every level, printing a row and saving the report after each; stops early
     if the launched `server` exits. `services`: /metrics URLs of Tandem services to profile per
     level (the engines' steps of the workers among them, and every process's CPU). `spans`: the
     launched suite's traces, each level's turned into request timelines. `recorder`: py-spy on
-    the workers during each level."""
+    the workers during each level. `costs`: the model's (bench/serving_limits.py), to set each
+    level's engine steps against the hardware limits in `report["hardware"]`."""
     mode: Mode = "rate" if args.request_rate else "concurrency"
     loads = [float(x) for x in (args.request_rate or args.concurrency).split(",")]
     prompts = Prompts(w)
@@ -374,6 +380,10 @@ async def sweep(
                     summary.output_tokens,
                     summary.duration_s,
                 )
+                if costs and report.get("hardware"):
+                    summary.limits = serving_limits.level(
+                        summary.engine, costs, report["hardware"], summary.duration_s
+                    )
             if spans is not None:
                 await asyncio.sleep(SPAN_WAIT_S)  # the last requests' spans are exported
                 summary.timeline = trace_timeline.summarize(trace_timeline.timelines(spans.take()))
@@ -382,6 +392,8 @@ async def sweep(
                 print(f"    {trace_timeline.summary_line(topology, entry)}", flush=True)
             for name, prof in summary.engine.items():
                 print(f"    {name}: {engine_line(prof)}", flush=True)
+            if summary.limits:
+                print(f"    {serving_limits.line(summary.limits)}", flush=True)
             for name, loop in summary.profile.items():
                 print(f"    {name} engine loop (py-spy): {pyspy_summary.line(loop)}", flush=True)
             if summary.cpu:
@@ -536,6 +548,8 @@ def engine_profile(before: dict[str, float], after: dict[str, float], duration_s
     with_decode, with_prompt = kinds["decode"] + kinds["mixed"], kinds["prefill"] + kinds["mixed"]
     return {
         "steps": steps,
+        "prompt_tokens": tokens,
+        "decode_rows": rows,
         "steps_per_s": steps / duration_s if duration_s > 0 else None,
         "decode_batch": rows / with_decode if with_decode else None,
         "prefill_tokens_per_step": tokens / with_prompt if with_prompt else None,
@@ -642,6 +656,8 @@ def print_comparison(runs: list[dict[str, Any]]) -> None:
         print(table_header(run["levels"][0]["mode"] if run["levels"] else "concurrency"))
         for lv in run["levels"]:
             print(table_row(lv))
+            if lv.get("limits"):
+                print(f"    {serving_limits.line(lv['limits'])}")
     base = runs[0]
     ref = {(lv["mode"], lv["load"]): lv for lv in base["levels"]}
     for run in runs[1:]:
@@ -792,7 +808,14 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         if args.trace:
             spans = SpanReceiver()
             stack.callback(spans.close)
+        hardware, costs = None, None
         if args.launch:
+            config = json.loads((args.model_path / "config.json").read_text())
+            costs = serving_limits.model_costs(config)
+            if costs is not None:  # measured before the suite holds the device
+                hardware = serving_limits.measure()
+                if hardware is not None:
+                    print(serving_limits.header(hardware), flush=True)
             env = trace_timeline.exporter_env(spans.port) if spans else None
             server = stack.enter_context(launched(args, env))
             base_url = server["openai"]
@@ -807,6 +830,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
             "model_path": str(args.model_path) if args.model_path else None,
             "server": {k: v for k, v in server.items() if k != "process"} if server else None,
             "workload": asdict(w) | {"mode": "rate" if args.request_rate else "concurrency"},
+            "hardware": hardware,
             "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
             "levels": [],
             "requests": {},
@@ -818,7 +842,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
             workers = {name: pid for name, pid in server["pids"].items() if name not in ("router", "gateway")}
             recorder = Recorder(workers, Path(server["logs"]) / "py-spy")
         process = server["process"] if server else None
-        asyncio.run(sweep(args, target, w, report, process, services, spans, recorder))
+        asyncio.run(sweep(args, target, w, report, process, services, spans, recorder, costs))
         if server and server.get("metrics"):
             report["server_metrics"] = scrape_metrics(server["metrics"])
             save(report, args.json)

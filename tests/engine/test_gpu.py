@@ -102,6 +102,10 @@ def test_gpu_bench_runs_at_a_tiny_shape(tmp_path: Path) -> None:
     result = json.loads(out.read_text())
     assert result["tandem"]["decode"]["1"]["tok_s"] > 0
     assert result["hf"]["decode"]["1"]["tok_s"] > 0
+    # Prefill against the measured matmul rate (the tiny preset is a dense Llama).
+    roof = result["roofline"]
+    assert roof["matmul"] == "float32 1024^3" and roof["prefill_tok_s"] > 0
+    assert "matmul" in proc.stdout and "the prefill row's roofline" in proc.stdout
 
 
 # ---- on the GPU ---------------------------------------------------------------------------------

@@ -116,6 +116,7 @@ def test_engine_profile_of_known_counters() -> None:
     p = serving.engine_profile(before, after, duration_s=2.0)
     assert (p["steps"], p["steps_per_s"], p["wall_ms_per_step"]) == (50, 25, 40)
     assert p["decode_batch"] == 1200 / 40 and p["prefill_tokens_per_step"] == 8000 / 20
+    assert (p["prompt_tokens"], p["decode_rows"]) == (8000, 1200)
     assert p["mixed_share"] == 0.2 and p["host_ms_per_step"] == 5 and p["host_share"] == 0.125
     assert p["gpu_busy"] == 0.75
     assert "decode batch 30.0" in serving.engine_line(p) and "GPU busy 75%" in serving.engine_line(p)

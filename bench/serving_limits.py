@@ -1,0 +1,125 @@
+"""The hardware limit of a served load level, for bench/serving.py: what the level's engine steps
+asked of the device against what the device was measured to do in the same run.
+
+Two limits, measured (`measure`) in a child process before the suite starts, on the device
+it will use: a dense matmul's FLOP/s (bf16 8192 x 8192 x 8192 on a GPU, float32 1024^3 on the
+CPU: the dtype each serves in) and device-to-device copy bandwidth (bytes read + written,
+bench/gpu_bench.py's `copy_bandwidth`). Against them, from the workers' step counters over the
+level (`tandem_worker_engine_prefill_tokens_total`, `..._decode_rows_total`, `..._steps_total`)
+and the checkpoint's config.json (`model_costs`, dense decoders only):
+
+- matmul FLOP/s: 2 FLOPs per weight of every linear layer a computed prompt token or a decode
+  row passes (the lm head for decode rows only; attention's own FLOPs left out, a few percent
+  at 1k-token contexts), over the level's wall time, and its share of the measured matmul;
+- weight bandwidth: every step reads every weight once (KV reads left out), over the level's
+  wall time, and its share of the measured copy bandwidth.
+
+A level near 1.0 on either is at that limit; the matmul share is the serving counterpart of MFU
+against what this device's GEMM reaches, not its datasheet peak. For PD the workers' steps are
+summed (both engines share the one device in the single-GPU runs).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+DENSE = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2"}  # config.json model_type
+_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+
+_MEASURE = """
+import json, sys, torch
+sys.path.insert(0, {root!r})
+from bench.gpu_bench import copy_bandwidth, matmul_flops
+device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+flops, shape = matmul_flops(device)
+print(json.dumps({{"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                  "copy_bytes_per_s": copy_bandwidth(device), "matmul_flops": flops, "matmul": shape}}))
+"""
+
+
+def model_costs(config: dict[str, Any]) -> dict[str, float] | None:
+    """FLOPs a computed prompt token and a decode row cost in linear layers, and the weight bytes
+    a step reads, from an HF config.json; None where the model is not a dense decoder."""
+    if config.get("model_type") not in DENSE or config.get("num_experts") or config.get("n_routed_experts"):
+        return None
+    h, i, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
+    heads = config["num_attention_heads"]
+    kv_heads = config.get("num_key_value_heads") or heads
+    head_dim = config.get("head_dim") or h // heads
+    layer = h * head_dim * (2 * heads + 2 * kv_heads) + 3 * h * i  # q, k, v, o; gate, up, down
+    lm_head = h * config["vocab_size"]
+    dtype = config.get("dtype") or config.get("torch_dtype") or "bfloat16"
+    size = _BYTES.get(str(dtype), 2)
+    quant = config.get("quantization_config") or {}
+    linear_size = 1 if quant.get("quant_method") == "fp8" else size  # scales left out
+    return {
+        "flops_per_prompt_token": 2.0 * layers * layer,
+        "flops_per_decode_row": 2.0 * (layers * layer + lm_head),
+        "step_weight_bytes": float(layers * layer * linear_size + lm_head * size),
+    }
+
+
+def measure(timeout_s: float = 300.0) -> dict[str, Any] | None:
+    """The device's matmul FLOP/s and copy bandwidth, in a child process (so that this one holds
+    no device memory while the suite runs); None if it fails (the reason printed)."""
+    code = _MEASURE.format(root=str(ROOT))
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout_s, check=True
+        )
+        out: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+        return out
+    except (subprocess.SubprocessError, ValueError, IndexError) as e:
+        detail = getattr(e, "stderr", "") or ""
+        print(f"hardware limits not measured: {e} {detail[-500:]}", flush=True)
+        return None
+
+
+def level(
+    engines: dict[str, dict[str, Any]],
+    costs: dict[str, float],
+    limits: dict[str, Any],
+    duration_s: float,
+) -> dict[str, float] | None:
+    """A level's matmul FLOP/s and weight bandwidth (summed over the workers' engine profiles,
+    bench/serving.py's `engine_profile`) and their shares of the measured limits."""
+    if duration_s <= 0 or not engines:
+        return None
+    tokens = sum(p.get("prompt_tokens", 0.0) for p in engines.values())
+    rows = sum(p.get("decode_rows", 0.0) for p in engines.values())
+    steps = sum(p.get("steps", 0.0) for p in engines.values())
+    flops = (tokens * costs["flops_per_prompt_token"] + rows * costs["flops_per_decode_row"]) / duration_s
+    weights = steps * costs["step_weight_bytes"] / duration_s
+    return {
+        "matmul_flops": flops,
+        "matmul_share": flops / limits["matmul_flops"],
+        "weight_bytes_per_s": weights,
+        "bandwidth_share": weights / limits["copy_bytes_per_s"],
+    }
+
+
+def rate(x: float, unit: str) -> str:
+    """`x` per second with an SI prefix: rate(4.1e12, "B") == "4.10 TB/s"."""
+    for scale, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M")):
+        if x >= scale:
+            return f"{x / scale:.2f} {prefix}{unit}/s"
+    return f"{x:.0f} {unit}/s"
+
+
+def header(limits: dict[str, Any]) -> str:
+    return (
+        f"hardware ({limits['device']}, measured now): matmul {rate(limits['matmul_flops'], 'FLOP')}"
+        f" ({limits['matmul']}), copy {rate(limits['copy_bytes_per_s'], 'B')}"
+    )
+
+
+def line(r: dict[str, float]) -> str:
+    return (
+        f"limits: matmuls {rate(r['matmul_flops'], 'FLOP')} = {r['matmul_share']:.3f} of measured, "
+        f"weights read {rate(r['weight_bytes_per_s'], 'B')} = {r['bandwidth_share']:.3f} of copy"
+    )

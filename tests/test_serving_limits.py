@@ -1,0 +1,65 @@
+"""bench/serving_limits.py: a served model's cost per token and step from its config.json, the
+device's limits measured in a child process, and a level set against them."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench import serving_limits
+
+LLAMA3_8B = {
+    "model_type": "llama",
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "vocab_size": 128256,
+    "dtype": "bfloat16",
+}
+
+
+def test_llama3_8b_costs_what_its_linear_layers_hold() -> None:
+    costs = serving_limits.model_costs(LLAMA3_8B)
+    assert costs is not None
+    # Per layer q + o (4096 x 4096 each), k + v (1024 x 4096 each), gate + up + down (14336 x 4096).
+    layer = 2 * 4096 * 4096 + 2 * 1024 * 4096 + 3 * 14336 * 4096
+    assert costs["flops_per_prompt_token"] == 2 * 32 * layer == pytest.approx(13.96e9, rel=1e-3)
+    assert costs["flops_per_decode_row"] == 2 * (32 * layer + 4096 * 128256)  # the lm head too
+    assert costs["step_weight_bytes"] == pytest.approx(15.0e9, rel=1e-2)  # bf16, the lm head included
+    fp8 = serving_limits.model_costs(LLAMA3_8B | {"quantization_config": {"quant_method": "fp8"}})
+    assert fp8 is not None and fp8["flops_per_prompt_token"] == costs["flops_per_prompt_token"]
+    # One byte a linear weight; the lm head stays bf16.
+    assert fp8["step_weight_bytes"] == 32 * layer + 2 * 4096 * 128256
+
+
+def test_models_that_are_not_dense_decoders_have_no_costs() -> None:
+    assert serving_limits.model_costs(LLAMA3_8B | {"model_type": "deepseek_v3"}) is None
+    assert serving_limits.model_costs(LLAMA3_8B | {"model_type": "qwen3", "num_experts": 8}) is None
+
+
+def test_a_level_against_known_limits() -> None:
+    costs = {"flops_per_prompt_token": 10.0, "flops_per_decode_row": 12.0, "step_weight_bytes": 100.0}
+    limits = {"matmul_flops": 1000.0, "copy_bytes_per_s": 10_000.0, "device": "x", "matmul": "y"}
+    engines = {  # PD: both workers' steps count
+        "prefill-0": {"prompt_tokens": 100.0, "decode_rows": 0.0, "steps": 10.0},
+        "decode-0": {"prompt_tokens": 0.0, "decode_rows": 50.0, "steps": 40.0},
+    }
+    r = serving_limits.level(engines, costs, limits, duration_s=2.0)
+    assert r == {
+        "matmul_flops": (100 * 10 + 50 * 12) / 2,
+        "matmul_share": 800 / 1000,
+        "weight_bytes_per_s": 50 * 100 / 2,
+        "bandwidth_share": 2500 / 10_000,
+    }
+    assert "= 0.800 of measured" in serving_limits.line(r) and "= 0.250 of copy" in serving_limits.line(r)
+    assert serving_limits.rate(4.1e12, "B") == "4.10 TB/s"
+    assert serving_limits.rate(2.5e7, "FLOP") == "25.00 MFLOP/s"
+    assert serving_limits.level({}, costs, limits, 2.0) is None
+
+
+def test_this_machine_is_measured_in_a_child_process() -> None:
+    limits = serving_limits.measure()
+    assert limits is not None and limits["device"] == "cpu" and limits["matmul"] == "float32 1024^3"
+    assert limits["matmul_flops"] > 1e8 and limits["copy_bytes_per_s"] > 1e8
+    assert "FLOP/s (float32 1024^3), copy " in serving_limits.header(limits)
