@@ -318,7 +318,8 @@ def test_pd_decode_continues_the_grammar(tiny_llama: Path, transport: str) -> No
     schema = SCHEMAS["bounded_array"]
     params = SamplingParams(max_new_tokens=120, temperature=1.0, seed=11, json_schema=json.dumps(schema))
     prompts = [[3, 4, 5, 6, 7], [9, 8, 7, 6, 5, 4, 3, 2, 1]]
-    prefill, decode = make_pair(tiny_llama, transport)
+    # Overlap on, as on a GPU: a step with a grammar request is read before the next one.
+    prefill, decode = make_pair(tiny_llama, transport, enable_overlap_schedule=True)
     tokens, last = run_pd(prefill, decode, prompts, params)
     unified = build_core(tiny_llama)
     for i, ids in enumerate(prompts):

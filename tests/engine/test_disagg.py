@@ -27,6 +27,8 @@ TRANSPORTS = [
     pytest.param("nixl", marks=pytest.mark.skipif(not nixl_available(), reason="NIXL is not installed")),
     "grpc",
 ]
+# Both engines reading each step after launching the next (the GPU default) or at once (the CPU's).
+OVERLAP = pytest.mark.parametrize("overlap", [False, True], ids=["sync", "overlap"])
 
 
 def make_pair(path: Path, transport: str, **options: object) -> tuple[EngineCore, EngineCore]:
@@ -146,9 +148,10 @@ def test_pd_greedy_parity_with_hf(
     assert p["kv_transfers"] == d["kv_reservations"] == len(prompts)
 
 
+@OVERLAP
 @pytest.mark.parametrize("transport", TRANSPORTS)
-def test_pd_reuses_the_prefill_cache(tiny_llama: Path, transport: str) -> None:
-    prefill, decode = make_pair(tiny_llama, transport)
+def test_pd_reuses_the_prefill_cache(tiny_llama: Path, transport: str, overlap: bool) -> None:
+    prefill, decode = make_pair(tiny_llama, transport, enable_overlap_schedule=overlap)
     prefix = make_prompts(prefill.runner.vocab_size, count=2)[1]  # 41 tokens
     params = SamplingParams(max_new_tokens=6, temperature=0.0, ignore_eos=True)
     prompts = [[*prefix, 7, 8, 9], [*prefix, 10, 11]]
@@ -159,12 +162,17 @@ def test_pd_reuses_the_prefill_cache(tiny_llama: Path, transport: str) -> None:
     assert tokens2["r0"] == hf_greedy(tiny_llama, prompts[1], 6)
 
 
+@OVERLAP
 @pytest.mark.parametrize("transport", TRANSPORTS)
-def test_decode_reuses_its_own_cache_and_only_the_rest_is_sent(tiny_llama: Path, transport: str) -> None:
+def test_decode_reuses_its_own_cache_and_only_the_rest_is_sent(
+    tiny_llama: Path, transport: str, overlap: bool
+) -> None:
     """A prompt whose prefix the decode engine's cache holds (a finished request's KV): its
     reservation shares those pages and lists only the rest, and only the rest crosses. (A 1 s
     lease: an aborted NIXL reservation waits out twice that for a late write.)"""
-    prefill, decode = make_pair(tiny_llama, transport, kv_transfer_timeout_s=1.0)
+    prefill, decode = make_pair(
+        tiny_llama, transport, kv_transfer_timeout_s=1.0, enable_overlap_schedule=overlap
+    )
     prefix = make_prompts(prefill.runner.vocab_size, count=2)[1]  # 41 tokens: 2 whole pages
     params = SamplingParams(max_new_tokens=6, temperature=0.0, ignore_eos=True)
     first, second = [*prefix, 7, 8, 9], [*prefix, 10, 11, *range(20, 30)]  # 3 and 4 pages
@@ -191,8 +199,9 @@ def test_decode_reuses_its_own_cache_and_only_the_rest_is_sent(tiny_llama: Path,
     decode.check_idle()
 
 
-def test_pd_seeded_sampling_matches_unified(tiny_llama: Path) -> None:
-    prefill, decode = make_pair(tiny_llama, "grpc")
+@OVERLAP
+def test_pd_seeded_sampling_matches_unified(tiny_llama: Path, overlap: bool) -> None:
+    prefill, decode = make_pair(tiny_llama, "grpc", enable_overlap_schedule=overlap)
     prompts = make_prompts(prefill.runner.vocab_size, count=4)
     params = SamplingParams(max_new_tokens=8, temperature=1.0, top_p=0.9, seed=1234, ignore_eos=True)
     tokens, _ = run_pd(prefill, decode, prompts, params)
@@ -271,9 +280,11 @@ def wait_released(prefill: EngineCore, decode: EngineCore, timeout: float = 5.0)
     return time.monotonic() - start
 
 
-def _nixl_request_r(tiny_llama: Path) -> tuple[EngineCore, EngineCore]:
+def _nixl_request_r(tiny_llama: Path, overlap: bool) -> tuple[EngineCore, EngineCore]:
     """A NIXL pair (lease 30 s) with request "r" reserved on decode and handed to prefill."""
-    prefill, decode = make_pair(tiny_llama, "nixl", kv_transfer_timeout_s=30.0)
+    prefill, decode = make_pair(
+        tiny_llama, "nixl", kv_transfer_timeout_s=30.0, enable_overlap_schedule=overlap
+    )
     ids = list(range(5, 30))
     params = SamplingParams(max_new_tokens=4, temperature=0.0)
     pages = reserve(decode, "r", ids, params)
@@ -283,9 +294,10 @@ def _nixl_request_r(tiny_llama: Path) -> tuple[EngineCore, EngineCore]:
 
 
 @NIXL_ONLY
-def test_a_prefill_abort_ends_the_decode_quarantine_at_once(tiny_llama: Path) -> None:
+@OVERLAP
+def test_a_prefill_abort_ends_the_decode_quarantine_at_once(tiny_llama: Path, overlap: bool) -> None:
     # A long lease: without the prefill side's word the pages would wait out 2 x 30 s.
-    prefill, decode = _nixl_request_r(tiny_llama)
+    prefill, decode = _nixl_request_r(tiny_llama, overlap)
     decode.abort("r")  # the router cancelled both legs: decode first
     assert [o.finish_reason["type"] for o in decode.step()] == ["abort"]  # type: ignore[index]
     assert decode.waiting_in_background  # a NIXL write could still land: quarantined
@@ -294,8 +306,9 @@ def test_a_prefill_abort_ends_the_decode_quarantine_at_once(tiny_llama: Path) ->
 
 
 @NIXL_ONLY
-def test_a_prefill_abort_fails_a_waiting_reservation_at_once(tiny_llama: Path) -> None:
-    prefill, decode = _nixl_request_r(tiny_llama)
+@OVERLAP
+def test_a_prefill_abort_fails_a_waiting_reservation_at_once(tiny_llama: Path, overlap: bool) -> None:
+    prefill, decode = _nixl_request_r(tiny_llama, overlap)
     prefill.abort("r")  # the prefill leg failed first; decode still waits, lease running
     deadline, finished = time.monotonic() + 5, []
     while not finished:
@@ -307,10 +320,14 @@ def test_a_prefill_abort_fails_a_waiting_reservation_at_once(tiny_llama: Path) -
 
 
 @NIXL_ONLY
-def test_pages_granted_after_the_prefill_abort_are_released(tiny_llama: Path) -> None:
+@OVERLAP
+def test_pages_granted_after_the_prefill_abort_are_released(tiny_llama: Path, overlap: bool) -> None:
     # Just in time: the prefill engine asked for pages, then its request was aborted before the
-    # decode engine granted them; it tells the decode engine when they come.
-    prefill, decode = make_pair(tiny_llama, "nixl", kv_transfer_timeout_s=30.0)
+    # decode engine granted them (with overlap: its first token still in flight); it tells the
+    # decode engine when they come.
+    prefill, decode = make_pair(
+        tiny_llama, "nixl", kv_transfer_timeout_s=30.0, enable_overlap_schedule=overlap
+    )
     ids = list(range(5, 30))
     params = SamplingParams(max_new_tokens=4, temperature=0.0)
     submit(prefill, decode, "r", ids, params)
@@ -423,10 +440,11 @@ def test_prefill_asks_for_pages_when_it_schedules_the_prompt(tiny_llama: Path) -
     wait_idle(decode)
 
 
-def test_prefill_waits_for_a_late_reservation_then_sends(tiny_llama: Path) -> None:
+@OVERLAP
+def test_prefill_waits_for_a_late_reservation_then_sends(tiny_llama: Path, overlap: bool) -> None:
     # The prompt finishes before the decode engine has room: the prefill engine parks it with
     # its pages and sends once the pages come; a bad page list aborts it.
-    prefill, decode = make_pair(tiny_llama, "grpc")
+    prefill, decode = make_pair(tiny_llama, "grpc", enable_overlap_schedule=overlap)
     params = SamplingParams(max_new_tokens=2, temperature=0.0, ignore_eos=True)
     ids = list(range(5, 30))
     submit(prefill, decode, "r", ids, params)

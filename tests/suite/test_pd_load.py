@@ -52,10 +52,13 @@ def test_pd_under_load_every_request_completes(tiny_llama: Path, tmp_path: Path,
     # A 256-token decode pool holds at most 4 of these 40-60-token requests at once; the lease
     # (0.4 s) is far shorter than the time most requests wait for their turn. Over gRPC the
     # decode engine is also paced whenever prompts wait on the prefill side, so first tokens
-    # arrive during its pauses (EngineCore.poll_paced).
+    # arrive during its pauses (EngineCore.poll_paced). Over NIXL both engines overlap their
+    # steps, as they do on a GPU (the prefill engine streams a chunk's pages a step later).
     worker_args = "--max-total-tokens 256 --device cpu --kv-transfer-timeout 0.4"
     if transport == "grpc":
         worker_args += " --decode-step-interval-ms 5 --decode-pacing-backlog 0"
+    else:
+        worker_args += " --enable-overlap-schedule"
     rng = random.Random(7)
     prompts = [[rng.randrange(5, 250) for _ in range(rng.randrange(40, 60))] for _ in range(CONCURRENCY)]
     args = ("--kv-transport", transport, "--worker-args", worker_args)
@@ -110,10 +113,11 @@ def test_prefill_killed_mid_transfer_fails_promptly_and_frees_the_reservation(
     with Cluster(tiny_llama, tmp_path) as cluster:
         cluster.start_router()
         # Small chunks make a long prompt take many steps: it is still computing (and, over
-        # NIXL, streaming finished pages) when the worker dies.
+        # NIXL, streaming finished pages, with overlapped steps as on a GPU) when the worker dies.
+        overlap = ["--enable-overlap-schedule"] if transport == "nixl" else []
         prefill, decode = cluster.start_workers(
             [
-                ("prefill", "--kv-transport", transport, "--chunked-prefill-size", "8"),
+                ("prefill", "--kv-transport", transport, "--chunked-prefill-size", "8", *overlap),
                 ("decode", "--kv-transport", transport, "--kv-transfer-timeout", "1"),
             ]
         )
