@@ -10,7 +10,10 @@ saves it as safetensors, then measures in this order:
 2. Tandem (`EngineCore` directly, the engine's default GPU path: Triton attention, CUDA graphs,
    fused kernels), greedy with ignore_eos: decode tok/s at each batch size over a prompt of
    `--context` tokens, counted from the step where every request has its first token to the
-   last; the graph replay alone (GPU time of one decode forward); prefill tok/s;
+   last; the graph replay alone (GPU time of one decode forward); prefill tok/s; with `--mixed
+   B`, a unified engine's steps under serving load at each budget of `--mixed-chunks`: B
+   requests decoding while new prompts fill the rest of the budget, against decode-only and
+   prefill-only steps (`--profile`: the mixed steps' kernels);
 3. HF transformers `generate` (eager, bf16) on the same weights: decode tok/s from the
    difference of two generate lengths, and prefill tok/s.
 
@@ -24,6 +27,7 @@ where matplotlib is installed).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import importlib.util
 import json
@@ -377,6 +381,74 @@ def tandem_decode(
     } | ({"profile_steps": step_ops} if step_ops else {})
 
 
+def timed_steps(core: EngineCore, steps: int) -> float:
+    """Seconds a step of `core.step()` over `steps` back-to-back steps (overlapped as in serving)."""
+    sync(core.runner.device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        core.step()
+    sync(core.runner.device)
+    return (time.perf_counter() - t0) / steps
+
+
+def tandem_mixed(
+    core: EngineCore, args: argparse.Namespace, chunk: int, steps: int = 8, profile: bool = False
+) -> dict[str, Any]:
+    """A unified engine's steps under serving load, at a `chunk`-token step budget: `args.mixed`
+    requests decoding (prompts of `args.context` tokens) while new prompts fill the rest of the
+    budget, against decode-only steps of the same batch and prefill-only steps of the budget.
+    Milliseconds a step and prompt tokens a step of each; with `profile` (CUDA) instead the GPU
+    ops of mixed steps."""
+    rows, context, device = args.mixed, args.context, core.runner.device
+    if chunk <= rows:
+        raise SystemExit(f"--mixed-chunks: a {chunk}-token budget leaves no room beside {rows} decode rows")
+    scheduler, config = core.scheduler, core.scheduler.config
+    scheduler.config = dataclasses.replace(config, chunked_prefill_size=chunk)  # the one reader
+    tag = f"{chunk}-{time.monotonic_ns()}"
+    computed = core.counters  # prompt tokens launched so far: "prompt_tokens_computed"
+
+    def add_prompts(tokens: int, seed: int) -> None:  # enough one-token prompts for `tokens`
+        one = SamplingParams(max_new_tokens=1, temperature=0.0, ignore_eos=True)
+        for i, ids in enumerate(prompts_for(-(-tokens // context) + 1, context, args.vocab, seed)):
+            core.add_request([f"m{tag}-{seed}-{i}"], ids, one)
+
+    def drain() -> None:
+        while core.has_work:
+            core.step()
+
+    try:
+        decoding = [f"d{tag}-{i}" for i in range(rows)]
+        params = SamplingParams(max_new_tokens=4 * steps + 64, temperature=0.0, ignore_eos=True)
+        for rid, ids in zip(decoding, prompts_for(rows, context, args.vocab, 31)):
+            core.add_request([rid], ids, params)
+        started: set[str] = set()
+        while len(started) < rows:
+            started.update(o.rid for o in core.step() if o.new_ids)
+        out: dict[str, Any] = {"chunk": chunk, "decode_rows": rows}
+        out["decode_ms"] = 1e3 * timed_steps(core, steps)
+        add_prompts((steps + 2) * (chunk - rows), 32)
+        core.step()  # the first mixed step
+        before = computed["prompt_tokens_computed"]
+        if profile and device.type == "cuda":
+            out["profile_steps"] = profile_fn(core.step, 4)
+        else:
+            out["mixed_ms"] = 1e3 * timed_steps(core, steps)
+            out["mixed_prompt_tokens"] = (computed["prompt_tokens_computed"] - before) / steps
+        for rid in decoding:
+            core.abort(rid)
+        drain()
+        if "mixed_ms" in out:
+            add_prompts((steps + 2) * chunk, 33)
+            core.step()
+            before = computed["prompt_tokens_computed"]
+            out["prefill_ms"] = 1e3 * timed_steps(core, steps)
+            out["prefill_prompt_tokens"] = (computed["prompt_tokens_computed"] - before) / steps
+            drain()
+        return out
+    finally:
+        scheduler.config = config
+
+
 def tandem_prefill(core: EngineCore, prompts: list[list[int]]) -> float:
     """Seconds from adding the prompts to every first token (max_new_tokens 1)."""
     params = SamplingParams(max_new_tokens=1, temperature=0.0, ignore_eos=True)
@@ -399,7 +471,7 @@ def bench_tandem(
 
     batches = [int(b) for b in args.batches.split(",")]
     max_len = args.context + args.decode_tokens + _EXTRA_TOKENS + 64
-    max_b = max([*batches, args.prefill_batch])
+    max_b = max([*batches, args.prefill_batch, args.mixed + 32])  # --mixed: its prompts beside
     config = EngineConfig.from_options(
         str(path),
         device=str(device),
@@ -457,7 +529,8 @@ def timed_runs(
         "seconds": seconds,
         "tok_s": args.prefill_batch * args.context / seconds,
     }
-    return {"decode": decode, "prefill": prefill}
+    mixed = {c: tandem_mixed(core, args, int(c)) for c in args.mixed_chunks.split(",")} if args.mixed else {}
+    return {"decode": decode, "prefill": prefill} | ({"mixed": mixed} if mixed else {})
 
 
 def profile_runs(
@@ -475,7 +548,11 @@ def profile_runs(
     for b in (1, 128):
         if graphs is not None and graphs.can_run_size(b):
             forwards[str(b)] = profile_forward(graphs.eager_fn(graphs.padded_size(b)))
-    return {"decode": decode, "profile": forwards}
+    mixed = {}
+    if args.mixed:
+        for c in args.mixed_chunks.split(","):
+            mixed[c] = tandem_mixed(core, args, int(c), profile=True)
+    return {"decode": decode, "profile": forwards} | ({"mixed": mixed} if mixed else {})
 
 
 def profile_forward(fn: Callable[[], object]) -> list[dict[str, Any]]:
@@ -605,6 +682,23 @@ def summarize(result: dict[str, Any], args: argparse.Namespace) -> list[dict[str
     return rows
 
 
+def mixed_line(m: dict[str, Any], costs: dict[str, float] | None, matmul: float) -> str:
+    """One --mixed budget: a mixed step against a decode-only and a prefill-only one, and the
+    mixed step's linear layers against the measured matmul (dense models)."""
+    rows, tokens = m["decode_rows"], m["mixed_prompt_tokens"]
+    # The prefill-only step's time for the mixed step's prompt tokens, pro rata.
+    apart = m["decode_ms"] + m["prefill_ms"] * tokens / max(m["prefill_prompt_tokens"], 1)
+    line = (
+        f"budget {m['chunk']}: {rows} decoding alone {m['decode_ms']:.2f} ms; prompts alone "
+        f"{m['prefill_prompt_tokens']:.0f} tok {m['prefill_ms']:.2f} ms; mixed {tokens:.0f} tok + {rows} "
+        f"rows {m['mixed_ms']:.2f} ms ({m['mixed_ms'] / apart:.2f}x the two apart, pro rata)"
+    )
+    if costs:
+        flops = tokens * costs["flops_per_prompt_token"] + rows * costs["flops_per_decode_row"]
+        line += f"; linear layers {flops / (m['mixed_ms'] / 1e3) / matmul:.2f} of the matmul"
+    return line
+
+
 def print_table(rows: list[dict[str, Any]], result: dict[str, Any]) -> None:
     def f(x: float | None, width: int, prec: int) -> str:
         return ("-" if x is None else f"{x:.{prec}f}").rjust(width)
@@ -685,6 +779,17 @@ def main() -> None:
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--no-graph", action="store_true", help="Tandem with CUDA graphs off")
     parser.add_argument("--profile", action="store_true", help="top kernels of a decode forward")
+    parser.add_argument(
+        "--mixed",
+        type=int,
+        default=0,
+        metavar="B",
+        help="also time steps with B requests decoding while prompts fill the step budget (a unified"
+        " engine under load), against decode-only and prefill-only steps; with --profile their kernels",
+    )
+    parser.add_argument(
+        "--mixed-chunks", default="2048,4096,8192", help="the step budgets (chunked_prefill_size) for --mixed"
+    )
     parser.add_argument("--compare-eager", action="store_true", help="batch 1 again, CUDA graphs off")
     parser.add_argument("--no-overlap", action="store_true", help="Tandem with overlap scheduling off")
     parser.add_argument(
@@ -782,12 +887,20 @@ def main() -> None:
         phases = ", ".join(f"{k} {v:.2f}" for k, v in run["host_ms_per_step"].items())
         print(f"tandem batch {b}: step {run['step_ms']:.2f} ms (host: {phases} ms), "
               f"graph replay {run.get('graph_ms', float('nan')):.2f} ms")  # fmt: skip
+    for m in result["tandem"].get("mixed", {}).values():
+        print(mixed_line(m, costs, result["roofline"]["matmul_flops"]))
     profiled = result.get("tandem_profile", {})
     for b, kernels in profiled.get("profile", {}).items():
         print(f"top kernels of one eager decode forward, batch {b}:")
         for k in kernels[:6]:
             us, share, calls = k["us_per_forward"], 100 * k["share"], k["calls_per_forward"]
             print(f"  {us:9.1f} us {share:5.1f}%  x{calls:<4.0f} {k['kernel']}")
+    for chunk, m in profiled.get("mixed", {}).items():
+        ops = m["profile_steps"]
+        print(f"GPU ops of a mixed step, {m['decode_rows']} decoding, budget {chunk}:")
+        for k in ops[:10]:
+            us, share, calls = k["us_per_forward"], 100 * k["share"], k["calls_per_forward"]
+            print(f"  {us:9.1f} us {share:5.1f}%  x{calls:<5.0f} {k['kernel']}")
     for b, run in profiled.get("decode", {}).items():
         if "profile_steps" in run:
             ops = run["profile_steps"]

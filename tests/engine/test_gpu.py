@@ -97,6 +97,7 @@ def test_gpu_bench_runs_at_a_tiny_shape(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     script = str(ROOT / "bench" / "gpu_bench.py")
     cmd = [sys.executable, script, "--preset", "tiny", "--device", "cpu", "--json", str(out)]
+    cmd += ["--mixed", "4", "--mixed-chunks", "16,64"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
@@ -106,6 +107,12 @@ def test_gpu_bench_runs_at_a_tiny_shape(tmp_path: Path) -> None:
     roof = result["roofline"]
     assert roof["matmul"] == "float32 1024^3" and roof["prefill_tok_s"] > 0
     assert "matmul" in proc.stdout and "the prefill row's roofline" in proc.stdout
+    # --mixed: 4 requests decoding, new prompts filling the rest of each step's budget.
+    for chunk in (16, 64):
+        m = result["tandem"]["mixed"][str(chunk)]
+        assert (m["mixed_prompt_tokens"], m["prefill_prompt_tokens"]) == (chunk - 4, chunk)
+        assert min(m["decode_ms"], m["mixed_ms"], m["prefill_ms"]) > 0
+        assert f"budget {chunk}: 4 decoding alone" in proc.stdout
 
 
 # ---- on the GPU ---------------------------------------------------------------------------------
