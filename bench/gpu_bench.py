@@ -47,7 +47,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.serving_limits import model_costs, rate
+from bench.serving_limits import checkpoint_costs, rate
 from shared.attention import triton_backend
 from shared.config import EngineConfig
 from shared.engine_core import EngineCore
@@ -860,7 +860,7 @@ def main() -> None:
             "kv_bytes_per_token": kv_per_token,
             "build_s": time.perf_counter() - t0,
         }
-        costs = model_costs(json.loads((path / "config.json").read_text()))  # dense models only
+        costs = checkpoint_costs(path)  # dense models only
         result["roofline"] = {
             "copy_bytes_per_s": bw,
             "batch1_tok_s": bw / step_weight_bytes(args, weight_bytes, 1),

@@ -810,8 +810,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
             stack.callback(spans.close)
         hardware, costs = None, None
         if args.launch:
-            config = json.loads((args.model_path / "config.json").read_text())
-            costs = serving_limits.model_costs(config)
+            costs = serving_limits.checkpoint_costs(args.model_path)
             if costs is not None:  # measured before the suite holds the device
                 hardware = serving_limits.measure()
                 if hardware is not None:

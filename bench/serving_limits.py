@@ -64,6 +64,14 @@ def model_costs(config: dict[str, Any]) -> dict[str, float] | None:
     }
 
 
+def checkpoint_costs(path: Path) -> dict[str, float] | None:
+    """`model_costs` of the checkpoint at `path`; None where its config.json is unreadable."""
+    try:
+        return model_costs(json.loads((path / "config.json").read_text()))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def measure(timeout_s: float = 300.0) -> dict[str, Any] | None:
     """The device's matmul FLOP/s and copy bandwidth, in a child process (so that this one holds
     no device memory while the suite runs); None if it fails (the reason printed)."""

@@ -3,6 +3,9 @@ device's limits measured in a child process, and a level set against them."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
 from bench import serving_limits
@@ -33,9 +36,13 @@ def test_llama3_8b_costs_what_its_linear_layers_hold() -> None:
     assert fp8["step_weight_bytes"] == 32 * layer + 2 * 4096 * 128256
 
 
-def test_models_that_are_not_dense_decoders_have_no_costs() -> None:
+def test_models_that_are_not_dense_decoders_have_no_costs(tmp_path: Path) -> None:
     assert serving_limits.model_costs(LLAMA3_8B | {"model_type": "deepseek_v3"}) is None
     assert serving_limits.model_costs(LLAMA3_8B | {"model_type": "qwen3", "num_experts": 8}) is None
+    (tmp_path / "config.json").write_text("{not json")
+    assert serving_limits.checkpoint_costs(tmp_path) is None  # a broken checkpoint: no limits line
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA3_8B))
+    assert serving_limits.checkpoint_costs(tmp_path) == serving_limits.model_costs(LLAMA3_8B)
 
 
 def test_a_level_against_known_limits() -> None:
