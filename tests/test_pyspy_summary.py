@@ -94,12 +94,13 @@ def test_the_command_line_prints_and_writes_json(tmp_path: Path) -> None:
 def test_serving_bench_samples_each_launched_engine_loop_per_level(tiny_llama: Path, tmp_path: Path) -> None:
     # Real py-spy on a real suite: every level gets each worker's engine loop (one unified worker
     # here: the Recorder takes the launch's every worker alike), its shares adding up, and the raw
-    # stacks stay in the log dir. (The launch also measures this machine's matmul and copy rates
-    # first and sets each level's engine steps against them: bench/serving_limits.py.)
+    # stacks stay in the log dir. 64 tokens a request: levels long enough for py-spy to attach
+    # and sample on a loaded machine. (The launch also measures this machine's matmul and copy
+    # rates first and sets each level's engine steps against them: bench/serving_limits.py.)
     out, logs = tmp_path / "result.json", tmp_path / "logs"
     flags = ["--launch", "--py-spy", "--topology", "unified", "--model-path", str(tiny_llama)]
     flags += ["--log-dir", str(logs), "--worker-args", "--device cpu --max-total-tokens 4096"]
-    flags += ["--input-len", "16", "--output-len", "16", "--concurrency", "1,2", "--num-prompts-factor", "4"]
+    flags += ["--input-len", "16", "--output-len", "64", "--concurrency", "1,2", "--num-prompts-factor", "4"]
     assert serving.main([*flags, "--warmup", "1", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     levels = report["levels"]
