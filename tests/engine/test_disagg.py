@@ -496,7 +496,7 @@ def _record_writes_and_forwards(prefill: EngineCore, monkeypatch: pytest.MonkeyP
 
 
 @NIXL_ONLY
-@pytest.mark.parametrize("overlap", [False, True], ids=["sync", "overlap"])
+@OVERLAP
 def test_pages_stream_only_once_the_forward_that_computed_them_has_run(
     tiny_llama: Path, overlap: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -539,7 +539,7 @@ def drain(prefill: EngineCore, decode: EngineCore) -> dict[str, list[int]]:
 
 
 @NIXL_ONLY
-@pytest.mark.parametrize("overlap", [False, True], ids=["sync", "overlap"])
+@OVERLAP
 def test_a_busy_prefill_engine_posts_the_last_write_behind_its_next_forward(
     tiny_llama: Path, overlap: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
