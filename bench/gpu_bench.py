@@ -48,7 +48,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.serving_limits import checkpoint_costs, rate
-from shared.attention import triton_backend
 from shared.config import EngineConfig
 from shared.engine_core import EngineCore
 from shared.model_runner import resolve_device
@@ -427,8 +426,7 @@ def tandem_mixed(
             started.update(o.rid for o in core.step() if o.new_ids)
         out: dict[str, Any] = {"chunk": chunk, "decode_rows": rows}
         out["decode_ms"] = 1e3 * timed_steps(core, steps)
-        flip = args.compare_mixed_decode_kernel
-        add_prompts((steps * (2 if flip else 1) + 2) * (chunk - rows), 32)
+        add_prompts((steps + 2) * (chunk - rows), 32)
         core.step()  # the first mixed step
         before = computed["prompt_tokens_computed"]
         if profile and device.type == "cuda":
@@ -436,14 +434,6 @@ def tandem_mixed(
         else:
             out["mixed_ms"] = 1e3 * timed_steps(core, steps)
             out["mixed_prompt_tokens"] = (computed["prompt_tokens_computed"] - before) / steps
-            if flip:  # the same load, the decode rows' attention the other way
-                default = triton_backend.MIXED_DECODE_KERNEL
-                triton_backend.MIXED_DECODE_KERNEL = not default
-                try:
-                    out["mixed_flipped_ms"] = 1e3 * timed_steps(core, steps)
-                finally:
-                    triton_backend.MIXED_DECODE_KERNEL = default
-                out["mixed_decode_kernel_default"] = default
         for rid in decoding:
             core.abort(rid)
         drain()
@@ -706,12 +696,6 @@ def mixed_line(m: dict[str, Any], costs: dict[str, float] | None, matmul: float)
     if costs:
         flops = tokens * costs["flops_per_prompt_token"] + rows * costs["flops_per_decode_row"]
         line += f"; linear layers {flops / (m['mixed_ms'] / 1e3) / matmul:.2f} of the matmul"
-    if "mixed_flipped_ms" in m:
-        on = not m["mixed_decode_kernel_default"]  # what the flipped run used
-        line += (
-            f"; decode rows through the decode kernel {'on' if on else 'off'}: "
-            f"{m['mixed_flipped_ms']:.2f} ms ({m['mixed_flipped_ms'] / m['mixed_ms']:.3f}x)"
-        )
     return line
 
 
@@ -805,12 +789,6 @@ def main() -> None:
     )
     parser.add_argument(
         "--mixed-chunks", default="2048,4096,8192", help="the step budgets (chunked_prefill_size) for --mixed"
-    )
-    parser.add_argument(
-        "--compare-mixed-decode-kernel",
-        action="store_true",
-        help="--mixed: time the mixed steps again with shared.attention.triton_backend.MIXED_DECODE_KERNEL"
-        " flipped (the decode rows' attention through the decode kernel, or all rows through extend)",
     )
     parser.add_argument("--compare-eager", action="store_true", help="batch 1 again, CUDA graphs off")
     parser.add_argument("--no-overlap", action="store_true", help="Tandem with overlap scheduling off")

@@ -56,20 +56,6 @@ class _StepPlan:
     max_seq_len: int  # host-side maxima (or bounds): grid sizes without a device sync
     max_extend_len: int
     graph: bool = False  # planned for a CUDA graph: from bounds, not this batch's lengths
-    # MIXED_DECODE_KERNEL: an extend step's leading one-token rows that go through the decode
-    # kernel (0: none), and their longest sequence.
-    decode_rows: int = 0
-    max_decode_seq_len: int = 0
-
-
-# An extend step that mixes decoding requests with prompts (the scheduler puts the decode rows
-# first) sends its leading one-token rows through the decode kernel, which loads each K/V block
-# once per GQA group and splits long contexts, and only the prompts' rows through the extend
-# kernel, whose grid is otherwise sized by the longest prompt for every row (B x Hq x blocks,
-# nearly all of them empty when ~100 rows decode beside a 2k-token chunk) and whose 64-row query
-# tiles hold one live row for a decoding request. Off by default until measured on a GPU
-# (2026-12-04: `bench/gpu_bench.py --mixed 94 --compare-mixed-decode-kernel` times both ways).
-MIXED_DECODE_KERNEL = False
 
 
 # Graph decode plan: about this many stage-1 programs, each over at least one key block, at most
@@ -103,31 +89,12 @@ class TritonAttentionBackend(AttentionBackend):
         self._plan: _StepPlan | None = None
 
     def init_forward_metadata(self, batch: ForwardBatch) -> None:
-        if MIXED_DECODE_KERNEL and batch.mode == ForwardMode.EXTEND and batch.extend_seq_lens_cpu[0] == 1:
-            self._plan = self._mixed_plan(batch)
-            return
         extend_lens = batch.extend_seq_lens
         self._plan = _StepPlan(
             batch=batch,
             extend_starts=torch.cumsum(extend_lens, 0) - extend_lens,
             max_seq_len=max(batch.seq_lens_cpu, default=0),
             max_extend_len=max(batch.extend_seq_lens_cpu, default=0),
-        )
-
-    @staticmethod
-    def _mixed_plan(batch: ForwardBatch) -> _StepPlan:
-        """MIXED_DECODE_KERNEL: the leading one-token rows for the decode kernel; the extend
-        kernel's starts and grid bound for the rest, whose rows of q start after them."""
-        lens = batch.extend_seq_lens_cpu
-        d = next((i for i, n in enumerate(lens) if n != 1), len(lens))
-        rest = batch.extend_seq_lens[d:]
-        return _StepPlan(
-            batch=batch,
-            extend_starts=torch.cumsum(rest, 0) - rest,
-            max_seq_len=max(batch.seq_lens_cpu, default=0),
-            max_extend_len=max(lens[d:], default=0),
-            decode_rows=d,
-            max_decode_seq_len=max(batch.seq_lens_cpu[:d]),
         )
 
     def init_forward_metadata_graph(self, batch: ForwardBatch, max_seq_len: int) -> None:
@@ -179,8 +146,6 @@ class TritonAttentionBackend(AttentionBackend):
                 num_kv_splits=num_kv_splits,
             )
         assert plan.extend_starts is not None
-        if plan.decode_rows:
-            return self._mixed(q, k_buf, v_buf, layer, batch, plan)
         return self._extend_attention(
             q,
             k_buf,
@@ -194,47 +159,6 @@ class TritonAttentionBackend(AttentionBackend):
             extend_starts=plan.extend_starts,
             max_extend_len=plan.max_extend_len,
         )
-
-    def _mixed(
-        self,
-        q: torch.Tensor,
-        k_buf: torch.Tensor,
-        v_buf: torch.Tensor,
-        layer: Attention,
-        batch: ForwardBatch,
-        plan: _StepPlan,
-    ) -> torch.Tensor:
-        """MIXED_DECODE_KERNEL: the decode kernel for the plan's leading one-token rows, the
-        extend kernel for the rest, their outputs in row order."""
-        d, req_to_token = plan.decode_rows, batch.req_to_token_pool.req_to_token
-        assert plan.extend_starts is not None
-        decoded = self._decode_attention(
-            q[:d],
-            k_buf,
-            v_buf,
-            req_to_token,
-            batch.req_pool_indices[:d],
-            batch.seq_lens[:d],
-            layer.scaling,
-            layer.sliding_window,
-            max_seq_len=plan.max_decode_seq_len,
-        )
-        if d == batch.batch_size:
-            return decoded
-        rest = self._extend_attention(
-            q[d:],
-            k_buf,
-            v_buf,
-            req_to_token,
-            batch.req_pool_indices[d:],
-            batch.extend_prefix_lens[d:],
-            batch.extend_seq_lens[d:],
-            layer.scaling,
-            layer.sliding_window,
-            extend_starts=plan.extend_starts,
-            max_extend_len=plan.max_extend_len,
-        )
-        return torch.cat([decoded, rest])
 
     # ---- multi-head latent attention (DeepSeek; contracts in the base class) ----------------
 

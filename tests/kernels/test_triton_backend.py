@@ -7,12 +7,11 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
 
-from shared.attention import create_backend, triton_backend
+from shared.attention import create_backend
 from shared.attention.testing import single_sequence_batch
 from shared.attention.triton_backend import TritonAttentionBackend
 from shared.config import EngineConfig
@@ -103,29 +102,6 @@ def test_engine_greedy_parity_with_torch_backend(
     outputs = _greedy_by_backend(path, device, prompts, page_size=page_size)
     assert outputs["triton"] == outputs["torch"]
     assert all(len(ids) == NEW_TOKENS for ids in outputs["triton"].values())
-
-
-def test_mixed_steps_split_between_the_decode_and_extend_kernels(
-    tiny_model_factory: Callable[..., Path], device: torch.device, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """MIXED_DECODE_KERNEL: a step's leading decode rows through the decode kernel, the prompts'
-    rows through the extend kernel (a sliding window, pages of 4): the torch backend's tokens."""
-    monkeypatch.setattr(triton_backend, "MIXED_DECODE_KERNEL", True)
-    splits: list[tuple[int, int]] = []  # (decode rows, batch rows) of each layer's split
-    mixed = TritonAttentionBackend._mixed
-
-    def spy(self: TritonAttentionBackend, *args: Any) -> torch.Tensor:
-        plan, batch = args[-1], args[-2]
-        splits.append((plan.decode_rows, batch.batch_size))
-        return mixed(self, *args)
-
-    monkeypatch.setattr(TritonAttentionBackend, "_mixed", spy)
-    path = tiny_model_factory("mistral", sliding_window=8)
-    rng = random.Random(0)
-    prompts = [[rng.randrange(5, 500) for _ in range(n)] for n in (3, 29, 12, 1)]
-    outputs = _greedy_by_backend(path, device, prompts, page_size=4)
-    assert outputs["triton"] == outputs["torch"]
-    assert any(0 < d < rows for d, rows in splits)  # decode rows beside a prompt's
 
 
 # ---- MLA (DeepSeek): the triton backend's absorbed decode, absorbed and expanded extend ----------
