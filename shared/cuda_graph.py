@@ -28,9 +28,11 @@ padding and buffer logic can then be tested on CPU.
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import torch
@@ -64,6 +66,27 @@ def capture_batch_sizes(max_bs: int) -> list[int]:
     if not sizes or sizes[-1] != max_bs:
         sizes.append(max_bs)
     return sizes
+
+
+@contextmanager
+def garbage_collected_first() -> Iterator[None]:
+    """Collect the process's garbage, then keep the cyclic collector off until the block ends.
+
+    A finalizer that frees or unregisters device memory (the pinned buffers, NIXL registrations
+    and CUDA events of an engine this process dropped, still in a reference cycle) invalidates a
+    stream capture if the collector happens to run it mid-capture: the capture fails with
+    `cudaErrorStreamCaptureInvalidated`, or the process aborts inside the collector (both seen
+    on the H200 with engines built one after another in one process). torch's own capture
+    context no longer collects by default, so the runner does it before capturing.
+    """
+    gc.collect()
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 class CudaGraphRunner:
@@ -148,15 +171,22 @@ class CudaGraphRunner:
 
     @torch.inference_mode()
     def _capture_all(self) -> None:
-        pool = torch.cuda.graph_pool_handle() if self.capture_graphs else None
+        if not self.capture_graphs:
+            for bs in reversed(self.batch_sizes):
+                self._batches[bs] = self._forward_batch(bs)
+            return
+        with garbage_collected_first():
+            self._capture_graphs()
+        torch.cuda.synchronize(self.device)
+
+    def _capture_graphs(self) -> None:
+        pool = torch.cuda.graph_pool_handle()
         # One side stream for every warm-up: cuBLAS keeps a workspace per stream.
-        stream = torch.cuda.Stream(self.device) if self.capture_graphs else None
+        stream = torch.cuda.Stream(self.device)
         # Largest first: smaller graphs then fit in the memory the largest one left in the pool.
         for bs in reversed(self.batch_sizes):
             fb = self._forward_batch(bs)
             self._batches[bs] = fb
-            if stream is None:
-                continue
             stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(stream):
                 for _ in range(2):  # compile Triton kernels and settle cuBLAS outside the capture
@@ -167,8 +197,6 @@ class CudaGraphRunner:
             with torch.cuda.graph(graph, pool=pool):
                 self._outputs[bs] = self._run(fb)
             self._graphs[bs] = graph
-        if self.capture_graphs:
-            torch.cuda.synchronize(self.device)
 
     # ---- replay ------------------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ a tiny shape.
 
 from __future__ import annotations
 
+import gc
 import json
 import subprocess
 import sys
@@ -20,7 +21,7 @@ import torch
 
 from shared.attention import resolve_backend_name
 from shared.config import EngineConfig
-from shared.cuda_graph import CudaGraphRunner, capture_batch_sizes
+from shared.cuda_graph import CudaGraphRunner, capture_batch_sizes, garbage_collected_first
 from shared.engine_core import EngineCore
 from tests.engine.hf_reference import hf_greedy
 from tests.engine.test_parity import make_prompts, run_staggered
@@ -91,6 +92,36 @@ def test_static_buffer_decode_matches_hf_on_cpu(
         assert outputs[f"r{i}"] == hf_greedy(path, ids, NEW_TOKENS), f"prompt {i}"
 
 
+class _Cycle:
+    """Garbage only the cyclic collector frees; its finalizer notes that it ran."""
+
+    def __init__(self, name: str, freed: list[str]) -> None:
+        self.name, self.freed, self.me = name, freed, self
+
+    def __del__(self) -> None:
+        self.freed.append(self.name)
+
+
+def test_garbage_is_collected_before_a_capture_and_never_during_it() -> None:
+    freed: list[str] = []
+    _Cycle("before", freed)
+    with garbage_collected_first():
+        assert "before" in freed and not gc.isenabled()
+        _Cycle("during", freed)
+        churn: list[list[int]] = [[] for _ in range(100_000)]  # far past the collector's thresholds
+        assert "during" not in freed and len(churn) == 100_000
+    assert gc.isenabled()
+    gc.collect()
+    assert "during" in freed
+    gc.disable()  # a caller's choice to keep it off is kept
+    try:
+        with garbage_collected_first():
+            pass
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+
+
 def test_gpu_bench_runs_at_a_tiny_shape(tmp_path: Path) -> None:
     """The benchmark script end to end, on the CPU (also on a GPU host, whose memory the engines
     of earlier tests in this process may hold)."""
@@ -157,6 +188,37 @@ def test_cuda_graph_greedy_parity_with_hf(
     assert graphs.replays > 0
     for i, ids in enumerate(prompts):
         assert outputs[f"r{i}"] == hf_greedy(path, ids, NEW_TOKENS), f"prompt {i} (len {len(ids)})"
+
+
+@gpu
+@needs_cuda
+def test_an_engine_captures_its_graphs_while_the_last_one_waits_for_the_collector(
+    tiny_model_factory: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Engines built one after another in a process, each dropped in a reference cycle (as a
+    failed test's engine is): the collector is off for every forward the runner captures (with
+    it on, finalizers of the last engines ran mid-capture and invalidated it), and the last
+    engine decodes as HF does."""
+    path = tiny_model_factory("llama")
+    collector_on: list[bool] = []
+    run = CudaGraphRunner._run
+
+    def recording(self: CudaGraphRunner, fb: object) -> torch.Tensor:
+        collector_on.append(gc.isenabled())
+        return run(self, fb)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(CudaGraphRunner, "_run", recording)
+    config = EngineConfig.from_options(str(path), device="cuda", dtype="float32", cuda_graph_max_bs=4)
+    for _ in range(2):
+        dropped = EngineCore(config)
+        dropped.runner.cycle = dropped  # type: ignore[attr-defined]
+        del dropped
+    core = EngineCore(config)
+    assert collector_on and not any(collector_on) and gc.isenabled()
+    prompts = make_prompts(core.runner.vocab_size)
+    outputs = run_staggered(core, prompts)
+    for i, ids in enumerate(prompts):
+        assert outputs[f"r{i}"] == hf_greedy(path, ids, NEW_TOKENS), f"prompt {i}"
 
 
 def _record_logits(core: EngineCore) -> list[torch.Tensor]:
