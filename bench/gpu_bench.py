@@ -30,6 +30,7 @@ import argparse
 import dataclasses
 import gc
 import importlib.util
+import itertools
 import json
 import os
 import platform
@@ -382,13 +383,19 @@ def tandem_decode(
 
 
 def timed_steps(core: EngineCore, steps: int) -> float:
-    """Seconds a step of `core.step()` over `steps` back-to-back steps (overlapped as in serving)."""
+    """Seconds a step of `core.step()`, `steps` back to back (overlapped as in serving): the
+    median interval between steps' returns, which an overlapped engine paces at its forwards'
+    rate. A median, not a mean, so that a step which first meets a kernel specialization and
+    compiles it (~0.1 s) does not count: the likeliest reading of r19 (docs/benchmarks.md), where
+    the first of two 8-step windows over the same mixed load ran ~13 ms a step slower at every
+    budget."""
     sync(core.runner.device)
-    t0 = time.perf_counter()
+    marks = [time.perf_counter()]
     for _ in range(steps):
         core.step()
+        marks.append(time.perf_counter())
     sync(core.runner.device)
-    return (time.perf_counter() - t0) / steps
+    return statistics.median(b - a for a, b in itertools.pairwise(marks))
 
 
 def tandem_mixed(
