@@ -433,14 +433,29 @@ def tandem_mixed(
             started.update(o.rid for o in core.step() if o.new_ids)
         out: dict[str, Any] = {"chunk": chunk, "decode_rows": rows}
         out["decode_ms"] = 1e3 * timed_steps(core, steps)
-        add_prompts((steps + 2) * (chunk - rows), 32)
+        # --compare-split-mixed: windows of steps as built and with the split flipped, alternating.
+        windows = 4 if args.compare_split_mixed else 1
+        add_prompts((steps * windows + 2) * (chunk - rows), 32)
         core.step()  # the first mixed step
         before = computed["prompt_tokens_computed"]
         if profile and device.type == "cuda":
             out["profile_steps"] = profile_fn(core.step, 4)
         else:
-            out["mixed_ms"] = 1e3 * timed_steps(core, steps)
-            out["mixed_prompt_tokens"] = (computed["prompt_tokens_computed"] - before) / steps
+            built = core.runner.config
+            times: dict[bool, list[float]] = {False: [], True: []}  # flipped -> seconds a step
+            try:
+                for w in range(windows):
+                    flipped = w % 2 == 1
+                    split = built.enable_split_mixed_steps != flipped
+                    core.runner.config = dataclasses.replace(built, enable_split_mixed_steps=split)
+                    times[flipped].append(timed_steps(core, steps))
+            finally:
+                core.runner.config = built
+            out["mixed_ms"] = 1e3 * statistics.mean(times[False])
+            out["mixed_prompt_tokens"] = (computed["prompt_tokens_computed"] - before) / (steps * windows)
+            out["mixed_split"] = built.enable_split_mixed_steps
+            if times[True]:
+                out["mixed_flipped_ms"] = 1e3 * statistics.mean(times[True])
         for rid in decoding:
             core.abort(rid)
         drain()
@@ -490,6 +505,7 @@ def bench_tandem(
         disable_radix_cache=True,
         disable_cuda_graph=args.no_graph,
         enable_overlap_schedule=not args.no_overlap,
+        enable_split_mixed_steps=args.split_mixed_steps,
         quantization=args.quantization,
         kv_cache_dtype=args.kv_cache_dtype,
     )
@@ -703,6 +719,12 @@ def mixed_line(m: dict[str, Any], costs: dict[str, float] | None, matmul: float)
     if costs:
         flops = tokens * costs["flops_per_prompt_token"] + rows * costs["flops_per_decode_row"]
         line += f"; linear layers {flops / (m['mixed_ms'] / 1e3) / matmul:.2f} of the matmul"
+    if "mixed_flipped_ms" in m:
+        flipped = m["mixed_flipped_ms"]
+        line += (
+            f"; decode rows' graph on a second stream {'off' if m['mixed_split'] else 'on'}: {flipped:.2f} ms"
+            f" ({flipped / m['mixed_ms']:.3f}x)"
+        )
     return line
 
 
@@ -796,6 +818,15 @@ def main() -> None:
     )
     parser.add_argument(
         "--mixed-chunks", default="2048,4096,8192", help="the step budgets (chunked_prefill_size) for --mixed"
+    )
+    parser.add_argument(
+        "--compare-split-mixed",
+        action="store_true",
+        help="--mixed: also time the mixed steps with enable_split_mixed_steps flipped (the decode"
+        " rows' CUDA graph on a second stream beside the prompts' forward), windows alternating",
+    )
+    parser.add_argument(
+        "--split-mixed-steps", action="store_true", help="Tandem with enable_split_mixed_steps"
     )
     parser.add_argument("--compare-eager", action="store_true", help="batch 1 again, CUDA graphs off")
     parser.add_argument("--no-overlap", action="store_true", help="Tandem with overlap scheduling off")

@@ -148,6 +148,15 @@ class EngineConfig:
     enable_overlap_schedule: bool | None = field(
         default=None, metadata=flag("overlap scheduling (default: on for CUDA)")
     )
+    # A mixed step (decoding requests beside prompt chunks) runs its decode rows as a CUDA graph
+    # on a second stream while the prompts' rows run eagerly on the first, instead of every row
+    # in one eager forward (shared/model_runner.py). Off until measured on a GPU.
+    enable_split_mixed_steps: bool = field(
+        default=False,
+        metadata=flag(
+            "mixed steps: the decode rows' CUDA graph on a second stream, beside the prompts' forward"
+        ),
+    )
     random_seed: int = field(
         default=0, metadata=flag("seed of the sampler (requests without a seed of their own)")
     )

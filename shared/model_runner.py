@@ -3,7 +3,10 @@
 The scheduler hands it a `ScheduleBatch` each step; it builds the device-side `ForwardBatch`,
 runs the forward and returns logits for the requests that sample this step. On CUDA, decode-only
 steps of up to `cuda_graph_max_bs` requests replay a captured CUDA graph (shared/cuda_graph.py);
-prefill, mixed and larger steps run eagerly.
+prefill, mixed and larger steps run eagerly. With `enable_split_mixed_steps`, a mixed step's
+leading decode rows replay their graph on a second stream while its prompt chunks run eagerly on
+the first: the bandwidth-bound decode forward beside the compute-bound prompts, as a prefill and
+a decode engine sharing one GPU run theirs.
 
 With tensor parallelism (`tp_size > 1`, shared/distributed/) every rank has a runner holding its
 shard of the weights and of the KV pool. Rank 0's `forward` first broadcasts the step's inputs;
@@ -149,6 +152,8 @@ class ModelRunner:
             self.backend.name,
         )
         self.graph_runner = self._make_graph_runner()
+        self._side_stream: torch.cuda.Stream | None = None  # enable_split_mixed_steps, made on first use
+        self.split_steps = 0  # mixed steps run split (a count for tests and benchmarks)
         # Tensor parallelism: rank 0 sends each step's inputs, the other ranks receive them.
         self.step_sync = StepBroadcast(self.device) if self.tp_size > 1 and not dp else None
         # DP attention: each rank its own batches; the step's token counts are exchanged.
@@ -214,7 +219,63 @@ class ModelRunner:
         patch = prev.patch(batch, self.device) if prev is not None else None
         if self.graph_runner is not None and self.graph_runner.can_run(batch):
             return self.graph_runner.run(batch, patch)  # every item of a decode batch samples
+        if split := self._decode_rows_apart(batch, patch):
+            return self._run_split(batch, split, patch, writes)
         return self._run(self._eager_batch(batch, patch, writes))
+
+    def _decode_rows_apart(self, batch: ScheduleBatch, patch: tuple[list[int], torch.Tensor] | None) -> int:
+        """How many leading items of a mixed step run as a decode graph apart from the rest (the
+        scheduler puts decoding requests first); 0: the step runs whole."""
+        graphs = self.graph_runner
+        if (
+            graphs is None
+            or not self.config.enable_split_mixed_steps
+            or batch.embeds
+            or self.step_sync is not None
+            or self.dp_tokens is not None
+        ):
+            return 0
+        items = batch.items
+        # Decode rows that sample: their logits are then the graph's output rows, as they are.
+        d = next(
+            (i for i, it in enumerate(items) if not (it.extend_len == 1 and it.start > 0 and it.sample)), 0
+        )
+        if d == 0 or not graphs.can_run_size(d):
+            return 0
+        if patch is not None and max(patch[0]) >= d:  # a pending input among the prompts' rows
+            return 0
+        return d
+
+    def _run_split(
+        self,
+        batch: ScheduleBatch,
+        d: int,
+        patch: tuple[list[int], torch.Tensor] | None,
+        writes: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Logits of a mixed step whose first `d` items (decoding) replay their CUDA graph on the
+        side stream while the rest (prompt chunks) run eagerly on the current one; joined in batch
+        order. Their KV writes go to disjoint slots, and each row reads only its own request's
+        keys. On a CPU (tests) the two halves run one after the other."""
+        graphs = self.graph_runner
+        assert graphs is not None
+        decode, prompts = ScheduleBatch(batch.items[:d]), ScheduleBatch(batch.items[d:])
+        self.split_steps += 1
+        if self.device.type != "cuda":
+            head = graphs.run(decode, patch)
+            return torch.cat([head, self._run(self._eager_batch(prompts, None, writes))])
+        main = torch.cuda.current_stream(self.device)
+        if self._side_stream is None:
+            self._side_stream = torch.cuda.Stream(self.device)
+        side = self._side_stream
+        side.wait_stream(main)  # this step's table writes and pending tokens, the last step's reads
+        if patch is not None:
+            patch[1].record_stream(side)  # made on the main stream, read on the side one
+        with torch.cuda.stream(side):
+            head = graphs.run(decode, patch)  # [d, V]: a view of the graph's static output
+        tail = self._run(self._eager_batch(prompts, None, writes))
+        main.wait_stream(side)
+        return torch.cat([head, tail])
 
     @torch.inference_mode()
     def forward_embed(

@@ -92,6 +92,54 @@ def test_static_buffer_decode_matches_hf_on_cpu(
         assert outputs[f"r{i}"] == hf_greedy(path, ids, NEW_TOKENS), f"prompt {i}"
 
 
+@pytest.mark.parametrize("overlap", [False, True], ids=["sync", "overlap"])
+def test_split_mixed_steps_match_hf_on_cpu(
+    tiny_model_factory: Callable[..., Path], kernel_reference: None, overlap: bool
+) -> None:
+    """enable_split_mixed_steps: a mixed step's leading decode rows through the graph runner's
+    static buffers (eagerly here; on a GPU their graph on a second stream), its prompt chunks
+    through the eager forward, logits joined in batch order; with overlap scheduling the decode
+    rows' pending tokens reach the graph's inputs."""
+    path = tiny_model_factory("llama")
+    core = EngineCore(
+        EngineConfig.from_options(
+            str(path),
+            device="cpu",
+            attention_backend="triton",
+            page_size=4,
+            chunked_prefill_size=16,
+            enable_split_mixed_steps=True,
+            enable_overlap_schedule=overlap,
+        )
+    )
+    runner = core.runner
+    graphs = CudaGraphRunner(
+        runner.model,
+        runner.kv_pool,
+        runner.req_pool,
+        runner.backend,
+        runner.device,
+        [1, 2, 4, 8],
+        runner.max_context_len,
+        capture=False,
+    )
+    runner.graph_runner = graphs
+    patched: list[bool] = []
+    run = graphs.run
+
+    def recording(batch: object, patch: object = None) -> torch.Tensor:
+        patched.append(patch is not None)
+        return run(batch, patch)  # type: ignore[arg-type]
+
+    graphs.run = recording  # type: ignore[method-assign]
+    prompts = make_prompts(runner.vocab_size)
+    outputs = run_staggered(core, prompts)
+    assert runner.split_steps > 0
+    assert any(patched) == overlap  # pending tokens only with overlap scheduling
+    for i, ids in enumerate(prompts):
+        assert outputs[f"r{i}"] == hf_greedy(path, ids, NEW_TOKENS), f"prompt {i}"
+
+
 class _Cycle:
     """Garbage only the cyclic collector frees; its finalizer notes that it ran."""
 
@@ -128,7 +176,7 @@ def test_gpu_bench_runs_at_a_tiny_shape(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     script = str(ROOT / "bench" / "gpu_bench.py")
     cmd = [sys.executable, script, "--preset", "tiny", "--device", "cpu", "--json", str(out)]
-    cmd += ["--mixed", "4", "--mixed-chunks", "16,64"]
+    cmd += ["--mixed", "4", "--mixed-chunks", "16,64", "--compare-split-mixed"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
@@ -142,7 +190,8 @@ def test_gpu_bench_runs_at_a_tiny_shape(tmp_path: Path) -> None:
     for chunk in (16, 64):
         m = result["tandem"]["mixed"][str(chunk)]
         assert (m["mixed_prompt_tokens"], m["prefill_prompt_tokens"]) == (chunk - 4, chunk)
-        assert min(m["decode_ms"], m["mixed_ms"], m["prefill_ms"]) > 0
+        assert min(m["decode_ms"], m["mixed_ms"], m["prefill_ms"], m["mixed_flipped_ms"]) > 0
+        assert m["mixed_split"] is False
         assert f"budget {chunk}: 4 decoding alone" in proc.stdout
 
 
@@ -186,6 +235,32 @@ def test_cuda_graph_greedy_parity_with_hf(
     prompts = make_prompts(core.runner.vocab_size)
     outputs = run_staggered(core, prompts)
     assert graphs.replays > 0
+    for i, ids in enumerate(prompts):
+        assert outputs[f"r{i}"] == hf_greedy(path, ids, NEW_TOKENS), f"prompt {i} (len {len(ids)})"
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("arch", ["llama", "deepseek_v2"])
+def test_split_mixed_steps_greedy_parity_with_hf(tiny_model_factory: Callable[..., Path], arch: str) -> None:
+    """enable_split_mixed_steps on the GPU: decode rows' graph on a second stream, beside the
+    prompts' eager forward (overlap scheduling on, the GPU default): HF's tokens."""
+    path = tiny_model_factory(arch, **({"qk_rope_head_dim": 16} if arch == "deepseek_v2" else {}))
+    core = EngineCore(
+        EngineConfig.from_options(
+            str(path),
+            device="cuda",
+            dtype="float32",
+            page_size=16,
+            chunked_prefill_size=16,
+            cuda_graph_max_bs=6,
+            enable_split_mixed_steps=True,
+            debug_invariants=True,
+        )
+    )
+    prompts = make_prompts(core.runner.vocab_size)
+    outputs = run_staggered(core, prompts)
+    assert core.runner.split_steps > 0
     for i, ids in enumerate(prompts):
         assert outputs[f"r{i}"] == hf_greedy(path, ids, NEW_TOKENS), f"prompt {i} (len {len(ids)})"
 
