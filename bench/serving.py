@@ -470,7 +470,7 @@ def launcher_command(args: argparse.Namespace, ready: Path, log_dir: Path) -> li
     cmd += ["--decode", str(args.decode if args.decode is not None else decode)]
     if args.kv_transport:
         cmd += ["--kv-transport", args.kv_transport]
-    return [*cmd, "--worker-args", args.worker_args, *shlex.split(args.launch_args)]
+    return [*cmd, "--worker-args", " ".join(args.worker_args), *shlex.split(args.launch_args)]
 
 
 @contextlib.contextmanager
@@ -761,7 +761,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     launch.add_argument("--prefill", type=int, help="prefill workers (default: by topology)")
     launch.add_argument("--decode", type=int, help="decode workers (default: by topology)")
     launch.add_argument("--kv-transport", choices=["auto", "nixl", "grpc"])
-    launch.add_argument("--worker-args", default="", help='engine flags, e.g. "--device cuda:0"')
+    launch.add_argument(
+        "--worker-args",
+        action="append",
+        default=[],
+        help='engine flags, e.g. "--device cuda:0"; given again, appended (bench/serving_ab.sh flags)',
+    )
     launch.add_argument("--launch-args", default="", help="more `tandem up` flags, e.g. '--unified 2'")
     launch.add_argument("--launch-timeout", type=float, default=900.0)
     launch.add_argument("--log-dir", help="the services' logs (default: a fresh temp dir)")

@@ -14,6 +14,11 @@
 #                         PYTHON=.venv/bin/python off the GPU machine.
 #
 # Writes OUT_DIR/{base,tree}_{1,2}.json (and each run's logs under OUT_DIR/logs/).
+#
+# A/B of worker flags on the working tree alone (no prepare): runs "a" with the serving flags,
+# "b" with B_FLAGS added to the workers' (a second --worker-args), interleaved a, b, a, b:
+#                         bash bench/serving_ab.sh flags OUT_DIR "B_FLAGS" [serving.py flags]
+#                         writes OUT_DIR/{a,b}_{1,2}.json
 set -euo pipefail
 cd "$(dirname "$0")/.."
 archive=bench/results/serving-ab-base.tar.gz
@@ -26,29 +31,41 @@ case ${1:-} in
         git archive --format=tar.gz -o "$archive" "$base" shared kernels services
         echo "$archive: shared/, kernels/ and services/ at $(git rev-parse --short "$base")"
         ;;
-    run)
-        out=${2:?usage: bench/serving_ab.sh run OUT_DIR [serving.py flags]}
+    run | flags)
+        mode=$1
+        out=${2:?usage: bench/serving_ab.sh run OUT_DIR [serving.py flags] | flags OUT_DIR "B_FLAGS" [serving.py flags]}
         shift 2
-        [ -f "$archive" ] || { echo "no $archive: run 'bench/serving_ab.sh prepare' first" >&2; exit 2; }
+        if [ "$mode" = flags ]; then
+            b_flags=${1?usage: bench/serving_ab.sh flags OUT_DIR "B_FLAGS" [serving.py flags]}
+            shift
+            copies=(a b)
+        else
+            [ -f "$archive" ] || { echo "no $archive: run 'bench/serving_ab.sh prepare' first" >&2; exit 2; }
+            copies=(base tree)
+        fi
         mkdir -p "$out"
         out=$(cd "$out" && pwd)
         work=$(mktemp -d)
         trap 'rm -rf "$work"' EXIT
-        for copy in base tree; do  # the checkout without its virtualenv, history or results
+        for copy in "${copies[@]}"; do  # the checkout without its virtualenv, history or results
             mkdir "$work/$copy"
             tar -cf - --exclude=./.venv --exclude=./.git --exclude=./bench/results . | tar -xf - -C "$work/$copy"
         done
-        rm -rf "$work/base/shared" "$work/base/kernels" "$work/base/services"
-        tar -xzf "$archive" -C "$work/base"
+        if [ "$mode" = run ]; then
+            rm -rf "$work/base/shared" "$work/base/kernels" "$work/base/services"
+            tar -xzf "$archive" -C "$work/base"
+        fi
         runs=()
         for round in $(seq 1 "${ROUNDS:-2}"); do
-            for copy in base tree; do
+            for copy in "${copies[@]}"; do
                 name="${copy}_$round"
+                extra=()
+                [ "$copy" = b ] && extra=("--worker-args=$b_flags")  # "=": the flags may start with --
                 echo "== $name"
                 # The copy's modules first, for this process and the suite it launches.
                 (cd "$work/$copy" && PYTHONPATH="$work/$copy${PYTHONPATH:+:$PYTHONPATH}" \
                     "$python" bench/serving.py --launch --label "$name" --log-dir "$out/logs/$name" \
-                    --json "$out/$name.json" "$@") | grep -vE "^(INFO|DEBUG|launching|logs:)" || true
+                    --json "$out/$name.json" "$@" "${extra[@]}") | grep -vE "^(INFO|DEBUG|launching|logs:)" || true
                 [ -f "$out/$name.json" ] && runs+=("$out/$name.json")
             done
         done
@@ -56,7 +73,7 @@ case ${1:-} in
         "$python" bench/serving.py --compare "${runs[@]}"
         ;;
     *)
-        echo "usage: bench/serving_ab.sh prepare [BASE] | run OUT_DIR [serving.py flags]" >&2
+        echo "usage: bench/serving_ab.sh prepare [BASE] | run OUT_DIR [serving.py flags] | flags OUT_DIR \"B_FLAGS\" [serving.py flags]" >&2
         exit 2
         ;;
 esac
