@@ -61,17 +61,13 @@ def test_graph_options_are_validated(tiny_llama: Path) -> None:
     assert config.attention_backend == "auto"
 
 
-@pytest.mark.parametrize("page_size", [1, 16])
-def test_static_buffer_decode_matches_hf_on_cpu(
-    tiny_model_factory: Callable[..., Path], kernel_reference: None, page_size: int
-) -> None:
-    """Decode steps through the graph runner's padded static buffers (eagerly: no graphs on CPU)."""
-    path = tiny_model_factory("llama")
-    core = EngineCore(
-        EngineConfig.from_options(
-            str(path), device="cpu", attention_backend="triton", page_size=page_size, chunked_prefill_size=16
-        )
+def _core_with_static_buffers(path: Path, **options: object) -> tuple[EngineCore, CudaGraphRunner]:
+    """A CPU engine whose decode steps go through the graph runner's padded static buffers
+    (eagerly: no graphs on CPU), at sizes 1, 2, 4 and 8: 3, 5, 6 or 7 running requests pad up."""
+    config = EngineConfig.from_options(
+        str(path), device="cpu", attention_backend="triton", chunked_prefill_size=16, **options
     )
+    core = EngineCore(config)
     runner = core.runner
     assert runner.graph_runner is None  # CPU: no graphs by default
     graphs = CudaGraphRunner(
@@ -80,12 +76,22 @@ def test_static_buffer_decode_matches_hf_on_cpu(
         runner.req_pool,
         runner.backend,
         runner.device,
-        [1, 2, 4, 8],  # 3, 5, 6, 7 running requests pad up
+        [1, 2, 4, 8],
         runner.max_context_len,
         capture=False,
     )
     runner.graph_runner = graphs
-    prompts = make_prompts(runner.vocab_size)
+    return core, graphs
+
+
+@pytest.mark.parametrize("page_size", [1, 16])
+def test_static_buffer_decode_matches_hf_on_cpu(
+    tiny_model_factory: Callable[..., Path], kernel_reference: None, page_size: int
+) -> None:
+    """Decode steps through the graph runner's padded static buffers."""
+    path = tiny_model_factory("llama")
+    core, graphs = _core_with_static_buffers(path, page_size=page_size)
+    prompts = make_prompts(core.runner.vocab_size)
     outputs = run_staggered(core, prompts)
     assert graphs.replays > 0
     for i, ids in enumerate(prompts):
@@ -101,29 +107,10 @@ def test_split_mixed_steps_match_hf_on_cpu(
     through the eager forward, logits joined in batch order; with overlap scheduling the decode
     rows' pending tokens reach the graph's inputs."""
     path = tiny_model_factory("llama")
-    core = EngineCore(
-        EngineConfig.from_options(
-            str(path),
-            device="cpu",
-            attention_backend="triton",
-            page_size=4,
-            chunked_prefill_size=16,
-            enable_split_mixed_steps=True,
-            enable_overlap_schedule=overlap,
-        )
+    core, graphs = _core_with_static_buffers(
+        path, page_size=4, enable_split_mixed_steps=True, enable_overlap_schedule=overlap
     )
     runner = core.runner
-    graphs = CudaGraphRunner(
-        runner.model,
-        runner.kv_pool,
-        runner.req_pool,
-        runner.backend,
-        runner.device,
-        [1, 2, 4, 8],
-        runner.max_context_len,
-        capture=False,
-    )
-    runner.graph_runner = graphs
     patched: list[bool] = []
     run = graphs.run
 
@@ -201,20 +188,32 @@ def test_gpu_bench_runs_at_a_tiny_shape(tmp_path: Path) -> None:
 @gpu
 @needs_cuda
 @pytest.mark.parametrize(
-    ("arch", "overrides", "page_size"),
+    ("arch", "overrides", "page_size", "split"),
     [
-        ("llama", {}, 1),
-        ("llama", {}, 16),
-        ("qwen3", {}, 16),
-        ("mistral", {"sliding_window": 8}, 4),
+        ("llama", {}, 1, False),
+        ("llama", {}, 16, False),
+        ("qwen3", {}, 16, False),
+        ("mistral", {"sliding_window": 8}, 4, False),
         # MLA: absorbed decode in the graphs (the kernel wants a rope key of 16+), fused MoE
-        ("deepseek_v2", {"qk_rope_head_dim": 16}, 16),
-        ("deepseek_v3", {"qk_rope_head_dim": 16}, 1),
+        ("deepseek_v2", {"qk_rope_head_dim": 16}, 16, False),
+        ("deepseek_v3", {"qk_rope_head_dim": 16}, 1, False),
+        # enable_split_mixed_steps: mixed steps' decode rows as a graph on a second stream
+        ("llama", {}, 16, True),
+        ("deepseek_v2", {"qk_rope_head_dim": 16}, 16, True),
     ],
-    ids=["llama-page1", "llama-page16", "qwen3-page16", "mistral-window8", "deepseek_v2", "deepseek_v3"],
+    ids=[
+        "llama-page1",
+        "llama-page16",
+        "qwen3-page16",
+        "mistral-window8",
+        "deepseek_v2",
+        "deepseek_v3",
+        "llama-split",
+        "deepseek_v2-split",
+    ],
 )
 def test_cuda_graph_greedy_parity_with_hf(
-    tiny_model_factory: Callable[..., Path], arch: str, overrides: dict[str, int], page_size: int
+    tiny_model_factory: Callable[..., Path], arch: str, overrides: dict[str, int], page_size: int, split: bool
 ) -> None:
     """float32 on the GPU: Triton attention, fused kernels and CUDA-graph decode vs HF on CPU."""
     path = tiny_model_factory(arch, **overrides)
@@ -226,6 +225,7 @@ def test_cuda_graph_greedy_parity_with_hf(
             page_size=page_size,
             chunked_prefill_size=16,
             cuda_graph_max_bs=6,  # sizes 1, 2, 4, 6: most steps pad
+            enable_split_mixed_steps=split,
             debug_invariants=True,
         )
     )
@@ -235,32 +235,7 @@ def test_cuda_graph_greedy_parity_with_hf(
     prompts = make_prompts(core.runner.vocab_size)
     outputs = run_staggered(core, prompts)
     assert graphs.replays > 0
-    for i, ids in enumerate(prompts):
-        assert outputs[f"r{i}"] == hf_greedy(path, ids, NEW_TOKENS), f"prompt {i} (len {len(ids)})"
-
-
-@gpu
-@needs_cuda
-@pytest.mark.parametrize("arch", ["llama", "deepseek_v2"])
-def test_split_mixed_steps_greedy_parity_with_hf(tiny_model_factory: Callable[..., Path], arch: str) -> None:
-    """enable_split_mixed_steps on the GPU: decode rows' graph on a second stream, beside the
-    prompts' eager forward (overlap scheduling on, the GPU default): HF's tokens."""
-    path = tiny_model_factory(arch, **({"qk_rope_head_dim": 16} if arch == "deepseek_v2" else {}))
-    core = EngineCore(
-        EngineConfig.from_options(
-            str(path),
-            device="cuda",
-            dtype="float32",
-            page_size=16,
-            chunked_prefill_size=16,
-            cuda_graph_max_bs=6,
-            enable_split_mixed_steps=True,
-            debug_invariants=True,
-        )
-    )
-    prompts = make_prompts(core.runner.vocab_size)
-    outputs = run_staggered(core, prompts)
-    assert core.runner.split_steps > 0
+    assert (core.runner.split_steps > 0) == split
     for i, ids in enumerate(prompts):
         assert outputs[f"r{i}"] == hf_greedy(path, ids, NEW_TOKENS), f"prompt {i} (len {len(ids)})"
 
