@@ -56,9 +56,9 @@ from services.mps import (
     CONTROL,
     SM_PERCENT_ENV,
     MpsError,
-    decode_args,
     mps_daemon,
     parse_sm_percent,
+    shared_gpu_args,
     shares_a_gpu,
 )
 from services.protos.tandem.router.v1 import router_pb2, router_pb2_grpc
@@ -255,9 +255,10 @@ def up(args: argparse.Namespace) -> int:
                 if args.mps == "on":
                     raise
                 print(f"NVIDIA MPS did not start ({e}); prefill and decode time-slice the GPU", flush=True)
-        paced = decode_args(extra) if shared_gpu else []
-        if paced:
-            print(f"decode workers share the GPU with prefill: {shlex.join(paced)}", flush=True)
+        shared = {role: shared_gpu_args(role, extra) for role in ("prefill", "decode")} if shared_gpu else {}
+        for role, flags in shared.items():
+            if flags:
+                print(f"{role} workers share the GPU: {shlex.join(flags)}", flush=True)
         start(
             "router",
             [
@@ -290,7 +291,7 @@ def up(args: argparse.Namespace) -> int:
         for module, count in roles:
             for i in range(count):
                 cmd = [*py, f"services.{module}", "--model", model, *model_flags, "--router", router_admin]
-                cmd += ["--metrics-port", "0", *extra, *(paced if module == "decode" else [])]
+                cmd += ["--metrics-port", "0", *extra, *shared.get(module, [])]
                 if module != "worker" and args.kv_transport:
                     cmd += ["--kv-transport", args.kv_transport]
                 own = {SM_PERCENT_ENV: str(sm_percent[module])} if module in sm_percent else {}

@@ -8,7 +8,8 @@ process on the machine; it is told to quit when the suite stops.
 
 `tandem up` starts every worker on this machine with the same engine flags, so a PD pair always
 shares its device; when that device is a GPU (`shares_a_gpu`), MPS starts by default (`--mps
-auto`) and decode workers are paced (`decode_args`) unless the flags say otherwise.
+auto`) and each role gets the settings PD on one GPU was measured with (`shared_gpu_args`)
+unless the flags say otherwise.
 """
 
 from __future__ import annotations
@@ -25,11 +26,17 @@ CONTROL = "nvidia-cuda-mps-control"
 # may occupy (1-100).
 SM_PERCENT_ENV = "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"
 ROLES = ("prefill", "decode", "worker")
-# A decode worker's step spacing while prefill on its GPU is backlogged, unless --worker-args sets
-# one: on one H200 under MPS, 0.89-0.93x of unified's throughput at 128 clients and TTFT p50
-# 3.3 s, against 0.86x and 4.9 s unpaced; level at 16 and 64 (docs/benchmarks.md).
-SHARED_GPU_DECODE_INTERVAL_MS = 20
-_INTERVAL_FLAG = "--decode-step-interval-ms"
+# Per role, the engine flags of a PD pair sharing one GPU, each unless --worker-args sets it: the
+# decode worker spaces its steps 35 ms apart while the prompts waiting on prefill exceed half the
+# requests it decodes, and prefill computes 4096-token steps. Every PD measurement on the H200
+# since r13 ran with them (docs/benchmarks.md): 1.19x unified's throughput at 128 clients and
+# 1.08x at 64 (r19), 0.96-0.98x at 16, TTFT p50 within 1.5x of unified's, one-client TTFT +2-5
+# ms (r14, r16). The earlier default (20 ms, no backlog rule, 2048-token steps) served 0.89x at
+# 128 clients with TTFT p50 3.3 s (r10).
+SHARED_GPU_FLAGS: dict[str, tuple[tuple[str, str], ...]] = {
+    "decode": (("--decode-step-interval-ms", "35"), ("--decode-pacing-backlog", "0.5")),
+    "prefill": (("--chunked-prefill-size", "4096"),),
+}
 
 
 class MpsError(RuntimeError):
@@ -96,12 +103,15 @@ def shares_a_gpu(prefill: int, decode: int, worker_args: list[str]) -> bool:
     return device.startswith("cuda")
 
 
-def decode_args(worker_args: list[str]) -> list[str]:
-    """Flags a decode worker sharing its GPU with prefill gets on top of `worker_args`: the pacing
-    above, unless `worker_args` sets its own."""
-    if _flag_value(worker_args, _INTERVAL_FLAG) is not None:
-        return []
-    return [_INTERVAL_FLAG, str(SHARED_GPU_DECODE_INTERVAL_MS)]
+def shared_gpu_args(role: str, worker_args: list[str]) -> list[str]:
+    """Flags a `role` worker ("prefill", "decode") sharing its GPU with the other role gets on top
+    of `worker_args`: `SHARED_GPU_FLAGS`, each unless `worker_args` sets its own."""
+    return [
+        word
+        for flag, value in SHARED_GPU_FLAGS.get(role, ())
+        if _flag_value(worker_args, flag) is None
+        for word in (flag, value)
+    ]
 
 
 def _flag_value(args: list[str], flag: str) -> str | None:

@@ -22,12 +22,11 @@ import pytest
 from services.launcher import free_port
 from services.mps import (
     CONTROL,
-    SHARED_GPU_DECODE_INTERVAL_MS,
     SM_PERCENT_ENV,
     MpsError,
-    decode_args,
     mps_daemon,
     parse_sm_percent,
+    shared_gpu_args,
     shares_a_gpu,
 )
 
@@ -167,19 +166,33 @@ def test_prefill_and_decode_share_a_gpu_when_their_device_is_cuda() -> None:
     assert shares_a_gpu(1, 1, []) == driver  # auto: CUDA when a driver is loaded
 
 
-def test_a_decode_worker_on_a_shared_gpu_is_paced_unless_told_otherwise() -> None:
-    assert decode_args(["--device", "cuda:0"]) == [
+def test_workers_on_a_shared_gpu_get_the_measured_flags_unless_told_otherwise() -> None:
+    assert shared_gpu_args("decode", ["--device", "cuda:0"]) == [
         "--decode-step-interval-ms",
-        str(SHARED_GPU_DECODE_INTERVAL_MS),
+        "35",
+        "--decode-pacing-backlog",
+        "0.5",
     ]
-    assert decode_args(["--decode-step-interval-ms", "35"]) == []
-    assert decode_args(["--decode-step-interval-ms=0"]) == []  # off, explicitly
+    assert shared_gpu_args("prefill", ["--device", "cuda:0"]) == ["--chunked-prefill-size", "4096"]
+    assert shared_gpu_args("worker", ["--device", "cuda:0"]) == []  # unified: nothing shared
+    # Each flag the user gives wins, alone: the others still come.
+    assert shared_gpu_args("decode", ["--decode-step-interval-ms", "20"]) == [
+        "--decode-pacing-backlog",
+        "0.5",
+    ]
+    assert shared_gpu_args("decode", ["--decode-step-interval-ms=0", "--decode-pacing-backlog", "1"]) == []
+    assert shared_gpu_args("prefill", ["--chunked-prefill-size=8192"]) == []
 
 
 def test_tandem_up_on_the_cpu_starts_no_mps_and_paces_nothing(tiny_llama: Path, tmp_path: Path) -> None:
     """PD on the CPU (the default --mps auto): the MPS control program is never run, and the
-    decode worker gets exactly the flags it was given."""
+    workers get exactly the flags they were given."""
     with up_with_fake_mps(tiny_llama, tmp_path) as pids:
-        argv = Path(f"/proc/{pids['decode-0']}/cmdline").read_bytes().decode().split("\0")
-        assert "--decode-step-interval-ms" not in argv
+
+        def argv(name: str) -> list[str]:
+            return Path(f"/proc/{pids[name]}/cmdline").read_bytes().decode().split("\0")
+
+        assert "--decode-step-interval-ms" not in argv("decode-0")
+        assert "--decode-pacing-backlog" not in argv("decode-0")
+        assert "--chunked-prefill-size" not in argv("prefill-0")
         assert not (tmp_path / "calls").exists(), "MPS was started for workers on the CPU"
