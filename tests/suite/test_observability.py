@@ -260,8 +260,17 @@ def test_metrics_move_with_traffic(up: dict[str, Any], traffic: dict[str, Any]) 
     assert set(workers) == {"prefill", "decode"}
     for role, address in workers.items():  # the refused request was routed too
         assert moved("router", "tandem_router_decisions_total", role=role, worker=address) == n + 1
-    errors = {"role": "decode", "worker": workers["decode"], "code": "INVALID_ARGUMENT"}
-    assert moved("router", "tandem_router_worker_errors_total", **errors) == 1
+    # The refused request is the error of the worker whose refusal the router read: decode's, or
+    # the prefill leg's when that answered first (the router starts it on decode's reservation
+    # message, before decode's engine has looked at the request; CI saw both orders), or both
+    # when the two came together.
+    refusals = [
+        moved(
+            "router", "tandem_router_worker_errors_total", role=role, worker=address, code="INVALID_ARGUMENT"
+        )
+        for role, address in workers.items()
+    ]
+    assert 1 <= sum(refusals) <= 2, refusals
     assert sample(after["router"], "tandem_router_workers", role="prefill", state="healthy") == 1
     assert sample(after["router"], "tandem_router_workers", role="decode", state="healthy") == 1
 
