@@ -728,6 +728,12 @@ def mixed_line(m: dict[str, Any], costs: dict[str, float] | None, matmul: float)
     return line
 
 
+def kernel_line(k: dict[str, Any]) -> str:
+    """One kernel of a profile (`profile_forward`, `profile_fn`): time per forward, share, calls."""
+    us, share, calls = k["us_per_forward"], 100 * k["share"], k["calls_per_forward"]
+    return f"  {us:9.1f} us {share:5.1f}%  x{calls:<4.0f} {k['kernel']}"
+
+
 def print_table(rows: list[dict[str, Any]], result: dict[str, Any]) -> None:
     def f(x: float | None, width: int, prec: int) -> str:
         return ("-" if x is None else f"{x:.{prec}f}").rjust(width)
@@ -931,14 +937,12 @@ def main() -> None:
     for b, kernels in profiled.get("profile", {}).items():
         print(f"top kernels of one eager decode forward, batch {b}:")
         for k in kernels[:6]:
-            us, share, calls = k["us_per_forward"], 100 * k["share"], k["calls_per_forward"]
-            print(f"  {us:9.1f} us {share:5.1f}%  x{calls:<4.0f} {k['kernel']}")
+            print(kernel_line(k))
     for chunk, m in profiled.get("mixed", {}).items():
         ops = m["profile_steps"]
         print(f"GPU ops of a mixed step, {m['decode_rows']} decoding, budget {chunk}:")
         for k in ops[:10]:
-            us, share, calls = k["us_per_forward"], 100 * k["share"], k["calls_per_forward"]
-            print(f"  {us:9.1f} us {share:5.1f}%  x{calls:<5.0f} {k['kernel']}")
+            print(kernel_line(k))
     for b, run in profiled.get("decode", {}).items():
         if "profile_steps" in run:
             ops = run["profile_steps"]
