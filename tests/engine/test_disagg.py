@@ -115,6 +115,17 @@ def deliver_and_decode(decode: EngineCore, out: RequestOutput) -> list[int]:
     return got
 
 
+def step_until_finished(core: EngineCore, timeout: float = 10.0) -> list[RequestOutput]:
+    """Step until an output finishes; every output on the way. With overlap scheduling (the
+    GPU's default) a step's outputs come back one step later."""
+    outs: list[RequestOutput] = []
+    deadline = time.monotonic() + timeout
+    while not any(out.finished for out in outs):
+        outs += core.step()
+        assert time.monotonic() < deadline, "no output finished"
+    return outs
+
+
 def wait_idle(core: EngineCore, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while core.has_work or core.waiting_in_background:
@@ -247,8 +258,9 @@ def test_reservation_lease_expires_and_pages_come_back(tiny_llama: Path) -> None
     decode.check_idle()
 
 
-def test_aborted_reservation_is_freed_at_once_over_grpc(tiny_llama: Path) -> None:
-    prefill, decode = make_pair(tiny_llama, "grpc")
+@OVERLAP
+def test_aborted_reservation_is_freed_at_once_over_grpc(tiny_llama: Path, overlap: bool) -> None:
+    prefill, decode = make_pair(tiny_llama, "grpc", enable_overlap_schedule=overlap)
     ids = list(range(5, 30))
     params = SamplingParams(max_new_tokens=4, temperature=0.0)
     pages = reserve(decode, "r", ids, params)
@@ -257,7 +269,7 @@ def test_aborted_reservation_is_freed_at_once_over_grpc(tiny_llama: Path) -> Non
     assert [o.finish_reason["type"] for o in decode.step()] == ["abort"]  # type: ignore[index]
     assert not decode.waiting_in_background
     decode.check_idle()
-    (out,) = prefill.step()  # the late bytes are ignored
+    (out,) = step_until_finished(prefill)  # the late bytes are ignored
     decode.commit_kv(KvCommit.decode(out.kv_commit), out.kv_payload)  # type: ignore[arg-type]
     decode.check_idle()
     wait_idle(prefill)
@@ -357,8 +369,11 @@ def test_bad_reservations_and_targets_are_refused(tiny_llama: Path) -> None:
     prefill.check_idle()
 
 
-def test_full_decode_engine_queues_reservations_first_come_first_served(tiny_llama: Path) -> None:
-    prefill, decode = make_pair(tiny_llama, "grpc", max_total_tokens=64)
+@OVERLAP
+def test_full_decode_engine_queues_reservations_first_come_first_served(
+    tiny_llama: Path, overlap: bool
+) -> None:
+    prefill, decode = make_pair(tiny_llama, "grpc", max_total_tokens=64, enable_overlap_schedule=overlap)
     params = SamplingParams(max_new_tokens=3, temperature=0.0, ignore_eos=True)
     a, b, c = (list(range(5 + i, 45 + i)) for i in range(3))  # 40 tokens: 3 of the 4 pages each
     pages_a = reserve(decode, "a", a, params)
@@ -373,7 +388,7 @@ def test_full_decode_engine_queues_reservations_first_come_first_served(tiny_lla
     assert ended.rid == "c" and ended.finish_reason == {"type": "abort", "message": "aborted"}
     # a runs to the end; its pages go back and b is granted them
     prefill.add_request(["a"], a, params, kv_target=KvTarget("grpc", pages_a))
-    (out,) = prefill.step()
+    (out,) = step_until_finished(prefill)
     decode.commit_kv(KvCommit.decode(out.kv_commit), out.kv_payload)  # type: ignore[arg-type]
     finished = []
     while not finished:
@@ -384,16 +399,21 @@ def test_full_decode_engine_queues_reservations_first_come_first_served(tiny_lla
     assert rids == ["b"] and pages_b is not None and len(pages_b) == 3 and error is None
     assert reservation
     prefill.add_request(["b"], b, params, kv_target=KvTarget("grpc", pages_b))
-    (out,) = prefill.step()
+    (out,) = step_until_finished(prefill)
     got = deliver_and_decode(decode, out)
     assert got == hf_greedy(tiny_llama, b, 3)
     wait_idle(decode)
 
 
-def test_queued_reservation_waits_past_the_lease_which_starts_when_granted(tiny_llama: Path) -> None:
+@OVERLAP
+def test_queued_reservation_waits_past_the_lease_which_starts_when_granted(
+    tiny_llama: Path, overlap: bool
+) -> None:
     # The lease guards liveness, not queueing: b waits for room far longer than the lease, and
     # its lease only starts when its pages are granted.
-    prefill, decode = make_pair(tiny_llama, "grpc", max_total_tokens=64, kv_transfer_timeout_s=0.2)
+    prefill, decode = make_pair(
+        tiny_llama, "grpc", max_total_tokens=64, kv_transfer_timeout_s=0.2, enable_overlap_schedule=overlap
+    )
     params = SamplingParams(max_new_tokens=3, temperature=0.0, ignore_eos=True)
     a, b = list(range(5, 45)), list(range(6, 46))
     pages_a = reserve(decode, "a", a, params)
@@ -401,7 +421,7 @@ def test_queued_reservation_waits_past_the_lease_which_starts_when_granted(tiny_
     assert reserve(decode, "b", b, params) is None
     time.sleep(0.15)  # a is within its lease
     prefill.add_request(["a"], a, params, kv_target=KvTarget("grpc", pages_a))
-    (out,) = prefill.step()
+    (out,) = step_until_finished(prefill)
     decode.commit_kv(KvCommit.decode(out.kv_commit), out.kv_payload)  # type: ignore[arg-type]
     time.sleep(0.3)  # b has queued longer than a lease: still queued, not refused
     assert decode.take_admissions() == []
@@ -411,16 +431,17 @@ def test_queued_reservation_waits_past_the_lease_which_starts_when_granted(tiny_
     ((_, pages_b, error, _),) = decode.take_admissions()
     assert error is None and pages_b is not None
     prefill.add_request(["b"], b, params, kv_target=KvTarget("grpc", pages_b))
-    (out,) = prefill.step()
+    (out,) = step_until_finished(prefill)
     got = deliver_and_decode(decode, out)
     assert got == hf_greedy(tiny_llama, b, 3)
     assert decode.stats()["kv_reservations_expired"] == 0
     wait_idle(decode)
 
 
-def test_prefill_asks_for_pages_when_it_schedules_the_prompt(tiny_llama: Path) -> None:
+@OVERLAP
+def test_prefill_asks_for_pages_when_it_schedules_the_prompt(tiny_llama: Path, overlap: bool) -> None:
     # The decode engine holds nothing for a prompt that is still queued for prefill.
-    prefill, decode = make_pair(tiny_llama, "grpc", chunked_prefill_size=16)
+    prefill, decode = make_pair(tiny_llama, "grpc", chunked_prefill_size=16, enable_overlap_schedule=overlap)
     params = SamplingParams(max_new_tokens=3, temperature=0.0, ignore_eos=True)
     ids = list(range(5, 45))  # three 16-token chunks
     free = decode.stats()["kv_free_tokens"]
@@ -432,8 +453,7 @@ def test_prefill_asks_for_pages_when_it_schedules_the_prompt(tiny_llama: Path) -
     assert decode.stats()["kv_free_tokens"] == free - 48
     with pytest.raises(ValueError, match="no request 'r' is waiting"):
         decode.reserve_kv("r")  # once only
-    outs = prefill.step() + prefill.step()
-    (out,) = forward_targets(prefill, decode, outs)
+    (out,) = forward_targets(prefill, decode, step_until_finished(prefill))
     got = deliver_and_decode(decode, out)
     assert got == hf_greedy(tiny_llama, ids, 3)
     wait_idle(prefill)
@@ -462,7 +482,7 @@ def test_prefill_waits_for_a_late_reservation_then_sends(tiny_llama: Path, overl
     pages = decode.reserve_kv("r")
     assert pages is not None
     prefill.set_kv_target("r", pages)
-    (out,) = prefill.step()
+    (out,) = step_until_finished(prefill)
     assert out.finish_reason == {"type": "transferred"}
     got = deliver_and_decode(decode, out)
     assert got == hf_greedy(tiny_llama, ids, 2)
