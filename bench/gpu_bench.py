@@ -446,14 +446,14 @@ def tandem_mixed(
             try:
                 for w in range(windows):
                     flipped = w % 2 == 1
-                    split = built.enable_split_mixed_steps != flipped
-                    core.runner.config = dataclasses.replace(built, enable_split_mixed_steps=split)
+                    whole = built.disable_split_mixed_steps != flipped
+                    core.runner.config = dataclasses.replace(built, disable_split_mixed_steps=whole)
                     times[flipped].append(timed_steps(core, steps))
             finally:
                 core.runner.config = built
             out["mixed_ms"] = 1e3 * statistics.mean(times[False])
             out["mixed_prompt_tokens"] = (computed["prompt_tokens_computed"] - before) / (steps * windows)
-            out["mixed_split"] = built.enable_split_mixed_steps
+            out["mixed_split"] = not built.disable_split_mixed_steps
             if times[True]:
                 out["mixed_flipped_ms"] = 1e3 * statistics.mean(times[True])
         for rid in decoding:
@@ -505,7 +505,7 @@ def bench_tandem(
         disable_radix_cache=True,
         disable_cuda_graph=args.no_graph,
         enable_overlap_schedule=not args.no_overlap,
-        enable_split_mixed_steps=args.split_mixed_steps,
+        disable_split_mixed_steps=args.no_split_mixed_steps,
         quantization=args.quantization,
         kv_cache_dtype=args.kv_cache_dtype,
     )
@@ -828,11 +828,12 @@ def main() -> None:
     parser.add_argument(
         "--compare-split-mixed",
         action="store_true",
-        help="--mixed: also time the mixed steps with enable_split_mixed_steps flipped (the decode"
-        " rows' CUDA graph on a second stream beside the prompts' forward), windows alternating",
+        help="--mixed: also time the mixed steps with disable_split_mixed_steps flipped (the decode"
+        " rows' CUDA graph on a second stream beside the prompts' forward, or one eager forward),"
+        " windows alternating",
     )
     parser.add_argument(
-        "--split-mixed-steps", action="store_true", help="Tandem with enable_split_mixed_steps"
+        "--no-split-mixed-steps", action="store_true", help="Tandem with disable_split_mixed_steps"
     )
     parser.add_argument("--compare-eager", action="store_true", help="batch 1 again, CUDA graphs off")
     parser.add_argument("--no-overlap", action="store_true", help="Tandem with overlap scheduling off")

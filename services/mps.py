@@ -29,7 +29,7 @@ ROLES = ("prefill", "decode", "worker")
 # Per role, the engine flags of a PD pair sharing one GPU, each unless --worker-args sets it: the
 # decode worker spaces its steps 35 ms apart while the prompts waiting on prefill exceed half the
 # requests it decodes, and prefill computes 4096-token steps. Every PD measurement on the H200
-# since r13 ran with them (docs/benchmarks.md): 1.19x unified's throughput at 128 clients and
+# since r13 ran with them (docs/benchmarks.md): 1.19x unified's (whole mixed steps) at 128 clients and
 # 1.08x at 64 (r19), 0.96-0.98x at 16, TTFT p50 within 1.5x of unified's, one-client TTFT +2-5
 # ms (r14, r16). The earlier default (20 ms, no backlog rule, 2048-token steps) served 0.89x at
 # 128 clients with TTFT p50 3.3 s (r10).

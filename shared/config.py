@@ -149,13 +149,12 @@ class EngineConfig:
         default=None, metadata=flag("overlap scheduling (default: on for CUDA)")
     )
     # A mixed step (decoding requests beside prompt chunks) runs its decode rows as a CUDA graph
-    # on a second stream while the prompts' rows run eagerly on the first, instead of every row
-    # in one eager forward (shared/model_runner.py). Off until measured on a GPU.
-    enable_split_mixed_steps: bool = field(
+    # on a second stream while the prompts' rows run eagerly on the first (shared/model_runner.py;
+    # 1.16-1.17x unified serving at 128 clients on an H200, docs/benchmarks.md r20). Disabled:
+    # every row in one eager forward.
+    disable_split_mixed_steps: bool = field(
         default=False,
-        metadata=flag(
-            "mixed steps: the decode rows' CUDA graph on a second stream, beside the prompts' forward"
-        ),
+        metadata=flag("run mixed steps as one eager forward, not the decode rows' graph beside the prompts'"),
     )
     random_seed: int = field(
         default=0, metadata=flag("seed of the sampler (requests without a seed of their own)")

@@ -3,10 +3,10 @@
 The scheduler hands it a `ScheduleBatch` each step; it builds the device-side `ForwardBatch`,
 runs the forward and returns logits for the requests that sample this step. On CUDA, decode-only
 steps of up to `cuda_graph_max_bs` requests replay a captured CUDA graph (shared/cuda_graph.py);
-prefill, mixed and larger steps run eagerly. With `enable_split_mixed_steps`, a mixed step's
-leading decode rows replay their graph on a second stream while its prompt chunks run eagerly on
-the first: the bandwidth-bound decode forward beside the compute-bound prompts, as a prefill and
-a decode engine sharing one GPU run theirs.
+prefill and larger steps run eagerly. A mixed step's leading decode rows replay their graph on a
+second stream while its prompt chunks run eagerly on the first (unless
+`disable_split_mixed_steps`): the bandwidth-bound decode forward beside the compute-bound
+prompts, as a prefill and a decode engine sharing one GPU run theirs.
 
 With tensor parallelism (`tp_size > 1`, shared/distributed/) every rank has a runner holding its
 shard of the weights and of the KV pool. Rank 0's `forward` first broadcasts the step's inputs;
@@ -152,7 +152,7 @@ class ModelRunner:
             self.backend.name,
         )
         self.graph_runner = self._make_graph_runner()
-        self._side_stream: torch.cuda.Stream | None = None  # enable_split_mixed_steps, made on first use
+        self._side_stream: torch.cuda.Stream | None = None  # split mixed steps, made on first use
         self.split_steps = 0  # mixed steps run split (a count for tests and benchmarks)
         # Tensor parallelism: rank 0 sends each step's inputs, the other ranks receive them.
         self.step_sync = StepBroadcast(self.device) if self.tp_size > 1 and not dp else None
@@ -229,7 +229,7 @@ class ModelRunner:
         graphs = self.graph_runner
         if (
             graphs is None
-            or not self.config.enable_split_mixed_steps
+            or self.config.disable_split_mixed_steps
             or batch.embeds
             or self.step_sync is not None
             or self.dp_tokens is not None

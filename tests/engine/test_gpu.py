@@ -102,14 +102,12 @@ def test_static_buffer_decode_matches_hf_on_cpu(
 def test_split_mixed_steps_match_hf_on_cpu(
     tiny_model_factory: Callable[..., Path], kernel_reference: None, overlap: bool
 ) -> None:
-    """enable_split_mixed_steps: a mixed step's leading decode rows through the graph runner's
+    """Split mixed steps: a mixed step's leading decode rows through the graph runner's
     static buffers (eagerly here; on a GPU their graph on a second stream), its prompt chunks
     through the eager forward, logits joined in batch order; with overlap scheduling the decode
     rows' pending tokens reach the graph's inputs."""
     path = tiny_model_factory("llama")
-    core, graphs = _core_with_static_buffers(
-        path, page_size=4, enable_split_mixed_steps=True, enable_overlap_schedule=overlap
-    )
+    core, graphs = _core_with_static_buffers(path, page_size=4, enable_overlap_schedule=overlap)
     runner = core.runner
     patched: list[bool] = []
     run = graphs.run
@@ -178,7 +176,7 @@ def test_gpu_bench_runs_at_a_tiny_shape(tmp_path: Path) -> None:
         m = result["tandem"]["mixed"][str(chunk)]
         assert (m["mixed_prompt_tokens"], m["prefill_prompt_tokens"]) == (chunk - 4, chunk)
         assert min(m["decode_ms"], m["mixed_ms"], m["prefill_ms"], m["mixed_flipped_ms"]) > 0
-        assert m["mixed_split"] is False
+        assert m["mixed_split"] is True  # the default; on a CPU no graphs, so steps run whole
         assert f"budget {chunk}: 4 decoding alone" in proc.stdout
 
 
@@ -197,7 +195,8 @@ def test_gpu_bench_runs_at_a_tiny_shape(tmp_path: Path) -> None:
         # MLA: absorbed decode in the graphs (the kernel wants a rope key of 16+), fused MoE
         ("deepseek_v2", {"qk_rope_head_dim": 16}, 16, False),
         ("deepseek_v3", {"qk_rope_head_dim": 16}, 1, False),
-        # enable_split_mixed_steps: mixed steps' decode rows as a graph on a second stream
+        # split mixed steps (the default): decode rows as a graph on a second stream; the others
+        # run mixed steps whole (disable_split_mixed_steps)
         ("llama", {}, 16, True),
         ("deepseek_v2", {"qk_rope_head_dim": 16}, 16, True),
     ],
@@ -225,7 +224,7 @@ def test_cuda_graph_greedy_parity_with_hf(
             page_size=page_size,
             chunked_prefill_size=16,
             cuda_graph_max_bs=6,  # sizes 1, 2, 4, 6: most steps pad
-            enable_split_mixed_steps=split,
+            disable_split_mixed_steps=not split,
             debug_invariants=True,
         )
     )

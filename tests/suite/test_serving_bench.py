@@ -276,10 +276,10 @@ def test_scraped_metrics_keep_sums_and_counts_of_every_service(up: dict[str, Any
 def test_worker_args_given_twice_reach_the_workers_joined(tmp_path: Path) -> None:
     """bench/serving_ab.sh flags adds run b's worker flags as a second --worker-args."""
     model = str(tmp_path)
-    twice = ["--worker-args", "--device cpu", "--worker-args=--enable-split-mixed-steps"]
+    twice = ["--worker-args", "--device cpu", "--worker-args=--disable-split-mixed-steps"]
     args = serving.parse_args(["--launch", "--model-path", model, *twice])
     cmd = serving.launcher_command(args, tmp_path / "ready.json", tmp_path / "logs")
-    assert cmd[cmd.index("--worker-args") + 1] == "--device cpu --enable-split-mixed-steps"
+    assert cmd[cmd.index("--worker-args") + 1] == "--device cpu --disable-split-mixed-steps"
     args = serving.parse_args(["--launch", "--model-path", model])
     cmd = serving.launcher_command(args, tmp_path / "ready.json", tmp_path / "logs")
     assert cmd[cmd.index("--worker-args") + 1] == ""
