@@ -6,7 +6,13 @@
 2. MLA decode attention (`kernels.mla_decode`) over a latent pool: achieved bandwidth (latent
    bytes read / time) against the measured device-to-device copy bandwidth;
 3. the fused MoE kernel (`kernels.fused_moe`) at DeepSeek-V2-Lite's expert shapes against the
-   per-expert torch loop (the reference), bf16 and FP8 weights.
+   per-expert torch loop (the reference), bf16 and FP8 weights;
+4. extend (prompt) attention (`kernels.extend_attention`) at Llama-3-8B's heads over a paged
+   pool: causal TFLOP/s against torch's SDPA (FlashAttention / cuDNN) on the same prompts held
+   contiguously, and the bf16 matmul rate measured in the same run. `--extend-base FILE` times
+   another copy of the kernel's module beside it, call for call (the commit before a change:
+   `git show HEAD~:kernels/extend_attention.py > bench/results/extend_base.py`), and
+   `--extend-sweep` every tile shape of tests/kernels/test_attention.py's TILES.
 
 Kernel calls are timed as CUDA-graph replays (decode runs as graphs in the engine: the Python
 wrappers' launch overhead is not the kernels'), the torch loop of the MoE reference eagerly.
@@ -14,6 +20,7 @@ Weights are cycled through enough copies to exceed the L2 cache, so a memory-bou
 HBM as it would inside a model. Prints tables; `--json` writes every figure.
 
     python bench/kernel_bench.py --json out/kernels.json                  # H100
+    python bench/kernel_bench.py --only extend --extend-base bench/results/extend_base.py --extend-sweep
     TRITON_INTERPRET=1 python bench/kernel_bench.py --tiny                 # CPU: checks the script
 """
 
@@ -31,7 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.gpu_bench import copy_bandwidth, run_header, time_fn
+from bench.gpu_bench import copy_bandwidth, matmul_flops, run_header, time_fn
 from shared.model_runner import resolve_device
 
 # Llama-3-8B per-layer projections (N, K): fused qkv, o, fused gate_up, down.
@@ -194,10 +201,126 @@ def bench_moe(
     return rows
 
 
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates for --extend-sweep; tests/kernels/
+# test_attention.py checks every one of them against the reference.
+EXTEND_TILES = [(64, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 128, 4, 2), (128, 32, 4, 3)]
+
+
+def load_module(path: Path, name: str) -> Any:
+    """A module from a file outside the package (another commit's copy of a kernel)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def causal_flops(prefix: int, new: int, heads: int, head_dim: int) -> float:
+    """QK^T and PV of `new` queries after `prefix` cached keys, each seeing itself and before."""
+    keys_seen = new * prefix + new * (new + 1) / 2
+    return 4.0 * head_dim * heads * keys_seen
+
+
+def bench_extend(
+    device: torch.device,
+    cases: list[tuple[int, int, int]],  # (requests, prefix, new tokens each)
+    heads: tuple[int, int, int],  # (Hq, Hkv, head_dim)
+    base: Any | None,
+    sweep: bool,
+) -> list[dict[str, Any]]:
+    rows = []
+    for batch, prefix, new in cases:
+        row = extend_case(device, batch, prefix, new, heads, base, sweep)
+        rows.append(row)
+        line = f"extend {batch:3d} x {new:5d} new after {prefix:5d}: tree {row['tree_s'] * 1e6:8.1f} us "
+        line += f"{row['tree_tflops']:6.1f} TFLOP/s"
+        if "base_s" in row:
+            line += f"; base {row['base_tflops']:6.1f} (tree/base time {row['tree_s'] / row['base_s']:.3f}x)"
+        if "sdpa_s" in row:
+            line += f"; torch SDPA {row['sdpa_tflops']:6.1f}"
+        print(line, flush=True)
+        if sweep:
+            best = max(row["sweep"], key=row["sweep"].get)
+            print(
+                "    tiles: " + ", ".join(f"{t} {v:.1f}" for t, v in row["sweep"].items()) + f"; best {best}"
+            )
+    return rows
+
+
+def extend_case(
+    device: torch.device,
+    batch: int,
+    prefix: int,
+    new: int,
+    heads: tuple[int, int, int],
+    base: Any | None,
+    sweep: bool,
+) -> dict[str, Any]:
+    """One --only extend case: `batch` requests of `new` tokens after `prefix` cached ones."""
+    import torch.nn.functional as F
+
+    import kernels.extend_attention as tree
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    hq, hkv, d = heads
+    page, seq = 16, prefix + new
+    pages_each = -(-seq // page)
+    # Each request's pages shuffled over the pool, as in a pool that has been running a while.
+    order = torch.randperm(batch * pages_each, device=device) + 1
+    slots = (order.view(batch, pages_each, 1) * page + torch.arange(page, device=device)).flatten(1)
+    req_to_token = slots[:, :seq].contiguous()
+    num_slots = (batch * pages_each + 1) * page
+    k_buf = torch.randn(num_slots, hkv, d, device=device, dtype=dtype)
+    v_buf = torch.randn(num_slots, hkv, d, device=device, dtype=dtype)
+    q = torch.randn(batch * new, hq, d, device=device, dtype=dtype)
+    index = (torch.arange(batch, device=device), torch.full((batch,), prefix, device=device))
+    lens = torch.full((batch,), new, device=device)
+    flops = batch * causal_flops(prefix, new, hq, d)
+    row: dict[str, Any] = {"requests": batch, "prefix": prefix, "new": new, "flops": flops}
+
+    def timed(module: Any, tile: tuple[int, int, int, int] | None = None) -> float:
+        kw = {"tile": tile} if tile is not None else {}
+
+        def call() -> object:
+            return module.extend_attention(
+                q, k_buf, v_buf, req_to_token, *index, lens, d**-0.5, max_extend_len=new, **kw
+            )
+
+        return time_fn(graphed(call, device), device, *reps)
+
+    reps = (20, 3) if device.type == "cuda" else (1, 0)  # (iters, warmup): one call checks a CPU run
+    # Interleaved, twice each (tree, base, tree, base); the faster of each copy's two.
+    copies = [("tree", tree), ("base", base)] if base is not None else [("tree", tree)]
+    for label, module in copies * 2:
+        row[label + "_s"] = min(row.get(label + "_s", float("inf")), timed(module))
+    for label, _ in copies:
+        row[label + "_tflops"] = flops / row[label + "_s"] / 1e12
+    if prefix == 0:  # the same prompts contiguous, through torch's fused attention
+        qc = q.view(batch, new, hq, d).transpose(1, 2)
+        kc, vc = (buf[req_to_token].transpose(1, 2).contiguous() for buf in (k_buf, v_buf))
+
+        def sdpa() -> object:
+            return F.scaled_dot_product_attention(qc, kc, vc, is_causal=True, enable_gqa=True)
+
+        row["sdpa_s"] = time_fn(graphed(sdpa, device), device, *reps)
+        row["sdpa_tflops"] = flops / row["sdpa_s"] / 1e12
+    if sweep:
+        row["sweep"] = {str(t): flops / timed(tree, t) / 1e12 for t in EXTEND_TILES}
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--only", default="fp8_gemm,mla,moe", help="comma-separated: fp8_gemm, mla, moe")
+    parser.add_argument(
+        "--only", default="fp8_gemm,mla,moe,extend", help="comma-separated: fp8_gemm, mla, moe, extend"
+    )
+    parser.add_argument(
+        "--extend-base", type=Path, help="another copy of kernels/extend_attention.py to time"
+    )
+    parser.add_argument("--extend-sweep", action="store_true", help="extend attention at every tile shape")
     parser.add_argument("--tiny", action="store_true", help="small shapes (a CPU check of the script)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -222,9 +345,22 @@ def main() -> None:
         shape = (8, 2, 64, 32) if args.tiny else (64, 6, 2048, 1408)  # DeepSeek-V2-Lite: E, k, H, I
         tokens = (1, 5) if args.tiny else (1, 32, 128, 2048)
         result["moe"] = bench_moe(device, tokens, *shape)
+    if "extend" in only:
+        matmul, how = matmul_flops(device)
+        result["matmul_flops"] = matmul
+        print(f"matmul {matmul / 1e12:.1f} TFLOP/s ({how})", flush=True)
+        base = load_module(args.extend_base, "extend_base") if args.extend_base else None
+        heads = (4, 2, 64) if args.tiny else (32, 8, 128)  # Llama-3-8B: Hq, Hkv, head_dim
+        # serving's mixed step (two 1k prompts), gpu_bench's prefill, a long prompt, its last chunk
+        cases = (
+            [(2, 0, 40), (1, 30, 50)]
+            if args.tiny
+            else [(2, 0, 1024), (16, 0, 1024), (1, 0, 8192), (1, 6144, 2048)]
+        )
+        result["extend"] = bench_extend(device, cases, heads, base, args.extend_sweep)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2))
+        args.json.write_text(json.dumps(result, indent=2, default=str))
 
 
 if __name__ == "__main__":

@@ -89,6 +89,7 @@ def extend_attention(
     *,
     extend_starts: torch.Tensor | None = None,  # [B]: row of q where each request's tokens start
     max_extend_len: int | None = None,
+    tile: tuple[int, int, int, int] | None = None,
 ) -> torch.Tensor:  # [T, Hq, Dv], q's dtype
     """Causal attention of each request's new tokens over its prefix and themselves.
 
@@ -96,7 +97,8 @@ def extend_attention(
     strided view (Dv != Dk, as in MLA).
 
     `extend_starts` defaults to the exclusive cumulative sum of `extend_lens`; `max_extend_len`
-    (the grid size) to max(extend_lens), read from the device (a sync) when not given.
+    (the grid size) to max(extend_lens), read from the device (a sync) when not given. `tile`:
+    (BLOCK_M, BLOCK_N, num_warps, num_stages) instead of `_tile_config`'s (benchmarks, tests).
     """
     check_paged_attention(_OP, q, k_buffer, v_buffer, req_to_token, scaling, sliding_window)
     check_index_vectors(_OP, q, None, req_rows=req_rows, prefix_lens=prefix_lens, extend_lens=extend_lens)
@@ -127,7 +129,7 @@ def extend_attention(
         max_extend_len = int(extend_lens.max())
     block_dk, block_dk2 = _split_key_dim(k_dim)
     block_dv = max(_MIN_BLOCK_D, triton.next_power_of_2(v_dim))
-    block_m, block_n, num_warps, num_stages = _tile_config(block_dk + block_dk2, block_dv)
+    block_m, block_n, num_warps, num_stages = tile or _tile_config(block_dk + block_dk2, block_dv)
     grid = (batch_size, num_heads, triton.cdiv(max_extend_len, block_m))
     _extend_kernel[grid](
         q,

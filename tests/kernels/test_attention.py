@@ -9,13 +9,19 @@ it, so a kernel that reads one key too many is far off, not slightly off.
 
 from __future__ import annotations
 
+import json
+import os
 import random
+import subprocess
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from bench.kernel_bench import EXTEND_TILES, causal_flops
 from kernels.decode_attention import choose_num_kv_splits, decode_attention, decode_attention_ref
 from kernels.extend_attention import extend_attention, extend_attention_ref
 from kernels.kv_store import store_kv, store_kv_ref
@@ -195,6 +201,26 @@ def test_extend_matches_reference(device: torch.device, case: Case) -> None:
     torch.testing.assert_close(out, extend_attention_ref(*args), atol=s.atol, rtol=s.rtol)
 
 
+@pytest.mark.parametrize("tile", EXTEND_TILES, ids=str)
+@pytest.mark.parametrize("window", [None, 50], ids=str)
+def test_extend_tiles_match_reference(
+    device: torch.device, tile: tuple[int, int, int, int], window: int | None
+) -> None:
+    """Every tile shape the benchmark may pick: query blocks wider or narrower than key blocks
+    (the unmasked blocks end where the diagonal starts), prefixes not a multiple of either."""
+    s = setting(device)
+    prefix_lens, extend_lens = [0, 70, 33], [150, 90, 1]
+    seq_lens = [p + e for p, e in zip(prefix_lens, extend_lens)]
+    pool = make_pool(seq_lens, 16, s.num_kv_heads, 64, s.dtype, device, seed=5)
+    q = torch.randn((sum(extend_lens), s.num_kv_heads * 2, 64), device=device).to(s.dtype)
+    as_tensor = lambda xs: torch.tensor(xs, device=device)
+    args = (q, pool.k_buffer, pool.v_buffer, pool.req_to_token, pool.req_rows)
+    args += (as_tensor(prefix_lens), as_tensor(extend_lens), 0.125, window)
+
+    out = extend_attention(*args, tile=tile)
+    torch.testing.assert_close(out, extend_attention_ref(*args), atol=s.atol, rtol=s.rtol)
+
+
 def test_extend_takes_int32_indices_strided_q_and_explicit_starts(device: torch.device) -> None:
     """q as a view into a fused qkv tensor, int32 index tensors, requests not packed in order."""
     s = setting(device)
@@ -219,6 +245,28 @@ def test_extend_takes_int32_indices_strided_q_and_explicit_starts(device: torch.
     torch.testing.assert_close(
         out, extend_attention_ref(*args, extend_starts=starts), atol=s.atol, rtol=s.rtol
     )
+
+
+def test_kernel_bench_times_extend_against_a_base_copy(tmp_path: Path) -> None:
+    """bench/kernel_bench.py --only extend end to end on the CPU (interpreter): the tree's kernel
+    and a copy loaded from a file, torch's SDPA on the fresh prompts, the tile sweep."""
+    root = Path(__file__).resolve().parents[2]
+    base, out = tmp_path / "extend_base.py", tmp_path / "kernels.json"
+    base.write_text((root / "kernels" / "extend_attention.py").read_text())
+    cmd = [sys.executable, str(root / "bench" / "kernel_bench.py"), "--tiny", "--device", "cpu"]
+    cmd += ["--only", "extend", "--extend-base", str(base), "--extend-sweep", "--json", str(out)]
+    env = os.environ | {"TRITON_INTERPRET": "1"}
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    fresh, chunk = json.loads(out.read_text())["extend"]
+    assert (fresh["requests"], fresh["prefix"], fresh["new"]) == (2, 0, 40)
+    assert fresh["flops"] == 2 * 4 * 64 * 4 * (40 * 41 / 2) == 2 * causal_flops(0, 40, 4, 64)
+    assert chunk["flops"] == 4 * 64 * 4 * (50 * 30 + 50 * 51 / 2)
+    for row in (fresh, chunk):
+        assert min(row["tree_s"], row["base_s"], *row["sweep"].values()) > 0
+        assert list(row["sweep"]) == [str(t) for t in EXTEND_TILES]
+    assert fresh["sdpa_s"] > 0 and "sdpa_s" not in chunk  # SDPA only where no prefix is cached
+    assert "tree/base time" in proc.stdout and "best (" in proc.stdout
 
 
 @pytest.mark.parametrize("page_size", [1, 16])
