@@ -11,6 +11,9 @@
 #                         (with the device tool: carry ["bench/results/ab-base.tar.gz"])
 #
 # Prints and writes OUT_DIR/{base,tree}_{1,2}.json and a summary table (FP8 / bf16 per copy).
+# AB_FLAGS replaces the default gpu_bench flags, e.g. for a prompt-side kernel:
+#   AB_FLAGS="--batches 1 --skip-hf --mixed 94 --mixed-chunks 2048 --decode-tokens 16" bash bench/kernel_ab.sh run OUT
+# (the table then shows the mixed steps and the prefill row instead of FP8).
 # First, here, with no GPU: `PYTHONPATH=. python bench/ptx_diff.py BASE` says whether the decode
 # GEMV's machine code changed at all (identical PTX: nothing to A/B for it).
 set -euo pipefail
@@ -37,21 +40,28 @@ case ${1:-} in
         for round in 1 2; do
             for copy in base tree; do
                 echo "== $copy, round $round"
-                (cd "$work/$copy" && python3 bench/gpu_bench.py --batches 1 --skip-hf --compare-fp8 \
-                    --decode-tokens 64 --prefill-batch 1 --json "$out/${copy}_$round.json" "$@") \
-                    | grep -E "fp8 weights|roofline" || true
+                # shellcheck disable=SC2086  # AB_FLAGS is a list of flags
+                (cd "$work/$copy" && python3 bench/gpu_bench.py \
+                    ${AB_FLAGS:---batches 1 --skip-hf --compare-fp8 --decode-tokens 64 --prefill-batch 1} \
+                    --json "$out/${copy}_$round.json" "$@") | grep -E "fp8 weights|roofline|budget" || true
             done
         done
         python3 - "$out" <<'PY'
 import json, sys
 from pathlib import Path
 
-print(f"{'copy':<8} {'bf16 tok/s':>10} {'fp8 tok/s':>10} {'fp8/bf16':>9}")
 for path in sorted(Path(sys.argv[1]).glob("*_[12].json")):
     result = json.loads(path.read_text())
-    bf16 = result["tandem"]["decode"]["1"]["tok_s"]
-    fp8 = result["tandem_fp8"]["decode"]["1"]["tok_s"]
-    print(f"{path.stem:<8} {bf16:>10.1f} {fp8:>10.1f} {fp8 / bf16:>9.3f}")
+    tandem = result["tandem"]
+    line = f"{path.stem:<8} decode batch 1 {tandem['decode']['1']['tok_s']:7.1f} tok/s"
+    if "tandem_fp8" in result:
+        fp8 = result["tandem_fp8"]["decode"]["1"]["tok_s"]
+        line += f", fp8 {fp8:7.1f} ({fp8 / tandem['decode']['1']['tok_s']:.3f}x)"
+    if "prefill" in tandem:
+        line += f", prefill {tandem['prefill']['tok_s']:8.1f} tok/s"
+    for chunk, m in sorted(tandem.get("mixed", {}).items()):
+        line += f", budget {chunk}: mixed {m['mixed_ms']:.2f} ms, prompts alone {m['prefill_ms']:.2f} ms"
+    print(line)
 PY
         ;;
     *)
