@@ -541,8 +541,9 @@ def engine_profile(before: dict[str, float], after: dict[str, float], duration_s
         moved("tandem_worker_engine_decode_rows_total"),
         moved("tandem_worker_engine_prefill_tokens_total"),
     )
-    host, gpu = (
+    host, wait, gpu = (
         moved("tandem_worker_engine_step_host_seconds_total"),
+        moved("tandem_worker_engine_step_wait_seconds_total"),
         moved("tandem_worker_engine_step_gpu_seconds_total"),
     )
     with_decode, with_prompt = kinds["decode"] + kinds["mixed"], kinds["prefill"] + kinds["mixed"]
@@ -555,6 +556,8 @@ def engine_profile(before: dict[str, float], after: dict[str, float], duration_s
         "prefill_tokens_per_step": tokens / with_prompt if with_prompt else None,
         "mixed_share": kinds["mixed"] / steps if steps else None,
         "host_ms_per_step": 1e3 * host / steps if steps else None,
+        # the host's own work a step: its time inside steps less the waits on the device
+        "host_busy_ms_per_step": 1e3 * (host - wait) / steps if steps else None,
         "wall_ms_per_step": 1e3 * duration_s / steps if steps else None,
         "host_share": host / duration_s if duration_s > 0 else None,
         "gpu_busy": gpu / duration_s if gpu > 0 and duration_s > 0 else None,
@@ -597,7 +600,8 @@ def engine_line(p: dict[str, Any]) -> str:
         f"{p['steps']:.0f} steps ({f('steps_per_s', '.1f')}/s, {f('wall_ms_per_step', '.1f')} ms each), "
         f"decode batch {f('decode_batch', '.1f')}, prompt tokens/step {f('prefill_tokens_per_step', '.0f')}, "
         f"mixed {f('mixed_share', '.0f', 100)}%, host {f('host_ms_per_step', '.2f')} ms/step "
-        f"({f('host_share', '.0f', 100)}% of wall), GPU busy {f('gpu_busy', '.0f', 100)}%"
+        f"({f('host_share', '.0f', 100)}% of wall; busy {f('host_busy_ms_per_step', '.2f')}, the rest waiting"
+        f" on the GPU), GPU busy {f('gpu_busy', '.0f', 100)}%"
     )
 
 

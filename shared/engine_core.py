@@ -664,7 +664,9 @@ class EngineCore:
         """Read a launched step's tokens (waiting only for them) and process them in order; a
         prefill engine then streams the pages of prompt chunks the step computed (a NIXL write
         reads them on a stream of its own, so only once the forward that wrote them is done)."""
+        began = time.perf_counter()
         host = launched.to_host()
+        self.step_stats.waited(time.perf_counter() - began)
         if host is not None:
             self._process_tokens(launched, host)
         if self.sender is not None:  # after the tokens: a prompt done sends the rest with its commit

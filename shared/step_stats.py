@@ -3,9 +3,10 @@
 `EngineCore.stats()` (and so a worker's /metrics) carries them; any interval's figures are
 differences of two readings, which is how `bench/serving.py` reports each load level of a real
 serving run: steps a second, decode rows and prefill tokens a step, the share of steps that mix
-both, the host's time inside `EngineCore.step` a step, and, with `--step-gpu-timing`, the GPU's
-time in the step's forward (CUDA events) against the wall clock, i.e. how busy the engine kept
-the GPU.
+both, the host's time inside `EngineCore.step` a step (and how much of it the host spent blocked
+on the device for a launched step's tokens: the rest is the host's own work), and, with
+`--step-gpu-timing`, the GPU's time in the step's forward (CUDA events) against the wall clock,
+i.e. how busy the engine kept the GPU.
 
     counter                   what
     engine_steps              steps that ran a forward
@@ -14,6 +15,7 @@ the GPU.
     engine_decode_rows        decode rows over all steps (/ steps: the decode batch)
     engine_prefill_tokens     prompt tokens computed in steps (chunks, whole prompts)
     engine_step_host_us       host time inside step(), microseconds
+    engine_step_wait_us       ... of it blocked on the device for a launched step's results
     engine_step_gpu_us        GPU time of the forwards, microseconds (0 without GPU timing)
 
 Without GPU timing this costs two clock reads and a pass over the batch's items a step. With it,
@@ -71,6 +73,10 @@ class StepStats:
         yield
         end.record(stream)
         self._events.append((start, end))
+
+    def waited(self, seconds: float) -> None:
+        """Count `seconds` (inside a step) as the host blocked on the device."""
+        self.counters["engine_step_wait_us"] += int(seconds * 1e6)
 
     def ended(self) -> None:
         self.counters["engine_step_host_us"] += int((time.perf_counter() - self._began) * 1e6)

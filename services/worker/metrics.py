@@ -185,6 +185,11 @@ class _EngineCollector(Collector):
             value=s.get("engine_step_host_us", 0) / 1e6,
         )
         yield CounterMetricFamily(
+            "tandem_worker_engine_step_wait_seconds",
+            "Of the host time inside engine steps, blocked on the device for a launched step's results",
+            value=s.get("engine_step_wait_us", 0) / 1e6,
+        )
+        yield CounterMetricFamily(
             "tandem_worker_engine_cpu_seconds",
             "CPU time of the engine process, all its threads (process_cpu_seconds is this one's)",
             value=s.get("engine_cpu_us", 0) / 1e6,

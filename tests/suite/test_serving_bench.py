@@ -111,6 +111,7 @@ def test_engine_profile_of_known_counters() -> None:
         "tandem_worker_engine_decode_rows_total": 1200.0,
         "tandem_worker_engine_prefill_tokens_total": 8000.0,
         "tandem_worker_engine_step_host_seconds_total": 0.25,
+        "tandem_worker_engine_step_wait_seconds_total": 0.1,
         "tandem_worker_engine_step_gpu_seconds_total": 1.5,
     }
     p = serving.engine_profile(before, after, duration_s=2.0)
@@ -118,6 +119,8 @@ def test_engine_profile_of_known_counters() -> None:
     assert p["decode_batch"] == 1200 / 40 and p["prefill_tokens_per_step"] == 8000 / 20
     assert (p["prompt_tokens"], p["decode_rows"]) == (8000, 1200)
     assert p["mixed_share"] == 0.2 and p["host_ms_per_step"] == 5 and p["host_share"] == 0.125
+    assert p["host_busy_ms_per_step"] == 1e3 * (0.25 - 0.1) / 50
+    assert "busy 3.00, the rest waiting on the GPU" in serving.engine_line(p)
     assert p["gpu_busy"] == 0.75
     assert "decode batch 30.0" in serving.engine_line(p) and "GPU busy 75%" in serving.engine_line(p)
 
