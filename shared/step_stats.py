@@ -18,7 +18,7 @@ i.e. how busy the engine kept the GPU.
     engine_step_wait_us       ... of it blocked on the device for a launched step's results
     engine_step_gpu_us        GPU time of the forwards, microseconds (0 without GPU timing)
 
-Without GPU timing this costs two clock reads and a pass over the batch's items a step. With it,
+Without GPU timing this costs four clock reads and a pass over the batch's items a step. With it,
 two CUDA events are recorded around each forward and read once they have completed (never
 waited for), a few microseconds of host time a step.
 """
