@@ -98,15 +98,28 @@ def test_static_buffer_decode_matches_hf_on_cpu(
         assert outputs[f"r{i}"] == hf_greedy(path, ids, NEW_TOKENS), f"prompt {i}"
 
 
-@pytest.mark.parametrize("overlap", [False, True], ids=["sync", "overlap"])
+@pytest.mark.parametrize(
+    ("arch", "overrides", "overlap"),
+    [
+        ("llama", {}, False),
+        ("llama", {}, True),
+        ("mistral", {"sliding_window": 8}, True),  # the window in both halves' attention
+        ("qwen3", {}, True),
+    ],
+    ids=["llama-sync", "llama-overlap", "mistral-window8-overlap", "qwen3-overlap"],
+)
 def test_split_mixed_steps_match_hf_on_cpu(
-    tiny_model_factory: Callable[..., Path], kernel_reference: None, overlap: bool
+    tiny_model_factory: Callable[..., Path],
+    kernel_reference: None,
+    arch: str,
+    overrides: dict[str, int],
+    overlap: bool,
 ) -> None:
     """Split mixed steps: a mixed step's leading decode rows through the graph runner's
     static buffers (eagerly here; on a GPU their graph on a second stream), its prompt chunks
     through the eager forward, logits joined in batch order; with overlap scheduling the decode
     rows' pending tokens reach the graph's inputs."""
-    path = tiny_model_factory("llama")
+    path = tiny_model_factory(arch, **overrides)
     core, graphs = _core_with_static_buffers(path, page_size=4, enable_overlap_schedule=overlap)
     runner = core.runner
     patched: list[bool] = []
@@ -188,17 +201,17 @@ def test_gpu_bench_runs_at_a_tiny_shape(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("arch", "overrides", "page_size", "split"),
     [
-        ("llama", {}, 1, False),
-        ("llama", {}, 16, False),
-        ("qwen3", {}, 16, False),
-        ("mistral", {"sliding_window": 8}, 4, False),
-        # MLA: absorbed decode in the graphs (the kernel wants a rope key of 16+), fused MoE
-        ("deepseek_v2", {"qk_rope_head_dim": 16}, 16, False),
-        ("deepseek_v3", {"qk_rope_head_dim": 16}, 1, False),
-        # split mixed steps (the default): decode rows as a graph on a second stream; the others
-        # run mixed steps whole (disable_split_mixed_steps)
+        # Split mixed steps, the default: a mixed step's decode rows as a graph on a second stream.
+        ("llama", {}, 1, True),
         ("llama", {}, 16, True),
+        ("qwen3", {}, 16, True),
+        ("mistral", {"sliding_window": 8}, 4, True),
+        # MLA: absorbed decode in the graphs (the kernel wants a rope key of 16+), fused MoE
         ("deepseek_v2", {"qk_rope_head_dim": 16}, 16, True),
+        ("deepseek_v3", {"qk_rope_head_dim": 16}, 1, True),
+        # disable_split_mixed_steps: every row of a mixed step in one eager forward
+        ("llama", {}, 16, False),
+        ("deepseek_v2", {"qk_rope_head_dim": 16}, 16, False),
     ],
     ids=[
         "llama-page1",
@@ -207,8 +220,8 @@ def test_gpu_bench_runs_at_a_tiny_shape(tmp_path: Path) -> None:
         "mistral-window8",
         "deepseek_v2",
         "deepseek_v3",
-        "llama-split",
-        "deepseek_v2-split",
+        "llama-whole",
+        "deepseek_v2-whole",
     ],
 )
 def test_cuda_graph_greedy_parity_with_hf(
