@@ -19,6 +19,9 @@
 # "b" with B_FLAGS added to the workers' (a second --worker-args), interleaved a, b, a, b:
 #                         bash bench/serving_ab.sh flags OUT_DIR "B_FLAGS" [serving.py flags]
 #                         writes OUT_DIR/{a,b}_{1,2}.json
+# The same with B_ARGS added to run b's serving.py flags instead (the last of a flag given twice
+# wins), e.g. unified against PD on one tree: args OUT_DIR "--topology pd" --topology unified ...
+#                         bash bench/serving_ab.sh args OUT_DIR "B_ARGS" [serving.py flags]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 archive=bench/results/serving-ab-base.tar.gz
@@ -31,12 +34,12 @@ case ${1:-} in
         git archive --format=tar.gz -o "$archive" "$base" shared kernels services
         echo "$archive: shared/, kernels/ and services/ at $(git rev-parse --short "$base")"
         ;;
-    run | flags)
+    run | flags | args)
         mode=$1
-        out=${2:?usage: bench/serving_ab.sh run OUT_DIR [serving.py flags] | flags OUT_DIR "B_FLAGS" [serving.py flags]}
+        out=${2:?usage: bench/serving_ab.sh run OUT_DIR [serving.py flags] | flags|args OUT_DIR "B_FLAGS" [serving.py flags]}
         shift 2
-        if [ "$mode" = flags ]; then
-            b_flags=${1?usage: bench/serving_ab.sh flags OUT_DIR "B_FLAGS" [serving.py flags]}
+        if [ "$mode" != run ]; then
+            b_flags=${1?usage: bench/serving_ab.sh $mode OUT_DIR "B_FLAGS" [serving.py flags]}
             shift
             copies=(a b)
         else
@@ -60,7 +63,11 @@ case ${1:-} in
             for copy in "${copies[@]}"; do
                 name="${copy}_$round"
                 extra=()
-                [ "$copy" = b ] && extra=("--worker-args=$b_flags")  # "=": the flags may start with --
+                if [ "$copy" = b ] && [ "$mode" = flags ]; then
+                    extra=("--worker-args=$b_flags")  # "=": the flags may start with --
+                elif [ "$copy" = b ]; then
+                    read -ra extra <<< "$b_flags"
+                fi
                 echo "== $name"
                 # The copy's modules first, for this process and the suite it launches.
                 (cd "$work/$copy" && PYTHONPATH="$work/$copy${PYTHONPATH:+:$PYTHONPATH}" \
@@ -73,7 +80,7 @@ case ${1:-} in
         "$python" bench/serving.py --compare "${runs[@]}"
         ;;
     *)
-        echo "usage: bench/serving_ab.sh prepare [BASE] | run OUT_DIR [serving.py flags] | flags OUT_DIR \"B_FLAGS\" [serving.py flags]" >&2
+        echo "usage: bench/serving_ab.sh prepare [BASE] | run OUT_DIR [serving.py flags] | flags|args OUT_DIR \"B\" [serving.py flags]" >&2
         exit 2
         ;;
 esac
