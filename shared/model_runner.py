@@ -273,8 +273,10 @@ class ModelRunner:
             patch[1].record_stream(side)  # made on the main stream, read on the side one
         with torch.cuda.stream(side):
             head = graphs.run(decode, patch)  # [d, V]: a view of the graph's static output
-        tail = self._run(self._eager_batch(prompts, None, writes))
-        main.wait_stream(side)
+        try:
+            tail = self._run(self._eager_batch(prompts, None, writes))
+        finally:  # also when the prompts' forward fails (OOM): nothing may outrun the decode rows'
+            main.wait_stream(side)  # KV writes into pages the failed step's requests give back
         return torch.cat([head, tail])
 
     @torch.inference_mode()

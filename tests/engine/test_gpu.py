@@ -23,6 +23,7 @@ from shared.attention import resolve_backend_name
 from shared.config import EngineConfig
 from shared.cuda_graph import CudaGraphRunner, capture_batch_sizes, garbage_collected_first
 from shared.engine_core import EngineCore
+from shared.sampling import SamplingParams
 from tests.engine.hf_reference import hf_greedy
 from tests.engine.test_parity import make_prompts, run_staggered
 
@@ -135,6 +136,42 @@ def test_split_mixed_steps_match_hf_on_cpu(
     assert runner.split_steps > 0
     assert any(patched) == overlap  # pending tokens only with overlap scheduling
     for i, ids in enumerate(prompts):
+        assert outputs[f"r{i}"] == hf_greedy(path, ids, NEW_TOKENS), f"prompt {i}"
+
+
+def test_a_split_step_whose_prompt_forward_fails_leaves_the_engine_serving(
+    tiny_model_factory: Callable[..., Path], kernel_reference: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The prompts' half of a split step raises (as an out-of-memory would) after the decode
+    rows ran: the step fails, the engine drops its requests (`fail_all`, as the engine loop
+    does) and the next requests decode as HF does."""
+    path = tiny_model_factory("llama")
+    core, _ = _core_with_static_buffers(path, page_size=4, enable_overlap_schedule=True)
+    runner = core.runner
+    run = runner._run
+    failed: list[int] = []
+
+    def failing(fb: object) -> torch.Tensor:
+        if runner.split_steps and not failed:  # the first split step's prompt forward
+            failed.append(runner.split_steps)
+            raise torch.OutOfMemoryError("out of memory (test)")
+        return run(fb)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(runner, "_run", failing)
+    params = SamplingParams(max_new_tokens=8, temperature=0.0, ignore_eos=True)
+    prompts = make_prompts(runner.vocab_size)
+    core.add_request(["a"], prompts[0], params)
+    with pytest.raises(torch.OutOfMemoryError):
+        for step in range(50):
+            if step == 2:
+                core.add_request(["b"], prompts[1], params)  # arrives while a decodes: a mixed step
+            core.step()
+    assert failed == [1]
+    assert sorted(core.fail_all("engine step failed")) == ["a", "b"]
+    core.check_idle()
+    outputs = run_staggered(core, prompts[2:])
+    assert runner.split_steps > 1
+    for i, ids in enumerate(prompts[2:]):
         assert outputs[f"r{i}"] == hf_greedy(path, ids, NEW_TOKENS), f"prompt {i}"
 
 
