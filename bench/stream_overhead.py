@@ -8,11 +8,13 @@ official wire format read by httpx). Reported against the rate the stubs offer (
 
 - delivered tokens/s and its ratio to the offered rate;
 - inter-token latency at the client, p50/p99, against the stubs' interval (what the hops add);
+- time to first token at the client: the stubs answer at once, so it is what the gateway and the
+  router add to a request's start under that streaming load (`--prompt-len` token ids each);
 - CPU seconds per 1,000 streamed tokens of the gateway and the router processes, and the share
   of one core each used (a service near 1.0 is the bottleneck: each is one event loop).
 
     PYTHONPATH=. python bench/stream_overhead.py [--concurrency 128] [--tokens 128]
-        [--interval-ms 16] [--json out.json]
+        [--interval-ms 16] [--prompt-len 32] [--json out.json]
 
 The client runs in this process; on a machine with few cores it competes with the services, so
 compare the CPU-per-token figures between runs, not the absolute rates.
@@ -28,6 +30,7 @@ import platform
 import tempfile
 import time
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,12 +52,13 @@ def cpu_seconds(pid: int) -> float:
 
 
 async def client(
-    url: str, model: str, tokens: int, gaps: list[float], counts: list[int], stop: float
+    url: str, model: str, w: Workload, gaps: list[float], ttfts: list[float], counts: list[int], stop: float
 ) -> None:
-    body = {"model": model, "prompt": list(range(10, 42)), "max_tokens": tokens, "stream": True}
+    prompt = [10 + i % 400 for i in range(w.prompt_len)]  # inside the tiny model's vocab
+    body = {"model": model, "prompt": prompt, "max_tokens": w.tokens, "stream": True}
     async with httpx.AsyncClient(timeout=120) as http:
         while time.monotonic() < stop:
-            last = None
+            sent, last = time.monotonic(), None
             async with http.stream("POST", f"{url}/v1/completions", json=body) as resp:
                 resp.raise_for_status()
                 async for line in resp.aiter_lines():
@@ -63,18 +67,27 @@ async def client(
                     now = time.monotonic()
                     if last is not None:
                         gaps.append(now - last)
+                    else:
+                        ttfts.append(now - sent)
                     last = now
                     counts[0] += 1
 
 
+@dataclass(frozen=True)
+class Workload:
+    tokens: int  # a request's output tokens
+    prompt_len: int  # its prompt's token ids
+
+
 async def drive(
-    url: str, model: str, concurrency: int, tokens: int, seconds: float
-) -> tuple[list[float], int]:
+    url: str, model: str, concurrency: int, w: Workload, seconds: float
+) -> tuple[list[float], list[float], int]:
     gaps: list[float] = []
+    ttfts: list[float] = []
     counts = [0]
     stop = time.monotonic() + seconds
-    await asyncio.gather(*(client(url, model, tokens, gaps, counts, stop) for _ in range(concurrency)))
-    return gaps, counts[0]
+    await asyncio.gather(*(client(url, model, w, gaps, ttfts, counts, stop) for _ in range(concurrency)))
+    return gaps, ttfts, counts[0]
 
 
 def run(model: Path, log_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -109,11 +122,12 @@ def run(model: Path, log_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
             )
         url = f"http://127.0.0.1:{gw_port}"
         wait_for(lambda: urllib.request.urlopen(f"{url}/health", timeout=1).status == 200, "gateway")
-        asyncio.run(drive(url, model.name, 4, args.tokens, 1.0))  # warm-up
+        w = Workload(args.tokens, args.prompt_len)
+        asyncio.run(drive(url, model.name, 4, w, 1.0))  # warm-up
         router_proc, gateway_proc = procs.procs[len(stub_ports)], procs.procs[len(stub_ports) + 1]
         before = {n: cpu_seconds(p.pid) for n, p in (("router", router_proc), ("gateway", gateway_proc))}
         start = time.monotonic()
-        gaps, delivered = asyncio.run(drive(url, model.name, args.concurrency, args.tokens, args.seconds))
+        gaps, ttfts, delivered = asyncio.run(drive(url, model.name, args.concurrency, w, args.seconds))
         wall = time.monotonic() - start
         used = {
             n: cpu_seconds(p.pid) - before[n] for n, p in (("router", router_proc), ("gateway", gateway_proc))
@@ -128,6 +142,7 @@ def run(model: Path, log_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
         "delivered_tok_per_s": delivered / wall,
         "delivered_vs_offered": delivered / wall / offered,
         "itl": percentiles(gaps),
+        "ttft": percentiles(ttfts),
         "cpu_s_per_1k_tokens": {n: 1000 * s / delivered for n, s in used.items()},
         "core_share": {n: s / wall for n, s in used.items()},
     }
@@ -138,6 +153,7 @@ def main() -> None:
     p.add_argument("--concurrency", type=int, default=128)
     p.add_argument("--tokens", type=int, default=128, help="tokens per request")
     p.add_argument("--interval-ms", type=float, default=16.0, help="between a request's tokens")
+    p.add_argument("--prompt-len", type=int, default=32, help="token ids in each prompt")
     p.add_argument("--stubs", type=int, default=1)
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--json", help="write the results here")
@@ -152,7 +168,9 @@ def main() -> None:
     print(
         f"{args.concurrency} streams x 1 token / {args.interval_ms:g} ms: offered"
         f" {result['offered_tok_per_s']:.0f} tok/s, delivered {result['delivered_tok_per_s']:.0f}"
-        f" ({result['delivered_vs_offered']:.2f}); ITL p50 {itl['p50_ms']:.1f} ms p99 {itl['p99_ms']:.1f} ms"
+        f" ({result['delivered_vs_offered']:.2f}); ITL p50 {itl['p50_ms']:.1f} ms p99 {itl['p99_ms']:.1f} ms;"
+        f" TTFT p50 {result['ttft']['p50_ms']:.1f} ms p99 {result['ttft']['p99_ms']:.1f} ms"
+        f" ({args.prompt_len}-token prompts, answered at once)"
     )
     for name in ("gateway", "router"):
         print(
