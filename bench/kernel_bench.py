@@ -12,7 +12,8 @@
    contiguously, and the bf16 matmul rate measured in the same run. `--extend-base FILE` times
    another copy of the kernel's module beside it, call for call (the commit before a change:
    `git show HEAD~:kernels/extend_attention.py > bench/results/extend_base.py`), and
-   `--extend-sweep` every tile shape of tests/kernels/test_attention.py's TILES.
+   `--extend-sweep` every tile shape of `EXTEND_TILES` (each checked against the reference in
+   tests/kernels/test_attention.py and compiled for sm_90a in tests/kernels/test_compile_sm90.py).
 
 Kernel calls are timed as CUDA-graph replays (decode runs as graphs in the engine: the Python
 wrappers' launch overhead is not the kernels'), the torch loop of the MoE reference eagerly.
