@@ -9,12 +9,19 @@ split mixed steps, docs/benchmarks.md r20):
 
     decode-only step        --decode-ms + --row-ms x rows
     step with prompt tokens --token-us x prompt tokens, + --overlap-ms when decode rows ride along
+    every step              x --scale
 
-It prints the output throughput and TTFT that the scheduling alone implies (no network, no
-gateway, no router). Against a real run's figures, the difference is what the serving path
-adds: r20's unified run at 128 clients measured TTFT p50 1.21 s where this gives ~0.16 s.
+(the model: bench/device_model.py). It prints the output throughput and TTFT that the
+scheduling implies. `--client-ms D` puts the serving path's round trip in the loop: a finished
+request's client's next request reaches the engine D ms after the last token left it (through
+the worker, router and gateway to the client, and back in). Small D matters a lot: requests
+that finish in a run of fast decode-only steps come back together and queue for the slower
+mixed steps. r20's unified run at 128 clients on the H200 (TTFT p50 1.21 s, decode batch 102,
+42% mixed steps) comes out at D ~ 200 ms (1.08 s, 100.5, 42%), where D = 0 gives 0.16 s
+(docs/benchmarks.md, "Where TTFT goes"). `bench/serving.py --launch --device-model ...` runs
+the whole suite under the same model on the CPU, D included.
 
-    PYTHONPATH=. python bench/schedule_sim.py --clients 128 --requests 512
+    PYTHONPATH=. python bench/schedule_sim.py --clients 128 [--client-ms 200] [--requests 512]
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.device_model import DeviceClock, StepModel, step_with_model
 from shared.config import EngineConfig
 from shared.engine_core import EngineCore
 from shared.sampling import SamplingParams
@@ -48,52 +56,50 @@ def simulate(args: argparse.Namespace, model: Path) -> dict[str, Any]:
         enable_overlap_schedule=True,
     )
     core = EngineCore(config)
+    model = StepModel(args.decode_ms, args.row_ms, args.token_us, args.overlap_ms, args.scale)
     rng = random.Random(args.seed)
     vocab = core.runner.vocab_size
     params = SamplingParams(max_new_tokens=args.output_len, temperature=0.0, ignore_eos=True)
     sent: dict[str, float] = {}
     first: dict[str, float] = {}
-    clock_ms, done, steps, decode_rows = 0.0, 0, 0, 0.0
+    clock = DeviceClock(model)
+    now, done, steps = 0.0, 0, 0  # seconds on the modelled clock (the host's own time is none)
+    due: list[float] = []  # when each client's next request reaches the engine
 
     def send() -> None:
         rid = f"r{len(sent)}"
         core.add_request([rid], [rng.randrange(3, vocab) for _ in range(args.input_len)], params)
-        sent[rid] = clock_ms
+        sent[rid] = now
 
     for _ in range(min(args.clients, args.requests)):
         send()
-    before = core.stats()
     while done < args.requests:
-        outputs = core.step()
-        now = core.stats()
-        rows = now["engine_decode_rows"] - before.get("engine_decode_rows", 0)
-        tokens = now["engine_prefill_tokens"] - before.get("engine_prefill_tokens", 0)
-        before = now
-        if tokens:
-            clock_ms += tokens * args.token_us / 1e3 + (args.overlap_ms if rows else 0.0)
-        elif rows:
-            clock_ms += args.decode_ms + args.row_ms * rows
+        due.sort()
+        if due and not core.has_work:
+            now = max(now, due[0])
+        while due and due[0] <= now and len(sent) < args.requests:
+            due.pop(0)
+            send()
+        outputs, now = step_with_model(core, EngineCore.step, clock, now)
         steps += 1
-        decode_rows += rows
         for out in outputs:
             if out.new_ids and out.rid not in first:
-                first[out.rid] = clock_ms
+                first[out.rid] = now
             if out.finished:
                 done += 1
-                if len(sent) < args.requests:
-                    send()
-    now = core.stats()
-    mixed = now.get("engine_mixed_steps", 0)
-    ttft = [first[rid] - sent[rid] for rid in first]
-    later = [first[rid] - sent[rid] for rid in first if int(rid[1:]) >= args.clients]
+                due.append(now + args.client_ms / 1e3)
+    stats = core.stats()
+    mixed = stats.get("engine_mixed_steps", 0)
+    ttft = [1e3 * (first[rid] - sent[rid]) for rid in first]
+    later = [1e3 * (first[rid] - sent[rid]) for rid in first if int(rid[1:]) >= args.clients]
     return {
         "clients": args.clients,
         "requests": args.requests,
-        "seconds": clock_ms / 1e3,
-        "output_tok_s": args.requests * args.output_len / (clock_ms / 1e3),
+        "seconds": now,
+        "output_tok_s": args.requests * args.output_len / now,
         "steps": steps,
-        "decode_batch": decode_rows / max(now.get("engine_decode_steps", 0) + mixed, 1),
-        "mixed_share": mixed / max(now.get("engine_steps", 0), 1),
+        "decode_batch": stats["engine_decode_rows"] / max(stats.get("engine_decode_steps", 0) + mixed, 1),
+        "mixed_share": mixed / max(stats.get("engine_steps", 0), 1),
         "ttft_ms": {"p50": percentile(ttft, 0.5), "p90": percentile(ttft, 0.9)},
         # the first clients' requests arrive at once; the later ones as the earlier finish
         "ttft_after_first_wave_ms": {"p50": percentile(later, 0.5), "p90": percentile(later, 0.9)},
@@ -108,10 +114,19 @@ def main() -> None:
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--max-total-tokens", type=int, default=150000, help="the KV pool, in tokens")
     p.add_argument("--chunked-prefill-size", type=int, default=2048, help="the step budget")
-    p.add_argument("--decode-ms", type=float, default=7.0, help="a decode-only step's fixed time")
-    p.add_argument("--row-ms", type=float, default=0.02, help="... and its time a decode row")
-    p.add_argument("--token-us", type=float, default=24.5, help="a prompt token's time in a step")
-    p.add_argument("--overlap-ms", type=float, default=6.0, help="decode rows beside prompt tokens")
+    d = StepModel()
+    p.add_argument("--decode-ms", type=float, default=d.decode_ms, help="a decode-only step's fixed time")
+    p.add_argument("--row-ms", type=float, default=d.row_ms, help="... and its time a decode row")
+    p.add_argument("--token-us", type=float, default=d.token_us, help="a prompt token's time in a step")
+    p.add_argument("--overlap-ms", type=float, default=d.overlap_ms, help="decode rows beside prompt tokens")
+    p.add_argument("--scale", type=float, default=d.scale, help="every step's time x this")
+    p.add_argument(
+        "--client-ms",
+        type=float,
+        default=0.0,
+        help="from a request's last token to its client's next request in the engine (the serving path's"
+        " round trip)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model-dir", type=Path, default=Path("/tmp/tandem-sim-tiny"))
     p.add_argument("--json", type=Path)

@@ -75,7 +75,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench import pyspy_summary, serving_limits, trace_timeline  # noqa: E402 (after the path)
+from bench import device_model, pyspy_summary, serving_limits, trace_timeline  # noqa: E402 (after the path)
 from bench.pyspy_summary import Recorder  # noqa: E402
 from bench.trace_timeline import SpanReceiver  # noqa: E402
 
@@ -782,6 +782,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="trace the suite into a local receiver: each level's request timeline (bench/trace_timeline.py)",
     )
     launch.add_argument(
+        "--device-model",
+        metavar="SPEC",
+        help="on a CPU: stretch every engine step to a GPU's modelled time, e.g. 'scale=2' for the"
+        " H200 model at half speed (bench/device_model.py); what the suite adds beyond"
+        " bench/schedule_sim.py's figures is the serving path's share",
+    )
+    launch.add_argument(
         "--py-spy",
         action="store_true",
         help="sample the workers' engine processes with py-spy (on PATH) during each level: where each"
@@ -791,6 +798,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> int:
+    step_model = None
+    if args.device_model is not None:
+        if not args.launch:
+            raise SystemExit("--device-model needs --launch (the engines it starts run the model)")
+        try:
+            step_model = device_model.StepModel.parse(args.device_model)
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
     if args.make_model:
         args.model_path = args.model_dir or Path(tempfile.gettempdir()) / f"tandem-{args.make_model}"
         make_model(args.make_model, args.model_path)
@@ -824,7 +839,9 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
                 hardware = serving_limits.measure()
                 if hardware is not None:
                     print(serving_limits.header(hardware), flush=True)
-            env = trace_timeline.exporter_env(spans.port) if spans else None
+            env = trace_timeline.exporter_env(spans.port) if spans else {}
+            if step_model is not None:
+                env |= device_model.env(step_model)
             server = stack.enter_context(launched(args, env))
             base_url = server["openai"]
         target = Target(f"{base_url}/completions", args.model or served_model(base_url))

@@ -33,3 +33,12 @@ def test_a_pool_for_two_requests_decodes_two_at_a_time(tmp_path: Path) -> None:
     # the clock: 8 output tokens a request through decode steps of at least --decode-ms each
     slow = sim(tmp_path, "--clients", "4", "--requests", "12", "--decode-ms", "70")
     assert slow["seconds"] > roomy["seconds"] and slow["output_tok_s"] < roomy["output_tok_s"]
+
+
+def test_a_client_round_trip_delays_each_next_request(tmp_path: Path) -> None:
+    """`--client-ms`: a finished request's client sends its next one that much later (the
+    serving path's round trip); the first round goes at once, the other two wait."""
+    direct = sim(tmp_path, "--clients", "4", "--requests", "12")
+    late = sim(tmp_path, "--clients", "4", "--requests", "12", "--client-ms", "500")
+    assert late["requests"] == 12
+    assert late["seconds"] - direct["seconds"] >= 2 * 0.5 - 1e-6

@@ -176,6 +176,27 @@ def test_a_launch_that_fails_shows_the_launcher_output(tmp_path: Path) -> None:
         serving.main(["--launch", "--model-path", str(broken), "--log-dir", str(tmp_path / "logs")])
 
 
+def test_a_launch_on_a_device_model_keeps_its_pace(tiny_llama: Path, tmp_path: Path) -> None:
+    """--device-model: the launched suite's engine steps take the model's time (60 ms a decode
+    step here), every request still completes, and the report says which model ran."""
+    result = bench(
+        tmp_path,
+        *("--launch", "--topology", "unified", "--model-path", str(tiny_llama)),
+        *("--device-model", "decode_ms=60,row_ms=0", "--concurrency", "2", "--num-prompts-factor", "2"),
+        *("--log-dir", str(tmp_path / "logs")),
+    )
+    (level,) = result["levels"]
+    assert (level["completed"], level["failed"]) == (4, 0)
+    assert level["output_tokens"] == 4 * OUT
+    assert 55 <= level["itl_ms"]["p50"] < 200
+    assert result["args"]["device_model"] == "decode_ms=60,row_ms=0"
+
+
+def test_a_bad_device_model_is_refused_before_launching(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match="key=value"):
+        serving.main(["--launch", "--model-path", str(tmp_path), "--device-model", "fast"])
+
+
 def test_summary_of_known_requests() -> None:
     def req(ttft: float, e2e: float, tokens: int, gaps: list[float], error: str = "") -> RequestResult:
         return RequestResult(10, 4, tokens, ttft, e2e, gaps, len(gaps) + 1, 200, error)
