@@ -23,6 +23,7 @@ import h11
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from services.common.event_loop import loop_kind
 from services.gateway.args import GatewayConfig
 from services.gateway.protocol import OpenAIError
 
@@ -129,5 +130,6 @@ def uvicorn_config(app: Any, config: GatewayConfig) -> uvicorn.Config:
         port=config.port,
         log_level=config.log_level,
         http=GatewayH11Protocol,
+        loop=loop_kind(),  # uvloop where installed (services/common/event_loop.py)
         h11_max_incomplete_event_size=config.limits.max_header_bytes,
     )

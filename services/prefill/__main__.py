@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
-
+from services.common import event_loop
 from services.prefill.handler import add_servicers
 from services.worker.args import command_line
 from services.worker.server import serve
 
 
 def main() -> None:
-    asyncio.run(serve(command_line("prefill"), "prefill", add_servicers))
+    event_loop.run(serve(command_line("prefill"), "prefill", add_servicers))
 
 
 if __name__ == "__main__":

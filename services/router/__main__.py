@@ -20,6 +20,7 @@ import grpc
 import uvicorn
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from services.common import event_loop
 from services.common.auth import (
     API_KEY_ENV,
     CLUSTER_TOKEN_ENV,
@@ -189,7 +190,7 @@ class _QuietServer(uvicorn.Server):
 
 
 def main() -> None:
-    asyncio.run(serve())
+    event_loop.run(serve())
 
 
 if __name__ == "__main__":

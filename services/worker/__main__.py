@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
-
+from services.common import event_loop
 from services.worker.args import command_line
 from services.worker.server import serve
 
 
 def main() -> None:
-    asyncio.run(serve(command_line("unified"), "unified"))
+    event_loop.run(serve(command_line("unified"), "unified"))
 
 
 if __name__ == "__main__":
