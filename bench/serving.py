@@ -160,6 +160,8 @@ class LevelSummary:
     profile: dict[str, dict[str, Any]] = field(default_factory=dict)
     # With --launch (dense models): bench/serving_limits.py's level, against the measured limits.
     limits: dict[str, float] | None = None
+    # Per hop ("client", then each Tandem service with latency histograms): `hop_profile`.
+    hops: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 def stats_ms(values: Sequence[float]) -> dict[str, float | None]:
@@ -358,12 +360,13 @@ async def sweep(
             before = await asyncio.to_thread(scrape_metrics, services) if services else {}
             if recorder is not None:
                 recorder.start(f"{mode}_{load:g}")
-            start = time.perf_counter()
+            start, client_cpu = time.perf_counter(), time.process_time()
             if mode == "concurrency":
                 results = await closed_loop(client, t, w, batch, int(load))
             else:
                 results = await poisson(client, t, w, batch, load)
             summary = summarize(results, mode, load, time.perf_counter() - start)
+            client_cpu = time.process_time() - client_cpu  # this process: the clients of the load
             if recorder is not None:
                 summary.profile = await asyncio.to_thread(recorder.stop)
             if services:
@@ -380,10 +383,12 @@ async def sweep(
                     summary.output_tokens,
                     summary.duration_s,
                 )
+                summary.hops = hop_profile(before, after, results)
                 if costs and report.get("hardware"):
                     summary.limits = serving_limits.level(
                         summary.engine, costs, report["hardware"], summary.duration_s
                     )
+            summary.cpu["client"] = cpu_share(client_cpu, summary.output_tokens, summary.duration_s)
             if spans is not None:
                 await asyncio.sleep(SPAN_WAIT_S)  # the last requests' spans are exported
                 summary.timeline = trace_timeline.summarize(trace_timeline.timelines(spans.take()))
@@ -396,6 +401,8 @@ async def sweep(
                 print(f"    {serving_limits.line(summary.limits)}", flush=True)
             for name, loop in summary.profile.items():
                 print(f"    {name} engine loop (py-spy): {pyspy_summary.line(loop)}", flush=True)
+            if summary.hops:
+                print(f"    {hops_line(summary.hops)}", flush=True)
             if summary.cpu:
                 print(f"    {cpu_line(summary.cpu)}", flush=True)
             if summary.failed:
@@ -579,12 +586,72 @@ def cpu_profile(
         for label, key in ((name, "process_cpu_seconds_total"), (f"{name} engine", ENGINE_CPU)):
             if key not in after[name] or key not in before[name]:
                 continue
-            used = after[name][key] - before[name][key]
-            out[label] = {
-                "ms_per_1k_tokens": 1e6 * used / output_tokens if output_tokens else float("nan"),
-                "cores": used / duration_s if duration_s > 0 else float("nan"),
-            }
+            out[label] = cpu_share(after[name][key] - before[name][key], output_tokens, duration_s)
     return out
+
+
+def cpu_share(used_s: float, output_tokens: int, duration_s: float) -> dict[str, float]:
+    """`used_s` seconds of a process's CPU over a level: per 1,000 output tokens and in cores."""
+    return {
+        "ms_per_1k_tokens": 1e6 * used_s / output_tokens if output_tokens else float("nan"),
+        "cores": used_s / duration_s if duration_s > 0 else float("nan"),
+    }
+
+
+# Per service: its histograms of a request's time to first token and to its last token (the
+# gateway's: of /v1/completions, from its HTTP request's start).
+HOP_HISTOGRAMS = {
+    "gateway": ("tandem_gateway_time_to_first_token_seconds", "tandem_gateway_request_duration_seconds"),
+    "router": ("tandem_router_time_to_first_token_seconds", "tandem_router_e2e_request_latency_seconds"),
+    "worker": ("tandem_worker_time_to_first_token_seconds", "tandem_worker_e2e_request_latency_seconds"),
+}
+_COMPLETIONS = 'endpoint="/v1/completions"'
+
+
+def hop_profile(
+    before: dict[str, dict[str, float]], after: dict[str, dict[str, float]], results: list[RequestResult]
+) -> dict[str, dict[str, float]]:
+    """Mean TTFT and end-to-end time in ms over a level as each hop saw it: the client (this
+    process), then every service by its own histograms (two scrapes). The differences are what
+    each hop adds to a request's start and end; client less worker is the serving path's round
+    trip, which under a closed loop sets TTFT (bench/schedule_sim.py --client-ms)."""
+    ok = [r for r in results if r.ok and r.ttft_s is not None]
+    out: dict[str, dict[str, float]] = {}
+    if ok:
+        out["client"] = {
+            "ttft_ms": 1e3 * sum(r.ttft_s or 0.0 for r in ok) / len(ok),
+            "e2e_ms": 1e3 * sum(r.e2e_s for r in ok) / len(ok),
+        }
+    path_order = sorted(after, key=lambda n: {"gateway": 0, "router": 1}.get(n, 2))  # from the client in
+    for name in path_order:
+        kind = "gateway" if name == "gateway" else "router" if name == "router" else "worker"
+        means = [_mean_moved(before.get(name, {}), after[name], prefix) for prefix in HOP_HISTOGRAMS[kind]]
+        if means[0] is not None and means[1] is not None:
+            out[name] = {"ttft_ms": 1e3 * means[0], "e2e_ms": 1e3 * means[1]}
+    return out
+
+
+def _mean_moved(before: dict[str, float], after: dict[str, float], prefix: str) -> float | None:
+    """The mean of a histogram's observations between two scrapes (the gateway's: /v1/completions)."""
+
+    def read(samples: dict[str, float], suffix: str) -> float:
+        return sum(
+            v
+            for k, v in samples.items()
+            if k == prefix + suffix or (k.startswith(prefix + suffix + "{") and _COMPLETIONS in k)
+        )
+
+    count = read(after, "_count") - read(before, "_count")
+    return (read(after, "_sum") - read(before, "_sum")) / count if count > 0 else None
+
+
+def hops_line(hops: dict[str, dict[str, float]]) -> str:
+    parts = ", ".join(f"{n} {h['ttft_ms']:.0f} / {h['e2e_ms']:.0f}" for n, h in hops.items())
+    line = f"mean ms TTFT / E2E by hop: {parts}"
+    workers = [h["e2e_ms"] for n, h in hops.items() if n not in ("client", "gateway", "router")]
+    if "client" in hops and len(workers) == 1:
+        line += f"; outside the worker {hops['client']['e2e_ms'] - workers[0]:.0f} ms a request"
+    return line
 
 
 def cpu_line(cpu: dict[str, dict[str, float]]) -> str:

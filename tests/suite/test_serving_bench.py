@@ -3,6 +3,7 @@ every token counted, failures recorded (not raised), and its statistics on known
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 from collections.abc import Iterator
@@ -85,7 +86,7 @@ def test_each_level_profiles_the_engines_and_every_process_cpu(up: dict[str, Any
         assert set(lv["engine"]) == {"prefill-0", "decode-0"}  # the services with engines
         # Every process moved tokens or computed them: each spent CPU on the level.
         processes = {"gateway", "router", "prefill-0", "decode-0", "prefill-0 engine", "decode-0 engine"}
-        assert set(lv["cpu"]) == processes
+        assert set(lv["cpu"]) == processes | {"client"}
         for cpu in lv["cpu"].values():
             assert cpu["ms_per_1k_tokens"] > 0 and 0 < cpu["cores"] < 4
         prefill, decode = lv["engine"]["prefill-0"], lv["engine"]["decode-0"]
@@ -100,6 +101,12 @@ def test_each_level_profiles_the_engines_and_every_process_cpu(up: dict[str, Any
         for prof in (prefill, decode):
             assert prof["wall_ms_per_step"] > 0 and 0 < prof["host_share"] < 1.5
             assert prof["gpu_busy"] is None  # no GPU timing on the CPU
+        # Each hop sees a request start later and end sooner than the one before it.
+        hops = lv["hops"]
+        chain = [hops[n] for n in ("client", "gateway", "router", "decode-0")]
+        for outer, inner in itertools.pairwise(chain):
+            assert outer["e2e_ms"] >= inner["e2e_ms"] > 0
+            assert outer["ttft_ms"] >= inner["ttft_ms"] > 0
 
 
 def test_engine_profile_of_known_counters() -> None:
@@ -139,6 +146,45 @@ def test_cpu_profile_of_known_counters() -> None:
     assert cpu["decode-0"] == pytest.approx({"ms_per_1k_tokens": 100.0, "cores": 0.1})
     assert cpu["decode-0 engine"] == {"ms_per_1k_tokens": 1000.0, "cores": 1.0}
     assert "decode-0 engine 1000 ms (1.00 core)" in serving.cpu_line(cpu)
+
+
+def test_hop_profile_of_known_counters() -> None:
+    """Means between two scrapes, by hop; the gateway's of /v1/completions only."""
+    gw = "tandem_gateway_time_to_first_token_seconds"
+    before = {
+        "gateway": {
+            f'{gw}_sum{{endpoint="/v1/completions"}}': 1.0,
+            f'{gw}_count{{endpoint="/v1/completions"}}': 2,
+        },
+        "worker-0": {"tandem_worker_time_to_first_token_seconds_sum": 0.0},
+    }
+    after = {
+        "gateway": {
+            f'{gw}_sum{{endpoint="/v1/completions"}}': 2.0,
+            f'{gw}_count{{endpoint="/v1/completions"}}': 4,
+            f'{gw}_sum{{endpoint="/v1/chat/completions"}}': 9.0,
+            f'{gw}_count{{endpoint="/v1/chat/completions"}}': 1,
+            'tandem_gateway_request_duration_seconds_sum{endpoint="/v1/completions"}': 8.0,
+            'tandem_gateway_request_duration_seconds_count{endpoint="/v1/completions"}': 2,
+        },
+        "worker-0": {
+            "tandem_worker_time_to_first_token_seconds_sum": 0.8,
+            "tandem_worker_time_to_first_token_seconds_count": 2,
+            "tandem_worker_e2e_request_latency_seconds_sum": 6.0,
+            "tandem_worker_e2e_request_latency_seconds_count": 2,
+        },
+    }
+    results = [RequestResult(prompt_len=4, output_len=2, completion_tokens=2, ttft_s=0.6, e2e_s=4.5)] * 2
+    hops = serving.hop_profile(before, after, results)
+    expected = {
+        "client": {"ttft_ms": 600.0, "e2e_ms": 4500.0},
+        "gateway": {"ttft_ms": 500.0, "e2e_ms": 4000.0},
+        "worker-0": {"ttft_ms": 400.0, "e2e_ms": 3000.0},
+    }
+    assert set(hops) == set(expected)
+    for name, hop in expected.items():
+        assert hops[name] == pytest.approx(hop)
+    assert "outside the worker 1500 ms a request" in serving.hops_line(hops)
 
 
 def test_a_wrong_model_id_is_reported_as_failed_requests(up: dict[str, Any], tmp_path: Path) -> None:
