@@ -67,6 +67,12 @@ def _assert_still_works(http: httpx.Client) -> None:
         ("/v1/completions", {"prompt": []}, "prompt"),
         ("/v1/completions", {"prompt": [[1, 2], []]}, "prompt"),
         ("/v1/completions", {"prompt": [5, 100_000]}, "prompt"),  # outside the vocabulary
+        ("/v1/completions", {"prompt": [5, True]}, "prompt"),  # a bool is no token id
+        ("/v1/completions", {"prompt": [5, -2]}, "prompt"),
+        ("/v1/completions", {"prompt": [5, 2**31]}, "prompt"),
+        ("/v1/completions", {"prompt": [5, 6.0]}, "prompt"),
+        ("/v1/completions", {"prompt": [5, [6]]}, "prompt"),
+        ("/v1/completions", {"prompt": [[5, 6], [7, "x"]]}, "prompt"),
         ("/v1/completions", {"prompt": "word " * 1000}, "prompt"),  # past the context; tokenized in a thread
         ("/v1/completions", {"logprobs": 21}, "logprobs"),
         ("/v1/completions", {"echo": True, "logprobs": 1}, "echo"),
@@ -218,6 +224,7 @@ def test_taxonomy_mapping(error: Exception, status: int, param: str | None) -> N
     [
         ("/v1/completions", '{"model": "%s", "prompt": "a\\ud800b"}', "prompt"),
         ("/v1/completions", '{"model": "%s", "prompt": ["ok", "\\udfff"]}', "prompt[1]"),
+        ("/v1/completions", '{"model": "%s", "prompt": [[5, 6], [7, "\\ud800"]]}', "prompt[1][1]"),
         ("/v1/completions", '{"model": "%s", "prompt": "ab", "stop": ["x\\ud83d"]}', "stop[0]"),
         (
             "/v1/chat/completions",
