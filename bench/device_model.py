@@ -109,7 +109,7 @@ def step_with_model(core: Any, step: Any, clock: DeviceClock, now: float) -> tup
     in_flight_done = clock.busy_until  # N's end: the step launched last time, still running
     outputs = step(core)
     clock.launch(now, counters["engine_prefill_tokens"] - tokens, counters["engine_decode_rows"] - rows)
-    ready = in_flight_done if core._inflight is not None else clock.busy_until
+    ready = in_flight_done if core.step_in_flight else clock.busy_until
     return outputs, max(now, ready)
 
 

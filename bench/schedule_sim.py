@@ -56,13 +56,13 @@ def simulate(args: argparse.Namespace, model: Path) -> dict[str, Any]:
         enable_overlap_schedule=True,
     )
     core = EngineCore(config)
-    model = StepModel(args.decode_ms, args.row_ms, args.token_us, args.overlap_ms, args.scale)
+    timing = StepModel(args.decode_ms, args.row_ms, args.token_us, args.overlap_ms, args.scale)
     rng = random.Random(args.seed)
     vocab = core.runner.vocab_size
     params = SamplingParams(max_new_tokens=args.output_len, temperature=0.0, ignore_eos=True)
     sent: dict[str, float] = {}
     first: dict[str, float] = {}
-    clock = DeviceClock(model)
+    clock = DeviceClock(timing)
     now, done, steps = 0.0, 0, 0  # seconds on the modelled clock (the host's own time is none)
     due: list[float] = []  # when each client's next request reaches the engine
 

@@ -469,7 +469,12 @@ class EngineCore:
     @property
     def has_work(self) -> bool:
         """Something to compute or report now."""
-        return self.scheduler.has_work or bool(self._pending_outputs) or self._inflight is not None
+        return self.scheduler.has_work or bool(self._pending_outputs) or self.step_in_flight
+
+    @property
+    def step_in_flight(self) -> bool:
+        """A step launched and not yet read: the next `step` returns its tokens (overlap)."""
+        return self._inflight is not None
 
     def step_delay(self) -> float:
         """Seconds the caller should wait before the next `step` (0 but for a paced decode engine
