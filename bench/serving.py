@@ -622,21 +622,33 @@ def hop_profile(
             "ttft_ms": 1e3 * sum(r.ttft_s or 0.0 for r in ok) / len(ok),
             "e2e_ms": 1e3 * sum(r.e2e_s for r in ok) / len(ok),
         }
-    path_order = sorted(after, key=lambda n: {"gateway": 0, "router": 1}.get(n, 2))  # from the client in
-    for name in path_order:
-        kind = "gateway" if name == "gateway" else "router" if name == "router" else "worker"
-        means = [_mean_moved(before.get(name, {}), after[name], prefix) for prefix in HOP_HISTOGRAMS[kind]]
+    hops: dict[str, list[str]] = {}  # hop -> its services: the gateways (one or several) as one
+    for name in sorted(after, key=lambda n: (not is_gateway(n), n != "router")):  # path order
+        hops.setdefault("gateway" if is_gateway(name) else name, []).append(name)
+    for hop, names in hops.items():
+        kind = "gateway" if hop == "gateway" else "router" if hop == "router" else "worker"
+        means = [
+            _mean_moved([before.get(n, {}) for n in names], [after[n] for n in names], prefix)
+            for prefix in HOP_HISTOGRAMS[kind]
+        ]
         if means[0] is not None and means[1] is not None:
-            out[name] = {"ttft_ms": 1e3 * means[0], "e2e_ms": 1e3 * means[1]}
+            out[hop] = {"ttft_ms": 1e3 * means[0], "e2e_ms": 1e3 * means[1]}
     return out
 
 
-def _mean_moved(before: dict[str, float], after: dict[str, float], prefix: str) -> float | None:
-    """The mean of a histogram's observations between two scrapes (the gateway's: /v1/completions)."""
+def is_gateway(name: str) -> bool:
+    """A launched suite's gateway process: "gateway", or "gateway-N" of several (tandem up --gateways)."""
+    return name == "gateway" or name.startswith("gateway-")
 
-    def read(samples: dict[str, float], suffix: str) -> float:
+
+def _mean_moved(before: list[dict[str, float]], after: list[dict[str, float]], prefix: str) -> float | None:
+    """The mean of a histogram's observations between two scrapes of each of its processes (the
+    gateway's: /v1/completions)."""
+
+    def read(scrapes: list[dict[str, float]], suffix: str) -> float:
         return sum(
             v
+            for samples in scrapes
             for k, v in samples.items()
             if k == prefix + suffix or (k.startswith(prefix + suffix + "{") and _COMPLETIONS in k)
         )
@@ -931,7 +943,9 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         services = parse_metrics(args.metrics) or dict((server or {}).get("metrics", {}))
         recorder = None
         if args.py_spy and server is not None:
-            workers = {name: pid for name, pid in server["pids"].items() if name not in ("router", "gateway")}
+            workers = {
+                name: pid for name, pid in server["pids"].items() if name != "router" and not is_gateway(name)
+            }
             recorder = Recorder(workers, Path(server["logs"]) / "py-spy")
         process = server["process"] if server else None
         asyncio.run(sweep(args, target, w, report, process, services, spans, recorder, costs))

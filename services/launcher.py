@@ -5,6 +5,7 @@
     workers  python -m services.{prefill,decode,worker} --model M --served-model-name N
                  --router 127.0.0.1:G --metrics-port X
     gateway  python -m services.gateway --router 127.0.0.1:R --tokenizer M --port 8000
+                 (--gateways N > 1: N of them, each with --reuse-port --metrics-port X)
 
 `--model` is resolved once, before any child starts (services/common/model_dir.py): M is a local
 directory (a hub id's snapshot in the Hugging Face cache, downloaded if need be) and N the model
@@ -89,6 +90,13 @@ def _metrics_url(child: Child) -> str:
     return match.group(1).decode() if match else ""
 
 
+def _positive(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return number
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
@@ -97,6 +105,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--host", default="127.0.0.1", help="where the gateway listens (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="gateway HTTP port (default 8000)")
+    p.add_argument(
+        "--gateways",
+        type=_positive,
+        default=1,
+        help="gateway processes sharing --port (SO_REUSEPORT), each its own event loop: under many"
+        " streams one gateway's loop delays every request's start and end (docs/benchmarks.md, 'Where"
+        " TTFT goes'). Each keeps its own /v1/responses store: a previous_response_id can miss on"
+        " another process (default 1)",
+    )
     p.add_argument("--prefill", type=int, default=1, help="prefill workers (default 1)")
     p.add_argument("--decode", type=int, default=1, help="decode workers (default 1)")
     p.add_argument("--unified", type=int, default=0, help="unified workers (default 0; 1 when no PD pair)")
@@ -301,28 +318,41 @@ def up(args: argparse.Namespace) -> int:
         expected = args.prefill + args.decode + unified
         _wait(lambda: (workers_up() or 0) >= expected, children, args.startup_timeout, "the workers")
         gateway_url = f"http://{args.host}:{args.port}"
-        start(
-            "gateway",
-            [
-                *py,
-                "services.gateway",
-                "--host",
-                args.host,
-                "--port",
-                str(args.port),
-                "--router",
-                router,
-                "--tokenizer",
-                model,
-                *shlex.split(args.gateway_args),
-            ],
-            "tandem-gateway",
-            api_env,
-        )
+        shared_port = ["--reuse-port", "--metrics-port", "0"] if args.gateways > 1 else []
+        gateways = [
+            start(
+                f"gateway-{i}" if args.gateways > 1 else "gateway",
+                [
+                    *py,
+                    "services.gateway",
+                    "--host",
+                    args.host,
+                    "--port",
+                    str(args.port),
+                    *shared_port,
+                    "--router",
+                    router,
+                    "--tokenizer",
+                    model,
+                    *shlex.split(args.gateway_args),
+                ],
+                "tandem-gateway",
+                api_env,
+            )
+            for i in range(args.gateways)
+        ]
+        # One gateway: its /health. Several: each prints its metrics URL once it serves.
         _wait(lambda: _http_ok(f"{gateway_url}/health"), children, args.startup_timeout, "the gateway")
-        services = children[:-1]
-        _wait(lambda: all(_metrics_url(c) for c in services), children, 10.0, "the metrics endpoints")
-        metrics = {c.name: _metrics_url(c) for c in services} | {"gateway": f"{gateway_url}/metrics"}
+        services = children[: -args.gateways] + (gateways if args.gateways > 1 else [])
+        _wait(
+            lambda: all(_metrics_url(c) for c in services),
+            children,
+            args.startup_timeout,
+            "the metrics endpoints",
+        )
+        metrics = {c.name: _metrics_url(c) for c in services}
+        if args.gateways == 1:
+            metrics["gateway"] = f"{gateway_url}/metrics"
         endpoints = {
             "openai": f"{gateway_url}/v1",
             "router_grpc": router,
@@ -336,7 +366,9 @@ def up(args: argparse.Namespace) -> int:
         }
         token_where = f"in {args.ready_file}" if args.ready_file else "pass --ready-file to get it"
         print(
-            f"\nTandem is up ({args.prefill} prefill + {args.decode} decode + {unified} unified workers)\n"
+            f"\nTandem is up ({args.prefill} prefill + {args.decode} decode + {unified} unified workers"
+            + (f", {args.gateways} gateways" if args.gateways > 1 else "")
+            + ")\n"
             f"  OpenAI API     {endpoints['openai']}\n"
             f"  router gRPC    {router}  (proto/tandem/router/v1/router.proto)\n"
             f"  router admin   {endpoints['router_admin']}  (gRPC {router_admin};"

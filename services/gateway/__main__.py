@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     config = dataclasses.replace(config, tokenizer=str(tokenizer))
     die_with_launcher()
-    from services.gateway.http import uvicorn_config
+    from services.gateway.http import shared_socket, uvicorn_config
     from services.gateway.server import create_app  # heavy (transformers): not needed for --help
 
     logging.basicConfig(
@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     server = uvicorn.Server(uvicorn_config(create_app(config), config))
     try:
-        server.run()
+        server.run(sockets=[shared_socket(config.host, config.port)] if config.reuse_port else None)
     except KeyboardInterrupt:
         # uvicorn re-raises the SIGINT it shut down gracefully on; Ctrl-C is a normal way to stop.
         return 0

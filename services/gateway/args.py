@@ -72,6 +72,12 @@ class GatewayConfig:
     tokenizer: str  # HF model (or tokenizer-only) directory
     host: str = "0.0.0.0"
     port: int = 8000
+    # Share `port` with other gateway processes (SO_REUSEPORT): the kernel spreads connections
+    # over them, each process its own event loop (`tandem up --gateways N`).
+    reuse_port: bool = False
+    # Also serve /metrics on this port (0: any free one; None: only on `port`). With a shared
+    # port, /metrics there is whichever process took the connection: scrape these instead.
+    metrics_port: int | None = None
     # None: ask the router's ListModels at startup and serve its first model under its id.
     served_model_name: str | None = None
     # None: take the router's `max_context_len` (0 there means unknown: no context checks).
@@ -112,6 +118,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--port", type=int, default=GatewayConfig.port, help="HTTP port (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--reuse-port",
+        action="store_true",
+        help="share --port with other gateway processes (SO_REUSEPORT; the kernel spreads new connections)",
+    )
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="also serve this process's /metrics on this port (0: a free one; default: only on --port)",
     )
     parser.add_argument("--router", required=True, help="the router's gRPC address, host:port")
     parser.add_argument(
@@ -211,6 +228,8 @@ def parse_args(argv: list[str] | None = None) -> GatewayConfig:
         tokenizer=ns.tokenizer,
         host=ns.host,
         port=ns.port,
+        reuse_port=ns.reuse_port,
+        metrics_port=ns.metrics_port,
         served_model_name=ns.served_model_name,
         max_model_len=ns.max_model_len,
         request_timeout=ns.request_timeout if ns.request_timeout > 0 else None,

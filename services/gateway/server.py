@@ -39,6 +39,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import Receive, Scope, Send
 
 from services.common.auth import Secrets, dial
+from services.common.metrics import serve_metrics
 from services.common.tracing import fastapi_options, outgoing_metadata, record_error, setup_tracing
 from services.gateway.args import GatewayConfig
 from services.gateway.auth import ApiKeyMiddleware
@@ -324,9 +325,14 @@ def create_app(config: GatewayConfig) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         tracing = setup_tracing("tandem-gateway")
         await gateway.start()
+        # Once started: a launcher waiting for this port knows the process serves.
+        metrics_url, stop_metrics = serve_metrics(metrics.registry, config.host, config.metrics_port)
+        if metrics_url:
+            print(f"tandem gateway metrics on {metrics_url}", flush=True)
         try:
             yield
         finally:
+            stop_metrics()
             await gateway.stop()
             tracing.shutdown()
 

@@ -187,6 +187,26 @@ def test_hop_profile_of_known_counters() -> None:
     assert "outside the worker 1500 ms a request" in serving.hops_line(hops)
 
 
+def test_several_gateways_are_one_hop() -> None:
+    """`tandem up --gateways 2`: the gateway hop's means are over both processes' requests."""
+    ttft, e2e = "tandem_gateway_time_to_first_token_seconds", "tandem_gateway_request_duration_seconds"
+    label = '{endpoint="/v1/completions"}'
+
+    def scrape(ttft_sum: float, e2e_sum: float, count: int) -> dict[str, float]:
+        return {
+            f"{ttft}_sum{label}": ttft_sum,
+            f"{ttft}_count{label}": count,
+            f"{e2e}_sum{label}": e2e_sum,
+            f"{e2e}_count{label}": count,
+        }
+
+    before = {"gateway-0": scrape(0, 0, 0), "gateway-1": scrape(0, 0, 0)}
+    after = {"gateway-0": scrape(0.3, 3.0, 3), "gateway-1": scrape(0.5, 1.0, 1)}
+    hops = serving.hop_profile(before, after, [])
+    assert list(hops) == ["gateway"]
+    assert hops["gateway"] == pytest.approx({"ttft_ms": 200.0, "e2e_ms": 1000.0})
+
+
 def test_a_wrong_model_id_is_reported_as_failed_requests(up: dict[str, Any], tmp_path: Path) -> None:
     result = bench(
         tmp_path,
