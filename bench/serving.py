@@ -477,6 +477,8 @@ def launcher_command(args: argparse.Namespace, ready: Path, log_dir: Path) -> li
     cmd += ["--decode", str(args.decode if args.decode is not None else decode)]
     if args.kv_transport:
         cmd += ["--kv-transport", args.kv_transport]
+    if args.gateways:
+        cmd += ["--gateways", str(args.gateways)]
     return [*cmd, "--worker-args", " ".join(args.worker_args), *shlex.split(args.launch_args)]
 
 
@@ -844,6 +846,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     launch.add_argument("--prefill", type=int, help="prefill workers (default: by topology)")
     launch.add_argument("--decode", type=int, help="decode workers (default: by topology)")
     launch.add_argument("--kv-transport", choices=["auto", "nixl", "grpc"])
+    launch.add_argument("--gateways", type=int, help="gateway processes on the port (tandem up --gateways)")
     launch.add_argument(
         "--worker-args",
         action="append",

@@ -372,4 +372,7 @@ def test_worker_args_given_twice_reach_the_workers_joined(tmp_path: Path) -> Non
     assert cmd[cmd.index("--worker-args") + 1] == "--device cpu --disable-split-mixed-steps"
     args = serving.parse_args(["--launch", "--model-path", model])
     cmd = serving.launcher_command(args, tmp_path / "ready.json", tmp_path / "logs")
-    assert cmd[cmd.index("--worker-args") + 1] == ""
+    assert cmd[cmd.index("--worker-args") + 1] == "" and "--gateways" not in cmd
+    args = serving.parse_args(["--launch", "--model-path", model, "--gateways", "2"])
+    cmd = serving.launcher_command(args, tmp_path / "ready.json", tmp_path / "logs")
+    assert cmd[cmd.index("--gateways") + 1] == "2"
