@@ -32,7 +32,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     server = uvicorn.Server(uvicorn_config(create_app(config), config))
     try:
-        server.run(sockets=[shared_socket(config.host, config.port)] if config.reuse_port else None)
+        sockets = [shared_socket(config.host, config.port)] if config.reuse_port else None
+    except OSError as e:  # e.g. the port is held by a process that does not share it
+        where = f"{config.host}:{config.port}"
+        print(f"python -m services.gateway: error: cannot listen on {where}: {e}", file=sys.stderr)
+        return 1
+    try:
+        server.run(sockets=sockets)
     except KeyboardInterrupt:
         # uvicorn re-raises the SIGINT it shut down gracefully on; Ctrl-C is a normal way to stop.
         return 0

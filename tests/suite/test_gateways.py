@@ -5,6 +5,9 @@ ready-file lists each gateway's metrics endpoint."""
 from __future__ import annotations
 
 import re
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
@@ -13,6 +16,7 @@ import pytest
 from tests.suite.cluster import tandem_up
 
 pytestmark = pytest.mark.xdist_group("suite_gateways")
+ROOT = Path(__file__).resolve().parents[2]
 
 COMPLETIONS_OK = re.compile(
     r'^tandem_gateway_requests_total\{endpoint="/v1/completions",status="200"\} (\S+)$', re.M
@@ -41,3 +45,15 @@ def test_two_gateways_share_the_port(tiny_llama: Path, tmp_path: Path) -> None:
         counts = [served(url) for url in gateways.values()]
         assert sum(counts) == 40
         assert min(counts) > 0  # both served (all 40 on one: 2**-39)
+
+
+def test_a_port_held_without_sharing_is_a_clear_error(tiny_llama: Path) -> None:
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        cmd = [sys.executable, "-m", "services.gateway", "--reuse-port", "--host", "127.0.0.1"]
+        cmd += ["--port", str(port), "--router", "127.0.0.1:1", "--tokenizer", str(tiny_llama)]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 1
+    assert f"error: cannot listen on 127.0.0.1:{port}" in out.stderr and "Traceback" not in out.stderr
