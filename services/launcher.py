@@ -50,6 +50,7 @@ from typing import Any
 
 import grpc
 
+from services.common.argtypes import positive_int
 from services.common.auth import API_KEY_ENV, CLUSTER_TOKEN_ENV, bearer
 from services.common.model_dir import Model, ModelError, resolve_model
 from services.common.parent import PARENT_ENV
@@ -90,13 +91,6 @@ def _metrics_url(child: Child) -> str:
     return match.group(1).decode() if match else ""
 
 
-def _positive(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return number
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
@@ -107,7 +101,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=8000, help="gateway HTTP port (default 8000)")
     p.add_argument(
         "--gateways",
-        type=_positive,
+        type=positive_int,
         default=1,
         help="gateway processes sharing --port (SO_REUSEPORT), each its own event loop: under many"
         " streams one gateway's loop delays every request's start and end (docs/benchmarks.md, 'Where"

@@ -106,3 +106,9 @@ def test_the_launcher_knows_which_kv_transport_its_pd_workers_use() -> None:
     assert kv_transport_of(None, ["--kv-transport", "nixl", "--kv-transport=grpc"]) == "grpc"
     auto = "nixl" if nixl_available() else "grpc"
     assert kv_transport_of(None, ["--device", "cpu"]) == kv_transport_of("auto", []) == auto
+
+
+def test_up_refuses_zero_gateways(tmp_path: Path) -> None:
+    out = _run("services.cli", "up", "--gateways", "0")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "argument --gateways: must be a positive integer, got 0" in out.stderr

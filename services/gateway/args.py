@@ -6,6 +6,7 @@ import argparse
 import os
 from dataclasses import dataclass, field, fields
 
+from services.common.argtypes import non_negative_int, positive_int
 from services.common.auth import API_KEY_ENV, ROUTER_API_KEY_ENV, add_secret_args, secrets_from_args
 from services.gateway.reasoning import REASONING_PARSERS
 from services.gateway.tool_calls.formats import TOOL_CALL_PARSERS
@@ -141,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--max-model-len",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help="context length in tokens for prompt-length checks (default: the router's max_context_len)",
     )
@@ -194,14 +195,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--responses-store-size",
-        type=_non_negative_int,
+        type=non_negative_int,
         default=GatewayConfig.responses_store_size,
         help="responses kept in this gateway's memory for /v1/responses' previous_response_id and GET "
         "(least recently used dropped first; 0: none; not shared between replicas) (default: %(default)s)",
     )
     limits = parser.add_argument_group("request limits (each answered with a 4xx, never a reset)")
     for f in fields(RequestLimits):
-        kind = float if f.name == "body_read_timeout" else _positive_int
+        kind = float if f.name == "body_read_timeout" else positive_int
         default = f.default if f.default is not None else "auto"
         limits.add_argument(
             "--" + f.name.replace("_", "-"),
@@ -244,17 +245,3 @@ def parse_args(argv: list[str] | None = None) -> GatewayConfig:
         responses_store_size=ns.responses_store_size,
         limits=RequestLimits(**{f.name: getattr(ns, f.name) for f in fields(RequestLimits)}),
     )
-
-
-def _positive_int(value: str) -> int:
-    number = int(value)
-    if number <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return number
-
-
-def _non_negative_int(value: str) -> int:
-    number = int(value)
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or a positive integer, got {value}")
-    return number
