@@ -105,11 +105,12 @@ def run(model: Path, log_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
             "router",
             *("-m", "services.router", "--model", str(model), "--port", str(router_port)),
             *("--admin-port", str(admin_port), *[f"--worker=127.0.0.1:{p}" for p in stub_ports]),
+            *("--worker-streams", args.router_streams),
         )
         procs.start(
             "gateway",
             *("-m", "services.gateway", "--port", str(gw_port), "--router", f"127.0.0.1:{router_port}"),
-            *("--tokenizer", str(model)),
+            *("--tokenizer", str(model), "--router-streams", args.router_streams),
         )
         with grpc.insecure_channel(f"127.0.0.1:{admin_port}") as ch:
             admin = router_pb2_grpc.RouterAdminServiceStub(ch)
@@ -155,6 +156,13 @@ def main() -> None:
     p.add_argument("--interval-ms", type=float, default=16.0, help="between a request's tokens")
     p.add_argument("--prompt-len", type=int, default=32, help="token ids in each prompt")
     p.add_argument("--stubs", type=int, default=1)
+    p.add_argument(
+        "--router-streams",
+        choices=("multiplexed", "per-request"),
+        default="multiplexed",
+        help="the gateway's --router-streams and the router's --worker-streams: one GenerateMany "
+        "call per hop, or a Generate call per request",
+    )
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--json", help="write the results here")
     args = p.parse_args()

@@ -1,7 +1,8 @@
-"""A stand-in unified worker for measuring the services alone: it answers GetInfo, health and
-Generate without an engine (by default one token, at once; `--tokens N --interval-ms I` streams N
-one-token messages I ms apart, as an engine stepping a batch every I ms would), so the router and
-the gateway are the only things being timed.
+"""A stand-in unified worker for measuring the services alone: it answers GetInfo, health,
+Generate and GenerateMany without an engine (by default one token, at once; `--tokens N
+--interval-ms I` streams N one-token messages I ms apart, as an engine stepping a batch every
+I ms would: every running request's token comes at the same step, on one clock), so the router
+and the gateway are the only things being timed.
 
     python bench/stub_worker.py --port P --model NAME [--tokens N --interval-ms I]
 """
@@ -16,6 +17,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from services.common.multiplex import Session
 from services.protos.tandem.common.v1 import common_pb2
 from services.protos.tandem.worker.v1 import worker_pb2, worker_pb2_grpc
 
@@ -32,10 +34,23 @@ class StubWorker(worker_pb2_grpc.WorkerServiceServicer):
         )
 
     async def Generate(self, request: Any, context: Any) -> AsyncIterator[worker_pb2.GenerateResponse]:
+        async for response in self._serve(request, ()):
+            yield response
+
+    async def GenerateMany(
+        self, requests: Any, context: Any
+    ) -> AsyncIterator[worker_pb2.GenerateManyResponse]:
+        # The workers' own multiplexing, over this stub's generations.
+        async for batch in Session(self._serve, worker_pb2.GenerateManyResponse).run(requests):
+            yield batch
+
+    async def _serve(self, request: Any, metadata: Any) -> AsyncIterator[worker_pb2.GenerateResponse]:
         n = len(request.token_ids)
+        loop = asyncio.get_running_loop()
         for i in range(1, self.tokens + 1):
-            if self.interval_s and i > 1:
-                await asyncio.sleep(self.interval_s)
+            if self.interval_s and i > 1:  # the next step of the one clock all requests share
+                now = loop.time()
+                await asyncio.sleep((now // self.interval_s + 1) * self.interval_s - now)
             last = i == self.tokens
             yield worker_pb2.GenerateResponse(
                 output=common_pb2.Output(

@@ -3,7 +3,9 @@
 grpc.aio answers a request its deserializer cannot parse (garbage bytes, a string field with
 invalid UTF-8) with UNKNOWN "Unexpected error", which reads as a server fault. `add_servicer`
 registers a generated servicer with a deserializer that turns a parse failure into a marker,
-and a wrapper that answers the marker with INVALID_ARGUMENT naming the message type:
+and a wrapper that answers the marker with INVALID_ARGUMENT naming the message type (in a
+request stream, the servicer reads the marker as an `InvalidRequest` raised where it comes,
+which its `grpc_errors` turns into that status):
 
     add_servicer(server, router_pb2_grpc.add_RouterServiceServicer_to_server, servicer)
 """
@@ -15,6 +17,8 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
+
+from shared.errors import InvalidRequest
 
 
 class _Undecodable:
@@ -49,8 +53,6 @@ class _Capture:
 
 
 def _lenient(handler: Any) -> Any:
-    if handler.request_streaming:
-        return handler  # none of ours; a stream's messages are parsed one by one
     parse = handler.request_deserializer
 
     def deserialize(data: bytes) -> Any:
@@ -58,6 +60,27 @@ def _lenient(handler: Any) -> Any:
             return parse(data)
         except Exception as exc:  # protobuf's DecodeError, or anything a parser raises on garbage
             return _Undecodable(f"the request could not be parsed: {exc}")
+
+    if handler.request_streaming:
+        if not handler.response_streaming:
+            return handler  # none of ours
+        bidi = handler.stream_stream
+
+        async def stream_stream(
+            requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
+        ) -> AsyncIterator[Any]:
+            # A stream's messages are parsed one by one as the servicer reads them: an
+            # undecodable one ends the call when it comes, after what came before it.
+            async def decoded() -> AsyncIterator[Any]:
+                async for request in requests:
+                    if isinstance(request, _Undecodable):
+                        raise InvalidRequest(request.message)
+                    yield request
+
+            async for item in bidi(decoded(), context):
+                yield item
+
+        return handler._replace(request_deserializer=deserialize, stream_stream=stream_stream)
 
     if handler.response_streaming:
         stream = handler.unary_stream

@@ -11,6 +11,8 @@ ReserveKv  the prefill worker asks for pages when the prompt starts computing (j
            answered once there is room. A cancelled call aborts the request.
 WriteKv    the gRPC transport: the prompt's pages as a byte stream, then the commit record.
 GetTransferMetadata  the NIXL agent metadata prefill workers need once.
+GenerateMany  Generate calls as streams of one call (the router holds one per decode worker;
+           services/common/multiplex.py).
 
 Each Generate is a `decode` span (continuing the router's trace) and feeds the worker's token
 latency histograms; its time to first token includes the prefill and the KV transfer.
@@ -28,6 +30,7 @@ from google.protobuf.descriptor import ServiceDescriptor
 from services.common.convert import output_to_proto, prompt_from_proto
 from services.common.errors import ServiceError, grpc_errors
 from services.common.kv_stream import receive_kv, serve_write_kv
+from services.common.multiplex import Metadata, Session
 from services.common.tracing import server_span
 from services.protos.tandem.worker.v1 import worker_pb2, worker_pb2_grpc
 from services.worker.engine import AsyncEngine, Keepalive
@@ -46,10 +49,24 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
     async def Generate(
         self, request: worker_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[worker_pb2.GenerateResponse]:
+        async for response in self._serve(request, context.invocation_metadata() or ()):
+            yield response
+
+    @grpc_errors
+    async def GenerateMany(
+        self, requests: AsyncIterator[worker_pb2.GenerateManyRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[worker_pb2.GenerateManyResponse]:
+        async for batch in Session(self._serve, worker_pb2.GenerateManyResponse).run(requests):
+            yield batch
+
+    async def _serve(
+        self, request: worker_pb2.GenerateRequest, metadata: Metadata
+    ) -> AsyncIterator[worker_pb2.GenerateResponse]:
+        """One generation, a Generate call's or a GenerateMany stream's."""
         client = self.engine.client
         clock = self.metrics.clock()
         last: RequestOutput | None = None
-        with self.engine.admit(), server_span("decode", context.invocation_metadata()) as span:
+        with self.engine.admit(), server_span("decode", metadata) as span:
             try:
                 expected = self.engine.expect_kv(
                     request.rid,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 from dataclasses import dataclass, field, fields
+from typing import Literal, get_args
 
 from services.common.argtypes import non_negative_int, positive_int
 from services.common.auth import API_KEY_ENV, ROUTER_API_KEY_ENV, add_secret_args, secrets_from_args
@@ -16,6 +17,7 @@ from services.version import tandem_version
 CHARS_PER_CONTEXT_TOKEN = 16
 MIN_AUTO_PROMPT_CHARS = 64 * 1024
 UNKNOWN_CONTEXT_PROMPT_CHARS = 4 * 1024 * 1024
+RouterStreams = Literal["multiplexed", "per-request"]
 
 
 @dataclass(frozen=True)
@@ -85,6 +87,9 @@ class GatewayConfig:
     max_model_len: int | None = None
     # gRPC deadline of one generation in seconds; None: no deadline.
     request_timeout: float | None = 600.0
+    # How generations travel to the router: "multiplexed", all over one GenerateMany call (gRPC
+    # costs a message per batch of tokens, not per token), or "per-request", a Generate call each.
+    router_streams: RouterStreams = "multiplexed"
     # How long startup waits for the router to answer ListModels when the model name is not given.
     startup_timeout: float = 60.0
     # Deadline of the router probe behind GET /health.
@@ -151,6 +156,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=GatewayConfig.request_timeout,
         help="deadline of one generation in seconds, 0 for none (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--router-streams",
+        default=GatewayConfig.router_streams,
+        choices=get_args(RouterStreams),
+        help="how generations travel to the router: multiplexed over one GenerateMany call (a gRPC "
+        "message per batch of tokens) or per-request Generate calls (a message per token) "
+        "(default: %(default)s)",
     )
     parser.add_argument(
         "--startup-timeout",
@@ -234,6 +247,7 @@ def parse_args(argv: list[str] | None = None) -> GatewayConfig:
         served_model_name=ns.served_model_name,
         max_model_len=ns.max_model_len,
         request_timeout=ns.request_timeout if ns.request_timeout > 0 else None,
+        router_streams=ns.router_streams,
         startup_timeout=ns.startup_timeout,
         health_timeout=ns.health_timeout,
         log_level=ns.log_level,

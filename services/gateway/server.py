@@ -1,7 +1,9 @@
 """The gateway's HTTP surface: the FastAPI app, its routes, and error mapping (in one place).
 
     create_app(GatewayConfig) -> FastAPI
-      startup   load the tokenizer, open one gRPC channel to the router, learn the served model
+      startup   load the tokenizer, open one gRPC channel to the router, learn the served model;
+                generations travel multiplexed over one GenerateMany call
+                (services/common/multiplex.py)
       routes    /health, /metrics, /version, /tokenize, /detokenize (tokenize.py),
                 /v1/models, /v1/completions, /v1/chat/completions, /v1/embeddings (embeddings.py),
                 /v1/responses (responses_api/)
@@ -40,6 +42,7 @@ from starlette.types import Receive, Scope, Send
 
 from services.common.auth import Secrets, dial
 from services.common.metrics import serve_metrics
+from services.common.multiplex import Multiplexer
 from services.common.tracing import fastapi_options, outgoing_metadata, record_error, setup_tracing
 from services.gateway.args import GatewayConfig
 from services.gateway.auth import ApiKeyMiddleware
@@ -90,6 +93,7 @@ class _Gateway:
         self.config = config
         self.channel: grpc.aio.Channel | None = None
         self.stub: router_pb2_grpc.RouterServiceStub | None = None
+        self.multiplexed: Multiplexer | None = None
         self.handler: Handler | None = None
         self.responses: Responses | None = None
 
@@ -99,8 +103,11 @@ class _Gateway:
         self.channel = dial(config.router, config.router_api_key, _CHANNEL_OPTIONS)
         self.stub = router_pb2_grpc.RouterServiceStub(self.channel)
         model = await self._resolve_model()
+        if config.router_streams == "multiplexed":  # generations over one GenerateMany call
+            self.multiplexed = Multiplexer(self.stub, router_pb2)
         # UsageStub: the router calls count their tokens for the request's span (when it records).
-        stub = cast(router_pb2_grpc.RouterServiceStub, UsageStub(self.stub))
+        router = cast(router_pb2_grpc.RouterServiceStub, self.multiplexed or self.stub)
+        stub = cast(router_pb2_grpc.RouterServiceStub, UsageStub(router))
         self.handler = Handler(
             tokenizer,
             stub,
@@ -116,6 +123,8 @@ class _Gateway:
         )
 
     async def stop(self) -> None:
+        if self.multiplexed is not None:
+            self.multiplexed.close()
         if self.channel is not None:
             await self.channel.close()
 

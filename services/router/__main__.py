@@ -73,6 +73,7 @@ async def serve() -> None:
         args.heartbeat_timeout,
         args.remove_unhealthy_after,
         cluster_token=cluster_token.first,
+        multiplexed=args.worker_streams == "multiplexed",
     )
     cache_aware = dict(
         cache_threshold=args.cache_threshold,

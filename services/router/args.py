@@ -76,6 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--kv-lease-ms", type=int, default=0, help="decode reservation lease (0: the worker's)")
     p.add_argument(
+        "--worker-streams",
+        default="multiplexed",
+        choices=("multiplexed", "per-request"),
+        help="how generations travel to a worker: multiplexed over one GenerateMany call per worker (a "
+        "gRPC message per engine step) or a Generate call each (a message per token) (default: %(default)s)",
+    )
+    p.add_argument(
         "--max-in-flight",
         type=int,
         default=4096,

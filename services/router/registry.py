@@ -34,6 +34,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.common.auth import dial
 from services.common.errors import ServiceError
+from services.common.multiplex import Multiplexer
 from services.protos.tandem.common.v1 import common_pb2
 from services.protos.tandem.router.v1 import router_pb2
 from services.protos.tandem.worker.v1 import worker_pb2, worker_pb2_grpc
@@ -70,11 +71,15 @@ class Worker(WorkerView):
     unhealthy_since: float = 0.0
     health_channel: Any = None  # probes: a connection of their own (default: `channel`)
     down: asyncio.Event = field(default_factory=asyncio.Event)  # set while unhealthy or removed
+    multiplexed: bool = True  # Generate calls as streams of one GenerateMany call per service
 
     def __post_init__(self) -> None:
-        self.worker = worker_pb2_grpc.WorkerServiceStub(self.channel)
+        worker = worker_pb2_grpc.WorkerServiceStub(self.channel)
+        decode = worker_pb2_grpc.DecodeServiceStub(self.channel)
+        # Multiplexed: a gRPC message per engine step, not per token (services/common/multiplex.py).
+        self.worker = Multiplexer(worker, worker_pb2) if self.multiplexed else worker
         self.prefill = worker_pb2_grpc.PrefillServiceStub(self.channel)
-        self.decode = worker_pb2_grpc.DecodeServiceStub(self.channel)
+        self.decode = Multiplexer(decode, worker_pb2) if self.multiplexed else decode
         self.health = health_pb2_grpc.HealthStub(self.health_channel or self.channel)
 
     @property
@@ -106,8 +111,10 @@ class Registry:
         heartbeat_timeout_s: float = 5.0,
         remove_after_s: float = 60.0,
         cluster_token: str | None = None,
+        multiplexed: bool = True,
     ) -> None:
         self.model = model
+        self.multiplexed = multiplexed  # workers' Generate calls over GenerateMany
         self.heartbeat_interval_s = heartbeat_interval_s
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.remove_after_s = remove_after_s
@@ -158,6 +165,7 @@ class Registry:
             channel=channel,
             last_seen=time.monotonic(),
             health_channel=dial(address, self.cluster_token, options=_OWN_CONNECTION),
+            multiplexed=self.multiplexed,
         )
         self.workers[address] = worker
         logger.info("worker %s joined (%s)", address, worker.role)

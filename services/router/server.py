@@ -1,6 +1,7 @@
-"""The router's gRPC services: RouterService (public: Generate, Embed, ListModels, Tokenize) and
-RouterAdminService (workers register, heartbeat, drain, leave). Thin: validation, tokenizing
-text-only requests, and wire <-> domain; routing is the orchestrator's. Each Generate call is one
+"""The router's gRPC services: RouterService (public: Generate, GenerateMany, Embed, ListModels,
+Tokenize) and RouterAdminService (workers register, heartbeat, drain, leave). Thin: validation,
+tokenizing text-only requests, and wire <-> domain; routing is the orchestrator's. Each
+generation (a Generate call, or a stream of a GenerateMany call: services/common/multiplex.py) is one
 `router.generate` SERVER span continuing the caller's trace, and one count in the metrics."""
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import grpc
 
 from services.common.errors import grpc_errors
 from services.common.metrics import status_name
+from services.common.multiplex import Metadata, Session
 from services.common.tracing import server_span
 from services.protos.tandem.common.v1 import common_pb2
 from services.protos.tandem.router.v1 import router_pb2, router_pb2_grpc
@@ -47,11 +49,28 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
     async def Generate(
         self, request: router_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[router_pb2.GenerateResponse]:
+        async for resp in self._serve(request, context.invocation_metadata() or ()):
+            yield resp
+
+    @grpc_errors
+    async def GenerateMany(
+        self,
+        requests: AsyncIterator[router_pb2.GenerateManyRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[router_pb2.GenerateManyResponse]:
+        async for batch in Session(self._serve, router_pb2.GenerateManyResponse).run(requests):
+            yield batch
+
+    async def _serve(
+        self, request: router_pb2.GenerateRequest, metadata: Metadata
+    ) -> AsyncIterator[router_pb2.GenerateResponse]:
+        """One generation, a Generate call's or a GenerateMany stream's: its span (continuing the
+        trace in `metadata`) and metrics around the checks and the orchestration."""
         metrics = self.orchestrator.metrics
         record = RequestRecord()
         error: BaseException | None = None
         metrics.running.inc()
-        with server_span("router.generate", context.invocation_metadata()) as span:
+        with server_span("router.generate", metadata) as span:
             try:
                 async for resp in self._generate(request, record):
                     yield resp

@@ -171,13 +171,19 @@ class AsyncEngine:
         self.loop = asyncio.get_running_loop()
         self.max_open = max_open  # calls open at once (0: no bound)
         self.open = 0
+        # Shutting down: new calls are refused. The server refuses new calls itself, but not
+        # new streams of a GenerateMany call already open (services/common/multiplex.py).
+        self.closing = False
         self.alive_at = time.monotonic()  # when the engine last answered a ping
         self._pinging = False
         self.inbox = LoopInbox(self.loop)  # the client's thread -> the streams' queues
 
     @contextlib.contextmanager
     def admit(self) -> Iterator[None]:
-        """Count a call against `max_open` while it is open; refuse it past the bound."""
+        """Count a call against `max_open` while it is open; refuse it past the bound, or
+        once the worker is shutting down (UNAVAILABLE: the router tries another worker)."""
+        if self.closing:
+            raise Unavailable("the worker is shutting down")
         if self.max_open and self.open >= self.max_open:
             raise CapacityError(f"the worker is at capacity ({self.open} calls open); retry later")
         self.open += 1

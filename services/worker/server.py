@@ -38,6 +38,7 @@ from services.common.convert import (
 )
 from services.common.errors import ServiceError, grpc_errors
 from services.common.metrics import serve_metrics
+from services.common.multiplex import Metadata, Session
 from services.common.parent import die_with_launcher
 from services.common.reflection import add_reflection
 from services.common.tracing import server_span, setup_tracing
@@ -100,11 +101,25 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     async def Generate(
         self, request: worker_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[worker_pb2.GenerateResponse]:
+        async for response in self._serve(request, context.invocation_metadata() or ()):
+            yield response
+
+    @grpc_errors
+    async def GenerateMany(
+        self, requests: AsyncIterator[worker_pb2.GenerateManyRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[worker_pb2.GenerateManyResponse]:
+        async for batch in Session(self._serve, worker_pb2.GenerateManyResponse).run(requests):
+            yield batch
+
+    async def _serve(
+        self, request: worker_pb2.GenerateRequest, metadata: Metadata
+    ) -> AsyncIterator[worker_pb2.GenerateResponse]:
+        """One generation, a Generate call's or a GenerateMany stream's."""
         if self.role != "unified":
             raise InvalidRequest(f"a {self.role} worker does not serve WorkerService.Generate")
         clock = self.metrics.clock()
         last: RequestOutput | None = None
-        with self.engine.admit(), server_span("generate", context.invocation_metadata()) as span:
+        with self.engine.admit(), server_span("generate", metadata) as span:
             try:
                 stream = await self.engine.generate(
                     request.rid, prompt_from_proto(request), stall_s=request.stall_timeout_ms / 1000
@@ -231,6 +246,7 @@ async def serve(
         else None
     )
     await stop.wait()
+    engine.closing = True  # no new generations, on open GenerateMany calls either
     watcher.cancel()
     await health_servicer.enter_graceful_shutdown()
     if heartbeat is not None:

@@ -21,7 +21,7 @@ class GatewayThread:
     """The gateway app under uvicorn on 127.0.0.1 (a free port), in a daemon thread."""
 
     def __init__(self, config: GatewayConfig) -> None:
-        app = create_app(config)
+        self.app = app = create_app(config)
         self.server = uvicorn.Server(
             uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
         )

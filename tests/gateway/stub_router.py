@@ -15,8 +15,11 @@ sample, one increment each, split wherever the test likes (`split_text` cuts at 
 An output constraint (json_schema, regex, ebnf, structural_tag) is compiled with xgrammar, as the
 engine does, and one that does not compile fails the call with INVALID_ARGUMENT naming its field.
 
-It records every request and every call the client cancelled. It runs its own event loop in a
-background thread, so synchronous tests can drive it.
+Generations come as Generate calls or as streams of a GenerateMany call, served by the router's
+own multiplexing (services/common/multiplex.py); `service.multiplexing = False` makes
+GenerateMany UNIMPLEMENTED, as an older router answers. It records every request and every
+generation the client cancelled. It runs its own event loop in a background thread, so
+synchronous tests can drive it.
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ from pathlib import Path
 import grpc
 from tokenizers import Tokenizer
 
-from services.common.errors import abort
+from services.common.errors import ServiceError, grpc_errors
+from services.common.multiplex import Session
 from services.protos.tandem.common.v1 import common_pb2
 from services.protos.tandem.router.v1 import router_pb2, router_pb2_grpc
 from shared.errors import InvalidRequest
@@ -97,7 +101,11 @@ class StubRouterService(router_pb2_grpc.RouterServiceServicer):
         self.vocab_size = self.tokenizer.get_vocab_size()
         self.max_context_len = max_context_len
         self.requests: list[router_pb2.GenerateRequest] = []
-        self.metadata: list[dict[str, str]] = []  # each Generate call's invocation metadata
+        self.metadata: list[dict[str, str]] = []  # each generation's call metadata
+        self.multiplexing = True  # False: GenerateMany answers UNIMPLEMENTED (an older router)
+        self.generate_calls = 0  # Generate calls
+        self.generate_many_calls = 0  # GenerateMany calls (UNIMPLEMENTED ones included)
+        self.active = 0  # generations started and not ended
         self.cancelled = threading.Event()  # set when any Generate call was cancelled by the client
         self.cancelled_count = 0
         self.list_models_calls = 0
@@ -117,25 +125,54 @@ class StubRouterService(router_pb2_grpc.RouterServiceServicer):
         ids = self.tokenizer.encode(request.text, add_special_tokens=request.add_special_tokens).ids
         return router_pb2.TokenizeResponse(token_ids=ids)
 
+    @grpc_errors
     async def Generate(
         self, request: router_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[router_pb2.GenerateResponse]:
+        self.generate_calls += 1
+        async for response in self._serve(request, context.invocation_metadata() or ()):
+            yield response
+
+    @grpc_errors
+    async def GenerateMany(
+        self, requests: AsyncIterator[router_pb2.GenerateManyRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[router_pb2.GenerateManyResponse]:
+        """The router's own multiplexing (services/common/multiplex.py) over this stub's generations."""
+        self.generate_many_calls += 1
+        if not self.multiplexing:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not implemented!")
+        async for batch in Session(self._serve, router_pb2.GenerateManyResponse).run(requests):
+            yield batch
+
+    async def _serve(
+        self, request: router_pb2.GenerateRequest, metadata: Sequence[tuple[str, str]]
+    ) -> AsyncIterator[router_pb2.GenerateResponse]:
+        self.active += 1
+        try:
+            async for response in self._checked(request, metadata):
+                yield response
+        finally:
+            self.active -= 1
+
+    async def _checked(
+        self, request: router_pb2.GenerateRequest, metadata: Sequence[tuple[str, str]]
+    ) -> AsyncIterator[router_pb2.GenerateResponse]:
         self.requests.append(request)
-        self.metadata.append({m.key: m.value for m in context.invocation_metadata() or ()})
+        self.metadata.append(dict(metadata))
         request_id = request.request_id or self._next_id
         self._next_id += 1
         for code in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE):
             if code.name in request.text:
-                await context.abort(code, f"stub router: {code.name.lower()} (magic word)")
+                raise ServiceError(code, f"stub router: {code.name.lower()} (magic word)")
         for token_id in request.sampling_params.stop_token_ids:
             if not 0 <= token_id < self.vocab_size:
                 message = f"stop_token_ids entry {token_id} is outside the vocabulary [0, {self.vocab_size})"
-                await abort(context, InvalidRequest(message, param="stop_token_ids"))
+                raise InvalidRequest(message, param="stop_token_ids")
         kind = request.sampling_params.WhichOneof("constraint")
         if kind is not None:
             error = await asyncio.to_thread(compile_constraint, request.sampling_params)
             if error is not None:  # as the router answers: the field at fault as data
-                await abort(context, InvalidRequest(error, param=kind))
+                raise InvalidRequest(error, param=kind)
         try:
             if self.scripts:
                 responses = self._scripted(request, request_id, self.scripts.pop(0))
@@ -253,9 +290,9 @@ class _Sample:
 class StubRouter:
     """Runs `StubRouterService` on 127.0.0.1 (a free port) in a background thread."""
 
-    def __init__(self, tokenizer_dir: Path, max_context_len: int = 256) -> None:
+    def __init__(self, tokenizer_dir: Path, max_context_len: int = 256, port: int = 0) -> None:
         self.service = StubRouterService(tokenizer_dir, max_context_len)
-        self.port = 0
+        self.port = port  # 0: a free one
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="stub-router", daemon=True)
         self._server: grpc.aio.Server | None = None
@@ -272,7 +309,7 @@ class StubRouter:
     async def _start(self) -> None:
         self._server = grpc.aio.server()
         router_pb2_grpc.add_RouterServiceServicer_to_server(self.service, self._server)
-        self.port = self._server.add_insecure_port("127.0.0.1:0")
+        self.port = self._server.add_insecure_port(f"127.0.0.1:{self.port}")
         await self._server.start()
 
     def stop(self) -> None:
@@ -305,6 +342,8 @@ class StubRouter:
         self.service.metadata.clear()
         self.service.cancelled.clear()
         self.service.cancelled_count = 0
+        self.service.multiplexing = True
+        self.service.generate_calls = self.service.generate_many_calls = 0
 
     def wait_cancelled(self, timeout: float) -> bool:
         """True once the stub saw a client-cancelled call, within `timeout` seconds."""

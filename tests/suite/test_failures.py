@@ -1,9 +1,11 @@
 """Failures over real processes: a client that disconnects, a decode worker killed mid-stream,
-a prefill worker killed while idle. The caller gets a prompt, clear error (or a retry before
-the first token), no worker keeps KV for a dead request, and the suite keeps serving."""
+a prefill worker killed while idle, a worker shut down with streams open. The caller gets a
+prompt, clear error (or a retry before the first token), no worker keeps KV for a dead
+request, and the suite keeps serving."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import time
@@ -14,7 +16,10 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.common.multiplex import Multiplexer
+from services.protos.tandem.common.v1 import common_pb2
 from services.protos.tandem.router.v1 import router_pb2
+from services.protos.tandem.worker.v1 import worker_pb2, worker_pb2_grpc
 from tests.suite.cluster import Cluster, Service, collect
 
 pytestmark = pytest.mark.xdist_group("suite_failures")
@@ -110,3 +115,44 @@ def _health(address: str) -> int:
     with grpc.insecure_channel(address) as channel:
         reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
     return int(reply.status)
+
+
+def test_a_worker_shutting_down_refuses_new_streams_and_finishes_open_ones(
+    tiny_llama: Path, tmp_path: Path
+) -> None:
+    """SIGTERM: the server refuses new calls, and the worker refuses new streams of a GenerateMany
+    call already open (UNAVAILABLE: the router would try another worker), while the streams
+    running finish within the grace period."""
+
+    def request(rid: str, max_new_tokens: int) -> worker_pb2.GenerateRequest:
+        params = common_pb2.SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, ignore_eos=True)
+        return worker_pb2.GenerateRequest(rid=rid, token_ids=PROMPT, sampling_params=params)
+
+    async def tokens(call: object) -> list[int]:
+        return [t async for r in call for t in r.output.token_ids]  # type: ignore[attr-defined]
+
+    async def main(worker: Service) -> None:
+        async with grpc.aio.insecure_channel(worker.address) as channel:
+            stub = worker_pb2_grpc.WorkerServiceStub(channel)
+            await stub.GetInfo(worker_pb2.GetInfoRequest(), timeout=90, wait_for_ready=True)
+            mux = Multiplexer(stub, worker_pb2)
+            running = mux.Generate(request("running", 200)).__aiter__()
+            first = await anext(running)
+            worker.process.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + 5
+            while True:  # until the worker has taken the signal in
+                try:
+                    await tokens(mux.Generate(request("new", 1)))
+                except grpc.aio.AioRpcError as exc:
+                    assert exc.code() == grpc.StatusCode.UNAVAILABLE
+                    assert exc.details() == "the worker is shutting down"
+                    break
+                assert time.monotonic() < deadline, "the worker took new streams after SIGTERM"
+                await asyncio.sleep(0.05)
+            rest = [t async for r in running for t in r.output.token_ids]
+            assert len(first.output.token_ids) + len(rest) == 200
+
+    with Cluster(tiny_llama, tmp_path) as cluster:
+        worker = cluster.start_worker("unified", register=False)
+        asyncio.run(main(worker))
+        assert worker.process.wait(timeout=30) == 0

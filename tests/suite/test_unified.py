@@ -3,13 +3,19 @@ the admin HTTP endpoint adds, drains and removes them at runtime."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import httpx
 import pytest
 
+from services.common.multiplex import Multiplexer
 from services.launcher import free_port
+from services.protos.tandem.common.v1 import common_pb2
+from services.protos.tandem.worker.v1 import worker_pb2, worker_pb2_grpc
 from tests.engine.hf_reference import hf_greedy
 from tests.suite.cluster import Cluster, Service, collect
 
@@ -39,6 +45,51 @@ def test_unified_greedy_equals_hf(unified: tuple[Cluster, str, list[Service]], t
     assert seen == {w.address for w in workers}  # round robin over both
     for worker in workers:
         assert worker.load().counters["prompt_tokens_computed"] > 0
+
+
+def test_a_workers_generate_many_answers_as_its_generate_calls(
+    unified: tuple[Cluster, str, list[Service]], tiny_llama: Path
+) -> None:
+    """The router's way to a worker (one GenerateMany call, services/common/multiplex.py) against
+    Generate calls on a real worker: the same greedy tokens (HF's), and a cancelled stream ends
+    its request in the engine while the call serves on."""
+    worker = unified[2][1]
+    prompts = [list(range(20 + i, 41 + 2 * i)) for i in range(6)]
+
+    def request(rid: str, prompt: list[int], max_new_tokens: int = 7) -> worker_pb2.GenerateRequest:
+        params = common_pb2.SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, ignore_eos=True)
+        return worker_pb2.GenerateRequest(rid=rid, token_ids=prompt, sampling_params=params)
+
+    async def tokens(call: object) -> list[int]:
+        out: list[int] = []
+        async for response in call:  # type: ignore[attr-defined]
+            out.extend(response.output.token_ids)
+        return out
+
+    async def main() -> None:
+        async with grpc.aio.insecure_channel(worker.address) as channel:
+            stub = worker_pb2_grpc.WorkerServiceStub(channel)
+            mux = Multiplexer(stub, worker_pb2)
+            many = await asyncio.gather(
+                *(tokens(mux.Generate(request(f"m{i}", p))) for i, p in enumerate(prompts))
+            )
+            single = await asyncio.gather(
+                *(tokens(stub.Generate(request(f"s{i}", p))) for i, p in enumerate(prompts))
+            )
+            assert many == single == [hf_greedy(tiny_llama, p, 7) for p in prompts]
+            assert mux.multiplexed and mux.open_streams() == 0
+            long = mux.Generate(request("long", prompts[0], max_new_tokens=200))
+            async for _ in long:  # type: ignore[attr-defined]
+                long.cancel()  # after its first output
+                break
+            deadline = time.monotonic() + 30
+            while (await stub.GetLoad(worker_pb2.GetLoadRequest(), timeout=5)).running_requests:
+                assert time.monotonic() < deadline, "the cancelled request still runs"
+                await asyncio.sleep(0.05)
+            assert await tokens(mux.Generate(request("after", prompts[1]))) == many[1]  # same call
+            mux.close()
+
+    asyncio.run(main())
 
 
 def test_admin_http_drain_remove_add(unified: tuple[Cluster, str, list[Service]]) -> None:

@@ -40,6 +40,11 @@ class RouterServiceStub:
                 request_serializer=tandem_dot_router_dot_v1_dot_router__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=tandem_dot_router_dot_v1_dot_router__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.GenerateMany = channel.stream_stream(
+                '/tandem.router.v1.RouterService/GenerateMany',
+                request_serializer=tandem_dot_router_dot_v1_dot_router__pb2.GenerateManyRequest.SerializeToString,
+                response_deserializer=tandem_dot_router_dot_v1_dot_router__pb2.GenerateManyResponse.FromString,
+                _registered_method=True)
         self.ListModels = channel.unary_unary(
                 '/tandem.router.v1.RouterService/ListModels',
                 request_serializer=tandem_dot_router_dot_v1_dot_router__pb2.ListModelsRequest.SerializeToString,
@@ -62,6 +67,20 @@ class RouterServiceServicer:
 
     def Generate(self, request, context):
         """Streams increments of every sample until all of them carry `finish`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GenerateMany(self, request_iterator, context):
+        """Many Generate calls over one stream, for a front end that holds many at once (the gateway
+        does): the client opens and cancels generations under stream ids of its choosing, and the
+        router answers with batches of events, each batch holding whatever every open generation
+        produced since the previous batch went out (one increment at a time when the client keeps
+        up, several when it falls behind). Per stream it means what a Generate call means: the same
+        checks, increments and errors, the error a StreamEnd. gRPC costs a message, not a token.
+        A protocol violation (no action, a stream id already open) ends the whole call with
+        INVALID_ARGUMENT; a client that half-closes gets its open generations to the end first.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -96,6 +115,11 @@ def add_RouterServiceServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=tandem_dot_router_dot_v1_dot_router__pb2.GenerateRequest.FromString,
                     response_serializer=tandem_dot_router_dot_v1_dot_router__pb2.GenerateResponse.SerializeToString,
+            ),
+            'GenerateMany': grpc.stream_stream_rpc_method_handler(
+                    servicer.GenerateMany,
+                    request_deserializer=tandem_dot_router_dot_v1_dot_router__pb2.GenerateManyRequest.FromString,
+                    response_serializer=tandem_dot_router_dot_v1_dot_router__pb2.GenerateManyResponse.SerializeToString,
             ),
             'ListModels': grpc.unary_unary_rpc_method_handler(
                     servicer.ListModels,
@@ -140,6 +164,33 @@ class RouterService:
             '/tandem.router.v1.RouterService/Generate',
             tandem_dot_router_dot_v1_dot_router__pb2.GenerateRequest.SerializeToString,
             tandem_dot_router_dot_v1_dot_router__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GenerateMany(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/tandem.router.v1.RouterService/GenerateMany',
+            tandem_dot_router_dot_v1_dot_router__pb2.GenerateManyRequest.SerializeToString,
+            tandem_dot_router_dot_v1_dot_router__pb2.GenerateManyResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -26,7 +26,7 @@ _sym_db = _symbol_database.Default()
 from services.protos.tandem.common.v1 import common_pb2 as tandem_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dtandem/worker/v1/worker.proto\x12\x10tandem.worker.v1\x1a\x1dtandem/common/v1/common.proto\"\x10\n\x0eGetInfoRequest\"\xe5\x01\n\x0fGetInfoResponse\x12*\n\x04role\x18\x01 \x01(\x0e\x32\x1c.tandem.common.v1.WorkerRole\x12\r\n\x05model\x18\x02 \x01(\t\x12\x17\n\x0fmax_context_len\x18\x03 \x01(\r\x12\x12\n\nvocab_size\x18\x04 \x01(\r\x12\x11\n\tpage_size\x18\x05 \x01(\r\x12\x11\n\tkv_layout\x18\x06 \x01(\t\x12\x33\n\x0ckv_transport\x18\x07 \x01(\x0e\x32\x1d.tandem.worker.v1.KvTransport\x12\x0f\n\x07tp_size\x18\x08 \x01(\r\"\x10\n\x0eGetLoadRequest\"\x9f\x02\n\x0fGetLoadResponse\x12\x18\n\x10running_requests\x18\x01 \x01(\r\x12\x18\n\x10waiting_requests\x18\x02 \x01(\r\x12\x16\n\x0ekv_free_tokens\x18\x03 \x01(\x04\x12\x1b\n\x13kv_evictable_tokens\x18\x04 \x01(\x04\x12\x16\n\x0ekv_used_tokens\x18\x05 \x01(\x04\x12\x17\n\x0fkv_total_tokens\x18\x06 \x01(\x04\x12\x41\n\x08\x63ounters\x18\x07 \x03(\x0b\x32/.tandem.worker.v1.GetLoadResponse.CountersEntry\x1a/\n\rCountersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"\xcd\x01\n\x0fGenerateRequest\x12\x0b\n\x03rid\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x39\n\x0fsampling_params\x18\x03 \x01(\x0b\x32 .tandem.common.v1.SamplingParams\x12\x16\n\x0ereturn_logprob\x18\x04 \x01(\x08\x12\x18\n\x10top_logprobs_num\x18\x05 \x01(\r\x12\x13\n\x0bkv_lease_ms\x18\x06 \x01(\r\x12\x18\n\x10stall_timeout_ms\x18\x07 \x01(\r\"x\n\x0c\x45mbedRequest\x12\x0b\n\x03rid\x18\x01 \x01(\t\x12*\n\x06inputs\x18\x02 \x03(\x0b\x32\x1a.tandem.common.v1.TokenIds\x12/\n\x07options\x18\x03 \x01(\x0b\x32\x1e.tandem.common.v1.EmbedOptions\"@\n\rEmbedResponse\x12/\n\nembeddings\x18\x01 \x03(\x0b\x32\x1b.tandem.common.v1.Embedding\"\xb2\x01\n\x10GenerateResponse\x12\x34\n\x0breservation\x18\x01 \x01(\x0b\x32\x1d.tandem.worker.v1.ReservationH\x00\x12*\n\x06output\x18\x02 \x01(\x0b\x32\x18.tandem.common.v1.OutputH\x00\x12\x30\n\tkeepalive\x18\x03 \x01(\x0b\x32\x1b.tandem.worker.v1.KeepaliveH\x00\x42\n\n\x08response\"\x1a\n\tKeepalive\x12\r\n\x05phase\x18\x01 \x01(\t\"\xac\x01\n\x0bReservation\x12\x0b\n\x03rid\x18\x01 \x01(\t\x12\x12\n\nagent_name\x18\x02 \x01(\t\x12\x10\n\x08page_ids\x18\x03 \x03(\r\x12\x11\n\tpage_size\x18\x04 \x01(\r\x12\x11\n\tkv_layout\x18\x05 \x01(\t\x12\x33\n\x0ckv_transport\x18\x06 \x01(\x0e\x32\x1d.tandem.worker.v1.KvTransport\x12\x0f\n\x07tp_size\x18\x07 \x01(\r\"\x90\x01\n\x0ePrefillRequest\x12\x32\n\x07request\x18\x01 \x01(\x0b\x32!.tandem.worker.v1.GenerateRequest\x12\x32\n\x0breservation\x18\x02 \x01(\x0b\x32\x1d.tandem.worker.v1.Reservation\x12\x16\n\x0e\x64\x65\x63ode_address\x18\x03 \x01(\t\"i\n\x0fPrefillResponse\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x15\n\rcached_tokens\x18\x02 \x01(\r\x12\x16\n\x0e\x66irst_token_id\x18\x03 \x01(\x05\x12\x10\n\x08kv_bytes\x18\x04 \x01(\x04\"\x1c\n\x1aGetTransferMetadataRequest\"C\n\x1bGetTransferMetadataResponse\x12\x12\n\nagent_name\x18\x01 \x01(\t\x12\x10\n\x08metadata\x18\x02 \x01(\x0c\";\n\x0eWriteKvRequest\x12\x0b\n\x03rid\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x0e\n\x06\x63ommit\x18\x03 \x01(\x0c\"\x11\n\x0fWriteKvResponse\"\x1f\n\x10ReserveKvRequest\x12\x0b\n\x03rid\x18\x01 \x01(\t\"%\n\x11ReserveKvResponse\x12\x10\n\x08page_ids\x18\x01 \x03(\r*Y\n\x0bKvTransport\x12\x1c\n\x18KV_TRANSPORT_UNSPECIFIED\x10\x00\x12\x15\n\x11KV_TRANSPORT_NIXL\x10\x01\x12\x15\n\x11KV_TRANSPORT_GRPC\x10\x02\x32\xce\x02\n\rWorkerService\x12N\n\x07GetInfo\x12 .tandem.worker.v1.GetInfoRequest\x1a!.tandem.worker.v1.GetInfoResponse\x12N\n\x07GetLoad\x12 .tandem.worker.v1.GetLoadRequest\x1a!.tandem.worker.v1.GetLoadResponse\x12S\n\x08Generate\x12!.tandem.worker.v1.GenerateRequest\x1a\".tandem.worker.v1.GenerateResponse0\x01\x12H\n\x05\x45mbed\x12\x1e.tandem.worker.v1.EmbedRequest\x1a\x1f.tandem.worker.v1.EmbedResponse2`\n\x0ePrefillService\x12N\n\x07Prefill\x12 .tandem.worker.v1.PrefillRequest\x1a!.tandem.worker.v1.PrefillResponse2\x80\x03\n\rDecodeService\x12S\n\x08Generate\x12!.tandem.worker.v1.GenerateRequest\x1a\".tandem.worker.v1.GenerateResponse0\x01\x12r\n\x13GetTransferMetadata\x12,.tandem.worker.v1.GetTransferMetadataRequest\x1a-.tandem.worker.v1.GetTransferMetadataResponse\x12P\n\x07WriteKv\x12 .tandem.worker.v1.WriteKvRequest\x1a!.tandem.worker.v1.WriteKvResponse(\x01\x12T\n\tReserveKv\x12\".tandem.worker.v1.ReserveKvRequest\x1a#.tandem.worker.v1.ReserveKvResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dtandem/worker/v1/worker.proto\x12\x10tandem.worker.v1\x1a\x1dtandem/common/v1/common.proto\"\x10\n\x0eGetInfoRequest\"\xe5\x01\n\x0fGetInfoResponse\x12*\n\x04role\x18\x01 \x01(\x0e\x32\x1c.tandem.common.v1.WorkerRole\x12\r\n\x05model\x18\x02 \x01(\t\x12\x17\n\x0fmax_context_len\x18\x03 \x01(\r\x12\x12\n\nvocab_size\x18\x04 \x01(\r\x12\x11\n\tpage_size\x18\x05 \x01(\r\x12\x11\n\tkv_layout\x18\x06 \x01(\t\x12\x33\n\x0ckv_transport\x18\x07 \x01(\x0e\x32\x1d.tandem.worker.v1.KvTransport\x12\x0f\n\x07tp_size\x18\x08 \x01(\r\"\x10\n\x0eGetLoadRequest\"\x9f\x02\n\x0fGetLoadResponse\x12\x18\n\x10running_requests\x18\x01 \x01(\r\x12\x18\n\x10waiting_requests\x18\x02 \x01(\r\x12\x16\n\x0ekv_free_tokens\x18\x03 \x01(\x04\x12\x1b\n\x13kv_evictable_tokens\x18\x04 \x01(\x04\x12\x16\n\x0ekv_used_tokens\x18\x05 \x01(\x04\x12\x17\n\x0fkv_total_tokens\x18\x06 \x01(\x04\x12\x41\n\x08\x63ounters\x18\x07 \x03(\x0b\x32/.tandem.worker.v1.GetLoadResponse.CountersEntry\x1a/\n\rCountersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"\xcd\x01\n\x0fGenerateRequest\x12\x0b\n\x03rid\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x39\n\x0fsampling_params\x18\x03 \x01(\x0b\x32 .tandem.common.v1.SamplingParams\x12\x16\n\x0ereturn_logprob\x18\x04 \x01(\x08\x12\x18\n\x10top_logprobs_num\x18\x05 \x01(\r\x12\x13\n\x0bkv_lease_ms\x18\x06 \x01(\r\x12\x18\n\x10stall_timeout_ms\x18\x07 \x01(\r\"x\n\x0c\x45mbedRequest\x12\x0b\n\x03rid\x18\x01 \x01(\t\x12*\n\x06inputs\x18\x02 \x03(\x0b\x32\x1a.tandem.common.v1.TokenIds\x12/\n\x07options\x18\x03 \x01(\x0b\x32\x1e.tandem.common.v1.EmbedOptions\"@\n\rEmbedResponse\x12/\n\nembeddings\x18\x01 \x03(\x0b\x32\x1b.tandem.common.v1.Embedding\"\xb2\x01\n\x10GenerateResponse\x12\x34\n\x0breservation\x18\x01 \x01(\x0b\x32\x1d.tandem.worker.v1.ReservationH\x00\x12*\n\x06output\x18\x02 \x01(\x0b\x32\x18.tandem.common.v1.OutputH\x00\x12\x30\n\tkeepalive\x18\x03 \x01(\x0b\x32\x1b.tandem.worker.v1.KeepaliveH\x00\x42\n\n\x08response\"_\n\x13GenerateManyRequest\x12,\n\x04open\x18\x01 \x01(\x0b\x32\x1c.tandem.worker.v1.OpenStreamH\x00\x12\x10\n\x06\x63\x61ncel\x18\x02 \x01(\x04H\x00\x42\x08\n\x06\x61\x63tion\"\x9a\x01\n\nOpenStream\x12\x11\n\tstream_id\x18\x01 \x01(\x04\x12\x32\n\x07request\x18\x02 \x01(\x0b\x32!.tandem.worker.v1.GenerateRequest\x12\x31\n\x08metadata\x18\x03 \x03(\x0b\x32\x1f.tandem.common.v1.MetadataEntry\x12\x12\n\ntimeout_ms\x18\x04 \x01(\r\"E\n\x14GenerateManyResponse\x12-\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1d.tandem.worker.v1.StreamEvent\"\x8d\x01\n\x0bStreamEvent\x12\x11\n\tstream_id\x18\x01 \x01(\x04\x12\x36\n\x08response\x18\x02 \x01(\x0b\x32\".tandem.worker.v1.GenerateResponseH\x00\x12*\n\x03\x65nd\x18\x03 \x01(\x0b\x32\x1b.tandem.common.v1.StreamEndH\x00\x42\x07\n\x05\x65vent\"\x1a\n\tKeepalive\x12\r\n\x05phase\x18\x01 \x01(\t\"\xac\x01\n\x0bReservation\x12\x0b\n\x03rid\x18\x01 \x01(\t\x12\x12\n\nagent_name\x18\x02 \x01(\t\x12\x10\n\x08page_ids\x18\x03 \x03(\r\x12\x11\n\tpage_size\x18\x04 \x01(\r\x12\x11\n\tkv_layout\x18\x05 \x01(\t\x12\x33\n\x0ckv_transport\x18\x06 \x01(\x0e\x32\x1d.tandem.worker.v1.KvTransport\x12\x0f\n\x07tp_size\x18\x07 \x01(\r\"\x90\x01\n\x0ePrefillRequest\x12\x32\n\x07request\x18\x01 \x01(\x0b\x32!.tandem.worker.v1.GenerateRequest\x12\x32\n\x0breservation\x18\x02 \x01(\x0b\x32\x1d.tandem.worker.v1.Reservation\x12\x16\n\x0e\x64\x65\x63ode_address\x18\x03 \x01(\t\"i\n\x0fPrefillResponse\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x15\n\rcached_tokens\x18\x02 \x01(\r\x12\x16\n\x0e\x66irst_token_id\x18\x03 \x01(\x05\x12\x10\n\x08kv_bytes\x18\x04 \x01(\x04\"\x1c\n\x1aGetTransferMetadataRequest\"C\n\x1bGetTransferMetadataResponse\x12\x12\n\nagent_name\x18\x01 \x01(\t\x12\x10\n\x08metadata\x18\x02 \x01(\x0c\";\n\x0eWriteKvRequest\x12\x0b\n\x03rid\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x0e\n\x06\x63ommit\x18\x03 \x01(\x0c\"\x11\n\x0fWriteKvResponse\"\x1f\n\x10ReserveKvRequest\x12\x0b\n\x03rid\x18\x01 \x01(\t\"%\n\x11ReserveKvResponse\x12\x10\n\x08page_ids\x18\x01 \x03(\r*Y\n\x0bKvTransport\x12\x1c\n\x18KV_TRANSPORT_UNSPECIFIED\x10\x00\x12\x15\n\x11KV_TRANSPORT_NIXL\x10\x01\x12\x15\n\x11KV_TRANSPORT_GRPC\x10\x02\x32\xb1\x03\n\rWorkerService\x12N\n\x07GetInfo\x12 .tandem.worker.v1.GetInfoRequest\x1a!.tandem.worker.v1.GetInfoResponse\x12N\n\x07GetLoad\x12 .tandem.worker.v1.GetLoadRequest\x1a!.tandem.worker.v1.GetLoadResponse\x12S\n\x08Generate\x12!.tandem.worker.v1.GenerateRequest\x1a\".tandem.worker.v1.GenerateResponse0\x01\x12\x61\n\x0cGenerateMany\x12%.tandem.worker.v1.GenerateManyRequest\x1a&.tandem.worker.v1.GenerateManyResponse(\x01\x30\x01\x12H\n\x05\x45mbed\x12\x1e.tandem.worker.v1.EmbedRequest\x1a\x1f.tandem.worker.v1.EmbedResponse2`\n\x0ePrefillService\x12N\n\x07Prefill\x12 .tandem.worker.v1.PrefillRequest\x1a!.tandem.worker.v1.PrefillResponse2\xe3\x03\n\rDecodeService\x12S\n\x08Generate\x12!.tandem.worker.v1.GenerateRequest\x1a\".tandem.worker.v1.GenerateResponse0\x01\x12\x61\n\x0cGenerateMany\x12%.tandem.worker.v1.GenerateManyRequest\x1a&.tandem.worker.v1.GenerateManyResponse(\x01\x30\x01\x12r\n\x13GetTransferMetadata\x12,.tandem.worker.v1.GetTransferMetadataRequest\x1a-.tandem.worker.v1.GetTransferMetadataResponse\x12P\n\x07WriteKv\x12 .tandem.worker.v1.WriteKvRequest\x1a!.tandem.worker.v1.WriteKvResponse(\x01\x12T\n\tReserveKv\x12\".tandem.worker.v1.ReserveKvRequest\x1a#.tandem.worker.v1.ReserveKvResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,8 +35,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GETLOADRESPONSE_COUNTERSENTRY']._loaded_options = None
   _globals['_GETLOADRESPONSE_COUNTERSENTRY']._serialized_options = b'8\001'
-  _globals['_KVTRANSPORT']._serialized_start=1925
-  _globals['_KVTRANSPORT']._serialized_end=2014
+  _globals['_KVTRANSPORT']._serialized_start=2394
+  _globals['_KVTRANSPORT']._serialized_end=2483
   _globals['_GETINFOREQUEST']._serialized_start=82
   _globals['_GETINFOREQUEST']._serialized_end=98
   _globals['_GETINFORESPONSE']._serialized_start=101
@@ -55,30 +55,38 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EMBEDRESPONSE']._serialized_end=1034
   _globals['_GENERATERESPONSE']._serialized_start=1037
   _globals['_GENERATERESPONSE']._serialized_end=1215
-  _globals['_KEEPALIVE']._serialized_start=1217
-  _globals['_KEEPALIVE']._serialized_end=1243
-  _globals['_RESERVATION']._serialized_start=1246
-  _globals['_RESERVATION']._serialized_end=1418
-  _globals['_PREFILLREQUEST']._serialized_start=1421
-  _globals['_PREFILLREQUEST']._serialized_end=1565
-  _globals['_PREFILLRESPONSE']._serialized_start=1567
-  _globals['_PREFILLRESPONSE']._serialized_end=1672
-  _globals['_GETTRANSFERMETADATAREQUEST']._serialized_start=1674
-  _globals['_GETTRANSFERMETADATAREQUEST']._serialized_end=1702
-  _globals['_GETTRANSFERMETADATARESPONSE']._serialized_start=1704
-  _globals['_GETTRANSFERMETADATARESPONSE']._serialized_end=1771
-  _globals['_WRITEKVREQUEST']._serialized_start=1773
-  _globals['_WRITEKVREQUEST']._serialized_end=1832
-  _globals['_WRITEKVRESPONSE']._serialized_start=1834
-  _globals['_WRITEKVRESPONSE']._serialized_end=1851
-  _globals['_RESERVEKVREQUEST']._serialized_start=1853
-  _globals['_RESERVEKVREQUEST']._serialized_end=1884
-  _globals['_RESERVEKVRESPONSE']._serialized_start=1886
-  _globals['_RESERVEKVRESPONSE']._serialized_end=1923
-  _globals['_WORKERSERVICE']._serialized_start=2017
-  _globals['_WORKERSERVICE']._serialized_end=2351
-  _globals['_PREFILLSERVICE']._serialized_start=2353
-  _globals['_PREFILLSERVICE']._serialized_end=2449
-  _globals['_DECODESERVICE']._serialized_start=2452
-  _globals['_DECODESERVICE']._serialized_end=2836
+  _globals['_GENERATEMANYREQUEST']._serialized_start=1217
+  _globals['_GENERATEMANYREQUEST']._serialized_end=1312
+  _globals['_OPENSTREAM']._serialized_start=1315
+  _globals['_OPENSTREAM']._serialized_end=1469
+  _globals['_GENERATEMANYRESPONSE']._serialized_start=1471
+  _globals['_GENERATEMANYRESPONSE']._serialized_end=1540
+  _globals['_STREAMEVENT']._serialized_start=1543
+  _globals['_STREAMEVENT']._serialized_end=1684
+  _globals['_KEEPALIVE']._serialized_start=1686
+  _globals['_KEEPALIVE']._serialized_end=1712
+  _globals['_RESERVATION']._serialized_start=1715
+  _globals['_RESERVATION']._serialized_end=1887
+  _globals['_PREFILLREQUEST']._serialized_start=1890
+  _globals['_PREFILLREQUEST']._serialized_end=2034
+  _globals['_PREFILLRESPONSE']._serialized_start=2036
+  _globals['_PREFILLRESPONSE']._serialized_end=2141
+  _globals['_GETTRANSFERMETADATAREQUEST']._serialized_start=2143
+  _globals['_GETTRANSFERMETADATAREQUEST']._serialized_end=2171
+  _globals['_GETTRANSFERMETADATARESPONSE']._serialized_start=2173
+  _globals['_GETTRANSFERMETADATARESPONSE']._serialized_end=2240
+  _globals['_WRITEKVREQUEST']._serialized_start=2242
+  _globals['_WRITEKVREQUEST']._serialized_end=2301
+  _globals['_WRITEKVRESPONSE']._serialized_start=2303
+  _globals['_WRITEKVRESPONSE']._serialized_end=2320
+  _globals['_RESERVEKVREQUEST']._serialized_start=2322
+  _globals['_RESERVEKVREQUEST']._serialized_end=2353
+  _globals['_RESERVEKVRESPONSE']._serialized_start=2355
+  _globals['_RESERVEKVRESPONSE']._serialized_end=2392
+  _globals['_WORKERSERVICE']._serialized_start=2486
+  _globals['_WORKERSERVICE']._serialized_end=2919
+  _globals['_PREFILLSERVICE']._serialized_start=2921
+  _globals['_PREFILLSERVICE']._serialized_end=3017
+  _globals['_DECODESERVICE']._serialized_start=3020
+  _globals['_DECODESERVICE']._serialized_end=3503
 # @@protoc_insertion_point(module_scope)

@@ -114,6 +114,42 @@ class GenerateResponse(_message.Message):
     keepalive: Keepalive
     def __init__(self, reservation: _Optional[_Union[Reservation, _Mapping]] = ..., output: _Optional[_Union[_common_pb2.Output, _Mapping]] = ..., keepalive: _Optional[_Union[Keepalive, _Mapping]] = ...) -> None: ...
 
+class GenerateManyRequest(_message.Message):
+    __slots__ = ("open", "cancel")
+    OPEN_FIELD_NUMBER: _ClassVar[int]
+    CANCEL_FIELD_NUMBER: _ClassVar[int]
+    open: OpenStream
+    cancel: int
+    def __init__(self, open: _Optional[_Union[OpenStream, _Mapping]] = ..., cancel: _Optional[int] = ...) -> None: ...
+
+class OpenStream(_message.Message):
+    __slots__ = ("stream_id", "request", "metadata", "timeout_ms")
+    STREAM_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    METADATA_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    stream_id: int
+    request: GenerateRequest
+    metadata: _containers.RepeatedCompositeFieldContainer[_common_pb2.MetadataEntry]
+    timeout_ms: int
+    def __init__(self, stream_id: _Optional[int] = ..., request: _Optional[_Union[GenerateRequest, _Mapping]] = ..., metadata: _Optional[_Iterable[_Union[_common_pb2.MetadataEntry, _Mapping]]] = ..., timeout_ms: _Optional[int] = ...) -> None: ...
+
+class GenerateManyResponse(_message.Message):
+    __slots__ = ("events",)
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    events: _containers.RepeatedCompositeFieldContainer[StreamEvent]
+    def __init__(self, events: _Optional[_Iterable[_Union[StreamEvent, _Mapping]]] = ...) -> None: ...
+
+class StreamEvent(_message.Message):
+    __slots__ = ("stream_id", "response", "end")
+    STREAM_ID_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    stream_id: int
+    response: GenerateResponse
+    end: _common_pb2.StreamEnd
+    def __init__(self, stream_id: _Optional[int] = ..., response: _Optional[_Union[GenerateResponse, _Mapping]] = ..., end: _Optional[_Union[_common_pb2.StreamEnd, _Mapping]] = ...) -> None: ...
+
 class Keepalive(_message.Message):
     __slots__ = ("phase",)
     PHASE_FIELD_NUMBER: _ClassVar[int]

@@ -50,6 +50,11 @@ class WorkerServiceStub:
                 request_serializer=tandem_dot_worker_dot_v1_dot_worker__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=tandem_dot_worker_dot_v1_dot_worker__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.GenerateMany = channel.stream_stream(
+                '/tandem.worker.v1.WorkerService/GenerateMany',
+                request_serializer=tandem_dot_worker_dot_v1_dot_worker__pb2.GenerateManyRequest.SerializeToString,
+                response_deserializer=tandem_dot_worker_dot_v1_dot_worker__pb2.GenerateManyResponse.FromString,
+                _registered_method=True)
         self.Embed = channel.unary_unary(
                 '/tandem.worker.v1.WorkerService/Embed',
                 request_serializer=tandem_dot_worker_dot_v1_dot_worker__pb2.EmbedRequest.SerializeToString,
@@ -74,6 +79,16 @@ class WorkerServiceServicer:
 
     def Generate(self, request, context):
         """Unified workers: prompt in, streamed outputs out (n = 1; the router fans out n).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GenerateMany(self, request_iterator, context):
+        """Unified workers: many Generate calls over one stream (the router holds one per worker),
+        as the router's own GenerateMany: streams opened and cancelled by id, batches of every open
+        stream's messages back (one engine step's outputs travel as one message), each stream ended
+        by the status its Generate call would have ended with.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -104,6 +119,11 @@ def add_WorkerServiceServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=tandem_dot_worker_dot_v1_dot_worker__pb2.GenerateRequest.FromString,
                     response_serializer=tandem_dot_worker_dot_v1_dot_worker__pb2.GenerateResponse.SerializeToString,
+            ),
+            'GenerateMany': grpc.stream_stream_rpc_method_handler(
+                    servicer.GenerateMany,
+                    request_deserializer=tandem_dot_worker_dot_v1_dot_worker__pb2.GenerateManyRequest.FromString,
+                    response_serializer=tandem_dot_worker_dot_v1_dot_worker__pb2.GenerateManyResponse.SerializeToString,
             ),
             'Embed': grpc.unary_unary_rpc_method_handler(
                     servicer.Embed,
@@ -192,6 +212,33 @@ class WorkerService:
             '/tandem.worker.v1.WorkerService/Generate',
             tandem_dot_worker_dot_v1_dot_worker__pb2.GenerateRequest.SerializeToString,
             tandem_dot_worker_dot_v1_dot_worker__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GenerateMany(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/tandem.worker.v1.WorkerService/GenerateMany',
+            tandem_dot_worker_dot_v1_dot_worker__pb2.GenerateManyRequest.SerializeToString,
+            tandem_dot_worker_dot_v1_dot_worker__pb2.GenerateManyResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -317,6 +364,11 @@ class DecodeServiceStub:
                 request_serializer=tandem_dot_worker_dot_v1_dot_worker__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=tandem_dot_worker_dot_v1_dot_worker__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.GenerateMany = channel.stream_stream(
+                '/tandem.worker.v1.DecodeService/GenerateMany',
+                request_serializer=tandem_dot_worker_dot_v1_dot_worker__pb2.GenerateManyRequest.SerializeToString,
+                response_deserializer=tandem_dot_worker_dot_v1_dot_worker__pb2.GenerateManyResponse.FromString,
+                _registered_method=True)
         self.GetTransferMetadata = channel.unary_unary(
                 '/tandem.worker.v1.DecodeService/GetTransferMetadata',
                 request_serializer=tandem_dot_worker_dot_v1_dot_worker__pb2.GetTransferMetadataRequest.SerializeToString,
@@ -339,6 +391,13 @@ class DecodeServiceServicer:
 
     def Generate(self, request, context):
         """First response: the reservation; then the outputs, as WorkerService.Generate.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GenerateMany(self, request_iterator, context):
+        """Many Generate calls over one stream, as WorkerService.GenerateMany.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -375,6 +434,11 @@ def add_DecodeServiceServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=tandem_dot_worker_dot_v1_dot_worker__pb2.GenerateRequest.FromString,
                     response_serializer=tandem_dot_worker_dot_v1_dot_worker__pb2.GenerateResponse.SerializeToString,
+            ),
+            'GenerateMany': grpc.stream_stream_rpc_method_handler(
+                    servicer.GenerateMany,
+                    request_deserializer=tandem_dot_worker_dot_v1_dot_worker__pb2.GenerateManyRequest.FromString,
+                    response_serializer=tandem_dot_worker_dot_v1_dot_worker__pb2.GenerateManyResponse.SerializeToString,
             ),
             'GetTransferMetadata': grpc.unary_unary_rpc_method_handler(
                     servicer.GetTransferMetadata,
@@ -419,6 +483,33 @@ class DecodeService:
             '/tandem.worker.v1.DecodeService/Generate',
             tandem_dot_worker_dot_v1_dot_worker__pb2.GenerateRequest.SerializeToString,
             tandem_dot_worker_dot_v1_dot_worker__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GenerateMany(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/tandem.worker.v1.DecodeService/GenerateMany',
+            tandem_dot_worker_dot_v1_dot_worker__pb2.GenerateManyRequest.SerializeToString,
+            tandem_dot_worker_dot_v1_dot_worker__pb2.GenerateManyResponse.FromString,
             options,
             channel_credentials,
             insecure,
