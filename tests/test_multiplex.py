@@ -14,7 +14,7 @@ import pytest
 
 from services.common.decoding import add_servicer
 from services.common.errors import ServiceError, grpc_errors
-from services.common.multiplex import Session
+from services.common.multiplex import MAX_BATCH_EVENTS, Session
 from services.protos.tandem.common.v1 import common_pb2
 from services.protos.tandem.router.v1 import router_pb2, router_pb2_grpc
 from shared.errors import InvalidRequest
@@ -23,7 +23,8 @@ from shared.errors import InvalidRequest
 class _Servicer(router_pb2_grpc.RouterServiceServicer):
     """Generations scripted by the request's text: "tokens:N" N increments (one per loop turn,
     "slow" 20 ms apart), "invalid" INVALID_ARGUMENT naming a field, "busy" RESOURCE_EXHAUSTED after
-    one increment, "forever" an increment every 10 ms until cancelled."""
+    one increment, "forever" an increment every 10 ms until cancelled, "burst" all at once (no
+    await between them)."""
 
     def __init__(self) -> None:
         self.running: set[int] = set()  # request ids whose generation has not ended
@@ -56,6 +57,8 @@ class _Servicer(router_pb2_grpc.RouterServiceServicer):
                 if i == count - 1:
                     output.finish.reason = common_pb2.FINISH_REASON_LENGTH
                 yield router_pb2.GenerateResponse(request_id=rid, output=output)
+                if "burst" in text:
+                    continue
                 await asyncio.sleep(0.02 if "slow" in text else 0.01 if text in ("forever", "busy") else 0)
         except asyncio.CancelledError:
             self.cancelled.append(rid)
@@ -153,6 +156,17 @@ def test_a_client_that_falls_behind_gets_batches() -> None:
         # Far fewer messages than events, and batches mixing streams.
         assert len(client.batches) <= 8 * 21 // 4
         assert max(len({e.stream_id for e in b.events}) for b in client.batches) > 1
+
+    _run(test)
+
+
+def test_a_large_backlog_goes_out_in_bounded_messages() -> None:
+    async def test(client: _Client, servicer: _Servicer) -> None:
+        client.send(_open(1, "burst tokens:5000"))
+        events = await client.until_ended({1})
+        assert [e.response.output.text for e in events[1][:-1]] == [f"t{i}" for i in range(5000)]
+        assert len(client.batches) >= 3
+        assert max(len(b.events) for b in client.batches) == MAX_BATCH_EVENTS
 
     _run(test)
 

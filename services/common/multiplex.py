@@ -18,7 +18,7 @@ server  `Session(generate, batch_type).run(requests)`, the servicer's GenerateMa
     writer     (`run`, the call's response stream) sends the pending batch as one message;
                while gRPC writes it the next one gathers, so a client that keeps up gets what
                one moment produced (one engine step's outputs) and one that falls behind gets
-               fewer, larger messages
+               fewer, larger messages (at most MAX_BATCH_EVENTS events each)
   A protocol violation (an action missing, a stream id already open) ends the call with
   INVALID_ARGUMENT. The client half-closing lets its open streams finish before the call ends;
   the call ending otherwise (cancelled, the connection lost) cancels every stream.
@@ -53,6 +53,9 @@ Metadata = Sequence[tuple[str, str]]
 # responses out; a failure raises what Generate's status is made from.
 Generation = Callable[[Any, Metadata], AsyncIterator[Any]]
 
+# Events in one message at most: a client far behind gets its backlog in several messages, each
+# well under gRPC's 4 MiB default receive limit even with top logprobs (~0.5 KB an event).
+MAX_BATCH_EVENTS = 2048
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
 _WRITE_RACE = "Internal error from Core"  # grpc.aio's status when a send fails as the call ends
 PROBE_TIMEOUT_S = 5.0
@@ -82,7 +85,8 @@ class Session:
             while True:
                 if self._batch.events:
                     batch, self._batch = self._batch, self._batch_type()
-                    yield batch  # gRPC writes it; meanwhile the streams fill the next one
+                    for part in self._parts(batch):
+                        yield part  # gRPC writes it; meanwhile the streams fill the next batch
                     continue
                 if reader.done():
                     reader.result()  # a protocol violation ends the call with its status
@@ -94,6 +98,16 @@ class Session:
             reader.cancel()
             for task in self._streams.values():
                 task.cancel()
+
+    def _parts(self, batch: Any) -> list[Any]:
+        """`batch` as messages of at most MAX_BATCH_EVENTS events, in order."""
+        events = batch.events
+        if len(events) <= MAX_BATCH_EVENTS:
+            return [batch]
+        return [
+            self._batch_type(events=events[i : i + MAX_BATCH_EVENTS])
+            for i in range(0, len(events), MAX_BATCH_EVENTS)
+        ]
 
     async def _read(self, requests: AsyncIterable[Any]) -> None:
         async for message in requests:

@@ -47,6 +47,9 @@ logger = logging.getLogger(__name__)
 # short enough that a frozen one is out within heartbeat_timeout + interval + this.
 PROBE_TIMEOUT_S = 2.0
 _OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]  # a channel that shares no connection
+# A worker's answers: a GenerateMany batch or an output holding many tokens' top logprobs may
+# pass gRPC's 4 MiB default.
+_CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 << 20)]
 
 ROLE_NAMES = {
     common_pb2.WORKER_ROLE_UNIFIED: "unified",
@@ -135,7 +138,7 @@ class Registry:
             if known.state == "unhealthy":
                 self._set_state(known, "healthy")
             return known
-        channel = dial(address, self.cluster_token)
+        channel = dial(address, self.cluster_token, _CHANNEL_OPTIONS)
         stub = worker_pb2_grpc.WorkerServiceStub(channel)
         try:
             info = await stub.GetInfo(worker_pb2.GetInfoRequest(), timeout=5)
