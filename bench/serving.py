@@ -5,6 +5,9 @@ token ids (seeded; `--shared-prefix-len N` makes the first N the same in all pro
 answer streams exactly `--output-len` tokens (`ignore_eos`). A load level is a closed loop of C
 clients (`--concurrency 1,16,64,128`, `--num-prompts-factor` x C requests) or Poisson arrivals
 (`--request-rate 4,8 --num-prompts 200`); two warm-up requests go first and are not counted.
+`--client-processes N` spreads a closed loop's clients over N processes: one Python process
+streaming thousands of chunks a second nears a core itself, and its queueing then reads as the
+server's TTFT and ITL (the client's CPU is printed per level: look before comparing).
 Per level: completed/failed requests (a failure is a status other than 200, an error event in the
 stream, a transport error, or fewer tokens than asked; the first errors are kept verbatim and the
 statuses counted), output, input and request throughput over the level's wall time, and p50/p99 of
@@ -307,6 +310,68 @@ async def closed_loop(
     return results
 
 
+class ClientProcesses:
+    """Closed-loop clients spread over `count` processes, each its own event loop and HTTP
+    client: one Python process streaming thousands of chunks a second is itself near a core, and
+    then its own queueing shows up as the server's TTFT and ITL (docs/benchmarks.md, r22)."""
+
+    def __init__(self, count: int, request_timeout: float) -> None:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        self.count = count
+        self.request_timeout = request_timeout
+        # spawn: this process runs an event loop and threads, which a fork would copy half-made.
+        self.pool = ProcessPoolExecutor(count, mp_context=multiprocessing.get_context("spawn"))
+        for future in [self.pool.submit(os.getpid) for _ in range(count)]:
+            future.result()  # the processes are up before the first level's clock starts
+
+    async def closed_loop(
+        self, t: Target, w: Workload, prompts: list[list[int]], clients: int
+    ) -> tuple[list[RequestResult], float]:
+        """`clients` loops over `prompts`, dealt out to the processes (prompt i to process i
+        mod count, clients as evenly); the results and the processes' CPU seconds."""
+        loop = asyncio.get_running_loop()
+        shares = [
+            (prompts[i :: self.count], clients // self.count + (i < clients % self.count))
+            for i in range(self.count)
+        ]
+        runs = [
+            loop.run_in_executor(self.pool, _client_process, t, w, share, n, self.request_timeout)
+            for share, n in shares
+            if n and share
+        ]
+        results: list[RequestResult] = []
+        cpu = 0.0
+        for answers, used in await asyncio.gather(*runs):
+            results += [RequestResult(**a) for a in answers]
+            cpu += used
+        return results, cpu
+
+    def close(self) -> None:
+        self.pool.shutdown(cancel_futures=True)
+
+
+def _client_process(
+    t: Target, w: Workload, prompts: list[list[int]], clients: int, request_timeout: float
+) -> tuple[list[dict[str, Any]], float]:
+    """One client process's share of a level: its results (as dicts) and its CPU seconds."""
+
+    async def main() -> list[RequestResult]:
+        async with _http_client(request_timeout) as client:
+            return await closed_loop(client, t, w, prompts, clients)
+
+    cpu = time.process_time()
+    results = asyncio.run(main())
+    return [asdict(r) for r in results], time.process_time() - cpu
+
+
+def _http_client(request_timeout: float) -> httpx.AsyncClient:
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    timeout = httpx.Timeout(request_timeout, connect=30.0)
+    return httpx.AsyncClient(limits=limits, timeout=timeout, trust_env=False)
+
+
 async def poisson(
     client: httpx.AsyncClient, t: Target, w: Workload, prompts: list[list[int]], rate: float
 ) -> list[RequestResult]:
@@ -339,9 +404,13 @@ async def sweep(
     mode: Mode = "rate" if args.request_rate else "concurrency"
     loads = [float(x) for x in (args.request_rate or args.concurrency).split(",")]
     prompts = Prompts(w)
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-    timeout = httpx.Timeout(args.request_timeout, connect=30.0)
-    async with httpx.AsyncClient(limits=limits, timeout=timeout, trust_env=False) as client:
+    processes = None
+    if mode == "concurrency" and args.client_processes > 1:
+        processes = ClientProcesses(args.client_processes, args.request_timeout)
+    async with contextlib.AsyncExitStack() as stack:
+        client = await stack.enter_async_context(_http_client(args.request_timeout))
+        if processes is not None:
+            stack.callback(processes.close)
         warm = prompts.take(args.warmup)
         warm_results = await asyncio.gather(*(send(client, t.url, t.model, p, w) for p in warm))
         for r in warm_results:
@@ -360,13 +429,16 @@ async def sweep(
             before = await asyncio.to_thread(scrape_metrics, services) if services else {}
             if recorder is not None:
                 recorder.start(f"{mode}_{load:g}")
-            start, client_cpu = time.perf_counter(), time.process_time()
-            if mode == "concurrency":
+            start, client_cpu, children_cpu = time.perf_counter(), time.process_time(), 0.0
+            if processes is not None:
+                results, children_cpu = await processes.closed_loop(t, w, batch, int(load))
+            elif mode == "concurrency":
                 results = await closed_loop(client, t, w, batch, int(load))
             else:
                 results = await poisson(client, t, w, batch, load)
             summary = summarize(results, mode, load, time.perf_counter() - start)
-            client_cpu = time.process_time() - client_cpu  # this process: the clients of the load
+            # The clients of the load: this process, and the client processes when there are.
+            client_cpu = time.process_time() - client_cpu + children_cpu
             if recorder is not None:
                 summary.profile = await asyncio.to_thread(recorder.stop)
             if services:
@@ -823,6 +895,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--shared-prefix-len", type=int, default=0)
     p.add_argument("--concurrency", default="1,16,64,128", help="closed-loop clients per level")
     p.add_argument("--num-prompts-factor", type=int, default=4, help="requests per level = this x clients")
+    p.add_argument(
+        "--client-processes",
+        type=int,
+        default=1,
+        help="closed loops: spread the clients over this many processes (each its own event loop)",
+    )
     p.add_argument("--request-rate", help="Poisson arrivals instead, req/s per level (e.g. 4,8)")
     p.add_argument("--num-prompts", type=int, help="requests per level (rate mode: default 200)")
     p.add_argument("--temperature", type=float, default=0.0)
@@ -893,6 +971,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         make_model(args.make_model, args.model_path)
     if args.launch and not (args.model_path and (args.model_path / "config.json").exists()):
         raise SystemExit("--launch needs --model-path (a checkpoint with config.json) or --make-model")
+    if args.client_processes < 1:
+        raise SystemExit("--client-processes must be at least 1")
     if args.trace and not args.launch:
         raise SystemExit("--trace needs --launch (it points the suite's span exporters at this process)")
     if args.py_spy and not args.launch:

@@ -3,6 +3,7 @@ every token counted, failures recorded (not raised), and its statistics on known
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import shutil
@@ -55,6 +56,33 @@ def test_sweep_completes_every_request_with_every_token(
         assert lv["ttft_ms"]["p99"] <= lv["e2e_ms"]["p99"]
         requests = result["requests"][str(lv["load"])]
         assert all(r["completion_tokens"] == OUT and not r["error"] for r in requests)
+
+
+def test_clients_spread_over_processes_complete_every_request(up: dict[str, Any], tmp_path: Path) -> None:
+    result = bench(
+        tmp_path,
+        *("--base-url", up["openai"], "--vocab-size", "512", "--concurrency", "3"),
+        *("--num-prompts-factor", "2", "--client-processes", "2", "--save-requests"),
+    )
+    (lv,) = result["levels"]
+    assert (lv["num_prompts"], lv["completed"], lv["failed"]) == (6, 6, 0)
+    assert lv["output_tokens"] == OUT * 6 and lv["ttft_ms"]["p50"] > 0
+    assert all(r["completion_tokens"] == OUT and not r["error"] for r in result["requests"]["3.0"])
+    assert lv["cpu"]["client"]["ms_per_1k_tokens"] > 0
+
+
+def test_client_processes_deal_out_the_prompts_and_report_their_cpu(up: dict[str, Any]) -> None:
+    w = Workload(IN, OUT, shared_prefix_len=0, vocab_low=5, vocab_high=512, temperature=0.0, seed=0)
+    prompts = serving.Prompts(w).take(5)
+    target = serving.Target(f"{up['openai']}/completions", up["model"])
+    processes = serving.ClientProcesses(2, request_timeout=60)
+    try:
+        results, cpu = asyncio.run(processes.closed_loop(target, w, prompts, clients=3))
+    finally:
+        processes.close()
+    assert sorted(r.prompt_len for r in results) == [IN] * 5 and all(r.ok for r in results)
+    assert all(r.completion_tokens == OUT for r in results)
+    assert cpu > 0  # measured in the client processes, not here
 
 
 def test_poisson_arrivals(up: dict[str, Any], tmp_path: Path) -> None:
