@@ -7,14 +7,17 @@ import asyncio
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import httpx
 import pytest
 
+from services.common.errors import param_of
 from services.common.multiplex import Multiplexer
 from services.launcher import free_port
 from services.protos.tandem.common.v1 import common_pb2
+from services.protos.tandem.router.v1 import router_pb2, router_pb2_grpc
 from services.protos.tandem.worker.v1 import worker_pb2, worker_pb2_grpc
 from tests.engine.hf_reference import hf_greedy
 from tests.suite.cluster import Cluster, Service, collect
@@ -90,6 +93,68 @@ def test_a_workers_generate_many_answers_as_its_generate_calls(
             mux.close()
 
     asyncio.run(main())
+
+
+def test_bad_streams_of_the_routers_generate_many_fail_alone_under_load(
+    unified: tuple[Cluster, str, list[Service]], tiny_llama: Path
+) -> None:
+    """The router's public GenerateMany with 48 streams at once: good ones (HF's greedy tokens),
+    bad ones (each a clear status naming its field, as Generate answers) and cancelled ones. The
+    bad and the cancelled end alone; the call and the rest serve on, and nothing stays running."""
+    cluster, _, workers = unified
+    prompt = list(range(20, 44))
+    expected = hf_greedy(tiny_llama, prompt, 5)
+    greedy = {"max_new_tokens": 5, "temperature": 0.0, "ignore_eos": True}
+    bad = [
+        (cluster.request(prompt, n=17, **greedy), grpc.StatusCode.INVALID_ARGUMENT, "n"),
+        (
+            cluster.request(prompt, return_logprob=True, top_logprobs_num=21, **greedy),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "top_logprobs_num",
+        ),
+        (cluster.request([], **greedy), grpc.StatusCode.INVALID_ARGUMENT, "text"),
+        (cluster.request(prompt, temperature=-1.0, max_new_tokens=5), grpc.StatusCode.INVALID_ARGUMENT, None),
+    ]
+    wrong_model = cluster.request(prompt, **greedy)
+    wrong_model.model = "another-model"
+    bad.append((wrong_model, grpc.StatusCode.NOT_FOUND, None))
+
+    async def good() -> list[int]:
+        return [t async for r in mux.Generate(cluster.request(prompt, **greedy)) for t in r.output.token_ids]
+
+    async def refused(request: router_pb2.GenerateRequest) -> tuple[grpc.StatusCode, str | None]:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            async for _ in mux.Generate(request, timeout=60):
+                pass
+        return info.value.code(), param_of(info.value)
+
+    async def cancelled() -> None:
+        call = mux.Generate(cluster.request(prompt, max_new_tokens=200, temperature=0.0, ignore_eos=True))
+        async for _ in call:
+            call.cancel()  # after the first output
+            break
+
+    async def main() -> None:
+        nonlocal mux
+        async with grpc.aio.insecure_channel(cluster.router) as channel:
+            mux = Multiplexer(router_pb2_grpc.RouterServiceStub(channel), router_pb2)
+            kinds: list[Any] = [good, cancelled, *[lambda b=b: refused(b[0]) for b in bad]]
+            runs = [kinds[i % len(kinds)]() for i in range(48)]
+            results = await asyncio.gather(*runs)
+            for i, got in enumerate(results):
+                kind = i % len(kinds)
+                if kind == 0:
+                    assert got == expected
+                elif kind >= 2:
+                    _, code, param = bad[kind - 2]
+                    assert got[0] == code and (param is None or got[1] == param), (got, code, param)
+            assert await good() == expected  # the same call serves on
+            assert mux.multiplexed and mux.open_streams() == 0
+
+    mux: Any = None
+    asyncio.run(main())
+    for worker in workers:
+        worker.wait_released(timeout=30)
 
 
 def test_admin_http_drain_remove_add(unified: tuple[Cluster, str, list[Service]]) -> None:
