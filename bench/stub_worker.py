@@ -17,12 +17,14 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from services.common.multiplex import Session
+from services.common.multiplex import GenerateServicer
 from services.protos.tandem.common.v1 import common_pb2
 from services.protos.tandem.worker.v1 import worker_pb2, worker_pb2_grpc
 
 
-class StubWorker(worker_pb2_grpc.WorkerServiceServicer):
+class StubWorker(GenerateServicer, worker_pb2_grpc.WorkerServiceServicer):
+    batch_type = worker_pb2.GenerateManyResponse  # GenerateMany: the workers' own multiplexing
+
     def __init__(self, model: str, tokens: int = 1, interval_s: float = 0.0) -> None:
         self.model = model
         self.tokens = tokens
@@ -32,17 +34,6 @@ class StubWorker(worker_pb2_grpc.WorkerServiceServicer):
         return worker_pb2.GetInfoResponse(
             role=common_pb2.WORKER_ROLE_UNIFIED, model=self.model, max_context_len=4096, vocab_size=512
         )
-
-    async def Generate(self, request: Any, context: Any) -> AsyncIterator[worker_pb2.GenerateResponse]:
-        async for response in self._serve(request, ()):
-            yield response
-
-    async def GenerateMany(
-        self, requests: Any, context: Any
-    ) -> AsyncIterator[worker_pb2.GenerateManyResponse]:
-        # The workers' own multiplexing, over this stub's generations.
-        async for batch in Session(self._serve, worker_pb2.GenerateManyResponse).run(requests):
-            yield batch
 
     async def _serve(self, request: Any, metadata: Any) -> AsyncIterator[worker_pb2.GenerateResponse]:
         n = len(request.token_ids)

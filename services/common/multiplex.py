@@ -44,7 +44,7 @@ from typing import Any, TypeAlias
 
 import grpc
 
-from services.common.errors import PARAM_METADATA_KEY, status_of
+from services.common.errors import PARAM_METADATA_KEY, grpc_errors, status_of
 from services.protos.tandem.common.v1 import common_pb2
 from shared.errors import InvalidRequest
 
@@ -62,6 +62,30 @@ PROBE_TIMEOUT_S = 5.0
 
 
 # ---- server ----------------------------------------------------------------------------------
+
+
+class GenerateServicer:
+    """`Generate` and `GenerateMany` of a servicer that serves one generation in `_serve`; put it
+    before the generated servicer base, and set `batch_type` to the proto's GenerateManyResponse."""
+
+    batch_type: Any
+
+    def _serve(self, request: Any, metadata: Metadata) -> AsyncIterator[Any]:
+        """One generation, a Generate call's or a GenerateMany stream's: its responses; a failure
+        raises what the call's status is made from (services/common/errors.py)."""
+        raise NotImplementedError
+
+    @grpc_errors
+    async def Generate(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        async for response in self._serve(request, context.invocation_metadata() or ()):
+            yield response
+
+    @grpc_errors
+    async def GenerateMany(
+        self, requests: AsyncIterable[Any], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[Any]:
+        async for batch in Session(self._serve, self.batch_type).run(requests):
+            yield batch
 
 
 class Session:

@@ -30,7 +30,7 @@ from google.protobuf.descriptor import ServiceDescriptor
 from services.common.convert import output_to_proto, prompt_from_proto
 from services.common.errors import ServiceError, grpc_errors
 from services.common.kv_stream import receive_kv, serve_write_kv
-from services.common.multiplex import Metadata, Session
+from services.common.multiplex import GenerateServicer, Metadata
 from services.common.tracing import server_span
 from services.protos.tandem.worker.v1 import worker_pb2, worker_pb2_grpc
 from services.worker.engine import AsyncEngine, Keepalive
@@ -39,25 +39,13 @@ from services.worker.server import TRANSPORTS, keepalive
 from shared.outputs import RequestOutput
 
 
-class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
+class DecodeServicer(GenerateServicer, worker_pb2_grpc.DecodeServiceServicer):
+    batch_type = worker_pb2.GenerateManyResponse
+
     def __init__(self, engine: AsyncEngine, metrics: WorkerMetrics) -> None:
         self.engine = engine
         self.agent_name = engine.client.agent_name
         self.metrics = metrics
-
-    @grpc_errors
-    async def Generate(
-        self, request: worker_pb2.GenerateRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[worker_pb2.GenerateResponse]:
-        async for response in self._serve(request, context.invocation_metadata() or ()):
-            yield response
-
-    @grpc_errors
-    async def GenerateMany(
-        self, requests: AsyncIterator[worker_pb2.GenerateManyRequest], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[worker_pb2.GenerateManyResponse]:
-        async for batch in Session(self._serve, worker_pb2.GenerateManyResponse).run(requests):
-            yield batch
 
     async def _serve(
         self, request: worker_pb2.GenerateRequest, metadata: Metadata

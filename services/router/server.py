@@ -16,7 +16,7 @@ import grpc
 
 from services.common.errors import grpc_errors
 from services.common.metrics import status_name
-from services.common.multiplex import Metadata, Session
+from services.common.multiplex import GenerateServicer, Metadata
 from services.common.tracing import server_span
 from services.protos.tandem.common.v1 import common_pb2
 from services.protos.tandem.router.v1 import router_pb2, router_pb2_grpc
@@ -31,7 +31,9 @@ MAX_TOP_LOGPROBS = 20
 MAX_EMBED_INPUTS = 2048  # OpenAI's bound on one embeddings request
 
 
-class RouterServicer(router_pb2_grpc.RouterServiceServicer):
+class RouterServicer(GenerateServicer, router_pb2_grpc.RouterServiceServicer):
+    batch_type = router_pb2.GenerateManyResponse
+
     def __init__(
         self,
         orchestrator: Orchestrator,
@@ -44,22 +46,6 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         self.tokenizer = tokenizer
         self.limits = limits or PromptLimits()
         self.created = int(time.time())
-
-    @grpc_errors
-    async def Generate(
-        self, request: router_pb2.GenerateRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[router_pb2.GenerateResponse]:
-        async for resp in self._serve(request, context.invocation_metadata() or ()):
-            yield resp
-
-    @grpc_errors
-    async def GenerateMany(
-        self,
-        requests: AsyncIterator[router_pb2.GenerateManyRequest],
-        context: grpc.aio.ServicerContext,
-    ) -> AsyncIterator[router_pb2.GenerateManyResponse]:
-        async for batch in Session(self._serve, router_pb2.GenerateManyResponse).run(requests):
-            yield batch
 
     async def _serve(
         self, request: router_pb2.GenerateRequest, metadata: Metadata

@@ -38,7 +38,7 @@ from services.common.convert import (
 )
 from services.common.errors import ServiceError, grpc_errors
 from services.common.metrics import serve_metrics
-from services.common.multiplex import Metadata, Session
+from services.common.multiplex import GenerateServicer, Metadata
 from services.common.parent import die_with_launcher
 from services.common.reflection import add_reflection
 from services.common.tracing import server_span, setup_tracing
@@ -63,7 +63,9 @@ ROLES = {
 TRANSPORTS = {"nixl": worker_pb2.KV_TRANSPORT_NIXL, "grpc": worker_pb2.KV_TRANSPORT_GRPC}
 
 
-class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
+class WorkerServicer(GenerateServicer, worker_pb2_grpc.WorkerServiceServicer):
+    batch_type = worker_pb2.GenerateManyResponse
+
     def __init__(self, engine: AsyncEngine, role: str, model: str, metrics: WorkerMetrics) -> None:
         self.engine = engine
         self.role = role
@@ -96,20 +98,6 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             ) from None
         fields = {f: stats.pop(f) for f in _LOAD_FIELDS}
         return worker_pb2.GetLoadResponse(**fields, counters=stats)
-
-    @grpc_errors
-    async def Generate(
-        self, request: worker_pb2.GenerateRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[worker_pb2.GenerateResponse]:
-        async for response in self._serve(request, context.invocation_metadata() or ()):
-            yield response
-
-    @grpc_errors
-    async def GenerateMany(
-        self, requests: AsyncIterator[worker_pb2.GenerateManyRequest], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[worker_pb2.GenerateManyResponse]:
-        async for batch in Session(self._serve, worker_pb2.GenerateManyResponse).run(requests):
-            yield batch
 
     async def _serve(
         self, request: worker_pb2.GenerateRequest, metadata: Metadata
