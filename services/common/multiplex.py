@@ -30,7 +30,8 @@ client  `Multiplexer(stub, proto_module)`: the stub with `Generate` answering a 
   carried as one stream of the shared call (`_ClientSession`). The session failing (the server
   gone) fails every stream open on it with the call's status; the next generation opens a new
   session. Before opening one it asks the server whether it has GenerateMany: a server without
-  it (an older version: UNIMPLEMENTED) gets Generate calls from then on.
+  it (an older version: UNIMPLEMENTED) gets Generate calls, and is asked again after
+  `RECHECK_S` (a rolling upgrade brings it the method under the same address).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
 from types import ModuleType
 from typing import Any, TypeAlias
@@ -59,6 +61,7 @@ MAX_BATCH_EVENTS = 2048
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
 _WRITE_RACE = "Internal error from Core"  # grpc.aio's status when a send fails as the call ends
 PROBE_TIMEOUT_S = 5.0
+RECHECK_S = 30.0  # a server without GenerateMany is asked again after this long
 
 
 # ---- server ----------------------------------------------------------------------------------
@@ -194,13 +197,19 @@ class Multiplexer:
     def __init__(self, stub: Any, messages: ModuleType) -> None:
         self.stub = stub
         self.messages = messages  # the proto module: GenerateManyRequest, OpenStream
-        self.multiplexed = True  # False once the server answered GenerateMany with UNIMPLEMENTED
+        self._unsupported_at: float | None = None  # when the server answered UNIMPLEMENTED
         self._session: _ClientSession | None = None
         self._opening = asyncio.Lock()
         self._ids = itertools.count(1)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.stub, name)
+
+    @property
+    def multiplexed(self) -> bool:
+        """False while Generate calls go one call each (the server lacked GenerateMany lately)."""
+        unsupported = self._unsupported_at
+        return unsupported is None or time.monotonic() - unsupported >= RECHECK_S
 
     def Generate(self, request: Any, timeout: float | None = None, metadata: Metadata | None = None) -> Any:
         if not self.multiplexed:
@@ -217,8 +226,9 @@ class Multiplexer:
                 return None
             if self._session is None or self._session.error is not None:
                 if not await self._has_generate_many():
-                    self.multiplexed = False
+                    self._unsupported_at = time.monotonic()
                     return None
+                self._unsupported_at = None
                 self._session = _ClientSession(self.stub, self.messages)
             return self._session
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from services.common import multiplex
 from services.gateway import GatewayConfig
 from services.launcher import free_port
 from tests.gateway.conftest import GatewayThread
@@ -87,16 +88,25 @@ def test_generations_share_one_call_and_answer_as_generate_calls_do(
     assert all(text.strip() for text in got) and len(set(got)) == 16
 
 
-def test_an_older_router_gets_generate_calls(router: StubRouter, tokenizer_dir: Path) -> None:
+def test_an_older_router_gets_generate_calls_until_it_is_upgraded(
+    router: StubRouter, tokenizer_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(multiplex, "RECHECK_S", 1.0)
     router.service.multiplexing = False  # GenerateMany answers UNIMPLEMENTED
     gateway = _gateway(router, tokenizer_dir)
     try:
         first = asyncio.run(_texts(gateway.url, _prompts(4)))  # these met the UNIMPLEMENTED
         second = asyncio.run(_texts(gateway.url, _prompts(4)))
+        assert first == second and all(first)
+        assert router.service.generate_many_calls == 1  # asked once, then Generate calls only
+        assert router.service.generate_calls == 8
+        router.service.multiplexing = True  # the router is upgraded in place
+        time.sleep(1.1)
+        third = asyncio.run(_texts(gateway.url, _prompts(4)))
     finally:
         gateway.stop()
-    assert first == second and all(first)
-    assert router.service.generate_many_calls == 1  # asked once, then Generate calls only
+    assert third == first
+    assert router.service.generate_many_calls == 3  # asked again, then the one session
     assert router.service.generate_calls == 8
 
 
