@@ -13,14 +13,14 @@ import grpc
 import pytest
 
 from services.common.decoding import add_servicer
-from services.common.errors import ServiceError, grpc_errors
-from services.common.multiplex import MAX_BATCH_EVENTS, Session
+from services.common.errors import ServiceError
+from services.common.multiplex import MAX_BATCH_EVENTS, GenerateServicer
 from services.protos.tandem.common.v1 import common_pb2
 from services.protos.tandem.router.v1 import router_pb2, router_pb2_grpc
 from shared.errors import InvalidRequest
 
 
-class _Servicer(router_pb2_grpc.RouterServiceServicer):
+class _Servicer(GenerateServicer, router_pb2_grpc.RouterServiceServicer):
     """Generations scripted by the request's text: "tokens:N" N increments (one per loop turn,
     "slow" 20 ms apart), "invalid" INVALID_ARGUMENT naming a field, "busy" RESOURCE_EXHAUSTED after
     one increment, "forever" an increment every 10 ms until cancelled, "burst" all at once (no
@@ -31,14 +31,9 @@ class _Servicer(router_pb2_grpc.RouterServiceServicer):
         self.cancelled: list[int] = []
         self.metadata: dict[int, dict[str, str]] = {}
 
-    @grpc_errors
-    async def GenerateMany(
-        self, requests: Any, context: Any
-    ) -> AsyncIterator[router_pb2.GenerateManyResponse]:
-        async for batch in Session(self._generate, router_pb2.GenerateManyResponse).run(requests):
-            yield batch
+    batch_type = router_pb2.GenerateManyResponse
 
-    async def _generate(
+    async def _serve(
         self, request: router_pb2.GenerateRequest, metadata: Sequence[tuple[str, str]]
     ) -> AsyncIterator[router_pb2.GenerateResponse]:
         rid = request.request_id

@@ -35,8 +35,8 @@ from pathlib import Path
 import grpc
 from tokenizers import Tokenizer
 
-from services.common.errors import ServiceError, grpc_errors
-from services.common.multiplex import Session
+from services.common.errors import ServiceError
+from services.common.multiplex import GenerateServicer
 from services.protos.tandem.common.v1 import common_pb2
 from services.protos.tandem.router.v1 import router_pb2, router_pb2_grpc
 from shared.errors import InvalidRequest
@@ -93,7 +93,7 @@ def compile_constraint(params: common_pb2.SamplingParams) -> str | None:
     return None
 
 
-class StubRouterService(router_pb2_grpc.RouterServiceServicer):
+class StubRouterService(GenerateServicer, router_pb2_grpc.RouterServiceServicer):
     """The servicer; see the module docstring for its behaviour."""
 
     def __init__(self, tokenizer_dir: Path, max_context_len: int) -> None:
@@ -125,23 +125,22 @@ class StubRouterService(router_pb2_grpc.RouterServiceServicer):
         ids = self.tokenizer.encode(request.text, add_special_tokens=request.add_special_tokens).ids
         return router_pb2.TokenizeResponse(token_ids=ids)
 
-    @grpc_errors
+    batch_type = router_pb2.GenerateManyResponse  # GenerateMany: the router's own multiplexing
+
     async def Generate(
         self, request: router_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[router_pb2.GenerateResponse]:
         self.generate_calls += 1
-        async for response in self._serve(request, context.invocation_metadata() or ()):
+        async for response in super().Generate(request, context):
             yield response
 
-    @grpc_errors
     async def GenerateMany(
         self, requests: AsyncIterator[router_pb2.GenerateManyRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[router_pb2.GenerateManyResponse]:
-        """The router's own multiplexing (services/common/multiplex.py) over this stub's generations."""
         self.generate_many_calls += 1
         if not self.multiplexing:
             await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not implemented!")
-        async for batch in Session(self._serve, router_pb2.GenerateManyResponse).run(requests):
+        async for batch in super().GenerateMany(requests, context):
             yield batch
 
     async def _serve(
