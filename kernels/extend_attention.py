@@ -17,8 +17,12 @@ New token j of request b sits at position p = prefix_lens[b] + j and sees keys [
 or (p - w, p] with a sliding window w.
 
 Grid (B, Hq, query blocks of the longest extend): one program takes BLOCK_M new tokens of one
-request for one head and runs an online softmax over the key blocks up to its last token's
-position; blocks wholly before the window's start are skipped. One head per program keeps
+request for one head and runs an online softmax (base 2, the scale folded into the scores) over
+the key blocks up to its last token's position; blocks wholly before the window's start are
+skipped. Without a window, the key blocks wholly before the program's first query are visible
+to every row and run without the causal mask; only the blocks from there on (the diagonal) are
+masked. The grid's last query blocks, the ones with the most keys, start first (a
+causal grid's tail otherwise waits on its longest programs). One head per program keeps
 the tile simple; the query heads of a GQA group re-read the same K/V blocks, mostly from L2
 (Hkv = 1 with up to 128 query heads, MLA's absorbed prefill, works the same way, at the cost of
 as many re-reads).
@@ -46,6 +50,7 @@ from kernels.config import interpreting, reference_enabled
 _OP = "extend_attention"
 # tl.dot needs K >= 16.
 _MIN_BLOCK_D = 16
+_LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e))
 
 
 def _split_key_dim(k_dim: int) -> tuple[int, int]:
@@ -141,7 +146,7 @@ def extend_attention(
         prefix_lens,
         extend_lens,
         extend_starts,
-        scaling,
+        scaling * _LOG2E,
         sliding_window or 0,
         *q.stride(),
         *k_buffer.stride(),
@@ -178,7 +183,7 @@ def _extend_kernel(
     prefix_lens_ptr,
     extend_lens_ptr,
     extend_starts_ptr,
-    scaling,
+    qk_scale,  # the softmax scale times log2(e)
     window,
     q_stride_t,
     q_stride_h,
@@ -208,7 +213,7 @@ def _extend_kernel(
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
-    m_start = tl.program_id(2) * BLOCK_M
+    m_start = (tl.num_programs(2) - 1 - tl.program_id(2)) * BLOCK_M  # the longest programs first
     extend_len = tl.load(extend_lens_ptr + b)
     if m_start >= extend_len:  # the grid is sized for the longest request
         return
@@ -235,34 +240,52 @@ def _extend_kernel(
     dv_mask = dv < v_dim
 
     # Keys this block can see: up to its last query's position (causal), and from the first
-    # query's window start.
+    # query's window start. Without a window the blocks before `diag` are visible to every row.
     hi = prefix_len + tl.minimum(m_start + BLOCK_M, extend_len)
     lo = 0
+    diag = 0
     if HAS_WINDOW:
         lo = tl.maximum(prefix_len + m_start - window + 1, 0)
+    else:
+        diag = (prefix_len + m_start) // BLOCK_N * BLOCK_N
 
+    keys_slots = req_to_token_ptr + row * r2t_stride_row  # position -> slot of this request's keys
+    k_head = k_buf_ptr + kv_head * k_stride_h
+    v_head = v_buf_ptr + kv_head * v_stride_h
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    # Compiled kernels take the `for` loop, which Triton software-pipelines; the interpreter
+    # Compiled kernels take the `for` loops, which Triton software-pipelines; the interpreter
     # (Triton 3.6 with numpy >= 2.4) cannot use a tensor as a range() bound (triton-lang/triton#9171).
     if LOOP_WHILE:
-        start = lo
+        start = 0
+        while start < diag:
+            m_i, l_i, acc = _extend_block(
+                q, q2, q_pos, m_i, l_i, acc, start, hi, window, keys_slots, k_head, v_head, dk, dk_mask,
+                dk2, dk2_mask, dv, dv_mask, k_stride_s, k_stride_d, v_stride_s, v_stride_d, qk_scale,
+                False, False, HAS_DK2, DOT_PRECISION, BLOCK_N,
+            )  # fmt: skip
+            start += BLOCK_N
+        start = tl.maximum(lo, diag)
         while start < hi:
             m_i, l_i, acc = _extend_block(
-                q, q2, q_pos, m_i, l_i, acc, start, hi, window, row, kv_head, dk, dk_mask, dk2, dk2_mask,
-                dv, dv_mask, req_to_token_ptr, r2t_stride_row, k_buf_ptr, k_stride_s, k_stride_h,
-                k_stride_d, v_buf_ptr, v_stride_s, v_stride_h, v_stride_d, scaling, HAS_WINDOW, HAS_DK2,
-                DOT_PRECISION, BLOCK_N,
+                q, q2, q_pos, m_i, l_i, acc, start, hi, window, keys_slots, k_head, v_head, dk, dk_mask,
+                dk2, dk2_mask, dv, dv_mask, k_stride_s, k_stride_d, v_stride_s, v_stride_d, qk_scale,
+                True, HAS_WINDOW, HAS_DK2, DOT_PRECISION, BLOCK_N,
             )  # fmt: skip
             start += BLOCK_N
     else:
-        for start in range(lo, hi, BLOCK_N):
+        for start in range(0, diag, BLOCK_N):
             m_i, l_i, acc = _extend_block(
-                q, q2, q_pos, m_i, l_i, acc, start, hi, window, row, kv_head, dk, dk_mask, dk2, dk2_mask,
-                dv, dv_mask, req_to_token_ptr, r2t_stride_row, k_buf_ptr, k_stride_s, k_stride_h,
-                k_stride_d, v_buf_ptr, v_stride_s, v_stride_h, v_stride_d, scaling, HAS_WINDOW, HAS_DK2,
-                DOT_PRECISION, BLOCK_N,
+                q, q2, q_pos, m_i, l_i, acc, start, hi, window, keys_slots, k_head, v_head, dk, dk_mask,
+                dk2, dk2_mask, dv, dv_mask, k_stride_s, k_stride_d, v_stride_s, v_stride_d, qk_scale,
+                False, False, HAS_DK2, DOT_PRECISION, BLOCK_N,
+            )  # fmt: skip
+        for start in range(tl.maximum(lo, diag), hi, BLOCK_N):
+            m_i, l_i, acc = _extend_block(
+                q, q2, q_pos, m_i, l_i, acc, start, hi, window, keys_slots, k_head, v_head, dk, dk_mask,
+                dk2, dk2_mask, dv, dv_mask, k_stride_s, k_stride_d, v_stride_s, v_stride_d, qk_scale,
+                True, HAS_WINDOW, HAS_DK2, DOT_PRECISION, BLOCK_N,
             )  # fmt: skip
 
     # Every real query sees at least itself, so l_i > 0 on the rows that are stored.
@@ -279,64 +302,70 @@ def _extend_block(
     q,  # [BLOCK_M, BLOCK_DK]
     q2,  # [BLOCK_M, BLOCK_DK2] the key dims' tail (when HAS_DK2)
     q_pos,  # [BLOCK_M] absolute query positions
-    m_i,  # [BLOCK_M] running max of the visible scores
-    l_i,  # [BLOCK_M] running sum of exp(score - m_i)
-    acc,  # [BLOCK_M, BLOCK_DV] running sum of exp(score - m_i) * v
+    m_i,  # [BLOCK_M] running max of the visible scores (base 2)
+    l_i,  # [BLOCK_M] running sum of exp2(score - m_i)
+    acc,  # [BLOCK_M, BLOCK_DV] running sum of exp2(score - m_i) * v
     start,
     hi,
     window,
-    row,
-    kv_head,
+    keys_slots,  # the request's req_to_token row
+    k_head,  # the KV head's keys in slot 0 of the pool
+    v_head,
     dk,
     dk_mask,
     dk2,
     dk2_mask,
     dv,
     dv_mask,
-    req_to_token_ptr,
-    r2t_stride_row,
-    k_buf_ptr,
     k_stride_s,
-    k_stride_h,
     k_stride_d,
-    v_buf_ptr,
     v_stride_s,
-    v_stride_h,
     v_stride_d,
-    scaling,
+    qk_scale,
+    MASKED: tl.constexpr,
     HAS_WINDOW: tl.constexpr,
     HAS_DK2: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """Fold the keys at positions [start, min(start + BLOCK_N, hi)) into the online softmax."""
+    """Fold the keys at positions [start, min(start + BLOCK_N, hi)) into the online softmax
+    (base 2). Not MASKED: every key of the block exists and every row sees it."""
     pos = start + tl.arange(0, BLOCK_N)  # [BLOCK_N] key positions
     n_mask = pos < hi
-    slots = tl.load(req_to_token_ptr + row * r2t_stride_row + pos, mask=n_mask, other=0).to(tl.int64)
-    k_row = k_buf_ptr + slots[:, None] * k_stride_s + kv_head * k_stride_h  # [BLOCK_N, 1]
+    # Masks of the K and V loads: the head dims' padding, and when MASKED the keys past `hi`.
+    k_mask = dk_mask[None, :]
+    k2_mask = dk2_mask[None, :]
+    v_mask = dv_mask[None, :]
+    if MASKED:
+        slots = tl.load(keys_slots + pos, mask=n_mask, other=0)
+        k_mask = n_mask[:, None] & k_mask
+        k2_mask = n_mask[:, None] & k2_mask
+        v_mask = n_mask[:, None] & v_mask
+    else:
+        slots = tl.load(keys_slots + pos)
+    slots = slots.to(tl.int64)
+    k_row = k_head + slots[:, None] * k_stride_s  # [BLOCK_N, 1]
     # .to: an FP8 pool is converted to q's dtype (a no-op otherwise).
-    k = tl.load(k_row + dk[None, :] * k_stride_d, mask=n_mask[:, None] & dk_mask[None, :], other=0.0)
+    k = tl.load(k_row + dk[None, :] * k_stride_d, mask=k_mask, other=0.0)
     scores = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
     if HAS_DK2:
-        k2 = tl.load(k_row + dk2[None, :] * k_stride_d, mask=n_mask[:, None] & dk2_mask[None, :], other=0.0)
+        k2 = tl.load(k_row + dk2[None, :] * k_stride_d, mask=k2_mask, other=0.0)
         scores = tl.dot(q2, tl.trans(k2.to(q.dtype)), scores, input_precision=DOT_PRECISION)
-    scores *= scaling
-    visible = (pos[None, :] <= q_pos[:, None]) & n_mask[None, :]
-    if HAS_WINDOW:
-        visible = visible & (pos[None, :] > q_pos[:, None] - window)
-    scores = tl.where(visible, scores, float("-inf"))
+    scores *= qk_scale
+    if MASKED:
+        visible = (pos[None, :] <= q_pos[:, None]) & n_mask[None, :]
+        if HAS_WINDOW:
+            visible = visible & (pos[None, :] > q_pos[:, None] - window)
+        scores = tl.where(visible, scores, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(scores, 1))
     # A row can see nothing in this block (its window starts later, or it is padding): keep its
-    # max at -inf but subtract 0, so that exp gives 0 rather than NaN.
+    # max at -inf but subtract 0, so that exp2 gives 0 rather than NaN.
     m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp(m_i - m_sub)
-    p = tl.exp(scores - m_sub[:, None])
+    alpha = tl.exp2(m_i - m_sub)
+    p = tl.exp2(scores - m_sub[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    v = tl.load(
-        v_buf_ptr + slots[:, None] * v_stride_s + kv_head * v_stride_h + dv[None, :] * v_stride_d,
-        mask=n_mask[:, None] & dv_mask[None, :],
-        other=0.0,
-    ).to(q.dtype)  # [BLOCK_N, BLOCK_DV]
+    v = tl.load(v_head + slots[:, None] * v_stride_s + dv[None, :] * v_stride_d, mask=v_mask, other=0.0)
+    v = v.to(q.dtype)  # [BLOCK_N, BLOCK_DV]
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return m_new, l_i, acc
 
