@@ -18,11 +18,12 @@ batch, prompt tokens a step, the share of mixed steps, the host's milliseconds a
 engine flag `--step-gpu-timing`, how busy the GPU was), and every process's CPU per 1,000 output
 tokens and share of a core (gateway, router, each worker's gRPC front and its engine process: a
 process near one core is a bottleneck); and, for a dense model it launched, the level's matmul
-FLOP/s and weight bandwidth against the device's own, measured before the suite starts
-(bench/serving_limits.py: the hardware limit in the same run). One table row per level (and a line
-per worker, one of limits and one of CPU); `--json` keeps everything (`--save-requests`: every
-request too), `--png` plots it, `--compare A.json B.json` reads runs back into one table with
-ratios to the first, and one figure.
+FLOP/s and weight bandwidth against the device's own, measured before the suite starts, and the
+share it reached of the workload's roofline, the output tokens a second that device allows for
+these requests (bench/serving_limits.py: the hardware limit in the same run). One table row per
+level (and a line per worker, one of limits and one of CPU); `--json` keeps everything
+(`--save-requests`: every request too), `--png` plots it, `--compare A.json B.json` reads runs
+back into one table with ratios to the first, and one figure.
 
 On an H200: unified (one worker) against prefill/decode (one of each, both on the one GPU) on a
 random-weight Llama-3-8B-shape checkpoint (built once by the first command, reused by the second;
@@ -458,7 +459,12 @@ async def sweep(
                 summary.hops = hop_profile(before, after, results)
                 if costs and report.get("hardware"):
                     summary.limits = serving_limits.level(
-                        summary.engine, costs, report["hardware"], summary.duration_s
+                        summary.engine,
+                        costs,
+                        report["hardware"],
+                        summary.duration_s,
+                        serving_limits.Requests(w.input_len, w.output_len, w.shared_prefix_len),
+                        summary.output_tok_s,
                     )
             summary.cpu["client"] = cpu_share(client_cpu, summary.output_tokens, summary.duration_s)
             if spans is not None:

@@ -17,6 +17,15 @@ and the checkpoint's config.json (`model_costs`, dense decoders only):
 A level near 1.0 on either is at that limit; the matmul share is the serving counterpart of MFU
 against what this device's GEMM reaches, not its datasheet peak. For PD the workers' steps are
 summed (both engines share the one device in the single-GPU runs).
+
+The workload's roofline (`roofline`): the output tokens a second the measured device allows for
+the level's requests, each taking its prompt's FLOPs at the measured matmul rate (linear layers
+and causal attention over the tokens not cached: a shared prefix counts as cached) plus its
+decode rows' bytes at the copy bandwidth (its share of every decode step's weight read at the
+level's decode batch, and its KV cache read at each row's context), the two summed. Summed,
+not overlapped: a mixed step does both at once, which measured 0.95-0.96x of the two apart on
+the H200 (docs/benchmarks.md r23), so a level can pass 1.0 by that little. It is the yardstick
+for a prompt-heavy load, where the matmul share alone hides the decode side's bytes.
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +71,9 @@ def model_costs(config: dict[str, Any]) -> dict[str, float] | None:
         "flops_per_prompt_token": 2.0 * layers * layer,
         "flops_per_decode_row": 2.0 * (layers * layer + lm_head),
         "step_weight_bytes": float(layers * layer * linear_size + lm_head * size),
+        # a query against one key: q.k and p.v, 2 FLOPs a multiply-add, every head and layer
+        "attention_flops_per_pair": 4.0 * layers * heads * head_dim,
+        "kv_bytes_per_token": 2.0 * layers * kv_heads * head_dim * size,  # K and V, the model's dtype
     }
 
 
@@ -88,14 +101,65 @@ def measure(timeout_s: float = 300.0) -> dict[str, Any] | None:
         return None
 
 
+@dataclass(frozen=True)
+class Requests:
+    """What each request of a level asks: prompt tokens, the leading ones of them cached (a
+    shared prefix), and output tokens (the first from the prompt's step, the rest decode rows)."""
+
+    input_len: int
+    output_len: int
+    cached_len: int = 0
+
+
+def roofline(
+    costs: dict[str, float], limits: dict[str, Any], req: Requests, decode_batch: float | None
+) -> dict[str, float] | None:
+    """The output tokens a second the measured device allows for requests `req` when every decode
+    step carries `decode_batch` rows (module docstring); None where it cannot be set: a model
+    without attention costs, or decode rows with no batch to share the weights over."""
+    if "attention_flops_per_pair" not in costs:
+        return None
+    rows = max(req.output_len - 1, 0)
+    if rows and not decode_batch:
+        return None
+    p, c = req.input_len, min(req.cached_len, req.input_len)
+    # Query position q (1-based) attends q keys: sum over the uncached q in (c, p].
+    pairs = (p * (p + 1) - c * (c + 1)) / 2
+    prefill_flops = (p - c) * costs["flops_per_prompt_token"] + pairs * costs["attention_flops_per_pair"]
+    # Row t (1..rows) attends the prompt and t tokens after it.
+    contexts = rows * p + rows * (rows + 1) / 2
+    decode_bytes = (rows * costs["step_weight_bytes"] / decode_batch if rows and decode_batch else 0.0) + (
+        contexts * costs["kv_bytes_per_token"]
+    )
+    prefill_s = prefill_flops / limits["matmul_flops"]
+    decode_s = decode_bytes / limits["copy_bytes_per_s"]
+    return {
+        "roofline_out_tok_s": req.output_len / (prefill_s + decode_s),
+        "roofline_prefill_ms": 1e3 * prefill_s,
+        "roofline_decode_ms": 1e3 * decode_s,
+        "roofline_decode_batch": float(decode_batch or 0.0),
+    }
+
+
+def mean_decode_batch(engines: dict[str, dict[str, Any]]) -> float | None:
+    """Decode rows a step with decode rows, over all the workers' engine profiles."""
+    rows = sum(p.get("decode_rows", 0.0) for p in engines.values())
+    steps = sum(p["decode_rows"] / p["decode_batch"] for p in engines.values() if p.get("decode_batch"))
+    return rows / steps if steps else None
+
+
 def level(
     engines: dict[str, dict[str, Any]],
     costs: dict[str, float],
     limits: dict[str, Any],
     duration_s: float,
+    req: Requests | None = None,
+    output_tok_s: float | None = None,
 ) -> dict[str, float] | None:
     """A level's matmul FLOP/s and weight bandwidth (summed over the workers' engine profiles,
-    bench/serving.py's `engine_profile`) and their shares of the measured limits."""
+    bench/serving.py's `engine_profile`) and their shares of the measured limits; with `req`
+    and the level's `output_tok_s`, also its requests' `roofline` at the level's decode batch
+    and the share of it the level reached."""
     if duration_s <= 0 or not engines:
         return None
     tokens = sum(p.get("prompt_tokens", 0.0) for p in engines.values())
@@ -103,12 +167,16 @@ def level(
     steps = sum(p.get("steps", 0.0) for p in engines.values())
     flops = (tokens * costs["flops_per_prompt_token"] + rows * costs["flops_per_decode_row"]) / duration_s
     weights = steps * costs["step_weight_bytes"] / duration_s
-    return {
+    out = {
         "matmul_flops": flops,
         "matmul_share": flops / limits["matmul_flops"],
         "weight_bytes_per_s": weights,
         "bandwidth_share": weights / limits["copy_bytes_per_s"],
     }
+    roof = roofline(costs, limits, req, mean_decode_batch(engines)) if req is not None else None
+    if roof is not None and output_tok_s is not None:
+        out |= roof | {"roofline_share": output_tok_s / roof["roofline_out_tok_s"]}
+    return out
 
 
 def rate(x: float, unit: str) -> str:
@@ -127,7 +195,14 @@ def header(limits: dict[str, Any]) -> str:
 
 
 def line(r: dict[str, float]) -> str:
-    return (
+    text = (
         f"limits: matmuls {rate(r['matmul_flops'], 'FLOP')} = {r['matmul_share']:.3f} of measured, "
         f"weights read {rate(r['weight_bytes_per_s'], 'B')} = {r['bandwidth_share']:.3f} of copy"
     )
+    if "roofline_share" in r:
+        text += (
+            f"; roofline {r['roofline_out_tok_s']:.0f} out tok/s at decode batch"
+            f" {r['roofline_decode_batch']:.1f} (a request: prefill {r['roofline_prefill_ms']:.2f} ms"
+            f" + decode {r['roofline_decode_ms']:.2f} ms), this level {r['roofline_share']:.3f} of it"
+        )
+    return text

@@ -70,3 +70,60 @@ def test_this_machine_is_measured_in_a_child_process() -> None:
     assert limits is not None and limits["device"] == "cpu" and limits["matmul"] == "float32 1024^3"
     assert limits["matmul_flops"] > 1e8 and limits["copy_bytes_per_s"] > 1e8
     assert "FLOP/s (float32 1024^3), copy " in serving_limits.header(limits)
+
+
+def test_llama3_8b_attention_and_kv_costs() -> None:
+    costs = serving_limits.model_costs(LLAMA3_8B)
+    assert costs is not None
+    assert costs["attention_flops_per_pair"] == 4 * 32 * 32 * 128  # 32 layers x 32 heads x 128
+    assert costs["kv_bytes_per_token"] == 2 * 32 * 8 * 128 * 2 == 131072  # 128 KiB a token in bf16
+
+
+def test_the_roofline_of_a_workload_by_hand() -> None:
+    costs = {
+        "flops_per_prompt_token": 10.0,
+        "flops_per_decode_row": 12.0,
+        "step_weight_bytes": 1000.0,
+        "attention_flops_per_pair": 1.0,
+        "kv_bytes_per_token": 2.0,
+    }
+    limits = {"matmul_flops": 100.0, "copy_bytes_per_s": 1000.0}
+    # 4 prompt tokens: 40 linear FLOPs + 1+2+3+4 pairs = 50 FLOPs = 0.5 s. 3 output tokens: 2
+    # decode rows, each 1000/4 weight bytes and 5, then 6 tokens of KV x 2 bytes: 522 B = 0.522 s.
+    r = serving_limits.roofline(costs, limits, serving_limits.Requests(4, 3), decode_batch=4.0)
+    assert r is not None
+    assert r["roofline_prefill_ms"] == pytest.approx(500.0)
+    assert r["roofline_decode_ms"] == pytest.approx(522.0)
+    assert r["roofline_out_tok_s"] == pytest.approx(3 / 1.022)
+    # A cached prefix of 2: 2 linear tokens (20 FLOPs) and pairs 3 + 4; decode unchanged.
+    cached = serving_limits.roofline(costs, limits, serving_limits.Requests(4, 3, cached_len=2), 4.0)
+    assert cached is not None and cached["roofline_prefill_ms"] == pytest.approx(270.0)
+    assert cached["roofline_decode_ms"] == pytest.approx(522.0)
+    # One output token: no decode rows, no batch needed; decode rows without a batch: none.
+    one = serving_limits.roofline(costs, limits, serving_limits.Requests(4, 1), None)
+    assert one is not None and one["roofline_decode_ms"] == 0.0 and one["roofline_out_tok_s"] == 2.0
+    assert serving_limits.roofline(costs, limits, serving_limits.Requests(4, 3), None) is None
+    old = {k: costs[k] for k in ("flops_per_prompt_token", "flops_per_decode_row", "step_weight_bytes")}
+    assert serving_limits.roofline(old, limits, serving_limits.Requests(4, 3), 4.0) is None
+
+
+def test_a_level_against_its_workloads_roofline() -> None:
+    costs = serving_limits.model_costs(LLAMA3_8B)
+    assert costs is not None
+    limits = {"matmul_flops": 780e12, "copy_bytes_per_s": 4.15e12, "device": "x", "matmul": "y"}
+    # Two workers, 100 rows a decode step in one and 300 rows over 2 steps in the other: 400 / 5.
+    engines = {
+        "a": {"prompt_tokens": 1e5, "decode_rows": 100.0, "steps": 10.0, "decode_batch": 100.0},
+        "b": {"prompt_tokens": 0.0, "decode_rows": 300.0, "steps": 2.0, "decode_batch": 150.0},
+    }
+    assert serving_limits.mean_decode_batch(engines) == pytest.approx(400 / 3)
+    req = serving_limits.Requests(1024, 128)
+    r = serving_limits.level(engines, costs, limits, 1.0, req, output_tok_s=3000.0)
+    assert r is not None
+    roof = serving_limits.roofline(costs, limits, req, 400 / 3)
+    assert roof is not None and r["roofline_out_tok_s"] == roof["roofline_out_tok_s"]
+    assert r["roofline_share"] == pytest.approx(3000.0 / roof["roofline_out_tok_s"])
+    # The H200 figures of docs/benchmarks.md r23: a 1k prompt at 780 TFLOP/s is ~18.7 ms.
+    assert roof["roofline_prefill_ms"] == pytest.approx(18.7, abs=0.2)
+    assert "this level" in serving_limits.line(r) and "roofline" in serving_limits.line(r)
+    assert "roofline" not in serving_limits.line(serving_limits.level(engines, costs, limits, 1.0) or {})

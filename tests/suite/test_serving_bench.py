@@ -284,6 +284,11 @@ def test_a_launch_on_a_device_model_keeps_its_pace(tiny_llama: Path, tmp_path: P
     assert level["output_tokens"] == 4 * OUT
     assert 55 <= level["itl_ms"]["p50"] < 200
     assert result["args"]["device_model"] == "decode_ms=60,row_ms=0"
+    # A dense model it launched: the level is set against this machine's limits measured in the
+    # run, its requests' roofline at the level's decode batch included (bench/serving_limits.py).
+    limits = level["limits"]
+    assert limits["roofline_decode_batch"] >= 1 and limits["roofline_out_tok_s"] > 0
+    assert limits["roofline_share"] == pytest.approx(level["output_tok_s"] / limits["roofline_out_tok_s"])
 
 
 def test_a_bad_device_model_is_refused_before_launching(tmp_path: Path) -> None:
