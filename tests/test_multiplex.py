@@ -24,7 +24,7 @@ class _Servicer(GenerateServicer, router_pb2_grpc.RouterServiceServicer):
     """Generations scripted by the request's text: "tokens:N" N increments (one per loop turn,
     "slow" 20 ms apart), "invalid" INVALID_ARGUMENT naming a field, "busy" RESOURCE_EXHAUSTED after
     one increment, "forever" an increment every 10 ms until cancelled, "burst" all at once (no
-    await between them)."""
+    await between them), "big" each increment's text 2 KiB long."""
 
     def __init__(self) -> None:
         self.running: set[int] = set()  # request ids whose generation has not ended
@@ -48,7 +48,9 @@ class _Servicer(GenerateServicer, router_pb2_grpc.RouterServiceServicer):
             for i in range(count):
                 if text == "busy" and i == 1:
                     raise ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED, "full")
-                output = common_pb2.Output(token_ids=[i], text=f"t{i}")
+                output = common_pb2.Output(
+                    token_ids=[i], text=f"t{i}" + ("x" * 2048 if "big" in text else "")
+                )
                 if i == count - 1:
                     output.finish.reason = common_pb2.FINISH_REASON_LENGTH
                 yield router_pb2.GenerateResponse(request_id=rid, output=output)
@@ -144,12 +146,17 @@ def test_streams_interleave_in_order_and_end_ok() -> None:
 
 def test_a_client_that_falls_behind_gets_batches() -> None:
     async def test(client: _Client, servicer: _Servicer) -> None:
-        client.send(*(_open(sid, "tokens:20") for sid in range(1, 9)))
-        await asyncio.sleep(0.3)  # the generations run ahead of this reader
+        # 8 x 100 increments of 2 KiB: past HTTP/2's flow-control window (64 KiB) while this
+        # reader sleeps, so the server's writes block and what the streams produce meanwhile
+        # gathers (a fixed amount of unread data, not the machine's speed, makes it fall behind).
+        client.send(*(_open(sid, "big tokens:100") for sid in range(1, 9)))
+        await asyncio.sleep(0.3)
         events = await client.until_ended(set(range(1, 9)))
-        assert sum(len(e) for e in events.values()) == 8 * 21
+        assert sum(len(e) for e in events.values()) == 8 * 101
+        for sid, stream in events.items():  # each stream's increments in order, then its end
+            assert [e.response.output.token_ids[0] for e in stream[:-1]] == list(range(100)), sid
         # Far fewer messages than events, and batches mixing streams.
-        assert len(client.batches) <= 8 * 21 // 4
+        assert len(client.batches) <= 8 * 101 // 4
         assert max(len({e.stream_id for e in b.events}) for b in client.batches) > 1
 
     _run(test)
