@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import grpc
@@ -114,6 +114,13 @@ class _Client:
         await self.channel.close()
 
 
+async def _eventually(condition: Callable[[], bool], seconds: float = 5.0) -> None:
+    """Wait until `condition()` holds or `seconds` passed (the assertion after it then fails)."""
+    deadline = asyncio.get_running_loop().time() + seconds
+    while not condition() and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.01)
+
+
 def _run(test: Any) -> None:
     async def main() -> None:
         server, servicer, address = await _serve()
@@ -198,10 +205,7 @@ def test_cancel_stops_that_generation_and_sends_nothing_more() -> None:
         client.send(router_pb2.GenerateManyRequest(cancel=1), router_pb2.GenerateManyRequest(cancel=99))
         events = await client.until_ended({2})
         assert [e.response.output.text for e in events[2][:-1]][-1] == "t9"
-        for _ in range(50):
-            if 1 not in servicer.running:
-                break
-            await asyncio.sleep(0.01)
+        await _eventually(lambda: 1 not in servicer.running)
         assert servicer.cancelled == [1] and not servicer.running
         assert not any(e.HasField("end") for e in events.get(1, []))  # no end for a cancelled stream
 
@@ -252,10 +256,7 @@ def test_protocol_violations_end_the_call_and_every_stream(
                 pass
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert info.value.details() == message
-        for _ in range(50):
-            if not servicer.running:
-                break
-            await asyncio.sleep(0.01)
+        await _eventually(lambda: not servicer.running)
         assert servicer.cancelled == [1] and not servicer.running
 
     _run(test)
@@ -275,10 +276,7 @@ def test_an_undecodable_message_is_invalid_argument() -> None:
                 pass
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "could not be parsed" in (info.value.details() or "")
-        for _ in range(50):
-            if not servicer.running:
-                break
-            await asyncio.sleep(0.01)
+        await _eventually(lambda: not servicer.running)
         assert not servicer.running
 
     _run(test)
@@ -290,10 +288,7 @@ def test_the_call_cancelled_cancels_every_stream() -> None:
         while len(servicer.running) < 3:
             await client.call.read()
         client.call.cancel()
-        for _ in range(100):
-            if not servicer.running:
-                break
-            await asyncio.sleep(0.01)
+        await _eventually(lambda: not servicer.running)
         assert sorted(servicer.cancelled) == [1, 2, 3] and not servicer.running
 
     _run(test)
