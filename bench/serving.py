@@ -1002,7 +1002,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
             stack.callback(spans.close)
         hardware, costs = None, None
         if args.launch:
-            costs = serving_limits.checkpoint_costs(args.model_path)
+            costs = serving_limits.checkpoint_costs(args.model_path, args.worker_args)
             if costs is not None:  # measured before the suite holds the device
                 hardware = serving_limits.measure()
                 if hardware is not None:

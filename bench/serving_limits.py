@@ -6,7 +6,8 @@ it will use: a dense matmul's FLOP/s (bf16 8192 x 8192 x 8192 on a GPU, float32 
 CPU: the dtype each serves in) and device-to-device copy bandwidth (bytes read + written,
 bench/gpu_bench.py's `copy_bandwidth`). Against them, from the workers' step counters over the
 level (`tandem_worker_engine_prefill_tokens_total`, `..._decode_rows_total`, `..._steps_total`)
-and the checkpoint's config.json (`model_costs`, dense decoders only):
+and the checkpoint's config.json with the workers' engine flags (`model_costs`, dense decoders
+only; FP8 weights or an FP8 KV cache set by flag count as such):
 
 - matmul FLOP/s: 2 FLOPs per weight of every linear layer a computed prompt token or a decode
   row passes (the lm head for decode rows only; attention's own FLOPs left out, a few percent
@@ -25,17 +26,24 @@ decode rows' bytes at the copy bandwidth (its share of every decode step's weigh
 level's decode batch, and its KV cache read at each row's context), the two summed. Summed,
 not overlapped: a mixed step does both at once, which measured 0.95-0.96x of the two apart on
 the H200 (docs/benchmarks.md r23), so a level can pass 1.0 by that little. It is the yardstick
-for a prompt-heavy load, where the matmul share alone hides the decode side's bytes.
+for a prompt-heavy load, where the matmul share alone hides the decode side's bytes. With FP8
+weights the prompt side is still set against the bf16 matmul measured (FP8 GEMMs can pass it).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import shlex
 import subprocess
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from shared import config_cli
+from shared.config import EngineConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 DENSE = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2"}  # config.json model_type
@@ -52,9 +60,11 @@ print(json.dumps({{"device": torch.cuda.get_device_name(device) if device.type =
 """
 
 
-def model_costs(config: dict[str, Any]) -> dict[str, float] | None:
+def model_costs(config: dict[str, Any], engine: dict[str, Any] | None = None) -> dict[str, float] | None:
     """FLOPs a computed prompt token and a decode row cost in linear layers, and the weight bytes
-    a step reads, from an HF config.json; None where the model is not a dense decoder."""
+    a step reads, from an HF config.json and the engine's options (`engine_options`: FP8 weights
+    quantized while loading, an FP8 KV cache); None where the model is not a dense decoder."""
+    engine = engine or {}
     if config.get("model_type") not in DENSE or config.get("num_experts") or config.get("n_routed_experts"):
         return None
     h, i, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
@@ -66,21 +76,33 @@ def model_costs(config: dict[str, Any]) -> dict[str, float] | None:
     dtype = config.get("dtype") or config.get("torch_dtype") or "bfloat16"
     size = _BYTES.get(str(dtype), 2)
     quant = config.get("quantization_config") or {}
-    linear_size = 1 if quant.get("quant_method") == "fp8" else size  # scales left out
+    fp8 = quant.get("quant_method") == "fp8" or engine.get("quantization") == "fp8"
+    linear_size = 1 if fp8 else size  # scales left out
+    kv_size = 1 if str(engine.get("kv_cache_dtype", "auto")).startswith("fp8") else size
     return {
         "flops_per_prompt_token": 2.0 * layers * layer,
         "flops_per_decode_row": 2.0 * (layers * layer + lm_head),
         "step_weight_bytes": float(layers * layer * linear_size + lm_head * size),
         # a query against one key: q.k and p.v, 2 FLOPs a multiply-add, every head and layer
         "attention_flops_per_pair": 4.0 * layers * heads * head_dim,
-        "kv_bytes_per_token": 2.0 * layers * kv_heads * head_dim * size,  # K and V, the model's dtype
+        "kv_bytes_per_token": 2.0 * layers * kv_heads * head_dim * kv_size,  # K and V
     }
 
 
-def checkpoint_costs(path: Path) -> dict[str, float] | None:
-    """`model_costs` of the checkpoint at `path`; None where its config.json is unreadable."""
+def engine_options(worker_args: Sequence[str]) -> dict[str, Any]:
+    """The engine options (`EngineConfig`'s generated flags) that the workers' flags set,
+    e.g. ["--device cuda:0 --kv-cache-dtype fp8_e4m3"]; the workers' other flags are ignored."""
+    parser = argparse.ArgumentParser(add_help=False)
+    config_cli.add_arguments(parser, EngineConfig, "unified")
+    known, _ = parser.parse_known_args(shlex.split(" ".join(worker_args)))
+    return config_cli.options(known, EngineConfig, "unified")
+
+
+def checkpoint_costs(path: Path, worker_args: Sequence[str] = ()) -> dict[str, float] | None:
+    """`model_costs` of the checkpoint at `path` served with `worker_args`; None where its
+    config.json is unreadable."""
     try:
-        return model_costs(json.loads((path / "config.json").read_text()))
+        return model_costs(json.loads((path / "config.json").read_text()), engine_options(worker_args))
     except (OSError, ValueError, KeyError, TypeError):
         return None
 

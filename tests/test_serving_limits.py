@@ -127,3 +127,24 @@ def test_a_level_against_its_workloads_roofline() -> None:
     assert roof["roofline_prefill_ms"] == pytest.approx(18.7, abs=0.2)
     assert "this level" in serving_limits.line(r) and "roofline" in serving_limits.line(r)
     assert "roofline" not in serving_limits.line(serving_limits.level(engines, costs, limits, 1.0) or {})
+
+
+def test_the_workers_engine_flags_change_the_costs(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA3_8B))
+    plain = serving_limits.checkpoint_costs(tmp_path, ["--device cuda:0 --max-total-tokens 150000"])
+    assert plain == serving_limits.model_costs(LLAMA3_8B)
+    options = serving_limits.engine_options(
+        ["--device cuda:0", "--kv-cache-dtype fp8_e4m3 --quantization fp8"]
+    )
+    assert (options["kv_cache_dtype"], options["quantization"], options["device"]) == (
+        "fp8_e4m3",
+        "fp8",
+        "cuda:0",
+    )
+    kv8 = serving_limits.checkpoint_costs(tmp_path, ["--kv-cache-dtype", "fp8_e4m3"])
+    assert plain is not None and kv8 is not None
+    assert kv8["kv_bytes_per_token"] == plain["kv_bytes_per_token"] / 2  # one byte a value
+    assert kv8["step_weight_bytes"] == plain["step_weight_bytes"]
+    w8 = serving_limits.checkpoint_costs(tmp_path, ["--quantization fp8"])
+    fp8_checkpoint = serving_limits.model_costs(LLAMA3_8B | {"quantization_config": {"quant_method": "fp8"}})
+    assert w8 == fp8_checkpoint and w8 is not None and w8["kv_bytes_per_token"] == plain["kv_bytes_per_token"]
