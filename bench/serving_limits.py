@@ -92,7 +92,7 @@ def model_costs(config: dict[str, Any], engine: dict[str, Any] | None = None) ->
 def engine_options(worker_args: Sequence[str]) -> dict[str, Any]:
     """The engine options (`EngineConfig`'s generated flags) that the workers' flags set,
     e.g. ["--device cuda:0 --kv-cache-dtype fp8_e4m3"]; the workers' other flags are ignored."""
-    parser = argparse.ArgumentParser(add_help=False)
+    parser = argparse.ArgumentParser(add_help=False, exit_on_error=False)  # a bad value: ArgumentError
     config_cli.add_arguments(parser, EngineConfig, "unified")
     known, _ = parser.parse_known_args(shlex.split(" ".join(worker_args)))
     return config_cli.options(known, EngineConfig, "unified")
@@ -100,10 +100,11 @@ def engine_options(worker_args: Sequence[str]) -> dict[str, Any]:
 
 def checkpoint_costs(path: Path, worker_args: Sequence[str] = ()) -> dict[str, float] | None:
     """`model_costs` of the checkpoint at `path` served with `worker_args`; None where its
-    config.json is unreadable."""
+    config.json is unreadable or an engine flag's value is not one (the workers then refuse it
+    with their own message)."""
     try:
         return model_costs(json.loads((path / "config.json").read_text()), engine_options(worker_args))
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, argparse.ArgumentError):
         return None
 
 

@@ -148,3 +148,5 @@ def test_the_workers_engine_flags_change_the_costs(tmp_path: Path) -> None:
     w8 = serving_limits.checkpoint_costs(tmp_path, ["--quantization fp8"])
     fp8_checkpoint = serving_limits.model_costs(LLAMA3_8B | {"quantization_config": {"quant_method": "fp8"}})
     assert w8 == fp8_checkpoint and w8 is not None and w8["kv_bytes_per_token"] == plain["kv_bytes_per_token"]
+    # A value the workers would refuse: no costs (and no limits line), not an exit from here.
+    assert serving_limits.checkpoint_costs(tmp_path, ["--kv-cache-dtype int3"]) is None
