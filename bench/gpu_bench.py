@@ -282,14 +282,21 @@ def copy_bandwidth(device: torch.device) -> float:
     return 2 * n / seconds
 
 
-def matmul_flops(device: torch.device) -> tuple[float, str]:
-    """FLOP/s of one large dense matmul in the dtype the device serves in (bf16 8192^3 on a
-    GPU, float32 1024^3 on the CPU), and that shape's name: what a GEMM reaches here."""
+def matmul_operands(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """Two square operands of the large dense matmul in the dtype the device serves in (bf16
+    8192^3 on a GPU, float32 1024^3 on the CPU), and that shape's name."""
     n, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (1024, torch.float32)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
+    return a, b, f"{str(dtype).removeprefix('torch.')} {n}^3"
+
+
+def matmul_flops(device: torch.device) -> tuple[float, str]:
+    """FLOP/s of `matmul_operands`' matmul (20 calls: a burst) and its shape's name: what a
+    GEMM reaches here."""
+    a, b, shape = matmul_operands(device)
     seconds = time_fn(lambda: a @ b, device, iters=20)
-    return 2 * n**3 / seconds, f"{str(dtype).removeprefix('torch.')} {n}^3"
+    return 2 * a.shape[0] ** 3 / seconds, shape
 
 
 # ---- Tandem ---------------------------------------------------------------------------------

@@ -27,17 +27,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.gpu_bench import matmul_flops, sync
+from bench.gpu_bench import matmul_flops, matmul_operands, sync
 from shared.model_runner import resolve_device
 
 
 def held_rates(device: torch.device, seconds: float, window: float) -> tuple[list[float], str]:
-    """FLOP/s of each `window` seconds of back-to-back matmuls (the shape and dtype of
+    """FLOP/s of each `window` seconds of back-to-back matmuls (`matmul_operands`, those of
     `matmul_flops`) over `seconds` in all, and the shape's name."""
-    n, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (1024, torch.float32)
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    out = torch.empty(n, n, device=device, dtype=dtype)
+    a, b, shape = matmul_operands(device)
+    n = a.shape[0]
+    out = torch.empty_like(a)
     rates: list[float] = []
     end = time.perf_counter() + seconds
     while time.perf_counter() < end:
@@ -50,7 +49,7 @@ def held_rates(device: torch.device, seconds: float, window: float) -> tuple[lis
                 sync(device)  # keep the host's clock on the device's work, not its queue
         sync(device)
         rates.append(2 * n**3 * calls / (time.perf_counter() - began))
-    return rates, f"{str(dtype).removeprefix('torch.')} {n}^3"
+    return rates, shape
 
 
 def gpu_state() -> dict[str, str] | None:
