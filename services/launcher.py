@@ -30,8 +30,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import http.client
 import json
 import os
+import random
 import re
 import secrets
 import shlex
@@ -75,9 +77,36 @@ class Child:
 
 
 def free_port() -> int:
+    """A TCP port free on this host now, for a process to bind a little later. Picked below the
+    kernel's ephemeral range where the host has one (Linux's ip_local_port_range), because a port
+    from that range can be taken in the meantime by any port-0 bind or any connection's source
+    port; a port from under it only by another process that chose it the same way."""
+    low = _ephemeral_low()
+    if low is not None and low >= 4096:
+        rng = random.SystemRandom()
+        for _ in range(64):
+            port = rng.randrange(low // 2, low)
+            if _bindable(port):
+                return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def _ephemeral_low() -> int | None:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("0.0.0.0", port))
+        except OSError:
+            return False
+    return True
 
 
 _METRICS_LINE = re.compile(rb"metrics on (http://\S+/metrics)")
@@ -428,10 +457,13 @@ def _router_workers(admin: str, cluster_token: str) -> int | None:
 
 
 def _http_ok(url: str) -> bool:
+    """Whether `url` answers 200. Anything else, a server that is not HTTP on that port
+    included (another process's gRPC server, say), is not yet: `_wait` then finds the child
+    that exited, or times out, and says which."""
     try:
         with urllib.request.urlopen(url, timeout=1) as resp:
             return bool(resp.status == 200)
-    except OSError:
+    except (OSError, http.client.HTTPException):
         return False
 
 

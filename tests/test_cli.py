@@ -5,12 +5,15 @@ do, no traceback."""
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 
+from services import launcher
 from services.launcher import free_port, kv_transport_of
 from services.version import tandem_version
 from shared.transfer import nixl_available
@@ -112,3 +115,36 @@ def test_up_refuses_zero_gateways(tmp_path: Path) -> None:
     out = _run("services.cli", "up", "--gateways", "0")
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert "argument --gateways: must be a positive integer, got 0" in out.stderr
+
+
+def test_free_ports_come_from_under_the_ephemeral_range() -> None:
+    """Ports the kernel hands to port-0 binds and connections' source ports cannot take them
+    between the launcher's choice and the child's bind (a gateway test once found another
+    test's gRPC server on its port)."""
+    low = launcher._ephemeral_low()
+    ports = {free_port() for _ in range(20)}
+    if low is not None and low >= 4096:
+        assert all(low // 2 <= p < low for p in ports), (low, ports)
+    for port in ports:  # each can be bound right now
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))
+
+
+def test_a_port_answering_something_other_than_http_is_not_healthy() -> None:
+    """The launcher's health probe reads a non-HTTP answer (an HTTP/2 server's bytes) as "not
+    up yet", so start-up reports the gateway that exited instead of a traceback."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        port = server.getsockname()[1]
+
+        def answer() -> None:
+            conn, _ = server.accept()
+            with conn:
+                conn.recv(1024)
+                conn.sendall(b"\x00\x00\x12\x04\x00\x00\x00\x00\x00\x00\x03\x7f\xff\xff\xff")
+
+        thread = threading.Thread(target=answer, daemon=True)
+        thread.start()
+        assert launcher._http_ok(f"http://127.0.0.1:{port}/health") is False
+        thread.join(timeout=5)
