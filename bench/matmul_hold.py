@@ -31,10 +31,10 @@ from bench.gpu_bench import matmul_flops, matmul_operands, sync
 from shared.model_runner import resolve_device
 
 
-def held_rates(device: torch.device, seconds: float, window: float) -> tuple[list[float], str]:
+def held_rates(device: torch.device, seconds: float, window: float) -> list[float]:
     """FLOP/s of each `window` seconds of back-to-back matmuls (`matmul_operands`, those of
-    `matmul_flops`) over `seconds` in all, and the shape's name."""
-    a, b, shape = matmul_operands(device)
+    `matmul_flops`) over `seconds` in all."""
+    a, b, _ = matmul_operands(device)
     n = a.shape[0]
     out = torch.empty_like(a)
     rates: list[float] = []
@@ -49,7 +49,7 @@ def held_rates(device: torch.device, seconds: float, window: float) -> tuple[lis
                 sync(device)  # keep the host's clock on the device's work, not its queue
         sync(device)
         rates.append(2 * n**3 * calls / (time.perf_counter() - began))
-    return rates, shape
+    return rates
 
 
 def gpu_state() -> dict[str, str] | None:
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         p.error("--seconds and --window must be positive, the window no longer than the hold")
     device = resolve_device(args.device)
     burst, shape = matmul_flops(device)
-    rates, _ = held_rates(device, args.seconds, args.window)
+    rates = held_rates(device, args.seconds, args.window)
     state = gpu_state() if device.type == "cuda" else None
     result = {"shape": shape, "burst_flops": burst, "held_flops": rates, "gpu_state_at_end": state}
     last = rates[-1]

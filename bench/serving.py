@@ -406,7 +406,7 @@ async def sweep(
     loads = [float(x) for x in (args.request_rate or args.concurrency).split(",")]
     prompts = Prompts(w)
     processes = None
-    if mode == "concurrency" and args.client_processes > 1:
+    if args.client_processes > 1:  # closed loops only (run() refuses it with --request-rate)
         processes = ClientProcesses(args.client_processes, args.request_timeout)
     async with contextlib.AsyncExitStack() as stack:
         client = await stack.enter_async_context(_http_client(args.request_timeout))
@@ -979,6 +979,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         raise SystemExit("--launch needs --model-path (a checkpoint with config.json) or --make-model")
     if args.client_processes < 1:
         raise SystemExit("--client-processes must be at least 1")
+    if args.client_processes > 1 and args.request_rate:
+        raise SystemExit("--client-processes spreads closed loops (--concurrency), not --request-rate")
     if args.trace and not args.launch:
         raise SystemExit("--trace needs --launch (it points the suite's span exporters at this process)")
     if args.py_spy and not args.launch:

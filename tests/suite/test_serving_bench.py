@@ -291,6 +291,13 @@ def test_a_launch_on_a_device_model_keeps_its_pace(tiny_llama: Path, tmp_path: P
     assert limits["roofline_share"] == pytest.approx(level["output_tok_s"] / limits["roofline_out_tok_s"])
 
 
+def test_client_processes_with_poisson_arrivals_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match="closed loops"):
+        serving.main(
+            ["--base-url", "http://127.0.0.1:9/v1", "--request-rate", "4", "--client-processes", "2"]
+        )
+
+
 def test_a_bad_device_model_is_refused_before_launching(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match="key=value"):
         serving.main(["--launch", "--model-path", str(tmp_path), "--device-model", "fast"])
