@@ -191,7 +191,12 @@ def test_a_router_restart_fails_open_streams_then_serves_again(tokenizer_dir: Pa
             try:
                 hello = _body("hello", stream=False)
                 assert _wait(lambda: http.post("/v1/completions", json=hello).status_code == 200, timeout=15)
-                assert second.service.generate_many_calls == 2  # asked again, a new session
+                # A new session on the new router, no Generate call. The question before it may
+                # have failed fast while the channel was still reconnecting (CI saw that): a
+                # failure other than UNIMPLEMENTED says nothing, so the session opens anyway, and
+                # the new router sees one GenerateMany call or two.
+                assert second.service.generate_many_calls in (1, 2)
+                assert second.service.generate_calls == 0
             finally:
                 second.stop()
     finally:
