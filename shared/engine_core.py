@@ -256,16 +256,19 @@ class EngineCore:
         """Decode engine: a prompt whose KV a prefill engine will write. It holds nothing until
         `reserve_kv` (asked by the prefill side when it starts computing the prompt); then it
         continues when its commit record arrives (`commit_kv`, or a NIXL notification), and is
-        aborted if none arrives within the lease after the pages were granted. `ValueError`
+        aborted if none arrives within the lease after the pages were granted. A prompt with
+        `max_new_tokens` 0 needs no KV: it finishes at once (`length`, no tokens). `ValueError`
         for bad input."""
         if self.receiver is None:
             raise ValueError("only a decode engine takes reservations")
         self._check_free([rid])
         (req,) = self.builder.build([rid], input_ids, params, return_logprob, top_logprobs_num)
         if req.params.max_new_tokens == 0:
-            raise InvalidRequest(
-                "max_new_tokens must be at least 1 for a disaggregated request", param="max_new_tokens"
-            )
+            # Nothing to generate, so no KV to wait for: finished here as a unified engine
+            # finishes it (the decode worker sends no reservation for it, the router no prefill).
+            self._requests[rid] = req
+            self._finish(req, FinishReason(FinishKind.LENGTH))
+            return
         allocator = self.kv.allocator
         if allocator.pages_needed(0, len(input_ids) + 1) >= allocator.num_pages:
             raise InvalidRequest(

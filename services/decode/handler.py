@@ -1,7 +1,9 @@
 """DecodeService: the decode half of the PD hand-off.
 
 Generate   register the prompt (no pages yet) -> send the Reservation (our agent, layout,
-           transport; at once, before the engine has answered) -> the engine accepts or
+           transport; at once, before the engine has answered; none for a prompt that
+           generates nothing, max_new_tokens 0, which the engine finishes at once) -> the
+           engine accepts or
            refuses it -> (prefill reserves, writes + commits) -> stream outputs, with a
            keepalive after each silent quarter of `stall_timeout_ms` (waiting for the prefill
            side, queued), UNAVAILABLE once the engine has not answered for all of it. A
@@ -56,25 +58,27 @@ class DecodeServicer(GenerateServicer, worker_pb2_grpc.DecodeServiceServicer):
         last: RequestOutput | None = None
         with self.engine.admit(), server_span("decode", metadata) as span:
             try:
+                prompt = prompt_from_proto(request)
                 expected = self.engine.expect_kv(
-                    request.rid,
-                    prompt_from_proto(request),
-                    request.kv_lease_ms / 1000 if request.kv_lease_ms else None,
+                    request.rid, prompt, request.kv_lease_ms / 1000 if request.kv_lease_ms else None
                 )
                 try:
                     # The router starts the prefill leg on this message: it does not wait for
                     # the engine's acceptance, which a busy engine gives only between steps (a
                     # refusal follows as this call's error, and the router drops the prefill leg).
-                    yield worker_pb2.GenerateResponse(
-                        reservation=worker_pb2.Reservation(
-                            rid=request.rid,
-                            agent_name=self.agent_name,
-                            page_size=client.page_size,
-                            kv_layout=client.kv_layout,
-                            kv_transport=TRANSPORTS[client.kv_transport],
-                            tp_size=client.tp_size,
+                    # A prompt that generates nothing needs no KV: its finished output comes
+                    # instead, and the router starts no prefill leg.
+                    if prompt.params.get("max_new_tokens") != 0:
+                        yield worker_pb2.GenerateResponse(
+                            reservation=worker_pb2.Reservation(
+                                rid=request.rid,
+                                agent_name=self.agent_name,
+                                page_size=client.page_size,
+                                kv_layout=client.kv_layout,
+                                kv_transport=TRANSPORTS[client.kv_transport],
+                                tp_size=client.tp_size,
+                            )
                         )
-                    )
                     stream = await expected.accepted(request.stall_timeout_ms / 1000)
                     async for out in stream.outputs(request.stall_timeout_ms / 1000, coalesce=True):
                         if isinstance(out, Keepalive):  # waiting for the prefill worker, or queued

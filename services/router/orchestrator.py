@@ -4,7 +4,8 @@ One sample (n > 1 fans out into n samples, sample i seeded with seed + i):
 
     PD mode (prefill and decode workers available)
       1. P = prefill policy (cache-aware), D = decode policy (least load)
-      2. D.Generate(request)        -> first message: the Reservation (pages for the prompt)
+      2. D.Generate(request)        -> first message: the Reservation (pages for the prompt);
+                                       for max_new_tokens 0 the finished output instead, and done
       3. P.Prefill(request, reservation, D's address), concurrently with reading D's stream
       4. D streams outputs; P's answer only matters if it fails (then D's call is cancelled)
     Unified mode: W = unified policy; W.Generate streams outputs.
@@ -291,6 +292,12 @@ class Orchestrator:
             try:
                 messages = self._guard(decode, stream).__aiter__()
                 first = await anext(messages, None)
+                if first is not None and first.HasField("output") and first.output.HasField("finish"):
+                    # A sample that generates nothing (max_new_tokens 0): decode answered it at
+                    # once, as a unified worker would, and there is no prompt to prefill.
+                    record.prefill_worker = ""
+                    yield self._response(sample, first.output, router_pb2.Route(decode_worker=decode.address))
+                    return
                 if first is None or not first.HasField("reservation"):
                     raise ServiceError(
                         grpc.StatusCode.INTERNAL, f"decode worker {decode.address} sent no reservation"

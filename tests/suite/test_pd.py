@@ -162,6 +162,30 @@ def test_bad_requests_are_refused_and_the_suite_keeps_serving(
         worker.wait_released()
 
 
+def test_a_prompt_that_generates_nothing_is_answered_without_a_prefill(
+    pd: tuple[Cluster, Service, Service],
+) -> None:
+    """max_new_tokens 0 (a completion that only echoes or scores its prompt): answered as a
+    unified worker answers it, `length` with no tokens and the prompt counted, by the decode
+    worker at once; no prefill leg and no KV moved. Bad input is still refused."""
+    cluster, prefill, decode = pd
+    ids = prompts(1, seed=5)[0]
+    before = prefill.load().counters
+    out = collect(cluster.generate(ids, n=2, max_new_tokens=0, temperature=0.0))
+    assert sorted(out) == [0, 1]
+    for sample in out.values():
+        assert sample["ids"] == [] and sample["finish"].reason == common_pb2.FINISH_REASON_LENGTH
+        assert sample["usage"].prompt_tokens == len(ids) and sample["usage"].completion_tokens == 0
+        assert sample["route"].prefill_worker == "" and sample["route"].decode_worker == decode.address
+    after = prefill.load().counters
+    assert after.get("prompt_tokens_computed", 0) == before.get("prompt_tokens_computed", 0)
+    with pytest.raises(grpc.RpcError) as err:
+        cluster.generate([10**7], max_new_tokens=0)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    for worker in (prefill, decode):
+        worker.wait_released()
+
+
 def test_clients_reusing_a_request_id_are_both_served(
     pd: tuple[Cluster, Service, Service], tiny_llama: Path
 ) -> None:
