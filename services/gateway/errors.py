@@ -62,7 +62,8 @@ def validation_error(errors: Sequence[Any], at: str = "") -> OpenAIError:
     """A validation failure (FastAPI's 422, pydantic's errors) as OpenAI's 400 naming the first
     offending parameter; `at` is where the validated value sits in the request (`input[2]`)."""
     error = errors[0]
-    loc = [p for p in error.get("loc", ()) if p != "body"]
+    # Without pydantic's union-branch tags ('str', 'list[ContentPart]'): they are not fields.
+    loc = [p for p in error.get("loc", ()) if p != "body" and not _is_branch_tag(p)]
     param = (at + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc)).lstrip(".") or None
     param = (error.get("ctx") or {}).get("param") or param  # a validator that names it itself
     message = str(error.get("msg", "invalid request")).removeprefix("Value error, ")
@@ -72,4 +73,14 @@ def validation_error(errors: Sequence[Any], at: str = "") -> OpenAIError:
     if kind == "missing":
         what = f"parameter '{param}'" if param else "request body"
         return OpenAIError(400, f"Missing required {what}", param=param)
+    if param is None:  # the body itself: a JSON array, null, a form
+        return OpenAIError(400, f"The request body must be a JSON object: {message}")
     return OpenAIError(400, f"Invalid value for '{param}': {message}", param=param)
+
+
+_BUILTIN_TAGS = frozenset({"str", "int", "float", "bool", "bytes", "none", "list", "dict"})
+
+
+def _is_branch_tag(part: Any) -> bool:
+    """Whether a pydantic error location part names a union branch rather than a field."""
+    return isinstance(part, str) and (part in _BUILTIN_TAGS or "[" in part)

@@ -68,6 +68,8 @@ class _Strict(BaseModel):
 
 class StreamOptions(_Strict):
     include_usage: bool | None = None
+    # vLLM's: usage in every chunk, not only in a last one. Not honoured: refused when true.
+    continuous_usage_stats: bool | None = None
 
 
 class JsonSchemaSpec(_Strict):
@@ -276,6 +278,10 @@ class _SamplingRequest(SamplingFields):
                 raise bad_request(f"'{param}' must not be empty", param)
         if self.stream_options is not None and not self.stream:
             raise bad_request("'stream_options' is only allowed when 'stream' is true", "stream_options")
+        if self.stream_options is not None and self.stream_options.continuous_usage_stats:
+            param = "stream_options.continuous_usage_stats"
+            message = f"'{param}' is not supported by this server yet (usage comes in the last chunk)"
+            raise bad_request(message, param)
         max_tokens = self.max_new_tokens()
         if self.min_tokens is not None and max_tokens is not None and self.min_tokens > max_tokens:
             raise bad_request(
@@ -325,6 +331,12 @@ _PEER_UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
     "request_id": _never,  # send X-Request-Id instead
     "rid": _never,
     "session_params": _never,
+    "return_token_ids": lambda v: v is False,
+    "prompt_embeds": _never,
+    # SGLang's PD hand-off fields: Tandem's router runs its own (bootstrap servers are SGLang's).
+    "bootstrap_host": _never,
+    "bootstrap_port": _never,
+    "bootstrap_room": _never,
 }
 
 
@@ -336,11 +348,11 @@ class CompletionRequest(_SamplingRequest):
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     echo: bool | None = None
     add_special_tokens: bool | None = None  # vLLM's; for text prompts, default true
+    best_of: int | None = Field(None, ge=1, le=MAX_N)  # only n (the default) is honoured: `check`
 
     UNSUPPORTED_FIELDS: ClassVar[dict[str, Callable[[Any], bool]]] = {
         "suffix": _is_empty,
         "logit_bias": _is_empty,
-        "best_of": lambda v: v == 1,
         **_PEER_UNSUPPORTED,
     }
 
@@ -371,8 +383,7 @@ class CompletionRequest(_SamplingRequest):
 
     def check(self) -> None:
         super().check()
-        best_of = (self.model_extra or {}).get("best_of")
-        if best_of is not None and best_of != (self.n or 1):
+        if self.best_of is not None and self.best_of != (self.n or 1):
             raise bad_request("'best_of' other than n is not supported by this server yet", "best_of")
         if self.echo and self.logprobs is not None:
             # Echo with logprobs asks for the prompt's logprobs, which the router does not return.
@@ -559,6 +570,7 @@ class ChatCompletionRequest(_SamplingRequest):
         **_PEER_UNSUPPORTED,
         # vLLM's and SGLang's chat options, likewise.
         "best_of": lambda v: v == 1,
+        "include_reasoning": lambda v: v is True,
         "echo": lambda v: v is False,
         "add_generation_prompt": lambda v: v is True,
         "continue_final_message": lambda v: v is False,

@@ -81,9 +81,12 @@ def _error_response(exc: BaseException) -> JSONResponse:
     error = to_openai_error(exc)
     if error.status >= 500:  # a client's mistake (4xx) is not the request span's error
         record_error(trace.get_current_span(), exc, f"HTTP {error.status}: {error.message}")
-    # Capacity and availability errors are temporary: say when to come back.
-    headers = {"Retry-After": "1"} if error.status in (429, 503) else None
-    return JSONResponse(error.body(), status_code=error.status, headers=headers)
+    # Capacity and availability errors are temporary: say when to come back. Starlette's own
+    # errors keep their headers (a 405's Allow).
+    headers = dict(exc.headers or {}) if isinstance(exc, HTTPException) else {}
+    if error.status in (429, 503):
+        headers["Retry-After"] = "1"
+    return JSONResponse(error.body(), status_code=error.status, headers=headers or None)
 
 
 class _Gateway:

@@ -100,6 +100,35 @@ def test_malformed_json_is_a_400(http: httpx.Client) -> None:
     _assert_still_works(http)
 
 
+@pytest.mark.parametrize(
+    ("content", "headers"),
+    [(b"[1, 2]", {"content-type": "application/json"}), (b"null", {"content-type": "application/json"}),
+     (b"model=x", {"content-type": "application/x-www-form-urlencoded"})],
+)  # fmt: skip
+def test_a_body_that_is_no_json_object_says_so(
+    http: httpx.Client, content: bytes, headers: dict[str, str]
+) -> None:
+    response = http.post("/v1/chat/completions", content=content, headers=headers)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] is None and error["message"].startswith("The request body must be a JSON object")
+    assert "None" not in error["message"]
+    _assert_still_works(http)
+
+
+def test_a_union_field_is_named_without_pydantic_branch_tags(http: httpx.Client) -> None:
+    body = {**CHAT, "messages": [{"role": "user", "content": 5}]}
+    response = http.post("/v1/chat/completions", json=body)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == "messages[0].content"
+
+
+def test_a_wrong_method_is_a_405_with_allow(http: httpx.Client) -> None:
+    response = http.get("/v1/completions")
+    assert response.status_code == 405 and "error" in response.json()
+    assert "POST" in response.headers["allow"]
+
+
 def test_openai_client_sees_bad_request(client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(model=MODEL_ID, messages=[{"role": "user", "content": "x"}], n=0)

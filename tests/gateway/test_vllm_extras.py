@@ -247,6 +247,11 @@ BOTH_ENDPOINTS = [
     ("request_id", None, "mine"),
     ("rid", None, "mine"),
     ("session_params", None, {"id": "s"}),
+    ("return_token_ids", False, True),
+    ("prompt_embeds", None, "AAAA"),
+    ("bootstrap_host", None, "10.0.0.1"),
+    ("bootstrap_port", None, 8998),
+    ("bootstrap_room", None, 7),
 ]
 CHAT_ONLY = [
     ("best_of", 1, 2),
@@ -258,6 +263,7 @@ CHAT_ONLY = [
     ("documents", [], [{"title": "t", "text": "x"}]),
     ("separate_reasoning", True, False),
     ("stream_reasoning", True, False),
+    ("include_reasoning", True, False),
 ]
 PEER_CASES = [(path, *case) for path in PATHS for case in BOTH_ENDPOINTS] + [
     ("/v1/chat/completions", *case) for case in CHAT_ONLY
@@ -310,3 +316,25 @@ def test_add_special_tokens_reaches_the_tokenizer_on_completions(
     assert ids[True] != ids[False]  # the tiny tokenizer adds BOS
     response = http.post("/v1/completions", json=COMPLETION)
     assert list(stub.last_request.token_ids) == ids[True]  # vLLM's default for completions
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_continuous_usage_stats_is_a_400_not_ignored(http: httpx.Client, path: str) -> None:
+    """vLLM's `stream_options.continuous_usage_stats` (usage in every chunk) is not honoured."""
+    options = {"stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": False}}
+    with http.stream("POST", path, json=_body(path, options)) as response:
+        assert response.status_code == 200
+    options["stream_options"]["continuous_usage_stats"] = True  # type: ignore[index]
+    response = http.post(path, json=_body(path, options))
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == "stream_options.continuous_usage_stats"
+
+
+def test_best_of_equal_to_n_is_honoured_on_completions(http: httpx.Client, stub: StubRouter) -> None:
+    """best_of = n (the default) asks for nothing more; any other value is a 400 naming it."""
+    response = http.post("/v1/completions", json={**COMPLETION, "n": 2, "best_of": 2})
+    assert response.status_code == 200, response.text
+    assert len(response.json()["choices"]) == 2
+    for body, param in (({"n": 2, "best_of": 3}, "best_of"), ({"best_of": 0}, "best_of")):
+        response = http.post("/v1/completions", json={**COMPLETION, **body})
+        assert response.status_code == 400 and response.json()["error"]["param"] == param, response.text
