@@ -20,7 +20,9 @@ import xgrammar as xgr
 
 # JSON string characters needing no escape, as positive ranges without the UTF-16 surrogates:
 # xgrammar's negated classes also admit surrogates' and overlong byte sequences, which are not UTF-8.
-_PLAIN_CHARS = r"[ !#-\[\]-\ud7ff\ue000-\U0010ffff]"
+# The range ends are the characters themselves, not escapes: xgrammar's regex reader has no
+# `\U........` escape (its FSM builder warned on every such schema that it took it literally).
+_PLAIN_CHARS = "[ !#-\\[\\]-\ud7ff\ue000-\U0010ffff]"
 _NOT_SCHEMAS = frozenset({"enum", "const", "default", "examples", "required"})  # values, not schemas
 _STRUCTURAL_JSON_KEYS = frozenset({"type", "json_schema", "style"})
 

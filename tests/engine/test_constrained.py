@@ -388,6 +388,30 @@ def test_length_bounded_strings_always_parse(compiler: tuple[GrammarCompiler, An
         assert out == json.dumps(value, ensure_ascii=False)  # compact: `, ` and `: ` only
 
 
+def test_a_length_bound_admits_every_plain_character_and_no_escape(capfd: pytest.CaptureFixture[str]) -> None:
+    """The bounded pattern, byte by byte: characters up to U+10FFFF that JSON needs no escape for
+    pass (the ends of its ranges included), quotes, backslashes and control characters do not,
+    and xgrammar reads the pattern without a warning (an escape it lacked warned on every such
+    schema)."""
+    from shared.constrained.schema import json_schema_source
+
+    vocab = [bytes([b]) for b in range(256)]
+    info = xgr.TokenizerInfo(vocab, vocab_type=xgr.VocabType.RAW)
+    schema = {"type": "object", "properties": {"a": {"type": "string", "maxLength": 3}}, "required": ["a"]}
+    compiled = xgr.GrammarCompiler(info).compile_json_schema(json_schema_source(json.dumps(schema)))
+
+    def accepted(text: str) -> bool:
+        matcher = xgr.GrammarMatcher(compiled, terminate_without_stop_token=True)
+        data = json.dumps({"a": text}, ensure_ascii=False).encode()  # xgrammar's `, ` and `: `
+        return all(matcher.accept_token(b) for b in data) and matcher.is_terminated()
+
+    for text in ("", "abc", " !#", "[]~", "\u007f\u00e9\u4e2d", "\ud7ff\ue000", "\U0001f600", "\U0010ffff"):
+        assert accepted(text), repr(text)
+    for text in ('a"b', "a\\b", "\x01", "\n", "abcd"):
+        assert not accepted(text), repr(text)
+    assert "not recognized" not in capfd.readouterr().err
+
+
 def test_tool_call_arguments_are_compact_and_parse(compiler: tuple[GrammarCompiler, Any]) -> None:
     tag = copy.deepcopy(TOOL_TAG)
     tag["format"]["tags"][0]["content"]["json_schema"] = BOUNDED_STRINGS
