@@ -567,6 +567,9 @@ class ChatCompletionRequest(_SamplingRequest):
         "modalities": lambda v: v == ["text"],
         "prediction": lambda v: False,
         "web_search_options": lambda v: False,
+        # As /v1/responses answers them: one tier and one verbosity here.
+        "service_tier": lambda v: v in ("auto", "default"),
+        "verbosity": lambda v: v == "medium",
         **_PEER_UNSUPPORTED,
         # vLLM's and SGLang's chat options, likewise.
         "best_of": lambda v: v == 1,

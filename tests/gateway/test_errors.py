@@ -77,6 +77,8 @@ def _assert_still_works(http: httpx.Client) -> None:
         ("/v1/completions", {"logprobs": 21}, "logprobs"),
         ("/v1/completions", {"echo": True, "logprobs": 1}, "echo"),
         ("/v1/completions", {"best_of": 3}, "best_of"),
+        ("/v1/chat/completions", {"service_tier": "flex"}, "service_tier"),
+        ("/v1/chat/completions", {"verbosity": "low"}, "verbosity"),
         ("/v1/completions", {"seed": -1}, "seed"),
         ("/v1/completions", {"stop_token_ids": [100_000]}, "stop_token_ids"),  # the router's 400
     ],
@@ -139,6 +141,8 @@ def test_unknown_fields_are_ignored_and_defaults_accepted(http: httpx.Client) ->
     body = {
         **CHAT,
         "some_future_field": 1,
+        "service_tier": "auto",
+        "verbosity": "medium",
         "tools": [],
         "tool_choice": "none",
         "response_format": {"type": "text"},
