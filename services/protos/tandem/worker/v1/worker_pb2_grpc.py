@@ -390,7 +390,8 @@ class DecodeServiceServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Generate(self, request, context):
-        """First response: the reservation; then the outputs, as WorkerService.Generate.
+        """First response: the reservation; then the outputs, as WorkerService.Generate. A prompt that
+        generates nothing (max_new_tokens 0) needs no KV: its finished output comes instead.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
