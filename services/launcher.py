@@ -66,6 +66,7 @@ from services.mps import (
     shares_a_gpu,
 )
 from services.protos.tandem.router.v1 import router_pb2, router_pb2_grpc
+from services.router.policies import POLICIES
 from shared.config import KvTransport
 
 
@@ -147,8 +148,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--api-key",
         help=f"clients of the gateway and the router must send this key (default: ${API_KEY_ENV}, or none)",
     )
-    p.add_argument("--prefill-policy", default="cache_aware")
-    p.add_argument("--decode-policy", default="least_load")
+    policies = sorted(POLICIES)
+    p.add_argument(
+        "--prefill-policy",
+        default="cache_aware",
+        choices=policies,
+        help="how the router picks a prefill worker (default cache_aware: where the prompt's prefix"
+        " probably sits in KV cache, unless the load is lopsided)",
+    )
+    p.add_argument(
+        "--decode-policy", default="least_load", choices=policies, help="how it picks a decode worker"
+    )
     p.add_argument(
         "--kv-transport",
         choices=typing.get_args(KvTransport),

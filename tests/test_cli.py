@@ -148,3 +148,10 @@ def test_a_port_answering_something_other_than_http_is_not_healthy() -> None:
         thread.start()
         assert launcher._http_ok(f"http://127.0.0.1:{port}/health") is False
         thread.join(timeout=5)
+
+
+def test_tandem_up_refuses_an_unknown_policy_at_once_naming_the_choices() -> None:
+    """Before anything starts (the router would otherwise exit at startup with the error in its log)."""
+    out = _run("services.cli", "up", "--prefill-policy", "nearest")
+    assert out.returncode == 2
+    assert "--prefill-policy" in out.stderr and "cache_aware" in out.stderr and "round_robin" in out.stderr
