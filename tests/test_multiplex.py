@@ -14,7 +14,7 @@ import pytest
 
 from services.common.decoding import add_servicer
 from services.common.errors import ServiceError
-from services.common.multiplex import MAX_BATCH_EVENTS, GenerateServicer
+from services.common.multiplex import MAX_BATCH_EVENTS, GenerateServicer, Session, drain_sessions
 from services.protos.tandem.common.v1 import common_pb2
 from services.protos.tandem.router.v1 import router_pb2, router_pb2_grpc
 from shared.errors import InvalidRequest
@@ -86,6 +86,7 @@ class _Client:
     """One GenerateMany call: send actions, read batches."""
 
     def __init__(self, address: str) -> None:
+        self.address = address
         self.channel = grpc.aio.insecure_channel(address)
         self.outgoing: asyncio.Queue[router_pb2.GenerateManyRequest | None] = asyncio.Queue()
         self.call = router_pb2_grpc.RouterServiceStub(self.channel).GenerateMany(self._requests())
@@ -232,6 +233,37 @@ def test_half_close_lets_open_streams_finish_then_ends_the_call() -> None:
         assert len(events[1]) == 6 and events[1][-1].end.code == 0
         assert await client.call.read() is grpc.aio.EOF
         assert await client.call.code() == grpc.StatusCode.OK
+
+    _run(test)
+
+
+def test_a_draining_server_ends_each_call_once_its_streams_have() -> None:
+    """Shutdown (`drain_sessions`, before `server.stop(grace)`): an open stream runs to its end,
+    a stream opened meanwhile ends UNAVAILABLE at once, and the call then ends OK, while the
+    client still holds it open: an idle call, which never ends on its own, does not outlive the
+    grace (gRPC logged its forced cancellation as an unhandled servicer error)."""
+
+    async def test(client: _Client, servicer: _Servicer) -> None:
+        idle = _Client(client.address)  # a second call, idle once its one stream ended
+        try:
+            client.send(_open(1, "slow tokens:10"))
+            first = await client.call.read()
+            assert first.events[0].stream_id == 1
+            idle.send(_open(9, "tokens:1"))
+            await idle.until_ended({9})
+            drain_sessions()
+            client.send(_open(2, "tokens:3"))
+            events = await client.until_ended({1, 2})
+            assert len(events[1]) == 10 - len(first.events) + 1 and events[1][-1].end.code == 0
+            refused = events[2]
+            assert len(refused) == 1 and refused[0].end.code == grpc.StatusCode.UNAVAILABLE.value[0]
+            assert "shutting down" in refused[0].end.message
+            for call in (client.call, idle.call):
+                assert await asyncio.wait_for(call.read(), 5) is grpc.aio.EOF
+                assert await call.code() == grpc.StatusCode.OK
+        finally:
+            Session.draining = False  # process-wide: the other tests' servers serve
+            await idle.close()
 
     _run(test)
 

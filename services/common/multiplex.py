@@ -40,6 +40,7 @@ import asyncio
 import contextlib
 import itertools
 import time
+import weakref
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
 from types import ModuleType
 from typing import Any, TypeAlias
@@ -91,10 +92,26 @@ class GenerateServicer:
             yield batch
 
 
+_LIVE: weakref.WeakSet[Session] = weakref.WeakSet()  # this process's GenerateMany calls
+
+
+def drain_sessions() -> None:
+    """Server shutdown, before `server.stop(grace)`: every GenerateMany call of this process
+    ends (OK) as soon as its open streams have ended, and opens nothing more (a stream opened
+    meanwhile ends UNAVAILABLE at once). Its client then opens a new session, on another server.
+    Without this an idle call, which never ends on its own, outlived the grace and gRPC logged
+    its forced cancellation as an unhandled servicer error."""
+    Session.draining = True
+    for session in list(_LIVE):
+        session._wake.set()
+
+
 class Session:
     """One GenerateMany call on the server: its open streams and the batch gathering for the
     client. Everything runs on the call's event loop; the stream tasks append to `_batch` and
     wake the writer, which alone swaps it out."""
+
+    draining = False  # set for the whole process by `drain_sessions`
 
     def __init__(self, generate: Generation, batch_type: Any) -> None:
         self._generate = generate
@@ -102,6 +119,7 @@ class Session:
         self._streams: dict[int, asyncio.Task[None]] = {}
         self._batch = batch_type()
         self._wake = asyncio.Event()
+        _LIVE.add(self)
 
     async def run(self, requests: AsyncIterable[Any]) -> AsyncIterator[Any]:
         """The call's responses: batches of events until the client half-closed and every stream
@@ -119,6 +137,8 @@ class Session:
                     reader.result()  # a protocol violation ends the call with its status
                     if not self._streams:
                         return
+                if self.draining and not self._streams:
+                    return  # the server is stopping: the client opens its next session elsewhere
                 self._wake.clear()
                 await self._wake.wait()
         finally:
@@ -152,6 +172,12 @@ class Session:
         sid = stream.stream_id
         if sid in self._streams:
             raise InvalidRequest(f"stream {sid} is already open on this call", param="stream_id")
+        if self.draining:
+            code = grpc.StatusCode.UNAVAILABLE
+            end = common_pb2.StreamEnd(code=code.value[0], message="the server is shutting down")
+            self._batch.events.add(stream_id=sid, end=end)
+            self._wake.set()
+            return
         metadata = tuple((m.key, m.value) for m in stream.metadata)
         timeout = stream.timeout_ms / 1000 if stream.timeout_ms else None
         self._streams[sid] = asyncio.ensure_future(self._serve(sid, stream.request, metadata, timeout))

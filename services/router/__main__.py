@@ -31,6 +31,7 @@ from services.common.auth import (
 from services.common.decoding import add_servicer
 from services.common.metrics import serve_metrics
 from services.common.model_dir import TOKENIZER_FILES, ModelError, resolve_model
+from services.common.multiplex import drain_sessions
 from services.common.parent import die_with_launcher
 from services.common.reflection import add_reflection
 from services.common.tracing import setup_tracing
@@ -163,6 +164,7 @@ async def serve() -> None:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+    drain_sessions()  # the gateways' GenerateMany calls end once their streams have
     await asyncio.gather(server.stop(grace=5), admin.stop(grace=1))
     stop_metrics()
     tracing.shutdown()

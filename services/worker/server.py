@@ -38,7 +38,7 @@ from services.common.convert import (
 )
 from services.common.errors import ServiceError, grpc_errors
 from services.common.metrics import serve_metrics
-from services.common.multiplex import GenerateServicer, Metadata
+from services.common.multiplex import GenerateServicer, Metadata, drain_sessions
 from services.common.parent import die_with_launcher
 from services.common.reflection import add_reflection
 from services.common.tracing import server_span, setup_tracing
@@ -235,6 +235,7 @@ async def serve(
     )
     await stop.wait()
     engine.closing = True  # no new generations, on open GenerateMany calls either
+    drain_sessions()  # the router's GenerateMany calls end once their streams have
     watcher.cancel()
     await health_servicer.enter_graceful_shutdown()
     if heartbeat is not None:
