@@ -251,7 +251,7 @@ def test_a_draining_server_ends_each_call_once_its_streams_have() -> None:
             assert first.events[0].stream_id == 1
             idle.send(_open(9, "tokens:1"))
             await idle.until_ended({9})
-            drain_sessions()
+            drain_sessions("the server is shutting down")
             client.send(_open(2, "tokens:3"))
             events = await client.until_ended({1, 2})
             assert len(events[1]) == 10 - len(first.events) + 1 and events[1][-1].end.code == 0
@@ -262,7 +262,7 @@ def test_a_draining_server_ends_each_call_once_its_streams_have() -> None:
                 assert await asyncio.wait_for(call.read(), 5) is grpc.aio.EOF
                 assert await call.code() == grpc.StatusCode.OK
         finally:
-            Session.draining = False  # process-wide: the other tests' servers serve
+            Session.draining = None  # process-wide: the other tests' servers serve
             await idle.close()
 
     _run(test)

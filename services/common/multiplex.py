@@ -95,13 +95,13 @@ class GenerateServicer:
 _LIVE: weakref.WeakSet[Session] = weakref.WeakSet()  # this process's GenerateMany calls
 
 
-def drain_sessions() -> None:
+def drain_sessions(message: str) -> None:
     """Server shutdown, before `server.stop(grace)`: every GenerateMany call of this process
     ends (OK) as soon as its open streams have ended, and opens nothing more (a stream opened
-    meanwhile ends UNAVAILABLE at once). Its client then opens a new session, on another server.
-    Without this an idle call, which never ends on its own, outlived the grace and gRPC logged
-    its forced cancellation as an unhandled servicer error."""
-    Session.draining = True
+    meanwhile ends UNAVAILABLE with `message` at once). Its client then opens a new session, on
+    another server. Without this an idle call, which never ends on its own, outlived the grace
+    and gRPC logged its forced cancellation as an unhandled servicer error."""
+    Session.draining = message
     for session in list(_LIVE):
         session._wake.set()
 
@@ -111,7 +111,7 @@ class Session:
     client. Everything runs on the call's event loop; the stream tasks append to `_batch` and
     wake the writer, which alone swaps it out."""
 
-    draining = False  # set for the whole process by `drain_sessions`
+    draining: str | None = None  # the refusal, set for the whole process by `drain_sessions`
 
     def __init__(self, generate: Generation, batch_type: Any) -> None:
         self._generate = generate
@@ -137,7 +137,7 @@ class Session:
                     reader.result()  # a protocol violation ends the call with its status
                     if not self._streams:
                         return
-                if self.draining and not self._streams:
+                if self.draining is not None and not self._streams:
                     return  # the server is stopping: the client opens its next session elsewhere
                 self._wake.clear()
                 await self._wake.wait()
@@ -172,9 +172,9 @@ class Session:
         sid = stream.stream_id
         if sid in self._streams:
             raise InvalidRequest(f"stream {sid} is already open on this call", param="stream_id")
-        if self.draining:
+        if self.draining is not None:
             code = grpc.StatusCode.UNAVAILABLE
-            end = common_pb2.StreamEnd(code=code.value[0], message="the server is shutting down")
+            end = common_pb2.StreamEnd(code=code.value[0], message=self.draining)
             self._batch.events.add(stream_id=sid, end=end)
             self._wake.set()
             return

@@ -164,7 +164,7 @@ async def serve() -> None:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-    drain_sessions()  # the gateways' GenerateMany calls end once their streams have
+    drain_sessions("the router is shutting down")  # the gateways' calls end once their streams have
     await asyncio.gather(server.stop(grace=5), admin.stop(grace=1))
     stop_metrics()
     tracing.shutdown()

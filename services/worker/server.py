@@ -235,7 +235,7 @@ async def serve(
     )
     await stop.wait()
     engine.closing = True  # no new generations, on open GenerateMany calls either
-    drain_sessions()  # the router's GenerateMany calls end once their streams have
+    drain_sessions("the worker is shutting down")  # the router's calls end once their streams have
     watcher.cancel()
     await health_servicer.enter_graceful_shutdown()
     if heartbeat is not None:
