@@ -3,12 +3,11 @@
 Generate   register the prompt (no pages yet) -> send the Reservation (our agent, layout,
            transport; at once, before the engine has answered; none for a prompt that
            generates nothing, max_new_tokens 0, which the engine finishes at once) -> the
-           engine accepts or
-           refuses it -> (prefill reserves, writes + commits) -> stream outputs, with a
-           keepalive after each silent quarter of `stall_timeout_ms` (waiting for the prefill
-           side, queued), UNAVAILABLE once the engine has not answered for all of it. A
-           cancelled call aborts the request; the engine keeps the pages of a reservation whose
-           KV may still be written until that write is over.
+           engine accepts or refuses it -> (prefill reserves, writes + commits) -> stream
+           outputs, with a keepalive after each silent quarter of `stall_timeout_ms` (waiting
+           for the prefill side, queued), UNAVAILABLE once the engine has not answered for all
+           of it. A cancelled call aborts the request; the engine keeps the pages of a
+           reservation whose KV may still be written until that write is over.
 ReserveKv  the prefill worker asks for pages when the prompt starts computing (just in time);
            answered once there is room. A cancelled call aborts the request.
 WriteKv    the gRPC transport: the prompt's pages as a byte stream, then the commit record.
