@@ -20,8 +20,10 @@ Started in that order, each waited for (router health, workers registered, gatew
 then the endpoints are printed (and written as JSON to --ready-file, with a `metrics` map:
 process name -> its Prometheus URL). Each process gets its own OTEL_SERVICE_NAME (tandem-router,
 tandem-prefill, ...); traces are exported when the environment sets OTEL_EXPORTER_OTLP_ENDPOINT.
-Ctrl-C or SIGTERM stops them all (SIGTERM, then SIGKILL after a grace period); if any one dies,
-all stop and the launcher exits 1 with the tail of its log. Children die with the launcher
+Ctrl-C or SIGTERM stops them all (SIGTERM, then SIGKILL after a grace period). A process that
+dies is reported with the tail of its log; the rest serve on while a router, a gateway and a
+unified worker or a prefill/decode pair live (the router routes around a dead worker), else all
+stop and the launcher exits 1. The ready-file is removed on exit. Children die with the launcher
 (PR_SET_PDEATHSIG, which each child sets itself: services/common/parent.py).
 """
 
@@ -99,6 +101,18 @@ def _ephemeral_low() -> int | None:
         return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     except (OSError, ValueError, IndexError):
         return None
+
+
+def _port_taken(host: str, port: int) -> str | None:
+    """Why nothing of ours could listen on host:port alone (None: it can). A plain bind, without
+    SO_REUSEPORT, also fails on a port another process shares out that way."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: TIME_WAIT is no owner
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            return e.strerror or str(e)
+    return None
 
 
 def _bindable(port: int) -> bool:
@@ -247,6 +261,10 @@ def up(args: argparse.Namespace) -> int:
         resolved = resolve_model(args.model) if args.model else None
     except ModelError as e:
         raise SystemExit(f"tandem up: error: {e}") from None
+    # Also before: a held port would otherwise show only once every worker had started (and
+    # several gateways' SO_REUSEPORT would share it with whatever holds it, same user).
+    if problem := _port_taken(args.host, args.port):
+        raise SystemExit(f"tandem up: error: the gateway's port {args.host}:{args.port} is taken ({problem})")
     if resolved is None:
         path = default_model_path()
         resolved = Model(path, path.name)
@@ -414,10 +432,13 @@ def up(args: argparse.Namespace) -> int:
         if args.ready_file:
             _write_private(Path(args.ready_file), json.dumps(endpoints))
         while not stopping:
-            dead = next((c for c in children if c.process.poll() is not None), None)
-            if dead is not None:
+            for dead in [c for c in children if c.process.poll() is not None]:
                 _report_death(dead)
-                return 1
+                children.remove(dead)
+                if not _still_serves([c.name for c in children]):
+                    print("tandem up: no way left to serve; stopping everything", file=sys.stderr)
+                    return 1
+                print(f"tandem up: serving on without {dead.name}", file=sys.stderr, flush=True)
             time.sleep(0.2)
         return 0
     except (_StartupFailed, MpsError) as e:
@@ -426,6 +447,20 @@ def up(args: argparse.Namespace) -> int:
     finally:
         _stop_all(children)
         mps.close()
+        if args.ready_file:  # its pids and addresses are gone: a tool watching it must not wait on them
+            with contextlib.suppress(FileNotFoundError):
+                Path(args.ready_file).unlink()
+
+
+def _still_serves(names: list[str]) -> bool:
+    """Whether the suite's live processes (by name) can still serve: the router, a gateway, and
+    a unified worker or a prefill and a decode worker. A worker that dies leaves the others
+    serving (the router routes around it), as the failure tests of docs/reliability.md show."""
+
+    def has(prefix: str) -> bool:
+        return any(n == prefix or n.startswith(f"{prefix}-") for n in names)
+
+    return has("router") and has("gateway") and (has("worker") or (has("prefill") and has("decode")))
 
 
 def _write_private(path: Path, text: str) -> None:

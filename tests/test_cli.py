@@ -155,3 +155,34 @@ def test_tandem_up_refuses_an_unknown_policy_at_once_naming_the_choices() -> Non
     out = _run("services.cli", "up", "--prefill-policy", "nearest")
     assert out.returncode == 2
     assert "--prefill-policy" in out.stderr and "cache_aware" in out.stderr and "round_robin" in out.stderr
+
+
+@pytest.mark.parametrize("reuse_port", [False, True])
+def test_tandem_up_refuses_a_taken_port_before_starting_anything(tmp_path: Path, reuse_port: bool) -> None:
+    """A listener on the gateway's port: refused at once, before the router or any worker starts
+    (it showed only once every worker was up), also when it shares the port out with
+    SO_REUSEPORT (several gateways, which set it too, would have split connections with it)."""
+    with socket.socket() as holder:
+        if reuse_port:
+            holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        out = _run(
+            "services.cli", "up", "--port", str(port), "--gateways", "2", "--log-dir", str(tmp_path / "logs"),
+            env={"TANDEM_HOME": str(tmp_path)},
+        )  # fmt: skip
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert f"the gateway's port 127.0.0.1:{port} is taken" in out.stderr
+    assert not (tmp_path / "logs").exists()  # nothing started
+
+
+def test_the_suite_serves_while_a_router_a_gateway_and_a_way_to_run_prompts_live() -> None:
+    still = launcher._still_serves
+    assert still(["router", "prefill-0", "decode-0", "gateway"])
+    assert still(["router", "worker-1", "gateway-1"])
+    assert still(["router", "prefill-0", "decode-1", "worker-0", "gateway-0", "gateway-1"])
+    assert not still(["router", "prefill-0", "gateway"])  # a prefill worker alone
+    assert not still(["router", "decode-0", "decode-1", "gateway"])
+    assert not still(["prefill-0", "decode-0", "gateway"])  # no router
+    assert not still(["router", "worker-0"])  # no gateway

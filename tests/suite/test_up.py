@@ -158,6 +158,7 @@ def test_sigterm_stops_every_process(up: dict[str, Any]) -> None:
             os.kill(pid, 0)
     for log in Path(up["logs"]).glob("*.log"):  # a clean stop: no service logged a traceback
         assert "Traceback" not in log.read_text(), f"{log.name}:\n{log.read_text()[-3000:]}"
+    assert not (Path(up["logs"]).parent / "ready.json").exists()  # its pids are gone
 
 
 def _running(pid: int) -> bool:
@@ -190,3 +191,38 @@ def test_a_killed_launcher_takes_every_process_down(tiny_llama: Path, tmp_path: 
             alive = {pid for pid in alive if _running(pid)}
             time.sleep(0.2)
         assert not alive, f"still running after the launcher was killed: {alive}"
+
+
+def test_a_dead_worker_leaves_the_others_serving_until_none_can(tiny_llama: Path, tmp_path: Path) -> None:
+    """Two unified workers: one killed, the launcher reports it and the suite serves on through
+    the other (the router routes around it); the last one killed, nothing can serve, so the
+    launcher stops everything, exits 1 and removes its ready-file."""
+    args = ("--prefill", "0", "--decode", "0", "--unified", "2")
+    with tandem_up(tiny_llama, tmp_path, args=args) as info:
+        proc: subprocess.Popen[bytes] = info["process"]
+        client = openai.OpenAI(base_url=info["openai"], api_key="unused", max_retries=0)
+
+        def served() -> bool:
+            out = client.completions.create(model=info["model"], prompt="the sea", max_tokens=4)
+            return out.choices[0].finish_reason is not None
+
+        os.kill(info["pids"]["worker-0"], signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while True:  # the router may try the dead worker first: it then retries the survivor
+            try:
+                if served():
+                    break
+            except openai.APIStatusError:
+                assert time.monotonic() < deadline, "the survivor did not take over"
+                time.sleep(0.2)
+        for _ in range(3):
+            assert served()
+        assert proc.poll() is None
+        os.kill(info["pids"]["worker-1"], signal.SIGKILL)
+        assert proc.wait(20) == 1
+        output = proc.stdout.read().decode() if proc.stdout else ""
+        assert "worker-0 exited with code -9" in output and "serving on without worker-0" in output
+        assert "no way left to serve" in output
+        assert not (tmp_path / "ready.json").exists()
+        for name, pid in info["pids"].items():
+            assert not _running(pid), name
