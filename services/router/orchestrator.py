@@ -142,9 +142,16 @@ class Orchestrator:
             for attempt in range(self.max_attempts):
                 record.attempts = max(record.attempts, attempt + 1)
                 try:
-                    if self.registry.available("prefill") and self.registry.available("decode"):
+                    prefills, decodes = self.registry.available("prefill"), self.registry.available("decode")
+                    if prefills and decodes:
                         record.mode = "pd"
                         stream = self._pd(sample, attempt, record)
+                    elif (prefills or decodes) and not self.registry.available("unified"):
+                        record.mode = "pd"  # half a pair: say which half is missing
+                        missing = "decode" if prefills else "prefill"
+                        raise ServiceError(
+                            grpc.StatusCode.UNAVAILABLE, f"no healthy {missing} workers (nor unified ones)"
+                        )
                     else:
                         record.mode = "unified"
                         stream = self._unified(sample, attempt, record)
