@@ -38,6 +38,9 @@ from shared.errors import (
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 PARAM_METADATA_KEY = "tandem-error-param"
+# On every status a Tandem servicer ends a call with: the peer answered (the failure may be one it
+# passes on, e.g. a worker gone), as opposed to a call that never reached it or broke off.
+ANSWERED_METADATA_KEY = "tandem-error-answered"
 _CODES: dict[type[RequestError], grpc.StatusCode] = {
     InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
     NotFound: grpc.StatusCode.NOT_FOUND,
@@ -72,6 +75,12 @@ def param_of(e: grpc.aio.AioRpcError) -> str | None:
     return None
 
 
+def answered(e: grpc.aio.AioRpcError) -> bool:
+    """Whether a Tandem service ended the call with this status (False: the transport failed,
+    the service was not reached or went away)."""
+    return any(key == ANSWERED_METADATA_KEY for key, _ in e.trailing_metadata() or ())
+
+
 def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str, str | None]:
     """(code, message, field at fault) of any exception a handler let out."""
     if isinstance(exc, ServiceError):
@@ -91,7 +100,7 @@ async def abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
     """End the call with `exc`'s status (and its field at fault as trailing metadata)."""
     code, message, param = status_of(exc)
     trailing = ((PARAM_METADATA_KEY, param),) if param else ()
-    await context.abort(code, message, trailing_metadata=trailing)
+    await context.abort(code, message, trailing_metadata=(*trailing, (ANSWERED_METADATA_KEY, "1")))
 
 
 def grpc_errors(method: Callable[..., Any]) -> Callable[..., Any]:

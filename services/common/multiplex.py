@@ -47,7 +47,7 @@ from typing import Any, TypeAlias
 
 import grpc
 
-from services.common.errors import PARAM_METADATA_KEY, grpc_errors, status_of
+from services.common.errors import ANSWERED_METADATA_KEY, PARAM_METADATA_KEY, grpc_errors, status_of
 from services.protos.tandem.common.v1 import common_pb2
 from shared.errors import InvalidRequest
 
@@ -206,9 +206,14 @@ class Session:
 # ---- client ----------------------------------------------------------------------------------
 
 
-def rpc_error(code: grpc.StatusCode, message: str, param: str = "") -> grpc.aio.AioRpcError:
-    """The error a failed Generate call raises: `code`, `message`, the field at fault as data."""
+def rpc_error(
+    code: grpc.StatusCode, message: str, param: str = "", answered: bool = False
+) -> grpc.aio.AioRpcError:
+    """The error a failed Generate call raises: `code`, `message`, the field at fault as data;
+    `answered`: the server ended the stream with it (services/common/errors.py `answered`)."""
     trailing = grpc.aio.Metadata((PARAM_METADATA_KEY, param)) if param else grpc.aio.Metadata()
+    if answered:
+        trailing.add(ANSWERED_METADATA_KEY, "1")
     return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), trailing, details=message)
 
 
@@ -401,7 +406,8 @@ class StreamCall:
                 if item.HasField("end"):
                     end = item.end
                     if end.code:
-                        raise rpc_error(_CODES.get(end.code, grpc.StatusCode.UNKNOWN), end.message, end.param)
+                        code = _CODES.get(end.code, grpc.StatusCode.UNKNOWN)
+                        raise rpc_error(code, end.message, end.param, answered=True)
                     return
                 yield item.response
         finally:

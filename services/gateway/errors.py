@@ -16,7 +16,7 @@ from typing import Any
 import grpc
 from starlette.exceptions import HTTPException
 
-from services.common.errors import status_of
+from services.common.errors import answered, status_of
 from services.gateway.protocol import OpenAIError
 from shared.errors import RequestError
 
@@ -49,7 +49,7 @@ def to_openai_error(exc: BaseException) -> OpenAIError:
         grpc_code, message, param = status_of(exc)  # the field at fault travels as data
         status, type_, code = _GRPC_TO_HTTP.get(grpc_code, (500, "server_error", None))
         param = _ENGINE_TO_OPENAI_PARAM.get(param, param) if status == 400 and param else None
-        if status == 503 and isinstance(exc, grpc.aio.AioRpcError):
+        if status == 503 and isinstance(exc, grpc.aio.AioRpcError) and not answered(exc):
             message = f"the router is unavailable: {message}"
         return OpenAIError(status, message, type=type_, param=param, code=code)
     if isinstance(exc, HTTPException):

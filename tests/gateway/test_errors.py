@@ -181,6 +181,8 @@ def test_router_unavailable_is_503(client: openai.OpenAI, http: httpx.Client) ->
     assert info.value.status_code == 503
     assert info.value.response.headers["retry-after"] == "1"
     assert info.value.body["type"] == "service_unavailable_error"
+    # The router answered (its worker, say, was gone): no "the router is unavailable" in front.
+    assert info.value.body["message"] == "stub router: unavailable (magic word)"
     _assert_still_works(http)
 
 

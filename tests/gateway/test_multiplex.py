@@ -185,8 +185,11 @@ def test_a_router_restart_fails_open_streams_then_serves_again(tokenizer_dir: Pa
                         first.stop()  # the router goes away mid-stream
             errors = [json.loads(x[6:]) for x in lines if x.startswith("data: {") and '"error"' in x]
             assert len(errors) == 1 and errors[0]["error"]["code"] == "service_unavailable", lines
+            assert errors[0]["error"]["message"].startswith("the router is unavailable: "), errors
             assert lines[-1] == "data: [DONE]"
-            assert http.post("/v1/completions", json=_body("hello", stream=False)).status_code == 503
+            gone = http.post("/v1/completions", json=_body("hello", stream=False))
+            assert gone.status_code == 503
+            assert gone.json()["error"]["message"].startswith("the router is unavailable: ")
             second = StubRouter(tokenizer_dir, port=port).start()
             try:
                 hello = _body("hello", stream=False)
