@@ -264,7 +264,8 @@ def up(args: argparse.Namespace) -> int:
     # Also before: a held port would otherwise show only once every worker had started (and
     # several gateways' SO_REUSEPORT would share it with whatever holds it, same user).
     if problem := _port_taken(args.host, args.port):
-        raise SystemExit(f"tandem up: error: the gateway's port {args.host}:{args.port} is taken ({problem})")
+        where = f"[{args.host}]:{args.port}" if ":" in args.host else f"{args.host}:{args.port}"
+        raise SystemExit(f"tandem up: error: the gateway's port {where} is taken ({problem})")
     if resolved is None:
         path = default_model_path()
         resolved = Model(path, path.name)
@@ -440,6 +441,7 @@ def up(args: argparse.Namespace) -> int:
                     return 1
                 print(f"tandem up: serving on without {dead.name}", file=sys.stderr, flush=True)
             time.sleep(0.2)
+        print("\ntandem up: stopping every service", flush=True)
         return 0
     except (_StartupFailed, MpsError) as e:
         print(f"tandem up failed: {e}", file=sys.stderr)
@@ -447,6 +449,8 @@ def up(args: argparse.Namespace) -> int:
     finally:
         _stop_all(children)
         mps.close()
+        if stopping:
+            print("tandem up: stopped", flush=True)
         if args.ready_file:  # its pids and addresses are gone: a tool watching it must not wait on them
             with contextlib.suppress(FileNotFoundError):
                 Path(args.ready_file).unlink()

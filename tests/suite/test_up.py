@@ -153,6 +153,8 @@ def test_sigterm_stops_every_process(up: dict[str, Any]) -> None:
     proc: subprocess.Popen[bytes] = up["process"]
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(30) == 0
+    output = proc.stdout.read().decode() if proc.stdout else ""
+    assert "tandem up: stopping every service" in output and output.rstrip().endswith("tandem up: stopped")
     for pid in up["pids"].values():
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
