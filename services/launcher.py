@@ -89,7 +89,7 @@ def free_port() -> int:
         rng = random.SystemRandom()
         for _ in range(64):
             port = rng.randrange(low // 2, low)
-            if _bindable(port):
+            if _bind_error("0.0.0.0", port) is None:
                 return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -103,25 +103,18 @@ def _ephemeral_low() -> int | None:
         return None
 
 
-def _port_taken(host: str, port: int) -> str | None:
-    """Why nothing of ours could listen on host:port alone (None: it can). A plain bind, without
-    SO_REUSEPORT, also fails on a port another process shares out that way."""
+def _bind_error(host: str, port: int, reuse_addr: bool = False) -> str | None:
+    """Why a socket of ours could not bind host:port alone now (None: it can). A plain bind,
+    without SO_REUSEPORT, also fails on a port another process shares out that way; with
+    `reuse_addr`, as servers bind (uvicorn), a port in TIME_WAIT counts as free."""
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: TIME_WAIT is no owner
+        if reuse_addr:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError as e:
             return e.strerror or str(e)
     return None
-
-
-def _bindable(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("0.0.0.0", port))
-        except OSError:
-            return False
-    return True
 
 
 _METRICS_LINE = re.compile(rb"metrics on (http://\S+/metrics)")
@@ -263,7 +256,7 @@ def up(args: argparse.Namespace) -> int:
         raise SystemExit(f"tandem up: error: {e}") from None
     # Also before: a held port would otherwise show only once every worker had started (and
     # several gateways' SO_REUSEPORT would share it with whatever holds it, same user).
-    if problem := _port_taken(args.host, args.port):
+    if problem := _bind_error(args.host, args.port, reuse_addr=True):
         where = f"[{args.host}]:{args.port}" if ":" in args.host else f"{args.host}:{args.port}"
         raise SystemExit(f"tandem up: error: the gateway's port {where} is taken ({problem})")
     if resolved is None:
