@@ -78,11 +78,14 @@ def test_client_processes_deal_out_the_prompts_and_report_their_cpu(up: dict[str
     processes = serving.ClientProcesses(2, request_timeout=60)
     try:
         results, cpu = asyncio.run(processes.closed_loop(target, w, prompts, clients=3))
+        # Fewer clients than processes: every prompt still sent (one process's share was dropped).
+        alone, _ = asyncio.run(processes.closed_loop(target, w, prompts[:3], clients=1))
     finally:
         processes.close()
     assert sorted(r.prompt_len for r in results) == [IN] * 5 and all(r.ok for r in results)
     assert all(r.completion_tokens == OUT for r in results)
     assert cpu > 0  # measured in the client processes, not here
+    assert len(alone) == 3 and all(r.ok and r.completion_tokens == OUT for r in alone)
 
 
 def test_poisson_arrivals(up: dict[str, Any], tmp_path: Path) -> None:
