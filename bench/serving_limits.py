@@ -4,7 +4,10 @@ asked of the device against what the device was measured to do in the same run.
 Two limits, measured (`measure`) in a child process before the suite starts, on the device
 it will use: a dense matmul's FLOP/s (bf16 8192 x 8192 x 8192 on a GPU, float32 1024^3 on the
 CPU: the dtype each serves in) and device-to-device copy bandwidth (bytes read + written,
-bench/gpu_bench.py's `copy_bandwidth`). Against them, from the workers' step counters over the
+bench/gpu_bench.py's `copy_bandwidth`). The matmul rate is taken twice: a short burst
+(`matmul_flops`) and held for seconds (`matmul_held_flops`, bench/matmul_hold.py's last window),
+and the held one is the limit: a served level runs GEMMs for minutes, and an H100 at its 700 W
+cap held 0.87 of its burst (docs/benchmarks.md r25). Against them, from the workers' step counters over the
 level (`tandem_worker_engine_prefill_tokens_total`, `..._decode_rows_total`, `..._steps_total`)
 and the checkpoint's config.json with the workers' engine flags (`model_costs`, dense decoders
 only; FP8 weights or an FP8 KV cache set by flag count as such):
@@ -53,10 +56,14 @@ _MEASURE = """
 import json, sys, torch
 sys.path.insert(0, {root!r})
 from bench.gpu_bench import copy_bandwidth, matmul_flops
+from bench.matmul_hold import held_rates
 device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 flops, shape = matmul_flops(device)
+seconds, window = {hold!r} if device.type == "cuda" else (0.4, 0.2)
+held = held_rates(device, seconds, window)[-1]
 print(json.dumps({{"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                  "copy_bytes_per_s": copy_bandwidth(device), "matmul_flops": flops, "matmul": shape}}))
+                  "copy_bytes_per_s": copy_bandwidth(device), "matmul_flops": flops, "matmul": shape,
+                  "matmul_held_flops": held, "matmul_held_s": seconds}}))
 """
 
 
@@ -108,10 +115,12 @@ def checkpoint_costs(path: Path, worker_args: Sequence[str] = ()) -> dict[str, f
         return None
 
 
-def measure(timeout_s: float = 300.0) -> dict[str, Any] | None:
-    """The device's matmul FLOP/s and copy bandwidth, in a child process (so that this one holds
-    no device memory while the suite runs); None if it fails (the reason printed)."""
-    code = _MEASURE.format(root=str(ROOT))
+def measure(timeout_s: float = 300.0, hold: tuple[float, float] = (2.0, 1.0)) -> dict[str, Any] | None:
+    """The device's matmul FLOP/s (burst, and held on a GPU for `hold`'s seconds, the rate of
+    its last window of `hold[1]` s; 0.4 s by 0.2 on the CPU) and copy bandwidth, in a child
+    process (so that this one holds no device memory while the suite runs); None if it fails
+    (the reason printed)."""
+    code = _MEASURE.format(root=str(ROOT), hold=hold)
     try:
         done = subprocess.run(
             [sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout_s, check=True
@@ -154,7 +163,7 @@ def roofline(
     decode_bytes = (rows * costs["step_weight_bytes"] / decode_batch if rows and decode_batch else 0.0) + (
         contexts * costs["kv_bytes_per_token"]
     )
-    prefill_s = prefill_flops / limits["matmul_flops"]
+    prefill_s = prefill_flops / matmul_limit(limits)
     decode_s = decode_bytes / limits["copy_bytes_per_s"]
     return {
         "roofline_out_tok_s": req.output_len / (prefill_s + decode_s),
@@ -192,7 +201,7 @@ def level(
     weights = steps * costs["step_weight_bytes"] / duration_s
     out = {
         "matmul_flops": flops,
-        "matmul_share": flops / limits["matmul_flops"],
+        "matmul_share": flops / matmul_limit(limits),
         "weight_bytes_per_s": weights,
         "bandwidth_share": weights / limits["copy_bytes_per_s"],
     }
@@ -200,6 +209,12 @@ def level(
     if roof is not None and output_tok_s is not None:
         out |= roof | {"roofline_share": output_tok_s / roof["roofline_out_tok_s"]}
     return out
+
+
+def matmul_limit(limits: dict[str, Any]) -> float:
+    """The matmul FLOP/s a level is set against: the held rate where it was measured (runs
+    before it had the burst alone)."""
+    return float(limits.get("matmul_held_flops") or limits["matmul_flops"])
 
 
 def rate(x: float, unit: str) -> str:
@@ -211,9 +226,15 @@ def rate(x: float, unit: str) -> str:
 
 
 def header(limits: dict[str, Any]) -> str:
+    held = ""
+    if limits.get("matmul_held_flops"):
+        held = (
+            f", held {rate(limits['matmul_held_flops'], 'FLOP')} over {limits['matmul_held_s']:g} s"
+            f" ({limits['matmul_held_flops'] / limits['matmul_flops']:.2f} of the burst: the limit used)"
+        )
     return (
         f"hardware ({limits['device']}, measured now): matmul {rate(limits['matmul_flops'], 'FLOP')}"
-        f" ({limits['matmul']}), copy {rate(limits['copy_bytes_per_s'], 'B')}"
+        f" ({limits['matmul']}){held}, copy {rate(limits['copy_bytes_per_s'], 'B')}"
     )
 
 

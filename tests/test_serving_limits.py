@@ -63,13 +63,19 @@ def test_a_level_against_known_limits() -> None:
     assert serving_limits.rate(4.1e12, "B") == "4.10 TB/s"
     assert serving_limits.rate(2.5e7, "FLOP") == "25.00 MFLOP/s"
     assert serving_limits.level({}, costs, limits, 2.0) is None
+    # Measured held as well as in a burst: the held rate is the limit.
+    held = serving_limits.level(engines, costs, limits | {"matmul_held_flops": 500.0}, duration_s=2.0)
+    assert held is not None and held["matmul_share"] == 800 / 500
 
 
 def test_this_machine_is_measured_in_a_child_process() -> None:
     limits = serving_limits.measure()
     assert limits is not None and limits["device"] == "cpu" and limits["matmul"] == "float32 1024^3"
     assert limits["matmul_flops"] > 1e8 and limits["copy_bytes_per_s"] > 1e8
-    assert "FLOP/s (float32 1024^3), copy " in serving_limits.header(limits)
+    assert limits["matmul_held_flops"] > 1e8 and limits["matmul_held_s"] == 0.4
+    text = serving_limits.header(limits)
+    assert "FLOP/s (float32 1024^3), held " in text and "over 0.4 s" in text and ", copy " in text
+    assert "held" not in serving_limits.header({k: v for k, v in limits.items() if "held" not in k})
 
 
 def test_llama3_8b_attention_and_kv_costs() -> None:
@@ -103,6 +109,11 @@ def test_the_roofline_of_a_workload_by_hand() -> None:
     one = serving_limits.roofline(costs, limits, serving_limits.Requests(4, 1), None)
     assert one is not None and one["roofline_decode_ms"] == 0.0 and one["roofline_out_tok_s"] == 2.0
     assert serving_limits.roofline(costs, limits, serving_limits.Requests(4, 3), None) is None
+    # The held matmul rate, where measured, is the prompt side's limit: half the rate, twice the time.
+    slow = serving_limits.roofline(
+        costs, limits | {"matmul_held_flops": 50.0}, serving_limits.Requests(4, 3), 4.0
+    )
+    assert slow is not None and slow["roofline_prefill_ms"] == pytest.approx(1000.0)
     old = {k: costs[k] for k in ("flops_per_prompt_token", "flops_per_decode_row", "step_weight_bytes")}
     assert serving_limits.roofline(old, limits, serving_limits.Requests(4, 3), 4.0) is None
 
