@@ -21,9 +21,13 @@ then the endpoints are printed (and written as JSON to --ready-file, with a `met
 process name -> its Prometheus URL). Each process gets its own OTEL_SERVICE_NAME (tandem-router,
 tandem-prefill, ...); traces are exported when the environment sets OTEL_EXPORTER_OTLP_ENDPOINT.
 Ctrl-C or SIGTERM stops them all (SIGTERM, then SIGKILL after a grace period). A process that
-dies is reported with the tail of its log; the rest serve on while a router, a gateway and a
-unified worker or a prefill/decode pair live (the router routes around a dead worker), else all
-stop and the launcher exits 1. The ready-file is removed on exit. Children die with the launcher
+exits is reported with the tail of its log and started again with the same command line, ports
+and log file (a worker whose engine died exits 1 for this), after 1 s, doubling up to 30 s while
+it keeps exiting within a minute of its start; the ready-file's pids and metrics URLs follow.
+The router routes around a worker while it is down, and workers register again with a restarted
+router. With --no-restart the rest serve on while a router, a gateway and a unified worker or a
+prefill/decode pair live, else all stop and the launcher exits 1. The ready-file is removed on
+exit. Children die with the launcher
 (PR_SET_PDEATHSIG, which each child sets itself: services/common/parent.py).
 """
 
@@ -48,7 +52,7 @@ import tempfile
 import time
 import typing
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +81,41 @@ class Child:
     name: str
     process: subprocess.Popen[bytes]
     log: Path
+    cmd: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    started: float = field(default_factory=time.monotonic)
+    quick_exits: int = 0  # exits in a row, each within RESTART_RESET_S of its start
+
+    @classmethod
+    def launch(cls, name: str, cmd: list[str], env: dict[str, str], log: Path) -> Child:
+        log.write_bytes(b"")
+        return cls(name, _popen(cmd, env, log), log, cmd, env)
+
+    def restart(self) -> None:
+        """Start the process again, with the same command line and environment, its output
+        appended to the same log."""
+        with open(self.log, "ab") as out:
+            out.write(f"\n--- tandem up: {self.name} started again ---\n".encode())
+        self.process = _popen(self.cmd, self.env, self.log)
+        self.started = time.monotonic()
+
+
+def _popen(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    with open(log, "ab") as out:
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+
+
+# A service that exits is started again after RESTART_DELAYS_S[k] (k: its quick exits in a row,
+# the last delay repeating), the count reset once a run outlasts RESTART_RESET_S: a service
+# that keeps failing at start is retried every half minute instead of in a tight loop.
+RESTART_DELAYS_S = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
+RESTART_RESET_S = 60.0
+
+
+def restart_delay(child: Child, now: float) -> float:
+    """The wait before `child`, which exited at `now`, is started again; counts its exit."""
+    child.quick_exits = child.quick_exits + 1 if now - child.started < RESTART_RESET_S else 1
+    return RESTART_DELAYS_S[min(child.quick_exits, len(RESTART_DELAYS_S)) - 1]
 
 
 def free_port() -> int:
@@ -123,9 +162,14 @@ _METRICS_LINE = re.compile(rb"metrics on (http://\S+/metrics)")
 def _metrics_url(child: Child) -> str:
     """The /metrics URL a router or worker printed: each binds a free port itself, because a port
     chosen here could be taken (by any connection's source port) before the child, after loading
-    its model, binds it."""
-    match = _METRICS_LINE.search(child.log.read_bytes())
-    return match.group(1).decode() if match else ""
+    its model, binds it. After a restart, the last run's."""
+    urls = _metrics_urls(child)
+    return urls[-1] if urls else ""
+
+
+def _metrics_urls(child: Child) -> list[str]:
+    """Every /metrics URL in the child's log, one a run."""
+    return [url.decode() for url in _METRICS_LINE.findall(child.log.read_bytes())]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -198,6 +242,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="run the workers under NVIDIA MPS, so that prefill and decode workers sharing one GPU run side"
         " by side instead of time-slicing it (auto, the default: when they share a GPU and the NVIDIA"
         " utilities are installed; --mps alone: on)",
+    )
+    p.add_argument(
+        "--no-restart",
+        dest="restart",
+        action="store_false",
+        help="leave a service that exits down (default: start it again, after 1 s, doubling to 30 s"
+        " while it keeps exiting within a minute); the rest serve on while they can, else all stop",
     )
     p.add_argument(
         "--mps-sm-percent",
@@ -299,9 +350,7 @@ def up(args: argparse.Namespace) -> int:
         env |= {"OTEL_SERVICE_NAME": service, PARENT_ENV: str(os.getpid())}
         if CLUSTER_TOKEN_ENV not in secret_env:
             env.pop(CLUSTER_TOKEN_ENV, None)
-        with open(log, "wb") as out:
-            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
-        child = Child(name, proc, log)
+        child = Child.launch(name, cmd, env, log)
         children.append(child)
         return child
 
@@ -398,6 +447,7 @@ def up(args: argparse.Namespace) -> int:
         metrics = {c.name: _metrics_url(c) for c in services}
         if args.gateways == 1:
             metrics["gateway"] = f"{gateway_url}/metrics"
+        pids = {c.name: c.process.pid for c in children}  # kept current across restarts
         endpoints = {
             "openai": f"{gateway_url}/v1",
             "router_grpc": router,
@@ -406,7 +456,7 @@ def up(args: argparse.Namespace) -> int:
             "cluster_token": cluster_token,
             "model": resolved.name,
             "logs": str(log_dir),
-            "pids": {c.name: c.process.pid for c in children},
+            "pids": pids,
             "metrics": metrics,
         }
         token_where = f"in {args.ready_file}" if args.ready_file else "pass --ready-file to get it"
@@ -425,14 +475,39 @@ def up(args: argparse.Namespace) -> int:
         )
         if args.ready_file:
             _write_private(Path(args.ready_file), json.dumps(endpoints))
+        restarts: list[tuple[float, Child]] = []  # (when, child): exited, to be started again
+        awaited: dict[str, int] = {}  # restarted services' names -> metrics lines their logs held
         while not stopping:
+            now, changed = time.monotonic(), False
             for dead in [c for c in children if c.process.poll() is not None]:
                 _report_death(dead)
                 children.remove(dead)
+                if args.restart:
+                    delay = restart_delay(dead, now)
+                    print(f"tandem up: starting {dead.name} again in {delay:g} s", file=sys.stderr)
+                    restarts.append((now + delay, dead))
+                    continue
                 if not _still_serves([c.name for c in children]):
                     print("tandem up: no way left to serve; stopping everything", file=sys.stderr)
                     return 1
                 print(f"tandem up: serving on without {dead.name}", file=sys.stderr, flush=True)
+            for due in [r for r in restarts if r[0] <= now]:
+                restarts.remove(due)
+                child = due[1]
+                if any(child is c for c in services):  # it prints a new metrics URL once it serves
+                    awaited[child.name] = len(_metrics_urls(child))
+                child.restart()
+                children.append(child)
+                pids[child.name] = child.process.pid
+                changed = True
+                print(f"tandem up: {child.name} started again (pid {child.process.pid})", flush=True)
+            for child in [c for c in children if c.name in awaited]:
+                if len(urls := _metrics_urls(child)) > awaited[child.name]:
+                    metrics[child.name] = urls[-1]  # endpoints["metrics"] is this dict
+                    del awaited[child.name]
+                    changed = True
+            if changed and args.ready_file:
+                _write_private(Path(args.ready_file), json.dumps(endpoints))
             time.sleep(0.2)
         print("\ntandem up: stopping every service", flush=True)
         return 0

@@ -177,6 +177,15 @@ def test_tandem_up_refuses_a_taken_port_before_starting_anything(tmp_path: Path,
     assert not (tmp_path / "logs").exists()  # nothing started
 
 
+def test_a_service_that_keeps_exiting_is_restarted_ever_later_until_a_run_lasts() -> None:
+    child = launcher.Child("worker-0", None, Path("unused.log"))  # type: ignore[arg-type]
+    child.started = 100.0
+    delays = [launcher.restart_delay(child, 100.0 + 5) for _ in range(8)]  # each within a minute
+    assert delays == [1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0, 30.0]
+    assert launcher.restart_delay(child, 100.0 + launcher.RESTART_RESET_S + 1) == 1.0  # a run that lasted
+    assert launcher.restart_delay(child, 100.0 + 1) == 2.0
+
+
 def test_the_suite_serves_while_a_router_a_gateway_and_a_way_to_run_prompts_live() -> None:
     still = launcher._still_serves
     assert still(["router", "prefill-0", "decode-0", "gateway"])

@@ -4,8 +4,10 @@ one engine.
 Life of a worker: parse flags -> start the engine process (it loads the model) -> serve gRPC
 (and Prometheus /metrics with --metrics-port) -> register with the router (if --router) and
 heartbeat -> on SIGTERM/SIGINT stop taking calls, give running calls a grace period, stop the
-engine, flush traces. With `--node-rank N > 0` (multi-node tensor parallelism) it only runs that
-node's ranks instead (`node.py`).
+engine, flush traces. If the engine process dies, open calls fail UNAVAILABLE at once and the
+worker shuts down the same way and exits 1, for `tandem up` or Kubernetes to restart it. With
+`--node-rank N > 0` (multi-node tensor parallelism) it only runs that node's ranks instead
+(`node.py`).
 
 With a cluster token (--cluster-token, $TANDEM_CLUSTER_TOKEN or --cluster-token-file) every RPC
 but grpc.health.v1 and reflection wants it (UNAUTHENTICATED otherwise), and the worker's own calls
@@ -223,19 +225,19 @@ async def serve(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    engine_gone, serving = asyncio.Event(), asyncio.Event()
+    serving = asyncio.Event()
     serving.set()
-    watcher = asyncio.create_task(_watch_engine(engine, health_servicer, engine_gone, serving))
+    watcher = asyncio.create_task(_watch_engine(engine, health_servicer, serving, stop))
     heartbeat = (
-        asyncio.create_task(
-            _register_and_heartbeat(args.router, cluster_token.first, address, stop, engine_gone, serving)
-        )
+        asyncio.create_task(_register_and_heartbeat(args.router, cluster_token.first, address, stop, serving))
         if args.router
         else None
     )
     await stop.wait()
+    engine_gone = engine.client.error is not None
     engine.closing = True  # no new generations, on open GenerateMany calls either
-    drain_sessions("the worker is shutting down")  # the router's calls end once their streams have
+    # The router's calls end once their streams have.
+    drain_sessions("the worker's engine is gone" if engine_gone else "the worker is shutting down")
     watcher.cancel()
     await health_servicer.enter_graceful_shutdown()
     if heartbeat is not None:
@@ -246,13 +248,15 @@ async def serve(
     stop_metrics()
     engine.shutdown()
     tracing.shutdown()
+    if engine_gone:  # for the supervisor (tandem up, Kubernetes) to start this worker afresh
+        raise SystemExit(1)
 
 
 async def _watch_engine(
     engine: AsyncEngine,
     health_servicer: health.aio.HealthServicer,
-    gone: asyncio.Event,
     serving: asyncio.Event,
+    stop: asyncio.Event,
 ) -> None:
     """Keep the worker's health true to its engine, pinging it every `_ENGINE_WATCH_S` (its
     answers are also what the streams' keepalives vouch for):
@@ -260,8 +264,10 @@ async def _watch_engine(
     - an engine silent for `MIN_ENGINE_SILENCE_S` (frozen, or stuck in a step) takes the worker
       to NOT_SERVING and pauses its heartbeats (`serving` cleared), so the router's probe takes
       it out of rotation; it serves again once the engine answers;
-    - an engine process that died does so for good (`gone`): open calls already failed with
-      UNAVAILABLE, and no more heartbeats."""
+    - an engine process that died does so for good: open calls already failed with
+      UNAVAILABLE; the worker goes NOT_SERVING, stops its heartbeats and shuts down (`stop`),
+      exiting 1, so that its supervisor starts a fresh one (crash-only: a worker without an
+      engine only holds its address and, under `tandem up` or a Deployment, its GPU)."""
     while engine.client.error is None:
         engine.ping()
         frozen = engine.silent_for() >= MIN_ENGINE_SILENCE_S
@@ -275,10 +281,10 @@ async def _watch_engine(
                 serving.set()
                 await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
         await asyncio.sleep(_ENGINE_WATCH_S)
-    logger.error("the engine is gone (%s): this worker no longer serves", engine.client.error)
-    gone.set()
+    logger.error("the engine is gone (%s): this worker stops, exit status 1", engine.client.error)
     serving.clear()
     await health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+    stop.set()
 
 
 async def _register_and_heartbeat(
@@ -286,16 +292,15 @@ async def _register_and_heartbeat(
     token: str | None,
     address: str,
     stop: asyncio.Event,
-    engine_gone: asyncio.Event,
     serving: asyncio.Event,
 ) -> None:
-    """Register with the router's admin port, then heartbeat while the engine lives and answers
-    (`serving`); re-register whenever the router forgot us."""
+    """Register with the router's admin port, then heartbeat while the engine answers
+    (`serving`) until the worker stops; re-register whenever the router forgot us."""
     interval = 1.0
     async with dial(router, token) as channel:
         admin = router_pb2_grpc.RouterAdminServiceStub(channel)
         registered = False
-        while not (stop.is_set() or engine_gone.is_set()):
+        while not stop.is_set():
             try:
                 if not serving.is_set():
                     pass  # a frozen engine: silence, so the router probes us and finds NOT_SERVING

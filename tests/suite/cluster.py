@@ -72,6 +72,17 @@ def tandem_up(
             proc.wait(30)
 
 
+def engine_pid(worker_pid: int, name: str = "the worker") -> int:
+    """The engine process of the worker process `worker_pid` (a multiprocessing spawn child)."""
+    with open(f"/proc/{worker_pid}/task/{worker_pid}/children") as f:
+        children = [int(p) for p in f.read().split()]
+    for child in children:
+        with open(f"/proc/{child}/cmdline", "rb") as f:
+            if b"spawn_main" in f.read():
+                return child
+    raise AssertionError(f"{name} has no engine process among {children}")
+
+
 def admin_auth(up: dict[str, Any]) -> dict[str, str]:
     """HTTP headers for the router's admin API of a `tandem_up` (its launch's cluster token)."""
     return {"Authorization": f"Bearer {up['cluster_token']}"}
@@ -109,14 +120,7 @@ class Service:
 
     def engine_pid(self) -> int:
         """The worker's engine process (a multiprocessing spawn child)."""
-        pid = self.process.pid
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            children = [int(p) for p in f.read().split()]
-        for child in children:
-            with open(f"/proc/{child}/cmdline", "rb") as f:
-                if b"spawn_main" in f.read():
-                    return child
-        raise AssertionError(f"{self.name} has no engine process among {children}")
+        return engine_pid(self.process.pid, self.name)
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         self.process.send_signal(sig)

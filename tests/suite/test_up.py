@@ -3,6 +3,7 @@ a decode worker and the gateway as processes; SIGTERM stops them all."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -18,7 +19,7 @@ import pytest
 
 from services.protos.tandem.router.v1 import router_pb2, router_pb2_grpc
 from tests.engine.hf_reference import hf_greedy
-from tests.suite.cluster import admin_auth, tandem_up
+from tests.suite.cluster import admin_auth, engine_pid, tandem_up
 
 pytestmark = pytest.mark.xdist_group("suite_up")
 
@@ -195,11 +196,11 @@ def test_a_killed_launcher_takes_every_process_down(tiny_llama: Path, tmp_path: 
         assert not alive, f"still running after the launcher was killed: {alive}"
 
 
-def test_a_dead_worker_leaves_the_others_serving_until_none_can(tiny_llama: Path, tmp_path: Path) -> None:
-    """Two unified workers: one killed, the launcher reports it and the suite serves on through
-    the other (the router routes around it); the last one killed, nothing can serve, so the
-    launcher stops everything, exits 1 and removes its ready-file."""
-    args = ("--prefill", "0", "--decode", "0", "--unified", "2")
+def test_without_restarts_a_dead_worker_leaves_the_others_serving(tiny_llama: Path, tmp_path: Path) -> None:
+    """--no-restart, two unified workers: one killed, the launcher reports it and the suite
+    serves on through the other (the router routes around it); the last one killed, nothing can
+    serve, so the launcher stops everything, exits 1 and removes its ready-file."""
+    args = ("--prefill", "0", "--decode", "0", "--unified", "2", "--no-restart")
     with tandem_up(tiny_llama, tmp_path, args=args) as info:
         proc: subprocess.Popen[bytes] = info["process"]
         client = openai.OpenAI(base_url=info["openai"], api_key="unused", max_retries=0)
@@ -228,3 +229,56 @@ def test_a_dead_worker_leaves_the_others_serving_until_none_can(tiny_llama: Path
         assert not (tmp_path / "ready.json").exists()
         for name, pid in info["pids"].items():
             assert not _running(pid), name
+
+
+def test_a_service_that_exits_is_started_again(tiny_llama: Path, tmp_path: Path) -> None:
+    """One unified worker whose engine is killed: the worker exits 1 and the launcher starts it
+    again, the ready-file following its pid and metrics URL; then the router killed, started
+    again, the worker registers with it anew. The suite serves after each."""
+    args = ("--prefill", "0", "--decode", "0", "--unified", "1")
+    ready = tmp_path / "ready.json"
+    with tandem_up(tiny_llama, tmp_path, args=args) as info:
+        proc: subprocess.Popen[bytes] = info["process"]
+        client = openai.OpenAI(base_url=info["openai"], api_key="unused", max_retries=0)
+
+        def serves_again(timeout: float = 60.0) -> None:
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    out = client.completions.create(model=info["model"], prompt="the sea", max_tokens=4)
+                    assert out.choices[0].finish_reason is not None
+                    return
+                except (openai.APIStatusError, openai.APIConnectionError) as e:
+                    assert time.monotonic() < deadline, f"not serving again: {e}"
+                    time.sleep(0.3)
+
+        def until(what: str, done: Any, timeout: float = 20.0) -> None:
+            deadline = time.monotonic() + timeout
+            while not done():
+                assert time.monotonic() < deadline, what
+                time.sleep(0.1)
+
+        serves_again()
+        worker = info["pids"]["worker-0"]
+        os.kill(engine_pid(worker), signal.SIGKILL)
+        until("the worker exits", lambda: not _running(worker))
+        serves_again()
+
+        def ready_file(key: str) -> Any:
+            return json.loads(ready.read_text())[key]["worker-0"]
+
+        until("the ready-file's worker pid", lambda: ready_file("pids") != worker)
+        assert _running(ready_file("pids"))
+        until("the new metrics URL", lambda: ready_file("metrics") != info["metrics"]["worker-0"])
+        url = ready_file("metrics")
+        assert "tandem_worker" in httpx.get(url, timeout=10).text
+
+        os.kill(info["pids"]["router"], signal.SIGKILL)
+        serves_again()
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    output = proc.stdout.read().decode() if proc.stdout else ""
+    assert "worker-0 exited with code 1" in output and "the engine is gone" in output
+    assert "starting worker-0 again in 1 s" in output and "worker-0 started again" in output
+    assert "router exited with code -9" in output and "router started again" in output
