@@ -480,6 +480,8 @@ def up(args: argparse.Namespace) -> int:
         while not stopping:
             now, changed = time.monotonic(), False
             for dead in [c for c in children if c.process.poll() is not None]:
+                if stopping:  # Ctrl-C reaches the children too: theirs are no deaths to report
+                    break
                 _report_death(dead)
                 children.remove(dead)
                 if args.restart:
