@@ -7,14 +7,14 @@ CPU: the dtype each serves in) and device-to-device copy bandwidth (bytes read +
 bench/gpu_bench.py's `copy_bandwidth`). The matmul rate is taken twice: a short burst
 (`matmul_flops`) and held for seconds (`matmul_held_flops`, bench/matmul_hold.py's last window),
 and the held one is the limit: a served level runs GEMMs for minutes, and an H100 at its 700 W
-cap held 0.87 of its burst (docs/benchmarks.md r25). Against them, from the workers' step counters over the
-level (`tandem_worker_engine_prefill_tokens_total`, `..._decode_rows_total`, `..._steps_total`)
-and the checkpoint's config.json with the workers' engine flags (`model_costs`, dense decoders
-only; FP8 weights or an FP8 KV cache set by flag count as such):
+cap held 0.87 of its burst (docs/benchmarks.md r25). Against them, from the workers' step
+counters over the level (`tandem_worker_engine_prefill_tokens_total`, `..._decode_rows_total`,
+`..._steps_total`) and the checkpoint's config.json with the workers' engine flags
+(`model_costs`, dense decoders only; FP8 weights or an FP8 KV cache set by flag count as such):
 
 - matmul FLOP/s: 2 FLOPs per weight of every linear layer a computed prompt token or a decode
   row passes (the lm head for decode rows only; attention's own FLOPs left out, a few percent
-  at 1k-token contexts), over the level's wall time, and its share of the measured matmul;
+  at 1k-token contexts), over the level's wall time, and its share of the held matmul rate;
 - weight bandwidth: every step reads every weight once (KV reads left out), over the level's
   wall time, and its share of the measured copy bandwidth.
 
@@ -23,7 +23,7 @@ against what this device's GEMM reaches, not its datasheet peak. For PD the work
 summed (both engines share the one device in the single-GPU runs).
 
 The workload's roofline (`roofline`): the output tokens a second the measured device allows for
-the level's requests, each taking its prompt's FLOPs at the measured matmul rate (linear layers
+the level's requests, each taking its prompt's FLOPs at the held matmul rate (linear layers
 and causal attention over the tokens not cached: a shared prefix counts as cached) plus its
 decode rows' bytes at the copy bandwidth (its share of every decode step's weight read at the
 level's decode batch, and its KV cache read at each row's context), the two summed. Summed,

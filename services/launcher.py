@@ -27,8 +27,8 @@ it keeps exiting within a minute of its start; the ready-file's pids and metrics
 The router routes around a worker while it is down, and workers register again with a restarted
 router. With --no-restart the rest serve on while a router, a gateway and a unified worker or a
 prefill/decode pair live, else all stop and the launcher exits 1. The ready-file is removed on
-exit. Children die with the launcher
-(PR_SET_PDEATHSIG, which each child sets itself: services/common/parent.py).
+exit. Children die with the launcher (PR_SET_PDEATHSIG, which each child sets itself:
+services/common/parent.py).
 """
 
 from __future__ import annotations
