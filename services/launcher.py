@@ -85,6 +85,7 @@ class Child:
     env: dict[str, str] = field(default_factory=dict)
     started: float = field(default_factory=time.monotonic)
     quick_exits: int = 0  # exits in a row, each within RESTART_RESET_S of its start
+    run_offset: int = 0  # where this run's output starts in the log (earlier runs' come before)
 
     @classmethod
     def launch(cls, name: str, cmd: list[str], env: dict[str, str], log: Path) -> Child:
@@ -96,6 +97,7 @@ class Child:
         appended to the same log."""
         with open(self.log, "ab") as out:
             out.write(f"\n--- tandem up: {self.name} started again ---\n".encode())
+            self.run_offset = out.tell()
         self.process = _popen(self.cmd, self.env, self.log)
         self.started = time.monotonic()
 
@@ -587,7 +589,11 @@ def _http_ok(url: str) -> bool:
 
 
 def _report_death(child: Child) -> None:
-    tail = child.log.read_text(errors="replace").splitlines()[-20:]
+    """Say that `child` exited, with the last lines of its run's output (not an earlier run's:
+    a service failing at every start would repeat them in every report)."""
+    with open(child.log, "rb") as f:
+        f.seek(child.run_offset)
+        tail = f.read().decode(errors="replace").splitlines()[-20:]
     print(
         f"\n{child.name} exited with code {child.process.returncode}; last lines of {child.log}:",
         file=sys.stderr,

@@ -186,6 +186,22 @@ def test_a_service_that_keeps_exiting_is_restarted_ever_later_until_a_run_lasts(
     assert launcher.restart_delay(child, 100.0 + 1) == 2.0
 
 
+def test_a_restarted_service_s_death_report_shows_its_last_run_only(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A service failing at every start: each report shows that run's output, not every run's."""
+    cmd = [sys.executable, "-c", "import os; print('run of', os.getpid())"]
+    child = launcher.Child.launch("worker-0", cmd, dict(os.environ), tmp_path / "worker-0.log")
+    first = child.process.pid
+    child.process.wait()
+    child.restart()
+    child.process.wait()
+    launcher._report_death(child)
+    report = capsys.readouterr().err
+    assert f"run of {child.process.pid}" in report and f"run of {first}" not in report
+    assert f"run of {first}" in child.log.read_text()  # the log keeps every run
+
+
 def test_the_suite_serves_while_a_router_a_gateway_and_a_way_to_run_prompts_live() -> None:
     still = launcher._still_serves
     assert still(["router", "prefill-0", "decode-0", "gateway"])
