@@ -88,8 +88,15 @@ class EngineClient:
         self._keys = itertools.count()
         self._closed = False
         self.error: str | None = None  # why the engine is gone, once it is
+        # The kernel ties PR_SET_PDEATHSIG to the thread that starts the engine: only the main
+        # thread lives as long as this process (an LLM built on a short-lived thread must not
+        # lose its engine when that thread ends).
+        with_parent = threading.current_thread() is threading.main_thread()
         self.process = multiprocessing.get_context("spawn").Process(
-            target=run_engine, args=(config, to_engine, from_engine), name="tandem-engine", daemon=True
+            target=run_engine,
+            args=(config, to_engine, from_engine, with_parent),
+            name="tandem-engine",
+            daemon=True,
         )
         self.process.start()
         try:

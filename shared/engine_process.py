@@ -31,9 +31,12 @@ attention every rank runs an engine of its own and this process hands the reques
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import logging
 import math
 import multiprocessing
+import signal
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -161,8 +164,23 @@ def parent_alive() -> bool:
     return parent is None or parent.is_alive()
 
 
-def run_engine(config: EngineConfig, to_engine: str, from_engine: str) -> None:
-    """Process entry point: build the core, announce `Ready` (or a `Rejected` load error), serve."""
+def die_with_parent() -> None:
+    """Get SIGKILL when the process that started this engine dies (Linux). Without it an engine
+    whose worker was killed ran its open requests to their end, or finished loading its model,
+    before it looked: for seconds to minutes, holding the GPU that the worker started again in
+    its place (`tandem up`, Kubernetes) sizes its KV pool from."""
+    with contextlib.suppress(Exception):  # elsewhere: the idle check in `_serve` still ends it
+        ctypes.CDLL("libc.so.6").prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def run_engine(config: EngineConfig, to_engine: str, from_engine: str, with_parent: bool = False) -> None:
+    """Process entry point: build the core, announce `Ready` (or a `Rejected` load error), serve.
+    `with_parent`: die with the starting process (`die_with_parent`)."""
+    if with_parent:
+        die_with_parent()
     ctx = zmq.Context()
     pull = ctx.socket(zmq.PULL)
     pull.connect(to_engine)

@@ -6,6 +6,8 @@ import contextlib
 import os
 import queue
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -138,3 +140,50 @@ def test_an_answer_to_a_cancelled_call_is_dropped_and_the_client_keeps_going(
     assert client.stats().result(timeout=30)["kv_total_tokens"] > 0
     assert len(collect(client, "after-cancel", [5, 6, 7], GREEDY)) >= 1
     client.abort("left")
+
+
+_BUSY_ENGINE = """
+import queue, sys, time
+from shared.config import EngineConfig
+from shared.engine_client import EngineClient
+from shared.inputs import Prompt
+
+c = EngineClient(EngineConfig.from_options(sys.argv[1], page_size=4))
+outputs = queue.SimpleQueue()
+params = {"max_new_tokens": c.max_context_len - 8, "ignore_eos": True}
+for i in range(4):
+    c.add([f"long-{i}"], Prompt([5, 6, 7], params), outputs.put)
+outputs.get(timeout=60)
+print(c.process.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def test_an_engine_dies_with_the_process_that_started_it(tiny_llama: Path) -> None:
+    """A worker killed while its engine runs requests: the engine goes at once (it used to run
+    them to their end first, holding the GPU its restarted worker needs)."""
+    starter = subprocess.Popen(
+        [sys.executable, "-c", _BUSY_ENGINE, str(tiny_llama)],
+        stdout=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+    )
+    try:
+        assert starter.stdout is not None
+        engine = int(starter.stdout.readline())
+        starter.kill()
+        starter.wait(10)
+        deadline = time.monotonic() + 2.0
+        while _alive(engine):
+            assert time.monotonic() < deadline, "the engine outlived the process that started it"
+            time.sleep(0.05)
+    finally:
+        starter.kill()
+        starter.wait()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
