@@ -21,10 +21,11 @@ then the endpoints are printed (and written as JSON to --ready-file, with a `met
 process name -> its Prometheus URL). Each process gets its own OTEL_SERVICE_NAME (tandem-router,
 tandem-prefill, ...); traces are exported when the environment sets OTEL_EXPORTER_OTLP_ENDPOINT.
 Ctrl-C or SIGTERM stops them all (SIGTERM, then SIGKILL after a grace period). A process that
-exits is reported with the tail of its log and started again with the same command line, ports
+exits is reported with the tail of its run's log and started again with the same command line
 and log file (a worker whose engine died exits 1 for this), after 1 s, doubling up to 30 s while
 it keeps exiting within a minute of its start; the ready-file's pids and metrics URLs follow.
-The router routes around a worker while it is down, and workers register again with a restarted
+The router and the gateways keep their ports; a worker binds a new one and registers it. The
+router routes around a worker while it is down, and workers register again with a restarted
 router. With --no-restart the rest serve on while a router, a gateway and a unified worker or a
 prefill/decode pair live, else all stop and the launcher exits 1. The ready-file is removed on
 exit. Children die with the launcher (PR_SET_PDEATHSIG, which each child sets itself:

@@ -31,8 +31,6 @@ attention every rank runs an engine of its own and this process hands the reques
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import logging
 import math
 import multiprocessing
@@ -49,6 +47,7 @@ from shared.distributed.launch import Followers, start_ranks
 from shared.errors import InternalError, RequestError
 from shared.inputs import Prompt
 from shared.outputs import RequestOutput
+from shared.parent_death import signal_on_parent_death
 from shared.transfer.records import KvCommit, KvTarget
 
 if TYPE_CHECKING:  # imported in the engine process only: the client side stays free of torch
@@ -169,11 +168,7 @@ def die_with_parent() -> None:
     whose worker was killed ran its open requests to their end, or finished loading its model,
     before it looked: for seconds to minutes, holding the GPU that the worker started again in
     its place (`tandem up`, Kubernetes) sizes its KV pool from."""
-    with contextlib.suppress(Exception):  # elsewhere: the idle check in `_serve` still ends it
-        ctypes.CDLL("libc.so.6").prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
-_PR_SET_PDEATHSIG = 1
+    signal_on_parent_death(signal.SIGKILL)  # elsewhere: the idle check in `_serve` still ends it
 
 
 def run_engine(config: EngineConfig, to_engine: str, from_engine: str, with_parent: bool = False) -> None:

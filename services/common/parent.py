@@ -9,14 +9,13 @@ open gRPC channels have fork handlers that can abort the child before it execs (
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import os
 import signal
 import sys
 
+from shared.parent_death import signal_on_parent_death
+
 PARENT_ENV = "TANDEM_PARENT_PID"
-_PR_SET_PDEATHSIG = 1
 
 
 def die_with_launcher() -> None:
@@ -24,7 +23,6 @@ def die_with_launcher() -> None:
     parent = os.environ.pop(PARENT_ENV, None)  # not inherited by what this service starts
     if parent is None:
         return
-    with contextlib.suppress(Exception):  # Linux only; elsewhere the launcher's stop still works
-        ctypes.CDLL("libc.so.6").prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    signal_on_parent_death(signal.SIGTERM)  # elsewhere than Linux the launcher's stop still works
     if os.getppid() != int(parent):  # the launcher died before we asked
         sys.exit("tandem up is gone; exiting")

@@ -235,6 +235,8 @@ async def serve(
     )
     await stop.wait()
     engine_gone = engine.client.error is not None
+    if engine_gone and args.router:  # routed to no more now, not after its heartbeat timeout
+        await _leave_router(args.router, cluster_token.first, address)
     engine.closing = True  # no new generations, on open GenerateMany calls either
     # The router's calls end once their streams have.
     drain_sessions("the worker's engine is gone" if engine_gone else "the worker is shutting down")
@@ -265,7 +267,8 @@ async def _watch_engine(
       to NOT_SERVING and pauses its heartbeats (`serving` cleared), so the router's probe takes
       it out of rotation; it serves again once the engine answers;
     - an engine process that died does so for good: open calls already failed with
-      UNAVAILABLE; the worker goes NOT_SERVING, stops its heartbeats and shuts down (`stop`),
+      UNAVAILABLE; the worker goes NOT_SERVING, stops its heartbeats, leaves the router's list
+      and shuts down (`stop`),
       exiting 1, so that its supervisor starts a fresh one (crash-only: a worker without an
       engine only holds its address and, under `tandem up` or a Deployment, its GPU)."""
     while engine.client.error is None:
@@ -285,6 +288,17 @@ async def _watch_engine(
     serving.clear()
     await health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
     stop.set()
+
+
+async def _leave_router(router: str, token: str | None, address: str) -> None:
+    """Take this worker off the router's list (its engine is gone); a router that does not
+    answer finds out from the missed heartbeats instead."""
+    try:
+        async with dial(router, token) as channel:
+            admin = router_pb2_grpc.RouterAdminServiceStub(channel)
+            await admin.RemoveWorker(router_pb2.RemoveWorkerRequest(address=address), timeout=2)
+    except grpc.aio.AioRpcError as e:
+        logger.warning("router %s: could not leave: %s", router, e.details() or e.code())
 
 
 async def _register_and_heartbeat(

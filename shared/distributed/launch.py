@@ -15,7 +15,6 @@ node's worker killed while the group idles leaves no rank behind still waiting f
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import dataclasses
 import json
 import logging
@@ -28,6 +27,7 @@ from typing import TYPE_CHECKING
 
 import shared
 from shared.config import EngineConfig
+from shared.parent_death import signal_on_parent_death
 
 if TYPE_CHECKING:  # torch: the engine and follower processes only
     import torch.distributed as dist
@@ -36,7 +36,6 @@ logger = logging.getLogger(__name__)
 
 _STOP_WAIT_S = 10.0
 _PARENT_ENV = "TANDEM_TP_PARENT_PID"  # set for each follower: the process it must not outlive
-_PR_SET_PDEATHSIG = 1
 _CONFIG_KEY = "tandem_engine_config"
 # What each node keeps of its own options; every other option is rank 0's (`group_config`).
 _NODE_OPTIONS = ("model_path", "tokenizer_path", "device", "base_gpu_id", "node_rank", "debug_invariants")
@@ -159,7 +158,6 @@ def die_with_parent() -> None:
     parent = os.environ.pop(_PARENT_ENV, None)
     if parent is None:  # started by hand
         return
-    with contextlib.suppress(Exception):  # not Linux: a dead peer still breaks the next collective
-        ctypes.CDLL("libc.so.6").prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    signal_on_parent_death(signal.SIGKILL)  # not Linux: a dead peer still breaks the next collective
     if os.getppid() != int(parent):
         sys.exit("the process that started this tensor-parallel rank is gone; exiting")

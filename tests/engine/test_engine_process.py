@@ -19,6 +19,7 @@ from shared.engine_client import EngineClient
 from shared.engine_core import RequestOutput
 from shared.inputs import Prompt
 from tests.engine.hf_reference import hf_greedy
+from tests.suite.cluster import running
 
 GREEDY = {"max_new_tokens": 12, "temperature": 0.0, "ignore_eos": True}
 
@@ -173,17 +174,9 @@ def test_an_engine_dies_with_the_process_that_started_it(tiny_llama: Path) -> No
         starter.kill()
         starter.wait(10)
         deadline = time.monotonic() + 2.0
-        while _alive(engine):
+        while running(engine):
             assert time.monotonic() < deadline, "the engine outlived the process that started it"
             time.sleep(0.05)
     finally:
         starter.kill()
         starter.wait()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rpartition(")")[2].split()[0] != "Z"
-    except FileNotFoundError:
-        return False

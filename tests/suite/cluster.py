@@ -72,6 +72,15 @@ def tandem_up(
             proc.wait(30)
 
 
+def running(pid: int) -> bool:
+    """Alive and not a zombie (an orphan's zombie may linger where PID 1 does not reap)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 def engine_pid(worker_pid: int, name: str = "the worker") -> int:
     """The engine process of the worker process `worker_pid` (a multiprocessing spawn child)."""
     with open(f"/proc/{worker_pid}/task/{worker_pid}/children") as f:

@@ -99,8 +99,8 @@ def test_a_dead_engine_takes_its_worker_down_and_others_serve(tiny_llama: Path, 
         cluster.start_router("--heartbeat-interval", "0.5", "--heartbeat-timeout", "1")
         victim, survivor = cluster.start_workers([("unified",), ("unified",)])
         os.kill(victim.engine_pid(), signal.SIGKILL)
-        deadline = time.monotonic() + 10
-        while cluster.worker_state(victim.address) != router_pb2.WORKER_STATE_UNHEALTHY:
+        deadline = time.monotonic() + 5  # it leaves the router's list itself
+        while cluster.worker_state(victim.address) is not None:
             assert time.monotonic() < deadline, cluster.worker_state(victim.address)
             time.sleep(0.1)
         assert victim.process.wait(10) == 1  # shut down, for its supervisor to start a fresh one

@@ -14,7 +14,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.protos.tandem.worker.v1 import worker_pb2, worker_pb2_grpc
-from tests.suite.cluster import Cluster, Service
+from tests.suite.cluster import Cluster, Service, running
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="finds ranks through /proc")
 
@@ -56,7 +56,7 @@ def test_a_killed_rank_fails_its_request_and_takes_the_worker_out_of_service(
             # The worker shuts down and exits 1, for its supervisor to start a fresh one.
             code = worker.process.wait(max(0.0, start + _BOUND_S - time.monotonic()))
             assert code == 1, f"{worker.name} exited {code}\n{cluster.logs()}"
-            assert not _alive(engines[worker.name]), worker.name  # the engine process exited
+            assert not running(engines[worker.name]), worker.name  # the engine process exited
             assert _health(worker.address) is None  # nothing answers at its address any more
 
 
@@ -68,14 +68,6 @@ def _follower(worker: Service) -> int:
 def _children(pid: int) -> list[int]:
     with open(f"/proc/{pid}/task/{pid}/children") as f:
         return [int(p) for p in f.read().split()]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def _health(address: str) -> int | None:

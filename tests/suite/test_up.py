@@ -19,7 +19,7 @@ import pytest
 
 from services.protos.tandem.router.v1 import router_pb2, router_pb2_grpc
 from tests.engine.hf_reference import hf_greedy
-from tests.suite.cluster import admin_auth, engine_pid, tandem_up
+from tests.suite.cluster import admin_auth, engine_pid, running, tandem_up
 
 pytestmark = pytest.mark.xdist_group("suite_up")
 
@@ -164,15 +164,6 @@ def test_sigterm_stops_every_process(up: dict[str, Any]) -> None:
     assert not (Path(up["logs"]).parent / "ready.json").exists()  # its pids are gone
 
 
-def _running(pid: int) -> bool:
-    """Alive and not a zombie (an orphan's zombie may linger where PID 1 does not reap)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
 def test_a_killed_launcher_takes_every_process_down(tiny_llama: Path, tmp_path: Path) -> None:
     # SIGKILL leaves the launcher no time to stop anyone: each child asked the kernel for SIGTERM
     # when its parent dies (services/common/parent.py).
@@ -185,13 +176,13 @@ def test_a_killed_launcher_takes_every_process_down(tiny_llama: Path, tmp_path: 
         assert (
             httpx.get(models, headers={"Authorization": "Bearer launch-key"}, timeout=10).status_code == 200
         )
-        assert all(_running(pid) for pid in info["pids"].values())
+        assert all(running(pid) for pid in info["pids"].values())
         info["process"].kill()
         info["process"].wait(10)
         deadline = time.monotonic() + 30
         alive = set(info["pids"].values())
         while alive and time.monotonic() < deadline:
-            alive = {pid for pid in alive if _running(pid)}
+            alive = {pid for pid in alive if running(pid)}
             time.sleep(0.2)
         assert not alive, f"still running after the launcher was killed: {alive}"
 
@@ -228,7 +219,7 @@ def test_without_restarts_a_dead_worker_leaves_the_others_serving(tiny_llama: Pa
         assert "no way left to serve" in output
         assert not (tmp_path / "ready.json").exists()
         for name, pid in info["pids"].items():
-            assert not _running(pid), name
+            assert not running(pid), name
 
 
 def test_a_service_that_exits_is_started_again(tiny_llama: Path, tmp_path: Path) -> None:
@@ -261,14 +252,14 @@ def test_a_service_that_exits_is_started_again(tiny_llama: Path, tmp_path: Path)
         serves_again()
         worker = info["pids"]["worker-0"]
         os.kill(engine_pid(worker), signal.SIGKILL)
-        until("the worker exits", lambda: not _running(worker))
+        until("the worker exits", lambda: not running(worker))
         serves_again()
 
         def ready_file(key: str) -> Any:
             return json.loads(ready.read_text())[key]["worker-0"]
 
         until("the ready-file's worker pid", lambda: ready_file("pids") != worker)
-        assert _running(ready_file("pids"))
+        assert running(ready_file("pids"))
         until("the new metrics URL", lambda: ready_file("metrics") != info["metrics"]["worker-0"])
         url = ready_file("metrics")
         assert "tandem_worker" in httpx.get(url, timeout=10).text
