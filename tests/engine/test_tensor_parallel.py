@@ -22,6 +22,7 @@ from shared.engine_core import RequestOutput
 from shared.inputs import Prompt
 from shared.models.config import ModelConfig
 from tests.engine.hf_reference import hf_greedy
+from tests.suite.cluster import running
 
 GREEDY = {"max_new_tokens": 6, "temperature": 0.0, "ignore_eos": True}
 # Shares its first 12 tokens (3 pages of 4) with the first: the second reuses cached prefix pages.
@@ -154,19 +155,11 @@ def test_followers_exit_when_rank_0_dies(tiny_llama: Path) -> None:
         (follower,) = _children(client.process.pid)
         os.kill(client.process.pid, signal.SIGKILL)
         deadline = time.monotonic() + 30
-        while _running(follower) and time.monotonic() < deadline:
+        while running(follower) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert not _running(follower)  # no orphan left waiting in a broadcast
+        assert not running(follower)  # no orphan left waiting in a broadcast
     finally:
         client.shutdown()
-
-
-def _running(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def test_fp8_shards_that_split_a_weight_block_are_refused_at_start_up(
