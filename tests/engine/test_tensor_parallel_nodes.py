@@ -29,11 +29,11 @@ from tests.engine.test_tensor_parallel import (
     GREEDY,
     PROMPTS,
     _children,
-    _running,
     assert_fails_and_exits,
     run_all,
     tp_client,
 )
+from tests.suite.cluster import running
 from tests.suite.test_observability import documented_metrics
 
 
@@ -80,8 +80,8 @@ def test_two_nodes_give_the_tokens_of_one(tiny_model_factory: Callable[..., Path
                     httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text
                 )
             }
-            (running,) = families["tandem_node_ranks_running"].samples
-            assert running.labels == {"node_rank": "1"} and running.value == 2
+            (ranks,) = families["tandem_node_ranks_running"].samples
+            assert ranks.labels == {"node_rank": "1"} and ranks.value == 2
             assert all(name in families for name in documented_metrics()["node"])  # docs/observability.md
             assert "process_cpu_seconds" in families
         finally:
@@ -108,9 +108,9 @@ def test_a_dead_node_fails_the_request_and_node_0s_engine_exits(tiny_llama: Path
             worker.send_signal(signal.SIGKILL)  # the whole node: its rank dies with its worker
             assert_fails_and_exits(client, outputs, first)
             deadline = time.monotonic() + 10
-            while _running(rank1) and time.monotonic() < deadline:
+            while running(rank1) and time.monotonic() < deadline:
                 time.sleep(0.05)
-            assert not _running(rank1)  # no orphan rank left behind on node 1
+            assert not running(rank1)  # no orphan rank left behind on node 1
         finally:
             client.shutdown()
 
