@@ -23,13 +23,13 @@ tandem-prefill, ...); traces are exported when the environment sets OTEL_EXPORTE
 Ctrl-C or SIGTERM stops them all (SIGTERM, then SIGKILL after a grace period). A process that
 exits is reported with the tail of its run's log and started again with the same command line
 and log file (a worker whose engine died exits 1 for this), after 1 s, doubling up to 30 s while
-it keeps exiting within a minute of its start; the ready-file's pids and metrics URLs follow.
-The router and the gateways keep their ports; a worker binds a new one and registers it. The
-router routes around a worker while it is down, and workers register again with a restarted
-router. With --no-restart the rest serve on while a router, a gateway and a unified worker or a
-prefill/decode pair live, else all stop and the launcher exits 1. The ready-file is removed on
-exit. Children die with the launcher (PR_SET_PDEATHSIG, which each child sets itself:
-services/common/parent.py).
+it keeps exiting within a minute of its start; the ready-file's pids (of live processes only)
+and metrics URLs follow. The router and the gateways keep their ports; a worker binds a new one
+and registers it. The router routes around a worker while it is down, and workers register again
+with a restarted router. With --no-restart the rest serve on while a router, a gateway and a
+unified worker or a prefill/decode pair live, else all stop and the launcher exits 1. The ready-
+file is removed on exit. Children die with the launcher (PR_SET_PDEATHSIG, which each child sets
+itself: services/common/parent.py).
 """
 
 from __future__ import annotations
@@ -487,6 +487,8 @@ def up(args: argparse.Namespace) -> int:
                     break
                 _report_death(dead)
                 children.remove(dead)
+                del pids[dead.name]  # the ready-file lists live processes only
+                changed = True
                 if args.restart:
                     delay = restart_delay(dead, now)
                     print(f"tandem up: starting {dead.name} again in {delay:g} s", file=sys.stderr)

@@ -202,6 +202,9 @@ def test_without_restarts_a_dead_worker_leaves_the_others_serving(tiny_llama: Pa
 
         os.kill(info["pids"]["worker-0"], signal.SIGKILL)
         deadline = time.monotonic() + 10
+        while "worker-0" in json.loads((tmp_path / "ready.json").read_text())["pids"]:
+            assert time.monotonic() < deadline, "the ready-file still lists the dead worker"
+            time.sleep(0.1)
         while True:  # the router may try the dead worker first: it then retries the survivor
             try:
                 if served():
