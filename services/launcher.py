@@ -102,6 +102,12 @@ class Child:
         self.process = _popen(self.cmd, self.env, self.log)
         self.started = time.monotonic()
 
+    def run_output(self) -> bytes:
+        """What this run wrote to the log (not an earlier run's)."""
+        with open(self.log, "rb") as f:
+            f.seek(self.run_offset)
+            return f.read()
+
 
 def _popen(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     with open(log, "ab") as out:
@@ -165,14 +171,9 @@ _METRICS_LINE = re.compile(rb"metrics on (http://\S+/metrics)")
 def _metrics_url(child: Child) -> str:
     """The /metrics URL a router or worker printed: each binds a free port itself, because a port
     chosen here could be taken (by any connection's source port) before the child, after loading
-    its model, binds it. After a restart, the last run's."""
-    urls = _metrics_urls(child)
-    return urls[-1] if urls else ""
-
-
-def _metrics_urls(child: Child) -> list[str]:
-    """Every /metrics URL in the child's log, one a run."""
-    return [url.decode() for url in _METRICS_LINE.findall(child.log.read_bytes())]
+    its model, binds it. After a restart, the new run's, once it has printed it."""
+    match = _METRICS_LINE.search(child.run_output())
+    return match.group(1).decode() if match else ""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -479,7 +480,7 @@ def up(args: argparse.Namespace) -> int:
         if args.ready_file:
             _write_private(Path(args.ready_file), json.dumps(endpoints))
         restarts: list[tuple[float, Child]] = []  # (when, child): exited, to be started again
-        awaited: dict[str, int] = {}  # restarted services' names -> metrics lines their logs held
+        awaited: set[str] = set()  # restarted services whose new metrics URL is not read yet
         while not stopping:
             now, changed = time.monotonic(), False
             for dead in [c for c in children if c.process.poll() is not None]:
@@ -502,16 +503,16 @@ def up(args: argparse.Namespace) -> int:
                 restarts.remove(due)
                 child = due[1]
                 if any(child is c for c in services):  # it prints a new metrics URL once it serves
-                    awaited[child.name] = len(_metrics_urls(child))
+                    awaited.add(child.name)
                 child.restart()
                 children.append(child)
                 pids[child.name] = child.process.pid
                 changed = True
                 print(f"tandem up: {child.name} started again (pid {child.process.pid})", flush=True)
             for child in [c for c in children if c.name in awaited]:
-                if len(urls := _metrics_urls(child)) > awaited[child.name]:
-                    metrics[child.name] = urls[-1]  # endpoints["metrics"] is this dict
-                    del awaited[child.name]
+                if url := _metrics_url(child):
+                    metrics[child.name] = url  # endpoints["metrics"] is this dict
+                    awaited.discard(child.name)
                     changed = True
             if changed and args.ready_file:
                 _write_private(Path(args.ready_file), json.dumps(endpoints))
@@ -594,9 +595,7 @@ def _http_ok(url: str) -> bool:
 def _report_death(child: Child) -> None:
     """Say that `child` exited, with the last lines of its run's output (not an earlier run's:
     a service failing at every start would repeat them in every report)."""
-    with open(child.log, "rb") as f:
-        f.seek(child.run_offset)
-        tail = f.read().decode(errors="replace").splitlines()[-20:]
+    tail = child.run_output().decode(errors="replace").splitlines()[-20:]
     print(
         f"\n{child.name} exited with code {child.process.returncode}; last lines of {child.log}:",
         file=sys.stderr,

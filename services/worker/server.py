@@ -268,9 +268,9 @@ async def _watch_engine(
       it out of rotation; it serves again once the engine answers;
     - an engine process that died does so for good: open calls already failed with
       UNAVAILABLE; the worker goes NOT_SERVING, stops its heartbeats, leaves the router's list
-      and shuts down (`stop`),
-      exiting 1, so that its supervisor starts a fresh one (crash-only: a worker without an
-      engine only holds its address and, under `tandem up` or a Deployment, its GPU)."""
+      and shuts down (`stop`), exiting 1, so that its supervisor starts a fresh one (crash-only:
+      a worker without an engine only holds its address and, under `tandem up` or a
+      Deployment, its GPU)."""
     while engine.client.error is None:
         engine.ping()
         frozen = engine.silent_for() >= MIN_ENGINE_SILENCE_S
