@@ -67,6 +67,8 @@ def compile_tree(root: str) -> dict[str, Any]:
         )  # fmt: skip
         const |= {k: v for k, v in extra.items() if k in params}
         const |= dict.fromkeys(UNIT_STRIDES & set(params), 1)
+        if "USE_PDL" in params:  # the default launch: PDL off (kernels/pdl.py)
+            const["USE_PDL"] = False
         types = {
             "x_ptr": "*bf16", "xs_ptr": "*bf16", "w_ptr": "*fp8e4nv" if fp8 else "*bf16",
             "ws_ptr": "*fp32" if fp8 else "*bf16", "bias_ptr": "*bf16",

@@ -38,6 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import pdl
 from kernels.checks import check_index_vectors, check_paged_attention
 from kernels.config import interpreting, reference_enabled
 from kernels.extend_attention import extend_attention_ref
@@ -146,6 +147,7 @@ def decode_attention(
         BLOCK_DK=max(16, triton.next_power_of_2(k_dim)),
         BLOCK_DV=block_dv,
         **launch,
+        **pdl.launch_options(q),
     )
     merge_kv_splits(mid_out, mid_lse, out, block_dv)
     return out
@@ -171,6 +173,7 @@ def merge_kv_splits(
         v_dim,
         BLOCK_S=triton.next_power_of_2(num_kv_splits),
         BLOCK_D=block_d,
+        **pdl.launch_options(mid_out),
     )
 
 
@@ -232,7 +235,10 @@ def _decode_stage1_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_DK: tl.constexpr,
     BLOCK_DV: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    pdl.wait(USE_PDL)  # before any load: the kernel before may still run
+    pdl.release(USE_PDL)
     b = tl.program_id(0)
     kv_head = tl.program_id(1) // head_blocks
     head_block = tl.program_id(1) % head_blocks
@@ -379,7 +385,10 @@ def _decode_stage2_kernel(
     head_dim,
     BLOCK_S: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    pdl.wait(USE_PDL)  # before any load: the kernel before may still run
+    pdl.release(USE_PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     s = tl.arange(0, BLOCK_S)

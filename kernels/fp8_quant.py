@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import pdl
 from kernels.checks import FLOAT_DTYPES, check_dtype, check_ndim, check_same_device
 from kernels.config import reference_enabled
 
@@ -84,6 +85,7 @@ def quant_rows_fp8(
         FP8_EPS,
         BLOCK_GROUPS=groups_per_program,
         BLOCK_G=block_g,
+        **pdl.launch_options(x),
     )
     return q, scale
 
@@ -146,7 +148,10 @@ def _per_token_group_quant_kernel(
     eps,
     BLOCK_GROUPS: tl.constexpr,
     BLOCK_G: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    pdl.wait(USE_PDL)  # before any load: the kernel before may still run
+    pdl.release(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     x_row = (row // rows_per_batch) * x_stride_b + (row % rows_per_batch) * x_stride_m
     g = tl.program_id(1) * BLOCK_GROUPS + tl.arange(0, BLOCK_GROUPS)  # [BLOCK_GROUPS]

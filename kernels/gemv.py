@@ -53,6 +53,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from kernels import pdl
 from kernels.checks import FLOAT_DTYPES, check_dtype, check_ndim
 from kernels.config import interpreting, reference_enabled
 from kernels.fp8_quant import FP8_EPS, FP8_MAX, quant_groups_e4m3
@@ -305,6 +306,7 @@ def _launch(
         BLOCK_M=MMA_MAX_M if mma else triton.next_power_of_2(m),
         BLOCK_N=block_n,
         **cfg,
+        **pdl.launch_options(x),
     )
     if split_k > 1:
         split_k_sum(partial[:, None], bias, out[None])
@@ -330,6 +332,7 @@ def split_k_sum(
         HAS_BIAS=bias is not None,
         SPLIT_K=split_k,
         BLOCK_N=block_n,
+        **pdl.launch_options(partial),
     )
 
 
@@ -371,7 +374,10 @@ def _gemv_kernel(
     LOOP_WHILE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    pdl.wait(USE_PDL)  # before any load: the kernel before may still run
+    pdl.release(USE_PDL)
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
     offs_m = tl.arange(0, BLOCK_M)  # [BLOCK_M]
@@ -564,7 +570,10 @@ def _split_k_sum_kernel(
     HAS_BIAS: tl.constexpr,
     SPLIT_K: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    pdl.wait(USE_PDL)  # before any load: the kernel before may still run
+    pdl.release(USE_PDL)
     row = tl.program_id(0).to(tl.int64)  # b * M + m
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = cols < N

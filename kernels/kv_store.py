@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import pdl
 from kernels.checks import (
     FLOAT_DTYPES,
     FP8_DTYPES,
@@ -164,6 +165,7 @@ def _launch(
         BLOCK_H=triton.next_power_of_2(num_heads),
         BLOCK_DK=triton.next_power_of_2(k_dim),
         BLOCK_DV=triton.next_power_of_2(v_.shape[2]),
+        **pdl.launch_options(k),
     )
 
 
@@ -194,7 +196,10 @@ def _store_kv_kernel(
     BLOCK_H: tl.constexpr,
     BLOCK_DK: tl.constexpr,
     BLOCK_DV: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    pdl.wait(USE_PDL)  # before any load: the kernel before may still run
+    pdl.release(USE_PDL)
     # One program per token: its whole [Hkv, Dk] row of K and [Hkv, Dv] row of V.
     t = tl.program_id(0).to(tl.int64)
     # int64 so that slot * stride cannot overflow in pools of more than 2^31 elements.

@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import pdl
 from kernels.checks import FLOAT_DTYPES, check_dtype, check_same_device
 from kernels.config import reference_enabled
 
@@ -99,6 +100,7 @@ def _launch(
         eps,
         HAS_RESIDUAL=residual is not None,
         BLOCK=triton.next_power_of_2(hidden),
+        **pdl.launch_options(x2),
     )
     return out, new_residual
 
@@ -118,7 +120,10 @@ def _rmsnorm_kernel(
     eps,
     HAS_RESIDUAL: tl.constexpr,
     BLOCK: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    pdl.wait(USE_PDL)  # before any load: the kernel before may still run
+    pdl.release(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < hidden

@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import pdl
 from kernels.checks import FLOAT_DTYPES, INDEX_DTYPES, check_dtype, check_ndim, check_same_device
 from kernels.config import reference_enabled
 
@@ -76,6 +77,7 @@ def apply_rotary(
             BLOCK_HALF=triton.next_power_of_2(head_dim // 2),
             # Fused multiply-adds would skip the rounding of each product that torch does.
             enable_fp_fusion=False,
+            **pdl.launch_options(q),
         )
     return q_out.view(q.shape), k_out.view(k.shape)
 
@@ -141,7 +143,10 @@ def _rotary_kernel(
     BLOCK_HQ: tl.constexpr,
     BLOCK_HK: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    pdl.wait(USE_PDL)  # before any load: the kernel before may still run
+    pdl.release(USE_PDL)
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(positions_ptr + t).to(tl.int64)
     j = tl.arange(0, BLOCK_HALF)[None, :]

@@ -156,6 +156,12 @@ class EngineConfig:
         default=False,
         metadata=flag("run mixed steps as one eager forward, not the decode rows' graph beside the prompts'"),
     )
+    # Programmatic dependent launch for the decode step's Triton kernels (kernels/pdl.py; Hopper
+    # and later, CUDA only): each is launched while the one before it finishes. Off until the
+    # H200 A/B in docs/benchmarks.md says otherwise.
+    enable_pdl: bool = field(
+        default=False, metadata=flag("launch the decode step's kernels with programmatic dependent launch")
+    )
     random_seed: int = field(
         default=0, metadata=flag("seed of the sampler (requests without a seed of their own)")
     )

@@ -119,6 +119,10 @@ class ModelRunner:
                 self.backend.name,
             )
             self.backend = create_backend("torch")
+        if self.device.type == "cuda":  # process-wide: each engine sets it before its graphs
+            from kernels import pdl
+
+            pdl.enable(config.enable_pdl)
         # Before the KV pool takes its memory: refuse a model whose attention layers need what the
         # backend named lacks (Gemma 2's soft-capping on triton).
         self.backend.check_supports(self.model, self.model_config.architecture)
