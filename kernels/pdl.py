@@ -54,10 +54,20 @@ def _supported(device_index: int) -> bool:
     return torch.cuda.get_device_capability(device_index)[0] >= 9
 
 
+_ON = {"USE_PDL": True, "launch_pdl": True}
+_OFF = {"USE_PDL": False}
+
+
 def launch_options(t: torch.Tensor) -> dict[str, bool]:
-    """The keyword arguments of a taking-part kernel's launch on t's device."""
-    on = _enabled and t.is_cuda and not interpreting() and _supported(t.device.index or 0)
-    return {"USE_PDL": True, "launch_pdl": True} if on else {"USE_PDL": False}
+    """The keyword arguments of a taking-part kernel's launch on t's device (not to be mutated)."""
+    if not _enabled:  # the default: one check per launch
+        return _OFF
+    on = (
+        t.is_cuda
+        and not interpreting()
+        and _supported(t.device.index if t.device.index is not None else torch.cuda.current_device())
+    )
+    return _ON if on else _OFF
 
 
 @triton.jit

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from bench.ptx_diff import DECODE_KERNELS
+
 ROOT = Path(__file__).resolve().parents[1]
 REGRESSION = "630cc3b"
 
@@ -44,6 +46,7 @@ def test_the_tree_against_itself_is_identical() -> None:
     cuda_cores = ("fp8 M=1, split K", "fp8 M=1", "bf16 M=1", "bf16 M=1, SiLU-mul fused")
     assert {table[k] for k in cuda_cores} == {"identical"}
     assert table["fp8 M=1 on tensor cores"] == "identical"
+    assert {table[k] for k in DECODE_KERNELS} == {"identical"}
 
 
 def test_the_fp8_gemv_regression_is_caught_without_a_gpu() -> None:
