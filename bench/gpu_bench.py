@@ -515,7 +515,7 @@ def bench_tandem(
         disable_split_mixed_steps=args.no_split_mixed_steps,
         quantization=args.quantization,
         kv_cache_dtype=args.kv_cache_dtype,
-        enable_pdl=args.pdl,
+        disable_pdl=args.no_pdl,
     )
     t0 = time.perf_counter()
     core = EngineCore(config, tokenizer=AutoTokenizer.from_pretrained(str(path)))
@@ -849,11 +849,11 @@ def main() -> None:
         "--compare-overlap", action="store_true", help="every batch again with overlap scheduling off"
     )
     parser.add_argument("--quantization", choices=["fp8"], help="Tandem's weights (default: the dtype)")
-    parser.add_argument("--pdl", action="store_true", help="Tandem with enable_pdl (kernels/pdl.py)")
+    parser.add_argument("--no-pdl", action="store_true", help="Tandem with disable_pdl (kernels/pdl.py)")
     parser.add_argument(
         "--compare-pdl",
         action="store_true",
-        help="every batch again with enable_pdl flipped (with --compare-fp8: the FP8 run too)",
+        help="every batch again with disable_pdl flipped (with --compare-fp8: the FP8 run too)",
     )
     parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8_e4m3"])
     parser.add_argument(
@@ -923,10 +923,10 @@ def main() -> None:
                 fp8_gemm.MMA_GEMV_MAX_M = default
         if args.compare_pdl:
             result["tandem_pdl"] = bench_tandem(
-                path, argparse.Namespace(**vars(args) | {"pdl": not args.pdl}), device
+                path, argparse.Namespace(**vars(args) | {"no_pdl": not args.no_pdl}), device
             )
             if args.compare_fp8:
-                fp8_pdl = argparse.Namespace(**vars(fp8_args) | {"pdl": not args.pdl})
+                fp8_pdl = argparse.Namespace(**vars(fp8_args) | {"no_pdl": not args.no_pdl})
                 result["tandem_fp8_pdl"] = bench_tandem(path, fp8_pdl, device)
         if args.compare_kv_fp8:
             kv_args = argparse.Namespace(**vars(args) | {"kv_cache_dtype": "fp8_e4m3"})
@@ -997,9 +997,12 @@ def main() -> None:
     for key, base_key in (("tandem_pdl", "tandem"), ("tandem_fp8_pdl", "tandem_fp8")):
         for b, run in result.get(key, {}).get("decode", {}).items():
             base = result[base_key]["decode"][b]["tok_s"]
+            flipped, default = ("on", "off") if args.no_pdl else ("off", "on")
             print(
-                f"{base_key} batch {b}, enable_pdl {not args.pdl}: {run['tok_s']:.1f} tok/s "
-                f"(enable_pdl {args.pdl}: {base:.1f}, {run['tok_s'] / base:.3f}x)"
+                f"{base_key} batch {b}, PDL {flipped}: {run['tok_s']:.1f} tok/s, "
+                f"graph {run['graph_ms']:.3f} ms (PDL {default}: {base:.1f}, "
+                f"{result[base_key]['decode'][b]['graph_ms']:.3f} ms; "
+                f"{run['tok_s'] / base:.3f}x tok/s)"
             )
     for b, run in result.get("tandem_kv_fp8", {}).get("decode", {}).items():
         bf16 = result["tandem"]["decode"][b]["tok_s"]

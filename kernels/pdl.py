@@ -19,8 +19,9 @@ A kernel that does not take part (cuBLAS, torch's own) is launched as before, an
 order holds around it: a PDL launch after it waits for it in full, and it waits in full for a
 PDL kernel before it. CUDA-graph capture records the same edges, so graphs replay them.
 
-Off by default (`EngineConfig.enable_pdl`; measured in docs/benchmarks.md before it may be on by
-default). `launch_options(tensor)` gives a launch's keyword arguments: `USE_PDL` for the kernel
+An engine on CUDA turns it on (`EngineConfig.disable_pdl` keeps it off; measured in
+docs/benchmarks.md r26); outside an engine it is off unless `enable()`d.
+`launch_options(tensor)` gives a launch's keyword arguments: `USE_PDL` for the kernel
 and Triton's `launch_pdl`, both off unless PDL is enabled, the tensor is on a CUDA device of
 compute capability 9 or later, and the kernels are compiled (the interpreter has no
 `griddepcontrol`). With USE_PDL off the kernels compile to what they were without this module.

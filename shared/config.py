@@ -157,10 +157,11 @@ class EngineConfig:
         metadata=flag("run mixed steps as one eager forward, not the decode rows' graph beside the prompts'"),
     )
     # Programmatic dependent launch for the decode step's Triton kernels (kernels/pdl.py; Hopper
-    # and later, CUDA only): each is launched while the one before it finishes. Off until the
-    # H200 A/B in docs/benchmarks.md says otherwise.
-    enable_pdl: bool = field(
-        default=False, metadata=flag("launch the decode step's kernels with programmatic dependent launch")
+    # and later, CUDA only): each is launched while the one before it finishes. On an H100 the
+    # decode graph's replay takes 0.972x the time at batch 1 in bf16, 0.937x with FP8 weights
+    # (docs/benchmarks.md r26). Disabled: every kernel starts once the one before has ended.
+    disable_pdl: bool = field(
+        default=False, metadata=flag("launch the decode step's kernels without programmatic dependent launch")
     )
     random_seed: int = field(
         default=0, metadata=flag("seed of the sampler (requests without a seed of their own)")

@@ -122,7 +122,7 @@ class ModelRunner:
         if self.device.type == "cuda":  # process-wide: each engine sets it before its graphs
             from kernels import pdl
 
-            pdl.enable(config.enable_pdl)
+            pdl.enable(not config.disable_pdl)
         # Before the KV pool takes its memory: refuse a model whose attention layers need what the
         # backend named lacks (Gemma 2's soft-capping on triton).
         self.backend.check_supports(self.model, self.model_config.architecture)

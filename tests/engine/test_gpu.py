@@ -380,7 +380,7 @@ def test_gemma2_on_cuda_takes_the_torch_backend_and_matches_hf(
 @needs_cuda
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_pdl_changes_no_logit(tiny_model_factory: Callable[..., Path], dtype: str) -> None:
-    """enable_pdl moves only when the decode step's kernels start (kernels/pdl.py): every step's
+    """PDL moves only when the decode step's kernels start (kernels/pdl.py): every step's
     logits, graphed, are the same bits with it on and off, and it is on where the GPU has it."""
     from kernels import pdl
 
@@ -390,7 +390,7 @@ def test_pdl_changes_no_logit(tiny_model_factory: Callable[..., Path], dtype: st
     for on in (True, False):
         core = EngineCore(
             EngineConfig.from_options(
-                str(path), device="cuda", dtype=dtype, cuda_graph_max_bs=8, enable_pdl=on
+                str(path), device="cuda", dtype=dtype, cuda_graph_max_bs=8, disable_pdl=not on
             )
         )
         hopper = torch.cuda.get_device_capability()[0] >= 9
@@ -398,7 +398,7 @@ def test_pdl_changes_no_logit(tiny_model_factory: Callable[..., Path], dtype: st
         logits[on] = _record_logits(core)
         run_staggered(core, prompts, max_new_tokens=6)
         assert core.runner.graph_runner is not None and core.runner.graph_runner.replays > 0
-    assert not pdl.enabled()
+    assert not pdl.enabled()  # the last engine's setting, process-wide
     assert len(logits[True]) == len(logits[False])
     for with_pdl, without in zip(logits[True], logits[False]):
         assert torch.equal(with_pdl, without)
@@ -408,12 +408,12 @@ def test_pdl_changes_no_logit(tiny_model_factory: Callable[..., Path], dtype: st
 @needs_cuda
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
 def test_pdl_greedy_parity_with_hf(tiny_model_factory: Callable[..., Path], arch: str) -> None:
-    """float32, PDL on, graphs and staggered arrivals: the same tokens as HF."""
+    """float32, PDL on (the default), graphs and staggered arrivals: the same tokens as HF."""
     path = tiny_model_factory(arch)
     core = EngineCore(
         EngineConfig.from_options(
             str(path), device="cuda", dtype="float32", page_size=16, chunked_prefill_size=16,
-            cuda_graph_max_bs=6, enable_pdl=True,
+            cuda_graph_max_bs=6,
         )
     )  # fmt: skip
     prompts = make_prompts(core.runner.vocab_size)
