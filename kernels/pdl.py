@@ -22,9 +22,10 @@ PDL kernel before it. CUDA-graph capture records the same edges, so graphs repla
 An engine on CUDA turns it on (`EngineConfig.disable_pdl` keeps it off; measured in
 docs/benchmarks.md r26); outside an engine it is off unless `enable()`d.
 `launch_options(tensor)` gives a launch's keyword arguments: `USE_PDL` for the kernel
-and Triton's `launch_pdl`, both off unless PDL is enabled, the tensor is on a CUDA device of
-compute capability 9 or later, and the kernels are compiled (the interpreter has no
-`griddepcontrol`). With USE_PDL off the kernels compile to what they were without this module.
+and Triton's `launch_pdl`, both off unless PDL is enabled, the tensor is on an NVIDIA device of
+compute capability 9 or later, Triton has grid dependency control, and the kernels are compiled
+(the interpreter has no `griddepcontrol`). With USE_PDL off the kernels compile to what they
+were without this module.
 """
 
 from __future__ import annotations
@@ -52,7 +53,10 @@ def enabled() -> bool:
 
 @functools.cache
 def _supported(device_index: int) -> bool:
-    return torch.cuda.get_device_capability(device_index)[0] >= 9
+    """An NVIDIA GPU of compute capability 9 or later, and a Triton that has grid dependency
+    control (3.4 on; `launch_pdl` came with it). Not ROCm, whose capability numbers differ."""
+    has_gdc = hasattr(getattr(tl.extra, "cuda", None), "gdc_wait")
+    return has_gdc and torch.version.hip is None and torch.cuda.get_device_capability(device_index)[0] >= 9
 
 
 _ON = {"USE_PDL": True, "launch_pdl": True}
