@@ -320,6 +320,15 @@ def test_an_engine_captures_its_graphs_while_the_last_one_waits_for_the_collecto
         assert outputs[f"r{i}"] == hf_greedy(path, ids, NEW_TOKENS), f"prompt {i}"
 
 
+def _step_logits(path: Path, **options: object) -> tuple[EngineCore, list[torch.Tensor]]:
+    """One CUDA engine built with `options` (graphs up to batch 8) over five staggered prompts:
+    the engine, and a copy of every step's logits in order."""
+    core = EngineCore(EngineConfig.from_options(str(path), device="cuda", cuda_graph_max_bs=8, **options))
+    logits = _record_logits(core)
+    run_staggered(core, make_prompts(512, count=5), max_new_tokens=6)
+    return core, logits
+
+
 def _record_logits(core: EngineCore) -> list[torch.Tensor]:
     """Copies of every step's logits, in order."""
     seen: list[torch.Tensor] = []
@@ -340,16 +349,10 @@ def _record_logits(core: EngineCore) -> list[torch.Tensor]:
 def test_graph_replay_logits_match_eager(tiny_model_factory: Callable[..., Path], dtype: str) -> None:
     """The same decode steps, graphed and eager (disable_cuda_graph): the same logits."""
     path = tiny_model_factory("llama")
-    prompts = make_prompts(512, count=5)
-    logits: dict[bool, list[torch.Tensor]] = {}
-    for graphed in (True, False):
-        core = EngineCore(
-            EngineConfig.from_options(
-                str(path), device="cuda", dtype=dtype, disable_cuda_graph=not graphed, cuda_graph_max_bs=8
-            )
-        )
-        logits[graphed] = _record_logits(core)
-        run_staggered(core, prompts, max_new_tokens=6)
+    logits = {
+        graphed: _step_logits(path, dtype=dtype, disable_cuda_graph=not graphed)[1]
+        for graphed in (True, False)
+    }
     assert len(logits[True]) == len(logits[False])
     for graphed, eager in zip(logits[True], logits[False]):
         torch.testing.assert_close(graphed, eager, atol=1e-4, rtol=1e-4)
@@ -385,18 +388,11 @@ def test_pdl_changes_no_logit(tiny_model_factory: Callable[..., Path], dtype: st
     from kernels import pdl
 
     path = tiny_model_factory("llama")
-    prompts = make_prompts(512, count=5)
+    hopper = torch.cuda.get_device_capability()[0] >= 9
     logits: dict[bool, list[torch.Tensor]] = {}
     for on in (True, False):
-        core = EngineCore(
-            EngineConfig.from_options(
-                str(path), device="cuda", dtype=dtype, cuda_graph_max_bs=8, disable_pdl=not on
-            )
-        )
-        hopper = torch.cuda.get_device_capability()[0] >= 9
+        core, logits[on] = _step_logits(path, dtype=dtype, disable_pdl=not on)
         assert pdl.launch_options(torch.zeros(1, device="cuda"))["USE_PDL"] == (on and hopper)
-        logits[on] = _record_logits(core)
-        run_staggered(core, prompts, max_new_tokens=6)
         assert core.runner.graph_runner is not None and core.runner.graph_runner.replays > 0
     assert not pdl.enabled()  # the last engine's setting, process-wide
     assert len(logits[True]) == len(logits[False])
