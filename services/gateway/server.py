@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
@@ -31,6 +30,7 @@ from typing import Any, TypeVar, cast
 
 import anyio
 import grpc
+import msgspec
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
@@ -194,7 +194,7 @@ class _SSEResponse(StreamingResponse):
     instead would leave a stalled generation running until its next token.
     """
 
-    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], None]) -> None:
+    def __init__(self, content: AsyncIterator[bytes], on_close: Callable[[], None]) -> None:
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         super().__init__(content, media_type="text/event-stream", headers=headers)
         self._on_close = on_close
@@ -215,11 +215,17 @@ class _SSEResponse(StreamingResponse):
             self._on_close()
 
 
-def _sse(data: Any) -> str:
-    return f"data: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"
+# Compact UTF-8 JSON, the values json.dumps(..., ensure_ascii=False, separators=(",", ":")) writes
+# (a float may be spelled otherwise, 1e-05 as 0.00001; a non-finite one is null), in a tenth of the
+# time: 0.34 against 3.7 us a completion chunk, and every streamed token is one.
+_encode_json = msgspec.json.Encoder().encode
 
 
-async def _sse_events(first: dict[str, Any], chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[str]:
+def _sse(data: Any) -> bytes:
+    return b"data: " + _encode_json(data) + b"\n\n"
+
+
+async def _sse_events(first: dict[str, Any], chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
     try:
         yield _sse(first)
         async for chunk in chunks:
@@ -229,17 +235,17 @@ async def _sse_events(first: dict[str, Any], chunks: AsyncIterator[dict[str, Any
         error = to_openai_error(exc)
         record_error(trace.get_current_span(), exc, f"in the stream: {error.message}")
         yield _sse(error.body())
-    yield "data: [DONE]\n\n"
+    yield b"data: [DONE]\n\n"
 
 
 async def _typed_sse_events(
     first: dict[str, Any], events: AsyncIterator[dict[str, Any]]
-) -> AsyncIterator[str]:
+) -> AsyncIterator[bytes]:
     """The Responses API's stream: each event named by its type (`event:` line), no `[DONE]`;
     `Responses.stream` ends it with its own failure event."""
-    yield f"event: {first['type']}\n{_sse(first)}"
+    yield b"event: " + first["type"].encode() + b"\n" + _sse(first)
     async for event in events:
-        yield f"event: {event['type']}\n{_sse(event)}"
+        yield b"event: " + event["type"].encode() + b"\n" + _sse(event)
 
 
 class _ClientGone(Exception):
@@ -284,7 +290,7 @@ async def _answer_stream(
     request: Request,
     calls: RouterCalls,
     chunks: AsyncGenerator[dict[str, Any], None],
-    render: Callable[[dict[str, Any], AsyncIterator[dict[str, Any]]], AsyncIterator[str]],
+    render: Callable[[dict[str, Any], AsyncIterator[dict[str, Any]]], AsyncIterator[bytes]],
 ) -> Response:
     """An SSE stream of `chunks` (`render` writes the events), once the first chunk is there."""
     try:

@@ -95,6 +95,30 @@ def test_stream_wire_format(http: httpx.Client) -> None:
     assert all("usage" not in c for c in chunks)  # no include_usage: no usage key
 
 
+def test_streamed_text_is_compact_utf8_json_with_every_character_escaped_as_json_says(
+    http: httpx.Client, stub: StubRouter
+) -> None:
+    """Each event is `data: ` and compact JSON, non-ASCII text raw UTF-8 and the characters JSON
+    must escape escaped, so the deltas join to the text the model wrote, byte for byte."""
+    pieces = ["caf\u00e9 \u2014 \u65e5\u672c", ' "quoted" \\ back', "\n\ttab\r", "\x00\x1f\x7f", "\U0001f600"]
+    stub.script(pieces)
+    body = {"model": MODEL_ID, "prompt": "hi", "max_tokens": 8, "stream": True}
+    with http.stream("POST", "/v1/completions", json=body) as response:
+        assert response.status_code == 200
+        raw = response.read()
+    events = raw.split(b"\n\n")
+    assert events[-2:] == [b"data: [DONE]", b""]
+    payloads = [e.removeprefix(b"data: ") for e in events[:-2]]
+    # As compact json.dumps(ensure_ascii=False) writes them: no spaces, the same escapes.
+    assert all(
+        json.dumps(json.loads(p), ensure_ascii=False, separators=(",", ":")).encode() == p for p in payloads
+    )
+    assert "caf\u00e9 \u2014 \u65e5\u672c".encode() in raw and "\U0001f600".encode() in raw  # not \u-escaped
+    assert b"\\u0000\\u001f" in raw and b"\\n\\t" in raw and b'\\"quoted\\" \\\\ back' in raw
+    text = "".join(json.loads(p)["choices"][0]["text"] for p in payloads)
+    assert text == "".join(pieces)
+
+
 def test_completion_string_prompt(client: openai.OpenAI, stub: StubRouter, hf_tokenizer) -> None:
     result = client.completions.create(model=MODEL_ID, prompt=PROMPT, max_tokens=50)
     assert result.object == "text_completion" and result.id.startswith("cmpl-")
