@@ -57,6 +57,20 @@ logger = logging.getLogger(__name__)
 _RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED}
 
 
+def abandon(task: asyncio.Future[Any]) -> None:
+    """Cancel a leg whose outcome no longer matters (no-op once it is done). A failure it ends
+    with is taken and dropped: the request's own error is raised elsewhere, and asyncio would
+    otherwise log "Task exception was never retrieved" at ERROR for a client's bad request (both
+    PD legs rejecting the same constraint, one of them first)."""
+    task.add_done_callback(_drop_outcome)
+    task.cancel()
+
+
+def _drop_outcome(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
 @dataclass
 class Sample:
     request_id: int
@@ -335,8 +349,8 @@ class Orchestrator:
             finally:
                 stream.cancel()
                 for task in (read, prefill_call):
-                    if task is not None and not task.done():
-                        task.cancel()
+                    if task is not None:
+                        abandon(task)
 
     async def _prefill(
         self, worker: Worker, request: worker_pb2.PrefillRequest, metadata: tuple[tuple[str, str], ...] | None
@@ -368,7 +382,7 @@ class Orchestrator:
             down.cancel()
             if not answer.done():
                 call.cancel()
-                answer.cancel()
+            abandon(answer)
 
     async def _guard(
         self, worker: Worker, stream: grpc.aio.UnaryStreamCall
