@@ -377,11 +377,20 @@ def create_app(config: GatewayConfig) -> FastAPI:
     async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         return _error_response(validation_error(exc.errors()))
 
-    for exc_type in (OpenAIError, grpc.aio.AioRpcError, HTTPException, Exception):
+    for exc_type in (OpenAIError, grpc.aio.AioRpcError, HTTPException):
 
         @app.exception_handler(exc_type)
         async def on_error(request: Request, exc: Exception) -> JSONResponse:
             return _error_response(exc)
+
+    @app.exception_handler(Exception)
+    async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # Starlette raises an unexpected exception again after this answer, and uvicorn then
+        # closes the connection: say so, or a client would send its next request on it and get
+        # "server disconnected" for a request that was fine.
+        response = _error_response(exc)
+        response.headers["Connection"] = "close"
+        return response
 
     def handler() -> Handler:
         assert gateway.handler is not None, "requests arrive only after startup"

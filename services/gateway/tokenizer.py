@@ -121,12 +121,20 @@ class Tokenizer:
         template_kwargs: dict[str, Any] | None = None,
         add_generation_prompt: bool = True,
     ) -> tuple[str, list[int]]:
-        size = sum(len(m["content"]) for m in messages) + len(str(tools or ""))
-        size += len(json.dumps(template_kwargs)) if template_kwargs else 0
-        args = (messages, tools, template_kwargs, add_generation_prompt)
-        if size <= _INLINE_TOKENIZE_CHARS:
-            return self.render_chat(*args)
-        return await asyncio.to_thread(self.render_chat, *args)
+        try:
+            size = sum(len(m["content"]) for m in messages) + len(str(tools or ""))
+            size += len(json.dumps(template_kwargs)) if template_kwargs else 0
+            args = (messages, tools, template_kwargs, add_generation_prompt)
+            if size <= _INLINE_TOKENIZE_CHARS:
+                return self.render_chat(*args)
+            return await asyncio.to_thread(self.render_chat, *args)
+        except RecursionError as exc:
+            # JSON nested a few hundred deep (a tool call's arguments, a tool's parameters,
+            # chat_template_kwargs) outruns the recursion of the template's helpers.
+            raise bad_request(
+                "the request's messages, tools or chat_template_kwargs nest too deeply for the chat template",
+                "messages",
+            ) from exc
 
     def piece(self, token_id: int) -> TokenPiece:
         """Text and bytes of one token, cached."""

@@ -20,6 +20,7 @@ from shared.errors import (
     NotFound,
     Unavailable,
 )
+from tests.gateway.conftest import GatewayThread
 from tests.gateway.stub_router import MODEL_ID, StubRouter
 
 pytestmark = pytest.mark.xdist_group("gateway_errors")
@@ -201,6 +202,58 @@ def test_abort_mid_stream_is_an_error_event(http: httpx.Client) -> None:
     error = json.loads(events[-2])["error"]
     assert "aborted" in error["message"] and error["type"] == "server_error"
     assert "text" in json.loads(events[0])["choices"][0]  # output reached the client first
+
+
+_DEEP = json.loads("[" * 600 + "1" + "]" * 600)  # past the recursion of the chat template's helpers
+_USER = [{"role": "user", "content": "x"}]
+_CALL = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": json.dumps({"a": _DEEP})}}
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"messages": _USER, "chat_template_kwargs": {"x": _DEEP}},
+        {"messages": [*_USER, {"role": "assistant", "content": None, "tool_calls": [_CALL]}]},
+        {"messages": _USER, "tools": [{"type": "function", "function": {"name": "f", "parameters": {
+            "type": "object", "properties": {"a": {"type": "array", "default": _DEEP}}}}}]},
+    ],
+    ids=["chat_template_kwargs", "tool_call_arguments", "tool_parameters"],
+)  # fmt: skip
+def test_json_nested_too_deep_for_the_chat_template_is_a_400_and_the_connection_serves_on(
+    http: httpx.Client, fields: dict[str, Any]
+) -> None:
+    body = json.dumps({"model": MODEL_ID, "max_tokens": 2, **fields})
+    response = http.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 400
+    assert "nest too deeply" in response.json()["error"]["message"]
+    assert response.headers.get("connection") != "close"
+    assert (
+        http.post("/v1/completions", json={"model": MODEL_ID, "prompt": "hi", "max_tokens": 2}).status_code
+        == 200
+    )
+
+
+def test_an_unexpected_error_is_a_500_that_closes_its_connection_and_says_so(
+    gateway: GatewayThread, http: httpx.Client
+) -> None:
+    # Starlette raises it again after the answer and uvicorn closes the connection: the answer
+    # says so, so the client opens a new one for its next request instead of losing it.
+    async def boom() -> None:
+        raise RuntimeError("a bug")
+
+    gateway.app.add_api_route("/test-only/boom", boom, methods=["GET"])
+    response = http.get("/test-only/boom")
+    assert response.status_code == 500 and response.headers["connection"] == "close"
+    assert response.json()["error"] == {
+        "message": "internal error in the gateway", "type": "server_error", "param": None, "code": None
+    }  # fmt: skip
+    for _ in range(3):
+        assert (
+            http.post(
+                "/v1/completions", json={"model": MODEL_ID, "prompt": "hi", "max_tokens": 2}
+            ).status_code
+            == 200
+        )
 
 
 def test_health(http: httpx.Client, stub: StubRouter) -> None:
