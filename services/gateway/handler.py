@@ -119,7 +119,8 @@ class Handler:
         n = req.n or 1
         requests: list[router_pb2.GenerateRequest] = []
         echo_texts: list[str] = []
-        for prompt in req.prompts():
+        prompts = req.prompts()
+        for i, prompt in enumerate(prompts):
             if isinstance(prompt, str):
                 special = True if req.add_special_tokens is None else req.add_special_tokens
                 token_ids = await self.tokenizer.encode_async(prompt, add_special_tokens=special)
@@ -127,6 +128,9 @@ class Handler:
             else:
                 self._check_token_ids(prompt)
                 token_ids, text = prompt, ""
+            if not token_ids:
+                where = "prompt" if len(prompts) == 1 else f"prompt[{i}]"
+                raise bad_request(f"'{where}' is empty: it has no tokens to continue from", where)
             max_new = self._max_new_tokens(
                 len(token_ids), req.max_tokens, COMPLETION_DEFAULT_MAX_TOKENS, "prompt"
             )
@@ -253,6 +257,13 @@ class Handler:
         if max_new_tokens is not None:
             params.max_new_tokens = max_new_tokens
         if req.min_tokens is not None:
+            # Given max_tokens, check() compared them; here also the default and the context's room.
+            if max_new_tokens is not None and req.min_tokens > max_new_tokens:
+                raise bad_request(
+                    f"'min_tokens' ({req.min_tokens}) must not exceed the maximum tokens ({max_new_tokens}, "
+                    "the default or what the context leaves when max_tokens is not given)",
+                    "min_tokens",
+                )
             params.min_new_tokens = req.min_tokens
         params.stop.extend(req.stop_list)
         params.stop_token_ids.extend(req.stop_token_ids or [])

@@ -63,7 +63,7 @@ TokenId = Annotated[int, Field(ge=0, le=INT32_MAX)]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(strict=True, extra="allow")
+    model_config = ConfigDict(strict=True, extra="allow", allow_inf_nan=False)  # NaN is no JSON
 
 
 class StreamOptions(_Strict):
@@ -133,7 +133,7 @@ class StructuredOutputs(BaseModel):
     Unknown keys (vLLM's whitespace and fallback options) are a 400: Tandem does not honour them
     and a client must not believe it does."""
 
-    model_config = ConfigDict(strict=True, extra="forbid")
+    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
 
     json_: Any = Field(None, alias="json")  # a schema object or its JSON text, checked below
     regex: str | None = None

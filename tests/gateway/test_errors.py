@@ -82,6 +82,9 @@ def _assert_still_works(http: httpx.Client) -> None:
         ("/v1/chat/completions", {"verbosity": "low"}, "verbosity"),
         ("/v1/completions", {"seed": -1}, "seed"),
         ("/v1/completions", {"stop_token_ids": [100_000]}, "stop_token_ids"),  # the router's 400
+        ("/v1/completions", {"prompt": "", "add_special_tokens": False}, "prompt"),  # no tokens at all
+        ("/v1/completions", {"prompt": ["The cat", ""], "add_special_tokens": False}, "prompt[1]"),
+        ("/v1/completions", {"max_tokens": None, "min_tokens": 100}, "min_tokens"),  # the default 16
     ],
 )
 def test_bad_request(http: httpx.Client, path: str, change: dict[str, Any], param: str) -> None:
@@ -92,6 +95,20 @@ def test_bad_request(http: httpx.Client, path: str, change: dict[str, Any], para
     error = response.json()["error"]
     assert error["type"] == "invalid_request_error"
     assert error["param"] == param and error["message"]
+    _assert_still_works(http)
+
+
+@pytest.mark.parametrize(
+    ("field", "literal"), [("temperature", "NaN"), ("top_p", "Infinity"), ("top_p", "-Infinity")]
+)
+def test_a_non_finite_number_is_a_400_naming_its_field(http: httpx.Client, field: str, literal: str) -> None:
+    # Python's JSON reader takes NaN and Infinity, which are no JSON; the request is refused for
+    # them by name, not for a range they happen to fail.
+    body = json.dumps(CHAT)[:-1] + f', "{field}": {literal}}}'
+    response = http.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == field and "finite" in error["message"]
     _assert_still_works(http)
 
 
