@@ -10,6 +10,11 @@ from shared.errors import InvalidRequest
 from shared.inputs import Prompt
 from shared.outputs import RequestOutput
 
+# The router's public contract (router.v1): the samples a request may ask for and the top
+# logprobs a token may carry. The gateway's OpenAI limits are these.
+MAX_N = 16
+MAX_TOP_LOGPROBS = 20
+
 SAMPLING_SCALARS = (  # the scalar fields of common.v1.SamplingParams
     "max_new_tokens",
     "min_new_tokens",

@@ -18,10 +18,10 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from services.common.convert import MAX_N, MAX_TOP_LOGPROBS
+
 INT32_MAX = 2**31 - 1
 UINT32_MAX = 2**32 - 1
-MAX_TOP_LOGPROBS = 20  # the wire contract's bound on top_logprobs_num
-MAX_N = 128
 # OpenAI's rule for function (and json_schema) names.
 FUNCTION_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
 

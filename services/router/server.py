@@ -14,6 +14,7 @@ from typing import Any
 
 import grpc
 
+from services.common.convert import MAX_N, MAX_TOP_LOGPROBS
 from services.common.errors import grpc_errors
 from services.common.metrics import status_name
 from services.common.multiplex import GenerateServicer, Metadata
@@ -26,8 +27,6 @@ from services.router.orchestrator import Orchestrator, Sample
 from services.router.registry import Registry
 from shared.errors import InvalidRequest, NotFound
 
-MAX_N = 16
-MAX_TOP_LOGPROBS = 20
 MAX_EMBED_INPUTS = 2048  # OpenAI's bound on one embeddings request
 
 

@@ -40,6 +40,7 @@ def _assert_still_works(http: httpx.Client) -> None:
         ("/v1/chat/completions", {"temperature": "hot"}, "temperature"),
         ("/v1/chat/completions", {"temperature": 2.5}, "temperature"),
         ("/v1/chat/completions", {"n": 0}, "n"),
+        ("/v1/chat/completions", {"n": 17}, "n"),  # the router's bound (services/common/convert.py)
         (
             "/v1/chat/completions",
             {"tools": [{"type": "function", "function": {"name": "f g"}}]},
