@@ -17,6 +17,7 @@ ends the request; errors are raised (`OpenAIError`, `grpc.aio.AioRpcError`) and 
 from __future__ import annotations
 
 import json
+import math
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
@@ -254,6 +255,10 @@ class Handler:
             value = getattr(req, name)
             if value is not None:
                 setattr(params, name, value)
+                # The wire's floats are 32-bit: 1e-300 would arrive as 0.0, 1e308 as inf.
+                sent = getattr(params, name)
+                if isinstance(value, float) and value != 0 and (sent == 0 or math.isinf(sent)):
+                    raise bad_request(f"'{name}' {value!r} is outside the range of a 32-bit float", name)
         if max_new_tokens is not None:
             params.max_new_tokens = max_new_tokens
         if req.min_tokens is not None:

@@ -41,6 +41,9 @@ def _assert_still_works(http: httpx.Client) -> None:
         ("/v1/chat/completions", {"temperature": 2.5}, "temperature"),
         ("/v1/chat/completions", {"n": 0}, "n"),
         ("/v1/chat/completions", {"n": 17}, "n"),  # the router's bound (services/common/convert.py)
+        ("/v1/completions", {"repetition_penalty": 1e-300}, "repetition_penalty"),  # 0.0 as a 32-bit float
+        ("/v1/completions", {"repetition_penalty": 1e308}, "repetition_penalty"),  # inf as a 32-bit float
+        ("/v1/chat/completions", {"top_p": 1e-300}, "top_p"),
         (
             "/v1/chat/completions",
             {"tools": [{"type": "function", "function": {"name": "f g"}}]},
