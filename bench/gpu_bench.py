@@ -54,6 +54,7 @@ from shared.engine_core import EngineCore
 from shared.model_runner import resolve_device
 from shared.sampling import SamplingParams
 from shared.tiny_model import build_tokenizer
+from shared.tiny_model.tokenizer import BOS_TOKEN, EOS_TOKEN, IM_END_TOKEN, special_token_ids
 
 PRESETS: dict[str, dict[str, Any]] = {
     # Llama-3-8B's shape.
@@ -102,7 +103,7 @@ def hf_config(args: argparse.Namespace) -> dict[str, Any]:
                              "mscale_all_dim": 0.707, "original_max_position_embeddings": 4096},
             "rope_theta": 10000, "max_position_embeddings": 163840, "vocab_size": args.vocab,
             "rms_norm_eps": 1e-6, "hidden_act": "silu", "tie_word_embeddings": False,
-            "attention_bias": False, "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": args.dtype,
+            "attention_bias": False, "torch_dtype": args.dtype,
         }  # fmt: skip
     return {
         "architectures": ["LlamaForCausalLM"],
@@ -119,8 +120,6 @@ def hf_config(args: argparse.Namespace) -> dict[str, Any]:
         "rope_theta": 500000.0,
         "hidden_act": "silu",
         "tie_word_embeddings": False,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
         "torch_dtype": args.dtype,
     }
 
@@ -130,9 +129,13 @@ def build_model(args: argparse.Namespace, out: Path, device: torch.device) -> in
     from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)
-    config = hf_config(args)
-    (out / "config.json").write_text(json.dumps(config, indent=2))
     build_tokenizer(out)  # a small tokenizer: ids past its vocab detokenize to nothing
+    ids = special_token_ids(out)
+    # Its own special tokens: begin of text, and the end of a text or of a chat turn to stop on.
+    config = hf_config(args) | {
+        "bos_token_id": ids[BOS_TOKEN], "eos_token_id": [ids[EOS_TOKEN], ids[IM_END_TOKEN]]
+    }  # fmt: skip
+    (out / "config.json").write_text(json.dumps(config, indent=2))
     dtype = getattr(torch, args.dtype)
     shapes = weight_shapes(args)
     gen = torch.Generator(device).manual_seed(0)
