@@ -133,23 +133,26 @@ def compile_tree(root: str) -> dict[str, Any]:
             out[name] = None  # this tree has no tensor-core mode
             continue
         types, const, attrs = _gemv_spec(params, fp8, split, block_n, extra)
-        body, shared = _ptx(fn, types, const | _pdl(params, False), attrs, {"num_warps": 4, "num_stages": 4})
-        out[name] = {
-            "sha1": hashlib.sha1(body.encode()).hexdigest(),
-            "lines": len(body.splitlines()),
-            "cp_async": body.count("cp.async"),
-            "wgmma": body.count("wgmma.mma_async"),
-            "shared_bytes": shared,
-        }
+        out[name] = _summary(
+            *_ptx(fn, types, const | _pdl(params, False), attrs, {"num_warps": 4, "num_stages": 4})
+        )
     for name, (path, types, const) in DECODE_KERNELS.items():
         module, kernel = path.split(".")
         fn = getattr(importlib.import_module(f"kernels.{module}"), kernel)
         params = list(inspect.signature(fn.fn).parameters)
-        body, shared = _ptx(fn, types, const | _pdl(params, False), {}, {})
-        out[name] = {"sha1": hashlib.sha1(body.encode()).hexdigest(), "lines": len(body.splitlines()),
-                     "cp_async": body.count("cp.async"), "wgmma": body.count("wgmma.mma_async"),
-                     "shared_bytes": shared}  # fmt: skip
+        out[name] = _summary(*_ptx(fn, types, const | _pdl(params, False), {}, {}))
     return out
+
+
+def _summary(body: str, shared: int) -> dict[str, Any]:
+    """What compile_tree reports of one kernel's PTX: its digest and what to look at."""
+    return {
+        "sha1": hashlib.sha1(body.encode()).hexdigest(),
+        "lines": len(body.splitlines()),
+        "cp_async": body.count("cp.async"),
+        "wgmma": body.count("wgmma.mma_async"),
+        "shared_bytes": shared,
+    }
 
 
 def pdl_ptx() -> dict[str, str]:
