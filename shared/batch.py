@@ -73,3 +73,23 @@ def to_device(
     for the GPU to drain first (e.g. for the forward just launched)."""
     t = torch.tensor(values, dtype=dtype)
     return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
+
+
+def to_device_int64(
+    parts: Sequence[Sequence[int] | torch.Tensor], device: torch.device
+) -> list[torch.Tensor]:
+    """Several small int64 host lists (or CPU tensors) on `device` in one copy, as `to_device`
+    makes it: packed into one host tensor, uploaded once, returned as views of it in order. Each
+    view starts 16 bytes aligned (Triton specializes a kernel on its pointers' alignment)."""
+    flat: list[int] = []
+    starts: list[int] = []
+    for p in parts:
+        starts.append(len(flat))
+        flat += [0] * len(p) if isinstance(p, torch.Tensor) else p  # a tensor's values come below
+        flat += [0] * (len(p) & 1)
+    host = torch.tensor(flat, dtype=torch.int64)
+    for p, start in zip(parts, starts):
+        if isinstance(p, torch.Tensor):
+            host[start : start + len(p)] = p
+    dev = host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host.to(device)
+    return [dev[start : start + len(p)] for p, start in zip(parts, starts)]

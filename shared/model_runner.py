@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from shared.attention import create_backend, resolve_backend_name
-from shared.batch import ForwardBatch, ForwardMode, to_device
+from shared.batch import ForwardBatch, ForwardMode, to_device, to_device_int64
 from shared.config import EngineConfig
 from shared.cuda_graph import CudaGraphRunner, capture_batch_sizes
 from shared.distributed import dp_attention, parallel_state
@@ -404,24 +404,28 @@ class ModelRunner:
             positions += range(it.start, it.start + it.extend_len)
             if it.sample and not (embeds and it.req.pooling is not None):
                 logits_rows.append(len(ids) - 1)
-        rows = [it.req.row for it in batch.items]
+        rows = [row for it in batch.items if (row := it.req.row) is not None]
         seq_lens = [it.start + it.extend_len for it in batch.items]
         prefix_lens = [it.start for it in batch.items]
         ext_lens = [it.extend_len for it in batch.items]
-        assert all(r is not None for r in rows)
-        dev = self.device
-        as_tensor = lambda xs: torch.tensor(xs, dtype=torch.int64, device=dev)
+        assert len(rows) == len(batch.items), "a scheduled request without a row"
+        slots = torch.cat([it.slots for it in batch.items])
+        # One pinned, non-blocking copy: a pageable one per field would each wait for the GPU to
+        # drain, so the host would stop for the step still running before launching this one.
+        on_device = to_device_int64(
+            [ids, positions, slots, rows, seq_lens, prefix_lens, ext_lens, logits_rows], self.device
+        )
         return ForwardBatch(
             mode=ForwardMode.DECODE if batch.is_decode else ForwardMode.EXTEND,
-            input_ids=as_tensor(ids),
-            positions=as_tensor(positions),
-            out_cache_loc=torch.cat([it.slots for it in batch.items]).to(dev),
-            req_pool_indices=as_tensor(rows),
-            seq_lens=as_tensor(seq_lens),
-            extend_prefix_lens=as_tensor(prefix_lens),
-            extend_seq_lens=as_tensor(ext_lens),
-            logits_indices=as_tensor(logits_rows),
-            req_pool_indices_cpu=rows,  # type: ignore[arg-type]
+            input_ids=on_device[0],
+            positions=on_device[1],
+            out_cache_loc=on_device[2],
+            req_pool_indices=on_device[3],
+            seq_lens=on_device[4],
+            extend_prefix_lens=on_device[5],
+            extend_seq_lens=on_device[6],
+            logits_indices=on_device[7],
+            req_pool_indices_cpu=rows,
             seq_lens_cpu=seq_lens,
             extend_prefix_lens_cpu=prefix_lens,
             extend_seq_lens_cpu=ext_lens,
