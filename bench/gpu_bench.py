@@ -316,6 +316,7 @@ class PhaseTimer:
 
     def __init__(self, core: EngineCore) -> None:
         self.totals: dict[str, float] = {"schedule": 0.0, "forward": 0.0, "sample": 0.0, "process": 0.0}
+        self.calls: dict[str, int] = dict.fromkeys(self.totals, 0)
         self.enabled = False
         self._wrap(core.scheduler, "schedule", "schedule")
         self._wrap(core.runner, "forward", "forward")
@@ -333,11 +334,13 @@ class PhaseTimer:
                 return inner(*a, **k)
             finally:
                 self.totals[key] += time.perf_counter() - t0
+                self.calls[key] += 1
 
         setattr(obj, attr, timed)
 
     def reset(self) -> None:
         self.totals = dict.fromkeys(self.totals, 0.0)
+        self.calls = dict.fromkeys(self.totals, 0)
 
 
 # Output budget beyond the timed steps: requests that started decoding during the others'
@@ -556,12 +559,19 @@ def timed_runs(
         decode[str(b)] = run
         print(f"tandem batch {b}: {run['tok_s']:.1f} tok/s decode", flush=True)
     tandem_prefill(core, prompts_for(args.prefill_batch, args.context, args.vocab, 6))  # warm up
+    phases.reset()
+    phases.enabled = True
     seconds = tandem_prefill(core, prompts_for(args.prefill_batch, args.context, args.vocab, 7))
+    phases.enabled = False
     prefill = {
         "batch": args.prefill_batch,
         "tokens": args.prefill_batch * args.context,
         "seconds": seconds,
         "tok_s": args.prefill_batch * args.context / seconds,
+        # The host's time building and launching the prompt steps' forwards (eager: one launch a
+        # kernel) against the whole: near 1, the prompts wait on the host rather than the GPU.
+        "host_ms": {k: 1e3 * v for k, v in phases.totals.items()},
+        "forwards": phases.calls["forward"],
     }
     mixed = {c: tandem_mixed(core, args, int(c)) for c in args.mixed_chunks.split(",")} if args.mixed else {}
     return {"decode": decode, "prefill": prefill} | ({"mixed": mixed} if mixed else {})
@@ -956,6 +966,11 @@ def main() -> None:
         phases = ", ".join(f"{k} {v:.2f}" for k, v in run["host_ms_per_step"].items())
         print(f"tandem batch {b}: step {run['step_ms']:.2f} ms (host: {phases} ms), "
               f"graph replay {run.get('graph_ms', float('nan')):.2f} ms")  # fmt: skip
+    pf = result["tandem"]["prefill"]
+    if "host_ms" in pf:
+        wall, host = 1e3 * pf["seconds"], pf["host_ms"]["forward"]
+        print(f"tandem prefill {pf['batch']}x{args.context}: {wall:.2f} ms, {pf['forwards']} forward(s) "
+              f"built and launched by the host in {host:.2f} ms ({host / wall:.2f} of the time)")  # fmt: skip
     for m in result["tandem"].get("mixed", {}).values():
         print(mixed_line(m, costs, result["roofline"]["matmul_flops"]))
     profiled = result.get("tandem_profile", {})
