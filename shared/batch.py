@@ -71,8 +71,7 @@ def to_device(
     """A small host list as a tensor on `device`. On CUDA it goes through pinned memory with a
     non-blocking copy, which queues behind the work already launched; a pageable copy would wait
     for the GPU to drain first (e.g. for the forward just launched)."""
-    t = torch.tensor(values, dtype=dtype)
-    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
+    return _upload(torch.tensor(values, dtype=dtype), device)
 
 
 def to_device_int64(
@@ -91,5 +90,9 @@ def to_device_int64(
     for p, start in zip(parts, starts):
         if isinstance(p, torch.Tensor):
             host[start : start + len(p)] = p
-    dev = host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host.to(device)
+    dev = _upload(host, device)
     return [dev[start : start + len(p)] for p, start in zip(parts, starts)]
+
+
+def _upload(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host.to(device)
