@@ -180,7 +180,8 @@ class SamplingFields(_TextRequest):
     top_p: float | None = Field(None, gt=0, le=1)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    # Any int64, as vLLM takes it; a negative one is folded into the engine's [0, 2**63) below.
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
     # SGLang-style extras.
     top_k: int | None = Field(None, ge=-1, le=INT32_MAX)
     min_p: float | None = Field(None, ge=0, le=1)
@@ -207,6 +208,11 @@ class SamplingFields(_TextRequest):
                 raise ValueError("stop strings must be non-empty")
             return value
         raise ValueError("must be a string or a list of strings")
+
+    @field_validator("seed")
+    @classmethod
+    def _fold_seed(cls, value: int | None) -> int | None:
+        return None if value is None else value % 2**63
 
     @property
     def stop_list(self) -> list[str]:
@@ -570,6 +576,8 @@ class ChatCompletionRequest(_SamplingRequest):
         # As /v1/responses answers them: one tier and one verbosity here.
         "service_tier": lambda v: v in ("auto", "default"),
         "verbosity": lambda v: v == "medium",
+        # Nothing is stored: a stored chat completion could not be read back (no GET of them).
+        "store": lambda v: v is False,
         **_PEER_UNSUPPORTED,
         # vLLM's and SGLang's chat options, likewise.
         "best_of": lambda v: v == 1,

@@ -84,7 +84,11 @@ def _assert_still_works(http: httpx.Client) -> None:
         ("/v1/completions", {"best_of": 3}, "best_of"),
         ("/v1/chat/completions", {"service_tier": "flex"}, "service_tier"),
         ("/v1/chat/completions", {"verbosity": "low"}, "verbosity"),
-        ("/v1/completions", {"seed": -1}, "seed"),
+        ("/v1/completions", {"seed": 2**63}, "seed"),  # past int64
+        ("/v1/completions", {"seed": -(2**63) - 1}, "seed"),
+        ("/v1/chat/completions", {"store": True}, "store"),  # nothing is stored to read back
+        ("/v1/chat/completions", {"modalities": ["text", "audio"]}, "modalities"),
+        ("/v1/chat/completions", {"web_search_options": {}}, "web_search_options"),
         ("/v1/completions", {"stop_token_ids": [100_000]}, "stop_token_ids"),  # the router's 400
         ("/v1/completions", {"prompt": "", "add_special_tokens": False}, "prompt"),  # no tokens at all
         ("/v1/completions", {"prompt": ["The cat", ""], "add_special_tokens": False}, "prompt[1]"),
@@ -165,6 +169,10 @@ def test_unknown_fields_are_ignored_and_defaults_accepted(http: httpx.Client) ->
         "some_future_field": 1,
         "service_tier": "auto",
         "verbosity": "medium",
+        "store": False,
+        "metadata": {"a": "b"},
+        "prompt_cache_key": "k",
+        "safety_identifier": "k",
         "tools": [],
         "tool_choice": "none",
         "response_format": {"type": "text"},

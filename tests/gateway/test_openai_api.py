@@ -31,6 +31,16 @@ def test_models_list_and_retrieve(client: openai.OpenAI) -> None:
     assert client.models.retrieve(MODEL_ID).id == MODEL_ID
 
 
+@pytest.mark.parametrize(("seed", "sent"), [(-1, 2**63 - 1), (-(2**63), 0), (2**63 - 1, 2**63 - 1), (0, 0)])
+def test_any_int64_seed_reaches_the_router_in_the_engines_range(
+    client: openai.OpenAI, stub: StubRouter, seed: int, sent: int
+) -> None:
+    # vLLM takes any int64; the engine's seeds are [0, 2**63): a negative one is folded in.
+    client.completions.create(model=MODEL_ID, prompt="x", max_tokens=2, seed=seed)
+    (request,) = stub.service.requests
+    assert request.sampling_params.seed == sent
+
+
 def test_chat_request_sent_to_router(client: openai.OpenAI, stub: StubRouter, hf_tokenizer) -> None:
     client.chat.completions.create(model=MODEL_ID, messages=MESSAGES, temperature=0.5, top_p=0.9, seed=7)
     (request,) = stub.service.requests

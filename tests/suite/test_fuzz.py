@@ -109,7 +109,7 @@ def _bad_sampling_fields(chat: bool) -> dict[str, list[Any]]:
         "top_p": [0, -1, 1.1, *_NOT_NUMBERS],
         "presence_penalty": [-2.1, 2.1, *_NOT_NUMBERS],
         "frequency_penalty": [-2.1, 2.1, *_NOT_NUMBERS],
-        "seed": [-1, 2**63, 2**70, *_NOT_INTS],
+        "seed": [-(2**63) - 1, 2**63, 2**70, *_NOT_INTS],
         "user": _NOT_STRINGS,
         "top_k": [-2, 2**31, *_NOT_INTS],
         "min_p": [-0.1, 1.1, *_NOT_NUMBERS],
