@@ -29,6 +29,7 @@ from services.common.auth import (
     secrets_from_args,
 )
 from services.common.decoding import add_servicer
+from services.common.listen import EXCLUSIVE_PORT, listen
 from services.common.metrics import serve_metrics
 from services.common.model_dir import TOKENIZER_FILES, ModelError, resolve_model
 from services.common.multiplex import drain_sessions
@@ -100,7 +101,7 @@ async def serve() -> None:
     )
     health_servicer = health.aio.HealthServicer()
     server = grpc.aio.server(
-        options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)],
+        options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES), EXCLUSIVE_PORT],
         interceptors=secret_interceptors(api_keys, "an API key"),
     )
     limits = PromptLimits(args.max_prompt_chars, args.max_prompt_tokens)
@@ -112,14 +113,16 @@ async def serve() -> None:
     )
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     add_reflection(server, [_SERVICES["RouterService"]])
-    port = server.add_insecure_port(f"{args.host}:{args.port}")
-    admin = grpc.aio.server(interceptors=secret_interceptors(cluster_token, "the cluster token"))
+    port = listen(server, f"{args.host}:{args.port}", "python -m services.router")
+    admin = grpc.aio.server(
+        options=[EXCLUSIVE_PORT], interceptors=secret_interceptors(cluster_token, "the cluster token")
+    )
     add_servicer(
         admin, router_pb2_grpc.add_RouterAdminServiceServicer_to_server, RouterAdminServicer(registry)
     )
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, admin)
     add_reflection(admin, [_SERVICES["RouterAdminService"]])
-    admin_port = admin.add_insecure_port(f"{args.admin_host}:{args.admin_port}")
+    admin_port = listen(admin, f"{args.admin_host}:{args.admin_port}", "python -m services.router")
     await server.start()
     await admin.start()
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)

@@ -27,6 +27,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import Gauge
 
+from services.common.listen import EXCLUSIVE_PORT, listen
 from services.common.metrics import new_registry, serve_metrics
 from shared.config import EngineConfig
 from shared.distributed.launch import start_node_ranks
@@ -53,10 +54,10 @@ async def host_ranks(config: EngineConfig, host: str, port: int, metrics_port: i
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    server = grpc.aio.server()
+    server = grpc.aio.server(options=[EXCLUSIVE_PORT])
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    port = server.add_insecure_port(f"{host}:{port}")
+    port = listen(server, f"{host}:{port}", "python -m services.worker")
     await server.start()
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     print(

@@ -39,6 +39,7 @@ from services.common.convert import (
     prompt_from_proto,
 )
 from services.common.errors import ServiceError, grpc_errors
+from services.common.listen import EXCLUSIVE_PORT, listen
 from services.common.metrics import serve_metrics
 from services.common.multiplex import GenerateServicer, Metadata, drain_sessions
 from services.common.parent import die_with_launcher
@@ -62,6 +63,7 @@ ROLES = {
     "prefill": common_pb2.WORKER_ROLE_PREFILL,
     "decode": common_pb2.WORKER_ROLE_DECODE,
 }
+SERVICE_MODULES = {"unified": "worker", "prefill": "prefill", "decode": "decode"}  # python -m services.X
 TRANSPORTS = {"nixl": worker_pb2.KV_TRANSPORT_NIXL, "grpc": worker_pb2.KV_TRANSPORT_GRPC}
 
 
@@ -202,7 +204,7 @@ async def serve(
 
     metrics = WorkerMetrics(role, model, engine_stats)
     server = grpc.aio.server(
-        options=[("grpc.max_receive_message_length", 64 << 20)],
+        options=[("grpc.max_receive_message_length", 64 << 20), EXCLUSIVE_PORT],
         interceptors=secret_interceptors(cluster_token, "the cluster token"),
     )
     worker_pb2_grpc.add_WorkerServiceServicer_to_server(WorkerServicer(engine, role, model, metrics), server)
@@ -212,7 +214,7 @@ async def serve(
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     add_reflection(server, services)
-    port = server.add_insecure_port(f"{args.host}:{args.port}")
+    port = listen(server, f"{args.host}:{args.port}", f"python -m services.{SERVICE_MODULES[role]}")
     await server.start()
     address = args.advertise_address or f"{args.host}:{port}"
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
