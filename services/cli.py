@@ -95,6 +95,24 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# `tandem up`'s flags whose value is other flags: a value of one flag alone ("--worker-args
+# --disable-radix-cache") would read as a flag to argparse, so it is attached with "=".
+_FLAG_VALUED = ("--worker-args", "--router-args", "--gateway-args")
+
+
+def _attach_flag_values(argv: list[str]) -> list[str]:
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        if argv[i] in _FLAG_VALUED and i + 1 < len(argv):
+            out.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tandem", description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--version", action="version", version=f"tandem {tandem_version()}")
@@ -112,7 +130,11 @@ def main(argv: list[str] | None = None) -> int:
     engine = demo.add_argument_group("engine", "options of the engine (shared/config.py:EngineConfig)")
     config_cli.add_arguments(engine, EngineConfig, "unified")
     demo.set_defaults(func=_demo)
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(_attach_flag_values(sys.argv[1:] if argv is None else argv))
+    if unknown:
+        where = up_parser if args.command == "up" else demo
+        hint = " (a service's own flags go in --worker-args, --router-args or --gateway-args)"
+        where.error(f"unrecognized arguments: {' '.join(unknown)}" + (hint if args.command == "up" else ""))
     logging.basicConfig(level=logging.WARNING)
     return int(args.func(args))
 

@@ -16,8 +16,9 @@ fresh random cluster token (TANDEM_CLUSTER_TOKEN, router and workers only; it is
 ready-file for tools and tests), and `--api-key` (or a TANDEM_API_KEY already set) becomes the
 gateway's and the router's public API key (TANDEM_API_KEY). Without one, clients need no key.
 
-Started in that order, each waited for (router health, workers registered, gateway /health),
-then the endpoints are printed (and written as JSON to --ready-file, with a `metrics` map:
+Started in that order, each waited for (router health, workers registered, each gateway's "listening"
+line and /health), then the endpoints are printed (and written as JSON to --ready-file, by
+default ready.json in the log directory, with a `metrics` map:
 process name -> its Prometheus URL). Each process gets its own OTEL_SERVICE_NAME (tandem-router,
 tandem-prefill, ...); traces are exported when the environment sets OTEL_EXPORTER_OTLP_ENDPOINT.
 Ctrl-C or SIGTERM stops them all (SIGTERM, then SIGKILL after a grace period). A process that
@@ -59,7 +60,7 @@ from typing import Any
 
 import grpc
 
-from services.common.argtypes import positive_int
+from services.common.argtypes import non_negative_int, port_number, positive_float, positive_int
 from services.common.auth import API_KEY_ENV, CLUSTER_TOKEN_ENV, bearer
 from services.common.model_dir import Model, ModelError, resolve_model
 from services.common.parent import PARENT_ENV
@@ -166,6 +167,7 @@ def _bind_error(host: str, port: int, reuse_addr: bool = False) -> str | None:
 
 
 _METRICS_LINE = re.compile(rb"metrics on (http://\S+/metrics)")
+_GATEWAY_LISTENS = b"tandem gateway listening on "  # services/gateway/__main__.py
 
 
 def _metrics_url(child: Child) -> str:
@@ -183,7 +185,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         " downloaded (default: a tiny local model, built once)",
     )
     p.add_argument("--host", default="127.0.0.1", help="where the gateway listens (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="gateway HTTP port (default 8000)")
+    p.add_argument("--port", type=port_number, default=8000, help="gateway HTTP port (default 8000)")
     p.add_argument(
         "--gateways",
         type=positive_int,
@@ -193,12 +195,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         " TTFT goes'). Each keeps its own /v1/responses store: a previous_response_id can miss on"
         " another process (default 1)",
     )
-    p.add_argument("--prefill", type=int, default=1, help="prefill workers (default 1)")
-    p.add_argument("--decode", type=int, default=1, help="decode workers (default 1)")
-    p.add_argument("--unified", type=int, default=0, help="unified workers (default 0; 1 when no PD pair)")
-    p.add_argument("--router-port", type=int, help="router public gRPC port (default: a free port)")
-    p.add_argument("--admin-port", type=int, help="router admin gRPC port (default: a free port)")
-    p.add_argument("--admin-http-port", type=int, help="router admin HTTP port (default: a free port)")
+    p.add_argument("--prefill", type=non_negative_int, default=1, help="prefill workers (default 1)")
+    p.add_argument("--decode", type=non_negative_int, default=1, help="decode workers (default 1)")
+    p.add_argument(
+        "--unified", type=non_negative_int, default=0, help="unified workers (default 0; 1 when no PD pair)"
+    )
+    p.add_argument("--router-port", type=port_number, help="router public gRPC port (default: a free port)")
+    p.add_argument("--admin-port", type=port_number, help="router admin gRPC port (default: a free port)")
+    p.add_argument(
+        "--admin-http-port", type=port_number, help="router admin HTTP port (default: a free port)"
+    )
     p.add_argument(
         "--api-key",
         help=f"clients of the gateway and the router must send this key (default: ${API_KEY_ENV}, or none)",
@@ -222,8 +228,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--log-dir", help="one log file per service (default: a fresh directory under $TANDEM_HOME)"
     )
-    p.add_argument("--ready-file", help="write the endpoints here as JSON once everything is up")
-    p.add_argument("--startup-timeout", type=float, default=300.0)
+    p.add_argument(
+        "--ready-file",
+        help="write the endpoints (with the cluster token the router's admin API wants) here as JSON once"
+        " everything is up, readable by this user only, removed on exit (default: ready.json in the"
+        " log directory)",
+    )
+    p.add_argument(
+        "--startup-timeout",
+        type=positive_float,
+        default=300.0,
+        help="seconds each stage (the router, the workers' model loads, the gateways) may take to come up"
+        " (default 300)",
+    )
     p.add_argument(
         "--router-args",
         default="",
@@ -291,10 +308,10 @@ def kv_transport_of(kv_transport: str | None, worker_flags: list[str]) -> str:
 def up(args: argparse.Namespace) -> int:
     from services.cli import default_model_path, tandem_home
 
-    if min(args.prefill, args.decode, args.unified) < 0:
-        raise SystemExit("worker counts must be >= 0")
     if (args.prefill > 0) != (args.decode > 0):
-        raise SystemExit("PD needs both --prefill and --decode workers (or neither, for unified workers)")
+        raise SystemExit(
+            "tandem up: error: PD needs both --prefill and --decode workers (or neither, for unified workers)"
+        )
     unified = args.unified or (0 if args.prefill else 1)
     try:
         sm_percent = parse_sm_percent(args.mps_sm_percent)
@@ -318,8 +335,12 @@ def up(args: argparse.Namespace) -> int:
         path = default_model_path()
         resolved = Model(path, path.name)
     model, model_flags = str(resolved.path), ["--served-model-name", resolved.name]
-    log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="logs-", dir=tandem_home()))
-    log_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="logs-", dir=tandem_home()))
+        log_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"tandem up: error: cannot make the log directory: {e}") from None
+    ready_file = Path(args.ready_file) if args.ready_file else log_dir / "ready.json"
     router_port = args.router_port or free_port()
     admin_grpc_port = args.admin_port or free_port()
     admin_port = args.admin_http_port or free_port()
@@ -335,6 +356,9 @@ def up(args: argparse.Namespace) -> int:
     def stop(signum: int = 0, frame: Any = None) -> None:
         nonlocal stopping
         stopping = True
+
+    def stopped() -> bool:
+        return stopping
 
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
@@ -399,7 +423,7 @@ def up(args: argparse.Namespace) -> int:
             cluster_env | api_env,
         )
         workers_up = functools.partial(_router_workers, router_admin, cluster_token)
-        _wait(lambda: workers_up() is not None, children, args.startup_timeout, "the router")
+        _wait(lambda: workers_up() is not None, children, args.startup_timeout, "the router", stopped)
         roles = [("prefill", args.prefill), ("decode", args.decode), ("worker", unified)]
         grpc_kv = args.prefill > 0 and kv_transport_of(args.kv_transport, extra) == "grpc"
         malloc = {"GLIBC_TUNABLES": GRPC_KV_MALLOC} if grpc_kv and "GLIBC_TUNABLES" not in os.environ else {}
@@ -414,7 +438,7 @@ def up(args: argparse.Namespace) -> int:
                     own |= malloc
                 start(f"{module}-{i}", cmd, f"tandem-{module}", cluster_env, own)
         expected = args.prefill + args.decode + unified
-        _wait(lambda: (workers_up() or 0) >= expected, children, args.startup_timeout, "the workers")
+        _wait(lambda: (workers_up() or 0) >= expected, children, args.startup_timeout, "the workers", stopped)
         gateway_url = f"http://{args.host}:{args.port}"
         shared_port = ["--reuse-port", "--metrics-port", "0"] if args.gateways > 1 else []
         gateways = [
@@ -439,14 +463,21 @@ def up(args: argparse.Namespace) -> int:
             )
             for i in range(args.gateways)
         ]
-        # One gateway: its /health. Several: each prints its metrics URL once it serves.
-        _wait(lambda: _http_ok(f"{gateway_url}/health"), children, args.startup_timeout, "the gateway")
+
+        # Each gateway says when it listens: a /health answer alone could come from another
+        # process on the port (another suite's gateway, bound first: ours then fails to bind).
+        def gateways_listen() -> bool:
+            listening = all(_GATEWAY_LISTENS in g.run_output() for g in gateways)
+            return listening and _http_ok(f"{gateway_url}/health")
+
+        _wait(gateways_listen, children, args.startup_timeout, "the gateway", stopped)
         services = children[: -args.gateways] + (gateways if args.gateways > 1 else [])
         _wait(
             lambda: all(_metrics_url(c) for c in services),
             children,
             args.startup_timeout,
             "the metrics endpoints",
+            stopped,
         )
         metrics = {c.name: _metrics_url(c) for c in services}
         if args.gateways == 1:
@@ -463,7 +494,6 @@ def up(args: argparse.Namespace) -> int:
             "pids": pids,
             "metrics": metrics,
         }
-        token_where = f"in {args.ready_file}" if args.ready_file else "pass --ready-file to get it"
         print(
             f"\nTandem is up ({args.prefill} prefill + {args.decode} decode + {unified} unified workers"
             + (f", {args.gateways} gateways" if args.gateways > 1 else "")
@@ -471,14 +501,13 @@ def up(args: argparse.Namespace) -> int:
             f"  OpenAI API     {endpoints['openai']}\n"
             f"  router gRPC    {router}  (proto/tandem/router/v1/router.proto)\n"
             f"  router admin   {endpoints['router_admin']}  (gRPC {router_admin};"
-            f" both want 'Authorization: Bearer <cluster_token>', {token_where})\n"
+            f" both want 'Authorization: Bearer <cluster_token>', in {ready_file})\n"
             f"  model id       {endpoints['model']}\n"
             + "".join(f"  metrics        {url}  ({name})\n" for name, url in metrics.items())
             + "Ctrl-C stops everything.",
             flush=True,
         )
-        if args.ready_file:
-            _write_private(Path(args.ready_file), json.dumps(endpoints))
+        _write_private(ready_file, json.dumps(endpoints))
         restarts: list[tuple[float, Child]] = []  # (when, child): exited, to be started again
         awaited: set[str] = set()  # restarted services whose new metrics URL is not read yet
         while not stopping:
@@ -514,10 +543,12 @@ def up(args: argparse.Namespace) -> int:
                     metrics[child.name] = url  # endpoints["metrics"] is this dict
                     awaited.discard(child.name)
                     changed = True
-            if changed and args.ready_file:
-                _write_private(Path(args.ready_file), json.dumps(endpoints))
+            if changed:
+                _write_private(ready_file, json.dumps(endpoints))
             time.sleep(0.2)
         print("\ntandem up: stopping every service", flush=True)
+        return 0
+    except _Stopped:
         return 0
     except (_StartupFailed, MpsError) as e:
         print(f"tandem up failed: {e}", file=sys.stderr)
@@ -527,9 +558,9 @@ def up(args: argparse.Namespace) -> int:
         mps.close()
         if stopping:
             print("tandem up: stopped", flush=True)
-        if args.ready_file:  # its pids and addresses are gone: a tool watching it must not wait on them
-            with contextlib.suppress(FileNotFoundError):
-                Path(args.ready_file).unlink()
+        # Its pids and addresses are gone: a tool watching it must not wait on them.
+        with contextlib.suppress(FileNotFoundError):
+            ready_file.unlink()
 
 
 def _still_serves(names: list[str]) -> bool:
@@ -557,9 +588,18 @@ class _StartupFailed(Exception):
     pass
 
 
-def _wait(ready: Any, children: list[Child], timeout: float, what: str) -> None:
+class _Stopped(Exception):
+    """SIGINT or SIGTERM while the suite was starting."""
+
+
+def _wait(ready: Any, children: list[Child], timeout: float, what: str, stopped: Any) -> None:
+    """Until `ready()`; raises `_Stopped` once `stopped()` (checked first: a Ctrl-C in a terminal
+    reaches the children too, whose exits are then no failure to report), `_StartupFailed` when
+    a child exits or `timeout` passes."""
     deadline = time.monotonic() + timeout
     while not ready():
+        if stopped():
+            raise _Stopped
         for child in children:
             if child.process.poll() is not None:
                 _report_death(child)

@@ -173,7 +173,10 @@ def die_with_parent() -> None:
 
 def run_engine(config: EngineConfig, to_engine: str, from_engine: str, with_parent: bool = False) -> None:
     """Process entry point: build the core, announce `Ready` (or a `Rejected` load error), serve.
-    `with_parent`: die with the starting process (`die_with_parent`)."""
+    `with_parent`: die with the starting process (`die_with_parent`). SIGINT is ignored: a
+    Ctrl-C in a terminal reaches the whole process group, and the engine stops when its client
+    (which takes the Ctrl-C) tells it or dies, not in the middle of a step with a traceback."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     if with_parent:
         die_with_parent()
     ctx = zmq.Context()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from services import launcher
+from services import cli, launcher
 from services.launcher import free_port, kv_transport_of
 from services.version import tandem_version
 from shared.transfer import nixl_available
@@ -59,7 +59,8 @@ def offline(tmp_path: Path) -> dict[str, str]:
 
 def test_tandem_up_with_an_uncached_hub_id_offline_says_what_to_do(tmp_path: Path) -> None:
     out = _run(
-        *("services.cli", "up", "--model", "Some/Id", "--port", "0", "--log-dir", str(tmp_path / "logs")),
+        *("services.cli", "up", "--model", "Some/Id", "--port", str(free_port())),
+        *("--log-dir", str(tmp_path / "logs")),
         env=offline(tmp_path),
     )
     assert out.returncode != 0
@@ -72,7 +73,8 @@ def test_tandem_up_with_an_uncached_hub_id_offline_says_what_to_do(tmp_path: Pat
 
 
 def test_tandem_up_with_a_wrong_path_says_it_is_not_a_model_directory(tmp_path: Path) -> None:
-    out = _run("services.cli", "up", "--model", "./nope", "--port", "0", "--log-dir", str(tmp_path / "logs"))
+    logs = str(tmp_path / "logs")
+    out = _run("services.cli", "up", "--model", "./nope", "--port", str(free_port()), "--log-dir", logs)
     assert out.returncode != 0
     assert "tandem up: error: not a model directory: ./nope (no such directory" in out.stderr
     assert "Traceback" not in out.stderr + out.stdout
@@ -211,3 +213,48 @@ def test_the_suite_serves_while_a_router_a_gateway_and_a_way_to_run_prompts_live
     assert not still(["router", "decode-0", "decode-1", "gateway"])
     assert not still(["prefill-0", "decode-0", "gateway"])  # no router
     assert not still(["router", "worker-0"])  # no gateway
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (("--port", "70000"), "argument --port: must be a port number (1 to 65535), got 70000"),
+        (("--port", "0"), "argument --port: must be a port number (1 to 65535), got 0"),
+        (("--router-port", "-5"), "argument --router-port: must be a port number (1 to 65535), got -5"),
+        (("--prefill", "-1"), "argument --prefill: must be 0 or a positive integer, got -1"),
+        (("--startup-timeout", "0"), "argument --startup-timeout: must be a positive number, got 0"),
+        (
+            ("--quantization", "fp8"),
+            "tandem up: error: unrecognized arguments: --quantization fp8 (a service's own flags go in"
+            " --worker-args, --router-args or --gateway-args)",
+        ),
+    ],
+)
+def test_up_refuses_a_bad_flag_in_argparse_s_words(argv: tuple[str, ...], message: str) -> None:
+    out = _run("services.cli", "up", *argv)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert message in out.stderr and "usage: tandem up" in out.stderr
+
+
+def test_up_s_flags_for_the_services_take_a_lone_flag() -> None:
+    # argparse reads "--worker-args --disable-radix-cache" as a flag without its value.
+    argv = ("--worker-args", "--disable-radix-cache", "--router-args", "-v", "--port", "0")
+    out = _run("services.cli", "up", *argv)
+    assert "expected one argument" not in out.stderr and "argument --port" in out.stderr
+    given = ["up", "--worker-args", "--x", "--gateway-args", "--y 1", "--port", "5"]
+    attached = cli._attach_flag_values(given)
+    assert attached == ["up", "--worker-args=--x", "--gateway-args=--y 1", "--port", "5"]
+
+
+def test_up_with_a_log_dir_it_cannot_make_says_so(tiny_llama: Path) -> None:
+    out = _run("services.cli", "up", "--model", str(tiny_llama), "--log-dir", "/proc/no/such/dir")
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    assert "tandem up: error: cannot make the log directory" in out.stderr
+
+
+def test_up_needs_both_halves_of_a_pd_pair() -> None:
+    out = _run("services.cli", "up", "--prefill", "2", "--decode", "0")
+    assert out.returncode == 1
+    assert out.stderr.strip() == (
+        "tandem up: error: PD needs both --prefill and --decode workers (or neither, for unified workers)"
+    )

@@ -62,8 +62,9 @@ def test_a_failing_daemon_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.M
 
 def test_tandem_up_without_the_nvidia_utilities_fails_at_once(tiny_llama: Path, tmp_path: Path) -> None:
     env = {**os.environ, "PATH": str(Path(sys.executable).parent), "TANDEM_HOME": str(tmp_path)}
+    port = str(free_port())
     proc = subprocess.run(
-        [sys.executable, "-m", "services.cli", "up", "--model", str(tiny_llama), "--mps", "--port", "0"],
+        [sys.executable, "-m", "services.cli", "up", "--model", str(tiny_llama), "--mps", "--port", port],
         capture_output=True,
         text=True,
         timeout=60,
@@ -144,8 +145,9 @@ def test_tandem_up_gives_each_role_its_sm_share(tiny_llama: Path, tmp_path: Path
 def test_tandem_up_refuses_a_bad_sm_share_before_starting_anything(
     tiny_llama: Path, tmp_path: Path, flags: list[str], why: str
 ) -> None:
+    port = str(free_port())
     proc = subprocess.run(
-        [sys.executable, "-m", "services.cli", "up", "--model", str(tiny_llama), "--port", "0", *flags],
+        [sys.executable, "-m", "services.cli", "up", "--model", str(tiny_llama), "--port", port, *flags],
         capture_output=True,
         text=True,
         timeout=60,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import socket
 import sys
 
 import uvicorn
@@ -11,6 +12,16 @@ import uvicorn
 from services.common.model_dir import TOKENIZER_FILES, ModelError, resolve_model
 from services.common.parent import die_with_launcher
 from services.gateway.args import parse_args
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, saying once it listens (services/launcher.py waits for the line: an
+    answer on the port alone could be another process's)."""
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started:
+            print(f"tandem gateway listening on {self.config.host}:{self.config.port}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    server = uvicorn.Server(uvicorn_config(create_app(config), config))
+    server = _Server(uvicorn_config(create_app(config), config))
     try:
         sockets = [shared_socket(config.host, config.port)] if config.reuse_port else None
     except OSError as e:  # e.g. the port is held by a process that does not share it

@@ -3,10 +3,13 @@ a decode worker and the gateway as processes; SIGTERM stops them all."""
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import signal
 import subprocess
+import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,9 +20,10 @@ import httpx
 import openai
 import pytest
 
+from services.launcher import free_port
 from services.protos.tandem.router.v1 import router_pb2, router_pb2_grpc
 from tests.engine.hf_reference import hf_greedy
-from tests.suite.cluster import admin_auth, engine_pid, running, tandem_up
+from tests.suite.cluster import ENGINE_FLAGS, admin_auth, engine_pid, running, tandem_up
 
 pytestmark = pytest.mark.xdist_group("suite_up")
 
@@ -276,3 +280,143 @@ def test_a_service_that_exits_is_started_again(tiny_llama: Path, tmp_path: Path)
     assert "worker-0 exited with code 1" in output and "the engine is gone" in output
     assert "starting worker-0 again in 1 s" in output and "worker-0 started again" in output
     assert "router exited with code -9" in output and "router started again" in output
+
+
+def _launch(model: Path, tmp: Path, port: int, new_session: bool = False) -> subprocess.Popen[bytes]:
+    """A unified `tandem up` on `port`, output piped, not waited for (`new_session`: in a
+    process group of its own, as a terminal's job)."""
+    return subprocess.Popen(
+        [
+            *(
+                sys.executable,
+                "-m",
+                "services.cli",
+                "up",
+                "--model",
+                str(model),
+                "--prefill",
+                "0",
+                "--decode",
+                "0",
+            ),
+            *("--port", str(port), "--log-dir", str(tmp / "logs"), "--worker-args", " ".join(ENGINE_FLAGS)),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "TANDEM_HOME": str(tmp)},
+        start_new_session=new_session,
+    )
+
+
+def _children(pid: int) -> set[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return {int(p) for p in f.read().split()}
+
+
+def test_sigterm_during_start_up_stops_at_once(tiny_llama: Path, tmp_path: Path) -> None:
+    """The launcher acts on SIGTERM while it waits for the services to come up (it went on
+    starting them, said "Tandem is up", and only then stopped)."""
+    proc = _launch(tiny_llama, tmp_path, free_port())
+    assert proc.stdout is not None
+    try:
+        while not (line := proc.stdout.readline().decode()).startswith("logs:"):
+            assert line, "tandem up exited before starting anything"
+        deadline = time.monotonic() + 30
+        while not _children(proc.pid):  # the router has started
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        children = _children(proc.pid)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    output = proc.stdout.read().decode()
+    assert "Tandem is up" not in output and output.rstrip().endswith("tandem up: stopped"), output
+    assert "exited during start-up" not in output
+    assert not any(running(pid) for pid in children)
+
+
+def test_an_answer_from_another_process_on_the_port_is_not_our_gateway(
+    tiny_llama: Path, tmp_path: Path
+) -> None:
+    """Another server takes the gateway's port after the launcher's early check (two `tandem up`
+    started at once): its /health answers 200, but ours could not bind. The launcher reports the
+    failure instead of "Tandem is up" over the other's gateway (and restarting ours forever)."""
+    port = free_port()
+
+    class Healthy(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b'{"status":"ok"}')
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    proc = _launch(tiny_llama, tmp_path, port)
+    assert proc.stdout is not None
+    try:
+        while not proc.stdout.readline().decode().startswith("logs:"):  # past the early check
+            assert proc.poll() is None
+        with http.server.HTTPServer(("127.0.0.1", port), Healthy) as other:
+            threading.Thread(target=other.serve_forever, daemon=True).start()
+            status = proc.wait(120)
+            other.shutdown()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    output = proc.stdout.read().decode()
+    assert status == 1, output
+    assert "Tandem is up" not in output and "tandem up failed: gateway exited during start-up" in output
+    assert "address already in use" in output
+
+
+def test_without_a_ready_file_the_endpoints_and_token_are_in_the_log_directory(
+    tiny_llama: Path, tmp_path: Path
+) -> None:
+    """The banner names where the cluster token the router's admin API wants is: the printed
+    admin URL is usable without starting again with --ready-file."""
+    proc = _launch(tiny_llama, tmp_path, free_port())
+    ready = tmp_path / "logs" / "ready.json"
+    try:
+        deadline = time.monotonic() + 120
+        while not ready.exists():
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.2)
+        info = json.loads(ready.read_text())
+        assert ready.stat().st_mode & 0o777 == 0o600
+        workers = httpx.get(info["router_admin"], headers=admin_auth(info), timeout=5).json()["workers"]
+        assert [w["role"] for w in workers] == ["unified"]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    output = proc.stdout.read().decode() if proc.stdout else ""
+    assert f"in {ready})" in output
+    assert not ready.exists()
+
+
+def test_ctrl_c_in_a_terminal_stops_everything_without_a_traceback(tiny_llama: Path, tmp_path: Path) -> None:
+    """A terminal's Ctrl-C is SIGINT to the whole process group: the launcher and every service
+    (the workers' engine processes too) at once."""
+    ready = tmp_path / "logs" / "ready.json"
+    proc = _launch(tiny_llama, tmp_path, free_port(), new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not ready.exists():
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.2)
+        pids = json.loads(ready.read_text())["pids"]
+        engine = engine_pid(pids["worker-0"])
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    output = proc.stdout.read().decode() if proc.stdout else ""
+    assert output.rstrip().endswith("tandem up: stopped") and "exited with code" not in output, output
+    assert not any(running(pid) for pid in [*pids.values(), engine])
+    for log in (tmp_path / "logs").glob("*.log"):
+        assert "Traceback" not in log.read_text(), f"{log.name}:\n{log.read_text()[-3000:]}"
