@@ -326,6 +326,8 @@ def up(args: argparse.Namespace) -> int:
         resolved = resolve_model(args.model) if args.model else None
     except ModelError as e:
         raise SystemExit(f"tandem up: error: {e}") from None
+    if resolved is not None and (problem := _architecture_problem(resolved.path)):
+        raise SystemExit(f"tandem up: error: {resolved.path}: {problem}")
     # Also before: a held port would otherwise show only once every worker had started (and
     # several gateways' SO_REUSEPORT would share it with whatever holds it, same user).
     if problem := _bind_error(args.host, args.port, reuse_addr=True):
@@ -561,6 +563,21 @@ def up(args: argparse.Namespace) -> int:
         # Its pids and addresses are gone: a tool watching it must not wait on them.
         with contextlib.suppress(FileNotFoundError):
             ready_file.unlink()
+
+
+def _architecture_problem(model: Path) -> str | None:
+    """The workers' refusal of the checkpoint's architecture, read here before anything starts
+    (they would say it after the router had started, at the end of a traceback); None when the
+    architecture is served or config.json cannot be read (the workers then say what is wrong)."""
+    from shared.models.registry import architecture_problem
+
+    try:
+        config = json.loads((model / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    architectures = config.get("architectures") if isinstance(config, dict) else None
+    first = architectures[0] if isinstance(architectures, list) and architectures else ""
+    return architecture_problem(first) if isinstance(first, str) else None
 
 
 def _still_serves(names: list[str]) -> bool:

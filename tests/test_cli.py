@@ -4,7 +4,9 @@ do, no traceback."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -258,3 +260,17 @@ def test_up_needs_both_halves_of_a_pd_pair() -> None:
     assert out.stderr.strip() == (
         "tandem up: error: PD needs both --prefill and --decode workers (or neither, for unified workers)"
     )
+
+
+def test_up_refuses_an_architecture_no_worker_serves_before_starting_anything(
+    tiny_llama: Path, tmp_path: Path
+) -> None:
+    model = tmp_path / "bert"
+    shutil.copytree(tiny_llama, model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "architectures": ["BertForMaskedLM"]}))
+    out = _run("services.cli", "up", "--model", str(model), "--log-dir", str(tmp_path / "logs"))
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    assert f"tandem up: error: {model}: model architecture 'BertForMaskedLM' is not supported" in out.stderr
+    assert "LlamaForCausalLM" in out.stderr  # the supported ones are named
+    assert not (tmp_path / "logs").exists()  # nothing started

@@ -43,15 +43,20 @@ def supported_architectures() -> list[str]:
     return sorted(MODEL_REGISTRY)
 
 
+def architecture_problem(arch: str) -> str | None:
+    """Why a checkpoint whose config.json lists `arch` first cannot be served, or None."""
+    if arch in MODEL_REGISTRY:
+        return None
+    supported = ", ".join(supported_architectures())
+    return f"model architecture {arch or '(none)'!r} is not supported; supported: {supported}"
+
+
 def get_model_class(config: ModelConfig, bare_stack: bool = False) -> type[CausalLM]:
     """The class implementing `config.architecture`; an unknown one is a `ValueError`.
     `bare_stack`: the checkpoint's weight names lack the `model.` prefix (an embedding layout)."""
     arch = config.architecture
     if bare_stack and arch in EMBEDDER_OF:
         return EMBEDDER_OF[arch]
-    if arch not in MODEL_REGISTRY:
-        raise ValueError(
-            f"model architecture {arch or '(none)'!r} is not supported; "
-            f"supported: {', '.join(supported_architectures())}"
-        )
+    if problem := architecture_problem(arch):
+        raise ValueError(problem)
     return MODEL_REGISTRY[arch]
