@@ -184,6 +184,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="a local HF model directory or a hub id ORG/NAME[@REVISION], from the Hugging Face cache or"
         " downloaded (default: a tiny local model, built once)",
     )
+    p.add_argument(
+        "--served-model-name",
+        help="the model id clients send (default: the hub id, or the model directory's name)",
+    )
     p.add_argument("--host", default="127.0.0.1", help="where the gateway listens (default 127.0.0.1)")
     p.add_argument("--port", type=port_number, default=8000, help="gateway HTTP port (default 8000)")
     p.add_argument(
@@ -336,6 +340,8 @@ def up(args: argparse.Namespace) -> int:
     if resolved is None:
         path = default_model_path()
         resolved = Model(path, path.name)
+    if args.served_model_name:
+        resolved = Model(resolved.path, args.served_model_name)
     model, model_flags = str(resolved.path), ["--served-model-name", resolved.name]
     try:
         log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="logs-", dir=tandem_home()))

@@ -282,7 +282,9 @@ def test_a_service_that_exits_is_started_again(tiny_llama: Path, tmp_path: Path)
     assert "router exited with code -9" in output and "router started again" in output
 
 
-def _launch(model: Path, tmp: Path, port: int, new_session: bool = False) -> subprocess.Popen[bytes]:
+def _launch(
+    model: Path, tmp: Path, port: int, new_session: bool = False, args: tuple[str, ...] = ()
+) -> subprocess.Popen[bytes]:
     """A unified `tandem up` on `port`, output piped, not waited for (`new_session`: in a
     process group of its own, as a terminal's job)."""
     return subprocess.Popen(
@@ -300,6 +302,7 @@ def _launch(model: Path, tmp: Path, port: int, new_session: bool = False) -> sub
                 "0",
             ),
             *("--port", str(port), "--log-dir", str(tmp / "logs"), "--worker-args", " ".join(ENGINE_FLAGS)),
+            *args,
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -376,8 +379,9 @@ def test_without_a_ready_file_the_endpoints_and_token_are_in_the_log_directory(
     tiny_llama: Path, tmp_path: Path
 ) -> None:
     """The banner names where the cluster token the router's admin API wants is: the printed
-    admin URL is usable without starting again with --ready-file."""
-    proc = _launch(tiny_llama, tmp_path, free_port())
+    admin URL is usable without starting again with --ready-file. (With --served-model-name, the
+    id clients send.)"""
+    proc = _launch(tiny_llama, tmp_path, free_port(), args=("--served-model-name", "house-model"))
     ready = tmp_path / "logs" / "ready.json"
     try:
         deadline = time.monotonic() + 120
@@ -388,13 +392,17 @@ def test_without_a_ready_file_the_endpoints_and_token_are_in_the_log_directory(
         assert ready.stat().st_mode & 0o777 == 0o600
         workers = httpx.get(info["router_admin"], headers=admin_auth(info), timeout=5).json()["workers"]
         assert [w["role"] for w in workers] == ["unified"]
+        assert info["model"] == "house-model"
+        client = openai.OpenAI(base_url=info["openai"], api_key="unused", max_retries=0)
+        assert [m.id for m in client.models.list().data] == ["house-model"]
+        assert client.completions.create(model="house-model", prompt="the sea", max_tokens=2).choices
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
     finally:
         if proc.poll() is None:
             proc.kill()
     output = proc.stdout.read().decode() if proc.stdout else ""
-    assert f"in {ready})" in output
+    assert f"in {ready})" in output and "model id       house-model" in output
     assert not ready.exists()
 
 
