@@ -113,7 +113,7 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
             if isinstance(out, Keepalive):
                 continue
             if out.kv_pages_wanted:
-                pages = await self._reserve(request.decode_address, req.rid, timeout)
+                pages = await self._reserve_for(request.decode_address, req.rid, timeout)
                 self.engine.set_kv_target(req.rid, pages)
                 target = KvTarget(target.transport, pages, target.peer)  # for the transfer's span
                 continue
@@ -174,6 +174,22 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
         stub = worker_pb2_grpc.DecodeServiceStub(self._channel(decode_address))
         reply = await call(stub.GetTransferMetadata(worker_pb2.GetTransferMetadataRequest(), timeout=10))
         return await self.engine.add_peer(reply.metadata)
+
+    async def _reserve_for(self, decode_address: str, rid: str, timeout: float | None) -> list[int]:
+        """`_reserve`, not cancelled with this call: pages the decode engine granted as the call
+        was cancelled still reach our engine, which has aborted the request and tells the decode
+        engine at once that nothing will be written there. Lost, they stayed held there for two
+        leases (60 s by default) in case a NIXL write of ours could still land."""
+        reserve = asyncio.ensure_future(self._reserve(decode_address, rid, timeout))
+        try:
+            return await asyncio.shield(reserve)
+        except asyncio.CancelledError:
+            reserve.add_done_callback(lambda done: self._late_pages(rid, done))
+            raise
+
+    def _late_pages(self, rid: str, reserve: asyncio.Future[list[int]]) -> None:
+        if not reserve.cancelled() and reserve.exception() is None:
+            self.engine.set_kv_target(rid, reserve.result())
 
     async def _reserve(self, decode_address: str, rid: str, timeout: float | None) -> list[int]:
         stub = worker_pb2_grpc.DecodeServiceStub(self._channel(decode_address))

@@ -150,6 +150,39 @@ def test_prefill_killed_mid_transfer_fails_promptly_and_frees_the_reservation(
         assert decode.process.poll() is None  # and it keeps serving
 
 
+@pytest.mark.skipif(not nixl_available(), reason="NIXL is not installed")
+def test_clients_leaving_during_the_hand_off_leave_no_reservation_held(
+    tiny_llama: Path, tmp_path: Path
+) -> None:
+    """Clients that leave while their prompt's pages are reserved: the decode worker holds
+    nothing a second later. A Prefill call cancelled while its ReserveKv was in flight dropped
+    the pages the decode engine had just granted, so the prefill engine could not say that no
+    write was coming, and they stayed held for two leases (60 s with the default lease) in case
+    a NIXL write still landed (a QA pass: 14 such requests parked after ~200 disconnects)."""
+    with Cluster(tiny_llama, tmp_path) as cluster:
+        cluster.start_router()  # the default lease: a lost reservation would be held 60 s
+        prefill, decode = cluster.start_workers([("prefill",), ("decode",)])
+        rng = random.Random(7)
+
+        def leave(i: int) -> None:
+            prompt = [5 + rng.randrange(200) for _ in range(rng.randrange(100, 900))]
+            request = cluster.request(prompt, n=rng.choice([1, 4]), max_new_tokens=64, temperature=0.0)
+            call = cluster.stub.Generate(request, timeout=60)
+            time.sleep(rng.uniform(0.0, 0.1))
+            call.cancel()
+
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(leave, range(160)))
+        assert decode.load().counters.get("kv_reservations", 0) > 0  # the hand-off was reached
+        decode.wait_released(timeout=3)
+        prefill.wait_released(timeout=3)
+        deadline = time.monotonic() + 3
+        while decode.load().counters["kv_prompts_expected"]:  # nor an expected prompt
+            assert time.monotonic() < deadline, decode.load()
+            time.sleep(0.05)
+        assert collect(cluster.generate([5, 6, 7], max_new_tokens=2))[0]["finish"]  # and it serves
+
+
 def test_a_prompt_the_decode_engine_refuses_fails_clearly_and_leaves_no_prefill_work(
     tiny_llama: Path, tmp_path: Path
 ) -> None:
