@@ -30,6 +30,7 @@ class RequestLimits:
     max_body_bytes: int = 32 * 1024 * 1024
     max_header_bytes: int = 32 * 1024  # the whole header block (h11 counts it as one event)
     body_read_timeout: float = 30.0  # seconds from the request's start to its body's last byte
+    header_read_timeout: float = 30.0  # seconds from a connection's opening to its request's headers
     # Characters of one prompt (chat: all messages and tools); None: derived from the context.
     max_prompt_chars: int | None = None
     max_samples: int = 128  # prompts x n of one request
@@ -54,6 +55,8 @@ _LIMIT_HELP = {
     "max_body_bytes": "request bodies larger than this get 413",
     "max_header_bytes": "a request whose header block is larger gets 431",
     "body_read_timeout": "seconds a request's body may take to arrive; then 408 and the connection closes",
+    "header_read_timeout": "seconds a new connection may take to send its first request's headers; then 408"
+    " and it closes (an idle or half-sent connection holds no socket longer)",
     "max_prompt_chars": "characters of one prompt (chat: messages and tools), checked before tokenizing; "
     f"auto: {CHARS_PER_CONTEXT_TOKEN} per context token, at least {MIN_AUTO_PROMPT_CHARS}, "
     f"{UNKNOWN_CONTEXT_PROMPT_CHARS} if the context is unknown",
@@ -215,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     limits = parser.add_argument_group("request limits (each answered with a 4xx, never a reset)")
     for f in fields(RequestLimits):
-        kind = float if f.name == "body_read_timeout" else positive_int
+        kind = float if f.name.endswith("_timeout") else positive_int
         default = f.default if f.default is not None else "auto"
         limits.add_argument(
             "--" + f.name.replace("_", "-"),

@@ -16,6 +16,7 @@ hold the shutdown for `LINGER_S`.
 from __future__ import annotations
 
 import asyncio
+import http
 import json
 import socket
 from typing import Any
@@ -80,14 +81,37 @@ class _LingeringTransport:
 
 
 class GatewayH11Protocol(H11Protocol):
-    """uvicorn's h11 protocol: protocol errors answered with h11's status, lingering closes."""
+    """uvicorn's h11 protocol: protocol errors answered with h11's status, lingering closes, and
+    a connection that has not sent its first request's headers within `header_read_timeout`
+    answered 408 and closed (uvicorn keeps one that sends nothing, or half a header block, open
+    for good: enough of them use up the gateway's file descriptors)."""
+
+    header_read_timeout = 30.0  # `uvicorn_config` sets the gateway's in a subclass
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.conn = _Connection(h11.SERVER, self.config.h11_max_incomplete_event_size or 16 * 1024)
+        self._header_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(_LingeringTransport(transport, self.loop))  # type: ignore[arg-type]
+        self._header_timer = self.loop.call_later(self.header_read_timeout, self._headers_late)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_header_timer()
+        super().connection_lost(exc)
+
+    def _stop_header_timer(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _headers_late(self) -> None:
+        self._header_timer = None
+        if self.cycle is not None or self.transport.is_closing():
+            return  # a request came (or the connection is going): the body has its own timeout
+        timeout = self.header_read_timeout
+        self._answer_and_close(408, f"the request's headers did not arrive within {timeout:g} s", raw=True)
 
     def shutdown(self) -> None:
         idle = self.cycle is None or self.cycle.response_complete
@@ -99,6 +123,8 @@ class GatewayH11Protocol(H11Protocol):
         if self.transport.is_closing():
             return  # lingering: the answer is out, the rest of the request is dropped
         super().data_received(data)
+        if self.cycle is not None:
+            self._stop_header_timer()
 
     def send_400_response(self, msg: str) -> None:
         error = self.conn.error if isinstance(self.conn, _Connection) else None
@@ -108,18 +134,28 @@ class GatewayH11Protocol(H11Protocol):
             message = f"the request's header block is larger than the limit of {limit} bytes"
         else:
             message = f"invalid HTTP request: {error or msg}"
+        self._answer_and_close(status, message)
+
+    def _answer_and_close(self, status: int, message: str, raw: bool = False) -> None:
+        """An OpenAI error body, then a lingering close. `raw`: written as bytes, not through
+        h11, which sends no response before a request's headers (unless they were bad)."""
         body = json.dumps(OpenAIError(status, message).body()).encode()
         headers = [
             (b"content-type", b"application/json"),
             (b"content-length", str(len(body)).encode()),
             (b"connection", b"close"),
         ]
-        for event in (
-            h11.Response(status_code=status, headers=headers),
-            h11.Data(data=body),
-            h11.EndOfMessage(),
-        ):
-            self.transport.write(self.conn.send(event) or b"")
+        if raw:
+            head = f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}\r\n".encode()
+            head += b"".join(name + b": " + value + b"\r\n" for name, value in headers)
+            self.transport.write(head + b"\r\n" + body)
+        else:
+            for event in (
+                h11.Response(status_code=status, headers=headers),
+                h11.Data(data=body),
+                h11.EndOfMessage(),
+            ):
+                self.transport.write(self.conn.send(event) or b"")
         self.transport.close()
 
 
@@ -138,12 +174,13 @@ def shared_socket(host: str, port: int) -> socket.socket:
 
 def uvicorn_config(app: Any, config: GatewayConfig) -> uvicorn.Config:
     """The uvicorn settings the gateway serves `app` with (its limits included)."""
+    header_read_timeout = config.limits.header_read_timeout
     return uvicorn.Config(
         app,
         host=config.host,
         port=config.port,
         log_level=config.log_level,
-        http=GatewayH11Protocol,
+        http=type("GatewayH11Protocol", (GatewayH11Protocol,), {"header_read_timeout": header_read_timeout}),
         loop=loop_kind(),  # uvloop where installed (services/common/event_loop.py)
         h11_max_incomplete_event_size=config.limits.max_header_bytes,
     )

@@ -4,6 +4,7 @@ The gateway here runs as `python -m services.gateway` does (`uvicorn_config`), w
 
 from __future__ import annotations
 
+import json
 import socket
 import time
 from collections.abc import Iterator
@@ -27,6 +28,7 @@ LIMITS = RequestLimits(
     max_body_bytes=64 * 1024,
     max_header_bytes=8 * 1024,
     body_read_timeout=1.0,
+    header_read_timeout=1.0,
     max_prompt_chars=2000,
     max_samples=8,
     max_stop=4,
@@ -148,6 +150,40 @@ def test_a_trickling_body_gets_408_and_the_connection_closes(limited: GatewayThr
     assert received.startswith(b"HTTP/1.1 408"), received
     assert b"did not arrive within 1 s" in received
     assert took < 5
+
+
+@pytest.mark.parametrize(
+    "sent",
+    [b"", b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Le"],
+    ids=["nothing", "half-a-header-block"],
+)
+def test_a_connection_without_its_headers_gets_408_and_closes(limited: GatewayThread, sent: bytes) -> None:
+    # uvicorn kept such connections open for good: enough of them used up the file descriptors.
+    with socket.create_connection(("127.0.0.1", limited.port), timeout=10) as sock:
+        sock.sendall(sent)
+        start = time.monotonic()
+        received = b""
+        while chunk := sock.recv(65536):  # ends when the server closes the connection
+            received += chunk
+        took = time.monotonic() - start
+    head, _, body = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408 Request Timeout\r\n"), received
+    assert json.loads(body)["error"]["message"] == "the request's headers did not arrive within 1 s"
+    assert 0.8 < took < 5
+
+
+def test_a_slow_request_within_the_header_timeout_is_served(limited: GatewayThread) -> None:
+    # The timer stops at the first request's headers: a request taking longer in all (its body
+    # included, within the body's own timeout) is not cut.
+    request = json.dumps(COMPLETION).encode()
+    with socket.create_connection(("127.0.0.1", limited.port), timeout=10) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n")
+        time.sleep(0.5)
+        sock.sendall(b"Content-Length: %d\r\n\r\n" % len(request) + request[:5])
+        time.sleep(0.8)  # past the header timeout's 1 s since the connection opened
+        sock.sendall(request[5:])
+        received = sock.recv(65536)
+    assert received.startswith(b"HTTP/1.1 200"), received
 
 
 def test_shutdown_closes_idle_keep_alive_connections_at_once(stub: StubRouter, tokenizer_dir: Any) -> None:
