@@ -45,17 +45,7 @@ def tandem_up(
     launcher flags) on free ports; yields the ready-file's endpoints plus "process" (the
     launcher), stopped with SIGTERM on exit."""
     ready = tmp / "ready.json"
-    proc = subprocess.Popen(
-        [
-            *(sys.executable, "-m", "services.cli", "up", "--model", str(model)),
-            *("--port", str(free_port()), "--log-dir", str(tmp / "logs"), "--ready-file", str(ready)),
-            *("--worker-args", " ".join(ENGINE_FLAGS)),
-            *args,
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "TANDEM_HOME": str(tmp), **(env or {})},
-    )
+    proc = launch_up(model, tmp, free_port(), ("--ready-file", str(ready), *args), env)
     try:
         deadline = time.monotonic() + 120
         while not ready.exists():
@@ -70,6 +60,29 @@ def tandem_up(
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
             proc.wait(30)
+
+
+def launch_up(
+    model: Path | str,
+    tmp: Path,
+    port: int,
+    args: tuple[str, ...] = (),
+    env: dict[str, str] | None = None,
+    new_session: bool = False,
+) -> subprocess.Popen[bytes]:
+    """`tandem up` on `port` with its logs under `tmp` (`args` adds launcher flags), output piped,
+    not waited for (`new_session`: in a process group of its own, as a terminal's job)."""
+    return subprocess.Popen(
+        [
+            *(sys.executable, "-m", "services.cli", "up", "--model", str(model)),
+            *("--port", str(port), "--log-dir", str(tmp / "logs"), "--worker-args", " ".join(ENGINE_FLAGS)),
+            *args,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "TANDEM_HOME": str(tmp), **(env or {})},
+        start_new_session=new_session,
+    )
 
 
 def running(pid: int) -> bool:

@@ -8,7 +8,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -23,7 +22,7 @@ import pytest
 from services.launcher import free_port
 from services.protos.tandem.router.v1 import router_pb2, router_pb2_grpc
 from tests.engine.hf_reference import hf_greedy
-from tests.suite.cluster import ENGINE_FLAGS, admin_auth, engine_pid, running, tandem_up
+from tests.suite.cluster import admin_auth, engine_pid, launch_up, running, tandem_up
 
 pytestmark = pytest.mark.xdist_group("suite_up")
 
@@ -285,30 +284,8 @@ def test_a_service_that_exits_is_started_again(tiny_llama: Path, tmp_path: Path)
 def _launch(
     model: Path, tmp: Path, port: int, new_session: bool = False, args: tuple[str, ...] = ()
 ) -> subprocess.Popen[bytes]:
-    """A unified `tandem up` on `port`, output piped, not waited for (`new_session`: in a
-    process group of its own, as a terminal's job)."""
-    return subprocess.Popen(
-        [
-            *(
-                sys.executable,
-                "-m",
-                "services.cli",
-                "up",
-                "--model",
-                str(model),
-                "--prefill",
-                "0",
-                "--decode",
-                "0",
-            ),
-            *("--port", str(port), "--log-dir", str(tmp / "logs"), "--worker-args", " ".join(ENGINE_FLAGS)),
-            *args,
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "TANDEM_HOME": str(tmp)},
-        start_new_session=new_session,
-    )
+    """A unified `tandem up` on `port` (`launch_up`), not waited for."""
+    return launch_up(model, tmp, port, ("--prefill", "0", "--decode", "0", *args), new_session=new_session)
 
 
 def _children(pid: int) -> set[int]:
