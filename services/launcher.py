@@ -365,8 +365,9 @@ def up(args: argparse.Namespace) -> int:
         nonlocal stopping
         stopping = True
 
-    def stopped() -> bool:
-        return stopping
+    def wait(ready: Any, what: str) -> None:
+        """Until `ready()`, the start-up's bound; stops on SIGINT or SIGTERM (`_wait`)."""
+        _wait(ready, children, args.startup_timeout, what, lambda: stopping)
 
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
@@ -431,7 +432,7 @@ def up(args: argparse.Namespace) -> int:
             cluster_env | api_env,
         )
         workers_up = functools.partial(_router_workers, router_admin, cluster_token)
-        _wait(lambda: workers_up() is not None, children, args.startup_timeout, "the router", stopped)
+        wait(lambda: workers_up() is not None, "the router")
         roles = [("prefill", args.prefill), ("decode", args.decode), ("worker", unified)]
         grpc_kv = args.prefill > 0 and kv_transport_of(args.kv_transport, extra) == "grpc"
         malloc = {"GLIBC_TUNABLES": GRPC_KV_MALLOC} if grpc_kv and "GLIBC_TUNABLES" not in os.environ else {}
@@ -446,7 +447,7 @@ def up(args: argparse.Namespace) -> int:
                     own |= malloc
                 start(f"{module}-{i}", cmd, f"tandem-{module}", cluster_env, own)
         expected = args.prefill + args.decode + unified
-        _wait(lambda: (workers_up() or 0) >= expected, children, args.startup_timeout, "the workers", stopped)
+        wait(lambda: (workers_up() or 0) >= expected, "the workers")
         gateway_url = f"http://{args.host}:{args.port}"
         shared_port = ["--reuse-port", "--metrics-port", "0"] if args.gateways > 1 else []
         gateways = [
@@ -478,15 +479,9 @@ def up(args: argparse.Namespace) -> int:
             listening = all(_GATEWAY_LISTENS in g.run_output() for g in gateways)
             return listening and _http_ok(f"{gateway_url}/health")
 
-        _wait(gateways_listen, children, args.startup_timeout, "the gateway", stopped)
+        wait(gateways_listen, "the gateway")
         services = children[: -args.gateways] + (gateways if args.gateways > 1 else [])
-        _wait(
-            lambda: all(_metrics_url(c) for c in services),
-            children,
-            args.startup_timeout,
-            "the metrics endpoints",
-            stopped,
-        )
+        wait(lambda: all(_metrics_url(c) for c in services), "the metrics endpoints")
         metrics = {c.name: _metrics_url(c) for c in services}
         if args.gateways == 1:
             metrics["gateway"] = f"{gateway_url}/metrics"
