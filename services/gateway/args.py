@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass, field, fields
 from typing import Literal, get_args
 
-from services.common.argtypes import non_negative_int, positive_int
+from services.common.argtypes import non_negative_int, positive_float, positive_int
 from services.common.auth import API_KEY_ENV, ROUTER_API_KEY_ENV, add_secret_args, secrets_from_args
 from services.gateway.reasoning import REASONING_PARSERS
 from services.gateway.tool_calls.formats import TOOL_CALL_PARSERS
@@ -218,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     limits = parser.add_argument_group("request limits (each answered with a 4xx, never a reset)")
     for f in fields(RequestLimits):
-        kind = float if f.name.endswith("_timeout") else positive_int
+        kind = positive_float if f.name.endswith("_timeout") else positive_int
         default = f.default if f.default is not None else "auto"
         limits.add_argument(
             "--" + f.name.replace("_", "-"),

@@ -216,6 +216,14 @@ def test_limit_flags_and_engine_defaults() -> None:
     assert default.prompt_chars(131072) == 16 * 131072
 
 
+@pytest.mark.parametrize("flag", ["--body-read-timeout", "--header-read-timeout"])
+@pytest.mark.parametrize("value", ["0", "-1"])
+def test_a_timeout_must_be_positive(flag: str, value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        parse_args(["--router", "r:1", "--tokenizer", "t", flag, value])
+    assert f"argument {flag}: must be a positive number, got {value}" in capsys.readouterr().err
+
+
 def test_closing_after_the_client_reset_neither_raises_nor_lingers() -> None:
     # The client resets the connection just as its response completes: shutting down the write
     # side fails (ENOTCONN). That must not escape into the app (a traceback per such client);
