@@ -47,13 +47,7 @@ def tandem_up(
     ready = tmp / "ready.json"
     proc = launch_up(model, tmp, free_port(), ("--ready-file", str(ready), *args), env)
     try:
-        deadline = time.monotonic() + 120
-        while not ready.exists():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                raise AssertionError(proc.stdout.read().decode() if proc.stdout else "tandem up failed")
-            time.sleep(0.2)
-        info = json.loads(ready.read_text())
+        info = wait_ready(proc, ready)
         info["process"] = proc
         yield info
     finally:
@@ -83,6 +77,19 @@ def launch_up(
         env={**os.environ, "TANDEM_HOME": str(tmp), **(env or {})},
         start_new_session=new_session,
     )
+
+
+def wait_ready(proc: subprocess.Popen[bytes], ready: Path, timeout: float = 120) -> dict[str, Any]:
+    """The ready-file of a `launch_up`, once written; its output in the failure if it exits or
+    times out first."""
+    deadline = time.monotonic() + timeout
+    while not ready.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(proc.stdout.read().decode() if proc.stdout else "tandem up failed")
+        time.sleep(0.2)
+    info: dict[str, Any] = json.loads(ready.read_text())
+    return info
 
 
 def running(pid: int) -> bool:

@@ -164,15 +164,22 @@ def test_clients_leaving_during_the_hand_off_leave_no_reservation_held(
         prefill, decode = cluster.start_workers([("prefill",), ("decode",)])
         rng = random.Random(7)
 
-        def leave(i: int) -> None:
+        def leave(longest_s: float) -> None:
             prompt = [5 + rng.randrange(200) for _ in range(rng.randrange(100, 900))]
             request = cluster.request(prompt, n=rng.choice([1, 4]), max_new_tokens=64, temperature=0.0)
             call = cluster.stub.Generate(request, timeout=60)
-            time.sleep(rng.uniform(0.0, 0.1))
+            time.sleep(rng.uniform(0.0, longest_s))
             call.cancel()
 
+        # Rounds of 160 clients, each leaving later on a slower (busier) machine, until enough
+        # of them reached the hand-off before leaving.
+        longest_s = 0.1
         with ThreadPoolExecutor(8) as pool:
-            list(pool.map(leave, range(160)))
+            for _ in range(5):
+                list(pool.map(leave, [longest_s] * 160))
+                if decode.load().counters.get("kv_reservations", 0) >= 40:
+                    break
+                longest_s *= 2
         assert decode.load().counters.get("kv_reservations", 0) > 0  # the hand-off was reached
         decode.wait_released(timeout=3)
         prefill.wait_released(timeout=3)

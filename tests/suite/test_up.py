@@ -22,7 +22,7 @@ import pytest
 from services.launcher import free_port
 from services.protos.tandem.router.v1 import router_pb2, router_pb2_grpc
 from tests.engine.hf_reference import hf_greedy
-from tests.suite.cluster import admin_auth, engine_pid, launch_up, running, tandem_up
+from tests.suite.cluster import admin_auth, engine_pid, launch_up, running, tandem_up, wait_ready
 
 pytestmark = pytest.mark.xdist_group("suite_up")
 
@@ -361,11 +361,7 @@ def test_without_a_ready_file_the_endpoints_and_token_are_in_the_log_directory(
     proc = _launch(tiny_llama, tmp_path, free_port(), args=("--served-model-name", "house-model"))
     ready = tmp_path / "logs" / "ready.json"
     try:
-        deadline = time.monotonic() + 120
-        while not ready.exists():
-            assert proc.poll() is None and time.monotonic() < deadline
-            time.sleep(0.2)
-        info = json.loads(ready.read_text())
+        info = wait_ready(proc, ready)
         assert ready.stat().st_mode & 0o777 == 0o600
         workers = httpx.get(info["router_admin"], headers=admin_auth(info), timeout=5).json()["workers"]
         assert [w["role"] for w in workers] == ["unified"]
@@ -389,11 +385,7 @@ def test_ctrl_c_in_a_terminal_stops_everything_without_a_traceback(tiny_llama: P
     ready = tmp_path / "logs" / "ready.json"
     proc = _launch(tiny_llama, tmp_path, free_port(), new_session=True)
     try:
-        deadline = time.monotonic() + 120
-        while not ready.exists():
-            assert proc.poll() is None and time.monotonic() < deadline
-            time.sleep(0.2)
-        pids = json.loads(ready.read_text())["pids"]
+        pids = wait_ready(proc, ready)["pids"]
         engine = engine_pid(pids["worker-0"])
         os.killpg(proc.pid, signal.SIGINT)
         assert proc.wait(30) == 0
