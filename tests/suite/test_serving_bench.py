@@ -7,6 +7,7 @@ import asyncio
 import itertools
 import json
 import shutil
+import time
 from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
@@ -77,7 +78,9 @@ def test_client_processes_deal_out_the_prompts_and_report_their_cpu(up: dict[str
     target = serving.Target(f"{up['openai']}/completions", up["model"])
     processes = serving.ClientProcesses(2, request_timeout=60)
     try:
+        before = time.monotonic()
         results, cpu = asyncio.run(processes.closed_loop(target, w, prompts, clients=3))
+        after = time.monotonic()
         # Fewer clients than processes: every prompt still sent (one process's share was dropped).
         alone, _ = asyncio.run(processes.closed_loop(target, w, prompts[:3], clients=1))
     finally:
@@ -85,6 +88,10 @@ def test_client_processes_deal_out_the_prompts_and_report_their_cpu(up: dict[str
     assert sorted(r.prompt_len for r in results) == [IN] * 5 and all(r.ok for r in results)
     assert all(r.completion_tokens == OUT for r in results)
     assert cpu > 0  # measured in the client processes, not here
+    # Sent in the children, on this process's clock: the level's window lies inside its wall time.
+    assert all(before <= r.sent_at <= after for r in results if r.sent_at is not None)
+    window = serving.send_window(results)
+    assert window is not None and 0 < window <= after - before
     assert len(alone) == 3 and all(r.ok and r.completion_tokens == OUT for r in alone)
 
 
@@ -304,6 +311,16 @@ def test_client_processes_with_poisson_arrivals_are_refused(tmp_path: Path) -> N
 def test_a_bad_device_model_is_refused_before_launching(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match="key=value"):
         serving.main(["--launch", "--model-path", str(tmp_path), "--device-model", "fast"])
+
+
+def test_a_level_lasts_from_its_first_request_sent_to_its_last_answer() -> None:
+    def req(sent_at: float | None, e2e: float) -> RequestResult:
+        return RequestResult(10, 4, 4, 0.1, e2e, sent_at=sent_at)
+
+    assert serving.send_window([req(10.0, 0.4), req(10.5, 0.9), req(10.2, 0.3)]) == pytest.approx(1.4)
+    # Without every request's send time the caller keeps its own clock.
+    assert serving.send_window([req(10.0, 0.4), req(None, 0.9)]) is None
+    assert serving.send_window([]) is None
 
 
 def test_summary_of_known_requests() -> None:
