@@ -10,10 +10,12 @@ saves it as safetensors, then measures in this order:
 2. Tandem (`EngineCore` directly, the engine's default GPU path: Triton attention, CUDA graphs,
    fused kernels), greedy with ignore_eos: decode tok/s at each batch size over a prompt of
    `--context` tokens, counted from the step where every request has its first token to the
-   last; the graph replay alone (GPU time of one decode forward); prefill tok/s; with `--mixed
-   B`, a unified engine's steps under serving load at each budget of `--mixed-chunks`: B
-   requests decoding while new prompts fill the rest of the budget, against decode-only and
-   prefill-only steps (`--profile`: the mixed steps' kernels);
+   last; the graph replay alone (GPU time of one decode forward); prefill tok/s (the mean of
+   `--prefill-repeat` runs) and the host's share of it; with `--mixed B`, a unified engine's
+   steps under serving load at each budget of `--mixed-chunks`: B requests decoding while new
+   prompts fill the rest of the budget, against decode-only and prefill-only steps
+   (`--profile`: the mixed steps' kernels, and the prefill's GPU busy time against its wall
+   time with the host ops that took the most time);
 3. HF transformers `generate` (eager, bf16) on the same weights: decode tok/s from the
    difference of two generate lengths, and prefill tok/s.
 
@@ -561,17 +563,19 @@ def timed_runs(
     tandem_prefill(core, prompts_for(args.prefill_batch, args.context, args.vocab, 6))  # warm up
     phases.reset()
     phases.enabled = True
-    seconds = tandem_prefill(core, prompts_for(args.prefill_batch, args.context, args.vocab, 7))
+    repeat = args.prefill_repeat
+    runs = [prompts_for(args.prefill_batch, args.context, args.vocab, 7 + i) for i in range(repeat)]
+    seconds = sum(tandem_prefill(core, prompts) for prompts in runs) / repeat
     phases.enabled = False
     prefill = {
         "batch": args.prefill_batch,
         "tokens": args.prefill_batch * args.context,
-        "seconds": seconds,
+        "seconds": seconds,  # the mean of --prefill-repeat runs
         "tok_s": args.prefill_batch * args.context / seconds,
         # The host's time building and launching the prompt steps' forwards (eager: one launch a
         # kernel) against the whole: near 1, the prompts wait on the host rather than the GPU.
-        "host_ms": {k: 1e3 * v for k, v in phases.totals.items()},
-        "forwards": phases.calls["forward"],
+        "host_ms": {k: 1e3 * v / repeat for k, v in phases.totals.items()},
+        "forwards": phases.calls["forward"] // repeat,
     }
     mixed = {c: tandem_mixed(core, args, int(c)) for c in args.mixed_chunks.split(",")} if args.mixed else {}
     return {"decode": decode, "prefill": prefill} | ({"mixed": mixed} if mixed else {})
@@ -596,7 +600,9 @@ def profile_runs(
     if args.mixed:
         for c in args.mixed_chunks.split(","):
             mixed[c] = tandem_mixed(core, args, int(c), profile=True)
-    return {"decode": decode, "profile": forwards} | ({"mixed": mixed} if mixed else {})
+    prompts = prompts_for(args.prefill_batch, args.context, args.vocab, 8)
+    prefill = profile_host_and_gpu(lambda: tandem_prefill(core, prompts), 3)
+    return {"decode": decode, "profile": forwards, "prefill": prefill} | ({"mixed": mixed} if mixed else {})
 
 
 def profile_forward(fn: Callable[[], object]) -> list[dict[str, Any]]:
@@ -631,6 +637,40 @@ def profile_fn(fn: Callable[[], object], calls: int) -> list[dict[str, Any]]:
         }
         for e in sorted(events, key=lambda e: -gpu_us(e))
     ]
+
+
+def profile_host_and_gpu(fn: Callable[[], object], calls: int) -> dict[str, Any]:
+    """A call's wall time against its GPU ops' summed time (a sum well under the wall: the GPU
+    waited for the host's launches), and the host ops with the most self time, per call."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - start) / calls
+    events = prof.key_averages()
+
+    def gpu_us(e: Any) -> float:
+        return float(getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0))
+
+    host = sorted(events, key=lambda e: -e.self_cpu_time_total)[:15]
+    # The device's own events (kernels, copies, memsets): a host op that launched a kernel (aten::mm
+    # for cuBLAS's) also reports the kernel's time as its own, which would count it twice.
+    device = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA and gpu_us(e) > 0]
+    gpu = sorted(device, key=lambda e: -gpu_us(e))[:10]
+    return {
+        "wall_us": 1e6 * wall,
+        "gpu_busy_us": sum(gpu_us(e) for e in device) / calls,
+        "gpu_ops": [{"op": e.key[:90], "us": gpu_us(e) / calls, "calls": e.count / calls} for e in gpu],
+        "host_ops": [
+            {"op": e.key[:90], "self_cpu_us": e.self_cpu_time_total / calls, "calls": e.count / calls}
+            for e in host
+        ],
+    }
 
 
 # ---- HF -------------------------------------------------------------------------------------
@@ -832,6 +872,9 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--chunk", type=int, default=8192, help="chunked_prefill_size")
     parser.add_argument("--hf-decode-tokens", type=int, default=16)
+    parser.add_argument(
+        "--prefill-repeat", type=int, default=1, help="time the prefill this many times (the mean; py-spy)"
+    )
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--no-graph", action="store_true", help="Tandem with CUDA graphs off")
     parser.add_argument("--profile", action="store_true", help="top kernels of a decode forward")
@@ -983,6 +1026,15 @@ def main() -> None:
         print(f"GPU ops of a mixed step, {m['decode_rows']} decoding, budget {chunk}:")
         for k in ops[:10]:
             print(kernel_line(k))
+    if pp := profiled.get("prefill"):
+        wall, busy = pp["wall_us"] / 1e3, pp["gpu_busy_us"] / 1e3
+        print(f"prefill {args.prefill_batch}x{args.context} under the profiler: {wall:.2f} ms, "
+              f"GPU ops {busy:.2f} ms; host ops by self time:")  # fmt: skip
+        for op in pp["host_ops"]:
+            print(f"  {op['self_cpu_us']:9.1f} us  x{op['calls']:<5.0f} {op['op']}")
+        print("  GPU ops by time:")
+        for op in pp["gpu_ops"]:
+            print(f"  {op['us']:9.1f} us  x{op['calls']:<5.0f} {op['op']}")
     for b, run in profiled.get("decode", {}).items():
         if "profile_steps" in run:
             ops = run["profile_steps"]
