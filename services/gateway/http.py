@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import http
 import json
+import logging
 import socket
 from typing import Any
 
@@ -30,6 +31,8 @@ from services.gateway.args import GatewayConfig
 from services.gateway.protocol import OpenAIError
 
 LINGER_S = 5.0
+
+logger = logging.getLogger("tandem.gateway")
 
 
 class _Connection(h11.Connection):
@@ -81,17 +84,48 @@ class _LingeringTransport:
 
 
 class GatewayH11Protocol(H11Protocol):
-    """uvicorn's h11 protocol: protocol errors answered with h11's status, lingering closes, and
-    a connection that has not sent its first request's headers within `header_read_timeout`
+    """uvicorn's h11 protocol: protocol errors answered with h11's status, lingering closes, a
+    connection that has not sent its first request's headers within `header_read_timeout`
     answered 408 and closed (uvicorn keeps one that sends nothing, or half a header block, open
-    for good: enough of them use up the gateway's file descriptors)."""
+    for good: enough of them use up the gateway's file descriptors), and one whose client has
+    read nothing for `stream_write_timeout` while a response waits cut (uvicorn waits on it for
+    good, holding the response's generations and the socket)."""
 
     header_read_timeout = 30.0  # `uvicorn_config` sets the gateway's in a subclass
+    stream_write_timeout = 60.0  # likewise
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.conn = _Connection(h11.SERVER, self.config.h11_max_incomplete_event_size or 16 * 1024)
         self._header_timer: asyncio.TimerHandle | None = None
+        self._write_timer: asyncio.TimerHandle | None = None
+
+    def pause_writing(self) -> None:
+        # The transport's buffer is over its high-water mark: the kernel's are full too.
+        super().pause_writing()
+        if self._write_timer is None:
+            self._write_timer = self.loop.call_later(self.stream_write_timeout, self._write_stalled)
+
+    def resume_writing(self) -> None:
+        self._stop_write_timer()
+        super().resume_writing()
+
+    def _stop_write_timer(self) -> None:
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+            self._write_timer = None
+
+    def _write_stalled(self) -> None:
+        self._write_timer = None
+        client = f"{self.client[0]}:{self.client[1]}" if self.client else "a client"
+        logger.warning(
+            "%s read nothing of its response for %g s (--stream-write-timeout): connection cut",
+            client,
+            self.stream_write_timeout,
+        )
+        # Nothing more can reach it: drop the buffer. connection_lost follows, which tells the
+        # response it is disconnected, and so cancels its generations.
+        self.transport.abort()
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(_LingeringTransport(transport, self.loop))  # type: ignore[arg-type]
@@ -99,6 +133,7 @@ class GatewayH11Protocol(H11Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_header_timer()
+        self._stop_write_timer()
         super().connection_lost(exc)
 
     def _stop_header_timer(self) -> None:
@@ -174,13 +209,16 @@ def shared_socket(host: str, port: int) -> socket.socket:
 
 def uvicorn_config(app: Any, config: GatewayConfig) -> uvicorn.Config:
     """The uvicorn settings the gateway serves `app` with (its limits included)."""
-    header_read_timeout = config.limits.header_read_timeout
+    timeouts = {
+        "header_read_timeout": config.limits.header_read_timeout,
+        "stream_write_timeout": config.limits.stream_write_timeout,
+    }
     return uvicorn.Config(
         app,
         host=config.host,
         port=config.port,
         log_level=config.log_level,
-        http=type("GatewayH11Protocol", (GatewayH11Protocol,), {"header_read_timeout": header_read_timeout}),
+        http=type("GatewayH11Protocol", (GatewayH11Protocol,), timeouts),
         loop=loop_kind(),  # uvloop where installed (services/common/event_loop.py)
         h11_max_incomplete_event_size=config.limits.max_header_bytes,
     )

@@ -4,6 +4,8 @@ The gateway here runs as `python -m services.gateway` does (`uvicorn_config`), w
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import socket
 import time
@@ -14,6 +16,7 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
+from uvicorn.server import ServerState
 
 from services.gateway import GatewayConfig
 from services.gateway.args import RequestLimits, parse_args
@@ -29,6 +32,7 @@ LIMITS = RequestLimits(
     max_header_bytes=8 * 1024,
     body_read_timeout=1.0,
     header_read_timeout=1.0,
+    stream_write_timeout=1.0,
     max_prompt_chars=2000,
     max_samples=8,
     max_stop=4,
@@ -186,6 +190,69 @@ def test_a_slow_request_within_the_header_timeout_is_served(limited: GatewayThre
     assert received.startswith(b"HTTP/1.1 200"), received
 
 
+def _stream_request(max_tokens: int) -> bytes:
+    body = json.dumps({**COMPLETION, "stream": True, "max_tokens": max_tokens}).encode()
+    head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    return head + b"Content-Length: %d\r\n\r\n" % len(body) + body
+
+
+def _small_window_socket(port: int, window: int = 4096) -> socket.socket:
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, window)  # before connecting
+    sock.settimeout(10)
+    sock.connect(("127.0.0.1", port))
+    return sock
+
+
+def test_a_client_that_reads_nothing_of_its_stream_is_cut(limited: GatewayThread, stub: StubRouter) -> None:
+    # ~8 MB of events, far more than the socket buffers hold: uvicorn waited on such a client
+    # for good, holding its generation and the connection.
+    stub.reset()
+    stub.script(["x" * 200_000] * 40, finish="length")
+    with _small_window_socket(limited.port) as sock:
+        sock.sendall(_stream_request(200))
+        start = time.monotonic()
+        assert stub.wait_cancelled(timeout=10), "the generation was not cancelled"
+        took = time.monotonic() - start
+        received = b""
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := sock.recv(1 << 20):  # what the kernel had buffered, then the cut
+                received += chunk
+    assert received.startswith(b"HTTP/1.1 200"), received[:200]
+    assert len(received) < 4 * 1024 * 1024 and b"[DONE]" not in received
+    assert 1.0 <= took < 6
+
+
+def test_the_write_timer_restarts_whenever_the_client_takes_some(limited: GatewayThread) -> None:
+    # The gateway's protocol on a real connection, its transport's flow control driven by hand
+    # (on loopback the kernel's buffers take megabytes before a reading client lets writing
+    # pause, and the test above covers a real pause): three pauses of 0.7 s, each ended by the
+    # client taking some, are over twice the timeout in all and cut nothing; one whole timeout
+    # without a resume cuts.
+    config = limited.server.config
+
+    async def main() -> tuple[bool, bool]:
+        loop = asyncio.get_running_loop()
+        ours, theirs = socket.socketpair()
+        with theirs:
+
+            def make() -> Any:
+                return config.http_protocol_class(config=config, server_state=ServerState(), app_state={})
+
+            transport, protocol = await loop.connect_accepted_socket(make, ours)
+            for _ in range(3):
+                protocol.pause_writing()
+                await asyncio.sleep(0.7)
+                protocol.resume_writing()
+            kept = not transport.is_closing()
+            protocol.pause_writing()
+            await asyncio.sleep(1.3)
+            return kept, transport.is_closing()
+
+    kept, cut = asyncio.run(main())
+    assert kept and cut
+
+
 def test_shutdown_closes_idle_keep_alive_connections_at_once(stub: StubRouter, tokenizer_dir: Any) -> None:
     # A client's pool keeps its connection open and idle: the server must not linger on it.
     config = GatewayConfig(router=stub.address, tokenizer=str(tokenizer_dir), port=0, limits=LIMITS)
@@ -216,7 +283,7 @@ def test_limit_flags_and_engine_defaults() -> None:
     assert default.prompt_chars(131072) == 16 * 131072
 
 
-@pytest.mark.parametrize("flag", ["--body-read-timeout", "--header-read-timeout"])
+@pytest.mark.parametrize("flag", ["--body-read-timeout", "--header-read-timeout", "--stream-write-timeout"])
 @pytest.mark.parametrize("value", ["0", "-1"])
 def test_a_timeout_must_be_positive(flag: str, value: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
