@@ -31,8 +31,8 @@ class RequestLimits:
     max_header_bytes: int = 32 * 1024  # the whole header block (h11 counts it as one event)
     body_read_timeout: float = 30.0  # seconds from the request's start to its body's last byte
     header_read_timeout: float = 30.0  # seconds from a connection's opening to its request's headers
-    # Seconds a response may wait on a client that reads none of it (the write buffer full); then
-    # the connection is cut and its generations cancelled (nginx's send_timeout, also 60 s).
+    # Seconds a response may wait on a client that takes none of it (the socket's buffers full);
+    # then the connection is cut and its generations cancelled (nginx's send_timeout, also 60 s).
     stream_write_timeout: float = 60.0
     # Characters of one prompt (chat: all messages and tools); None: derived from the context.
     max_prompt_chars: int | None = None
@@ -60,7 +60,7 @@ _LIMIT_HELP = {
     "body_read_timeout": "seconds a request's body may take to arrive; then 408 and the connection closes",
     "header_read_timeout": "seconds a new connection may take to send its first request's headers; then 408"
     " and it closes (an idle or half-sent connection holds no socket longer)",
-    "stream_write_timeout": "seconds a response may wait on a client that reads none of it; then the "
+    "stream_write_timeout": "seconds a response may wait on a client that takes none of it; then the "
     "connection is cut and its generations cancelled",
     "max_prompt_chars": "characters of one prompt (chat: messages and tools), checked before tokenizing; "
     f"auto: {CHARS_PER_CONTEXT_TOKEN} per context token, at least {MIN_AUTO_PROMPT_CHARS}, "

@@ -87,9 +87,9 @@ class GatewayH11Protocol(H11Protocol):
     """uvicorn's h11 protocol: protocol errors answered with h11's status, lingering closes, a
     connection that has not sent its first request's headers within `header_read_timeout`
     answered 408 and closed (uvicorn keeps one that sends nothing, or half a header block, open
-    for good: enough of them use up the gateway's file descriptors), and one whose client has
-    read nothing for `stream_write_timeout` while a response waits cut (uvicorn waits on it for
-    good, holding the response's generations and the socket)."""
+    for good: enough of them use up the gateway's file descriptors), and one the gateway could
+    write nothing to for `stream_write_timeout` while a response waits cut (uvicorn waits on it
+    for good, holding the response's generations and the socket)."""
 
     header_read_timeout = 30.0  # `uvicorn_config` sets the gateway's in a subclass
     stream_write_timeout = 60.0  # likewise
@@ -119,7 +119,7 @@ class GatewayH11Protocol(H11Protocol):
         self._write_timer = None
         client = f"{self.client[0]}:{self.client[1]}" if self.client else "a client"
         logger.warning(
-            "%s read nothing of its response for %g s (--stream-write-timeout): connection cut",
+            "%s took none of its response for %g s (--stream-write-timeout): connection cut",
             client,
             self.stream_write_timeout,
         )
