@@ -15,7 +15,8 @@ saves it as safetensors, then measures in this order:
    steps under serving load at each budget of `--mixed-chunks`: B requests decoding while new
    prompts fill the rest of the budget, against decode-only and prefill-only steps
    (`--profile`: the mixed steps' kernels, and the prefill's GPU busy time against its wall
-   time with the host ops that took the most time);
+   time with the host ops that took the most time; `--compare-prompt-graphs N`: the prefill and
+   mixed steps again with prompt steps of up to N tokens as CUDA graphs);
 3. HF transformers `generate` (eager, bf16) on the same weights: decode tok/s from the
    difference of two generate lengths, and prefill tok/s.
 
@@ -524,6 +525,7 @@ def bench_tandem(
         quantization=args.quantization,
         kv_cache_dtype=args.kv_cache_dtype,
         disable_pdl=args.no_pdl,
+        cuda_graph_prompt_tokens=args.prompt_graph_tokens,
     )
     t0 = time.perf_counter()
     core = EngineCore(config, tokenizer=AutoTokenizer.from_pretrained(str(path)))
@@ -531,6 +533,7 @@ def bench_tandem(
         "startup_s": time.perf_counter() - t0,
         "attention_backend": core.runner.backend.name,
         "cuda_graphs": core.runner.graph_runner is not None,
+        "prompt_graphs": core.runner.prompt_graphs is not None,
         "decode": {},
     }
     tandem_decode(core, prompts_for(2, args.context, args.vocab, 99), 4)  # compile the extend kernels
@@ -911,6 +914,15 @@ def main() -> None:
         action="store_true",
         help="every batch again with disable_pdl flipped (with --compare-fp8: the FP8 run too)",
     )
+    parser.add_argument(
+        "--prompt-graph-tokens", type=int, help="Tandem's cuda_graph_prompt_tokens (default: prompts eager)"
+    )
+    parser.add_argument(
+        "--compare-prompt-graphs",
+        type=int,
+        metavar="N",
+        help="batch 1, the prefill (and --mixed) again with prompt steps of up to N tokens as CUDA graphs",
+    )
     parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8_e4m3"])
     parser.add_argument(
         "--compare-fp8", action="store_true", help="every batch again with quantization=fp8 (W8A8)"
@@ -984,6 +996,10 @@ def main() -> None:
             if args.compare_fp8:
                 fp8_pdl = argparse.Namespace(**vars(fp8_args) | {"no_pdl": not args.no_pdl})
                 result["tandem_fp8_pdl"] = bench_tandem(path, fp8_pdl, device)
+        if args.compare_prompt_graphs:
+            graphed = {"batches": "1", "prompt_graph_tokens": args.compare_prompt_graphs}
+            graphed_args = argparse.Namespace(**vars(args) | graphed)
+            result["tandem_prompt_graphs"] = bench_tandem(path, graphed_args, device)
         if args.compare_kv_fp8:
             kv_args = argparse.Namespace(**vars(args) | {"kv_cache_dtype": "fp8_e4m3"})
             result["tandem_kv_fp8"] = bench_tandem(path, kv_args, device)
@@ -1016,6 +1032,15 @@ def main() -> None:
               f"built and launched by the host in {host:.2f} ms ({host / wall:.2f} of the time)")  # fmt: skip
     for m in result["tandem"].get("mixed", {}).values():
         print(mixed_line(m, costs, result["roofline"]["matmul_flops"]))
+    if (graphed := result.get("tandem_prompt_graphs")) and not graphed["prompt_graphs"]:
+        print("no prompt graphs here (CUDA graphs off, or the model's layers take none)")
+    elif graphed:
+        g, e = graphed["prefill"], result["tandem"]["prefill"]
+        print(f"tandem prefill {g['batch']}x{args.context}, prompt graphs up to {args.compare_prompt_graphs} "
+              f"tokens: {1e3 * g['seconds']:.2f} ms (eager: {1e3 * e['seconds']:.2f} ms; "
+              f"{e['seconds'] / g['seconds']:.3f}x faster)")  # fmt: skip
+        for m in graphed.get("mixed", {}).values():
+            print("  with prompt graphs: " + mixed_line(m, costs, result["roofline"]["matmul_flops"]))
     profiled = result.get("tandem_profile", {})
     for b, kernels in profiled.get("profile", {}).items():
         print(f"top kernels of one eager decode forward, batch {b}:")

@@ -142,6 +142,14 @@ class EngineConfig:
     # Larger decode batches run eagerly.
     cuda_graph_max_bs: int = field(default=160, metadata=flag("largest decode batch run as a CUDA graph"))
     disable_cuda_graph: bool = field(default=False, metadata=flag("run every step eagerly"))
+    # Prompt chunks as CUDA graphs (shared/cuda_graph.py `PromptGraphRunner`): off until measured
+    # on a GPU against the eager forward (docs/benchmarks.md r28).
+    cuda_graph_prompt_tokens: int | None = field(
+        default=None,
+        metadata=flag(
+            "prompt steps of up to this many tokens run as CUDA graphs (default: eagerly; experimental)"
+        ),
+    )
     # Overlap scheduling: the host prepares step N+1 while the device runs step N. Tests force it
     # on CPU to check it changes no output. A prefill engine streams a chunk's KV pages once the
     # step that computed it has been read, in the next step (shared/inflight.py).
@@ -302,6 +310,7 @@ class EngineConfig:
         positive("max_context_len", self.max_context_len)
         positive("max_prefill_tokens", self.max_prefill_tokens)
         positive("cuda_graph_max_bs", self.cuda_graph_max_bs)
+        positive("cuda_graph_prompt_tokens", self.cuda_graph_prompt_tokens)
         if not isinstance(self.attention_backend, str) or not self.attention_backend:
             raise ValueError(
                 f"attention_backend must be a backend name or 'auto', got {self.attention_backend!r}"

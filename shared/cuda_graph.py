@@ -24,11 +24,22 @@ from the static tensors. The sampler runs after the graph, on its output, eagerl
 
 `capture=False` runs the same static-buffer forward eagerly instead of replaying a graph: the
 padding and buffer logic can then be tested on CPU.
+
+Prompt chunks (`PromptGraphRunner`, `EngineConfig.cuda_graph_prompt_tokens`, off by default
+until measured on a GPU): a lone prompt's eager forward is bound by the host's launches (a
+1024-token Llama-3-8B prompt: 22 ms of GPU work in 33 ms, docs/benchmarks.md r28). The same
+scheme captures EXTEND forwards at a set of token counts for up to `PROMPT_GRAPH_MAX_REQS`
+requests: static `[T]` token rows and `[R]` request rows, padding tokens written to slot 0 and
+padding requests of no new tokens, whose attention programs return at once; the extend
+kernel's grid comes from the token count T (no request has more new tokens), its start rows
+from the static lengths on the device. Logits come for every request's last token; the sampled
+ones are picked after the replay.
 """
 
 from __future__ import annotations
 
 import gc
+import itertools
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -87,6 +98,33 @@ def garbage_collected_first() -> Iterator[None]:
     finally:
         if enabled:
             gc.enable()
+
+
+@torch.inference_mode()
+def capture_graphs(
+    batches: dict[int, ForwardBatch], run: Callable[[ForwardBatch], torch.Tensor], device: torch.device
+) -> tuple[dict[int, torch.cuda.CUDAGraph], dict[int, torch.Tensor]]:
+    """One graph of `run(batch)` per key, in one memory pool, in the dict's order (largest first:
+    smaller graphs then fit in the memory the largest one left in the pool); with their outputs."""
+    graphs: dict[int, torch.cuda.CUDAGraph] = {}
+    outputs: dict[int, torch.Tensor] = {}
+    with garbage_collected_first():
+        pool = torch.cuda.graph_pool_handle()
+        # One side stream for every warm-up: cuBLAS keeps a workspace per stream.
+        stream = torch.cuda.Stream(device)
+        for key, fb in batches.items():
+            stream.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(stream):
+                for _ in range(2):  # compile Triton kernels and settle cuBLAS outside the capture
+                    run(fb)
+            torch.cuda.current_stream(device).wait_stream(stream)
+            torch.cuda.synchronize(device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                outputs[key] = run(fb)
+            graphs[key] = graph
+    torch.cuda.synchronize(device)
+    return graphs, outputs
 
 
 class CudaGraphRunner:
@@ -169,34 +207,11 @@ class CudaGraphRunner:
         hidden = self.model(fb.input_ids, fb.positions, fb)  # [bs, hidden]
         return self.model.compute_logits(hidden)
 
-    @torch.inference_mode()
     def _capture_all(self) -> None:
-        if not self.capture_graphs:
-            for bs in reversed(self.batch_sizes):
-                self._batches[bs] = self._forward_batch(bs)
-            return
-        with garbage_collected_first():
-            self._capture_graphs()
-        torch.cuda.synchronize(self.device)
-
-    def _capture_graphs(self) -> None:
-        pool = torch.cuda.graph_pool_handle()
-        # One side stream for every warm-up: cuBLAS keeps a workspace per stream.
-        stream = torch.cuda.Stream(self.device)
-        # Largest first: smaller graphs then fit in the memory the largest one left in the pool.
         for bs in reversed(self.batch_sizes):
-            fb = self._forward_batch(bs)
-            self._batches[bs] = fb
-            stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(stream):
-                for _ in range(2):  # compile Triton kernels and settle cuBLAS outside the capture
-                    self._run(fb)
-            torch.cuda.current_stream(self.device).wait_stream(stream)
-            torch.cuda.synchronize(self.device)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self._outputs[bs] = self._run(fb)
-            self._graphs[bs] = graph
+            self._batches[bs] = self._forward_batch(bs)
+        if self.capture_graphs:
+            self._graphs, self._outputs = capture_graphs(self._batches, self._run, self.device)
 
     # ---- replay ------------------------------------------------------------------------------
 
@@ -264,3 +279,154 @@ class CudaGraphRunner:
         profiling per kernel, which a graph replay hides."""
         fb = self._batches[bs]
         return lambda: self._run(fb)
+
+
+# Requests one prompt graph takes: the step's prompt chunks (a step budget of a few thousand
+# tokens holds a handful of prompts at a time; more run eagerly).
+PROMPT_GRAPH_MAX_REQS = 16
+# Rows of the prompt graphs' static token and request inputs.
+_T_IDS, _T_POS, _T_LOC = range(3)
+_R_ROW, _R_LEN, _R_PREFIX, _R_EXTEND, _R_LOGIT = range(5)
+
+
+def prompt_token_counts(max_tokens: int) -> list[int]:
+    """The token counts prompt graphs are captured at: 64, 128, 256, then every multiple of 256
+    up to `max_tokens` (and `max_tokens` itself); a chunk pads up to the next one."""
+    counts = [t for t in (64, 128) if t < max_tokens] + list(range(256, max_tokens + 1, 256))
+    if not counts or counts[-1] != max_tokens:
+        counts.append(max_tokens)
+    return counts
+
+
+class PromptGraphRunner:
+    """Captured prompt (EXTEND) forwards at a set of token counts, for up to
+    `PROMPT_GRAPH_MAX_REQS` requests, and their replay (module docstring).
+
+    Owned by the model runner beside `CudaGraphRunner`, single-threaded like it; multi-head
+    attention models on a backend that plans extend graphs (not MLA, not MoE: their layers plan
+    from host values)."""
+
+    def __init__(
+        self,
+        model: CausalLM,
+        kv_pool: KVPool,
+        req_pool: ReqToTokenPool,
+        backend: AttentionBackend,
+        device: torch.device,
+        token_counts: list[int],
+        max_seq_len: int,
+        capture: bool = True,
+    ) -> None:
+        if not backend.supports_cuda_graph:
+            raise ValueError(f"attention backend {backend.name!r} does not support CUDA graphs")
+        self.model = model
+        self.kv_pool = kv_pool
+        self.req_pool = req_pool
+        self.backend = backend
+        self.device = device
+        self.token_counts = sorted(token_counts)
+        self.max_tokens = self.token_counts[-1]
+        self.max_seq_len = max_seq_len
+        self.capture_graphs = capture
+        t, r = self.max_tokens, PROMPT_GRAPH_MAX_REQS
+        pin = device.type == "cuda"
+        # One flat buffer, one copy a step: [3, T] token rows then [5, R] request rows.
+        self._host = torch.zeros(3 * t + 5 * r, dtype=torch.int64, pin_memory=pin)
+        self._host_np = self._host.numpy()
+        self._inputs = self._host.to(device, copy=True)
+        self._tok = self._inputs[: 3 * t].view(3, t)
+        self._req = self._inputs[3 * t :].view(5, r)
+        self._copied = torch.cuda.Event() if pin else None
+        self._batches: dict[int, ForwardBatch] = {}
+        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._outputs: dict[int, torch.Tensor] = {}
+        self.replays = 0  # prompt forwards served (a count for tests and stats)
+        start = time.perf_counter()
+        for count in reversed(self.token_counts):
+            self._batches[count] = self._forward_batch(count)
+        if capture:
+            self._graphs, self._outputs = capture_graphs(self._batches, self._run, device)
+        logger.info(
+            "CUDA graphs for prompt chunks: %s %d token counts up to %d in %.1f s",
+            "captured" if capture else "prepared (eager)",
+            len(self.token_counts),
+            self.max_tokens,
+            time.perf_counter() - start,
+        )
+
+    def _forward_batch(self, count: int) -> ForwardBatch:
+        """The prompt batch over the first `count` token columns and every request column."""
+        tok, req = self._tok, self._req
+        r = PROMPT_GRAPH_MAX_REQS
+        return ForwardBatch(
+            mode=ForwardMode.EXTEND,
+            input_ids=tok[_T_IDS, :count],
+            positions=tok[_T_POS, :count],
+            out_cache_loc=tok[_T_LOC, :count],
+            req_pool_indices=req[_R_ROW],
+            seq_lens=req[_R_LEN],
+            extend_prefix_lens=req[_R_PREFIX],
+            extend_seq_lens=req[_R_EXTEND],
+            logits_indices=req[_R_LOGIT],
+            # Host copies describe the padding only: graph plans must not read them.
+            req_pool_indices_cpu=[0] * r,
+            seq_lens_cpu=[0] * r,
+            extend_prefix_lens_cpu=[0] * r,
+            extend_seq_lens_cpu=[0] * r,
+            req_to_token_pool=self.req_pool,
+            kv_pool=self.kv_pool,
+            attn_backend=self.backend,
+        )
+
+    def _run(self, fb: ForwardBatch) -> torch.Tensor:  # [R, vocab] float32
+        self.backend.init_forward_metadata_graph(fb, self.max_seq_len)
+        hidden = self.model(fb.input_ids, fb.positions, fb)  # [T, hidden]
+        return self.model.compute_logits(hidden[fb.logits_indices])
+
+    def can_run(self, batch: ScheduleBatch) -> bool:
+        return (
+            not batch.embeds
+            and 0 < len(batch.items) <= PROMPT_GRAPH_MAX_REQS
+            and 0 < batch.num_tokens <= self.max_tokens
+            and not batch.is_decode
+        )
+
+    @torch.inference_mode()
+    def run(self, batch: ScheduleBatch, patch: tuple[list[int], torch.Tensor] | None = None) -> torch.Tensor:
+        """Logits [N, vocab] (float32) of the batch's sampling items, in batch order. `patch`:
+        (items, their input tokens on the device) for inputs the host does not know yet (each
+        the last input of its item)."""
+        items = batch.items
+        n, total = len(items), batch.num_tokens
+        count = next(c for c in self.token_counts if c >= total)
+        t, r = self.max_tokens, PROMPT_GRAPH_MAX_REQS
+        if self._copied is not None:
+            self._copied.synchronize()  # normally long done: the last step's tokens were read
+        host = self._host_np
+        tok, req = host[: 3 * t].reshape(3, t), host[3 * t :].reshape(5, r)
+        ends = list(itertools.accumulate(it.extend_len for it in items))
+        tok[_T_IDS, :total] = [i for it in items for i in it.req.all_ids[it.start : it.start + it.extend_len]]
+        tok[_T_POS, :total] = [p for it in items for p in range(it.start, it.start + it.extend_len)]
+        tok[_T_LOC, :total] = torch.cat([it.slots for it in items]).numpy()
+        tok[:, total:count] = 0  # padding tokens: token 0 at position 0, K/V to the padding slot
+        req[_R_ROW, :n] = [it.req.row for it in items]
+        req[_R_LEN, :n] = [it.start + it.extend_len for it in items]
+        req[_R_PREFIX, :n] = [it.start for it in items]
+        req[_R_EXTEND, :n] = [it.extend_len for it in items]
+        req[_R_LOGIT, :n] = [end - 1 for end in ends]
+        req[:, n:] = 0  # padding requests: no new tokens, so their attention programs return
+        self._inputs.copy_(self._host, non_blocking=True)
+        if self._copied is not None:
+            self._copied.record()
+        if patch is not None:
+            columns, tokens = patch
+            rows = to_device([ends[i] - 1 for i in columns], self.device)
+            self._tok[_T_IDS].index_copy_(0, rows, tokens)
+        self.replays += 1
+        if self.capture_graphs:
+            self._graphs[count].replay()
+            logits = self._outputs[count]
+        else:
+            logits = self._run(self._batches[count])
+        sampling = [i for i, it in enumerate(items) if it.sample]
+        return logits[torch.tensor(sampling, dtype=torch.int64, device=self.device)]

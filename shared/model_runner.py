@@ -6,7 +6,10 @@ steps of up to `cuda_graph_max_bs` requests replay a captured CUDA graph (shared
 prefill and larger steps run eagerly. A mixed step's leading decode rows replay their graph on a
 second stream while its prompt chunks run eagerly on the first (unless
 `disable_split_mixed_steps`): the bandwidth-bound decode forward beside the compute-bound
-prompts, as a prefill and a decode engine sharing one GPU run theirs.
+prompts, as a prefill and a decode engine sharing one GPU run theirs. With
+`cuda_graph_prompt_tokens` (off by default until measured) prompt steps of up to that many
+tokens replay a captured graph too (`PromptGraphRunner`): the eager forward of a lone prompt waits
+on the host's launches.
 
 With tensor parallelism (`tp_size > 1`, shared/distributed/) every rank has a runner holding its
 shard of the weights and of the KV pool. Rank 0's `forward` first broadcasts the step's inputs;
@@ -32,13 +35,15 @@ from typing import TYPE_CHECKING
 import torch
 
 from shared.attention import create_backend, resolve_backend_name
+from shared.attention.mla import MLAAttention
 from shared.batch import ForwardBatch, ForwardMode, to_device, to_device_int64
 from shared.config import EngineConfig
-from shared.cuda_graph import CudaGraphRunner, capture_batch_sizes
+from shared.cuda_graph import CudaGraphRunner, PromptGraphRunner, capture_batch_sizes, prompt_token_counts
 from shared.distributed import dp_attention, parallel_state
 from shared.distributed.step_sync import StepBroadcast, StepInputs, TransferOps
 from shared.mem import PageAllocator, ReqToTokenPool, make_kv_pool
 from shared.models.config import ModelConfig, resolve_dtype
+from shared.models.layers.moe import FusedMoE
 from shared.models.loader import load_model
 from shared.pooling import pool_chunk
 from shared.quant.fp8 import FP8_DTYPE
@@ -156,6 +161,7 @@ class ModelRunner:
             self.backend.name,
         )
         self.graph_runner = self._make_graph_runner()
+        self.prompt_graphs = self._make_prompt_graph_runner(dp)
         self._side_stream: torch.cuda.Stream | None = None  # split mixed steps, made on first use
         self.split_steps = 0  # mixed steps run split (a count for tests and benchmarks)
         # Tensor parallelism: rank 0 sends each step's inputs, the other ranks receive them.
@@ -193,6 +199,26 @@ class ModelRunner:
             self.max_context_len,
         )
 
+    def _make_prompt_graph_runner(self, dp: bool) -> PromptGraphRunner | None:
+        config = self.config
+        if config.cuda_graph_prompt_tokens is None or self.graph_runner is None or dp:
+            return None  # off, or no graphs at all here (CPU, tensor parallelism, the backend)
+        layers = {type(m) for m in self.model.modules()}
+        if MLAAttention in layers or any(issubclass(t, FusedMoE) for t in layers):
+            logger.info("CUDA graphs for prompt chunks off: MLA and MoE layers plan from host values")
+            return None
+        budget = config.chunked_prefill_size if config.chunked_prefill_size > 0 else None
+        max_tokens = min(config.cuda_graph_prompt_tokens, budget or config.cuda_graph_prompt_tokens)
+        return PromptGraphRunner(
+            self.model,
+            self.kv_pool,
+            self.req_pool,
+            self.backend,
+            self.device,
+            prompt_token_counts(max_tokens),
+            self.max_context_len,
+        )
+
     def _tokens_that_fit(self) -> int:
         if self.device.type != "cuda":
             return _CPU_DEFAULT_TOKENS
@@ -225,6 +251,15 @@ class ModelRunner:
             return self.graph_runner.run(batch, patch)  # every item of a decode batch samples
         if split := self._decode_rows_apart(batch, patch):
             return self._run_split(batch, split, patch, writes)
+        return self._run_rest(batch, patch, writes)
+
+    def _run_rest(
+        self, batch: ScheduleBatch, patch: tuple[list[int], torch.Tensor] | None, writes: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Logits of a step no decode graph takes: its prompt graph's replay where one was
+        captured for it, else the eager forward."""
+        if self.prompt_graphs is not None and self.prompt_graphs.can_run(batch):
+            return self.prompt_graphs.run(batch, patch)
         return self._run(self._eager_batch(batch, patch, writes))
 
     def _decode_rows_apart(self, batch: ScheduleBatch, patch: tuple[list[int], torch.Tensor] | None) -> int:
@@ -267,7 +302,7 @@ class ModelRunner:
         self.split_steps += 1
         if self.device.type != "cuda":
             head = graphs.run(decode, patch)
-            return torch.cat([head, self._run(self._eager_batch(prompts, None, writes))])
+            return torch.cat([head, self._run_rest(prompts, None, writes)])
         main = torch.cuda.current_stream(self.device)
         if self._side_stream is None:
             self._side_stream = torch.cuda.Stream(self.device)
@@ -278,7 +313,7 @@ class ModelRunner:
         with torch.cuda.stream(side):
             head = graphs.run(decode, patch)  # [d, V]: a view of the graph's static output
         try:
-            tail = self._run(self._eager_batch(prompts, None, writes))
+            tail = self._run_rest(prompts, None, writes)
         finally:  # also when the prompts' forward fails (OOM): nothing may outrun the decode rows'
             main.wait_stream(side)  # KV writes into pages the failed step's requests give back
         return torch.cat([head, tail])

@@ -63,10 +63,12 @@ class AttentionBackend(ABC):
         """Plan the step once for all layers (index tensors, split sizes). Default: nothing."""
 
     def init_forward_metadata_graph(self, batch: ForwardBatch, max_seq_len: int) -> None:
-        """Plan a decode step that a CUDA graph captures and later replays with other values.
+        """Plan a step that a CUDA graph captures and later replays with other values: a decode
+        step, or a prompt (EXTEND) step where the backend takes those (`PromptGraphRunner`).
 
-        The plan may use only `batch.batch_size`, `max_seq_len` (no replay sees a longer
-        sequence) and the batch's device tensors, which keep their addresses across replays.
+        The plan may use only `batch.batch_size`, `batch.num_tokens` (no request of a replay has
+        more new tokens), `max_seq_len` (no replay sees a longer sequence) and the batch's device
+        tensors, which keep their addresses across replays.
         """
         raise NotImplementedError(f"attention backend {self.name!r} does not support CUDA graphs")
 

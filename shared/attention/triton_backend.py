@@ -8,7 +8,9 @@ plans once per step what all layers share: the per-request index vectors and the
 maxima that size the kernels' grids, so no layer syncs with the device.
 
 CUDA graphs: `init_forward_metadata_graph` plans a decode step from the batch size and an upper
-bound on sequence length (the engine's max context) instead of this batch's lengths. The split
+bound on sequence length (the engine's max context) instead of this batch's lengths; a prompt
+step (shared/cuda_graph.py's `PromptGraphRunner`) from its token count, the extend kernel's
+programs past a request's new tokens returning at once. The split
 count of the decode kernel, the only host-side choice, then depends on those two alone, and the
 kernels read every length and index from the batch's static tensors at replay. Graphs split the
 keys more finely than eager steps (`_graph_kv_splits`): a small batch otherwise leaves most of
@@ -98,10 +100,20 @@ class TritonAttentionBackend(AttentionBackend):
         )
 
     def init_forward_metadata_graph(self, batch: ForwardBatch, max_seq_len: int) -> None:
-        if batch.mode != ForwardMode.DECODE:
-            raise ValueError("CUDA graphs capture decode steps only")
+        if batch.mode == ForwardMode.DECODE:
+            self._plan = _StepPlan(
+                batch=batch, extend_starts=None, max_seq_len=max_seq_len, max_extend_len=1, graph=True
+            )
+            return
+        # A prompt graph: no request has more new tokens than the batch has rows, and the start
+        # rows come from the lengths on the device (padding requests have none).
+        extend_lens = batch.extend_seq_lens
         self._plan = _StepPlan(
-            batch=batch, extend_starts=None, max_seq_len=max_seq_len, max_extend_len=1, graph=True
+            batch=batch,
+            extend_starts=torch.cumsum(extend_lens, 0) - extend_lens,
+            max_seq_len=max_seq_len,
+            max_extend_len=batch.num_tokens,
+            graph=True,
         )
 
     def _plan_for(self, batch: ForwardBatch) -> _StepPlan:

@@ -21,9 +21,16 @@ import torch
 
 from shared.attention import resolve_backend_name
 from shared.config import EngineConfig
-from shared.cuda_graph import CudaGraphRunner, capture_batch_sizes, garbage_collected_first
+from shared.cuda_graph import (
+    CudaGraphRunner,
+    PromptGraphRunner,
+    capture_batch_sizes,
+    garbage_collected_first,
+    prompt_token_counts,
+)
 from shared.engine_core import EngineCore
 from shared.sampling import SamplingParams
+from shared.scheduler.scheduler import ScheduleBatch
 from tests.engine.hf_reference import hf_greedy
 from tests.engine.test_parity import make_prompts, run_staggered
 
@@ -49,6 +56,13 @@ def test_capture_batch_sizes() -> None:
     assert capture_batch_sizes(20) == [1, 2, 4, 8, 16, 20]
 
 
+def test_prompt_token_counts() -> None:
+    assert prompt_token_counts(16) == [16]
+    assert prompt_token_counts(100) == [64, 100]
+    assert prompt_token_counts(1024) == [64, 128, 256, 512, 768, 1024]
+    assert prompt_token_counts(1000) == [64, 128, 256, 512, 768, 1000]
+
+
 def test_auto_backend_is_torch_on_cpu_and_triton_on_cuda() -> None:
     assert resolve_backend_name("auto", torch.device("cpu")) == "torch"
     assert resolve_backend_name("auto", torch.device("cuda")) == "triton"
@@ -58,6 +72,8 @@ def test_auto_backend_is_torch_on_cpu_and_triton_on_cuda() -> None:
 def test_graph_options_are_validated(tiny_llama: Path) -> None:
     with pytest.raises(ValueError, match="cuda_graph_max_bs"):
         EngineConfig.from_options(str(tiny_llama), cuda_graph_max_bs=0)
+    with pytest.raises(ValueError, match="cuda_graph_prompt_tokens"):
+        EngineConfig.from_options(str(tiny_llama), cuda_graph_prompt_tokens=0)
     config = EngineConfig.from_options(str(tiny_llama), disable_cuda_graph=True)
     assert config.attention_backend == "auto"
 
@@ -97,6 +113,45 @@ def test_static_buffer_decode_matches_hf_on_cpu(
     assert graphs.replays > 0
     for i, ids in enumerate(prompts):
         assert outputs[f"r{i}"] == hf_greedy(path, ids, NEW_TOKENS), f"prompt {i}"
+
+
+@pytest.mark.parametrize("overlap", [False, True], ids=["sync", "overlap"])
+def test_static_buffer_prompts_match_hf_on_cpu(
+    tiny_model_factory: Callable[..., Path], kernel_reference: None, overlap: bool
+) -> None:
+    """Prompt steps through the prompt graph runner's padded static buffers (eagerly here): 16-
+    token chunks padded up to 4, 8 or 16 tokens and 16 request columns, alone and beside the
+    decode rows of split mixed steps, then the same prompts again over their cached prefixes."""
+    path = tiny_model_factory("llama")
+    core, _ = _core_with_static_buffers(path, page_size=4, enable_overlap_schedule=overlap)
+    runner = core.runner
+    prompts_runner = PromptGraphRunner(
+        runner.model,
+        runner.kv_pool,
+        runner.req_pool,
+        runner.backend,
+        runner.device,
+        [4, 8, 16],
+        runner.max_context_len,
+        capture=False,
+    )
+    runner.prompt_graphs = prompts_runner
+    tokens: list[int] = []  # prompt tokens through the static buffers, per round
+    run = prompts_runner.run
+
+    def counting(batch: ScheduleBatch, patch: object = None) -> torch.Tensor:
+        tokens[-1] += batch.num_tokens
+        return run(batch, patch)  # type: ignore[arg-type]
+
+    prompts_runner.run = counting  # type: ignore[method-assign]
+    prompts = make_prompts(runner.vocab_size)
+    for round_ in range(2):  # the second round's prompts start from cached prefixes
+        tokens.append(0)
+        outputs = run_staggered(core, prompts)
+        for i, ids in enumerate(prompts):
+            assert outputs[f"r{i}"] == hf_greedy(path, ids, NEW_TOKENS), f"round {round_}, prompt {i}"
+    assert runner.split_steps > 0
+    assert 0 < tokens[1] < tokens[0]  # both rounds' prompts took the runner, the second fewer tokens
 
 
 @pytest.mark.parametrize(
@@ -341,6 +396,51 @@ def _record_logits(core: EngineCore) -> list[torch.Tensor]:
 
     core.runner.forward = record  # type: ignore[method-assign]
     return seen
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize(
+    ("arch", "overrides"),
+    [("llama", {}), ("qwen3", {}), ("mistral", {"sliding_window": 8})],
+    ids=["llama", "qwen3", "mistral-window8"],
+)
+def test_prompt_graphs_greedy_parity_with_hf(
+    tiny_model_factory: Callable[..., Path], arch: str, overrides: dict[str, int]
+) -> None:
+    """float32 on the GPU, prompt steps replaying their captured graphs (every chunk padded up to
+    16 tokens), alone and beside split decode rows, then again over cached prefixes: HF's tokens."""
+    path = tiny_model_factory(arch, **overrides)
+    core = EngineCore(
+        EngineConfig.from_options(
+            str(path),
+            device="cuda",
+            dtype="float32",
+            page_size=4,
+            chunked_prefill_size=16,
+            cuda_graph_max_bs=6,
+            cuda_graph_prompt_tokens=16,
+            debug_invariants=True,
+        )
+    )
+    prompt_graphs = core.runner.prompt_graphs
+    assert prompt_graphs is not None and prompt_graphs.token_counts == [16]
+    prompts = make_prompts(core.runner.vocab_size)
+    for round_ in range(2):  # the second round's prompts start from cached prefixes
+        replays = prompt_graphs.replays
+        outputs = run_staggered(core, prompts)
+        assert prompt_graphs.replays > replays
+        for i, ids in enumerate(prompts):
+            assert outputs[f"r{i}"] == hf_greedy(path, ids, NEW_TOKENS), f"round {round_}, prompt {i}"
+
+
+@gpu
+@needs_cuda
+def test_prompt_graphs_stay_off_for_mla_and_moe_models(tiny_model_factory: Callable[..., Path]) -> None:
+    path = tiny_model_factory("deepseek_v2", qk_rope_head_dim=16)
+    config = EngineConfig.from_options(str(path), device="cuda", dtype="float32", cuda_graph_prompt_tokens=16)
+    runner = EngineCore(config).runner
+    assert runner.graph_runner is not None and runner.prompt_graphs is None
 
 
 @gpu
