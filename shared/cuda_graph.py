@@ -32,8 +32,8 @@ scheme captures EXTEND forwards at a set of token counts for up to `PROMPT_GRAPH
 requests: static `[T]` token rows and `[R]` request rows, padding tokens written to slot 0 and
 padding requests of no new tokens, whose attention programs return at once; the extend
 kernel's grid comes from the token count T (no request has more new tokens), its start rows
-from the static lengths on the device. Logits come for every request's last token; the sampled
-ones are picked after the replay.
+from the static lengths on the device. Logits come for the sampling requests' last tokens, the
+first rows of the graph's output (a view, as decode's).
 """
 
 from __future__ import annotations
@@ -393,7 +393,8 @@ class PromptGraphRunner:
 
     @torch.inference_mode()
     def run(self, batch: ScheduleBatch, patch: tuple[list[int], torch.Tensor] | None = None) -> torch.Tensor:
-        """Logits [N, vocab] (float32) of the batch's sampling items, in batch order. `patch`:
+        """Logits [N, vocab] (float32) of the batch's sampling items, in batch order (a view of the
+        graph's static output, valid until the next replay, as decode's). `patch`:
         (items, their input tokens on the device) for inputs the host does not know yet (each
         the last input of its item)."""
         items = batch.items
@@ -413,8 +414,11 @@ class PromptGraphRunner:
         req[_R_LEN, :n] = [it.start + it.extend_len for it in items]
         req[_R_PREFIX, :n] = [it.start for it in items]
         req[_R_EXTEND, :n] = [it.extend_len for it in items]
-        req[_R_LOGIT, :n] = [end - 1 for end in ends]
         req[:, n:] = 0  # padding requests: no new tokens, so their attention programs return
+        # Logits rows: the sampling items' last tokens, in batch order, first (the rest unread).
+        sampling = [end - 1 for it, end in zip(items, ends) if it.sample]
+        req[_R_LOGIT, : len(sampling)] = sampling
+        req[_R_LOGIT, len(sampling) :] = 0
         self._inputs.copy_(self._host, non_blocking=True)
         if self._copied is not None:
             self._copied.record()
@@ -428,5 +432,4 @@ class PromptGraphRunner:
             logits = self._outputs[count]
         else:
             logits = self._run(self._batches[count])
-        sampling = [i for i, it in enumerate(items) if it.sample]
-        return logits[torch.tensor(sampling, dtype=torch.int64, device=self.device)]
+        return logits[: len(sampling)]  # a view of the graph's static output, as decode's
