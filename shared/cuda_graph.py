@@ -46,6 +46,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from shared.batch import ForwardBatch, ForwardMode, to_device
@@ -127,12 +128,133 @@ def capture_graphs(
     return graphs, outputs
 
 
-class CudaGraphRunner:
-    """Captured decode forwards for a set of batch sizes, and the per-step replay.
+class _GraphRunner:
+    """What the decode and prompt graph runners share: the model and pools a forward runs on, one
+    host buffer (pinned on CUDA) uploaded whole each step into the graphs' static inputs, and per
+    size its batch over those inputs and its captured graph (or, with `capture=False`, its
+    forward rerun eagerly on the same buffers). A subclass builds `_forward_batch(size)` and
+    `_run(batch)`, then calls `_prepare`.
 
     Owned by the model runner; single-threaded like it. The KV pool, request table and backend
     must outlive it (the graphs hold their addresses).
     """
+
+    what = ""  # the log line's name for the sizes
+
+    def __init__(
+        self,
+        model: CausalLM,
+        kv_pool: KVPool,
+        req_pool: ReqToTokenPool,
+        backend: AttentionBackend,
+        device: torch.device,
+        sizes: list[int],
+        max_seq_len: int,
+        host: torch.Tensor,  # int64, the static inputs' initial values
+        capture: bool,
+    ) -> None:
+        if not backend.supports_cuda_graph:
+            raise ValueError(f"attention backend {backend.name!r} does not support CUDA graphs")
+        self.model = model
+        self.kv_pool = kv_pool
+        self.req_pool = req_pool
+        self.backend = backend
+        self.device = device
+        self.sizes = sorted(sizes)
+        self.max_seq_len = max_seq_len
+        self.capture_graphs = capture
+        pin = device.type == "cuda"
+        self._host = host.pin_memory() if pin else host
+        self._host_np = self._host.numpy()
+        self._inputs = self._host.to(device, copy=True)  # the graphs' static inputs
+        # The host buffer must not be rewritten while its last copy may still be reading it.
+        self._copied = torch.cuda.Event() if pin else None
+        self._batches: dict[int, ForwardBatch] = {}
+        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._outputs: dict[int, torch.Tensor] = {}
+        self.replays = 0  # forwards served (a count for tests and stats)
+
+    def _forward_batch(self, size: int) -> ForwardBatch:
+        raise NotImplementedError
+
+    def _static_batch(
+        self,
+        mode: ForwardMode,
+        tokens: tuple[torch.Tensor, torch.Tensor, torch.Tensor],  # ids, positions, KV slots: [T]
+        requests: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],  # rows, lengths: [B]
+        logits_indices: torch.Tensor,
+        pad_len: int,  # a padding request's seq_len and extend_len, for the host copies
+    ) -> ForwardBatch:
+        (ids, positions, slots), (rows, seq_lens, prefix_lens, extend_lens) = tokens, requests
+        n = rows.shape[0]
+        return ForwardBatch(
+            mode=mode,
+            input_ids=ids,
+            positions=positions,
+            out_cache_loc=slots,
+            req_pool_indices=rows,
+            seq_lens=seq_lens,
+            extend_prefix_lens=prefix_lens,
+            extend_seq_lens=extend_lens,
+            logits_indices=logits_indices,
+            # Host copies describe the padding only: graph plans must not read them.
+            req_pool_indices_cpu=[0] * n,
+            seq_lens_cpu=[pad_len] * n,
+            extend_prefix_lens_cpu=[0] * n,
+            extend_seq_lens_cpu=[pad_len] * n,
+            req_to_token_pool=self.req_pool,
+            kv_pool=self.kv_pool,
+            attn_backend=self.backend,
+        )
+
+    def _run(self, fb: ForwardBatch) -> torch.Tensor:  # [rows, vocab] float32
+        self.backend.init_forward_metadata_graph(fb, self.max_seq_len)
+        hidden = self.model(fb.input_ids, fb.positions, fb)  # [T, hidden]
+        # A decode batch: every row's logits; a prompt batch: its logits rows'.
+        rows = hidden if fb.mode == ForwardMode.DECODE else hidden[fb.logits_indices]
+        return self.model.compute_logits(rows)
+
+    def _prepare(self) -> None:
+        start = time.perf_counter()
+        for size in reversed(self.sizes):
+            self._batches[size] = self._forward_batch(size)
+        if self.capture_graphs:
+            self._graphs, self._outputs = capture_graphs(self._batches, self._run, self.device)
+        logger.info(
+            "CUDA graphs for %s: %s %d sizes up to %d in %.1f s",
+            self.what,
+            "captured" if self.capture_graphs else "prepared (eager)",
+            len(self.sizes),
+            self.sizes[-1],
+            time.perf_counter() - start,
+        )
+
+    def _host_buffer(self) -> np.ndarray:
+        """The host buffer, once its last upload has read it (normally long done)."""
+        if self._copied is not None:
+            self._copied.synchronize()
+        return self._host_np
+
+    def _upload(self) -> None:
+        # The whole buffer: a contiguous copy stays one async memcpy (a strided one would not).
+        self._inputs.copy_(self._host, non_blocking=True)
+        if self._copied is not None:
+            self._copied.record()
+
+    def _replay(self, size: int) -> torch.Tensor:
+        """The forward of `size` on the static inputs: its graph's output (a view, valid until
+        its next replay)."""
+        self.replays += 1
+        if self.capture_graphs:
+            self._graphs[size].replay()
+            return self._outputs[size]
+        return self._run(self._batches[size])
+
+
+class CudaGraphRunner(_GraphRunner):
+    """Captured decode forwards for a set of batch sizes, and the per-step replay."""
+
+    what = "decode batch sizes"
 
     def __init__(
         self,
@@ -145,36 +267,12 @@ class CudaGraphRunner:
         max_seq_len: int,
         capture: bool = True,
     ) -> None:
-        if not backend.supports_cuda_graph:
-            raise ValueError(f"attention backend {backend.name!r} does not support CUDA graphs")
-        self.model = model
-        self.kv_pool = kv_pool
-        self.req_pool = req_pool
-        self.backend = backend
-        self.device = device
-        self.batch_sizes = sorted(batch_sizes)
-        self.max_bs = self.batch_sizes[-1]
-        self.max_seq_len = max_seq_len
-        self.capture_graphs = capture
-        pin = device.type == "cuda"
-        self._host = torch.zeros((5, self.max_bs), dtype=torch.int64, pin_memory=pin)  # [5, max_bs]
-        self._host[:] = torch.tensor(_PAD_COLUMN, dtype=torch.int64)[:, None]
-        self._host_np = self._host.numpy()
-        self._inputs = self._host.to(device, copy=True)  # [5, max_bs], the graphs' static inputs
-        # The host buffer must not be rewritten while its last copy may still be reading it.
-        self._copied = torch.cuda.Event() if pin else None
-        self._batches: dict[int, ForwardBatch] = {}
-        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self._outputs: dict[int, torch.Tensor] = {}
-        self.replays = 0  # decode steps served (a count for tests and stats)
-        start = time.perf_counter()
-        self._capture_all()
-        logger.info(
-            "CUDA graphs: %s batch sizes up to %d in %.1f s",
-            "captured" if capture else "prepared (eager)",
-            self.max_bs,
-            time.perf_counter() - start,
-        )
+        max_bs = max(batch_sizes)
+        host = torch.tensor(_PAD_COLUMN, dtype=torch.int64)[:, None].repeat(1, max_bs)  # [5, max_bs]
+        super().__init__(model, kv_pool, req_pool, backend, device, batch_sizes, max_seq_len, host, capture)
+        self.batch_sizes = self.sizes
+        self.max_bs = max_bs
+        self._prepare()
 
     # ---- capture -----------------------------------------------------------------------------
 
@@ -182,36 +280,14 @@ class CudaGraphRunner:
         """The decode batch over the first `bs` columns of the static inputs."""
         inp = self._inputs
         ones = torch.ones(bs, dtype=torch.int64, device=self.device)
-        return ForwardBatch(
-            mode=ForwardMode.DECODE,
-            input_ids=inp[_IDS, :bs],
-            positions=inp[_POS, :bs],
-            out_cache_loc=inp[_LOC, :bs],
-            req_pool_indices=inp[_ROW, :bs],
-            seq_lens=inp[_LEN, :bs],
-            extend_prefix_lens=inp[_POS, :bs],  # seq_len - 1 = position of the new token
-            extend_seq_lens=ones,
-            logits_indices=torch.arange(bs, dtype=torch.int64, device=self.device),
-            # Host copies describe the padding only: graph plans must not read them.
-            req_pool_indices_cpu=[0] * bs,
-            seq_lens_cpu=[1] * bs,
-            extend_prefix_lens_cpu=[0] * bs,
-            extend_seq_lens_cpu=[1] * bs,
-            req_to_token_pool=self.req_pool,
-            kv_pool=self.kv_pool,
-            attn_backend=self.backend,
+        return self._static_batch(
+            ForwardMode.DECODE,
+            (inp[_IDS, :bs], inp[_POS, :bs], inp[_LOC, :bs]),
+            # extend_prefix_lens: seq_len - 1, the position of the new token
+            (inp[_ROW, :bs], inp[_LEN, :bs], inp[_POS, :bs], ones),
+            torch.arange(bs, dtype=torch.int64, device=self.device),
+            pad_len=1,
         )
-
-    def _run(self, fb: ForwardBatch) -> torch.Tensor:  # [bs, vocab] float32
-        self.backend.init_forward_metadata_graph(fb, self.max_seq_len)
-        hidden = self.model(fb.input_ids, fb.positions, fb)  # [bs, hidden]
-        return self.model.compute_logits(hidden)
-
-    def _capture_all(self) -> None:
-        for bs in reversed(self.batch_sizes):
-            self._batches[bs] = self._forward_batch(bs)
-        if self.capture_graphs:
-            self._graphs, self._outputs = capture_graphs(self._batches, self._run, self.device)
 
     # ---- replay ------------------------------------------------------------------------------
 
@@ -231,9 +307,7 @@ class CudaGraphRunner:
         items = batch.items
         bs = len(items)
         padded = self.padded_size(bs)
-        if self._copied is not None:
-            self._copied.synchronize()  # normally long done: the last step's tokens were read
-        host = self._host_np
+        host = self._host_buffer()
         host[_IDS, :bs] = [_token_at(it.req, it.start) for it in items]
         host[_POS, :bs] = [it.start for it in items]
         host[_LOC, :bs] = torch.cat([it.slots for it in items]).numpy()
@@ -241,19 +315,11 @@ class CudaGraphRunner:
         host[_LEN, :bs] = [it.start + 1 for it in items]
         for row, pad in enumerate(_PAD_COLUMN):
             host[row, bs:padded] = pad
-        # The whole buffer: a contiguous copy stays one async memcpy (a strided one would not).
-        self._inputs.copy_(self._host, non_blocking=True)
-        if self._copied is not None:
-            self._copied.record()
+        self._upload()
         if patch is not None:
             columns, tokens = patch
             self._inputs[_IDS].index_copy_(0, to_device(columns, self.device), tokens)
-        self.replays += 1
-        if self.capture_graphs:
-            self._graphs[padded].replay()
-            logits = self._outputs[padded]
-        else:
-            logits = self._run(self._batches[padded])
+        logits = self._replay(padded)
         sampling = [i for i, it in enumerate(items) if it.sample]
         if len(sampling) == bs:
             return logits[:bs]
@@ -298,13 +364,13 @@ def prompt_token_counts(max_tokens: int) -> list[int]:
     return counts
 
 
-class PromptGraphRunner:
+class PromptGraphRunner(_GraphRunner):
     """Captured prompt (EXTEND) forwards at a set of token counts, for up to
-    `PROMPT_GRAPH_MAX_REQS` requests, and their replay (module docstring).
+    `PROMPT_GRAPH_MAX_REQS` requests, and their replay (module docstring). Multi-head attention
+    models on a backend that plans extend graphs (not MLA, not MoE: their layers plan from host
+    values)."""
 
-    Owned by the model runner beside `CudaGraphRunner`, single-threaded like it; multi-head
-    attention models on a backend that plans extend graphs (not MLA, not MoE: their layers plan
-    from host values)."""
+    what = "prompt token counts"
 
     def __init__(
         self,
@@ -317,71 +383,26 @@ class PromptGraphRunner:
         max_seq_len: int,
         capture: bool = True,
     ) -> None:
-        if not backend.supports_cuda_graph:
-            raise ValueError(f"attention backend {backend.name!r} does not support CUDA graphs")
-        self.model = model
-        self.kv_pool = kv_pool
-        self.req_pool = req_pool
-        self.backend = backend
-        self.device = device
-        self.token_counts = sorted(token_counts)
-        self.max_tokens = self.token_counts[-1]
-        self.max_seq_len = max_seq_len
-        self.capture_graphs = capture
-        t, r = self.max_tokens, PROMPT_GRAPH_MAX_REQS
-        pin = device.type == "cuda"
-        # One flat buffer, one copy a step: [3, T] token rows then [5, R] request rows.
-        self._host = torch.zeros(3 * t + 5 * r, dtype=torch.int64, pin_memory=pin)
-        self._host_np = self._host.numpy()
-        self._inputs = self._host.to(device, copy=True)
+        t, r = max(token_counts), PROMPT_GRAPH_MAX_REQS
+        # One flat buffer, one upload a step: [3, T] token rows then [5, R] request rows.
+        host = torch.zeros(3 * t + 5 * r, dtype=torch.int64)
+        super().__init__(model, kv_pool, req_pool, backend, device, token_counts, max_seq_len, host, capture)
+        self.token_counts = self.sizes
+        self.max_tokens = t
         self._tok = self._inputs[: 3 * t].view(3, t)
         self._req = self._inputs[3 * t :].view(5, r)
-        self._copied = torch.cuda.Event() if pin else None
-        self._batches: dict[int, ForwardBatch] = {}
-        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self._outputs: dict[int, torch.Tensor] = {}
-        self.replays = 0  # prompt forwards served (a count for tests and stats)
-        start = time.perf_counter()
-        for count in reversed(self.token_counts):
-            self._batches[count] = self._forward_batch(count)
-        if capture:
-            self._graphs, self._outputs = capture_graphs(self._batches, self._run, device)
-        logger.info(
-            "CUDA graphs for prompt chunks: %s %d token counts up to %d in %.1f s",
-            "captured" if capture else "prepared (eager)",
-            len(self.token_counts),
-            self.max_tokens,
-            time.perf_counter() - start,
-        )
+        self._prepare()
 
     def _forward_batch(self, count: int) -> ForwardBatch:
         """The prompt batch over the first `count` token columns and every request column."""
         tok, req = self._tok, self._req
-        r = PROMPT_GRAPH_MAX_REQS
-        return ForwardBatch(
-            mode=ForwardMode.EXTEND,
-            input_ids=tok[_T_IDS, :count],
-            positions=tok[_T_POS, :count],
-            out_cache_loc=tok[_T_LOC, :count],
-            req_pool_indices=req[_R_ROW],
-            seq_lens=req[_R_LEN],
-            extend_prefix_lens=req[_R_PREFIX],
-            extend_seq_lens=req[_R_EXTEND],
-            logits_indices=req[_R_LOGIT],
-            # Host copies describe the padding only: graph plans must not read them.
-            req_pool_indices_cpu=[0] * r,
-            seq_lens_cpu=[0] * r,
-            extend_prefix_lens_cpu=[0] * r,
-            extend_seq_lens_cpu=[0] * r,
-            req_to_token_pool=self.req_pool,
-            kv_pool=self.kv_pool,
-            attn_backend=self.backend,
+        return self._static_batch(
+            ForwardMode.EXTEND,
+            (tok[_T_IDS, :count], tok[_T_POS, :count], tok[_T_LOC, :count]),
+            (req[_R_ROW], req[_R_LEN], req[_R_PREFIX], req[_R_EXTEND]),
+            req[_R_LOGIT],
+            pad_len=0,
         )
-
-    def _run(self, fb: ForwardBatch) -> torch.Tensor:  # [R, vocab] float32
-        self.backend.init_forward_metadata_graph(fb, self.max_seq_len)
-        hidden = self.model(fb.input_ids, fb.positions, fb)  # [T, hidden]
-        return self.model.compute_logits(hidden[fb.logits_indices])
 
     def can_run(self, batch: ScheduleBatch) -> bool:
         return (
@@ -401,9 +422,7 @@ class PromptGraphRunner:
         n, total = len(items), batch.num_tokens
         count = next(c for c in self.token_counts if c >= total)
         t, r = self.max_tokens, PROMPT_GRAPH_MAX_REQS
-        if self._copied is not None:
-            self._copied.synchronize()  # normally long done: the last step's tokens were read
-        host = self._host_np
+        host = self._host_buffer()
         tok, req = host[: 3 * t].reshape(3, t), host[3 * t :].reshape(5, r)
         ends = list(itertools.accumulate(it.extend_len for it in items))
         tok[_T_IDS, :total] = [i for it in items for i in it.req.all_ids[it.start : it.start + it.extend_len]]
@@ -419,17 +438,10 @@ class PromptGraphRunner:
         sampling = [end - 1 for it, end in zip(items, ends) if it.sample]
         req[_R_LOGIT, : len(sampling)] = sampling
         req[_R_LOGIT, len(sampling) :] = 0
-        self._inputs.copy_(self._host, non_blocking=True)
-        if self._copied is not None:
-            self._copied.record()
+        self._upload()
         if patch is not None:
             columns, tokens = patch
             rows = to_device([ends[i] - 1 for i in columns], self.device)
             self._tok[_T_IDS].index_copy_(0, rows, tokens)
-        self.replays += 1
-        if self.capture_graphs:
-            self._graphs[count].replay()
-            logits = self._outputs[count]
-        else:
-            logits = self._run(self._batches[count])
+        logits = self._replay(count)
         return logits[: len(sampling)]  # a view of the graph's static output, as decode's
