@@ -71,6 +71,12 @@ def _drop_outcome(task: asyncio.Future[Any]) -> None:
         task.exception()
 
 
+# Failed calls that are not the worker's error: our own cancellation, and the worker refusing the
+# client's input (an output schema that does not compile), which the router already counts as the
+# request's status; an alert on worker errors must not fire on bad requests.
+_NOT_THE_WORKERS = frozenset({grpc.StatusCode.CANCELLED, grpc.StatusCode.INVALID_ARGUMENT})
+
+
 @dataclass
 class Sample:
     request_id: int
@@ -425,7 +431,7 @@ class Orchestrator:
 
     async def _failure(self, worker: Worker, e: grpc.aio.AioRpcError) -> ServiceError:
         code, message = e.code(), e.details() or str(e.code())
-        if code != grpc.StatusCode.CANCELLED:  # our own cancellation is not the worker's error
+        if code not in _NOT_THE_WORKERS:
             self.metrics.worker_error(worker.role, worker.address, code.name)
         if code == grpc.StatusCode.UNAVAILABLE and not await self.registry.suspect(worker):
             message = f"worker {worker.address} is gone: {message}"

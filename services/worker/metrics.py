@@ -2,9 +2,10 @@
 
 Two sources:
   - the engine, asked when Prometheus scrapes (`EngineCore.stats()` through the engine client,
-    with a short timeout): load, KV usage, token counters, KV-transfer bytes and failures,
-    retractions. Nothing polls between scrapes; a scrape that gets no answer in time leaves the
-    engine's series out (a gap in the graphs rather than stale numbers).
+    with a short timeout, `EngineStats`): load, KV usage, token counters, KV-transfer bytes and
+    failures, retractions. Nothing polls between scrapes. An engine busy past the timeout (it
+    answers between steps) is shown by its last answer while that is recent, so its series do
+    not drop out of the graphs exactly when it is busiest; past that they are left out.
   - this process, per request: time to first token, inter-token and end-to-end latency (decode
     and unified workers) and KV-transfer time (prefill workers), as histograms.
 """
@@ -12,7 +13,10 @@ Two sources:
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 
 from opentelemetry.trace import Span
 from prometheus_client import Histogram
@@ -21,11 +25,42 @@ from prometheus_client.registry import Collector
 
 from services.common.metrics import TRANSFER_BUCKETS, TokenClock, TokenLatencies, new_registry
 from services.common.tracing import record_error
+from shared.errors import RequestError
 from shared.outputs import RequestOutput
 
 logger = logging.getLogger(__name__)
 
 StatsSource = Callable[[], dict[str, int] | None]  # the engine's stats(), None if it did not answer
+
+
+class EngineStats:
+    """A `StatsSource` over the engine client: the engine's answer within `timeout` seconds;
+    else, while its last answer is at most `max_age` seconds old, that one; else None (logged)."""
+
+    def __init__(
+        self,
+        ask: Callable[[], Future[dict[str, int]]],
+        timeout: float,
+        max_age: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._ask, self.timeout, self.max_age, self._clock = ask, timeout, max_age, clock
+        self._last: dict[str, int] | None = None
+        self._last_at = 0.0
+
+    def __call__(self) -> dict[str, int] | None:  # on the metrics server's thread
+        try:
+            stats = self._ask().result(timeout=self.timeout)
+        except FutureTimeout:
+            if self._last is not None and self._clock() - self._last_at <= self.max_age:
+                return self._last  # a long step: the numbers from before it
+            logger.warning("metrics: the engine did not report its stats within %g s", self.timeout)
+            return None
+        except RequestError as e:
+            logger.warning("metrics: the engine did not report its stats: %s", e)
+            return None
+        self._last, self._last_at = stats, self._clock()
+        return stats
 
 
 class WorkerMetrics:

@@ -24,7 +24,6 @@ import contextlib
 import logging
 import signal
 from collections.abc import AsyncIterator, Callable, Sequence
-from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
 import grpc
@@ -50,10 +49,10 @@ from services.protos.tandem.router.v1 import router_pb2, router_pb2_grpc
 from services.protos.tandem.worker.v1 import worker_pb2, worker_pb2_grpc
 from services.worker.args import engine_config, served_model_name
 from services.worker.engine import MIN_ENGINE_SILENCE_S, AsyncEngine, Keepalive
-from services.worker.metrics import WorkerMetrics, annotate_generation
+from services.worker.metrics import EngineStats, WorkerMetrics, annotate_generation
 from services.worker.node import host_ranks
 from services.worker.ucx import keep_kv_transfers_on
-from shared.errors import InvalidRequest, RequestError
+from shared.errors import InvalidRequest
 from shared.outputs import RequestOutput
 
 logger = logging.getLogger(__name__)
@@ -175,6 +174,7 @@ AddRoleServicers = Callable[
     [grpc.aio.Server, AsyncEngine, argparse.Namespace, WorkerMetrics], Sequence[ServiceDescriptor]
 ]
 _STATS_TIMEOUT_S = 1.0  # a scrape waits this long for the engine (it answers between steps)
+_STATS_MAX_AGE_S = 15.0  # then takes its last answer if that is this recent
 _LOAD_TIMEOUT_S = 5.0  # GetLoad waits this long
 _ENGINE_WATCH_S = 0.5  # how often the worker looks whether its engine process still lives
 
@@ -195,13 +195,7 @@ async def serve(
     engine = AsyncEngine(config, args.max_open_requests)
     model = served_model_name(args)
 
-    def engine_stats() -> dict[str, int] | None:  # on the metrics server's thread
-        try:
-            return engine.client.stats().result(timeout=_STATS_TIMEOUT_S)
-        except (FutureTimeout, RequestError) as e:
-            logger.warning("metrics: the engine did not report its stats: %s", e or "timed out")
-            return None
-
+    engine_stats = EngineStats(engine.client.stats, _STATS_TIMEOUT_S, _STATS_MAX_AGE_S)
     metrics = WorkerMetrics(role, model, engine_stats)
     server = grpc.aio.server(
         options=[("grpc.max_receive_message_length", 64 << 20), EXCLUSIVE_PORT],
