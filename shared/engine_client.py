@@ -22,8 +22,10 @@ an event loop). When the engine process dies, every open request gets `Unavailab
 from __future__ import annotations
 
 import contextlib
+import glob
 import itertools
 import multiprocessing
+import os
 import shutil
 import tempfile
 import threading
@@ -66,9 +68,38 @@ OutputHandler = Callable[[RequestOutput | BaseException], None]
 _POLL_MS = 200  # how often the receiver looks at the process while nothing arrives
 
 
+_DIR_PREFIX = "tandem-engine-"  # the sockets' directory, one per client, in the temp directory
+_OWNER = "owner"  # the file in it naming the client's process id
+
+
+def remove_orphaned_socket_dirs(parent: str) -> list[str]:
+    """Remove the socket directories in `parent` whose client process is gone (killed, so it
+    never removed its own: a SIGKILLed worker and its engine leave one each time); the removed."""
+    removed = []
+    for path in glob.glob(os.path.join(parent, _DIR_PREFIX + "*")):
+        try:
+            with open(os.path.join(path, _OWNER)) as f:
+                pid = int(f.read())
+        except (OSError, ValueError):
+            continue  # being made, or made before owners were written: left alone
+        try:
+            os.kill(pid, 0)
+            continue  # alive (or reused: the directory then waits for a later start)
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue  # another user's live process
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
 class EngineClient:
     def __init__(self, config: EngineConfig) -> None:
-        self._dir = tempfile.mkdtemp(prefix="tandem-engine-")
+        remove_orphaned_socket_dirs(tempfile.gettempdir())
+        self._dir = tempfile.mkdtemp(prefix=_DIR_PREFIX)
+        with open(os.path.join(self._dir, _OWNER), "w") as f:
+            f.write(str(os.getpid()))
         to_engine, from_engine = f"ipc://{self._dir}/to-engine", f"ipc://{self._dir}/from-engine"
         self._ctx = zmq.Context()
         self._push = self._ctx.socket(zmq.PUSH)

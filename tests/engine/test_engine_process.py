@@ -8,6 +8,7 @@ import queue
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -160,13 +161,16 @@ time.sleep(600)
 """
 
 
-def test_an_engine_dies_with_the_process_that_started_it(tiny_llama: Path) -> None:
+def test_an_engine_dies_with_the_process_that_started_it(
+    tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A worker killed while its engine runs requests: the engine goes at once (it used to run
-    them to their end first, holding the GPU its restarted worker needs)."""
+    them to their end first, holding the GPU its restarted worker needs); the sockets' directory
+    it could not remove goes when the next engine client starts (they piled up in /tmp)."""
     starter = subprocess.Popen(
         [sys.executable, "-c", _BUSY_ENGINE, str(tiny_llama)],
         stdout=subprocess.PIPE,
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "TMPDIR": str(tmp_path)},
     )
     try:
         assert starter.stdout is not None
@@ -177,6 +181,15 @@ def test_an_engine_dies_with_the_process_that_started_it(tiny_llama: Path) -> No
         while running(engine):
             assert time.monotonic() < deadline, "the engine outlived the process that started it"
             time.sleep(0.05)
+        (orphan,) = tmp_path.glob("tandem-engine-*")
+        monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+        client = EngineClient(EngineConfig.from_options(str(tiny_llama)))
+        try:
+            assert not orphan.exists()
+            assert [p.name for p in tmp_path.glob("tandem-engine-*")] == [Path(client._dir).name]
+        finally:
+            client.shutdown()
+        assert not list(tmp_path.glob("tandem-engine-*"))  # a client that stops removes its own
     finally:
         starter.kill()
         starter.wait()
