@@ -69,19 +69,32 @@ _POLL_MS = 200  # how often the receiver looks at the process while nothing arri
 
 
 _DIR_PREFIX = "tandem-engine-"  # the sockets' directory, one per client, in the temp directory
-_OWNER = "owner"  # the file in it naming the client's process id
+_OWNER = "owner"  # the file in it naming the client: its process id and PID namespace
+
+
+def _pid_namespace() -> str:
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
 
 
 def remove_orphaned_socket_dirs(parent: str) -> list[str]:
     """Remove the socket directories in `parent` whose client process is gone (killed, so it
-    never removed its own: a SIGKILLed worker and its engine leave one each time); the removed."""
+    never removed its own: a SIGKILLed worker and its engine leave one each time); the removed.
+    Only those of this PID namespace: a temp directory shared with another container holds ids
+    this process cannot see."""
     removed = []
+    namespace = _pid_namespace()
     for path in glob.glob(os.path.join(parent, _DIR_PREFIX + "*")):
         try:
             with open(os.path.join(path, _OWNER)) as f:
-                pid = int(f.read())
+                pid_text, _, owner_namespace = f.read().partition(" ")
+            pid = int(pid_text)
         except (OSError, ValueError):
             continue  # being made, or made before owners were written: left alone
+        if owner_namespace != namespace:
+            continue
         try:
             os.kill(pid, 0)
             continue  # alive (or reused: the directory then waits for a later start)
@@ -99,7 +112,7 @@ class EngineClient:
         remove_orphaned_socket_dirs(tempfile.gettempdir())
         self._dir = tempfile.mkdtemp(prefix=_DIR_PREFIX)
         with open(os.path.join(self._dir, _OWNER), "w") as f:
-            f.write(str(os.getpid()))
+            f.write(f"{os.getpid()} {_pid_namespace()}")
         to_engine, from_engine = f"ipc://{self._dir}/to-engine", f"ipc://{self._dir}/from-engine"
         self._ctx = zmq.Context()
         self._push = self._ctx.socket(zmq.PUSH)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from shared.config import EngineConfig
-from shared.engine_client import EngineClient
+from shared.engine_client import EngineClient, remove_orphaned_socket_dirs
 from shared.engine_core import RequestOutput
 from shared.inputs import Prompt
 from tests.engine.hf_reference import hf_greedy
@@ -147,7 +147,7 @@ def test_an_answer_to_a_cancelled_call_is_dropped_and_the_client_keeps_going(
 _BUSY_ENGINE = """
 import queue, sys, time
 from shared.config import EngineConfig
-from shared.engine_client import EngineClient
+from shared.engine_client import EngineClient, remove_orphaned_socket_dirs
 from shared.inputs import Prompt
 
 c = EngineClient(EngineConfig.from_options(sys.argv[1], page_size=4))
@@ -193,3 +193,27 @@ def test_an_engine_dies_with_the_process_that_started_it(
     finally:
         starter.kill()
         starter.wait()
+
+
+def test_only_socket_directories_of_gone_processes_of_this_namespace_are_removed(tmp_path: Path) -> None:
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    namespace = os.readlink("/proc/self/ns/pid")
+    owners = {
+        "gone": f"{gone.pid} {namespace}",
+        "gone-elsewhere": f"{gone.pid} pid:[1]",  # another container's: its ids are not ours to judge
+        "alive": f"{os.getpid()} {namespace}",
+        "unowned": None,  # being made, or made by an older client
+    }
+    for name, owner in owners.items():
+        path = tmp_path / f"tandem-engine-{name}"
+        path.mkdir()
+        if owner is not None:
+            (path / "owner").write_text(owner)
+    removed = remove_orphaned_socket_dirs(str(tmp_path))
+    assert removed == [str(tmp_path / "tandem-engine-gone")]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "tandem-engine-alive",
+        "tandem-engine-gone-elsewhere",
+        "tandem-engine-unowned",
+    ]
