@@ -615,6 +615,11 @@ def profile_forward(fn: Callable[[], object]) -> list[dict[str, Any]]:
     return profile_fn(fn, 3)[:12]
 
 
+def gpu_us(e: Any) -> float:
+    """Device microseconds of a profiler event (torch's newer name, else its older one)."""
+    return float(getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0.0))
+
+
 def profile_fn(fn: Callable[[], object], calls: int) -> list[dict[str, Any]]:
     """GPU ops (kernels, copies) of `calls` calls of `fn` by GPU time, per call: the kernels of
     an eager forward, or of whole engine steps (graph replays included, with what runs around
@@ -625,9 +630,6 @@ def profile_fn(fn: Callable[[], object], calls: int) -> list[dict[str, Any]]:
         for _ in range(calls):
             fn()
         torch.cuda.synchronize()
-
-    def gpu_us(e: Any) -> float:
-        return float(getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0.0))
 
     events = [e for e in prof.key_averages() if gpu_us(e) > 0]
     total = sum(gpu_us(e) for e in events)
@@ -657,12 +659,9 @@ def profile_host_and_gpu(fn: Callable[[], object], calls: int) -> dict[str, Any]
         wall = (time.perf_counter() - start) / calls
     events = prof.key_averages()
 
-    def gpu_us(e: Any) -> float:
-        return float(getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0))
-
     host = sorted(events, key=lambda e: -e.self_cpu_time_total)[:15]
     # The device's own events (kernels, copies, memsets): a host op that launched a kernel (aten::mm
-    # for cuBLAS's) also reports the kernel's time as its own, which would count it twice.
+    # for cuBLAS's) also reports the kernel's time, which would count it twice.
     device = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA and gpu_us(e) > 0]
     gpu = sorted(device, key=lambda e: -gpu_us(e))[:10]
     return {
