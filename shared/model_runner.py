@@ -207,8 +207,9 @@ class ModelRunner:
         if MLAAttention in layers or any(issubclass(t, FusedMoE) for t in layers):
             logger.info("CUDA graphs for prompt chunks off: MLA and MoE layers plan from host values")
             return None
-        budget = config.chunked_prefill_size if config.chunked_prefill_size > 0 else None
-        max_tokens = min(config.cuda_graph_prompt_tokens, budget or config.cuda_graph_prompt_tokens)
+        max_tokens = config.cuda_graph_prompt_tokens
+        if config.chunked_prefill_size > 0:  # no prompt step is larger than the budget
+            max_tokens = min(max_tokens, config.chunked_prefill_size)
         return PromptGraphRunner(
             self.model,
             self.kv_pool,
