@@ -44,6 +44,7 @@ from services.router.orchestrator import Orchestrator
 from services.router.policies import create_policy
 from services.router.registry import Registry
 from services.router.server import RouterAdminServicer, RouterServicer
+from services.router.tokenizer import BackgroundTokenizer
 
 logger = logging.getLogger("services.router")
 # Above gRPC's 4 MiB default: a prompt the gateway accepts (16 characters per context token, up
@@ -66,9 +67,7 @@ async def serve() -> None:
     die_with_launcher()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s router %(levelname)s %(name)s: %(message)s")
     tracing = setup_tracing("tandem-router")
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model.path)
+    tokenizer = BackgroundTokenizer(model.path)
     registry = Registry(
         args.served_model_name or model.name,
         args.heartbeat_interval,
@@ -158,6 +157,12 @@ async def serve() -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+
+    def stop_if_unloadable(loaded: asyncio.Future[object]) -> None:
+        if loaded.exception() is not None:
+            stop.set()
+
+    asyncio.wrap_future(tokenizer.loaded).add_done_callback(stop_if_unloadable)
     await stop.wait()
     await health_servicer.enter_graceful_shutdown()
     if admin_http is not None:  # its own shutdown (cancelling it logs a lifespan traceback)
@@ -171,6 +176,8 @@ async def serve() -> None:
     await asyncio.gather(server.stop(grace=5), admin.stop(grace=1))
     stop_metrics()
     tracing.shutdown()
+    if tokenizer.loaded.done() and (error := tokenizer.loaded.exception()) is not None:
+        raise SystemExit(f"python -m services.router: cannot load the tokenizer of {model.path}: {error}")
 
 
 def _check_admin_exposure(host: str, cluster_token: Secrets) -> None:

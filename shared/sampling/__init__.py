@@ -6,7 +6,20 @@ histories into tensors each step; `Sampler.sample` picks the next tokens from th
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from shared.sampling.params import SamplingParams
-from shared.sampling.sampler import SampleOutput, Sampler, SamplingBatch
+
+if TYPE_CHECKING:
+    from shared.sampling.sampler import SampleOutput, Sampler, SamplingBatch
 
 __all__ = ["SampleOutput", "Sampler", "SamplingBatch", "SamplingParams"]
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy: the router checks a request's parameters (params.py) without importing torch.
+    if name in ("SampleOutput", "Sampler", "SamplingBatch"):
+        from shared.sampling import sampler
+
+        return getattr(sampler, name)
+    raise AttributeError(name)
