@@ -314,9 +314,9 @@ async def _register_and_heartbeat(
             try:
                 if not serving.is_set():
                     pass  # a frozen engine: silence, so the router probes us and finds NOT_SERVING
-                elif not registered:
+                elif not registered:  # waits for a router still starting, quietly (wait_for_ready)
                     reply = await admin.RegisterWorker(
-                        router_pb2.RegisterWorkerRequest(address=address), timeout=10
+                        router_pb2.RegisterWorkerRequest(address=address), timeout=10, wait_for_ready=True
                     )
                     interval = max(reply.heartbeat_interval_ms, 100) / 1000
                     registered = True

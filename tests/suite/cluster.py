@@ -186,8 +186,8 @@ class Cluster:
         self.services.append(service)
         return service
 
-    def start_router(self, *flags: str) -> Service:
-        port, admin_port = free_port(), free_port()
+    def start_router(self, *flags: str, admin_port: int | None = None) -> Service:
+        port, admin_port = free_port(), admin_port or free_port()
         args = ["--model", self.model, "--port", str(port), "--admin-port", str(admin_port), *flags]
         service = self._spawn("router", "services.router", args, port)
         self.router = service.address
@@ -201,8 +201,11 @@ class Cluster:
         (service,) = self.start_workers([(role, *flags)], register)
         return service
 
-    def start_workers(self, specs: list[tuple[str, ...]], register: bool = True) -> list[Service]:
-        """Start workers `(role, *flags)` at once (they load in parallel), then wait for each."""
+    def start_workers(
+        self, specs: list[tuple[str, ...]], register: bool = True, wait: bool = True
+    ) -> list[Service]:
+        """Start workers `(role, *flags)` at once (they load in parallel), then wait for each to
+        be healthy in the router (`register`: with the router at `admin_address`; `wait`)."""
         started = []
         for role, *flags in specs:
             port = free_port()
@@ -212,7 +215,7 @@ class Cluster:
                 args += ["--router", self.admin_address]
             n = sum(s.name.startswith(role) for s in self.services)
             started.append(self._spawn(f"{role}-{n}", module, args, port))
-        for service in started if register else []:
+        for service in started if register and wait else []:
             self.wait(
                 lambda s=service: self.worker_state(s.address) == router_pb2.WORKER_STATE_HEALTHY,
                 service.name,

@@ -16,6 +16,7 @@ import grpc
 import pytest
 
 from services.common.multiplex import Multiplexer
+from services.launcher import free_port
 from services.protos.tandem.common.v1 import common_pb2
 from services.protos.tandem.router.v1 import router_pb2
 from services.protos.tandem.worker.v1 import worker_pb2, worker_pb2_grpc
@@ -108,6 +109,28 @@ def test_a_dead_engine_takes_its_worker_down_and_others_serve(tiny_llama: Path, 
         for _ in range(4):  # every request now goes to the survivor
             out = collect(cluster.generate(PROMPT, max_new_tokens=3))[0]
             assert out["finish"] is not None and out["route"].decode_worker == survivor.address
+
+
+def test_a_worker_started_before_its_router_registers_once_it_answers(
+    tiny_llama: Path, tmp_path: Path
+) -> None:
+    """As `tandem up` starts them (all at once) or a cluster's pods come up: the worker waits for
+    the router's admin port without a failed attempt in its log, and serves once registered."""
+    with Cluster(tiny_llama, tmp_path) as cluster:
+        admin_port = free_port()
+        cluster.admin_address = f"127.0.0.1:{admin_port}"
+        (worker,) = cluster.start_workers([("unified",)], wait=False)
+        cluster.wait(lambda: "serving on" in worker.log.read_text(), "the worker's server")
+        time.sleep(0.5)  # its registration is under way, towards a port nobody listens on
+        cluster.start_router(admin_port=admin_port)
+        cluster.wait(
+            lambda: cluster.worker_state(worker.address) == router_pb2.WORKER_STATE_HEALTHY,
+            "its registration",
+        )
+        log = worker.log.read_text()
+        assert "registered with the router" in log
+        assert f"router {cluster.admin_address}:" not in log  # no failed attempt was logged
+        assert collect(cluster.generate(PROMPT, max_new_tokens=3))[0]["finish"] is not None
 
 
 def test_a_worker_shutting_down_refuses_new_streams_and_finishes_open_ones(
