@@ -49,8 +49,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from services.common.kv_stream import KV_CHUNK_BYTES, receive_kv, send_kv, serve_write_kv
 from services.protos.tandem.worker.v1 import worker_pb2
-from shared.transfer import KvCommit
-from shared.transfer.nixl import NixlAgent, import_nixl
+from shared.transfer import KvCommit, import_nixl
+from shared.transfer.nixl import NixlAgent
 from shared.transfer.pages import PageLayout, page_runs
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

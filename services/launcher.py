@@ -16,9 +16,10 @@ fresh random cluster token (TANDEM_CLUSTER_TOKEN, router and workers only; it is
 ready-file for tools and tests), and `--api-key` (or a TANDEM_API_KEY already set) becomes the
 gateway's and the router's public API key (TANDEM_API_KEY). Without one, clients need no key.
 
-Started in that order, each waited for (router health, workers registered, each gateway's "listening"
-line and /health), then the endpoints are printed (and written as JSON to --ready-file, by
-default ready.json in the log directory, with a `metrics` map:
+Started at once (a worker waits for the router to register; a gateway loads its tokenizer and then
+waits for the router to list the model), then waited for in that order (router health, workers
+registered, each gateway's "listening" line and /health), then the endpoints are printed (and
+written as JSON to --ready-file, by default ready.json in the log directory, with a `metrics` map:
 process name -> its Prometheus URL). Each process gets its own OTEL_SERVICE_NAME (tandem-router,
 tandem-prefill, ...); traces are exported when the environment sets OTEL_EXPORTER_OTLP_ENDPOINT.
 Ctrl-C or SIGTERM stops them all (SIGTERM, then SIGKILL after a grace period). A process that
@@ -431,8 +432,6 @@ def up(args: argparse.Namespace) -> int:
             "tandem-router",
             cluster_env | api_env,
         )
-        workers_up = functools.partial(_router_workers, router_admin, cluster_token)
-        wait(lambda: workers_up() is not None, "the router")
         roles = [("prefill", args.prefill), ("decode", args.decode), ("worker", unified)]
         grpc_kv = args.prefill > 0 and kv_transport_of(args.kv_transport, extra) == "grpc"
         malloc = {"GLIBC_TUNABLES": GRPC_KV_MALLOC} if grpc_kv and "GLIBC_TUNABLES" not in os.environ else {}
@@ -446,8 +445,6 @@ def up(args: argparse.Namespace) -> int:
                 if module != "worker":
                     own |= malloc
                 start(f"{module}-{i}", cmd, f"tandem-{module}", cluster_env, own)
-        expected = args.prefill + args.decode + unified
-        wait(lambda: (workers_up() or 0) >= expected, "the workers")
         gateway_url = f"http://{args.host}:{args.port}"
         shared_port = ["--reuse-port", "--metrics-port", "0"] if args.gateways > 1 else []
         gateways = [
@@ -465,6 +462,8 @@ def up(args: argparse.Namespace) -> int:
                     router,
                     "--tokenizer",
                     model,
+                    # It waits for the router to list the model: through all three stages.
+                    *("--startup-timeout", str(3 * args.startup_timeout)),
                     *shlex.split(args.gateway_args),
                 ],
                 "tandem-gateway",
@@ -472,6 +471,13 @@ def up(args: argparse.Namespace) -> int:
             )
             for i in range(args.gateways)
         ]
+
+        # All started at once, waited for in order: the workers register with the router once it
+        # answers, the gateways load their tokenizers meanwhile and listen once it lists the model.
+        workers_up = functools.partial(_router_workers, router_admin, cluster_token)
+        wait(lambda: workers_up() is not None, "the router")
+        expected = args.prefill + args.decode + unified
+        wait(lambda: (workers_up() or 0) >= expected, "the workers")
 
         # Each gateway says when it listens: a /health answer alone could come from another
         # process on the port (another suite's gateway, bound first: ours then fails to bind).

@@ -3,10 +3,14 @@ checkpoints."""
 
 from __future__ import annotations
 
-from shared.models.base import CausalLM
-from shared.models.config import MLAConfig, ModelConfig, resolve_dtype
-from shared.models.loader import load_model
+from typing import TYPE_CHECKING, Any
+
 from shared.models.registry import get_model_class, supported_architectures
+
+if TYPE_CHECKING:
+    from shared.models.base import CausalLM
+    from shared.models.config import MLAConfig, ModelConfig, resolve_dtype
+    from shared.models.loader import load_model
 
 __all__ = [
     "CausalLM",
@@ -17,3 +21,20 @@ __all__ = [
     "resolve_dtype",
     "supported_architectures",
 ]
+
+_LAZY = {
+    "CausalLM": "base",
+    "MLAConfig": "config",
+    "ModelConfig": "config",
+    "resolve_dtype": "config",
+    "load_model": "loader",
+}
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy (they import torch): `tandem up` reads the registry before it starts anything.
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f"shared.models.{_LAZY[name]}"), name)
+    raise AttributeError(name)

@@ -1,40 +1,41 @@
-"""Architecture name (config.json `architectures[0]`) -> model class."""
+"""Architecture name (config.json `architectures[0]`) -> model class.
+
+The table names each class by module and name, imported when a model is built: `tandem up`
+checks a checkpoint's architecture before it starts anything, without importing torch.
+"""
 
 from __future__ import annotations
 
-from shared.models.base import CausalLM
-from shared.models.config import ModelConfig
-from shared.models.deepseek_v2 import DeepseekV2ForCausalLM
-from shared.models.deepseek_v3 import DeepseekV3ForCausalLM
-from shared.models.embedding import Gemma2Embedder, LlamaEmbedder, Qwen2Embedder, Qwen3Embedder
-from shared.models.gemma2 import Gemma2ForCausalLM
-from shared.models.llama import LlamaForCausalLM, MistralForCausalLM
-from shared.models.qwen2 import Qwen2ForCausalLM
-from shared.models.qwen3 import Qwen3ForCausalLM
+import importlib
+from typing import TYPE_CHECKING
 
-MODEL_REGISTRY: dict[str, type[CausalLM]] = {
-    "DeepseekV2ForCausalLM": DeepseekV2ForCausalLM,
-    "DeepseekV3ForCausalLM": DeepseekV3ForCausalLM,
-    "Gemma2ForCausalLM": Gemma2ForCausalLM,
-    "LlamaForCausalLM": LlamaForCausalLM,
-    "MistralForCausalLM": MistralForCausalLM,
-    "Qwen2ForCausalLM": Qwen2ForCausalLM,
-    "Qwen3ForCausalLM": Qwen3ForCausalLM,
+if TYPE_CHECKING:
+    from shared.models.base import CausalLM
+    from shared.models.config import ModelConfig
+
+MODEL_REGISTRY: dict[str, str] = {
+    "DeepseekV2ForCausalLM": "deepseek_v2.DeepseekV2ForCausalLM",
+    "DeepseekV3ForCausalLM": "deepseek_v3.DeepseekV3ForCausalLM",
+    "Gemma2ForCausalLM": "gemma2.Gemma2ForCausalLM",
+    "LlamaForCausalLM": "llama.LlamaForCausalLM",
+    "MistralForCausalLM": "llama.MistralForCausalLM",
+    "Qwen2ForCausalLM": "qwen2.Qwen2ForCausalLM",
+    "Qwen3ForCausalLM": "qwen3.Qwen3ForCausalLM",
     # Embedding checkpoints: the bare decoder stack, no lm head (shared/models/embedding.py).
-    "Gemma2Model": Gemma2Embedder,
-    "LlamaModel": LlamaEmbedder,
-    "MistralModel": LlamaEmbedder,
-    "Qwen2Model": Qwen2Embedder,
-    "Qwen3Model": Qwen3Embedder,
+    "Gemma2Model": "embedding.Gemma2Embedder",
+    "LlamaModel": "embedding.LlamaEmbedder",
+    "MistralModel": "embedding.LlamaEmbedder",
+    "Qwen2Model": "embedding.Qwen2Embedder",
+    "Qwen3Model": "embedding.Qwen3Embedder",
 }
 # A causal-LM architecture whose checkpoint is stored as the bare stack (Qwen3-Embedding ships
 # `Qwen3ForCausalLM` with names lacking `model.` and no lm head) is served as its embedder.
-EMBEDDER_OF: dict[str, type[CausalLM]] = {
-    "Gemma2ForCausalLM": Gemma2Embedder,
-    "LlamaForCausalLM": LlamaEmbedder,
-    "MistralForCausalLM": LlamaEmbedder,
-    "Qwen2ForCausalLM": Qwen2Embedder,
-    "Qwen3ForCausalLM": Qwen3Embedder,
+EMBEDDER_OF: dict[str, str] = {
+    "Gemma2ForCausalLM": "embedding.Gemma2Embedder",
+    "LlamaForCausalLM": "embedding.LlamaEmbedder",
+    "MistralForCausalLM": "embedding.LlamaEmbedder",
+    "Qwen2ForCausalLM": "embedding.Qwen2Embedder",
+    "Qwen3ForCausalLM": "embedding.Qwen3Embedder",
 }
 
 
@@ -56,7 +57,13 @@ def get_model_class(config: ModelConfig, bare_stack: bool = False) -> type[Causa
     `bare_stack`: the checkpoint's weight names lack the `model.` prefix (an embedding layout)."""
     arch = config.architecture
     if bare_stack and arch in EMBEDDER_OF:
-        return EMBEDDER_OF[arch]
+        return _load(EMBEDDER_OF[arch])
     if problem := architecture_problem(arch):
         raise ValueError(problem)
-    return MODEL_REGISTRY[arch]
+    return _load(MODEL_REGISTRY[arch])
+
+
+def _load(where: str) -> type[CausalLM]:
+    module, name = where.rsplit(".", 1)
+    cls: type[CausalLM] = getattr(importlib.import_module(f"shared.models.{module}"), name)
+    return cls

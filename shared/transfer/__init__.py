@@ -11,6 +11,8 @@ gRPC stream (`KvTarget.transport == "grpc"`, for hosts without NIXL).
 
 from __future__ import annotations
 
+import importlib
+import logging
 from typing import TYPE_CHECKING, Any
 
 from shared.transfer.records import KvCommit, KvTarget
@@ -18,7 +20,7 @@ from shared.transfer.records import KvCommit, KvTarget
 if TYPE_CHECKING:
     from shared.transfer.pages import PageLayout
 
-__all__ = ["KvCommit", "KvTarget", "PageLayout", "nixl_available"]
+__all__ = ["KvCommit", "KvTarget", "PageLayout", "import_nixl", "nixl_available"]
 
 
 def __getattr__(name: str) -> Any:
@@ -30,9 +32,20 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(name)
 
 
-def nixl_available() -> bool:
-    from shared.transfer.nixl import import_nixl
+def import_nixl() -> tuple[Any, Any]:
+    """(nixl_agent, nixl_agent_config) from whichever NIXL build is installed (here, not in
+    nixl.py: `tandem up` asks whether NIXL is there without importing torch)."""
+    for module in ("nixl._api", "nixl_cu13._api", "nixl_cu12._api"):
+        try:
+            api = importlib.import_module(module)
+        except ImportError:
+            continue
+        logging.getLogger("nixl").setLevel(logging.WARNING)
+        return api.nixl_agent, api.nixl_agent_config
+    raise ImportError("NIXL is not installed (pip install nixl, or nixl-cu12 / nixl-cu13)")
 
+
+def nixl_available() -> bool:
     try:
         import_nixl()
     except ImportError:

@@ -23,7 +23,6 @@ Single-threaded: the engine loop calls every method.
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 import socket
@@ -34,6 +33,7 @@ import msgspec
 import numpy as np
 
 from shared.errors import InvalidRequest
+from shared.transfer import import_nixl
 from shared.transfer.pages import PageLayout, page_runs
 
 XferState = Literal["DONE", "PROC", "ERR"]
@@ -44,18 +44,6 @@ logger = logging.getLogger(__name__)
 # (cma for the pages, tcp for set-up and notifications), and a list must keep the CUDA
 # transports on GPU hosts (docs/kv_transfer.md).
 UCX_DEFAULTS: dict[str, str] = {}
-
-
-def import_nixl() -> tuple[Any, Any]:
-    """(nixl_agent, nixl_agent_config) from whichever NIXL build is installed."""
-    for module in ("nixl._api", "nixl_cu13._api", "nixl_cu12._api"):
-        try:
-            api = importlib.import_module(module)
-        except ImportError:
-            continue
-        logging.getLogger("nixl").setLevel(logging.WARNING)
-        return api.nixl_agent, api.nixl_agent_config
-    raise ImportError("NIXL is not installed (pip install nixl, or nixl-cu12 / nixl-cu13)")
 
 
 class PeerInfo(msgspec.Struct, frozen=True, omit_defaults=True):

@@ -40,6 +40,21 @@ def test_router_args_reach_the_router(up: dict[str, Any]) -> None:
     assert argv[-5:-1] == [b"--stall-timeout", b"12", b"--max-in-flight", b"999"]
 
 
+def test_the_services_start_at_once(up: dict[str, Any]) -> None:
+    """Router, workers and gateway are started together, not each after the one before is up
+    (which took the router's start-up, then the workers' model loads, before the gateway began
+    loading its tokenizer)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+
+    def started(pid: int) -> float:  # seconds since boot: /proc/PID/stat's field 22
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rpartition(")")[2].split()[19]) / ticks
+
+    times = {name: started(pid) for name, pid in up["pids"].items()}
+    assert set(times) == {"router", "prefill-0", "decode-0", "gateway"}
+    assert max(times.values()) - min(times.values()) < 3.0, times
+
+
 def test_models(client: openai.OpenAI, up: dict[str, Any]) -> None:
     assert [m.id for m in client.models.list().data] == [up["model"]]
 
