@@ -49,6 +49,7 @@ from shared.engine_process import (
     Outputs,
     Ready,
     Rejected,
+    RemovePeer,
     Reply,
     ReserveKv,
     SetKvTarget,
@@ -215,6 +216,10 @@ class EngineClient:
         """Prefill engine: learn a decode engine's NIXL metadata; the future gives its agent name."""
         key = f"peer:{next(self._keys)}"
         return self._call(key, AddPeer(key, metadata), {})
+
+    def remove_peer(self, name: str) -> None:
+        """Prefill engine: forget a decode engine's NIXL agent once no write goes there."""
+        self._send(RemovePeer(name))
 
     def stats(self) -> Future[dict[str, int]]:
         """The engine's load and counters (`EngineCore.stats`)."""

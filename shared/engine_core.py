@@ -310,9 +310,15 @@ class EngineCore:
 
     def add_peer(self, metadata: bytes) -> str:
         """Learn a decode engine's NIXL metadata (prefill side); returns its agent name."""
-        if self.agent is None:
-            raise ValueError("this engine has no NIXL agent")
-        return self.agent.add_peer(metadata)
+        if self.sender is None:
+            raise ValueError("only a prefill engine sends KV to peers")
+        return self.sender.add_peer(metadata)
+
+    def remove_peer(self, name: str) -> None:
+        """Forget a decode engine's NIXL agent (prefill side) once no write goes there."""
+        if self.sender is None:
+            raise ValueError("only a prefill engine sends KV to peers")
+        self.sender.remove_peer(name)
 
     def commit_kv(self, commit: KvCommit, payload: bytes | memoryview | None = None) -> None:
         """Decode side of the gRPC transport: the prompt's pages as bytes, then the commit record."""
@@ -765,6 +771,7 @@ class EngineCore:
                 kv_bytes_sent=self.sender.bytes_sent,
                 kv_transfers=self.sender.transfers,
                 kv_transfer_failures=self.sender.failures,
+                kv_peers=len(self.sender.peers),  # a gauge: decode engines known (nixl)
             )
         if self.receiver is not None:
             out.update(

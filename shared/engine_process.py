@@ -7,7 +7,7 @@ Wire (msgpack via msgspec, never pickle; two ZMQ PUSH/PULL pairs over ipc:// soc
 the client binds):
 
     client -> engine   AddRequest | ExpectKv | ReserveKv | SetKvTarget | CommitKv | AddPeer
-                       | GetStats | AbortRequest | Shutdown
+                       | RemovePeer | GetStats | AbortRequest | Shutdown
     engine -> client   Ready | Accepted | Rejected | Outputs | StepFailed | Reply
 
 `Accepted`/`Rejected` answer every `AddRequest` and `ExpectKv`, before any output of its requests:
@@ -87,6 +87,10 @@ class AddPeer(msgspec.Struct, tag="add_peer"):
     metadata: bytes
 
 
+class RemovePeer(msgspec.Struct, tag="remove_peer"):
+    name: str
+
+
 class GetStats(msgspec.Struct, tag="get_stats"):
     key: str
 
@@ -151,7 +155,16 @@ class StepFailed(msgspec.Struct, tag="step_failed"):
 
 
 ToEngine = (
-    AddRequest | ExpectKv | ReserveKv | SetKvTarget | CommitKv | AddPeer | GetStats | AbortRequest | Shutdown
+    AddRequest
+    | ExpectKv
+    | ReserveKv
+    | SetKvTarget
+    | CommitKv
+    | AddPeer
+    | RemovePeer
+    | GetStats
+    | AbortRequest
+    | Shutdown
 )
 FromEngine = Ready | Accepted | Rejected | Outputs | StepFailed | Reply
 POLL_BACKGROUND_MS = 2  # how often an otherwise idle engine looks at KV transfers and compiles
@@ -422,6 +435,12 @@ def handle_message(core: EngineCore, msg: ToEngine, payload: memoryview | None =
         return None if queued else reply  # a queued reservation is answered when granted
     if isinstance(msg, AddPeer):
         return _answer([msg.key], lambda: core.add_peer(msg.metadata), msg.key)
+    if isinstance(msg, RemovePeer):
+        try:
+            core.remove_peer(msg.name)
+        except ValueError as e:  # not a prefill engine
+            logger.warning("dropping a peer removal: %s", e)
+        return None
     assert isinstance(msg, GetStats)
     # The process's CPU time (every thread: the loop, NIXL's, torch's): the host's share per token.
     return Reply(msg.key, core.stats() | {"engine_cpu_us": int(time.process_time() * 1e6)})

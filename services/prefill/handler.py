@@ -20,6 +20,12 @@ its registry: with a cluster token configured, `Prefill` itself answers only cal
 token (services/worker/server.py), so no client can point a prefill worker at a host of its
 choosing. Without a token the worker must not be reachable by untrusted clients (docs/security.md).
 
+Decode workers come and go (scaled down, restarted at a new address): one sent no prompt for
+`--forget-decode-after` seconds (600) is forgotten, its channel closed and its NIXL agent removed
+from the engine (once no write goes there); a decode worker that comes back under another agent
+name at the same address has its old agent removed at once. Either is learnt again when next
+chosen.
+
 Each call is a `prefill` span (continuing the router's trace) with a `kv_transfer` child timed
 from the first page write posted to the last write done: the engine stamps both (NIXL writes
 run there); with gRPC the engine stamps the read of the pages and we end it when WriteKv
@@ -30,6 +36,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
+import logging
 import time
 
 import grpc
@@ -47,14 +55,29 @@ from services.worker.metrics import WorkerMetrics
 from shared.outputs import RequestOutput
 from shared.transfer.records import KvTarget
 
+logger = logging.getLogger(__name__)
+
 
 class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
-    def __init__(self, engine: AsyncEngine, metrics: WorkerMetrics, cluster_token: str | None = None) -> None:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        metrics: WorkerMetrics,
+        cluster_token: str | None = None,
+        forget_after_s: float = 600.0,
+    ) -> None:
         self.engine = engine
         self.metrics = metrics
         self.cluster_token = cluster_token
+        self.forget_after_s = forget_after_s
         self._peers: dict[str, asyncio.Task[str]] = {}  # decode agent name -> its registration
         self._channels: dict[str, grpc.aio.Channel] = {}
+        # Per decode address: the agent name last learnt there, calls open to it, when one last
+        # began or ended (time.monotonic()).
+        self._agents: dict[str, str] = {}
+        self._open: collections.Counter[str] = collections.Counter()
+        self._used: dict[str, float] = {}
+        self._sweeper = asyncio.get_running_loop().create_task(self._forget_idle())
 
     @grpc_errors
     async def Prefill(
@@ -65,7 +88,14 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
                 span.set_attributes(
                     {"tandem.rid": request.request.rid, "tandem.decode_worker": request.decode_address}
                 )
-            response = await self._prefill(request, context.time_remaining())
+            address = request.decode_address
+            self._open[address] += 1
+            self._used[address] = time.monotonic()
+            try:
+                response = await self._prefill(request, context.time_remaining())
+            finally:
+                self._open[address] -= 1
+                self._used[address] = time.monotonic()
             if span.is_recording():
                 span.set_attributes(
                     {
@@ -160,6 +190,11 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
 
     async def _ensure_peer(self, agent_name: str, decode_address: str) -> None:
         """Learn a decode engine's NIXL agent the first time it is a target (once per pair)."""
+        known = self._agents.get(decode_address)
+        if known != agent_name:
+            if known is not None:  # the decode worker there started again, a new engine
+                self._forget_agent(known)
+            self._agents[decode_address] = agent_name
         task = self._peers.get(agent_name)
         if task is None:
             task = asyncio.ensure_future(self._add_peer(decode_address))
@@ -205,11 +240,38 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
             self._channels[address] = dial(address, self.cluster_token)
         return self._channels[address]
 
+    # ---- forgetting decode workers -------------------------------------------------------------
+
+    async def _forget_idle(self) -> None:
+        """Every quarter of `forget_after_s` (at most 30 s): forget the decode workers sent no
+        prompt for `forget_after_s`, with no call open to them."""
+        while True:
+            await asyncio.sleep(min(self.forget_after_s / 4, 30.0))
+            now = time.monotonic()
+            for address, used in list(self._used.items()):
+                if not self._open[address] and now - used >= self.forget_after_s:
+                    logger.info("forgetting decode worker %s: sent no prompt for %.0f s", address, now - used)
+                    await self._forget_address(address)
+
+    async def _forget_address(self, address: str) -> None:
+        del self._used[address], self._open[address]
+        agent = self._agents.pop(address, None)
+        if agent is not None:
+            self._forget_agent(agent)
+        channel = self._channels.pop(address, None)
+        if channel is not None:
+            await channel.close()
+
+    def _forget_agent(self, agent: str) -> None:
+        self._peers.pop(agent, None)
+        self.engine.remove_peer(agent)  # the engine waits for writes still going there
+
 
 def add_servicers(
     server: grpc.aio.Server, engine: AsyncEngine, args: argparse.Namespace, metrics: WorkerMetrics
 ) -> list[ServiceDescriptor]:
     """Serve PrefillService on `server` (services.worker.server.AddRoleServicers)."""
     token = secrets_from_args(args, "cluster-token", CLUSTER_TOKEN_ENV).first
-    worker_pb2_grpc.add_PrefillServiceServicer_to_server(PrefillServicer(engine, metrics, token), server)
+    servicer = PrefillServicer(engine, metrics, token, args.forget_decode_after)
+    worker_pb2_grpc.add_PrefillServiceServicer_to_server(servicer, server)
     return [worker_pb2.DESCRIPTOR.services_by_name["PrefillService"]]

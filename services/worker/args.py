@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from services.common.argtypes import positive_float
 from services.common.auth import CLUSTER_TOKEN_ENV, add_secret_args
 from services.common.model_dir import ModelError, resolve_model
 from shared import config_cli
@@ -55,6 +56,15 @@ def build_parser(role: str) -> argparse.ArgumentParser:
         default=1024,
         help="calls open at once before new ones get RESOURCE_EXHAUSTED (0: no bound)",
     )
+    if role == "prefill":
+        p.add_argument(
+            "--forget-decode-after",
+            type=positive_float,
+            default=600.0,
+            metavar="SECONDS",
+            help="a decode worker sent no prompt for this long is forgotten: its channel closed and"
+            " its NIXL agent removed, learnt again when it is next chosen (default 600)",
+        )
     engine = p.add_argument_group("engine", "options of the engine (shared/config.py:EngineConfig)")
     config_cli.add_arguments(engine, EngineConfig, role)
     return p

@@ -265,6 +265,9 @@ class AsyncEngine:
     async def add_peer(self, metadata: bytes) -> str:
         return await self._await(self.client.add_peer(metadata))
 
+    def remove_peer(self, name: str) -> None:
+        self.client.remove_peer(name)
+
     async def stats(self) -> dict[str, int]:
         return await self._await(self.client.stats())
 

@@ -180,6 +180,11 @@ class _EngineCollector(Collector):
             "KV transfers that failed or timed out (prefill side)",
             value=s.get("kv_transfer_failures", 0) + self.local.kv_transfer_failures,
         )
+        yield GaugeMetricFamily(
+            "tandem_worker_kv_peers",
+            "Decode engines whose NIXL agent this prefill engine knows (forgotten when idle)",
+            value=s.get("kv_peers", 0),
+        )
         yield CounterMetricFamily(
             "tandem_worker_retractions",
             "Running requests retracted to free KV (they recompute later)",

@@ -85,10 +85,13 @@ class KvSender:
         self._sends: dict[str, _Send] = {}  # from admission to release
         # Requests aborted while their reservation was asked for: rid -> decode peer (nixl).
         self._abandoned: dict[str, str] = {}
-        self._notices: list[tuple[Any, float]] = []  # "no KV is coming" writes: (handle, deadline)
+        # "No KV is coming" writes: (handle, deadline, peer).
+        self._notices: list[tuple[Any, float, str]] = []
         # Commit and pages known, every earlier write landed: the last write waits for post_ready.
         self._ready: dict[str, _Send] = {}
         self._events: list[SendEvent] = []
+        self.peers: set[str] = set()  # decode engines' agents we can write into (nixl)
+        self._forgotten: set[str] = set()  # peers to remove once nothing of ours goes there
         self.bytes_sent = 0
         self.transfers = 0
         self.failures = 0
@@ -130,6 +133,38 @@ class KvSender:
     def _target(send: _Send, pages: list[int]) -> None:
         send.pages, send.asked = pages, True
         send.sent_pages = send.held  # never sent: the decode side has them
+
+    # ---- peers (nixl) --------------------------------------------------------------------------
+
+    def add_peer(self, metadata: bytes) -> str:
+        """Learn a decode engine from its agent's metadata (again, if it was being forgotten);
+        returns its agent name."""
+        if self.agent is None:
+            raise InvalidRequest("this prefill engine has no NIXL agent (kv_transport=grpc)")
+        name = self.agent.add_peer(metadata)
+        self.peers.add(name)
+        self._forgotten.discard(name)
+        return name
+
+    def remove_peer(self, name: str) -> None:
+        """Forget a decode engine (gone, or its worker restarted under another agent name): at
+        once if nothing of ours is on its way there, else once the last write to it is over.
+        Reservations it may still grant to requests aborted here are no longer waited for (its
+        lease frees them)."""
+        if name in self.peers:
+            self._abandoned = {rid: peer for rid, peer in self._abandoned.items() if peer != name}
+            self._forgotten.add(name)
+            self._remove_forgotten()
+
+    def _remove_forgotten(self) -> None:
+        if not self._forgotten:
+            return
+        in_use = {s.req.kv_target.peer for s in self._sends.values() if s.req.kv_target is not None}
+        in_use |= {peer for _, _, peer in self._notices}
+        for name in self._forgotten - in_use:
+            self.agent.remove_peer(name)  # type: ignore[union-attr]
+            self.peers.discard(name)
+        self._forgotten &= in_use
 
     # ---- called by the core --------------------------------------------------------------------
 
@@ -201,7 +236,8 @@ class KvSender:
         return True
 
     def poll(self) -> None:
-        """Advance every write: post the last pages once the others landed, release when done."""
+        """Advance every write: post the last pages once the others landed, release when done;
+        remove the forgotten peers no write goes to any more."""
         now = time.monotonic()
         self._poll_notices(now)
         for rid, send in list(self._sends.items()):
@@ -229,6 +265,7 @@ class KvSender:
                 self._events.append(Sent(send.req, nbytes, None, None, (send.first_post, time.time())))
             elif send.commit is not None:
                 self._finish(send)
+        self._remove_forgotten()
 
     def post_ready(self) -> None:
         """Post the last write (the rest of the pages and the commit) of every prompt whose
@@ -318,14 +355,14 @@ class KvSender:
         except (RuntimeError, KeyError) as e:  # the peer is gone: its lease frees the pages
             logger.warning("could not tell %s that request %s sends no KV: %s", peer, rid, e)
             return
-        self._notices.append((handle, time.monotonic() + self.timeout_s))
+        self._notices.append((handle, time.monotonic() + self.timeout_s, peer))
 
     def _poll_notices(self, now: float) -> None:
         assert self.agent is not None or not self._notices
         pending = []
-        for handle, deadline in self._notices:
+        for handle, deadline, peer in self._notices:
             if self.agent.state(handle) == "PROC" and now <= deadline:  # type: ignore[union-attr]
-                pending.append((handle, deadline))
+                pending.append((handle, deadline, peer))
                 continue
             with contextlib.suppress(Exception):
                 self.agent.release(handle)  # type: ignore[union-attr]

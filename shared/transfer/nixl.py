@@ -93,6 +93,8 @@ class KvAgent(Protocol):
 
     def add_peer(self, metadata: bytes) -> str: ...
 
+    def remove_peer(self, name: str) -> None: ...
+
     def write(self, peer: str, src_pages: list[int], dst_pages: list[int], notif: bytes = b"") -> Any: ...
 
     def state(self, handle: Any) -> XferState: ...
@@ -173,6 +175,13 @@ class NixlAgent:
             self._peers[info.name] = info
             self._peer_addresses[info.name] = np.asarray(info.addresses, dtype=np.int64)
         return info.name
+
+    def remove_peer(self, name: str) -> None:
+        """Forget a peer (no write to it may be in flight): NIXL drops its metadata and the
+        connection to it. An unknown name is ignored."""
+        if self._peers.pop(name, None) is not None:
+            del self._peer_addresses[name]
+            self._agent.remove_remote_agent(name)
 
     def write(self, peer: str, src_pages: list[int], dst_pages: list[int], notif: bytes = b"") -> Any:
         """Start writing our `src_pages` into the peer's `dst_pages` (every buffer); a handle."""

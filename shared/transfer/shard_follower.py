@@ -24,6 +24,7 @@ from shared.transfer.shards import (
     PROGRESS,
     READ,
     RELEASE,
+    REMOVE_PEER,
     STATE_CODES,
     STATES,
     WRITE,
@@ -73,6 +74,11 @@ class FollowerTransfer:
                 i += 4 + 2 * n
             elif op == RELEASE:
                 self._release(words[i + 1])
+                i += 2
+            elif op == REMOVE_PEER:
+                name = self._peers.pop(words[i + 1], None)
+                if name is not None and self.agent is not None:
+                    self.agent.remove_peer(name)
                 i += 2
             elif op == STATES:
                 k = words[i + 1]

@@ -12,6 +12,7 @@ shared/transfer/shard_follower.py):
     ShardedNixlAgent   (one NIXL agent per rank, each over its own shard)
       start-up      METADATA: gather every rank's agent metadata; ours lists them (`ranks`)
       add_peer      ADD_PEER: rank r learns the peer's rank-r agent (once per pair of ranks)
+      remove_peer   REMOVE_PEER (sent with the next item): rank r forgets it
       write         our write, and WRITE: rank r posts the same pages of its shard to its peer
       state         STATES: gather the followers' states (at most once per `_STATES_TTL_S`)
       (notif)       once every rank's data is DONE, one more write carries the notification:
@@ -62,6 +63,7 @@ STATES = 5  # [k, write ids [k]]; gather the states [k]
 PROGRESS = 6  # []
 READ = 7  # [n, pages [n]]; each follower sends its shard's bytes of the pages
 WRITE_PAGES = 8  # [n, pages [n]]; rank 0 sends each follower its shard's bytes of the pages
+REMOVE_PEER = 9  # [peer id]
 
 STATE_CODES: dict[str, int] = {"PROC": 0, "DONE": 1, "ERR": 2}
 _STATES: list[XferState] = ["PROC", "DONE", "ERR"]
@@ -186,6 +188,7 @@ class ShardedNixlAgent:
         self.channel = channel
         self.size = channel.size
         self._peers: dict[str, int] = {}  # peer name -> id the followers know it by
+        self._peer_ids = itertools.count()
         self._writes: dict[int, _Write] = {}
         self._ids = itertools.count()
         self._states_at = float("-inf")
@@ -218,7 +221,7 @@ class ShardedNixlAgent:
             )
         if info.name in self._peers:
             return info.name
-        peer_id = len(self._peers)
+        peer_id = next(self._peer_ids)
         self.channel.send(ADD_PEER, peer_id, *(len(blob) for blob in info.ranks))
         for rank, blob in enumerate(info.ranks, start=1):
             self.channel.send_bytes(rank, blob)
@@ -230,6 +233,12 @@ class ShardedNixlAgent:
         name = self.local.add_peer(metadata)
         self._peers[name] = peer_id
         return name
+
+    def remove_peer(self, name: str) -> None:
+        peer_id = self._peers.pop(name, None)
+        if peer_id is not None:
+            self.channel.defer(REMOVE_PEER, peer_id)  # goes out with the next item
+            self.local.remove_peer(name)
 
     def write(self, peer: str, src_pages: list[int], dst_pages: list[int], notif: bytes = b"") -> _Write:
         peer_id = self._peers[peer]  # KeyError: add_peer first

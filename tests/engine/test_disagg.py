@@ -662,3 +662,27 @@ def test_a_pd_engine_without_nixl_says_so_at_start(
     caplog.clear()
     assert engine_core.resolve_transport(EngineConfig.from_options(str(tiny_llama))) == "grpc"
     assert caplog.text == ""  # a unified engine moves no KV: nothing to say
+
+
+@NIXL_ONLY
+def test_a_removed_peer_goes_once_its_writes_are_over_and_can_be_learnt_again(tiny_llama: Path) -> None:
+    """The prefill worker forgets a decode engine it has not sent to for a while (or whose worker
+    came back as another engine): its agent stays while a request still writes there, and is
+    learnt again from its metadata when it is next a target."""
+    prefill, decode = make_pair(tiny_llama, "nixl")
+    assert decode.agent is not None and prefill.agent is not None
+    peer, params = decode.agent.name, SamplingParams(max_new_tokens=3, temperature=0.0, ignore_eos=True)
+    first, second = list(range(5, 30)), list(range(40, 52))
+    submit(prefill, decode, "first", first, params)
+    prefill.remove_peer(peer)  # "first" still goes there
+    assert prefill.agent.has_peer(peer) and prefill.stats()["kv_peers"] == 1
+    assert drain(prefill, decode) == {"first": hf_greedy(tiny_llama, first, 3)}
+    assert not prefill.agent.has_peer(peer) and prefill.stats()["kv_peers"] == 0
+    with pytest.raises(ValueError, match="unknown KV peer"):
+        prefill.add_request(["refused"], second, params, kv_target=KvTarget("nixl", [], peer))
+    assert prefill.add_peer(decode.agent.metadata()) == peer
+    submit(prefill, decode, "second", second, params)
+    prefill.remove_peer(peer)
+    assert prefill.add_peer(decode.agent.metadata()) == peer  # wanted again before it went
+    assert drain(prefill, decode) == {"second": hf_greedy(tiny_llama, second, 3)}
+    assert prefill.agent.has_peer(peer) and prefill.stats()["kv_peers"] == 1

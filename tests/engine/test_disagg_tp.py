@@ -191,6 +191,26 @@ def test_pd_tp2_abort_after_the_reservation_holds_no_pages(
 
 
 @pytest.mark.parametrize("pair", [pytest.param("nixl", marks=needs_nixl)], indirect=True)
+def test_pd_tp2_a_forgotten_peer_leaves_every_rank_and_is_learnt_again(
+    pair: tuple[EngineClient, EngineClient], tiny_llama: Path
+) -> None:
+    """Rank 0 forgets the decode engine (its followers with the next instruction), refuses it as
+    a target, then learns it again under a new peer id and every rank writes its shard."""
+    prefill, decode = pair
+    assert decode.agent_metadata is not None and prefill.stats().result(30)["kv_peers"] == 1
+    prefill.remove_peer(decode.agent_name)
+    assert prefill.stats().result(30)["kv_peers"] == 0  # nothing was on its way there
+    target = KvTarget("nixl", [], decode.agent_name)
+    with pytest.raises(InvalidRequest, match="unknown KV peer"):
+        prefill.submit(["refused"], Prompt(PROMPTS[1], GREEDY), lambda out: None, kv_target=target).result(30)
+    prefill.add_peer(decode.agent_metadata).result(30)
+    again = run_pd(prefill, decode, {"again": PROMPTS[1]})
+    assert again["tokens"]["again"] == hf_greedy(tiny_llama, PROMPTS[1], GREEDY["max_new_tokens"])
+    assert prefill.stats().result(30)["kv_peers"] == 1
+    wait_released(prefill, decode)
+
+
+@pytest.mark.parametrize("pair", [pytest.param("nixl", marks=needs_nixl)], indirect=True)
 def test_mismatched_tp_sizes_are_refused_clearly(
     pair: tuple[EngineClient, EngineClient], tiny_llama: Path
 ) -> None:

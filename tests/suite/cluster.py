@@ -197,24 +197,28 @@ class Cluster:
         self.wait(lambda: self._list_workers() is not None, "router")
         return service
 
-    def start_worker(self, role: str, *flags: str, register: bool = True) -> Service:
-        (service,) = self.start_workers([(role, *flags)], register)
+    def start_worker(
+        self, role: str, *flags: str, register: bool = True, wait: bool = True, port: int | None = None
+    ) -> Service:
+        """One worker (`start_workers`), on `port` when given (a worker started again in place)."""
+        (service,) = self.start_workers([(role, *flags)], register, wait, port)
         return service
 
     def start_workers(
-        self, specs: list[tuple[str, ...]], register: bool = True, wait: bool = True
+        self, specs: list[tuple[str, ...]], register: bool = True, wait: bool = True, port: int | None = None
     ) -> list[Service]:
         """Start workers `(role, *flags)` at once (they load in parallel), then wait for each to
         be healthy in the router (`register`: with the router at `admin_address`; `wait`)."""
+        assert port is None or len(specs) == 1
         started = []
         for role, *flags in specs:
-            port = free_port()
+            at = port or free_port()
             module = "services.worker" if role == "unified" else f"services.{role}"
-            args = ["--model", self.model, "--port", str(port), *ENGINE_FLAGS, *flags]
+            args = ["--model", self.model, "--port", str(at), *ENGINE_FLAGS, *flags]
             if register:
                 args += ["--router", self.admin_address]
             n = sum(s.name.startswith(role) for s in self.services)
-            started.append(self._spawn(f"{role}-{n}", module, args, port))
+            started.append(self._spawn(f"{role}-{n}", module, args, at))
         for service in started if register and wait else []:
             self.wait(
                 lambda s=service: self.worker_state(s.address) == router_pb2.WORKER_STATE_HEALTHY,

@@ -20,6 +20,7 @@ from services.launcher import free_port
 from services.protos.tandem.common.v1 import common_pb2
 from services.protos.tandem.router.v1 import router_pb2
 from services.protos.tandem.worker.v1 import worker_pb2, worker_pb2_grpc
+from shared.transfer import nixl_available
 from tests.suite.cluster import Cluster, Service, collect
 
 pytestmark = pytest.mark.xdist_group("suite_failures")
@@ -131,6 +132,33 @@ def test_a_worker_started_before_its_router_registers_once_it_answers(
         assert "registered with the router" in log
         assert f"router {cluster.admin_address}:" not in log  # no failed attempt was logged
         assert collect(cluster.generate(PROMPT, max_new_tokens=3))[0]["finish"] is not None
+
+
+@pytest.mark.skipif(not nixl_available(), reason="NIXL is not installed")
+def test_a_decode_worker_started_again_in_place_replaces_its_old_engine_in_prefill(
+    tiny_llama: Path, tmp_path: Path
+) -> None:
+    """A decode worker killed and started again at the same address is a new engine with a new
+    NIXL agent: the prefill worker drops the dead one's agent when it first sends to the new
+    one, so its engine knows one decode agent, not two."""
+    with Cluster(tiny_llama, tmp_path) as cluster:
+        cluster.start_router()
+        prefill, decode = cluster.start_workers(
+            [("prefill", "--kv-transport", "nixl"), ("decode", "--kv-transport", "nixl")]
+        )
+        assert collect(cluster.generate(PROMPT, max_new_tokens=3))[0]["finish"] is not None
+        assert prefill.load().counters["kv_peers"] == 1
+        decode.kill()
+        port = int(decode.address.rpartition(":")[2])
+        # Its address may still be listed healthy from before the kill: wait for its own registration.
+        again = cluster.start_worker("decode", "--kv-transport", "nixl", port=port, register=True, wait=False)
+        assert again.address == decode.address
+        cluster.wait(lambda: "registered with the router" in again.log.read_text(), "its registration")
+        healthy = router_pb2.WORKER_STATE_HEALTHY
+        cluster.wait(lambda: cluster.worker_state(again.address) == healthy, "the decode worker healthy")
+        out = collect(cluster.generate(PROMPT, max_new_tokens=3))[0]
+        assert out["finish"] is not None and out["route"].decode_worker == again.address
+        assert prefill.load().counters["kv_peers"] == 1
 
 
 def test_a_worker_shutting_down_refuses_new_streams_and_finishes_open_ones(

@@ -49,7 +49,17 @@ def pd(
         cluster.start_router()
         prefill, decode = cluster.start_workers(
             [
-                ("prefill", "--kv-transport", transport, "--chunked-prefill-size", "32"),
+                # Forgets the decode worker after 1 s without a prompt: the tests below also
+                # run with it learnt again (channel, NIXL agent) between their requests.
+                (
+                    "prefill",
+                    "--kv-transport",
+                    transport,
+                    "--chunked-prefill-size",
+                    "32",
+                    "--forget-decode-after",
+                    "1",
+                ),
                 ("decode", "--kv-transport", transport),
             ]
         )
@@ -86,6 +96,27 @@ def test_greedy_equals_hf_and_decode_never_runs_the_prompt(
         == pages * PAGE_SIZE * kv_bytes_per_token(tiny_llama)
     )
     assert p1["kv_transfers"] - p0.get("kv_transfers", 0) == len(batch)
+
+
+def test_an_idle_decode_worker_is_forgotten_and_learnt_again(
+    pd: tuple[Cluster, Service, Service], tiny_llama: Path
+) -> None:
+    """After `--forget-decode-after` (1 s here) without a prompt for it, the prefill worker closes
+    its channel to the decode worker and its engine drops the decode engine's NIXL agent; the
+    next request learns both again."""
+    cluster, prefill, decode = pd
+    ids = prompts(1, seed=3)[0]
+    assert collect(cluster.generate(ids, max_new_tokens=4, temperature=0.0))[0]["ids"] == hf_greedy(
+        tiny_llama, ids, 4
+    )
+    forgotten = f"forgetting decode worker {decode.address}"
+    logged = prefill.log.read_text().count(forgotten)
+    cluster.wait(lambda: prefill.log.read_text().count(forgotten) > logged, "the decode worker forgotten")
+    if "nixl" in prefill.process.args:  # its engine no longer knows the decode engine's agent
+        assert prefill.load().counters["kv_peers"] == 0
+    assert collect(cluster.generate(ids, max_new_tokens=4, temperature=0.0))[0]["ids"] == hf_greedy(
+        tiny_llama, ids, 4
+    )
 
 
 def test_n_samples_logprobs_and_stop(pd: tuple[Cluster, Service, Service]) -> None:
