@@ -67,7 +67,7 @@ async def serve() -> None:
     die_with_launcher()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s router %(levelname)s %(name)s: %(message)s")
     tracing = setup_tracing("tandem-router")
-    tokenizer = BackgroundTokenizer(model.path)
+    tokenizer = BackgroundTokenizer(model.path, args.tokenizer_load)
     registry = Registry(
         args.served_model_name or model.name,
         args.heartbeat_interval,

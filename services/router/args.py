@@ -19,6 +19,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="model directory or hub id ORG/NAME[@REVISION] (its tokenizer serves text-only requests)",
     )
     p.add_argument(
+        "--tokenizer-load",
+        choices=("background", "on-demand"),
+        default="background",
+        help="background (default): load the tokenizer on a thread at start, serving meanwhile;"
+        " on-demand: at the first text request (a router behind gateways, which send token ids,"
+        " then never imports transformers and torch: seconds of CPU and hundreds of MB less)",
+    )
+    p.add_argument(
         "--served-model-name",
         help="model id (default: the hub id, or the directory name); workers must match",
     )

@@ -4,8 +4,10 @@ Only text-only requests need it (a gRPC client that sends text and no token ids,
 `Embed` inputs given as text), and loading it takes seconds (transformers, and the torch it
 imports). Meanwhile the router answers health checks, registers workers and routes token-id
 requests (every gateway request), so a restarted router is back that much sooner. A text
-request that comes first waits for the load. A load that fails stops the router with the reason
-(`services/router/__main__.py`), as a failure before it served would have.
+request that comes first waits for the load. `--tokenizer-load on-demand` starts the load at the
+first text request instead: a router that only gateways call never loads it. A load that fails
+stops the router with the reason (`services/router/__main__.py`), as a failure before it served
+would have.
 """
 
 from __future__ import annotations
@@ -13,16 +15,25 @@ from __future__ import annotations
 import concurrent.futures
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+TokenizerLoad = Literal["background", "on-demand"]
 
 
 class BackgroundTokenizer:
-    """`encode` as the model's Hugging Face tokenizer's, once `loaded` (a future of it) is done."""
+    """`encode` as the model's Hugging Face tokenizer's, once `loaded` (a future of it) is done;
+    the load starts at once (`background`) or at the first `encode` (`on-demand`)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, load: TokenizerLoad = "background") -> None:
         self.path = path
         self.loaded: concurrent.futures.Future[Any] = concurrent.futures.Future()
-        threading.Thread(target=self._load, name="tokenizer-load", daemon=True).start()
+        self._started = threading.Lock()  # held once the load has started
+        if load == "background":
+            self._start()
+
+    def _start(self) -> None:
+        if self._started.acquire(blocking=False):
+            threading.Thread(target=self._load, name="tokenizer-load", daemon=True).start()
 
     def _load(self) -> None:
         try:
@@ -34,5 +45,6 @@ class BackgroundTokenizer:
 
     def encode(self, text: str, **kwargs: Any) -> list[int]:
         """The tokenizer's `encode`; blocks until it is loaded, so call it off the event loop."""
+        self._start()
         ids: list[int] = self.loaded.result().encode(text, **kwargs)
         return ids

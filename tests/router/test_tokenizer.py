@@ -26,6 +26,22 @@ def test_encode_waits_for_the_load_and_equals_the_hf_tokenizer(tokenizer_dir: Pa
     )
 
 
+def test_on_demand_the_first_encode_loads_it(tokenizer_dir: Path) -> None:
+    """`--tokenizer-load on-demand`: nothing is loaded (no thread, no transformers) until a text
+    request wants the tokenizer."""
+    code = (
+        "import sys, threading\n"
+        "from services.router.tokenizer import BackgroundTokenizer\n"
+        f"t = BackgroundTokenizer({str(tokenizer_dir)!r}, 'on-demand')\n"
+        "assert not t.loaded.done() and threading.active_count() == 1\n"
+        "assert 'transformers' not in sys.modules and 'torch' not in sys.modules\n"
+        "print(t.encode('the sea'))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == str(AutoTokenizer.from_pretrained(tokenizer_dir).encode("the sea"))
+
+
 def test_a_tokenizer_that_cannot_load_fails_encode_and_stops_the_router(
     tokenizer_dir: Path, tmp_path: Path
 ) -> None:

@@ -188,7 +188,10 @@ class Cluster:
 
     def start_router(self, *flags: str, admin_port: int | None = None) -> Service:
         port, admin_port = free_port(), admin_port or free_port()
-        args = ["--model", self.model, "--port", str(port), "--admin-port", str(admin_port), *flags]
+        # On demand: most suites send token ids only, and the load costs every router seconds of
+        # CPU (background loading: tests/router/test_tokenizer.py and every `tandem up`).
+        args = ["--model", self.model, "--port", str(port), "--admin-port", str(admin_port)]
+        args += ["--tokenizer-load", "on-demand", *flags]
         service = self._spawn("router", "services.router", args, port)
         self.router = service.address
         self.admin_address = f"127.0.0.1:{admin_port}"
