@@ -3,8 +3,9 @@ checkpoints."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from shared.lazy import lazy_attributes
 from shared.models.registry import get_model_class, supported_architectures
 
 if TYPE_CHECKING:
@@ -22,19 +23,14 @@ __all__ = [
     "supported_architectures",
 ]
 
-_LAZY = {
-    "CausalLM": "base",
-    "MLAConfig": "config",
-    "ModelConfig": "config",
-    "resolve_dtype": "config",
-    "load_model": "loader",
-}
-
-
-def __getattr__(name: str) -> Any:
-    # Lazy (they import torch): `tandem up` reads the registry before it starts anything.
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(f"shared.models.{_LAZY[name]}"), name)
-    raise AttributeError(name)
+# They import torch: `tandem up` reads the registry before it starts anything.
+__getattr__ = lazy_attributes(
+    __name__,
+    {
+        "CausalLM": "base",
+        "MLAConfig": "config",
+        "ModelConfig": "config",
+        "resolve_dtype": "config",
+        "load_model": "loader",
+    },
+)

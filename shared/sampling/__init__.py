@@ -6,8 +6,9 @@ histories into tensors each step; `Sampler.sample` picks the next tokens from th
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from shared.lazy import lazy_attributes
 from shared.sampling.params import SamplingParams
 
 if TYPE_CHECKING:
@@ -15,11 +16,7 @@ if TYPE_CHECKING:
 
 __all__ = ["SampleOutput", "Sampler", "SamplingBatch", "SamplingParams"]
 
-
-def __getattr__(name: str) -> Any:
-    # Lazy: the router checks a request's parameters (params.py) without importing torch.
-    if name in ("SampleOutput", "Sampler", "SamplingBatch"):
-        from shared.sampling import sampler
-
-        return getattr(sampler, name)
-    raise AttributeError(name)
+# The router checks a request's parameters (params.py) without importing torch.
+__getattr__ = lazy_attributes(
+    __name__, dict.fromkeys(["SampleOutput", "Sampler", "SamplingBatch"], "sampler")
+)

@@ -15,6 +15,7 @@ import importlib
 import logging
 from typing import TYPE_CHECKING, Any
 
+from shared.lazy import lazy_attributes
 from shared.transfer.records import KvCommit, KvTarget
 
 if TYPE_CHECKING:
@@ -22,14 +23,8 @@ if TYPE_CHECKING:
 
 __all__ = ["KvCommit", "KvTarget", "PageLayout", "import_nixl", "nixl_available"]
 
-
-def __getattr__(name: str) -> Any:
-    # Lazy: the workers' I/O processes use the records without importing torch.
-    if name == "PageLayout":
-        from shared.transfer.pages import PageLayout
-
-        return PageLayout
-    raise AttributeError(name)
+# The workers' I/O processes use the records without importing torch.
+__getattr__ = lazy_attributes(__name__, {"PageLayout": "pages"})
 
 
 def import_nixl() -> tuple[Any, Any]:
