@@ -69,10 +69,16 @@ def serves(client: openai.OpenAI, model: str) -> bool:
         return False
 
 
-def engine_pid(worker_pid: int) -> int:
-    """The worker's engine process: its multiprocessing spawn child (not the resource tracker)."""
-    children = Path(f"/proc/{worker_pid}/task/{worker_pid}/children").read_text().split()
-    return next(int(c) for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes())
+def engine_pid(worker_pid: int, name: str = "the worker") -> int:
+    """The engine process of the worker process `worker_pid` (a multiprocessing spawn child, not
+    its resource tracker)."""
+    with open(f"/proc/{worker_pid}/task/{worker_pid}/children") as f:
+        children = [int(p) for p in f.read().split()]
+    for child in children:
+        with open(f"/proc/{child}/cmdline", "rb") as f:
+            if b"spawn_main" in f.read():
+                return child
+    raise AssertionError(f"{name} has no engine process among {children}")
 
 
 def round_trip(model: Path, tmp: Path, args: argparse.Namespace, restarts: bool) -> dict[str, float]:

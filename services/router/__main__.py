@@ -44,7 +44,7 @@ from services.router.orchestrator import Orchestrator
 from services.router.policies import create_policy
 from services.router.registry import Registry
 from services.router.server import RouterAdminServicer, RouterServicer
-from services.router.tokenizer import BackgroundTokenizer
+from services.router.tokenizer import RouterTokenizer
 
 logger = logging.getLogger("services.router")
 # Above gRPC's 4 MiB default: a prompt the gateway accepts (16 characters per context token, up
@@ -67,7 +67,7 @@ async def serve() -> None:
     die_with_launcher()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s router %(levelname)s %(name)s: %(message)s")
     tracing = setup_tracing("tandem-router")
-    tokenizer = BackgroundTokenizer(model.path, args.tokenizer_load)
+    tokenizer = RouterTokenizer(model.path, args.tokenizer_load)
     registry = Registry(
         args.served_model_name or model.name,
         args.heartbeat_interval,

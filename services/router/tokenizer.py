@@ -1,4 +1,4 @@
-"""The router's tokenizer, loaded on a thread while the router already serves.
+"""The router's tokenizer, loaded on a thread while the router already serves (or on demand).
 
 Only text-only requests need it (a gRPC client that sends text and no token ids, `Tokenize`,
 `Embed` inputs given as text), and loading it takes seconds (transformers, and the torch it
@@ -20,7 +20,7 @@ from typing import Any, Literal
 TokenizerLoad = Literal["background", "on-demand"]
 
 
-class BackgroundTokenizer:
+class RouterTokenizer:
     """`encode` as the model's Hugging Face tokenizer's, once `loaded` (a future of it) is done;
     the load starts at once (`background`) or at the first `encode` (`on-demand`)."""
 

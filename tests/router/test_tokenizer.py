@@ -11,13 +11,13 @@ import pytest
 from transformers import AutoTokenizer
 
 from services.launcher import free_port
-from services.router.tokenizer import BackgroundTokenizer
+from services.router.tokenizer import RouterTokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_encode_waits_for_the_load_and_equals_the_hf_tokenizer(tokenizer_dir: Path) -> None:
-    tokenizer = BackgroundTokenizer(tokenizer_dir)
+    tokenizer = RouterTokenizer(tokenizer_dir)
     text = "the sea, the sky: 42 gulls"
     assert tokenizer.encode(text) == AutoTokenizer.from_pretrained(tokenizer_dir).encode(text)
     assert tokenizer.loaded.done()
@@ -31,8 +31,8 @@ def test_on_demand_the_first_encode_loads_it(tokenizer_dir: Path) -> None:
     request wants the tokenizer."""
     code = (
         "import sys, threading\n"
-        "from services.router.tokenizer import BackgroundTokenizer\n"
-        f"t = BackgroundTokenizer({str(tokenizer_dir)!r}, 'on-demand')\n"
+        "from services.router.tokenizer import RouterTokenizer\n"
+        f"t = RouterTokenizer({str(tokenizer_dir)!r}, 'on-demand')\n"
         "assert not t.loaded.done() and threading.active_count() == 1\n"
         "assert 'transformers' not in sys.modules and 'torch' not in sys.modules\n"
         "print(t.encode('the sea'))\n"
@@ -48,7 +48,7 @@ def test_a_tokenizer_that_cannot_load_fails_encode_and_stops_the_router(
     broken = tmp_path / "broken"
     shutil.copytree(tokenizer_dir, broken)
     (broken / "tokenizer.json").write_text("{not json")
-    tokenizer = BackgroundTokenizer(broken)
+    tokenizer = RouterTokenizer(broken)
     with pytest.raises(Exception):  # noqa: B017 - whatever transformers raises, encode raises it
         tokenizer.encode("the sea")
     router = [sys.executable, "-m", "services.router", "--model", str(broken)]

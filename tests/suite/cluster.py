@@ -28,6 +28,7 @@ from typing import Any
 
 import grpc
 
+from bench.startup import engine_pid
 from services.common.auth import CLUSTER_TOKEN_ENV, bearer
 from services.launcher import free_port
 from services.protos.tandem.router.v1 import router_pb2, router_pb2_grpc
@@ -99,17 +100,6 @@ def running(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
-
-
-def engine_pid(worker_pid: int, name: str = "the worker") -> int:
-    """The engine process of the worker process `worker_pid` (a multiprocessing spawn child)."""
-    with open(f"/proc/{worker_pid}/task/{worker_pid}/children") as f:
-        children = [int(p) for p in f.read().split()]
-    for child in children:
-        with open(f"/proc/{child}/cmdline", "rb") as f:
-            if b"spawn_main" in f.read():
-                return child
-    raise AssertionError(f"{name} has no engine process among {children}")
 
 
 def admin_auth(up: dict[str, Any]) -> dict[str, str]:
