@@ -13,6 +13,7 @@ import asyncio
 import random
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ from services.launcher import GRPC_KV_MALLOC
 from services.protos.tandem.worker.v1 import worker_pb2, worker_pb2_grpc
 from shared.transfer import nixl_available
 from tests.engine.test_parity import hf_greedy_cached
-from tests.suite.cluster import Cluster, admin_auth, collect, tandem_up, token_metadata
+from tests.suite.cluster import Cluster, Service, admin_auth, collect, tandem_up, token_metadata
 
 pytestmark = pytest.mark.xdist_group("suite_pd_load")
 
@@ -190,59 +191,69 @@ def test_clients_leaving_during_the_hand_off_leave_no_reservation_held(
         assert collect(cluster.generate([5, 6, 7], max_new_tokens=2))[0]["finish"]  # and it serves
 
 
-def test_a_prompt_the_decode_engine_refuses_fails_clearly_and_leaves_no_prefill_work(
-    tiny_llama: Path, tmp_path: Path
-) -> None:
-    # The decode worker sends its reservation message before its engine has answered, and the
-    # router starts the prefill leg on it: a refusal that follows is still the error the client
-    # gets, the prefill leg is dropped, and both workers go on serving. (60 tokens pass the
-    # router's bound, the 64-token pool, but not the decode engine's: a page short of it.)
-    with Cluster(tiny_llama, tmp_path) as cluster:
+@pytest.fixture(scope="module")
+def grpc_pd(
+    tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Cluster, list[Service], Path]]:
+    """A PD cluster over gRPC whose decode pool holds 64 tokens, its prefill and decode workers,
+    and its log directory: both tests below leave it serving, and assert so (one cluster for both
+    saves the suite a launch)."""
+    tmp = tmp_path_factory.mktemp("grpc_pd")
+    with Cluster(tiny_llama, tmp) as cluster:
         cluster.start_router()
-        prefill, decode = cluster.start_workers(
+        workers = cluster.start_workers(
             [
                 ("prefill", "--kv-transport", "grpc"),
                 ("decode", "--kv-transport", "grpc", "--max-total-tokens", "64"),
             ]
         )
-        started = time.monotonic()
-        with pytest.raises(grpc.RpcError) as refused:
-            collect(cluster.generate([5 + i % 200 for i in range(60)], max_new_tokens=4, temperature=0.0))
-        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert "this decode engine holds at most" in (refused.value.details() or "")
-        assert time.monotonic() - started < 10
-        prefill.wait_released(timeout=10)
-        decode.wait_released(timeout=10)
-        prompt = [5 + i % 200 for i in range(20)]
-        (sample,) = collect(cluster.generate(prompt, max_new_tokens=4, temperature=0.0)).values()
-        assert sample["ids"] == hf_greedy_cached(tiny_llama, prompt, 4)
+        yield cluster, workers, tmp
+
+
+def test_a_prompt_the_decode_engine_refuses_fails_clearly_and_leaves_no_prefill_work(
+    grpc_pd: tuple[Cluster, list[Service], Path], tiny_llama: Path
+) -> None:
+    # The decode worker sends its reservation message before its engine has answered, and the
+    # router starts the prefill leg on it: a refusal that follows is still the error the client
+    # gets, the prefill leg is dropped, and both workers go on serving. (60 tokens pass the
+    # router's bound, the 64-token pool, but not the decode engine's: a page short of it.)
+    cluster, (prefill, decode), _ = grpc_pd
+    started = time.monotonic()
+    with pytest.raises(grpc.RpcError) as refused:
+        collect(cluster.generate([5 + i % 200 for i in range(60)], max_new_tokens=4, temperature=0.0))
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "this decode engine holds at most" in (refused.value.details() or "")
+    assert time.monotonic() - started < 10
+    prefill.wait_released(timeout=10)
+    decode.wait_released(timeout=10)
+    prompt = [5 + i % 200 for i in range(20)]
+    (sample,) = collect(cluster.generate(prompt, max_new_tokens=4, temperature=0.0)).values()
+    assert sample["ids"] == hf_greedy_cached(tiny_llama, prompt, 4)
 
 
 def test_both_legs_refusing_a_constraint_leave_no_unretrieved_failure_in_the_router(
-    tiny_llama: Path, tmp_path: Path
+    grpc_pd: tuple[Cluster, list[Service], Path], tiny_llama: Path
 ) -> None:
     # A schema both workers' grammar compilers refuse: the decode leg's read and the prefill call
     # fail at about the same time, and the router raises one of them. The other one's failure is
     # taken and dropped, not left for asyncio to log at ERROR ("Task exception was never
     # retrieved", once per few such requests under concurrency before the fix).
-    with Cluster(tiny_llama, tmp_path) as cluster:
-        cluster.start_router()
-        cluster.start_workers([("prefill", "--kv-transport", "grpc"), ("decode", "--kv-transport", "grpc")])
-        schema = '{"type": "object", "properties": {"a": {"$ref": "#/nope"}}, "required": ["a"]}'
+    cluster, _, logs = grpc_pd
+    schema = '{"type": "object", "properties": {"a": {"$ref": "#/nope"}}, "required": ["a"]}'
 
-        def refused(i: int) -> grpc.StatusCode | None:
-            try:
-                cluster.generate([5 + (i + j) % 200 for j in range(12)], max_new_tokens=4, json_schema=schema)
-            except grpc.RpcError as exc:
-                return exc.code()
-            return None
+    def refused(i: int) -> grpc.StatusCode | None:
+        try:
+            cluster.generate([5 + (i + j) % 200 for j in range(12)], max_new_tokens=4, json_schema=schema)
+        except grpc.RpcError as exc:
+            return exc.code()
+        return None
 
-        with ThreadPoolExecutor(32) as pool:
-            for _ in range(3):
-                assert list(pool.map(refused, range(32))) == [grpc.StatusCode.INVALID_ARGUMENT] * 32
-        time.sleep(0.5)  # a dropped task's failure is logged when it is collected
-        router_log = (tmp_path / "router.log").read_text()
-        assert "never retrieved" not in router_log, router_log[-3000:]
-        prompt = [5 + i % 200 for i in range(20)]
-        (sample,) = collect(cluster.generate(prompt, max_new_tokens=4, temperature=0.0)).values()
-        assert sample["ids"] == hf_greedy_cached(tiny_llama, prompt, 4)
+    with ThreadPoolExecutor(32) as pool:
+        for _ in range(3):
+            assert list(pool.map(refused, range(32))) == [grpc.StatusCode.INVALID_ARGUMENT] * 32
+    time.sleep(0.5)  # a dropped task's failure is logged when it is collected
+    router_log = (logs / "router.log").read_text()
+    assert "never retrieved" not in router_log, router_log[-3000:]
+    prompt = [5 + i % 200 for i in range(20)]
+    (sample,) = collect(cluster.generate(prompt, max_new_tokens=4, temperature=0.0)).values()
+    assert sample["ids"] == hf_greedy_cached(tiny_llama, prompt, 4)

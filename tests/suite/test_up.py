@@ -367,14 +367,17 @@ def test_an_answer_from_another_process_on_the_port_is_not_our_gateway(
     assert "address already in use" in output
 
 
-def test_without_a_ready_file_the_endpoints_and_token_are_in_the_log_directory(
+def test_without_a_ready_file_the_endpoints_are_in_the_log_directory_and_ctrl_c_stops_everything(
     tiny_llama: Path, tmp_path: Path
 ) -> None:
     """The banner names where the cluster token the router's admin API wants is: the printed
     admin URL is usable without starting again with --ready-file. (With --served-model-name, the
-    id clients send.)"""
-    proc = _launch(tiny_llama, tmp_path, free_port(), args=("--served-model-name", "house-model"))
+    id clients send.) Then a terminal's Ctrl-C, SIGINT to the whole process group, stops the
+    launcher and every service (the workers' engine processes too) at once, without a
+    traceback. (One launch for both: each `tandem up` costs the suite ~15 s on two cores.)"""
     ready = tmp_path / "logs" / "ready.json"
+    args = ("--served-model-name", "house-model")
+    proc = _launch(tiny_llama, tmp_path, free_port(), new_session=True, args=args)
     try:
         info = wait_ready(proc, ready)
         assert ready.stat().st_mode & 0o777 == 0o600
@@ -384,23 +387,7 @@ def test_without_a_ready_file_the_endpoints_and_token_are_in_the_log_directory(
         client = openai.OpenAI(base_url=info["openai"], api_key="unused", max_retries=0)
         assert [m.id for m in client.models.list().data] == ["house-model"]
         assert client.completions.create(model="house-model", prompt="the sea", max_tokens=2).choices
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    output = proc.stdout.read().decode() if proc.stdout else ""
-    assert f"in {ready})" in output and "model id       house-model" in output
-    assert not ready.exists()
-
-
-def test_ctrl_c_in_a_terminal_stops_everything_without_a_traceback(tiny_llama: Path, tmp_path: Path) -> None:
-    """A terminal's Ctrl-C is SIGINT to the whole process group: the launcher and every service
-    (the workers' engine processes too) at once."""
-    ready = tmp_path / "logs" / "ready.json"
-    proc = _launch(tiny_llama, tmp_path, free_port(), new_session=True)
-    try:
-        pids = wait_ready(proc, ready)["pids"]
+        pids = info["pids"]
         engine = engine_pid(pids["worker-0"])
         os.killpg(proc.pid, signal.SIGINT)
         assert proc.wait(30) == 0
@@ -408,6 +395,8 @@ def test_ctrl_c_in_a_terminal_stops_everything_without_a_traceback(tiny_llama: P
         if proc.poll() is None:
             proc.kill()
     output = proc.stdout.read().decode() if proc.stdout else ""
+    assert f"in {ready})" in output and "model id       house-model" in output
+    assert not ready.exists()
     assert output.rstrip().endswith("tandem up: stopped") and "exited with code" not in output, output
     assert not any(running(pid) for pid in [*pids.values(), engine])
     for log in (tmp_path / "logs").glob("*.log"):
