@@ -69,16 +69,21 @@ def serves(client: openai.OpenAI, model: str) -> bool:
         return False
 
 
+def children(pid: int) -> list[int]:
+    """The pids of the process `pid`'s children (Linux)."""
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(p) for p in f.read().split()]
+
+
 def engine_pid(worker_pid: int, name: str = "the worker") -> int:
     """The engine process of the worker process `worker_pid` (a multiprocessing spawn child, not
     its resource tracker)."""
-    with open(f"/proc/{worker_pid}/task/{worker_pid}/children") as f:
-        children = [int(p) for p in f.read().split()]
-    for child in children:
+    pids = children(worker_pid)
+    for child in pids:
         with open(f"/proc/{child}/cmdline", "rb") as f:
             if b"spawn_main" in f.read():
                 return child
-    raise AssertionError(f"{name} has no engine process among {children}")
+    raise AssertionError(f"{name} has no engine process among {pids}")
 
 
 def round_trip(model: Path, tmp: Path, args: argparse.Namespace, restarts: bool) -> dict[str, float]:

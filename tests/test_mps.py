@@ -8,7 +8,6 @@ the GPU runs in docs/benchmarks.md used the real one."""
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import subprocess
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.startup import children
 from services.launcher import free_port
 from services.mps import (
     CONTROL,
@@ -90,26 +90,37 @@ def test_sm_percent_parses_roles_and_refuses_what_is_not_one() -> None:
             parse_sm_percent(bad)
 
 
+SERVICES = ("router", "prefill", "decode", "gateway")
+
+
 @contextlib.contextmanager
 def up_with_fake_mps(tiny_llama: Path, tmp_path: Path, *flags: str) -> Iterator[dict[str, int]]:
     """`tandem up` (PD, gRPC KV, CPU workers) with a stand-in MPS control program on PATH (its
-    calls recorded in tmp_path/calls) until the block ends; yields the services' pids. It must
+    calls recorded in tmp_path/calls) until the block ends; yields the pids of its router,
+    prefill, decode and gateway once each runs its module (their flags and environment are then
+    what the launcher gave them; the launcher starts them at once, before any is ready). It must
     then stop cleanly on SIGTERM."""
     fake_control(tmp_path / "bin", tmp_path / "calls")
-    ready = tmp_path / "ready.json"
     env = {**os.environ, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}", "TANDEM_HOME": str(tmp_path)}
     env.pop(SM_PERCENT_ENV, None)
     cmd = [sys.executable, "-m", "services.cli", "up", "--model", str(tiny_llama), "--port", str(free_port())]
-    cmd += ["--prefill", "1", "--decode", "1", "--kv-transport", "grpc", "--ready-file", str(ready)]
+    cmd += ["--prefill", "1", "--decode", "1", "--kv-transport", "grpc"]
     cmd += [*flags, "--worker-args", "--device cpu --max-total-tokens 2048"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 90
-        while not ready.exists():
+        deadline = time.monotonic() + 60
+        pids: dict[str, int] = {}
+        while len(pids) < len(SERVICES):
             assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-            assert time.monotonic() < deadline, "tandem up did not come up"
-            time.sleep(0.2)
-        yield json.loads(ready.read_text())["pids"]
+            assert time.monotonic() < deadline, f"tandem up started only {pids}"
+            for child in children(proc.pid):
+                with contextlib.suppress(FileNotFoundError):  # gone meanwhile
+                    argv = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
+                    for name in SERVICES:
+                        if f"services.{name}".encode() in argv:
+                            pids[name] = child
+            time.sleep(0.05)
+        yield pids
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
@@ -129,8 +140,8 @@ def test_tandem_up_gives_each_role_its_sm_share(tiny_llama: Path, tmp_path: Path
             ]
             return values[0] if values else None
 
-        assert share("decode-0") == "40"
-        assert share("prefill-0") is None and share("router") is None and share("gateway") is None
+        assert share("decode") == "40"
+        assert share("prefill") is None and share("router") is None and share("gateway") is None
 
 
 @pytest.mark.parametrize(
@@ -194,7 +205,7 @@ def test_tandem_up_on_the_cpu_starts_no_mps_and_paces_nothing(tiny_llama: Path, 
         def argv(name: str) -> list[str]:
             return Path(f"/proc/{pids[name]}/cmdline").read_bytes().decode().split("\0")
 
-        assert "--decode-step-interval-ms" not in argv("decode-0")
-        assert "--decode-pacing-backlog" not in argv("decode-0")
-        assert "--chunked-prefill-size" not in argv("prefill-0")
+        assert "--decode-step-interval-ms" not in argv("decode")
+        assert "--decode-pacing-backlog" not in argv("decode")
+        assert "--chunked-prefill-size" not in argv("prefill")
         assert not (tmp_path / "calls").exists(), "MPS was started for workers on the CPU"

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench.startup import children
 from shared.config import EngineConfig
 from shared.distributed import parallel_state
 from shared.engine_client import EngineClient
@@ -123,11 +124,6 @@ def assert_fails_and_exits(
     assert not client.process.is_alive() and time.monotonic() - start < 30
 
 
-def _children(pid: int) -> list[int]:
-    with open(f"/proc/{pid}/task/{pid}/children") as f:
-        return [int(p) for p in f.read().split()]
-
-
 @pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="finds the follower through /proc")
 def test_a_dead_follower_fails_the_request_and_the_engine_exits(tiny_llama: Path) -> None:
     client = tp_client(tiny_llama)
@@ -137,7 +133,7 @@ def test_a_dead_follower_fails_the_request_and_the_engine_exits(tiny_llama: Path
         first = outputs.get(timeout=60)
         assert isinstance(first, RequestOutput) and not first.finished
         assert client.process.pid is not None
-        (follower,) = _children(client.process.pid)
+        (follower,) = children(client.process.pid)
         os.kill(follower, signal.SIGKILL)
         assert_fails_and_exits(client, outputs, first)
     finally:
@@ -152,7 +148,7 @@ def test_followers_exit_when_rank_0_dies(tiny_llama: Path) -> None:
         client.add(["orphan"], Prompt([5, 6, 7], {"max_new_tokens": 100000, "ignore_eos": True}), outputs.put)
         assert isinstance(outputs.get(timeout=60), RequestOutput)
         assert client.process.pid is not None
-        (follower,) = _children(client.process.pid)
+        (follower,) = children(client.process.pid)
         os.kill(client.process.pid, signal.SIGKILL)
         deadline = time.monotonic() + 30
         while running(follower) and time.monotonic() < deadline:

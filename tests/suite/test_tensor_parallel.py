@@ -13,6 +13,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from bench.startup import children
 from services.protos.tandem.worker.v1 import worker_pb2, worker_pb2_grpc
 from tests.suite.cluster import Cluster, Service, running
 
@@ -61,13 +62,8 @@ def test_a_killed_rank_fails_its_request_and_takes_the_worker_out_of_service(
 
 
 def _follower(worker: Service) -> int:
-    (rank1,) = _children(worker.engine_pid())
+    (rank1,) = children(worker.engine_pid())
     return rank1
-
-
-def _children(pid: int) -> list[int]:
-    with open(f"/proc/{pid}/task/{pid}/children") as f:
-        return [int(p) for p in f.read().split()]
 
 
 def _health(address: str) -> int | None:

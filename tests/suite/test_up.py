@@ -19,6 +19,7 @@ import httpx
 import openai
 import pytest
 
+from bench.startup import children
 from services.launcher import free_port
 from services.protos.tandem.router.v1 import router_pb2, router_pb2_grpc
 from tests.engine.hf_reference import hf_greedy
@@ -303,11 +304,6 @@ def _launch(
     return launch_up(model, tmp, port, ("--prefill", "0", "--decode", "0", *args), new_session=new_session)
 
 
-def _children(pid: int) -> set[int]:
-    with open(f"/proc/{pid}/task/{pid}/children") as f:
-        return {int(p) for p in f.read().split()}
-
-
 def test_sigterm_during_start_up_stops_at_once(tiny_llama: Path, tmp_path: Path) -> None:
     """The launcher acts on SIGTERM while it waits for the services to come up (it went on
     starting them, said "Tandem is up", and only then stopped)."""
@@ -317,10 +313,10 @@ def test_sigterm_during_start_up_stops_at_once(tiny_llama: Path, tmp_path: Path)
         while not (line := proc.stdout.readline().decode()).startswith("logs:"):
             assert line, "tandem up exited before starting anything"
         deadline = time.monotonic() + 30
-        while not _children(proc.pid):  # the router has started
+        while not children(proc.pid):  # the router has started
             assert time.monotonic() < deadline
             time.sleep(0.05)
-        children = _children(proc.pid)
+        started = children(proc.pid)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) == 0
     finally:
@@ -329,7 +325,7 @@ def test_sigterm_during_start_up_stops_at_once(tiny_llama: Path, tmp_path: Path)
     output = proc.stdout.read().decode()
     assert "Tandem is up" not in output and output.rstrip().endswith("tandem up: stopped"), output
     assert "exited during start-up" not in output
-    assert not any(running(pid) for pid in children)
+    assert not any(running(pid) for pid in started)
 
 
 def test_an_answer_from_another_process_on_the_port_is_not_our_gateway(
