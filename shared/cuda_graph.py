@@ -103,16 +103,22 @@ def garbage_collected_first() -> Iterator[None]:
 
 @torch.inference_mode()
 def capture_graphs(
-    batches: dict[int, ForwardBatch], run: Callable[[ForwardBatch], torch.Tensor], device: torch.device
+    batches: dict[int, ForwardBatch], run: Callable[[ForwardBatch], torch.Tensor], stream: torch.cuda.Stream
 ) -> tuple[dict[int, torch.cuda.CUDAGraph], dict[int, torch.Tensor]]:
     """One graph of `run(batch)` per key, in one memory pool, in the dict's order (largest first:
-    smaller graphs then fit in the memory the largest one left in the pool); with their outputs."""
+    smaller graphs then fit in the memory the largest one left in the pool); with their outputs.
+
+    Warmed up and captured on `stream`, which must be this set of graphs' own. cuBLAS keeps one
+    workspace per stream, and a captured GEMM keeps its address: graphs captured on one stream
+    share it (torch's default capture stream is one for the whole process, pytorch#193402). A
+    split mixed step replays a decode graph beside a prompt graph; sharing a workspace, their
+    GEMMs would race on it (an H100 hung in such a step, r30).
+    """
     graphs: dict[int, torch.cuda.CUDAGraph] = {}
     outputs: dict[int, torch.Tensor] = {}
+    device = stream.device
     with garbage_collected_first():
         pool = torch.cuda.graph_pool_handle()
-        # One side stream for every warm-up: cuBLAS keeps a workspace per stream.
-        stream = torch.cuda.Stream(device)
         for key, fb in batches.items():
             stream.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(stream):
@@ -121,7 +127,7 @@ def capture_graphs(
             torch.cuda.current_stream(device).wait_stream(stream)
             torch.cuda.synchronize(device)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
+            with torch.cuda.graph(graph, pool=pool, stream=stream):
                 outputs[key] = run(fb)
             graphs[key] = graph
     torch.cuda.synchronize(device)
@@ -172,6 +178,9 @@ class _GraphRunner:
         self._batches: dict[int, ForwardBatch] = {}
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._outputs: dict[int, torch.Tensor] = {}
+        # Each runner's own (`capture_graphs`). torch hands streams out from a pool of 32, round
+        # robin: the decode and prompt runners, built one after the other, get different ones.
+        self.capture_stream = torch.cuda.Stream(device) if capture else None
         self.replays = 0  # forwards served (a count for tests and stats)
 
     def _forward_batch(self, size: int) -> ForwardBatch:
@@ -218,8 +227,8 @@ class _GraphRunner:
         start = time.perf_counter()
         for size in reversed(self.sizes):
             self._batches[size] = self._forward_batch(size)
-        if self.capture_graphs:
-            self._graphs, self._outputs = capture_graphs(self._batches, self._run, self.device)
+        if self.capture_stream is not None:
+            self._graphs, self._outputs = capture_graphs(self._batches, self._run, self.capture_stream)
         logger.info(
             "CUDA graphs for %s: %s %d sizes up to %d in %.1f s",
             self.what,

@@ -425,6 +425,10 @@ def test_prompt_graphs_greedy_parity_with_hf(
     )
     prompt_graphs = core.runner.prompt_graphs
     assert prompt_graphs is not None and prompt_graphs.token_counts == [16]
+    decode_graphs = core.runner.graph_runner
+    assert decode_graphs is not None and decode_graphs.capture_stream is not None
+    assert prompt_graphs.capture_stream is not None  # each its own cuBLAS workspace (capture_graphs)
+    assert decode_graphs.capture_stream.cuda_stream != prompt_graphs.capture_stream.cuda_stream
     prompts = make_prompts(core.runner.vocab_size)
     for round_ in range(2):  # the second round's prompts start from cached prefixes
         replays = prompt_graphs.replays
@@ -516,3 +520,26 @@ def test_pdl_greedy_parity_with_hf(tiny_model_factory: Callable[..., Path], arch
     outputs = run_staggered(core, prompts)
     for i, ids in enumerate(prompts):
         assert outputs[f"r{i}"] == hf_greedy(path, ids, NEW_TOKENS), f"prompt {i} (len {len(ids)})"
+
+
+@gpu
+@needs_cuda
+def test_split_mixed_steps_with_prompt_graphs_finish_at_the_8b_layer_shape(tmp_path: Path) -> None:
+    """94 requests decoding beside prompt chunks filling a 2048-token budget, the prompts
+    replaying their graph on one stream while the decode graph replays on the other, at the
+    Llama-3-8B layer shape (four layers, bf16): the step must finish. With both graph sets
+    captured on torch's one default capture stream they shared a cuBLAS workspace, and this
+    bench command hung in its first mixed steps on an H100 (r30; `capture_graphs`)."""
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, str(ROOT / "bench" / "gpu_bench.py"), "--layers", "4", "--batches", "1"]
+    cmd += ["--skip-hf", "--decode-tokens", "8", "--prefill-batch", "1", "--prompt-graph-tokens", "2048"]
+    cmd += ["--mixed", "94", "--mixed-chunks", "2048", "--json", str(out)]
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    except subprocess.TimeoutExpired as e:
+        raise AssertionError(f"the mixed steps did not finish in 300 s: {e.stdout!r}") from None
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    tandem = json.loads(out.read_text())["tandem"]
+    assert tandem["prompt_graphs"] is True
+    mixed = tandem["mixed"]["2048"]
+    assert mixed["mixed_split"] is True and mixed["mixed_ms"] > 0
