@@ -525,7 +525,9 @@ def bench_tandem(
         quantization=args.quantization,
         kv_cache_dtype=args.kv_cache_dtype,
         disable_pdl=args.no_pdl,
-        cuda_graph_prompt_tokens=args.prompt_graph_tokens,
+        # Only when asked: bench/kernel_ab.sh runs this script on a base tree's shared/, which
+        # may predate the option.
+        **({"cuda_graph_prompt_tokens": args.prompt_graph_tokens} if args.prompt_graph_tokens else {}),
     )
     t0 = time.perf_counter()
     core = EngineCore(config, tokenizer=AutoTokenizer.from_pretrained(str(path)))
@@ -533,7 +535,7 @@ def bench_tandem(
         "startup_s": time.perf_counter() - t0,
         "attention_backend": core.runner.backend.name,
         "cuda_graphs": core.runner.graph_runner is not None,
-        "prompt_graphs": core.runner.prompt_graphs is not None,
+        "prompt_graphs": getattr(core.runner, "prompt_graphs", None) is not None,  # kernel_ab's base
         "decode": {},
     }
     tandem_decode(core, prompts_for(2, args.context, args.vocab, 99), 4)  # compile the extend kernels
