@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.startup import children
 from shared.config import EngineConfig
 from shared.distributed import dp_attention
 from shared.distributed.dp_engine import Dispatcher, Tick
@@ -23,7 +24,7 @@ from shared.engine_process import AbortRequest, AddRequest, Rejected, ReserveKv
 from shared.inputs import Prompt
 from shared.models.config import ModelConfig
 from tests.engine.hf_reference import hf_greedy
-from tests.engine.test_tensor_parallel import GREEDY, _children, run_outputs
+from tests.engine.test_tensor_parallel import GREEDY, run_outputs
 from tests.engine.test_tensor_parallel_deepseek import FP8_ALIGNED
 
 # Cache-aware dispatch over 2 ranks: A, C, E, F on rank 0, B, D on rank 1. A (25 tokens) prefills
@@ -99,7 +100,7 @@ def test_a_dead_dp_rank_fails_every_request_and_the_engine_exits(
             assert isinstance(item, RequestOutput) and not item.finished
             seen.add(item.rid)
         assert client.process.pid is not None
-        (follower,) = _children(client.process.pid)
+        (follower,) = children(client.process.pid)
         os.kill(follower, signal.SIGKILL)
         start = time.monotonic()
         failed: list[str] = []

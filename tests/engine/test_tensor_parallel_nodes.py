@@ -21,6 +21,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench.startup import children
 from services.launcher import free_port
 from shared.engine_core import RequestOutput
 from shared.inputs import Prompt
@@ -28,7 +29,6 @@ from tests.engine.hf_reference import hf_greedy
 from tests.engine.test_tensor_parallel import (
     GREEDY,
     PROMPTS,
-    _children,
     assert_fails_and_exits,
     run_all,
     tp_client,
@@ -104,7 +104,7 @@ def test_a_dead_node_fails_the_request_and_node_0s_engine_exits(tiny_llama: Path
             )
             first = outputs.get(timeout=60)
             assert isinstance(first, RequestOutput) and not first.finished
-            (rank1,) = _children(worker.pid)
+            (rank1,) = children(worker.pid)
             worker.send_signal(signal.SIGKILL)  # the whole node: its rank dies with its worker
             assert_fails_and_exits(client, outputs, first)
             deadline = time.monotonic() + 10
