@@ -112,7 +112,7 @@ def capture_graphs(
     workspace per stream, and a captured GEMM keeps its address: graphs captured on one stream
     share it (torch's default capture stream is one for the whole process, pytorch#193402). A
     split mixed step replays a decode graph beside a prompt graph; sharing a workspace, their
-    GEMMs would race on it (an H100 hung in such a step, r30).
+    GEMMs race on it (most likely why such steps hung on an H100, docs/benchmarks.md r30).
     """
     graphs: dict[int, torch.cuda.CUDAGraph] = {}
     outputs: dict[int, torch.Tensor] = {}
