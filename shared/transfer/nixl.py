@@ -83,7 +83,8 @@ class KvAgent(Protocol):
 
     `write` starts writing `src_pages` into the peer's `dst_pages` and returns a handle whose
     `state` is PROC until the write is over; its `notif` reaches the peer's `take_notifs` after
-    all of the write's data."""
+    all of the write's data. A write that cannot be posted raises RuntimeError (KeyError for a
+    peer never added); one that fails reads "ERR" (a peer that died: either)."""
 
     name: str
 
@@ -191,9 +192,17 @@ class NixlAgent:
         src = self._agent.get_xfer_descs(local, self.mem_type)
         dst = self._agent.get_xfer_descs(remote, info.mem_type)
         handle = self._agent.initialize_xfer("WRITE", src, dst, peer, notif)
-        if self._agent.transfer(handle) == "ERR":
+        try:
+            posted = self._agent.transfer(handle)
+        except Exception as e:
+            if not _nixl_error(e):
+                raise
+            posted, why = "ERR", f": {type(e).__name__} {e}"  # a peer gone: NIXL_ERR_REMOTE_DISCONNECT
+        else:
+            why = ""
+        if posted == "ERR":
             self._agent.release_xfer_handle(handle)
-            raise RuntimeError(f"NIXL could not post a write to {peer}")
+            raise RuntimeError(f"NIXL could not post a write to {peer}{why}")
         return handle
 
     def descriptors(
@@ -210,7 +219,13 @@ class NixlAgent:
         return _rows(local, lengths, self.device_id), _rows(remote, lengths, info.device_id)
 
     def state(self, handle: Any) -> XferState:
-        state: XferState = self._agent.check_xfer_state(handle)
+        """The write's state; "ERR" also where NIXL raises for it (its peer is gone)."""
+        try:
+            state: XferState = self._agent.check_xfer_state(handle)
+        except Exception as e:
+            if not _nixl_error(e):
+                raise
+            return "ERR"
         return state
 
     def release(self, handle: Any) -> None:
@@ -223,6 +238,15 @@ class NixlAgent:
     def take_notifs(self) -> list[bytes]:
         """Notifications received since the last call (commit records), from any peer."""
         return [msg for msgs in self._agent.get_new_notifs().values() for msg in msgs]
+
+
+def _nixl_error(e: Exception) -> bool:
+    """Whether NIXL's bindings raised `e`: their errors (nixlRemoteDisconnectError and the like)
+    derive from Exception alone, in whichever build is installed (nixl, nixl_cu12, nixl_cu13).
+    Posting a write to, or asking after a write to, a peer whose process died raises one: the
+    `KvAgent` contract turns them into RuntimeError and "ERR", which the engine handles as a
+    failed transfer (an escaped one killed the prefill engine when a decode worker died)."""
+    return type(e).__module__.split(".")[0].startswith("nixl")
 
 
 def _rows(addresses: np.ndarray, lengths: np.ndarray, device_id: int) -> np.ndarray:

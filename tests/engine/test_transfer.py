@@ -164,6 +164,38 @@ def test_nixl_write_between_processes_completes_when_polled() -> None:
 
 
 @needs_nixl
+def test_a_peer_that_died_fails_its_writes_without_raising_nixl_errors() -> None:
+    """The decode engine's process killed (a decode worker gone): a write in flight to it reads
+    "ERR" and a new one raises RuntimeError, the KvAgent contract the hand-off handles. NIXL's own
+    nixlRemoteDisconnectError escaped both, and killed the prefill engine (a QA pass: 2 of 6
+    decode kills under load)."""
+    from shared.transfer.nixl import NixlAgent
+
+    ctx = multiprocessing.get_context("spawn")
+    conn, child = ctx.Pipe()
+    proc = ctx.Process(target=_receiver, args=(child,), daemon=True)
+    proc.start()
+    try:
+        agent = NixlAgent(make_layout(fill=True), "prefill")
+        peer = agent.add_peer(conn.recv())
+        src, dst = ORDERS["runs"]
+        in_flight = agent.write(peer, src, dst, b"commit")  # the receiver is not polling
+        proc.kill()
+        proc.join(10)
+        deadline = time.monotonic() + 30
+        while (state := agent.state(in_flight)) == "PROC":
+            assert time.monotonic() < deadline, "the write to a dead peer never ended"
+            time.sleep(0.01)
+        assert state == "ERR"
+        agent.release(in_flight)
+        with pytest.raises(RuntimeError, match=f"NIXL could not post a write to {peer}"):
+            agent.write(peer, src, dst, b"commit")
+    finally:
+        if proc.is_alive():
+            proc.kill()
+
+
+@needs_nixl
 def test_nixl_descriptors_are_one_per_run_and_buffer() -> None:
     from shared.transfer.nixl import NixlAgent
 
