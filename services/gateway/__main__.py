@@ -6,6 +6,8 @@ import dataclasses
 import logging
 import socket
 import sys
+from types import FrameType
+from typing import TYPE_CHECKING
 
 import uvicorn
 
@@ -13,15 +15,30 @@ from services.common.model_dir import TOKENIZER_FILES, ModelError, resolve_model
 from services.common.parent import die_with_launcher
 from services.gateway.args import parse_args
 
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
 
 class _Server(uvicorn.Server):
     """uvicorn's server, saying once it listens (services/launcher.py waits for the line: an
-    answer on the port alone could be another process's)."""
+    answer on the port alone could be another process's), and stopping on a signal during the
+    app's start-up too (`stop_starting`)."""
+
+    def __init__(self, config: uvicorn.Config, app: FastAPI) -> None:
+        super().__init__(config)
+        self.app = app
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
         if self.started:
             print(f"tandem gateway listening on {self.config.host}:{self.config.port}", flush=True)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        super().handle_exit(sig, frame)
+        if not self.started:
+            from services.gateway.server import stop_starting  # imported by now
+
+            stop_starting(self.app)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,13 +52,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     config = dataclasses.replace(config, tokenizer=str(tokenizer))
     die_with_launcher()
-    from services.gateway.http import shared_socket, uvicorn_config
-    from services.gateway.server import create_app  # heavy (transformers): not needed for --help
+    try:
+        from services.gateway.http import shared_socket, uvicorn_config
+        from services.gateway.server import create_app  # heavy (transformers): not for --help
+    except KeyboardInterrupt:  # Ctrl-C while importing: a normal stop, no traceback
+        return 0
 
     logging.basicConfig(
         level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    server = _Server(uvicorn_config(create_app(config), config))
+    app = create_app(config)
+    server = _Server(uvicorn_config(app, config), app)
     try:
         sockets = [shared_socket(config.host, config.port)] if config.reuse_port else None
     except OSError as e:  # e.g. the port is held by a process that does not share it

@@ -334,6 +334,15 @@ def _note_job(job: Job, stream: bool) -> None:
         )
 
 
+def stop_starting(app: FastAPI) -> None:
+    """End the app's start-up if it still waits (for the tokenizer or the router, which may take
+    `--startup-timeout`: minutes under `tandem up`): uvicorn acts on SIGTERM or Ctrl-C only once
+    started. Safe from a signal handler."""
+    starting: asyncio.Future[None] | None = getattr(app.state, "starting", None)
+    if starting is not None and not starting.done():
+        starting.get_loop().call_soon_threadsafe(starting.cancel)
+
+
 def create_app(config: GatewayConfig) -> FastAPI:
     """The gateway app; startup (tokenizer, router channel, served model) runs in its lifespan."""
     gateway = _Gateway(config)
@@ -342,15 +351,27 @@ def create_app(config: GatewayConfig) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         tracing = setup_tracing("tandem-gateway")
-        await gateway.start()
-        # Once started: a launcher waiting for this port knows the process serves.
-        metrics_url, stop_metrics = serve_metrics(metrics.registry, config.host, config.metrics_port)
-        if metrics_url:
-            print(f"tandem gateway metrics on {metrics_url}", flush=True)
+        starting = asyncio.ensure_future(gateway.start())
+        app.state.starting = starting  # for `stop_starting`
+        stop_metrics: Callable[[], None] | None = None
+        try:
+            await starting
+        except asyncio.CancelledError:
+            this = asyncio.current_task()
+            if not starting.cancelled() or (this is not None and this.cancelling()):
+                raise
+            # uvicorn stops at once after the lifespan's start, without serving a request.
+            logger.info("stopped during start-up")
+        else:
+            # Once started: a launcher waiting for this port knows the process serves.
+            metrics_url, stop_metrics = serve_metrics(metrics.registry, config.host, config.metrics_port)
+            if metrics_url:
+                print(f"tandem gateway metrics on {metrics_url}", flush=True)
         try:
             yield
         finally:
-            stop_metrics()
+            if stop_metrics is not None:
+                stop_metrics()
             await gateway.stop()
             tracing.shutdown()
 

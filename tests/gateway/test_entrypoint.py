@@ -110,6 +110,36 @@ def test_startup_fails_without_router_or_model_name(tokenizer_dir: Path) -> None
         GatewayThread(config).start()
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_while_waiting_for_the_router_stops_at_once(
+    tokenizer_dir: Path, tmp_path: Path, sig: signal.Signals
+) -> None:
+    """The start-up waits up to --startup-timeout for a router to list the model (900 s under
+    `tandem up`); uvicorn looked at SIGTERM and Ctrl-C only once started, so the gateway went on
+    waiting and `tandem up` had to kill it after its 10 s grace (a QA pass)."""
+    log = tmp_path / "gateway.log"
+    cmd = [sys.executable, "-m", "services.gateway", "--router", f"127.0.0.1:{free_port()}"]
+    cmd += ["--tokenizer", str(tokenizer_dir), "--port", str(free_port()), "--startup-timeout", "120"]
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while "Waiting for application startup" not in log.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        time.sleep(1.0)  # into the wait for the router
+        sent = time.monotonic()
+        proc.send_signal(sig)
+        # As once started: uvicorn raises a SIGTERM again as it exits; Ctrl-C is a normal stop.
+        assert proc.wait(20) == (-signal.SIGTERM if sig == signal.SIGTERM else 0), log.read_text()
+        assert time.monotonic() - sent < 5, log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    output = log.read_text()
+    assert "stopped during start-up" in output and "Traceback" not in output, output
+
+
 def test_help() -> None:
     out = subprocess.run(
         [sys.executable, "-m", "services.gateway", "--help"],
