@@ -97,7 +97,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 # `tandem up`'s flags whose value is other flags: a value of one flag alone ("--worker-args
 # --disable-radix-cache") would read as a flag to argparse, so it is attached with "=".
-_FLAG_VALUED = ("--worker-args", "--router-args", "--gateway-args")
+_FLAG_VALUED = ("--worker-args", "--prefill-args", "--decode-args", "--router-args", "--gateway-args")
 
 
 def _attach_flag_values(argv: list[str]) -> list[str]:
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     args, unknown = parser.parse_known_args(_attach_flag_values(sys.argv[1:] if argv is None else argv))
     if unknown:
         where = up_parser if args.command == "up" else demo
-        hint = " (a service's own flags go in --worker-args, --router-args or --gateway-args)"
+        hint = f" (a service's own flags go in {', '.join(_FLAG_VALUED[:-1])} or {_FLAG_VALUED[-1]})"
         where.error(f"unrecognized arguments: {' '.join(unknown)}" + (hint if args.command == "up" else ""))
     logging.basicConfig(level=logging.WARNING)
     return int(args.func(args))

@@ -255,6 +255,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--worker-args", default="", help='extra worker flags, e.g. "--max-total-tokens 8192 --device cpu"'
     )
     p.add_argument(
+        "--prefill-args",
+        default="",
+        help='the prefill workers\' own flags, after --worker-args, e.g. "--forget-decode-after 120"',
+    )
+    p.add_argument(
+        "--decode-args",
+        default="",
+        help='the decode workers\' own flags, after --worker-args, e.g. "--kv-transfer-timeout 60"',
+    )
+    p.add_argument(
         "--gateway-args",
         default="",
         help='extra gateway flags, e.g. "--reasoning-parser qwen3 --tool-call-parser qwen3_coder"',
@@ -318,11 +328,14 @@ def up(args: argparse.Namespace) -> int:
             "tandem up: error: PD needs both --prefill and --decode workers (or neither, for unified workers)"
         )
     unified = args.unified or (0 if args.prefill else 1)
+    if (args.prefill_args or args.decode_args) and not args.prefill:
+        raise SystemExit("tandem up: error: --prefill-args and --decode-args need --prefill and --decode")
     try:
         sm_percent = parse_sm_percent(args.mps_sm_percent)
     except ValueError as e:
         raise SystemExit(f"tandem up: error: {e}") from None
     extra = shlex.split(args.worker_args)
+    own_args = {"prefill": shlex.split(args.prefill_args), "decode": shlex.split(args.decode_args)}
     shared_gpu = shares_a_gpu(args.prefill, args.decode, extra)
     mps_wanted = args.mps == "on" or (args.mps == "auto" and shared_gpu and shutil.which(CONTROL) is not None)
     if sm_percent and not mps_wanted:
@@ -404,7 +417,9 @@ def up(args: argparse.Namespace) -> int:
                 if args.mps == "on":
                     raise
                 print(f"NVIDIA MPS did not start ({e}); prefill and decode time-slice the GPU", flush=True)
-        shared = {role: shared_gpu_args(role, extra) for role in ("prefill", "decode")} if shared_gpu else {}
+        shared = {}  # a role's own flags win over these as --worker-args do
+        if shared_gpu:
+            shared = {role: shared_gpu_args(role, extra + flags) for role, flags in own_args.items()}
         for role, flags in shared.items():
             if flags:
                 print(f"{role} workers share the GPU: {shlex.join(flags)}", flush=True)
@@ -433,12 +448,13 @@ def up(args: argparse.Namespace) -> int:
             cluster_env | api_env,
         )
         roles = [("prefill", args.prefill), ("decode", args.decode), ("worker", unified)]
-        grpc_kv = args.prefill > 0 and kv_transport_of(args.kv_transport, extra) == "grpc"
+        prefill_flags = extra + own_args["prefill"]
+        grpc_kv = args.prefill > 0 and kv_transport_of(args.kv_transport, prefill_flags) == "grpc"
         malloc = {"GLIBC_TUNABLES": GRPC_KV_MALLOC} if grpc_kv and "GLIBC_TUNABLES" not in os.environ else {}
         for module, count in roles:
             for i in range(count):
                 cmd = [*py, f"services.{module}", "--model", model, *model_flags, "--router", router_admin]
-                cmd += ["--metrics-port", "0", *extra, *shared.get(module, [])]
+                cmd += ["--metrics-port", "0", *extra, *shared.get(module, []), *own_args.get(module, [])]
                 if module != "worker" and args.kv_transport:
                     cmd += ["--kv-transport", args.kv_transport]
                 own = {SM_PERCENT_ENV: str(sm_percent[module])} if module in sm_percent else {}

@@ -228,7 +228,7 @@ def test_the_suite_serves_while_a_router_a_gateway_and_a_way_to_run_prompts_live
         (
             ("--quantization", "fp8"),
             "tandem up: error: unrecognized arguments: --quantization fp8 (a service's own flags go in"
-            " --worker-args, --router-args or --gateway-args)",
+            " --worker-args, --prefill-args, --decode-args, --router-args or --gateway-args)",
         ),
     ],
 )
@@ -274,3 +274,9 @@ def test_up_refuses_an_architecture_no_worker_serves_before_starting_anything(
     assert f"tandem up: error: {model}: model architecture 'BertForMaskedLM' is not supported" in out.stderr
     assert "LlamaForCausalLM" in out.stderr  # the supported ones are named
     assert not (tmp_path / "logs").exists()  # nothing started
+
+
+def test_role_flags_need_pd_workers() -> None:
+    """Unified workers only: a prefill or decode worker's flags have no worker to go to."""
+    out = _run("services.cli", "up", "--prefill", "0", "--decode", "0", "--decode-args", "-v")
+    assert out.returncode != 0 and "--decode-args need --prefill and --decode" in out.stderr

@@ -12,13 +12,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from bench.startup import children
 from services.launcher import free_port
 from services.mps import (
     CONTROL,
@@ -29,6 +27,7 @@ from services.mps import (
     shared_gpu_args,
     shares_a_gpu,
 )
+from tests.suite.cluster import started_services
 
 
 def fake_control(bin_dir: Path, record: Path, exit_code: int = 0) -> None:
@@ -97,9 +96,8 @@ SERVICES = ("router", "prefill", "decode", "gateway")
 def up_with_fake_mps(tiny_llama: Path, tmp_path: Path, *flags: str) -> Iterator[dict[str, int]]:
     """`tandem up` (PD, gRPC KV, CPU workers) with a stand-in MPS control program on PATH (its
     calls recorded in tmp_path/calls) until the block ends; yields the pids of its router,
-    prefill, decode and gateway once each runs its module (their flags and environment are then
-    what the launcher gave them; the launcher starts them at once, before any is ready). It must
-    then stop cleanly on SIGTERM."""
+    prefill, decode and gateway once started (`started_services`). It must then stop cleanly on
+    SIGTERM."""
     fake_control(tmp_path / "bin", tmp_path / "calls")
     env = {**os.environ, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}", "TANDEM_HOME": str(tmp_path)}
     env.pop(SM_PERCENT_ENV, None)
@@ -108,19 +106,7 @@ def up_with_fake_mps(tiny_llama: Path, tmp_path: Path, *flags: str) -> Iterator[
     cmd += [*flags, "--worker-args", "--device cpu --max-total-tokens 2048"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 60
-        pids: dict[str, int] = {}
-        while len(pids) < len(SERVICES):
-            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-            assert time.monotonic() < deadline, f"tandem up started only {pids}"
-            for child in children(proc.pid):
-                with contextlib.suppress(FileNotFoundError):  # gone meanwhile
-                    argv = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
-                    for name in SERVICES:
-                        if f"services.{name}".encode() in argv:
-                            pids[name] = child
-            time.sleep(0.05)
-        yield pids
+        yield started_services(proc, SERVICES)
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)

@@ -28,7 +28,7 @@ from typing import Any
 
 import grpc
 
-from bench.startup import engine_pid
+from bench.startup import children, engine_pid
 from services.common.auth import CLUSTER_TOKEN_ENV, bearer
 from services.launcher import free_port
 from services.protos.tandem.router.v1 import router_pb2, router_pb2_grpc
@@ -78,6 +78,25 @@ def launch_up(
         env={**os.environ, "TANDEM_HOME": str(tmp), **(env or {})},
         start_new_session=new_session,
     )
+
+
+def started_services(
+    launcher: subprocess.Popen[Any], modules: tuple[str, ...], timeout: float = 60
+) -> dict[str, int]:
+    """The pids of a `tandem up`'s services by module ("router", "prefill", "decode", "worker",
+    "gateway": one of each) once each runs its module: their flags and environment are then the
+    ones the launcher gave them (it starts them all at once, long before they are ready)."""
+    deadline = time.monotonic() + timeout
+    pids: dict[str, int] = {}
+    while len(pids) < len(modules):
+        assert launcher.poll() is None, f"tandem up exited (code {launcher.returncode}) with {pids}"
+        assert time.monotonic() < deadline, f"tandem up started only {pids}"
+        for child in children(launcher.pid):
+            with contextlib.suppress(FileNotFoundError):  # gone meanwhile
+                argv = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
+                pids |= {name: child for name in modules if f"services.{name}".encode() in argv}
+        time.sleep(0.05)
+    return pids
 
 
 def wait_ready(proc: subprocess.Popen[bytes], ready: Path, timeout: float = 120) -> dict[str, Any]:

@@ -23,7 +23,15 @@ from bench.startup import children
 from services.launcher import free_port
 from services.protos.tandem.router.v1 import router_pb2, router_pb2_grpc
 from tests.engine.hf_reference import hf_greedy
-from tests.suite.cluster import admin_auth, engine_pid, launch_up, running, tandem_up, wait_ready
+from tests.suite.cluster import (
+    admin_auth,
+    engine_pid,
+    launch_up,
+    running,
+    started_services,
+    tandem_up,
+    wait_ready,
+)
 
 pytestmark = pytest.mark.xdist_group("suite_up")
 
@@ -295,6 +303,25 @@ def test_a_service_that_exits_is_started_again(tiny_llama: Path, tmp_path: Path)
     assert "worker-0 exited with code 1" in output and "the engine is gone" in output
     assert "starting worker-0 again in 1 s" in output and "worker-0 started again" in output
     assert "router exited with code -9" in output and "router started again" in output
+
+
+def test_role_flags_reach_the_workers_of_their_role_alone(tiny_llama: Path, tmp_path: Path) -> None:
+    """--prefill-args and --decode-args come after --worker-args on their role's workers only: a
+    flag one role lacks (--forget-decode-after, prefill's) can be given (a QA pass could not)."""
+    role_flags = ("--prefill-args", "--forget-decode-after 7", "--decode-args", "--kv-transfer-timeout 9")
+    proc = launch_up(tiny_llama, tmp_path, free_port(), ("--prefill", "1", "--decode", "1", *role_flags))
+    try:
+        pids = started_services(proc, ("prefill", "decode"))
+        argv = {n: Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0") for n, pid in pids.items()}
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+    own = [("prefill", "--forget-decode-after", "7"), ("decode", "--kv-transfer-timeout", "9")]
+    assert "--forget-decode-after" not in argv["decode"] and "--kv-transfer-timeout" not in argv["prefill"]
+    for name, flag, value in own:
+        i = argv[name].index(flag)
+        assert argv[name][i + 1] == value and i > argv[name].index("--device")  # after --worker-args
+    assert proc.returncode == 0
 
 
 def _launch(
