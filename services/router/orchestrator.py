@@ -172,6 +172,8 @@ class Orchestrator:
                         raise ServiceError(
                             grpc.StatusCode.UNAVAILABLE, f"no healthy {missing} workers (nor unified ones)"
                         )
+                    elif not self.registry.available("unified"):
+                        raise ServiceError(grpc.StatusCode.UNAVAILABLE, self._none_healthy())
                     else:
                         record.mode = "unified"
                         stream = self._unified(sample, attempt, record)
@@ -265,6 +267,14 @@ class Orchestrator:
         )
         matching = [w for w in decodes if w.kv_pairing == prefill.kv_pairing]
         return prefill, self._pick_for("decode", sample.text, sample.token_ids, matching)
+
+    def _none_healthy(self) -> str:
+        """Why no worker of any role can take a request: the roles registered, if any (a PD
+        deployment whose workers are all down is not missing "unified" workers)."""
+        roles = sorted({w.role for w in self.registry.workers.values()})
+        if not roles:
+            return "no workers registered"
+        return f"no healthy workers ({', '.join(roles)} registered, none healthy now)"
 
     def _pick_for(
         self, role: str, text: str, token_ids: list[int], workers: list[Worker] | None = None
