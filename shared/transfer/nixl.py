@@ -191,17 +191,17 @@ class NixlAgent:
         local, remote = self.descriptors(peer, src_pages, dst_pages)
         src = self._agent.get_xfer_descs(local, self.mem_type)
         dst = self._agent.get_xfer_descs(remote, info.mem_type)
-        handle = self._agent.initialize_xfer("WRITE", src, dst, peer, notif)
+        handle = None
         try:
-            posted = self._agent.transfer(handle)
+            handle = self._agent.initialize_xfer("WRITE", src, dst, peer, notif)
+            posted, why = self._agent.transfer(handle), ""
         except Exception as e:
             if not _nixl_error(e):
                 raise
             posted, why = "ERR", f": {type(e).__name__} {e}"  # a peer gone: NIXL_ERR_REMOTE_DISCONNECT
-        else:
-            why = ""
         if posted == "ERR":
-            self._agent.release_xfer_handle(handle)
+            if handle is not None:
+                self._agent.release_xfer_handle(handle)
             raise RuntimeError(f"NIXL could not post a write to {peer}{why}")
         return handle
 
