@@ -166,17 +166,17 @@ class Orchestrator:
                     if prefills and decodes:
                         record.mode = "pd"
                         stream = self._pd(sample, attempt, record)
-                    elif (prefills or decodes) and not self.registry.available("unified"):
+                    elif self.registry.available("unified"):
+                        record.mode = "unified"
+                        stream = self._unified(sample, attempt, record)
+                    elif prefills or decodes:
                         record.mode = "pd"  # half a pair: say which half is missing
                         missing = "decode" if prefills else "prefill"
                         raise ServiceError(
                             grpc.StatusCode.UNAVAILABLE, f"no healthy {missing} workers (nor unified ones)"
                         )
-                    elif not self.registry.available("unified"):
-                        raise ServiceError(grpc.StatusCode.UNAVAILABLE, self._none_healthy())
                     else:
-                        record.mode = "unified"
-                        stream = self._unified(sample, attempt, record)
+                        raise ServiceError(grpc.StatusCode.UNAVAILABLE, self._none_healthy())
                     async for resp in stream:
                         usage = resp.output.usage
                         clock.add(len(resp.output.token_ids))
