@@ -25,8 +25,9 @@ from the static tensors. The sampler runs after the graph, on its output, eagerl
 `capture=False` runs the same static-buffer forward eagerly instead of replaying a graph: the
 padding and buffer logic can then be tested on CPU.
 
-Prompt chunks (`PromptGraphRunner`, `EngineConfig.cuda_graph_prompt_tokens`, off by default
-until measured on a GPU): a lone prompt's eager forward is bound by the host's launches (a
+Prompt chunks (`PromptGraphRunner`, `EngineConfig.cuda_graph_prompt_tokens`, off by default:
+on an H100 they cut one client's TTFT by ~6% and moved no throughput, docs/benchmarks.md r31):
+prompt-only steps; a lone prompt's eager forward is bound by the host's launches (a
 1024-token Llama-3-8B prompt: 22 ms of GPU work in 33 ms, docs/benchmarks.md r28). The same
 scheme captures EXTEND forwards at a set of token counts for up to `PROMPT_GRAPH_MAX_REQS`
 requests: static `[T]` token rows and `[R]` request rows, padding tokens written to slot 0 and
@@ -110,9 +111,11 @@ def capture_graphs(
 
     Warmed up and captured on `stream`, which must be this set of graphs' own. cuBLAS keeps one
     workspace per stream, and a captured GEMM keeps its address: graphs captured on one stream
-    share it (torch's default capture stream is one for the whole process, pytorch#193402). A
-    split mixed step replays a decode graph beside a prompt graph; sharing a workspace, their
-    GEMMs race on it (most likely why such steps hung on an H100, docs/benchmarks.md r30).
+    share it (torch's default capture stream is one for the whole process, pytorch#193402).
+    Replayed at once on two streams, graphs sharing a workspace race on it: split mixed steps
+    that replayed a prompt graph beside the decode graph hung on an H100 until each set had its
+    own (docs/benchmarks.md r30, r31). Such steps now run their prompts eagerly (faster), but no
+    two graph sets share a stream.
     """
     graphs: dict[int, torch.cuda.CUDAGraph] = {}
     outputs: dict[int, torch.Tensor] = {}

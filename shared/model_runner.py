@@ -9,7 +9,7 @@ second stream while its prompt chunks run eagerly on the first (unless
 prompts, as a prefill and a decode engine sharing one GPU run theirs. With
 `cuda_graph_prompt_tokens` (off by default until measured) prompt steps of up to that many
 tokens replay a captured graph too (`PromptGraphRunner`): the eager forward of a lone prompt waits
-on the host's launches.
+on the host's launches. Prompt chunks beside split decode rows stay eager.
 
 With tensor parallelism (`tp_size > 1`, shared/distributed/) every rank has a runner holding its
 shard of the weights and of the KV pool. Rank 0's `forward` first broadcasts the step's inputs;
@@ -294,8 +294,10 @@ class ModelRunner:
         writes: torch.Tensor | None,
     ) -> torch.Tensor:
         """Logits of a mixed step whose first `d` items (decoding) replay their CUDA graph on the
-        side stream while the rest (prompt chunks) run eagerly on the current one; joined in batch
-        order. Their KV writes go to disjoint slots, and each row reads only its own request's
+        side stream while the rest (prompt chunks) run eagerly on the current one, prompt graphs
+        or not (a prompt graph replayed beside the decode graph made the step slower than the two
+        halves one after the other; eager launches overlap them: docs/benchmarks.md, r31); joined
+        in batch order. Their KV writes go to disjoint slots, and each row reads only its own request's
         keys. On a CPU (tests) the two halves run one after the other."""
         graphs = self.graph_runner
         assert graphs is not None
@@ -303,7 +305,7 @@ class ModelRunner:
         self.split_steps += 1
         if self.device.type != "cuda":
             head = graphs.run(decode, patch)
-            return torch.cat([head, self._run_rest(prompts, None, writes)])
+            return torch.cat([head, self._run(self._eager_batch(prompts, None, writes))])
         main = torch.cuda.current_stream(self.device)
         if self._side_stream is None:
             self._side_stream = torch.cuda.Stream(self.device)
@@ -314,7 +316,7 @@ class ModelRunner:
         with torch.cuda.stream(side):
             head = graphs.run(decode, patch)  # [d, V]: a view of the graph's static output
         try:
-            tail = self._run_rest(prompts, None, writes)
+            tail = self._run(self._eager_batch(prompts, None, writes))
         finally:  # also when the prompts' forward fails (OOM): nothing may outrun the decode rows'
             main.wait_stream(side)  # KV writes into pages the failed step's requests give back
         return torch.cat([head, tail])

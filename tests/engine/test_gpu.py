@@ -32,7 +32,7 @@ from shared.engine_core import EngineCore
 from shared.sampling import SamplingParams
 from shared.scheduler.scheduler import ScheduleBatch
 from tests.engine.hf_reference import hf_greedy
-from tests.engine.test_parity import make_prompts, run_staggered
+from tests.engine.test_parity import make_prompts, run_alone, run_staggered
 
 ROOT = Path(__file__).resolve().parents[2]
 NEW_TOKENS = 12
@@ -120,8 +120,9 @@ def test_static_buffer_prompts_match_hf_on_cpu(
     tiny_model_factory: Callable[..., Path], kernel_reference: None, overlap: bool
 ) -> None:
     """Prompt steps through the prompt graph runner's padded static buffers (eagerly here): 16-
-    token chunks padded up to 4, 8 or 16 tokens and 16 request columns, alone and beside the
-    decode rows of split mixed steps, then the same prompts again over their cached prefixes."""
+    token chunks padded up to 4, 8 or 16 tokens and 16 request columns. Staggered, the prompts
+    of split mixed steps run eagerly beside their decode rows, never through the prompt runner;
+    then each prompt alone, over the prefix the first round cached, takes the runner."""
     path = tiny_model_factory("llama")
     core, _ = _core_with_static_buffers(path, page_size=4, enable_overlap_schedule=overlap)
     runner = core.runner
@@ -136,22 +137,41 @@ def test_static_buffer_prompts_match_hf_on_cpu(
         capture=False,
     )
     runner.prompt_graphs = prompts_runner
-    tokens: list[int] = []  # prompt tokens through the static buffers, per round
-    run = prompts_runner.run
+    tokens = [0]  # prompt tokens through the static buffers
+    in_split = [False]
+    run, split = prompts_runner.run, runner._run_split
 
     def counting(batch: ScheduleBatch, patch: object = None) -> torch.Tensor:
-        tokens[-1] += batch.num_tokens
+        assert not in_split[0], "a split step's prompts took the prompt runner"
+        tokens[0] += batch.num_tokens
         return run(batch, patch)  # type: ignore[arg-type]
 
+    def splitting(*args: object) -> torch.Tensor:
+        in_split[0] = True
+        try:
+            return split(*args)  # type: ignore[arg-type]
+        finally:
+            in_split[0] = False
+
     prompts_runner.run = counting  # type: ignore[method-assign]
+    runner._run_split = splitting  # type: ignore[method-assign]
     prompts = make_prompts(runner.vocab_size)
-    for round_ in range(2):  # the second round's prompts start from cached prefixes
-        tokens.append(0)
-        outputs = run_staggered(core, prompts)
-        for i, ids in enumerate(prompts):
-            assert outputs[f"r{i}"] == hf_greedy(path, ids, NEW_TOKENS), f"round {round_}, prompt {i}"
+    outputs = run_staggered(core, prompts)
+    for i, ids in enumerate(prompts):
+        assert outputs[f"r{i}"] == hf_greedy(path, ids, NEW_TOKENS), f"staggered, prompt {i}"
     assert runner.split_steps > 0
-    assert 0 < tokens[1] < tokens[0]  # both rounds' prompts took the runner, the second fewer tokens
+    over_prefix = 0
+    for i, ids in enumerate(prompts):
+        tokens[0] = 0
+        got, cached = run_alone(core, f"again{i}", ids)
+        assert got == outputs[f"r{i}"], f"alone, prompt {i}"
+        assert cached == (len(ids) - 1) // 4 * 4  # the first round's whole pages
+        new = len(ids) - cached
+        # Every uncached prompt token took the runner, but one alone after a prefix: that step
+        # looks like decode (`GraphRunner.can_run`).
+        assert tokens[0] == (0 if new == 1 and cached else new), f"alone, prompt {i}"
+        over_prefix += cached > 0 and new > 1
+    assert over_prefix >= 2
 
 
 @pytest.mark.parametrize(
@@ -409,7 +429,8 @@ def test_prompt_graphs_greedy_parity_with_hf(
     tiny_model_factory: Callable[..., Path], arch: str, overrides: dict[str, int]
 ) -> None:
     """float32 on the GPU, prompt steps replaying their captured graphs (every chunk padded up to
-    16 tokens), alone and beside split decode rows, then again over cached prefixes: HF's tokens."""
+    16 tokens; a split step's prompts eagerly beside their decode rows), then again over cached
+    prefixes: HF's tokens."""
     path = tiny_model_factory(arch, **overrides)
     core = EngineCore(
         EngineConfig.from_options(
@@ -525,11 +546,11 @@ def test_pdl_greedy_parity_with_hf(tiny_model_factory: Callable[..., Path], arch
 @gpu
 @needs_cuda
 def test_split_mixed_steps_with_prompt_graphs_finish_at_the_8b_layer_shape(tmp_path: Path) -> None:
-    """94 requests decoding beside prompt chunks filling a 2048-token budget, the prompts
-    replaying their graph on one stream while the decode graph replays on the other, at the
-    Llama-3-8B layer shape (four layers, bf16): the step must finish. With both graph sets
-    captured on torch's one default capture stream they shared a cuBLAS workspace, and this
-    bench command hung in its first mixed steps on an H100 (r30; `capture_graphs`)."""
+    """94 requests decoding beside prompt chunks filling a 2048-token budget, prompt graphs on,
+    at the Llama-3-8B layer shape (four layers, bf16): the steps must finish. This bench command
+    hung in its first mixed steps on an H100 when the prompts replayed their graph beside the
+    decode graph, both captured on torch's one default capture stream (r30; `capture_graphs`);
+    such prompts now run eagerly (r31), and each graph set has its own stream."""
     out = tmp_path / "bench.json"
     cmd = [sys.executable, str(ROOT / "bench" / "gpu_bench.py"), "--layers", "4", "--batches", "1"]
     cmd += ["--skip-hf", "--decode-tokens", "8", "--prefill-batch", "1", "--prompt-graph-tokens", "2048"]
