@@ -66,7 +66,10 @@ from shared.outputs import RequestOutput
 from shared.transfer.records import KvTarget
 
 OutputHandler = Callable[[RequestOutput | BaseException], None]
-_POLL_MS = 200  # how often the receiver looks at the process while nothing arrives
+# The receiver wakes for a message or the engine process's end (its sentinel); this bounds the
+# wait in between, for the client's own `shutdown`.
+_POLL_MS = 200
+_LAST_WORDS_MS = 50
 
 
 _DIR_PREFIX = "tandem-engine-"  # the sockets' directory, one per client, in the temp directory
@@ -144,6 +147,9 @@ class EngineClient:
             daemon=True,
         )
         self.process.start()
+        self._poller = zmq.Poller()  # a message, or the engine process gone
+        self._poller.register(self._pull, zmq.POLLIN)
+        self._poller.register(self.process.sentinel, zmq.POLLIN)
         try:
             ready = self._wait_ready()
         except BaseException:
@@ -277,7 +283,7 @@ class EngineClient:
                 raise Unavailable(self.error or "the engine process is not connected (gone?)") from None
 
     def _wait_ready(self) -> Ready:
-        while not self._pull.poll(_POLL_MS):
+        while not self._message_or_exit():
             if not self.process.is_alive():
                 code = self.process.exitcode
                 raise RuntimeError(f"the engine process exited during start-up (exit code {code})")
@@ -288,9 +294,19 @@ class EngineClient:
         assert isinstance(msg, Ready), msg
         return msg
 
+    def _message_or_exit(self) -> bool:
+        """Wait up to `_POLL_MS` for the engine's next message or its process's end: whether a
+        message is there. Woken by the end, it waits `_LAST_WORDS_MS` more for a message the
+        engine sent before exiting (a `StepFailed`, a start-up `Rejected`) that the socket has
+        not delivered yet."""
+        events = self._poller.poll(_POLL_MS)
+        if any(sock is self._pull for sock, _ in events):
+            return True
+        return bool(events) and bool(self._pull.poll(_LAST_WORDS_MS))
+
     def _receive(self) -> None:
         while True:
-            if self._pull.poll(_POLL_MS):
+            if self._message_or_exit():
                 self._dispatch(self._receive_one())
                 continue
             if self._closed:

@@ -48,6 +48,7 @@ from shared.errors import InternalError, RequestError
 from shared.inputs import Prompt
 from shared.outputs import RequestOutput
 from shared.parent_death import signal_on_parent_death
+from shared.process_exit import exit_without_teardown
 from shared.transfer.records import KvCommit, KvTarget
 
 if TYPE_CHECKING:  # imported in the engine process only: the client side stays free of torch
@@ -245,8 +246,8 @@ def run_engine(config: EngineConfig, to_engine: str, from_engine: str, with_pare
         pull.close(linger=0)
         push.close(linger=1000)
         ctx.term()
-    if not group_ok:
-        raise SystemExit(1)  # the client reports the exit status: not a clean stop
+    # The client reports the exit status: 1 is not a clean stop.
+    exit_without_teardown(0 if group_ok else 1)
 
 
 def _serve(

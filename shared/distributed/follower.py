@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 from shared.config import EngineConfig
 from shared.distributed import parallel_state
 from shared.distributed.launch import die_with_parent, group_config
+from shared.process_exit import exit_without_teardown
 
 if TYPE_CHECKING:
     import torch
@@ -74,4 +75,4 @@ def _transfer(
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    exit_without_teardown(main(sys.argv[1:]))

@@ -43,7 +43,24 @@ def client(tiny_llama: Path) -> Iterator[EngineClient]:
     c = EngineClient(EngineConfig.from_options(str(tiny_llama), page_size=4, debug_invariants=True))
     yield c
     c.shutdown()
-    assert not c.process.is_alive()
+    assert not c.process.is_alive() and c.process.exitcode == 0  # a clean stop
+
+
+def test_exit_without_teardown_runs_atexit_and_flushes_then_exits_with_its_code(tmp_path: Path) -> None:
+    """What the engine process and the follower ranks leave by (shared/process_exit.py)."""
+    marker = tmp_path / "atexit-ran"
+    code = (
+        "import atexit, sys, pathlib\n"
+        "from shared.process_exit import exit_without_teardown\n"
+        f"atexit.register(pathlib.Path({str(marker)!r}).write_text, 'yes')\n"
+        "sys.stdout.write('unflushed out'); sys.stderr.write('unflushed err')\n"
+        "exit_without_teardown(3)\n"
+        "print('not reached')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 3
+    assert proc.stdout == "unflushed out" and proc.stderr == "unflushed err"
+    assert marker.read_text() == "yes"
 
 
 def test_generation_through_the_process_matches_hf(client: EngineClient, tiny_llama: Path) -> None:

@@ -103,7 +103,7 @@ def test_tp_greedy_matches_hf(
         again = run_all(client, PROMPTS[1:2])
     finally:
         client.shutdown()
-    assert not client.process.is_alive()
+    assert not client.process.is_alive() and client.process.exitcode == 0  # a clean stop
     for i, ids in enumerate(PROMPTS):
         assert got[str(i)] == hf_greedy(path, ids, GREEDY["max_new_tokens"]), (arch, i)
     assert again["0"] == got["1"]
@@ -122,6 +122,7 @@ def assert_fails_and_exits(
     assert "engine step failed" in str(item)
     client.process.join(30)
     assert not client.process.is_alive() and time.monotonic() - start < 30
+    assert client.process.exitcode == 1  # not a clean stop
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="finds the follower through /proc")
