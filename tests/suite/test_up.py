@@ -191,29 +191,6 @@ def test_sigterm_stops_every_process(up: dict[str, Any]) -> None:
     assert not (Path(up["logs"]).parent / "ready.json").exists()  # its pids are gone
 
 
-def test_a_killed_launcher_takes_every_process_down(tiny_llama: Path, tmp_path: Path) -> None:
-    # SIGKILL leaves the launcher no time to stop anyone: each child asked the kernel for SIGTERM
-    # when its parent dies (services/common/parent.py).
-    # This launch also takes an API key: the gateway wants it, and passes it on to the router.
-    args = ("--prefill", "0", "--decode", "0", "--api-key", "launch-key")
-    with tandem_up(tiny_llama, tmp_path, args=args) as info:
-        assert set(info["pids"]) == {"router", "worker-0", "gateway"}
-        models = f"{info['openai']}/models"
-        assert httpx.get(models, timeout=10).status_code == 401
-        assert (
-            httpx.get(models, headers={"Authorization": "Bearer launch-key"}, timeout=10).status_code == 200
-        )
-        assert all(running(pid) for pid in info["pids"].values())
-        info["process"].kill()
-        info["process"].wait(10)
-        deadline = time.monotonic() + 30
-        alive = set(info["pids"].values())
-        while alive and time.monotonic() < deadline:
-            alive = {pid for pid in alive if running(pid)}
-            time.sleep(0.2)
-        assert not alive, f"still running after the launcher was killed: {alive}"
-
-
 def test_without_restarts_a_dead_worker_leaves_the_others_serving(tiny_llama: Path, tmp_path: Path) -> None:
     """--no-restart, two unified workers: one killed, the launcher reports it and the suite
     serves on through the other (the router routes around it); the last one killed, nothing can
@@ -252,15 +229,25 @@ def test_without_restarts_a_dead_worker_leaves_the_others_serving(tiny_llama: Pa
             assert not running(pid), name
 
 
-def test_a_service_that_exits_is_started_again(tiny_llama: Path, tmp_path: Path) -> None:
+def test_a_service_that_exits_is_started_again_and_a_killed_launcher_takes_every_process_down(
+    tiny_llama: Path, tmp_path: Path
+) -> None:
     """One unified worker whose engine is killed: the worker exits 1 and the launcher starts it
     again, the ready-file following its pid and metrics URL; then the router killed, started
-    again, the worker registers with it anew. The suite serves after each."""
-    args = ("--prefill", "0", "--decode", "0", "--unified", "1")
+    again, the worker registers with it anew. The suite serves after each. Then the launcher
+    SIGKILLed, which leaves it no time to stop anyone: every service, the restarted ones too,
+    goes down (each asked the kernel for SIGTERM when its parent dies, services/common/parent.py).
+    The launch also takes an API key: the gateway wants it, and passes it on to the router."""
+    args = ("--prefill", "0", "--decode", "0", "--unified", "1", "--api-key", "launch-key")
     ready = tmp_path / "ready.json"
     with tandem_up(tiny_llama, tmp_path, args=args) as info:
         proc: subprocess.Popen[bytes] = info["process"]
-        client = openai.OpenAI(base_url=info["openai"], api_key="unused", max_retries=0)
+        assert set(info["pids"]) == {"router", "worker-0", "gateway"}
+        models = f"{info['openai']}/models"
+        assert httpx.get(models, timeout=10).status_code == 401
+        key = {"Authorization": "Bearer launch-key"}
+        assert httpx.get(models, headers=key, timeout=10).status_code == 200
+        client = openai.OpenAI(base_url=info["openai"], api_key="launch-key", max_retries=0)
 
         def serves_again(timeout: float = 60.0) -> None:
             deadline = time.monotonic() + timeout
@@ -297,8 +284,19 @@ def test_a_service_that_exits_is_started_again(tiny_llama: Path, tmp_path: Path)
         os.kill(info["pids"]["router"], signal.SIGKILL)
         serves_again()
         assert proc.poll() is None
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) == 0
+        until(
+            "the ready-file's router pid",
+            lambda: json.loads(ready.read_text())["pids"]["router"] != info["pids"]["router"],
+        )
+        alive = set(json.loads(ready.read_text())["pids"].values())
+        assert len(alive) == 3 and all(running(pid) for pid in alive)
+        proc.kill()
+        proc.wait(10)
+        until(
+            f"every service gone after the launcher was killed: {alive}",
+            lambda: not any(map(running, alive)),
+            30,
+        )
     output = proc.stdout.read().decode() if proc.stdout else ""
     assert "worker-0 exited with code 1" in output and "the engine is gone" in output
     assert "starting worker-0 again in 1 s" in output and "worker-0 started again" in output
