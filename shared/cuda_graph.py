@@ -26,9 +26,10 @@ from the static tensors. The sampler runs after the graph, on its output, eagerl
 padding and buffer logic can then be tested on CPU.
 
 Prompt chunks (`PromptGraphRunner`, `EngineConfig.cuda_graph_prompt_tokens`, off by default:
-on an H100 they cut one client's TTFT by ~6% and moved no throughput, docs/benchmarks.md r31):
-prompt-only steps; a lone prompt's eager forward is bound by the host's launches (a
-1024-token Llama-3-8B prompt: 22 ms of GPU work in 33 ms, docs/benchmarks.md r28). The same
+on an H100 they are level at 1-128 clients and worth at most ~6% of one client's TTFT,
+docs/benchmarks.md r31) serve prompt-only steps; a split mixed step runs its prompts eagerly.
+A lone prompt's eager forward is bound by the host's launches (a 1024-token Llama-3-8B
+prompt: 22 ms of GPU work in 33 ms, docs/benchmarks.md r28). The same
 scheme captures EXTEND forwards at a set of token counts for up to `PROMPT_GRAPH_MAX_REQS`
 requests: static `[T]` token rows and `[R]` request rows, padding tokens written to slot 0 and
 padding requests of no new tokens, whose attention programs return at once; the extend
