@@ -5,11 +5,14 @@ BASE's `kernels/`, and compares the PTX without its debug line information. Iden
 identical speed: no GPU A/B is needed for those kernels. A difference says where to look (and
 that `bench/kernel_ab.sh` must run before the change lands). The kernels:
 
-- the GEMV (`kernels/gemv.py`) at the configs batch-1 decode runs (FP8 weights quantizing x
-  inside, split and unsplit; bf16 weights; FP8 on tensor cores), specialized as a real launch
-  specializes them (unit strides folded in, pointers and sizes 16-divisible); per config also
-  whether the weight loads are software-pipelined (`cp.async`) and whether the MMAs are Hopper
-  warpgroup MMAs;
+- the GEMV (`kernels/gemv.py`) at the configs batch-1 decode runs (FP8 on tensor cores with x
+  quantized first, the default, at both of its launch shapes; FP8 on CUDA cores quantizing x
+  inside, split and unsplit; bf16 weights; FP8 on tensor cores quantizing x inside), specialized
+  as a real launch specializes them (unit strides folded in, pointers and sizes 16-divisible);
+  per config also whether the weight loads are software-pipelined (`cp.async`), whether the MMAs
+  are Hopper warpgroup MMAs, and of the machine code the registers a thread, the programs an
+  SM holds with them and the instructions of its loop (`machine_code`, `programs_per_sm`),
+  which say what a "DIFFERS" changed;
 - the rest of a decode layer's kernels (`DECODE_KERNELS`: split-K sum, RMSNorm, rotary, KV store,
   decode attention's two stages, FP8 activation quantization) at a Llama-3-8B layer's shapes.
 
@@ -30,6 +33,7 @@ import hashlib
 import inspect
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -38,15 +42,21 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# (name, fp8, split, BLOCK_N, constexprs beyond the common ones): decode's hot launches. MMA and
-# ONE_ROW exist from 2026-12-04 on; a tree without them compiles the rest.
+# (name, fp8, split, BLOCK_N, constexprs beyond the common ones, and `num_warps` where not 4):
+# decode's hot launches. MMA and ONE_ROW exist from 2026-12-04 on; a tree without them compiles
+# the rest. FP8 decode of 1-16 tokens runs the tensor-core mode on x quantized first
+# (`kernels.gemv.MMA_FUSES_QUANT` off): the "x quantized" rows, at `mma_gemv_config`'s two
+# shapes of launch (64 rows split along K; gate_up's 128 rows and 8 warps).
 CONFIGS: list[tuple[str, bool, bool, int, dict[str, Any]]] = [
     ("fp8 M=1, split K", True, True, 32, {"MMA": False, "ONE_ROW": False}),
     ("fp8 M=1", True, False, 64, {"MMA": False, "ONE_ROW": False}),
     ("bf16 M=1", False, False, 8, {"MMA": False, "ONE_ROW": False}),
     ("bf16 M=1, SiLU-mul fused", False, False, 8, {"MMA": False, "ONE_ROW": False, "GATED": True}),
     ("fp8 M=1 on tensor cores", True, True, 64, {"MMA": True, "ONE_ROW": True}),
-]
+    ("fp8 MMA, x quantized", True, True, 64, {"MMA": True, "ONE_ROW": False, "FUSE_QUANT": False}),
+    ("fp8 MMA, x quantized, 128", True, False, 128,
+     {"MMA": True, "ONE_ROW": False, "FUSE_QUANT": False, "num_warps": 8}),
+]  # fmt: skip
 # label -> (module.kernel, pointer types other than *bf16, constexprs). Scalars are i32 but for
 # _FLOATS. A Llama-3-8B decode layer's shapes (32 query heads, 8 KV heads, head dim 128).
 DECODE_KERNELS: dict[str, tuple[str, dict[str, str], dict[str, Any]]] = {
@@ -77,8 +87,9 @@ DIVISIBLE |= {"x_stride_m", "w_stride_n", "o_stride_m", "o_stride_split", "ws_st
 
 def _ptx(
     fn: Any, types: dict[str, str], const: dict[str, Any], attrs: dict[Any, Any], options: dict[str, Any]
-) -> tuple[str, int]:
-    """fn compiled for sm_90a: its PTX without comments or debug lines, and its shared memory."""
+) -> tuple[str, int, int | None]:
+    """fn compiled for sm_90a: its PTX without comments or debug lines, its shared memory and
+    the machine instructions of its longest loop (`sass_loop`)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -91,7 +102,65 @@ def _ptx(
     kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
     code = kernel.asm["ptx"].split(".section")[0]  # the debug sections follow the code
     lines = [line for line in code.splitlines() if ".loc" not in line and ".file" not in line]
-    return "\n".join(line for line in lines if not line.strip().startswith("//")), kernel.metadata.shared
+    body = "\n".join(line for line in lines if not line.strip().startswith("//"))
+    machine = machine_code(kernel.asm["cubin"])
+    meta = kernel.metadata
+    machine["programs_per_sm"] = programs_per_sm(machine["registers"], meta.num_warps, meta.shared)
+    return body, kernel.metadata.shared, machine
+
+
+def programs_per_sm(registers: int | None, num_warps: int, shared: int) -> int | None:
+    """How many of a kernel's programs one H100/H200 SM holds at once, from its registers a
+    thread (allocated 256 a warp at a time, 65536 an SM), its shared memory (228 KB an SM, 1 KB
+    of it reserved a program) and the SM's 64 warps and 32 programs. A streaming GEMV keeps
+    that many programs' loads in flight: 630cc3b's FP8 GEMV took 142 registers where 119 fit
+    four programs, three fit, and it streamed 33% slower."""
+    if registers is None:
+        return None
+    regs_a_warp = -(-registers * 32 // 256) * 256
+    by_regs = 65536 // (regs_a_warp * num_warps)
+    by_shared = 228 * 1024 // (shared + 1024)
+    return min(by_regs, by_shared, 64 // num_warps, 32)
+
+
+def machine_code(cubin: bytes) -> dict[str, int | None]:
+    """Of the cubin, by triton's bundled CUDA binary tools (None where one is missing):
+    `registers` a thread (cuobjdump; `programs_per_sm` follows from them) and `loop_sass`, the
+    machine instructions of its longest loop an iteration (nvdisasm; `sass_loop`)."""
+    import triton
+
+    tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        usage = _run_tool(tools / "cuobjdump", "-res-usage", f.name)
+        sass = _run_tool(tools / "nvdisasm", "-c", f.name)
+    regs = re.search(r"REG:(\d+)", usage or "")
+    return {"registers": int(regs.group(1)) if regs else None, "loop_sass": sass_loop(sass) if sass else None}
+
+
+def _run_tool(tool: Path, *args: str) -> str | None:
+    if not tool.exists():
+        return None
+    proc = subprocess.run([str(tool), *args], capture_output=True, text=True, check=False)
+    return proc.stdout if proc.returncode == 0 else None
+
+
+def sass_loop(sass: str) -> int | None:
+    """How many machine instructions the SASS listing's longest loop runs an iteration (the
+    span from a label to the last branch back to it; unrolled or predicated-off instructions
+    count as they are laid out); None without a loop. The decode GEMVs stream their weight in
+    that loop: the count shows a step's shape (a pipelined MMA step is ~100, a CUDA-core FP8
+    step ~260), not its speed (630cc3b's regression moved it 4%)."""
+    lines = sass.splitlines()
+    labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"^(\.L_x_\d+):", line))}
+    longest = 0
+    for i, line in enumerate(lines):
+        m = re.search(r"BRA `\((\.L_x_\d+)\)", line)
+        if m and labels.get(m.group(1), i) < i:
+            span = lines[labels[m.group(1)] : i + 1]
+            longest = max(longest, sum(1 for x in span if re.match(r"\s*/\*[0-9a-f]{4,}\*/\s", x)))
+    return longest if longest > 1 else None  # a lone branch to itself is the trap after EXIT
 
 
 def _gemv_spec(
@@ -105,10 +174,11 @@ def _gemv_spec(
     )  # fmt: skip
     const |= {k: v for k, v in extra.items() if k in params}
     const |= dict.fromkeys(UNIT_STRIDES & set(params), 1)
+    codes = fp8 and not const["FUSE_QUANT"]  # x arrives as E4M3 codes with float32 scales
     types = {
-        "x_ptr": "*bf16", "xs_ptr": "*bf16", "w_ptr": "*fp8e4nv" if fp8 else "*bf16",
-        "ws_ptr": "*fp32" if fp8 else "*bf16", "bias_ptr": "*bf16",
-        "out_ptr": "*fp32" if split else "*bf16", "fp8_max": "fp32", "eps": "fp32",
+        "x_ptr": "*fp8e4nv" if codes else "*bf16", "xs_ptr": "*fp32" if codes else "*bf16",
+        "w_ptr": "*fp8e4nv" if fp8 else "*bf16", "ws_ptr": "*fp32" if fp8 else "*bf16",
+        "bias_ptr": "*bf16", "out_ptr": "*fp32" if split else "*bf16", "fp8_max": "fp32", "eps": "fp32",
     }  # fmt: skip
     attrs = {(params.index(p),): [["tt.divisibility", 16]] for p in DIVISIBLE if p in params}
     return types, const, attrs
@@ -133,9 +203,8 @@ def compile_tree(root: str) -> dict[str, Any]:
             out[name] = None  # this tree has no tensor-core mode
             continue
         types, const, attrs = _gemv_spec(params, fp8, split, block_n, extra)
-        out[name] = _summary(
-            *_ptx(fn, types, const | _pdl(params, False), attrs, {"num_warps": 4, "num_stages": 4})
-        )
+        options = {"num_warps": extra.get("num_warps", 4), "num_stages": 4}
+        out[name] = _summary(*_ptx(fn, types, const | _pdl(params, False), attrs, options))
     for name, (path, types, const) in DECODE_KERNELS.items():
         module, kernel = path.split(".")
         fn = getattr(importlib.import_module(f"kernels.{module}"), kernel)
@@ -144,7 +213,7 @@ def compile_tree(root: str) -> dict[str, Any]:
     return out
 
 
-def _summary(body: str, shared: int) -> dict[str, Any]:
+def _summary(body: str, shared: int, machine: dict[str, int | None]) -> dict[str, Any]:
     """What compile_tree reports of one kernel's PTX: its digest and what to look at."""
     return {
         "sha1": hashlib.sha1(body.encode()).hexdigest(),
@@ -152,6 +221,7 @@ def _summary(body: str, shared: int) -> dict[str, Any]:
         "cp_async": body.count("cp.async"),
         "wgmma": body.count("wgmma.mma_async"),
         "shared_bytes": shared,
+        **machine,
     }
 
 
@@ -187,6 +257,13 @@ def run_in(root: Path) -> dict[str, Any]:
     return result
 
 
+def _column(now: int | None, then: int | None) -> str:
+    """A machine-code figure now, and BASE's where it differs ("262 (was 240)")."""
+    if not now:
+        return "-"  # the tool missing, or no loop
+    return f"{now}" if then in (None, now) else f"{now} (was {then})"
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("base", help="the git revision (or a directory with kernels/) to compare against")
@@ -202,14 +279,24 @@ def main() -> int:
             base = run_in(Path(tmp))
     tree = run_in(ROOT)
     changed = 0
-    print(f"{'config':<26} {'vs ' + args.base:<12} {'cp.async':>8} {'wgmma':>6} {'smem B':>7}")
+    print(
+        f"{'config':<26} {'vs ' + args.base:<12} {'cp.async':>8} {'wgmma':>6} {'smem B':>7} "
+        f"{'registers':>14} {'programs/SM':>12} {'loop SASS':>14}"
+    )
     for name in [c[0] for c in CONFIGS] + list(DECODE_KERNELS):
         now, then = tree.get(name), base.get(name)
         if now is None:
             continue
         verdict = "new" if then is None else "identical" if now["sha1"] == then["sha1"] else "DIFFERS"
         changed += verdict == "DIFFERS"
-        print(f"{name:<26} {verdict:<12} {now['cp_async']:>8} {now['wgmma']:>6} {now['shared_bytes']:>7}")
+        regs, programs, loop = (
+            _column(now.get(key), then.get(key) if then else None)
+            for key in ("registers", "programs_per_sm", "loop_sass")
+        )
+        print(
+            f"{name:<26} {verdict:<12} {now['cp_async']:>8} {now['wgmma']:>6} {now['shared_bytes']:>7} "
+            f"{regs:>14} {programs:>12} {loop:>14}"
+        )
     return 1 if changed else 0
 
 
