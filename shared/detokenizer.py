@@ -181,16 +181,15 @@ class StopStringMatcher:
 
     def find(self, text: str, checked_len: int = 0) -> StopMatch | None:
         """The stop string that begins earliest in `text`, among matches ending after
-        `checked_len`. The caller promises `text[:checked_len]` was scanned before and held no
-        complete stop (any smaller value, such as the streamed length, is also correct), so
-        only the last `checked_len - max_stop_len + 1` characters onward are searched.
+        `checked_len`: `text[:checked_len]` was scanned before (or may not stop the text, a
+        request short of its `min_new_tokens`), so each stop is searched from `len(stop) - 1`
+        characters before it on, and a match wholly inside it is never reported.
 
         On a tie (several stops begin at the same index) the shortest wins: it completed first.
         """
-        begin = max(0, checked_len - self._max_len + 1)
         best: StopMatch | None = None
         for stop in self.stops:
-            start = text.find(stop, begin)
+            start = text.find(stop, max(0, checked_len - len(stop) + 1))
             if start == -1:
                 continue
             match = StopMatch(start, stop)

@@ -63,6 +63,9 @@ class Req:
     top_logprobs_num: int = 0
     detokenizer: IncrementalDetokenizer | None = None
     stop_matcher: StopStringMatcher | None = None
+    # No stop string may end within `decoded[:stop_search_from]`: the text decoded while the
+    # request was short of its `min_new_tokens` (shared/scheduler/stopping.py).
+    stop_search_from: int = 0
     leader: Req | None = None  # n > 1: siblings wait for the leader's prompt KV to be cached
     grammar: RequestGrammar | None = None  # the output constraint (shared/constrained)
     # An embedding request (shared/pooling.py): runs its prompt, samples nothing, finishes with

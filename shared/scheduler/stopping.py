@@ -4,8 +4,10 @@ After a token, in this order (the first that holds ends the request):
 
     grammar   the token broke its grammar (cannot happen: the sampler masks): ABORT
     stop id   an EOS or `stop_token_ids` token, once `min_new_tokens` are out: STOP (matched id)
-    stop str  the detokenized text now holds a stop string: STOP (matched string); the text is cut
-              before it (or after it, with `no_stop_trim`)
+    stop str  the detokenized text now holds a stop string, once `min_new_tokens` are out: STOP
+              (matched string); the text is cut before it (or after it, with `no_stop_trim`).
+              A stop string wholly inside the text of the first `min_new_tokens` tokens stays in
+              the text; one that ends after it counts (vLLM's and SGLang's rule)
     grammar   the grammar has terminated (a complete JSON value, ...): STOP
     length    `max_new_tokens` out, or the context is full: LENGTH
 
@@ -36,7 +38,7 @@ def stop_after(req: Req, token: int, max_context_len: int) -> FinishReason | Non
     else:
         assert req.detokenizer is not None
         req.decoded += req.detokenizer.add([token])
-        reason = stop_string(req)
+        reason = stop_string(req, may_stop=req.num_output_tokens >= params.min_new_tokens)
         if reason is None and grammar is not None and grammar.terminated:
             reason = FinishReason(FinishKind.STOP, matched=token)
     known_len = len(req.prompt_ids) + req.num_output_tokens
@@ -52,18 +54,23 @@ def final_reason(req: Req, reason: FinishReason) -> FinishReason:
         return reason
     assert req.detokenizer is not None
     req.decoded += req.detokenizer.flush()
-    return stop_string(req, final=True) or reason
+    may_stop = req.num_output_tokens >= req.params.min_new_tokens
+    return stop_string(req, final=True, may_stop=may_stop) or reason
 
 
-def stop_string(req: Req, final: bool = False) -> FinishReason | None:
-    """A stop string in `req.decoded` past the text reported so far: STOP, with `req.text` cut
-    there. Otherwise None, with `req.text` advanced as far as no stop string can still start
-    (all of it when `final`)."""
+def stop_string(req: Req, final: bool = False, may_stop: bool = True) -> FinishReason | None:
+    """A stop string in `req.decoded` past the text reported so far (and past
+    `req.stop_search_from`): STOP, with `req.text` cut there. Otherwise None, with `req.text`
+    advanced as far as no stop string can still start (all of it when `final`). Without
+    `may_stop` (short of `min_new_tokens`) none is looked for, and none may end in the text
+    decoded so far."""
     matcher = req.stop_matcher
     if matcher is None:
         req.text = req.decoded
         return None
-    hit = matcher.find(req.decoded, len(req.text))
+    if not may_stop:
+        req.stop_search_from = len(req.decoded)
+    hit = matcher.find(req.decoded, max(len(req.text), req.stop_search_from))
     if hit is not None:
         start, stop = hit
         req.text = req.decoded[: start + len(stop)] if req.params.no_stop_trim else req.decoded[:start]

@@ -218,6 +218,15 @@ def test_safe_len_holds_back_possible_stop_prefixes() -> None:
     assert StopStringMatcher([]).safe_len("anything") == len("anything")
 
 
+def test_find_reports_only_matches_ending_past_the_checked_text() -> None:
+    """Even a short stop wholly inside the checked text is not reported (the text of a request
+    short of its min_new_tokens is checked without stopping); one ending past it is."""
+    matcher = StopStringMatcher(["ab", "xxxxx"])
+    assert matcher.find("zabzz", 3) is None
+    assert matcher.find("zabzz", 2) == StopMatch(1, "ab")  # ends at 3, past 2
+    assert matcher.find("zabzab", 3) == StopMatch(4, "ab")
+
+
 def test_empty_stop_rejected() -> None:
     with pytest.raises(ValueError, match="non-empty"):
         StopStringMatcher(["ok", ""])

@@ -127,6 +127,25 @@ def test_stop_token_ids_and_min_new_tokens(engine: Engine) -> None:
     assert len(forced["output_ids"]) == 8 and stop_id not in forced["output_ids"]  # type: ignore[index]
 
 
+def test_stop_strings_wait_for_min_new_tokens(engine: Engine) -> None:
+    """A stop string in the first min_new_tokens tokens' text stays in the text (the QA pass:
+    `min_tokens` held back stop ids but not stop strings); one ending later still stops it."""
+    base = engine.generate("stop string test", dict(GREEDY, max_new_tokens=16))
+    text, ids = base["text"], base["output_ids"]  # type: ignore[index]
+    stop = text[:2]
+    assert len(stop) == 2
+    early = engine.generate("stop string test", dict(GREEDY, max_new_tokens=16, stop=stop))
+    assert early["text"] == ""  # type: ignore[index]
+    out = engine.generate("stop string test", dict(GREEDY, max_new_tokens=16, stop=stop, min_new_tokens=6))
+    assert out["output_ids"] == ids[: len(out["output_ids"])] and len(out["output_ids"]) >= 6  # type: ignore[index]
+    assert out["text"].startswith(stop)  # type: ignore[index]
+    if out["meta_info"]["finish_reason"]["type"] == "stop":  # type: ignore[index]
+        assert out["meta_info"]["finish_reason"]["matched"] == stop  # type: ignore[index]
+        assert text[len(out["text"]) :].startswith(stop) and len(out["text"]) > 0  # type: ignore[index]
+    else:
+        assert out["text"] == text and len(out["output_ids"]) == 16  # type: ignore[index]
+
+
 def test_logprobs_and_top_logprobs(engine: Engine) -> None:
     out = engine.generate("logprobs", GREEDY, return_logprob=True, top_logprobs_num=3)
     lps = out["meta_info"]["output_token_logprobs"]  # type: ignore[index]
