@@ -265,7 +265,11 @@ class ResponseBuilder:
             text = piece(entry.token_id).text
             tokens.append(text)
             token_logprobs.append(_finite(entry.logprob))
-            top = {piece(t.token_id).text: _finite(t.logprob) for t in entry.top_logprobs[:top_n]}
+            # Keyed by text, as OpenAI's legacy format is: tokens of one text (a partial UTF-8
+            # character's bytes all read "\ufffd") share an entry, the likeliest's (the first).
+            top: dict[str, float] = {}
+            for t in entry.top_logprobs[:top_n]:
+                top.setdefault(piece(t.token_id).text, _finite(t.logprob))
             # OpenAI always lists the sampled token too: up to logprobs + 1 entries.
             top.setdefault(text, _finite(entry.logprob))
             top_logprobs.append(top)

@@ -10,6 +10,10 @@ import openai
 import pytest
 from transformers import AutoTokenizer
 
+from services.gateway.responses import Job, ResponseBuilder
+from services.gateway.tokenizer import Tokenizer
+from services.protos.tandem.common.v1 import common_pb2
+from services.protos.tandem.router.v1 import router_pb2
 from tests.gateway.stub_router import MODEL_ID, StubRouter
 
 pytestmark = pytest.mark.xdist_group("gateway_api")
@@ -201,6 +205,27 @@ def test_stop_strings(client: openai.OpenAI, stub: StubRouter) -> None:
     assert list(stub.service.requests[0].sampling_params.stop) == [" runs", "xyz"]
     single = client.completions.create(model=MODEL_ID, prompt=PROMPT, stop=" the", max_tokens=50)
     assert single.choices[0].text == "The cat runs"
+
+
+def test_completion_top_logprobs_of_one_text_keep_the_likeliest(tokenizer_dir: Path) -> None:
+    """Candidates that read the same (a partial UTF-8 character's bytes all read "\ufffd") share
+    the legacy format's text-keyed entry: the likeliest one's value, the sampled token's here,
+    not the last one listed."""
+    tokenizer = Tokenizer(str(tokenizer_dir))
+    alike = [i for i in range(tokenizer.vocab_size) if tokenizer.piece(i).text == "\ufffd"][:2]
+    other = next(i for i in range(tokenizer.vocab_size) if tokenizer.piece(i).text not in ("\ufffd", ""))
+    assert len(alike) == 2
+    job = Job(
+        kind="completion", id="cmpl-1", model=MODEL_ID, n=1, requests=[router_pb2.GenerateRequest()],
+        echo_texts=[""], logprobs=True, top_logprobs=3, include_usage=False,
+    )  # fmt: skip
+    sampled = alike[0]
+    entry = common_pb2.TokenLogprob(token_id=sampled, logprob=-0.5)
+    for token_id, logprob in ((sampled, -0.5), (other, -1.0), (alike[1], -2.0)):
+        entry.top_logprobs.add(token_id=token_id, logprob=logprob)
+    body, _ = ResponseBuilder(job, tokenizer)._logprobs([entry], 0)
+    assert body["token_logprobs"] == [-0.5]
+    assert body["top_logprobs"] == [{"\ufffd": -0.5, tokenizer.piece(other).text: -1.0}]
 
 
 def test_completion_logprobs_shape(client: openai.OpenAI, stub: StubRouter) -> None:
