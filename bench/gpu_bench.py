@@ -940,6 +940,12 @@ def main() -> None:
         " tokens on the tensor-core GEMV (kernels.gemv.fp8_gemv mma=True); 0: the CUDA-core GEMV"
         " and the block GEMM only",
     )
+    parser.add_argument(
+        "--compare-fp8-fused-quant",
+        action="store_true",
+        help="every batch again with fp8 weights and kernels.fp8_quant.FUSE_INTO_PRODUCERS flipped: the"
+        " norms and SiLU-and-mul quantize their outputs for the FP8 linears in their own launches",
+    )
     parser.add_argument("--json", type=Path)
     parser.add_argument("--png", type=Path)
     args = parser.parse_args()
@@ -990,6 +996,16 @@ def main() -> None:
                 result["tandem_fp8_mma"]["mma_gemv_max_m"] = {"run": args.compare_fp8_mma, "default": default}
             finally:
                 fp8_gemm.MMA_GEMV_MAX_M = default
+        if args.compare_fp8_fused_quant:
+            from kernels import fp8_quant
+
+            default_fused = fp8_quant.FUSE_INTO_PRODUCERS
+            fp8_quant.FUSE_INTO_PRODUCERS = not default_fused  # read when the model loads
+            try:
+                result["tandem_fp8_fused_quant"] = bench_tandem(path, fp8_args, device)
+                result["tandem_fp8_fused_quant"]["fuse_into_producers"] = not default_fused
+            finally:
+                fp8_quant.FUSE_INTO_PRODUCERS = default_fused
         if args.compare_pdl:
             result["tandem_pdl"] = bench_tandem(
                 path, argparse.Namespace(**vars(args) | {"no_pdl": not args.no_pdl}), device
@@ -1089,6 +1105,21 @@ def main() -> None:
         print(
             f"tandem batch {b}, fp8 weights, MMA_GEMV_MAX_M {limits['run']} (default {limits['default']}): "
             f"{run['tok_s']:.1f} tok/s ({run['tok_s'] / bf16:.3f}x bf16{than})"
+        )
+    fused = result.get("tandem_fp8_fused_quant", {})
+    for b, run in fused.get("decode", {}).items():
+        bf16 = result["tandem"]["decode"][b]["tok_s"]
+        default = result.get("tandem_fp8", {}).get("decode", {}).get(b, {}).get("tok_s")
+        than = f", {run['tok_s'] / default:.3f}x the default's {default:.1f}" if default else ""
+        state = "on" if fused["fuse_into_producers"] else "off"
+        print(
+            f"tandem batch {b}, fp8 weights, producers quantizing {state}: "
+            f"{run['tok_s']:.1f} tok/s ({run['tok_s'] / bf16:.3f}x bf16{than})"
+        )
+    if (run := fused.get("prefill")) and (default_prefill := result.get("tandem_fp8", {}).get("prefill")):
+        print(
+            f"tandem prefill, fp8 weights, producers quantizing flipped: {run['tok_s']:.0f} tok/s "
+            f"(default {default_prefill['tok_s']:.0f}, {run['tok_s'] / default_prefill['tok_s']:.3f}x)"
         )
     for key, base_key in (("tandem_pdl", "tandem"), ("tandem_fp8_pdl", "tandem_fp8")):
         for b, run in result.get(key, {}).get("decode", {}).items():

@@ -14,11 +14,12 @@ that `bench/kernel_ab.sh` must run before the change lands). The kernels:
   SM holds with them and the instructions of its loop (`machine_code`, `programs_per_sm`),
   which say what a "DIFFERS" changed;
 - the rest of a decode layer's kernels (`DECODE_KERNELS`: split-K sum, RMSNorm, rotary, KV store,
-  decode attention's two stages, FP8 activation quantization) at a Llama-3-8B layer's shapes.
+  decode attention's two stages, FP8 activation quantization, SiLU-and-mul, and the RMSNorm and
+  SiLU-and-mul that quantize for FP8 linears themselves) at a Llama-3-8B layer's shapes.
 
 Every kernel compiles as the default launch does: programmatic dependent launch off
-(`kernels/pdl.py`). `pdl_ptx()` compiles `DECODE_KERNELS` and the bf16 GEMV with it on, for
-`tests/kernels/test_pdl.py`.
+(`kernels/pdl.py`). `pdl_ptx()` compiles the `DECODE_KERNELS` that take it (`PDL_KERNELS`) and
+the bf16 GEMV with it on, for `tests/kernels/test_pdl.py`.
 
     PYTHONPATH=. python bench/ptx_diff.py BASE     # a git revision (HEAD~1, a commit), or a
                                                    # directory holding a kernels/ package
@@ -78,8 +79,17 @@ DECODE_KERNELS: dict[str, tuple[str, dict[str, str], dict[str, Any]]] = {
                        {"mid_out_ptr": "*fp32", "mid_lse_ptr": "*fp32"}, dict(BLOCK_S=16, BLOCK_D=128)),
     "fp8 quant": ("fp8_quant._per_token_group_quant_kernel", {"q_ptr": "*fp8e4nv", "scale_ptr": "*fp32"},
                   dict(BLOCK_GROUPS=32, BLOCK_G=128)),
+    "silu_and_mul": ("activation._silu_and_mul_kernel", {}, dict(BLOCK=1024)),  # before FP8's down
+    # The producers that quantize for FP8 linears themselves (kernels.fp8_quant.FUSE_INTO_PRODUCERS).
+    "rmsnorm fp8": ("rmsnorm._rmsnorm_fp8_kernel", {"q_ptr": "*fp8e4nv", "scale_ptr": "*fp32"},
+                    dict(OUT_DTYPE="bf16", HAS_RESIDUAL=True, GROUP=128, BLOCK=4096)),
+    "silu_and_mul fp8": ("activation._silu_and_mul_fp8_kernel", {"q_ptr": "*fp8e4nv", "scale_ptr": "*fp32"},
+                         dict(GROUP=128, BLOCK=1024)),
 }  # fmt: skip
-_FLOATS = {"eps", "scaling", "fp8_max"}
+# Kernels launched without programmatic dependent launch (no USE_PDL): left out of `pdl_ptx`.
+NO_PDL = {"silu_and_mul", "silu_and_mul fp8"}
+PDL_KERNELS = [name for name in DECODE_KERNELS if name not in NO_PDL]
+_FLOATS = {"eps", "scaling", "fp8_max", "fp8_eps"}
 UNIT_STRIDES = {"x_stride_k", "w_stride_k", "o_stride_n", "xs_stride_k", "ws_stride_k"}
 DIVISIBLE = {"x_ptr", "xs_ptr", "w_ptr", "ws_ptr", "bias_ptr", "out_ptr", "N", "K", "k_per_split"}
 DIVISIBLE |= {"x_stride_m", "w_stride_n", "o_stride_m", "o_stride_split", "ws_stride_n", "xs_stride_m"}
@@ -101,7 +111,14 @@ def _ptx(
     src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
     code = kernel.asm["ptx"].split(".section")[0]  # the debug sections follow the code
-    lines = [line for line in code.splitlines() if ".loc" not in line and ".file" not in line]
+    # Debug information: line records, and the labels that mark where an inlined @triton.jit
+    # helper's scope begins and ends (`$L__tmpN:`, never a branch target: those are `$L__BB`),
+    # which move when code moves into a helper without changing an instruction.
+    lines = [
+        line
+        for line in code.splitlines()
+        if ".loc" not in line and ".file" not in line and not re.fullmatch(r"\$L__tmp\d+:", line.strip())
+    ]
     body = "\n".join(line for line in lines if not line.strip().startswith("//"))
     machine = machine_code(kernel.asm["cubin"])
     meta = kernel.metadata
@@ -207,10 +224,22 @@ def compile_tree(root: str) -> dict[str, Any]:
         out[name] = _summary(*_ptx(fn, types, const | _pdl(params, False), attrs, options))
     for name, (path, types, const) in DECODE_KERNELS.items():
         module, kernel = path.split(".")
-        fn = getattr(importlib.import_module(f"kernels.{module}"), kernel)
+        fn = getattr(importlib.import_module(f"kernels.{module}"), kernel, None)
+        if fn is None:
+            out[name] = None  # a tree older than the kernel
+            continue
         params = list(inspect.signature(fn.fn).parameters)
-        out[name] = _summary(*_ptx(fn, types, const | _pdl(params, False), {}, {}))
+        out[name] = _summary(*_ptx(fn, types, _constexprs(const) | _pdl(params, False), {}, {}))
     return out
+
+
+def _constexprs(const: dict[str, Any]) -> dict[str, Any]:
+    """DECODE_KERNELS' constexprs as triton takes them: a dtype named by its string ("bf16")."""
+    import triton.language as tl
+
+    dtypes = {"bf16": tl.bfloat16, "fp16": tl.float16, "fp32": tl.float32}
+    named = {k: dtypes[v] for k, v in const.items() if k.endswith("DTYPE") and isinstance(v, str)}
+    return const | named
 
 
 def _summary(body: str, shared: int, machine: dict[str, int | None]) -> dict[str, Any]:
@@ -236,9 +265,11 @@ def pdl_ptx() -> dict[str, str]:
     name, fp8, split, block_n, extra = CONFIGS[2]  # bf16 M=1
     types, const, attrs = _gemv_spec(params, fp8, split, block_n, extra)
     kernels = {"gemv " + name: (gemv._gemv_kernel, types, const, attrs, {"num_warps": 4, "num_stages": 4})}
-    for name, (path, types, const) in DECODE_KERNELS.items():
+    for name in PDL_KERNELS:
+        path, types, const = DECODE_KERNELS[name]
         module, kernel = path.split(".")
-        kernels[name] = (getattr(importlib.import_module(f"kernels.{module}"), kernel), types, const, {}, {})
+        fn = getattr(importlib.import_module(f"kernels.{module}"), kernel)
+        kernels[name] = (fn, types, _constexprs(const), {}, {})
     out = {}
     for name, (fn, types, const, attrs, options) in kernels.items():
         out[name] = _ptx(fn, types, const | {"USE_PDL": True}, attrs, options | {"launch_pdl": True})[0]

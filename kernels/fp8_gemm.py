@@ -48,6 +48,7 @@ from kernels.fp8_quant import (
     FP8_DTYPE,
     FP8_EPS,
     FP8_MAX,
+    Fp8Activation,
     check_block,
     expand_block_scale,
     per_token_group_quant_fp8,
@@ -167,7 +168,7 @@ def w8a8_block_fp8_bmm(
 
 
 def fp8_linear(
-    x: torch.Tensor,  # [..., K] float32/float16/bfloat16
+    x: torch.Tensor | Fp8Activation,  # [..., K] float32/float16/bfloat16, or its producer's codes
     w_q: torch.Tensor,  # [N, K] float8_e4m3fn
     w_s: torch.Tensor,  # [ceil(N / bn), ceil(K / bk)] float32
     bias: torch.Tensor | None = None,  # [N]
@@ -178,8 +179,12 @@ def fp8_linear(
     """y = x @ w^T (+ bias) with x quantized per token in groups of bk (no host sync: safe in
     CUDA-graph capture). Up to GEMV_MAX_M tokens (no `config`) run the GEMV, which quantizes x
     itself where GEMV_FUSES_QUANT; up to FUSED_QUANT_MAX_M tokens are quantized inside the GEMM's
-    launch; either way with the same codes and scales as `per_token_group_quant_fp8`."""
+    launch; either way with the same codes and scales as `per_token_group_quant_fp8`. An
+    `Fp8Activation` (its producer quantized it: `kernels.fp8_quant.FUSE_INTO_PRODUCERS`) goes to
+    `w8a8_block_fp8_matmul` as it is, as [T, K] rows."""
     op = "fp8_linear"
+    if isinstance(x, Fp8Activation):  # its producer quantized it (`FUSE_INTO_PRODUCERS`)
+        return w8a8_block_fp8_matmul(x.codes, x.scales, w_q, w_s, x.dtype, block, bias=bias, config=config)
     check_dtype(op, "x", x, FLOAT_DTYPES)
     if x.dim() < 1:
         raise ValueError(f"{op}: x must be [..., K], got a scalar")
@@ -606,7 +611,7 @@ def w8a8_block_fp8_matmul_ref(
 
 
 def fp8_linear_ref(
-    x: torch.Tensor,  # [..., K]
+    x: torch.Tensor | Fp8Activation,  # [..., K], or its producer's codes
     w_q: torch.Tensor,  # [N, K]
     w_s: torch.Tensor,  # [ceil(N / bn), ceil(K / bk)]
     bias: torch.Tensor | None = None,  # [N]
@@ -614,6 +619,8 @@ def fp8_linear_ref(
 ) -> torch.Tensor:  # [..., N] x.dtype
     """Pure-torch `fp8_linear`: the real E4M3 quantization of x (torch's cast), then the matmul
     reference. What FP8 layers run on CPU."""
+    if isinstance(x, Fp8Activation):
+        return w8a8_block_fp8_matmul_ref(x.codes, x.scales, w_q, w_s, x.dtype, block, bias=bias)
     x2 = x.reshape(-1, x.shape[-1])  # [T, K]
     a_q, a_s = per_token_group_quant_fp8_ref(x2, block[1])
     out = w8a8_block_fp8_matmul_ref(a_q, a_s, w_q, w_s, x.dtype, block, bias=bias)

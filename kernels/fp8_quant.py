@@ -20,6 +20,9 @@ torch reference bit for bit in both places.
 
 from __future__ import annotations
 
+import math
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -31,6 +34,22 @@ from kernels.config import reference_enabled
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448.0
 FP8_EPS = 1e-10  # keeps an all-zero group's scale positive (its q is then all zeros)
+
+# Whether an FP8 linear's producer quantizes its output itself (RMSNorm before qkv and gate_up,
+# SiLU-and-mul before down: `rmsnorm_fp8`, `silu_and_mul_fp8`), one launch fewer each, the same
+# codes and scales bit for bit. Off until measured on a GPU (docs/benchmarks.md, r31).
+FUSE_INTO_PRODUCERS = False
+
+
+class Fp8Activation(NamedTuple):
+    """An activation its producer quantized: E4M3 codes and their per-token-group scales, as
+    `per_token_group_quant_fp8` gives them for the float activation, and that activation's dtype
+    (the dtype an FP8 linear of it returns)."""
+
+    codes: torch.Tensor  # [T, K] float8_e4m3fn
+    scales: torch.Tensor  # [T, ceil(K / group)] float32
+    dtype: torch.dtype
+
 
 _OP = "per_token_group_quant_fp8"
 # Elements one program quantizes: whole groups of one row, enough to keep loads wide.
@@ -130,6 +149,32 @@ def quant_groups_e4m3(x, fp8_max, eps):
     v = tl.math.div_rn(x, scale[:, None])
     v = tl.minimum(tl.maximum(v, -fp8_max), fp8_max)
     return _round_to_e4m3(v), scale
+
+
+@triton.jit
+def store_groups_e4m3(
+    y, q_ptr, scale_ptr, col0, n_cols, fp8_max, eps, BLOCK: tl.constexpr, GROUP: tl.constexpr
+):
+    """Quantize one row's [BLOCK] float32 tile `y`, columns [col0, col0 + BLOCK) of a row of
+    `n_cols` (zeros past the end), in groups of GROUP (BLOCK a multiple of it, col0 too) with the
+    rule above, and store the codes at q_ptr + column and the scales at scale_ptr + group: what a
+    producer that quantizes its own output (`rmsnorm_fp8`, `silu_and_mul_fp8`) ends with."""
+    v, scale = quant_groups_e4m3(tl.reshape(y, (BLOCK // GROUP, GROUP)), fp8_max, eps)
+    g = tl.arange(0, BLOCK // GROUP)
+    cols = col0 + g[:, None] * GROUP + tl.arange(0, GROUP)[None, :]  # [BLOCK // GROUP, GROUP]
+    tl.store(q_ptr + cols, v.to(q_ptr.dtype.element_ty), mask=cols < n_cols)
+    first = col0 // GROUP + g
+    tl.store(scale_ptr + first, scale, mask=first * GROUP < n_cols)
+
+
+def empty_fp8_activation(
+    shape: tuple[int, ...], group_size: int, dtype: torch.dtype, device: torch.device
+) -> Fp8Activation:
+    """Uninitialised codes and scales for a [..., K] activation of `dtype`, flattened to [T, K]."""
+    k, t = shape[-1], math.prod(shape[:-1])
+    codes = torch.empty((t, k), dtype=FP8_DTYPE, device=device)
+    scales = torch.empty((t, triton.cdiv(k, group_size)), dtype=torch.float32, device=device)
+    return Fp8Activation(codes, scales, dtype)
 
 
 @triton.jit

@@ -5,6 +5,10 @@
 The mean and the scaling run in float32; the normalised row is cast back to the input dtype
 before the weight multiplies it (Hugging Face's order), and the fused variant first forms
 `residual = x + residual` in the input dtype. One program normalises one row.
+
+`rmsnorm_fp8` ends the same program by quantizing the row for an FP8 linear (E4M3 codes and
+per-group scales, `kernels.fp8_quant`'s rule), where the unfused path launches
+`per_token_group_quant_fp8` on the output next.
 """
 
 from __future__ import annotations
@@ -16,6 +20,14 @@ import triton.language as tl
 from kernels import pdl
 from kernels.checks import FLOAT_DTYPES, check_dtype, check_same_device
 from kernels.config import reference_enabled
+from kernels.fp8_quant import (
+    FP8_EPS,
+    FP8_MAX,
+    Fp8Activation,
+    empty_fp8_activation,
+    per_token_group_quant_fp8_ref,
+    store_groups_e4m3,
+)
 
 _OP = "rmsnorm"
 
@@ -48,6 +60,66 @@ def fused_add_rmsnorm(
     return out, new_residual
 
 
+def rmsnorm_fp8(
+    x: torch.Tensor,  # [..., H]
+    residual: torch.Tensor | None,  # [..., H], x's dtype: fused add as `fused_add_rmsnorm`
+    weight: torch.Tensor,  # [H]
+    eps: float,
+    group_size: int = 128,
+) -> tuple[Fp8Activation, torch.Tensor | None]:  # (codes + scales of the norm, x + residual)
+    """`rmsnorm` (or `fused_add_rmsnorm`) quantized for an FP8 linear in the same launch: the
+    codes and scales `per_token_group_quant_fp8` would give for that output, bit for bit."""
+    _check(x, residual, weight, eps)
+    if group_size < 1 or triton.next_power_of_2(group_size) != group_size:
+        raise ValueError(f"{_OP}: group_size must be a power of two, got {group_size}")
+    if reference_enabled():
+        return rmsnorm_fp8_ref(x, residual, weight, eps, group_size)
+    hidden = x.shape[-1]
+    x2, res2, new_residual, new_res2 = _rows(x, residual)
+    dtype = torch.promote_types(weight.dtype, x.dtype)
+    out = empty_fp8_activation(tuple(x.shape), group_size, dtype, x.device)
+    rows = x2.shape[0]
+    if rows == 0:
+        return out, new_residual
+    _rmsnorm_fp8_kernel[(rows,)](
+        x2,
+        res2,
+        new_res2,
+        weight,
+        out.codes,
+        out.scales,
+        x2.stride(0),
+        res2.stride(0),
+        new_res2.stride(0),
+        hidden,
+        out.scales.shape[1],
+        eps,
+        FP8_MAX,
+        FP8_EPS,
+        OUT_DTYPE=_TL_DTYPES[dtype],
+        HAS_RESIDUAL=residual is not None,
+        GROUP=group_size,
+        BLOCK=max(triton.next_power_of_2(hidden), group_size),
+        **pdl.launch_options(x2),
+    )
+    return out, new_residual
+
+
+def rmsnorm_fp8_ref(
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float, group_size: int = 128
+) -> tuple[Fp8Activation, torch.Tensor | None]:
+    """Pure-torch `rmsnorm_fp8`: the norm's reference, then the quantization's."""
+    if residual is None:
+        normed, new_residual = rmsnorm_ref(x, weight, eps), None
+    else:
+        normed, new_residual = fused_add_rmsnorm_ref(x, residual, weight, eps)
+    codes, scales = per_token_group_quant_fp8_ref(normed.reshape(-1, normed.shape[-1]), group_size)
+    return Fp8Activation(codes, scales, normed.dtype), new_residual
+
+
+_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
 def _check(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float) -> None:
     check_dtype(_OP, "x", x, FLOAT_DTYPES)
     check_dtype(_OP, "weight", weight, FLOAT_DTYPES)
@@ -66,24 +138,32 @@ def _check(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
         raise ValueError(f"{_OP}: eps must be >= 0, got {eps}")
 
 
-def _launch(
-    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _rows(
+    x: torch.Tensor, residual: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """x and the residual as [N, H] rows of unit stride, the new residual and its rows (x's rows
+    stand in for the residual's without one: HAS_RESIDUAL is off)."""
     hidden = x.shape[-1]
     x2 = x.reshape(-1, hidden)  # [N, H]; a copy only if x's rows are not evenly strided
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
+    if residual is None:
+        return x2, x2, None, x2
+    res2 = residual.reshape(-1, hidden)
+    if res2.stride(-1) != 1:
+        res2 = res2.contiguous()
+    new_residual = torch.empty_like(x, memory_format=torch.contiguous_format)
+    return x2, res2, new_residual, new_residual.view(-1, hidden)
+
+
+def _launch(
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    hidden = x.shape[-1]
+    x2, res2, new_residual, new_res2 = _rows(x, residual)
     out = torch.empty(x.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
     out2 = out.view(-1, hidden)
     rows = x2.shape[0]
-    if residual is None:
-        res2, new_res2, new_residual = x2, x2, None  # unused: HAS_RESIDUAL is off
-    else:
-        res2 = residual.reshape(-1, hidden)
-        if res2.stride(-1) != 1:
-            res2 = res2.contiguous()
-        new_residual = torch.empty_like(x, memory_format=torch.contiguous_format)
-        new_res2 = new_residual.view(-1, hidden)
     if rows == 0:
         return out, new_residual
     _rmsnorm_kernel[(rows,)](
@@ -127,6 +207,56 @@ def _rmsnorm_kernel(
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < hidden
+    out = _normed_row(
+        x_ptr, res_ptr, new_res_ptr, w_ptr, row, cols, mask, x_stride, res_stride, new_res_stride,
+        hidden, eps, HAS_RESIDUAL,
+    )  # fmt: skip
+    tl.store(out_ptr + row * out_stride + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rmsnorm_fp8_kernel(
+    x_ptr,
+    res_ptr,
+    new_res_ptr,
+    w_ptr,
+    q_ptr,  # [rows, hidden] E4M3 codes, contiguous
+    scale_ptr,  # [rows, groups] float32, contiguous
+    x_stride,
+    res_stride,
+    new_res_stride,
+    hidden,
+    groups,
+    eps,
+    fp8_max,
+    fp8_eps,
+    OUT_DTYPE: tl.constexpr,  # the dtype `rmsnorm` would return: its rounding before the codes
+    HAS_RESIDUAL: tl.constexpr,
+    GROUP: tl.constexpr,
+    BLOCK: tl.constexpr,  # a multiple of GROUP
+    USE_PDL: tl.constexpr,
+):
+    pdl.wait(USE_PDL)
+    pdl.release(USE_PDL)
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < hidden
+    out = _normed_row(
+        x_ptr, res_ptr, new_res_ptr, w_ptr, row, cols, mask, x_stride, res_stride, new_res_stride,
+        hidden, eps, HAS_RESIDUAL,
+    )  # fmt: skip
+    y = out.to(OUT_DTYPE).to(tl.float32)  # zero past the row's end (the weight loads 0 there)
+    store_groups_e4m3(
+        y, q_ptr + row * hidden, scale_ptr + row * groups, 0, hidden, fp8_max, fp8_eps, BLOCK, GROUP
+    )
+
+
+@triton.jit
+def _normed_row(
+    x_ptr, res_ptr, new_res_ptr, w_ptr, row, cols, mask, x_stride, res_stride, new_res_stride,
+    hidden, eps, HAS_RESIDUAL: tl.constexpr,
+):  # fmt: skip
+    """One row's weight * norm(x (+ residual)) in float32, the residual stored on the way."""
     x = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0)
     in_dtype = x.dtype
     if HAS_RESIDUAL:
@@ -138,8 +268,7 @@ def _rmsnorm_kernel(
     variance = tl.sum(xf * xf, 0) / hidden
     normed = (xf * tl.rsqrt(variance + eps)).to(in_dtype)
     w = tl.load(w_ptr + cols, mask=mask, other=0.0)
-    out = w.to(tl.float32) * normed.to(tl.float32)
-    tl.store(out_ptr + row * out_stride + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
+    return w.to(tl.float32) * normed.to(tl.float32)
 
 
 def rmsnorm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

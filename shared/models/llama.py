@@ -21,7 +21,7 @@ from shared.attention.layer import Attention
 from shared.models.base import CausalLM
 from shared.models.config import ModelConfig
 from shared.models.layers.embedding import LMHead, VocabEmbedding
-from shared.models.layers.linear import MergedLinear, QKVLinear, RowParallelLinear
+from shared.models.layers.linear import LinearBase, MergedLinear, QKVLinear, RowParallelLinear
 from shared.models.layers.norm import RMSNorm
 from shared.models.layers.rotary import RotaryEmbedding, get_rope
 from shared.models.weights import StackedParams, load_named_weights
@@ -143,6 +143,36 @@ class PreNormDecoderLayer(nn.Module):
         hidden = self.self_attn(positions, hidden, batch)
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
+
+    def process_weights_after_loading(self) -> None:
+        """With FP8 linears and `kernels.fp8_quant.FUSE_INTO_PRODUCERS`: the norm before Llama's
+        attention quantizes its output for the qkv projection, the one before its MLP for
+        gate_up, and the MLP's SiLU-and-mul for down, each in its own launch (three launches
+        fewer a layer). Other attention and MLP blocks (MLA, MoE) keep their float inputs, and
+        so does a layer with a dataflow of its own (DP attention gathers the MLP's input)."""
+        if type(self).forward is not PreNormDecoderLayer.forward:
+            return
+        norms: list[tuple[RMSNorm, LinearBase]] = []
+        if isinstance(self.self_attn, LlamaAttention):
+            norms.append((self.input_layernorm, self.self_attn.qkv_proj))
+        down = None
+        if isinstance(self.mlp, LlamaMLP):
+            norms.append((self.post_attention_layernorm, self.mlp.gate_up_proj))
+            down = self.mlp.down_proj if self.mlp.down_proj.weight_scale_inv is not None else None
+        norms = [(n, lin) for n, lin in norms if lin.weight_scale_inv is not None and type(n) is RMSNorm]
+        if not (norms or down) or not _fuse_into_producers():
+            return
+        for norm, linear in norms:
+            assert linear.quant is not None
+            norm.fp8_group = linear.quant.weight_block[1]
+        if down is not None:
+            down.silu_mul_quantizes = True
+
+
+def _fuse_into_producers() -> bool:
+    from kernels.fp8_quant import FUSE_INTO_PRODUCERS  # FP8 models only: imports triton
+
+    return FUSE_INTO_PRODUCERS
 
 
 class LlamaDecoderLayer(PreNormDecoderLayer):

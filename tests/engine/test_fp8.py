@@ -119,6 +119,55 @@ def test_fp8_logits_stay_as_close_to_fp32_as_the_format_allows(llama: Path) -> N
     assert 2 * bf16_error < fp8_error <= 16 * bf16_error, (fp8_error, bf16_error)
 
 
+def test_producers_quantizing_for_fp8_linears_change_no_logit(
+    llama: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`kernels.fp8_quant.FUSE_INTO_PRODUCERS`: after loading, each layer's two norms and its
+    SiLU-and-mul hand their FP8 linears codes (`Fp8Activation`), and the logits are those of the
+    linears quantizing the float activations themselves, bit for bit (on CPU both are the torch
+    references; tests/kernels/test_fused_quant.py holds the kernels to the same codes)."""
+    from kernels import fp8_quant
+
+    plain, config = load_model(llama, torch.float32, "cpu", quantization="fp8")
+    monkeypatch.setattr(fp8_quant, "FUSE_INTO_PRODUCERS", True)
+    fused, _ = load_model(llama, torch.float32, "cpu", quantization="fp8")
+    for layer in fused.model.layers:
+        assert layer.input_layernorm.fp8_group == layer.post_attention_layernorm.fp8_group == 128
+        assert layer.mlp.down_proj.silu_mul_quantizes
+    assert fused.model.norm.fp8_group is None  # the lm head's input stays float
+    assert all(layer.input_layernorm.fp8_group is None for layer in plain.model.layers)
+    hidden = torch.randn(3, config.hidden_size)
+    assert isinstance(fused.model.layers[0].input_layernorm(hidden), fp8_quant.Fp8Activation)
+    assert torch.equal(_logits(fused, config, PROMPT), _logits(plain, config, PROMPT))
+
+
+def test_producers_quantize_only_for_dense_mlps_in_deepseek(
+    deepseek: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """MLA takes float input and an MoE block routes on it: only a dense layer's MLP gets codes."""
+    from kernels import fp8_quant
+    from shared.models.llama import LlamaMLP
+
+    plain, config = load_model(deepseek, torch.float32, "cpu", quantization="fp8")
+    monkeypatch.setattr(fp8_quant, "FUSE_INTO_PRODUCERS", True)
+    fused, _ = load_model(deepseek, torch.float32, "cpu", quantization="fp8")
+    dense = [isinstance(layer.mlp, LlamaMLP) for layer in fused.model.layers]
+    assert True in dense and False in dense
+    for layer, is_dense in zip(fused.model.layers, dense):
+        assert layer.input_layernorm.fp8_group is None
+        assert layer.post_attention_layernorm.fp8_group == (128 if is_dense else None)
+    assert torch.equal(_logits(fused, config, PROMPT), _logits(plain, config, PROMPT))
+
+
+def test_producers_stay_float_without_fp8_linears(llama: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from kernels import fp8_quant
+
+    monkeypatch.setattr(fp8_quant, "FUSE_INTO_PRODUCERS", True)
+    model, _ = load_model(llama, torch.float32, "cpu")
+    assert all(layer.input_layernorm.fp8_group is None for layer in model.model.layers)
+    assert not any(layer.mlp.down_proj.silu_mul_quantizes for layer in model.model.layers)
+
+
 def test_resolve_fp8_refuses_what_it_cannot_run() -> None:
     fp8 = quantization_config()
     assert resolve_fp8({}, None) is None

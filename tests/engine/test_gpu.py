@@ -527,6 +527,33 @@ def test_pdl_changes_no_logit(tiny_model_factory: Callable[..., Path], dtype: st
 
 @gpu
 @needs_cuda
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_producers_quantizing_for_fp8_linears_change_no_logit(
+    tiny_model_factory: Callable[..., Path], dtype: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`kernels.fp8_quant.FUSE_INTO_PRODUCERS` (FP8 weights): every step's logits, decode graphs
+    on the tensor-core GEMV and eager prompts on the block GEMM, are the same bits whether the
+    norms and SiLU-and-mul quantize the linears' inputs or the linears do."""
+    from kernels import fp8_quant
+
+    # Whole 128-row blocks for every fused shard, two activation groups a row (tests/engine/test_fp8.py).
+    path = tiny_model_factory(
+        "llama", hidden_size=256, num_attention_heads=8, num_key_value_heads=4, intermediate_size=256
+    )
+    logits: dict[bool, list[torch.Tensor]] = {}
+    for on in (False, True):
+        monkeypatch.setattr(fp8_quant, "FUSE_INTO_PRODUCERS", on)
+        core, logits[on] = _step_logits(path, dtype=dtype, quantization="fp8")
+        layer = core.runner.model.model.layers[0]  # type: ignore[attr-defined]
+        assert layer.input_layernorm.fp8_group == (128 if on else None)
+        assert core.runner.graph_runner is not None and core.runner.graph_runner.replays > 0
+    assert len(logits[True]) == len(logits[False])
+    for fused, plain in zip(logits[True], logits[False]):
+        assert torch.equal(fused, plain)
+
+
+@gpu
+@needs_cuda
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
 def test_pdl_greedy_parity_with_hf(tiny_model_factory: Callable[..., Path], arch: str) -> None:
     """float32, PDL on (the default), graphs and staggered arrivals: the same tokens as HF."""

@@ -21,14 +21,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.ptx_diff import DECODE_KERNELS
+from bench.ptx_diff import PDL_KERNELS
 from kernels import pdl
 
 pytestmark = pytest.mark.kernels
 ROOT = Path(__file__).resolve().parents[2]
 
 _COMPILE = "import json; from bench.ptx_diff import pdl_ptx; print(json.dumps(pdl_ptx()))"
-KERNELS = ["gemv bf16 M=1", *DECODE_KERNELS]
+KERNELS = ["gemv bf16 M=1", *PDL_KERNELS]
 
 _GLOBAL_ACCESS = ("ld.global", "st.global", "cp.async", "atom.global", "red.global")
 

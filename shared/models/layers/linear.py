@@ -18,15 +18,20 @@ products), on CUDA the Triton kernel.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from shared.distributed import parallel_state
-from shared.models.layers.activation import silu_and_mul
+from shared.models.layers.activation import silu_and_mul, silu_and_mul_fp8
 from shared.models.layers.fused import use_kernels
 from shared.models.weights import set_weight_loader
 from shared.quant.fp8 import FP8_DTYPE, Fp8Config
+
+if TYPE_CHECKING:
+    from kernels.fp8_quant import Fp8Activation
 
 
 def check_fp8_shard(quant: Fp8Config | None, size: int, dim: int, what: str) -> None:
@@ -69,19 +74,28 @@ class LinearBase(nn.Module):
             scale = torch.empty(blocks, dtype=torch.float32)
             self.weight_scale_inv = nn.Parameter(scale, requires_grad=False)
         self.bias = nn.Parameter(torch.empty(output_size), requires_grad=False) if bias else None
+        # Set after loading (FP8 weights, `kernels.fp8_quant.FUSE_INTO_PRODUCERS`): the input of
+        # `forward_silu_mul` is quantized in the SiLU-and-mul launch.
+        self.silu_mul_quantizes = False
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, in] -> [T, out]
+    def forward(self, x: torch.Tensor | Fp8Activation) -> torch.Tensor:  # [T, in] -> [T, out]
+        """x, or with FP8 weights also the codes its producer made of it (`Fp8Activation`)."""
         if self.weight_scale_inv is None:
+            assert isinstance(x, torch.Tensor)
             if use_kernels(x):  # a single token streams the weight through the GEMV kernel
                 from kernels.gemv import linear as gemv_linear
 
                 return gemv_linear(x, self.weight, self.bias)
             return F.linear(x, self.weight, self.bias)
-        from kernels.fp8_gemm import fp8_linear, fp8_linear_ref
+        return self._fp8(x, self.bias)
 
-        assert self.quant is not None
-        linear = fp8_linear if x.is_cuda else fp8_linear_ref
-        return linear(x, self.weight, self.weight_scale_inv, self.bias, self.quant.weight_block)
+    def _fp8(self, x: torch.Tensor | Fp8Activation, bias: torch.Tensor | None) -> torch.Tensor:
+        from kernels.fp8_gemm import Fp8Activation, fp8_linear, fp8_linear_ref
+
+        assert self.quant is not None and self.weight_scale_inv is not None
+        on_gpu = (x.codes if isinstance(x, Fp8Activation) else x).is_cuda
+        linear = fp8_linear if on_gpu else fp8_linear_ref
+        return linear(x, self.weight, self.weight_scale_inv, bias, self.quant.weight_block)
 
     def forward_silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:  # [T, 2 * in] -> [T, out]
         """`self(silu(gate) * up)` for a fused gate/up output, as a gated MLP's down projection.
@@ -91,7 +105,14 @@ class LinearBase(nn.Module):
             from kernels.gemv import silu_mul_linear
 
             return silu_mul_linear(gate_up, self.weight, self.bias)
-        return self(silu_and_mul(gate_up))
+        return self(self._silu_mul(gate_up))
+
+    def _silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor | Fp8Activation:
+        """silu(gate) * up, or its codes where `silu_mul_quantizes`."""
+        if not self.silu_mul_quantizes:
+            return silu_and_mul(gate_up)
+        assert self.quant is not None
+        return silu_and_mul_fp8(gate_up, self.quant.weight_block[1])
 
     def process_weights_after_loading(self) -> None:
         """`quantization="fp8"` on an unquantized checkpoint: replace the loaded weight by its
@@ -191,27 +212,24 @@ class RowParallelLinear(LinearBase):
         for param in self.parameters():
             set_weight_loader(param, self.weight_loader)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, in / tp] -> [T, out]
+    def forward(self, x: torch.Tensor | Fp8Activation) -> torch.Tensor:  # [T, in / tp] -> [T, out]
         if self.tp_size == 1:
             return super().forward(x)
         out = parallel_state.all_reduce(self.partial(x))  # partial sums -> [T, out]
         return out if self.bias is None else out + self.bias
 
-    def partial(self, x: torch.Tensor) -> torch.Tensor:  # [T, in / tp] -> [T, out]
+    def partial(self, x: torch.Tensor | Fp8Activation) -> torch.Tensor:  # [T, in / tp] -> [T, out]
         """This rank's partial sum, neither all-reduced nor biased: for a caller that adds
         several partial sums before one all-reduce of its own (a MoE block's shared experts)."""
         if self.weight_scale_inv is None:
+            assert isinstance(x, torch.Tensor)
             return F.linear(x, self.weight)
-        from kernels.fp8_gemm import fp8_linear, fp8_linear_ref
-
-        assert self.quant is not None
-        linear = fp8_linear if x.is_cuda else fp8_linear_ref
-        return linear(x, self.weight, self.weight_scale_inv, None, self.quant.weight_block)
+        return self._fp8(x, None)
 
     def forward_silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:
             return super().forward_silu_mul(gate_up)
-        return self(silu_and_mul(gate_up))
+        return self(self._silu_mul(gate_up))
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
         if param.dim() == 1:  # bias

@@ -3,6 +3,8 @@ form and Gemma's `(1 + weight)` form."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -23,6 +25,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(hidden_size), requires_grad=False)
         set_weight_loader(self.weight, default_weight_loader)
+        # Set after loading where the output feeds FP8 linears alone and producers quantize
+        # (`kernels.fp8_quant.FUSE_INTO_PRODUCERS`, `PreNormDecoderLayer`): its group size.
+        # `forward` then returns the output's E4M3 codes (`Fp8Activation`), not the output.
+        self.fp8_group: int | None = None
 
     def _norm(self, x: torch.Tensor) -> torch.Tensor:  # [..., H] -> [..., H]
         input_dtype = x.dtype
@@ -35,6 +41,8 @@ class RMSNorm(nn.Module):
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if self.fp8_group is not None:
+            return self._forward_fp8(x, residual, self.fp8_group)
         if use_kernels(x):
             from kernels.rmsnorm import fused_add_rmsnorm, rmsnorm
 
@@ -42,6 +50,15 @@ class RMSNorm(nn.Module):
                 return rmsnorm(x, self.weight, self.eps)
             return fused_add_rmsnorm(x, residual, self.weight, self.eps)
         return self.forward_native(x, residual)
+
+    def _forward_fp8(self, x: torch.Tensor, residual: torch.Tensor | None, group: int) -> Any:
+        """`forward` quantized for FP8 linears: the codes of its output (and the residual), in the
+        norm's launch on a GPU (`kernels.rmsnorm.rmsnorm_fp8`)."""
+        from kernels.rmsnorm import rmsnorm_fp8, rmsnorm_fp8_ref
+
+        norm = rmsnorm_fp8 if use_kernels(x) else rmsnorm_fp8_ref
+        codes, new_residual = norm(x, residual, self.weight, self.eps, group)
+        return codes if residual is None else (codes, new_residual)
 
     def forward_native(
         self, x: torch.Tensor, residual: torch.Tensor | None = None
