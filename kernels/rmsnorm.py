@@ -204,12 +204,9 @@ def _rmsnorm_kernel(
 ):
     pdl.wait(USE_PDL)  # before any load: the kernel before may still run
     pdl.release(USE_PDL)
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK)
-    mask = cols < hidden
-    out = _normed_row(
-        x_ptr, res_ptr, new_res_ptr, w_ptr, row, cols, mask, x_stride, res_stride, new_res_stride,
-        hidden, eps, HAS_RESIDUAL,
+    out, row, cols, mask = _normed_row(
+        x_ptr, res_ptr, new_res_ptr, w_ptr, x_stride, res_stride, new_res_stride, hidden, eps,
+        HAS_RESIDUAL, BLOCK,
     )  # fmt: skip
     tl.store(out_ptr + row * out_stride + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -238,12 +235,9 @@ def _rmsnorm_fp8_kernel(
 ):
     pdl.wait(USE_PDL)
     pdl.release(USE_PDL)
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK)
-    mask = cols < hidden
-    out = _normed_row(
-        x_ptr, res_ptr, new_res_ptr, w_ptr, row, cols, mask, x_stride, res_stride, new_res_stride,
-        hidden, eps, HAS_RESIDUAL,
+    out, row, _, _ = _normed_row(
+        x_ptr, res_ptr, new_res_ptr, w_ptr, x_stride, res_stride, new_res_stride, hidden, eps,
+        HAS_RESIDUAL, BLOCK,
     )  # fmt: skip
     y = out.to(OUT_DTYPE).to(tl.float32)  # zero past the row's end (the weight loads 0 there)
     store_groups_e4m3(
@@ -253,10 +247,14 @@ def _rmsnorm_fp8_kernel(
 
 @triton.jit
 def _normed_row(
-    x_ptr, res_ptr, new_res_ptr, w_ptr, row, cols, mask, x_stride, res_stride, new_res_stride,
-    hidden, eps, HAS_RESIDUAL: tl.constexpr,
+    x_ptr, res_ptr, new_res_ptr, w_ptr, x_stride, res_stride, new_res_stride, hidden, eps,
+    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    """One row's weight * norm(x (+ residual)) in float32, the residual stored on the way."""
+    """This program's row: weight * norm(x (+ residual)) in float32 (0 past the row's end), the
+    residual stored on the way; and the row, its columns and their mask."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < hidden
     x = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0)
     in_dtype = x.dtype
     if HAS_RESIDUAL:
@@ -268,7 +266,7 @@ def _normed_row(
     variance = tl.sum(xf * xf, 0) / hidden
     normed = (xf * tl.rsqrt(variance + eps)).to(in_dtype)
     w = tl.load(w_ptr + cols, mask=mask, other=0.0)
-    return w.to(tl.float32) * normed.to(tl.float32)
+    return w.to(tl.float32) * normed.to(tl.float32), row, cols, mask
 
 
 def rmsnorm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
