@@ -331,7 +331,10 @@ class _ClientSession:
                 # grpc.aio reports that instead of the status: the stream broke.
                 error = rpc_error(grpc.StatusCode.UNAVAILABLE, "the GenerateMany stream broke")
         except asyncio.CancelledError:
-            error = rpc_error(grpc.StatusCode.CANCELLED, "the GenerateMany stream was closed")
+            # Its channel closed (the server removed from the client's view, the client shutting
+            # down): for each generation the connection is gone, as UNAVAILABLE says; CANCELLED
+            # would say its own caller gave up, and no retry policy retries that.
+            error = rpc_error(grpc.StatusCode.UNAVAILABLE, "the GenerateMany stream was closed")
         self.error = error
         self._outgoing.put_nowait(None)  # grpc.aio's task sending our messages ends too
         for inbox in streams.values():

@@ -34,7 +34,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -158,6 +158,7 @@ class Orchestrator:
     async def _run(self, sample: Sample, record: RequestRecord) -> AsyncIterator[router_pb2.GenerateResponse]:
         clock = self.metrics.clock(record.start)
         usage: common_pb2.Usage | None = None  # the latest usage; set once a response went out
+        failed: set[str] = set()  # workers of this sample's failed attempts: a retry goes elsewhere
         try:
             for attempt in range(self.max_attempts):
                 record.attempts = max(record.attempts, attempt + 1)
@@ -165,10 +166,10 @@ class Orchestrator:
                     prefills, decodes = self.registry.available("prefill"), self.registry.available("decode")
                     if prefills and decodes:
                         record.mode = "pd"
-                        stream = self._pd(sample, attempt, record)
+                        stream = self._pd(sample, attempt, record, failed)
                     elif self.registry.available("unified"):
                         record.mode = "unified"
-                        stream = self._unified(sample, attempt, record)
+                        stream = self._unified(sample, attempt, record, failed)
                     elif prefills or decodes:
                         record.mode = "pd"  # half a pair: say which half is missing
                         missing = "decode" if prefills else "prefill"
@@ -186,6 +187,9 @@ class Orchestrator:
                 except ServiceError as e:
                     if usage is not None or e.code not in _RETRYABLE or attempt + 1 == self.max_attempts:
                         raise
+                    # A worker whose engine just died still answers its health probe for a moment
+                    # (it refuses each call at once): the retry must not land there again.
+                    failed.update(a for a in (record.prefill_worker, record.decode_worker) if a)
                     self.metrics.retries.inc()
                     logger.warning(
                         "request %d attempt %d failed (%s); retrying", sample.request_id, attempt, e.message
@@ -244,15 +248,20 @@ class Orchestrator:
             )
         self.in_flight += count
 
-    def _pick(self, role: str, sample: Sample) -> Worker:
-        return self._pick_for(role, sample.text, sample.token_ids)
+    def _pick(self, role: str, sample: Sample, failed: Collection[str] = ()) -> Worker:
+        return self._pick_for(
+            role, sample.text, sample.token_ids, _fresh(self.registry.available(role), failed)
+        )
 
-    def _pick_pair(self, sample: Sample) -> tuple[Worker, Worker]:
+    def _pick_pair(self, sample: Sample, failed: Collection[str] = ()) -> tuple[Worker, Worker]:
         """A prefill worker (its policy) among those with a decode worker that can take its KV
         (the same KV layout, tensor-parallel size and transport), then a decode worker (its
-        policy) among those."""
+        policy) among those; workers not in `failed` where they can make a pair."""
         decodes = self.registry.available("decode")
         prefills = self.registry.available("prefill")
+        fresh_decodes, fresh_prefills = _fresh(decodes, failed), _fresh(prefills, failed)
+        if {w.kv_pairing for w in fresh_decodes} & {w.kv_pairing for w in fresh_prefills}:
+            decodes, prefills = fresh_decodes, fresh_prefills
         keys = {w.kv_pairing for w in decodes}
         if prefills and decodes and not any(w.kv_pairing in keys for w in prefills):
             raise ServiceError(
@@ -297,9 +306,9 @@ class Orchestrator:
         return chosen
 
     async def _unified(
-        self, sample: Sample, attempt: int, record: RequestRecord
+        self, sample: Sample, attempt: int, record: RequestRecord, failed: Collection[str] = ()
     ) -> AsyncIterator[router_pb2.GenerateResponse]:
-        worker = self._pick("unified", sample)
+        worker = self._pick("unified", sample, failed)
         record.prefill_worker, record.decode_worker = "", worker.address
         route: router_pb2.Route | None = router_pb2.Route(decode_worker=worker.address)
         with self.registry.track(worker, sample.tokens):
@@ -313,9 +322,9 @@ class Orchestrator:
                 stream.cancel()
 
     async def _pd(
-        self, sample: Sample, attempt: int, record: RequestRecord
+        self, sample: Sample, attempt: int, record: RequestRecord, failed: Collection[str] = ()
     ) -> AsyncIterator[router_pb2.GenerateResponse]:
-        prefill, decode = self._pick_pair(sample)
+        prefill, decode = self._pick_pair(sample, failed)
         record.prefill_worker, record.decode_worker = prefill.address, decode.address
         route: router_pb2.Route | None = router_pb2.Route(
             prefill_worker=prefill.address, decode_worker=decode.address
@@ -385,12 +394,10 @@ class Orchestrator:
         try:
             waiters: list[asyncio.Future[Any]] = [answer, down]
             await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-            if not answer.done():
-                self.metrics.worker_error(worker.role, worker.address, "STALLED")
-                raise ServiceError(
-                    grpc.StatusCode.UNAVAILABLE,
-                    f"{worker.role} worker {worker.address} stopped answering (no heartbeat, failed probe)",
-                )
+            if not answer.done() or answer.cancelled():
+                # Down, or removed: closing its channel cancels the call under us, which is no
+                # cancellation of our caller's (that would end the request with no status).
+                raise self._down(worker)
             return answer.result()
         except grpc.aio.AioRpcError as e:
             raise await self._failure(worker, e) from None
@@ -418,6 +425,8 @@ class Orchestrator:
                 raise self._stalled(worker, stream) from None
             if isinstance(e, grpc.aio.AioRpcError):
                 raise await self._failure(worker, e) from None
+            if worker.down.is_set() and not _cancelling():  # its channel closed under the stream
+                raise self._down(worker) from None
             raise
         finally:
             watch.stop()
@@ -439,8 +448,28 @@ class Orchestrator:
             " (no output, no keepalive)",
         )
 
+    def _down(self, worker: Worker) -> ServiceError:
+        """The UNAVAILABLE of a call given up because its worker went down or was removed."""
+        if self._removed(worker):
+            return ServiceError(
+                grpc.StatusCode.UNAVAILABLE,
+                f"{worker.role} worker {worker.address} was removed from the router",
+            )
+        self.metrics.worker_error(worker.role, worker.address, "STALLED")
+        return ServiceError(
+            grpc.StatusCode.UNAVAILABLE,
+            f"{worker.role} worker {worker.address} stopped answering (no heartbeat, failed probe)",
+        )
+
+    def _removed(self, worker: Worker) -> bool:
+        return self.registry.workers.get(worker.address) is not worker
+
     async def _failure(self, worker: Worker, e: grpc.aio.AioRpcError) -> ServiceError:
         code, message = e.code(), e.details() or str(e.code())
+        if code == grpc.StatusCode.UNAVAILABLE and self._removed(worker):  # no probe: its channel is closed
+            return ServiceError.from_rpc(
+                e, f"{worker.role} worker {worker.address} was removed from the router: {message}"
+            )
         if code not in _NOT_THE_WORKERS:
             self.metrics.worker_error(worker.role, worker.address, code.name)
         if code == grpc.StatusCode.UNAVAILABLE and not await self.registry.suspect(worker):
@@ -457,3 +486,15 @@ class Orchestrator:
                 grpc.StatusCode.UNAVAILABLE, output.finish.message or "the request was aborted"
             )
         return router_pb2.GenerateResponse(request_id=sample.request_id, output=output, route=route)
+
+
+def _fresh(workers: list[Worker], failed: Collection[str]) -> list[Worker]:
+    """`workers` but those in `failed`, unless that leaves none."""
+    return [w for w in workers if w.address not in failed] or workers
+
+
+def _cancelling() -> bool:
+    """Whether the running task is being cancelled (a CancelledError that is ours to pass on)."""
+    task = asyncio.current_task()
+    cancelling = getattr(task, "cancelling", None)  # Python 3.11+
+    return task is None or cancelling is None or cancelling() > 0
