@@ -141,9 +141,12 @@ class SecretInterceptor(grpc.aio.ServerInterceptor):
     """Refuses every call without `authorization: Bearer <secret>` with UNAUTHENTICATED, except
     `OPEN_METHODS`. A refused call's request is never parsed (its handler takes raw bytes)."""
 
-    def __init__(self, secrets: Secrets, what: str) -> None:
+    def __init__(self, secrets: Secrets, what: str) -> None:  # what: a noun ("API key")
         self._secrets = secrets
-        self._missing = f"this endpoint needs {what}: send metadata 'authorization: Bearer <{what}>'"
+        article = "an" if what[:1].lower() in "aeiou" else "a"
+        self._missing = (
+            f"this endpoint needs {article} {what}: send metadata 'authorization: Bearer <{what}>'"
+        )
         self._wrong = f"the {what} sent in 'authorization' is not valid here"
 
     async def intercept_service(

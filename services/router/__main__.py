@@ -101,7 +101,7 @@ async def serve() -> None:
     health_servicer = health.aio.HealthServicer()
     server = grpc.aio.server(
         options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES), EXCLUSIVE_PORT],
-        interceptors=secret_interceptors(api_keys, "an API key"),
+        interceptors=secret_interceptors(api_keys, "API key"),
     )
     limits = PromptLimits(args.max_prompt_chars, args.max_prompt_tokens)
     # add_servicer: an undecodable request is INVALID_ARGUMENT (grpc.aio's own answer is UNKNOWN).
@@ -114,7 +114,7 @@ async def serve() -> None:
     add_reflection(server, [_SERVICES["RouterService"]])
     port = listen(server, f"{args.host}:{args.port}", "python -m services.router")
     admin = grpc.aio.server(
-        options=[EXCLUSIVE_PORT], interceptors=secret_interceptors(cluster_token, "the cluster token")
+        options=[EXCLUSIVE_PORT], interceptors=secret_interceptors(cluster_token, "cluster token")
     )
     add_servicer(
         admin, router_pb2_grpc.add_RouterAdminServiceServicer_to_server, RouterAdminServicer(registry)

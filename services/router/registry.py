@@ -74,6 +74,9 @@ class Worker(WorkerView):
     unhealthy_since: float = 0.0
     health_channel: Any = None  # probes: a connection of their own (default: `channel`)
     down: asyncio.Event = field(default_factory=asyncio.Event)  # set while unhealthy or removed
+    # Drained by an operator: out of rotation for new requests from then on, whatever its health
+    # does (state "draining" while it answers, "unhealthy" while it does not).
+    draining: bool = False
     multiplexed: bool = True  # Generate calls as streams of one GenerateMany call per service
 
     def __post_init__(self) -> None:
@@ -106,6 +109,15 @@ class Worker(WorkerView):
         )
 
 
+def check_address(address: str) -> None:
+    """An INVALID_ARGUMENT unless `address` is host:port with a port gRPC can dial (1-65535)."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise InvalidRequest(
+            f"a worker address is host:port with a port of 1-65535, got {address!r}", param="address"
+        )
+
+
 class Registry:
     def __init__(
         self,
@@ -130,13 +142,16 @@ class Registry:
     async def register(self, address: str) -> Worker:
         """Add a worker (or refresh a known one): it must answer GetInfo, in a known role, and
         serve our model."""
-        if not address or ":" not in address:
-            raise InvalidRequest(f"a worker address is host:port, got {address!r}", param="address")
+        check_address(address)
         known = self.workers.get(address)
         if known is not None:
-            known.last_seen = time.monotonic()
-            if known.state == "unhealthy":
+            if known.state == "unhealthy":  # back only if it answers: AddWorker on a dead address
+                if not await self._probe(known):
+                    raise ServiceError(
+                        grpc.StatusCode.UNAVAILABLE, f"worker {address} does not answer its health check"
+                    )
                 self._set_state(known, "healthy")
+            known.last_seen = time.monotonic()
             return known
         channel = dial(address, self.cluster_token, _CHANNEL_OPTIONS)
         stub = worker_pb2_grpc.WorkerServiceStub(channel)
@@ -148,6 +163,12 @@ class Registry:
                 raise ServiceError(
                     grpc.StatusCode.FAILED_PRECONDITION,
                     f"worker {address} refused the router's cluster token: {e.details()}",
+                ) from None
+            if e.code() == grpc.StatusCode.UNIMPLEMENTED:
+                raise ServiceError(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"{address} answered, but is not a Tandem worker (no tandem.worker.v1.WorkerService:"
+                    f" {e.details()})",
                 ) from None
             raise ServiceError(
                 grpc.StatusCode.UNAVAILABLE, f"worker {address} did not answer: {e.details()}"
@@ -189,7 +210,10 @@ class Registry:
         return True
 
     def drain(self, address: str) -> None:
-        self._get(address).state = "draining"
+        worker = self._get(address)
+        worker.draining = True
+        if worker.state == "healthy":
+            worker.state = "draining"
         logger.info("worker %s draining", address)
 
     async def remove(self, address: str) -> None:
@@ -282,6 +306,8 @@ class Registry:
         return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
 
     def _set_state(self, worker: Worker, state: str) -> None:
+        if state == "healthy" and worker.draining:
+            state = "draining"  # answering again, still drained
         logger.log(
             logging.WARNING if state == "unhealthy" else logging.INFO,
             "worker %s is %s",

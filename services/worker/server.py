@@ -199,7 +199,7 @@ async def serve(
     metrics = WorkerMetrics(role, model, engine_stats)
     server = grpc.aio.server(
         options=[("grpc.max_receive_message_length", 64 << 20), EXCLUSIVE_PORT],
-        interceptors=secret_interceptors(cluster_token, "the cluster token"),
+        interceptors=secret_interceptors(cluster_token, "cluster token"),
     )
     worker_pb2_grpc.add_WorkerServiceServicer_to_server(WorkerServicer(engine, role, model, metrics), server)
     services = [worker_pb2.DESCRIPTOR.services_by_name["WorkerService"]]

@@ -110,7 +110,13 @@ def test_router_public_api_wants_an_api_key(suite: Suite) -> None:
         )
     with pytest.raises(grpc.RpcError) as info:
         stub.Tokenize(router_pb2.TokenizeRequest(text="hi"), timeout=10)
-    assert "authorization: Bearer" in info.value.details()  # type: ignore[attr-defined]
+    assert info.value.details() == (  # type: ignore[attr-defined]
+        "this endpoint needs an API key: send metadata 'authorization: Bearer <API key>'"
+    )
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Tokenize(router_pb2.TokenizeRequest(text="hi"), timeout=10, metadata=WRONG)
+    # One article (a QA pass read "the the cluster token" and "the an API key").
+    assert info.value.details() == "the API key sent in 'authorization' is not valid here"  # type: ignore[attr-defined]
     assert _health(suite.cluster.router) == health_pb2.HealthCheckResponse.SERVING  # probes stay open
 
 
