@@ -57,6 +57,14 @@ logger = logging.getLogger(__name__)
 _RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED}
 
 
+class NoWorkers(ServiceError):
+    """No healthy worker can take the request (UNAVAILABLE): not retried, since a retry a moment
+    later finds the same workers (it only wrote a warning a request while a role was down)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(grpc.StatusCode.UNAVAILABLE, message)
+
+
 def abandon(task: asyncio.Future[Any]) -> None:
     """Cancel a leg whose outcome no longer matters (no-op once it is done). A failure it ends
     with is taken and dropped: the request's own error is raised elsewhere, and asyncio would
@@ -173,11 +181,9 @@ class Orchestrator:
                     elif prefills or decodes:
                         record.mode = "pd"  # half a pair: say which half is missing
                         missing = "decode" if prefills else "prefill"
-                        raise ServiceError(
-                            grpc.StatusCode.UNAVAILABLE, f"no healthy {missing} workers (nor unified ones)"
-                        )
+                        raise NoWorkers(f"no healthy {missing} workers (nor unified ones)")
                     else:
-                        raise ServiceError(grpc.StatusCode.UNAVAILABLE, self._none_healthy())
+                        raise NoWorkers(self._none_healthy())
                     async for resp in stream:
                         usage = resp.output.usage
                         clock.add(len(resp.output.token_ids))
@@ -185,7 +191,8 @@ class Orchestrator:
                     clock.finish()
                     return
                 except ServiceError as e:
-                    if usage is not None or e.code not in _RETRYABLE or attempt + 1 == self.max_attempts:
+                    final = isinstance(e, NoWorkers) or attempt + 1 == self.max_attempts
+                    if usage is not None or e.code not in _RETRYABLE or final:
                         raise
                     # A worker whose engine just died still answers its health probe for a moment
                     # (it refuses each call at once): the retry must not land there again.
@@ -291,7 +298,7 @@ class Orchestrator:
         """A worker of `role` (among `workers`, default: every healthy one) by the role's policy."""
         workers = self.registry.available(role) if workers is None else workers
         if not workers:
-            raise ServiceError(grpc.StatusCode.UNAVAILABLE, f"no healthy {role} workers")
+            raise NoWorkers(f"no healthy {role} workers")
         policy = self.policies[role]
         chosen = policy.select(workers, text, token_ids)
         assert isinstance(chosen, Worker)

@@ -11,6 +11,7 @@ import pytest
 
 from services.common.errors import ServiceError
 from services.protos.tandem.common.v1 import common_pb2
+from services.router.metrics import RequestRecord
 from services.router.orchestrator import Orchestrator, Sample
 from services.router.policies import create_policy
 from services.router.registry import Registry, Worker
@@ -55,10 +56,13 @@ def test_no_healthy_worker_says_which_are_registered(roles: tuple[str, ...], mes
             registry.workers[f"w:{i}"].state = "unhealthy"
         orchestrator = Orchestrator(registry, *[create_policy("round_robin") for _ in range(3)])
         sample = Sample(1, 0, [5, 6, 7], "", common_pb2.SamplingParams(max_new_tokens=2), False, 0)
+        record = RequestRecord()
         with pytest.raises(ServiceError) as e:
-            async for _ in orchestrator.generate([sample]):
+            async for _ in orchestrator.generate([sample], record):
                 pass
         assert (e.value.code, e.value.message) == (grpc.StatusCode.UNAVAILABLE, message)
+        # Not retried: a retry a moment later finds the same workers (it only logged a warning).
+        assert record.attempts == 1 and orchestrator.metrics.retries._value.get() == 0
         assert orchestrator.in_flight == 0
         await channel.close()
 
