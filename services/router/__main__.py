@@ -18,7 +18,6 @@ from collections.abc import Iterator
 
 import grpc
 import uvicorn
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from services.common import event_loop
 from services.common.auth import (
@@ -29,6 +28,7 @@ from services.common.auth import (
     secrets_from_args,
 )
 from services.common.decoding import add_servicer
+from services.common.health import Health
 from services.common.listen import EXCLUSIVE_PORT, listen
 from services.common.metrics import serve_metrics
 from services.common.model_dir import TOKENIZER_FILES, ModelError, resolve_model
@@ -98,7 +98,7 @@ async def serve() -> None:
         max_in_flight=args.max_in_flight,
         stall_timeout_s=args.stall_timeout,
     )
-    health_servicer = health.aio.HealthServicer()
+    health_status = Health([_SERVICES["RouterService"], _SERVICES["RouterAdminService"]])
     server = grpc.aio.server(
         options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES), EXCLUSIVE_PORT],
         interceptors=secret_interceptors(api_keys, "API key"),
@@ -110,7 +110,7 @@ async def serve() -> None:
         router_pb2_grpc.add_RouterServiceServicer_to_server,
         RouterServicer(orchestrator, registry, tokenizer, limits),
     )
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    health_status.add_to(server)
     add_reflection(server, [_SERVICES["RouterService"]])
     port = listen(server, f"{args.host}:{args.port}", "python -m services.router")
     admin = grpc.aio.server(
@@ -119,12 +119,12 @@ async def serve() -> None:
     add_servicer(
         admin, router_pb2_grpc.add_RouterAdminServiceServicer_to_server, RouterAdminServicer(registry)
     )
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, admin)
+    health_status.add_to(admin)
     add_reflection(admin, [_SERVICES["RouterAdminService"]])
     admin_port = listen(admin, f"{args.admin_host}:{args.admin_port}", "python -m services.router")
     await server.start()
     await admin.start()
-    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    await health_status.set(True)
     for address in args.worker:
         try:
             await registry.register(address)
@@ -164,7 +164,7 @@ async def serve() -> None:
 
     asyncio.wrap_future(tokenizer.loaded).add_done_callback(stop_if_unloadable)
     await stop.wait()
-    await health_servicer.enter_graceful_shutdown()
+    await health_status.enter_graceful_shutdown()
     if admin_http is not None:  # its own shutdown (cancelling it logs a lifespan traceback)
         admin_http[0].should_exit = True
         await admin_http[1]

@@ -28,7 +28,6 @@ from typing import Any
 
 import grpc
 from google.protobuf.descriptor import ServiceDescriptor
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from services.common.auth import CLUSTER_TOKEN_ENV, dial, secret_interceptors, secrets_from_args
 from services.common.convert import (
@@ -38,6 +37,7 @@ from services.common.convert import (
     prompt_from_proto,
 )
 from services.common.errors import ServiceError, grpc_errors
+from services.common.health import Health
 from services.common.listen import EXCLUSIVE_PORT, listen
 from services.common.metrics import serve_metrics
 from services.common.multiplex import GenerateServicer, Metadata, drain_sessions
@@ -205,13 +205,13 @@ async def serve(
     services = [worker_pb2.DESCRIPTOR.services_by_name["WorkerService"]]
     if add_role_servicers is not None:
         services += add_role_servicers(server, engine, args, metrics)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    health_status = Health(services)
+    health_status.add_to(server)
     add_reflection(server, services)
     port = listen(server, f"{args.host}:{args.port}", f"python -m services.{SERVICE_MODULES[role]}")
     await server.start()
     address = args.advertise_address or f"{args.host}:{port}"
-    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    await health_status.set(True)
     metrics_url, stop_metrics = serve_metrics(metrics.registry, args.host, args.metrics_port)
     if metrics_url:
         print(f"tandem {role} worker metrics on {metrics_url}", flush=True)
@@ -223,7 +223,7 @@ async def serve(
         loop.add_signal_handler(sig, stop.set)
     serving = asyncio.Event()
     serving.set()
-    watcher = asyncio.create_task(_watch_engine(engine, health_servicer, serving, stop))
+    watcher = asyncio.create_task(_watch_engine(engine, health_status, serving, stop))
     heartbeat = (
         asyncio.create_task(_register_and_heartbeat(args.router, cluster_token.first, address, stop, serving))
         if args.router
@@ -237,7 +237,7 @@ async def serve(
     # The router's calls end once their streams have.
     drain_sessions("the worker's engine is gone" if engine_gone else "the worker is shutting down")
     watcher.cancel()
-    await health_servicer.enter_graceful_shutdown()
+    await health_status.enter_graceful_shutdown()
     if heartbeat is not None:
         heartbeat.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -252,7 +252,7 @@ async def serve(
 
 async def _watch_engine(
     engine: AsyncEngine,
-    health_servicer: health.aio.HealthServicer,
+    health_status: Health,
     serving: asyncio.Event,
     stop: asyncio.Event,
 ) -> None:
@@ -274,15 +274,15 @@ async def _watch_engine(
             if frozen:
                 logger.warning("the engine has not answered for %.1f s: not serving", engine.silent_for())
                 serving.clear()
-                await health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+                await health_status.set(False)
             else:
                 logger.info("the engine answers again: serving")
                 serving.set()
-                await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+                await health_status.set(True)
         await asyncio.sleep(_ENGINE_WATCH_S)
     logger.error("the engine is gone (%s): this worker stops, exit status 1", engine.client.error)
     serving.clear()
-    await health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+    await health_status.set(False)
     stop.set()
 
 

@@ -75,10 +75,11 @@ def suite(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
             gateway.stop()
 
 
-def _health(address: str) -> int | None:
+def _health(address: str, service: str = "") -> int | None:
     with grpc.insecure_channel(address) as channel:
+        request = health_pb2.HealthCheckRequest(service=service)
         try:
-            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
+            reply = health_pb2_grpc.HealthStub(channel).Check(request, timeout=1)
         except grpc.RpcError:
             return None
         return int(reply.status)
@@ -156,6 +157,9 @@ def test_admin_port_wants_the_cluster_token(suite: Suite) -> None:
     assert {w.address for w in workers} == {suite.prefill.address, suite.decode.address}
     assert all(w.state == router_pb2.WORKER_STATE_HEALTHY for w in workers)  # nothing was drained
     assert _health(suite.cluster.admin_address) == health_pb2.HealthCheckResponse.SERVING
+    for service in ("tandem.router.v1.RouterService", "tandem.router.v1.RouterAdminService"):
+        assert _health(suite.cluster.admin_address, service) == health_pb2.HealthCheckResponse.SERVING
+        assert _health(suite.cluster.router, service) == health_pb2.HealthCheckResponse.SERVING
 
 
 def test_admin_http_wants_the_cluster_token(suite: Suite) -> None:
@@ -210,6 +214,13 @@ def test_workers_refuse_calls_without_the_cluster_token(suite: Suite) -> None:
             assert _code(unified.Generate, generate, metadata=metadata) == grpc.StatusCode.UNAUTHENTICATED
     for worker in (suite.prefill, suite.decode, suite.stranger):  # the router's probes stay open
         assert _health(worker.address) == health_pb2.HealthCheckResponse.SERVING
+    # By service name too (grpc_health_probe -service, a Kubernetes probe's `service`): NOT_FOUND
+    # (None here) before, for every name but the empty one.
+    serving = health_pb2.HealthCheckResponse.SERVING
+    assert _health(suite.decode.address, "tandem.worker.v1.DecodeService") == serving
+    assert _health(suite.prefill.address, "tandem.worker.v1.PrefillService") == serving
+    assert _health(suite.stranger.address, "tandem.worker.v1.WorkerService") == serving
+    assert _health(suite.decode.address, "tandem.worker.v1.PrefillService") is None  # not served there
     # The token opens them (GetLoad: nothing ran on the unregistered worker).
     assert suite.stranger.load().running_requests == 0
 
