@@ -297,6 +297,16 @@ async def _leave_router(router: str, token: str | None, address: str) -> None:
         logger.warning("router %s: could not leave: %s", router, e.details() or e.code())
 
 
+# The router's answers that another try will not change (an operator must act): backed off.
+_REFUSALS = {
+    grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.UNAUTHENTICATED,
+    grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.INVALID_ARGUMENT,
+}
+_REFUSED_WAIT_MAX_S = 30.0
+
+
 async def _register_and_heartbeat(
     router: str,
     token: str | None,
@@ -305,12 +315,17 @@ async def _register_and_heartbeat(
     serving: asyncio.Event,
 ) -> None:
     """Register with the router's admin port, then heartbeat while the engine answers
-    (`serving`) until the worker stops; re-register whenever the router forgot us."""
+    (`serving`) until the worker stops; re-register whenever the router forgot us. A router
+    that refuses us (another model, a wrong cluster token: an operator must act) is asked again
+    less and less often, up to every `_REFUSED_WAIT_MAX_S`, and each new reason logged once."""
     interval = 1.0
+    refusals = 0  # in a row
+    logged = ""  # the last failure logged
     async with dial(router, token) as channel:
         admin = router_pb2_grpc.RouterAdminServiceStub(channel)
         registered = False
         while not stop.is_set():
+            wait = interval
             try:
                 if not serving.is_set():
                     pass  # a frozen engine: silence, so the router probes us and finds NOT_SERVING
@@ -324,8 +339,14 @@ async def _register_and_heartbeat(
                 else:
                     beat = await admin.Heartbeat(router_pb2.HeartbeatRequest(address=address), timeout=5)
                     registered = beat.known
+                refusals, logged = 0, ""
             except grpc.aio.AioRpcError as e:
-                logger.warning("router %s: %s", router, e.details() or e.code())
+                message = f"router {router}: {e.details() or e.code()}"
+                if message != logged:
+                    logger.warning("%s", message)
+                    logged = message
                 registered = False
+                refusals = refusals + 1 if e.code() in _REFUSALS else 0
+                wait = min(interval * 2**refusals, _REFUSED_WAIT_MAX_S)
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(stop.wait(), interval)
+                await asyncio.wait_for(stop.wait(), wait)
