@@ -38,7 +38,7 @@ def stop_after(req: Req, token: int, max_context_len: int) -> FinishReason | Non
     else:
         assert req.detokenizer is not None
         req.decoded += req.detokenizer.add([token])
-        reason = stop_string(req, may_stop=req.num_output_tokens >= params.min_new_tokens)
+        reason = stop_string(req)
         if reason is None and grammar is not None and grammar.terminated:
             reason = FinishReason(FinishKind.STOP, matched=token)
     known_len = len(req.prompt_ids) + req.num_output_tokens
@@ -54,21 +54,19 @@ def final_reason(req: Req, reason: FinishReason) -> FinishReason:
         return reason
     assert req.detokenizer is not None
     req.decoded += req.detokenizer.flush()
-    may_stop = req.num_output_tokens >= req.params.min_new_tokens
-    return stop_string(req, final=True, may_stop=may_stop) or reason
+    return stop_string(req, final=True) or reason
 
 
-def stop_string(req: Req, final: bool = False, may_stop: bool = True) -> FinishReason | None:
+def stop_string(req: Req, final: bool = False) -> FinishReason | None:
     """A stop string in `req.decoded` past the text reported so far (and past
     `req.stop_search_from`): STOP, with `req.text` cut there. Otherwise None, with `req.text`
-    advanced as far as no stop string can still start (all of it when `final`). Without
-    `may_stop` (short of `min_new_tokens`) none is looked for, and none may end in the text
-    decoded so far."""
+    advanced as far as no stop string can still start (all of it when `final`). Short of
+    `min_new_tokens`, none may end in the text decoded so far."""
     matcher = req.stop_matcher
     if matcher is None:
         req.text = req.decoded
         return None
-    if not may_stop:
+    if req.num_output_tokens < req.params.min_new_tokens:
         req.stop_search_from = len(req.decoded)
     hit = matcher.find(req.decoded, max(len(req.text), req.stop_search_from))
     if hit is not None:
