@@ -18,6 +18,7 @@ from kernels.fp8_quant import (
     FP8_EPS,
     FP8_MAX,
     Fp8Activation,
+    check_producer_group,
     empty_fp8_activation,
     per_token_group_quant_fp8_ref,
     store_groups_e4m3,
@@ -49,8 +50,7 @@ def silu_and_mul_fp8(x: torch.Tensor, group_size: int = 128) -> Fp8Activation:  
     """`silu_and_mul` quantized for an FP8 linear in the same launch: the codes and scales
     `per_token_group_quant_fp8` would give for its output, bit for bit."""
     _check(x)
-    if group_size < 1 or triton.next_power_of_2(group_size) != group_size:
-        raise ValueError(f"{_OP}: group_size must be a power of two, got {group_size}")
+    check_producer_group(_OP, group_size)
     if reference_enabled():
         return silu_and_mul_fp8_ref(x, group_size)
     inter = x.shape[-1] // 2

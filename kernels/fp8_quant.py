@@ -167,6 +167,13 @@ def store_groups_e4m3(
     tl.store(scale_ptr + first, scale, mask=first * GROUP < n_cols)
 
 
+def check_producer_group(op: str, group_size: int) -> None:
+    """The group size of a producer that quantizes its own output (`rmsnorm_fp8`,
+    `silu_and_mul_fp8`): a power of two, the tile its program reshapes the row into."""
+    if group_size < 1 or triton.next_power_of_2(group_size) != group_size:
+        raise ValueError(f"{op}: group_size must be a power of two, got {group_size}")
+
+
 def empty_fp8_activation(
     shape: tuple[int, ...], group_size: int, dtype: torch.dtype, device: torch.device
 ) -> Fp8Activation:

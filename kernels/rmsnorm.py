@@ -24,6 +24,7 @@ from kernels.fp8_quant import (
     FP8_EPS,
     FP8_MAX,
     Fp8Activation,
+    check_producer_group,
     empty_fp8_activation,
     per_token_group_quant_fp8_ref,
     store_groups_e4m3,
@@ -70,8 +71,7 @@ def rmsnorm_fp8(
     """`rmsnorm` (or `fused_add_rmsnorm`) quantized for an FP8 linear in the same launch: the
     codes and scales `per_token_group_quant_fp8` would give for that output, bit for bit."""
     _check(x, residual, weight, eps)
-    if group_size < 1 or triton.next_power_of_2(group_size) != group_size:
-        raise ValueError(f"{_OP}: group_size must be a power of two, got {group_size}")
+    check_producer_group(_OP, group_size)
     if reference_enabled():
         return rmsnorm_fp8_ref(x, residual, weight, eps, group_size)
     hidden = x.shape[-1]
